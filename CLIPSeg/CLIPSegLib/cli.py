@@ -1,0 +1,153 @@
+"""The ``clipseg`` command line. Heavy imports happen inside the commands, so ``--help`` is instant.
+
+Exit codes: 0 ok, 1 other user-fixable problem, 2 bad input, 3 model problem, 4 device problem, 5 cancelled,
+70 internal error (a bug: please report it with the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_common(p):
+    p.add_argument("--model", default=None, help="model id or path to a model .json (default: the embedded model)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
+                   help="progress display: terminal bar, JSON lines on stdout (for Slicer), or none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipseg", description="Text-guided segmentation of medical images.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment findings named by text prompts in an image or volume")
+    s.add_argument("input", help="NIfTI, NRRD, MHA, a DICOM folder, or PNG/JPEG")
+    s.add_argument("--prompt", action="append", required=True, help="a finding, e.g. 'thyroid nodule' (repeatable)")
+    s.add_argument("--output", required=True, help="OUT.seg.nrrd (one segment per prompt) or OUT.nii.gz (label map)")
+    s.add_argument("--engine", default=None, help="engine id (default: the model's engine): cliptnseg")
+    s.add_argument("--axis", default="auto", choices=("auto", "0", "1", "2"),
+                   help="slice axis as voxel axis 0=I, 1=J, 2=K (auto: the thickest-spaced axis, else K)")
+    s.add_argument("--probabilities", default=None, help="also write per-prompt probabilities (NRRD/NIfTI)")
+    s.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    _add_common(s)
+
+    d = sub.add_parser("demo", help="segment a phantom volume with the embedded model; writes .seg.nrrd and a PNG")
+    d.add_argument("--output-dir", default="demo_output")
+    d.add_argument("--seed", type=int, default=7)
+    _add_common(d)
+
+    e = sub.add_parser("evaluate", help="held-out phantom evaluation through `clipseg segment` (Dice, absence, swap)")
+    e.add_argument("--phantoms", type=int, default=40, help="number of phantom volumes")
+    e.add_argument("--seed", type=int, default=1000, help="first seed (training seeds start at 10,000,000)")
+    e.add_argument("--report", default=None, help="write the full per-case report as JSON")
+    _add_common(e)
+
+    t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export")
+    t.add_argument("--output-dir", default="CLIPSeg/Resources/Models", help="where the model .json/.safetensors go")
+    t.add_argument("--work-dir", default="build/embedded-model", help="checkpoints (resumable)")
+    t.add_argument("--model-id", default="cliptnseg-phantom-small")
+    t.add_argument("--phantoms", type=int, default=2000, help="2D phantom images in the training bank")
+    t.add_argument("--clip-steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=1500, help="segmenter training steps")
+    t.add_argument("--data", default=None, help="CSV (image,mask,phrase) of your own labelled images, added to phantoms")
+    t.add_argument("--stages", default="clip,segmenter,calibrate,export")
+    t.add_argument("--calibration-volumes", type=int, default=24)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    _add_common(t)
+
+    m = sub.add_parser("models", help="list the models present")
+    m.add_argument("action", choices=("list",))
+    return parser
+
+
+def _cmd_segment(a, progress):
+    from .segment_file import segment_file
+
+    result = segment_file(a.input, a.prompt, a.output, model=a.model, engine=a.engine, device=a.device,
+                          axis=a.axis, probabilities=a.probabilities, progress=progress, batch_size=a.batch_size)
+    progress.done(output=str(a.output), found={f.prompt: f.found for f in result.findings})
+    if a.progress != "json":
+        print(f"wrote {a.output}")
+
+
+def _cmd_demo(a, progress):
+    from .demo import run_demo
+
+    out = run_demo(Path(a.output_dir), seed=a.seed, model=a.model, device=a.device, progress=progress)
+    print(f"volume:       {out['volume']}\nsegmentation: {out['segmentation']}\noverlay:      {out['overlay']}")
+    for prompt, d in out["dice"].items():
+        print(f"Dice {prompt!r:30s} {d:.3f}")
+
+
+def _cmd_evaluate(a, progress):
+    from .evaluation import evaluate_phantoms, format_summary, write_report
+
+    report = evaluate_phantoms(a.phantoms, a.seed, model=a.model, device=a.device, progress=progress)
+    if a.report:
+        write_report(Path(a.report), report)
+    print(format_summary(report["summary"]))
+
+
+def _cmd_train(a, progress):
+    import torch
+
+    from .pipeline import resolve_device
+    from .training import run_training
+
+    device = resolve_device(a.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    cmd = "clipseg " + " ".join(sys.argv[1:]) if sys.argv and Path(sys.argv[0]).name == "clipseg" else ""
+    path = run_training(Path(a.output_dir), Path(a.work_dir), a.model_id, a.phantoms, a.clip_steps, a.steps,
+                        Path(a.data) if a.data else None, a.seed, tuple(a.stages.split(",")), not a.no_resume,
+                        a.calibration_volumes, progress, device, command=cmd)
+    if path:
+        print(f"wrote {path}")
+
+
+def _cmd_models(a, progress):
+    from .models import MODELS_DIR, list_models, load_spec
+
+    for mid in list_models():
+        spec = load_spec(mid)
+        present = all((MODELS_DIR / f["name"]).is_file() for f in spec["files"])
+        size = sum(f.get("size", 0) for f in spec["files"]) / 1e6
+        print(f"{mid:32s} {spec['engine']:10s} {'present' if present else 'missing':8s} {size:6.1f} MB  "
+              f"{spec.get('license', '')}")
+
+
+COMMANDS = {"segment": _cmd_segment, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "train": _cmd_train,
+            "models": _cmd_models}
+
+
+def main(argv=None) -> int:
+    from .errors import ClipSegError
+    from .progress import Progress
+
+    a = build_parser().parse_args(argv)
+    progress = Progress(getattr(a, "progress", "none"))
+    try:
+        COMMANDS[a.command](a, progress)
+        return 0
+    except ClipSegError as e:
+        progress.close()
+        if getattr(a, "progress", None) == "json":
+            print(json.dumps({"event": "error", "message": str(e), "exit_code": e.exit_code}), flush=True)
+        print(f"clipseg: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        progress.close()
+        print("clipseg: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def entry_point():  # pragma: no cover - console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""CLIP towers from open_clip: build from a config, tokenize prompts, normalise images for the image tower.
+
+A CLIP config is a dict, either
+  ``{"open_clip_name": "ViT-B-16", "image_size": 352}`` (a named open_clip architecture, e.g. paper size), or
+  ``{"embed_dim": 64, "vision_cfg": {...}, "text_cfg": {...}}`` (a custom small model, fields of open_clip's
+  ``CLIPVisionCfg`` / ``CLIPTextCfg``).
+Weights never come from the internet here: they are loaded by ``CLIPSegLib.models`` from a verified file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+
+# Normalisation the image tower was trained with (OpenAI CLIP statistics, per RGB channel).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_clip(cfg: dict) -> torch.nn.Module:
+    """Create an open_clip ``CLIP`` model with random weights from ``cfg`` (see module docstring)."""
+    import open_clip
+
+    if "open_clip_name" in cfg:
+        name = cfg["open_clip_name"]
+        if name not in open_clip.list_models():
+            import difflib
+
+            close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+            raise InputError(f"unknown open_clip architecture {name!r}; did you mean {close}?")
+        kw = {"force_image_size": cfg["image_size"]} if "image_size" in cfg else {}
+        return open_clip.create_model(name, pretrained=None, **kw)
+    return open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+
+
+def clip_image_size(clip: torch.nn.Module) -> int:
+    """Square input size (pixels) of the image tower."""
+    size = clip.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def clip_context_length(clip: torch.nn.Module) -> int:
+    return int(clip.context_length)
+
+
+def check_prompts(prompts) -> list[str]:
+    """Validate prompts: a non-empty list of non-blank strings. Returns them stripped."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise InputError("no prompt given: pass at least one finding, e.g. --prompt \"thyroid nodule\"")
+    out = []
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise InputError(f"empty prompt {p!r}: each prompt must name a finding, e.g. \"anechoic cyst\"")
+        out.append(" ".join(p.split()))
+    if len(set(p.lower() for p in out)) != len(out):
+        raise InputError(f"duplicate prompts {out}: each finding may be asked once per run")
+    return out
+
+
+def tokenize(prompts: list[str], context_length: int) -> torch.Tensor:
+    """Token ids ``[P, context_length]`` (int64) with open_clip's BPE tokenizer; long prompts are truncated."""
+    import open_clip
+
+    return open_clip.tokenize(prompts, context_length=context_length)
+
+
+def to_clip_input(images: torch.Tensor) -> torch.Tensor:
+    """Grey images ``[B,1,H,W]`` in [0,1] -> CLIP input ``[B,3,H,W]`` normalised with the CLIP statistics."""
+    mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images.expand(-1, 3, -1, -1) - mean) / std

@@ -1,0 +1,148 @@
+"""Training data: (image, phrases, masks) samples from phantoms or from a folder of labelled images.
+
+A sample is ``(image [1,S,S] float in [0,1], phrases list[str] (P items), masks [P,S,S] float {0,1})``; S is the
+model's input size. Phantom samples carry one phrase per finding (a random phrasing), with an empty mask when the
+finding is absent, so the model learns both selectivity (prompt swap) and absence.
+
+Folder layout for your own data: a CSV with columns ``image,mask,phrase`` (paths relative to the CSV). Each row is a
+binary mask for one phrase; 3D images contribute every slice along K.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .phantoms import FINDINGS, PHRASES, make_phantom
+from .preprocessing import normalize_intensity, resize_slices
+
+TRAIN_SEED_BASE = 10_000_000  # phantom seeds used for training; calibration and evaluation use other ranges
+CALIBRATION_SEED_BASE = 20_000_000
+NORMAL_PHRASES = ("normal thyroid tissue", "no focal lesion", "normal tissue")
+
+
+def raw_phantom_slice(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A 2D phantom at a random field of view and matrix, resized to ``size``: (image [S,S], masks {f: [S,S]})."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([128, 160, 192, 256]))
+    fov = rng.uniform(40.0, 90.0)  # mm
+    aspect = rng.uniform(0.8, 1.25)
+    spacing = (fov * aspect / n, fov / n)
+    p = make_phantom((n, n), spacing=spacing, seed=seed)
+    img = resize_slices(torch.from_numpy(p.image)[None, None], size)[0, 0].numpy()
+    masks = {f: resize_slices(torch.from_numpy(m.astype(np.float32))[None, None], size)[0, 0].numpy() > 0.5
+             for f, m in p.masks.items()}
+    return img, masks
+
+
+class PhantomBank(torch.utils.data.Dataset):
+    """``n`` pre-generated 2D phantoms (seeds ``TRAIN_SEED_BASE + i``), augmented on access.
+
+    Each access returns ``n_prompts`` of the findings (a random subset, in FINDINGS order), each with a random
+    phrasing and its mask (empty if absent)."""
+
+    def __init__(self, n: int, size: int, seed_base: int = TRAIN_SEED_BASE, augment: bool = True, progress=None,
+                 n_prompts: int = len(FINDINGS)):
+        self.size, self.augment, self.n_prompts = size, augment, n_prompts
+        self.images = np.zeros((n, size, size), np.float32)
+        self.masks = np.zeros((n, len(FINDINGS), size, size), bool)
+        for i in range(n):
+            img, masks = raw_phantom_slice(seed_base + i, size)
+            self.images[i] = img
+            for j, f in enumerate(FINDINGS):
+                if f in masks:
+                    self.masks[i, j] = masks[f]
+            if progress:
+                progress(i + 1, n)
+        self.transform = make_augmentation() if augment else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def findings_present(self, i: int) -> list[str]:
+        return [f for j, f in enumerate(FINDINGS) if self.masks[i, j].any()]
+
+    def __getitem__(self, i):
+        which = torch.randperm(len(FINDINGS))[: self.n_prompts].sort().values.tolist()
+        image, masks = apply_augmentation(self.transform, self.images[i], self.masks[i][which])
+        phrases = [PHRASES[FINDINGS[j]][int(torch.randint(len(PHRASES[FINDINGS[j]]), ()))] for j in which]
+        return image, phrases, masks
+
+
+class FolderTriples(torch.utils.data.Dataset):
+    """Slices of labelled images listed in a CSV (``image,mask,phrase``), resized to ``size`` and augmented."""
+
+    def __init__(self, csv_path: Path, size: int, augment: bool = True):
+        from .imageio import read_image
+
+        csv_path = Path(csv_path)
+        if not csv_path.is_file():
+            raise InputError(f"training table {csv_path} does not exist; give a CSV with columns image,mask,phrase")
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"image", "mask", "phrase"} <= set(rows[0]):
+            raise InputError(f"{csv_path} must have a header row with columns image,mask,phrase and at least one row")
+        self.items = []
+        for r in rows:
+            image, _ = read_image(csv_path.parent / r["image"])
+            mask, _ = read_image(csv_path.parent / r["mask"])
+            if mask.shape != image.shape:
+                raise InputError(f"mask {r['mask']} has shape {mask.shape}, image {r['image']} has {image.shape}")
+            norm = normalize_intensity(image)
+            for k in range(image.shape[0]):
+                img = resize_slices(norm[k][None, None], size)[0, 0].numpy()
+                m = resize_slices(torch.from_numpy((mask[k] > 0).astype(np.float32))[None, None], size)[0, 0] > 0.5
+                self.items.append((img, m.numpy()[None], r["phrase"].strip()))
+        self.transform = make_augmentation() if augment else None
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        img, m, phrase = self.items[i]
+        image, masks = apply_augmentation(self.transform, img, m)
+        return image, [phrase], masks
+
+
+def make_augmentation():
+    """MONAI dict transforms: intensity (gamma, gain, noise, speckle-like Rician noise, blur, bias field) on the raw
+    image, then geometry (rotation, scale, shear, translation, flips), on keys ``image`` ``[1,S,S]`` and ``label``
+    ``[P,S,S]``."""
+    from monai import transforms as T
+
+    return T.Compose([
+        T.RandAdjustContrastd("image", prob=0.6, gamma=(0.5, 2.0)),
+        T.RandScaleIntensityd("image", prob=0.5, factors=0.4),
+        T.RandRicianNoised("image", prob=0.3, std=0.08, relative=True, channel_wise=True),
+        T.RandGaussianNoised("image", prob=0.3, std=0.05),
+        T.RandGaussianSmoothd("image", prob=0.3, sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2)),
+        T.RandBiasFieldd("image", prob=0.3, coeff_range=(0.1, 0.4)),
+        T.RandAffined(("image", "label"), prob=0.8, rotate_range=0.5, scale_range=(0.3, 0.3), shear_range=0.1,
+                      translate_range=(12, 12), mode=("bilinear", "nearest"), padding_mode="reflection"),
+        T.RandFlipd(("image", "label"), prob=0.5, spatial_axis=1),
+        T.RandFlipd(("image", "label"), prob=0.1, spatial_axis=0),
+    ])
+
+
+def apply_augmentation(transform, image: np.ndarray, masks: np.ndarray):
+    """image ``[S,S]`` raw intensities, masks ``[P,S,S]`` -> (``[1,S,S]`` in [0,1], ``[P,S,S]`` float)."""
+    img = torch.from_numpy(np.asarray(image, np.float32))[None]
+    img = img / (img.max() + 1e-6)
+    lab = torch.from_numpy(np.asarray(masks, np.float32))
+    if transform is not None:
+        out = transform({"image": img, "label": lab})
+        img, lab = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
+    return normalize_intensity(img.float()), (lab > 0.5).float()
+
+
+def collate(batch):
+    """-> images ``[B,1,S,S]``, phrases list (N), masks ``[N,S,S]``, pair_index ``[N]`` (image of each phrase)."""
+    images = torch.stack([torch.as_tensor(b[0]) for b in batch])
+    phrases = [p for b in batch for p in b[1]]
+    masks = torch.cat([torch.as_tensor(b[2]) for b in batch])
+    pair_index = torch.tensor([i for i, b in enumerate(batch) for _ in b[1]], dtype=torch.long)
+    return images, phrases, masks, pair_index

@@ -1,0 +1,42 @@
+"""Engine registry: engine id -> builder taking a model spec and a device.
+
+``create_engine(spec, device)`` is the only way the pipeline gets an engine.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+
+from ..errors import InputError
+from .base import Engine
+
+
+def _cliptnseg(spec, device):
+    from .cliptnseg_engine import CLIPTNSegEngine
+
+    return CLIPTNSegEngine.from_spec(spec, device)
+
+
+ENGINES = {"cliptnseg": _cliptnseg}
+
+
+def check_engine(name: str) -> str:
+    if name not in ENGINES:
+        close = difflib.get_close_matches(name, list(ENGINES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"unknown engine {name!r}; available: {', '.join(ENGINES)}.{hint}")
+    return name
+
+
+def create_engine(spec: dict, device: torch.device, engine: str | None = None) -> Engine:
+    """Build the engine named by ``engine`` (default: the spec's) with the spec's verified weights."""
+    name = check_engine(engine or spec["engine"])
+    if spec["engine"] != name:
+        raise InputError(f"model {spec['id']!r} is for engine {spec['engine']!r}, not {name!r}; "
+                         f"pick a {name} model or drop --engine")
+    return ENGINES[name](spec, device)
+
+
+__all__ = ["Engine", "ENGINES", "create_engine", "check_engine"]

@@ -1,0 +1,124 @@
+"""Model specs (JSON files) and verified weight loading.
+
+A model is a JSON spec beside its weight files, e.g. ``Resources/Models/cliptnseg-phantom-small.json``::
+
+    {"id": ..., "engine": "cliptnseg", "clip": {...}, "network": {...},
+     "files": [{"name": "x.safetensors", "sha256": "...", "size": 123}], "presence": {...}, ...}
+
+Weights are safetensors only, read after their size and SHA-256 match the spec. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import ModelError
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+DEFAULT_MODEL = "cliptnseg-phantom-small"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_models(models_dir: Path = MODELS_DIR) -> list[str]:
+    """Ids of the model specs shipped in ``models_dir``."""
+    return sorted(p.stem for p in Path(models_dir).glob("*.json") if not p.name.startswith("_"))
+
+
+def resolve_spec_path(model: str | os.PathLike | None, models_dir: Path = MODELS_DIR) -> Path:
+    """A model id (``cliptnseg-phantom-small``) or a path to a spec JSON -> the spec's path."""
+    model = str(model or DEFAULT_MODEL)
+    path = Path(model)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ModelError(f"model spec {path} does not exist; pass a model id ({', '.join(list_models(models_dir))}) "
+                             f"or the path to a model .json")
+        return path
+    candidate = Path(models_dir) / f"{model}.json"
+    if candidate.is_file():
+        return candidate
+    known = list_models(models_dir)
+    close = difflib.get_close_matches(model, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ModelError(f"unknown model {model!r}; {hint}known models: {', '.join(known) or 'none'}")
+
+
+def load_spec(model: str | os.PathLike | None = None, models_dir: Path = MODELS_DIR) -> dict:
+    """Read a model spec; adds ``_dir`` (the folder its files are in)."""
+    path = resolve_spec_path(model, models_dir)
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"model spec {path} is not valid JSON ({e}); restore it from the release or re-export it") from e
+    for key in ("id", "engine", "files"):
+        if key not in spec:
+            raise ModelError(f"model spec {path} lacks the field {key!r}; re-export the model with `clipseg train`")
+    spec["_dir"] = str(path.parent)
+    return spec
+
+
+def verify_file(path: Path, sha256: str, size: int | None = None) -> None:
+    """Raise ModelError unless ``path`` exists with the expected size and SHA-256."""
+    if not path.is_file():
+        raise ModelError(f"weight file {path} is missing; restore it, or re-create it with the command in the model's "
+                         f"spec ('training.command')")
+    if size is not None and path.stat().st_size != size:
+        raise ModelError(f"weight file {path} has {path.stat().st_size} bytes, expected {size}: it is truncated or "
+                         f"replaced; restore the original file")
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise ModelError(f"weight file {path} has SHA-256 {digest}, expected {sha256}: the file is corrupt or not this "
+                         f"model's; restore the original file")
+
+
+def load_weights(spec: dict) -> dict:
+    """Verified state dict (name -> tensor, float32) from the spec's safetensors files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = {}
+    for entry in spec["files"]:
+        path = Path(spec["_dir"]) / entry["name"]
+        if path.suffix != ".safetensors":
+            raise ModelError(f"{path}: only .safetensors weights are loaded (pickled checkpoints can run arbitrary "
+                             f"code); convert it with `clipseg` export tools")
+        verify_file(path, entry["sha256"], entry.get("size"))
+        try:
+            part = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelError(f"weight file {path} cannot be read as safetensors ({e}); restore the original file") from e
+        state.update({k: v.float() for k, v in part.items()})
+    return state
+
+
+def write_spec(spec: dict, weights: dict, out_dir: Path, half: bool = True) -> Path:
+    """Write ``<id>.safetensors`` (fp16 unless ``half=False``) and ``<id>.json`` with size and SHA-256.
+
+    Files are written under temporary names and renamed, so a crash never leaves a spec pointing at a half file."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mid = spec["id"]
+    wpath = out_dir / f"{mid}.safetensors"
+    tmp = out_dir / f".{mid}.partial.safetensors"
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in weights.items()}
+    save_file(tensors, str(tmp))
+    os.replace(tmp, wpath)
+    spec = {k: v for k, v in spec.items() if not k.startswith("_")}
+    spec["files"] = [{"name": wpath.name, "sha256": sha256_file(wpath), "size": wpath.stat().st_size}]
+    spath = out_dir / f"{mid}.json"
+    tmp = out_dir / f".{mid}.partial.json"
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    os.replace(tmp, spath)
+    return spath

@@ -1,0 +1,132 @@
+"""MRML bridge (no Qt, no Slicer app): volume node -> array + geometry; masks -> segments of a segmentation node.
+
+Uses only MRML / vtkSegmentationCore API present both in the Slicer app and in the ``slicer-core`` wheel.
+Arrays are ``[K,J,I]`` (``slicer.util.arrayFromVolume`` order); geometry comes from the node's IJKToRAS matrix and is
+converted to LPS by ``imageio.Geometry``. The scene's segmentations module logic (or at least its converter rules)
+must be set up before segments are added: ``ensure_segmentation_support(scene)`` does it outside the app.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+from .imageio import SEGMENT_COLORS, Geometry, check_volume
+
+
+_LOGICS = []  # keep the logic objects alive for the scene's lifetime
+
+
+def ensure_segmentation_support(scene) -> None:
+    """Register the segmentation converter rules through the Segmentations module logic (needed with slicer-core;
+    harmless in the Slicer app, where the module has done it already)."""
+    import slicer
+
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    _LOGICS.append(logic)
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def volume_to_array(volume_node) -> tuple[np.ndarray, Geometry]:
+    """A scalar volume node -> (float32 copy ``[K,J,I]``, Geometry). Refuses label maps, vector volumes and
+    volumes under a transform, saying what to do."""
+    import slicer.util
+
+    if volume_node is None:
+        raise InputError("no input volume: select a volume first")
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InputError(f"{volume_node.GetName()!r} is a label map; select a scalar (grey-level) volume")
+    if volume_node.IsA("vtkMRMLVectorVolumeNode") or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        raise InputError(f"{volume_node.GetName()!r} is not a scalar volume (colour/vector?); convert it with the "
+                         f"'Vector to Scalar Volume' module first")
+    if volume_node.GetImageData() is None:
+        raise InputError(f"volume {volume_node.GetName()!r} has no image data; load the image again")
+    if volume_node.GetParentTransformNode() is not None:
+        raise InputError(f"volume {volume_node.GetName()!r} is under the transform "
+                         f"{volume_node.GetParentTransformNode().GetName()!r}; harden the transform (Transforms module:"
+                         f" 'Harden transform') or remove it, then run again")
+    array = np.array(slicer.util.arrayFromVolume(volume_node), dtype=np.float32, copy=True)
+    if array.ndim == 2:
+        array = array[None]
+    return check_volume(array, f"volume {volume_node.GetName()!r}"), Geometry.from_ijk_to_ras(_ijk_to_ras(volume_node))
+
+
+def _oriented_image(mask: np.ndarray, ijk_to_ras: np.ndarray):
+    """bool ``[K,J,I]`` -> vtkOrientedImageData (unsigned char) with the given IJK-to-RAS matrix."""
+    import slicer
+    import vtk
+    from vtk.util import numpy_support
+
+    k, j, i = mask.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(i, j, k)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i)[:] = mask.astype(np.uint8)
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(ijk_to_ras[r, c]))
+    image.SetImageToWorldMatrix(m)
+    return image
+
+
+def masks_to_segmentation(segmentation_node, volume_node, masks: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write masks (segment name -> bool ``[K,J,I]`` on the volume's grid) into a segmentation node.
+
+    The reference geometry becomes ``volume_node``. A segment whose name equals a mask's name is replaced (only that
+    one); other segments are kept. Returns segment name -> segment id."""
+    import slicer
+
+    if not masks:
+        return {}
+    shape = tuple(slicer.util.arrayFromVolume(volume_node).shape)
+    shape = shape if len(shape) == 3 else (1,) + shape
+    for name, m in masks.items():
+        if np.asarray(m).shape != shape:
+            raise InputError(f"mask for {name!r} has shape {np.asarray(m).shape}, the volume has {shape} (K,J,I)")
+    ijk_to_ras = _ijk_to_ras(volume_node)
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation_node.SetNodeReferenceID(segmentation_node.GetReferenceImageGeometryReferenceRole(),
+                                         volume_node.GetID())
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation = segmentation_node.GetSegmentation()
+    ids = {}
+    for n, (name, mask) in enumerate(masks.items()):
+        seg_id = segmentation.GetSegmentIdBySegmentName(name)
+        if not seg_id:
+            color = SEGMENT_COLORS[(segmentation.GetNumberOfSegments()) % len(SEGMENT_COLORS)]
+            seg_id = segmentation.AddEmptySegment("", name, color)
+        image = _oriented_image(np.asarray(mask, bool), ijk_to_ras)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            image, segmentation_node, seg_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+        if not ok:
+            raise RuntimeError(f"could not write segment {name!r}; call ensure_segmentation_support(scene) first")
+        ids[name] = seg_id
+    return ids
+
+
+def segment_to_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """A segment resampled on ``volume_node``'s grid -> bool ``[K,J,I]`` (via a temporary label map node)."""
+    import slicer
+    import vtk
+
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap,
+                                                                             volume_node)
+        arr = np.array(slicer.util.arrayFromVolume(labelmap)) > 0
+        return arr if arr.ndim == 3 else arr[None]
+    finally:
+        scene.RemoveNode(labelmap)

@@ -1,0 +1,33 @@
+"""Intensity normalisation and slice resizing shared by training and inference (one definition, no drift).
+
+Normalisation is per image (a 2D image or a whole volume): the 1st..99.5th intensity percentiles map to [0, 1],
+clipped (MONAI ``ScaleIntensityRangePercentiles``). Resizing is bilinear with antialiasing, in voxel units.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LOWER_PERCENTILE = 1.0
+UPPER_PERCENTILE = 99.5
+
+
+def normalize_intensity(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Any-shape array -> float32 tensor in [0, 1], percentiles computed over the whole input."""
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    t = torch.as_tensor(np.asarray(image, dtype=np.float32) if isinstance(image, np.ndarray) else image.float())
+    scale = ScaleIntensityRangePercentiles(lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE, b_min=0.0, b_max=1.0,
+                                           clip=True)
+    return torch.as_tensor(scale(t), dtype=torch.float32)
+
+
+def resize_slices(slices: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """``[B,C,H,W]`` float -> ``[B,C,size,size]`` (or ``size=(h, w)``), bilinear, antialiased when shrinking."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(slices.shape[-2:]) == size:
+        return slices
+    shrink = size[0] < slices.shape[-2] or size[1] < slices.shape[-1]
+    return F.interpolate(slices, size=size, mode="bilinear", align_corners=False, antialias=shrink)

@@ -1,0 +1,55 @@
+"""File in, file out: read an image, segment every prompt, write a .seg.nrrd (or label map) and probabilities.
+
+All checks that can fail cheaply (prompts, output folder and type, model, device) run before the model does any
+work; outputs are written atomically, so a failed run leaves no output file behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .clip_backbone import check_prompts
+from .imageio import check_output_path, read_image, write_probabilities, write_segmentation
+from .pipeline import SegmentationResult, resolve_device, segment_volume
+from .progress import Progress
+
+
+def load_engine(model: str | None = None, engine: str | None = None, device: str = "auto"):
+    """Model id or spec path + engine name + device name -> a ready engine (weights verified)."""
+    from .engines import check_engine, create_engine
+    from .models import load_spec
+
+    if engine:
+        check_engine(engine)
+    dev = resolve_device(device)
+    spec = load_spec(model)
+    return create_engine(spec, dev, engine)
+
+
+def segment_file(input_path, prompts, output, model=None, engine=None, device="auto", axis="auto",
+                 probabilities=None, progress: Progress | None = None, batch_size: int = 16,
+                 engine_instance=None, cancel=None) -> SegmentationResult:
+    """Segment ``prompts`` in ``input_path`` and write ``output`` (+ optional ``probabilities``)."""
+    progress = progress or Progress("none")
+    prompts = check_prompts(prompts)
+    output = check_output_path(output)
+    if probabilities:
+        probabilities = check_output_path(probabilities, kinds=("labelmap",))
+        if Path(probabilities).resolve() == Path(output).resolve():
+            from .errors import InputError
+
+            raise InputError("--probabilities must be a different file from --output")
+    volume, geometry = read_image(input_path)
+    eng = engine_instance or load_engine(model, engine, device)
+    result = segment_volume(eng, volume, geometry, prompts, axis=axis, batch_size=batch_size,
+                            keep_probabilities=bool(probabilities), progress=progress, cancel=cancel)
+    for f in result.findings:
+        progress.message(f.message())
+    write_segmentation(output, result.masks, geometry)
+    if probabilities:
+        try:
+            write_probabilities(probabilities, result.probabilities, geometry)
+        except BaseException:
+            Path(output).unlink(missing_ok=True)
+            raise
+    return result

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random-weight model written like a real export, phantom files with known geometry."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CLIPSeg"))
+torch.set_num_threads(2)
+
+TINY_SPEC = {
+    "id": "tiny-random",
+    "engine": "cliptnseg",
+    "clip": {
+        "embed_dim": 16,
+        "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+    },
+    "network": {"extract_layers": [1, 2], "reduce_dim": 16, "decoder_heads": 2, "coarse_channels": 4,
+                "fine_channels": [4, 8], "head_channels": 4},
+    "presence": {"threshold": 0.5, "min_peak": 0.5, "min_slices": 1, "min_area_mm2": 0.0},
+    "files": [],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Path to the spec JSON of a random-weight CLIP-TNseg model (safetensors + SHA-256, as exported)."""
+    from CLIPSegLib.engines.cliptnseg import build_network
+    from CLIPSegLib.models import write_spec
+
+    torch.manual_seed(0)
+    net = build_network(TINY_SPEC)
+    return write_spec(dict(TINY_SPEC), net.state_dict(), tmp_path_factory.mktemp("models"))
+
+
+OBLIQUE = ((0.0, -1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
+
+
+@pytest.fixture
+def phantom_file(tmp_path):
+    """A small phantom volume written as NRRD with non-identity direction and origin: (path, phantom, geometry)."""
+    from CLIPSegLib.imageio import Geometry, write_volume
+    from CLIPSegLib.phantoms import make_phantom
+
+    ph = make_phantom((6, 48, 40), spacing=(1.5, 0.7, 0.6), seed=3, findings=("nodule", "cyst"))
+    geometry = Geometry((0.6, 0.7, 1.5), (10.0, -20.0, 5.0), OBLIQUE)
+    path = write_volume(tmp_path / "phantom.nrrd", ph.image, geometry)
+    return path, ph, geometry
+
+
+def assert_no_partial_files(folder: Path):
+    left = [p.name for p in Path(folder).iterdir() if "partial" in p.name]
+    assert not left, f"partial files left behind: {left}"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from CLIPSegLib.errors import InputError
+from CLIPSegLib.imageio import (Geometry, check_output_path, read_image, write_probabilities, write_segmentation,
+                                write_volume)
+
+from conftest import OBLIQUE, assert_no_partial_files
+
+
+def test_geometry_round_trip_through_nrrd_and_nifti(tmp_path):
+    g = Geometry((0.6, 0.7, 1.5), (10.0, -20.0, 5.0), OBLIQUE)
+    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    for name in ("v.nrrd", "v.nii.gz", "v.mha"):
+        write_volume(tmp_path / name, arr, g)
+        back, g2 = read_image(tmp_path / name)
+        assert np.array_equal(back, arr)
+        np.testing.assert_allclose(g2.ijk_to_lps(), g.ijk_to_lps(), atol=1e-5)
+
+
+def test_ras_and_lps_differ_by_x_y_flip():
+    g = Geometry((1.0, 2.0, 3.0), (1.0, 2.0, 3.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    ras = g.ijk_to_ras()
+    np.testing.assert_allclose(ras[:3, 3], [-1, -2, 3])
+    np.testing.assert_allclose(np.diag(ras)[:3], [-1, -2, 3])
+    np.testing.assert_allclose(Geometry.from_ijk_to_ras(ras).ijk_to_lps(), g.ijk_to_lps())
+
+
+def test_seg_nrrd_has_one_named_segment_per_prompt_and_input_geometry(tmp_path):
+    g = Geometry((0.6, 0.7, 1.5), (10.0, -20.0, 5.0), OBLIQUE)
+    a = np.zeros((4, 5, 6), bool)
+    a[1:3, 1:3, 2:5] = True
+    b = np.zeros_like(a)
+    b[2, 2:4, 3] = True  # overlaps a: needs a second layer
+    out = write_segmentation(tmp_path / "x.seg.nrrd", {"thyroid nodule": a, "calcification": b, "cyst": a & False}, g)
+    seg = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in seg["segments"]] == ["thyroid nodule", "calcification", "cyst"]
+    np.testing.assert_allclose(seg["ijkToLPS"], g.ijk_to_lps(), atol=1e-6)
+    for name, mask in (("thyroid nodule", a), ("calcification", b), ("cyst", a & False)):
+        got = slicerio.extract_segments(seg, [(name, 1)])["voxels"]
+        assert np.array_equal(got.transpose(2, 1, 0) > 0, mask), name
+    assert_no_partial_files(tmp_path)
+
+
+def test_labelmap_output_and_probabilities(tmp_path):
+    g = Geometry((1.0, 1.0, 2.0), (0.0, 0.0, 0.0), OBLIQUE)
+    a = np.zeros((3, 4, 5), bool)
+    a[1, 1:3, 1:3] = True
+    write_segmentation(tmp_path / "l.nii.gz", {"nodule": a}, g)
+    lab = sitk.ReadImage(str(tmp_path / "l.nii.gz"))
+    assert np.array_equal(sitk.GetArrayFromImage(lab) == 1, a)
+    assert lab.GetDirection() == pytest.approx(sum(OBLIQUE, ()))
+    p = np.random.default_rng(0).random((2, 3, 4, 5)).astype(np.float32)
+    write_probabilities(tmp_path / "p.nrrd", p, g)
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p.nrrd")))
+    np.testing.assert_allclose(np.moveaxis(back, -1, 0), p)
+
+
+def test_png_becomes_one_slice_and_rgb_is_converted(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[5:10, 5:10] = 200
+    Image.fromarray(rgb).save(tmp_path / "us.png")
+    arr, g = read_image(tmp_path / "us.png")
+    assert arr.shape == (1, 20, 30)
+    assert arr[0, 7, 7] == pytest.approx(200, abs=1) and arr[0, 0, 0] == 0
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "does not exist"),
+    ("text", "not an image"),
+    ("nan", "NaN or infinite"),
+    ("rgbvol", "Vector to Scalar"),
+    ("4d", "extract one 3D frame"),
+    ("emptydir", "no DICOM series"),
+])
+def test_bad_inputs_name_the_problem_and_the_fix(tmp_path, case, match):
+    path = tmp_path / "in.nrrd"
+    if case == "text":
+        path = tmp_path / "notes.nii.gz"
+        path.write_text("this is not an image")
+    elif case == "nan":
+        a = np.ones((3, 4, 5), np.float32)
+        a[1, 1, 1] = np.nan
+        sitk.WriteImage(sitk.GetImageFromArray(a), str(path))
+    elif case == "rgbvol":
+        sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 4, 5, 3), np.uint8), isVector=True), str(path))
+    elif case == "4d":
+        frame = sitk.GetImageFromArray(np.ones((3, 4, 5), np.float32))
+        sitk.WriteImage(sitk.JoinSeries([frame, frame]), str(path))
+    elif case == "emptydir":
+        path = tmp_path / "dicom"
+        path.mkdir()
+    with pytest.raises(InputError, match=match):
+        read_image(path)
+
+
+def test_zero_sized_axis_is_refused():
+    from CLIPSegLib.imageio import check_volume
+
+    with pytest.raises(InputError, match="empty axis"):
+        check_volume(np.zeros((0, 4, 5)))
+
+
+def test_output_path_checks(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        check_output_path(tmp_path / "nope" / "x.seg.nrrd")
+    with pytest.raises(InputError, match="unknown file type"):
+        check_output_path(tmp_path / "x.txt")
+    assert check_output_path(tmp_path / "x.seg.nrrd") == tmp_path / "x.seg.nrrd"
