@@ -41,7 +41,7 @@ class Progress:
     def message(self, text: str) -> None:
         if self.mode == "json":
             print(json.dumps({"event": "message", "text": text}), flush=True)
-        elif self.mode == "bar":
+        else:  # bar and none: messages still matter (e.g. "not found"), only the bar is dropped
             self.close()
             print(text, file=sys.stderr, flush=True)
 

@@ -1,0 +1,122 @@
+"""`clipseg segment` end to end on files, with a tiny random-weight model: outputs, geometry, errors, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import slicerio
+
+from CLIPSegLib.cli import main
+
+from conftest import assert_no_partial_files
+
+LOOSE = None  # tiny random model: masks are arbitrary; these tests check files, names, geometry and errors
+
+
+def run(args, capsys=None):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr() if capsys else None
+    return code, out
+
+
+def test_segment_writes_one_segment_per_prompt_with_the_input_geometry(phantom_file, tiny_model, tmp_path, capsys):
+    path, ph, geometry = phantom_file
+    out = tmp_path / "out.seg.nrrd"
+    probs = tmp_path / "probs.nrrd"
+    code, io = run(["segment", path, "--prompt", "thyroid nodule", "--prompt", "anechoic cyst", "--output", out,
+                    "--model", tiny_model, "--device", "cpu", "--probabilities", probs, "--progress", "none"], capsys)
+    assert code == 0, io.err
+    seg = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in seg["segments"]] == ["thyroid nodule", "anechoic cyst"]
+    np.testing.assert_allclose(seg["ijkToLPS"], geometry.ijk_to_lps(), atol=1e-5)
+    assert seg["voxels"].shape[-3:] == ph.image.shape[::-1]
+    import SimpleITK as sitk
+
+    p = sitk.ReadImage(str(probs))
+    assert p.GetNumberOfComponentsPerPixel() == 2 and p.GetSize() == ph.image.shape[::-1]
+    np.testing.assert_allclose(p.GetDirection(), geometry.direction_matrix.flatten(), atol=1e-6)
+    assert "'thyroid nodule'" in io.err and "'anechoic cyst'" in io.err
+
+
+def test_json_progress_is_machine_readable(phantom_file, tiny_model, tmp_path, capsys):
+    path, _, _ = phantom_file
+    code, io = run(["segment", path, "--prompt", "cyst", "--output", tmp_path / "o.nii.gz", "--model", tiny_model,
+                    "--device", "cpu", "--progress", "json"], capsys)
+    assert code == 0
+    events = [json.loads(line) for line in io.out.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert "progress" in kinds and kinds[-1] == "done"
+    last = [e for e in events if e["event"] == "progress"][-1]
+    assert last["done"] == last["total"] == 6
+    assert any(e["event"] == "message" and "cyst" in e["text"] for e in events)
+
+
+@pytest.mark.parametrize("case,code,match", [
+    ("blank prompt", 2, "empty prompt"),
+    ("missing input", 2, "does not exist"),
+    ("no folder", 2, "output folder"),
+    ("bad model", 3, "unknown model"),
+    ("corrupt model", 3, "SHA-256"),
+    ("bad engine", 2, "unknown engine"),
+    ("nan", 2, "NaN"),
+])
+def test_bad_input_exits_nonzero_with_a_clear_message_and_no_output(phantom_file, tiny_model, tmp_path, capsys,
+                                                                    case, code, match):
+    path, ph, geometry = phantom_file
+    out = tmp_path / "out.seg.nrrd"
+    args = ["segment", path, "--prompt", "cyst", "--output", out, "--model", tiny_model, "--device", "cpu",
+            "--progress", "none"]
+    if case == "blank prompt":
+        args[3] = "   "
+    elif case == "missing input":
+        args[1] = tmp_path / "nope.nrrd"
+    elif case == "no folder":
+        args[5] = tmp_path / "missing" / "out.seg.nrrd"
+    elif case == "bad model":
+        args[7] = "cliptnseg-phantom-smal"
+    elif case == "corrupt model":
+        corrupt = tmp_path / "m"
+        corrupt.mkdir()
+        for p in Path(tiny_model).parent.iterdir():
+            (corrupt / p.name).write_bytes(p.read_bytes())
+        w = next(corrupt.glob("*.safetensors"))
+        w.write_bytes(w.read_bytes()[:-4] + b"oops")
+        args[7] = corrupt / Path(tiny_model).name
+    elif case == "bad engine":
+        args += ["--engine", "medclip"]
+    elif case == "nan":
+        from CLIPSegLib.imageio import write_volume
+
+        img = ph.image.copy()
+        img[0, 0, 0] = np.inf
+        args[1] = write_volume(tmp_path / "nan.nrrd", img, geometry)
+    got, io = run(args, capsys)
+    assert got == code
+    assert match in io.err and "Traceback" not in io.err
+    assert not out.exists()
+    assert_no_partial_files(tmp_path)
+
+
+def test_cuda_without_gpu_is_a_clear_error(phantom_file, tiny_model, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    path, _, _ = phantom_file
+    code, io = run(["segment", path, "--prompt", "cyst", "--output", tmp_path / "o.seg.nrrd", "--model", tiny_model,
+                    "--device", "cuda"], capsys)
+    assert code == 4 and "no CUDA GPU" in io.err and "--device cpu" in io.err
+
+
+def test_installed_command_runs_and_reports_errors(tmp_path):
+    exe = Path(sys.executable).parent / "clipseg"
+    if not exe.exists():
+        pytest.skip("clipseg console script not installed (run through `make test`)")
+    r = subprocess.run([str(exe), "segment", str(tmp_path / "none.nii.gz"), "--prompt", "cyst", "--output",
+                        str(tmp_path / "o.seg.nrrd")], capture_output=True, text=True,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "does not exist" in r.stderr

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from CLIPSegLib.clip_backbone import check_prompts, tokenize
+from CLIPSegLib.engines import check_engine, create_engine
+from CLIPSegLib.engines.cliptnseg import build_network
+from CLIPSegLib.errors import InputError
+from CLIPSegLib.models import load_spec
+
+from conftest import TINY_SPEC
+
+
+def test_every_image_pairs_with_every_prompt_and_pairs_match_the_grid():
+    torch.manual_seed(0)
+    net = build_network(TINY_SPEC).eval()
+    x = torch.rand(3, 1, 32, 32)
+    text = net.encode_text(tokenize(["thyroid nodule", "cyst"], 8))
+    with torch.no_grad():
+        grid = net(x, text)
+        pairs = net(x, text[[1, 0, 1]], torch.tensor([0, 1, 2]))
+    assert grid.shape == (3, 2, 32, 32) and pairs.shape == (3, 32, 32)
+    torch.testing.assert_close(pairs[0], grid[0, 1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pairs[1], grid[1, 0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(grid[:, 0], grid[:, 1])  # the prompt changes the output
+
+
+def test_clip_is_frozen_and_only_the_segmenter_trains():
+    net = build_network(TINY_SPEC)
+    assert not any(p.requires_grad for p in net.clip.parameters())
+    assert all(p.requires_grad for n, p in net.named_parameters() if not n.startswith("clip."))
+    net.train()
+    assert not net.clip.training
+
+
+def test_wrong_input_size_is_refused():
+    net = build_network(TINY_SPEC)
+    with pytest.raises(ValueError, match=r"\[B,1,32,32\]"):
+        net(torch.rand(1, 1, 40, 40), torch.rand(1, 16))
+
+
+def test_paper_size_vit_b16_at_352_segments_one_slice():
+    """CLIP-TNseg at paper size: ViT-B/16 image tower at 352x352 (random weights; no downloads here)."""
+    spec = {"clip": {"open_clip_name": "ViT-B-16", "image_size": 352},
+            "network": {"extract_layers": [3, 6, 9], "reduce_dim": 64, "coarse_channels": 16,
+                        "fine_channels": [16, 32, 64, 128], "head_channels": 32}}
+    torch.manual_seed(0)
+    net = build_network(spec).eval()
+    assert net.input_size == 352 and net.patch == 16
+    assert net.clip.visual.transformer.width == 768 and len(net.clip.visual.transformer.resblocks) == 12
+    with torch.inference_mode():
+        out = net(torch.rand(1, 1, 352, 352), net.encode_text(tokenize(["hypoechoic thyroid nodule"], 77)))
+    assert out.shape == (1, 1, 352, 352) and torch.isfinite(out).all()
+
+
+def test_prompt_validation():
+    assert check_prompts(["  thyroid   nodule "]) == ["thyroid nodule"]
+    for bad in ([], [""], ["   "], ["cyst", "Cyst"]):
+        with pytest.raises(InputError):
+            check_prompts(bad)
+
+
+def test_unknown_engine_suggests_the_closest(tiny_model):
+    with pytest.raises(InputError, match="Did you mean .cliptnseg."):
+        check_engine("cliptnsg")
+    eng = create_engine(load_spec(tiny_model), torch.device("cpu"))
+    probs = eng.predict(torch.rand(2, 1, 32, 32), ["cyst", "nodule"])
+    assert probs.shape == (2, 2, 32, 32) and 0 <= probs.min() and probs.max() <= 1

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from CLIPSegLib.errors import ModelError
+from CLIPSegLib.models import load_spec, load_weights
+
+
+def _copy_model(tiny_model, tmp_path):
+    for p in tiny_model.parent.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    return tmp_path / tiny_model.name
+
+
+def test_verified_weights_load(tiny_model):
+    state = load_weights(load_spec(tiny_model))
+    assert any(k.startswith("clip.visual") for k in state) and any(k.startswith("head.") for k in state)
+
+
+def test_corrupt_weights_are_refused(tiny_model, tmp_path):
+    spec_path = _copy_model(tiny_model, tmp_path)
+    spec = load_spec(spec_path)
+    wfile = tmp_path / spec["files"][0]["name"]
+    data = bytearray(wfile.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    wfile.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_weights(spec)
+    wfile.write_bytes(bytes(data[:100]))
+    with pytest.raises(ModelError, match="truncated"):
+        load_weights(spec)
+    wfile.unlink()
+    with pytest.raises(ModelError, match="missing"):
+        load_weights(spec)
+
+
+def test_bad_specs_and_unknown_ids(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        load_spec(tmp_path / "broken.json")
+    (tmp_path / "partial.json").write_text(json.dumps({"id": "x"}))
+    with pytest.raises(ModelError, match="lacks the field 'engine'"):
+        load_spec(tmp_path / "partial.json")
+    with pytest.raises(ModelError, match="unknown model"):
+        load_spec("no-such-model")
+
+
+def test_pickled_checkpoints_are_refused(tiny_model, tmp_path):
+    spec_path = _copy_model(tiny_model, tmp_path)
+    spec = json.loads(spec_path.read_text())
+    spec["files"] = [{"name": "evil.pt", "sha256": "0" * 64}]
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(ModelError, match="only .safetensors"):
+        load_weights(load_spec(spec_path))

@@ -1,0 +1,36 @@
+import torch
+
+from CLIPSegLib.datasets import PhantomBank
+from CLIPSegLib.engines.cliptnseg import build_network
+from CLIPSegLib.training import train_clip, train_segmenter
+
+from conftest import TINY_SPEC
+
+
+def test_segmenter_trains_checkpoints_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    bank = PhantomBank(8, 32, n_prompts=2)
+    net = build_network(TINY_SPEC)
+    ckpt = tmp_path / "seg.pt"
+    before = {k: v.clone() for k, v in net.trainable_state_dict().items()}
+    first = train_segmenter(net, bank, steps=6, ckpt=ckpt, batch_size=4, stop_after=3)
+    assert len(first) == 3 and ckpt.is_file()
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
+    assert any(not torch.equal(before[k], v) for k, v in net.trainable_state_dict().items())
+    fresh = build_network(TINY_SPEC)
+    rest = train_segmenter(fresh, bank, steps=6, ckpt=ckpt, batch_size=4)
+    assert len(rest) == 3  # resumed at step 3 of 6
+    assert torch.load(ckpt, weights_only=True)["step"] == 6
+
+
+def test_clip_contrastive_training_moves_the_loss(tmp_path):
+    torch.manual_seed(0)
+    bank = PhantomBank(16, 32, n_prompts=3, augment=False)
+    net = build_network(TINY_SPEC)
+    clip = net.clip
+    for p in clip.parameters():
+        p.requires_grad_(True)
+    before = clip.visual.conv1.weight.clone()
+    train_clip(clip, bank, steps=3, ckpt=tmp_path / "clip.pt", batch_size=8)
+    assert not torch.equal(before, clip.visual.conv1.weight)
+    assert torch.load(tmp_path / "clip.pt", weights_only=True)["step"] == 3
