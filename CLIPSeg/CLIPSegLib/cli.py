@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model-id", default="cliptnseg-phantom-small")
     t.add_argument("--phantoms", type=int, default=2000, help="2D phantom images in the training bank")
     t.add_argument("--clip-steps", type=int, default=300)
-    t.add_argument("--steps", type=int, default=1500, help="segmenter training steps")
+    t.add_argument("--steps", type=int, default=3000, help="segmenter training steps")
     t.add_argument("--data", default=None, help="CSV (image,mask,phrase) of your own labelled images, added to phantoms")
     t.add_argument("--stages", default="clip,segmenter,calibrate,export")
     t.add_argument("--calibration-volumes", type=int, default=24)
@@ -93,15 +93,13 @@ def _cmd_evaluate(a, progress):
 
 
 def _cmd_train(a, progress):
-    import torch
-
     from .pipeline import resolve_device
     from .training import run_training
 
     device = resolve_device(a.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-    cmd = "clipseg " + " ".join(sys.argv[1:]) if sys.argv and Path(sys.argv[0]).name == "clipseg" else ""
+    cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
+           f"--clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes {a.calibration_volumes} "
+           f"--seed {a.seed} --no-resume" + (f" --data {a.data}" if a.data else ""))
     path = run_training(Path(a.output_dir), Path(a.work_dir), a.model_id, a.phantoms, a.clip_steps, a.steps,
                         Path(a.data) if a.data else None, a.seed, tuple(a.stages.split(",")), not a.no_resume,
                         a.calibration_volumes, progress, device, command=cmd)

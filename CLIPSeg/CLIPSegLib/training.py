@@ -136,7 +136,9 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
     step = _resume(ckpt, net, opt, sched, resume, lambda sd: net.load_state_dict(sd, strict=False))
     torch.manual_seed(seed + step)
     batches = _batches(dataset, batch_size, seed + step)
-    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    # Dice per (image, prompt) pair, so a few small foci weigh as much as a large nodule; smoothing 1 keeps the
+    # loss of an empty target proportional to the predicted mass instead of saturating at 1.
+    loss_fn = DiceCELoss(sigmoid=True, batch=False, smooth_nr=1.0, smooth_dr=1.0)
     ctx = net.clip.context_length
     text_cache: dict[str, torch.Tensor] = {}
     losses = []
@@ -164,7 +166,7 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
 
 
 def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phantom-small", n_phantoms: int = 2000,
-                 clip_steps: int = 300, seg_steps: int = 1500, data_csv: Path | None = None, seed: int = 0,
+                 clip_steps: int = 300, seg_steps: int = 3000, data_csv: Path | None = None, seed: int = 0,
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
                  command: str = "") -> Path | None:

@@ -1,0 +1,143 @@
+"""Run the ``clipseg`` CLI in a background process: JSON-lines progress, cancel that kills the whole process tree.
+
+The Slicer panel polls ``BackgroundRun.poll()`` from a timer, so the UI never blocks; an out-of-memory crash kills the
+child, not Slicer. The child runs in its own process group (POSIX) so ``cancel()`` reaches its workers too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+
+def parse_event(line: str) -> dict | None:
+    """One stdout line -> event dict (``{"event": "progress"|"message"|"done"|"error", ...}``) or None if not JSON."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "event" in event else None
+
+
+def segment_command(input_path, prompts, output_path, engine=None, model=None, device="auto", axis="auto",
+                    probabilities=None, python: str | None = None) -> list[str]:
+    """argv for ``python -m CLIPSegLib.cli segment ... --progress json`` (``python``: PythonSlicer in Slicer)."""
+    cmd = [python or sys.executable, "-m", "CLIPSegLib.cli", "segment", str(input_path), "--output", str(output_path),
+           "--device", device, "--axis", str(axis), "--progress", "json"]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    if engine:
+        cmd += ["--engine", engine]
+    if model:
+        cmd += ["--model", str(model)]
+    if probabilities:
+        cmd += ["--probabilities", str(probabilities)]
+    return cmd
+
+
+@dataclass
+class RunState:
+    stage: str = ""
+    done: int = 0
+    total: int = 0
+    messages: list[str] = field(default_factory=list)
+    error: str | None = None
+    result: dict | None = None
+
+
+class BackgroundRun:
+    """A started child process. ``poll()`` returns new events; ``returncode`` is None while it runs."""
+
+    def __init__(self, argv: list[str], env: dict | None = None, cwd: str | None = None):
+        kwargs = {"start_new_session": True} if os.name == "posix" else \
+            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                                     env=env, cwd=cwd, **kwargs)
+        self.state = RunState()
+        self._events: queue.Queue = queue.Queue()
+        self._stderr: list[str] = []
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+        self.cancelled = False
+
+    def _read_stdout(self):
+        for line in self.proc.stdout:
+            event = parse_event(line)
+            if event is not None:
+                self._events.put(event)
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            self._stderr.append(line)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def poll(self) -> list[dict]:
+        """New events since the last call, also folded into ``self.state``."""
+        events = []
+        while True:
+            try:
+                e = self._events.get_nowait()
+            except queue.Empty:
+                break
+            events.append(e)
+            kind = e["event"]
+            if kind == "progress":
+                self.state.stage, self.state.done, self.state.total = e.get("stage", ""), e["done"], e["total"]
+            elif kind == "message":
+                self.state.messages.append(e["text"])
+            elif kind == "error":
+                self.state.error = e["message"]
+            elif kind == "done":
+                self.state.result = e
+        return events
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self.proc.wait(timeout)
+        for t in self._threads:
+            t.join(timeout=5)
+        self.poll()
+        return code
+
+    def error_text(self) -> str:
+        """The user-facing reason for a failure: the CLI's error message, else the tail of stderr."""
+        self.poll()
+        if self.state.error:
+            return self.state.error
+        tail = "".join(self._stderr[-20:]).strip()
+        return tail or f"the segmentation process stopped with exit code {self.returncode}"
+
+    def cancel(self, grace: float = 3.0) -> None:
+        """Stop the process and everything it started (SIGTERM to the group, SIGKILL after ``grace`` seconds)."""
+        if self.proc.poll() is not None:
+            return
+        self.cancelled = True
+        if os.name == "posix":
+            pgid = os.getpgid(self.proc.pid)
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait()
+            try:  # children that ignored SIGTERM and outlived the leader
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        else:  # pragma: no cover - Windows
+            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.proc.pid)], capture_output=True)
+            self.proc.wait()

@@ -1,0 +1,132 @@
+"""One segmentation run on a volume node, for the Slicer panel and console (no Qt needed).
+
+``SceneRun`` validates the inputs, writes the volume to a temporary NRRD, starts ``clipseg segment`` in a background
+process (``background.BackgroundRun``), and when it has finished loads the ``.seg.nrrd`` into a segmentation node
+with the MRML bridge: one segment per prompt, the input as reference geometry, the user's other segments untouched,
+the node placed under the input's study in the subject hierarchy. Cancelling kills the process tree and removes the
+temporary files; nothing is written into the scene unless the run succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .background import BackgroundRun, segment_command
+from .clip_backbone import check_prompts
+from .errors import Cancelled, ClipSegError, InputError
+from .imageio import write_volume
+from .mrml_bridge import masks_to_segmentation, volume_to_array
+
+LIB_PARENT = str(Path(__file__).resolve().parents[1])  # the folder holding CLIPSegLib/
+
+
+def child_environment(device: str = "auto") -> dict:
+    """Environment for the child: CLIPSegLib importable; CPU-only hides GPUs entirely."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([LIB_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+    return env
+
+
+class SceneRun:
+    def __init__(self, volume_node, prompts, segmentation_node=None, engine=None, model=None, device="auto",
+                 axis="auto", python: str | None = None):
+        self.volume_node = volume_node
+        self.prompts = check_prompts(prompts)
+        self.segmentation_node = segmentation_node
+        self.engine, self.model, self.device, self.axis, self.python = engine, model, device, axis, python
+        self.run: BackgroundRun | None = None
+        self.tmp: Path | None = None
+
+    def start(self) -> "SceneRun":
+        """Validate, export the volume, start the background process. Raises InputError on bad input."""
+        volume, geometry = volume_to_array(self.volume_node)
+        if self.segmentation_node is not None and self.segmentation_node.GetScene() is not \
+                self.volume_node.GetScene():
+            raise InputError("the output segmentation is not in the same scene as the volume; pick another output")
+        self.tmp = Path(tempfile.mkdtemp(prefix="clipseg-"))
+        try:
+            write_volume(self.tmp / "input.nrrd", volume, geometry)
+            argv = segment_command(self.tmp / "input.nrrd", self.prompts, self.tmp / "output.seg.nrrd", self.engine,
+                                   self.model, self.device, self.axis, python=self.python)
+            self.run = BackgroundRun(argv, env=child_environment(self.device))
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.run is not None and self.run.returncode is None
+
+    def poll(self) -> list[dict]:
+        return self.run.poll() if self.run else []
+
+    def cancel(self) -> None:
+        if self.run is not None:
+            self.run.cancel()
+        self.cleanup()
+
+    def finish(self, timeout: float | None = None):
+        """Wait for the process, then load its result. Returns the segmentation node; raises ClipSegError with the
+        CLI's own message when it failed."""
+        try:
+            code = self.run.wait(timeout)
+            if self.run.cancelled:
+                raise Cancelled("cancelled; the scene was not changed")
+            if code != 0:
+                raise ClipSegError(self.run.error_text())
+            return self._load(self.tmp / "output.seg.nrrd")
+        finally:
+            self.cleanup()
+
+    def _load(self, seg_path: Path):
+        import slicerio
+
+        seg = slicerio.read_segmentation(str(seg_path))
+        masks = {}
+        for prompt in self.prompts:
+            voxels = slicerio.extract_segments(seg, [(prompt, 1)])["voxels"]
+            masks[prompt] = voxels.transpose(2, 1, 0) > 0  # I,J,K -> K,J,I
+        scene = self.volume_node.GetScene()
+        node = self.segmentation_node
+        if node is None or node.GetScene() is None:
+            node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{self.volume_node.GetName()} CLIPSeg")
+            node.CreateDefaultDisplayNodes()
+        masks_to_segmentation(node, self.volume_node, masks)
+        place_beside(node, self.volume_node)
+        self.segmentation_node = node
+        return node
+
+    @property
+    def messages(self) -> list[str]:
+        return self.run.state.messages if self.run else []
+
+    def cleanup(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+def place_beside(node, volume_node) -> None:
+    """Put ``node`` under the same parent (study) as ``volume_node`` in the subject hierarchy, when there is one."""
+    import slicer
+
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume_node.GetScene())
+    if sh is None:
+        return
+    vol_item = sh.GetItemByDataNode(volume_node)
+    if not vol_item:
+        return
+    parent = sh.GetItemParent(vol_item)
+    if not parent or parent == sh.GetSceneItemID():
+        return
+    seg_item = sh.GetItemByDataNode(node)
+    if seg_item:
+        sh.SetItemParent(seg_item, parent)
+    else:  # outside the app no plugin creates items for new nodes
+        sh.CreateItem(parent, node)

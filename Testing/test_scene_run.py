@@ -1,0 +1,66 @@
+"""The Slicer Logic's scene work on real MRML (slicer-core): export, background CLI, import, hierarchy placement."""
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make test`; CI always has it")
+
+from CLIPSegLib.errors import ClipSegError, InputError  # noqa: E402
+from CLIPSegLib.mrml_bridge import ensure_segmentation_support, segment_to_array  # noqa: E402
+from CLIPSegLib.scene_run import SceneRun  # noqa: E402
+
+
+@pytest.fixture
+def scene_volume():
+    from CLIPSegLib.phantoms import make_phantom
+
+    scene = slicer.vtkMRMLScene()
+    ensure_segmentation_support(scene)
+    ph = make_phantom((3, 40, 40), spacing=(1.0, 0.5, 0.5), seed=4, findings=("cyst",))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "thyroid US")
+    node.SetSpacing(0.5, 0.5, 1.0)
+    node.SetOrigin(3.0, 4.0, 5.0)
+    slicer.util.updateVolumeFromArray(node, ph.image)
+    return scene, node
+
+
+def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_volume, tiny_model):
+    scene, volume = scene_volume
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"), "study")
+    if sh.GetItemByDataNode(volume):
+        sh.SetItemParent(sh.GetItemByDataNode(volume), study)
+    else:  # slicer-core has no subject hierarchy plugins that add items for new nodes
+        sh.CreateItem(study, volume)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my work")
+    seg.GetSegmentation().AddEmptySegment("manual", "manual outline")
+    run = SceneRun(volume, ["cyst", "thyroid nodule"], seg, model=str(tiny_model), device="cpu").start()
+    tmp = run.tmp
+    out = run.finish(timeout=180)
+    assert out is seg
+    segmentation = seg.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["manual outline", "cyst", "thyroid nodule"]
+    assert seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()) is volume
+    mask = segment_to_array(seg, segmentation.GetSegmentIdBySegmentName("cyst"), volume)
+    assert mask.shape == (3, 40, 40)
+    assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
+    assert any("cyst" in m for m in run.messages)
+    assert not tmp.exists()  # temporary files removed
+
+
+def test_failed_run_shows_the_cli_message_and_leaves_the_scene_alone(scene_volume, tmp_path):
+    scene, volume = scene_volume
+    n_nodes = scene.GetNumberOfNodes()
+    run = SceneRun(volume, ["cyst"], model=str(tmp_path / "missing.json"), device="cpu").start()
+    with pytest.raises(ClipSegError, match="does not exist"):
+        run.finish(timeout=180)
+    assert scene.GetNumberOfNodes() == n_nodes
+
+
+def test_bad_input_is_refused_before_starting(scene_volume):
+    scene, volume = scene_volume
+    with pytest.raises(InputError, match="empty prompt"):
+        SceneRun(volume, ["  "])
+    with pytest.raises(InputError, match="select a volume"):
+        SceneRun(None, ["cyst"]).start()
