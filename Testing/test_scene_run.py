@@ -34,7 +34,9 @@ def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_vol
         sh.CreateItem(study, volume)
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my work")
     seg.GetSegmentation().AddEmptySegment("manual", "manual outline")
-    run = SceneRun(volume, ["cyst", "thyroid nodule"], seg, model=str(tiny_model), device="cpu").start()
+    run = SceneRun(volume, ["cyst", "thyroid nodule"], seg, model=str(tiny_model), device="cpu", threshold=0.4,
+                   keep_probabilities=True).start()
+    assert "--threshold" in run.run.argv and "--probabilities" in run.run.argv
     tmp = run.tmp
     out = run.finish(timeout=180)
     assert out is seg
@@ -47,6 +49,12 @@ def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_vol
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
     assert any("cyst" in m for m in run.messages)
     assert not tmp.exists()  # temporary files removed
+    assert [n.GetName() for n in run.probability_nodes] == ["thyroid US p(cyst)", "thyroid US p(thyroid nodule)"]
+    for node in run.probability_nodes:
+        p = slicer.util.arrayFromVolume(node)
+        assert p.shape == (3, 40, 40) and 0.0 <= p.min() and p.max() <= 1.0
+        assert node.GetSpacing() == volume.GetSpacing() and node.GetOrigin() == volume.GetOrigin()
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
 
 
 def test_failed_run_shows_the_cli_message_and_leaves_the_scene_alone(scene_volume, tmp_path):

@@ -29,7 +29,7 @@ def parse_event(line: str) -> dict | None:
 
 
 def segment_command(input_path, prompts, output_path, engine=None, model=None, device="auto", axis="auto",
-                    probabilities=None, python: str | None = None) -> list[str]:
+                    probabilities=None, python: str | None = None, threshold: float | None = None) -> list[str]:
     """argv for ``python -m CLIPSegLib.cli segment ... --progress json`` (``python``: PythonSlicer in Slicer)."""
     cmd = [python or sys.executable, "-m", "CLIPSegLib.cli", "segment", str(input_path), "--output", str(output_path),
            "--device", device, "--axis", str(axis), "--progress", "json"]
@@ -41,6 +41,8 @@ def segment_command(input_path, prompts, output_path, engine=None, model=None, d
         cmd += ["--model", str(model)]
     if probabilities:
         cmd += ["--probabilities", str(probabilities)]
+    if threshold is not None:
+        cmd += ["--threshold", repr(float(threshold))]
     return cmd
 
 

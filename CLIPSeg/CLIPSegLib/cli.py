@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--axis", default="auto", choices=("auto", "0", "1", "2"),
                    help="slice axis as voxel axis 0=I, 1=J, 2=K (auto: the thickest-spaced axis, else K)")
     s.add_argument("--probabilities", default=None, help="also write per-prompt probabilities (NRRD/NIfTI)")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold of the masks (default: the model's calibrated value)")
     s.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
     _add_common(s)
 
@@ -68,7 +70,8 @@ def _cmd_segment(a, progress):
     from .segment_file import segment_file
 
     result = segment_file(a.input, a.prompt, a.output, model=a.model, engine=a.engine, device=a.device,
-                          axis=a.axis, probabilities=a.probabilities, progress=progress, batch_size=a.batch_size)
+                          axis=a.axis, probabilities=a.probabilities, progress=progress, batch_size=a.batch_size,
+                          threshold=a.threshold)
     progress.done(output=str(a.output), found={f.prompt: f.found for f in result.findings})
     if a.progress != "json":
         print(f"wrote {a.output}")

@@ -59,6 +59,16 @@ def volume_to_array(volume_node) -> tuple[np.ndarray, Geometry]:
     return check_volume(array, f"volume {volume_node.GetName()!r}"), Geometry.from_ijk_to_ras(_ijk_to_ras(volume_node))
 
 
+def array_to_volume_node(scene, array: np.ndarray, like_node, name: str):
+    """A new scalar volume node holding ``array`` ``[K,J,I]`` on ``like_node``'s grid (same IJKToRAS)."""
+    import slicer.util
+
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.CopyOrientation(like_node)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
+    return node
+
+
 def _oriented_image(mask: np.ndarray, ijk_to_ras: np.ndarray):
     """bool ``[K,J,I]`` -> vtkOrientedImageData (unsigned char) with the given IJK-to-RAS matrix."""
     import slicer

@@ -34,13 +34,16 @@ def child_environment(device: str = "auto") -> dict:
 
 class SceneRun:
     def __init__(self, volume_node, prompts, segmentation_node=None, engine=None, model=None, device="auto",
-                 axis="auto", python: str | None = None):
+                 axis="auto", python: str | None = None, threshold: float | None = None,
+                 keep_probabilities: bool = False):
         self.volume_node = volume_node
         self.prompts = check_prompts(prompts)
         self.segmentation_node = segmentation_node
         self.engine, self.model, self.device, self.axis, self.python = engine, model, device, axis, python
+        self.threshold, self.keep_probabilities = threshold, keep_probabilities
         self.run: BackgroundRun | None = None
         self.tmp: Path | None = None
+        self.probability_nodes: list = []
 
     def start(self) -> "SceneRun":
         """Validate, export the volume, start the background process. Raises InputError on bad input."""
@@ -51,8 +54,10 @@ class SceneRun:
         self.tmp = Path(tempfile.mkdtemp(prefix="clipseg-"))
         try:
             write_volume(self.tmp / "input.nrrd", volume, geometry)
+            probs = self.tmp / "probabilities.nrrd" if self.keep_probabilities else None
             argv = segment_command(self.tmp / "input.nrrd", self.prompts, self.tmp / "output.seg.nrrd", self.engine,
-                                   self.model, self.device, self.axis, python=self.python)
+                                   self.model, self.device, self.axis, probs, python=self.python,
+                                   threshold=self.threshold)
             self.run = BackgroundRun(argv, env=child_environment(self.device))
         except BaseException:
             self.cleanup()
@@ -100,7 +105,23 @@ class SceneRun:
         masks_to_segmentation(node, self.volume_node, masks)
         place_beside(node, self.volume_node)
         self.segmentation_node = node
+        if self.keep_probabilities:
+            self._load_probabilities(self.tmp / "probabilities.nrrd")
         return node
+
+    def _load_probabilities(self, path: Path):
+        """One scalar volume per prompt (probability in [0,1]) on the input's grid, beside it in the hierarchy."""
+        import SimpleITK as sitk
+
+        from .mrml_bridge import array_to_volume_node
+
+        probs = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        probs = probs[None] if len(self.prompts) == 1 else probs.transpose(3, 0, 1, 2)
+        for prompt, p in zip(self.prompts, probs):
+            node = array_to_volume_node(self.volume_node.GetScene(), p, self.volume_node,
+                                        f"{self.volume_node.GetName()} p({prompt})")
+            place_beside(node, self.volume_node)
+            self.probability_nodes.append(node)
 
     @property
     def messages(self) -> list[str]:

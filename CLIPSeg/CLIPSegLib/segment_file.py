@@ -28,7 +28,7 @@ def load_engine(model: str | None = None, engine: str | None = None, device: str
 
 def segment_file(input_path, prompts, output, model=None, engine=None, device="auto", axis="auto",
                  probabilities=None, progress: Progress | None = None, batch_size: int = 16,
-                 engine_instance=None, cancel=None) -> SegmentationResult:
+                 engine_instance=None, cancel=None, threshold: float | None = None) -> SegmentationResult:
     """Segment ``prompts`` in ``input_path`` and write ``output`` (+ optional ``probabilities``)."""
     progress = progress or Progress("none")
     prompts = check_prompts(prompts)
@@ -39,9 +39,14 @@ def segment_file(input_path, prompts, output, model=None, engine=None, device="a
             from .errors import InputError
 
             raise InputError("--probabilities must be a different file from --output")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        from .errors import InputError
+
+        raise InputError(f"threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
     volume, geometry = read_image(input_path)
     eng = engine_instance or load_engine(model, engine, device)
-    result = segment_volume(eng, volume, geometry, prompts, axis=axis, batch_size=batch_size,
+    presence = {"threshold": threshold} if threshold is not None else None
+    result = segment_volume(eng, volume, geometry, prompts, axis=axis, batch_size=batch_size, presence=presence,
                             keep_probabilities=bool(probabilities), progress=progress, cancel=cancel)
     for f in result.findings:
         progress.message(f.message())

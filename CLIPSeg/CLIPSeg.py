@@ -1,0 +1,354 @@
+"""CLIPSeg scripted module: type a finding, get a segment.
+
+Thin by design: everything that works without Qt lives in CLIPSegLib (pipeline, CLI, MRML bridge, background runs)
+and is tested in CI on slicer-core. This file holds the Module, the parameter node, the Widget, the Logic that
+the Python console uses, and the self-test that runs inside Slicer.
+"""
+
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+sys.path.insert(0, os.path.dirname(__file__))  # CLIPSegLib beside this file
+
+ENGINES = ["cliptnseg"]
+DEVICES = ["auto", "cpu", "cuda"]
+AXES = ["auto", "0", "1", "2"]
+REQUIRED_PACKAGES = ["open_clip_torch==3.3.0", "segment-anything==1.0", "monai==1.6.1", "SimpleITK", "slicerio>=1.4",
+                     "safetensors", "tqdm"]
+
+
+class CLIPSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("CLIPSeg")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["CLIPSeg developers"]
+        self.parent.helpText = _("""
+Text-guided segmentation. Pick a volume, type one finding per line (for example "hypoechoic thyroid nodule" or
+"anechoic cyst"), press Apply. Each finding becomes a segment named by its text; a finding that is not in the image
+gives an empty segment and a note in the status line. Segments you already have are kept; running a finding again
+replaces only its own segment. Processing runs in a background process: the panel stays responsive and Cancel stops
+it at once.<br><br>
+Methods: CLIP-TNseg (Sun et al., IEEE Signal Processing Letters 2025); TGC-Net (Lin et al., 2025);
+MedCLIP-SAM (Koleilat et al., MICCAI 2024; Medical Image Analysis 2025).<br>
+The embedded default model is trained on phantoms only: for demos and teaching, not for clinical use.
+See <a href="https://github.com/clipseg/SlicerCLIPSeg">the project page</a>.
+""")
+        self.parent.acknowledgementText = _("""
+Built on open_clip, segment-anything, MONAI, SimpleITK and slicerio. CLIP-TNseg, TGC-Net and MedCLIP-SAM are the work
+of their authors; please cite them when you publish results.
+""")
+
+
+@parameterNodeWrapper
+class CLIPSegParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    prompts: str = "hypoechoic thyroid nodule\nanechoic cyst"
+    engine: Annotated[str, Choice(ENGINES)] = "cliptnseg"
+    model: str = ""
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    axis: Annotated[str, Choice(AXES)] = "auto"
+    threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    keepProbabilities: bool = False
+
+
+def promptsFromText(text: str) -> list:
+    """One finding per line; blank lines ignored."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.timeout.connect(self.onPoll)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CLIPSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CLIPSegLogic()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.populateModels()
+        self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.cancelRun()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.cancelRun()  # the background process must not outlive the scene it would write into
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode: Optional[CLIPSegParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def populateModels(self) -> None:
+        from CLIPSegLib.models import DEFAULT_MODEL
+
+        self.ui.modelComboBox.clear()
+        for modelId, present in self.logic.availableModels():
+            self.ui.modelComboBox.addItem(f"{modelId} ({_('present') if present else _('not downloaded')})",
+                                          modelId)
+        index = self.ui.modelComboBox.findData(DEFAULT_MODEL)
+        self.ui.modelComboBox.currentIndex = max(index, 0)
+
+    def onModelChanged(self, index) -> None:
+        if self._parameterNode:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self._run is not None:
+            return
+        p = self._parameterNode
+        ok = bool(p and p.inputVolume and promptsFromText(p.prompts))
+        self.ui.applyButton.enabled = ok
+        self.ui.applyButton.text = _("Apply")
+        self.ui.applyButton.toolTip = _("Segment each finding") if ok else \
+            _("Select an input volume and type at least one finding")
+
+    def onApplyButton(self) -> None:
+        if self._run is not None:
+            self.cancelRun()
+            self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            if not self.logic.ensureDependencies(ask=True):
+                return
+            p = self._parameterNode
+            self._run = self.logic.start(p.inputVolume, promptsFromText(p.prompts), p.outputSegmentation,
+                                         engine=p.engine, model=p.model or None, device=p.device, axis=p.axis,
+                                         threshold=p.threshold, keepProbabilities=p.keepProbabilities)
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.enabled = True
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Starting...")
+            self._timer.start()
+
+    def onPoll(self) -> None:
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        run.poll()
+        state = run.run.state
+        if state.total:
+            self.ui.progressBar.maximum = state.total
+            self.ui.progressBar.value = state.done
+            self.ui.statusLabel.text = f"{state.stage}: {state.done}/{state.total}"
+        if run.running:
+            return
+        self._timer.stop()
+        self._run = None
+        try:
+            node = run.finish()
+            if self._parameterNode:
+                self._parameterNode.outputSegmentation = node
+            self.ui.statusLabel.text = "\n".join(run.messages) or _("Done.")
+            self.ui.progressBar.value = self.ui.progressBar.maximum
+        except Exception as e:
+            self.ui.statusLabel.text = _("Failed: ") + str(e)
+            slicer.util.errorDisplay(_("Segmentation failed:") + f"\n{e}")
+        finally:
+            self._checkCanApply()
+
+    def cancelRun(self) -> None:
+        self._timer.stop()
+        if self._run is not None:
+            self._run.cancel()
+            self._run = None
+        if self._parameterNode:
+            self._checkCanApply()
+
+
+class CLIPSegLogic(ScriptedLoadableModuleLogic):
+    """Usable without the GUI, e.g. from the Python console::
+
+        logic = slicer.util.getModuleLogic("CLIPSeg")
+        seg = logic.segment(volumeNode, ["thyroid nodule", "cyst"], engine="cliptnseg", wait=True)
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._active = None
+
+    def getParameterNode(self):
+        return CLIPSegParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def pythonExecutable() -> str:
+        """PythonSlicer in the app (same site-packages as Slicer), else this interpreter."""
+        exe = shutilWhich("PythonSlicer")
+        return exe or sys.executable
+
+    def deviceDescription(self) -> str:
+        try:
+            import torch
+        except ImportError:
+            return _("PyTorch not installed yet (installed at first Apply)")
+        if torch.cuda.is_available():
+            return _("GPU: ") + torch.cuda.get_device_name(0)
+        return _("No CUDA GPU found: CPU will be used")
+
+    def availableModels(self) -> list:
+        from CLIPSegLib.models import MODELS_DIR, list_models, load_spec
+
+        out = []
+        for modelId in list_models():
+            spec = load_spec(modelId)
+            out.append((modelId, all((MODELS_DIR / f["name"]).is_file() for f in spec["files"])))
+        return out
+
+    def missingPackages(self) -> list:
+        import importlib.util
+
+        modules = {"torch": "torch", "open_clip": "open_clip_torch==3.3.0", "segment_anything": "segment-anything==1.0",
+                   "monai": "monai==1.6.1", "SimpleITK": "SimpleITK", "slicerio": "slicerio>=1.4",
+                   "safetensors": "safetensors", "tqdm": "tqdm"}
+        return [pkg for mod, pkg in modules.items() if importlib.util.find_spec(mod) is None]
+
+    def ensureDependencies(self, ask: bool = True) -> bool:
+        """Install what is missing, once, after asking. torch through the PyTorch extension when present."""
+        missing = self.missingPackages()
+        if not missing:
+            return True
+        if ask and not slicer.util.confirmOkCancelDisplay(
+                _("CLIPSeg needs these Python packages, which will be installed now (a few GB for PyTorch):\n")
+                + "\n".join(missing), _("Install dependencies")):
+            return False
+        try:
+            if "torch" in missing:
+                try:
+                    import PyTorchUtils
+
+                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
+                    if torch is None:
+                        raise RuntimeError(_("the PyTorch extension could not install torch"))
+                except ImportError:
+                    slicer.util.pip_install("torch==2.14.1 torchvision==0.29.1")
+                missing.remove("torch")
+            if missing:
+                slicer.util.pip_install(" ".join(f'"{m}"' for m in missing))
+        except Exception as e:
+            slicer.util.errorDisplay(_("Installing the dependencies failed:") + f"\n{e}\n\n" + _(
+                "Check the network or proxy, or install the PyTorch extension from the Extensions Manager, then "
+                "restart Slicer and press Apply again."))
+            return False
+        return not self.missingPackages()
+
+    def start(self, volumeNode, prompts, segmentationNode=None, engine="cliptnseg", model=None, device="auto",
+              axis="auto", threshold=0.5, keepProbabilities=False):
+        """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel())."""
+        from CLIPSegLib.scene_run import SceneRun
+
+        if self._active is not None and self._active.running:
+            raise RuntimeError(_("A segmentation is already running; wait for it or cancel it first."))
+        run = SceneRun(volumeNode, prompts, segmentationNode, engine=engine, model=model, device=device, axis=axis,
+                       python=self.pythonExecutable(), threshold=threshold, keep_probabilities=keepProbabilities)
+        self._active = run.start()
+        return run
+
+    def segment(self, volumeNode, prompts, engine="cliptnseg", model=None, device="auto", axis="auto",
+                segmentationNode=None, threshold=0.5, wait=True):
+        """Segment ``prompts`` in ``volumeNode``; with ``wait=True`` returns the segmentation node when done."""
+        run = self.start(volumeNode, prompts, segmentationNode, engine, model, device, axis, threshold)
+        if not wait:
+            return run
+        while run.running:
+            run.poll()
+            slicer.app.processEvents()
+            qt.QThread.msleep(50)
+        node = run.finish()
+        for message in run.messages:
+            logging.info(message)
+        return node
+
+
+def shutilWhich(name):
+    import shutil
+
+    return shutil.which(name)
+
+
+class CLIPSegTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer: a phantom volume, the embedded model, segments checked against the phantom's truth."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_phantom_volume()
+
+    def test_segment_phantom_volume(self):
+        from CLIPSegLib.metrics import dice
+        from CLIPSegLib.mrml_bridge import segment_to_array
+        from CLIPSegLib.phantoms import make_phantom
+
+        self.delayDisplay("Segmenting a phantom volume")
+        ph = make_phantom((16, 256, 256), spacing=(0.8, 0.25, 0.25), seed=501, findings=("nodule", "cyst"))
+        volume = slicer.util.addVolumeFromArray(ph.image, name="phantom")
+        volume.SetSpacing(0.25, 0.25, 0.8)
+        seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "existing")
+        seg.GetSegmentation().AddEmptySegment("mine", "my segment")
+        out = CLIPSegLogic().segment(volume, ["thyroid nodule", "anechoic cyst"], segmentationNode=seg, device="cpu")
+        segmentation = out.GetSegmentation()
+        self.assertEqual(segmentation.GetNumberOfSegments(), 3)
+        for name, finding in (("thyroid nodule", "nodule"), ("anechoic cyst", "cyst")):
+            mask = segment_to_array(out, segmentation.GetSegmentIdBySegmentName(name), volume)
+            self.assertGreater(dice(mask, ph.masks[finding]), 0.6)
+        self.delayDisplay("Test passed")
