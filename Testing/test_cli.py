@@ -120,3 +120,16 @@ def test_installed_command_runs_and_reports_errors(tmp_path):
                         str(tmp_path / "o.seg.nrrd")], capture_output=True, text=True,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_models_list_shows_embedded_present_and_public_not_downloaded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CLIPSEG_HOME", str(tmp_path))
+    code, io = run(["models", "list"], capsys)
+    assert code == 0
+    lines = {line.split()[0]: line for line in io.out.splitlines()[1:]}
+    assert "embedded" in lines["cliptnseg-phantom-small"] and "MB" in lines["cliptnseg-phantom-small"]
+    assert "not downloaded" in lines["sam-vit-h"] and "~2.4 GB" in lines["sam-vit-h"]
+    code, io = run(["models", "verify", "cliptnseg-phantom-small"], capsys)
+    assert code == 0 and "present" in io.out
+    code, io = run(["models", "fetch", "medsam-vit-b"], capsys)
+    assert code == 3 and "models import medsam-vit-b" in io.err

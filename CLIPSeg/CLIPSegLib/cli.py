@@ -61,8 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     _add_common(t)
 
-    m = sub.add_parser("models", help="list the models present")
-    m.add_argument("action", choices=("list",))
+    m = sub.add_parser("models", help="model registry and cache: list, fetch, verify, import, remove")
+    msub = m.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="every registered model, whether it is present, its size and licence")
+    for name, text in (("fetch", "download a model into the cache (verified, resumable)"),
+                       ("remove", "delete a downloaded model from the cache")):
+        x = msub.add_parser(name, help=text)
+        x.add_argument("id")
+        x.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
+    v = msub.add_parser("verify", help="re-hash the files of one model (or all present ones)")
+    v.add_argument("id", nargs="?")
+    i = msub.add_parser("import", help="register files copied by hand (offline sites) after checking their hash")
+    i.add_argument("id")
+    i.add_argument("paths", nargs="+")
     return parser
 
 
@@ -111,14 +122,33 @@ def _cmd_train(a, progress):
 
 
 def _cmd_models(a, progress):
-    from .models import MODELS_DIR, list_models, load_spec
+    from . import model_store as ms
+    from .errors import ModelError
 
-    for mid in list_models():
-        spec = load_spec(mid)
-        present = all((MODELS_DIR / f["name"]).is_file() for f in spec["files"])
-        size = sum(f.get("size", 0) for f in spec["files"]) / 1e6
-        print(f"{mid:32s} {spec['engine']:10s} {'present' if present else 'missing':8s} {size:6.1f} MB  "
-              f"{spec.get('license', '')}")
+    registry = ms.load_registry()
+    if a.action == "list":
+        print(f"{'id':26s} {'engine':11s} {'role':9s} {'status':14s} {'size':>9s}  licence   cache: {ms.cache_dir()}")
+        for m in registry.values():
+            status = "embedded" if m.get("embedded") else ("present" if ms.is_present(m) else "not downloaded")
+            sizes = [f["size"] for f in m["files"]]
+            size = ms.format_size(sum(sizes)) if all(sizes) else ("~" + m.get("approx_size", "?"))
+            print(f"{m['id']:26s} {m['engine']:11s} {m['role']:9s} {status:14s} {size:>9s}  {m['license']}")
+    elif a.action == "fetch":
+        print(f"{a.id}: present in {ms.fetch(a.id, progress, registry)}")
+    elif a.action == "verify":
+        ids = [a.id] if a.id else [i for i, m in registry.items() if ms.is_present(m)]
+        bad = False
+        for mid in ids:
+            for name, status in ms.verify(mid, registry).items():
+                print(f"{mid}/{name}: {status}")
+                bad |= status != "present"
+        if bad:
+            raise ModelError("some files are missing or corrupt; run `clipseg models fetch ID` or import them again")
+    elif a.action == "import":
+        print(f"{a.id}: imported into {ms.import_files(a.id, a.paths, registry)}")
+    elif a.action == "remove":
+        ms.remove(a.id, registry)
+        print(f"{a.id}: removed from the cache")
 
 
 COMMANDS = {"segment": _cmd_segment, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "train": _cmd_train,

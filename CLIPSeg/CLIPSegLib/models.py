@@ -32,7 +32,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def list_models(models_dir: Path = MODELS_DIR) -> list[str]:
     """Ids of the model specs shipped in ``models_dir``."""
-    return sorted(p.stem for p in Path(models_dir).glob("*.json") if not p.name.startswith("_"))
+    return sorted(p.stem for p in Path(models_dir).glob("*.json")
+                  if not p.name.startswith(("_", ".", "registry")))
 
 
 def resolve_spec_path(model: str | os.PathLike | None, models_dir: Path = MODELS_DIR) -> Path:
@@ -98,6 +99,34 @@ def load_weights(spec: dict) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"weight file {path} cannot be read as safetensors ({e}); restore the original file") from e
         state.update({k: v.float() for k, v in part.items()})
+    return state
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Tensors of a checkpoint file, loaded safely: safetensors, or a PyTorch pickle restricted to tensors and plain
+    containers (``torch.load(weights_only=True)``). A pickle that needs arbitrary code is refused."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelError(f"checkpoint {path} needs arbitrary code to load (it pickles objects other than tensors), "
+                         f"so it is refused for safety; convert it to safetensors with a trusted tool first") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ModelError(f"checkpoint {path} is not a readable PyTorch file ({e}); download it again") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of tensors")
     return state
 
 

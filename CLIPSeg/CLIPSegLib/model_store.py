@@ -1,0 +1,255 @@
+"""The model registry and the local weight cache: list, fetch (verified, resumable), verify, import, remove.
+
+Registry: ``Resources/Models/registry.json`` (schema: ``registry.schema.json`` beside it). Each model has an id, an
+engine, a role (clip / sam / segmenter), files with URL, size and SHA-256 (``null`` where the publisher gives none),
+licence, citation and description. Embedded models' files live in ``Resources/Models`` and are always present.
+
+Cache: ``$CLIPSEG_HOME`` (default ``~/.cache/clipseg``; the Slicer module points it into Slicer's settings folder),
+one folder per model id. A download streams to ``<file>.part`` (resumed with an HTTP Range request after a dropped
+connection), is checked for size and SHA-256, and only then renamed to its final name, so a half or wrong file is
+never taken as good. A lock file serialises concurrent fetches of the same model (two Slicer instances, a batch
+script). Files without a published SHA-256 are pinned on first download: the digest is recorded in
+``<id>/checksums.json`` and checked from then on. Nothing here opens a connection unless a fetch is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import ModelError
+from .models import MODELS_DIR, sha256_file
+
+REGISTRY = MODELS_DIR / "registry.json"
+SCHEMA = MODELS_DIR / "registry.schema.json"
+CHUNK = 1 << 20
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLIPSEG_HOME") or Path.home() / ".cache" / "clipseg")
+
+
+def load_registry(path: Path = REGISTRY) -> dict[str, dict]:
+    """Registry entries by id, validated against the JSON schema."""
+    import jsonschema
+
+    data = json.loads(Path(path).read_text())
+    try:
+        jsonschema.validate(data, json.loads(SCHEMA.read_text()))
+    except jsonschema.ValidationError as e:
+        raise ModelError(f"model registry {path} is invalid: {e.message} (at {list(e.absolute_path)})") from e
+    for m in data["models"]:
+        if m.get("embedded"):  # the files and their checksums are those of the model's own spec
+            spec_path = Path(path).parent / m["spec"]
+            if not spec_path.is_file():
+                raise ModelError(f"embedded model {m['id']}: its spec {spec_path} is missing; restore it")
+            spec = json.loads(spec_path.read_text())
+            m["files"] = [{"name": f["name"], "url": None, "size": f["size"], "sha256": f["sha256"]}
+                          for f in spec["files"]]
+    return {m["id"]: m for m in data["models"]}
+
+
+def entry(model_id: str, registry: dict | None = None) -> dict:
+    registry = registry if registry is not None else load_registry()
+    if model_id not in registry:
+        import difflib
+
+        close = difflib.get_close_matches(model_id, list(registry), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ModelError(f"unknown model {model_id!r}.{hint} See `clipseg models list`.")
+    return registry[model_id]
+
+
+def model_dir(m: dict) -> Path:
+    return MODELS_DIR if m.get("embedded") else cache_dir() / m["id"]
+
+
+def _pins(folder: Path) -> dict:
+    p = folder / "checksums.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _expected_sha(m: dict, f: dict) -> str | None:
+    return f.get("sha256") or _pins(model_dir(m)).get(f["name"])
+
+
+def file_status(m: dict, f: dict, check_hash: bool = False) -> str:
+    """'present', 'missing', 'partial' (a .part exists) or, with check_hash, 'corrupt'."""
+    path = model_dir(m) / f["name"]
+    if not path.is_file():
+        return "partial" if path.with_name(path.name + ".part").is_file() else "missing"
+    if f.get("size") is not None and path.stat().st_size != f["size"]:
+        return "corrupt"
+    if check_hash:
+        expected = _expected_sha(m, f)
+        if expected and sha256_file(path) != expected:
+            return "corrupt"
+    return "present"
+
+
+def is_present(m: dict) -> bool:
+    return all(file_status(m, f) == "present" for f in m["files"])
+
+
+@contextlib.contextmanager
+def _lock(folder: Path):
+    """Exclusive lock on ``folder/.lock`` (blocks until the other fetch is done)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as fh:
+        if os.name == "posix":
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        else:  # pragma: no cover - Windows
+            import msvcrt
+
+            msvcrt.locking(fh.fileno(), msvcrt.LK_LOCK, 1)
+            try:
+                yield
+            finally:
+                msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def _download(url: str, part: Path, progress, label: str, timeout: float = 30.0) -> None:
+    """Append the rest of ``url`` to ``part`` (Range request when part has bytes). Raises ModelError."""
+    start = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and start:  # already complete
+            return
+        raise ModelError(f"download of {label} failed: the server answered HTTP {e.code} ({e.reason}) for {url}; "
+                         f"check the URL or download it by hand and use `clipseg models import`") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise ModelError(f"download of {label} failed: cannot reach {url} ({e}); check the network or proxy, or "
+                         f"download the file elsewhere and use `clipseg models import`") from e
+    with resp:
+        if start and resp.status != 206:  # server ignored the Range: start over
+            start = 0
+            part.unlink(missing_ok=True)
+        total = resp.headers.get("Content-Length")
+        total = start + int(total) if total is not None else 0
+        done = start
+        with open(part, "ab") as out:
+            try:
+                while True:
+                    block = resp.read(CHUNK)
+                    if not block:
+                        break
+                    out.write(block)
+                    done += len(block)
+                    if progress:
+                        progress.update(f"downloading {label}", done, max(total, done))
+            except (OSError, urllib.error.URLError) as e:
+                raise ModelError(f"download of {label} was interrupted after {done} bytes ({e}); run the same "
+                                 f"command again to resume") from e
+    if total and done < total:
+        raise ModelError(f"download of {label} stopped after {done} of {total} bytes; run the same command again "
+                         f"to resume")
+
+
+def fetch(model_id: str, progress=None, registry: dict | None = None, retries: int = 2) -> Path:
+    """Make every file of ``model_id`` present and verified in the cache; returns the model's folder.
+
+    Files already present and matching their size and SHA-256 are not downloaded again (no network touched)."""
+    m = entry(model_id, registry)
+    folder = model_dir(m)
+    if m.get("embedded"):
+        verify(model_id, registry)
+        return folder
+    with _lock(folder):
+        for f in m["files"]:
+            final = folder / f["name"]
+            if file_status(m, f, check_hash=True) == "present":
+                continue
+            if not f.get("url"):
+                raise ModelError(f"{model_id}: {f['name']} has no download URL ({m.get('source', 'see its licence')});"
+                                 f" download it by hand and run `clipseg models import {model_id} PATH`")
+            part = final.with_name(final.name + ".part")
+            for attempt in range(retries + 1):
+                try:
+                    _download(f["url"], part, progress, f"{model_id}/{f['name']}")
+                    break
+                except ModelError:
+                    if attempt == retries:
+                        raise
+            _accept(m, f, part, final)
+    return folder
+
+
+def _accept(m: dict, f: dict, candidate: Path, final: Path, keep_candidate: bool = False) -> None:
+    """Check size and SHA-256 of ``candidate``, then move (or copy) it to ``final`` atomically."""
+    size = candidate.stat().st_size
+    if f.get("size") is not None and size != f["size"]:
+        if not keep_candidate:
+            candidate.unlink()
+        raise ModelError(f"{m['id']}/{f['name']}: got {size} bytes, expected {f['size']}; the file was not kept")
+    digest = sha256_file(candidate)
+    expected = _expected_sha(m, f)
+    if expected and digest != expected:
+        if not keep_candidate:
+            candidate.unlink()
+        raise ModelError(f"{m['id']}/{f['name']}: SHA-256 {digest} does not match the expected {expected}; the file "
+                         f"was not kept (corrupt download, or not this model's file)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + ".importing")
+    if keep_candidate:
+        shutil.copyfile(candidate, tmp)
+    else:
+        os.replace(candidate, tmp)
+    os.replace(tmp, final)
+    if not expected:  # pin on first use
+        pins = _pins(final.parent)
+        pins[f["name"]] = digest
+        (final.parent / "checksums.json").write_text(json.dumps(pins, indent=2) + "\n")
+
+
+def verify(model_id: str, registry: dict | None = None) -> dict[str, str]:
+    """File name -> status ('present', 'missing', 'partial', 'corrupt'), hashing every present file."""
+    m = entry(model_id, registry)
+    return {f["name"]: file_status(m, f, check_hash=True) for f in m["files"]}
+
+
+def import_files(model_id: str, paths: list[Path], registry: dict | None = None) -> Path:
+    """Register files copied by hand (air-gapped sites): each is matched to a registry file by name, checked, copied."""
+    m = entry(model_id, registry)
+    if m.get("embedded"):
+        raise ModelError(f"{model_id} is embedded in CLIPSeg; there is nothing to import")
+    by_name = {f["name"]: f for f in m["files"]}
+    folder = model_dir(m)
+    with _lock(folder):
+        for p in map(Path, paths):
+            if not p.is_file():
+                raise ModelError(f"{p} does not exist")
+            f = by_name.get(p.name)
+            if f is None:
+                raise ModelError(f"{p.name} is not a file of {model_id}; expected one of {sorted(by_name)}")
+            _accept(m, f, p, folder / f["name"], keep_candidate=True)
+    return folder
+
+
+def remove(model_id: str, registry: dict | None = None) -> None:
+    m = entry(model_id, registry)
+    if m.get("embedded"):
+        raise ModelError(f"{model_id} is embedded in CLIPSeg and cannot be removed")
+    shutil.rmtree(model_dir(m), ignore_errors=True)
+
+
+def format_size(n: int | None) -> str:
+    if n is None:
+        return "size n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""

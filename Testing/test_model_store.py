@@ -1,0 +1,174 @@
+"""Registry, cache and verified downloads, served from a local HTTP server on 127.0.0.1 (no internet)."""
+
+import hashlib
+import http.server
+import json
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+from CLIPSegLib import model_store as ms
+from CLIPSegLib.errors import ModelError
+from CLIPSegLib.models import load_checkpoint
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves PAYLOAD with Range support; modes: ok, drop (close after half, once), 404, 500, wrong."""
+
+    mode = "ok"
+    hits = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        Handler.hits.append((self.path, self.headers.get("Range")))
+        if self.mode in ("404", "500"):
+            self.send_error(int(self.mode))
+            return
+        body = PAYLOAD if self.mode != "wrong" else PAYLOAD[::-1]
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        rest = body[start:]
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        if self.mode == "drop":
+            Handler.mode = "ok"  # the next request succeeds
+            self.wfile.write(rest[: len(rest) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(rest)
+
+
+@pytest.fixture
+def server():
+    Handler.mode, Handler.hits = "ok", []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def registry(url, sha=hashlib.sha256(PAYLOAD).hexdigest(), size=len(PAYLOAD)):
+    return {"test-model": {"id": "test-model", "engine": "medclipsam", "role": "sam", "license": "MIT",
+                           "citation": "", "description": "",
+                           "files": [{"name": "w.pth", "url": f"{url}/w.pth", "size": size, "sha256": sha}]}}
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPSEG_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_shipped_registry_is_valid_and_lists_embedded_and_public_models():
+    reg = ms.load_registry()
+    assert ms.is_present(reg["cliptnseg-phantom-small"])
+    assert {"biomedclip-vit-b16", "sam-vit-b", "sam-vit-l", "sam-vit-h", "medsam-vit-b"} <= set(reg)
+    assert reg["sam-vit-b"]["files"][0]["url"].startswith("https://dl.fbaipublicfiles.com/segment_anything/")
+    assert ms.verify("cliptnseg-phantom-small") == {"cliptnseg-phantom-small.safetensors": "present"}
+
+
+def test_fresh_download_then_offline_use_touches_no_network(server, home):
+    reg = registry(server)
+    folder = ms.fetch("test-model", registry=reg)
+    assert (folder / "w.pth").read_bytes() == PAYLOAD
+    n = len(Handler.hits)
+    ms.fetch("test-model", registry=reg)
+    assert len(Handler.hits) == n  # already present: no request
+    assert ms.verify("test-model", reg) == {"w.pth": "present"}
+
+
+def test_dropped_connection_resumes_from_the_partial_file(server, home):
+    Handler.mode = "drop"
+    ms.fetch("test-model", registry=registry(server))
+    assert (home / "test-model" / "w.pth").read_bytes() == PAYLOAD
+    assert Handler.hits[-1][1] == f"bytes={len(PAYLOAD) // 2}-"  # the retry asked only for the rest
+
+
+def test_wrong_checksum_is_refused_and_nothing_is_left(server, home):
+    Handler.mode = "wrong"
+    with pytest.raises(ModelError, match="SHA-256"):
+        ms.fetch("test-model", registry=registry(server))
+    assert not any(p.name.startswith("w.pth") for p in (home / "test-model").iterdir())
+
+
+@pytest.mark.parametrize("code", ["404", "500"])
+def test_server_errors_give_a_clear_message(server, code):
+    Handler.mode = code
+    with pytest.raises(ModelError, match=f"HTTP {code}.*models import"):
+        ms.fetch("test-model", registry=registry(server))
+
+
+def test_unpublished_checksum_is_pinned_on_first_download(server, home):
+    reg = registry(server, sha=None, size=None)
+    ms.fetch("test-model", registry=reg)
+    pins = json.loads((home / "test-model" / "checksums.json").read_text())
+    assert pins["w.pth"] == hashlib.sha256(PAYLOAD).hexdigest()
+    (home / "test-model" / "w.pth").write_bytes(b"tampered")
+    assert ms.verify("test-model", reg) == {"w.pth": "corrupt"}
+
+
+def test_import_checks_the_hash(tmp_path, home):
+    reg = registry("http://127.0.0.1:9")  # nothing listens there: import must not touch the network
+    good, bad = tmp_path / "good" / "w.pth", tmp_path / "bad" / "w.pth"
+    good.parent.mkdir()
+    bad.parent.mkdir()
+    good.write_bytes(PAYLOAD)
+    bad.write_bytes(PAYLOAD[:-1] + b"x")
+    with pytest.raises(ModelError, match="SHA-256"):
+        ms.import_files("test-model", [bad], reg)
+    assert not (home / "test-model" / "w.pth").exists() and bad.exists()
+    ms.import_files("test-model", [good], reg)
+    assert ms.verify("test-model", reg) == {"w.pth": "present"}
+    ms.remove("test-model", reg)
+    assert ms.verify("test-model", reg) == {"w.pth": "missing"}
+
+
+def _fetch_in_process(url, home, queue):
+    import os
+
+    os.environ["CLIPSEG_HOME"] = home
+    try:
+        ms.fetch("test-model", registry=registry(url))
+        queue.put("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        queue.put(repr(e))
+
+
+def test_two_processes_fetching_at_once_leave_one_good_file(server, home):
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_fetch_in_process, args=(server, str(home), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [q.get(timeout=5) for _ in procs] == ["ok", "ok"]
+    assert (home / "test-model" / "w.pth").read_bytes() == PAYLOAD
+    assert sorted(p.name for p in (home / "test-model").iterdir()) == [".lock", "w.pth"]
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this would run code",))
+
+
+def test_pickles_needing_code_are_refused_and_plain_tensors_load(tmp_path):
+    torch.save({"weight": torch.ones(2)}, tmp_path / "ok.pth")
+    assert torch.equal(load_checkpoint(tmp_path / "ok.pth")["weight"], torch.ones(2))
+    torch.save({"weight": torch.ones(2), "extra": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ModelError, match="arbitrary code"):
+        load_checkpoint(tmp_path / "evil.pth")
