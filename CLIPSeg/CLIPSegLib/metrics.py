@@ -1,18 +1,94 @@
-"""Overlap metrics on boolean masks, computed with MONAI (foreground only, never averaged with background)."""
+"""Segmentation metrics on boolean masks, computed with MONAI; foreground only, never averaged with background.
+
+Masks are ``[K,J,I]`` (or any 2D/3D shape); spacing is given in mm in the same axis order as the array.
+Conventions (stated in every report): Dice and IoU of the foreground; HD95 = 95th percentile of the symmetric
+surface distances in mm; NSD = normalised surface Dice at a tolerance in mm. A case whose truth is empty is scored by
+its false-positive volume (mm^3), not dropped; Dice is 1 only if the prediction is empty too.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Foreground Dice of two bool masks of equal shape; 1.0 when both are empty (MONAI ``compute_dice``)."""
+def _t(mask):
     import torch
-    from monai.metrics import compute_dice
 
+    return torch.from_numpy(np.asarray(mask, bool))[None, None].float()
+
+
+def _check(pred, truth):
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction has shape {pred.shape}, truth has {truth.shape}")
-    p = torch.from_numpy(pred)[None, None].float()
-    t = torch.from_numpy(truth)[None, None].float()
-    return float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0])
+    return pred, truth
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Foreground Dice; 1.0 when both are empty (MONAI ``compute_dice``)."""
+    from monai.metrics import compute_dice
+
+    pred, truth = _check(pred, truth)
+    return float(compute_dice(_t(pred), _t(truth), include_background=True, ignore_empty=False)[0, 0])
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Foreground IoU (Jaccard); 1.0 when both are empty (MONAI ``compute_iou``)."""
+    from monai.metrics import compute_iou
+
+    pred, truth = _check(pred, truth)
+    return float(compute_iou(_t(pred), _t(truth), include_background=True, ignore_empty=False)[0, 0])
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
+    """95th-percentile Hausdorff distance in mm; NaN if either mask is empty (MONAI)."""
+    from monai.metrics import compute_hausdorff_distance
+
+    pred, truth = _check(pred, truth)
+    if not pred.any() or not truth.any():
+        return float("nan")
+    return float(compute_hausdorff_distance(_t(pred), _t(truth), include_background=True, percentile=95,
+                                            spacing=list(map(float, spacing)))[0, 0])
+
+
+def nsd(pred: np.ndarray, truth: np.ndarray, spacing, tolerance_mm: float) -> float:
+    """Normalised surface Dice at ``tolerance_mm``; NaN if either mask is empty (MONAI ``compute_surface_dice``)."""
+    from monai.metrics import compute_surface_dice
+
+    pred, truth = _check(pred, truth)
+    if not pred.any() or not truth.any():
+        return float("nan")
+    return float(compute_surface_dice(_t(pred), _t(truth), class_thresholds=[tolerance_mm], include_background=True,
+                                      spacing=list(map(float, spacing)))[0, 0])
+
+
+def false_positive_volume(pred: np.ndarray, truth: np.ndarray, spacing) -> float:
+    """Volume (mm^3) of predicted voxels outside the truth."""
+    pred, truth = _check(pred, truth)
+    return float((pred & ~truth).sum() * np.prod(list(map(float, spacing))))
+
+
+def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing, tolerance_mm: float = 2.0) -> dict:
+    """All metrics of one (case, finding); spacing in mm in array axis order."""
+    out = {"truth_voxels": int(np.asarray(truth, bool).sum()), "pred_voxels": int(np.asarray(pred, bool).sum()),
+           "dice": dice(pred, truth), "iou": iou(pred, truth),
+           "false_positive_mm3": false_positive_volume(pred, truth, spacing)}
+    if out["truth_voxels"]:
+        out["hd95_mm"] = hd95(pred, truth, spacing)
+        out[f"nsd_{tolerance_mm:g}mm"] = nsd(pred, truth, spacing, tolerance_mm)
+    return out
+
+
+def summarize(values, seed: int = 0) -> dict:
+    """mean, median and a 95% bootstrap CI of the mean (scipy.stats.bootstrap, BCa) over finite values."""
+    from scipy.stats import bootstrap
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
+    out = {"n": int(v.size), "mean": float(v.mean()) if v.size else None,
+           "median": float(np.median(v)) if v.size else None, "ci95": None}
+    if v.size >= 3 and np.ptp(v) > 0:
+        res = bootstrap((v,), np.mean, n_resamples=2000, confidence_level=0.95, random_state=seed, method="BCa")
+        out["ci95"] = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+    elif v.size >= 1:
+        out["ci95"] = [float(v.mean()), float(v.mean())]
+    return out
