@@ -41,10 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7)
     _add_common(d)
 
-    e = sub.add_parser("evaluate", help="held-out phantom evaluation through `clipseg segment` (Dice, absence, swap)")
-    e.add_argument("--phantoms", type=int, default=40, help="number of phantom volumes")
+    e = sub.add_parser("evaluate", help="score a model on labelled data or on held-out phantoms")
+    e.add_argument("--data", default=None, help="CSV (image,mask,phrase) or folder with images/ and labels/")
+    e.add_argument("--prompt-map", default=None, help="JSON mapping label values to prompts, or a .json file")
+    e.add_argument("--engine", default=None, help="engine id (default: the model's engine)")
+    e.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm")
+    e.add_argument("--phantoms", type=int, default=40, help="number of phantom volumes (when no --data)")
     e.add_argument("--seed", type=int, default=1000, help="first seed (training seeds start at 10,000,000)")
-    e.add_argument("--report", default=None, help="write the full per-case report as JSON")
+    e.add_argument("--report", default=None, help="write the report: .json (all), .csv (per case) or .md (summary)")
     _add_common(e)
 
     t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export")
@@ -98,12 +102,29 @@ def _cmd_demo(a, progress):
 
 
 def _cmd_evaluate(a, progress):
-    from .evaluation import evaluate_phantoms, format_summary, write_report
+    from . import evaluation as ev
 
-    report = evaluate_phantoms(a.phantoms, a.seed, model=a.model, device=a.device, progress=progress)
     if a.report:
-        write_report(Path(a.report), report)
-    print(format_summary(report["summary"]))
+        if not Path(a.report).parent.is_dir():
+            from .errors import InputError
+
+            raise InputError(f"report folder {Path(a.report).parent} does not exist; create it first")
+    if a.data:
+        from .segment_file import load_engine
+
+        prompt_map = None
+        if a.prompt_map:
+            text = Path(a.prompt_map).read_text() if a.prompt_map.endswith(".json") else a.prompt_map
+            prompt_map = json.loads(text)
+        cases = ev.load_cases(Path(a.data), prompt_map)
+        report = ev.evaluate_dataset(cases, load_engine(a.model, a.engine, a.device), a.tolerance_mm, progress)
+        text = ev.format_dataset_summary(report)
+    else:
+        report = ev.evaluate_phantoms(a.phantoms, a.seed, model=a.model, device=a.device, progress=progress)
+        text = ev.format_summary(report["summary"])
+    if a.report:
+        ev.write_any_report(Path(a.report), report, text)
+    print(text)
 
 
 def _cmd_train(a, progress):

@@ -91,3 +91,142 @@ def format_summary(s: dict) -> str:
 
 def write_report(path: Path, report: dict) -> None:
     Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+# --- your own labelled data -----------------------------------------------------------------------------------------
+
+CONVENTIONS = ("Foreground Dice and IoU per (case, finding), background never averaged in; HD95 and NSD in mm from the "
+               "image spacing (NSD tolerance stated in its name); empty-truth cases scored by false-positive volume "
+               "(mm^3) and counted in the absent-finding false-positive rate, never dropped; 95% CI = BCa bootstrap "
+               "of the mean (2000 resamples); metrics from MONAI.")
+
+
+def load_cases(data: Path, prompt_map: dict | None = None) -> list[dict]:
+    """-> [{"id", "image", "truth": {prompt: ("mask", path) | ("label", path, value)}}].
+
+    ``data`` is a CSV (columns image,mask,phrase; one binary mask per phrase) or a folder with ``images/`` and
+    ``labels/`` holding label maps of the same file names, whose values ``prompt_map`` names ({"1": "nodule"})."""
+    import csv
+
+    from .errors import InputError
+
+    data = Path(data)
+    if data.is_file() and data.suffix.lower() == ".csv":
+        with open(data, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"image", "mask", "phrase"} <= set(rows[0]):
+            raise InputError(f"{data} needs a header with columns image,mask,phrase and at least one row")
+        cases: dict[str, dict] = {}
+        for r in rows:
+            c = cases.setdefault(r["image"], {"id": Path(r["image"]).name, "image": data.parent / r["image"],
+                                              "truth": {}})
+            c["truth"][r["phrase"].strip()] = ("mask", data.parent / r["mask"])
+        return list(cases.values())
+    if data.is_dir():
+        images, labels = data / "images", data / "labels"
+        if not images.is_dir() or not labels.is_dir():
+            raise InputError(f"{data} must hold images/ and labels/ folders (same file names), or pass a CSV")
+        if not prompt_map:
+            raise InputError("a folder of label maps needs --prompt-map, e.g. '{\"1\": \"thyroid nodule\"}'")
+        out = []
+        for img in sorted(p for p in images.iterdir() if not p.name.startswith(".")):
+            lab = labels / img.name
+            if not lab.exists():
+                raise InputError(f"no label map {lab} for image {img}")
+            out.append({"id": img.name, "image": img,
+                        "truth": {prompt: ("label", lab, int(value)) for value, prompt in prompt_map.items()}})
+        if not out:
+            raise InputError(f"{images} holds no images")
+        return out
+    raise InputError(f"--data {data} is neither a CSV nor a folder")
+
+
+def evaluate_dataset(cases: list[dict], engine, tolerance_mm: float = 2.0, progress: Progress | None = None) -> dict:
+    """Segment every case with every prompt of the dataset and score it (see CONVENTIONS)."""
+    from .errors import InputError
+    from .imageio import read_image
+    from .metrics import case_metrics, summarize
+    from .pipeline import segment_volume
+
+    progress = progress or Progress("none")
+    prompts = sorted({p for c in cases for p in c["truth"]})
+    rows, swaps = [], []
+    for n, case in enumerate(cases):
+        volume, geometry = read_image(case["image"])
+        spacing_kji = tuple(geometry.spacing[::-1])
+        truths = {}
+        for prompt in prompts:
+            t = case["truth"].get(prompt)
+            if t is None:
+                truths[prompt] = np.zeros(volume.shape, bool)
+                continue
+            arr, _ = read_image(t[1])
+            if arr.shape != volume.shape:
+                raise InputError(f"{t[1]} has shape {arr.shape} (K,J,I), its image {case['image']} has {volume.shape}")
+            truths[prompt] = arr > 0 if t[0] == "mask" else np.rint(arr) == t[2]
+        result = segment_volume(engine, volume, geometry, prompts)
+        for f in result.findings:
+            rows.append({"case": case["id"], "prompt": f.prompt, "present": bool(truths[f.prompt].any()),
+                         **case_metrics(f.mask, truths[f.prompt], spacing_kji, tolerance_mm)})
+        present = [p for p in prompts if truths[p].any()]
+        for f in result.findings:
+            for other in present:
+                if other != f.prompt and f.prompt in present:
+                    swaps.append(dice(f.mask, truths[other]))
+        progress.update("evaluating cases", n + 1, len(cases))
+    nsd_key = f"nsd_{tolerance_mm:g}mm"
+    summary = {}
+    for prompt in prompts:
+        pr = [r for r in rows if r["prompt"] == prompt and r["present"]]
+        ab = [r for r in rows if r["prompt"] == prompt and not r["present"]]
+        summary[prompt] = {
+            "dice": summarize([r["dice"] for r in pr]), "iou": summarize([r["iou"] for r in pr]),
+            "hd95_mm": summarize([r["hd95_mm"] for r in pr]), nsd_key: summarize([r[nsd_key] for r in pr]),
+            "absent_cases": len(ab),
+            "absent_false_positive_rate": float(np.mean([r["pred_voxels"] > 0 for r in ab])) if ab else None,
+            "absent_false_positive_mm3_mean": float(np.mean([r["false_positive_mm3"] for r in ab])) if ab else None,
+        }
+    selectivity = {"prompt_swap_dice": summarize(swaps), "pairs": len(swaps)}
+    return {"conventions": CONVENTIONS, "summary": summary, "selectivity": selectivity, "cases": rows}
+
+
+def format_dataset_summary(report: dict) -> str:
+    lines = ["| finding | n | Dice mean [95% CI] | median | IoU | HD95 mm | NSD | absent FP rate (n) |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    for prompt, s in report["summary"].items():
+        nsd_key = next(k for k in s if k.startswith("nsd_"))
+        ci = s["dice"]["ci95"]
+        ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        lines.append(f"| {prompt} | {s['dice']['n']} | {f(s['dice']['mean'])}{ci_text} | {f(s['dice']['median'])} | "
+                     f"{f(s['iou']['mean'])} | {f(s['hd95_mm']['mean'])} | {f(s[nsd_key]['mean'])} | "
+                     f"{f(s['absent_false_positive_rate'])} ({s['absent_cases']}) |")
+    sel = report["selectivity"]
+    lines.append(f"\nprompt swap: Dice with the other finding's truth, mean {f(sel['prompt_swap_dice']['mean'])} over "
+                 f"{sel['pairs']} pairs.\n\n{report['conventions']}")
+    return "\n".join(lines)
+
+
+def write_any_report(path: Path, report: dict, markdown: str) -> None:
+    """.json: everything; .csv: one row per (case, finding); .md: the summary table."""
+    import csv
+
+    path = Path(path)
+    if path.suffix == ".json":
+        write_report(path, report)
+    elif path.suffix == ".csv":
+        rows = report["cases"]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+    elif path.suffix == ".md":
+        path.write_text(markdown + "\n")
+    else:
+        from .errors import InputError
+
+        raise InputError(f"--report {path}: use a .json, .csv or .md file name")

@@ -1,0 +1,64 @@
+"""`clipseg evaluate` on a folder of NIfTI images + label maps and on a CSV, with the tiny random model."""
+
+import csv
+import json
+
+import numpy as np
+
+from CLIPSegLib.cli import main
+from CLIPSegLib.imageio import Geometry, write_volume
+from CLIPSegLib.phantoms import make_phantom
+
+G = Geometry((0.5, 0.5, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+
+
+def _folder(tmp_path):
+    (tmp_path / "images").mkdir(parents=True)
+    (tmp_path / "labels").mkdir()
+    for seed, findings in ((1, ("nodule", "cyst")), (2, ("cyst",))):
+        ph = make_phantom((3, 96, 96), spacing=(1.0, 0.5, 0.5), seed=seed, findings=findings)
+        assert set(ph.masks) == set(findings)
+        labels = np.zeros(ph.image.shape, np.uint8)
+        for value, f in ((1, "nodule"), (2, "cyst")):
+            if f in ph.masks:
+                labels[ph.masks[f]] = value
+        write_volume(tmp_path / "images" / f"case{seed}.nii.gz", ph.image, G)
+        write_volume(tmp_path / "labels" / f"case{seed}.nii.gz", labels, G)
+    return tmp_path
+
+
+def test_folder_evaluation_scores_every_case_and_finding(tmp_path, tiny_model, capsys):
+    data = _folder(tmp_path / "data")
+    for ext in ("json", "csv", "md"):
+        code = main(["evaluate", "--data", str(data), "--prompt-map", '{"1": "thyroid nodule", "2": "cyst"}',
+                     "--model", str(tiny_model), "--device", "cpu", "--progress", "none",
+                     "--report", str(tmp_path / f"r.{ext}")])
+        assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    rows = report["cases"]
+    assert {(r["case"], r["prompt"]) for r in rows} == {(c, p) for c in ("case1.nii.gz", "case2.nii.gz")
+                                                       for p in ("thyroid nodule", "cyst")}
+    absent = [r for r in rows if r["case"] == "case2.nii.gz" and r["prompt"] == "thyroid nodule"][0]
+    assert absent["present"] is False and absent["truth_voxels"] == 0 and "false_positive_mm3" in absent
+    assert report["summary"]["thyroid nodule"]["absent_cases"] == 1
+    assert report["summary"]["cyst"]["dice"]["n"] == 2
+    assert report["selectivity"]["pairs"] == 2  # case1: nodule->cyst truth and cyst->nodule truth
+    with open(tmp_path / "r.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    md = (tmp_path / "r.md").read_text()
+    assert "| cyst | 2 |" in md and "Foreground Dice" in md
+
+
+def test_csv_data_and_bad_arguments(tmp_path, tiny_model, capsys):
+    data = _folder(tmp_path / "data")
+    table = tmp_path / "data" / "table.csv"
+    import SimpleITK as sitk
+
+    lab = sitk.ReadImage(str(data / "labels" / "case1.nii.gz"))
+    sitk.WriteImage(sitk.Cast(lab == 2, sitk.sitkUInt8), str(data / "cyst1.nii.gz"))
+    table.write_text("image,mask,phrase\nimages/case1.nii.gz,cyst1.nii.gz,anechoic cyst\n")
+    assert main(["evaluate", "--data", str(table), "--model", str(tiny_model), "--device", "cpu",
+                 "--progress", "none"]) == 0
+    assert "anechoic cyst" in capsys.readouterr().out
+    assert main(["evaluate", "--data", str(data), "--model", str(tiny_model), "--progress", "none"]) == 2
+    assert "--prompt-map" in capsys.readouterr().err
