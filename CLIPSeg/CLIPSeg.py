@@ -170,6 +170,8 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(ask=True):
                 return
             p = self._parameterNode
+            if not self.logic.ensureModel(p.model, ask=True):
+                return
             self._run = self.logic.start(p.inputVolume, promptsFromText(p.prompts), p.outputSegmentation,
                                          engine=p.engine, model=p.model or None, device=p.device, axis=p.axis,
                                          threshold=p.threshold, keepProbabilities=p.keepProbabilities)
@@ -225,6 +227,10 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._active = None
+        # Downloaded weights live beside Slicer's settings, shared by the panel and its background processes.
+        if hasattr(slicer, "app") and slicer.app is not None:
+            os.environ.setdefault("CLIPSEG_HOME", os.path.join(
+                os.path.dirname(slicer.app.slicerUserSettingsFilePath), "CLIPSeg"))
 
     def getParameterNode(self):
         return CLIPSegParameterNode(super().getParameterNode())
@@ -245,13 +251,30 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         return _("No CUDA GPU found: CPU will be used")
 
     def availableModels(self) -> list:
-        from CLIPSegLib.models import MODELS_DIR, list_models, load_spec
+        """(model id, present locally) for every registry model a segmentation engine can run."""
+        from CLIPSegLib import model_store
 
-        out = []
-        for modelId in list_models():
-            spec = load_spec(modelId)
-            out.append((modelId, all((MODELS_DIR / f["name"]).is_file() for f in spec["files"])))
-        return out
+        return [(m["id"], model_store.is_present(m)) for m in model_store.load_registry().values()
+                if m["role"] == "segmenter"]
+
+    def ensureModel(self, modelId, ask: bool = True) -> bool:
+        """Download a missing model once, after asking with its size; verified and resumable."""
+        from CLIPSegLib import model_store
+
+        if not modelId:
+            return True
+        m = model_store.entry(modelId)
+        if model_store.is_present(m):
+            return True
+        sizes = [f["size"] for f in m["files"]]
+        size = model_store.format_size(sum(sizes)) if all(sizes) else "~" + m.get("approx_size", "?")
+        if ask and not slicer.util.confirmOkCancelDisplay(
+                _("The model {modelId} ({size}) is not on this computer. Download it now?").format(
+                    modelId=modelId, size=size) + "\n" + m.get("description", ""), _("Download model")):
+            return False
+        with slicer.util.WaitCursor():
+            model_store.fetch(modelId)
+        return True
 
     def missingPackages(self) -> list:
         import importlib.util
