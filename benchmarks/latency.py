@@ -1,0 +1,174 @@
+"""Latency, memory and the physical limit of CLIP-TNseg on this machine, measured side by side in one run.
+
+Prints (and with --results, appends to benchmarks/RESULTS.md):
+  1. machine: CPU, threads, torch, measured fp32 matmul throughput (GFLOP/s);
+  2. per-slice latency at embedded size and at paper size (ViT-B/16, 352 px; random weights), batch-size sweep;
+  3. forward FLOPs per slice (torch FlopCounterMode) / matmul throughput = the FLOP limit, and our fraction of it;
+  4. reference-style execution (one slice per forward, text re-encoded, no batching) vs ours, as a ratio;
+  5. volumes 256x256x64 and 512x512x128 (3 prompts) and slice scaling 64 -> 128 -> 256 with peak RSS of each run in
+     its own process (memory must stay flat: slices are streamed, not held as activations).
+Run:  .venv/bin/python benchmarks/latency.py [--threads 2] [--quick] [--results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "CLIPSeg"))
+PROMPTS = ["hypoechoic thyroid nodule", "anechoic cyst", "calcification"]
+PAPER = {"id": "paper-size", "engine": "cliptnseg", "clip": {"open_clip_name": "ViT-B-16", "image_size": 352},
+         "network": {"extract_layers": [3, 6, 9], "reduce_dim": 64, "coarse_channels": 16,
+                     "fine_channels": [16, 32, 64, 128], "head_channels": 32}}
+
+
+def matmul_gflops(n=2048, reps=10):
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def engines(which):
+    import torch
+
+    from CLIPSegLib.engines.cliptnseg import build_network
+    from CLIPSegLib.engines.cliptnseg_engine import CLIPTNSegEngine
+    from CLIPSegLib.segment_file import load_engine
+
+    out = {}
+    if "embedded" in which:
+        out["embedded (128 px, ViT 6x128/8)"] = load_engine(None, device="cpu")
+    if "paper" in which:
+        torch.manual_seed(0)
+        out["paper size (352 px, ViT-B/16)"] = CLIPTNSegEngine(build_network(PAPER), torch.device("cpu"), PAPER)
+    return out
+
+
+def slice_flops(engine):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = engine.input_size
+    text = engine.text_embeddings(PROMPTS)
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        engine.net(torch.rand(1, 1, s, s), text)
+    return fc.get_total_flops()
+
+
+def per_slice(engine, batch, reps=2):
+    import torch
+
+    s = engine.input_size
+    x = torch.rand(batch, 1, s, s)
+    engine.predict(x, PROMPTS)
+    t = time.perf_counter()
+    for _ in range(reps):
+        engine.predict(x, PROMPTS)
+    return (time.perf_counter() - t) / reps / batch
+
+
+def child(args):
+    """Segment one phantom volume in this process; print wall time and peak RSS as JSON."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from CLIPSegLib.imageio import Geometry
+    from CLIPSegLib.phantoms import make_phantom
+    from CLIPSegLib.pipeline import segment_volume
+
+    engine = list(engines([args.engine]).values())[0]
+    ph = make_phantom((args.slices, args.size, args.size), spacing=(0.8, 0.25, 0.25), seed=42,
+                      findings=("nodule", "cyst", "calcification"))
+    g = Geometry((0.25, 0.25, 0.8), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    segment_volume(engine, ph.image[:2], g, PROMPTS)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    segment_volume(engine, ph.image, g, PROMPTS)
+    print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0 / 1024}))
+
+
+def run_child(engine, slices, size, threads):
+    out = subprocess.run([sys.executable, __file__, "--child", "--engine", engine, "--slices", str(slices),
+                          "--size", str(size), "--threads", str(threads)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="skip the paper-size volumes")
+    ap.add_argument("--results", action="store_true", help="append the output to benchmarks/RESULTS.md")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--engine", default="embedded")
+    ap.add_argument("--slices", type=int, default=64)
+    ap.add_argument("--size", type=int, default=256)
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    lines = []
+
+    def say(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    gf = matmul_gflops()
+    say(f"machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} logical CPUs, {a.threads} threads, "
+        f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
+    say(f"measured fp32 matmul throughput: {gf:.1f} GFLOP/s (2048x2048)")
+    for name, eng in engines(["embedded", "paper"]).items():
+        say(f"\n## {name}")
+        flops = slice_flops(eng)
+        sweep = {b: per_slice(eng, b) for b in ((1, 4, 16, 32) if "embedded" in name else (1, 4))}
+        best_b = min(sweep, key=sweep.get)
+        limit = flops / (gf * 1e9)
+        say(f"forward FLOPs per slice (3 prompts): {flops / 1e9:.2f} GFLOP -> FLOP limit {1000 * limit:.1f} ms/slice")
+        say("batch sweep, ms per slice: " + ", ".join(f"b={b}: {1000 * t:.1f}" for b, t in sweep.items()))
+        say(f"best: {1000 * sweep[best_b]:.1f} ms/slice = {sweep[best_b] / limit:.2f}x the FLOP limit "
+            f"({100 * limit / sweep[best_b]:.0f}% of peak matmul throughput)")
+        # reference style: one slice per call, text re-encoded every time
+        n = 8 if "embedded" in name else 2
+        t = time.perf_counter()
+        for _ in range(n):
+            eng._text_cache.clear()
+            per_slice(eng, 1, reps=1)
+        ref = (time.perf_counter() - t) / n / 2
+        say(f"reference-style (batch 1, text re-encoded per slice): {1000 * ref:.1f} ms/slice; ours "
+            f"{1000 * sweep[best_b]:.1f} ms/slice; ratio {ref / sweep[best_b]:.2f}x")
+    say("\n## volumes (3 prompts, each run in its own process; peak RSS of that process)")
+    runs = [("embedded", 64, 256), ("embedded", 128, 256), ("embedded", 256, 256), ("embedded", 128, 512)]
+    if not a.quick:
+        runs += [("paper", 64, 256)]
+    base = None
+    for engine, slices, size in runs:
+        r = run_child(engine, slices, size, a.threads)
+        note = ""
+        if engine == "embedded" and size == 256:
+            base = base or r["seconds"] / slices
+            note = f"; {r['seconds'] / slices / base:.2f}x the 64-slice per-slice cost"
+        say(f"{engine:8s} {size}x{size}x{slices}: {r['seconds']:.1f} s ({1000 * r['seconds'] / slices:.0f} ms/slice), "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB{note}")
+    if a.results:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as fh:
+            fh.write(f"\n### `python benchmarks/latency.py --threads {a.threads}{' --quick' if a.quick else ''}`"
+                     f" ({time.strftime('%Y-%m-%d')})\n\n```\n" + "\n".join(lines) + "\n```\n")
+
+
+if __name__ == "__main__":
+    main()
