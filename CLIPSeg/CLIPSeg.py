@@ -237,9 +237,12 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def pythonExecutable() -> str:
-        """PythonSlicer in the app (same site-packages as Slicer), else this interpreter."""
-        exe = shutilWhich("PythonSlicer")
-        return exe or sys.executable
+        """PythonSlicer of this Slicer (same site-packages as the app), else this interpreter."""
+        name = "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"
+        candidate = os.path.join(slicer.app.slicerHome, "bin", name) if getattr(slicer, "app", None) else ""
+        if candidate and os.path.exists(candidate):
+            return candidate
+        return shutilWhich("PythonSlicer") or sys.executable
 
     def deviceDescription(self) -> str:
         try:
