@@ -16,7 +16,7 @@ import torch
 from .clip_backbone import check_prompts
 from .errors import DeviceError, InputError
 from .imageio import Geometry, check_volume
-from .postprocess import decide
+from .postprocess import DEFAULT_PRESENCE, decide
 from .preprocessing import normalize_intensity, resize_slices
 from .progress import Progress
 
@@ -118,6 +118,24 @@ def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_
     return probs.movedim(1, 1 + array_axis).numpy()
 
 
+def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str]:
+    """The found / not-found rule for ``prompt``: the calibrated rule of the trained finding whose phrasings are
+    closest in the engine's text embedding space (cosine >= ``match_min_cosine``), else the model's global rule.
+    Returns (rule, name of the finding used or 'global')."""
+    per = presence.get("per_finding") or {}
+    if not per or not hasattr(engine, "text_embeddings"):
+        return presence, "global"
+    t = engine.text_embeddings([prompt])[0]
+    best, best_cos = "global", -1.0
+    for finding, rule in per.items():
+        cos = float((engine.text_embeddings(rule["phrases"]) @ t).max())
+        if cos > best_cos:
+            best, best_cos = finding, cos
+    if best_cos < presence.get("match_min_cosine", 1.0):
+        return presence, "global"
+    return per[best], best
+
+
 def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list[str], axis: str | int = "auto",
                    presence: dict | None = None, batch_size: int = 16, keep_probabilities: bool = False,
                    progress: Progress | None = None, cancel=None) -> SegmentationResult:
@@ -127,9 +145,12 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     progress = progress or Progress("none")
     slice_axis = choose_axis(volume.shape, geometry, axis)
     probs = predict_probabilities(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
-    cfg = {**(getattr(engine, "spec", {}) or {}).get("presence", {}), **(presence or {})}
+    model_presence = (getattr(engine, "spec", {}) or {}).get("presence", {})
     findings = []
     for prompt, prob in zip(prompts, probs):
+        rule, rule_name = presence_rule(engine, prompt, model_presence)
+        cfg = {k: v for k, v in {**rule, **(presence or {})}.items() if k in DEFAULT_PRESENCE}
         mask, info = decide(prob, geometry.spacing, 2 - slice_axis, cfg)
+        info["rule"] = rule_name
         findings.append(FindingResult(prompt, mask, info))
     return SegmentationResult(findings, slice_axis, probs if keep_probabilities else None)

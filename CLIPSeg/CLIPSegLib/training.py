@@ -122,11 +122,11 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
 def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, lr: float = 2e-3, seed: int = 0,
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None) -> list[float]:
-    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with MONAI's Dice + BCE loss.
+    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with MONAI's Dice (present findings) + BCE (all pairs).
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run. Returns the loss of every step run in this call."""
-    from monai.losses import DiceCELoss
+    from monai.losses import DiceLoss
 
     progress = progress or Progress("none")
     net.to(device).train()
@@ -136,9 +136,19 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
     step = _resume(ckpt, net, opt, sched, resume, lambda sd: net.load_state_dict(sd, strict=False))
     torch.manual_seed(seed + step)
     batches = _batches(dataset, batch_size, seed + step)
-    # Dice per (image, prompt) pair, so a few small foci weigh as much as a large nodule; smoothing 1 keeps the
-    # loss of an empty target proportional to the predicted mass instead of saturating at 1.
-    loss_fn = DiceCELoss(sigmoid=True, batch=False, smooth_nr=1.0, smooth_dr=1.0)
+    # Dice per (image, prompt) pair over the pairs whose finding is present, so a few small foci weigh as much as a
+    # large nodule (a batch-wide Dice let calcifications be ignored); absent pairs are taught by the pixel BCE alone
+    # (Dice of an empty target either saturates or, smoothed, rewards predicting nothing for the hard findings).
+    dice_fn = DiceLoss(sigmoid=True, reduction="none")
+    bce_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(2.0, device=device))
+
+    def loss_fn(logits, target):
+        present = target.flatten(1).amax(1) > 0
+        loss = bce_fn(logits, target)
+        if present.any():
+            loss = loss + dice_fn(logits[present][:, None], target[present][:, None]).mean()
+        return loss
+
     ctx = net.clip.context_length
     text_cache: dict[str, torch.Tensor] = {}
     losses = []
@@ -151,7 +161,7 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
                 text_cache[p] = e
         text = torch.stack([text_cache[p] for p in phrases])
         logits = net(images.to(device), text, pair_index.to(device))
-        loss = loss_fn(logits[:, None], masks[:, None].to(device))
+        loss = loss_fn(logits, masks.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
