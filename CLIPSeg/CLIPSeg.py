@@ -26,8 +26,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # CLIPSegLib beside this file
 ENGINES = ["cliptnseg"]
 DEVICES = ["auto", "cpu", "cuda"]
 AXES = ["auto", "0", "1", "2"]
-REQUIRED_PACKAGES = ["open_clip_torch==3.3.0", "segment-anything==1.0", "monai==1.6.1", "SimpleITK", "slicerio>=1.4",
-                     "safetensors", "tqdm"]
 
 
 class CLIPSeg(ScriptedLoadableModule):

@@ -14,7 +14,7 @@ from CLIPSegLib.cli import main
 
 from conftest import assert_no_partial_files
 
-LOOSE = None  # tiny random model: masks are arbitrary; these tests check files, names, geometry and errors
+# With the tiny random model masks are arbitrary: these tests check files, names, geometry and errors.
 
 
 def run(args, capsys=None):

@@ -3,7 +3,6 @@
 These assert behaviour a user relies on: the named finding is segmented, an absent finding gives an empty segment,
 and swapping prompts swaps masks. The README's figures come from `clipseg evaluate` on more volumes."""
 
-import json
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """The Slicer Logic's scene work on real MRML (slicer-core): export, background CLI, import, hierarchy placement."""
 
-import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make test`; CI always has it")

@@ -40,10 +40,6 @@ def clip_image_size(clip: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def clip_context_length(clip: torch.nn.Module) -> int:
-    return int(clip.context_length)
-
-
 def check_prompts(prompts) -> list[str]:
     """Validate prompts: a non-empty list of non-blank strings. Returns them stripped."""
     if isinstance(prompts, str):

@@ -63,9 +63,6 @@ class PhantomBank(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.images)
 
-    def findings_present(self, i: int) -> list[str]:
-        return [f for j, f in enumerate(FINDINGS) if self.masks[i, j].any()]
-
     def __getitem__(self, i):
         which = torch.randperm(len(FINDINGS))[: self.n_prompts].sort().values.tolist()
         image, masks = apply_augmentation(self.transform, self.images[i], self.masks[i][which])

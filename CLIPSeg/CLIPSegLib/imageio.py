@@ -150,7 +150,7 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
             grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)[: rgb.shape[-1]] if rgb.shape[-1] == 3 \
                 else rgb.mean(-1)
             geometry = Geometry.from_sitk(image)
-            return check_volume(grey.reshape((1,) * (4 - grey.ndim - 1) + grey.shape[-2:]), str(path)), geometry
+            return check_volume(grey.reshape((1,) + grey.shape[-2:]), str(path)), geometry
         raise InputError(f"{path} is a colour/vector volume with {ncomp} components per voxel; convert it to a scalar "
                          f"volume first (in Slicer: 'Vector to Scalar Volume' module)")
     array = sitk.GetArrayFromImage(image)

@@ -110,7 +110,7 @@ def masks_to_segmentation(segmentation_node, volume_node, masks: dict[str, np.nd
         segmentation_node.CreateDefaultDisplayNodes()
     segmentation = segmentation_node.GetSegmentation()
     ids = {}
-    for n, (name, mask) in enumerate(masks.items()):
+    for name, mask in masks.items():
         seg_id = segmentation.GetSegmentIdBySegmentName(name)
         if not seg_id:
             color = SEGMENT_COLORS[(segmentation.GetNumberOfSegments()) % len(SEGMENT_COLORS)]
