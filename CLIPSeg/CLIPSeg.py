@@ -267,8 +267,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         m = model_store.entry(modelId)
         if model_store.is_present(m):
             return True
-        sizes = [f["size"] for f in m["files"]]
-        size = model_store.format_size(sum(sizes)) if all(sizes) else "~" + m.get("approx_size", "?")
+        size = model_store.display_size(m)
         if ask and not slicer.util.confirmOkCancelDisplay(
                 _("The model {modelId} ({size}) is not on this computer. Download it now?").format(
                     modelId=modelId, size=size) + "\n" + m.get("description", ""), _("Download model")):

@@ -23,7 +23,7 @@ def engine():
 
 
 def _geometry(ph):
-    return Geometry(tuple(ph.spacing[::-1]), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    return Geometry.axis_aligned(ph.spacing)
 
 
 def test_spec_records_how_it_was_made_and_its_calibration():

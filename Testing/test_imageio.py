@@ -4,8 +4,8 @@ import SimpleITK as sitk
 import slicerio
 
 from CLIPSegLib.errors import InputError
-from CLIPSegLib.imageio import (Geometry, check_output_path, read_image, write_probabilities, write_segmentation,
-                                write_volume)
+from CLIPSegLib.imageio import (Geometry, check_output_path, read_image, read_probabilities, read_segment_masks,
+                                write_probabilities, write_segmentation, write_volume)
 
 from conftest import OBLIQUE, assert_no_partial_files
 
@@ -41,6 +41,7 @@ def test_seg_nrrd_has_one_named_segment_per_prompt_and_input_geometry(tmp_path):
     for name, mask in (("thyroid nodule", a), ("calcification", b), ("cyst", a & False)):
         got = slicerio.extract_segments(seg, [(name, 1)])["voxels"]
         assert np.array_equal(got.transpose(2, 1, 0) > 0, mask), name
+    assert np.array_equal(read_segment_masks(out, ["calcification"])["calcification"], b)
     assert_no_partial_files(tmp_path)
 
 
@@ -56,6 +57,7 @@ def test_labelmap_output_and_probabilities(tmp_path):
     write_probabilities(tmp_path / "p.nrrd", p, g)
     back = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "p.nrrd")))
     np.testing.assert_allclose(np.moveaxis(back, -1, 0), p)
+    np.testing.assert_allclose(read_probabilities(tmp_path / "p.nrrd", 2), p)
 
 
 def test_png_becomes_one_slice_and_rgb_is_converted(tmp_path):

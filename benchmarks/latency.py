@@ -100,7 +100,7 @@ def child(args):
     engine = list(engines([args.engine]).values())[0]
     ph = make_phantom((args.slices, args.size, args.size), spacing=(0.8, 0.25, 0.25), seed=42,
                       findings=("nodule", "cyst", "calcification"))
-    g = Geometry((0.25, 0.25, 0.8), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    g = Geometry.axis_aligned(ph.spacing)
     segment_volume(engine, ph.image[:2], g, PROMPTS)
     rss0 = peak_rss_mb()
     t = time.perf_counter()

@@ -37,7 +37,7 @@ def main():
           f"torch {torch.__version__}, {a.threads} threads, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
     ph = make_phantom((a.slices, a.size, a.size), spacing=(0.8, 0.25, 0.25), seed=42,
                       findings=("nodule", "cyst", "calcification"))
-    geometry = Geometry(tuple(ph.spacing[::-1]), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    geometry = Geometry.axis_aligned(ph.spacing)
     prompts = ["hypoechoic thyroid nodule", "anechoic cyst", "calcification"]
     t0 = time.perf_counter()
     engine = load_engine(None, device="cpu")

@@ -151,9 +151,8 @@ def _cmd_models(a, progress):
         print(f"{'id':26s} {'engine':11s} {'role':9s} {'status':14s} {'size':>9s}  licence   cache: {ms.cache_dir()}")
         for m in registry.values():
             status = "embedded" if m.get("embedded") else ("present" if ms.is_present(m) else "not downloaded")
-            sizes = [f["size"] for f in m["files"]]
-            size = ms.format_size(sum(sizes)) if all(sizes) else ("~" + m.get("approx_size", "?"))
-            print(f"{m['id']:26s} {m['engine']:11s} {m['role']:9s} {status:14s} {size:>9s}  {m['license']}")
+            print(f"{m['id']:26s} {m['engine']:11s} {m['role']:9s} {status:14s} {ms.display_size(m):>9s}  "
+                  f"{m['license']}")
     elif a.action == "fetch":
         print(f"{a.id}: present in {ms.fetch(a.id, progress, registry)}")
     elif a.action == "verify":

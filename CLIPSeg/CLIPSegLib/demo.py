@@ -48,7 +48,7 @@ def run_demo(output_dir: Path, seed: int = 7, model=None, device="auto", progres
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ph = make_phantom((32, 256, 256), spacing=(0.8, 0.25, 0.25), seed=seed, findings=tuple(DEMO_PROMPTS))
-    geometry = Geometry(tuple(ph.spacing[::-1]), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    geometry = Geometry.axis_aligned(ph.spacing)
     volume_path = write_volume(output_dir / "phantom.nrrd", ph.image, geometry)
     seg_path = output_dir / "phantom.seg.nrrd"
     prompts = [DEMO_PROMPTS[f] for f in ph.findings]

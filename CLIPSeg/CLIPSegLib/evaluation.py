@@ -15,15 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageio import Geometry, write_volume
+from .imageio import Geometry, read_segment_masks, write_volume
 from .metrics import dice
 from .phantoms import FINDINGS, PHRASES, random_volume_phantom
 from .progress import Progress
 
 
 def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Progress | None = None) -> dict:
-    import slicerio
-
     from .cli import main as cli_main
 
     progress = progress or Progress("bar")
@@ -32,7 +30,7 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
     with tempfile.TemporaryDirectory() as tmp:
         for v in range(n):
             ph = random_volume_phantom(seed + v)
-            geometry = Geometry(tuple(ph.spacing[::-1]), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+            geometry = Geometry.axis_aligned(ph.spacing)
             vol = write_volume(Path(tmp) / "case.nrrd", ph.image, geometry)
             prompts = [str(rng.choice(PHRASES[f])) for f in FINDINGS]
             out = Path(tmp) / "case.seg.nrrd"
@@ -44,10 +42,8 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
             code = cli_main(args)
             if code != 0:
                 raise RuntimeError(f"clipseg segment failed with exit code {code} on phantom seed {seed + v}")
-            seg = slicerio.read_segmentation(str(out))
-            pred = {}
-            for f, p in zip(FINDINGS, prompts):
-                pred[f] = slicerio.extract_segments(seg, [(p, 1)])["voxels"].transpose(2, 1, 0) > 0
+            by_prompt = read_segment_masks(out, prompts)
+            pred = {f: by_prompt[p] for f, p in zip(FINDINGS, prompts)}
             case = {"seed": seed + v, "present": ph.findings, "prompts": dict(zip(FINDINGS, prompts))}
             for f in FINDINGS:
                 if f in ph.masks:
@@ -154,13 +150,15 @@ def evaluate_dataset(cases: list[dict], engine, tolerance_mm: float = 2.0, progr
     for n, case in enumerate(cases):
         volume, geometry = read_image(case["image"])
         spacing_kji = tuple(geometry.spacing[::-1])
-        truths = {}
+        truths, files = {}, {}
         for prompt in prompts:
             t = case["truth"].get(prompt)
             if t is None:
                 truths[prompt] = np.zeros(volume.shape, bool)
                 continue
-            arr, _ = read_image(t[1])
+            if t[1] not in files:  # a label map names several findings: read it once
+                files[t[1]] = read_image(t[1])[0]
+            arr = files[t[1]]
             if arr.shape != volume.shape:
                 raise InputError(f"{t[1]} has shape {arr.shape} (K,J,I), its image {case['image']} has {volume.shape}")
             truths[prompt] = arr > 0 if t[0] == "mask" else np.rint(arr) == t[2]
@@ -170,9 +168,8 @@ def evaluate_dataset(cases: list[dict], engine, tolerance_mm: float = 2.0, progr
                          **case_metrics(f.mask, truths[f.prompt], spacing_kji, tolerance_mm)})
         present = [p for p in prompts if truths[p].any()]
         for f in result.findings:
-            for other in present:
-                if other != f.prompt and f.prompt in present:
-                    swaps.append(dice(f.mask, truths[other]))
+            if f.prompt in present:
+                swaps += [dice(f.mask, truths[other]) for other in present if other != f.prompt]
         progress.update("evaluating cases", n + 1, len(cases))
     nsd_key = f"nsd_{tolerance_mm:g}mm"
     summary = {}

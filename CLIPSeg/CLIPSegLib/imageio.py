@@ -58,6 +58,11 @@ class Geometry:
         return flip @ self.ijk_to_lps()
 
     @classmethod
+    def axis_aligned(cls, spacing_kji, origin=(0.0, 0.0, 0.0)) -> "Geometry":
+        """Identity directions; ``spacing_kji`` in mm in array order (K, J, I), as phantoms give it."""
+        return cls(tuple(float(s) for s in spacing_kji[::-1]), tuple(origin), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+
+    @classmethod
     def from_ijk_to_lps(cls, m: np.ndarray) -> "Geometry":
         m = np.asarray(m, dtype=float)
         spacing = np.linalg.norm(m[:3, :3], axis=0)
@@ -225,6 +230,22 @@ def write_segmentation(path: str | os.PathLike, masks: dict[str, np.ndarray], ge
                 labels[np.asarray(mask, bool)] = n + 1
             sitk.WriteImage(geometry.to_sitk(labels), str(tmp), useCompression=True)
     return path
+
+
+def read_segment_masks(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
+    """Segments of a ``.seg.nrrd`` by name -> bool ``[K,J,I]`` (slicerio reads I,J,K)."""
+    import slicerio
+
+    seg = slicerio.read_segmentation(str(path))
+    return {name: slicerio.extract_segments(seg, [(name, 1)])["voxels"].transpose(2, 1, 0) > 0 for name in names}
+
+
+def read_probabilities(path: str | os.PathLike, n_prompts: int) -> np.ndarray:
+    """Inverse of ``write_probabilities``: -> ``[P,K,J,I]`` float32."""
+    import SimpleITK as sitk
+
+    probs = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32)
+    return probs[None] if n_prompts == 1 else np.moveaxis(probs, -1, 0)
 
 
 def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, geometry: Geometry) -> Path:

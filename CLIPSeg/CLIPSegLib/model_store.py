@@ -245,6 +245,12 @@ def remove(model_id: str, registry: dict | None = None) -> None:
     shutil.rmtree(model_dir(m), ignore_errors=True)
 
 
+def display_size(m: dict) -> str:
+    """Total size of a model's files, or the publisher's approximate size (``~358 MB``) where sizes are unknown."""
+    sizes = [f["size"] for f in m["files"]]
+    return format_size(sum(sizes)) if all(sizes) else "~" + m.get("approx_size", "?")
+
+
 def format_size(n: int | None) -> str:
     if n is None:
         return "size n/a"

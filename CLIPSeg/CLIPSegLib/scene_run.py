@@ -17,7 +17,7 @@ from pathlib import Path
 from .background import BackgroundRun, segment_command
 from .clip_backbone import check_prompts
 from .errors import Cancelled, ClipSegError, InputError
-from .imageio import write_volume
+from .imageio import read_probabilities, read_segment_masks, write_volume
 from .mrml_bridge import masks_to_segmentation, volume_to_array
 
 LIB_PARENT = str(Path(__file__).resolve().parents[1])  # the folder holding CLIPSegLib/
@@ -90,13 +90,7 @@ class SceneRun:
             self.cleanup()
 
     def _load(self, seg_path: Path):
-        import slicerio
-
-        seg = slicerio.read_segmentation(str(seg_path))
-        masks = {}
-        for prompt in self.prompts:
-            voxels = slicerio.extract_segments(seg, [(prompt, 1)])["voxels"]
-            masks[prompt] = voxels.transpose(2, 1, 0) > 0  # I,J,K -> K,J,I
+        masks = read_segment_masks(seg_path, self.prompts)
         scene = self.volume_node.GetScene()
         node = self.segmentation_node
         if node is None or node.GetScene() is None:
@@ -111,13 +105,9 @@ class SceneRun:
 
     def _load_probabilities(self, path: Path):
         """One scalar volume per prompt (probability in [0,1]) on the input's grid, beside it in the hierarchy."""
-        import SimpleITK as sitk
-
         from .mrml_bridge import array_to_volume_node
 
-        probs = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-        probs = probs[None] if len(self.prompts) == 1 else probs.transpose(3, 0, 1, 2)
-        for prompt, p in zip(self.prompts, probs):
+        for prompt, p in zip(self.prompts, read_probabilities(path, len(self.prompts))):
             node = array_to_volume_node(self.volume_node.GetScene(), p, self.volume_node,
                                         f"{self.volume_node.GetName()} p({prompt})")
             place_beside(node, self.volume_node)

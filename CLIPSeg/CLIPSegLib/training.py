@@ -122,7 +122,8 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
 def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, lr: float = 2e-3, seed: int = 0,
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None) -> list[float]:
-    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with MONAI's Dice (present findings) + BCE (all pairs).
+    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen): MONAI Dice on pairs whose finding is
+    present + pixel BCE on all pairs.
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run. Returns the loss of every step run in this call."""
