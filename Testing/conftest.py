@@ -21,8 +21,8 @@ TINY_SPEC = {
         "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
     },
     "network": {"extract_layers": [1, 2], "reduce_dim": 16, "decoder_heads": 2, "coarse_channels": 4,
-                "fine_channels": [4, 8], "head_channels": 4},
-    "presence": {"threshold": 0.5, "min_peak": 0.5, "min_slices": 1, "min_area_mm2": 0.0},
+                "fine_channels": [4, 8], "head_channels": 4, "presence_head": True},
+    "presence": {"threshold": 0.5, "min_peak": 0.5, "min_extent_mm": 0.0, "min_area_mm2": 0.0},
     "files": [],
 }
 

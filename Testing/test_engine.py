@@ -16,12 +16,30 @@ def test_every_image_pairs_with_every_prompt_and_pairs_match_the_grid():
     x = torch.rand(3, 1, 32, 32)
     text = net.encode_text(tokenize(["thyroid nodule", "cyst"], 8))
     with torch.no_grad():
-        grid = net(x, text)
-        pairs = net(x, text[[1, 0, 1]], torch.tensor([0, 1, 2]))
+        grid, grid_presence = net(x, text)
+        pairs, pairs_presence = net(x, text[[1, 0, 1]], torch.tensor([0, 1, 2]))
     assert grid.shape == (3, 2, 32, 32) and pairs.shape == (3, 32, 32)
+    assert grid_presence.shape == (3, 2) and pairs_presence.shape == (3,)
     torch.testing.assert_close(pairs[0], grid[0, 1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(pairs[1], grid[1, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pairs_presence[:2], grid_presence[[0, 1], [1, 0]], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(grid[:, 0], grid[:, 1])  # the prompt changes the output
+
+
+def test_engine_returns_mask_and_slice_presence_probabilities(tiny_model):
+    torch.manual_seed(0)
+    eng = create_engine(load_spec(tiny_model), torch.device("cpu"))
+    x = torch.rand(2, 1, 32, 32)
+    mask, presence = eng.predict(x, ["thyroid nodule", "cyst"])
+    with torch.no_grad():
+        m, s = eng.net(x, eng.text_embeddings(["thyroid nodule", "cyst"]))
+    torch.testing.assert_close(mask, torch.sigmoid(m))
+    torch.testing.assert_close(presence, torch.sigmoid(s))
+    assert mask.shape == (2, 2, 32, 32) and presence.shape == (2, 2)
+    plain = build_network({**TINY_SPEC, "network": {**TINY_SPEC["network"], "presence_head": False}}).eval()
+    with torch.no_grad():
+        assert plain(x, eng.text_embeddings(["cyst"]))[1] is None
+        assert not any(n.startswith("presence") for n, _ in plain.named_parameters())
 
 
 def test_clip_is_frozen_and_only_the_segmenter_trains():
@@ -48,8 +66,8 @@ def test_paper_size_vit_b16_at_352_segments_one_slice():
     assert net.input_size == 352 and net.patch == 16
     assert net.clip.visual.transformer.width == 768 and len(net.clip.visual.transformer.resblocks) == 12
     with torch.inference_mode():
-        out = net(torch.rand(1, 1, 352, 352), net.encode_text(tokenize(["hypoechoic thyroid nodule"], 77)))
-    assert out.shape == (1, 1, 352, 352) and torch.isfinite(out).all()
+        out, presence = net(torch.rand(1, 1, 352, 352), net.encode_text(tokenize(["hypoechoic thyroid nodule"], 77)))
+    assert out.shape == (1, 1, 352, 352) and presence is None and torch.isfinite(out).all()
 
 
 def test_prompt_validation():
@@ -63,5 +81,5 @@ def test_unknown_engine_suggests_the_closest(tiny_model):
     with pytest.raises(InputError, match="Did you mean .cliptnseg."):
         check_engine("cliptnsg")
     eng = create_engine(load_spec(tiny_model), torch.device("cpu"))
-    probs = eng.predict(torch.rand(2, 1, 32, 32), ["cyst", "nodule"])
+    probs, _ = eng.predict(torch.rand(2, 1, 32, 32), ["cyst", "nodule"])
     assert probs.shape == (2, 2, 32, 32) and 0 <= probs.min() and probs.max() <= 1

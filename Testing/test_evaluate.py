@@ -62,3 +62,28 @@ def test_csv_data_and_bad_arguments(tmp_path, tiny_model, capsys):
     assert "anechoic cyst" in capsys.readouterr().out
     assert main(["evaluate", "--data", str(data), "--model", str(tiny_model), "--progress", "none"]) == 2
     assert "--prompt-map" in capsys.readouterr().err
+
+
+def test_phantom_evaluation_reports_dice_hd95_nsd_absence_and_swap(tmp_path, tiny_model, capsys):
+    import json
+
+    from CLIPSegLib.phantoms import random_volume_phantom
+
+    report_path = tmp_path / "heldout.json"
+    assert main(["evaluate", "--phantoms", "2", "--seed", "1000", "--model", str(tiny_model), "--device", "cpu",
+                 "--progress", "none", "--tolerance-mm", "1.5", "--report", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    s, cases = report["summary"], report["cases"]
+    assert [c["seed"] for c in cases] == [1000, 1001]
+    present = {f: [c for c in cases if f in c["present"]] for f in s["dice_cases"]}
+    for f, cs in present.items():
+        assert s["dice_cases"][f] == len(cs) == s["dice"][f]["n"]
+        assert all(f"hd95_mm_{f}" in c and f"nsd_1.5mm_{f}" in c for c in cs)
+        if cs:
+            assert abs(s["dice_mean"][f] - sum(c[f"dice_{f}"] for c in cs) / len(cs)) < 1e-9
+    truth = {c["seed"]: random_volume_phantom(c["seed"]).findings for c in cases}
+    assert all(c["present"] == truth[c["seed"]] for c in cases)
+    assert s["absent_cases"] == sum(3 - len(c["present"]) for c in cases)
+    assert s["swap_pairs"] == sum(len(c["present"]) * (len(c["present"]) - 1) for c in cases)
+    out = capsys.readouterr().out
+    assert "held-out phantom volumes: 2 (seeds 1000..1001)" in out and "absent finding -> empty segment" in out

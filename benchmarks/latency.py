@@ -4,6 +4,8 @@ Prints (and with --results, appends to benchmarks/RESULTS.md):
   1. machine: CPU, threads, torch, measured fp32 matmul throughput (GFLOP/s);
   2. per-slice latency at embedded size and at paper size (ViT-B/16, 352 px; random weights), batch-size sweep;
   3. forward FLOPs per slice (torch FlopCounterMode) / matmul throughput = the FLOP limit, and our fraction of it;
+     execution variants side by side (MHA fast path vs SDPA, channels-last, bf16 autocast), each against the limit
+     of its own precision;
   4. reference-style execution (one slice per forward, text re-encoded, no batching) vs ours, as a ratio;
   5. volumes 256x256x64 and 512x512x128 (3 prompts) and slice scaling 64 -> 128 -> 256 with peak RSS of each run in
      its own process (memory must stay flat: slices are streamed, not held as activations).
@@ -13,6 +15,7 @@ Run:  .venv/bin/python benchmarks/latency.py [--threads 2] [--quick] [--results]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,10 +33,11 @@ PAPER = {"id": "paper-size", "engine": "cliptnseg", "clip": {"open_clip_name": "
                      "fine_channels": [16, 32, 64, 128], "head_channels": 32}}
 
 
-def matmul_gflops(n=2048, reps=10):
+def matmul_gflops(n=2048, reps=10, dtype=None):
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     t = time.perf_counter()
     for _ in range(reps):
@@ -78,6 +82,30 @@ def per_slice(engine, batch, reps=2):
     for _ in range(reps):
         engine.predict(x, PROMPTS)
     return (time.perf_counter() - t) / reps / batch
+
+
+@contextlib.contextmanager
+def execution(engine, variant: str):
+    """Run ``engine.predict`` as ``variant``: 'fp32' (PyTorch defaults), 'sdpa' (nn.MultiheadAttention's native fast
+    path off, so attention goes through scaled_dot_product_attention), 'channels-last' (NHWC convolutions),
+    'bf16' (CPU autocast to bfloat16)."""
+    import torch
+
+    net = engine.net
+    if variant == "sdpa":
+        torch.backends.mha.set_fastpath_enabled(False)
+    if variant == "channels-last":
+        net.to(memory_format=torch.channels_last)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16" else contextlib.nullcontext()
+    try:
+        with ctx:
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+        net.to(memory_format=torch.contiguous_format)
+
+
+VARIANTS = ("fp32", "sdpa", "channels-last", "bf16")
 
 
 def peak_rss_mb() -> float:
@@ -136,9 +164,10 @@ def main():
         lines.append(text)
 
     gf = matmul_gflops()
+    gf_bf16 = matmul_gflops(dtype=torch.bfloat16)
     say(f"machine: {platform.machine()} {platform.processor()}, {os.cpu_count()} logical CPUs, {a.threads} threads, "
         f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}")
-    say(f"measured fp32 matmul throughput: {gf:.1f} GFLOP/s (2048x2048)")
+    say(f"measured matmul throughput (2048x2048): fp32 {gf:.1f} GFLOP/s, bf16 {gf_bf16:.1f} GFLOP/s")
     for name, eng in engines(["embedded", "paper"]).items():
         say(f"\n## {name}")
         flops = slice_flops(eng)
@@ -149,6 +178,16 @@ def main():
         say("batch sweep, ms per slice: " + ", ".join(f"b={b}: {1000 * t:.1f}" for b, t in sweep.items()))
         say(f"best: {1000 * sweep[best_b]:.1f} ms/slice = {sweep[best_b] / limit:.2f}x the FLOP limit "
             f"({100 * limit / sweep[best_b]:.0f}% of peak matmul throughput)")
+        batches = (1, 4) if "embedded" in name else (1,)
+        say(f"execution variants, ms per slice at batch {'/'.join(map(str, batches))} "
+            "(limit = FLOPs / matmul throughput of the variant's precision):")
+        for v in VARIANTS:
+            with execution(eng, v):
+                t = {b: per_slice(eng, b) for b in batches}
+            lim = flops / ((gf_bf16 if v == "bf16" else gf) * 1e9)
+            say(f"  {v:13s} " + ", ".join(f"b={b}: {1000 * x:.1f}" for b, x in t.items())
+                + f" -> {min(t.values()) / lim:.2f}x the {'bf16' if v == 'bf16' else 'fp32'} FLOP limit "
+                f"({1000 * lim:.1f} ms)")
         # reference style: one slice per call, text re-encoded every time
         n = 8 if "embedded" in name else 2
         t = time.perf_counter()
@@ -161,7 +200,7 @@ def main():
     say("\n## volumes (3 prompts, each run in its own process; peak RSS of that process)")
     runs = [("embedded", 64, 256), ("embedded", 128, 256), ("embedded", 256, 256), ("embedded", 128, 512)]
     if not a.quick:
-        runs += [("paper", 64, 256)]
+        runs += [("paper", 64, 256), ("paper", 128, 512)]
     base = None
     for engine, slices, size in runs:
         r = run_child(engine, slices, size, a.threads)

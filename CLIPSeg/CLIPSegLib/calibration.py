@@ -1,9 +1,10 @@
 """Calibrate the found / not-found rule (``postprocess``) on phantom volumes the model was not trained on.
 
 Seeds come from ``CALIBRATION_SEED_BASE`` (training uses ``TRAIN_SEED_BASE``, evaluation its own seeds). For every
-volume and finding, the connected components of the probability map are measured once; a grid search then picks the
-rule that maximises 2 x (fraction of absent findings left empty) + mean Dice over present findings: absence
-weighs double, but a rule that empties everything still pays with its Dice.
+volume and finding, the mask and slice presence maps are predicted once and, for each candidate slice gate
+(``pipeline.apply_presence``), the connected components of the gated probability map are measured once; a grid search
+then picks the gate and rule that maximise 2 x (fraction of absent findings left empty) + mean Dice over present
+findings: absence weighs double, but a rule that empties everything still pays with its Dice.
 """
 
 from __future__ import annotations
@@ -14,28 +15,35 @@ import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
 from .phantoms import FINDINGS, PHRASES, random_volume_phantom
-from .pipeline import predict_probabilities
-from .postprocess import DEFAULT_PRESENCE, components, keep
+from .pipeline import apply_presence, predict_maps
+from .postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm
 from .progress import Progress
 
 MATCH_MIN_COSINE = 0.95  # a prompt takes a finding's rule only if this close to one of its phrasings
+SLICE_GATES = (1.0, 0.7, 0.5, 0.3)  # candidate pipeline.apply_presence gates
 
 
-def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, progress: Progress | None = None):
-    """-> list of (finding, truth voxel count, [(Component, overlap voxels)], n_slices), one per volume x finding."""
+def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, progress: Progress | None = None,
+                  gates=SLICE_GATES) -> dict:
+    """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
+    axis in mm)}, one entry per volume x finding for each gate (engines without slice presence: gate 1.0 only)."""
     progress = progress or Progress("none")
     rng = np.random.default_rng(seed_base)
-    cases = []
+    cases: dict[float, list] = {}
     for v in range(n_volumes):
         ph = random_volume_phantom(seed_base + v)
         prompts = [str(rng.choice(PHRASES[f])) for f in FINDINGS]
-        probs = predict_probabilities(engine, ph.image, prompts, slice_axis=2)
+        masks, presence = predict_maps(engine, ph.image, prompts, slice_axis=2)
         spacing_ijk = ph.spacing[::-1]
-        for f, prob in zip(FINDINGS, probs):
-            truth = ph.masks.get(f, np.zeros(prob.shape, bool))
-            labels, comps = components(prob, spacing_ijk, 0, DEFAULT_PRESENCE["threshold"])
-            overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
-            cases.append((f, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps], prob.shape[0]))
+        extent = volume_extent_mm(masks.shape[1:], spacing_ijk, 0)
+        for gate in (gates if presence is not None else (1.0,)):
+            for i, f in enumerate(FINDINGS):
+                prob = apply_presence(masks[i], None if presence is None else presence[i], 2, gate)
+                truth = ph.masks.get(f, np.zeros(prob.shape, bool))
+                labels, comps = components(prob, spacing_ijk, 0, DEFAULT_PRESENCE["threshold"])
+                overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
+                cases.setdefault(gate, []).append((f, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
+                                                   extent))
         progress.update("calibration volumes", v + 1, n_volumes)
     return cases
 
@@ -43,8 +51,8 @@ def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE
 def evaluate_rule(cases, cfg: dict):
     """-> (fraction of absent findings left empty, {finding: mean Dice over present cases})."""
     empty, dice = [], {f: [] for f in FINDINGS}
-    for f, truth, comps, n_slices in cases:
-        kept = [(c, o) for c, o in comps if keep(c, cfg, n_slices)]
+    for f, truth, comps, extent_mm in cases:
+        kept = [(c, o) for c, o in comps if keep(c, cfg, extent_mm)]
         if truth == 0:
             empty.append(not kept)
         else:
@@ -53,23 +61,31 @@ def evaluate_rule(cases, cfg: dict):
                                                         for f, d in dice.items()}
 
 
-def search_rule(cases) -> dict:
-    """Grid search over (min_peak, min_slices, min_area_mm2) maximising 2 x absent-empty rate + mean Dice."""
+def search_rule(cases, gate: float = 1.0) -> dict:
+    """Grid search over (min_peak, min_extent_mm, min_area_mm2) maximising 2 x absent-empty rate + mean Dice."""
     best = None
-    grid = itertools.product(np.round(np.linspace(0.5, 0.99, 50), 3), (1, 2, 3, 4, 6, 8),
+    grid = itertools.product(np.round(np.linspace(0.5, 0.99, 50), 3), (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
                              (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
-    for min_peak, min_slices, min_area in grid:
-        cfg = {**DEFAULT_PRESENCE, "min_peak": float(min_peak), "min_slices": min_slices, "min_area_mm2": min_area}
+    for min_peak, min_extent, min_area in grid:
+        cfg = {**DEFAULT_PRESENCE, "min_peak": float(min_peak), "min_extent_mm": min_extent, "min_area_mm2": min_area,
+               "slice_gate": gate}
         empty, dice = evaluate_rule(cases, cfg)
         mean = float(np.nanmean(list(dice.values())))
         # absence weighs twice as much as Dice; a rule that empties everything still loses its Dice term
         key = 2.0 * empty + mean
         if best is None or key > best[0]:
             best = (key, cfg, empty, dice)
-    _, cfg, empty, dice = best
+    key, cfg, empty, dice = best
     return {**cfg, "calibration": {"absent_empty_rate": round(empty, 4),
                                    "mean_dice": {f: round(d, 4) for f, d in dice.items()},
-                                   "objective": "2 x absent_empty_rate + mean_dice"}}
+                                   "objective": "2 x absent_empty_rate + mean_dice", "score": round(key, 4)}}
+
+
+def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dict:
+    """The best rule over all candidate gates, for one finding's cases (or all cases if ``finding`` is None)."""
+    rules = [search_rule([c for c in cases if finding is None or c[0] == finding], gate)
+             for gate, cases in cases_by_gate.items()]
+    return max(rules, key=lambda r: r["calibration"]["score"])
 
 
 def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = None, device="cpu",
@@ -81,13 +97,14 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
 
     engine = CLIPTNSegEngine(net, torch.device(device))
     cases = collect_cases(engine, n_volumes, seed_base, progress)
-    rule = search_rule(cases)
+    rule = search_gate_and_rule(cases)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1]})
-    # One rule per trained finding (a nodule and a few foci need different size and persistence tests); a prompt
-    # uses the rule of the finding whose phrasings its text embedding is closest to (see pipeline.presence_rule).
+    # One rule per trained finding (a nodule and a few foci need different size and persistence tests, and the
+    # presence head is surer of some findings than of others); a prompt uses the rule of the finding whose phrasings
+    # its text embedding is closest to (see pipeline.presence_rule).
     rule["per_finding"] = {}
     for f in FINDINGS:
-        sub = search_rule([c for c in cases if c[0] == f])
+        sub = search_gate_and_rule(cases, f)
         sub["calibration"] = {"absent_empty_rate": sub["calibration"]["absent_empty_rate"],
                               "mean_dice": sub["calibration"]["mean_dice"][f]}
         rule["per_finding"][f] = {**sub, "phrases": list(PHRASES[f])}

@@ -2,7 +2,8 @@
 
 For each volume (seeds ``seed .. seed+n-1``, ``phantoms.random_volume_phantom``), one prompt per finding type is
 asked (a random phrasing), whether the finding is present or not. Reported:
-  - Dice per finding type over the volumes where it is present (foreground Dice, MONAI);
+  - Dice per finding type over the volumes where it is present (foreground Dice, MONAI): mean, median, 95% bootstrap
+    CI; HD95 and NSD in mm likewise (over the volumes where something was segmented: both need two surfaces);
   - absent-finding empty rate: fraction of (volume, absent finding) whose segment is empty;
   - prompt swap: for volumes with two or more findings, Dice of finding A's segment with finding B's truth.
 """
@@ -21,12 +22,16 @@ from .phantoms import FINDINGS, PHRASES, random_volume_phantom
 from .progress import Progress
 
 
-def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Progress | None = None) -> dict:
+def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Progress | None = None,
+                      tolerance_mm: float = 2.0) -> dict:
     from .cli import main as cli_main
+    from .metrics import case_metrics, summarize
 
     progress = progress or Progress("bar")
     rng = np.random.default_rng(seed)
-    per_case, dices, empties, swaps = [], {f: [] for f in FINDINGS}, [], []
+    per_case, empties, swaps = [], [], []
+    scores: dict[str, list[dict]] = {f: [] for f in FINDINGS}
+    nsd_key = f"nsd_{tolerance_mm:g}mm"
     with tempfile.TemporaryDirectory() as tmp:
         for v in range(n):
             ph = random_volume_phantom(seed + v)
@@ -47,9 +52,9 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
             case = {"seed": seed + v, "present": ph.findings, "prompts": dict(zip(FINDINGS, prompts))}
             for f in FINDINGS:
                 if f in ph.masks:
-                    d = dice(pred[f], ph.masks[f])
-                    dices[f].append(d)
-                    case[f"dice_{f}"] = d
+                    m = case_metrics(pred[f], ph.masks[f], ph.spacing, tolerance_mm)
+                    scores[f].append(m)
+                    case.update({f"dice_{f}": m["dice"], f"hd95_mm_{f}": m["hd95_mm"], f"{nsd_key}_{f}": m[nsd_key]})
                 else:
                     empties.append(not pred[f].any())
                     case[f"empty_{f}"] = bool(not pred[f].any())
@@ -61,8 +66,11 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
             progress.update("evaluating phantom volumes", v + 1, n)
     summary = {
         "volumes": n, "seeds": [seed, seed + n - 1],
-        "dice_mean": {f: float(np.mean(d)) if d else None for f, d in dices.items()},
-        "dice_cases": {f: len(d) for f, d in dices.items()},
+        "dice_mean": {f: float(np.mean([m["dice"] for m in s])) if s else None for f, s in scores.items()},
+        "dice_cases": {f: len(s) for f, s in scores.items()},
+        "dice": {f: summarize([m["dice"] for m in s]) for f, s in scores.items()},
+        "hd95_mm": {f: summarize([m["hd95_mm"] for m in s]) for f, s in scores.items()},
+        nsd_key: {f: summarize([m[nsd_key] for m in s]) for f, s in scores.items()},
         "absent_empty_rate": float(np.mean(empties)) if empties else None,
         "absent_cases": len(empties),
         "swap_dice_mean": float(np.mean(swaps)) if swaps else None,
@@ -74,9 +82,18 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
 
 def format_summary(s: dict) -> str:
     lines = [f"held-out phantom volumes: {s['volumes']} (seeds {s['seeds'][0]}..{s['seeds'][1]})"]
+    nsd_key = next((k for k in s if k.startswith("nsd_")), None)
     for f, d in s["dice_mean"].items():
-        lines.append(f"  Dice {f:14s} {d:.3f} over {s['dice_cases'][f]} volumes" if d is not None
-                     else f"  Dice {f:14s} n/a (never present)")
+        if d is None:
+            lines.append(f"  Dice {f:14s} n/a (never present)")
+            continue
+        line = f"  Dice {f:14s} {d:.3f} over {s['dice_cases'][f]} volumes"
+        if "dice" in s:
+            ci, hd, ns = s["dice"][f]["ci95"], s["hd95_mm"][f], s[nsd_key][f]
+            line += f" (median {s['dice'][f]['median']:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+            if hd["n"]:
+                line += f"; HD95 {hd['mean']:.2f} mm, {nsd_key.replace('_', ' ')} {ns['mean']:.3f} (n={hd['n']})"
+        lines.append(line)
     if s["absent_empty_rate"] is not None:
         lines.append(f"  absent finding -> empty segment: {s['absent_empty_rate']:.1%} of {s['absent_cases']}")
     if s["swap_dice_mean"] is not None:

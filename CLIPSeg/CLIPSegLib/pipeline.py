@@ -2,8 +2,10 @@
 
 1. normalise the whole volume's intensity (``preprocessing.normalize_intensity``);
 2. cut it into slices along the chosen axis, resize each to the engine's input size, batch them;
-3. ``engine.predict`` -> probabilities, resized back to the slice grid (text is embedded once per run);
-4. per prompt, 3D post-processing and the found / not-found decision (``postprocess.decide``).
+3. ``engine.predict`` -> mask probabilities resized back to the slice grid, and slice presence probabilities (text is
+   embedded once per run);
+4. per prompt, mask x gated slice presence (``apply_presence``), then 3D post-processing and the found / not-found
+   decision (``postprocess.decide``) with the prompt's calibrated rule.
 """
 
 from __future__ import annotations
@@ -89,18 +91,25 @@ class SegmentationResult:
         return {f.prompt: f.mask for f in self.findings}
 
 
-def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_axis: int, batch_size: int = 16,
-                          progress: Progress | None = None, cancel=None) -> np.ndarray:
-    """volume ``[K,J,I]`` (raw intensities) -> probabilities ``[P,K,J,I]`` float32.
+def predict_maps(engine, volume: np.ndarray, prompts: list[str], slice_axis: int, batch_size: int | None = None,
+                 progress: Progress | None = None, cancel=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """volume ``[K,J,I]`` (raw intensities) -> (mask probabilities ``[P,K,J,I]``, slice presence probabilities
+    ``[P,N]`` or None if the engine has no presence estimate), float32; N = slices along ``slice_axis``.
 
     Slices along ``slice_axis`` (voxel axis 0=I, 1=J, 2=K) are resized to the engine's input size and predicted in
-    batches; constant slices (no signal) are skipped and get probability 0. ``cancel()`` returning True stops."""
+    batches (``batch_size`` slices, default: the engine's for its device); constant slices (no signal) are skipped and
+    get probability 0. ``cancel()`` returning True stops."""
     progress = progress or Progress("none")
+    batch_size = engine.default_batch_size if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size} must be at least 1 (slices per forward pass)")
     array_axis = 2 - slice_axis
     norm = normalize_intensity(volume)
     slices = norm.movedim(array_axis, 0)  # [N, a, b]
     n, a, b = slices.shape
     probs = torch.zeros((len(prompts), n, a, b), dtype=torch.float32)
+    presence = torch.zeros((len(prompts), n), dtype=torch.float32)
+    has_presence = False
     active = (slices.flatten(1).amax(1) - slices.flatten(1).amin(1)) > 1e-6
     todo = active.nonzero().flatten()
     size = engine.input_size
@@ -112,10 +121,38 @@ def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_
                 raise Cancelled("cancelled by the user; nothing was written")
             idx = todo[start:start + batch_size]
             x = resize_slices(slices[idx][:, None], size)
-            p = engine.predict(x, prompts).float().cpu()  # [B,P,S,S]
-            probs[:, idx] = resize_slices(p, (a, b)).clamp_(0, 1).transpose(0, 1)
+            p, s = engine.predict(x, prompts)  # [B,P,S,S], [B,P] or None
+            probs[:, idx] = resize_slices(p.float().cpu(), (a, b)).clamp_(0, 1).transpose(0, 1)
+            if s is not None:
+                has_presence = True
+                presence[:, idx] = s.float().cpu().t()
             progress.update("segmenting slices", min(start + batch_size, len(todo)), len(todo))
-    return probs.movedim(1, 1 + array_axis).numpy()
+    return probs.movedim(1, 1 + array_axis).numpy(), presence.numpy() if has_presence else None
+
+
+def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: int, gate: float = 1.0) -> np.ndarray:
+    """One prompt's mask probabilities ``[K,J,I]`` x its slice presence ``[N]`` -> probabilities ``[K,J,I]``.
+
+    Each slice is scaled by ``min(presence / gate, 1)``: gate 1 is the joint probability (mask x presence); a lower
+    gate trusts every slice whose presence exceeds it fully (the gate is calibrated per finding: a head that is
+    unsure of a finding's slices should not erase them). ``presence`` None or gate <= 0: the mask unchanged."""
+    if presence is None or gate <= 0:
+        return mask
+    shape = [1, 1, 1]
+    shape[2 - slice_axis] = -1
+    return mask * np.minimum(presence / gate, 1.0).astype(np.float32).reshape(shape)
+
+
+def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_axis: int,
+                          batch_size: int | None = None, progress: Progress | None = None, cancel=None,
+                          gates: list[float] | None = None) -> np.ndarray:
+    """volume ``[K,J,I]`` -> probabilities ``[P,K,J,I]`` float32: ``predict_maps`` combined by ``apply_presence``
+    with one gate per prompt (default 1: mask x presence)."""
+    probs, presence = predict_maps(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
+    if presence is not None:
+        for i, gate in enumerate(gates or [1.0] * len(prompts)):
+            probs[i] = apply_presence(probs[i], presence[i], slice_axis, gate)
+    return probs
 
 
 def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str]:
@@ -137,20 +174,24 @@ def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str]:
 
 
 def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list[str], axis: str | int = "auto",
-                   presence: dict | None = None, batch_size: int = 16, keep_probabilities: bool = False,
+                   presence: dict | None = None, batch_size: int | None = None, keep_probabilities: bool = False,
                    progress: Progress | None = None, cancel=None) -> SegmentationResult:
     """Segment each prompt's finding in a ``[K,J,I]`` volume. ``presence`` overrides the model's decision rule."""
     prompts = check_prompts(prompts)
     volume = check_volume(volume)
     progress = progress or Progress("none")
     slice_axis = choose_axis(volume.shape, geometry, axis)
-    probs = predict_probabilities(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
     model_presence = (getattr(engine, "spec", {}) or {}).get("presence", {})
-    findings = []
-    for prompt, prob in zip(prompts, probs):
+    rules = []
+    for prompt in prompts:
         rule, rule_name = presence_rule(engine, prompt, model_presence)
-        cfg = {k: v for k, v in {**rule, **(presence or {})}.items() if k in DEFAULT_PRESENCE}
-        mask, info = decide(prob, geometry.spacing, 2 - slice_axis, cfg)
+        rules.append(({k: v for k, v in {**rule, **(presence or {})}.items() if k in DEFAULT_PRESENCE}, rule_name))
+    masks, slice_presence = predict_maps(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
+    findings = []
+    for i, (prompt, (cfg, rule_name)) in enumerate(zip(prompts, rules)):
+        s = None if slice_presence is None else slice_presence[i]
+        masks[i] = apply_presence(masks[i], s, slice_axis, cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]))
+        mask, info = decide(masks[i], geometry.spacing, 2 - slice_axis, cfg)
         info["rule"] = rule_name
         findings.append(FindingResult(prompt, mask, info))
-    return SegmentationResult(findings, slice_axis, probs if keep_probabilities else None)
+    return SegmentationResult(findings, slice_axis, masks if keep_probabilities else None)

@@ -2,7 +2,8 @@
 
 A finding is reported only through connected components (3D, face-connected) of ``probability > threshold`` that
   - reach a peak probability of at least ``min_peak``,
-  - span at least ``min_slices`` neighbouring slices along the slice axis (when the volume has that many), and
+  - extend at least ``min_extent_mm`` along the slice axis (slices spanned x slice spacing; capped at the volume's
+    own extent, so a 2D image or a thin stack can still hold a finding), and
   - have a largest cross-section of at least ``min_area_mm2`` (in-plane area in mm^2).
 Components failing any test are dropped; if none is left the segment is empty and the finding "not found".
 The thresholds belong to a model (its spec's ``presence`` entry), calibrated on phantom volumes it was not trained on
@@ -16,17 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-DEFAULT_PRESENCE = {"threshold": 0.5, "min_peak": 0.8, "min_slices": 2, "min_area_mm2": 1.0}
+# slice_gate: how the slice presence probability scales each slice (pipeline.apply_presence), calibrated with the rest.
+DEFAULT_PRESENCE = {"threshold": 0.5, "min_peak": 0.8, "min_extent_mm": 1.0, "min_area_mm2": 1.0, "slice_gate": 1.0}
 
 
 @dataclass
 class Component:
-    """One connected component: voxel count, peak probability, slices spanned, largest cross-section (mm^2)."""
+    """One connected component: voxel count, peak probability, slices spanned and their extent along the slice axis
+    (mm), largest cross-section (mm^2)."""
 
     label: int
     voxels: int
     peak: float
     n_slices: int
+    extent_mm: float
     max_area_mm2: float
 
 
@@ -46,25 +50,41 @@ def components(prob: np.ndarray, spacing, slice_axis: int, threshold: float):
     for lab, box, peak, nvox in zip(idx, ndimage.find_objects(labels), peaks, voxels):
         sub = labels[box] == lab
         per_slice = sub.sum(axis=tuple(a for a in range(3) if a != slice_axis))
-        out.append(Component(int(lab), int(nvox), float(peak), int((per_slice > 0).sum()),
+        n_slices = int((per_slice > 0).sum())
+        out.append(Component(int(lab), int(nvox), float(peak), n_slices, n_slices * float(spacing_kji[slice_axis]),
                              float(per_slice.max() * pixel_area)))
     return labels, out
 
 
-def keep(c: Component, cfg: dict, n_slices_total: int) -> bool:
-    """The presence rule for one component (see module docstring)."""
-    need_slices = min(int(cfg["min_slices"]), n_slices_total)
-    return c.peak >= cfg["min_peak"] and c.n_slices >= need_slices and c.max_area_mm2 >= cfg["min_area_mm2"]
+def keep(c: Component, cfg: dict, volume_extent_mm: float) -> bool:
+    """The presence rule for one component (see module docstring). volume_extent_mm: slices x slice spacing."""
+    need_mm = min(float(cfg["min_extent_mm"]), volume_extent_mm)
+    return c.peak >= cfg["min_peak"] and c.extent_mm >= need_mm - 1e-6 and c.max_area_mm2 >= cfg["min_area_mm2"]
+
+
+def volume_extent_mm(shape, spacing, slice_axis: int) -> float:
+    """Extent of a ``[K,J,I]`` array along array axis ``slice_axis`` in mm; spacing in mm along (I, J, K)."""
+    return shape[slice_axis] * float(np.asarray(spacing, float)[::-1][slice_axis])
+
+
+def fill_holes(mask: np.ndarray) -> None:
+    """Fill enclosed cavities of ``mask`` in place, working only in its bounding box grown by one voxel: everything
+    outside is background connected to the array border, so the result equals filling the whole array."""
+    box = ndimage.find_objects(mask.astype(np.uint8))
+    if not box:
+        return
+    grown = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box[0], mask.shape))
+    mask[grown] = ndimage.binary_fill_holes(mask[grown])
 
 
 def decide(prob: np.ndarray, spacing, slice_axis: int, cfg: dict | None = None) -> tuple[np.ndarray, dict]:
     """Probability ``[K,J,I]`` -> (bool mask ``[K,J,I]``, info dict with found, score, kept and dropped counts)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     labels, comps = components(prob, spacing, slice_axis, cfg["threshold"])
-    kept = [c for c in comps if keep(c, cfg, prob.shape[slice_axis])]
+    kept = [c for c in comps if keep(c, cfg, volume_extent_mm(prob.shape, spacing, slice_axis))]
     mask = np.isin(labels, [c.label for c in kept]) if kept else np.zeros(prob.shape, bool)
     if kept:
-        mask = ndimage.binary_fill_holes(mask)
+        fill_holes(mask)
     info = {
         "found": bool(kept),
         "score": max((c.peak for c in kept), default=float(prob.max(initial=0.0))),

@@ -27,7 +27,7 @@ def load_engine(model: str | None = None, engine: str | None = None, device: str
 
 
 def segment_file(input_path, prompts, output, model=None, engine=None, device="auto", axis="auto",
-                 probabilities=None, progress: Progress | None = None, batch_size: int = 16,
+                 probabilities=None, progress: Progress | None = None, batch_size: int | None = None,
                  engine_instance=None, cancel=None, threshold: float | None = None) -> SegmentationResult:
     """Segment ``prompts`` in ``input_path`` and write ``output`` (+ optional ``probabilities``)."""
     progress = progress or Progress("none")

@@ -17,7 +17,7 @@ from .phantoms import FINDINGS, PHRASES
 from .progress import Progress
 
 
-def embedded_spec(model_id: str = "cliptnseg-phantom-small") -> dict:
+def embedded_spec(model_id: str = "cliptnseg-phantom-small", presence_head: bool = False) -> dict:
     """The small architecture of the embedded default model (CLIP ViT 6x128, patch 8, 128 px; text 3x64)."""
     return {
         "id": model_id,
@@ -33,13 +33,15 @@ def embedded_spec(model_id: str = "cliptnseg-phantom-small") -> dict:
             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
         },
         "network": {"extract_layers": [2, 4, 6], "reduce_dim": 64, "decoder_heads": 4, "coarse_channels": 8,
-                    "fine_channels": [8, 16, 32, 64], "head_channels": 16},
+                    "fine_channels": [8, 16, 32, 64], "head_channels": 16, "presence_head": presence_head},
     }
 
 
 def _cosine(opt, steps):
+    # 5% warm-up; short runs warm up for 30% (OneCycleLR divides by zero when the warm-up is exactly one step)
+    pct = 0.05 if steps >= 60 else 0.3
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
-                                               pct_start=0.05, anneal_strategy="cos")
+                                               pct_start=pct, anneal_strategy="cos")
 
 
 def _save(path: Path, **state):
@@ -123,7 +125,7 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None) -> list[float]:
     """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen): MONAI Dice on pairs whose finding is
-    present + pixel BCE on all pairs.
+    present + pixel BCE on all pairs + BCE of the presence head against "the finding is in this slice".
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run. Returns the loss of every step run in this call."""
@@ -143,11 +145,13 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
     dice_fn = DiceLoss(sigmoid=True, reduction="none")
     bce_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(2.0, device=device))
 
-    def loss_fn(logits, target):
+    def loss_fn(logits, presence_logits, target):
         present = target.flatten(1).amax(1) > 0
         loss = bce_fn(logits, target)
         if present.any():
             loss = loss + dice_fn(logits[present][:, None], target[present][:, None]).mean()
+        if presence_logits is not None:
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, present.float())
         return loss
 
     ctx = net.clip.context_length
@@ -161,8 +165,8 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
             for p, e in zip(new, net.encode_text(tokenize(new, ctx).to(device))):
                 text_cache[p] = e
         text = torch.stack([text_cache[p] for p in phrases])
-        logits = net(images.to(device), text, pair_index.to(device))
-        loss = loss_fn(logits, masks.to(device))
+        logits, presence_logits = net(images.to(device), text, pair_index.to(device))
+        loss = loss_fn(logits, presence_logits, masks.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -180,7 +184,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  clip_steps: int = 300, seg_steps: int = 3000, data_csv: Path | None = None, seed: int = 0,
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
-                 command: str = "") -> Path | None:
+                 command: str = "", presence_head: bool = False) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path if exported."""
@@ -195,7 +199,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed)
-    spec = embedded_spec(model_id)
+    spec = embedded_spec(model_id, presence_head)
     size = spec["clip"]["vision_cfg"]["image_size"]
     bank = None
     if {"clip", "segmenter"} & set(stages):
@@ -208,7 +212,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     net = CLIPTNSegNet(clip, spec["network"])
     seg_ckpt = work_dir / "segmenter.pt"
     if "segmenter" in stages:
-        bank.n_prompts = 2
+        bank.n_prompts = 2  # two of the three findings per image: 3 would cost ~1.9x per step on CPU
         data = bank if data_csv is None else torch.utils.data.ConcatDataset([bank, FolderTriples(data_csv, size)])
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device)
     net.load_state_dict(torch.load(seg_ckpt, map_location="cpu", weights_only=True)["model"], strict=False)

@@ -7,7 +7,13 @@ size back to the input size. Fine branch: a MONAI residual U-Net on the raw grey
 concatenated, FiLM-conditioned on the text once more (our choice, so fine detail is also selected by the prompt),
 then convolutions to one logit per pixel.
 
-Shapes: images ``[B,1,H,W]`` in [0,1] with ``H = W = input size``; tokens ``[P,T]``; logits ``[B,P,H,W]``.
+Presence head (our addition, not in the paper): one logit per (slice, prompt) pair, "is this finding in this slice",
+from the text-conditioned decoder tokens (mean and max over tokens) and the head features (max over pixels). The
+pipeline multiplies the mask probability by the slice presence probability (``pipeline.apply_presence``, with a
+per-finding calibrated gate), so a slice the head calls empty cannot carry a confident blob.
+
+Shapes: images ``[B,1,H,W]`` in [0,1] with ``H = W = input size``; tokens ``[P,T]``; mask logits ``[B,P,H,W]``,
+presence logits ``[B,P]``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ DEFAULT_NETWORK = {
     "coarse_channels": 8,
     "fine_channels": [8, 16, 32, 64],
     "head_channels": 16,
+    "presence_head": False,  # opt-in: measured worse on nodules for the embedded model (README)
 }
 
 
@@ -64,18 +71,19 @@ class CoarseBranch(nn.Module):
             nn.ConvTranspose2d(reduce_dim // 2, out_channels, kernel_size=patch_size // 2, stride=patch_size // 2),
         )
 
-    def forward(self, activations: list[torch.Tensor], text: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, activations: list[torch.Tensor], text: torch.Tensor, grid: tuple[int, int]):
         """activations: per depth ``[N, L, clip_width]`` (L = h*w tokens, no class token), shallow to deep;
-        text: ``[N, text_dim]``."""
+        text: ``[N, text_dim]``. -> (features ``[N, out_channels, H, W]``, pooled tokens ``[N, 2*reduce_dim]``)."""
         a = None
         for i, (act, reduce, block) in enumerate(zip(reversed(activations), self.reduces, self.blocks)):
             a = reduce(act) if a is None else a + reduce(act)
             if i == 0:
                 a = self.film(a, text)
             a = block(a)
+        pooled = torch.cat([a.mean(1), a.amax(1)], dim=1)
         n, l, c = a.shape
         a = a.transpose(1, 2).reshape(n, c, grid[0], grid[1])
-        return self.upsample(a)
+        return self.upsample(a), pooled
 
 
 class CLIPTNSegNet(nn.Module):
@@ -110,6 +118,9 @@ class CLIPTNSegNet(nn.Module):
         self.fuse = nn.Conv2d(cfg["coarse_channels"] + fc[0], hc, 3, padding=1)
         self.head_film = FiLM(text_dim, hc, channels_last=False)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hc, hc, 3, padding=1), nn.ReLU(), nn.Conv2d(hc, 1, 1))
+        rd = cfg["reduce_dim"]
+        self.presence = (nn.Sequential(nn.Linear(2 * rd + hc, rd), nn.ReLU(), nn.Linear(rd, 1))
+                         if cfg["presence_head"] else None)
 
     def freeze_clip(self):
         self.clip.eval()
@@ -136,12 +147,13 @@ class CLIPTNSegNet(nn.Module):
                                                      intermediates_only=True, output_fmt="NLC")
         return out["image_intermediates"]
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, pair_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, text: torch.Tensor, pair_index: torch.Tensor | None = None):
         """images ``[B,1,S,S]`` in [0,1] (S = input size); text embeddings ``[P,D]``.
+        -> (mask logits, presence logits or None when the network has no presence head).
 
-        Without ``pair_index`` every image is paired with every prompt -> logits ``[B,P,S,S]``.
+        Without ``pair_index`` every image is paired with every prompt -> mask ``[B,P,S,S]``, presence ``[B,P]``.
         With ``pair_index`` ``[P]`` (long, values in 0..B-1), prompt n is paired with image ``pair_index[n]``
-        -> logits ``[P,S,S]``. CLIP and the fine branch run once per image either way."""
+        -> mask ``[P,S,S]``, presence ``[P]``. CLIP and the fine branch run once per image either way."""
         b, p = images.shape[0], text.shape[0]
         if images.ndim != 4 or images.shape[1] != 1 or images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"images must be [B,1,{self.input_size},{self.input_size}], got {tuple(images.shape)}")
@@ -154,10 +166,14 @@ class CLIPTNSegNet(nn.Module):
             out_shape = (p, self.input_size, self.input_size)
         grid = (self.input_size // self.patch, self.input_size // self.patch)
         acts = [a[pair_index] for a in self.clip_activations(images)]
-        coarse = self.coarse(acts, t, grid)
+        coarse, pooled = self.coarse(acts, t, grid)
         fine = self.fine(images)[pair_index]
         x = self.head_film(self.fuse(torch.cat([coarse, fine], dim=1)), t)
-        return self.head(x).view(out_shape)
+        mask = self.head(x).view(out_shape)
+        if self.presence is None:
+            return mask, None
+        presence = self.presence(torch.cat([pooled, torch.relu(x).amax(dim=(2, 3))], dim=1))
+        return mask, presence.view(out_shape[:-2])
 
 
 def build_network(spec: dict) -> CLIPTNSegNet:

@@ -41,6 +41,7 @@ class CLIPTNSegEngine(Engine):
         return torch.stack([self._text_cache[p] for p in prompts])
 
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, prompts: list[str]):
         text = self.text_embeddings(prompts)
-        return torch.sigmoid(self.net(images.to(self.device, torch.float32), text))
+        mask, presence = self.net(images.to(self.device, torch.float32), text)
+        return torch.sigmoid(mask), None if presence is None else torch.sigmoid(presence)

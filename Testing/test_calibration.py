@@ -1,0 +1,39 @@
+"""The presence calibration's search on hand-made components: what it keeps, what it drops, and which gate wins."""
+
+from CLIPSegLib.calibration import evaluate_rule, search_gate_and_rule, search_rule
+from CLIPSegLib.postprocess import Component
+
+
+def _c(label, voxels, peak, extent_mm, area):
+    return Component(label, voxels, peak, n_slices=max(1, int(extent_mm)), extent_mm=extent_mm, max_area_mm2=area)
+
+
+def _cases(fp_peak):
+    """Two volumes with a nodule (a big true component + a small stray one) and two without (one stray blob each)."""
+    return [
+        ("nodule", 1000, [(_c(1, 1000, 0.99, 8.0, 60.0), 1000), (_c(2, 30, 0.9, 1.0, 3.0), 0)], 20.0),
+        ("nodule", 800, [(_c(1, 900, 0.97, 6.0, 50.0), 800)], 20.0),
+        ("nodule", 0, [(_c(1, 40, fp_peak, 1.0, 4.0), 0)], 20.0),
+        ("nodule", 0, [], 20.0),
+    ]
+
+
+def test_rule_figures_are_counted_per_case():
+    keep_all = {"threshold": 0.5, "min_peak": 0.5, "min_extent_mm": 0.0, "min_area_mm2": 0.0}
+    empty, dice = evaluate_rule(_cases(0.9), keep_all)
+    assert empty == 0.5  # one of the two absent cases has a stray blob
+    assert abs(dice["nodule"] - (2 * 1000 / 2030 + 2 * 800 / 1700) / 2) < 1e-9
+
+
+def test_search_drops_stray_blobs_and_keeps_the_findings():
+    rule = search_rule(_cases(0.9))
+    assert rule["calibration"]["absent_empty_rate"] == 1.0
+    assert rule["calibration"]["mean_dice"]["nodule"] > 0.97  # both true components kept, the stray one dropped
+    assert rule["slice_gate"] == 1.0 and rule["calibration"]["score"] > 2.9
+
+
+def test_the_gate_whose_cases_score_best_is_chosen():
+    by_gate = {1.0: [c for c in _cases(0.9) if c[1]] + [("nodule", 0, [(_c(1, 900, 0.99, 8.0, 60.0), 0)], 20.0)],
+               0.5: _cases(0.9)}
+    best = search_gate_and_rule(by_gate, "nodule")
+    assert best["slice_gate"] == 0.5 and best["calibration"]["absent_empty_rate"] == 1.0

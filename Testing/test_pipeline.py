@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+from CLIPSegLib.errors import InputError
+from CLIPSegLib.phantoms import make_phantom
+from CLIPSegLib.pipeline import predict_probabilities
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model):
+    from CLIPSegLib.segment_file import load_engine
+
+    return load_engine(str(tiny_model), device="cpu")
+
+
+def test_batch_size_changes_speed_not_results(tiny_engine):
+    ph = make_phantom((7, 40, 36), spacing=(1.0, 0.5, 0.5), seed=4, findings=("nodule",))
+    prompts = ["thyroid nodule", "cyst"]
+    ref = predict_probabilities(tiny_engine, ph.image, prompts, slice_axis=2, batch_size=1)
+    assert ref.shape == (2, 7, 40, 36)
+    for b in (3, 16, None):  # None: the engine's default for its device
+        np.testing.assert_allclose(predict_probabilities(tiny_engine, ph.image, prompts, 2, batch_size=b), ref,
+                                   atol=1e-5)
+    assert tiny_engine.default_batch_size == (16 if tiny_engine.device.type == "cuda" else 4)
+
+
+def test_batch_size_below_one_is_refused(tiny_engine):
+    with pytest.raises(InputError, match="batch size 0 must be at least 1"):
+        predict_probabilities(tiny_engine, np.random.rand(2, 8, 8).astype(np.float32), ["cyst"], 2, batch_size=0)
+
+
+def test_constant_slices_are_skipped_with_probability_zero(tiny_engine):
+    vol = np.random.default_rng(0).random((4, 32, 32)).astype(np.float32)
+    vol[1] = 0.5  # no signal: not sent to the model
+    calls = []
+    real = tiny_engine.predict
+
+    def counting(images, prompts):
+        calls.append(images.shape[0])
+        return real(images, prompts)
+
+    tiny_engine.predict = counting
+    try:
+        p = predict_probabilities(tiny_engine, vol, ["cyst"], 2, batch_size=8)
+    finally:
+        del tiny_engine.predict
+    assert calls == [3] and not p[0, 1].any() and torch.isfinite(torch.from_numpy(p)).all()
+
+
+def test_presence_gate_scales_each_slice_along_the_slice_axis():
+    from CLIPSegLib.pipeline import apply_presence
+
+    mask = np.full((3, 2, 4), 0.8, np.float32)  # [K,J,I]
+    presence_k = np.array([1.0, 0.5, 0.1], np.float32)
+    joint = apply_presence(mask, presence_k, slice_axis=2, gate=1.0)  # slices along K
+    np.testing.assert_allclose(joint[:, 0, 0], [0.8, 0.4, 0.08], rtol=1e-6)
+    lenient = apply_presence(mask, presence_k, slice_axis=2, gate=0.5)  # presence >= 0.5 keeps the slice whole
+    np.testing.assert_allclose(lenient[:, 0, 0], [0.8, 0.8, 0.16], rtol=1e-6)
+    along_i = apply_presence(mask, np.array([1.0, 0.5, 0.0, 0.25], np.float32), slice_axis=0, gate=1.0)
+    np.testing.assert_allclose(along_i[0, 0], [0.8, 0.4, 0.0, 0.2], rtol=1e-6)
+    assert apply_presence(mask, None, 2) is mask

@@ -1,0 +1,59 @@
+import numpy as np
+from CLIPSegLib.postprocess import components, decide
+
+
+def _volume_with_blob(n_slices_blob: int, peak: float = 0.95):
+    prob = np.zeros((10, 20, 20), np.float32)
+    prob[2:2 + n_slices_blob, 5:10, 5:10] = peak  # 5x5 voxels per slice
+    return prob
+
+
+def test_extent_along_the_slice_axis_is_measured_in_mm():
+    prob = _volume_with_blob(3)
+    _, comps = components(prob, spacing=(0.5, 0.5, 2.0), slice_axis=0, threshold=0.5)  # (I, J, K) mm
+    (c,) = comps
+    assert c.n_slices == 3 and c.extent_mm == 6.0 and c.voxels == 75
+    assert c.max_area_mm2 == 25 * 0.25 and c.peak == np.float32(0.95)
+
+
+def test_persistence_rule_is_the_same_in_mm_for_thin_and_thick_slices():
+    rule = {"threshold": 0.5, "min_peak": 0.9, "min_extent_mm": 3.0, "min_area_mm2": 2.0}
+    # 3 slices of 1.2 mm = 3.6 mm: kept; the same 3 slices at 0.6 mm = 1.8 mm: dropped
+    mask, info = decide(_volume_with_blob(3), (0.5, 0.5, 1.2), 0, rule)
+    assert info["found"] and mask.sum() == 75
+    mask, info = decide(_volume_with_blob(3), (0.5, 0.5, 0.6), 0, rule)
+    assert not info["found"] and not mask.any() and info["dropped_components"] == 1
+
+
+def test_a_single_image_can_hold_a_finding_whatever_the_extent_rule():
+    prob = np.zeros((1, 20, 20), np.float32)
+    prob[0, 5:10, 5:10] = 0.95
+    mask, info = decide(prob, (0.5, 0.5, 1.0), 0, {"min_peak": 0.9, "min_extent_mm": 5.0, "min_area_mm2": 2.0})
+    assert info["found"] and mask.sum() == 25
+
+
+def test_weak_or_small_components_are_dropped_and_reported():
+    rule = {"threshold": 0.5, "min_peak": 0.9, "min_extent_mm": 0.0, "min_area_mm2": 2.0}
+    _, info = decide(_volume_with_blob(3, peak=0.8), (0.5, 0.5, 1.0), 0, rule)  # peak below 0.9
+    assert not info["found"] and info["score"] == np.float32(0.8)
+    prob = np.zeros((4, 20, 20), np.float32)
+    prob[1, 3, 3] = 0.99  # one voxel = 0.25 mm^2 < 2 mm^2
+    _, info = decide(prob, (0.5, 0.5, 1.0), 0, rule)
+    assert not info["found"] and info["dropped_components"] == 1
+
+
+def test_filling_holes_in_the_bounding_box_equals_filling_the_whole_volume():
+    from CLIPSegLib.postprocess import fill_holes
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = np.zeros((12, 30, 30), bool)
+        for _ in range(3):  # hollow boxes (some touching the border) and random speckle
+            k, j, i = rng.integers(0, [9, 24, 24])
+            mask[k:k + 4, j:j + 7, i:i + 7] = True
+            mask[k + 1:k + 3, j + 1:j + 6, i + 1:i + 6] = rng.random() < 0.3
+        mask |= rng.random(mask.shape) < 0.02
+        expected = ndimage.binary_fill_holes(mask)
+        fill_holes(mask)
+        np.testing.assert_array_equal(mask, expected)
