@@ -67,3 +67,15 @@ def test_demo_writes_segmentation_overlay_and_dice(tmp_path):
     assert Image.open(out["overlay"]).size == (512, 512)
     assert all(0.0 <= d <= 1.0 for d in out["dice"].values())
     assert np.mean(list(out["dice"].values())) > 0.6
+
+
+def test_bf16_gives_the_same_findings_as_fp32():
+    from CLIPSegLib.segment_file import load_engine
+
+    ph = make_phantom((12, 256, 256), spacing=(0.8, 0.25, 0.25), seed=506, findings=("nodule", "calcification"))
+    prompts = ["thyroid nodule", "cyst", "calcification"]
+    fp32, bf16 = (segment_volume(load_engine(None, device="cpu", precision=p), ph.image, _geometry(ph), prompts)
+                  for p in ("fp32", "bf16"))
+    for a, b in zip(fp32.findings, bf16.findings):
+        assert a.found == b.found, a.prompt
+        assert dice(a.mask, b.mask) > 0.95, a.prompt

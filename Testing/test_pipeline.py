@@ -59,3 +59,10 @@ def test_presence_gate_scales_each_slice_along_the_slice_axis():
     along_i = apply_presence(mask, np.array([1.0, 0.5, 0.0, 0.25], np.float32), slice_axis=0, gate=1.0)
     np.testing.assert_allclose(along_i[0, 0], [0.8, 0.4, 0.0, 0.2], rtol=1e-6)
     assert apply_presence(mask, None, 2) is mask
+
+
+def test_unknown_precision_is_a_clear_error(tiny_model):
+    from CLIPSegLib.segment_file import load_engine
+
+    with pytest.raises(InputError, match="precision 'fp16' is not one of fp32, bf16"):
+        load_engine(str(tiny_model), device="cpu", precision="fp16")

@@ -88,7 +88,7 @@ def per_slice(engine, batch, reps=2):
 def execution(engine, variant: str):
     """Run ``engine.predict`` as ``variant``: 'fp32' (PyTorch defaults), 'sdpa' (nn.MultiheadAttention's native fast
     path off, so attention goes through scaled_dot_product_attention), 'channels-last' (NHWC convolutions),
-    'bf16' (CPU autocast to bfloat16)."""
+    'bf16' (the engine's bf16 autocast, as ``--precision bf16``)."""
     import torch
 
     net = engine.net
@@ -96,13 +96,14 @@ def execution(engine, variant: str):
         torch.backends.mha.set_fastpath_enabled(False)
     if variant == "channels-last":
         net.to(memory_format=torch.channels_last)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if variant == "bf16" else contextlib.nullcontext()
+    if variant == "bf16":
+        engine.precision = "bf16"  # the engine's own autocast path (clipseg segment --precision bf16)
     try:
-        with ctx:
-            yield
+        yield
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
         net.to(memory_format=torch.contiguous_format)
+        engine.precision = "fp32"
 
 
 VARIANTS = ("fp32", "sdpa", "channels-last", "bf16")

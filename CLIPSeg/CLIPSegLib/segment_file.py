@@ -14,21 +14,25 @@ from .pipeline import SegmentationResult, resolve_device, segment_volume
 from .progress import Progress
 
 
-def load_engine(model: str | None = None, engine: str | None = None, device: str = "auto"):
-    """Model id or spec path + engine name + device name -> a ready engine (weights verified)."""
+def load_engine(model: str | None = None, engine: str | None = None, device: str = "auto", precision: str = "fp32"):
+    """Model id or spec path + engine name + device name + precision (fp32|bf16) -> a ready engine (weights
+    verified)."""
     from .engines import check_engine, create_engine
+    from .engines.base import check_precision
     from .models import load_spec
 
     if engine:
         check_engine(engine)
+    check_precision(precision)
     dev = resolve_device(device)
     spec = load_spec(model)
-    return create_engine(spec, dev, engine)
+    return create_engine(spec, dev, engine, precision)
 
 
 def segment_file(input_path, prompts, output, model=None, engine=None, device="auto", axis="auto",
                  probabilities=None, progress: Progress | None = None, batch_size: int | None = None,
-                 engine_instance=None, cancel=None, threshold: float | None = None) -> SegmentationResult:
+                 engine_instance=None, cancel=None, threshold: float | None = None,
+                 precision: str = "fp32") -> SegmentationResult:
     """Segment ``prompts`` in ``input_path`` and write ``output`` (+ optional ``probabilities``)."""
     progress = progress or Progress("none")
     prompts = check_prompts(prompts)
@@ -44,7 +48,7 @@ def segment_file(input_path, prompts, output, model=None, engine=None, device="a
 
         raise InputError(f"threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
     volume, geometry = read_image(input_path)
-    eng = engine_instance or load_engine(model, engine, device)
+    eng = engine_instance or load_engine(model, engine, device, precision)
     presence = {"threshold": threshold} if threshold is not None else None
     result = segment_volume(eng, volume, geometry, prompts, axis=axis, batch_size=batch_size, presence=presence,
                             keep_probabilities=bool(probabilities), progress=progress, cancel=cancel)

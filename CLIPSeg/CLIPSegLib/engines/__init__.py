@@ -10,13 +10,13 @@ import difflib
 import torch
 
 from ..errors import InputError
-from .base import Engine
+from .base import Engine, check_precision
 
 
-def _cliptnseg(spec, device):
+def _cliptnseg(spec, device, precision):
     from .cliptnseg_engine import CLIPTNSegEngine
 
-    return CLIPTNSegEngine.from_spec(spec, device)
+    return CLIPTNSegEngine.from_spec(spec, device, precision)
 
 
 ENGINES = {"cliptnseg": _cliptnseg}
@@ -30,13 +30,15 @@ def check_engine(name: str) -> str:
     return name
 
 
-def create_engine(spec: dict, device: torch.device, engine: str | None = None) -> Engine:
-    """Build the engine named by ``engine`` (default: the spec's) with the spec's verified weights."""
+def create_engine(spec: dict, device: torch.device, engine: str | None = None, precision: str = "fp32") -> Engine:
+    """Build the engine named by ``engine`` (default: the spec's) with the spec's verified weights; ``precision``
+    fp32 or bf16 (see ``engines.base.PRECISIONS``)."""
     name = check_engine(engine or spec["engine"])
+    check_precision(precision)
     if spec["engine"] != name:
         raise InputError(f"model {spec['id']!r} is for engine {spec['engine']!r}, not {name!r}; "
                          f"pick a {name} model or drop --engine")
-    return ENGINES[name](spec, device)
+    return ENGINES[name](spec, device, precision)
 
 
 __all__ = ["Engine", "ENGINES", "create_engine", "check_engine"]

@@ -8,23 +8,36 @@ Slices come already normalised and resized by the pipeline; text is embedded onc
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 
 import torch
+
+from ..errors import InputError
 
 
 # Slices per forward pass when the caller gives none. On CPU small batches are faster per slice (the full-resolution
 # head is memory-bound; see benchmarks/latency.py's batch sweep); a GPU wants larger ones.
 CPU_BATCH_SIZE = 4
 CUDA_BATCH_SIZE = 16
+# fp32: exact. bf16: autocast matrix products and convolutions to bfloat16 (1.8x faster at paper size on a CPU with
+# AVX-512 BF16, masks within Dice 0.986 of fp32 on held-out phantoms; benchmarks/RESULTS.md).
+PRECISIONS = ("fp32", "bf16")
 
 
 class Engine(ABC):
     name: str = ""
     input_size: int = 0
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, precision: str = "fp32"):
         self.device = device
+        self.precision = check_precision(precision)
+
+    def autocast(self):
+        """Context for the forward pass: bf16 autocast on the engine's device, or nothing for fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @property
     def default_batch_size(self) -> int:
@@ -34,3 +47,10 @@ class Engine(ABC):
     def predict(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """images ``[B,1,S,S]`` in [0,1] on any device -> (mask probabilities ``[B,P,S,S]``, slice presence
         probabilities ``[B,P]`` or None), float32 on ``self.device``."""
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}; use fp32 (exact) or bf16 "
+                         f"(faster on CPUs with AVX-512 BF16 and on GPUs)")
+    return precision

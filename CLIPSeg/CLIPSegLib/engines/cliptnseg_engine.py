@@ -14,22 +14,22 @@ from .cliptnseg import CLIPTNSegNet, build_network
 class CLIPTNSegEngine(Engine):
     name = "cliptnseg"
 
-    def __init__(self, net: CLIPTNSegNet, device: torch.device, spec: dict | None = None):
-        super().__init__(device)
+    def __init__(self, net: CLIPTNSegNet, device: torch.device, spec: dict | None = None, precision: str = "fp32"):
+        super().__init__(device, precision)
         self.net = net.to(device).eval()
         self.spec = spec or {}
         self.input_size = net.input_size
         self._text_cache: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_spec(cls, spec: dict, device: torch.device) -> "CLIPTNSegEngine":
+    def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "CLIPTNSegEngine":
         net = build_network(spec)
         state = load_weights(spec)
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ModelError(f"model {spec['id']!r} weights do not fit its architecture (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the spec and weights come from different exports")
-        return cls(net, device, spec)
+        return cls(net, device, spec, precision)
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """``[P,D]`` L2-normalised CLIP text embeddings; each prompt is encoded once per engine."""
@@ -43,5 +43,6 @@ class CLIPTNSegEngine(Engine):
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, prompts: list[str]):
         text = self.text_embeddings(prompts)
-        mask, presence = self.net(images.to(self.device, torch.float32), text)
-        return torch.sigmoid(mask), None if presence is None else torch.sigmoid(presence)
+        with self.autocast():
+            mask, presence = self.net(images.to(self.device, torch.float32), text)
+        return torch.sigmoid(mask.float()), None if presence is None else torch.sigmoid(presence.float())
