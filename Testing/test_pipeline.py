@@ -21,7 +21,7 @@ def test_batch_size_changes_speed_not_results(tiny_engine):
     for b in (3, 16, None):  # None: the engine's default for its device
         np.testing.assert_allclose(predict_probabilities(tiny_engine, ph.image, prompts, 2, batch_size=b), ref,
                                    atol=1e-5)
-    assert tiny_engine.default_batch_size == (16 if tiny_engine.device.type == "cuda" else 4)
+    assert tiny_engine.default_batch_size == (16 if tiny_engine.device.type == "cuda" else 64)  # 32 px input
 
 
 def test_batch_size_below_one_is_refused(tiny_engine):
@@ -66,3 +66,16 @@ def test_unknown_precision_is_a_clear_error(tiny_model):
 
     with pytest.raises(InputError, match="precision 'fp16' is not one of fp32, bf16"):
         load_engine(str(tiny_model), device="cpu", precision="fp16")
+
+
+def test_cpu_default_batch_holds_about_four_128px_slices():
+    from CLIPSegLib.engines.base import Engine
+
+    class Sized(Engine):
+        def predict(self, images, prompts):
+            raise AssertionError("not called")
+
+    eng = Sized(torch.device("cpu"))
+    for size, batch in ((128, 4), (256, 1), (352, 1), (64, 16)):
+        eng.input_size = size
+        assert eng.default_batch_size == batch

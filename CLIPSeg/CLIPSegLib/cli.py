@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 (exact) or bf16 autocast: ~1.8x faster for the paper-size network on CPUs with AVX-512 "
                         "BF16 and on GPUs; masks within Dice ~0.99 of fp32")
     s.add_argument("--batch-size", type=int, default=None,
-                   help="slices per forward pass (default: 4 on CPU, where larger batches are slower per slice; 16 "
-                        "on CUDA)")
+                   help="slices per forward pass (default on CPU: about 4 x 128^2 input pixels, e.g. 4 slices at "
+                        "128 px and 1 at 352 px, as larger batches are slower per slice there; 16 on CUDA)")
     _add_common(s)
 
     d = sub.add_parser("demo", help="segment a phantom volume with the embedded model; writes .seg.nrrd and a PNG")

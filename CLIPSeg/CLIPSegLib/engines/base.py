@@ -17,8 +17,9 @@ from ..errors import InputError
 
 
 # Slices per forward pass when the caller gives none. On CPU small batches are faster per slice (the full-resolution
-# head is memory-bound; see benchmarks/latency.py's batch sweep); a GPU wants larger ones.
-CPU_BATCH_SIZE = 4
+# head is memory-bound; see benchmarks/latency.py's batch sweep: 4 is best at 128 px, 1 at 352 px), so the CPU batch
+# holds about CPU_BATCH_PIXELS input pixels; a GPU wants larger ones.
+CPU_BATCH_PIXELS = 4 * 128 * 128
 CUDA_BATCH_SIZE = 16
 # fp32: exact. bf16: autocast matrix products and convolutions to bfloat16 (1.8x faster at paper size on a CPU with
 # AVX-512 BF16, masks within Dice 0.986 of fp32 on held-out phantoms; benchmarks/RESULTS.md).
@@ -41,7 +42,9 @@ class Engine(ABC):
 
     @property
     def default_batch_size(self) -> int:
-        return CUDA_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
+        if self.device.type == "cuda":
+            return CUDA_BATCH_SIZE
+        return max(1, round(CPU_BATCH_PIXELS / max(self.input_size, 1) ** 2))
 
     @abstractmethod
     def predict(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
