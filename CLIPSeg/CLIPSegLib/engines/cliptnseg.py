@@ -73,17 +73,15 @@ class CoarseBranch(nn.Module):
 
     def forward(self, activations: list[torch.Tensor], text: torch.Tensor, grid: tuple[int, int]):
         """activations: per depth ``[N, L, clip_width]`` (L = h*w tokens, no class token), shallow to deep;
-        text: ``[N, text_dim]``. -> (features ``[N, out_channels, H, W]``, pooled tokens ``[N, 2*reduce_dim]``)."""
+        text: ``[N, text_dim]``. -> (features ``[N, out_channels, H, W]``, decoded tokens ``[N, L, reduce_dim]``)."""
         a = None
         for i, (act, reduce, block) in enumerate(zip(reversed(activations), self.reduces, self.blocks)):
             a = reduce(act) if a is None else a + reduce(act)
             if i == 0:
                 a = self.film(a, text)
             a = block(a)
-        pooled = torch.cat([a.mean(1), a.amax(1)], dim=1)
-        n, l, c = a.shape
-        a = a.transpose(1, 2).reshape(n, c, grid[0], grid[1])
-        return self.upsample(a), pooled
+        n, _, c = a.shape
+        return self.upsample(a.transpose(1, 2).reshape(n, c, grid[0], grid[1])), a
 
 
 class CLIPTNSegNet(nn.Module):
@@ -166,13 +164,13 @@ class CLIPTNSegNet(nn.Module):
             out_shape = (p, self.input_size, self.input_size)
         grid = (self.input_size // self.patch, self.input_size // self.patch)
         acts = [a[pair_index] for a in self.clip_activations(images)]
-        coarse, pooled = self.coarse(acts, t, grid)
+        coarse, tokens = self.coarse(acts, t, grid)
         fine = self.fine(images)[pair_index]
         x = self.head_film(self.fuse(torch.cat([coarse, fine], dim=1)), t)
         mask = self.head(x).view(out_shape)
         if self.presence is None:
             return mask, None
-        presence = self.presence(torch.cat([pooled, torch.relu(x).amax(dim=(2, 3))], dim=1))
+        presence = self.presence(torch.cat([tokens.mean(1), tokens.amax(1), torch.relu(x).amax(dim=(2, 3))], dim=1))
         return mask, presence.view(out_shape[:-2])
 
 
