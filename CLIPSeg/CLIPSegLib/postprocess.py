@@ -41,14 +41,13 @@ def components(prob: np.ndarray, spacing, slice_axis: int, threshold: float):
     labels, n = ndimage.label(prob > threshold)
     if n == 0:
         return labels, []
-    idx = np.arange(1, n + 1)
-    peaks = ndimage.maximum(prob, labels, idx)
-    voxels = ndimage.sum_labels(np.ones_like(labels), labels, idx)
     spacing_kji = np.asarray(spacing, float)[::-1]
     pixel_area = float(np.prod(np.delete(spacing_kji, slice_axis)))
     out = []
-    for lab, box, peak, nvox in zip(idx, ndimage.find_objects(labels), peaks, voxels):
+    # per component inside its bounding box (ndimage.maximum with labels sorts the whole volume: ~0.7 s per prompt)
+    for lab, box in enumerate(ndimage.find_objects(labels), start=1):
         sub = labels[box] == lab
+        peak, nvox = prob[box][sub].max(), sub.sum()
         per_slice = sub.sum(axis=tuple(a for a in range(3) if a != slice_axis))
         n_slices = int((per_slice > 0).sum())
         out.append(Component(int(lab), int(nvox), float(peak), n_slices, n_slices * float(spacing_kji[slice_axis]),
