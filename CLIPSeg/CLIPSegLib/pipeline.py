@@ -144,14 +144,13 @@ def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: in
 
 
 def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_axis: int,
-                          batch_size: int | None = None, progress: Progress | None = None, cancel=None,
-                          gates: list[float] | None = None) -> np.ndarray:
+                          batch_size: int | None = None, progress: Progress | None = None, cancel=None) -> np.ndarray:
     """volume ``[K,J,I]`` -> probabilities ``[P,K,J,I]`` float32: ``predict_maps`` combined by ``apply_presence``
-    with one gate per prompt (default 1: mask x presence)."""
+    at gate 1 (mask x slice presence)."""
     probs, presence = predict_maps(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
     if presence is not None:
-        for i, gate in enumerate(gates or [1.0] * len(prompts)):
-            probs[i] = apply_presence(probs[i], presence[i], slice_axis, gate)
+        for i in range(len(prompts)):
+            probs[i] = apply_presence(probs[i], presence[i], slice_axis)
     return probs
 
 

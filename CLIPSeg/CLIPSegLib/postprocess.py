@@ -80,7 +80,8 @@ def decide(prob: np.ndarray, spacing, slice_axis: int, cfg: dict | None = None) 
     """Probability ``[K,J,I]`` -> (bool mask ``[K,J,I]``, info dict with found, score, kept and dropped counts)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     labels, comps = components(prob, spacing, slice_axis, cfg["threshold"])
-    kept = [c for c in comps if keep(c, cfg, volume_extent_mm(prob.shape, spacing, slice_axis))]
+    extent = volume_extent_mm(prob.shape, spacing, slice_axis)
+    kept = [c for c in comps if keep(c, cfg, extent)]
     mask = np.isin(labels, [c.label for c in kept]) if kept else np.zeros(prob.shape, bool)
     if kept:
         fill_holes(mask)

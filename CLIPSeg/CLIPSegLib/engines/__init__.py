@@ -10,7 +10,7 @@ import difflib
 import torch
 
 from ..errors import InputError
-from .base import Engine, check_precision
+from .base import Engine
 
 
 def _cliptnseg(spec, device, precision):
@@ -32,9 +32,8 @@ def check_engine(name: str) -> str:
 
 def create_engine(spec: dict, device: torch.device, engine: str | None = None, precision: str = "fp32") -> Engine:
     """Build the engine named by ``engine`` (default: the spec's) with the spec's verified weights; ``precision``
-    fp32 or bf16 (see ``engines.base.PRECISIONS``)."""
+    fp32 or bf16 (see ``engines.base.PRECISIONS``; checked by ``Engine``)."""
     name = check_engine(engine or spec["engine"])
-    check_precision(precision)
     if spec["engine"] != name:
         raise InputError(f"model {spec['id']!r} is for engine {spec['engine']!r}, not {name!r}; "
                          f"pick a {name} model or drop --engine")
