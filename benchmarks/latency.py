@@ -62,14 +62,15 @@ def engines(which):
 
 
 def slice_flops(engine):
+    """Forward FLOPs of one slice with the three prompts, attention included (``CLIPSegLib.flops``)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+
+    from CLIPSegLib.flops import count_flops
 
     s = engine.input_size
     text = engine.text_embeddings(PROMPTS)
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
-        engine.net(torch.rand(1, 1, s, s), text)
-    return fc.get_total_flops()
+    with torch.inference_mode():
+        return count_flops(lambda: engine.net(torch.rand(1, 1, s, s), text))
 
 
 def per_slice(engine, batch, reps=2):
