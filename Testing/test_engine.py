@@ -26,6 +26,28 @@ def test_every_image_pairs_with_every_prompt_and_pairs_match_the_grid():
     assert not torch.allclose(grid[:, 0], grid[:, 1])  # the prompt changes the output
 
 
+def test_split_fuse_equals_the_papers_concatenation():
+    """The fuse convolution run as coarse part per pair + fine part per image gives the paper's
+    fuse(cat[coarse, fine]) for both pairings (grid and explicit pair_index)."""
+    torch.manual_seed(0)
+    net = build_network(TINY_SPEC).eval()
+    x = torch.rand(3, 1, 32, 32)
+    text = net.encode_text(tokenize(["thyroid nodule", "cyst"], 8))
+    pair_index = torch.tensor([0, 0, 1, 1, 2, 2])
+    with torch.no_grad():
+        grid, _ = net(x, text)
+        acts = [a[pair_index] for a in net.clip_activations(x)]
+        t = text.repeat(3, 1)
+        coarse, _ = net.coarse(acts, t, (32 // net.patch, 32 // net.patch))
+        fine = net.fine(x)
+        reference = net.fuse(torch.cat([coarse, fine[pair_index]], dim=1))
+        expected = net.head(net.head_film(reference, t)).view(3, 2, 32, 32)
+        shuffled = torch.tensor([2, 0, 1, 2, 1, 0])
+        split = net.fused(coarse[shuffled], fine, pair_index[shuffled], None)
+    torch.testing.assert_close(grid, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(split, reference[shuffled], atol=1e-5, rtol=1e-4)
+
+
 def test_engine_returns_mask_and_slice_presence_probabilities(tiny_model):
     torch.manual_seed(0)
     eng = create_engine(load_spec(tiny_model), torch.device("cpu"))

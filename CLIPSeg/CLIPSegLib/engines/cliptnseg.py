@@ -145,6 +145,22 @@ class CLIPTNSegNet(nn.Module):
                                                      intermediates_only=True, output_fmt="NLC")
         return out["image_intermediates"]
 
+    def fused(self, coarse: torch.Tensor, fine: torch.Tensor, pair_index: torch.Tensor, prompts: int | None):
+        """``fuse(cat[coarse, fine[pair_index]])`` computed without repeating the fine half per prompt.
+
+        The fuse convolution is linear, so it splits into a coarse part (per pair) and a fine part (per image, summed
+        in by broadcasting when ``prompts`` pairs per image are laid out image-major, else by ``pair_index``): the
+        same result as the paper's concatenation, with the fine half's convolution run once per image instead of
+        once per prompt. coarse ``[N,Cc,S,S]``, fine ``[B,Cf,S,S]`` -> ``[N,head_channels,S,S]``."""
+        cc = coarse.shape[1]
+        w = self.fuse.weight
+        xc = nn.functional.conv2d(coarse, w[:, :cc], self.fuse.bias, padding=self.fuse.padding)
+        xf = nn.functional.conv2d(fine, w[:, cc:], None, padding=self.fuse.padding)
+        if prompts is None:
+            return xc + xf[pair_index]
+        n, c, h, ww = xc.shape
+        return (xc.view(-1, prompts, c, h, ww) + xf[:, None]).view(n, c, h, ww)
+
     def forward(self, images: torch.Tensor, text: torch.Tensor, pair_index: torch.Tensor | None = None):
         """images ``[B,1,S,S]`` in [0,1] (S = input size); text embeddings ``[P,D]``.
         -> (mask logits, presence logits or None when the network has no presence head).
@@ -155,6 +171,7 @@ class CLIPTNSegNet(nn.Module):
         b, p = images.shape[0], text.shape[0]
         if images.ndim != 4 or images.shape[1] != 1 or images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"images must be [B,1,{self.input_size},{self.input_size}], got {tuple(images.shape)}")
+        per_image = p if pair_index is None else None  # every image with every prompt, image-major
         if pair_index is None:
             pair_index = torch.arange(b, device=images.device).repeat_interleave(p)
             t = text.repeat(b, 1)  # prompt index fastest
@@ -165,8 +182,7 @@ class CLIPTNSegNet(nn.Module):
         grid = (self.input_size // self.patch, self.input_size // self.patch)
         acts = [a[pair_index] for a in self.clip_activations(images)]
         coarse, tokens = self.coarse(acts, t, grid)
-        fine = self.fine(images)[pair_index]
-        x = self.head_film(self.fuse(torch.cat([coarse, fine], dim=1)), t)
+        x = self.head_film(self.fused(coarse, self.fine(images), pair_index, per_image), t)
         mask = self.head(x).view(out_shape)
         if self.presence is None:
             return mask, None
