@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--work-dir", default="build/embedded-model", help="checkpoints (resumable)")
     t.add_argument("--model-id", default="cliptnseg-phantom-small")
     t.add_argument("--phantoms", type=int, default=2000, help="2D phantom images in the training bank")
+    t.add_argument("--volumes", type=int, default=0,
+                   help="3D phantom volumes whose slices are added to the segmenter's training bank")
     t.add_argument("--clip-steps", type=int, default=300)
     t.add_argument("--steps", type=int, default=3000, help="segmenter training steps")
     t.add_argument("--data", default=None, help="CSV (image,mask,phrase) of your own labelled images, added to phantoms")
@@ -141,12 +143,14 @@ def _cmd_train(a, progress):
 
     device = resolve_device(a.device)
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
+           f"--volumes {a.volumes} "
            f"--clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes {a.calibration_volumes} "
            f"--seed {a.seed} --no-resume" + (" --presence-head" if a.presence_head else "")
            + (f" --data {a.data}" if a.data else ""))
     path = run_training(Path(a.output_dir), Path(a.work_dir), a.model_id, a.phantoms, a.clip_steps, a.steps,
                         Path(a.data) if a.data else None, a.seed, tuple(a.stages.split(",")), not a.no_resume,
-                        a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head)
+                        a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,
+                        n_volumes=a.volumes)
     if path:
         print(f"wrote {path}")
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .phantoms import FINDINGS, PHRASES, make_phantom
+from .phantoms import FINDINGS, PHRASES, make_phantom, random_volume_phantom
 from .preprocessing import normalize_intensity, resize_slices
 
 TRAIN_SEED_BASE = 10_000_000  # phantom seeds used for training; calibration and evaluation use other ranges
 CALIBRATION_SEED_BASE = 20_000_000
+TRAIN_VOLUME_SEED_BASE = 30_000_000  # 3D phantoms whose slices are added to the segmenter's training bank
 NORMAL_PHRASES = ("normal thyroid tissue", "no focal lesion", "normal tissue")
 
 
@@ -39,25 +40,43 @@ def raw_phantom_slice(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.nd
     return img, masks
 
 
+def volume_phantom_slices(seed: int, size: int) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Every K slice of ``phantoms.random_volume_phantom(seed)``, resized to ``size``: [(image [S,S], masks)].
+
+    Slices cut from volumes hold what 2D phantoms rarely do: the thin end cuts of a nodule or cyst, foci seen on one
+    slice, and many slices with no finding at all, as the pipeline sees them."""
+    p = random_volume_phantom(seed)
+    images = resize_slices(torch.from_numpy(p.image)[:, None], size)[:, 0].numpy()
+    masks = {f: resize_slices(torch.from_numpy(m.astype(np.float32))[:, None], size)[:, 0].numpy() > 0.5
+             for f, m in p.masks.items()}
+    return [(images[k], {f: m[k] for f, m in masks.items() if m[k].any()}) for k in range(len(images))]
+
+
 class PhantomBank(torch.utils.data.Dataset):
-    """``n`` pre-generated 2D phantoms (seeds ``TRAIN_SEED_BASE + i``), augmented on access.
+    """``n`` pre-generated 2D phantoms (seeds ``TRAIN_SEED_BASE + i``) plus the K slices of ``volumes`` 3D phantoms
+    (seeds ``TRAIN_VOLUME_SEED_BASE + v``), augmented on access.
 
     Each access returns ``n_prompts`` of the findings (a random subset, in FINDINGS order), each with a random
     phrasing and its mask (empty if absent)."""
 
     def __init__(self, n: int, size: int, seed_base: int = TRAIN_SEED_BASE, augment: bool = True, progress=None,
-                 n_prompts: int = len(FINDINGS)):
+                 n_prompts: int = len(FINDINGS), volumes: int = 0):
         self.size, self.augment, self.n_prompts = size, augment, n_prompts
-        self.images = np.zeros((n, size, size), np.float32)
-        self.masks = np.zeros((n, len(FINDINGS), size, size), bool)
-        for i in range(n):
-            img, masks = raw_phantom_slice(seed_base + i, size)
+        samples = []
+        for i in range(n + volumes):
+            if i < n:
+                samples.append(raw_phantom_slice(seed_base + i, size))
+            else:
+                samples.extend(volume_phantom_slices(TRAIN_VOLUME_SEED_BASE + i - n, size))
+            if progress:
+                progress(i + 1, n + volumes)
+        self.images = np.zeros((len(samples), size, size), np.float32)
+        self.masks = np.zeros((len(samples), len(FINDINGS), size, size), bool)
+        for i, (img, masks) in enumerate(samples):
             self.images[i] = img
             for j, f in enumerate(FINDINGS):
                 if f in masks:
                     self.masks[i, j] = masks[f]
-            if progress:
-                progress(i + 1, n)
         self.transform = make_augmentation() if augment else None
 
     def __len__(self):

@@ -184,10 +184,12 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  clip_steps: int = 300, seg_steps: int = 3000, data_csv: Path | None = None, seed: int = 0,
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
-                 command: str = "", presence_head: bool = False) -> Path | None:
+                 command: str = "", presence_head: bool = False, n_volumes: int = 0) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
-    Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path if exported."""
+    CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
+    phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
+    if exported."""
     import json
 
     from monai.utils import set_determinism
@@ -201,19 +203,23 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     set_determinism(seed)
     spec = embedded_spec(model_id, presence_head)
     size = spec["clip"]["vision_cfg"]["image_size"]
-    bank = None
-    if {"clip", "segmenter"} & set(stages):
-        bank = PhantomBank(n_phantoms, size, n_prompts=3, progress=lambda d, t: progress.update("phantoms", d, t))
+
+    def bank(volumes: int, n_prompts: int):
+        return PhantomBank(n_phantoms, size, n_prompts=n_prompts, volumes=volumes,
+                           progress=lambda d, t: progress.update("phantoms", d, t))
+
     clip = build_clip(spec["clip"])
     clip_ckpt = work_dir / "clip.pt"
     if "clip" in stages:
-        train_clip(clip, bank, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress, device=device)
+        train_clip(clip, bank(0, 3), clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress,
+                   device=device)
     clip.load_state_dict(torch.load(clip_ckpt, map_location="cpu", weights_only=True)["model"])
     net = CLIPTNSegNet(clip, spec["network"])
     seg_ckpt = work_dir / "segmenter.pt"
     if "segmenter" in stages:
-        bank.n_prompts = 2  # two of the three findings per image: 3 would cost ~1.9x per step on CPU
-        data = bank if data_csv is None else torch.utils.data.ConcatDataset([bank, FolderTriples(data_csv, size)])
+        # two of the three findings per image: 3 would cost ~1.9x per step on CPU
+        data = bank(n_volumes, 2)
+        data = data if data_csv is None else torch.utils.data.ConcatDataset([data, FolderTriples(data_csv, size)])
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device)
     net.load_state_dict(torch.load(seg_ckpt, map_location="cpu", weights_only=True)["model"], strict=False)
     net.eval()
@@ -228,6 +234,6 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     from .models import write_spec
 
     spec["presence"] = json.loads(presence_path.read_text())
-    spec["training"] = {"command": command, "n_phantoms": n_phantoms, "clip_steps": clip_steps,
+    spec["training"] = {"command": command, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "clip_steps": clip_steps,
                         "segmenter_steps": seg_steps, "seed": seed, "data_csv": str(data_csv) if data_csv else None}
     return write_spec(spec, net.state_dict(), out_dir)
