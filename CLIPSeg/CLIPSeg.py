@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # CLIPSegLib beside this file
 ENGINES = ["cliptnseg"]
 DEVICES = ["auto", "cpu", "cuda"]
 AXES = ["auto", "0", "1", "2"]
+PRECISIONS = ["fp32", "bf16"]
 
 
 class CLIPSeg(ScriptedLoadableModule):
@@ -60,6 +61,7 @@ class CLIPSegParameterNode:
     engine: Annotated[str, Choice(ENGINES)] = "cliptnseg"
     model: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    precision: Annotated[str, Choice(PRECISIONS)] = "fp32"
     axis: Annotated[str, Choice(AXES)] = "auto"
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     keepProbabilities: bool = False
@@ -172,7 +174,8 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._run = self.logic.start(p.inputVolume, promptsFromText(p.prompts), p.outputSegmentation,
                                          engine=p.engine, model=p.model or None, device=p.device, axis=p.axis,
-                                         threshold=p.threshold, keepProbabilities=p.keepProbabilities)
+                                         threshold=p.threshold, keepProbabilities=p.keepProbabilities,
+                                         precision=p.precision)
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.enabled = True
             self.ui.progressBar.value = 0
@@ -314,14 +317,15 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         return not self.missingPackages()
 
     def start(self, volumeNode, prompts, segmentationNode=None, engine="cliptnseg", model=None, device="auto",
-              axis="auto", threshold=0.5, keepProbabilities=False):
+              axis="auto", threshold=0.5, keepProbabilities=False, precision="fp32"):
         """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel())."""
         from CLIPSegLib.scene_run import SceneRun
 
         if self._active is not None and self._active.running:
             raise RuntimeError(_("A segmentation is already running; wait for it or cancel it first."))
         run = SceneRun(volumeNode, prompts, segmentationNode, engine=engine, model=model, device=device, axis=axis,
-                       python=self.pythonExecutable(), threshold=threshold, keep_probabilities=keepProbabilities)
+                       python=self.pythonExecutable(), threshold=threshold, keep_probabilities=keepProbabilities,
+                       precision=precision)
         self._active = run.start()
         return run
 

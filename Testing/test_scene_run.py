@@ -71,3 +71,13 @@ def test_bad_input_is_refused_before_starting(scene_volume):
         SceneRun(volume, ["  "])
     with pytest.raises(InputError, match="select a volume"):
         SceneRun(None, ["cyst"]).start()
+    with pytest.raises(InputError, match="precision 'fp16' is not one of fp32, bf16"):
+        SceneRun(volume, ["cyst"], precision="fp16")
+
+
+def test_precision_reaches_the_command_line(tmp_path):
+    from CLIPSegLib.background import segment_command
+    from CLIPSegLib.cli import build_parser
+
+    argv = segment_command(tmp_path / "in.nrrd", ["cyst"], tmp_path / "o.seg.nrrd", device="cpu", precision="bf16")
+    assert build_parser().parse_args(argv[3:]).precision == "bf16"

@@ -29,10 +29,11 @@ def parse_event(line: str) -> dict | None:
 
 
 def segment_command(input_path, prompts, output_path, engine=None, model=None, device="auto", axis="auto",
-                    probabilities=None, python: str | None = None, threshold: float | None = None) -> list[str]:
+                    probabilities=None, python: str | None = None, threshold: float | None = None,
+                    precision: str = "fp32") -> list[str]:
     """argv for ``python -m CLIPSegLib.cli segment ... --progress json`` (``python``: PythonSlicer in Slicer)."""
     cmd = [python or sys.executable, "-m", "CLIPSegLib.cli", "segment", str(input_path), "--output", str(output_path),
-           "--device", device, "--axis", str(axis), "--progress", "json"]
+           "--device", device, "--axis", str(axis), "--precision", precision, "--progress", "json"]
     for p in prompts:
         cmd += ["--prompt", p]
     if engine:

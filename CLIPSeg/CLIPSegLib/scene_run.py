@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .background import BackgroundRun, segment_command
 from .clip_backbone import check_prompts
+from .engines.base import check_precision
 from .errors import Cancelled, ClipSegError, InputError
 from .imageio import read_probabilities, read_segment_masks, write_volume
 from .mrml_bridge import masks_to_segmentation, volume_to_array
@@ -35,12 +36,13 @@ def child_environment(device: str = "auto") -> dict:
 class SceneRun:
     def __init__(self, volume_node, prompts, segmentation_node=None, engine=None, model=None, device="auto",
                  axis="auto", python: str | None = None, threshold: float | None = None,
-                 keep_probabilities: bool = False):
+                 keep_probabilities: bool = False, precision: str = "fp32"):
         self.volume_node = volume_node
         self.prompts = check_prompts(prompts)
         self.segmentation_node = segmentation_node
         self.engine, self.model, self.device, self.axis, self.python = engine, model, device, axis, python
         self.threshold, self.keep_probabilities = threshold, keep_probabilities
+        self.precision = check_precision(precision)
         self.run: BackgroundRun | None = None
         self.tmp: Path | None = None
         self.probability_nodes: list = []
@@ -57,7 +59,7 @@ class SceneRun:
             probs = self.tmp / "probabilities.nrrd" if self.keep_probabilities else None
             argv = segment_command(self.tmp / "input.nrrd", self.prompts, self.tmp / "output.seg.nrrd", self.engine,
                                    self.model, self.device, self.axis, probs, python=self.python,
-                                   threshold=self.threshold)
+                                   threshold=self.threshold, precision=self.precision)
             self.run = BackgroundRun(argv, env=child_environment(self.device))
         except BaseException:
             self.cleanup()
