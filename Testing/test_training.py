@@ -34,3 +34,23 @@ def test_clip_contrastive_training_moves_the_loss(tmp_path):
     train_clip(clip, bank, steps=3, ckpt=tmp_path / "clip.pt", batch_size=8)
     assert not torch.equal(before, clip.visual.conv1.weight)
     assert torch.load(tmp_path / "clip.pt", weights_only=True)["step"] == 3
+
+
+def test_bank_adds_every_slice_of_the_volume_phantoms_with_their_masks():
+    import numpy as np
+
+    from CLIPSegLib.datasets import TRAIN_VOLUME_SEED_BASE
+    from CLIPSegLib.phantoms import FINDINGS, random_volume_phantom
+
+    bank = PhantomBank(2, 64, augment=False, volumes=1)
+    vol = random_volume_phantom(TRAIN_VOLUME_SEED_BASE)
+    assert len(bank) == 2 + vol.image.shape[0] and vol.masks  # the test volume holds a finding
+    for j, f in enumerate(FINDINGS):
+        truth = vol.masks.get(f, np.zeros(vol.image.shape, bool))
+        # a slice holds the finding in the bank iff it does in the volume (64 px from 256 px: only specks vanish)
+        in_bank = bank.masks[2:, j].any((1, 2))
+        assert (in_bank <= truth.any((1, 2))).all()
+        big = truth.sum((1, 2)) >= 64
+        assert in_bank[big].all()
+    _, phrases, masks = bank[2]
+    assert len(phrases) == len(FINDINGS) and masks.shape == (len(FINDINGS), 64, 64)
