@@ -2,8 +2,10 @@
 
 Prints (and with --results, appends to benchmarks/RESULTS.md):
   1. machine: CPU, threads, torch, measured fp32 matmul throughput (GFLOP/s);
-  2. per-slice latency at embedded size and at paper size (ViT-B/16, 352 px; random weights), batch-size sweep;
-  3. forward FLOPs per slice (torch FlopCounterMode) / matmul throughput = the FLOP limit, and our fraction of it;
+  2. per-slice latency (best of 3 calls) at embedded size and at paper size (ViT-B/16, 352 px; random weights),
+     batch-size sweep;
+  3. forward FLOPs per slice (``CLIPSegLib.flops``: torch's FlopCounterMode with attention counted) / matmul
+     throughput = the FLOP limit, and our fraction of it;
      execution variants side by side (MHA fast path vs SDPA, channels-last, bf16 autocast), each against the limit
      of its own precision;
   4. reference-style execution (one slice per forward, text re-encoded, no batching) vs ours, as a ratio;
@@ -73,16 +75,20 @@ def slice_flops(engine):
         return count_flops(lambda: engine.net(torch.rand(1, 1, s, s), text))
 
 
-def per_slice(engine, batch, reps=2):
+def per_slice(engine, batch, reps=3):
+    """Seconds per slice of ``engine.predict`` on a batch: the best of ``reps`` timed calls after one warm-up (the
+    best filters out the other processes sharing the cores, as timeit does)."""
     import torch
 
     s = engine.input_size
     x = torch.rand(batch, 1, s, s)
     engine.predict(x, PROMPTS)
-    t = time.perf_counter()
+    times = []
     for _ in range(reps):
+        t = time.perf_counter()
         engine.predict(x, PROMPTS)
-    return (time.perf_counter() - t) / reps / batch
+        times.append(time.perf_counter() - t)
+    return min(times) / batch
 
 
 @contextlib.contextmanager
