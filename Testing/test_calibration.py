@@ -4,8 +4,9 @@ from CLIPSegLib.calibration import evaluate_rule, search_gate_and_rule, search_r
 from CLIPSegLib.postprocess import Component
 
 
-def _c(label, voxels, peak, extent_mm, area):
-    return Component(label, voxels, peak, n_slices=max(1, int(extent_mm)), extent_mm=extent_mm, max_area_mm2=area)
+def _c(label, voxels, peak, extent_mm, area, mean=0.95):
+    return Component(label, voxels, peak, n_slices=max(1, int(extent_mm)), extent_mm=extent_mm, max_area_mm2=area,
+                     mean=mean)
 
 
 def _cases(fp_peak):
@@ -37,3 +38,19 @@ def test_the_gate_whose_cases_score_best_is_chosen():
                0.5: _cases(0.9)}
     best = search_gate_and_rule(by_gate, "nodule")
     assert best["slice_gate"] == 0.5 and best["calibration"]["absent_empty_rate"] == 1.0
+
+
+def test_a_large_half_believed_component_is_dropped_by_its_mean_probability():
+    """The false cyst on a dark nodule: as large and as peaked as the true cysts, but of middling probability
+    throughout. Only the mean probability tells them apart, and the search finds that test."""
+    cases = [
+        ("cyst", 2000, [(_c(1, 2000, 0.99, 8.0, 60.0, mean=0.96), 2000)], 20.0),
+        ("cyst", 1500, [(_c(1, 1500, 0.99, 7.0, 50.0, mean=0.95), 1500)], 20.0),
+        ("cyst", 0, [(_c(1, 3000, 0.99, 9.0, 70.0, mean=0.88), 0)], 20.0),
+        ("cyst", 0, [], 20.0),
+    ]
+    rule = search_rule(cases)
+    assert 0.88 < rule["min_mean"] <= 0.95
+    assert rule["calibration"]["absent_empty_rate"] == 1.0 and rule["calibration"]["mean_dice"]["cyst"] == 1.0
+    empty, _ = evaluate_rule(cases, {**rule, "min_mean": 0.0})
+    assert empty == 0.5  # without the mean test the false cyst stays

@@ -57,3 +57,15 @@ def test_filling_holes_in_the_bounding_box_equals_filling_the_whole_volume():
         expected = ndimage.binary_fill_holes(mask)
         fill_holes(mask)
         np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_component_of_middling_mean_probability_is_dropped_by_min_mean():
+    prob = np.zeros((4, 20, 20), np.float32)
+    prob[1:3, 4:12, 4:12] = 0.7  # 128 voxels of 0.7 ...
+    prob[1, 8, 8] = 0.99  # ... around one confident voxel: mean ~0.702
+    rule = {"threshold": 0.5, "min_peak": 0.9, "min_extent_mm": 0.0, "min_area_mm2": 2.0}
+    _, comps = components(prob, (0.5, 0.5, 1.0), 0, 0.5)
+    assert abs(comps[0].mean - (127 * 0.7 + 0.99) / 128) < 1e-5
+    assert decide(prob, (0.5, 0.5, 1.0), 0, rule)[1]["found"]
+    mask, info = decide(prob, (0.5, 0.5, 1.0), 0, {**rule, "min_mean": 0.8})
+    assert not info["found"] and not mask.any() and info["dropped_components"] == 1

@@ -2,6 +2,9 @@
 
 A finding is reported only through connected components (3D, face-connected) of ``probability > threshold`` that
   - reach a peak probability of at least ``min_peak``,
+  - have a mean probability over their voxels of at least ``min_mean`` (a region the model is sure of throughout,
+    not one it only half believes: a dark solid nodule asked as "cyst" comes out as a large component of middling
+    probability, a true cyst as one of high probability everywhere),
   - extend at least ``min_extent_mm`` along the slice axis (slices spanned x slice spacing; capped at the volume's
     own extent, so a 2D image or a thin stack can still hold a finding), and
   - have a largest cross-section of at least ``min_area_mm2`` (in-plane area in mm^2).
@@ -18,13 +21,14 @@ import numpy as np
 from scipy import ndimage
 
 # slice_gate: how the slice presence probability scales each slice (pipeline.apply_presence), calibrated with the rest.
-DEFAULT_PRESENCE = {"threshold": 0.5, "min_peak": 0.8, "min_extent_mm": 1.0, "min_area_mm2": 1.0, "slice_gate": 1.0}
+DEFAULT_PRESENCE = {"threshold": 0.5, "min_peak": 0.8, "min_mean": 0.0, "min_extent_mm": 1.0, "min_area_mm2": 1.0,
+                    "slice_gate": 1.0}
 
 
 @dataclass
 class Component:
     """One connected component: voxel count, peak probability, slices spanned and their extent along the slice axis
-    (mm), largest cross-section (mm^2)."""
+    (mm), largest cross-section (mm^2), mean probability over its voxels."""
 
     label: int
     voxels: int
@@ -32,6 +36,7 @@ class Component:
     n_slices: int
     extent_mm: float
     max_area_mm2: float
+    mean: float = 1.0
 
 
 def components(prob: np.ndarray, spacing, slice_axis: int, threshold: float):
@@ -47,18 +52,23 @@ def components(prob: np.ndarray, spacing, slice_axis: int, threshold: float):
     # per component inside its bounding box (ndimage.maximum with labels sorts the whole volume: ~0.7 s per prompt)
     for lab, box in enumerate(ndimage.find_objects(labels), start=1):
         sub = labels[box] == lab
-        peak, nvox = prob[box][sub].max(), sub.sum()
+        values = prob[box][sub]
+        peak, nvox = values.max(), sub.sum()
         per_slice = sub.sum(axis=tuple(a for a in range(3) if a != slice_axis))
         n_slices = int((per_slice > 0).sum())
         out.append(Component(int(lab), int(nvox), float(peak), n_slices, n_slices * float(spacing_kji[slice_axis]),
-                             float(per_slice.max() * pixel_area)))
+                             float(per_slice.max() * pixel_area), float(values.mean())))
     return labels, out
 
 
-def keep(c: Component, cfg: dict, volume_extent_mm: float) -> bool:
-    """The presence rule for one component (see module docstring). volume_extent_mm: slices x slice spacing."""
-    need_mm = min(float(cfg["min_extent_mm"]), volume_extent_mm)
-    return c.peak >= cfg["min_peak"] and c.extent_mm >= need_mm - 1e-6 and c.max_area_mm2 >= cfg["min_area_mm2"]
+def keep(c, cfg: dict, volume_extent_mm):
+    """The presence rule for one component (see module docstring). volume_extent_mm: slices x slice spacing.
+
+    ``c`` may also hold arrays in the Component fields (and ``volume_extent_mm`` an array): the calibration search
+    then judges many components at once, with the same rule."""
+    need_mm = np.minimum(float(cfg["min_extent_mm"]), volume_extent_mm)
+    return ((c.peak >= cfg["min_peak"]) & (c.mean >= cfg.get("min_mean", 0.0)) & (c.extent_mm >= need_mm - 1e-6)
+            & (c.max_area_mm2 >= cfg["min_area_mm2"]))
 
 
 def volume_extent_mm(shape, spacing, slice_axis: int) -> float:
