@@ -3,8 +3,9 @@
 Seeds come from ``CALIBRATION_SEED_BASE`` (training uses ``TRAIN_SEED_BASE``, evaluation its own seeds). For every
 volume and finding, the mask and slice presence maps are predicted once and, for each candidate slice gate
 (``pipeline.apply_presence``), the connected components of the gated probability map are measured once; a grid search
-then picks the gate and rule (peak, mean probability, extent, area) that maximise 2 x (fraction of absent findings left empty) + mean Dice over present
-findings: absence weighs double, but a rule that empties everything still pays with its Dice.
+then picks the gate and rule (peak, mean probability, extent, area) that maximise 2 x (fraction of absent findings
+left empty) + mean Dice over present findings: absence weighs double, but a rule that empties everything still pays
+with its Dice.
 """
 
 from __future__ import annotations
