@@ -45,6 +45,7 @@ def main():
     fill = {"inputVolumeSelector": ["thyroid US (256x256x32)"],
             "outputSegmentationSelector": ["Create new segmentation"], "engineComboBox": ["cliptnseg"],
             "modelComboBox": ["cliptnseg-phantom-small (present)"], "deviceComboBox": ["auto", "cpu", "cuda"],
+            "precisionComboBox": ["fp32", "bf16"],
             "axisComboBox": ["auto", "0", "1", "2"]}
     for name, items in fill.items():
         form.findChild(QComboBox, name).addItems(items)
@@ -55,7 +56,7 @@ def main():
     from PySide6.QtWidgets import QDoubleSpinBox
 
     form.findChild(QDoubleSpinBox, "thresholdSliderWidget").setValue(0.5)
-    form.resize(420, 600)
+    form.resize(420, 630)
     form.show()
     app.processEvents()
     OUT.parent.mkdir(exist_ok=True)
