@@ -203,23 +203,25 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     set_determinism(seed)
     spec = embedded_spec(model_id, presence_head)
     size = spec["clip"]["vision_cfg"]["image_size"]
-
-    def bank(volumes: int, n_prompts: int):
-        return PhantomBank(n_phantoms, size, n_prompts=n_prompts, volumes=volumes,
-                           progress=lambda d, t: progress.update("phantoms", d, t))
-
+    bank = None
+    if {"clip", "segmenter"} & set(stages):
+        bank = PhantomBank(n_phantoms, size, n_prompts=3, progress=lambda d, t: progress.update("phantoms", d, t))
     clip = build_clip(spec["clip"])
     clip_ckpt = work_dir / "clip.pt"
     if "clip" in stages:
-        train_clip(clip, bank(0, 3), clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress,
-                   device=device)
+        train_clip(clip, bank, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress, device=device)
     clip.load_state_dict(torch.load(clip_ckpt, map_location="cpu", weights_only=True)["model"])
     net = CLIPTNSegNet(clip, spec["network"])
     seg_ckpt = work_dir / "segmenter.pt"
     if "segmenter" in stages:
-        # two of the three findings per image: 3 would cost ~1.9x per step on CPU
-        data = bank(n_volumes, 2)
-        data = data if data_csv is None else torch.utils.data.ConcatDataset([data, FolderTriples(data_csv, size)])
+        bank.n_prompts = 2  # two of the three findings per image: 3 would cost ~1.9x per step on CPU
+        parts = [bank]
+        if n_volumes:  # the 2D bank is reused; only the volume slices are generated here
+            parts.append(PhantomBank(0, size, n_prompts=2, volumes=n_volumes,
+                                     progress=lambda d, t: progress.update("volume phantoms", d, t)))
+        if data_csv is not None:
+            parts.append(FolderTriples(data_csv, size))
+        data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device)
     net.load_state_dict(torch.load(seg_ckpt, map_location="cpu", weights_only=True)["model"], strict=False)
     net.eval()
