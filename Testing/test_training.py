@@ -54,3 +54,14 @@ def test_bank_adds_every_slice_of_the_volume_phantoms_with_their_masks():
         assert in_bank[big].all()
     _, phrases, masks = bank[2]
     assert len(phrases) == len(FINDINGS) and masks.shape == (len(FINDINGS), 64, 64)
+
+
+def test_data_smaller_than_one_batch_is_refused_not_waited_on(tmp_path):
+    import pytest
+
+    from CLIPSegLib.errors import InputError
+
+    with pytest.raises(InputError, match="2 samples, fewer than one batch of 4"):
+        train_segmenter(build_network(TINY_SPEC), PhantomBank(2, 32, n_prompts=2), steps=1, ckpt=tmp_path / "s.pt",
+                        batch_size=4)
+    assert not (tmp_path / "s.pt").exists()

@@ -13,6 +13,7 @@ import torch
 
 from .clip_backbone import build_clip, to_clip_input, tokenize
 from .datasets import NORMAL_PHRASES, collate
+from .errors import InputError
 from .phantoms import FINDINGS, PHRASES
 from .progress import Progress
 
@@ -61,7 +62,11 @@ def _resume(path: Path, model, opt, sched, resume: bool, load_model) -> int:
 
 
 def _batches(dataset, batch_size: int, seed: int):
-    """Endless shuffled batches; shuffling seeded so a run is repeatable."""
+    """Endless shuffled batches; shuffling seeded so a run is repeatable. Only full batches are used, so a dataset
+    smaller than one batch is an error (it would otherwise wait forever for a batch)."""
+    if len(dataset) < batch_size:
+        raise InputError(f"the training data has {len(dataset)} samples, fewer than one batch of {batch_size}; "
+                         f"add images (or phantoms with --phantoms) or lower the batch size")
     g = torch.Generator().manual_seed(seed)
     while True:
         for idx in torch.randperm(len(dataset), generator=g).split(batch_size):
