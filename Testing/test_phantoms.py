@@ -50,3 +50,14 @@ def test_random_volume_phantom_geometry():
     ph = random_volume_phantom(123)
     assert 16 <= ph.image.shape[0] <= 40 and ph.image.shape[1:] == (256, 256)
     assert 0.5 <= ph.spacing[0] <= 1.0 and 0.2 <= ph.spacing[1] <= 0.3
+
+
+def test_findings_declared_exclusive_never_share_a_voxel():
+    from CLIPSegLib.phantoms import EXCLUSIVE
+
+    for seed in range(12):
+        shape, spacing = ((96, 96), (0.5, 0.5)) if seed % 2 else ((24, 96, 96), (1.0, 0.5, 0.5))
+        ph = make_phantom(shape, spacing, seed=seed, findings=FINDINGS)
+        for a, b in EXCLUSIVE:
+            assert a in ph.masks and b in ph.masks
+            assert not (ph.masks[a] & ph.masks[b]).any(), (seed, a, b)

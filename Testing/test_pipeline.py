@@ -79,3 +79,56 @@ def test_cpu_default_batch_holds_about_four_128px_slices():
     for size, batch in ((128, 4), (256, 1), (352, 1), (64, 16)):
         eng.input_size = size
         assert eng.default_batch_size == batch
+
+
+class _MapEngine:
+    """A stand-in engine whose probability maps are fixed per finding: prompt -> finding by the first word."""
+
+    input_size = 16
+    default_batch_size = 4
+
+    def __init__(self, maps):
+        self.maps, self.asked = maps, []
+        names = sorted(maps)
+        per = {f: {"threshold": 0.5, "min_peak": 0.5, "min_extent_mm": 0.0, "min_area_mm2": 0.0,
+                   "phrases": [f"{f} canonical"]} for f in names}
+        self.spec = {"presence": {**per[names[0]], "per_finding": per, "match_min_cosine": 0.9,
+                                  "exclusive": [["nodule", "cyst"]]}}
+        self._axes = {f: i for i, f in enumerate(names)}
+
+    def text_embeddings(self, prompts):
+        e = torch.zeros(len(prompts), len(self._axes))
+        for i, p in enumerate(prompts):
+            e[i, self._axes[p.split()[0]]] = 1.0
+        return e
+
+    def predict(self, images, prompts):
+        self.asked.append(list(prompts))
+        return torch.stack([self.maps[p.split()[0]] for p in prompts])[None].repeat(len(images), 1, 1, 1), None
+
+
+def test_a_rival_finding_nobody_asked_for_still_claims_its_voxels():
+    from CLIPSegLib.imageio import Geometry
+    from CLIPSegLib.pipeline import segment_volume
+
+    nodule = torch.zeros(16, 16)
+    nodule[2:10, 2:10] = 0.95  # the model is surer this is a nodule ...
+    cyst = torch.zeros(16, 16)
+    cyst[2:10, 2:10] = 0.8  # ... than a cyst; and a true cyst elsewhere
+    cyst[12:15, 12:15] = 0.9
+    engine = _MapEngine({"nodule": nodule, "cyst": cyst, "calcification": nodule})
+    vol = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    res = segment_volume(engine, vol, Geometry.axis_aligned((1.0, 1.0, 1.0)), ["cyst please"], axis=2,
+                         keep_probabilities=True)
+    assert engine.asked[0] == ["cyst please", "nodule canonical"]  # the rival was predicted, not reported
+    assert [f.prompt for f in res.findings] == ["cyst please"] and res.probabilities.shape == (1, 3, 16, 16)
+    mask = res.findings[0].mask
+    assert mask[:, 12:15, 12:15].all() and not mask[:, 2:10, 2:10].any()
+    # asked for both, each keeps its own region; calcification is not exclusive with the nodule
+    res = segment_volume(engine, vol, Geometry.axis_aligned((1.0, 1.0, 1.0)),
+                         ["nodule", "cyst", "calcification"], axis=2)
+    assert engine.asked[-1] == ["nodule", "cyst", "calcification"]
+    n, c, k = (f.mask for f in res.findings)
+    assert n[:, 2:10, 2:10].all() and not n[:, 12:15, 12:15].any()
+    assert c[:, 12:15, 12:15].all() and not c[:, 2:10, 2:10].any()
+    assert k[:, 2:10, 2:10].all()

@@ -69,3 +69,22 @@ def test_a_component_of_middling_mean_probability_is_dropped_by_min_mean():
     assert decide(prob, (0.5, 0.5, 1.0), 0, rule)[1]["found"]
     mask, info = decide(prob, (0.5, 0.5, 1.0), 0, {**rule, "min_mean": 0.8})
     assert not info["found"] and not mask.any() and info["dropped_components"] == 1
+
+
+def test_exclusive_findings_compete_voxel_by_voxel_on_the_maps_as_given():
+    from CLIPSegLib.postprocess import suppress_exclusive
+
+    probs = np.zeros((4, 1, 2, 3), np.float32)
+    probs[0, 0, 0] = (0.9, 0.6, 0.5)  # nodule
+    probs[1, 0, 0] = (0.8, 0.7, 0.5)  # cyst: loses voxel 0, wins voxel 1, ties voxel 2
+    probs[2, 0, 0] = (0.95, 0.95, 0.95)  # calcification: not exclusive with either here
+    probs[3, 0, 0] = (0.99, 0.99, 0.99)  # a prompt matched to no trained finding
+    out = suppress_exclusive(probs.copy(), ["nodule", "cyst", "calcification", None], [("nodule", "cyst")])
+    np.testing.assert_allclose(out[0, 0, 0], (0.9, 0.0, 0.5), rtol=1e-6)
+    np.testing.assert_allclose(out[1, 0, 0], (0.0, 0.7, 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(out[2:], probs[2:])
+    np.testing.assert_array_equal(out[:, 0, 1], probs[:, 0, 1])  # the other row: all zero, nothing to decide
+    # two prompts of one finding do not compete with each other
+    same = suppress_exclusive(probs[[1, 1]].copy() * np.array([1.0, 0.5], np.float32)[:, None, None, None],
+                              ["cyst", "cyst"], [("nodule", "cyst")])
+    assert same[1].max() > 0

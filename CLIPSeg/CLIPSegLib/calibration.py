@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
-from .phantoms import FINDINGS, PHRASES, random_volume_phantom
+from .phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
 from .pipeline import apply_presence, predict_maps
-from .postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm
+from .postprocess import DEFAULT_PRESENCE, components, keep, suppress_exclusive, volume_extent_mm
 from .progress import Progress
 
 MATCH_MIN_COSINE = 0.95  # a prompt takes a finding's rule only if this close to one of its phrasings
@@ -27,9 +27,11 @@ MEAN_GRID = (0.0, 0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95)  # candidate min
 
 
 def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, progress: Progress | None = None,
-                  gates=SLICE_GATES) -> dict:
+                  gates=SLICE_GATES, exclusive=EXCLUSIVE) -> dict:
     """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
-    axis in mm)}, one entry per volume x finding for each gate (engines without slice presence: gate 1.0 only)."""
+    axis in mm)}, one entry per volume x finding for each gate (engines without slice presence: gate 1.0 only).
+
+    The findings' maps compete as in the pipeline (``postprocess.suppress_exclusive`` over ``exclusive`` pairs)."""
     progress = progress or Progress("none")
     rng = np.random.default_rng(seed_base)
     cases: dict[float, list] = {}
@@ -40,8 +42,11 @@ def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE
         spacing_ijk = ph.spacing[::-1]
         extent = volume_extent_mm(masks.shape[1:], spacing_ijk, 0)
         for gate in (gates if presence is not None else (1.0,)):
+            gated = np.stack([apply_presence(masks[i], None if presence is None else presence[i], 2, gate)
+                              for i in range(len(FINDINGS))])
+            suppress_exclusive(gated, FINDINGS, exclusive)
             for i, f in enumerate(FINDINGS):
-                prob = apply_presence(masks[i], None if presence is None else presence[i], 2, gate)
+                prob = gated[i]
                 truth = ph.masks.get(f, np.zeros(prob.shape, bool))
                 labels, comps = components(prob, spacing_ijk, 0, DEFAULT_PRESENCE["threshold"])
                 overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
@@ -111,14 +116,17 @@ def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dic
 
 
 def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = None, device="cpu",
-                       seed_base: int = CALIBRATION_SEED_BASE) -> dict:
-    """Calibrated presence rule for a trained CLIPTNSegNet, with the figures it reached on the calibration set."""
+                       seed_base: int = CALIBRATION_SEED_BASE, exclusive=EXCLUSIVE) -> dict:
+    """Calibrated presence rule for a trained CLIPTNSegNet, with the figures it reached on the calibration set.
+
+    ``exclusive``: pairs of findings that never share a voxel; they compete voxel-wise during calibration and in the
+    pipeline (stored in the rule as ``exclusive``)."""
     import torch
 
     from .engines.cliptnseg_engine import CLIPTNSegEngine
 
     engine = CLIPTNSegEngine(net, torch.device(device))
-    cases = collect_cases(engine, n_volumes, seed_base, progress)
+    cases = collect_cases(engine, n_volumes, seed_base, progress, exclusive=exclusive)
     rule = search_gate_and_rule(cases)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1]})
     # One rule per trained finding (a nodule and a few foci need different size and persistence tests, and the
@@ -131,4 +139,5 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
                               "mean_dice": sub["calibration"]["mean_dice"][f]}
         rule["per_finding"][f] = {**sub, "phrases": list(PHRASES[f])}
     rule["match_min_cosine"] = MATCH_MIN_COSINE
+    rule["exclusive"] = [list(p) for p in exclusive]
     return rule

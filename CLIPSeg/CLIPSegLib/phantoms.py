@@ -20,6 +20,9 @@ import numpy as np
 from scipy import ndimage
 
 FINDINGS = ("nodule", "cyst", "calcification")
+# Findings that never share a voxel: a region is solid or cystic, not both (the generator keeps them apart; a test
+# checks it). Calcifications may sit inside a nodule, so they are not exclusive with it.
+EXCLUSIVE = (("nodule", "cyst"),)
 
 # Phrasings a user may type for each finding. The first one is the canonical name.
 PHRASES: dict[str, tuple[str, ...]] = {

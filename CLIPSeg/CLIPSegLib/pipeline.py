@@ -4,8 +4,9 @@
 2. cut it into slices along the chosen axis, resize each to the engine's input size, batch them;
 3. ``engine.predict`` -> mask probabilities resized back to the slice grid, and slice presence probabilities (text is
    embedded once per run);
-4. per prompt, mask x gated slice presence (``apply_presence``), then 3D post-processing and the found / not-found
-   decision (``postprocess.decide``) with the prompt's calibrated rule.
+4. per prompt, mask x gated slice presence (``apply_presence``), voxel-wise competition of mutually exclusive
+   findings (``postprocess.suppress_exclusive``), then 3D post-processing and the found / not-found decision
+   (``postprocess.decide``) with the prompt's calibrated rule.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from .clip_backbone import check_prompts
 from .errors import DeviceError, InputError
 from .imageio import Geometry, check_volume
-from .postprocess import DEFAULT_PRESENCE, decide
+from .postprocess import DEFAULT_PRESENCE, decide, suppress_exclusive
 from .preprocessing import normalize_intensity, resize_slices
 from .progress import Progress
 
@@ -172,10 +173,25 @@ def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str]:
     return per[best], best
 
 
+def exclusive_rivals(findings: list[str | None], presence: dict) -> list[tuple[str, str]]:
+    """Prompts to add so that every matched finding meets the findings exclusive with it (``presence['exclusive']``):
+    [(prompt, finding)] for each rival finding no user prompt was matched to, phrased by its first phrasing."""
+    per = presence.get("per_finding") or {}
+    extra = []
+    for pair in presence.get("exclusive") or []:
+        for f, g in (pair, pair[::-1]):
+            if f in findings and g not in findings and g in per and g not in [e[1] for e in extra]:
+                extra.append((per[g]["phrases"][0], g))
+    return extra
+
+
 def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list[str], axis: str | int = "auto",
                    presence: dict | None = None, batch_size: int | None = None, keep_probabilities: bool = False,
                    progress: Progress | None = None, cancel=None) -> SegmentationResult:
-    """Segment each prompt's finding in a ``[K,J,I]`` volume. ``presence`` overrides the model's decision rule."""
+    """Segment each prompt's finding in a ``[K,J,I]`` volume. ``presence`` overrides the model's decision rule.
+
+    A prompt matched to a trained finding competes voxel-wise with the findings exclusive with it
+    (``postprocess.suppress_exclusive``); a rival nobody asked for is predicted as an extra, unreported prompt."""
     prompts = check_prompts(prompts)
     volume = check_volume(volume)
     progress = progress or Progress("none")
@@ -185,11 +201,18 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     for prompt in prompts:
         rule, rule_name = presence_rule(engine, prompt, model_presence)
         rules.append(({k: v for k, v in {**rule, **(presence or {})}.items() if k in DEFAULT_PRESENCE}, rule_name))
-    masks, slice_presence = predict_maps(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
+    matched = [name if name != "global" else None for _, name in rules]
+    rivals = exclusive_rivals(matched, model_presence)
+    gates = [cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for cfg, _ in rules]
+    gates += [model_presence["per_finding"][g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for _, g in rivals]
+    masks, slice_presence = predict_maps(engine, volume, prompts + [p for p, _ in rivals], slice_axis, batch_size,
+                                         progress, cancel)
+    for i, gate in enumerate(gates):
+        masks[i] = apply_presence(masks[i], None if slice_presence is None else slice_presence[i], slice_axis, gate)
+    suppress_exclusive(masks, matched + [g for _, g in rivals], model_presence.get("exclusive") or [])
+    masks = masks[:len(prompts)]
     findings = []
     for i, (prompt, (cfg, rule_name)) in enumerate(zip(prompts, rules)):
-        s = None if slice_presence is None else slice_presence[i]
-        masks[i] = apply_presence(masks[i], s, slice_axis, cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]))
         mask, info = decide(masks[i], geometry.spacing, 2 - slice_axis, cfg)
         info["rule"] = rule_name
         findings.append(FindingResult(prompt, mask, info))

@@ -9,6 +9,10 @@ A finding is reported only through connected components (3D, face-connected) of 
     own extent, so a 2D image or a thin stack can still hold a finding), and
   - have a largest cross-section of at least ``min_area_mm2`` (in-plane area in mm^2).
 Components failing any test are dropped; if none is left the segment is empty and the finding "not found".
+Before that, findings the model knows to be mutually exclusive (a solid nodule and a cyst never share a voxel) compete
+voxel by voxel: a prompt keeps a voxel only where no exclusive finding is more probable (``suppress_exclusive``), as
+in multi-class segmentation. A dark solid nodule asked as "cyst" is then left to the nodule if the model finds the
+nodule surer there.
 The thresholds belong to a model (its spec's ``presence`` entry), calibrated on phantom volumes it was not trained on
 (``CLIPSegLib.calibration``).
 """
@@ -69,6 +73,24 @@ def keep(c, cfg: dict, volume_extent_mm):
     need_mm = np.minimum(float(cfg["min_extent_mm"]), volume_extent_mm)
     return ((c.peak >= cfg["min_peak"]) & (c.mean >= cfg.get("min_mean", 0.0)) & (c.extent_mm >= need_mm - 1e-6)
             & (c.max_area_mm2 >= cfg["min_area_mm2"]))
+
+
+def suppress_exclusive(probs: np.ndarray, findings, exclusive) -> np.ndarray:
+    """Voxel-wise competition of mutually exclusive findings, in place.
+
+    probs: ``[P,K,J,I]`` probabilities of P prompts; findings: the trained finding each prompt was matched to (None:
+    no match, never suppressed); exclusive: pairs of finding names that never share a voxel. Each prompt's
+    probability is set to 0 where a prompt of a finding exclusive with its own is strictly more probable (judged on
+    the maps as given, not on each other's suppressed maps). Returns ``probs``."""
+    pairs = {frozenset(p) for p in exclusive}
+    losers = []
+    for i, f in enumerate(findings):
+        rivals = [j for j, g in enumerate(findings) if f is not None and g is not None and frozenset((f, g)) in pairs]
+        if rivals:
+            losers.append((i, probs[i] < np.max(probs[rivals], axis=0)))
+    for i, lose in losers:
+        probs[i][lose] = 0.0
+    return probs
 
 
 def volume_extent_mm(shape, spacing, slice_axis: int) -> float:
