@@ -132,3 +132,29 @@ def test_a_rival_finding_nobody_asked_for_still_claims_its_voxels():
     assert n[:, 2:10, 2:10].all() and not n[:, 12:15, 12:15].any()
     assert c[:, 12:15, 12:15].all() and not c[:, 2:10, 2:10].any()
     assert k[:, 2:10, 2:10].all()
+
+
+def test_flip_average_mirrors_each_slice_and_averages_the_two_predictions():
+    from CLIPSegLib.pipeline import predict_maps
+
+    class Ramp:
+        """Predicts a left-to-right ramp whatever the image: not mirror-symmetric, so flipping shows."""
+
+        input_size, default_batch_size = 8, 4
+
+        def __init__(self, flip):
+            self.spec, self.calls = {"inference": {"flip_average": flip}}, 0
+
+        def predict(self, images, prompts):
+            self.calls += 1
+            ramp = torch.linspace(0.0, 1.0, 8).expand(len(images), len(prompts), 8, 8)
+            return ramp.clone(), torch.full((len(images), len(prompts)), 0.25 * self.calls)
+
+    vol = np.random.default_rng(1).random((2, 8, 8)).astype(np.float32)
+    plain, s_plain = predict_maps(Ramp(False), vol, ["cyst"], slice_axis=2)
+    np.testing.assert_allclose(plain[0, 0, 0], np.linspace(0, 1, 8), atol=1e-6)
+    averaged, s_avg = predict_maps(Ramp(True), vol, ["cyst"], slice_axis=2)
+    np.testing.assert_allclose(averaged, 0.5, atol=1e-6)  # ramp + mirrored ramp, halved
+    np.testing.assert_allclose(s_avg, (0.25 + 0.5) / 2)  # presence of the two calls averaged
+    forced, _ = predict_maps(Ramp(True), vol, ["cyst"], slice_axis=2, flip_average=False)
+    np.testing.assert_allclose(forced, plain)

@@ -28,18 +28,19 @@ MEAN_GRID = (0.0, 0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95)  # candidate min
 
 
 def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, progress: Progress | None = None,
-                  gates=SLICE_GATES, exclusive=EXCLUSIVE) -> dict:
+                  gates=SLICE_GATES, exclusive=EXCLUSIVE, flip_average: bool | None = None) -> dict:
     """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
     axis in mm)}, one entry per volume x finding for each gate (engines without slice presence: gate 1.0 only).
 
-    The findings' maps compete as in the pipeline (``postprocess.suppress_exclusive`` over ``exclusive`` pairs)."""
+    The findings' maps compete as in the pipeline (``postprocess.suppress_exclusive`` over ``exclusive`` pairs);
+    ``flip_average`` as in ``pipeline.predict_maps`` (default: the engine's model setting)."""
     progress = progress or Progress("none")
     rng = np.random.default_rng(seed_base)
     cases: dict[float, list] = {}
     for v in range(n_volumes):
         ph = random_volume_phantom(seed_base + v)
         prompts = [str(rng.choice(PHRASES[f])) for f in FINDINGS]
-        masks, presence = predict_maps(engine, ph.image, prompts, slice_axis=2)
+        masks, presence = predict_maps(engine, ph.image, prompts, slice_axis=2, flip_average=flip_average)
         spacing_ijk = ph.spacing[::-1]
         extent = volume_extent_mm(masks.shape[1:], spacing_ijk, 0)
         for gate in (gates if presence is not None else (1.0,)):
@@ -130,17 +131,19 @@ def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dic
 
 
 def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = None, device="cpu",
-                       seed_base: int = CALIBRATION_SEED_BASE, exclusive=EXCLUSIVE) -> dict:
+                       seed_base: int = CALIBRATION_SEED_BASE, exclusive=EXCLUSIVE,
+                       flip_average: bool = False) -> dict:
     """Calibrated presence rule for a trained CLIPTNSegNet, with the figures it reached on the calibration set.
 
     ``exclusive``: pairs of findings that never share a voxel; they compete voxel-wise during calibration and in the
-    pipeline (stored in the rule as ``exclusive``)."""
+    pipeline (stored in the rule as ``exclusive``). ``flip_average``: the model's inference setting (the rule is
+    calibrated on the maps the pipeline will see)."""
     import torch
 
     from .engines.cliptnseg_engine import CLIPTNSegEngine
 
     engine = CLIPTNSegEngine(net, torch.device(device))
-    cases = collect_cases(engine, n_volumes, seed_base, progress, exclusive=exclusive)
+    cases = collect_cases(engine, n_volumes, seed_base, progress, exclusive=exclusive, flip_average=flip_average)
     rule = search_gate_and_rule(cases)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1]})
     # One rule per trained finding (a nodule and a few foci need different size and persistence tests, and the

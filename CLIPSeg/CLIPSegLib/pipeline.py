@@ -92,15 +92,24 @@ class SegmentationResult:
         return {f.prompt: f.mask for f in self.findings}
 
 
+def flip_average_of(engine) -> bool:
+    """Whether the engine's model asks for left-right flip averaging (spec ``inference.flip_average``)."""
+    return bool(((getattr(engine, "spec", None) or {}).get("inference") or {}).get("flip_average", False))
+
+
 def predict_maps(engine, volume: np.ndarray, prompts: list[str], slice_axis: int, batch_size: int | None = None,
-                 progress: Progress | None = None, cancel=None) -> tuple[np.ndarray, np.ndarray | None]:
+                 progress: Progress | None = None, cancel=None,
+                 flip_average: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """volume ``[K,J,I]`` (raw intensities) -> (mask probabilities ``[P,K,J,I]``, slice presence probabilities
     ``[P,N]`` or None if the engine has no presence estimate), float32; N = slices along ``slice_axis``.
 
     Slices along ``slice_axis`` (voxel axis 0=I, 1=J, 2=K) are resized to the engine's input size and predicted in
     batches (``batch_size`` slices, default: the engine's for its device); constant slices (no signal) are skipped and
-    get probability 0. ``cancel()`` returning True stops."""
+    get probability 0. ``cancel()`` returning True stops. ``flip_average`` (default: the model's setting) also
+    predicts each slice mirrored left-right (a flip the models are trained with) and averages the two, mirrored back:
+    twice the compute, fewer stray responses to speckle."""
     progress = progress or Progress("none")
+    flip_average = flip_average_of(engine) if flip_average is None else flip_average
     batch_size = engine.default_batch_size if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise InputError(f"batch size {batch_size} must be at least 1 (slices per forward pass)")
@@ -123,6 +132,9 @@ def predict_maps(engine, volume: np.ndarray, prompts: list[str], slice_axis: int
             idx = todo[start:start + batch_size]
             x = resize_slices(slices[idx][:, None], size)
             p, s = engine.predict(x, prompts)  # [B,P,S,S], [B,P] or None
+            if flip_average:
+                pf, sf = engine.predict(x.flip(-1), prompts)
+                p, s = (p + pf.flip(-1)) / 2, None if s is None else (s + sf) / 2
             probs[:, idx] = resize_slices(p.float().cpu(), (a, b)).clamp_(0, 1).transpose(0, 1)
             if s is not None:
                 has_presence = True
