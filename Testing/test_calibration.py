@@ -54,23 +54,3 @@ def test_a_large_half_believed_component_is_dropped_by_its_mean_probability():
     assert rule["calibration"]["absent_empty_rate"] == 1.0 and rule["calibration"]["mean_dice"]["cyst"] == 1.0
     empty, _ = evaluate_rule(cases, {**rule, "min_mean": 0.0})
     assert empty == 0.5  # without the mean test the false cyst stays
-
-
-def test_the_search_prefers_a_plateau_of_good_rules_to_a_rule_on_a_cliff_edge():
-    """True cysts and one stray blob differ by a hair in mean probability (0.95 vs 0.94) and widely in size (60 vs
-    3 mm^2). Both tests separate the calibration cases; only the size test survives a new cyst of mean 0.935."""
-    cases = [
-        ("cyst", 2000, [(_c(1, 2000, 0.99, 8.0, 60.0, mean=0.95), 2000)], 20.0),
-        ("cyst", 1500, [(_c(1, 1500, 0.99, 7.0, 50.0, mean=0.95), 1500)], 20.0),
-        ("cyst", 0, [(_c(1, 30, 0.99, 8.0, 3.0, mean=0.94), 0)], 20.0),
-        ("cyst", 0, [], 20.0),
-    ]
-    edge = search_rule(cases, neighbourhood=1)
-    robust = search_rule(cases)
-    for rule in (edge, robust):
-        assert rule["calibration"]["absent_empty_rate"] == 1.0 and rule["calibration"]["mean_dice"]["cyst"] == 1.0
-    assert edge["min_mean"] == 0.95  # the first perfect rule: on the edge
-    assert robust["min_mean"] < 0.935 and 3.0 < robust["min_area_mm2"] <= 50.0
-    new_cyst = [("cyst", 1800, [(_c(1, 1800, 0.99, 8.0, 55.0, mean=0.935), 1800)], 20.0)]
-    assert evaluate_rule(new_cyst, edge)[1]["cyst"] == 0.0
-    assert evaluate_rule(new_cyst, robust)[1]["cyst"] == 1.0

@@ -5,16 +5,15 @@ volume and finding, the mask and slice presence maps are predicted once and, for
 (``pipeline.apply_presence``), the connected components of the gated probability map are measured once; a grid search
 then picks the gate and rule (peak, mean probability, extent, area) that maximise 2 x (fraction of absent findings
 left empty) + mean Dice over present findings: absence weighs double, but a rule that empties everything still pays
-with its Dice. The objective is averaged over each rule's grid neighbours, so the rule chosen sits inside a plateau of
-good rules rather than on a cliff edge that only this calibration set puts there.
+with its Dice.
 """
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
-from scipy import ndimage
 
 from .datasets import CALIBRATION_SEED_BASE
 from .phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
@@ -88,46 +87,33 @@ def evaluate_rule(cases, cfg: dict):
     return _evaluate(_table(cases), cfg)
 
 
-PEAK_GRID = tuple(np.round(np.linspace(0.5, 0.99, 50), 3))  # candidate min_peak
-EXTENT_GRID = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # candidate min_extent_mm
-AREA_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # candidate min_area_mm2
-
-
-def search_rule(cases, gate: float = 1.0, neighbourhood: int = 3) -> dict:
+def search_rule(cases, gate: float = 1.0) -> dict:
     """Grid search over (min_peak, min_extent_mm, min_area_mm2, min_mean) maximising 2 x absent-empty rate + mean
-    Dice, averaged over each rule's ``neighbourhood`` (grid steps per axis, 1 = the rule alone).
-
-    The average picks a rule inside a plateau of good rules, not one on the edge of a cliff: with a few dozen
-    calibration volumes the single best rule often separates one false component from one true one by a hair and
-    fails on new volumes. On ties the first (least demanding) rule wins. The figures reported are the rule's own."""
+    Dice; on ties the first (least demanding) rule wins."""
     table = _table(cases)
-    axes = (PEAK_GRID, EXTENT_GRID, AREA_GRID, MEAN_GRID)
-    scores = np.empty([len(a) for a in axes])
-    for idx in np.ndindex(scores.shape):
-        empty, dice = _evaluate(table, _rule(axes, idx, gate))
+    best = None
+    grid = itertools.product(np.round(np.linspace(0.5, 0.99, 50), 3), (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0),
+                             (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0), MEAN_GRID)
+    for min_peak, min_extent, min_area, min_mean in grid:
+        cfg = {**DEFAULT_PRESENCE, "min_peak": float(min_peak), "min_mean": min_mean, "min_extent_mm": min_extent,
+               "min_area_mm2": min_area, "slice_gate": gate}
+        empty, dice = _evaluate(table, cfg)
+        mean = float(np.nanmean(list(dice.values())))
         # absence weighs twice as much as Dice; a rule that empties everything still loses its Dice term
-        scores[idx] = 2.0 * empty + float(np.nanmean(list(dice.values())))
-    robust = ndimage.uniform_filter(scores, size=neighbourhood, mode="nearest") if neighbourhood > 1 else scores
-    best = np.unravel_index(int(np.argmax(robust)), scores.shape)
-    cfg = _rule(axes, best, gate)
-    empty, dice = _evaluate(table, cfg)
+        key = 2.0 * empty + mean
+        if best is None or key > best[0]:
+            best = (key, cfg, empty, dice)
+    key, cfg, empty, dice = best
     return {**cfg, "calibration": {"absent_empty_rate": round(empty, 4),
                                    "mean_dice": {f: round(d, 4) for f, d in dice.items()},
-                                   "objective": "2 x absent_empty_rate + mean_dice", "score": round(scores[best], 4),
-                                   "neighbourhood_score": round(float(robust[best]), 4)}}
-
-
-def _rule(axes, idx, gate: float) -> dict:
-    min_peak, min_extent, min_area, min_mean = (float(a[i]) for a, i in zip(axes, idx))
-    return {**DEFAULT_PRESENCE, "min_peak": min_peak, "min_mean": min_mean, "min_extent_mm": min_extent,
-            "min_area_mm2": min_area, "slice_gate": gate}
+                                   "objective": "2 x absent_empty_rate + mean_dice", "score": round(key, 4)}}
 
 
 def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dict:
     """The best rule over all candidate gates, for one finding's cases (or all cases if ``finding`` is None)."""
     rules = [search_rule([c for c in cases if finding is None or c[0] == finding], gate)
              for gate, cases in cases_by_gate.items()]
-    return max(rules, key=lambda r: r["calibration"]["neighbourhood_score"])
+    return max(rules, key=lambda r: r["calibration"]["score"])
 
 
 def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = None, device="cpu",
