@@ -30,7 +30,7 @@ def main():
     torch.set_num_threads(a.threads)
     from CLIPSegLib.imageio import Geometry
     from CLIPSegLib.phantoms import make_phantom
-    from CLIPSegLib.pipeline import predict_probabilities, segment_volume
+    from CLIPSegLib.pipeline import flip_average_of, predict_probabilities, segment_volume
     from CLIPSegLib.segment_file import load_engine
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
@@ -46,7 +46,8 @@ def main():
     t0 = time.perf_counter()
     result = segment_volume(engine, ph.image, geometry, prompts)
     t_vol = time.perf_counter() - t0
-    print(f"model load (verify SHA-256 + build): {t_load:.2f} s")
+    print(f"model load (verify SHA-256 + build): {t_load:.2f} s; flip averaging "
+          f"{'on (two forward passes per slice)' if flip_average_of(engine) else 'off'}")
     print(f"volume {a.size}x{a.size}x{a.slices}, {len(prompts)} prompts, batched: {t_vol:.2f} s "
           f"({1000 * t_vol / a.slices:.1f} ms per slice, all prompts) -> {'under' if t_vol < 60 else 'OVER'} 1 minute")
     found = {f.prompt: f.found for f in result.findings}
