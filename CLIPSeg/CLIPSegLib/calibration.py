@@ -17,8 +17,8 @@ import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
 from .phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
-from .pipeline import apply_presence, predict_maps
-from .postprocess import DEFAULT_PRESENCE, components, keep, suppress_exclusive, volume_extent_mm
+from .pipeline import combine_maps, predict_maps
+from .postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm
 from .progress import Progress
 
 MATCH_MIN_COSINE = 0.95  # a prompt takes a finding's rule only if this close to one of its phrasings
@@ -31,7 +31,7 @@ def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE
     """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
     axis in mm)}, one entry per volume x finding for each gate (engines without slice presence: gate 1.0 only).
 
-    The findings' maps compete as in the pipeline (``postprocess.suppress_exclusive`` over ``exclusive`` pairs);
+    The maps are gated and compete as in the pipeline (``pipeline.combine_maps`` over ``exclusive`` pairs);
     ``flip_average`` as in ``pipeline.predict_maps`` (default: the engine's model setting)."""
     progress = progress or Progress("none")
     rng = np.random.default_rng(seed_base)
@@ -43,9 +43,7 @@ def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE
         spacing_ijk = ph.spacing[::-1]
         extent = volume_extent_mm(masks.shape[1:], spacing_ijk, 0)
         for gate in (gates if presence is not None else (1.0,)):
-            gated = np.stack([apply_presence(masks[i], None if presence is None else presence[i], 2, gate)
-                              for i in range(len(FINDINGS))])
-            suppress_exclusive(gated, FINDINGS, exclusive)
+            gated = combine_maps(masks.copy(), presence, 2, [gate] * len(FINDINGS), FINDINGS, exclusive)
             for i, f in enumerate(FINDINGS):
                 prob = gated[i]
                 truth = ph.masks.get(f, np.zeros(prob.shape, bool))

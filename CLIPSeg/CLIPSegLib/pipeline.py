@@ -156,15 +156,25 @@ def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: in
     return mask * np.minimum(presence / gate, 1.0).astype(np.float32).reshape(shape)
 
 
+def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int, gates, findings,
+                 exclusive) -> np.ndarray:
+    """``predict_maps``' outputs -> the probabilities the found / not-found rule judges, ``[P,K,J,I]``, in place.
+
+    Prompt i's mask is scaled by its slice presence through ``gates[i]`` (``apply_presence``), then the prompts
+    compete as their matched ``findings`` (None: no match) and the ``exclusive`` pairs say
+    (``postprocess.suppress_exclusive``). The pipeline and the calibration both call this, so a rule is calibrated
+    on the maps it will judge."""
+    for i, gate in enumerate(gates):
+        masks[i] = apply_presence(masks[i], None if presence is None else presence[i], slice_axis, gate)
+    return suppress_exclusive(masks, findings, exclusive)
+
+
 def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_axis: int,
                           batch_size: int | None = None, progress: Progress | None = None, cancel=None) -> np.ndarray:
     """volume ``[K,J,I]`` -> probabilities ``[P,K,J,I]`` float32: ``predict_maps`` combined by ``apply_presence``
-    at gate 1 (mask x slice presence)."""
+    at gate 1 (mask x slice presence), no competition between prompts."""
     probs, presence = predict_maps(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
-    if presence is not None:
-        for i in range(len(prompts)):
-            probs[i] = apply_presence(probs[i], presence[i], slice_axis)
-    return probs
+    return combine_maps(probs, presence, slice_axis, [1.0] * len(prompts), [None] * len(prompts), ())
 
 
 def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str]:
@@ -219,9 +229,8 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     gates += [model_presence["per_finding"][g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for _, g in rivals]
     masks, slice_presence = predict_maps(engine, volume, prompts + [p for p, _ in rivals], slice_axis, batch_size,
                                          progress, cancel)
-    for i, gate in enumerate(gates):
-        masks[i] = apply_presence(masks[i], None if slice_presence is None else slice_presence[i], slice_axis, gate)
-    suppress_exclusive(masks, matched + [g for _, g in rivals], model_presence.get("exclusive") or [])
+    combine_maps(masks, slice_presence, slice_axis, gates, matched + [g for _, g in rivals],
+                 model_presence.get("exclusive") or [])
     masks = masks[:len(prompts)]
     findings = []
     for i, (prompt, (cfg, rule_name)) in enumerate(zip(prompts, rules)):
