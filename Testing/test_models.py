@@ -17,6 +17,16 @@ def test_verified_weights_load(tiny_model):
     assert any(k.startswith("clip.visual") for k in state) and any(k.startswith("head.") for k in state)
 
 
+def test_exported_weights_are_readable_like_any_new_file(tiny_model, tmp_path):
+    import os
+
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    wfile = tiny_model.parent / load_spec(tiny_model)["files"][0]["name"]
+    assert wfile.stat().st_mode & 0o777 == probe.stat().st_mode & 0o777
+    assert os.access(wfile, os.R_OK)
+
+
 def test_corrupt_weights_are_refused(tiny_model, tmp_path):
     spec_path = _copy_model(tiny_model, tmp_path)
     spec = load_spec(spec_path)

@@ -143,6 +143,11 @@ def write_spec(spec: dict, weights: dict, out_dir: Path, half: bool = True) -> P
     tmp = out_dir / f".{mid}.partial.safetensors"
     tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in weights.items()}
     save_file(tensors, str(tmp))
+    # safetensors writes through a private temporary file (mode 0600): give the model the mode any new file gets, so
+    # other users of a shared models folder can read it
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, wpath)
     spec = {k: v for k, v in spec.items() if not k.startswith("_")}
     spec["files"] = [{"name": wpath.name, "sha256": sha256_file(wpath), "size": wpath.stat().st_size}]
