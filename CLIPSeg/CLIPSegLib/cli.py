@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="3D phantom volumes whose slices are added to the segmenter's training bank")
     t.add_argument("--clip-steps", type=int, default=300)
     t.add_argument("--steps", type=int, default=3000, help="segmenter training steps")
-    t.add_argument("--data", default=None, help="CSV (image,mask,phrase) of your own labelled images, added to phantoms")
+    t.add_argument("--data", default=None,
+                   help="CSV (image,mask,phrase) of your own labelled images, added to phantoms")
     t.add_argument("--stages", default="clip,segmenter,calibrate,export")
     t.add_argument("--calibration-volumes", type=int, default=24)
     t.add_argument("--seed", type=int, default=0)

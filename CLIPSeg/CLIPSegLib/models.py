@@ -42,7 +42,8 @@ def resolve_spec_path(model: str | os.PathLike | None, models_dir: Path = MODELS
     path = Path(model)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
-            raise ModelError(f"model spec {path} does not exist; pass a model id ({', '.join(list_models(models_dir))}) "
+            known = ", ".join(list_models(models_dir))
+            raise ModelError(f"model spec {path} does not exist; pass a model id ({known}) "
                              f"or the path to a model .json")
         return path
     candidate = Path(models_dir) / f"{model}.json"
@@ -60,7 +61,8 @@ def load_spec(model: str | os.PathLike | None = None, models_dir: Path = MODELS_
     try:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"model spec {path} is not valid JSON ({e}); restore it from the release or re-export it") from e
+        raise ModelError(f"model spec {path} is not valid JSON ({e}); "
+                         "restore it from the release or re-export it") from e
     for key in ("id", "engine", "files"):
         if key not in spec:
             raise ModelError(f"model spec {path} lacks the field {key!r}; re-export the model with `clipseg train`")
@@ -97,7 +99,8 @@ def load_weights(spec: dict) -> dict:
         try:
             part = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ModelError(f"weight file {path} cannot be read as safetensors ({e}); restore the original file") from e
+            raise ModelError(f"weight file {path} cannot be read as safetensors ({e}); "
+                             "restore the original file") from e
         state.update({k: v.float() for k, v in part.items()})
     return state
 

@@ -76,7 +76,8 @@ class Phantom:
 
 def _grid_mm(shape, spacing):
     """Physical coordinates (mm) of voxel centres, one array per axis, broadcastable."""
-    return np.meshgrid(*[np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)], indexing="ij", sparse=True)
+    axes = [np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)]
+    return np.meshgrid(*axes, indexing="ij", sparse=True)
 
 
 def _random_rotation(rng, ndim):

@@ -35,7 +35,10 @@ DEFAULT_NETWORK = {
 
 
 class FiLM(nn.Module):
-    """Feature-wise linear modulation: ``x * (1 + scale(t)) + shift(t)``; t ``[N,D]``, x ``[N,C,...]`` or ``[N,L,C]``."""
+    """Feature-wise linear modulation: ``x * (1 + scale(t)) + shift(t)``.
+
+    t ``[N,D]``; x ``[N,C,...]`` or ``[N,L,C]``.
+    """
 
     def __init__(self, text_dim: int, channels: int, channels_last: bool):
         super().__init__()
