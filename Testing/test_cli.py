@@ -101,6 +101,37 @@ def test_bad_input_exits_nonzero_with_a_clear_message_and_no_output(phantom_file
     assert_no_partial_files(tmp_path)
 
 
+def test_output_that_is_the_input_is_refused_and_the_input_kept(phantom_file, tiny_model, tmp_path, capsys):
+    path, _, _ = phantom_file
+    before = Path(path).read_bytes()
+    code, io = run(["segment", path, "--prompt", "cyst", "--output", path, "--model", tiny_model, "--device", "cpu",
+                    "--progress", "none"], capsys)
+    assert code == 2 and "is the input image" in io.err
+    assert Path(path).read_bytes() == before
+
+
+def test_a_late_failure_keeps_the_files_that_were_there_and_exits_70(phantom_file, tiny_model, tmp_path, capsys,
+                                                                     monkeypatch):
+    import CLIPSegLib.segment_file as sf
+
+    def broken_write(*args, **kwargs):
+        raise RuntimeError("simulated failure while writing probabilities")
+
+    monkeypatch.setattr(sf, "write_probabilities", broken_write)
+    path, _, _ = phantom_file
+    out, probs = tmp_path / "out.seg.nrrd", tmp_path / "probs.nrrd"
+    out.write_bytes(b"earlier segmentation")
+    probs.write_bytes(b"earlier probabilities")
+    code, io = run(["segment", path, "--prompt", "cyst", "--output", out, "--probabilities", probs, "--model",
+                    tiny_model, "--device", "cpu", "--progress", "json"], capsys)
+    assert code == 70
+    error = json.loads(io.out.strip().splitlines()[-1])
+    assert error["event"] == "error" and error["exit_code"] == 70 and "simulated failure" in error["message"]
+    assert "internal error" in io.err and "Traceback" in io.err
+    assert out.read_bytes() == b"earlier segmentation" and probs.read_bytes() == b"earlier probabilities"
+    assert_no_partial_files(tmp_path)
+
+
 def test_cuda_without_gpu_is_a_clear_error(phantom_file, tiny_model, tmp_path, capsys):
     import torch
 
@@ -133,3 +164,9 @@ def test_models_list_shows_embedded_present_and_public_not_downloaded(tmp_path, 
     assert code == 0 and "present" in io.out
     code, io = run(["models", "fetch", "medsam-vit-b"], capsys)
     assert code == 3 and "models import medsam-vit-b" in io.err
+
+
+def test_evaluate_refuses_a_bad_report_name_before_any_work(tmp_path, capsys):
+    code, io = run(["evaluate", "--phantoms", "40", "--report", tmp_path / "figures.txt", "--progress", "none"], capsys)
+    assert code == 2 and "use a .json, .csv or .md file name" in io.err
+    assert list(tmp_path.iterdir()) == []

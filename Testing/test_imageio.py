@@ -100,6 +100,27 @@ def test_bad_inputs_name_the_problem_and_the_fix(tmp_path, case, match):
         read_image(path)
 
 
+def test_dicom_folder_with_two_series_is_refused_not_guessed(tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for series in ("1.2.826.0.1.3680043.2.1125.1", "1.2.826.0.1.3680043.2.1125.2"):
+        for k in range(2):
+            image = sitk.GetImageFromArray(np.full((4, 5), k, np.int16))
+            for tag, value in (("0020|000e", series), ("0020|0013", str(k + 1)), ("0008|0060", "US"),
+                               ("0020|0032", f"0\\0\\{k}"), ("0020|0037", "1\\0\\0\\0\\1\\0")):
+                image.SetMetaData(tag, value)
+            writer = sitk.ImageFileWriter()
+            writer.KeepOriginalImageUIDOn()
+            writer.SetFileName(str(folder / f"{series[-1]}_{k}.dcm"))
+            writer.Execute(image)
+    with pytest.raises(InputError, match="holds 2 DICOM series.*folder of its own"):
+        read_image(folder)
+    for f in folder.glob("2_*.dcm"):
+        f.unlink()
+    volume, _ = read_image(folder)  # one series left: read as a volume, slices in order
+    assert volume.shape == (2, 4, 5) and volume[0].max() == 0 and volume[1].min() == 1
+
+
 def test_zero_sized_axis_is_refused():
     from CLIPSegLib.imageio import check_volume
 
@@ -112,4 +133,6 @@ def test_output_path_checks(tmp_path):
         check_output_path(tmp_path / "nope" / "x.seg.nrrd")
     with pytest.raises(InputError, match="unknown file type"):
         check_output_path(tmp_path / "x.txt")
+    with pytest.raises(InputError, match="unknown file type"):  # detached header: two files, not atomic
+        check_output_path(tmp_path / "x.mhd")
     assert check_output_path(tmp_path / "x.seg.nrrd") == tmp_path / "x.seg.nrrd"

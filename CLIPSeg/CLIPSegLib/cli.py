@@ -115,9 +115,11 @@ def _cmd_evaluate(a, progress):
     from . import evaluation as ev
 
     if a.report:
-        if not Path(a.report).parent.is_dir():
-            from .errors import InputError
+        from .errors import InputError
 
+        if Path(a.report).suffix not in (".json", ".csv", ".md"):
+            raise InputError(f"--report {a.report}: use a .json, .csv or .md file name")
+        if not Path(a.report).parent.is_dir():
             raise InputError(f"report folder {Path(a.report).parent} does not exist; create it first")
     if a.data:
         from .segment_file import load_engine
@@ -208,6 +210,16 @@ def main(argv=None) -> int:
         progress.close()
         print("clipseg: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not a user error: say so, with the traceback to report
+        import traceback
+
+        progress.close()
+        message = f"internal error {type(e).__name__}: {e} (a bug in clipseg; please report it with the traceback)"
+        if getattr(a, "progress", None) == "json":
+            print(json.dumps({"event": "error", "message": message, "exit_code": 70}), flush=True)
+        traceback.print_exc()
+        print(f"clipseg: {message}", file=sys.stderr)
+        return 70
 
 
 def entry_point():  # pragma: no cover - console script

@@ -23,7 +23,9 @@ from .errors import InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # also RAS -> LPS (its own inverse)
 SEGMENTATION_SUFFIXES = (".seg.nrrd",)
-LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Single-file formats only: a detached header (.nhdr, .mhd) would point at a data file named after the temporary
+# file that atomic_path renames, so it is refused as an output (still read as an input).
+LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 # Distinct segment colours (RGB in 0..1), in prompt order.
@@ -122,6 +124,9 @@ def _read_sitk(path: Path):
         series = reader.GetGDCMSeriesIDs(str(path))
         if not series:
             raise InputError(f"folder {path} holds no DICOM series; give a DICOM folder or an image file")
+        if len(series) > 1:
+            raise InputError(f"folder {path} holds {len(series)} DICOM series ({', '.join(series)}); move the series "
+                             f"to segment into a folder of its own and give that folder")
         files = reader.GetGDCMSeriesFileNames(str(path), series[0])
         reader.SetFileNames(files)
         try:

@@ -6,10 +6,12 @@ work; outputs are written atomically, so a failed run leaves no output file behi
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 from .clip_backbone import check_prompts
-from .imageio import check_output_path, read_image, write_probabilities, write_segmentation
+from .errors import InputError
+from .imageio import atomic_path, check_output_path, read_image, write_probabilities, write_segmentation
 from .pipeline import SegmentationResult, resolve_device, segment_volume
 from .progress import Progress
 
@@ -37,15 +39,17 @@ def segment_file(input_path, prompts, output, model=None, engine=None, device="a
     progress = progress or Progress("none")
     prompts = check_prompts(prompts)
     output = check_output_path(output)
+    source = Path(input_path).resolve()
+    if output.resolve() == source:
+        raise InputError(f"--output {output} is the input image; choose another file name (the input is never "
+                         f"overwritten)")
     if probabilities:
         probabilities = check_output_path(probabilities, kinds=("labelmap",))
-        if Path(probabilities).resolve() == Path(output).resolve():
-            from .errors import InputError
-
+        if probabilities.resolve() == output.resolve():
             raise InputError("--probabilities must be a different file from --output")
+        if probabilities.resolve() == source:
+            raise InputError(f"--probabilities {probabilities} is the input image; choose another file name")
     if threshold is not None and not 0.0 < threshold < 1.0:
-        from .errors import InputError
-
         raise InputError(f"threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
     volume, geometry = read_image(input_path)
     eng = engine_instance or load_engine(model, engine, device, precision)
@@ -54,11 +58,10 @@ def segment_file(input_path, prompts, output, model=None, engine=None, device="a
                             keep_probabilities=bool(probabilities), progress=progress, cancel=cancel)
     for f in result.findings:
         progress.message(f.message())
-    write_segmentation(output, result.masks, geometry)
-    if probabilities:
-        try:
-            write_probabilities(probabilities, result.probabilities, geometry)
-        except BaseException:
-            Path(output).unlink(missing_ok=True)
-            raise
+    # Both files are written under temporary names and renamed only once both exist, so a failure in either leaves
+    # the files that were at these paths before untouched.
+    with atomic_path(output) as out_tmp, (atomic_path(probabilities) if probabilities else nullcontext()) as prob_tmp:
+        write_segmentation(out_tmp, result.masks, geometry)
+        if probabilities:
+            write_probabilities(prob_tmp, result.probabilities, geometry)
     return result
