@@ -65,6 +65,23 @@ def test_failed_run_shows_the_cli_message_and_leaves_the_scene_alone(scene_volum
     assert scene.GetNumberOfNodes() == n_nodes
 
 
+def test_an_unreadable_result_file_leaves_the_scene_alone(scene_volume, tiny_model, monkeypatch):
+    import CLIPSegLib.scene_run as scene_run
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("probabilities.nrrd: truncated file")
+
+    monkeypatch.setattr(scene_run, "read_probabilities", unreadable)
+    scene, volume = scene_volume
+    n_nodes = scene.GetNumberOfNodes()
+    run = SceneRun(volume, ["cyst"], model=str(tiny_model), device="cpu", keep_probabilities=True).start()
+    tmp = run.tmp
+    with pytest.raises(RuntimeError, match="truncated"):
+        run.finish(timeout=180)
+    assert scene.GetNumberOfNodes() == n_nodes  # no segmentation node, no probability volumes
+    assert not tmp.exists()
+
+
 def test_bad_input_is_refused_before_starting(scene_volume):
     scene, volume = scene_volume
     with pytest.raises(InputError, match="empty prompt"):

@@ -80,9 +80,10 @@ class SceneRun:
 
     def finish(self, timeout: float | None = None):
         """Wait for the process, then load its result. Returns the segmentation node; raises ClipSegError with the
-        CLI's own message when it failed."""
+        CLI's own message when it failed. If ``timeout`` (s) passes first, ``subprocess.TimeoutExpired`` is raised
+        and the run goes on with its files intact: call ``finish`` again, or ``cancel``."""
+        code = self.run.wait(timeout)
         try:
-            code = self.run.wait(timeout)
             if self.run.cancelled:
                 raise Cancelled("cancelled; the scene was not changed")
             if code != 0:
@@ -92,7 +93,10 @@ class SceneRun:
             self.cleanup()
 
     def _load(self, seg_path: Path):
+        """Read every output file first, so an unreadable one leaves the scene as it was."""
         masks = read_segment_masks(seg_path, self.prompts)
+        probabilities = read_probabilities(self.tmp / "probabilities.nrrd", len(self.prompts)) \
+            if self.keep_probabilities else None
         scene = self.volume_node.GetScene()
         node = self.segmentation_node
         if node is None or node.GetScene() is None:
@@ -101,15 +105,15 @@ class SceneRun:
         masks_to_segmentation(node, self.volume_node, masks)
         place_beside(node, self.volume_node)
         self.segmentation_node = node
-        if self.keep_probabilities:
-            self._load_probabilities(self.tmp / "probabilities.nrrd")
+        if probabilities is not None:
+            self._load_probabilities(probabilities)
         return node
 
-    def _load_probabilities(self, path: Path):
+    def _load_probabilities(self, probabilities):
         """One scalar volume per prompt (probability in [0,1]) on the input's grid, beside it in the hierarchy."""
         from .mrml_bridge import array_to_volume_node
 
-        for prompt, p in zip(self.prompts, read_probabilities(path, len(self.prompts))):
+        for prompt, p in zip(self.prompts, probabilities):
             node = array_to_volume_node(self.volume_node.GetScene(), p, self.volume_node,
                                         f"{self.volume_node.GetName()} p({prompt})")
             place_beside(node, self.volume_node)
