@@ -136,3 +136,16 @@ def test_output_path_checks(tmp_path):
     with pytest.raises(InputError, match="unknown file type"):  # detached header: two files, not atomic
         check_output_path(tmp_path / "x.mhd")
     assert check_output_path(tmp_path / "x.seg.nrrd") == tmp_path / "x.seg.nrrd"
+
+
+def test_a_mask_on_another_grid_is_refused_with_the_fix():
+    from CLIPSegLib.imageio import Geometry, check_same_grid
+
+    image = np.zeros((4, 5, 6))
+    grid = Geometry((0.5, 0.5, 2.0), (10.0, 20.0, 30.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    check_same_grid(image, grid, image, grid, "m.nrrd", "i.nrrd")  # same grid: accepted
+    flipped = Geometry((0.5, 0.5, 2.0), (12.5, 20.0, 30.0), (-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(InputError, match="m.nrrd is on another grid.*2.50 mm apart.*resample the mask"):
+        check_same_grid(image, flipped, image, grid, "m.nrrd", "i.nrrd")
+    with pytest.raises(InputError, match=r"has shape \(4, 5, 5\)"):
+        check_same_grid(np.zeros((4, 5, 5)), grid, image, grid, "m.nrrd", "i.nrrd")

@@ -75,6 +75,22 @@ def test_masks_become_segments_existing_ones_kept_and_rerun_replaces_only_its_se
     assert np.array_equal(segment_to_array(seg, ids["cyst"], node), b)
 
 
+def test_a_users_own_segment_named_like_a_prompt_is_never_replaced(scene):
+    node = _volume(scene, np.zeros((2, 3, 4), np.float32))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    mine = seg.GetSegmentation().AddEmptySegment("", "cyst")  # drawn by hand, empty
+    found = np.zeros((2, 3, 4), bool)
+    found[1, 1, 1:3] = True
+    ids = masks_to_segmentation(seg, node, {"cyst": found})
+    segmentation = seg.GetSegmentation()
+    assert ids["cyst"] != mine and segmentation.GetSegment(ids["cyst"]).GetName() == "cyst (CLIPSeg)"
+    assert not segment_to_array(seg, mine, node).any()
+    again = masks_to_segmentation(seg, node, {"cyst": ~found})  # a re-run replaces CLIPSeg's segment only
+    assert again == ids and segmentation.GetNumberOfSegments() == 2
+    assert np.array_equal(segment_to_array(seg, ids["cyst"], node), ~found)
+    assert not segment_to_array(seg, mine, node).any()
+
+
 def test_empty_mask_gives_an_empty_segment(scene):
     node = _volume(scene, np.zeros((2, 3, 4), np.float32))
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")

@@ -93,7 +93,7 @@ class FolderTriples(torch.utils.data.Dataset):
     """Slices of labelled images listed in a CSV (``image,mask,phrase``), resized to ``size`` and augmented."""
 
     def __init__(self, csv_path: Path, size: int, augment: bool = True):
-        from .imageio import read_image
+        from .imageio import check_same_grid, read_image
 
         csv_path = Path(csv_path)
         if not csv_path.is_file():
@@ -104,10 +104,9 @@ class FolderTriples(torch.utils.data.Dataset):
             raise InputError(f"{csv_path} must have a header row with columns image,mask,phrase and at least one row")
         self.items = []
         for r in rows:
-            image, _ = read_image(csv_path.parent / r["image"])
-            mask, _ = read_image(csv_path.parent / r["mask"])
-            if mask.shape != image.shape:
-                raise InputError(f"mask {r['mask']} has shape {mask.shape}, image {r['image']} has {image.shape}")
+            image, image_geometry = read_image(csv_path.parent / r["image"])
+            mask, mask_geometry = read_image(csv_path.parent / r["mask"])
+            check_same_grid(mask, mask_geometry, image, image_geometry, r["mask"], r["image"])
             norm = normalize_intensity(image)
             for k in range(image.shape[0]):
                 img = resize_slices(norm[k][None, None], size)[0, 0].numpy()

@@ -156,8 +156,7 @@ def load_cases(data: Path, prompt_map: dict | None = None) -> list[dict]:
 
 def evaluate_dataset(cases: list[dict], engine, tolerance_mm: float = 2.0, progress: Progress | None = None) -> dict:
     """Segment every case with every prompt of the dataset and score it (see CONVENTIONS)."""
-    from .errors import InputError
-    from .imageio import read_image
+    from .imageio import check_same_grid, read_image
     from .metrics import case_metrics, summarize
     from .pipeline import segment_volume
 
@@ -174,10 +173,9 @@ def evaluate_dataset(cases: list[dict], engine, tolerance_mm: float = 2.0, progr
                 truths[prompt] = np.zeros(volume.shape, bool)
                 continue
             if t[1] not in files:  # a label map names several findings: read it once
-                files[t[1]] = read_image(t[1])[0]
-            arr = files[t[1]]
-            if arr.shape != volume.shape:
-                raise InputError(f"{t[1]} has shape {arr.shape} (K,J,I), its image {case['image']} has {volume.shape}")
+                files[t[1]] = read_image(t[1])
+                check_same_grid(*files[t[1]], volume, geometry, t[1], case["image"])
+            arr = files[t[1]][0]
             truths[prompt] = arr > 0 if t[0] == "mask" else np.rint(arr) == t[2]
         result = segment_volume(engine, volume, geometry, prompts)
         for f in result.findings:

@@ -99,6 +99,21 @@ class Geometry:
         return image
 
 
+def check_same_grid(mask: np.ndarray, mask_geometry: Geometry, image: np.ndarray, image_geometry: Geometry,
+                    mask_name: str, image_name: str) -> None:
+    """Raise unless a mask ``[K,J,I]`` lies on its image's voxel grid: same shape and the same voxel -> LPS mapping
+    (to 0.01 mm at the grid's far corner), so that a flipped or shifted mask is never scored or trained on."""
+    if mask.shape != image.shape:
+        raise InputError(f"mask {mask_name} has shape {mask.shape} (K,J,I), its image {image_name} has {image.shape}")
+    corners = np.array([[i, j, k, 1.0] for i in (0, image.shape[2] - 1) for j in (0, image.shape[1] - 1)
+                        for k in (0, image.shape[0] - 1)]).T
+    gap = np.abs(mask_geometry.ijk_to_lps() @ corners - image_geometry.ijk_to_lps() @ corners).max()
+    if gap > 0.01:
+        raise InputError(f"mask {mask_name} is on another grid than its image {image_name} (voxels up to {gap:.2f} mm "
+                         f"apart: different origin, spacing or direction); resample the mask onto the image first "
+                         f"(e.g. in Slicer: Resample Image (BRAINS) with the image as reference, nearest neighbour)")
+
+
 def check_volume(array: np.ndarray, what: str = "image") -> np.ndarray:
     """Validate a ``[K,J,I]`` scalar array: 3 axes, none empty, all finite. Returns float32."""
     array = np.asarray(array)

@@ -88,11 +88,27 @@ def _oriented_image(mask: np.ndarray, ijk_to_ras: np.ndarray):
     return image
 
 
+PROMPT_TAG = "CLIPSeg.Prompt"  # segment tag: the prompt a segment was made for
+
+
+def _segment_made_for(segmentation, prompt: str) -> str:
+    """Id of the segment CLIPSeg made for ``prompt`` in this segmentation, or ''."""
+    import vtk
+
+    for i in range(segmentation.GetNumberOfSegments()):
+        value = vtk.mutable("")
+        if segmentation.GetNthSegment(i).GetTag(PROMPT_TAG, value) and str(value) == prompt:
+            return segmentation.GetNthSegmentID(i)
+    return ""
+
+
 def masks_to_segmentation(segmentation_node, volume_node, masks: dict[str, np.ndarray]) -> dict[str, str]:
     """Write masks (segment name -> bool ``[K,J,I]`` on the volume's grid) into a segmentation node.
 
-    The reference geometry becomes ``volume_node``. A segment whose name equals a mask's name is replaced (only that
-    one); other segments are kept. Returns segment name -> segment id."""
+    The reference geometry becomes ``volume_node``. Segments made here carry the tag ``CLIPSeg.Prompt`` = their
+    mask's name; re-running a name replaces only the segment tagged with it. Every other segment is kept, including
+    a user's own segment of the same name: the new one is then named ``"<name> (CLIPSeg)"``. Returns mask name ->
+    segment id."""
     import slicer
 
     if not masks:
@@ -111,10 +127,12 @@ def masks_to_segmentation(segmentation_node, volume_node, masks: dict[str, np.nd
     segmentation = segmentation_node.GetSegmentation()
     ids = {}
     for name, mask in masks.items():
-        seg_id = segmentation.GetSegmentIdBySegmentName(name)
+        seg_id = _segment_made_for(segmentation, name)
         if not seg_id:
             color = SEGMENT_COLORS[(segmentation.GetNumberOfSegments()) % len(SEGMENT_COLORS)]
-            seg_id = segmentation.AddEmptySegment("", name, color)
+            taken = bool(segmentation.GetSegmentIdBySegmentName(name))
+            seg_id = segmentation.AddEmptySegment("", f"{name} (CLIPSeg)" if taken else name, color)
+            segmentation.GetSegment(seg_id).SetTag(PROMPT_TAG, name)
         image = _oriented_image(np.asarray(mask, bool), ijk_to_ras)
         ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
             image, segmentation_node, seg_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
