@@ -4,9 +4,11 @@ import csv
 import json
 
 import numpy as np
+import pytest
 
 from CLIPSegLib.cli import main
 from CLIPSegLib.imageio import Geometry, write_volume
+from CLIPSegLib.metrics import dice
 from CLIPSegLib.phantoms import make_phantom
 
 G = Geometry((0.5, 0.5, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
@@ -43,6 +45,7 @@ def test_folder_evaluation_scores_every_case_and_finding(tmp_path, tiny_model, c
     assert report["summary"]["thyroid nodule"]["absent_cases"] == 1
     assert report["summary"]["cyst"]["dice"]["n"] == 2
     assert report["selectivity"]["pairs"] == 2  # case1: nodule->cyst truth and cyst->nodule truth
+    assert report["selectivity"]["swap_floor_max"] == 0.0  # the folder's nodule and cyst do not touch
     with open(tmp_path / "r.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     md = (tmp_path / "r.md").read_text()
@@ -85,5 +88,8 @@ def test_phantom_evaluation_reports_dice_hd95_nsd_absence_and_swap(tmp_path, tin
     assert all(c["present"] == truth[c["seed"]] for c in cases)
     assert s["absent_cases"] == sum(3 - len(c["present"]) for c in cases)
     assert s["swap_pairs"] == sum(len(c["present"]) * (len(c["present"]) - 1) for c in cases)
+    masks = [random_volume_phantom(c["seed"]).masks for c in cases]
+    floors = [dice(m[a], m[b]) for m in masks for a in m for b in m if a != b]
+    assert s["swap_floor_max"] == pytest.approx(max(floors))  # what the truth itself scores
     out = capsys.readouterr().out
     assert "held-out phantom volumes: 2 (seeds 1000..1001)" in out and "absent finding -> empty segment" in out

@@ -58,3 +58,20 @@ def test_summary_mean_median_and_bootstrap_ci():
     lo, hi = s["ci95"]
     assert 0.2 <= lo < 0.5 < hi <= 0.8
     assert summarize([])["mean"] is None
+
+
+def test_prompt_swap_figures_separate_shared_voxels_from_real_confusion():
+    from CLIPSegLib.metrics import swap_dice
+
+    nodule = np.zeros((1, 10, 10), bool)
+    nodule[0, 2:8, 2:8] = True  # 36 voxels
+    calc = np.zeros_like(nodule)
+    calc[0, 4:6, 4:6] = True  # 4 voxels, inside the nodule: they belong to both findings
+    perfect = swap_dice(nodule, nodule, calc)
+    assert perfect["dice"] == pytest.approx(2 * 4 / 40) and perfect["floor"] == perfect["dice"]
+    assert perfect["unshared"] == 0.0  # nothing of the calcification lies outside the nodule
+    cyst = np.zeros_like(nodule)
+    cyst[0, 8:10, 0:10] = True  # 20 voxels beside the nodule
+    leaking = nodule | cyst  # the nodule's segment swallows the cyst
+    confused = swap_dice(leaking, nodule, cyst)
+    assert confused["floor"] == 0.0 and confused["unshared"] == pytest.approx(2 * 20 / (56 + 20))

@@ -5,7 +5,9 @@ asked (a random phrasing), whether the finding is present or not. Reported:
   - Dice per finding type over the volumes where it is present (foreground Dice, MONAI): mean, median, 95% bootstrap
     CI; HD95 and NSD in mm likewise (over the volumes where something was segmented: both need two surfaces);
   - absent-finding empty rate: fraction of (volume, absent finding) whose segment is empty;
-  - prompt swap: for volumes with two or more findings, Dice of finding A's segment with finding B's truth.
+  - prompt swap: for volumes with two or more findings, Dice of finding A's segment with finding B's truth; beside
+    it the same for A's truth (what a perfect segment scores: findings may share voxels) and A's segment against the
+    voxels of B that are not A's (``metrics.swap_dice``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .imageio import Geometry, read_segment_masks, write_volume
-from .metrics import dice
+from .metrics import swap_dice
 from .phantoms import FINDINGS, PHRASES, random_volume_phantom
 from .progress import Progress
 
@@ -61,7 +63,7 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
             for a in ph.findings:
                 for b in ph.findings:
                     if a != b:
-                        swaps.append(dice(pred[a], ph.masks[b]))
+                        swaps.append(swap_dice(pred[a], ph.masks[a], ph.masks[b]))
             per_case.append(case)
             progress.update("evaluating phantom volumes", v + 1, n)
     summary = {
@@ -73,9 +75,7 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
         nsd_key: {f: summarize([m[nsd_key] for m in s]) for f, s in scores.items()},
         "absent_empty_rate": float(np.mean(empties)) if empties else None,
         "absent_cases": len(empties),
-        "swap_dice_mean": float(np.mean(swaps)) if swaps else None,
-        "swap_dice_max": float(np.max(swaps)) if swaps else None,
-        "swap_pairs": len(swaps),
+        **swap_summary(swaps),
     }
     return {"summary": summary, "cases": per_case}
 
@@ -97,9 +97,25 @@ def format_summary(s: dict) -> str:
     if s["absent_empty_rate"] is not None:
         lines.append(f"  absent finding -> empty segment: {s['absent_empty_rate']:.1%} of {s['absent_cases']}")
     if s["swap_dice_mean"] is not None:
-        lines.append(f"  prompt swap: Dice with the other finding's truth mean {s['swap_dice_mean']:.3f}, "
-                     f"max {s['swap_dice_max']:.3f} over {s['swap_pairs']} pairs")
+        lines.append(swap_line(s))
     return "\n".join(lines)
+
+
+def swap_summary(swaps: list[dict]) -> dict:
+    """``metrics.swap_dice`` results of all (A, B) pairs -> mean and max of each figure, and the pair count."""
+    out = {"swap_pairs": len(swaps)}
+    for key, name in (("dice", "swap_dice"), ("floor", "swap_floor"), ("unshared", "swap_unshared")):
+        values = [w[key] for w in swaps]
+        out[f"{name}_mean"] = float(np.mean(values)) if values else None
+        out[f"{name}_max"] = float(np.max(values)) if values else None
+    return out
+
+
+def swap_line(s: dict) -> str:
+    return (f"  prompt swap: Dice with the other finding's truth mean {s['swap_dice_mean']:.3f}, max "
+            f"{s['swap_dice_max']:.3f} over {s['swap_pairs']} pairs (the truth itself: max {s['swap_floor_max']:.3f}, "
+            f"findings share voxels); outside the shared voxels mean {s['swap_unshared_mean']:.3f}, "
+            f"max {s['swap_unshared_max']:.3f}")
 
 
 def write_report(path: Path, report: dict) -> None:
@@ -184,7 +200,7 @@ def evaluate_dataset(cases: list[dict], engine, tolerance_mm: float = 2.0, progr
         present = [p for p in prompts if truths[p].any()]
         for f in result.findings:
             if f.prompt in present:
-                swaps += [dice(f.mask, truths[other]) for other in present if other != f.prompt]
+                swaps += [swap_dice(f.mask, truths[f.prompt], truths[other]) for other in present if other != f.prompt]
         progress.update("evaluating cases", n + 1, len(cases))
     nsd_key = f"nsd_{tolerance_mm:g}mm"
     summary = {}
@@ -198,7 +214,8 @@ def evaluate_dataset(cases: list[dict], engine, tolerance_mm: float = 2.0, progr
             "absent_false_positive_rate": float(np.mean([r["pred_voxels"] > 0 for r in ab])) if ab else None,
             "absent_false_positive_mm3_mean": float(np.mean([r["false_positive_mm3"] for r in ab])) if ab else None,
         }
-    selectivity = {"prompt_swap_dice": summarize(swaps), "pairs": len(swaps)}
+    selectivity = {"prompt_swap_dice": summarize([w["dice"] for w in swaps]), "pairs": len(swaps),
+                   **swap_summary(swaps)}
     return {"conventions": CONVENTIONS, "summary": summary, "selectivity": selectivity, "cases": rows}
 
 
@@ -217,8 +234,8 @@ def format_dataset_summary(report: dict) -> str:
                      f"{f(s['iou']['mean'])} | {f(s['hd95_mm']['mean'])} | {f(s[nsd_key]['mean'])} | "
                      f"{f(s['absent_false_positive_rate'])} ({s['absent_cases']}) |")
     sel = report["selectivity"]
-    lines.append(f"\nprompt swap: Dice with the other finding's truth, mean {f(sel['prompt_swap_dice']['mean'])} over "
-                 f"{sel['pairs']} pairs.\n\n{report['conventions']}")
+    swap = swap_line(sel).strip() + "." if sel["pairs"] else "prompt swap: no image holds two findings."
+    lines.append(f"\n{swap}\n\n{report['conventions']}")
     return "\n".join(lines)
 
 

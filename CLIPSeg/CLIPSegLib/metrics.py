@@ -32,6 +32,19 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(compute_dice(_t(pred), _t(truth), include_background=True, ignore_empty=False)[0, 0])
 
 
+def swap_dice(pred_a: np.ndarray, truth_a: np.ndarray, truth_b: np.ndarray) -> dict[str, float]:
+    """Prompt-swap figures of finding A's segment against another finding B in the same image (bool ``[K,J,I]``).
+
+    ``dice``: Dice(A's segment, B's truth), the plain figure. ``floor``: Dice(A's truth, B's truth), what a perfect
+    segment of A scores, above 0 when the findings share voxels (calcifications inside a nodule belong to both).
+    ``unshared``: Dice(A's segment, the part of B's truth that is not A's), 0 for a perfect segment; 0 too when B lies
+    wholly inside A."""
+    truth_a, truth_b = np.asarray(truth_a, bool), np.asarray(truth_b, bool)
+    own_b = truth_b & ~truth_a
+    return {"dice": dice(pred_a, truth_b), "floor": dice(truth_a, truth_b),
+            "unshared": dice(pred_a, own_b) if own_b.any() else 0.0}
+
+
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     """Foreground IoU (Jaccard); 1.0 when both are empty (MONAI ``compute_iou``)."""
     from monai.metrics import compute_iou
