@@ -88,11 +88,11 @@ class Geometry:
         direction[:d, :d] = np.asarray(image.GetDirection()).reshape(d, d)
         return cls(tuple(spacing), tuple(origin), tuple(map(tuple, direction)))
 
-    def to_sitk(self, array: np.ndarray):
-        """``[K,J,I]`` array -> 3D SimpleITK image carrying this geometry."""
+    def to_sitk(self, array: np.ndarray, is_vector: bool = False):
+        """``[K,J,I]`` array (``[K,J,I,C]`` with ``is_vector``) -> 3D SimpleITK image carrying this geometry."""
         import SimpleITK as sitk
 
-        image = sitk.GetImageFromArray(array)
+        image = sitk.GetImageFromArray(array, isVector=is_vector)
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction_matrix.flatten().tolist())
@@ -274,11 +274,8 @@ def write_probabilities(path: str | os.PathLike, probabilities: np.ndarray, geom
 
     path = Path(path)
     probs = np.asarray(probabilities, np.float32)
-    image = sitk.GetImageFromArray(np.moveaxis(probs, 0, -1), isVector=True) if probs.shape[0] > 1 \
-        else sitk.GetImageFromArray(probs[0])
-    image.SetSpacing(geometry.spacing)
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction_matrix.flatten().tolist())
+    image = geometry.to_sitk(np.moveaxis(probs, 0, -1), is_vector=True) if probs.shape[0] > 1 \
+        else geometry.to_sitk(probs[0])
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
     return path

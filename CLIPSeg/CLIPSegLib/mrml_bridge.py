@@ -28,11 +28,12 @@ def ensure_segmentation_support(scene) -> None:
 
 
 def _ijk_to_ras(node) -> np.ndarray:
+    import slicer
     import vtk
 
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    return slicer.util.arrayFromVTKMatrix(m)
 
 
 def volume_to_array(volume_node) -> tuple[np.ndarray, Geometry]:
@@ -80,11 +81,7 @@ def _oriented_image(mask: np.ndarray, ijk_to_ras: np.ndarray):
     image.SetDimensions(i, j, k)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k, j, i)[:] = mask.astype(np.uint8)
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(ijk_to_ras[r, c]))
-    image.SetImageToWorldMatrix(m)
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(np.asarray(ijk_to_ras, float)))
     return image
 
 
