@@ -317,8 +317,9 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         return not self.missingPackages()
 
     def start(self, volumeNode, prompts, segmentationNode=None, engine="cliptnseg", model=None, device="auto",
-              axis="auto", threshold=0.5, keepProbabilities=False, precision="fp32"):
-        """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel())."""
+              axis="auto", threshold=None, keepProbabilities=False, precision="fp32"):
+        """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel()).
+        ``threshold`` None keeps the model's calibrated probability threshold."""
         from CLIPSegLib.scene_run import SceneRun
 
         if self._active is not None and self._active.running:
@@ -330,7 +331,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         return run
 
     def segment(self, volumeNode, prompts, engine="cliptnseg", model=None, device="auto", axis="auto",
-                segmentationNode=None, threshold=0.5, wait=True):
+                segmentationNode=None, threshold=None, wait=True):
         """Segment ``prompts`` in ``volumeNode``; with ``wait=True`` returns the segmentation node when done."""
         run = self.start(volumeNode, prompts, segmentationNode, engine, model, device, axis, threshold)
         if not wait:
