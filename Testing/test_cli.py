@@ -132,6 +132,24 @@ def test_a_late_failure_keeps_the_files_that_were_there_and_exits_70(phantom_fil
     assert_no_partial_files(tmp_path)
 
 
+def test_a_full_disk_is_a_clear_error_not_a_bug(phantom_file, tiny_model, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import CLIPSegLib.segment_file as sf
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(sf, "write_segmentation", full_disk)
+    path, _, _ = phantom_file
+    out = tmp_path / "out.seg.nrrd"
+    code, io = run(["segment", path, "--prompt", "cyst", "--output", out, "--model", tiny_model, "--device", "cpu",
+                    "--progress", "none"], capsys)
+    assert code == 1 and "No space left on device" in io.err and "free disk space" in io.err
+    assert "Traceback" not in io.err and not out.exists()
+    assert_no_partial_files(tmp_path)
+
+
 def test_cuda_without_gpu_is_a_clear_error(phantom_file, tiny_model, tmp_path, capsys):
     import torch
 

@@ -1,8 +1,8 @@
 """The ``clipseg`` command line. Heavy imports happen inside the commands, so ``--help`` is instant.
 
-Exit codes: 0 ok, 1 other user-fixable problem, 2 bad input, 3 model problem, 4 device problem, 5 cancelled,
-70 internal error (a bug: please report it with the traceback).
-"""
+Exit codes: 0 ok, 1 other user-fixable problem (including a refused file operation: disk full, permissions),
+2 bad input, 3 model problem, 4 device problem, 5 cancelled, 70 internal error (a bug: please report it with the
+traceback)."""
 
 from __future__ import annotations
 
@@ -210,6 +210,15 @@ def main(argv=None) -> int:
         progress.close()
         print("clipseg: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused a read or write (disk full, permissions, ...): not a bug in clipseg
+        progress.close()
+        where = f" ({e.filename})" if e.filename else ""
+        message = (f"the system refused a file operation{where}: {e.strerror or e}; free disk space or fix the "
+                   f"permissions, then run again (outputs are only renamed into place once complete)")
+        if getattr(a, "progress", None) == "json":
+            print(json.dumps({"event": "error", "message": message, "exit_code": 1}), flush=True)
+        print(f"clipseg: error: {message}", file=sys.stderr)
+        return 1
     except Exception as e:  # a bug, not a user error: say so, with the traceback to report
         import traceback
 
