@@ -115,12 +115,7 @@ def _cmd_evaluate(a, progress):
     from . import evaluation as ev
 
     if a.report:
-        from .errors import InputError
-
-        if Path(a.report).suffix not in (".json", ".csv", ".md"):
-            raise InputError(f"--report {a.report}: use a .json, .csv or .md file name")
-        if not Path(a.report).parent.is_dir():
-            raise InputError(f"report folder {Path(a.report).parent} does not exist; create it first")
+        ev.check_report_path(Path(a.report))
     if a.data:
         from .segment_file import load_engine
 
@@ -201,34 +196,31 @@ def main(argv=None) -> int:
         COMMANDS[a.command](a, progress)
         return 0
     except ClipSegError as e:
-        progress.close()
-        if getattr(a, "progress", None) == "json":
-            print(json.dumps({"event": "error", "message": str(e), "exit_code": e.exit_code}), flush=True)
-        print(f"clipseg: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(a, progress, str(e), e.exit_code)
     except KeyboardInterrupt:
         progress.close()
         print("clipseg: interrupted; nothing was written", file=sys.stderr)
         return 130
     except OSError as e:  # the system refused a read or write (disk full, permissions, ...): not a bug in clipseg
-        progress.close()
         where = f" ({e.filename})" if e.filename else ""
-        message = (f"the system refused a file operation{where}: {e.strerror or e}; free disk space or fix the "
-                   f"permissions, then run again (outputs are only renamed into place once complete)")
-        if getattr(a, "progress", None) == "json":
-            print(json.dumps({"event": "error", "message": message, "exit_code": 1}), flush=True)
-        print(f"clipseg: error: {message}", file=sys.stderr)
-        return 1
+        return _fail(a, progress, f"the system refused a file operation{where}: {e.strerror or e}; free disk space "
+                                  f"or fix the permissions, then run again (outputs are only renamed into place once "
+                                  f"complete)", 1)
     except Exception as e:  # a bug, not a user error: say so, with the traceback to report
         import traceback
 
-        progress.close()
-        message = f"internal error {type(e).__name__}: {e} (a bug in clipseg; please report it with the traceback)"
-        if getattr(a, "progress", None) == "json":
-            print(json.dumps({"event": "error", "message": message, "exit_code": 70}), flush=True)
         traceback.print_exc()
-        print(f"clipseg: {message}", file=sys.stderr)
-        return 70
+        return _fail(a, progress, f"internal error {type(e).__name__}: {e} (a bug in clipseg; please report it with "
+                                  f"the traceback)", 70)
+
+
+def _fail(a, progress, message: str, exit_code: int) -> int:
+    """Report a failure on stderr (and as a JSON ``error`` event with ``--progress json``); returns the exit code."""
+    progress.close()
+    if getattr(a, "progress", None) == "json":
+        print(json.dumps({"event": "error", "message": message, "exit_code": exit_code}), flush=True)
+    print(f"clipseg: error: {message}", file=sys.stderr)
+    return exit_code
 
 
 def entry_point():  # pragma: no cover - console script

@@ -243,7 +243,7 @@ def write_any_report(path: Path, report: dict, markdown: str) -> None:
     """.json: everything; .csv: one row per (case, finding); .md: the summary table."""
     import csv
 
-    path = Path(path)
+    path = check_report_path(Path(path))
     if path.suffix == ".json":
         write_report(path, report)
     elif path.suffix == ".csv":
@@ -253,9 +253,16 @@ def write_any_report(path: Path, report: dict, markdown: str) -> None:
             w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
-    elif path.suffix == ".md":
-        path.write_text(markdown + "\n")
     else:
-        from .errors import InputError
+        path.write_text(markdown + "\n")
 
+
+def check_report_path(path: Path) -> Path:
+    """Fail before any work if a report cannot be written there: a .json, .csv or .md name in an existing folder."""
+    from .errors import InputError
+
+    if path.suffix not in (".json", ".csv", ".md"):
         raise InputError(f"--report {path}: use a .json, .csv or .md file name")
+    if not path.parent.is_dir():
+        raise InputError(f"report folder {path.parent} does not exist; create it first")
+    return path
