@@ -104,7 +104,8 @@ class _MapEngine:
 
     def predict(self, images, prompts):
         self.asked.append(list(prompts))
-        return torch.stack([self.maps[p.split()[0]] for p in prompts])[None].repeat(len(images), 1, 1, 1), None
+        maps = [self.maps[p.split()[0]] * (0.7 if "weak" in p.split() else 1.0) for p in prompts]
+        return torch.stack(maps)[None].repeat(len(images), 1, 1, 1), None
 
 
 def test_a_rival_finding_nobody_asked_for_still_claims_its_voxels():
@@ -127,11 +128,34 @@ def test_a_rival_finding_nobody_asked_for_still_claims_its_voxels():
     # asked for both, each keeps its own region; calcification is not exclusive with the nodule
     res = segment_volume(engine, vol, Geometry.axis_aligned((1.0, 1.0, 1.0)),
                          ["nodule", "cyst", "calcification"], axis=2)
-    assert engine.asked[-1] == ["nodule", "cyst", "calcification"]
+    # the rivals are the model's own phrasings, not the user's other prompts
+    assert engine.asked[-1] == ["nodule", "cyst", "calcification", "cyst canonical", "nodule canonical"]
     n, c, k = (f.mask for f in res.findings)
     assert n[:, 2:10, 2:10].all() and not n[:, 12:15, 12:15].any()
     assert c[:, 12:15, 12:15].all() and not c[:, 2:10, 2:10].any()
     assert k[:, 2:10, 2:10].all()
+
+
+def test_a_prompt_mask_does_not_depend_on_the_other_prompts_of_the_run():
+    """A rival asked by the user in a weaker phrasing must not change the decision: competition is always against
+    the model's own phrasing of the rival finding, and the result says which rule read the prompt."""
+    from CLIPSegLib.imageio import Geometry
+    from CLIPSegLib.pipeline import segment_volume
+
+    nodule = torch.zeros(16, 16)
+    nodule[2:10, 2:10] = 0.95
+    cyst = torch.zeros(16, 16)
+    cyst[2:10, 2:10] = 0.8
+    engine = _MapEngine({"nodule": nodule, "cyst": cyst, "calcification": nodule})
+    vol = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    geometry = Geometry.axis_aligned((1.0, 1.0, 1.0))
+    alone = segment_volume(engine, vol, geometry, ["cyst please"], axis=2).findings[0]
+    for others in (["nodule weak"], ["calcification"], ["nodule weak", "calcification", "nodule canonical"]):
+        res = segment_volume(engine, vol, geometry, ["cyst please"] + others, axis=2).findings[0]
+        np.testing.assert_array_equal(res.mask, alone.mask, err_msg=f"with {others}")
+        assert res.info["status"] == alone.info["status"] == "not found"
+    assert alone.info["rule"] == "cyst" and alone.info["competes_with"] == ["nodule"]
+    assert "read as the trained finding 'cyst'" in alone.message() and "'nodule'" in alone.message()
 
 
 def test_flip_average_mirrors_each_slice_and_averages_the_two_predictions():

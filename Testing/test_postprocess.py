@@ -88,3 +88,37 @@ def test_exclusive_findings_compete_voxel_by_voxel_on_the_maps_as_given():
     same = suppress_exclusive(probs[[1, 1]].copy() * np.array([1.0, 0.5], np.float32)[:, None, None, None],
                               ["cyst", "cyst"], [("nodule", "cyst")])
     assert same[1].max() > 0
+
+
+def _blob(value):
+    prob = np.zeros((4, 20, 20), np.float32)
+    prob[1:3, 5:15, 5:15] = value
+    prob[1:3, 9, 9] = 1.0  # a confident peak inside
+    return prob
+
+
+def test_a_decision_just_below_the_rule_is_kept_and_flagged_uncertain():
+    from CLIPSegLib.postprocess import decide
+
+    rule = {"threshold": 0.5, "min_peak": 0.5, "min_mean": 0.88, "min_extent_mm": 0.0, "min_area_mm2": 0.0}
+    mask, info = decide(_blob(0.8777), (1.0, 1.0, 1.0), 0, rule)  # mean over the blob ~0.878 < 0.88
+    assert info["status"] == "uncertain" and info["found"] and mask.sum() == 200
+    assert info["closest_miss"][0][0] == "min_mean" and info["closest_miss"][0][2] == 0.88
+    mask, info = decide(_blob(0.80), (1.0, 1.0, 1.0), 0, rule)  # far below: dropped, and said why
+    assert info["status"] == "not found" and not mask.any()
+    assert info["rejected"] == {"min_mean": 1} and info["closest_miss"][0][0] == "min_mean"
+    mask, info = decide(_blob(0.95), (1.0, 1.0, 1.0), 0, rule)
+    assert info["status"] == "found" and info["closest_miss"] == []
+
+
+def test_not_found_messages_say_which_part_of_the_rule_failed_without_contradiction():
+    from CLIPSegLib.pipeline import FindingResult
+    from CLIPSegLib.postprocess import decide
+
+    rule = {"threshold": 0.5, "min_peak": 0.5, "min_mean": 0.93, "min_extent_mm": 0.0, "min_area_mm2": 500.0}
+    mask, info = decide(_blob(0.8), (1.0, 1.0, 1.0), 0, rule)
+    text = FindingResult("cyst", mask, {**info, "rule": "cyst", "rule_cosine": 0.99}).message()
+    assert "not found" in text and "peak probability 1.00" not in text
+    assert "mean probability too low" in text and "cross-section too small" in text and "0.93" in text
+    mask, info = decide(np.zeros((2, 8, 8), np.float32), (1.0, 1.0, 1.0), 0, rule)
+    assert "no voxel above probability 0.50" in FindingResult("cyst", mask, info).message()

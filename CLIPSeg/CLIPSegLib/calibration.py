@@ -18,7 +18,7 @@ import numpy as np
 from .datasets import CALIBRATION_SEED_BASE
 from .phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
 from .pipeline import combine_maps, predict_maps
-from .postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm
+from .postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
 from .progress import Progress
 
 MATCH_MIN_COSINE = 0.95  # a prompt takes a finding's rule only if this close to one of its phrasings
@@ -31,19 +31,21 @@ def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE
     """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
     axis in mm)}, one entry per volume x finding for each gate (engines without slice presence: gate 1.0 only).
 
-    The maps are gated and compete as in the pipeline (``pipeline.combine_maps`` over ``exclusive`` pairs);
+    The maps are gated and compete as in the pipeline (``pipeline.combine_maps`` over ``exclusive`` pairs, against
+    each rival finding's first phrasing: ``postprocess.with_rivals``);
     ``flip_average`` as in ``pipeline.predict_maps`` (default: the engine's model setting)."""
     progress = progress or Progress("none")
     rng = np.random.default_rng(seed_base)
     cases: dict[float, list] = {}
     for v in range(n_volumes):
         ph = random_volume_phantom(seed_base + v)
-        prompts = [str(rng.choice(PHRASES[f])) for f in FINDINGS]
+        prompts, findings, judges = with_rivals([str(rng.choice(PHRASES[f])) for f in FINDINGS], list(FINDINGS),
+                                                {f: PHRASES[f][0] for f in FINDINGS}, exclusive)
         masks, presence = predict_maps(engine, ph.image, prompts, slice_axis=2, flip_average=flip_average)
         spacing_ijk = ph.spacing[::-1]
         extent = volume_extent_mm(masks.shape[1:], spacing_ijk, 0)
         for gate in (gates if presence is not None else (1.0,)):
-            gated = combine_maps(masks.copy(), presence, 2, [gate] * len(FINDINGS), FINDINGS, exclusive)
+            gated = combine_maps(masks.copy(), presence, 2, [gate] * len(prompts), findings, exclusive, judges)
             for i, f in enumerate(FINDINGS):
                 prob = gated[i]
                 truth = ph.masks.get(f, np.zeros(prob.shape, bool))

@@ -19,7 +19,7 @@ import torch
 from .clip_backbone import check_prompts
 from .errors import DeviceError, InputError
 from .imageio import Geometry, check_volume
-from .postprocess import DEFAULT_PRESENCE, decide, suppress_exclusive
+from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, suppress_exclusive, with_rivals
 from .preprocessing import normalize_intensity, resize_slices
 from .progress import Progress
 
@@ -61,9 +61,22 @@ def choose_axis(shape_kji: tuple[int, int, int], geometry: Geometry, axis: str |
     return best
 
 
+REASONS = {key: text for _, key, text in CRITERIA}
+UNITS = {"min_extent_mm": " mm", "min_area_mm2": " mm²"}
+
+
+def _miss(misses) -> str:
+    """[(rule key, value, required)] -> 'mean probability 0.878 < 0.880, ...'."""
+    names = {"min_peak": "peak probability", "min_mean": "mean probability", "min_extent_mm": "extent along the "
+             "slice axis", "min_area_mm2": "largest cross-section"}
+    return ", ".join(f"{names[k]} {v:.3g}{UNITS.get(k, '')} < {n:.3g}{UNITS.get(k, '')}" for k, v, n in misses)
+
+
 @dataclass
 class FindingResult:
-    """Result for one prompt. mask: bool ``[K,J,I]``; info: found, score, components, voxels."""
+    """Result for one prompt. mask: bool ``[K,J,I]``; info: see ``postprocess.decide`` plus ``rule`` (the trained
+    finding whose calibrated rule judged it, or 'global'), ``rule_cosine`` (text similarity to that finding's
+    phrasings) and ``competes_with`` (rival findings that took voxels from it)."""
 
     prompt: str
     mask: np.ndarray
@@ -71,14 +84,52 @@ class FindingResult:
 
     @property
     def found(self) -> bool:
+        """The mask is not empty (status 'found' or 'uncertain')."""
         return self.info["found"]
 
+    @property
+    def status(self) -> str:
+        return self.info.get("status", "found" if self.found else "not found")
+
+    def reading(self) -> str:
+        """How the prompt was read: which calibrated rule, and which findings compete with it."""
+        rule = self.info.get("rule", "global")
+        if rule == "global":
+            text = "read with the model's global rule (no trained finding is close to this text)"
+        else:
+            text = f"read as the trained finding '{rule}' (text similarity {self.info.get('rule_cosine', 1):.2f})"
+        rivals = self.info.get("competes_with") or []
+        if rivals:
+            text += "; competes voxel by voxel with " + ", ".join(f"'{r}'" for r in rivals)
+        return text
+
     def message(self) -> str:
-        if self.found:
-            return f"{self.prompt!r}: found ({self.info['components']} region(s), {self.info['voxels']} voxels, " \
-                   f"peak probability {self.info['score']:.2f})"
-        return f"{self.prompt!r}: not found in this image (peak probability {self.info['score']:.2f}); " \
-               f"the segment is empty"
+        i = self.info
+        if self.status == "found":
+            mean = f", mean {i['mean']:.2f}" if i.get("mean") is not None else ""
+            head = (f"found ({i['components']} region(s), {i['voxels']} voxels, peak probability {i['score']:.2f}"
+                    f"{mean})")
+        elif self.status == "uncertain":
+            head = (f"UNCERTAIN: kept {i['components']} region(s), {i['voxels']} voxels, that narrowly miss the "
+                    f"model's rule ({_miss(i.get('closest_miss', []))}); check the segment")
+        elif not i.get("dropped_components"):
+            head = (f"not found: no voxel above probability {i.get('threshold', 0.5):.2f} (highest "
+                    f"{i['score']:.2f}); the segment is empty")
+        else:
+            why = "; ".join(f"{REASONS[k]} ({n})" for k, n in sorted(i.get("rejected", {}).items(),
+                                                                     key=lambda kv: -kv[1]))
+            head = (f"not found: {i['dropped_components']} candidate region(s) rejected by the model's rule: {why}; "
+                    f"nearest miss: {_miss(i.get('closest_miss', []))}; the segment is empty")
+        text = f"{self.prompt!r}: {head} [{self.reading()}]"
+        if i.get("out_of_domain"):
+            text += " [image outside the model's training domain: do not trust this result]"
+        return text
+
+    def event(self) -> dict:
+        """The JSON-safe summary of this result (for ``--progress json`` and reports)."""
+        keys = ("status", "found", "score", "mean", "components", "voxels", "dropped_components", "rejected",
+                "closest_miss", "rule", "rule_cosine", "competes_with", "out_of_domain")
+        return {"prompt": self.prompt, **{k: self.info.get(k) for k in keys}, "interpretation": self.reading()}
 
 
 @dataclass
@@ -157,16 +208,16 @@ def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: in
 
 
 def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int, gates, findings,
-                 exclusive) -> np.ndarray:
+                 exclusive, judges=None) -> np.ndarray:
     """``predict_maps``' outputs -> the probabilities the found / not-found rule judges, ``[P,K,J,I]``, in place.
 
     Prompt i's mask is scaled by its slice presence through ``gates[i]`` (``apply_presence``), then the prompts
-    compete as their matched ``findings`` (None: no match) and the ``exclusive`` pairs say
-    (``postprocess.suppress_exclusive``). The pipeline and the calibration both call this, so a rule is calibrated
-    on the maps it will judge."""
+    compete as their matched ``findings`` (None: no match) and the ``exclusive`` pairs say, against the ``judges``
+    maps (``postprocess.suppress_exclusive``). The pipeline and the calibration both call this, so a rule is
+    calibrated on the maps it will judge."""
     for i, gate in enumerate(gates):
         masks[i] = apply_presence(masks[i], None if presence is None else presence[i], slice_axis, gate)
-    return suppress_exclusive(masks, findings, exclusive)
+    return suppress_exclusive(masks, findings, exclusive, judges)
 
 
 def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_axis: int,
@@ -177,13 +228,13 @@ def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_
     return combine_maps(probs, presence, slice_axis, [1.0] * len(prompts), [None] * len(prompts), ())
 
 
-def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str]:
+def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str, float | None]:
     """The found / not-found rule for ``prompt``: the calibrated rule of the trained finding whose phrasings are
     closest in the engine's text embedding space (cosine >= ``match_min_cosine``), else the model's global rule.
-    Returns (rule, name of the finding used or 'global')."""
+    Returns (rule, name of the finding used or 'global', best cosine or None when there is nothing to match)."""
     per = presence.get("per_finding") or {}
     if not per or not hasattr(engine, "text_embeddings"):
-        return presence, "global"
+        return presence, "global", None
     t = engine.text_embeddings([prompt])[0]
     best, best_cos = "global", -1.0
     for finding, rule in per.items():
@@ -191,20 +242,8 @@ def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str]:
         if cos > best_cos:
             best, best_cos = finding, cos
     if best_cos < presence.get("match_min_cosine", 1.0):
-        return presence, "global"
-    return per[best], best
-
-
-def exclusive_rivals(findings: list[str | None], presence: dict) -> list[tuple[str, str]]:
-    """Prompts to add so that every matched finding meets the findings exclusive with it (``presence['exclusive']``):
-    [(prompt, finding)] for each rival finding no user prompt was matched to, phrased by its first phrasing."""
-    per = presence.get("per_finding") or {}
-    extra = []
-    for pair in presence.get("exclusive") or []:
-        for f, g in (pair, pair[::-1]):
-            if f in findings and g not in findings and g in per and g not in [e[1] for e in extra]:
-                extra.append((per[g]["phrases"][0], g))
-    return extra
+        return presence, "global", best_cos
+    return per[best], best, best_cos
 
 
 def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list[str], axis: str | int = "auto",
@@ -213,28 +252,35 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     """Segment each prompt's finding in a ``[K,J,I]`` volume. ``presence`` overrides the model's decision rule.
 
     A prompt matched to a trained finding competes voxel-wise with the findings exclusive with it
-    (``postprocess.suppress_exclusive``); a rival nobody asked for is predicted as an extra, unreported prompt."""
+    (``postprocess.suppress_exclusive``), each predicted in the model's own phrasing as an extra, unreported prompt:
+    so a prompt's mask is the same whatever other prompts are asked with it."""
     prompts = check_prompts(prompts)
     volume = check_volume(volume)
     progress = progress or Progress("none")
     slice_axis = choose_axis(volume.shape, geometry, axis)
     model_presence = (getattr(engine, "spec", {}) or {}).get("presence", {})
+    per = model_presence.get("per_finding") or {}
+    exclusive = model_presence.get("exclusive") or []
     rules = []
     for prompt in prompts:
-        rule, rule_name = presence_rule(engine, prompt, model_presence)
-        rules.append(({k: v for k, v in {**rule, **(presence or {})}.items() if k in DEFAULT_PRESENCE}, rule_name))
-    matched = [name if name != "global" else None for _, name in rules]
-    rivals = exclusive_rivals(matched, model_presence)
-    gates = [cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for cfg, _ in rules]
-    gates += [model_presence["per_finding"][g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for _, g in rivals]
-    masks, slice_presence = predict_maps(engine, volume, prompts + [p for p, _ in rivals], slice_axis, batch_size,
-                                         progress, cancel)
-    combine_maps(masks, slice_presence, slice_axis, gates, matched + [g for _, g in rivals],
-                 model_presence.get("exclusive") or [])
+        rule, rule_name, cosine = presence_rule(engine, prompt, model_presence)
+        cfg = {k: v for k, v in {**rule, **(presence or {})}.items() if k in DEFAULT_PRESENCE or k == "uncertain_margin"}
+        rules.append((cfg, rule_name, cosine))
+    matched = [name if name != "global" else None for _, name, _ in rules]
+    canonical = {f: r["phrases"][0] for f, r in per.items() if r.get("phrases")}
+    all_prompts, all_findings, judges = with_rivals(prompts, matched, canonical, exclusive)
+    gates = [cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for cfg, _, _ in rules]
+    gates += [per[g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for g in all_findings[len(prompts):]]
+    masks, slice_presence = predict_maps(engine, volume, all_prompts, slice_axis, batch_size, progress, cancel)
+    combine_maps(masks, slice_presence, slice_axis, gates, all_findings, exclusive, judges)
     masks = masks[:len(prompts)]
     findings = []
-    for i, (prompt, (cfg, rule_name)) in enumerate(zip(prompts, rules)):
+    for i, (prompt, (cfg, rule_name, cosine)) in enumerate(zip(prompts, rules)):
         mask, info = decide(masks[i], geometry.spacing, 2 - slice_axis, cfg)
         info["rule"] = rule_name
+        info["rule_cosine"] = None if cosine is None else round(cosine, 4)
+        info["competes_with"] = sorted({all_findings[j] for j in judges
+                                        if matched[i] is not None and all_findings[j] is not None
+                                        and {matched[i], all_findings[j]} in [set(p) for p in exclusive]})
         findings.append(FindingResult(prompt, mask, info))
     return SegmentationResult(findings, slice_axis, masks if keep_probabilities else None)

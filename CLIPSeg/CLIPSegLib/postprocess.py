@@ -65,32 +65,78 @@ def components(prob: np.ndarray, spacing, slice_axis: int, threshold: float):
     return labels, out
 
 
+# The criteria of the rule, in the order they are reported: (Component field, rule key, what failing it means).
+CRITERIA = (("peak", "min_peak", "peak probability too low"),
+            ("mean", "min_mean", "mean probability too low (a region the model only half believes)"),
+            ("extent_mm", "min_extent_mm", "too thin along the slice axis"),
+            ("max_area_mm2", "min_area_mm2", "cross-section too small"))
+
+
+def required(cfg: dict, volume_extent_mm) -> dict:
+    """What the rule asks of a component, by rule key (``CRITERIA``). The extent asked is capped at the volume's own
+    extent (``volume_extent_mm``: slices x slice spacing, a number or an array), so a 2D image can hold a finding."""
+    return {"min_peak": cfg["min_peak"], "min_mean": cfg.get("min_mean", 0.0),
+            "min_extent_mm": np.minimum(float(cfg["min_extent_mm"]), volume_extent_mm) - 1e-6,
+            "min_area_mm2": cfg["min_area_mm2"]}
+
+
 def keep(c, cfg: dict, volume_extent_mm):
-    """The presence rule for one component (see module docstring). volume_extent_mm: slices x slice spacing.
+    """The presence rule for one component (see module docstring): every criterion of ``CRITERIA`` met.
 
     ``c`` may also hold arrays in the Component fields (and ``volume_extent_mm`` an array): the calibration search
     then judges many components at once, with the same rule."""
-    need_mm = np.minimum(float(cfg["min_extent_mm"]), volume_extent_mm)
-    return ((c.peak >= cfg["min_peak"]) & (c.mean >= cfg.get("min_mean", 0.0)) & (c.extent_mm >= need_mm - 1e-6)
-            & (c.max_area_mm2 >= cfg["min_area_mm2"]))
+    need = required(cfg, volume_extent_mm)
+    ok = True
+    for field, key, _ in CRITERIA:
+        ok = ok & (getattr(c, field) >= need[key])
+    return ok
 
 
-def suppress_exclusive(probs: np.ndarray, findings, exclusive) -> np.ndarray:
+def suppress_exclusive(probs: np.ndarray, findings, exclusive, judges=None) -> np.ndarray:
     """Voxel-wise competition of mutually exclusive findings, in place.
 
     probs: ``[P,K,J,I]`` probabilities of P prompts; findings: the trained finding each prompt was matched to (None:
-    no match, never suppressed); exclusive: pairs of finding names that never share a voxel. Each prompt's
-    probability is set to 0 where a prompt of a finding exclusive with its own is strictly more probable (judged on
-    the maps as given, not on each other's suppressed maps). Returns ``probs``."""
+    no match, never suppressed); exclusive: pairs of finding names that never share a voxel; judges: indices of the
+    maps that act as the rival findings (default: every prompt with a finding). Each prompt's probability is set to 0
+    where a judge of a finding exclusive with its own is strictly more probable (judged on the maps as given, not on
+    each other's suppressed maps). The pipeline's judges are the model's own phrasings of the rival findings, so a
+    prompt's mask never depends on the other prompts of a run. Returns ``probs``."""
     pairs = {frozenset(p) for p in exclusive}
+    judges = [j for j, g in enumerate(findings) if g is not None] if judges is None else list(judges)
     losers = []
     for i, f in enumerate(findings):
-        rivals = [j for j, g in enumerate(findings) if f is not None and g is not None and frozenset((f, g)) in pairs]
+        rivals = [j for j in judges if f is not None and findings[j] is not None
+                  and frozenset((f, findings[j])) in pairs]
         if rivals:
             losers.append((i, probs[i] < np.max(probs[rivals], axis=0)))
     for i, lose in losers:
         probs[i][lose] = 0.0
     return probs
+
+
+def with_rivals(prompts: list[str], findings: list, canonical: dict, exclusive) -> tuple[list, list, list]:
+    """The prompts to predict so that each matched finding meets its exclusive rivals, phrased the model's way.
+
+    prompts: the user's; findings: the trained finding each was matched to (None: none); canonical: finding -> the
+    phrasing that stands for it (the first of its trained phrasings). -> (prompts + added rival prompts, their
+    findings, judges: the indices of the rival phrasings among them, for ``suppress_exclusive``). A rival already
+    asked in exactly that phrasing is not predicted twice."""
+    prompts, findings = list(prompts), list(findings)
+    judges = []
+    pairs = [tuple(p) for p in exclusive]
+    for f in [f for f in dict.fromkeys(findings) if f is not None]:
+        for a, b in pairs + [p[::-1] for p in pairs]:
+            if a != f or b not in canonical:
+                continue
+            text = canonical[b]
+            j = next((j for j, (p, g) in enumerate(zip(prompts, findings)) if p == text and g == b), None)
+            if j is None:
+                prompts.append(text)
+                findings.append(b)
+                j = len(prompts) - 1
+            if j not in judges:
+                judges.append(j)
+    return prompts, findings, judges
 
 
 def volume_extent_mm(shape, spacing, slice_axis: int) -> float:
@@ -108,20 +154,71 @@ def fill_holes(mask: np.ndarray) -> None:
     mask[grown] = ndimage.binary_fill_holes(mask[grown])
 
 
+# How far below a rule's threshold a component may fall and still be reported as "uncertain" rather than dropped
+# (a spec's ``presence.uncertain_margin`` overrides): probabilities in absolute units, area as a fraction of the
+# required area, extent in slices. A decision this close to its threshold is one the user must see.
+UNCERTAIN_MARGIN = {"peak": 0.02, "mean": 0.01, "area": 0.1, "extent_slices": 0}
+
+def failed_criteria(c: Component, cfg: dict, volume_extent: float) -> list[tuple[str, float, float]]:
+    """The criteria of the rule one component fails: [(rule key, component's value, required value)]."""
+    need = required(cfg, volume_extent)
+    return [(key, float(getattr(c, field)), float(need[key])) for field, key, _ in CRITERIA
+            if getattr(c, field) < need[key]]
+
+
+def narrowly_failed(failures, margin: dict, slice_mm: float) -> bool:
+    """Whether every failed criterion misses its threshold by less than ``margin`` (see ``UNCERTAIN_MARGIN``)."""
+    room = {"min_peak": margin["peak"], "min_mean": margin["mean"], "min_extent_mm": margin["extent_slices"] * slice_mm}
+    for key, value, need in failures:
+        gap = room.get(key, margin["area"] * need)
+        if value < need - gap - 1e-9:
+            return False
+    return bool(failures)
+
+
 def decide(prob: np.ndarray, spacing, slice_axis: int, cfg: dict | None = None) -> tuple[np.ndarray, dict]:
-    """Probability ``[K,J,I]`` -> (bool mask ``[K,J,I]``, info dict with found, score, kept and dropped counts)."""
+    """Probability ``[K,J,I]`` -> (bool mask ``[K,J,I]``, info).
+
+    info: ``status`` 'found' (components pass the rule), 'uncertain' (none passes, but some miss it only narrowly,
+    ``UNCERTAIN_MARGIN``: they are kept in the mask so the user can judge) or 'not found' (empty mask); ``found``
+    (the mask is not empty), ``score`` (highest peak probability of the kept components, else of the whole map),
+    ``mean`` (mean probability of the kept voxels), ``components``, ``voxels``, ``dropped_components``,
+    ``rejected``: {rule key: number of dropped components failing it}, ``closest_miss``: for the dropped component
+    nearest to passing, [(rule key, value, required)], and ``threshold``."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
+    margin = {**UNCERTAIN_MARGIN, **(cfg.get("uncertain_margin") or {})}
     labels, comps = components(prob, spacing, slice_axis, cfg["threshold"])
     extent = volume_extent_mm(prob.shape, spacing, slice_axis)
-    kept = [c for c in comps if keep(c, cfg, extent)]
+    slice_mm = float(np.asarray(spacing, float)[::-1][slice_axis])
+    failures = {c.label: failed_criteria(c, cfg, extent) for c in comps}
+    kept = [c for c in comps if not failures[c.label]]
+    status = "found" if kept else "not found"
+    if not kept:
+        kept = [c for c in comps if narrowly_failed(failures[c.label], margin, slice_mm)]
+        status = "uncertain" if kept else status
     mask = np.isin(labels, [c.label for c in kept]) if kept else np.zeros(prob.shape, bool)
     if kept:
         fill_holes(mask)
+    dropped = [c for c in comps if c not in kept]
+    rejected: dict[str, int] = {}
+    for c in dropped:
+        for key, _, _ in failures[c.label]:
+            rejected[key] = rejected.get(key, 0) + 1
+    # the dropped component nearest to passing: fewest failed criteria, then the largest
+    closest = min(dropped, key=lambda c: (len(failures[c.label]), -c.voxels), default=None)
     info = {
+        "status": status,
         "found": bool(kept),
         "score": max((c.peak for c in kept), default=float(prob.max(initial=0.0))),
+        "mean": float(prob[mask].mean()) if kept else None,
         "components": len(kept),
-        "dropped_components": len(comps) - len(kept),
+        "dropped_components": len(dropped),
         "voxels": int(mask.sum()),
+        "threshold": float(cfg["threshold"]),
+        "rejected": rejected,
+        "closest_miss": ([[k, round(v, 4), round(n, 4)] for k, v, n in failures[closest.label]]
+                         if closest is not None else []) if status != "found" else [],
     }
+    if status == "uncertain":
+        info["closest_miss"] = [[k, round(v, 4), round(n, 4)] for c in kept for k, v, n in failures[c.label]][:4]
     return mask, info
