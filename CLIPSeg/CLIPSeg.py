@@ -106,6 +106,7 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.populateModels()
         self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+        self.ui.statusLabel.text = self.logic.pythonProblem()
         self.startDeviceProbe()
         self.initializeParameterNode()
 
@@ -299,6 +300,17 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         if candidate and os.path.exists(candidate):
             return candidate
         return shutilWhich("PythonSlicer") or sys.executable
+
+    @staticmethod
+    def pythonProblem() -> str:
+        """Why this Slicer cannot run CLIPSeg (its Python is too old, naming the Slicer version needed), or ''."""
+        from CLIPSegLib import dependencies
+
+        try:
+            dependencies.check_python()
+        except dependencies.DependencyError as e:
+            return str(e)
+        return ""
 
     def startDeviceProbe(self):
         """Start a background PythonSlicer that reports whether torch sees a CUDA GPU (a BackgroundRun to poll);

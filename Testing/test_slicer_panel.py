@@ -162,6 +162,7 @@ def test_a_slicer_with_python_3_9_is_told_which_slicer_to_install(fakes, monkeyp
         module.CLIPSegLogic().ensureDependencies(ask=False)
     message = str(e.value)
     assert "Slicer 5.10 or later" in message and "Python 3.9" in message and "torch==2.14.1" in message
+    assert _widget(module).ui.statusLabel.text == message  # said as soon as the panel opens
 
 
 class FakeSceneRun:
