@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test env clean
 
-$(STAMP): pyproject.toml
+REQUIREMENTS := CLIPSeg/Resources/requirements.txt
+
+$(STAMP): pyproject.toml $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(VENV)/bin/python -m pip install --quiet $$(grep -E '^torch(vision)?[=<>~ ]' $(REQUIREMENTS))
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

@@ -42,14 +42,16 @@ Text-guided segmentation. Pick a volume, type one finding per line (for example 
 gives an empty segment and a note in the status line. Segments you already have are kept; running a finding again
 replaces only its own segment. Processing runs in a background process: the panel stays responsive and Cancel stops
 it at once.<br><br>
-Methods: CLIP-TNseg (Sun et al., IEEE Signal Processing Letters 2025); TGC-Net (Lin et al., 2025);
-MedCLIP-SAM (Koleilat et al., MICCAI 2024; Medical Image Analysis 2025).<br>
-The embedded default model is trained on phantoms only: for demos and teaching, not for clinical use.
-See <a href="https://github.com/clipseg/SlicerCLIPSeg">the project page</a>.
+Needs 3D Slicer 5.10 or later (Python 3.12). The first Apply installs PyTorch (through the PyTorch extension when it
+is installed), MONAI and open_clip once, after asking.<br><br>
+Engine: CLIP-TNseg (Sun et al., IEEE Signal Processing Letters 2025). Planned, not yet available: TGC-Net
+(Lin et al., 2025) and MedCLIP-SAM (Koleilat et al., MICCAI 2024; Medical Image Analysis 2025).<br>
+The embedded default model (cliptnseg-phantom-small) is trained on phantoms only: for demos and teaching, not for
+clinical use. See <a href="https://github.com/clipseg/SlicerCLIPSeg">the project page</a>.
 """)
         self.parent.acknowledgementText = _("""
-Built on open_clip, segment-anything, MONAI, SimpleITK and slicerio. CLIP-TNseg, TGC-Net and MedCLIP-SAM are the work
-of their authors; please cite them when you publish results.
+Built on open_clip, MONAI, SimpleITK and slicerio. CLIP-TNseg is the work of its authors (Sun et al.); please cite it
+when you publish results.
 """)
 
 
@@ -83,6 +85,10 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.timeout.connect(self.onPoll)
+        self._deviceProbe = None
+        self._deviceTimer = qt.QTimer()
+        self._deviceTimer.setInterval(500)
+        self._deviceTimer.timeout.connect(self.onDeviceProbePoll)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -94,13 +100,22 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        # Bound by hand, not through SlicerParameterName: the QTextEdit connector rewrites the whole text on every
+        # parameter change (the cursor jumps while typing); the model list comes from the registry.
+        self.ui.promptsTextEdit.connect("textChanged()", self.onPromptsEdited)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.populateModels()
         self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
+        self.ui.statusLabel.text = self.logic.pythonProblem()
+        self.startDeviceProbe()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.cancelRun()
+        self._deviceTimer.stop()
+        if self._deviceProbe is not None:
+            self._deviceProbe.cancel()
+            self._deviceProbe = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -110,7 +125,7 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelRun()  # the background process must not outlive the scene it would write into
@@ -126,16 +141,35 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = first
+        if not self._parameterNode.model:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(self.ui.modelComboBox.currentIndex) or ""
 
     def setParameterNode(self, inputParameterNode: Optional[CLIPSegParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Show the hand-bound fields (prompts, model), writing a widget only where its value differs: rewriting the
+        findings box while the user types in it would move the cursor. Then update the Apply button."""
+        p = self._parameterNode
+        if p:
+            if self.ui.promptsTextEdit.toPlainText() != p.prompts:
+                self.ui.promptsTextEdit.setPlainText(p.prompts)
+            index = self.ui.modelComboBox.findData(p.model) if p.model else -1
+            if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+                self.ui.modelComboBox.currentIndex = index
+        self._checkCanApply()
+
+    def onPromptsEdited(self) -> None:
+        text = self.ui.promptsTextEdit.toPlainText()
+        if self._parameterNode and self._parameterNode.prompts != text:
+            self._parameterNode.prompts = text
 
     def populateModels(self) -> None:
         from CLIPSegLib.models import DEFAULT_MODEL
@@ -148,8 +182,26 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.currentIndex = max(index, 0)
 
     def onModelChanged(self, index) -> None:
-        if self._parameterNode:
-            self._parameterNode.model = self.ui.modelComboBox.itemData(index) or ""
+        model = self.ui.modelComboBox.itemData(index) or ""
+        if self._parameterNode and self._parameterNode.model != model:
+            self._parameterNode.model = model
+
+    def startDeviceProbe(self) -> None:
+        """Ask a background process which device torch sees (this process never imports torch); once."""
+        if self._deviceProbe is not None or self._deviceTimer.isActive():
+            return
+        self._deviceProbe = self.logic.startDeviceProbe()
+        if self._deviceProbe is not None:
+            self.ui.deviceInfoLabel.text = self.logic.deviceDescription(self._deviceProbe)
+            self._deviceTimer.start()
+
+    def onDeviceProbePoll(self) -> None:
+        probe = self._deviceProbe
+        if probe is None or probe.returncode is not None:
+            self._deviceTimer.stop()
+        if probe is not None and probe.returncode is not None:
+            probe.wait()
+            self.ui.deviceInfoLabel.text = self.logic.deviceDescription(probe)
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self._run is not None:
@@ -169,6 +221,7 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
             if not self.logic.ensureDependencies(ask=True):
                 return
+            self.startDeviceProbe()  # torch may have just been installed
             p = self._parameterNode
             if not self.logic.ensureModel(p.model, ask=True):
                 return
@@ -223,6 +276,9 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
 
         logic = slicer.util.getModuleLogic("CLIPSeg")
         seg = logic.segment(volumeNode, ["thyroid nodule", "cyst"], engine="cliptnseg", wait=True)
+
+    This process never imports torch, MONAI or open_clip: it checks they are installed (and installs them, after
+    asking) and leaves the work to a background PythonSlicer.
     """
 
     def __init__(self) -> None:
@@ -245,13 +301,42 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
             return candidate
         return shutilWhich("PythonSlicer") or sys.executable
 
-    def deviceDescription(self) -> str:
+    @staticmethod
+    def pythonProblem() -> str:
+        """Why this Slicer cannot run CLIPSeg (its Python is too old, naming the Slicer version needed), or ''."""
+        from CLIPSegLib import dependencies
+
         try:
-            import torch
-        except ImportError:
+            dependencies.check_python()
+        except dependencies.DependencyError as e:
+            return str(e)
+        return ""
+
+    def startDeviceProbe(self):
+        """Start a background PythonSlicer that reports whether torch sees a CUDA GPU (a BackgroundRun to poll);
+        None while torch is not installed."""
+        from CLIPSegLib import dependencies
+        from CLIPSegLib.background import BackgroundRun, device_probe_command
+
+        if not dependencies.is_installed("torch"):
+            return None
+        return BackgroundRun(device_probe_command(self.pythonExecutable()))
+
+    def deviceDescription(self, probe=None) -> str:
+        """One line for the panel: PyTorch missing, the GPU found by ``probe`` (see startDeviceProbe), or still
+        checking. Never imports torch."""
+        from CLIPSegLib import dependencies
+
+        if not dependencies.is_installed("torch"):
             return _("PyTorch not installed yet (installed at first Apply)")
-        if torch.cuda.is_available():
-            return _("GPU: ") + torch.cuda.get_device_name(0)
+        if probe is None or probe.returncode is None:
+            return _("Checking for a CUDA GPU...")
+        probe.poll()
+        result = probe.state.result
+        if probe.returncode != 0 or not result:
+            return _("GPU check failed (PyTorch does not load?): ") + probe.error_text()[-200:]
+        if result.get("cuda"):
+            return _("GPU: ") + str(result.get("name", ""))
         return _("No CUDA GPU found: CPU will be used")
 
     def availableModels(self) -> list:
@@ -280,15 +365,20 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         return True
 
     def missingPackages(self) -> list:
-        import importlib.util
+        """The requirements CLIPSeg declares (Resources/requirements.txt) whose module is not installed."""
+        from CLIPSegLib import dependencies
 
-        modules = {"torch": "torch", "open_clip": "open_clip_torch==3.3.0", "segment_anything": "segment-anything==1.0",
-                   "monai": "monai==1.6.1", "SimpleITK": "SimpleITK", "slicerio": "slicerio>=1.4",
-                   "safetensors": "safetensors", "tqdm": "tqdm"}
-        return [pkg for mod, pkg in modules.items() if importlib.util.find_spec(mod) is None]
+        return dependencies.missing()
 
     def ensureDependencies(self, ask: bool = True) -> bool:
-        """Install what is missing, once, after asking. torch through the PyTorch extension when present."""
+        """Install the missing declared packages once, after asking when ``ask``: torch through the PyTorch extension
+        when it is installed (it picks the CUDA build), the rest with pip. Returns False if the user declined; raises
+        DependencyError on a Slicer too old for them or when the installation fails."""
+        import importlib
+
+        from CLIPSegLib import dependencies
+
+        dependencies.check_python()
         missing = self.missingPackages()
         if not missing:
             return True
@@ -296,34 +386,57 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
                 _("CLIPSeg needs these Python packages, which will be installed now (a few GB for PyTorch):\n")
                 + "\n".join(missing), _("Install dependencies")):
             return False
+        torchRequirements, others = dependencies.split_torch(missing)
         try:
-            if "torch" in missing:
-                try:
-                    import PyTorchUtils
-
-                    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False)
-                    if torch is None:
-                        raise RuntimeError(_("the PyTorch extension could not install torch"))
-                except ImportError:
-                    slicer.util.pip_install("torch==2.14.1 torchvision==0.29.1")
-                missing.remove("torch")
-            if missing:
-                slicer.util.pip_install(" ".join(f'"{m}"' for m in missing))
+            if torchRequirements:
+                self._installTorch(torchRequirements)
+            if others:
+                slicer.util.pip_install(others)
         except Exception as e:
-            slicer.util.errorDisplay(_("Installing the dependencies failed:") + f"\n{e}\n\n" + _(
-                "Check the network or proxy, or install the PyTorch extension from the Extensions Manager, then "
-                "restart Slicer and press Apply again."))
-            return False
-        return not self.missingPackages()
+            raise dependencies.DependencyError(
+                _("Installing the Python packages failed: ") + f"{e}\n" + _(
+                    "Check the network or proxy, or install the PyTorch extension from the Extensions Manager, "
+                    "restart Slicer and try again.")) from e
+        importlib.invalidate_caches()
+        still = self.missingPackages()
+        if still:
+            raise dependencies.DependencyError(dependencies.missing_message(still) + " " + _(
+                "They were installed but cannot be found: restart Slicer and try again."))
+        return True
+
+    @staticmethod
+    def _installTorch(requirements) -> None:
+        """torch (+ torchvision) at the declared version: through the PyTorch extension if present, else pip."""
+        from CLIPSegLib import dependencies
+
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.pip_install(requirements)
+            return
+        pins = {dependencies.distribution(r).lower(): dependencies.specifier(r) for r in requirements}
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=pins.get("torch") or None)
+        if torch is None:
+            raise RuntimeError(_("the PyTorch extension did not install torch"))
+
+    def requireDependencies(self, ask: bool = True) -> None:
+        """ensureDependencies, raising DependencyError that names what is missing when they are still not there."""
+        from CLIPSegLib import dependencies
+
+        if not self.ensureDependencies(ask=ask):
+            raise dependencies.DependencyError(dependencies.missing_message(self.missingPackages()))
 
     def start(self, volumeNode, prompts, segmentationNode=None, engine="cliptnseg", model=None, device="auto",
-              axis="auto", threshold=None, keepProbabilities=False, precision="fp32"):
+              axis="auto", threshold=None, keepProbabilities=False, precision="fp32", ask=True):
         """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel()).
+        Missing packages are installed first (asking when ``ask``), else DependencyError names them.
         ``threshold`` None keeps the model's calibrated probability threshold."""
-        from CLIPSegLib.scene_run import SceneRun
-
         if self._active is not None and self._active.running:
             raise RuntimeError(_("A segmentation is already running; wait for it or cancel it first."))
+        self.requireDependencies(ask=ask)
+        from CLIPSegLib.scene_run import SceneRun
+
         run = SceneRun(volumeNode, prompts, segmentationNode, engine=engine, model=model, device=device, axis=axis,
                        python=self.pythonExecutable(), threshold=threshold, keep_probabilities=keepProbabilities,
                        precision=precision)
@@ -331,9 +444,12 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         return run
 
     def segment(self, volumeNode, prompts, engine="cliptnseg", model=None, device="auto", axis="auto",
-                segmentationNode=None, threshold=None, wait=True):
-        """Segment ``prompts`` in ``volumeNode``; with ``wait=True`` returns the segmentation node when done."""
-        run = self.start(volumeNode, prompts, segmentationNode, engine, model, device, axis, threshold)
+                segmentationNode=None, threshold=None, wait=True, precision="fp32", keepProbabilities=False,
+                ask=True):
+        """Segment ``prompts`` in ``volumeNode``; with ``wait=True`` returns the segmentation node when done, else
+        the running SceneRun. Missing packages are installed first (asking when ``ask``)."""
+        run = self.start(volumeNode, prompts, segmentationNode, engine=engine, model=model, device=device, axis=axis,
+                         threshold=threshold, keepProbabilities=keepProbabilities, precision=precision, ask=ask)
         if not wait:
             return run
         while run.running:
@@ -353,7 +469,8 @@ def shutilWhich(name):
 
 
 class CLIPSegTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer: a phantom volume, the embedded model, segments checked against the phantom's truth."""
+    """Runs inside Slicer (ctest, or Reload and Test): installs what is missing, then segments a small phantom volume
+    with the embedded model through the background process and checks the segments against the phantom's truth."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -363,20 +480,29 @@ class CLIPSegTest(ScriptedLoadableModuleTest):
         self.test_segment_phantom_volume()
 
     def test_segment_phantom_volume(self):
+        self.delayDisplay("Checking the Python packages (installed on the first run)")
+        logic = CLIPSegLogic()
+        self.assertTrue(logic.ensureDependencies(ask=False))
+        self.assertEqual(logic.missingPackages(), [])
+
         from CLIPSegLib.metrics import dice
         from CLIPSegLib.mrml_bridge import segment_to_array
         from CLIPSegLib.phantoms import make_phantom
 
-        self.delayDisplay("Segmenting a phantom volume")
+        self.delayDisplay("Segmenting a phantom volume in the background process")
         ph = make_phantom((16, 256, 256), spacing=(0.8, 0.25, 0.25), seed=501, findings=("nodule", "cyst"))
         volume = slicer.util.addVolumeFromArray(ph.image, name="phantom")
         volume.SetSpacing(0.25, 0.25, 0.8)
         seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "existing")
         seg.GetSegmentation().AddEmptySegment("mine", "my segment")
-        out = CLIPSegLogic().segment(volume, ["thyroid nodule", "anechoic cyst"], segmentationNode=seg, device="cpu")
+        out = logic.segment(volume, ["thyroid nodule", "anechoic cyst"], segmentationNode=seg, device="cpu",
+                            wait=True, ask=False)
+        self.assertIs(out, seg)
         segmentation = out.GetSegmentation()
         self.assertEqual(segmentation.GetNumberOfSegments(), 3)
+        self.assertIsNotNone(segmentation.GetSegment("mine"))
         for name, finding in (("thyroid nodule", "nodule"), ("anechoic cyst", "cyst")):
             mask = segment_to_array(out, segmentation.GetSegmentIdBySegmentName(name), volume)
-            self.assertGreater(dice(mask, ph.masks[finding]), 0.6)
+            self.assertGreater(mask.sum(), 0, name)
+            self.assertGreater(dice(mask, ph.masks[finding]), 0.6, name)
         self.delayDisplay("Test passed")

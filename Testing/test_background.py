@@ -71,3 +71,47 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"grandchild process {grandchild} survived cancel")
+
+
+class _Popen:
+    """Records how a process would be started; never starts one."""
+
+    calls = []
+
+    def __init__(self, argv, **kwargs):
+        import io
+
+        _Popen.calls.append(kwargs)
+        self.stdout, self.stderr, self.pid = io.StringIO(""), io.StringIO(""), 0
+
+    def poll(self):
+        return 0
+
+
+def test_on_windows_no_console_window_flashes_up(monkeypatch):
+    import subprocess
+
+    from CLIPSegLib import background
+
+    _Popen.calls = []
+    monkeypatch.setattr(subprocess, "Popen", _Popen)
+    for name in ("nt", "posix"):  # a copy of os for the module under test: pytest itself keeps the real one
+        fake_os = type(os)("os")
+        fake_os.__dict__.update(vars(os), name=name)
+        monkeypatch.setattr(background, "os", fake_os)
+        BackgroundRun(["PythonSlicer", "-m", "CLIPSegLib.cli"])
+    windows, posix = _Popen.calls
+    assert windows["creationflags"] == 0x00000200 | 0x08000000  # CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
+    assert "start_new_session" not in windows
+    assert posix["start_new_session"] is True and "creationflags" not in posix
+
+
+def test_the_device_probe_reports_what_torch_sees():
+    import torch
+
+    from CLIPSegLib.background import device_probe_command
+
+    run = BackgroundRun(device_probe_command())
+    assert run.wait(120) == 0, run.error_text()
+    assert run.state.result["cuda"] == torch.cuda.is_available()
+    assert isinstance(run.state.result["name"], str)

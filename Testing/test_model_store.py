@@ -81,6 +81,28 @@ def test_shipped_registry_is_valid_and_lists_embedded_and_public_models():
     assert ms.verify("cliptnseg-phantom-small") == {"cliptnseg-phantom-small.safetensors": "present"}
 
 
+def test_without_jsonschema_the_registry_loads_and_missing_keys_are_refused(monkeypatch, tmp_path):
+    """Slicer's Python has no jsonschema, and the panel lists the models when it opens."""
+    import sys
+
+    with_schema = ms.load_registry()
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # import jsonschema -> ImportError
+    assert ms.load_registry() == with_schema
+    def public(d):
+        return next(m for m in d["models"] if not m.get("embedded"))
+
+    for broken, message in ((lambda d: d.pop("models"), "'models' is a required property"),
+                            (lambda d: public(d).pop("license"), "'license' is a required property"),
+                            (lambda d: public(d)["files"][0].pop("sha256"), "'sha256' is a required property"),
+                            (lambda d: public(d).pop("files"), "'files' is a required property")):
+        bad = json.loads(ms.REGISTRY.read_text())
+        broken(bad)
+        path = tmp_path / "registry.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ModelError, match=message):
+            ms.load_registry(path)
+
+
 def test_fresh_download_then_offline_use_touches_no_network(server, home):
     reg = registry(server)
     folder = ms.fetch("test-model", registry=reg)

@@ -91,6 +91,55 @@ def test_a_users_own_segment_named_like_a_prompt_is_never_replaced(scene):
     assert not segment_to_array(seg, mine, node).any()
 
 
+def test_a_segmentation_made_from_a_surface_model_takes_the_masks_and_keeps_its_segment(scene):
+    """A segmentation imported from a model/STL has closed surface as source representation, which refuses labelmap
+    writes: it is converted to binary labelmap, the user's segment kept."""
+    import vtk
+
+    node = _volume(scene, np.zeros((20, 20, 20), np.float32), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                   directions=np.eye(3))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "from STL")
+    seg.SetSourceRepresentationToClosedSurface()
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(10.0, 10.0, 10.0)
+    sphere.SetRadius(4.0)
+    sphere.SetThetaResolution(24)
+    sphere.SetPhiResolution(24)
+    sphere.Update()
+    mine = seg.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "organ model")
+    assert seg.GetSegmentation().GetSourceRepresentationName() == "Closed surface"
+    cyst = np.zeros((20, 20, 20), bool)
+    cyst[2:5, 3:6, 4:8] = True
+    ids = masks_to_segmentation(seg, node, {"cyst": cyst})
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetSourceRepresentationName() == "Binary labelmap"
+    assert segmentation.GetNumberOfSegments() == 2 and segmentation.GetSegment(mine).GetName() == "organ model"
+    assert np.array_equal(segment_to_array(seg, ids["cyst"], node), cyst)
+    organ = segment_to_array(seg, mine, node)
+    # the sphere (radius 4 mm at voxel 10,10,10 of a 1 mm grid) as voxels: its centre in, its corners out
+    assert organ[10, 10, 10] and not organ[10, 10, 15] and 180 < organ.sum() < 340
+    assert not (organ & cyst).any()
+
+
+def test_probability_volumes_show_with_window_level_0_to_1_and_a_heat_map(scene):
+    from CLIPSegLib.mrml_bridge import array_to_volume_node, show_as_probability
+
+    colors = slicer.vtkMRMLColorLogic()  # adds the colour tables the Slicer app has (kept alive while used)
+    colors.SetMRMLScene(scene)
+    like = _volume(scene, np.zeros((2, 3, 4), np.float32))
+    node = array_to_volume_node(scene, np.full((2, 3, 4), 0.25, np.float32), like, "p(cyst)")
+    show_as_probability(node)
+    display = node.GetDisplayNode()
+    assert display is not None and not display.GetAutoWindowLevel()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
+    assert display.GetColorNode().GetName() == "PET-Heat"
+    bare = slicer.vtkMRMLScene()  # no colour tables: window/level still set, the colour left as it is
+    like = _volume(bare, np.zeros((2, 3, 4), np.float32))
+    node = array_to_volume_node(bare, np.zeros((2, 3, 4), np.float32), like, "p")
+    show_as_probability(node)
+    assert node.GetDisplayNode().GetWindowLevelMax() == 1.0
+
+
 def test_empty_mask_gives_an_empty_segment(scene):
     node = _volume(scene, np.zeros((2, 3, 4), np.float32))
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")

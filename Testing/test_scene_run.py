@@ -1,5 +1,6 @@
 """The Slicer Logic's scene work on real MRML (slicer-core): export, background CLI, import, hierarchy placement."""
 
+import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make test`; CI always has it")
@@ -54,6 +55,9 @@ def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_vol
         assert p.shape == (3, 40, 40) and 0.0 <= p.min() and p.max() <= 1.0
         assert node.GetSpacing() == volume.GetSpacing() and node.GetOrigin() == volume.GetOrigin()
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
+        display = node.GetDisplayNode()  # shown as soon as it is added
+        assert display is not None and not display.GetAutoWindowLevel()
+        assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
 
 
 def test_failed_run_shows_the_cli_message_and_leaves_the_scene_alone(scene_volume, tmp_path):
@@ -98,3 +102,35 @@ def test_precision_reaches_the_command_line(tmp_path):
 
     argv = segment_command(tmp_path / "in.nrrd", ["cyst"], tmp_path / "o.seg.nrrd", device="cpu", precision="bf16")
     assert build_parser().parse_args(argv[3:]).precision == "bf16"
+
+
+def test_a_closed_surface_output_is_converted_and_the_user_is_told(scene_volume, monkeypatch, tmp_path):
+    import vtk
+
+    import CLIPSegLib.scene_run as scene_run
+
+    scene, volume = scene_volume
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "from STL")
+    seg.SetSourceRepresentationToClosedSurface()
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(10.0, 10.0, 6.0)
+    sphere.SetRadius(3.0)
+    sphere.Update()
+    seg.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "organ")
+    cyst = np.zeros((3, 40, 40), bool)
+    cyst[1, 5:9, 5:9] = True
+    monkeypatch.setattr(scene_run, "read_segment_masks", lambda path, prompts: {"cyst": cyst})
+    run = SceneRun(volume, ["cyst"], seg)
+    run.tmp = tmp_path  # as if the background process had written its result there
+    assert run._load(tmp_path / "output.seg.nrrd") is seg
+    segmentation = seg.GetSegmentation()
+    assert [segmentation.GetNthSegment(i).GetName() for i in range(2)] == ["organ", "cyst"]
+    assert np.array_equal(segment_to_array(seg, segmentation.GetSegmentIdBySegmentName("cyst"), volume), cyst)
+    assert any("converted to binary labelmap" in m and "'from STL'" in m for m in run.messages)
+
+
+def test_the_slicer_side_precisions_are_the_engines():
+    from CLIPSegLib.checks import PRECISIONS
+    from CLIPSegLib.engines.base import PRECISIONS as ENGINE_PRECISIONS
+
+    assert PRECISIONS == ENGINE_PRECISIONS

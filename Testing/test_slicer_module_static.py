@@ -21,7 +21,9 @@ TYPE_WIDGETS = {"vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}, "vtkMRMLSegmen
                 "str": {"QTextEdit", "QLineEdit"}, "str+Choice": {"QComboBox"}, "float": {"ctkSliderWidget",
                                                                                           "QDoubleSpinBox"},
                 "bool": {"QCheckBox"}}
-UNBOUND_FIELDS = {"model"}  # filled from the model registry by the widget code, not by a binding
+# Bound by hand in the widget code, not through SlicerParameterName: the model list comes from the registry, and the
+# app's QTextEdit connector rewrites the whole findings text on every parameter change (the cursor jumps).
+UNBOUND_FIELDS = {"model", "prompts"}
 
 
 def ui_widgets():
@@ -84,8 +86,10 @@ def test_every_resource_file_is_listed():
     assert on_disk == listed
 
 
-def test_extension_json_has_only_catalog_schema_fields():
-    entry = json.loads((ROOT / "extension.json").read_text())
+def test_catalog_entry_is_named_after_the_cmake_project_and_has_only_schema_fields():
+    project = re.search(r"^project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text(), re.M).group(1)
+    assert (ROOT / f"{project}.json").is_file() and not (ROOT / "extension.json").exists()
+    entry = json.loads((ROOT / f"{project}.json").read_text())
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                "build_subdirectory", "enabled", "tier"}
     assert set(entry) <= allowed
@@ -108,3 +112,114 @@ def test_module_file_parses_and_keeps_to_the_template():
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     assert {"CLIPSeg", "CLIPSegParameterNode", "CLIPSegWidget", "CLIPSegLogic", "CLIPSegTest"} <= classes
     assert "def segment(self, volumeNode, prompts" in SOURCE and "wait=True" in SOURCE
+
+
+def _class(name):
+    return next(n for n in ast.parse(SOURCE).body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def _calls(node, attribute):
+    return [c for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
+            and c.func.attr == attribute]
+
+
+def test_the_findings_box_is_bound_by_hand_and_written_only_when_its_text_differs():
+    box = next(w for w in UI.iter("widget") if w.get("name") == "promptsTextEdit")
+    assert not [p for p in box.findall("property") if p.get("name") == "SlicerParameterName"]
+    widget = _class("CLIPSegWidget")
+    writes = _calls(widget, "setPlainText")
+    assert writes, "the widget never shows the parameter node's findings"
+    parents = {child: node for node in ast.walk(widget) for child in ast.iter_child_nodes(node)}
+    for call in writes:
+        guard = parents[call]
+        while not isinstance(guard, ast.If):
+            guard = parents[guard]
+        test = guard.test
+        assert isinstance(test, ast.Compare) and isinstance(test.ops[0], ast.NotEq), ast.unparse(guard.test)
+        assert "promptsTextEdit.toPlainText()" in ast.unparse(test), ast.unparse(test)
+    assert 'promptsTextEdit.connect("textChanged()"' in SOURCE
+    assert "modelComboBox.findData(p.model)" in SOURCE  # the model is shown from the parameter node too
+
+
+def test_the_module_self_test_is_registered_and_installs_before_segmenting():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    assert re.search(r"if\(BUILD_TESTING\)\s*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)\s*endif\(\)",
+                     text)
+    test = _class("CLIPSegTest")
+    ensure = _calls(test, "ensureDependencies")
+    assert ensure and any(k.arg == "ask" and ast.literal_eval(k.value) is False for k in ensure[0].keywords)
+    segment = _calls(test, "segment")
+    assert segment and any(k.arg == "wait" and ast.literal_eval(k.value) is True for k in segment[0].keywords)
+    assert ensure[0].lineno < segment[0].lineno
+
+
+def test_license_is_the_apache_2_text():
+    text = (ROOT / "LICENSE").read_text()
+    for line in ("Apache License", "Version 2.0, January 2004", "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND "
+                 "DISTRIBUTION", "9. Accepting Warranty or Additional Liability.", "END OF TERMS AND CONDITIONS"):
+        assert line in text, line
+    assert len(text) > 10000 and 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+
+
+def _help_texts():
+    """helpText and acknowledgementText of the module class, as the user reads them."""
+    texts = {}
+    for node in ast.walk(_class("CLIPSeg")):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+            if node.targets[0].attr in ("helpText", "acknowledgementText"):
+                texts[node.targets[0].attr] = ast.literal_eval(node.value.args[0])
+    return texts
+
+
+def _cmake_value(key):
+    return re.search(rf'set\({key} "(.*)"\)', (ROOT / "CMakeLists.txt").read_text()).group(1)
+
+
+def test_every_url_of_the_project_names_the_same_repository():
+    homepage = _cmake_value("EXTENSION_HOMEPAGE")
+    repo = re.fullmatch(r"https://github\.com/([\w.-]+/[\w.-]+)", homepage).group(1)
+    found = []
+    for name in ("CLIPSeg.json", "CMakeLists.txt", "CLIPSeg/CLIPSeg.py", "README.md"):
+        for host, owner_repo in re.findall(r"https://(github\.com|raw\.githubusercontent\.com)/([\w.-]+/[\w-]+)",
+                                           (ROOT / name).read_text()):
+            if "clipseg" in owner_repo.lower():
+                found.append((name, owner_repo))
+    assert {n for n, _ in found} == {"CLIPSeg.json", "CMakeLists.txt", "CLIPSeg/CLIPSeg.py", "README.md"}
+    assert {r for _, r in found} == {repo}, found
+    assert json.loads((ROOT / "CLIPSeg.json").read_text())["scm_url"] == homepage + ".git"
+    assert homepage in _help_texts()["helpText"]
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):  # the files exist on the published branch
+        url = _cmake_value(key)
+        assert url.startswith(f"https://raw.githubusercontent.com/{repo}/main/")
+        assert (ROOT / url.split("/main/", 1)[1]).is_file(), url
+
+
+METHODS = {"CLIP-TNseg": "cliptnseg", "TGC-Net": "tgcnet", "MedCLIP-SAM": "medclipsam"}
+
+
+def test_help_and_description_name_only_engines_and_models_that_exist():
+    from CLIPSegLib import model_store
+    from CLIPSegLib.engines import ENGINES
+
+    texts = dict(_help_texts(), description=_cmake_value("EXTENSION_DESCRIPTION"))
+    for where, text in texts.items():
+        for sentence in re.split(r"<br>|\.\s+(?=[A-Z])", text):
+            for method, engine in METHODS.items():
+                if method in sentence and engine not in ENGINES:
+                    assert "planned" in sentence.lower(), f"{where}: {method} does not run yet: {sentence!r}"
+        for model_id in re.findall(r"\b[a-z0-9]+(?:-[a-z0-9]+){2,}\b", text):
+            assert model_id in model_store.load_registry(), f"{where} names the model {model_id!r}, not in the registry"
+    assert "cliptnseg" in ENGINES and "CLIP-TNseg" in texts["helpText"]
+
+
+def test_the_minimum_slicer_version_is_stated_everywhere():
+    from CLIPSegLib.dependencies import MIN_SLICER
+
+    readme = (ROOT / "README.md").read_text()
+    slicer_section = readme[readme.index("## Use in 3D Slicer"):readme.index("### From Slicer's Python console")]
+    for where, text in (("help", _help_texts()["helpText"]), ("description", _cmake_value("EXTENSION_DESCRIPTION")),
+                        ("README", slicer_section)):
+        assert f"Slicer {MIN_SLICER} or later" in text.replace("\n", " ") or \
+            f"Slicer {MIN_SLICER} and later" in text.replace("\n", " "), where
+        assert "Python 3.12" in text, where
+

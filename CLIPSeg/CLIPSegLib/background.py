@@ -47,6 +47,29 @@ def segment_command(input_path, prompts, output_path, engine=None, model=None, d
     return cmd
 
 
+# Windows process creation flags (values from the Win32 API; the subprocess constants exist only on Windows).
+CREATE_NEW_PROCESS_GROUP = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0x00000200)
+CREATE_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+
+
+def process_group_options() -> dict:
+    """Popen options: the child leads its own process group (so cancel reaches its workers); on Windows also no
+    console window, which would otherwise flash up each time Slicer starts a run."""
+    if os.name == "nt":
+        return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+# Run in the background process: the Slicer process itself never imports torch.
+DEVICE_PROBE = ("import json, torch; cuda = torch.cuda.is_available(); print(json.dumps({'event': 'done', "
+                "'cuda': cuda, 'name': torch.cuda.get_device_name(0) if cuda else ''}), flush=True)")
+
+
+def device_probe_command(python: str | None = None) -> list[str]:
+    """argv of a short child that reports ``{"event": "done", "cuda": bool, "name": GPU name or ""}``."""
+    return [python or sys.executable, "-c", DEVICE_PROBE]
+
+
 @dataclass
 class RunState:
     stage: str = ""
@@ -61,11 +84,9 @@ class BackgroundRun:
     """A started child process. ``poll()`` returns new events; ``returncode`` is None while it runs."""
 
     def __init__(self, argv: list[str], env: dict | None = None, cwd: str | None = None):
-        kwargs = {"start_new_session": True} if os.name == "posix" else \
-            {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                     env=env, cwd=cwd, **kwargs)
+                                     env=env, cwd=cwd, **process_group_options())
         self.state = RunState()
         self._events: queue.Queue = queue.Queue()
         self._stderr: list[str] = []

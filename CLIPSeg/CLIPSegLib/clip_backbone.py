@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_prompts  # noqa: F401  (torch-free; re-exported here)
 from .errors import InputError
 
 # Normalisation the image tower was trained with (OpenAI CLIP statistics, per RGB channel).
@@ -38,22 +39,6 @@ def clip_image_size(clip: torch.nn.Module) -> int:
     """Square input size (pixels) of the image tower."""
     size = clip.visual.image_size
     return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
-def check_prompts(prompts) -> list[str]:
-    """Validate prompts: a non-empty list of non-blank strings. Returns them stripped."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if not prompts:
-        raise InputError("no prompt given: pass at least one finding, e.g. --prompt \"thyroid nodule\"")
-    out = []
-    for p in prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise InputError(f"empty prompt {p!r}: each prompt must name a finding, e.g. \"anechoic cyst\"")
-        out.append(" ".join(p.split()))
-    if len(set(p.lower() for p in out)) != len(out):
-        raise InputError(f"duplicate prompts {out}: each finding may be asked once per run")
-    return out
 
 
 def tokenize(prompts: list[str], context_length: int) -> torch.Tensor:

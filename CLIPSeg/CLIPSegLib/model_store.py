@@ -35,14 +35,19 @@ def cache_dir() -> Path:
 
 
 def load_registry(path: Path = REGISTRY) -> dict[str, dict]:
-    """Registry entries by id, validated against the JSON schema."""
-    import jsonschema
-
+    """Registry entries by id, validated against the JSON schema (with jsonschema where it is installed; Slicer's
+    Python lacks it, and the panel lists models before anything is installed: then the keys the schema requires)."""
     data = json.loads(Path(path).read_text())
+    schema = json.loads(SCHEMA.read_text())
     try:
-        jsonschema.validate(data, json.loads(SCHEMA.read_text()))
-    except jsonschema.ValidationError as e:
-        raise ModelError(f"model registry {path} is invalid: {e.message} (at {list(e.absolute_path)})") from e
+        import jsonschema
+    except ImportError:
+        _check_required_keys(data, schema, path)
+    else:
+        try:
+            jsonschema.validate(data, schema)
+        except jsonschema.ValidationError as e:
+            raise ModelError(f"model registry {path} is invalid: {e.message} (at {list(e.absolute_path)})") from e
     for m in data["models"]:
         if m.get("embedded"):  # the files and their checksums are those of the model's own spec
             spec_path = Path(path).parent / m["spec"]
@@ -52,6 +57,28 @@ def load_registry(path: Path = REGISTRY) -> dict[str, dict]:
             m["files"] = [{"name": f["name"], "url": None, "size": f["size"], "sha256": f["sha256"]}
                           for f in spec["files"]]
     return {m["id"]: m for m in data["models"]}
+
+
+def _check_required_keys(data, schema: dict, path) -> None:
+    """The schema's required keys of the registry, its models and their files; raises ModelError like jsonschema."""
+    model_schema = schema["properties"]["models"]["items"]
+    file_required = model_schema["properties"]["files"]["items"]["required"]
+
+    def require(obj, keys, where):
+        if not isinstance(obj, dict):
+            raise ModelError(f"model registry {path} is invalid: {obj!r} is not an object (at {where})")
+        for key in keys:
+            if key not in obj:
+                raise ModelError(f"model registry {path} is invalid: {key!r} is a required property (at {where})")
+
+    require(data, schema["required"], [])
+    if not isinstance(data["models"], list):
+        raise ModelError(f"model registry {path} is invalid: 'models' is not a list (at ['models'])")
+    for i, m in enumerate(data["models"]):
+        require(m, model_schema["required"] + (["spec"] if isinstance(m, dict) and m.get("embedded") else ["files"]),
+                ["models", i])
+        for j, f in enumerate(m.get("files", [])):
+            require(f, file_required, ["models", i, "files", j])
 
 
 def entry(model_id: str, registry: dict | None = None) -> dict:

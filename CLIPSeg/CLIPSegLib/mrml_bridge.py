@@ -70,6 +70,20 @@ def array_to_volume_node(scene, array: np.ndarray, like_node, name: str):
     return node
 
 
+def show_as_probability(node) -> None:
+    """Give a probability volume (values in [0,1]) a display node, so it shows when added: window/level fixed to 0..1
+    and the PET heat colour map where the scene has it (the Slicer app adds it; a bare MRML scene may not)."""
+    import slicer
+
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    heat = slicer.vtkMRMLColorLogic.GetPETColorNodeID(slicer.vtkMRMLPETProceduralColorNode.PETheat)
+    if node.GetScene().GetNodeByID(heat) is not None:
+        display.SetAndObserveColorNodeID(heat)
+
+
 def _oriented_image(mask: np.ndarray, ijk_to_ras: np.ndarray):
     """bool ``[K,J,I]`` -> vtkOrientedImageData (unsigned char) with the given IJK-to-RAS matrix."""
     import slicer
@@ -99,13 +113,31 @@ def _segment_made_for(segmentation, prompt: str) -> str:
     return ""
 
 
+def use_labelmap_source(segmentation_node) -> bool:
+    """Make binary labelmap the source representation, converting the segments to it (a segmentation made from a
+    model or STL file has closed surface as source, which refuses labelmap writes). Every segment is kept, now as
+    voxels on the reference geometry (the extent grows to fit each surface). Returns True if it converted."""
+    import slicer
+
+    segmentation = segmentation_node.GetSegmentation()
+    source = segmentation.GetSourceRepresentationName()
+    if source == slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName():
+        return False
+    if not segmentation_node.CreateBinaryLabelmapRepresentation():
+        raise InputError(f"the segments of {segmentation_node.GetName()!r} ({source}) cannot be converted to a "
+                         f"binary labelmap; pick another output segmentation or 'Create new segmentation'")
+    segmentation_node.SetSourceRepresentationToBinaryLabelmap()
+    return True
+
+
 def masks_to_segmentation(segmentation_node, volume_node, masks: dict[str, np.ndarray]) -> dict[str, str]:
     """Write masks (segment name -> bool ``[K,J,I]`` on the volume's grid) into a segmentation node.
 
     The reference geometry becomes ``volume_node``. Segments made here carry the tag ``CLIPSeg.Prompt`` = their
     mask's name; re-running a name replaces only the segment tagged with it. Every other segment is kept, including
-    a user's own segment of the same name: the new one is then named ``"<name> (CLIPSeg)"``. Returns mask name ->
-    segment id."""
+    a user's own segment of the same name: the new one is then named ``"<name> (CLIPSeg)"``. A segmentation whose
+    source representation is closed surface is first converted to binary labelmap (``use_labelmap_source``).
+    Returns mask name -> segment id."""
     import slicer
 
     if not masks:
@@ -121,6 +153,7 @@ def masks_to_segmentation(segmentation_node, volume_node, masks: dict[str, np.nd
                                          volume_node.GetID())
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
+    use_labelmap_source(segmentation_node)
     segmentation = segmentation_node.GetSegmentation()
     ids = {}
     for name, mask in masks.items():

@@ -15,8 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .background import BackgroundRun, segment_command
-from .clip_backbone import check_prompts
-from .engines.base import check_precision
+from .checks import check_precision, check_prompts
 from .errors import Cancelled, ClipSegError, InputError
 from .imageio import read_probabilities, read_segment_masks, write_volume
 from .mrml_bridge import masks_to_segmentation, volume_to_array
@@ -46,6 +45,7 @@ class SceneRun:
         self.run: BackgroundRun | None = None
         self.tmp: Path | None = None
         self.probability_nodes: list = []
+        self.notes: list[str] = []  # what the scene side did that the user should know
 
     def start(self) -> "SceneRun":
         """Validate, export the volume, start the background process. Raises InputError on bad input."""
@@ -102,7 +102,11 @@ class SceneRun:
         if node is None or node.GetScene() is None:
             node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{self.volume_node.GetName()} CLIPSeg")
             node.CreateDefaultDisplayNodes()
+        source = node.GetSegmentation().GetSourceRepresentationName()
         masks_to_segmentation(node, self.volume_node, masks)
+        if node.GetSegmentation().GetSourceRepresentationName() != source:
+            self.notes.append(f"the segments of {node.GetName()!r} were {source.lower()}s; they were converted to "
+                              f"binary labelmap (on the input volume's grid) to add the new segments")
         place_beside(node, self.volume_node)
         self.segmentation_node = node
         if probabilities is not None:
@@ -111,17 +115,18 @@ class SceneRun:
 
     def _load_probabilities(self, probabilities):
         """One scalar volume per prompt (probability in [0,1]) on the input's grid, beside it in the hierarchy."""
-        from .mrml_bridge import array_to_volume_node
+        from .mrml_bridge import array_to_volume_node, show_as_probability
 
         for prompt, p in zip(self.prompts, probabilities):
             node = array_to_volume_node(self.volume_node.GetScene(), p, self.volume_node,
                                         f"{self.volume_node.GetName()} p({prompt})")
+            show_as_probability(node)
             place_beside(node, self.volume_node)
             self.probability_nodes.append(node)
 
     @property
     def messages(self) -> list[str]:
-        return self.run.state.messages if self.run else []
+        return (self.run.state.messages if self.run else []) + self.notes
 
     def cleanup(self) -> None:
         if self.tmp is not None:

@@ -1,0 +1,34 @@
+"""Input checks that need no torch, so the Slicer process can refuse bad input before it starts a background run.
+
+``clip_backbone.check_prompts`` and the engines use the same checks; ``PRECISIONS`` equals
+``engines.base.PRECISIONS`` (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+from .errors import InputError
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_prompts(prompts) -> list[str]:
+    """Validate prompts: a non-empty list of non-blank strings. Returns them stripped."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise InputError("no prompt given: pass at least one finding, e.g. --prompt \"thyroid nodule\"")
+    out = []
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise InputError(f"empty prompt {p!r}: each prompt must name a finding, e.g. \"anechoic cyst\"")
+        out.append(" ".join(p.split()))
+    if len(set(p.lower() for p in out)) != len(out):
+        raise InputError(f"duplicate prompts {out}: each finding may be asked once per run")
+    return out
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}; use fp32 (exact) or bf16 "
+                         f"(faster on CPUs with AVX-512 BF16 and on GPUs)")
+    return precision

@@ -1,0 +1,385 @@
+"""Stand-ins for what the Slicer app adds to the `slicer-core` wheel, so CLIPSeg.py can be imported and its Widget and
+Logic driven in tests: `qt`, `ctk`, `slicer.i18n`, `slicer.ScriptedLoadableModule`, `slicer.parameterNodeWrapper`,
+the dialogs of `slicer.util`, and the widgets of CLIPSeg.ui (built from the .ui file, so names and classes are real).
+Each fake does only what CLIPSeg.py uses. MRML (scene, parameter node) is real, from slicer-core.
+
+``ImportGuard`` refuses the packages Slicer's own Python does not ship and records every attempt to import one
+(asking whether one is installed, with ``importlib.util.find_spec``, is allowed and answers "not installed").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import sys
+import time
+import types
+import typing
+import unittest
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "CLIPSeg"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "CLIPSeg.ui"
+# Not in Slicer's Python (numpy, scipy, SimpleITK, vtk, qt, ctk and slicer are).
+NOT_IN_SLICER = ("torch", "torchvision", "monai", "open_clip", "safetensors", "jsonschema", "transformers",
+                 "segment_anything", "tqdm", "PIL", "timm", "slicerio")
+
+
+class ImportGuard(importlib.abc.MetaPathFinder):
+    """A sys.meta_path finder: importing one of ``names`` raises ModuleNotFoundError and is recorded in
+    ``self.imported``; ``importlib.util.find_spec`` probes of them also raise (read as "not installed") unrecorded."""
+
+    def __init__(self, names=NOT_IN_SLICER):
+        self.names = set(names)
+        self.imported: list[str] = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] not in self.names:
+            return None
+        caller = sys._getframe(1)
+        while caller is not None and caller.f_code.co_name == "_find_spec":
+            caller = caller.f_back
+        if caller is not None and caller.f_code.co_name.startswith("_find_and_load"):  # an import, not a probe
+            self.imported.append(name)
+        raise ModuleNotFoundError(f"No module named {name!r} (not in Slicer's Python)", name=name)
+
+
+# --- Qt ------------------------------------------------------------------------------------------------------------
+
+class Signal:
+    def __init__(self):
+        self.slots = []
+
+    def connect(self, slot):
+        self.slots.append(slot)
+
+    def emit(self, *args):
+        for slot in list(self.slots):
+            slot(*args)
+
+
+class Widget:
+    """A widget of the .ui file: Qt properties as attributes, PythonQt's ``connect("signal(args)", slot)``."""
+
+    def __init__(self, name="", cls="QWidget", parameter=None):
+        self.name, self.cls, self.parameter = name, cls, parameter  # parameter: its SlicerParameterName
+        self.enabled, self.text, self.toolTip, self.value, self.maximum = True, "", "", 0, 100
+        self.signals: dict[str, Signal] = {}
+
+    def signal(self, name) -> Signal:
+        return self.signals.setdefault(name.split("(")[0], Signal())
+
+    def connect(self, signal, slot):
+        self.signal(signal).connect(slot)
+
+    def setMRMLScene(self, scene):
+        self.mrmlScene = scene
+
+    def addWidget(self, widget):
+        pass
+
+
+class TextEdit(Widget):
+    """QTextEdit: ``setPlainText`` calls are logged (each one moves the cursor to the end); ``type`` is the user
+    typing (changes the text and emits textChanged, as Qt does for both)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._text = ""
+        self.setPlainTextCalls: list[str] = []
+
+    def toPlainText(self):
+        return self._text
+
+    def setPlainText(self, text):
+        self.setPlainTextCalls.append(text)
+        self._text = text
+        self.signal("textChanged").emit()
+
+    def type(self, text):
+        self._text = text
+        self.signal("textChanged").emit()
+
+
+class ComboBox(Widget):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.items: list[tuple[str, object]] = []
+        self._current = -1
+
+    def clear(self):
+        self.items = []
+        self.currentIndex = -1
+
+    def addItem(self, text, data=None):
+        self.items.append((text, data))
+        if self._current < 0:
+            self.currentIndex = 0
+
+    def findData(self, data):
+        return next((i for i, (_, d) in enumerate(self.items) if d == data), -1)
+
+    def itemData(self, index):
+        return self.items[index][1] if 0 <= index < len(self.items) else None
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    @property
+    def currentIndex(self):
+        return self._current
+
+    @currentIndex.setter
+    def currentIndex(self, index):
+        if index != self._current:
+            self._current = index
+            self.signal("currentIndexChanged").emit(index)
+
+
+WIDGET_CLASSES = {"QTextEdit": TextEdit, "QComboBox": ComboBox}
+
+
+def ui_widgets(path=UI_FILE) -> dict[str, Widget]:
+    """One fake per widget of the .ui file, by name."""
+    widgets = {}
+    for w in ET.parse(path).getroot().iter("widget"):
+        parameter = next((p.find("string").text for p in w.findall("property")
+                          if p.get("name") == "SlicerParameterName"), None)
+        widgets[w.get("name")] = WIDGET_CLASSES.get(w.get("class"), Widget)(w.get("name"), w.get("class"), parameter)
+    return widgets
+
+
+class QTimer:
+    def __init__(self):
+        self.timeout = Signal()
+        self.interval, self.active = 0, False
+
+    def setInterval(self, msec):
+        self.interval = msec
+
+    def start(self, *args):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+    def isActive(self):
+        return self.active
+
+
+class QThread:
+    @staticmethod
+    def msleep(msec):
+        time.sleep(msec / 1000)
+
+
+# --- slicer.ScriptedLoadableModule, slicer.parameterNodeWrapper ------------------------------------------------------
+
+class ScriptedLoadableModule:
+    def __init__(self, parent):
+        self.parent = parent
+
+
+class ScriptedLoadableModuleWidget:
+    def __init__(self, parent=None):
+        self.parent = parent or types.SimpleNamespace(isEntered=True)
+        self.moduleName = type(self).__name__.removesuffix("Widget")
+
+    def setup(self):
+        self.layout = Widget("layout")
+
+    def resourcePath(self, filename):
+        return str(MODULE_DIR / "Resources" / filename)
+
+
+class ScriptedLoadableModuleLogic:
+    def __init__(self, parent=None):
+        self.moduleName = type(self).__name__.removesuffix("Logic")
+
+    def getParameterNode(self):
+        """The module's singleton vtkMRMLScriptedModuleNode in slicer.mrmlScene, as the app's logic does."""
+        import slicer
+
+        node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(self.moduleName)
+            node.SetName(self.moduleName)
+            node.SetAttribute("ModuleName", self.moduleName)
+            node = slicer.mrmlScene.AddNode(node)
+        return node
+
+
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    def delayDisplay(self, message, msec=None):
+        pass
+
+
+class Choice:
+    def __init__(self, choices):
+        self.choices = choices
+
+
+class WithinRange:
+    def __init__(self, low, high):
+        self.low, self.high = low, high
+
+
+def parameterNodeWrapper(cls):
+    """Typed fields stored in the MRML node as the app's wrapper stores them (strings as parameters, nodes as
+    references), defaults written on first use, other attributes (AddObserver, ...) forwarded to the node.
+    ``connectGui`` emulates the app's QTextEdit connector only: on every parameter change it rewrites the whole
+    text of a QTextEdit bound with SlicerParameterName (``setPlainText``), as Slicer does."""
+    import slicer
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    types_ = {name: typing.get_args(h)[0] if typing.get_origin(h) is typing.Annotated else h
+              for name, h in hints.items()}
+    defaults = {name: getattr(cls, name, None) for name in hints}
+
+    def is_node(t):
+        return isinstance(t, type) and issubclass(t, slicer.vtkMRMLNode)
+
+    class Wrapper:
+        def __init__(self, node):
+            object.__setattr__(self, "parameterNode", node)
+            object.__setattr__(self, "_guis", {})
+            for name, t in types_.items():
+                if not is_node(t) and name not in node.GetParameterNames():
+                    node.SetParameter(name, str(defaults[name]))
+
+        def __getattr__(self, name):
+            node = object.__getattribute__(self, "parameterNode")
+            if name not in types_:
+                return getattr(node, name)
+            t = types_[name]
+            if is_node(t):
+                return node.GetNodeReference(name)
+            raw = node.GetParameter(name)
+            return raw == "True" if t is bool else t(raw)
+
+        def __setattr__(self, name, value):
+            node = object.__getattribute__(self, "parameterNode")
+            if is_node(types_[name]):
+                node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+                node.Modified()
+            else:
+                node.SetParameter(name, str(value))
+
+        def connectGui(self, ui):
+            import vtk
+
+            bound = [(w, w.parameter) for w in vars(ui).values()
+                     if isinstance(w, TextEdit) and w.parameter in types_]
+
+            def write(caller=None, event=None):
+                for widget, name in bound:
+                    widget.setPlainText(getattr(self, name))
+
+            for widget, name in bound:
+                widget.connect("textChanged()", lambda w=widget, n=name: setattr(self, n, w.toPlainText()))
+            tag = self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, write)
+            write()
+            self._guis[tag] = bound
+            return tag
+
+        def disconnectGui(self, tag):
+            if tag in self._guis:
+                self.parameterNode.RemoveObserver(tag)
+                del self._guis[tag]
+
+    Wrapper.__name__ = cls.__name__
+    return Wrapper
+
+
+# --- installing the fakes ------------------------------------------------------------------------------------------
+
+class Dialogs:
+    """What slicer.util's dialogs were asked, and the answer confirmations get."""
+
+    def __init__(self):
+        self.confirm_answer = True
+        self.confirmations: list[str] = []
+        self.errors: list[str] = []
+        self.pip_installs: list = []
+
+    def confirmOkCancelDisplay(self, text, windowTitle=None, **kwargs):
+        self.confirmations.append(text)
+        return self.confirm_answer
+
+    def errorDisplay(self, text, windowTitle=None, **kwargs):
+        self.errors.append(text)
+
+    @contextlib.contextmanager
+    def tryWithErrorDisplay(self, message=None, show=True, waitCursor=False):
+        try:
+            yield
+        except Exception as e:  # the app shows it in a dialog and carries on
+            self.errors.append(f"{message} {e}")
+
+    @contextlib.contextmanager
+    def WaitCursor(self):
+        yield
+
+    def pip_install(self, requirements, **kwargs):
+        self.pip_installs.append(requirements)
+
+    def loadUI(self, path):
+        widget = Widget("CLIPSeg", "qMRMLWidget")
+        widget.uiPath = path
+        return widget
+
+    def childWidgetVariables(self, widget):
+        return types.SimpleNamespace(**ui_widgets(widget.uiPath))
+
+
+def fake_modules() -> dict[str, types.ModuleType]:
+    qt = types.ModuleType("qt")
+    qt.QTimer, qt.QThread = QTimer, QThread
+    ctk = types.ModuleType("ctk")
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+    for c in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+              ScriptedLoadableModuleTest):
+        setattr(slm, c.__name__, c)
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper, pnw.Choice, pnw.WithinRange = parameterNodeWrapper, Choice, WithinRange
+    return {"qt": qt, "ctk": ctk, "slicer.i18n": i18n, "slicer.ScriptedLoadableModule": slm,
+            "slicer.parameterNodeWrapper": pnw}
+
+
+def install(setitem=None, setattr_=None) -> Dialogs:
+    """Put the fakes in place (with pytest's ``monkeypatch.setitem``/``setattr`` to undo them after a test, or for
+    good in a child process) and give slicer a fresh ``mrmlScene``. Returns the Dialogs record."""
+    import slicer
+    import slicer.util
+
+    setitem = setitem or (lambda d, k, v: d.__setitem__(k, v))
+    setattr_ = setattr_ or (lambda o, k, v: setattr(o, k, v))
+    for name, module in fake_modules().items():
+        setitem(sys.modules, name, module)
+        if name.startswith("slicer."):
+            setattr_(slicer, name.rpartition(".")[2], module)
+    dialogs = Dialogs()
+    for name in ("confirmOkCancelDisplay", "errorDisplay", "tryWithErrorDisplay", "WaitCursor", "pip_install",
+                 "loadUI", "childWidgetVariables"):
+        setattr_(slicer.util, name, getattr(dialogs, name))
+    setattr_(slicer, "mrmlScene", slicer.vtkMRMLScene())
+    setattr_(slicer, "app", None)
+    return dialogs
+
+
+def load_module(name="CLIPSeg_under_test"):
+    """Import CLIPSeg/CLIPSeg.py (after ``install``) as a fresh module."""
+    if str(MODULE_DIR) not in sys.path:
+        sys.path.insert(0, str(MODULE_DIR))
+    spec = importlib.util.spec_from_file_location(name, MODULE_DIR / "CLIPSeg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
