@@ -178,8 +178,10 @@ def _cmd_models(a, progress):
     elif a.action == "import":
         print(f"{a.id}: imported into {ms.import_files(a.id, a.paths, registry)}")
     elif a.action == "remove":
-        ms.remove(a.id, registry)
-        print(f"{a.id}: removed from the cache")
+        if ms.remove(a.id, registry):
+            print(f"{a.id}: removed from the cache ({ms.model_dir(registry[a.id])})")
+        else:
+            print(f"{a.id}: was not downloaded; nothing to remove")
 
 
 COMMANDS = {"segment": _cmd_segment, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "train": _cmd_train,
