@@ -93,3 +93,28 @@ def test_phantom_evaluation_reports_dice_hd95_nsd_absence_and_swap(tmp_path, tin
     assert s["swap_floor_max"] == pytest.approx(max(floors))  # what the truth itself scores
     out = capsys.readouterr().out
     assert "held-out phantom volumes: 2 (seeds 1000..1001)" in out and "absent finding -> empty segment" in out
+
+
+@pytest.mark.parametrize("prompt_map, message", [
+    ("{'1': 'nodule'}", "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
+    ('{"1": "nodule",}', "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 16"),
+    ('["nodule"]', "must be a non-empty JSON object"),
+    ('{"nodule": "1"}', "key 'nodule' is not a label value"),
+    ('{"1": "cyst", "2": "cyst"}', "labels 1 and 2 both map to 'cyst'"),
+    ("missing-map.json", "file missing-map.json does not exist"),
+])
+def test_malformed_prompt_map_is_an_input_error_with_an_example(tmp_path, tiny_model, capsys, prompt_map, message):
+    data = _folder(tmp_path / "data")
+    code = main(["evaluate", "--data", str(data), "--prompt-map", prompt_map, "--model", str(tiny_model),
+                 "--device", "cpu", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    if "JSON" in message or "object" in message or "label value" in message:
+        assert '{"1": "thyroid nodule", "2": "cyst"}' in err  # an example to copy
+
+
+def test_prompt_map_from_a_file(tmp_path):
+    from CLIPSegLib.evaluation import parse_prompt_map
+
+    (tmp_path / "map.json").write_text('{"1": " thyroid nodule ", "2": "cyst"}')
+    assert parse_prompt_map(str(tmp_path / "map.json")) == {"1": "thyroid nodule", "2": "cyst"}

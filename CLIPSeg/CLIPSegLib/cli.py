@@ -119,10 +119,7 @@ def _cmd_evaluate(a, progress):
     if a.data:
         from .segment_file import load_engine
 
-        prompt_map = None
-        if a.prompt_map:
-            text = Path(a.prompt_map).read_text() if a.prompt_map.endswith(".json") else a.prompt_map
-            prompt_map = json.loads(text)
+        prompt_map = ev.parse_prompt_map(a.prompt_map) if a.prompt_map else None
         cases = ev.load_cases(Path(a.data), prompt_map)
         report = ev.evaluate_dataset(cases, load_engine(a.model, a.engine, a.device), a.tolerance_mm, progress)
         text = ev.format_dataset_summary(report)

@@ -130,6 +130,56 @@ CONVENTIONS = ("Foreground Dice and IoU per (case, finding), background never av
                "of the mean (2000 resamples); metrics from MONAI.")
 
 
+PROMPT_MAP_EXAMPLE = '{"1": "thyroid nodule", "2": "cyst"}'
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except OSError:  # e.g. a name too long to be a path: it is JSON text
+        return False
+
+
+def parse_prompt_map(arg: str) -> dict[str, str]:
+    """``--prompt-map``: JSON text, or the path of a .json file, mapping label values to prompts -> {"1": "nodule"}.
+
+    Raises InputError with the JSON error's position, or naming the bad entry, and an example."""
+    from .errors import InputError
+
+    example = f"e.g. --prompt-map '{PROMPT_MAP_EXAMPLE}'"
+    source = "--prompt-map"
+    text = arg
+    if not arg.lstrip().startswith("{") and (arg.lower().endswith(".json") or _is_file(arg)):
+        path = Path(arg)
+        if not path.is_file():
+            raise InputError(f"--prompt-map file {path} does not exist; give the file's path or the JSON itself, "
+                             f"{example}")
+        source, text = f"--prompt-map file {path}", path.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (character "
+                         f"{e.pos}); it must map label values to prompts, {example} (quote keys and prompts with \", "
+                         f"and the whole argument with ' in a shell)") from e
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"{source} must be a non-empty JSON object mapping label values to prompts, not {data!r}; "
+                         f"{example}")
+    seen: dict[str, str] = {}
+    for value, prompt in data.items():
+        try:
+            int(value)
+        except ValueError:
+            raise InputError(f"{source}: key {value!r} is not a label value (an integer such as \"1\"); {example}") \
+                from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{source}: label {value} maps to {prompt!r}, not a prompt text; {example}")
+        if prompt.strip() in seen:
+            raise InputError(f"{source}: labels {seen[prompt.strip()]} and {value} both map to {prompt.strip()!r}; "
+                             f"give each label value its own prompt")
+        seen[prompt.strip()] = value
+    return {value: prompt.strip() for value, prompt in data.items()}
+
+
 def load_cases(data: Path, prompt_map: dict | None = None) -> list[dict]:
     """-> [{"id", "image", "truth": {prompt: ("mask", path) | ("label", path, value)}}].
 
