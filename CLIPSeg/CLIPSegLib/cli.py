@@ -119,6 +119,7 @@ def _cmd_demo(a, progress):
 def _cmd_evaluate(a, progress):
     from . import evaluation as ev
 
+    ev.check_evaluate_args(None if a.data else a.phantoms, a.tolerance_mm)
     if a.report:
         ev.check_report_path(Path(a.report))
     if a.data:
@@ -135,6 +136,8 @@ def _cmd_evaluate(a, progress):
     if a.report:
         ev.write_any_report(Path(a.report), report, text)
     print(text)
+    if a.report:
+        print(f"\nreport: {a.report}")
 
 
 def _cmd_train(a, progress):
