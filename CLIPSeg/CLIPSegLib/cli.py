@@ -185,7 +185,8 @@ def _cmd_models(a, progress):
                 print(f"{mid}/{name}: {status}")
                 bad |= status != "present"
         if bad:
-            raise ModelError("some files are missing or corrupt; run `clipseg models fetch ID` or import them again")
+            raise ModelError("some files are missing or corrupt; run `clipseg models fetch ID` or import them again "
+                             "(if the file pinned first was the wrong one, `clipseg models remove ID` before that)")
     elif a.action == "import":
         print(f"{a.id}: imported into {ms.import_files(a.id, a.paths, registry)}")
     elif a.action == "remove":

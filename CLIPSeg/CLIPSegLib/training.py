@@ -213,7 +213,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  clip_steps: int = 300, seg_steps: int = 3000, data_csv: Path | None = None, seed: int = 0,
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
-                 command: str = "", presence_head: bool = False, n_volumes: int = 0, force: bool = False) -> Path | None:
+                 command: str = "", presence_head: bool = False, n_volumes: int = 0,
+                 force: bool = False) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
