@@ -91,5 +91,55 @@ def test_phantom_evaluation_reports_dice_hd95_nsd_absence_and_swap(tmp_path, tin
     masks = [random_volume_phantom(c["seed"]).masks for c in cases]
     floors = [dice(m[a], m[b]) for m in masks for a in m for b in m if a != b]
     assert s["swap_floor_max"] == pytest.approx(max(floors))  # what the truth itself scores
+    for f in s["dice"]:  # two volumes: too few for a bootstrap interval, and the report says so
+        assert s["dice"][f]["ci95"] is None and s["dice"][f]["ci95_reason"].startswith(("n too small", "no cases"))
     out = capsys.readouterr().out
     assert "held-out phantom volumes: 2 (seeds 1000..1001)" in out and "absent finding -> empty segment" in out
+    assert "wrote" not in out and "case.seg.nrrd" not in out  # the per-volume `clipseg segment` runs are quiet
+    assert out.rstrip().endswith(f"report: {report_path}")
+    dice_rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| finding")]
+    assert dice_rows and all("n too small for an interval" in r or "never present" in r for r in dice_rows)
+
+
+def test_phantom_markdown_report_is_a_table(tmp_path, tiny_model, capsys):
+    report_path = tmp_path / "heldout.md"
+    assert main(["evaluate", "--phantoms", "1", "--seed", "1000", "--model", str(tiny_model), "--device", "cpu",
+                 "--progress", "none", "--report", str(report_path)]) == 0
+    rows = [line for line in report_path.read_text().splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| finding | n | Dice mean [95% CI] |") and set(rows[1]) <= {"|", "-"}
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["nodule", "cyst", "calcification"]
+    assert all(r.count("|") == rows[0].count("|") for r in rows)
+    out = capsys.readouterr()
+    assert "not found in this image" not in out.err  # messages of the temporary runs are not shown either
+
+
+@pytest.mark.parametrize("args", [["--phantoms", "0"], ["--phantoms", "-3"], ["--tolerance-mm", "0"]])
+def test_phantom_count_and_tolerance_must_be_positive(tmp_path, tiny_model, capsys, args):
+    assert main(["evaluate", *args, "--model", str(tiny_model), "--device", "cpu", "--progress", "none"]) == 2
+    err = capsys.readouterr().err
+    assert args[0] in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("prompt_map, message", [
+    ("{'1': 'nodule'}", "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
+    ('{"1": "nodule",}', "not valid JSON: Expecting property name enclosed in double quotes at line 1 column 16"),
+    ('["nodule"]', "must be a non-empty JSON object"),
+    ('{"nodule": "1"}', "key 'nodule' is not a label value"),
+    ('{"1": "cyst", "2": "cyst"}', "labels 1 and 2 both map to 'cyst'"),
+    ("missing-map.json", "file missing-map.json does not exist"),
+])
+def test_malformed_prompt_map_is_an_input_error_with_an_example(tmp_path, tiny_model, capsys, prompt_map, message):
+    data = _folder(tmp_path / "data")
+    code = main(["evaluate", "--data", str(data), "--prompt-map", prompt_map, "--model", str(tiny_model),
+                 "--device", "cpu", "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    if "JSON" in message or "object" in message or "label value" in message:
+        assert '{"1": "thyroid nodule", "2": "cyst"}' in err  # an example to copy
+
+
+def test_prompt_map_from_a_file(tmp_path):
+    from CLIPSegLib.evaluation import parse_prompt_map
+
+    (tmp_path / "map.json").write_text('{"1": " thyroid nodule ", "2": "cyst"}')
+    assert parse_prompt_map(str(tmp_path / "map.json")) == {"1": "thyroid nodule", "2": "cyst"}

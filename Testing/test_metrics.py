@@ -53,11 +53,23 @@ def test_empty_truth_is_scored_by_false_positive_volume():
 
 
 def test_summary_mean_median_and_bootstrap_ci():
-    s = summarize([0.2, 0.4, 0.6, 0.8, float("nan"), None])
-    assert s["n"] == 4 and s["mean"] == pytest.approx(0.5) and s["median"] == pytest.approx(0.5)
+    s = summarize([0.2, 0.4, 0.5, 0.6, 0.8, float("nan"), None])
+    assert s["n"] == 5 and s["mean"] == pytest.approx(0.5) and s["median"] == pytest.approx(0.5)
     lo, hi = s["ci95"]
     assert 0.2 <= lo < 0.5 < hi <= 0.8
-    assert summarize([])["mean"] is None
+    assert summarize([])["mean"] is None and summarize([])["ci95"] is None
+
+
+def test_too_few_cases_give_no_interval_but_say_why():
+    from CLIPSegLib.metrics import MIN_CI_CASES, format_mean_ci
+
+    s = summarize([0.913, 0.950])  # was reported as 0.931 [0.931, 0.931]
+    assert s["ci95"] is None and s["ci95_reason"] == f"n too small for an interval: 2 < {MIN_CI_CASES}"
+    assert format_mean_ci(s) == f"0.931 (n too small for an interval: 2 < {MIN_CI_CASES})"
+    assert summarize([0.9] * (MIN_CI_CASES - 1))["ci95"] is None
+    assert summarize([0.9] * MIN_CI_CASES)["ci95"] == [pytest.approx(0.9)] * 2  # all equal: zero width, honestly
+    assert format_mean_ci(summarize([0.2, 0.4, 0.5, 0.6, 0.8])).startswith("0.500 [0.")
+    assert format_mean_ci(summarize([])) == "n/a"
 
 
 def test_prompt_swap_figures_separate_shared_voxels_from_real_confusion():

@@ -13,7 +13,17 @@ from CLIPSegLib import model_store as ms
 from CLIPSegLib.errors import ModelError
 from CLIPSegLib.models import load_checkpoint
 
-PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+def _torch_bytes(state) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+PAYLOAD = _torch_bytes({"weight": torch.arange(256 * 1024, dtype=torch.float32)})  # a 1 MiB PyTorch weight file
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -194,3 +204,84 @@ def test_pickles_needing_code_are_refused_and_plain_tensors_load(tmp_path):
     torch.save({"weight": torch.ones(2), "extra": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(ModelError, match="arbitrary code"):
         load_checkpoint(tmp_path / "evil.pth")
+
+
+def _open_registry(files):
+    """A MedSAM-like entry: no URL, size or SHA-256 published for ``files`` (list of registry file dicts)."""
+    return {"test-model": {"id": "test-model", "engine": "medclipsam", "role": "sam", "license": "MIT", "citation": "",
+                           "description": "", "files": files}}
+
+
+def _file(name, **kw):
+    return {"name": name, "url": None, "size": None, "sha256": None, **kw}
+
+
+@pytest.mark.parametrize("name", ["w.pth", "w.safetensors", "open_clip_config.json"])
+def test_junk_file_is_refused_and_its_hash_is_not_pinned(tmp_path, home, name):
+    reg = _open_registry([_file(name)])
+    junk = tmp_path / name
+    junk.write_bytes(b"junk!")
+    with pytest.raises(ModelError, match="not a loadable PyTorch|not a safetensors|not valid JSON"):
+        ms.import_files("test-model", [junk], reg)
+    assert ms.verify("test-model", reg) == {name: "missing"}
+    assert not (home / "test-model" / "checksums.json").exists() and junk.exists()
+
+
+def test_random_100kb_file_is_refused_for_the_medsam_entry(tmp_path, home, capsys):
+    from CLIPSegLib.cli import main
+
+    random_file = tmp_path / "medsam_vit_b.pth"
+    random_file.write_bytes(bytes(range(256)) * 400)  # 100 KB, not a checkpoint
+    assert main(["models", "import", "medsam-vit-b", str(random_file)]) == 3
+    assert "expected at least 300.0 MB" in capsys.readouterr().err
+    reg = ms.load_registry()
+    assert not ms.is_present(reg["medsam-vit-b"]) and not (home / "medsam-vit-b" / "checksums.json").exists()
+    # without a size range the kind check alone refuses it
+    with pytest.raises(ModelError, match="not a loadable PyTorch weight file"):
+        ms.import_files("test-model", [random_file], _open_registry([_file("medsam_vit_b.pth")]))
+
+
+def test_valid_weight_files_within_their_size_range_are_imported_and_pinned(tmp_path, home):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(4, 4)}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "w.pth").write_bytes(_torch_bytes({"state_dict": {"w": torch.ones(3)}, "epoch": 1}))
+    (tmp_path / "cfg.json").write_text('{"model_cfg": {"embed_dim": 512}}')
+    n = (tmp_path / "w.pth").stat().st_size
+    reg = _open_registry([_file("w.safetensors", size=(tmp_path / "w.safetensors").stat().st_size),
+                          _file("w.pth", min_size=n - 10, max_size=n + 10), _file("cfg.json")])
+    ms.import_files("test-model", [tmp_path / "w.safetensors", tmp_path / "w.pth", tmp_path / "cfg.json"], reg)
+    assert ms.verify("test-model", reg) == {"w.safetensors": "present", "w.pth": "present", "cfg.json": "present"}
+    pins = json.loads((home / "test-model" / "checksums.json").read_text())
+    assert set(pins) == {"w.safetensors", "w.pth", "cfg.json"}
+    small = tmp_path / "small" / "w.pth"
+    small.parent.mkdir()
+    small.write_bytes(_torch_bytes({"w": torch.ones(1)}))
+    with pytest.raises(ModelError, match="expected at least"):  # loadable, but far too small for this entry
+        ms.import_files("test-model", [small], reg)
+
+
+def test_a_file_refused_by_an_earlier_pin_points_to_models_remove(tmp_path, home):
+    reg = _open_registry([_file("w.pth")])
+    first, second = tmp_path / "a" / "w.pth", tmp_path / "b" / "w.pth"
+    for path, value in ((first, 1.0), (second, 2.0)):
+        path.parent.mkdir()
+        path.write_bytes(_torch_bytes({"w": torch.full((3,), value)}))
+    ms.import_files("test-model", [first], reg)  # the wrong file, pinned
+    with pytest.raises(ModelError, match="clipseg models remove test-model` first"):
+        ms.import_files("test-model", [second], reg)
+    assert ms.remove("test-model", reg)
+    ms.import_files("test-model", [second], reg)
+    assert (home / "test-model" / "w.pth").read_bytes() == second.read_bytes()
+
+
+def test_removing_a_model_never_downloaded_says_so(home, capsys):
+    from CLIPSegLib.cli import main
+
+    assert main(["models", "remove", "sam-vit-b"]) == 0
+    out = capsys.readouterr().out
+    assert "was not downloaded" in out and "removed" not in out
+    (home / "sam-vit-b").mkdir(parents=True)
+    (home / "sam-vit-b" / "sam_vit_b_01ec64.pth.part").write_bytes(b"half")
+    assert main(["models", "remove", "sam-vit-b"]) == 0
+    assert "removed from the cache" in capsys.readouterr().out and not (home / "sam-vit-b").exists()

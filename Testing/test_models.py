@@ -62,3 +62,46 @@ def test_pickled_checkpoints_are_refused(tiny_model, tmp_path):
     spec_path.write_text(json.dumps(spec))
     with pytest.raises(ModelError, match="only .safetensors"):
         load_weights(load_spec(spec_path))
+
+
+def _segment(phantom_file, tmp_path, model):
+    from CLIPSegLib.cli import main
+
+    return main(["segment", str(phantom_file[0]), "--prompt", "nodule", "--output", str(tmp_path / "out.seg.nrrd"),
+                 "--model", str(model), "--device", "cpu", "--progress", "none"])
+
+
+@pytest.mark.parametrize("key", ["clip", "network", "presence"])
+def test_spec_without_an_engine_field_is_a_model_error_naming_it(tiny_model, tmp_path, phantom_file, capsys, key):
+    spec_path = _copy_model(tiny_model, tmp_path)
+    spec = json.loads(spec_path.read_text())
+    del spec[key]
+    spec_path.write_text(json.dumps(spec))
+    assert _segment(phantom_file, tmp_path, spec_path) == 3
+    err = capsys.readouterr().err
+    assert f"lacks the field {key!r} that a cliptnseg model needs" in err and "clipseg train" in err
+    assert "Traceback" not in err and not (tmp_path / "out.seg.nrrd").exists()
+
+
+def test_spec_with_an_incomplete_clip_or_bad_files_is_refused(tiny_model, tmp_path):
+    spec_path = _copy_model(tiny_model, tmp_path)
+    good = json.loads(spec_path.read_text())
+    for change, message in (({"clip": {"embed_dim": 16}}, "'clip' lacks 'vision_cfg'"),
+                            ({"network": [1, 2]}, "'network' must be a JSON object"),
+                            ({"files": []}, "'files' must list the weight files"),
+                            ({"files": [{"name": "../w.safetensors", "sha256": "0" * 64}]}, "plain file name")):
+        spec_path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ModelError, match=message):
+            load_spec(spec_path)
+    spec_path.write_text("[1, 2]")
+    with pytest.raises(ModelError, match="not an object"):
+        load_spec(spec_path)
+
+
+def test_weights_file_given_as_model_points_to_its_json(tiny_model, tmp_path, phantom_file, capsys):
+    weights = tiny_model.with_suffix(".safetensors")
+    assert _segment(phantom_file, tmp_path, weights) == 3
+    err = capsys.readouterr().err
+    assert f"give the model's .json beside it: {tiny_model}" in err and "Traceback" not in err
+    assert _segment(phantom_file, tmp_path, tiny_model.parent) == 3
+    assert f"is a folder; pass the path to a model .json in it ({tiny_model.name})" in capsys.readouterr().err

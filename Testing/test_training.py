@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from CLIPSegLib.datasets import PhantomBank
 from CLIPSegLib.engines.cliptnseg import build_network
+from CLIPSegLib.errors import InputError
 from CLIPSegLib.training import train_clip, train_segmenter
 
 from conftest import TINY_SPEC
@@ -65,3 +67,82 @@ def test_data_smaller_than_one_batch_is_refused_not_waited_on(tmp_path):
         train_segmenter(build_network(TINY_SPEC), PhantomBank(2, 32, n_prompts=2), steps=1, ckpt=tmp_path / "s.pt",
                         batch_size=4)
     assert not (tmp_path / "s.pt").exists()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+EMBEDDED = ["CLIPSeg/Resources/Models/cliptnseg-phantom-small.json",
+            "CLIPSeg/Resources/Models/cliptnseg-phantom-small.safetensors"]
+TINY_RUN = ["--phantoms", "32", "--clip-steps", "1", "--steps", "1", "--calibration-volumes", "1",
+            "--device", "cpu", "--progress", "none"]  # argparse keeps the last value: these override the README's
+
+
+def _readme_train_args() -> list[str]:
+    """The arguments of the one `clipseg train` example in README.md (line continuations joined)."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line, comments=True) for line in lines if re.match(r"\S*clipseg train\b", line)]
+    assert len(commands) == 1, commands
+    return commands[0][1:]
+
+
+def _copy_embedded(root):
+    for rel in EMBEDDED:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes((REPO / rel).read_bytes())
+
+
+def test_readme_train_example_leaves_the_committed_model_alone(tmp_path, monkeypatch, capsys):
+    """The README's command, run from a copy of the repository layout with tiny step counts, writes a new model and
+    changes neither the committed model nor its copy; run again, it refuses to overwrite what it wrote."""
+    import hashlib
+    import json
+
+    from CLIPSegLib.cli import main
+
+    before = {rel: hashlib.sha256((REPO / rel).read_bytes()).hexdigest() for rel in EMBEDDED}
+    _copy_embedded(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = _readme_train_args()
+    assert main(args + TINY_RUN) == 0
+    for rel, digest in before.items():
+        assert hashlib.sha256((REPO / rel).read_bytes()).hexdigest() == digest
+        assert hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest() == digest
+    reported = capsys.readouterr().out.split("wrote ")[-1].strip()
+    written = tmp_path / reported
+    assert written.is_file() and written.parent != tmp_path / "CLIPSeg/Resources/Models"
+    command = json.loads(written.read_text())["training"]["command"]
+    assert f"--output-dir {args[args.index('--output-dir') + 1]}" in command and command.endswith("--force")
+    stamp = written.stat().st_mtime_ns
+    assert main(args + TINY_RUN) == 2  # the model is there now
+    err = capsys.readouterr().err
+    assert f"{reported} is an existing model" in err and "--force" in err and written.stat().st_mtime_ns == stamp
+
+
+def test_training_into_a_folder_holding_the_model_id_refuses_before_any_work(tmp_path, monkeypatch, capsys):
+    from CLIPSegLib import models
+    from CLIPSegLib.cli import build_parser, main
+    from CLIPSegLib.training import check_output_free
+
+    _copy_embedded(tmp_path)
+    shipped = tmp_path / "CLIPSeg/Resources/Models"
+    monkeypatch.setattr(models, "MODELS_DIR", shipped)
+    work = tmp_path / "work"
+    for out_dir in (shipped, tmp_path / "CLIPSeg/Resources/../Resources/Models"):
+        assert main(["train", "--output-dir", str(out_dir), "--work-dir", str(work)] + TINY_RUN) == 2
+        err = capsys.readouterr().err
+        assert "cliptnseg-phantom-small.json is a model shipped with CLIPSeg" in err and "--force" in err
+    assert not work.exists()  # refused before anything was built
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "my-model.safetensors").write_bytes(b"x")
+    with pytest.raises(InputError, match="my-model.safetensors is an existing model.*--force"):
+        check_output_free(tmp_path / "mine", "my-model")
+    check_output_free(tmp_path / "mine", "my-model", force=True)
+    check_output_free(tmp_path / "mine", "other-model")
+    for bad in ("registry", "../x", ".hidden"):
+        with pytest.raises(InputError, match="plain name"):
+            check_output_free(tmp_path / "mine", bad, force=True)
+    assert build_parser().parse_args(["train"]).output_dir == "build/models"

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
 
     t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export")
-    t.add_argument("--output-dir", default="CLIPSeg/Resources/Models", help="where the model .json/.safetensors go")
+    t.add_argument("--output-dir", default="build/models",
+                   help="where the model .json/.safetensors go (default build/models; never the shipped models "
+                        "folder unless you give it)")
     t.add_argument("--work-dir", default="build/embedded-model", help="checkpoints (resumable)")
     t.add_argument("--model-id", default="cliptnseg-phantom-small")
     t.add_argument("--phantoms", type=int, default=2000, help="2D phantom images in the training bank")
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calibration-volumes", type=int, default=24)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    t.add_argument("--force", action="store_true",
+                   help="replace <output-dir>/<model-id>.json/.safetensors if they exist (refused before any "
+                        "training otherwise)")
     t.add_argument("--presence-head", action="store_true",
                    help="add the slice presence head (off by default: it lowered nodule Dice in our measurements)")
     _add_common(t)
@@ -114,15 +119,13 @@ def _cmd_demo(a, progress):
 def _cmd_evaluate(a, progress):
     from . import evaluation as ev
 
+    ev.check_evaluate_args(None if a.data else a.phantoms, a.tolerance_mm)
     if a.report:
         ev.check_report_path(Path(a.report))
     if a.data:
         from .segment_file import load_engine
 
-        prompt_map = None
-        if a.prompt_map:
-            text = Path(a.prompt_map).read_text() if a.prompt_map.endswith(".json") else a.prompt_map
-            prompt_map = json.loads(text)
+        prompt_map = ev.parse_prompt_map(a.prompt_map) if a.prompt_map else None
         cases = ev.load_cases(Path(a.data), prompt_map)
         report = ev.evaluate_dataset(cases, load_engine(a.model, a.engine, a.device), a.tolerance_mm, progress)
         text = ev.format_dataset_summary(report)
@@ -133,22 +136,30 @@ def _cmd_evaluate(a, progress):
     if a.report:
         ev.write_any_report(Path(a.report), report, text)
     print(text)
+    if a.report:
+        print(f"\nreport: {a.report}")
 
 
 def _cmd_train(a, progress):
     from .pipeline import resolve_device
     from .training import run_training
 
+    from .training import check_output_free
+
+    stages = tuple(a.stages.split(","))
+    if "export" in stages:  # before the device is probed or anything is built
+        check_output_free(Path(a.output_dir), a.model_id, a.force)
     device = resolve_device(a.device)
+    # the command that re-creates this model where it is written: --force, as the model will be there by then
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
            f"--volumes {a.volumes} "
            f"--clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes {a.calibration_volumes} "
-           f"--seed {a.seed} --no-resume" + (" --presence-head" if a.presence_head else "")
+           f"--seed {a.seed} --no-resume --force" + (" --presence-head" if a.presence_head else "")
            + (f" --data {a.data}" if a.data else ""))
     path = run_training(Path(a.output_dir), Path(a.work_dir), a.model_id, a.phantoms, a.clip_steps, a.steps,
-                        Path(a.data) if a.data else None, a.seed, tuple(a.stages.split(",")), not a.no_resume,
+                        Path(a.data) if a.data else None, a.seed, stages, not a.no_resume,
                         a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,
-                        n_volumes=a.volumes)
+                        n_volumes=a.volumes, force=a.force)
     if path:
         print(f"wrote {path}")
 
@@ -174,12 +185,15 @@ def _cmd_models(a, progress):
                 print(f"{mid}/{name}: {status}")
                 bad |= status != "present"
         if bad:
-            raise ModelError("some files are missing or corrupt; run `clipseg models fetch ID` or import them again")
+            raise ModelError("some files are missing or corrupt; run `clipseg models fetch ID` or import them again "
+                             "(if the file pinned first was the wrong one, `clipseg models remove ID` before that)")
     elif a.action == "import":
         print(f"{a.id}: imported into {ms.import_files(a.id, a.paths, registry)}")
     elif a.action == "remove":
-        ms.remove(a.id, registry)
-        print(f"{a.id}: removed from the cache")
+        if ms.remove(a.id, registry):
+            print(f"{a.id}: removed from the cache ({ms.model_dir(registry[a.id])})")
+        else:
+            print(f"{a.id}: was not downloaded; nothing to remove")
 
 
 COMMANDS = {"segment": _cmd_segment, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "train": _cmd_train,

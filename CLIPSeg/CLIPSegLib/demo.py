@@ -15,14 +15,34 @@ from .segment_file import segment_file
 DEMO_PROMPTS = {"nodule": "hypoechoic thyroid nodule", "cyst": "anechoic cyst", "calcification": "calcification"}
 
 
+def choose_slice(truth: dict[str, np.ndarray], masks: dict[str, np.ndarray] | None = None) -> int:
+    """Index k (along K of ``[K,J,I]`` masks) of the slice where the most findings are present in the truth; ties go
+    to the largest total truth area. Without any truth: the slice with the most segmented voxels, else the middle."""
+    if any(t.any() for t in truth.values()):
+        count = sum(t.any(axis=(1, 2)).astype(int) for t in truth.values())
+        area = sum(t.sum(axis=(1, 2)) for t in truth.values())
+        return int(np.lexsort((area, count))[-1])  # last key sorts first: count, then area
+    total = sum(m.sum(axis=(1, 2)) for m in (masks or {}).values())
+    return int(np.argmax(total)) if np.any(total) else next(iter((masks or truth).values())).shape[0] // 2
+
+
+def _label(draw, xy, text: str, fill, pad: int = 3) -> tuple[int, int, int, int]:
+    """Draw ``text`` at ``xy`` on an opaque black box (readable over speckle); returns the box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = draw.textbbox(xy, text)
+    box = (x0 - pad, y0 - pad, x1 + pad, y1 + pad)
+    draw.rectangle(box, fill=(0, 0, 0))
+    draw.text(xy, text, fill=fill)
+    return box
+
+
 def overlay_png(path: Path, image_kji: np.ndarray, masks: dict[str, np.ndarray], truth: dict[str, np.ndarray],
                 colors) -> Path:
-    """Save the slice (along K) with the most segmented voxels: filled predictions, truth outlines in white."""
+    """Save the slice (along K) with the most findings present in the truth (``choose_slice``): filled predictions,
+    truth outlines in white, a legend on an opaque box (top left) and the slice index (bottom left)."""
     from PIL import Image, ImageDraw
     from scipy import ndimage
 
-    total = sum(m.sum(axis=(1, 2)) for m in masks.values()) if masks else np.zeros(image_kji.shape[0])
-    k = int(np.argmax(total)) if np.any(total) else image_kji.shape[0] // 2
+    k = choose_slice(truth, masks) if truth or masks else image_kji.shape[0] // 2
     sl = image_kji[k]
     lo, hi = np.percentile(sl, [1, 99.5])
     grey = np.clip((sl - lo) / max(hi - lo, 1e-6), 0, 1)
@@ -34,9 +54,13 @@ def overlay_png(path: Path, image_kji: np.ndarray, masks: dict[str, np.ndarray],
         rgb[edge] = 1.0
     img = Image.fromarray((rgb * 255).astype(np.uint8)).resize((sl.shape[1] * 2, sl.shape[0] * 2), Image.NEAREST)
     draw = ImageDraw.Draw(img)
-    for n, (name, c) in enumerate(zip(masks, colors)):
-        draw.text((6, 6 + 14 * n), name, fill=tuple(int(255 * v) for v in c))
-    draw.text((6, img.size[1] - 18), f"slice k={k}; white outline = truth", fill=(255, 255, 255))
+    lines = [(name, tuple(int(255 * v) for v in c)) for name, c in zip(masks, colors)]
+    if lines:  # one opaque box behind the whole legend, then its lines
+        boxes = [draw.textbbox((6, 6 + 14 * n), name) for n, (name, _) in enumerate(lines)]
+        draw.rectangle((3, 3, max(b[2] for b in boxes) + 3, max(b[3] for b in boxes) + 3), fill=(0, 0, 0))
+        for n, (name, fill) in enumerate(lines):
+            draw.text((6, 6 + 14 * n), name, fill=fill)
+    _label(draw, (6, img.size[1] - 18), f"slice k={k}; white outline = truth", (255, 255, 255))
     img.save(path)
     return path
 

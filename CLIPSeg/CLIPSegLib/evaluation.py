@@ -3,7 +3,8 @@
 For each volume (seeds ``seed .. seed+n-1``, ``phantoms.random_volume_phantom``), one prompt per finding type is
 asked (a random phrasing), whether the finding is present or not. Reported:
   - Dice per finding type over the volumes where it is present (foreground Dice, MONAI): mean, median, 95% bootstrap
-    CI; HD95 and NSD in mm likewise (over the volumes where something was segmented: both need two surfaces);
+    CI (none below ``metrics.MIN_CI_CASES`` cases: the report says "n too small for an interval"); HD95 and NSD in
+    mm likewise (over the volumes where something was segmented: both need two surfaces);
   - absent-finding empty rate: fraction of (volume, absent finding) whose segment is empty;
   - prompt swap: for volumes with two or more findings, Dice of finding A's segment with finding B's truth; beside
     it the same for A's truth (what a perfect segment scores: findings may share voxels) and A's segment against the
@@ -18,17 +19,53 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .imageio import Geometry, read_segment_masks, write_volume
-from .metrics import swap_dice
+from .metrics import MIN_CI_CASES, format_mean_ci, swap_dice
 from .phantoms import FINDINGS, PHRASES, random_volume_phantom
 from .progress import Progress
 
 
+def check_evaluate_args(n_phantoms: int | None = None, tolerance_mm: float | None = None) -> None:
+    """InputError for a phantom count below 1 or a tolerance that is not positive (before any work)."""
+    if n_phantoms is not None and n_phantoms < 1:
+        raise InputError(f"--phantoms {n_phantoms}: give the number of phantom volumes to evaluate, at least 1 "
+                         f"(e.g. --phantoms 40)")
+    if tolerance_mm is not None and not tolerance_mm > 0:
+        raise InputError(f"--tolerance-mm {tolerance_mm}: the NSD tolerance must be a positive distance in mm "
+                         f"(e.g. 2)")
+
+
+def _segment_quietly(args: list[str], what: str) -> None:
+    """Run ``clipseg segment`` (``cli.main``) with its stdout and stderr captured: an evaluation prints only its
+    report. On failure the captured output is shown and the error re-raised with the same exit code."""
+    import contextlib
+    import io
+    import sys
+
+    from . import errors
+    from .cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli_main(args)
+    if code == 0:
+        return
+    sys.stderr.write(err.getvalue())
+    kinds = {c.exit_code: c for c in (errors.ClipSegError, errors.InputError, errors.ModelError, errors.DeviceError,
+                                      errors.Cancelled)}
+    if code not in kinds:  # a bug: its traceback was just shown
+        raise RuntimeError(f"clipseg segment failed with exit code {code} on {what}")
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    detail = lines[-1].removeprefix("clipseg: error: ") if lines else f"exit code {code}"
+    raise kinds[code](f"segmenting {what} failed: {detail}")
+
+
 def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Progress | None = None,
                       tolerance_mm: float = 2.0) -> dict:
-    from .cli import main as cli_main
     from .metrics import case_metrics, summarize
 
+    check_evaluate_args(n, tolerance_mm)
     progress = progress or Progress("bar")
     rng = np.random.default_rng(seed)
     per_case, empties, swaps = [], [], []
@@ -46,9 +83,7 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
                 args += ["--prompt", p]
             if model:
                 args += ["--model", str(model)]
-            code = cli_main(args)
-            if code != 0:
-                raise RuntimeError(f"clipseg segment failed with exit code {code} on phantom seed {seed + v}")
+            _segment_quietly(args, f"phantom seed {seed + v}")
             by_prompt = read_segment_masks(out, prompts)
             pred = {f: by_prompt[p] for f, p in zip(FINDINGS, prompts)}
             case = {"seed": seed + v, "present": ph.findings, "prompts": dict(zip(FINDINGS, prompts))}
@@ -81,24 +116,31 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"held-out phantom volumes: {s['volumes']} (seeds {s['seeds'][0]}..{s['seeds'][1]})"]
+    """The phantom summary: a heading line, a Markdown table (one row per finding type) and the absence and
+    prompt-swap lines; printed by ``clipseg evaluate`` and written as its ``.md`` report."""
     nsd_key = next((k for k in s if k.startswith("nsd_")), None)
-    for f, d in s["dice_mean"].items():
-        if d is None:
-            lines.append(f"  Dice {f:14s} n/a (never present)")
+    nsd_name = nsd_key.replace("_", " ").replace("nsd", "NSD") if nsd_key else "NSD"
+    lines = [f"held-out phantom volumes: {s['volumes']} (seeds {s['seeds'][0]}..{s['seeds'][1]})", "",
+             f"| finding | n | Dice mean [95% CI] | median | HD95 mm | {nsd_name} | n (HD95, NSD) |",
+             "|---|---|---|---|---|---|---|"]
+
+    def f(x, digits=3):
+        return "n/a" if x is None else f"{x:.{digits}f}"
+
+    for name in s["dice_mean"]:
+        d = s["dice"][name]
+        if not d["n"]:
+            lines.append(f"| {name} | 0 | n/a (never present) | | | | |")
             continue
-        line = f"  Dice {f:14s} {d:.3f} over {s['dice_cases'][f]} volumes"
-        if "dice" in s:
-            ci, hd, ns = s["dice"][f]["ci95"], s["hd95_mm"][f], s[nsd_key][f]
-            line += f" (median {s['dice'][f]['median']:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})"
-            if hd["n"]:
-                line += f"; HD95 {hd['mean']:.2f} mm, {nsd_key.replace('_', ' ')} {ns['mean']:.3f} (n={hd['n']})"
-        lines.append(line)
+        hd, ns = s["hd95_mm"][name], s[nsd_key][name]
+        lines.append(f"| {name} | {d['n']} | {format_mean_ci(d)} | {f(d['median'])} | {f(hd['mean'], 2)} | "
+                     f"{f(ns['mean'])} | {hd['n']} |")
+    lines.append("")
     if s["absent_empty_rate"] is not None:
-        lines.append(f"  absent finding -> empty segment: {s['absent_empty_rate']:.1%} of {s['absent_cases']}")
+        lines.append(f"absent finding -> empty segment: {s['absent_empty_rate']:.1%} of {s['absent_cases']}")
     if s["swap_dice_mean"] is not None:
-        lines.append(swap_line(s))
-    return "\n".join(lines)
+        lines.append(swap_line(s).strip())
+    return "\n".join(lines).rstrip()
 
 
 def swap_summary(swaps: list[dict]) -> dict:
@@ -127,7 +169,55 @@ def write_report(path: Path, report: dict) -> None:
 CONVENTIONS = ("Foreground Dice and IoU per (case, finding), background never averaged in; HD95 and NSD in mm from the "
                "image spacing (NSD tolerance stated in its name); empty-truth cases scored by false-positive volume "
                "(mm^3) and counted in the absent-finding false-positive rate, never dropped; 95% CI = BCa bootstrap "
-               "of the mean (2000 resamples); metrics from MONAI.")
+               f"of the mean (2000 resamples), none with fewer than {MIN_CI_CASES} cases; metrics from MONAI.")
+
+
+PROMPT_MAP_EXAMPLE = '{"1": "thyroid nodule", "2": "cyst"}'
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except OSError:  # e.g. a name too long to be a path: it is JSON text
+        return False
+
+
+def parse_prompt_map(arg: str) -> dict[str, str]:
+    """``--prompt-map``: JSON text, or the path of a .json file, mapping label values to prompts -> {"1": "nodule"}.
+
+    Raises InputError with the JSON error's position, or naming the bad entry, and an example."""
+    example = f"e.g. --prompt-map '{PROMPT_MAP_EXAMPLE}'"
+    source = "--prompt-map"
+    text = arg
+    if not arg.lstrip().startswith("{") and (arg.lower().endswith(".json") or _is_file(arg)):
+        path = Path(arg)
+        if not path.is_file():
+            raise InputError(f"--prompt-map file {path} does not exist; give the file's path or the JSON itself, "
+                             f"{example}")
+        source, text = f"--prompt-map file {path}", path.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{source} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno} (character "
+                         f"{e.pos}); it must map label values to prompts, {example} (quote keys and prompts with \", "
+                         f"and the whole argument with ' in a shell)") from e
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"{source} must be a non-empty JSON object mapping label values to prompts, not {data!r}; "
+                         f"{example}")
+    seen: dict[str, str] = {}
+    for value, prompt in data.items():
+        try:
+            int(value)
+        except ValueError:
+            raise InputError(f"{source}: key {value!r} is not a label value (an integer such as \"1\"); {example}") \
+                from None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(f"{source}: label {value} maps to {prompt!r}, not a prompt text; {example}")
+        if prompt.strip() in seen:
+            raise InputError(f"{source}: labels {seen[prompt.strip()]} and {value} both map to {prompt.strip()!r}; "
+                             f"give each label value its own prompt")
+        seen[prompt.strip()] = value
+    return {value: prompt.strip() for value, prompt in data.items()}
 
 
 def load_cases(data: Path, prompt_map: dict | None = None) -> list[dict]:
@@ -136,8 +226,6 @@ def load_cases(data: Path, prompt_map: dict | None = None) -> list[dict]:
     ``data`` is a CSV (columns image,mask,phrase; one binary mask per phrase) or a folder with ``images/`` and
     ``labels/`` holding label maps of the same file names, whose values ``prompt_map`` names ({"1": "nodule"})."""
     import csv
-
-    from .errors import InputError
 
     data = Path(data)
     if data.is_file() and data.suffix.lower() == ".csv":
@@ -228,9 +316,7 @@ def format_dataset_summary(report: dict) -> str:
 
     for prompt, s in report["summary"].items():
         nsd_key = next(k for k in s if k.startswith("nsd_"))
-        ci = s["dice"]["ci95"]
-        ci_text = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-        lines.append(f"| {prompt} | {s['dice']['n']} | {f(s['dice']['mean'])}{ci_text} | {f(s['dice']['median'])} | "
+        lines.append(f"| {prompt} | {s['dice']['n']} | {format_mean_ci(s['dice'])} | {f(s['dice']['median'])} | "
                      f"{f(s['iou']['mean'])} | {f(s['hd95_mm']['mean'])} | {f(s[nsd_key]['mean'])} | "
                      f"{f(s['absent_false_positive_rate'])} ({s['absent_cases']}) |")
     sel = report["selectivity"]
@@ -259,8 +345,6 @@ def write_any_report(path: Path, report: dict, markdown: str) -> None:
 
 def check_report_path(path: Path) -> Path:
     """Fail before any work if a report cannot be written there: a .json, .csv or .md name in an existing folder."""
-    from .errors import InputError
-
     if path.suffix not in (".json", ".csv", ".md"):
         raise InputError(f"--report {path}: use a .json, .csv or .md file name")
     if not path.parent.is_dir():

@@ -92,16 +92,39 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing, tolerance_mm: flo
     return out
 
 
+# Fewer cases than this get no confidence interval: a bootstrap of n values has at most C(2n-1, n) distinct resampled
+# means (3 for n=2, 35 for n=4, 126 for n=5), so with 2 cases the "interval" collapses to about one value (0.931
+# [0.931, 0.931] for cases 0.913 and 0.950) and says nothing about the uncertainty, which is then the largest.
+MIN_CI_CASES = 5
+
+
 def summarize(values, seed: int = 0) -> dict:
-    """mean, median and a 95% bootstrap CI of the mean (scipy.stats.bootstrap, BCa) over finite values."""
+    """mean, median and a 95% bootstrap CI of the mean (scipy.stats.bootstrap, BCa) over the finite values.
+
+    With fewer than ``MIN_CI_CASES`` values ``ci95`` is None and ``ci95_reason`` says why; values that are all equal
+    give the zero-width interval [mean, mean]."""
     from scipy.stats import bootstrap
 
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], float)
     out = {"n": int(v.size), "mean": float(v.mean()) if v.size else None,
            "median": float(np.median(v)) if v.size else None, "ci95": None}
-    if v.size >= 3 and np.ptp(v) > 0:
+    if v.size < MIN_CI_CASES:
+        out["ci95_reason"] = (f"n too small for an interval: {v.size} < {MIN_CI_CASES}" if v.size
+                              else "no cases")
+    elif np.ptp(v) > 0:
         res = bootstrap((v,), np.mean, n_resamples=2000, confidence_level=0.95, random_state=seed, method="BCa")
         out["ci95"] = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
-    elif v.size >= 1:
+    else:
         out["ci95"] = [float(v.mean()), float(v.mean())]
     return out
+
+
+def format_mean_ci(s: dict, digits: int = 3) -> str:
+    """A ``summarize`` result as ``0.852 [0.704, 0.919]``, ``0.931 (n too small for an interval: 2 < 5)`` or
+    ``n/a``."""
+    if s.get("mean") is None:
+        return "n/a"
+    text = f"{s['mean']:.{digits}f}"
+    if s.get("ci95"):
+        return f"{text} [{s['ci95'][0]:.{digits}f}, {s['ci95'][1]:.{digits}f}]"
+    return f"{text} ({s['ci95_reason']})" if s.get("ci95_reason") else text

@@ -1,15 +1,18 @@
 """The model registry and the local weight cache: list, fetch (verified, resumable), verify, import, remove.
 
 Registry: ``Resources/Models/registry.json`` (schema: ``registry.schema.json`` beside it). Each model has an id, an
-engine, a role (clip / sam / segmenter), files with URL, size and SHA-256 (``null`` where the publisher gives none),
-licence, citation and description. Embedded models' files live in ``Resources/Models`` and are always present.
+engine, a role (clip / sam / segmenter), files with URL, size and SHA-256 (``null`` where the publisher gives none)
+and, where the size is unknown, a plausible range (``min_size``/``max_size`` in bytes), licence, citation and
+description. Embedded models' files live in ``Resources/Models`` and are always present.
 
 Cache: ``$CLIPSEG_HOME`` (default ``~/.cache/clipseg``; the Slicer module points it into Slicer's settings folder),
 one folder per model id. A download streams to ``<file>.part`` (resumed with an HTTP Range request after a dropped
 connection), is checked for size and SHA-256, and only then renamed to its final name, so a half or wrong file is
 never taken as good. A lock file serialises concurrent fetches of the same model (two Slicer instances, a batch
-script). Files without a published SHA-256 are pinned on first download: the digest is recorded in
-``<id>/checksums.json`` and checked from then on. Nothing here opens a connection unless a fetch is asked for.
+script). Files without a published SHA-256 are pinned on first download or import: the digest is recorded in
+``<id>/checksums.json`` and checked from then on. Before a digest is pinned the file must be within its size range
+and loadable as what its name says (``check_weight_kind``), so a junk or truncated file is never pinned. Nothing here
+opens a connection unless a fetch is asked for.
 """
 
 from __future__ import annotations
@@ -105,12 +108,23 @@ def _expected_sha(m: dict, f: dict) -> str | None:
     return f.get("sha256") or _pins(model_dir(m)).get(f["name"])
 
 
+def size_problem(f: dict, size: int) -> str | None:
+    """Why ``size`` bytes cannot be registry file ``f`` (its exact size, or its plausible range), or None."""
+    if f.get("size") is not None:
+        return None if size == f["size"] else f"expected {f['size']}"
+    if f.get("min_size") is not None and size < f["min_size"]:
+        return f"expected at least {format_size(f['min_size'])} for this file"
+    if f.get("max_size") is not None and size > f["max_size"]:
+        return f"expected at most {format_size(f['max_size'])} for this file"
+    return None
+
+
 def file_status(m: dict, f: dict, check_hash: bool = False) -> str:
-    """'present', 'missing', 'partial' (a .part exists) or, with check_hash, 'corrupt'."""
+    """'present', 'missing', 'partial' (a .part exists) or 'corrupt' (wrong size; with check_hash, wrong SHA-256)."""
     path = model_dir(m) / f["name"]
     if not path.is_file():
         return "partial" if path.with_name(path.name + ".part").is_file() else "missing"
-    if f.get("size") is not None and path.stat().st_size != f["size"]:
+    if size_problem(f, path.stat().st_size):
         return "corrupt"
     if check_hash:
         expected = _expected_sha(m, f)
@@ -214,20 +228,84 @@ def fetch(model_id: str, progress=None, registry: dict | None = None, retries: i
     return folder
 
 
+def check_weight_kind(path: Path, name: str) -> None:
+    """Raise ModelError unless ``path`` loads as the kind of file ``name`` says (kind from its suffix).
+
+    ``.safetensors``: a readable header listing at least one tensor; ``.pth``/``.pt``/``.bin``: ``torch.load(
+    weights_only=True)`` (memory-mapped, nothing read in full) gives a dict of tensors or a dict holding a state dict;
+    ``.json``: a JSON object (open_clip / BiomedCLIP configs). Other suffixes are not checked."""
+    suffix = Path(name).suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                n = len(list(fh.keys()))
+        except Exception as e:  # noqa: BLE001 - any failure to parse means "not a safetensors file"
+            raise ModelError(f"{name}: not a safetensors file ({e}); the file was not kept. Check that you have the "
+                             f"right file (a complete download)") from e
+        if not n:
+            raise ModelError(f"{name}: the safetensors file holds no tensors; the file was not kept")
+    elif suffix in (".pth", ".pt", ".bin"):
+        import zipfile
+
+        import torch
+
+        try:  # the zip format (torch >= 1.6) is memory-mapped; a legacy pickle has to be read
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as e:  # noqa: BLE001 - unpickling untrusted bytes can fail in many ways
+            raise ModelError(f"{name}: not a loadable PyTorch weight file ({type(e).__name__}: {e}); the file was "
+                             f"not kept. Check that you have the right file (a complete download)") from e
+        if isinstance(state, dict):
+            inner = [v for k, v in state.items() if k in ("state_dict", "model") and isinstance(v, dict)]
+            tensors = [v for d in [state, *inner] for v in d.values() if isinstance(v, torch.Tensor)]
+        else:
+            tensors = []
+        if not tensors:
+            raise ModelError(f"{name}: the PyTorch file holds a {type(state).__name__} without tensors, not weights; "
+                             f"the file was not kept")
+    elif suffix == ".json":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelError(f"{name}: not valid JSON ({e}); the file was not kept") from e
+        if not isinstance(data, dict):
+            raise ModelError(f"{name}: expected a JSON object (a model configuration), got a "
+                             f"{type(data).__name__}; the file was not kept")
+
+
 def _accept(m: dict, f: dict, candidate: Path, final: Path, keep_candidate: bool = False) -> None:
-    """Check size and SHA-256 of ``candidate``, then move (or copy) it to ``final`` atomically."""
+    """Check size, then SHA-256 (published or pinned) or, for a file seen the first time, its kind; then move (or
+    copy) ``candidate`` to ``final`` atomically and pin the digest of a file that had none."""
+    label = f"{m['id']}/{f['name']}"
+
+    def refuse(message: str):
+        if not keep_candidate:
+            candidate.unlink()
+        raise ModelError(message)
+
     size = candidate.stat().st_size
-    if f.get("size") is not None and size != f["size"]:
-        if not keep_candidate:
-            candidate.unlink()
-        raise ModelError(f"{m['id']}/{f['name']}: got {size} bytes, expected {f['size']}; the file was not kept")
+    problem = size_problem(f, size)
+    if problem:
+        refuse(f"{label}: got {size} bytes ({format_size(size)}), {problem}; the file was not kept (a truncated "
+               f"download, or not this model's file)")
     digest = sha256_file(candidate)
-    expected = _expected_sha(m, f)
+    pinned = _pins(final.parent).get(f["name"])
+    expected = f.get("sha256") or pinned
     if expected and digest != expected:
-        if not keep_candidate:
-            candidate.unlink()
-        raise ModelError(f"{m['id']}/{f['name']}: SHA-256 {digest} does not match the expected {expected}; the file "
-                         f"was not kept (corrupt download, or not this model's file)")
+        if f.get("sha256"):
+            refuse(f"{label}: SHA-256 {digest} does not match the expected {expected}; the file was not kept "
+                   f"(corrupt download, or not this model's file)")
+        refuse(f"{label}: SHA-256 {digest} does not match the digest pinned when this file was first downloaded or "
+               f"imported ({expected}); the file was not kept. If that earlier file was the wrong one, run "
+               f"`clipseg models remove {m['id']}` first, then fetch or import again")
+    if not expected:  # never pin a digest of something that is not a weight file of this kind
+        try:
+            check_weight_kind(candidate, f["name"])
+        except ModelError:
+            if not keep_candidate:
+                candidate.unlink()
+            raise
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + ".importing")
     if keep_candidate:
@@ -265,11 +343,16 @@ def import_files(model_id: str, paths: list[Path], registry: dict | None = None)
     return folder
 
 
-def remove(model_id: str, registry: dict | None = None) -> None:
+def remove(model_id: str, registry: dict | None = None) -> bool:
+    """Delete a model's cache folder (files, partial downloads, pinned digests). False if it was never downloaded."""
     m = entry(model_id, registry)
     if m.get("embedded"):
         raise ModelError(f"{model_id} is embedded in CLIPSeg and cannot be removed")
-    shutil.rmtree(model_dir(m), ignore_errors=True)
+    folder = model_dir(m)
+    had_files = folder.is_dir() and any(p.name != ".lock" for p in folder.iterdir())
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    return had_files
 
 
 def display_size(m: dict) -> str:

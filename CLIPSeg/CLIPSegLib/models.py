@@ -6,6 +6,8 @@ A model is a JSON spec beside its weight files, e.g. ``Resources/Models/cliptnse
      "files": [{"name": "x.safetensors", "sha256": "...", "size": 123}], "presence": {...}, ...}
 
 Weights are safetensors only, read after their size and SHA-256 match the spec. Nothing here touches the network.
+``load_spec`` checks the fields every spec needs and those its engine reads (``ENGINE_SPEC_KEYS``) before anything
+is built, so a hand-edited spec fails with the missing field's name, not deep inside the engine.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ from .errors import ModelError
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 DEFAULT_MODEL = "cliptnseg-phantom-small"
+
+# the spec fields each engine reads (all JSON objects), with what they hold; engines not listed are checked by their
+# builder
+ENGINE_SPEC_KEYS = {
+    "cliptnseg": {
+        "clip": "the CLIP architecture: {\"embed_dim\", \"vision_cfg\", \"text_cfg\"} or {\"open_clip_name\"}",
+        "network": "the segmenter architecture: extract_layers, reduce_dim, fine_channels, ...",
+        "presence": "the calibrated found / not-found rule (written by the calibrate stage of `clipseg train`)",
+    },
+}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -40,15 +52,26 @@ def resolve_spec_path(model: str | os.PathLike | None, models_dir: Path = MODELS
     """A model id (``cliptnseg-phantom-small``) or a path to a spec JSON -> the spec's path."""
     model = str(model or DEFAULT_MODEL)
     path = Path(model)
+    known_id = Path(models_dir) / f"{model}.json"
+    if len(path.parts) == 1 and path.suffix.lower() != ".json" and known_id.is_file():
+        return known_id  # an id wins over a same-named file or folder in the working directory
+    if path.is_dir():
+        specs = sorted(p.name for p in path.glob("*.json") if not p.name.startswith(("_", ".", "registry")))
+        raise ModelError(f"model {path} is a folder; pass the path to a model .json in it"
+                         + (f" ({', '.join(specs)})" if specs else " (it holds none)"))
+    if path.is_file() and path.suffix.lower() != ".json":
+        beside = path.with_suffix(".json")
+        where = f": {beside}" if beside.is_file() else " (the spec `clipseg train` writes beside the weights)"
+        raise ModelError(f"model {path} is not a model spec but a {path.suffix or 'suffix-less'} file; give the "
+                         f"model's .json beside it{where}. The spec names the weights and holds their SHA-256")
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             known = ", ".join(list_models(models_dir))
             raise ModelError(f"model spec {path} does not exist; pass a model id ({known}) "
                              f"or the path to a model .json")
         return path
-    candidate = Path(models_dir) / f"{model}.json"
-    if candidate.is_file():
-        return candidate
+    if known_id.is_file():
+        return known_id
     known = list_models(models_dir)
     close = difflib.get_close_matches(model, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
@@ -59,15 +82,50 @@ def load_spec(model: str | os.PathLike | None = None, models_dir: Path = MODELS_
     """Read a model spec; adds ``_dir`` (the folder its files are in)."""
     path = resolve_spec_path(model, models_dir)
     try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"model spec {path} is not valid JSON ({e}); "
                          "restore it from the release or re-export it") from e
-    for key in ("id", "engine", "files"):
-        if key not in spec:
-            raise ModelError(f"model spec {path} lacks the field {key!r}; re-export the model with `clipseg train`")
+    check_spec(spec, path)
     spec["_dir"] = str(path.parent)
     return spec
+
+
+def check_spec(spec, path) -> None:
+    """Raise ModelError naming the first missing or mistyped field of a model spec (common fields, then the engine's
+    ``ENGINE_SPEC_KEYS``)."""
+    fix = "re-export the model with `clipseg train`, or restore the field from the spec it was exported with"
+    if not isinstance(spec, dict):
+        raise ModelError(f"model spec {path} holds a JSON {type(spec).__name__}, not an object; {fix}")
+    for key in ("id", "engine", "files"):
+        if key not in spec:
+            raise ModelError(f"model spec {path} lacks the field {key!r}; {fix}")
+    for key in ("id", "engine"):
+        if not isinstance(spec[key], str) or not spec[key]:
+            raise ModelError(f"model spec {path}: {key!r} must be a non-empty string, not {spec[key]!r}; {fix}")
+    files = spec["files"]
+    if not isinstance(files, list) or not files:
+        raise ModelError(f"model spec {path}: 'files' must list the weight files "
+                         f"([{{\"name\": ..., \"sha256\": ..., \"size\": ...}}]), not {files!r}; {fix}")
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("sha256"), str):
+            raise ModelError(f"model spec {path}: every entry of 'files' needs a 'name' and a 'sha256', got {f!r}; "
+                             f"{fix}")
+        if Path(f["name"]).name != f["name"] or f["name"] in ("", ".", ".."):
+            raise ModelError(f"model spec {path}: file name {f['name']!r} must be a plain file name beside the spec; "
+                             f"{fix}")
+    for key, holds in ENGINE_SPEC_KEYS.get(spec["engine"], {}).items():
+        if key not in spec:
+            raise ModelError(f"model spec {path} lacks the field {key!r} that a {spec['engine']} model needs "
+                             f"({holds}); {fix}")
+        if not isinstance(spec[key], dict):
+            raise ModelError(f"model spec {path}: {key!r} must be a JSON object ({holds}), not {spec[key]!r}; {fix}")
+    clip = spec.get("clip")
+    if spec["engine"] == "cliptnseg" and "open_clip_name" not in clip:
+        for key in ("embed_dim", "vision_cfg", "text_cfg"):
+            if key not in clip:
+                raise ModelError(f"model spec {path}: 'clip' lacks {key!r} (give embed_dim, vision_cfg and text_cfg, "
+                                 f"or open_clip_name for a published open_clip architecture); {fix}")
 
 
 def verify_file(path: Path, sha256: str, size: int | None = None) -> None:

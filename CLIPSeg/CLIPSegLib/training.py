@@ -188,16 +188,39 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
     return losses
 
 
+def check_output_free(out_dir: Path, model_id: str, force: bool = False) -> None:
+    """Refuse (InputError) before any training if exporting ``model_id`` to ``out_dir`` would overwrite a file, unless
+    ``force``; a model shipped with CLIPSeg (``Resources/Models``) is named as such. ``model_id`` must be a plain name
+    that ``models.list_models`` would list (no folder, not starting with '.', '_' or 'registry')."""
+    from .models import MODELS_DIR
+
+    if (not model_id or Path(model_id).name != model_id or model_id in (".", "..")
+            or model_id.startswith((".", "_", "registry"))):
+        raise InputError(f"--model-id {model_id!r} must be a plain name such as 'my-model' (no folder, not starting "
+                         f"with '.', '_' or 'registry'); the model is written as <output-dir>/<model-id>.json")
+    if force:
+        return
+    out_dir = Path(out_dir)
+    taken = [p for p in (out_dir / f"{model_id}.json", out_dir / f"{model_id}.safetensors") if p.exists()]
+    if taken:
+        shipped = out_dir.resolve() == MODELS_DIR.resolve()
+        what = "a model shipped with CLIPSeg" if shipped else "an existing model"
+        raise InputError(f"{taken[0]} is {what}; training would overwrite it. Choose another --output-dir or "
+                         f"--model-id, or add --force to replace it deliberately")
+
+
 def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phantom-small", n_phantoms: int = 2000,
                  clip_steps: int = 300, seg_steps: int = 3000, data_csv: Path | None = None, seed: int = 0,
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
-                 command: str = "", presence_head: bool = False, n_volumes: int = 0) -> Path | None:
+                 command: str = "", presence_head: bool = False, n_volumes: int = 0,
+                 force: bool = False) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
-    if exported."""
+    if exported. An export that would overwrite ``out_dir/<model_id>.{json,safetensors}`` is refused before any work
+    unless ``force`` (``check_output_free``)."""
     import json
 
     from monai.utils import set_determinism
@@ -205,6 +228,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     from .datasets import FolderTriples, PhantomBank
     from .engines.cliptnseg import CLIPTNSegNet
 
+    if "export" in stages:
+        check_output_free(out_dir, model_id, force)
     progress = progress or Progress("bar")
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
