@@ -188,3 +188,55 @@ def test_evaluate_refuses_a_bad_report_name_before_any_work(tmp_path, capsys):
     code, io = run(["evaluate", "--phantoms", "40", "--report", tmp_path / "figures.txt", "--progress", "none"], capsys)
     assert code == 2 and "use a .json, .csv or .md file name" in io.err
     assert list(tmp_path.iterdir()) == []
+
+
+def _write_format(folder: Path, fmt: str) -> tuple[Path, Path]:
+    """One small image of ``fmt`` -> (path to give clipseg, the file to cut)."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    volume = rng.integers(0, 1000, (6, 40, 48)).astype(np.int16)
+    picture = (rng.random((60, 70)) * 255).astype(np.uint8)
+    if fmt == "dicom":
+        dicom = folder / "series"
+        dicom.mkdir()
+        for k in range(3):
+            image = sitk.GetImageFromArray(volume[k])
+            for tag, value in (("0020|000e", "1.2.826.0.1.3680043.2.1125.9"), ("0020|0013", str(k + 1)),
+                               ("0008|0060", "US"), ("0020|0032", f"0\\0\\{k}"), ("0020|0037", "1\\0\\0\\0\\1\\0")):
+                image.SetMetaData(tag, value)
+            writer = sitk.ImageFileWriter()
+            writer.KeepOriginalImageUIDOn()
+            writer.SetFileName(str(dicom / f"slice{k}.dcm"))
+            writer.Execute(image)
+        return dicom, dicom / "slice1.dcm"
+    name, compress = {"nii": ("in.nii", False), "nii.gz": ("in.nii.gz", True), "raw nrrd": ("in.nrrd", False),
+                      "gzip nrrd": ("in.nrrd", True), "raw mha": ("in.mha", False), "zlib mha": ("in.mha", True),
+                      "png": ("in.png", False), "jpeg": ("in.jpg", False)}[fmt]
+    path = folder / name
+    if fmt in ("png", "jpeg"):
+        Image.fromarray(picture).save(path)
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(volume), str(path), useCompression=compress)
+    return path, path
+
+
+@pytest.mark.parametrize("fmt", ["nii", "nii.gz", "raw nrrd", "gzip nrrd", "raw mha", "zlib mha", "png", "jpeg",
+                                 "dicom"])
+def test_a_truncated_file_is_an_error_naming_it_not_zeros(tiny_model, tmp_path, capsys, fmt):
+    source, cut = _write_format(tmp_path, fmt)
+    data = cut.read_bytes()
+    out = tmp_path / "out.seg.nrrd"
+    args = ["segment", source, "--prompt", "cyst", "--output", out, "--model", tiny_model, "--device", "cpu",
+            "--progress", "none"]
+    code, io = run(args, capsys)
+    assert code == 0, io.err  # the whole file is read
+    out.unlink()
+    for size in (len(data) // 10, len(data) // 2, len(data) * 9 // 10, len(data) - 1):
+        cut.write_bytes(data[:size])
+        code, io = run(args, capsys)
+        assert code == 1, (size, io.err)
+        assert cut.name in io.err and "cannot be read" in io.err and "Traceback" not in io.err, (size, io.err)
+        assert not out.exists()
+    assert_no_partial_files(tmp_path)

@@ -149,3 +149,17 @@ def test_a_mask_on_another_grid_is_refused_with_the_fix():
         check_same_grid(image, flipped, image, grid, "m.nrrd", "i.nrrd")
     with pytest.raises(InputError, match=r"has shape \(4, 5, 5\)"):
         check_same_grid(np.zeros((4, 5, 5)), grid, image, grid, "m.nrrd", "i.nrrd")
+
+
+def test_damaged_compressed_data_is_a_corrupt_file_not_zeros(tmp_path):
+    from CLIPSegLib.errors import CorruptFileError
+
+    arr = np.random.default_rng(0).integers(0, 1000, (6, 40, 48)).astype(np.int16)
+    for name in ("v.nii.gz", "v.nrrd", "v.mha"):
+        path = tmp_path / name
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(path), useCompression=True)
+        data = bytearray(path.read_bytes())
+        data[len(data) * 2 // 3] ^= 0xFF  # one flipped byte inside the compressed voxels
+        path.write_bytes(bytes(data))
+        with pytest.raises(CorruptFileError, match=f"{name} cannot be read in full"):
+            read_image(path)

@@ -12,14 +12,19 @@ MHA) through SimpleITK. Every write goes to a temporary file in the target folde
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import os
+import re
+import struct
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import CorruptFileError, InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # also RAS -> LPS (its own inverse)
 SEGMENTATION_SUFFIXES = (".seg.nrrd",)
@@ -131,28 +136,275 @@ def check_volume(array: np.ndarray, what: str = "image") -> np.ndarray:
     return array
 
 
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+          (b"NRRD000", "NRRD"))
+
+
+def _file_format(path: Path) -> str | None:
+    """The format a file's first bytes announce (NIfTI, NRRD, MetaImage, PNG, JPEG, BMP, TIFF, DICOM), else None."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    name = path.name.lower()
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    if head.startswith(b"BM") and name.endswith(".bmp"):
+        return "BMP"
+    if head.startswith(b"\x1f\x8b") and name.endswith(".nii.gz"):
+        return "NIfTI"
+    if len(head) >= 4 and (struct.unpack("<i", head[:4])[0] in (348, 540)
+                           or struct.unpack(">i", head[:4])[0] in (348, 540)):
+        return "NIfTI"
+    if re.match(rb"(ObjectType|NDims|Comment|ObjectSubType)\s*=", head) and name.endswith((".mha", ".mhd")):
+        return "MetaImage"
+    return None
+
+
+def _corrupt(path: Path, reason: str) -> CorruptFileError:
+    return CorruptFileError(f"{path} cannot be read in full: {reason}. The file is truncated or damaged (an "
+                            f"interrupted copy or download?); copy it again from its source")
+
+
+def _drain(stream, path: Path, what: str) -> int:
+    """Bytes left in a (decompressing) stream; a stream that ends early or fails its checksum is corrupt."""
+    total = 0
+    try:
+        while chunk := stream.read(1 << 20):
+            total += len(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        raise _corrupt(path, f"its {what} data is damaged or ends early ({e})") from e
+    return total
+
+
+def _drain_zlib(f, path: Path) -> int:
+    """Decompressed size of the zlib stream from ``f``'s position to the end of the file (MetaImage data)."""
+    d, total = zlib.decompressobj(), 0
+    try:
+        while chunk := f.read(1 << 20):
+            total += len(d.decompress(chunk))
+    except zlib.error as e:
+        raise _corrupt(path, f"its compressed data is damaged ({e})") from e
+    if not d.eof:
+        raise _corrupt(path, "its compressed data ends early")
+    return total
+
+
+def _voxel_bytes(reader) -> int:
+    """Bytes of voxel data the header read by ``reader`` (after ReadImageInformation) announces."""
+    import SimpleITK as sitk
+
+    component = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
+    return int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents() * component
+
+
+def _header_fields(f, separator: str, last_key: str | None = None) -> tuple[dict[str, str], bool]:
+    """Read ``key<separator>value`` header lines from ``f`` up to a blank line (NRRD) or the ``last_key`` line
+    (MetaImage), leaving ``f`` at the first data byte. Returns (fields with lower-case keys, whether the header
+    ended before the end of the file)."""
+    fields = {}
+    for line in f:
+        text = line.decode("latin-1").strip()
+        if not text and last_key is None:
+            return fields, True
+        if text.startswith("#") or separator not in text:
+            continue
+        key, _, value = text.partition(separator)
+        key = key.strip().lower()
+        fields[key] = value.lstrip("=").strip()
+        if key == last_key:
+            return fields, True
+    return fields, False
+
+
+def _check_nifti(path: Path) -> None:
+    """A NIfTI-1/2 file (``.nii`` or ``.nii.gz``) must hold vox_offset + nx*ny*...*bitpix/8 bytes."""
+    compressed = path.name.lower().endswith(".gz")
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        try:
+            head = f.read(544)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise _corrupt(path, f"its compressed data is damaged or ends early ({e})") from e
+        available = len(head) + _drain(f, path, "compressed") if compressed else path.stat().st_size
+    if len(head) < 348:
+        raise _corrupt(path, f"it ends inside its NIfTI header ({len(head)} of 348 bytes)")
+    for endian in "<>":
+        version = struct.unpack(endian + "i", head[:4])[0]
+        if version == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            offset = max(int(struct.unpack(endian + "f", head[108:112])[0]), 352)
+            break
+        if version == 540 and len(head) >= 544:
+            bitpix = struct.unpack(endian + "h", head[14:16])[0]
+            dims = struct.unpack(endian + "8q", head[16:80])
+            offset = max(struct.unpack(endian + "q", head[168:176])[0], 544)
+            break
+    else:
+        return  # not a NIfTI header: the reader says what it is
+    if not 1 <= dims[0] <= 7 or min(dims[1:dims[0] + 1]) < 1 or bitpix < 1:
+        return
+    needed = offset + (int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix + 7) // 8
+    if available < needed:
+        raise _corrupt(path, f"it holds {available} bytes of header and voxels, its header announces {needed}")
+
+
+def _check_nrrd(path: Path, reader) -> None:
+    """An attached-data NRRD must hold all its voxels: raw by size, gzip/bzip2 by decompressing to the end."""
+    with open(path, "rb") as f:
+        fields, ended = _header_fields(f, ":")
+        if "data file" in fields or "datafile" in fields:
+            return  # detached data (.nhdr): the reader checks the data file
+        if not ended:
+            raise _corrupt(path, "it ends inside its NRRD header")
+        if fields.get("line skip", "0") != "0" or fields.get("byte skip", "0") != "0":
+            return
+        encoding = fields.get("encoding", "raw").lower()
+        if encoding == "raw":
+            available = path.stat().st_size - f.tell()
+        elif encoding in ("gzip", "gz"):
+            available = _drain(gzip.GzipFile(fileobj=f), path, "gzip")
+        elif encoding in ("bzip2", "bz2"):
+            available = _drain(bz2.BZ2File(f), path, "bzip2")
+        else:
+            return  # text encodings: the reader counts the values
+    needed = _voxel_bytes(reader)
+    if available < needed:
+        raise _corrupt(path, f"it holds {available} bytes of voxel data, its header announces {needed}")
+
+
+def _check_metaimage(path: Path, reader) -> None:
+    """A MetaImage with ``ElementDataFile = LOCAL`` must hold all its voxels (zlib data: a complete stream)."""
+    with open(path, "rb") as f:
+        fields, ended = _header_fields(f, "=", last_key="elementdatafile")
+        if not ended:
+            raise _corrupt(path, "it ends inside its MetaImage header")
+        if fields["elementdatafile"].upper() != "LOCAL" or fields.get("headersize", "0") != "0":
+            return  # detached data (.mhd + .raw): the reader checks the data file
+        if fields.get("compresseddata", "").lower() == "true":
+            available = _drain_zlib(f, path)
+        else:
+            available = path.stat().st_size - f.tell()
+    needed = _voxel_bytes(reader)
+    if available < needed:
+        raise _corrupt(path, f"it holds {available} bytes of voxel data, its header announces {needed}")
+
+
+def _check_picture(path: Path, fmt: str) -> None:
+    """Decode a PNG/JPEG/BMP in full with Pillow, which (unlike ITK's JPEG and BMP readers) refuses a cut file."""
+    import warnings
+
+    from PIL import Image
+
+    if fmt == "BMP":
+        with open(path, "rb") as f:
+            head = f.read(34)
+        if len(head) >= 34 and struct.unpack("<I", head[14:18])[0] >= 40:  # BITMAPINFOHEADER or later
+            offset, width, height = struct.unpack("<I4xii", head[10:26])
+            bits, compression = struct.unpack("<HI", head[28:34])
+            needed = offset + (abs(width) * bits + 31) // 32 * 4 * abs(height)
+            if compression in (0, 3) and path.stat().st_size < needed:
+                raise _corrupt(path, f"it holds {path.stat().st_size} bytes, its header announces {needed}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(path) as picture:
+                picture.load()
+        except Image.DecompressionBombError:
+            return  # too large for Pillow's default limit; ITK reads it
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise _corrupt(path, str(e)) from e
+
+
+def _check_dicom_folder(path: Path, series_files: set[Path]) -> None:
+    """Every DICOM file of the folder must belong to a series: GDCM leaves out a file it cannot read (truncated, or
+    no pixel data), so a series read without it would silently miss a slice."""
+    left_out = []
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.name.upper() != "DICOMDIR" and f.resolve() not in series_files:
+            with open(f, "rb") as fh:
+                if fh.read(132)[128:132] == b"DICM":
+                    left_out.append(f.name)
+    if left_out:
+        shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+        raise CorruptFileError(f"DICOM folder {path}: {len(left_out)} DICOM file(s) cannot be read as images ({shown}): "
+                               f"truncated or damaged (copy them again from the source), or not images (a report or "
+                               f"structure set: move them out of the folder)")
+
+
+def _read_dicom_folder(path: Path):
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise InputError(f"folder {path} holds no DICOM series; give a DICOM folder or an image file")
+    files = {uid: reader.GetGDCMSeriesFileNames(str(path), uid) for uid in series}
+    _check_dicom_folder(path, {Path(f).resolve() for names in files.values() for f in names})
+    if len(series) > 1:
+        raise InputError(f"folder {path} holds {len(series)} DICOM series ({', '.join(series)}); move the series "
+                         f"to segment into a folder of its own and give that folder")
+    reader.SetFileNames(files[series[0]])
+    try:
+        return reader.Execute()
+    except RuntimeError as e:
+        raise CorruptFileError(f"DICOM series in {path} cannot be read ({_itk_reason(e)}); copy the files again "
+                               f"from the source") from e
+
+
+def _itk_reason(e: Exception) -> str:
+    """The last line of an ITK exception: the reason, without the C++ source location and object address."""
+    return re.sub(r"^(sitk::ERROR|ITK ERROR)?:?\s*(\w+\(0x[0-9a-f]+\):\s*)?", "", str(e).strip().splitlines()[-1].strip())
+
+
+@contextmanager
+def quiet_itk():
+    """ITK's warnings off (they go to stderr as raw C++ messages; the checks here turn what matters into errors)."""
+    import SimpleITK as sitk
+
+    before = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(before)
+
+
 def _read_sitk(path: Path):
+    """Read a file or DICOM folder with SimpleITK after checking that the file holds all the data its header
+    announces (ITK reads a cut NIfTI, JPEG or BMP without complaint, zeros in place of the missing voxels)."""
+    with quiet_itk():
+        return _read_checked(path)
+
+
+def _read_checked(path: Path):
     import SimpleITK as sitk
 
     if path.is_dir():
-        reader = sitk.ImageSeriesReader()
-        series = reader.GetGDCMSeriesIDs(str(path))
-        if not series:
-            raise InputError(f"folder {path} holds no DICOM series; give a DICOM folder or an image file")
-        if len(series) > 1:
-            raise InputError(f"folder {path} holds {len(series)} DICOM series ({', '.join(series)}); move the series "
-                             f"to segment into a folder of its own and give that folder")
-        files = reader.GetGDCMSeriesFileNames(str(path), series[0])
-        reader.SetFileNames(files)
-        try:
-            return reader.Execute()
-        except RuntimeError as e:
-            raise InputError(f"DICOM series in {path} cannot be read ({str(e).strip().splitlines()[-1]})") from e
+        return _read_dicom_folder(path)
+    fmt = _file_format(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        return sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
     except RuntimeError as e:
-        raise InputError(f"{path} is not an image this tool can read; use NIfTI, NRRD, MHA, a DICOM folder or "
-                         f"PNG/JPEG") from e
+        if fmt is None:
+            raise InputError(f"{path} is not an image this tool can read; use NIfTI, NRRD, MHA, a DICOM folder or "
+                             f"PNG/JPEG") from e
+        raise _corrupt(path, f"its {fmt} header cannot be read ({_itk_reason(e)})") from e
+    if fmt == "NIfTI":
+        _check_nifti(path)
+    elif fmt == "NRRD":
+        _check_nrrd(path, reader)
+    elif fmt == "MetaImage":
+        _check_metaimage(path, reader)
+    elif fmt in ("PNG", "JPEG", "BMP"):
+        _check_picture(path, fmt)
+    try:
+        return reader.Execute()
+    except RuntimeError as e:
+        raise _corrupt(path, _itk_reason(e)) from e
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
