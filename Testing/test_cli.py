@@ -240,3 +240,56 @@ def test_a_truncated_file_is_an_error_naming_it_not_zeros(tiny_model, tmp_path, 
         assert cut.name in io.err and "cannot be read" in io.err and "Traceback" not in io.err, (size, io.err)
         assert not out.exists()
     assert_no_partial_files(tmp_path)
+
+
+def _unwritable_folder(tmp_path, kind):
+    """A folder this process cannot create files in: chmod 0o555 (root ignores it: skipped), or /sys, which the
+    kernel keeps read-only even for root (skipped where it is writable or absent)."""
+    import tempfile
+
+    if kind == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a 0o555 folder; the /sys case covers root")
+        folder = tmp_path / "locked"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    try:
+        fd, probe = tempfile.mkstemp(dir="/sys")
+    except OSError:
+        return Path("/sys")
+    os.close(fd)
+    os.unlink(probe)
+    pytest.skip("/sys is writable here")
+
+
+@pytest.mark.parametrize("kind", ["read-only folder", "system folder"])
+@pytest.mark.parametrize("option,name", [("--output", "out.nii.gz"), ("--output", "out.seg.nrrd"),
+                                         ("--probabilities", "probs.nrrd")])
+def test_an_unwritable_output_folder_is_refused_before_the_model_runs(phantom_file, tiny_model, tmp_path, capsys,
+                                                                      monkeypatch, kind, option, name):
+    import CLIPSegLib.segment_file as sf
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(sf, "load_engine", no_model)
+    folder = _unwritable_folder(tmp_path, kind)
+    path, _, _ = phantom_file
+    args = {"--output": tmp_path / "out.seg.nrrd", "--probabilities": None, option: folder / name}
+    argv = ["segment", path, "--prompt", "cyst", "--output", args["--output"], "--model", tiny_model, "--device",
+            "cpu", "--progress", "none"] + (["--probabilities", args["--probabilities"]] if args["--probabilities"]
+                                             else [])
+    code, io = run(argv, capsys)
+    assert code == 1, io.err
+    assert f"cannot write the {option} in folder {folder}" in io.err and "Traceback" not in io.err
+    assert not (tmp_path / "out.seg.nrrd").exists()
+
+
+def test_output_given_as_a_folder_says_a_file_name_is_expected(phantom_file, tiny_model, tmp_path, capsys):
+    path, _, _ = phantom_file
+    for option in ("--output", "--probabilities"):
+        argv = ["segment", path, "--prompt", "cyst", "--output", tmp_path / "o.seg.nrrd", "--model", tiny_model,
+                "--progress", "none", option, tmp_path]
+        code, io = run(argv, capsys)
+        assert code == 2 and f"{option} {tmp_path} is a folder; give a file name" in io.err

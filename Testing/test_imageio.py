@@ -163,3 +163,18 @@ def test_damaged_compressed_data_is_a_corrupt_file_not_zeros(tmp_path):
         path.write_bytes(bytes(data))
         with pytest.raises(CorruptFileError, match=f"{name} cannot be read in full"):
             read_image(path)
+
+
+def test_a_refused_write_names_the_output_not_a_temporary_file(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be: every write below fails, even as root")
+    g = Geometry.axis_aligned((1.0, 1.0, 1.0))
+    mask = np.ones((2, 3, 4), bool)
+    for name, write in (("x.seg.nrrd", lambda p: write_segmentation(p, {"a": mask}, g)),
+                        ("x.nii.gz", lambda p: write_segmentation(p, {"a": mask}, g)),
+                        ("p.nrrd", lambda p: write_probabilities(p, np.zeros((2, 2, 3, 4), np.float32), g)),
+                        ("v.mha", lambda p: write_volume(p, mask.astype(np.float32), g))):
+        with pytest.raises(OSError) as e:
+            write(blocker / name)
+        assert e.value.filename == str(blocker / name), (name, e.value)
+        assert "partial" not in str(e.value)

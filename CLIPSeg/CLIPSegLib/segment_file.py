@@ -6,12 +6,12 @@ work; outputs are written atomically, so a failed run leaves no output file behi
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 from .clip_backbone import check_prompts
 from .errors import InputError
-from .imageio import atomic_path, check_output_path, read_image, write_probabilities, write_segmentation
+from .imageio import (atomic_paths, check_output_path, output_files, read_image, write_probabilities,
+                      write_segmentation)
 from .pipeline import SegmentationResult, resolve_device, segment_volume
 from .progress import Progress
 
@@ -38,17 +38,21 @@ def segment_file(input_path, prompts, output, model=None, engine=None, device="a
     """Segment ``prompts`` in ``input_path`` and write ``output`` (+ optional ``probabilities``)."""
     progress = progress or Progress("none")
     prompts = check_prompts(prompts)
-    output = check_output_path(output)
-    source = Path(input_path).resolve()
-    if output.resolve() == source:
-        raise InputError(f"--output {output} is the input image; choose another file name (the input is never "
-                         f"overwritten)")
+    output = check_output_path(output, what="--output")
+    named = [("--output", f) for f in output_files(output)]
     if probabilities:
-        probabilities = check_output_path(probabilities, kinds=("labelmap",))
-        if probabilities.resolve() == output.resolve():
-            raise InputError("--probabilities must be a different file from --output")
-        if probabilities.resolve() == source:
-            raise InputError(f"--probabilities {probabilities} is the input image; choose another file name")
+        named.append(("--probabilities", check_output_path(probabilities, kinds=("labelmap",),
+                                                           what="--probabilities")))
+    source = Path(input_path).resolve()
+    for option, file in named:
+        if file.resolve() == source:
+            raise InputError(f"{option}: {file} is the input image; choose another file name (the input is never "
+                             f"overwritten)")
+    files = [f for _, f in named]
+    if len({f.resolve() for f in files}) < len(files):
+        raise InputError(f"--probabilities must be a different file from the outputs of --output "
+                         f"({', '.join(str(f) for f in files[:-1])})")
+    probabilities = files[-1] if probabilities else None
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise InputError(f"threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
     volume, geometry = read_image(input_path)
@@ -58,10 +62,10 @@ def segment_file(input_path, prompts, output, model=None, engine=None, device="a
                             keep_probabilities=bool(probabilities), progress=progress, cancel=cancel)
     for f in result.findings:
         progress.message(f.message())
-    # Both files are written under temporary names and renamed only once both exist, so a failure in either leaves
+    # All files are written under temporary names and renamed only once all exist, so a failure in any leaves
     # the files that were at these paths before untouched.
-    with atomic_path(output) as out_tmp, (atomic_path(probabilities) if probabilities else nullcontext()) as prob_tmp:
-        write_segmentation(out_tmp, result.masks, geometry)
+    with atomic_paths(files) as temporary:
+        write_segmentation(output, result.masks, geometry, temporary)
         if probabilities:
-            write_probabilities(prob_tmp, result.probabilities, geometry)
+            write_probabilities(probabilities, result.probabilities, geometry, temporary)
     return result
