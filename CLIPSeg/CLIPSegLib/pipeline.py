@@ -42,21 +42,23 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def choose_axis(shape_kji: tuple[int, int, int], geometry: Geometry, axis: str | int = "auto") -> int:
-    """Slice axis as a voxel axis index (0 = I, 1 = J, 2 = K).
+    """Slice axis as a voxel axis index (0 = I, 1 = J, 2 = K); ``shape_kji`` in voxels, array order (K, J, I).
 
-    'auto' takes the axis with the largest spacing (the acquisition direction of thick-slice volumes), K on ties
-    and for 2D images."""
+    'auto': an axis one voxel thick makes the volume a 2D image in the other two axes' plane, so that axis is the
+    slice axis (one full slice; K, then J, then I if several are), whatever the spacings. Otherwise the axis with
+    the largest spacing (the acquisition direction of thick-slice volumes; more than 1% larger), K on ties."""
     axis = str(axis)
     if axis not in AXES:
         raise InputError(f"axis {axis!r} is not one of auto, 0 (I), 1 (J), 2 (K)")
     if axis != "auto":
         return int(axis)
-    if shape_kji[0] == 1:
-        return 2
+    for a in (2, 1, 0):
+        if shape_kji[2 - a] == 1:
+            return a
     spacing = np.asarray(geometry.spacing)
     best = 2
     for a in (0, 1):
-        if spacing[a] > spacing[best] * 1.01 and shape_kji[2 - a] > 1:
+        if spacing[a] > spacing[best] * 1.01:
             best = a
     return best
 
