@@ -293,3 +293,39 @@ def test_output_given_as_a_folder_says_a_file_name_is_expected(phantom_file, tin
                 "--progress", "none", option, tmp_path]
         code, io = run(argv, capsys)
         assert code == 2 and f"{option} {tmp_path} is a folder; give a file name" in io.err
+
+
+def test_a_pictures_dpi_is_not_its_pixel_size_and_spacing_sets_it(tiny_model, tmp_path, capsys):
+    from PIL import Image
+
+    from CLIPSegLib.imageio import read_image
+
+    picture = Image.fromarray((np.random.default_rng(2).random((40, 48)) * 255).astype(np.uint8))
+    for dpi in (300, 72):
+        picture.save(tmp_path / f"us{dpi}.jpg", dpi=(dpi, dpi), quality=95)
+    (a300, g300), (a72, g72) = read_image(tmp_path / "us300.jpg"), read_image(tmp_path / "us72.jpg")
+    assert g300.spacing == g72.spacing == (1.0, 1.0, 1.0) and np.array_equal(a300, a72)
+    assert read_image(tmp_path / "us300.jpg", spacing="0.25")[1].spacing == (0.25, 0.25, 1.0)
+
+    base = ["segment", tmp_path / "us300.jpg", "--prompt", "cyst", "--model", tiny_model, "--device", "cpu",
+            "--progress", "none"]
+    code, io = run(base + ["--output", tmp_path / "a.seg.nrrd"], capsys)
+    assert code == 0 and "us300.jpg is a picture" in io.err and "taken as 1.0 mm" in io.err and "--spacing" in io.err
+    assert np.diag(slicerio.read_segmentation(str(tmp_path / "a.seg.nrrd"))["ijkToLPS"])[:2] == pytest.approx(1.0)
+    code, io = run(base + ["--output", tmp_path / "b.seg.nrrd", "--spacing", "0.25"], capsys)
+    assert code == 0 and "set by --spacing to 0.25, 0.25, 1 mm" in io.err
+    assert np.diag(slicerio.read_segmentation(str(tmp_path / "b.seg.nrrd"))["ijkToLPS"])[:2] == pytest.approx(0.25)
+
+
+def test_spacing_overrides_a_volume_header_and_bad_values_are_refused(phantom_file, tiny_model, tmp_path, capsys):
+    path, _, geometry = phantom_file
+    base = ["segment", path, "--prompt", "cyst", "--model", tiny_model, "--device", "cpu", "--progress", "none"]
+    code, io = run(base + ["--output", tmp_path / "o.seg.nrrd", "--spacing", "0.5,0.5,2"], capsys)
+    assert code == 0, io.err
+    ijk_to_lps = slicerio.read_segmentation(str(tmp_path / "o.seg.nrrd"))["ijkToLPS"]
+    np.testing.assert_allclose(np.linalg.norm(ijk_to_lps[:3, :3], axis=0), (0.5, 0.5, 2.0))
+    np.testing.assert_allclose(ijk_to_lps[:3, 3], geometry.origin)  # origin and direction stay the file's
+    for bad in ("0", "-1", "a", "1,2", "1,nan,1"):
+        code, io = run(base + ["--output", tmp_path / "x.seg.nrrd", "--spacing", bad], capsys)
+        assert code == 2 and "--spacing" in io.err and "positive size in mm" in io.err
+    assert not (tmp_path / "x.seg.nrrd").exists()

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", default=None, help="engine id (default: the model's engine): cliptnseg")
     s.add_argument("--axis", default="auto", choices=("auto", "0", "1", "2"),
                    help="slice axis as voxel axis 0=I, 1=J, 2=K (auto: the thickest-spaced axis, else K)")
+    s.add_argument("--spacing", default=None, metavar="MM|I,J,K",
+                   help="voxel size in mm replacing the file's: one value for a picture's pixel size (PNG/JPEG have "
+                        "none: 1.0 mm is used, DPI is ignored) or I,J,K for a volume with a wrong header")
     s.add_argument("--probabilities", default=None, help="also write per-prompt probabilities (NRRD/NIfTI)")
     s.add_argument("--threshold", type=float, default=None,
                    help="probability threshold of the masks (default: the model's calibrated value)")
@@ -96,7 +99,7 @@ def _cmd_segment(a, progress):
 
     result = segment_file(a.input, a.prompt, a.output, model=a.model, engine=a.engine, device=a.device,
                           axis=a.axis, probabilities=a.probabilities, progress=progress, batch_size=a.batch_size,
-                          threshold=a.threshold, precision=a.precision)
+                          threshold=a.threshold, precision=a.precision, spacing=a.spacing)
     progress.done(output=str(a.output), found={f.prompt: f.found for f in result.findings})
     if a.progress != "json":
         print(f"wrote {a.output}")

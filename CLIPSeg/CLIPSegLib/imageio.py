@@ -20,7 +20,7 @@ import re
 import struct
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -408,22 +408,59 @@ def _read_checked(path: Path):
         raise _corrupt(path, _itk_reason(e)) from e
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, Geometry]:
-    """Read an image file or DICOM folder -> (float32 ``[K,J,I]``, Geometry)."""
-    import SimpleITK as sitk
+def is_picture(path: str | os.PathLike) -> bool:
+    """A 2D picture format (PNG, JPEG, BMP, TIFF): pixels without a physical size (a DPI is a printing hint)."""
+    return Path(path).name.lower().endswith(PICTURE_SUFFIXES)
 
+
+def parse_spacing(spacing) -> tuple[float, ...] | None:
+    """``--spacing``: one value (mm per pixel along I and J) or three (mm along I, J, K), as text ``"0.3"`` /
+    ``"0.5,0.5,2"`` or numbers; None stays None. Each must be a positive finite number."""
+    if spacing is None:
+        return None
+    values = spacing.replace(" ", "").split(",") if isinstance(spacing, str) else \
+        list(spacing) if isinstance(spacing, (tuple, list)) else [spacing]
+    try:
+        out = tuple(float(v) for v in values)
+    except ValueError:
+        out = ()
+    if len(out) not in (1, 3) or not all(np.isfinite(v) and v > 0 for v in out):
+        raise InputError(f"--spacing {spacing!r} must be one positive size in mm (pixel size along I and J, e.g. "
+                         f"0.3) or three separated by commas (along I, J, K, e.g. 0.5,0.5,2)")
+    return out
+
+
+def read_image(path: str | os.PathLike, spacing=None) -> tuple[np.ndarray, Geometry]:
+    """Read an image file or DICOM folder -> (float32 ``[K,J,I]``, Geometry).
+
+    A picture (``is_picture``) gets 1.0 mm pixels whatever DPI it carries (ITK reads a 300-dpi JPEG as 0.085 mm
+    pixels, a PNG as 1.0 mm). ``spacing`` (``parse_spacing``: one value for I and J, or I, J, K in mm) replaces
+    the spacing of the file, for a picture's real pixel size or a volume with a wrong header."""
     path = Path(path)
+    spacing = parse_spacing(spacing)
     if not path.exists():
         raise InputError(f"input {path} does not exist; check the path")
+    array, geometry = _read_array(path)
+    if is_picture(path):
+        geometry = replace(geometry, spacing=(1.0, 1.0, 1.0))
+    if spacing is not None:
+        geometry = replace(geometry, spacing=spacing if len(spacing) == 3 else (spacing[0], spacing[0],
+                                                                                  geometry.spacing[2]))
+    return array, geometry
+
+
+def _read_array(path: Path) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
     image = _read_sitk(path)
     dim, ncomp = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
-    if dim == 4 or (dim == 3 and image.GetSize()[2] > 1 and path.name.lower().endswith(PICTURE_SUFFIXES)):
+    if dim == 4 or (dim == 3 and image.GetSize()[2] > 1 and is_picture(path)):
         raise InputError(f"{path} is a {dim}D image of size {image.GetSize()}; extract one 3D frame first "
                          f"(in Slicer: Sequences module; in Python: SimpleITK's Extract)")
     if dim not in (2, 3):
         raise InputError(f"{path} is a {dim}D image; expected a 2D image or a 3D volume")
     if ncomp > 1:
-        if dim == 2 or path.name.lower().endswith(PICTURE_SUFFIXES):
+        if dim == 2 or is_picture(path):
             rgb = sitk.GetArrayFromImage(image).astype(np.float32)[..., :3]
             grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)[: rgb.shape[-1]] if rgb.shape[-1] == 3 \
                 else rgb.mean(-1)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .clip_backbone import check_prompts
 from .errors import InputError
-from .imageio import (atomic_paths, check_output_path, output_files, read_image, write_probabilities,
-                      write_segmentation)
+from .imageio import (atomic_paths, check_output_path, is_picture, output_files, parse_spacing, read_image,
+                      write_probabilities, write_segmentation)
 from .pipeline import SegmentationResult, resolve_device, segment_volume
 from .progress import Progress
 
@@ -34,10 +34,14 @@ def load_engine(model: str | None = None, engine: str | None = None, device: str
 def segment_file(input_path, prompts, output, model=None, engine=None, device="auto", axis="auto",
                  probabilities=None, progress: Progress | None = None, batch_size: int | None = None,
                  engine_instance=None, cancel=None, threshold: float | None = None,
-                 precision: str = "fp32") -> SegmentationResult:
-    """Segment ``prompts`` in ``input_path`` and write ``output`` (+ optional ``probabilities``)."""
+                 precision: str = "fp32", spacing=None) -> SegmentationResult:
+    """Segment ``prompts`` in ``input_path`` and write ``output`` (+ optional ``probabilities``).
+
+    ``spacing``: mm per voxel replacing the file's (``imageio.parse_spacing``: one value for I and J, or I,J,K);
+    a picture without it has 1.0 mm pixels."""
     progress = progress or Progress("none")
     prompts = check_prompts(prompts)
+    spacing = parse_spacing(spacing)
     output = check_output_path(output, what="--output")
     named = [("--output", f) for f in output_files(output)]
     if probabilities:
@@ -55,7 +59,14 @@ def segment_file(input_path, prompts, output, model=None, engine=None, device="a
     probabilities = files[-1] if probabilities else None
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise InputError(f"threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
-    volume, geometry = read_image(input_path)
+    volume, geometry = read_image(input_path, spacing)
+    if is_picture(input_path) and spacing is None:
+        progress.message(f"{Path(input_path).name} is a picture: it has no physical pixel size (a DPI is ignored), so "
+                         f"pixels are taken as 1.0 mm; the found / not-found rules measure findings in mm, so give "
+                         f"--spacing MM with the real pixel size when you know it")
+    elif spacing is not None:
+        progress.message(f"voxel spacing set by --spacing to {', '.join(f'{v:g}' for v in geometry.spacing)} mm "
+                         f"(I, J, K); the outputs carry it too")
     eng = engine_instance or load_engine(model, engine, device, precision)
     presence = {"threshold": threshold} if threshold is not None else None
     result = segment_volume(eng, volume, geometry, prompts, axis=axis, batch_size=batch_size, presence=presence,
