@@ -334,6 +334,49 @@ def _check_dicom_folder(path: Path, series_files: set[Path]) -> None:
                                f"structure set: move them out of the folder)")
 
 
+def _describe_series(uid: str, files: list[str]) -> str:
+    """``'T2 axial' 256x256x40 (rows x columns x slices), 40 files, UID 1.2.3`` from the series' first file."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return f"{len(files)} file(s), UID {uid}"
+    size = reader.GetSize()
+    slices = size[2] if len(size) > 2 and size[2] > 1 else len(files)
+    description = reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+    return (f"{description or '(no description)'!r} {size[1]}x{size[0]}x{slices} (rows x columns x slices), "
+            f"{len(files)} file(s), UID {uid}")
+
+
+def _check_even_slices(path: Path, reader, files: list[str]) -> None:
+    """Refuse a series whose slice positions (ImagePositionPatient along the slice normal) are unevenly spaced:
+    a voxel grid has one spacing, so a missing or repeated slice would misplace every slice after it."""
+    n = len(files)
+    if n < 3 or not all(reader.HasMetaDataKey(i, "0020|0032") for i in range(n)) \
+            or not reader.HasMetaDataKey(0, "0020|0037"):
+        return
+    try:
+        orientation = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+    except ValueError:
+        return
+    if orientation.shape != (6,) or positions.shape != (n, 3):
+        return
+    steps = np.diff(positions @ np.cross(orientation[:3], orientation[3:]))
+    typical = float(np.median(np.abs(steps)))
+    worst = int(np.argmax(np.abs(np.abs(steps) - typical)))
+    if abs(abs(steps[worst]) - typical) > 0.01 * typical + 0.01:
+        raise InputError(
+            f"DICOM series in {path} has uneven slice spacing: {np.abs(steps).min():.4g} to {np.abs(steps).max():.4g} "
+            f"mm between neighbouring slices ({abs(steps[worst]):.4g} mm between {Path(files[worst]).name} and "
+            f"{Path(files[worst + 1]).name}, {typical:.4g} mm elsewhere: a missing or repeated slice?). A volume has "
+            f"one slice spacing, so segmenting it would misplace slices; resample it to even spacing first (e.g. "
+            f"load it in 3D Slicer, which regularises the geometry, and save it as NRRD) and give that file")
+
+
 def _read_dicom_folder(path: Path):
     import SimpleITK as sitk
 
@@ -344,14 +387,18 @@ def _read_dicom_folder(path: Path):
     files = {uid: reader.GetGDCMSeriesFileNames(str(path), uid) for uid in series}
     _check_dicom_folder(path, {Path(f).resolve() for names in files.values() for f in names})
     if len(series) > 1:
-        raise InputError(f"folder {path} holds {len(series)} DICOM series ({', '.join(series)}); move the series "
-                         f"to segment into a folder of its own and give that folder")
+        listing = "; ".join(f"{n + 1}: {_describe_series(uid, files[uid])}" for n, uid in enumerate(series))
+        raise InputError(f"folder {path} holds {len(series)} DICOM series ({listing}); move the series to segment "
+                         f"into a folder of its own and give that folder")
     reader.SetFileNames(files[series[0]])
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as e:
         raise CorruptFileError(f"DICOM series in {path} cannot be read ({_itk_reason(e)}); copy the files again "
                                f"from the source") from e
+    _check_even_slices(path, reader, files[series[0]])
+    return image
 
 
 def _itk_reason(e: Exception) -> str:
