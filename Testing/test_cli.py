@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -329,3 +330,89 @@ def test_spacing_overrides_a_volume_header_and_bad_values_are_refused(phantom_fi
         code, io = run(base + ["--output", tmp_path / "x.seg.nrrd", "--spacing", bad], capsys)
         assert code == 2 and "--spacing" in io.err and "positive size in mm" in io.err
     assert not (tmp_path / "x.seg.nrrd").exists()
+
+
+def _strict_json(line):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_json_output_is_strict_nan_and_infinity_become_null(tmp_path, capsys):
+    from CLIPSegLib.evaluation import write_report
+    from CLIPSegLib.progress import Progress
+
+    Progress("json").done(score=float("nan"), per_finding={"cyst": [np.float32("inf"), 0.5]}, dice=np.nan)
+    event = _strict_json(capsys.readouterr().out)
+    assert event == {"event": "done", "score": None, "per_finding": {"cyst": [None, 0.5]}, "dice": None}
+    write_report(tmp_path / "r.json", {"hd95_mm": float("nan"), "cases": [{"dice": 1.0, "nsd": -np.inf}]})
+    assert _strict_json((tmp_path / "r.json").read_text()) == {"hd95_mm": None, "cases": [{"dice": 1.0, "nsd": None}]}
+
+
+def test_an_interrupted_run_reports_a_json_error_event_and_exits_130(phantom_file, tiny_model, tmp_path, capsys,
+                                                                     monkeypatch):
+    import CLIPSegLib.segment_file as sf
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sf, "segment_volume", interrupted)
+    path, _, _ = phantom_file
+    out = tmp_path / "out.seg.nrrd"
+    code, io = run(["segment", path, "--prompt", "cyst", "--output", out, "--model", tiny_model, "--device", "cpu",
+                    "--progress", "json"], capsys)
+    assert code == 130 and not out.exists()
+    event = _strict_json(io.out.strip().splitlines()[-1])
+    assert event["event"] == "error" and event["exit_code"] == 130 and event["message"].startswith("interrupted")
+    assert "Traceback" not in io.err
+
+
+def test_a_folder_where_a_file_is_expected_says_what_is_expected(phantom_file, tiny_model, tmp_path, capsys):
+    from CLIPSegLib.imageio import write_volume
+
+    path, ph, geometry = phantom_file
+    base = ["segment", path, "--prompt", "cyst", "--output", tmp_path / "o.seg.nrrd", "--device", "cpu",
+            "--progress", "none"]
+    code, io = run(base + ["--model", Path(tiny_model).parent], capsys)
+    assert code == 3 and f"is a folder; give a model's .json file (e.g. {tiny_model})" in io.err
+    images = tmp_path / "images"
+    images.mkdir()
+    write_volume(images / "case1.nii.gz", ph.image, geometry)
+    base[1] = images
+    code, io = run(base + ["--model", tiny_model], capsys)
+    assert code == 2 and "holds no DICOM series but image files (case1.nii.gz): give one of them" in io.err
+    assert "case1.labels" not in io.err
+    (tmp_path / "map.json").mkdir()
+    code, io = run(["evaluate", "--data", images, "--prompt-map", tmp_path / "map.json", "--progress", "none"], capsys)
+    assert code == 1 and "map.json" in io.err and "give a file, not a folder" in io.err
+    assert "free disk space" not in io.err
+
+
+def test_every_option_an_error_message_suggests_exists():
+    """Each ``--option`` named in a string in CLIPSegLib (messages suggest options to fix things) is one the
+    command line knows."""
+    import argparse
+    import ast
+
+    from CLIPSegLib.cli import build_parser
+
+    def options(parser):
+        found = set()
+        for action in parser._actions:
+            found.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    found |= options(sub)
+        return found
+
+    known = options(build_parser())
+    mentioned = {}
+    for source in (Path(__file__).resolve().parents[1] / "CLIPSeg" / "CLIPSegLib").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value):
+                    mentioned.setdefault(option, set()).add(source.name)
+    assert len(mentioned) > 20  # the scan finds the messages
+    unknown = {o: sorted(files) for o, files in mentioned.items() if o not in known}
+    assert not unknown, f"messages suggest options the parser does not have: {unknown}"

@@ -119,7 +119,10 @@ def swap_line(s: dict) -> str:
 
 
 def write_report(path: Path, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    from .progress import json_safe
+
+    # strict JSON: NaN (e.g. the HD95 of an empty mask) becomes null, as bare NaN is not JSON
+    Path(path).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
 
 
 # --- your own labelled data -----------------------------------------------------------------------------------------

@@ -383,7 +383,12 @@ def _read_dicom_folder(path: Path):
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(path))
     if not series:
-        raise InputError(f"folder {path} holds no DICOM series; give a DICOM folder or an image file")
+        images = sorted(f.name for f in path.iterdir()
+                        if f.is_file() and f.name.lower().endswith(LABELMAP_SUFFIXES + PICTURE_SUFFIXES + (".mhd",)))
+        hint = f" but image files ({', '.join(images[:3])}{', ...' if len(images) > 3 else ''}): give one of them" \
+            if images else ""
+        raise InputError(f"folder {path} holds no DICOM series{hint}; the input is one image file (NIfTI, NRRD, MHA, "
+                         f"PNG/JPEG) or a folder holding one DICOM series")
     files = {uid: reader.GetGDCMSeriesFileNames(str(path), uid) for uid in series}
     _check_dicom_folder(path, {Path(f).resolve() for names in files.values() for f in names})
     if len(series) > 1:

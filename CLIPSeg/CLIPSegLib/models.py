@@ -41,6 +41,11 @@ def resolve_spec_path(model: str | os.PathLike | None, models_dir: Path = MODELS
     model = str(model or DEFAULT_MODEL)
     path = Path(model)
     if path.suffix == ".json" or path.exists():
+        if path.is_dir():
+            specs = sorted(path.glob("*.json"))
+            raise ModelError(f"model {path} is a folder; give a model's .json file "
+                             f"({f'e.g. {specs[0]}' if specs else 'that folder holds none'}) or a model id "
+                             f"({', '.join(list_models(models_dir))})")
         if not path.is_file():
             known = ", ".join(list_models(models_dir))
             raise ModelError(f"model spec {path} does not exist; pass a model id ({known}) "
