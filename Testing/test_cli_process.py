@@ -50,3 +50,14 @@ def test_segment_prints_only_its_own_lines_on_stderr(phantom_file, tiny_model, t
         assert len(lines) == 2 and all(re.match(r"'(cyst|thyroid nodule)': (found|not found)", line)
                                        for line in lines), r.stderr
         assert r.stdout == f"wrote {out}\n"
+
+
+def test_non_ascii_names_print_on_an_ascii_terminal(phantom_file, tiny_model, tmp_path):
+    path, _, _ = phantom_file
+    out = tmp_path / "结果.seg.nrrd"
+    r = subprocess.run(_cli("segment", path, "--prompt", "甲状腺结节", "--output", out, "--model", tiny_model,
+                            "--device", "cpu", "--progress", "none"),
+                       capture_output=True, env={**_env(tmp_path), "PYTHONIOENCODING": "ascii"}, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.exists() and r.stdout.decode("ascii").startswith("wrote ")
+    assert r.stderr.decode("ascii").startswith("'\\u7532\\u72b6\\u817a\\u7ed3\\u8282': ")

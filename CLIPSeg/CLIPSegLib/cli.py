@@ -195,6 +195,8 @@ def main(argv=None) -> int:
     from .progress import Progress
 
     a = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a file name in any script prints even where stdout is ASCII/Latin-1
+        sys.stdout.reconfigure(errors="backslashreplace")
     progress = Progress(getattr(a, "progress", "none"))
     try:
         with _quiet_libraries(a.command):
