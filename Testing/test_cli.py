@@ -416,3 +416,9 @@ def test_every_option_an_error_message_suggests_exists():
     assert len(mentioned) > 20  # the scan finds the messages
     unknown = {o: sorted(files) for o, files in mentioned.items() if o not in known}
     assert not unknown, f"messages suggest options the parser does not have: {unknown}"
+
+
+def test_an_unwritable_report_folder_is_refused_before_the_evaluation(tmp_path, capsys):
+    folder = _unwritable_folder(tmp_path, "system folder")
+    code, io = run(["evaluate", "--phantoms", "40", "--report", folder / "r.json", "--progress", "none"], capsys)
+    assert code == 1 and f"cannot write the --report in folder {folder}" in io.err

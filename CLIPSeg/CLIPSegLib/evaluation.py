@@ -268,4 +268,7 @@ def check_report_path(path: Path) -> Path:
         raise InputError(f"--report {path}: use a .json, .csv or .md file name")
     if not path.parent.is_dir():
         raise InputError(f"report folder {path.parent} does not exist; create it first")
+    from .imageio import check_writable_folder
+
+    check_writable_folder(path.parent, "--report")  # before the evaluation, not after it
     return path
