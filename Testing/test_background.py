@@ -58,9 +58,9 @@ def test_cancel_kills_the_whole_process_tree(tmp_path):
     """)
     run = BackgroundRun(argv)
     deadline = time.time() + 30
-    while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+    while not (pidfile.exists() and pidfile.read_text(encoding="utf-8")) and time.time() < deadline:
         time.sleep(0.05)
-    grandchild = int(pidfile.read_text())
+    grandchild = int(pidfile.read_text(encoding="utf-8"))
     run.cancel(grace=2)
     assert run.returncode is not None and run.cancelled
     for _ in range(50):

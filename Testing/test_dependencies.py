@@ -64,7 +64,7 @@ def test_the_running_python_is_the_one_checked(monkeypatch):
 
 
 def test_dependencies_module_imports_only_what_slicer_ships():
-    tree = ast.parse(Path(dependencies.__file__).read_text())
+    tree = ast.parse(Path(dependencies.__file__).read_text(encoding="utf-8"))
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported

@@ -36,7 +36,7 @@ def test_folder_evaluation_scores_every_case_and_finding(tmp_path, tiny_model, c
                      "--model", str(tiny_model), "--device", "cpu", "--progress", "none",
                      "--report", str(tmp_path / f"r.{ext}")])
         assert code == 0
-    report = json.loads((tmp_path / "r.json").read_text())
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     rows = report["cases"]
     assert {(r["case"], r["prompt"]) for r in rows} == {(c, p) for c in ("case1.nii.gz", "case2.nii.gz")
                                                        for p in ("thyroid nodule", "cyst")}
@@ -48,7 +48,7 @@ def test_folder_evaluation_scores_every_case_and_finding(tmp_path, tiny_model, c
     assert report["selectivity"]["swap_floor_max"] == 0.0  # the folder's nodule and cyst do not touch
     with open(tmp_path / "r.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
-    md = (tmp_path / "r.md").read_text()
+    md = (tmp_path / "r.md").read_text(encoding="utf-8")
     assert "| cyst | 2 |" in md and "Foreground Dice" in md
 
 
@@ -75,7 +75,7 @@ def test_phantom_evaluation_reports_dice_hd95_nsd_absence_and_swap(tmp_path, tin
     report_path = tmp_path / "heldout.json"
     assert main(["evaluate", "--phantoms", "2", "--seed", "1000", "--model", str(tiny_model), "--device", "cpu",
                  "--progress", "none", "--tolerance-mm", "1.5", "--report", str(report_path)]) == 0
-    report = json.loads(report_path.read_text())
+    report = json.loads(report_path.read_text(encoding="utf-8"))
     s, cases = report["summary"], report["cases"]
     assert [c["seed"] for c in cases] == [1000, 1001]
     present = {f: [c for c in cases if f in c["present"]] for f in s["dice_cases"]}
@@ -105,7 +105,7 @@ def test_phantom_markdown_report_is_a_table(tmp_path, tiny_model, capsys):
     report_path = tmp_path / "heldout.md"
     assert main(["evaluate", "--phantoms", "1", "--seed", "1000", "--model", str(tiny_model), "--device", "cpu",
                  "--progress", "none", "--report", str(report_path)]) == 0
-    rows = [line for line in report_path.read_text().splitlines() if line.startswith("|")]
+    rows = [line for line in report_path.read_text(encoding="utf-8").splitlines() if line.startswith("|")]
     assert rows[0].startswith("| finding | n | Dice mean [95% CI] |") and set(rows[1]) <= {"|", "-"}
     assert [r.split("|")[1].strip() for r in rows[2:]] == ["nodule", "cyst", "calcification"]
     assert all(r.count("|") == rows[0].count("|") for r in rows)

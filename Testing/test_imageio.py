@@ -100,25 +100,49 @@ def test_bad_inputs_name_the_problem_and_the_fix(tmp_path, case, match):
         read_image(path)
 
 
-def test_dicom_folder_with_two_series_is_refused_not_guessed(tmp_path):
+def _write_series(folder, uid, positions, description="", shape=(4, 5), name="s"):
+    """One DICOM file per slice position (mm along the normal), as SimpleITK's series-writing example tags them."""
+    for k, z in enumerate(positions):
+        image = sitk.GetImageFromArray(np.full(shape, k, np.int16))
+        for tag, value in (("0020|000e", uid), ("0020|0013", str(k + 1)), ("0008|0060", "US"),
+                           ("0008|103e", description), ("0020|0032", f"0\\0\\{z}"),
+                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0028|0030", "0.5\\0.5")):
+            image.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"{name}_{k}.dcm"))
+        writer.Execute(image)
+
+
+def test_dicom_folder_with_two_series_is_refused_listing_what_each_is(tmp_path):
     folder = tmp_path / "dicom"
     folder.mkdir()
-    for series in ("1.2.826.0.1.3680043.2.1125.1", "1.2.826.0.1.3680043.2.1125.2"):
-        for k in range(2):
-            image = sitk.GetImageFromArray(np.full((4, 5), k, np.int16))
-            for tag, value in (("0020|000e", series), ("0020|0013", str(k + 1)), ("0008|0060", "US"),
-                               ("0020|0032", f"0\\0\\{k}"), ("0020|0037", "1\\0\\0\\0\\1\\0")):
-                image.SetMetaData(tag, value)
-            writer = sitk.ImageFileWriter()
-            writer.KeepOriginalImageUIDOn()
-            writer.SetFileName(str(folder / f"{series[-1]}_{k}.dcm"))
-            writer.Execute(image)
-    with pytest.raises(InputError, match="holds 2 DICOM series.*folder of its own"):
+    _write_series(folder, "1.2.826.0.1.3680043.2.1125.1", [0, 1], "T2 axial", (4, 5), "1")
+    _write_series(folder, "1.2.826.0.1.3680043.2.1125.2", [0, 1, 2], "doppler", (6, 7), "2")
+    with pytest.raises(InputError) as e:
         read_image(folder)
+    message = str(e.value)
+    assert "holds 2 DICOM series" in message and "folder of its own" in message
+    assert "'T2 axial' 4x5x2 (rows x columns x slices), 2 file(s), UID 1.2.826.0.1.3680043.2.1125.1" in message
+    assert "'doppler' 6x7x3 (rows x columns x slices), 3 file(s), UID 1.2.826.0.1.3680043.2.1125.2" in message
     for f in folder.glob("2_*.dcm"):
         f.unlink()
     volume, _ = read_image(folder)  # one series left: read as a volume, slices in order
     assert volume.shape == (2, 4, 5) and volume[0].max() == 0 and volume[1].min() == 1
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused_without_itk_noise(tmp_path, capfd):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    _write_series(folder, "1.2.826.0.1.3680043.2.1125.3", [0, 1, 2, 4, 5])
+    with pytest.raises(InputError, match=r"uneven slice spacing: 1 to 2 mm.*2 mm between s_2.dcm and s_3.dcm.*"
+                                         r"1 mm elsewhere.*resample"):
+        read_image(folder)
+    assert capfd.readouterr().err == ""  # ITK's own 'Non uniform sampling' warning is not printed
+    (folder / "s_3.dcm").unlink()
+    (folder / "s_4.dcm").unlink()
+    volume, geometry = read_image(folder)  # evenly spaced: read
+    assert volume.shape == (3, 4, 5) and geometry.spacing == pytest.approx((0.5, 0.5, 1.0))
 
 
 def test_zero_sized_axis_is_refused():
@@ -149,3 +173,32 @@ def test_a_mask_on_another_grid_is_refused_with_the_fix():
         check_same_grid(image, flipped, image, grid, "m.nrrd", "i.nrrd")
     with pytest.raises(InputError, match=r"has shape \(4, 5, 5\)"):
         check_same_grid(np.zeros((4, 5, 5)), grid, image, grid, "m.nrrd", "i.nrrd")
+
+
+def test_damaged_compressed_data_is_a_corrupt_file_not_zeros(tmp_path):
+    from CLIPSegLib.errors import CorruptFileError
+
+    arr = np.random.default_rng(0).integers(0, 1000, (6, 40, 48)).astype(np.int16)
+    for name in ("v.nii.gz", "v.nrrd", "v.mha"):
+        path = tmp_path / name
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(path), useCompression=True)
+        data = bytearray(path.read_bytes())
+        data[len(data) * 2 // 3] ^= 0xFF  # one flipped byte inside the compressed voxels
+        path.write_bytes(bytes(data))
+        with pytest.raises(CorruptFileError, match=f"{name} cannot be read in full"):
+            read_image(path)
+
+
+def test_a_refused_write_names_the_output_not_a_temporary_file(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where a folder should be: every write below fails, even as root")
+    g = Geometry.axis_aligned((1.0, 1.0, 1.0))
+    mask = np.ones((2, 3, 4), bool)
+    for name, write in (("x.seg.nrrd", lambda p: write_segmentation(p, {"a": mask}, g)),
+                        ("x.nii.gz", lambda p: write_segmentation(p, {"a": mask}, g)),
+                        ("p.nrrd", lambda p: write_probabilities(p, np.zeros((2, 2, 3, 4), np.float32), g)),
+                        ("v.mha", lambda p: write_volume(p, mask.astype(np.float32), g))):
+        with pytest.raises(OSError) as e:
+            write(blocker / name)
+        assert e.value.filename == str(blocker / name), (name, e.value)
+        assert "partial" not in str(e.value)

@@ -105,7 +105,7 @@ def test_without_jsonschema_the_registry_loads_and_missing_keys_are_refused(monk
                             (lambda d: public(d).pop("license"), "'license' is a required property"),
                             (lambda d: public(d)["files"][0].pop("sha256"), "'sha256' is a required property"),
                             (lambda d: public(d).pop("files"), "'files' is a required property")):
-        bad = json.loads(ms.REGISTRY.read_text())
+        bad = json.loads(ms.REGISTRY.read_text(encoding="utf-8"))
         broken(bad)
         path = tmp_path / "registry.json"
         path.write_text(json.dumps(bad))
@@ -147,7 +147,7 @@ def test_server_errors_give_a_clear_message(server, code):
 def test_unpublished_checksum_is_pinned_on_first_download(server, home):
     reg = registry(server, sha=None, size=None)
     ms.fetch("test-model", registry=reg)
-    pins = json.loads((home / "test-model" / "checksums.json").read_text())
+    pins = json.loads((home / "test-model" / "checksums.json").read_text(encoding="utf-8"))
     assert pins["w.pth"] == hashlib.sha256(PAYLOAD).hexdigest()
     (home / "test-model" / "w.pth").write_bytes(b"tampered")
     assert ms.verify("test-model", reg) == {"w.pth": "corrupt"}
@@ -252,7 +252,7 @@ def test_valid_weight_files_within_their_size_range_are_imported_and_pinned(tmp_
                           _file("w.pth", min_size=n - 10, max_size=n + 10), _file("cfg.json")])
     ms.import_files("test-model", [tmp_path / "w.safetensors", tmp_path / "w.pth", tmp_path / "cfg.json"], reg)
     assert ms.verify("test-model", reg) == {"w.safetensors": "present", "w.pth": "present", "cfg.json": "present"}
-    pins = json.loads((home / "test-model" / "checksums.json").read_text())
+    pins = json.loads((home / "test-model" / "checksums.json").read_text(encoding="utf-8"))
     assert set(pins) == {"w.safetensors", "w.pth", "cfg.json"}
     small = tmp_path / "small" / "w.pth"
     small.parent.mkdir()

@@ -57,7 +57,7 @@ def test_bad_specs_and_unknown_ids(tmp_path):
 
 def test_pickled_checkpoints_are_refused(tiny_model, tmp_path):
     spec_path = _copy_model(tiny_model, tmp_path)
-    spec = json.loads(spec_path.read_text())
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
     spec["files"] = [{"name": "evil.pt", "sha256": "0" * 64}]
     spec_path.write_text(json.dumps(spec))
     with pytest.raises(ModelError, match="only .safetensors"):
@@ -74,7 +74,7 @@ def _segment(phantom_file, tmp_path, model):
 @pytest.mark.parametrize("key", ["clip", "network", "presence"])
 def test_spec_without_an_engine_field_is_a_model_error_naming_it(tiny_model, tmp_path, phantom_file, capsys, key):
     spec_path = _copy_model(tiny_model, tmp_path)
-    spec = json.loads(spec_path.read_text())
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
     del spec[key]
     spec_path.write_text(json.dumps(spec))
     assert _segment(phantom_file, tmp_path, spec_path) == 3
@@ -85,7 +85,7 @@ def test_spec_without_an_engine_field_is_a_model_error_naming_it(tiny_model, tmp
 
 def test_spec_with_an_incomplete_clip_or_bad_files_is_refused(tiny_model, tmp_path):
     spec_path = _copy_model(tiny_model, tmp_path)
-    good = json.loads(spec_path.read_text())
+    good = json.loads(spec_path.read_text(encoding="utf-8"))
     for change, message in (({"clip": {"embed_dim": 16}}, "'clip' lacks 'vision_cfg'"),
                             ({"network": [1, 2]}, "'network' must be a JSON object"),
                             ({"files": []}, "'files' must list the weight files"),
@@ -104,4 +104,4 @@ def test_weights_file_given_as_model_points_to_its_json(tiny_model, tmp_path, ph
     err = capsys.readouterr().err
     assert f"give the model's .json beside it: {tiny_model}" in err and "Traceback" not in err
     assert _segment(phantom_file, tmp_path, tiny_model.parent) == 3
-    assert f"is a folder; pass the path to a model .json in it ({tiny_model.name})" in capsys.readouterr().err
+    assert f"is a folder; give a model's .json file (e.g. {tiny_model})" in capsys.readouterr().err

@@ -156,6 +156,7 @@ def test_a_prompt_mask_does_not_depend_on_the_other_prompts_of_the_run():
         assert res.info["status"] == alone.info["status"] == "not found"
     assert alone.info["rule"] == "cyst" and alone.info["competes_with"] == ["nodule"]
     assert "read as the trained finding 'cyst'" in alone.message() and "'nodule'" in alone.message()
+    assert alone.info["unseen_words"] == ["please"] and "never saw in training: 'please'" in alone.message()
 
 
 def test_flip_average_mirrors_each_slice_and_averages_the_two_predictions():
@@ -182,3 +183,43 @@ def test_flip_average_mirrors_each_slice_and_averages_the_two_predictions():
     np.testing.assert_allclose(s_avg, (0.25 + 0.5) / 2)  # presence of the two calls averaged
     forced, _ = predict_maps(Ramp(True), vol, ["cyst"], slice_axis=2, flip_average=False)
     np.testing.assert_allclose(forced, plain)
+
+
+@pytest.mark.parametrize("shape_kji,spacing_ijk,expected", [
+    ((1, 30, 40), (0.5, 0.5, 3.0), 2),   # K = 1: an axial picture
+    ((30, 40, 1), (0.5, 0.5, 0.5), 0),   # I = 1, spacing tie: a sagittal image, one slice along I
+    ((30, 40, 1), (0.5, 0.5, 3.0), 0),   # I = 1 even when K has the largest spacing
+    ((30, 1, 40), (0.5, 0.5, 0.5), 1),   # J = 1, tie: a coronal image
+    ((30, 1, 40), (0.2, 0.5, 3.0), 1),   # J = 1, K thickest
+    ((1, 30, 1), (1.0, 1.0, 1.0), 2),    # a line: K first
+    ((20, 30, 40), (0.5, 0.5, 0.5), 2),  # full volume, all tied: K
+    ((20, 30, 40), (0.5, 2.0, 0.5), 1),  # full volume: the thickest-spaced axis
+    ((20, 30, 40), (2.0, 2.0, 0.5), 0),  # I and J tied above K: the first of them
+])
+def test_auto_axis_slices_a_one_voxel_thick_volume_along_its_thin_axis(shape_kji, spacing_ijk, expected):
+    from CLIPSegLib.imageio import Geometry
+    from CLIPSegLib.pipeline import choose_axis
+
+    assert choose_axis(shape_kji, Geometry.axis_aligned(spacing_ijk[::-1]), "auto") == expected
+
+
+@pytest.mark.parametrize("shape_kji,axis", [((24, 28, 1), 0), ((24, 1, 28), 1)])
+def test_a_sagittal_or_coronal_image_is_segmented_as_one_slice(tiny_engine, shape_kji, axis):
+    from CLIPSegLib.imageio import Geometry
+    from CLIPSegLib.pipeline import segment_volume
+
+    volume = np.random.default_rng(0).random(shape_kji).astype(np.float32)
+    calls = []
+    real = tiny_engine.predict
+
+    def counting(images, prompts):
+        calls.append(tuple(images.shape))
+        return real(images, prompts)
+
+    tiny_engine.predict = counting
+    try:
+        result = segment_volume(tiny_engine, volume, Geometry.axis_aligned((0.5, 0.5, 0.5)), ["cyst"])
+    finally:
+        del tiny_engine.predict
+    assert result.slice_axis == axis and result.findings[0].mask.shape == shape_kji
+    assert sum(c[0] for c in calls) == (2 if tiny_engine.spec.get("inference", {}).get("flip_average") else 1)

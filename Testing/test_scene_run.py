@@ -48,6 +48,13 @@ def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_vol
     assert mask.shape == (3, 40, 40)
     assert sh.GetItemParent(sh.GetItemByDataNode(seg)) == study
     assert any("cyst" in m for m in run.messages)
+    import vtk
+
+    for name in ("cyst", "thyroid nodule"):  # the decision travels with the segment
+        segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
+        status, reading = vtk.mutable(""), vtk.mutable("")
+        assert segment.GetTag("CLIPSeg.Status", status) and str(status) in ("found", "uncertain", "not found")
+        assert segment.GetTag("CLIPSeg.Interpretation", reading) and str(reading).startswith("read ")
     assert not tmp.exists()  # temporary files removed
     assert [n.GetName() for n in run.probability_nodes] == ["thyroid US p(cyst)", "thyroid US p(thyroid nodule)"]
     for node in run.probability_nodes:
@@ -127,10 +134,3 @@ def test_a_closed_surface_output_is_converted_and_the_user_is_told(scene_volume,
     assert [segmentation.GetNthSegment(i).GetName() for i in range(2)] == ["organ", "cyst"]
     assert np.array_equal(segment_to_array(seg, segmentation.GetSegmentIdBySegmentName("cyst"), volume), cyst)
     assert any("converted to binary labelmap" in m and "'from STL'" in m for m in run.messages)
-
-
-def test_the_slicer_side_precisions_are_the_engines():
-    from CLIPSegLib.checks import PRECISIONS
-    from CLIPSegLib.engines.base import PRECISIONS as ENGINE_PRECISIONS
-
-    assert PRECISIONS == ENGINE_PRECISIONS

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "CLIPSeg"
-SOURCE = (MODULE / "CLIPSeg.py").read_text()
+SOURCE = (MODULE / "CLIPSeg.py").read_text(encoding="utf-8")
 UI = ET.parse(MODULE / "Resources" / "UI" / "CLIPSeg.ui").getroot()
 
 # Widget class expected from the name suffix used in the code (Slicer's naming habit).
@@ -68,7 +68,7 @@ def test_every_binding_matches_a_parameter_of_a_compatible_type():
 
 
 def _cmake_list(var):
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     body = re.search(rf"set\({var}\s+(.*?)\)", text, re.S).group(1)
     return {line.strip().replace("${MODULE_NAME}", "CLIPSeg") for line in body.splitlines() if line.strip()}
 
@@ -87,9 +87,9 @@ def test_every_resource_file_is_listed():
 
 
 def test_catalog_entry_is_named_after_the_cmake_project_and_has_only_schema_fields():
-    project = re.search(r"^project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text(), re.M).group(1)
+    project = re.search(r"^project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"), re.M).group(1)
     assert (ROOT / f"{project}.json").is_file() and not (ROOT / "extension.json").exists()
-    entry = json.loads((ROOT / f"{project}.json").read_text())
+    entry = json.loads((ROOT / f"{project}.json").read_text(encoding="utf-8"))
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                "build_subdirectory", "enabled", "tier"}
     assert set(entry) <= allowed
@@ -98,7 +98,7 @@ def test_catalog_entry_is_named_after_the_cmake_project_and_has_only_schema_fiel
 
 
 def test_extension_cmake_has_the_required_metadata():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "project(CLIPSeg)" in text
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                 "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "add_subdirectory(CLIPSeg)",
@@ -142,7 +142,7 @@ def test_the_findings_box_is_bound_by_hand_and_written_only_when_its_text_differ
 
 
 def test_the_module_self_test_is_registered_and_installs_before_segmenting():
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r"if\(BUILD_TESTING\)\s*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)\s*endif\(\)",
                      text)
     test = _class("CLIPSegTest")
@@ -154,11 +154,11 @@ def test_the_module_self_test_is_registered_and_installs_before_segmenting():
 
 
 def test_license_is_the_apache_2_text():
-    text = (ROOT / "LICENSE").read_text()
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     for line in ("Apache License", "Version 2.0, January 2004", "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND "
                  "DISTRIBUTION", "9. Accepting Warranty or Additional Liability.", "END OF TERMS AND CONDITIONS"):
         assert line in text, line
-    assert len(text) > 10000 and 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+    assert len(text) > 10000 and 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
 
 
 def _help_texts():
@@ -172,7 +172,7 @@ def _help_texts():
 
 
 def _cmake_value(key):
-    return re.search(rf'set\({key} "(.*)"\)', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    return re.search(rf'set\({key} "(.*)"\)', (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")).group(1)
 
 
 def test_every_url_of_the_project_names_the_same_repository():
@@ -181,12 +181,12 @@ def test_every_url_of_the_project_names_the_same_repository():
     found = []
     for name in ("CLIPSeg.json", "CMakeLists.txt", "CLIPSeg/CLIPSeg.py", "README.md"):
         for host, owner_repo in re.findall(r"https://(github\.com|raw\.githubusercontent\.com)/([\w.-]+/[\w-]+)",
-                                           (ROOT / name).read_text()):
+                                           (ROOT / name).read_text(encoding="utf-8")):
             if "clipseg" in owner_repo.lower():
                 found.append((name, owner_repo))
     assert {n for n, _ in found} == {"CLIPSeg.json", "CMakeLists.txt", "CLIPSeg/CLIPSeg.py", "README.md"}
     assert {r for _, r in found} == {repo}, found
-    assert json.loads((ROOT / "CLIPSeg.json").read_text())["scm_url"] == homepage + ".git"
+    assert json.loads((ROOT / "CLIPSeg.json").read_text(encoding="utf-8"))["scm_url"] == homepage + ".git"
     assert homepage in _help_texts()["helpText"]
     for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):  # the files exist on the published branch
         url = _cmake_value(key)
@@ -215,7 +215,7 @@ def test_help_and_description_name_only_engines_and_models_that_exist():
 def test_the_minimum_slicer_version_is_stated_everywhere():
     from CLIPSegLib.dependencies import MIN_SLICER
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     slicer_section = readme[readme.index("## Use in 3D Slicer"):readme.index("### From Slicer's Python console")]
     for where, text in (("help", _help_texts()["helpText"]), ("description", _cmake_value("EXTENSION_DESCRIPTION")),
                         ("README", slicer_section)):

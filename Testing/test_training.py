@@ -81,7 +81,7 @@ def _readme_train_args() -> list[str]:
     import re
     import shlex
 
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
              for line in block.replace("\\\n", " ").splitlines()]
     commands = [shlex.split(line, comments=True) for line in lines if re.match(r"\S*clipseg train\b", line)]
@@ -114,7 +114,7 @@ def test_readme_train_example_leaves_the_committed_model_alone(tmp_path, monkeyp
     reported = capsys.readouterr().out.split("wrote ")[-1].strip()
     written = tmp_path / reported
     assert written.is_file() and written.parent != tmp_path / "CLIPSeg/Resources/Models"
-    command = json.loads(written.read_text())["training"]["command"]
+    command = json.loads(written.read_text(encoding="utf-8"))["training"]["command"]
     assert f"--output-dir {args[args.index('--output-dir') + 1]}" in command and command.endswith("--force")
     stamp = written.stat().st_mtime_ns
     assert main(args + TINY_RUN) == 2  # the model is there now

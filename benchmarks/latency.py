@@ -118,7 +118,7 @@ VARIANTS = ("fp32", "sdpa", "channels-last", "bf16")
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over from the parent."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

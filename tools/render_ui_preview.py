@@ -25,7 +25,7 @@ def main():
     from PySide6.QtUiTools import QUiLoader
     from PySide6.QtWidgets import QApplication, QComboBox, QLabel, QTextEdit
 
-    text = UI.read_text()
+    text = UI.read_text(encoding="utf-8")
     text = re.sub(r"<customwidgets>.*</customwidgets>", "", text, flags=re.S)
     text = re.sub(r"<connections>.*</connections>", "", text, flags=re.S)
     # collapsible buttons show their text as a group box title

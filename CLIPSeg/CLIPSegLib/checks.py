@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 from .errors import InputError
 
 PRECISIONS = ("fp32", "bf16")
@@ -21,7 +23,13 @@ def check_prompts(prompts) -> list[str]:
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise InputError(f"empty prompt {p!r}: each prompt must name a finding, e.g. \"anechoic cyst\"")
-        out.append(" ".join(p.split()))
+        p = " ".join(p.split())
+        bad = [c for c in p if unicodedata.category(c) in ("Cc", "Cs")]
+        if bad:
+            raise InputError(f"prompt {p!r} holds control or undecodable characters "
+                             f"({', '.join(f'U+{ord(c):04X}' for c in bad[:3])}); type the finding as plain text "
+                             f"(undecodable bytes come from a terminal whose encoding is not UTF-8)")
+        out.append(p)
     if len(set(p.lower() for p in out)) != len(out):
         raise InputError(f"duplicate prompts {out}: each finding may be asked once per run")
     return out

@@ -1,14 +1,15 @@
 """The ``clipseg`` command line. Heavy imports happen inside the commands, so ``--help`` is instant.
 
-Exit codes: 0 ok, 1 other user-fixable problem (including a refused file operation: disk full, permissions),
-2 bad input, 3 model problem, 4 device problem, 5 cancelled, 70 internal error (a bug: please report it with the
-traceback)."""
+Exit codes: 0 ok, 1 other user-fixable problem (a refused file operation: disk full, permissions; an input file
+that cannot be read in full), 2 bad input, 3 model problem, 4 device problem, 5 cancelled, 70 internal error (a bug:
+please report it with the traceback), 130 interrupted (Ctrl+C), 141 stdout closed by its reader (``| head``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", default=None, help="engine id (default: the model's engine): cliptnseg")
     s.add_argument("--axis", default="auto", choices=("auto", "0", "1", "2"),
                    help="slice axis as voxel axis 0=I, 1=J, 2=K (auto: the thickest-spaced axis, else K)")
+    s.add_argument("--spacing", default=None, metavar="MM|I,J,K",
+                   help="voxel size in mm replacing the file's: one value for a picture's pixel size (PNG/JPEG have "
+                        "none: 1.0 mm is used, DPI is ignored) or I,J,K for a volume with a wrong header")
     s.add_argument("--probabilities", default=None, help="also write per-prompt probabilities (NRRD/NIfTI)")
     s.add_argument("--threshold", type=float, default=None,
                    help="probability threshold of the masks (default: the model's calibrated value)")
@@ -101,8 +105,10 @@ def _cmd_segment(a, progress):
 
     result = segment_file(a.input, a.prompt, a.output, model=a.model, engine=a.engine, device=a.device,
                           axis=a.axis, probabilities=a.probabilities, progress=progress, batch_size=a.batch_size,
-                          threshold=a.threshold, precision=a.precision)
-    progress.done(output=str(a.output), found={f.prompt: f.found for f in result.findings})
+                          threshold=a.threshold, precision=a.precision, spacing=a.spacing)
+    progress.done(output=str(a.output), found={f.prompt: f.found for f in result.findings},
+                  status={f.prompt: f.status for f in result.findings},
+                  findings=[f.event() for f in result.findings], out_of_domain=result.domain_warning is not None)
     if a.progress != "json":
         print(f"wrote {a.output}")
 
@@ -205,21 +211,24 @@ def main(argv=None) -> int:
     from .progress import Progress
 
     a = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # a file name in any script prints even where stdout is ASCII/Latin-1
+        sys.stdout.reconfigure(errors="backslashreplace")
     progress = Progress(getattr(a, "progress", "none"))
     try:
-        COMMANDS[a.command](a, progress)
+        with _quiet_libraries(a.command):
+            COMMANDS[a.command](a, progress)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
         return 0
     except ClipSegError as e:
         return _fail(a, progress, str(e), e.exit_code)
     except KeyboardInterrupt:
-        progress.close()
-        print("clipseg: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return _fail(a, progress, "interrupted; no output was written (outputs are only renamed into place once "
+                                  "complete)", 130)
+    except BrokenPipeError:  # the reader of stdout went away (`clipseg models list | head -3`): stop quietly
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, as a Unix tool killed by the closed pipe
     except OSError as e:  # the system refused a read or write (disk full, permissions, ...): not a bug in clipseg
-        where = f" ({e.filename})" if e.filename else ""
-        return _fail(a, progress, f"the system refused a file operation{where}: {e.strerror or e}; free disk space "
-                                  f"or fix the permissions, then run again (outputs are only renamed into place once "
-                                  f"complete)", 1)
+        return _fail(a, progress, _describe_os_error(e), 1)
     except Exception as e:  # a bug, not a user error: say so, with the traceback to report
         import traceback
 
@@ -228,11 +237,59 @@ def main(argv=None) -> int:
                                   f"the traceback)", 70)
 
 
+def _describe_os_error(e: OSError) -> str:
+    """What the system refused and what to do about it, by error number."""
+    import errno
+
+    where = f" ({e.filename})" if e.filename else ""
+    fix = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (your quota is full)",
+           errno.EACCES: "fix the permissions or choose another path", errno.EPERM: "fix the permissions or choose "
+           "another path", errno.EROFS: "choose a path on a writable disk", errno.ENOENT: "check the path",
+           errno.EISDIR: "give a file, not a folder", errno.ENOTDIR: "check the path: a part of it is a file, "
+           "not a folder"}.get(e.errno, "free disk space or fix the permissions")
+    return (f"the system refused a file operation{where}: {e.strerror or e}; {fix}, then run again (outputs are "
+            f"only renamed into place once complete)")
+
+
+@contextmanager
+def _quiet_libraries(command: str):
+    """Library noise off while a command runs: Python warnings (MONAI, torch, numpy's 'Mean of empty slice'),
+    unless ``python -W`` or ``PYTHONWARNINGS`` asks for them, and ITK's warnings. clipseg's own messages go
+    through ``Progress``; problems that matter are errors."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("ignore")
+        if command == "models":  # no image work: no need to import SimpleITK
+            yield
+            return
+        from .imageio import quiet_itk
+
+        with quiet_itk():
+            yield
+
+
+def _stdout_to_devnull() -> None:
+    """After a broken pipe: send what is left in stdout's buffer (flushed at exit) to /dev/null (Python docs,
+    'Note on SIGPIPE')."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests capture it)
+        pass
+
+
 def _fail(a, progress, message: str, exit_code: int) -> int:
     """Report a failure on stderr (and as a JSON ``error`` event with ``--progress json``); returns the exit code."""
     progress.close()
     if getattr(a, "progress", None) == "json":
-        print(json.dumps({"event": "error", "message": message, "exit_code": exit_code}), flush=True)
+        try:
+            progress.event("error", message=message, exit_code=exit_code)
+        except BrokenPipeError:
+            _stdout_to_devnull()
     print(f"clipseg: error: {message}", file=sys.stderr)
     return exit_code
 

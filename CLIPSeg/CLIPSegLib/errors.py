@@ -10,6 +10,14 @@ class ClipSegError(Exception):
     exit_code = 1
 
 
+class CorruptFileError(ClipSegError):
+    """A file exists but cannot be read in full (truncated or damaged: an interrupted copy or download). Exit code 1.
+
+    Raised instead of reading what is there and filling the rest with zeros."""
+
+    exit_code = 1
+
+
 class InputError(ClipSegError):
     """Bad input image, prompt or output path. Exit code 2."""
 

@@ -36,9 +36,10 @@ def check_evaluate_args(n_phantoms: int | None = None, tolerance_mm: float | Non
                          f"(e.g. 2)")
 
 
-def _segment_quietly(args: list[str], what: str) -> None:
-    """Run ``clipseg segment`` (``cli.main``) with its stdout and stderr captured: an evaluation prints only its
-    report. On failure the captured output is shown and the error re-raised with the same exit code."""
+def _segment_quietly(args: list[str], what: str) -> dict:
+    """Run ``clipseg segment`` (``cli.main``, ``--progress json``) with its stdout and stderr captured: an evaluation
+    prints only its report. Returns the run's ``done`` event (each prompt's status). On failure the captured output
+    is shown and the error re-raised with the same exit code."""
     import contextlib
     import io
     import sys
@@ -48,9 +49,10 @@ def _segment_quietly(args: list[str], what: str) -> None:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main(args)
+        code = cli_main(args + ["--progress", "json"])
     if code == 0:
-        return
+        events = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+        return next((e for e in events if e.get("event") == "done"), {})
     sys.stderr.write(err.getvalue())
     kinds = {c.exit_code: c for c in (errors.ClipSegError, errors.InputError, errors.ModelError, errors.DeviceError,
                                       errors.Cancelled)}
@@ -68,7 +70,7 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
     check_evaluate_args(n, tolerance_mm)
     progress = progress or Progress("bar")
     rng = np.random.default_rng(seed)
-    per_case, empties, swaps = [], [], []
+    per_case, empties, uncertain, swaps = [], [], [], []
     scores: dict[str, list[dict]] = {f: [] for f in FINDINGS}
     nsd_key = f"nsd_{tolerance_mm:g}mm"
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,12 +80,12 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
             vol = write_volume(Path(tmp) / "case.nrrd", ph.image, geometry)
             prompts = [str(rng.choice(PHRASES[f])) for f in FINDINGS]
             out = Path(tmp) / "case.seg.nrrd"
-            args = ["segment", str(vol), "--output", str(out), "--progress", "none", "--device", device]
+            args = ["segment", str(vol), "--output", str(out), "--device", device]
             for p in prompts:
                 args += ["--prompt", p]
             if model:
                 args += ["--model", str(model)]
-            _segment_quietly(args, f"phantom seed {seed + v}")
+            status = _segment_quietly(args, f"phantom seed {seed + v}").get("status", {})
             by_prompt = read_segment_masks(out, prompts)
             pred = {f: by_prompt[p] for f, p in zip(FINDINGS, prompts)}
             case = {"seed": seed + v, "present": ph.findings, "prompts": dict(zip(FINDINGS, prompts))}
@@ -95,6 +97,8 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
                 else:
                     empties.append(not pred[f].any())
                     case[f"empty_{f}"] = bool(not pred[f].any())
+                    case[f"status_{f}"] = status.get(prompts[FINDINGS.index(f)])
+                    uncertain.append(case[f"status_{f}"] == "uncertain")
             for a in ph.findings:
                 for b in ph.findings:
                     if a != b:
@@ -110,6 +114,10 @@ def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Pr
         nsd_key: {f: summarize([m[nsd_key] for m in s]) for f, s in scores.items()},
         "absent_empty_rate": float(np.mean(empties)) if empties else None,
         "absent_cases": len(empties),
+        # absent findings given a segment flagged UNCERTAIN (the user is told to check it), and the confident ones
+        "absent_uncertain_rate": float(np.mean(uncertain)) if uncertain else None,
+        "absent_confident_false_rate": float(np.mean([not e and not u for e, u in zip(empties, uncertain)]))
+        if empties else None,
         **swap_summary(swaps),
     }
     return {"summary": summary, "cases": per_case}
@@ -137,7 +145,11 @@ def format_summary(s: dict) -> str:
                      f"{f(ns['mean'])} | {hd['n']} |")
     lines.append("")
     if s["absent_empty_rate"] is not None:
-        lines.append(f"absent finding -> empty segment: {s['absent_empty_rate']:.1%} of {s['absent_cases']}")
+        line = f"absent finding -> empty segment: {s['absent_empty_rate']:.1%} of {s['absent_cases']}"
+        if s.get("absent_uncertain_rate") is not None:
+            line += (f"; flagged UNCERTAIN: {s['absent_uncertain_rate']:.1%}; confidently found though absent: "
+                     f"{s['absent_confident_false_rate']:.1%}")
+        lines.append(line)
     if s["swap_dice_mean"] is not None:
         lines.append(swap_line(s).strip())
     return "\n".join(lines).rstrip()
@@ -161,7 +173,10 @@ def swap_line(s: dict) -> str:
 
 
 def write_report(path: Path, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    from .progress import json_safe
+
+    # strict JSON: NaN (e.g. the HD95 of an empty mask) becomes null, as bare NaN is not JSON
+    Path(path).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 # --- your own labelled data -----------------------------------------------------------------------------------------
@@ -191,6 +206,9 @@ def parse_prompt_map(arg: str) -> dict[str, str]:
     text = arg
     if not arg.lstrip().startswith("{") and (arg.lower().endswith(".json") or _is_file(arg)):
         path = Path(arg)
+        if path.is_dir():
+            raise InputError(f"--prompt-map {path} is a folder; give a file, not a folder (a .json mapping label "
+                             f"values to prompts), or the JSON itself, {example}")
         if not path.is_file():
             raise InputError(f"--prompt-map file {path} does not exist; give the file's path or the JSON itself, "
                              f"{example}")
@@ -340,7 +358,7 @@ def write_any_report(path: Path, report: dict, markdown: str) -> None:
             w.writeheader()
             w.writerows(rows)
     else:
-        path.write_text(markdown + "\n")
+        path.write_text(markdown + "\n", encoding="utf-8")
 
 
 def check_report_path(path: Path) -> Path:
@@ -349,4 +367,7 @@ def check_report_path(path: Path) -> Path:
         raise InputError(f"--report {path}: use a .json, .csv or .md file name")
     if not path.parent.is_dir():
         raise InputError(f"report folder {path.parent} does not exist; create it first")
+    from .imageio import check_writable_folder
+
+    check_writable_folder(path.parent, "--report")  # before the evaluation, not after it
     return path

@@ -40,8 +40,8 @@ def cache_dir() -> Path:
 def load_registry(path: Path = REGISTRY) -> dict[str, dict]:
     """Registry entries by id, validated against the JSON schema (with jsonschema where it is installed; Slicer's
     Python lacks it, and the panel lists models before anything is installed: then the keys the schema requires)."""
-    data = json.loads(Path(path).read_text())
-    schema = json.loads(SCHEMA.read_text())
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
     try:
         import jsonschema
     except ImportError:
@@ -56,7 +56,7 @@ def load_registry(path: Path = REGISTRY) -> dict[str, dict]:
             spec_path = Path(path).parent / m["spec"]
             if not spec_path.is_file():
                 raise ModelError(f"embedded model {m['id']}: its spec {spec_path} is missing; restore it")
-            spec = json.loads(spec_path.read_text())
+            spec = json.loads(spec_path.read_text(encoding="utf-8"))
             m["files"] = [{"name": f["name"], "url": None, "size": f["size"], "sha256": f["sha256"]}
                           for f in spec["files"]]
     return {m["id"]: m for m in data["models"]}
@@ -101,7 +101,7 @@ def model_dir(m: dict) -> Path:
 
 def _pins(folder: Path) -> dict:
     p = folder / "checksums.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
 
 
 def _expected_sha(m: dict, f: dict) -> str | None:
@@ -316,7 +316,7 @@ def _accept(m: dict, f: dict, candidate: Path, final: Path, keep_candidate: bool
     if not expected:  # pin on first use
         pins = _pins(final.parent)
         pins[f["name"]] = digest
-        (final.parent / "checksums.json").write_text(json.dumps(pins, indent=2) + "\n")
+        (final.parent / "checksums.json").write_text(json.dumps(pins, indent=2) + "\n", encoding="utf-8")
 
 
 def verify(model_id: str, registry: dict | None = None) -> dict[str, str]:

@@ -56,9 +56,10 @@ def resolve_spec_path(model: str | os.PathLike | None, models_dir: Path = MODELS
     if len(path.parts) == 1 and path.suffix.lower() != ".json" and known_id.is_file():
         return known_id  # an id wins over a same-named file or folder in the working directory
     if path.is_dir():
-        specs = sorted(p.name for p in path.glob("*.json") if not p.name.startswith(("_", ".", "registry")))
-        raise ModelError(f"model {path} is a folder; pass the path to a model .json in it"
-                         + (f" ({', '.join(specs)})" if specs else " (it holds none)"))
+        specs = sorted(p for p in path.glob("*.json") if not p.name.startswith(("_", ".", "registry")))
+        raise ModelError(f"model {path} is a folder; give a model's .json file "
+                         f"({f'e.g. {specs[0]}' if specs else 'that folder holds none'}) or a model id "
+                         f"({', '.join(list_models(models_dir))})")
     if path.is_file() and path.suffix.lower() != ".json":
         beside = path.with_suffix(".json")
         where = f": {beside}" if beside.is_file() else " (the spec `clipseg train` writes beside the weights)"
@@ -214,6 +215,6 @@ def write_spec(spec: dict, weights: dict, out_dir: Path, half: bool = True) -> P
     spec["files"] = [{"name": wpath.name, "sha256": sha256_file(wpath), "size": wpath.stat().st_size}]
     spath = out_dir / f"{mid}.json"
     tmp = out_dir / f".{mid}.partial.json"
-    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, spath)
     return spath

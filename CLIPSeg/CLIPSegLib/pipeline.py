@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .clip_backbone import check_prompts
+from .domain import check_domain, domain_message, slice_features
 from .errors import DeviceError, InputError
 from .imageio import Geometry, check_volume
 from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, suppress_exclusive, with_rivals
@@ -42,21 +44,23 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def choose_axis(shape_kji: tuple[int, int, int], geometry: Geometry, axis: str | int = "auto") -> int:
-    """Slice axis as a voxel axis index (0 = I, 1 = J, 2 = K).
+    """Slice axis as a voxel axis index (0 = I, 1 = J, 2 = K); ``shape_kji`` in voxels, array order (K, J, I).
 
-    'auto' takes the axis with the largest spacing (the acquisition direction of thick-slice volumes), K on ties
-    and for 2D images."""
+    'auto': an axis one voxel thick makes the volume a 2D image in the other two axes' plane, so that axis is the
+    slice axis (one full slice; K, then J, then I if several are), whatever the spacings. Otherwise the axis with
+    the largest spacing (the acquisition direction of thick-slice volumes; more than 1% larger), K on ties."""
     axis = str(axis)
     if axis not in AXES:
         raise InputError(f"axis {axis!r} is not one of auto, 0 (I), 1 (J), 2 (K)")
     if axis != "auto":
         return int(axis)
-    if shape_kji[0] == 1:
-        return 2
+    for a in (2, 1, 0):
+        if shape_kji[2 - a] == 1:
+            return a
     spacing = np.asarray(geometry.spacing)
     best = 2
     for a in (0, 1):
-        if spacing[a] > spacing[best] * 1.01 and shape_kji[2 - a] > 1:
+        if spacing[a] > spacing[best] * 1.01:
             best = a
     return best
 
@@ -98,6 +102,9 @@ class FindingResult:
             text = "read with the model's global rule (no trained finding is close to this text)"
         else:
             text = f"read as the trained finding '{rule}' (text similarity {self.info.get('rule_cosine', 1):.2f})"
+        unseen = self.info.get("unseen_words") or []
+        if unseen:
+            text += "; words the model never saw in training: " + ", ".join(f"'{w}'" for w in unseen)
         rivals = self.info.get("competes_with") or []
         if rivals:
             text += "; competes voxel by voxel with " + ", ".join(f"'{r}'" for r in rivals)
@@ -128,7 +135,7 @@ class FindingResult:
     def event(self) -> dict:
         """The JSON-safe summary of this result (for ``--progress json`` and reports)."""
         keys = ("status", "found", "score", "mean", "components", "voxels", "dropped_components", "rejected",
-                "closest_miss", "rule", "rule_cosine", "competes_with", "out_of_domain")
+                "closest_miss", "rule", "rule_cosine", "competes_with", "unseen_words", "out_of_domain")
         return {"prompt": self.prompt, **{k: self.info.get(k) for k in keys}, "interpretation": self.reading()}
 
 
@@ -137,6 +144,8 @@ class SegmentationResult:
     findings: list[FindingResult]
     slice_axis: int  # voxel axis: 0 = I, 1 = J, 2 = K
     probabilities: np.ndarray | None = field(default=None, repr=False)  # [P,K,J,I] float32 when kept
+    domain_warning: str | None = None  # set when the image does not look like the model's training data
+    domain_features: dict = field(default_factory=dict)  # domain.FEATURES measured on the network's input slices
 
     @property
     def masks(self) -> dict[str, np.ndarray]:
@@ -150,7 +159,7 @@ def flip_average_of(engine) -> bool:
 
 def predict_maps(engine, volume: np.ndarray, prompts: list[str], slice_axis: int, batch_size: int | None = None,
                  progress: Progress | None = None, cancel=None,
-                 flip_average: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                 flip_average: bool | None = None, on_slices=None) -> tuple[np.ndarray, np.ndarray | None]:
     """volume ``[K,J,I]`` (raw intensities) -> (mask probabilities ``[P,K,J,I]``, slice presence probabilities
     ``[P,N]`` or None if the engine has no presence estimate), float32; N = slices along ``slice_axis``.
 
@@ -158,7 +167,8 @@ def predict_maps(engine, volume: np.ndarray, prompts: list[str], slice_axis: int
     batches (``batch_size`` slices, default: the engine's for its device); constant slices (no signal) are skipped and
     get probability 0. ``cancel()`` returning True stops. ``flip_average`` (default: the model's setting) also
     predicts each slice mirrored left-right (a flip the models are trained with) and averages the two, mirrored back:
-    twice the compute, fewer stray responses to speckle."""
+    twice the compute, fewer stray responses to speckle. ``on_slices(x)`` is called with each batch of network input
+    ``[B,1,S,S]`` (e.g. to measure what the network sees, ``domain.slice_features``)."""
     progress = progress or Progress("none")
     flip_average = flip_average_of(engine) if flip_average is None else flip_average
     batch_size = engine.default_batch_size if batch_size is None else int(batch_size)
@@ -182,6 +192,8 @@ def predict_maps(engine, volume: np.ndarray, prompts: list[str], slice_axis: int
                 raise Cancelled("cancelled by the user; nothing was written")
             idx = todo[start:start + batch_size]
             x = resize_slices(slices[idx][:, None], size)
+            if on_slices is not None:
+                on_slices(x)
             p, s = engine.predict(x, prompts)  # [B,P,S,S], [B,P] or None
             if flip_average:
                 pf, sf = engine.predict(x.flip(-1), prompts)
@@ -246,6 +258,20 @@ def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str, float
     return per[best], best, best_cos
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def unseen_words(prompt: str, engine) -> list[str]:
+    """Words of ``prompt`` that no training phrase of the engine's model holds (its spec's ``training.phrases`` and
+    ``presence.per_finding`` phrasings); [] when the spec lists no training phrases."""
+    spec = getattr(engine, "spec", {}) or {}
+    phrases = list((spec.get("training") or {}).get("phrases") or [])
+    phrases += [p for r in ((spec.get("presence") or {}).get("per_finding") or {}).values() for p in r.get("phrases", [])]
+    vocabulary = {w for p in phrases for w in _words(p)}
+    return [w for w in dict.fromkeys(_words(prompt)) if w not in vocabulary] if vocabulary else []
+
+
 def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list[str], axis: str | int = "auto",
                    presence: dict | None = None, batch_size: int | None = None, keep_probabilities: bool = False,
                    progress: Progress | None = None, cancel=None) -> SegmentationResult:
@@ -271,7 +297,12 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     all_prompts, all_findings, judges = with_rivals(prompts, matched, canonical, exclusive)
     gates = [cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for cfg, _, _ in rules]
     gates += [per[g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for g in all_findings[len(prompts):]]
-    masks, slice_presence = predict_maps(engine, volume, all_prompts, slice_axis, batch_size, progress, cancel)
+    seen = []
+    masks, slice_presence = predict_maps(engine, volume, all_prompts, slice_axis, batch_size, progress, cancel,
+                                         on_slices=lambda x: seen.append(slice_features(x)))
+    domain = (getattr(engine, "spec", {}) or {}).get("domain")
+    features = {k: float(np.median(np.concatenate([f[k] for f in seen]))) for k in seen[0]} if seen else {}
+    domain_warnings = check_domain(features, domain)
     combine_maps(masks, slice_presence, slice_axis, gates, all_findings, exclusive, judges)
     masks = masks[:len(prompts)]
     findings = []
@@ -279,8 +310,11 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
         mask, info = decide(masks[i], geometry.spacing, 2 - slice_axis, cfg)
         info["rule"] = rule_name
         info["rule_cosine"] = None if cosine is None else round(cosine, 4)
+        info["out_of_domain"] = bool(domain_warnings)
+        info["unseen_words"] = unseen_words(prompt, engine)
         info["competes_with"] = sorted({all_findings[j] for j in judges
                                         if matched[i] is not None and all_findings[j] is not None
                                         and {matched[i], all_findings[j]} in [set(p) for p in exclusive]})
         findings.append(FindingResult(prompt, mask, info))
-    return SegmentationResult(findings, slice_axis, masks if keep_probabilities else None)
+    return SegmentationResult(findings, slice_axis, masks if keep_probabilities else None,
+                              domain_message(domain_warnings, domain) if domain_warnings else None, features)

@@ -103,7 +103,8 @@ class SceneRun:
             node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{self.volume_node.GetName()} CLIPSeg")
             node.CreateDefaultDisplayNodes()
         source = node.GetSegmentation().GetSourceRepresentationName()
-        masks_to_segmentation(node, self.volume_node, masks)
+        ids = masks_to_segmentation(node, self.volume_node, masks)
+        self._tag_decisions(node, ids)
         if node.GetSegmentation().GetSourceRepresentationName() != source:
             self.notes.append(f"the segments of {node.GetName()!r} were {source.lower()}s; they were converted to "
                               f"binary labelmap (on the input volume's grid) to add the new segments")
@@ -112,6 +113,22 @@ class SceneRun:
         if probabilities is not None:
             self._load_probabilities(probabilities)
         return node
+
+    def _tag_decisions(self, node, ids: dict) -> None:
+        """Each segment carries its run's decision as segment tags: ``CLIPSeg.Status`` (found, uncertain,
+        not found), ``CLIPSeg.Interpretation`` (how the prompt was read) and ``CLIPSeg.OutOfDomain`` (true when the
+        image did not look like the model's training data), from the background run's ``done`` event."""
+        done = (self.run.state.result or {}) if self.run else {}
+        by_prompt = {f.get("prompt"): f for f in done.get("findings") or []}
+        segmentation = node.GetSegmentation()
+        for prompt, seg_id in ids.items():
+            finding = by_prompt.get(prompt)
+            if finding is None:
+                continue
+            segment = segmentation.GetSegment(seg_id)
+            segment.SetTag("CLIPSeg.Status", str(finding.get("status")))
+            segment.SetTag("CLIPSeg.Interpretation", str(finding.get("interpretation", "")))
+            segment.SetTag("CLIPSeg.OutOfDomain", "true" if finding.get("out_of_domain") else "false")
 
     def _load_probabilities(self, probabilities):
         """One scalar volume per prompt (probability in [0,1]) on the input's grid, beside it in the hierarchy."""

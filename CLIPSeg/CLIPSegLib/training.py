@@ -209,6 +209,18 @@ def check_output_free(out_dir: Path, model_id: str, force: bool = False) -> None
                          f"--model-id, or add --force to replace it deliberately")
 
 
+def training_phrases(data_csv: Path | None = None) -> list[str]:
+    """Every phrase the recipe trains on (phantom phrasings, normal-tissue phrases, a CSV's phrases): the model's
+    vocabulary, recorded in its spec so a prompt's unseen words can be named (``pipeline.unseen_words``)."""
+    import csv
+
+    phrases = {p for ps in PHRASES.values() for p in ps} | set(NORMAL_PHRASES)
+    if data_csv is not None:
+        with open(data_csv, newline="") as f:
+            phrases |= {r["phrase"].strip() for r in csv.DictReader(f) if r.get("phrase")}
+    return sorted(phrases)
+
+
 def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phantom-small", n_phantoms: int = 2000,
                  clip_steps: int = 300, seg_steps: int = 3000, data_csv: Path | None = None, seed: int = 0,
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
@@ -264,12 +276,17 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
 
         presence = calibrate_presence(net, n_volumes=calibration_volumes, progress=progress, device=device,
                                       flip_average=spec["inference"]["flip_average"])
-        presence_path.write_text(json.dumps(presence, indent=2))
+        presence_path.write_text(json.dumps(presence, indent=2), encoding="utf-8")
     if "export" not in stages:
         return None
     from .models import write_spec
 
-    spec["presence"] = json.loads(presence_path.read_text())
+    spec["presence"] = json.loads(presence_path.read_text(encoding="utf-8"))
+    if data_csv is None:  # a model trained on phantoms only says so; with a user's data its domain is not known here
+        from .domain import phantom_domain
+
+        spec["domain"] = phantom_domain(size)
     spec["training"] = {"command": command, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "clip_steps": clip_steps,
-                        "segmenter_steps": seg_steps, "seed": seed, "data_csv": str(data_csv) if data_csv else None}
+                        "segmenter_steps": seg_steps, "seed": seed, "data_csv": str(data_csv) if data_csv else None,
+                        "phrases": training_phrases(data_csv)}
     return write_spec(spec, net.state_dict(), out_dir)

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..errors import InputError
+from ..checks import PRECISIONS, check_precision  # noqa: F401  (one list, torch-free)
 
 
 # Slices per forward pass when the caller gives none. On CPU small batches are faster per slice (the full-resolution
@@ -23,7 +23,6 @@ CPU_BATCH_PIXELS = 4 * 128 * 128
 CUDA_BATCH_SIZE = 16
 # fp32: exact. bf16: autocast matrix products and convolutions to bfloat16 (1.8x faster at paper size on a CPU with
 # AVX-512 BF16, masks within Dice 0.986 of fp32 on held-out phantoms; benchmarks/RESULTS.md).
-PRECISIONS = ("fp32", "bf16")
 
 
 class Engine(ABC):
@@ -52,8 +51,12 @@ class Engine(ABC):
         probabilities ``[B,P]`` or None), float32 on ``self.device``."""
 
 
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}; use fp32 (exact) or bf16 "
-                         f"(faster on CPUs with AVX-512 BF16 and on GPUs)")
-    return precision
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bf16 natively (x86 flags ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``); None when
+    it cannot be told (no ``/proc/cpuinfo``, e.g. macOS or Windows)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {w for line in f if line.lower().startswith(("flags", "features")) for w in line.split()}
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
