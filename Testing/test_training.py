@@ -146,3 +146,61 @@ def test_training_into_a_folder_holding_the_model_id_refuses_before_any_work(tmp
         with pytest.raises(InputError, match="plain name"):
             check_output_free(tmp_path / "mine", bad, force=True)
     assert build_parser().parse_args(["train"]).output_dir == "build/models"
+
+
+class _Shapes(torch.utils.data.Dataset):
+    """A user's own data: images with a bright disc and/or a dark square, labelled by phrases no phantom knows."""
+
+    phrases = ("bright disc", "dark square")
+
+    def __init__(self, n=16, size=32):
+        g = torch.Generator().manual_seed(0)
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        self.items = []
+        for i in range(n):
+            img = 0.5 + 0.05 * torch.randn(size, size, generator=g)
+            disc = ((yy - 10) ** 2 + (xx - 10) ** 2 < 25) & (i % 2 == 0)
+            square = (yy > 18) & (yy < 28) & (xx > 18) & (xx < 28) & (i % 3 != 0)
+            img[disc], img[square] = 1.0, 0.05
+            self.items.append((img.clamp(0, 1)[None], torch.stack([disc, square]).float()))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        image, masks = self.items[i]
+        return image, list(self.phrases), masks
+
+
+def test_clip_and_segmenter_train_on_phrases_taken_from_the_data(tmp_path):
+    """No phantom finding list is needed: the phrases come from the data (each naming its own concept)."""
+    torch.manual_seed(0)
+    data = _Shapes()
+    net = build_network(TINY_SPEC)
+    clip = net.clip
+    for p in clip.parameters():
+        p.requires_grad_(True)
+    before = clip.visual.conv1.weight.clone()
+    losses = train_clip(clip, data, steps=3, ckpt=tmp_path / "clip.pt", batch_size=8)
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    assert not torch.equal(before, clip.visual.conv1.weight)
+    net.freeze_clip()
+    seg = train_segmenter(net, data, steps=4, ckpt=tmp_path / "seg.pt", batch_size=4)
+    assert len(seg) == 4 and all(torch.isfinite(torch.tensor(seg)))
+
+
+def test_training_stops_early_when_validation_stops_improving(tmp_path):
+    from CLIPSegLib.progress import Progress
+
+    torch.manual_seed(0)
+    net = build_network(TINY_SPEC)
+    scores = iter([1.0, 0.9, 0.95, 0.97, 0.99, 0.5])  # best at the 2nd check, then 3 checks without improvement
+    messages = []
+    progress = Progress("none")
+    progress.message = messages.append
+    losses = train_segmenter(net, _Shapes(), steps=20, ckpt=tmp_path / "seg.pt", batch_size=4, progress=progress,
+                             validate=lambda: next(scores), validate_every=2, patience=3)
+    assert len(losses) == 10  # checks at steps 2, 4, 6, 8, 10: stopped after the 5th
+    ck = torch.load(tmp_path / "seg.pt", weights_only=True)
+    assert ck["step"] == 10 and ck["best"] == pytest.approx(0.9) and ck["stale"] == 3
+    assert "stopped early at step 10 of 20" in messages[0]

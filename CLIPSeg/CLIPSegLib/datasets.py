@@ -57,7 +57,11 @@ class PhantomBank(torch.utils.data.Dataset):
     (seeds ``TRAIN_VOLUME_SEED_BASE + v``), augmented on access.
 
     Each access returns ``n_prompts`` of the findings (a random subset, in FINDINGS order), each with a random
-    phrasing and its mask (empty if absent)."""
+    phrasing and its mask (empty if absent). ``concepts`` (phrasing -> finding) and ``normal_phrases`` tell the
+    contrastive CLIP stage which texts name the same thing and what to call an image with no finding."""
+
+    concepts = {p: f for f in FINDINGS for p in PHRASES[f]}
+    normal_phrases = NORMAL_PHRASES
 
     def __init__(self, n: int, size: int, seed_base: int = TRAIN_SEED_BASE, augment: bool = True, progress=None,
                  n_prompts: int = len(FINDINGS), volumes: int = 0):

@@ -7,14 +7,16 @@ from it. Checkpoints are plain dicts of tensors and numbers, read back with ``to
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .clip_backbone import build_clip, to_clip_input, tokenize
 from .datasets import NORMAL_PHRASES, collate
 from .errors import InputError
-from .phantoms import FINDINGS, PHRASES
+from .phantoms import PHRASES
 from .progress import Progress
 
 
@@ -54,16 +56,6 @@ def _save(path: Path, **state):
     os.replace(tmp, path)
 
 
-def _resume(path: Path, model, opt, sched, resume: bool, load_model) -> int:
-    if not (resume and path.is_file()):
-        return 0
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    load_model(ck["model"])
-    opt.load_state_dict(ck["opt"])
-    sched.load_state_dict(ck["sched"])
-    return int(ck["step"])
-
-
 def _batches(dataset, batch_size: int, seed: int):
     """Endless shuffled batches; shuffling seeded so a run is repeatable. Only full batches are used, so a dataset
     smaller than one batch is an error (it would otherwise wait forever for a batch)."""
@@ -77,115 +69,176 @@ def _batches(dataset, batch_size: int, seed: int):
                 yield collate([dataset[int(i)] for i in idx])
 
 
-def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
-               resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None, device="cpu") -> None:
-    """Contrastive training of both CLIP towers on (image, phrase) pairs from a PhantomBank-like dataset.
+@dataclass
+class Recipe:
+    """What an engine plugs into the one training loop (``run_loop``).
 
-    Each image is paired with one phrase of a finding it contains ("normal thyroid tissue" if none). Several images
-    share a finding, so the target of each row/column is uniform over all matching pairs (multi-positive InfoNCE)."""
+    ``param_groups``: the optimiser's groups (AdamW; each may set its own ``lr``); ``loss(batch) -> scalar tensor``
+    for one batch of ``datasets.collate`` (images ``[B,1,S,S]``, phrases (N), masks ``[N,S,S]``, pair_index
+    ``[N]``); ``state()`` / ``load(state)``: the trained weights a checkpoint holds; ``train(mode)``: switch the
+    modules between training and evaluation; ``name``: the progress stage."""
+
+    name: str
+    param_groups: list
+    loss: Callable
+    state: Callable[[], dict]
+    load: Callable[[dict], None]
+    train: Callable[[bool], None]
+    weight_decay: float = 0.0
+
+
+def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, seed: int = 0, resume: bool = True,
+             ckpt_every: int = 100, progress: Progress | None = None, stop_after: int | None = None,
+             validate: Callable[[], float] | None = None, validate_every: int = 100,
+             patience: int | None = None) -> list[float]:
+    """The one training loop: AdamW with a one-cycle cosine schedule over ``steps``, seeded batches, a checkpoint
+    (weights, optimiser, schedule, step, best validation) every ``ckpt_every`` steps and at the end (atomic rename),
+    resumed from ``ckpt`` when ``resume``; progress with the loss.
+
+    ``stop_after`` ends this call early (a checkpoint is written), e.g. to split a long run. ``validate()`` (lower is
+    better, e.g. a validation loss) runs every ``validate_every`` steps; with ``patience``, training stops once that
+    many validations in a row did not improve on the best (early stop; the schedule is not stretched). Returns the
+    loss of every step run in this call."""
     progress = progress or Progress("none")
-    clip.to(device).train()
-    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.05)
+    recipe.train(True)
+    opt = torch.optim.AdamW(recipe.param_groups, weight_decay=recipe.weight_decay)
     sched = _cosine(opt, steps)
-    step = _resume(ckpt, clip, opt, sched, resume, clip.load_state_dict)
+    step, best, stale = 0, float("inf"), 0
+    if resume and ckpt.is_file():
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+        recipe.load(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        step, best, stale = int(ck["step"]), float(ck.get("best", best)), int(ck.get("stale", 0))
     torch.manual_seed(seed + step)
     batches = _batches(dataset, batch_size, seed + step)
-    ctx = clip.context_length
-    while step < steps:
-        images, phrases, masks, pair_index = next(batches)
-        b = images.shape[0]
-        if len(phrases) != b * len(FINDINGS):
-            raise ValueError("train_clip needs every finding's mask per image (PhantomBank with n_prompts=3)")
-        present = masks.flatten(1).amax(1).view(b, len(FINDINGS)) > 0  # [B, F]
-        labels, texts = [], []
-        for i in range(b):
-            found = present[i].nonzero().flatten().tolist()
-            if found:
-                f = found[int(torch.randint(len(found), ()))]
-                texts.append(PHRASES[FINDINGS[f]][int(torch.randint(len(PHRASES[FINDINGS[f]]), ()))])
-                labels.append(f)
-            else:
-                texts.append(NORMAL_PHRASES[int(torch.randint(len(NORMAL_PHRASES), ()))])
-                labels.append(-1)
-        labels = torch.tensor(labels)
-        # pos[i, j]: image i contains the finding named by text j (or both are normal)
-        present_n = torch.cat([present, ~present.any(1, keepdim=True)], 1)  # normal as last column
-        lab_col = torch.where(labels < 0, torch.full_like(labels, len(FINDINGS)), labels)
-        pos = present_n[:, lab_col].float().to(device)
-        img_f = clip.encode_image(to_clip_input(images.to(device)), normalize=True)
-        txt_f = clip.encode_text(tokenize(texts, ctx).to(device), normalize=True)
-        logits = clip.logit_scale.exp().clamp(max=100) * img_f @ txt_f.t()
-        loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-        loss_t = -(pos.t() / pos.t().sum(1, keepdim=True) * logits.t().log_softmax(1)).sum(1).mean()
-        loss = (loss_i + loss_t) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        progress.update("CLIP contrastive", step, steps, f"loss {loss.item():.3f}")
-        if step % ckpt_every == 0 or step == steps:
-            _save(ckpt, step=step, model=clip.state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
-    clip.eval()
-
-
-def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, lr: float = 2e-3, seed: int = 0,
-                    resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
-                    device="cpu", stop_after: int | None = None) -> list[float]:
-    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen): MONAI Dice on pairs whose finding is
-    present + pixel BCE on all pairs + BCE of the presence head against "the finding is in this slice".
-
-    ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
-    split a long run. Returns the loss of every step run in this call."""
-    from monai.losses import DiceLoss
-
-    progress = progress or Progress("none")
-    net.to(device).train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = _cosine(opt, steps)
-    step = _resume(ckpt, net, opt, sched, resume, lambda sd: net.load_state_dict(sd, strict=False))
-    torch.manual_seed(seed + step)
-    batches = _batches(dataset, batch_size, seed + step)
-    # Dice per (image, prompt) pair over the pairs whose finding is present, so a few small foci weigh as much as a
-    # large nodule (a batch-wide Dice let calcifications be ignored); absent pairs are taught by the pixel BCE alone
-    # (Dice of an empty target either saturates or, smoothed, rewards predicting nothing for the hard findings).
-    dice_fn = DiceLoss(sigmoid=True, reduction="none")
-    bce_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(2.0, device=device))
-
-    def loss_fn(logits, presence_logits, target):
-        present = target.flatten(1).amax(1) > 0
-        loss = bce_fn(logits, target)
-        if present.any():
-            loss = loss + dice_fn(logits[present][:, None], target[present][:, None]).mean()
-        if presence_logits is not None:
-            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, present.float())
-        return loss
-
-    ctx = net.clip.context_length
-    text_cache: dict[str, torch.Tensor] = {}
     losses = []
     end = steps if stop_after is None else min(steps, step + stop_after)
-    while step < end:
-        images, phrases, masks, pair_index = next(batches)
-        new = sorted(set(phrases) - set(text_cache))
-        if new:
-            for p, e in zip(new, net.encode_text(tokenize(new, ctx).to(device))):
-                text_cache[p] = e
-        text = torch.stack([text_cache[p] for p in phrases])
-        logits, presence_logits = net(images.to(device), text, pair_index.to(device))
-        loss = loss_fn(logits, presence_logits, masks.to(device))
+    stopped = False
+    while step < end and not stopped:
+        loss = recipe.loss(next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         step += 1
         losses.append(loss.item())
-        progress.update("segmenter", step, end, f"loss {loss.item():.3f}")
-        if step % ckpt_every == 0 or step == end:
-            _save(ckpt, step=step, model=net.trainable_state_dict(), opt=opt.state_dict(), sched=sched.state_dict())
-    net.eval()
+        info = f"loss {loss.item():.3f}"
+        if validate is not None and (step % validate_every == 0 or step == steps):
+            recipe.train(False)
+            with torch.no_grad():
+                score = float(validate())
+            recipe.train(True)
+            best, stale = (score, 0) if score < best else (best, stale + 1)
+            info += f", validation {score:.3f} (best {best:.3f})"
+            stopped = patience is not None and stale >= patience
+        progress.update(recipe.name, step, end, info)
+        if step % ckpt_every == 0 or step == end or stopped:
+            _save(ckpt, step=step, model=recipe.state(), opt=opt.state_dict(), sched=sched.state_dict(), best=best,
+                  stale=stale)
+    if stopped:
+        progress.message(f"{recipe.name}: stopped early at step {step} of {steps}: the validation score did not "
+                         f"improve for {patience} checks in a row (best {best:.4f})")
+    recipe.train(False)
     return losses
+
+
+def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
+               resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None, device="cpu",
+               stop_after: int | None = None) -> list[float]:
+    """Contrastive training of both CLIP towers on (image, phrase) pairs; the phrases come from the data.
+
+    Each image is paired with one of the phrases whose mask it contains (at random), or, if it contains none, with
+    one of the dataset's ``normal_phrases`` (a dataset without them: the image sits the step out). An image matches a
+    text when it contains the text's concept (the dataset's ``concepts``: phrase -> concept, e.g. each phrasing of a
+    phantom finding -> the finding; a phrase it does not list is its own concept), so several images may share a
+    text: the target of each row/column is uniform over all matching pairs (multi-positive InfoNCE)."""
+    clip.to(device)
+    concepts = dict(getattr(dataset, "concepts", None) or {})
+    normal = list(getattr(dataset, "normal_phrases", None) or [])
+    ctx = clip.context_length
+
+    def loss(batch):
+        images, phrases, masks, pair_index = batch
+        b = images.shape[0]
+        present = masks.flatten(1).amax(1) > 0
+        held = [set() for _ in range(b)]  # the concepts each image contains
+        options = [[] for _ in range(b)]  # the phrases it may be paired with
+        for n, (p, i) in enumerate(zip(phrases, pair_index.tolist())):
+            if present[n]:
+                held[i].add(concepts.get(p, p))
+                options[i].append(p)
+        rows, texts, text_concepts = [], [], []
+        for i in range(b):
+            if options[i]:
+                t = options[i][int(torch.randint(len(options[i]), ()))]
+                c = concepts.get(t, t)
+            elif normal:
+                t, c = normal[int(torch.randint(len(normal), ()))], "\0normal"
+                held[i].add(c)
+            else:
+                continue
+            rows.append(i)
+            texts.append(t)
+            text_concepts.append(c)
+        if len(rows) < 2:
+            return clip.logit_scale * 0.0  # nothing to contrast in this batch
+        pos = torch.tensor([[c in held[i] for c in text_concepts] for i in rows], dtype=torch.float32, device=device)
+        img_f = clip.encode_image(to_clip_input(images[rows].to(device)), normalize=True)
+        txt_f = clip.encode_text(tokenize(texts, ctx).to(device), normalize=True)
+        logits = clip.logit_scale.exp().clamp(max=100) * img_f @ txt_f.t()
+        loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+        loss_t = -(pos.t() / pos.t().sum(1, keepdim=True) * logits.t().log_softmax(1)).sum(1).mean()
+        return (loss_i + loss_t) / 2
+
+    recipe = Recipe("CLIP contrastive", [{"params": list(clip.parameters()), "lr": lr}], loss, clip.state_dict,
+                    clip.load_state_dict, clip.train, weight_decay=0.05)
+    return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after)
+
+
+def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, lr: float = 2e-3, seed: int = 0,
+                    resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
+                    device="cpu", stop_after: int | None = None, validate=None, patience: int | None = None,
+                    validate_every: int = 100) -> list[float]:
+    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen): MONAI Dice on pairs whose finding is
+    present + pixel BCE on all pairs + BCE of the presence head against "the finding is in this slice".
+
+    ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
+    split a long run; ``validate``/``patience``: early stop (``run_loop``). Returns the loss of every step run in
+    this call."""
+    from monai.losses import DiceLoss
+
+    net.to(device)
+    # Dice per (image, prompt) pair over the pairs whose finding is present, so a few small foci weigh as much as a
+    # large nodule (a batch-wide Dice let calcifications be ignored); absent pairs are taught by the pixel BCE alone
+    # (Dice of an empty target either saturates or, smoothed, rewards predicting nothing for the hard findings).
+    dice_fn = DiceLoss(sigmoid=True, reduction="none")
+    bce_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(2.0, device=device))
+    ctx = net.clip.context_length
+    text_cache: dict[str, torch.Tensor] = {}
+
+    def loss(batch):
+        images, phrases, masks, pair_index = batch
+        new = sorted(set(phrases) - set(text_cache))
+        if new:
+            for p, e in zip(new, net.encode_text(tokenize(new, ctx).to(device))):
+                text_cache[p] = e
+        text = torch.stack([text_cache[p] for p in phrases])
+        logits, presence_logits = net(images.to(device), text, pair_index.to(device))
+        target = masks.to(device)
+        present = target.flatten(1).amax(1) > 0
+        value = bce_fn(logits, target)
+        if present.any():
+            value = value + dice_fn(logits[present][:, None], target[present][:, None]).mean()
+        if presence_logits is not None:
+            value = value + torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, present.float())
+        return value
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    recipe = Recipe("segmenter", [{"params": params, "lr": lr}], loss, net.trainable_state_dict,
+                    lambda sd: net.load_state_dict(sd, strict=False), net.train, weight_decay=1e-4)
+    return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
+                    validate, validate_every, patience)
 
 
 def check_output_free(out_dir: Path, model_id: str, force: bool = False) -> None:
@@ -267,6 +320,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         if data_csv is not None:
             parts.append(FolderTriples(data_csv, size))
         data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+        data.concepts = {k: v for part in parts for k, v in (getattr(part, "concepts", None) or {}).items()}
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device)
     net.load_state_dict(torch.load(seg_ckpt, map_location="cpu", weights_only=True)["model"], strict=False)
     net.eval()
