@@ -52,15 +52,16 @@ def test_engine_returns_mask_and_slice_presence_probabilities(tiny_model):
     torch.manual_seed(0)
     eng = create_engine(load_spec(tiny_model), torch.device("cpu"))
     x = torch.rand(2, 1, 32, 32)
-    mask, presence = eng.predict(x, ["thyroid nodule", "cyst"])
+    state = eng.encode_prompts(["thyroid nodule", "cyst"])
+    mask, presence = eng.predict(x, state)
     with torch.no_grad():
-        m, s = eng.net(x, eng.text_embeddings(["thyroid nodule", "cyst"]))
+        m, s = eng.net(x, state.embeddings)
     torch.testing.assert_close(mask, torch.sigmoid(m))
     torch.testing.assert_close(presence, torch.sigmoid(s))
     assert mask.shape == (2, 2, 32, 32) and presence.shape == (2, 2)
     plain = build_network({**TINY_SPEC, "network": {**TINY_SPEC["network"], "presence_head": False}}).eval()
     with torch.no_grad():
-        assert plain(x, eng.text_embeddings(["cyst"]))[1] is None
+        assert plain(x, eng.encode_prompts(["cyst"]).embeddings)[1] is None
         assert not any(n.startswith("presence") for n, _ in plain.named_parameters())
 
 
@@ -103,5 +104,5 @@ def test_unknown_engine_suggests_the_closest(tiny_model):
     with pytest.raises(InputError, match="Did you mean .cliptnseg."):
         check_engine("cliptnsg")
     eng = create_engine(load_spec(tiny_model), torch.device("cpu"))
-    probs, _ = eng.predict(torch.rand(2, 1, 32, 32), ["cyst", "nodule"])
+    probs, _ = eng.predict(torch.rand(2, 1, 32, 32), eng.encode_prompts(["cyst", "nodule"]))
     assert probs.shape == (2, 2, 32, 32) and 0 <= probs.min() and probs.max() <= 1
