@@ -141,7 +141,7 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1]})
     # One rule per trained finding (a nodule and a few foci need different size and persistence tests, and the
     # presence head is surer of some findings than of others); a prompt uses the rule of the finding whose phrasings
-    # its text embedding is closest to (see pipeline.presence_rule).
+    # its text embedding is closest to (see pipeline.presence_rules).
     rule["per_finding"] = {}
     for f in FINDINGS:
         sub = search_gate_and_rule(cases, f)
