@@ -239,9 +239,11 @@ class Engine(ABC):
         return (ea @ eb.T).cpu()
 
     def _unsupported(self, step: str) -> UnsupportedError:
-        return UnsupportedError(f"engine {self.name!r} has no {step} step (it segments from text only; "
-                                f"supports_refine is False): correct its mask by hand, e.g. in Slicer's Segment "
-                                f"Editor, or use an engine that supports refinement with points and boxes")
+        why = ("declares supports_refine but does not implement it" if self.supports_refine
+               else "segments from text only; supports_refine is False")
+        return UnsupportedError(f"engine {self.name!r} has no {step} step (it {why}): correct its mask by hand, "
+                                f"e.g. in Slicer's Segment Editor, or use an engine that supports refinement with "
+                                f"points and boxes")
 
     def embed(self, slices: torch.Tensor):
         """Optional: slices ``[B,1,S,S]`` -> an image embedding reused across prompts and by ``refine``."""
