@@ -54,7 +54,7 @@ def test_embedded_model_flags_a_ct_like_image_but_not_a_held_out_phantom(tmp_pat
 
 
 def test_bf16_on_a_cpu_without_native_bf16_runs_in_fp32_and_says_so(tiny_model, tmp_path, monkeypatch):
-    from CLIPSegLib.engines import base
+    from CLIPSegLib.engines import contract as base
     from CLIPSegLib.segment_file import load_engine
 
     (tmp_path / "old").write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")

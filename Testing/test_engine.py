@@ -52,15 +52,16 @@ def test_engine_returns_mask_and_slice_presence_probabilities(tiny_model):
     torch.manual_seed(0)
     eng = create_engine(load_spec(tiny_model), torch.device("cpu"))
     x = torch.rand(2, 1, 32, 32)
-    mask, presence = eng.predict(x, ["thyroid nodule", "cyst"])
+    state = eng.encode_prompts(["thyroid nodule", "cyst"])
+    mask, presence = eng.predict(x, state)
     with torch.no_grad():
-        m, s = eng.net(x, eng.text_embeddings(["thyroid nodule", "cyst"]))
+        m, s = eng.net(x, state.embeddings)
     torch.testing.assert_close(mask, torch.sigmoid(m))
     torch.testing.assert_close(presence, torch.sigmoid(s))
     assert mask.shape == (2, 2, 32, 32) and presence.shape == (2, 2)
     plain = build_network({**TINY_SPEC, "network": {**TINY_SPEC["network"], "presence_head": False}}).eval()
     with torch.no_grad():
-        assert plain(x, eng.text_embeddings(["cyst"]))[1] is None
+        assert plain(x, eng.encode_prompts(["cyst"]).embeddings)[1] is None
         assert not any(n.startswith("presence") for n, _ in plain.named_parameters())
 
 
@@ -103,5 +104,22 @@ def test_unknown_engine_suggests_the_closest(tiny_model):
     with pytest.raises(InputError, match="Did you mean .cliptnseg."):
         check_engine("cliptnsg")
     eng = create_engine(load_spec(tiny_model), torch.device("cpu"))
-    probs, _ = eng.predict(torch.rand(2, 1, 32, 32), ["cyst", "nodule"])
+    probs, _ = eng.predict(torch.rand(2, 1, 32, 32), eng.encode_prompts(["cyst", "nodule"]))
     assert probs.shape == (2, 2, 32, 32) and 0 <= probs.min() and probs.max() <= 1
+
+
+def test_the_readings_are_what_the_text_tower_gets():
+    """read_prompt keeps exactly the tokens open_clip's tokenize keeps, and says when it cut the prompt; the embedded
+    model reads 16 tokens (14 of the prompt), so a long description of a nodule is cut and reported so."""
+    from CLIPSegLib.clip_backbone import read_prompt
+
+    text = "a large hypoechoic solid thyroid nodule with irregular margins and punctate microcalcifications"
+    for context in (8, 16, 77):
+        tokens, read_as, truncated = read_prompt(text, context)
+        ids = tokenize([text], context)[0]
+        assert len(tokens) == int((ids > 0).sum()) - 2 and truncated == (context < 77)
+        assert text.startswith(read_as) and (read_as == text) != truncated
+    embedded = load_spec(None)
+    assert embedded["clip"]["text_cfg"]["context_length"] == 16
+    tokens, read_as, truncated = read_prompt(text, 16)
+    assert truncated and len(tokens) == 14 and read_as.endswith("irregular margins")

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from CLIPSegLib.engines.contract import Engine, Preprocessing, PromptReading
 from CLIPSegLib.errors import InputError
 from CLIPSegLib.phantoms import make_phantom
 from CLIPSegLib.pipeline import predict_probabilities
@@ -68,43 +69,45 @@ def test_unknown_precision_is_a_clear_error(tiny_model):
         load_engine(str(tiny_model), device="cpu", precision="fp16")
 
 
+class _StandIn(Engine):
+    """A contract engine for pipeline tests: words as tokens, ``maps(slices, prompts)`` as its prediction."""
+
+    def __init__(self, spec, input_size):
+        super().__init__(spec, "cpu", "fp32", Preprocessing(input_size))
+
+    def encode_texts(self, texts):
+        return None, [PromptReading(t, tuple(t.split())) for t in texts]
+
+    def infer(self, slices, state):
+        return self.maps(slices, state.prompts)
+
+
 def test_cpu_default_batch_holds_about_four_128px_slices():
-    from CLIPSegLib.engines.base import Engine
-
-    class Sized(Engine):
-        def predict(self, images, prompts):
-            raise AssertionError("not called")
-
-    eng = Sized(torch.device("cpu"))
     for size, batch in ((128, 4), (256, 1), (352, 1), (64, 16)):
-        eng.input_size = size
-        assert eng.default_batch_size == batch
+        assert _StandIn({}, size).default_batch_size == batch
 
 
-class _MapEngine:
+class _MapEngine(_StandIn):
     """A stand-in engine whose probability maps are fixed per finding: prompt -> finding by the first word."""
 
-    input_size = 16
-    default_batch_size = 4
-
     def __init__(self, maps):
-        self.maps, self.asked = maps, []
         names = sorted(maps)
         per = {f: {"threshold": 0.5, "min_peak": 0.5, "min_extent_mm": 0.0, "min_area_mm2": 0.0,
                    "phrases": [f"{f} canonical"]} for f in names}
-        self.spec = {"presence": {**per[names[0]], "per_finding": per, "match_min_cosine": 0.9,
-                                  "exclusive": [["nodule", "cyst"]]}}
+        super().__init__({"presence": {**per[names[0]], "per_finding": per, "match_min_cosine": 0.9,
+                                       "exclusive": [["nodule", "cyst"]]}}, 16)
+        self.table, self.asked = maps, []
         self._axes = {f: i for i, f in enumerate(names)}
 
-    def text_embeddings(self, prompts):
-        e = torch.zeros(len(prompts), len(self._axes))
-        for i, p in enumerate(prompts):
+    def encode_texts(self, texts):
+        e = torch.zeros(len(texts), len(self._axes))
+        for i, p in enumerate(texts):
             e[i, self._axes[p.split()[0]]] = 1.0
-        return e
+        return e, super().encode_texts(texts)[1]
 
-    def predict(self, images, prompts):
+    def maps(self, images, prompts):
         self.asked.append(list(prompts))
-        maps = [self.maps[p.split()[0]] * (0.7 if "weak" in p.split() else 1.0) for p in prompts]
+        maps = [self.table[p.split()[0]] * (0.7 if "weak" in p.split() else 1.0) for p in prompts]
         return torch.stack(maps)[None].repeat(len(images), 1, 1, 1), None
 
 
@@ -157,20 +160,21 @@ def test_a_prompt_mask_does_not_depend_on_the_other_prompts_of_the_run():
     assert alone.info["rule"] == "cyst" and alone.info["competes_with"] == ["nodule"]
     assert "read as the trained finding 'cyst'" in alone.message() and "'nodule'" in alone.message()
     assert alone.info["unseen_words"] == ["please"] and "never saw in training: 'please'" in alone.message()
+    assert alone.info["tokens"] == ["cyst", "please"] and alone.info["truncated"] is False
+    assert "interpreted as 'cyst please'" in alone.message() and alone.event()["prompt_warning"].startswith("words")
 
 
 def test_flip_average_mirrors_each_slice_and_averages_the_two_predictions():
     from CLIPSegLib.pipeline import predict_maps
 
-    class Ramp:
+    class Ramp(_StandIn):
         """Predicts a left-to-right ramp whatever the image: not mirror-symmetric, so flipping shows."""
 
-        input_size, default_batch_size = 8, 4
-
         def __init__(self, flip):
-            self.spec, self.calls = {"inference": {"flip_average": flip}}, 0
+            super().__init__({"inference": {"flip_average": flip}}, 8)
+            self.calls = 0
 
-        def predict(self, images, prompts):
+        def maps(self, images, prompts):
             self.calls += 1
             ramp = torch.linspace(0.0, 1.0, 8).expand(len(images), len(prompts), 8, 8)
             return ramp.clone(), torch.full((len(images), len(prompts)), 0.25 * self.calls)

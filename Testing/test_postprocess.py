@@ -10,7 +10,7 @@ def _volume_with_blob(n_slices_blob: int, peak: float = 0.95):
 
 def test_extent_along_the_slice_axis_is_measured_in_mm():
     prob = _volume_with_blob(3)
-    _, comps = components(prob, spacing=(0.5, 0.5, 2.0), slice_axis=0, threshold=0.5)  # (I, J, K) mm
+    _, comps = components(prob, spacing=(0.5, 0.5, 2.0), array_axis=0, threshold=0.5)  # (I, J, K) mm
     (c,) = comps
     assert c.n_slices == 3 and c.extent_mm == 6.0 and c.voxels == 75
     assert c.max_area_mm2 == 25 * 0.25 and c.peak == np.float32(0.95)

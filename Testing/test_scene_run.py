@@ -54,7 +54,7 @@ def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_vol
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(name))
         status, reading = vtk.mutable(""), vtk.mutable("")
         assert segment.GetTag("CLIPSeg.Status", status) and str(status) in ("found", "uncertain", "not found")
-        assert segment.GetTag("CLIPSeg.Interpretation", reading) and str(reading).startswith("read ")
+        assert segment.GetTag("CLIPSeg.Interpretation", reading) and str(reading).startswith(f"interpreted as '{name}'")
     assert not tmp.exists()  # temporary files removed
     assert [n.GetName() for n in run.probability_nodes] == ["thyroid US p(cyst)", "thyroid US p(thyroid nodule)"]
     for node in run.probability_nodes:

@@ -69,8 +69,8 @@ def slice_flops(engine):
 
     from CLIPSegLib.flops import count_flops
 
-    s = engine.input_size
-    text = engine.text_embeddings(PROMPTS)
+    s = engine.preprocessing.input_size
+    text = engine.encode_prompts(PROMPTS).embeddings
     with torch.inference_mode():
         return count_flops(lambda: engine.net(torch.rand(1, 1, s, s), text))
 
@@ -80,13 +80,14 @@ def per_slice(engine, batch, reps=3):
     best filters out the other processes sharing the cores, as timeit does)."""
     import torch
 
-    s = engine.input_size
+    s = engine.preprocessing.input_size
     x = torch.rand(batch, 1, s, s)
-    engine.predict(x, PROMPTS)
+    state = engine.encode_prompts(PROMPTS)
+    engine.predict(x, state)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        engine.predict(x, PROMPTS)
+        engine.predict(x, state)
         times.append(time.perf_counter() - t)
     return min(times) / batch
 

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
+from .imageio import array_axis_of
 from .phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
 from .pipeline import combine_maps, predict_maps
 from .postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
@@ -24,6 +25,7 @@ from .progress import Progress
 MATCH_MIN_COSINE = 0.95  # a prompt takes a finding's rule only if this close to one of its phrasings
 SLICE_GATES = (1.0, 0.7, 0.5, 0.3)  # candidate pipeline.apply_presence gates
 MEAN_GRID = (0.0, 0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95)  # candidate min_mean (component mean probability)
+SLICE_AXIS = 2  # phantoms are sliced along K, as they are acquired
 
 
 def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, progress: Progress | None = None,
@@ -31,9 +33,11 @@ def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE
     """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
     axis in mm)}, one entry per volume x finding for each gate (engines without slice presence: gate 1.0 only).
 
-    The maps are gated and compete as in the pipeline (``pipeline.combine_maps`` over ``exclusive`` pairs, against
-    each rival finding's first phrasing: ``postprocess.with_rivals``);
-    ``flip_average`` as in ``pipeline.predict_maps`` (default: the engine's model setting)."""
+    The engine is used through its contract (``engines.contract``: ``encode_prompts``, then ``predict`` via
+    ``pipeline.predict_maps``), slicing along K. The maps are gated and compete as in the pipeline
+    (``pipeline.combine_maps`` over ``exclusive`` pairs, against each rival finding's first phrasing:
+    ``postprocess.with_rivals``); ``flip_average`` as in ``pipeline.predict_maps`` (default: the engine's model
+    setting)."""
     progress = progress or Progress("none")
     rng = np.random.default_rng(seed_base)
     cases: dict[float, list] = {}
@@ -41,15 +45,18 @@ def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE
         ph = random_volume_phantom(seed_base + v)
         prompts, findings, judges = with_rivals([str(rng.choice(PHRASES[f])) for f in FINDINGS], list(FINDINGS),
                                                 {f: PHRASES[f][0] for f in FINDINGS}, exclusive)
-        masks, presence = predict_maps(engine, ph.image, prompts, slice_axis=2, flip_average=flip_average)
+        state = engine.encode_prompts(prompts)
+        masks, presence = predict_maps(engine, ph.image, state, slice_axis=SLICE_AXIS, flip_average=flip_average)
         spacing_ijk = ph.spacing[::-1]
-        extent = volume_extent_mm(masks.shape[1:], spacing_ijk, 0)
+        array_axis = array_axis_of(SLICE_AXIS)
+        extent = volume_extent_mm(masks.shape[1:], spacing_ijk, array_axis)
         for gate in (gates if presence is not None else (1.0,)):
-            gated = combine_maps(masks.copy(), presence, 2, [gate] * len(prompts), findings, exclusive, judges)
+            gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
+                                 judges)
             for i, f in enumerate(FINDINGS):
                 prob = gated[i]
                 truth = ph.masks.get(f, np.zeros(prob.shape, bool))
-                labels, comps = components(prob, spacing_ijk, 0, DEFAULT_PRESENCE["threshold"])
+                labels, comps = components(prob, spacing_ijk, array_axis, DEFAULT_PRESENCE["threshold"])
                 overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
                 cases.setdefault(gate, []).append((f, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
                                                    extent))
@@ -134,7 +141,7 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1]})
     # One rule per trained finding (a nodule and a few foci need different size and persistence tests, and the
     # presence head is surer of some findings than of others); a prompt uses the rule of the finding whose phrasings
-    # its text embedding is closest to (see pipeline.presence_rule).
+    # its text embedding is closest to (see pipeline.presence_rules).
     rule["per_finding"] = {}
     for f in FINDINGS:
         sub = search_gate_and_rule(cases, f)

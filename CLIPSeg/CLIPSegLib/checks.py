@@ -1,7 +1,7 @@
 """Input checks that need no torch, so the Slicer process can refuse bad input before it starts a background run.
 
-``clip_backbone.check_prompts`` and the engines use the same checks; ``PRECISIONS`` equals
-``engines.base.PRECISIONS`` (a test keeps the two equal).
+``clip_backbone.check_prompts`` and the engines use the same checks; the engines take ``PRECISIONS`` from here
+(``engines.contract``).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Weights never come from the internet here: they are loaded by ``CLIPSegLib.model
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .checks import check_prompts  # noqa: F401  (torch-free; re-exported here)
@@ -46,6 +48,22 @@ def tokenize(prompts: list[str], context_length: int) -> torch.Tensor:
     import open_clip
 
     return open_clip.tokenize(prompts, context_length=context_length)
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe():
+    from open_clip.tokenizer import SimpleTokenizer  # the tokenizer open_clip.tokenize uses
+
+    return SimpleTokenizer()
+
+
+def read_prompt(text: str, context_length: int) -> tuple[tuple[str, ...], str, bool]:
+    """How ``tokenize`` reads ``text``: (the BPE pieces kept, the text they spell, whether it was truncated). A
+    prompt holds ``context_length - 2`` tokens (start and end tokens take two); the rest is cut."""
+    bpe = _bpe()
+    ids = bpe.encode(text)
+    kept = ids[:context_length - 2]
+    return tuple(bpe.decode([i]).strip() for i in kept), bpe.decode(kept).strip(), len(ids) > len(kept)
 
 
 def to_clip_input(images: torch.Tensor) -> torch.Tensor:

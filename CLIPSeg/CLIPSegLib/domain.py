@@ -77,12 +77,12 @@ def domain_message(warnings: list[str], domain: dict | None) -> str:
             "this kind of image (or fine-tune one on a few labelled slices)")
 
 
-def pipeline_slices(volume: np.ndarray, slice_axis_array: int, size: int) -> torch.Tensor:
-    """A ``[K,J,I]`` volume as the network sees it: normalised as a whole, cut along array axis
-    ``slice_axis_array``, resized to ``size`` -> ``[N,1,size,size]``."""
-    from .preprocessing import normalize_intensity, resize_slices
+def pipeline_slices(volume: np.ndarray, array_axis: int, size: int, fit: str = "squash") -> torch.Tensor:
+    """A ``[K,J,I]`` volume as the network sees it: normalised as a whole, cut along ``array_axis`` (0=K, 1=J,
+    2=I), fitted to ``size`` (``preprocessing.fit_slices``) -> ``[N,1,size,size]``."""
+    from .preprocessing import fit_slices, normalize_intensity
 
-    return resize_slices(normalize_intensity(volume).movedim(slice_axis_array, 0)[:, None], size)
+    return fit_slices(normalize_intensity(volume).movedim(array_axis, 0)[:, None], size, fit)
 
 
 def phantom_reference(n_volumes: int = 30, n_images: int = 60, size: int = 128, margin: float = MARGIN) -> dict:

@@ -40,3 +40,7 @@ class Cancelled(ClipSegError):
     """The user cancelled the run. Exit code 5."""
 
     exit_code = 5
+
+
+class UnsupportedError(InputError, NotImplementedError):
+    """The engine lacks an optional step that was asked for (e.g. interactive refinement). Exit code 2."""

@@ -5,6 +5,10 @@ order ``SimpleITK.GetArrayFromImage`` returns), plus a ``Geometry``: spacing in 
 and a 3x3 direction matrix whose columns are the I, J, K axes. Geometry is stored in LPS (DICOM/ITK convention);
 Slicer's scene uses RAS, which differs by flipping x and y (``LPS_TO_RAS``). A 2D image is a volume with K = 1.
 
+Axis names, the same in every module: ``slice_axis`` is a voxel axis, 0 = I, 1 = J, 2 = K (what ``--axis`` takes);
+``array_axis`` is an axis of the ``[K, J, I]`` array, 0 = K, 1 = J, 2 = I (``array_axis_of``). Spacing is in mm
+along (I, J, K) (``Geometry.spacing``) unless a name says ``spacing_kji`` (array order, as phantoms give it).
+
 Reading: NIfTI, NRRD, MHA/MHD, a DICOM folder, PNG/JPEG/BMP/TIFF (colour screenshots become grey).
 Writing: ``.seg.nrrd`` through slicerio (one segment per prompt, Slicer-readable), or a label map (NIfTI, NRRD,
 MHA) through SimpleITK. Every write goes to a temporary file in the target folder and is renamed when complete.
@@ -37,6 +41,12 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 # Distinct segment colours (RGB in 0..1), in prompt order.
 SEGMENT_COLORS = [(0.90, 0.30, 0.25), (0.25, 0.70, 0.95), (0.95, 0.85, 0.20), (0.45, 0.85, 0.40),
                   (0.75, 0.45, 0.90), (0.95, 0.55, 0.15), (0.30, 0.90, 0.80), (0.95, 0.45, 0.70)]
+
+
+def array_axis_of(slice_axis: int) -> int:
+    """Voxel axis (0 = I, 1 = J, 2 = K) -> the ``[K,J,I]`` array's axis along it (0 = K, 1 = J, 2 = I); its own
+    inverse."""
+    return 2 - slice_axis
 
 
 @dataclass(frozen=True)

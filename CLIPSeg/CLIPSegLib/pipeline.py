@@ -1,28 +1,31 @@
 """The slice/volume pipeline: volume ``[K,J,I]`` + prompts -> one mask per prompt, with a presence decision.
 
-1. normalise the whole volume's intensity (``preprocessing.normalize_intensity``);
-2. cut it into slices along the chosen axis, resize each to the engine's input size, batch them;
-3. ``engine.predict`` -> mask probabilities resized back to the slice grid, and slice presence probabilities (text is
-   embedded once per run);
+It knows engines only through the contract (``engines.contract``): ``encode_prompts``, ``predict``, ``similarity``,
+``preprocessing``, ``default_batch_size`` and the spec's generic entries; it imports no engine module.
+
+1. ``engine.encode_prompts`` once per run: the prompts, the trained findings' phrasings (to match each prompt to the
+   finding whose calibrated rule judges it, by ``engine.similarity``) and so the rival phrasings too;
+2. normalise the whole volume's intensity and cut it into slices along the slice axis (a voxel axis, ``slice_axis``
+   0 = I, 1 = J, 2 = K; ``imageio``), each fitted to the engine's input (``engine.preprocessing``), in batches;
+3. ``engine.predict`` -> mask probabilities fitted back to the slice grid, and slice presence probabilities;
 4. per prompt, mask x gated slice presence (``apply_presence``), voxel-wise competition of mutually exclusive
    findings (``postprocess.suppress_exclusive``), then 3D post-processing and the found / not-found decision
-   (``postprocess.decide``) with the prompt's calibrated rule.
+   (``postprocess.decide``) with the prompt's calibrated rule; the result says how the prompt was read.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .clip_backbone import check_prompts
+from .checks import check_prompts
 from .domain import check_domain, domain_message, slice_features
 from .errors import DeviceError, InputError
-from .imageio import Geometry, check_volume
+from .imageio import Geometry, array_axis_of, check_volume
 from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, suppress_exclusive, with_rivals
-from .preprocessing import normalize_intensity, resize_slices
+from .preprocessing import INTENSITIES, fit_slices, unfit_slices
 from .progress import Progress
 
 AXES = ("auto", "0", "1", "2")
@@ -55,7 +58,7 @@ def choose_axis(shape_kji: tuple[int, int, int], geometry: Geometry, axis: str |
     if axis != "auto":
         return int(axis)
     for a in (2, 1, 0):
-        if shape_kji[2 - a] == 1:
+        if shape_kji[array_axis_of(a)] == 1:
             return a
     spacing = np.asarray(geometry.spacing)
     best = 2
@@ -80,7 +83,9 @@ def _miss(misses) -> str:
 class FindingResult:
     """Result for one prompt. mask: bool ``[K,J,I]``; info: see ``postprocess.decide`` plus ``rule`` (the trained
     finding whose calibrated rule judged it, or 'global'), ``rule_cosine`` (text similarity to that finding's
-    phrasings) and ``competes_with`` (rival findings that took voxels from it)."""
+    phrasings), ``competes_with`` (rival findings that took voxels from it) and how the engine read the prompt
+    (``engines.contract.PromptReading``): ``tokens``, ``truncated``, ``unseen_words``, ``interpreted_as`` and
+    ``prompt_warning`` (None, or what the user should know about the prompt)."""
 
     prompt: str
     mask: np.ndarray
@@ -96,15 +101,14 @@ class FindingResult:
         return self.info.get("status", "found" if self.found else "not found")
 
     def reading(self) -> str:
-        """How the prompt was read: which calibrated rule, and which findings compete with it."""
+        """How the prompt was read: what the model read of it, which calibrated rule, which findings compete."""
         rule = self.info.get("rule", "global")
         if rule == "global":
             text = "read with the model's global rule (no trained finding is close to this text)"
         else:
             text = f"read as the trained finding '{rule}' (text similarity {self.info.get('rule_cosine', 1):.2f})"
-        unseen = self.info.get("unseen_words") or []
-        if unseen:
-            text += "; words the model never saw in training: " + ", ".join(f"'{w}'" for w in unseen)
+        if self.info.get("interpreted_as"):
+            text = f"{self.info['interpreted_as']}, {text}"
         rivals = self.info.get("competes_with") or []
         if rivals:
             text += "; competes voxel by voxel with " + ", ".join(f"'{r}'" for r in rivals)
@@ -128,6 +132,8 @@ class FindingResult:
             head = (f"not found: {i['dropped_components']} candidate region(s) rejected by the model's rule: {why}; "
                     f"nearest miss: {_miss(i.get('closest_miss', []))}; the segment is empty")
         text = f"{self.prompt!r}: {head} [{self.reading()}]"
+        if i.get("prompt_warning"):
+            text += f" [warning: {i['prompt_warning']}]"
         if i.get("out_of_domain"):
             text += " [image outside the model's training domain: do not trust this result]"
         return text
@@ -135,7 +141,8 @@ class FindingResult:
     def event(self) -> dict:
         """The JSON-safe summary of this result (for ``--progress json`` and reports)."""
         keys = ("status", "found", "score", "mean", "components", "voxels", "dropped_components", "rejected",
-                "closest_miss", "rule", "rule_cosine", "competes_with", "unseen_words", "out_of_domain")
+                "closest_miss", "rule", "rule_cosine", "competes_with", "tokens", "truncated", "unseen_words",
+                "prompt_warning", "out_of_domain")
         return {"prompt": self.prompt, **{k: self.info.get(k) for k in keys}, "interpretation": self.reading()}
 
 
@@ -154,36 +161,38 @@ class SegmentationResult:
 
 def flip_average_of(engine) -> bool:
     """Whether the engine's model asks for left-right flip averaging (spec ``inference.flip_average``)."""
-    return bool(((getattr(engine, "spec", None) or {}).get("inference") or {}).get("flip_average", False))
+    return bool(((engine.spec or {}).get("inference") or {}).get("flip_average", False))
 
 
-def predict_maps(engine, volume: np.ndarray, prompts: list[str], slice_axis: int, batch_size: int | None = None,
+def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_size: int | None = None,
                  progress: Progress | None = None, cancel=None,
                  flip_average: bool | None = None, on_slices=None) -> tuple[np.ndarray, np.ndarray | None]:
     """volume ``[K,J,I]`` (raw intensities) -> (mask probabilities ``[P,K,J,I]``, slice presence probabilities
     ``[P,N]`` or None if the engine has no presence estimate), float32; N = slices along ``slice_axis``.
 
-    Slices along ``slice_axis`` (voxel axis 0=I, 1=J, 2=K) are resized to the engine's input size and predicted in
-    batches (``batch_size`` slices, default: the engine's for its device); constant slices (no signal) are skipped and
-    get probability 0. ``cancel()`` returning True stops. ``flip_average`` (default: the model's setting) also
-    predicts each slice mirrored left-right (a flip the models are trained with) and averages the two, mirrored back:
-    twice the compute, fewer stray responses to speckle. ``on_slices(x)`` is called with each batch of network input
-    ``[B,1,S,S]`` (e.g. to measure what the network sees, ``domain.slice_features``)."""
+    ``prompts``: P texts, or the engine's ``PromptState`` of them (``engine.encode_prompts``). The volume is
+    normalised as the engine's ``preprocessing.intensity`` says; slices along ``slice_axis`` (voxel axis 0=I, 1=J,
+    2=K) are fitted to its input size (``preprocessing.fit_slices``: padded or squashed) and predicted in batches
+    (``batch_size`` slices, default: the engine's for its device), the maps fitted back; constant slices (no signal)
+    are skipped and get probability 0. ``cancel()`` returning True stops. ``flip_average`` (default: the model's
+    setting) also predicts each slice mirrored left-right (a flip the models are trained with) and averages the two,
+    mirrored back: twice the compute, fewer stray responses to speckle. ``on_slices(x)`` is called with each batch of
+    network input ``[B,1,S,S]`` (e.g. to measure what the network sees, ``domain.slice_features``)."""
     progress = progress or Progress("none")
     flip_average = flip_average_of(engine) if flip_average is None else flip_average
     batch_size = engine.default_batch_size if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise InputError(f"batch size {batch_size} must be at least 1 (slices per forward pass)")
-    array_axis = 2 - slice_axis
-    norm = normalize_intensity(volume)
-    slices = norm.movedim(array_axis, 0)  # [N, a, b]
+    state = engine.encode_prompts(list(prompts)) if isinstance(prompts, (list, tuple)) else prompts
+    prep = engine.preprocessing
+    array_axis = array_axis_of(slice_axis)
+    slices = INTENSITIES[prep.intensity](volume).movedim(array_axis, 0)  # [N, a, b]
     n, a, b = slices.shape
-    probs = torch.zeros((len(prompts), n, a, b), dtype=torch.float32)
-    presence = torch.zeros((len(prompts), n), dtype=torch.float32)
+    probs = torch.zeros((len(state.prompts), n, a, b), dtype=torch.float32)
+    presence = torch.zeros((len(state.prompts), n), dtype=torch.float32)
     has_presence = False
     active = (slices.flatten(1).amax(1) - slices.flatten(1).amin(1)) > 1e-6
     todo = active.nonzero().flatten()
-    size = engine.input_size
     with torch.inference_mode():
         for start in range(0, len(todo), batch_size):
             if cancel is not None and cancel():
@@ -191,14 +200,14 @@ def predict_maps(engine, volume: np.ndarray, prompts: list[str], slice_axis: int
 
                 raise Cancelled("cancelled by the user; nothing was written")
             idx = todo[start:start + batch_size]
-            x = resize_slices(slices[idx][:, None], size)
+            x = fit_slices(slices[idx][:, None], prep.input_size, prep.fit)
             if on_slices is not None:
                 on_slices(x)
-            p, s = engine.predict(x, prompts)  # [B,P,S,S], [B,P] or None
+            p, s = engine.predict(x, state)  # [B,P,S,S], [B,P] or None
             if flip_average:
-                pf, sf = engine.predict(x.flip(-1), prompts)
+                pf, sf = engine.predict(x.flip(-1), state)
                 p, s = (p + pf.flip(-1)) / 2, None if s is None else (s + sf) / 2
-            probs[:, idx] = resize_slices(p.float().cpu(), (a, b)).clamp_(0, 1).transpose(0, 1)
+            probs[:, idx] = unfit_slices(p.float().cpu(), (a, b), prep.fit).clamp_(0, 1).transpose(0, 1)
             if s is not None:
                 has_presence = True
                 presence[:, idx] = s.float().cpu().t()
@@ -215,7 +224,7 @@ def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: in
     if presence is None or gate <= 0:
         return mask
     shape = [1, 1, 1]
-    shape[2 - slice_axis] = -1
+    shape[array_axis_of(slice_axis)] = -1
     return mask * np.minimum(presence / gate, 1.0).astype(np.float32).reshape(shape)
 
 
@@ -232,44 +241,40 @@ def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int
     return suppress_exclusive(masks, findings, exclusive, judges)
 
 
-def predict_probabilities(engine, volume: np.ndarray, prompts: list[str], slice_axis: int,
+def predict_probabilities(engine, volume: np.ndarray, prompts, slice_axis: int,
                           batch_size: int | None = None, progress: Progress | None = None, cancel=None) -> np.ndarray:
     """volume ``[K,J,I]`` -> probabilities ``[P,K,J,I]`` float32: ``predict_maps`` combined by ``apply_presence``
     at gate 1 (mask x slice presence), no competition between prompts."""
     probs, presence = predict_maps(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
-    return combine_maps(probs, presence, slice_axis, [1.0] * len(prompts), [None] * len(prompts), ())
+    return combine_maps(probs, presence, slice_axis, [1.0] * len(probs), [None] * len(probs), ())
 
 
-def presence_rule(engine, prompt: str, presence: dict) -> tuple[dict, str, float | None]:
-    """The found / not-found rule for ``prompt``: the calibrated rule of the trained finding whose phrasings are
-    closest in the engine's text embedding space (cosine >= ``match_min_cosine``), else the model's global rule.
-    Returns (rule, name of the finding used or 'global', best cosine or None when there is nothing to match)."""
+def finding_phrases(presence: dict) -> list[str]:
+    """Every phrasing of the model's trained findings (``presence.per_finding[*].phrases``), once each."""
     per = presence.get("per_finding") or {}
-    if not per or not hasattr(engine, "text_embeddings"):
-        return presence, "global", None
-    t = engine.text_embeddings([prompt])[0]
-    best, best_cos = "global", -1.0
-    for finding, rule in per.items():
-        cos = float((engine.text_embeddings(rule["phrases"]) @ t).max())
-        if cos > best_cos:
-            best, best_cos = finding, cos
-    if best_cos < presence.get("match_min_cosine", 1.0):
-        return presence, "global", best_cos
-    return per[best], best, best_cos
+    return list(dict.fromkeys(p for rule in per.values() for p in rule.get("phrases", [])))
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def unseen_words(prompt: str, engine) -> list[str]:
-    """Words of ``prompt`` that no training phrase of the engine's model holds (its spec's ``training.phrases`` and
-    ``presence.per_finding`` phrasings); [] when the spec lists no training phrases."""
-    spec = getattr(engine, "spec", {}) or {}
-    phrases = list((spec.get("training") or {}).get("phrases") or [])
-    phrases += [p for r in ((spec.get("presence") or {}).get("per_finding") or {}).values() for p in r.get("phrases", [])]
-    vocabulary = {w for p in phrases for w in _words(p)}
-    return [w for w in dict.fromkeys(_words(prompt)) if w not in vocabulary] if vocabulary else []
+def presence_rules(engine, asked, phrases, presence: dict) -> list[tuple[dict, str, float | None]]:
+    """The found / not-found rule for each prompt of ``asked`` (a ``PromptState``): the calibrated rule of the
+    trained finding whose phrasings (``phrases``: the state of ``finding_phrases``) are closest by
+    ``engine.similarity`` (cosine >= ``match_min_cosine``), else the model's global rule. One (rule, name of the
+    finding used or 'global', best cosine or None when there is nothing to match) per prompt."""
+    per = {f: r for f, r in (presence.get("per_finding") or {}).items() if r.get("phrases")}
+    if not per or phrases is None:
+        return [(presence, "global", None)] * len(asked.prompts)
+    cosine = engine.similarity(asked, phrases)  # [P, Q]
+    column = {p: j for j, p in enumerate(phrases.prompts)}
+    by_finding = {f: cosine[:, [column[p] for p in r["phrases"]]].amax(1) for f, r in per.items()}
+    rules = []
+    for i in range(len(asked.prompts)):
+        best, best_cos = "global", -1.0
+        for finding, cos in by_finding.items():
+            if float(cos[i]) > best_cos:
+                best, best_cos = finding, float(cos[i])
+        rules.append((presence, "global", best_cos) if best_cos < presence.get("match_min_cosine", 1.0)
+                     else (per[best], best, best_cos))
+    return rules
 
 
 def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list[str], axis: str | int = "auto",
@@ -284,12 +289,16 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     volume = check_volume(volume)
     progress = progress or Progress("none")
     slice_axis = choose_axis(volume.shape, geometry, axis)
-    model_presence = (getattr(engine, "spec", {}) or {}).get("presence", {})
+    spec = engine.spec or {}
+    model_presence = spec.get("presence") or {}
     per = model_presence.get("per_finding") or {}
     exclusive = model_presence.get("exclusive") or []
+    phrases = finding_phrases(model_presence)
+    state = engine.encode_prompts(prompts + phrases)  # the only encoding of the run: the rivals are phrasings
+    asked = state.take(prompts)
     rules = []
-    for prompt in prompts:
-        rule, rule_name, cosine = presence_rule(engine, prompt, model_presence)
+    for rule, rule_name, cosine in presence_rules(engine, asked, state.take(phrases) if phrases else None,
+                                                  model_presence):
         cfg = {k: v for k, v in {**rule, **(presence or {})}.items() if k in DEFAULT_PRESENCE or k == "uncertain_margin"}
         rules.append((cfg, rule_name, cosine))
     matched = [name if name != "global" else None for _, name, _ in rules]
@@ -298,20 +307,22 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     gates = [cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for cfg, _, _ in rules]
     gates += [per[g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for g in all_findings[len(prompts):]]
     seen = []
-    masks, slice_presence = predict_maps(engine, volume, all_prompts, slice_axis, batch_size, progress, cancel,
-                                         on_slices=lambda x: seen.append(slice_features(x)))
-    domain = (getattr(engine, "spec", {}) or {}).get("domain")
+    masks, slice_presence = predict_maps(engine, volume, state.take(all_prompts), slice_axis, batch_size, progress,
+                                         cancel, on_slices=lambda x: seen.append(slice_features(x)))
+    domain = spec.get("domain")
     features = {k: float(np.median(np.concatenate([f[k] for f in seen]))) for k in seen[0]} if seen else {}
     domain_warnings = check_domain(features, domain)
     combine_maps(masks, slice_presence, slice_axis, gates, all_findings, exclusive, judges)
     masks = masks[:len(prompts)]
     findings = []
     for i, (prompt, (cfg, rule_name, cosine)) in enumerate(zip(prompts, rules)):
-        mask, info = decide(masks[i], geometry.spacing, 2 - slice_axis, cfg)
+        mask, info = decide(masks[i], geometry.spacing, array_axis_of(slice_axis), cfg)
         info["rule"] = rule_name
         info["rule_cosine"] = None if cosine is None else round(cosine, 4)
         info["out_of_domain"] = bool(domain_warnings)
-        info["unseen_words"] = unseen_words(prompt, engine)
+        reading = asked.readings[i]
+        info.update(tokens=list(reading.tokens), truncated=reading.truncated, unseen_words=list(reading.unseen_words),
+                    interpreted_as=reading.interpretation(), prompt_warning=reading.warning())
         info["competes_with"] = sorted({all_findings[j] for j in judges
                                         if matched[i] is not None and all_findings[j] is not None
                                         and {matched[i], all_findings[j]} in [set(p) for p in exclusive]})

@@ -43,24 +43,25 @@ class Component:
     mean: float = 1.0
 
 
-def components(prob: np.ndarray, spacing, slice_axis: int, threshold: float):
-    """Label ``prob > threshold`` (``[K,J,I]``). spacing: mm along (I, J, K); slice_axis: array axis (0=K, 1=J, 2=I).
+def components(prob: np.ndarray, spacing, array_axis: int, threshold: float):
+    """Label ``prob > threshold`` (``[K,J,I]``); ``spacing`` mm along (I, J, K); slices along ``array_axis`` (0=K,
+    1=J, 2=I; axis names: ``imageio``).
 
     Returns (label array, list of Component)."""
     labels, n = ndimage.label(prob > threshold)
     if n == 0:
         return labels, []
     spacing_kji = np.asarray(spacing, float)[::-1]
-    pixel_area = float(np.prod(np.delete(spacing_kji, slice_axis)))
+    pixel_area = float(np.prod(np.delete(spacing_kji, array_axis)))
     out = []
     # per component inside its bounding box (ndimage.maximum with labels sorts the whole volume: ~0.7 s per prompt)
     for lab, box in enumerate(ndimage.find_objects(labels), start=1):
         sub = labels[box] == lab
         values = prob[box][sub]
         peak, nvox = values.max(), sub.sum()
-        per_slice = sub.sum(axis=tuple(a for a in range(3) if a != slice_axis))
+        per_slice = sub.sum(axis=tuple(a for a in range(3) if a != array_axis))
         n_slices = int((per_slice > 0).sum())
-        out.append(Component(int(lab), int(nvox), float(peak), n_slices, n_slices * float(spacing_kji[slice_axis]),
+        out.append(Component(int(lab), int(nvox), float(peak), n_slices, n_slices * float(spacing_kji[array_axis]),
                              float(per_slice.max() * pixel_area), float(values.mean())))
     return labels, out
 
@@ -139,9 +140,9 @@ def with_rivals(prompts: list[str], findings: list, canonical: dict, exclusive) 
     return prompts, findings, judges
 
 
-def volume_extent_mm(shape, spacing, slice_axis: int) -> float:
-    """Extent of a ``[K,J,I]`` array along array axis ``slice_axis`` in mm; spacing in mm along (I, J, K)."""
-    return shape[slice_axis] * float(np.asarray(spacing, float)[::-1][slice_axis])
+def volume_extent_mm(shape, spacing, array_axis: int) -> float:
+    """Extent in mm of a ``[K,J,I]`` array along ``array_axis`` (0=K, 1=J, 2=I); ``spacing`` mm along (I, J, K)."""
+    return shape[array_axis] * float(np.asarray(spacing, float)[::-1][array_axis])
 
 
 def fill_holes(mask: np.ndarray) -> None:
@@ -176,8 +177,9 @@ def narrowly_failed(failures, margin: dict, slice_mm: float) -> bool:
     return bool(failures)
 
 
-def decide(prob: np.ndarray, spacing, slice_axis: int, cfg: dict | None = None) -> tuple[np.ndarray, dict]:
-    """Probability ``[K,J,I]`` -> (bool mask ``[K,J,I]``, info).
+def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Probability ``[K,J,I]``, ``spacing`` mm along (I, J, K), slices along ``array_axis`` (0=K, 1=J, 2=I) ->
+    (bool mask ``[K,J,I]``, info).
 
     info: ``status`` 'found' (components pass the rule), 'uncertain' (none passes, but some miss it only narrowly,
     ``UNCERTAIN_MARGIN``: they are kept in the mask so the user can judge) or 'not found' (empty mask); ``found``
@@ -187,9 +189,9 @@ def decide(prob: np.ndarray, spacing, slice_axis: int, cfg: dict | None = None) 
     nearest to passing, [(rule key, value, required)], and ``threshold``."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     margin = {**UNCERTAIN_MARGIN, **(cfg.get("uncertain_margin") or {})}
-    labels, comps = components(prob, spacing, slice_axis, cfg["threshold"])
-    extent = volume_extent_mm(prob.shape, spacing, slice_axis)
-    slice_mm = float(np.asarray(spacing, float)[::-1][slice_axis])
+    labels, comps = components(prob, spacing, array_axis, cfg["threshold"])
+    extent = volume_extent_mm(prob.shape, spacing, array_axis)
+    slice_mm = float(np.asarray(spacing, float)[::-1][array_axis])
     failures = {c.label: failed_criteria(c, cfg, extent) for c in comps}
     kept = [c for c in comps if not failures[c.label]]
     status = "found" if kept else "not found"

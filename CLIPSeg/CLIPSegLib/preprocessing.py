@@ -2,6 +2,8 @@
 
 Normalisation is per image (a 2D image or a whole volume): the 1st..99.5th intensity percentiles map to [0, 1],
 clipped (MONAI ``ScaleIntensityRangePercentiles``). Resizing is bilinear with antialiasing, in voxel units.
+An engine's ``Preprocessing`` (``engines.contract``) names its normalisation (``INTENSITIES``) and how a slice of
+any H x W becomes its S x S input (``FITS``): ``fit_slices`` there, ``unfit_slices`` back.
 """
 
 from __future__ import annotations
@@ -32,3 +34,33 @@ def resize_slices(slices: torch.Tensor, size: int | tuple[int, int]) -> torch.Te
         return slices
     shrink = size[0] < slices.shape[-2] or size[1] < slices.shape[-1]
     return F.interpolate(slices, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+INTENSITIES = {"percentile": normalize_intensity}  # name in a Preprocessing -> per-image normalisation
+# How a H x W slice becomes S x S: "pad" centres it on an m x m black square (m = max(H, W)) then resizes, keeping its
+# aspect ratio; "squash" resizes H and W independently (what models trained on resized slices saw).
+FITS = ("pad", "squash")
+
+
+def _pad_box(shape: tuple[int, int]) -> tuple[int, int, int]:
+    """(m, top, left): the square side and the slice's offset in it, for ``fit="pad"``."""
+    h, w = shape
+    m = max(h, w)
+    return m, (m - h) // 2, (m - w) // 2
+
+
+def fit_slices(slices: torch.Tensor, size: int, fit: str) -> torch.Tensor:
+    """``[B,C,H,W]`` -> ``[B,C,size,size]`` by ``fit`` (``FITS``); padding is 0 (black after normalisation)."""
+    if fit == "pad":
+        h, w = slices.shape[-2:]
+        m, top, left = _pad_box((h, w))
+        slices = F.pad(slices, (left, m - w - left, top, m - h - top), value=0.0)
+    return resize_slices(slices, size)
+
+
+def unfit_slices(maps: torch.Tensor, shape: tuple[int, int], fit: str) -> torch.Tensor:
+    """The inverse of ``fit_slices``: ``[B,C,S,S]`` -> ``[B,C,H,W]`` for a slice of ``shape`` (H, W) voxels."""
+    if fit != "pad":
+        return resize_slices(maps, shape)
+    m, top, left = _pad_box(shape)
+    return resize_slices(maps, m)[..., top:top + shape[0], left:left + shape[1]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .clip_backbone import check_prompts
+from .checks import check_prompts
 from .errors import InputError
 from .imageio import (atomic_paths, check_output_path, is_picture, output_files, parse_spacing, read_image,
                       write_probabilities, write_segmentation)
@@ -21,7 +21,7 @@ def load_engine(model: str | None = None, engine: str | None = None, device: str
     """Model id or spec path + engine name + device name + precision (fp32|bf16) -> a ready engine (weights
     verified). bf16 on a CPU without native bf16 arithmetic runs in fp32 instead, said through ``notify(text)``."""
     from .engines import check_engine, create_engine
-    from .engines.base import check_precision, native_bf16
+    from .engines.contract import check_precision, native_bf16
     from .models import load_spec
 
     if engine:

@@ -264,7 +264,7 @@ def check_output_free(out_dir: Path, model_id: str, force: bool = False) -> None
 
 def training_phrases(data_csv: Path | None = None) -> list[str]:
     """Every phrase the recipe trains on (phantom phrasings, normal-tissue phrases, a CSV's phrases): the model's
-    vocabulary, recorded in its spec so a prompt's unseen words can be named (``pipeline.unseen_words``)."""
+    vocabulary, recorded in its spec so a prompt's unseen words can be named (``engines.contract.unseen_words``)."""
     import csv
 
     phrases = {p for ps in PHRASES.values() for p in ps} | set(NORMAL_PHRASES)

@@ -1,6 +1,7 @@
-"""Engine registry: engine id -> builder taking a model spec and a device.
+"""Engine registry: engine id -> builder ``(spec, device, precision) -> Engine`` (``engines.contract``).
 
-``create_engine(spec, device)`` is the only way the pipeline gets an engine.
+``create_engine(spec, device)`` is the only way the pipeline gets an engine. Adding an engine: its own module with an
+``Engine`` subclass, and one entry here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import difflib
 import torch
 
 from ..errors import InputError
-from .base import Engine
+from .contract import Engine, Preprocessing, PromptReading, PromptState
 
 
 def _cliptnseg(spec, device, precision):
@@ -32,7 +33,7 @@ def check_engine(name: str) -> str:
 
 def create_engine(spec: dict, device: torch.device, engine: str | None = None, precision: str = "fp32") -> Engine:
     """Build the engine named by ``engine`` (default: the spec's) with the spec's verified weights; ``precision``
-    fp32 or bf16 (see ``engines.base.PRECISIONS``; checked by ``Engine``)."""
+    fp32 or bf16 (``checks.PRECISIONS``; checked by ``Engine``)."""
     name = check_engine(engine or spec["engine"])
     if spec["engine"] != name:
         raise InputError(f"model {spec['id']!r} is for engine {spec['engine']!r}, not {name!r}; "
@@ -40,4 +41,4 @@ def create_engine(spec: dict, device: torch.device, engine: str | None = None, p
     return ENGINES[name](spec, device, precision)
 
 
-__all__ = ["Engine", "ENGINES", "create_engine", "check_engine"]
+__all__ = ["Engine", "Preprocessing", "PromptReading", "PromptState", "ENGINES", "create_engine", "check_engine"]

@@ -1,25 +1,26 @@
-"""CLIP-TNseg behind the Engine interface: load a verified model spec, cache text embeddings, predict."""
+"""CLIP-TNseg behind the engine contract (``engines.contract``): load a verified model spec, encode prompts with the
+model's own CLIP text tower (once each), predict mask and slice presence probabilities."""
 
 from __future__ import annotations
 
 import torch
 
-from ..clip_backbone import tokenize
+from ..clip_backbone import read_prompt, tokenize
 from ..errors import ModelError
 from ..models import load_weights
-from .base import Engine
 from .cliptnseg import CLIPTNSegNet, build_network
+from .contract import Engine, Preprocessing, PromptReading, PromptState
 
 
 class CLIPTNSegEngine(Engine):
     name = "cliptnseg"
 
     def __init__(self, net: CLIPTNSegNet, device: torch.device, spec: dict | None = None, precision: str = "fp32"):
-        super().__init__(device, precision)
-        self.net = net.to(device).eval()
-        self.spec = spec or {}
-        self.input_size = net.input_size
-        self._text_cache: dict[str, torch.Tensor] = {}
+        spec = spec or {}
+        # The models were trained on slices resized to S x S whatever their aspect (datasets.raw_phantom_slice,
+        # FolderTriples): they are run the same way unless their spec says otherwise.
+        super().__init__(spec, device, precision, Preprocessing.from_spec(spec, net.input_size, fit="squash"))
+        self.net = net.to(self.device).eval()
 
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "CLIPTNSegEngine":
@@ -31,18 +32,17 @@ class CLIPTNSegEngine(Engine):
                              f"unexpected {unexpected[:3]}); the spec and weights come from different exports")
         return cls(net, device, spec, precision)
 
-    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        """``[P,D]`` L2-normalised CLIP text embeddings; each prompt is encoded once per engine."""
-        todo = [p for p in prompts if p not in self._text_cache]
-        if todo:
-            tokens = tokenize(todo, self.net.clip.context_length).to(self.device)
-            for p, e in zip(todo, self.net.encode_text(tokens)):
-                self._text_cache[p] = e
-        return torch.stack([self._text_cache[p] for p in prompts])
+    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[PromptReading]]:
+        """``[N,D]`` L2-normalised CLIP text embeddings, and how the tokenizer read each text (the embedded model's
+        text tower holds 16 tokens: a longer prompt is cut, and said to be)."""
+        context = self.net.clip.context_length
+        readings = []
+        for text in texts:
+            tokens, read_as, truncated = read_prompt(text, context)
+            readings.append(PromptReading(text, tokens, truncated, read_as))
+        return self.net.encode_text(tokenize(texts, context).to(self.device)), readings
 
-    @torch.inference_mode()
-    def predict(self, images: torch.Tensor, prompts: list[str]):
-        text = self.text_embeddings(prompts)
+    def infer(self, slices: torch.Tensor, state: PromptState):
         with self.autocast():
-            mask, presence = self.net(images.to(self.device, torch.float32), text)
+            mask, presence = self.net(slices.to(self.device, torch.float32), state.embeddings)
         return torch.sigmoid(mask.float()), None if presence is None else torch.sigmoid(presence.float())

@@ -1,0 +1,266 @@
+"""The engine contract: all the pipeline (``pipeline.py``) and the calibration ask of a segmentation engine.
+
+An engine is built from a model spec by ``engines.create_engine`` and offers:
+
+- ``spec``: the model spec (dict). Its generic entries, read by the pipeline whatever the engine: ``presence`` (the
+  calibrated found / not-found rules, each trained finding's ``phrases``, the ``exclusive`` pairs: ``postprocess``),
+  ``inference`` (``flip_average``: ``pipeline.predict_maps``), ``domain`` (``domain.check_domain``),
+  ``training.phrases`` (with the findings' phrases, the words a prompt is checked against: ``unseen_words``) and
+  ``preprocessing`` (``fit`` / ``intensity`` overriding the engine's defaults: ``Preprocessing.from_spec``).
+- ``device``, ``precision`` (``checks.PRECISIONS``), ``default_batch_size`` (slices per ``predict`` call).
+- ``preprocessing``: ``Preprocessing``, how the pipeline turns a volume's slices into the engine's input.
+- ``encode_prompts(texts) -> PromptState``: each text embedded once per engine (cached) and read back: tokens kept,
+  truncation, words no training phrase holds.
+- ``predict(slices [B,1,S,S] float32 in [0,1], state) -> (probabilities [B,P,S,S], presence [B,P] or None)``, float32
+  on ``device``; P = the state's prompts, S = ``preprocessing.input_size``. Presence is the probability that the
+  finding is in the slice at all; None when the engine has no such estimate.
+- ``similarity(a, b) -> [Pa,Pb]``: cosine of two states' prompts (a prompt is matched to a trained finding by it).
+- optional, when ``supports_refine``: ``embed(slices)`` (an image embedding reused across prompts) and
+  ``refine(embedding, points, boxes)`` (interactive correction after a text result); otherwise both raise
+  ``errors.UnsupportedError`` naming the engine.
+
+A new engine is its own module: a subclass implementing ``encode_texts`` and ``infer`` whose ``__init__(spec, device,
+precision)`` passes its ``Preprocessing`` here, plus one line registering its builder in ``engines.ENGINES``
+(``Testing/test_engine_contract.py`` shows one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import PRECISIONS, check_precision  # noqa: F401  (one list, torch-free)
+from ..errors import InputError, ModelError, UnsupportedError
+from ..preprocessing import FITS, INTENSITIES
+
+# Slices per forward pass when the caller gives none. On CPU small batches are faster per slice (the full-resolution
+# head is memory-bound; see benchmarks/latency.py's batch sweep: 4 is best at 128 px, 1 at 352 px), so the CPU batch
+# holds about CPU_BATCH_PIXELS input pixels; a GPU wants larger ones.
+CPU_BATCH_PIXELS = 4 * 128 * 128
+CUDA_BATCH_SIZE = 16
+# fp32: exact. bf16: autocast matrix products and convolutions to bfloat16 (1.8x faster at paper size on a CPU with
+# AVX-512 BF16, masks within Dice 0.986 of fp32 on held-out phantoms; benchmarks/RESULTS.md).
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the pipeline prepares an engine's input: ``intensity`` (``preprocessing.INTENSITIES``, applied to the
+    whole volume), then each H x W slice made ``input_size`` x ``input_size`` pixels by ``fit``
+    (``preprocessing.FITS``: "pad" keeps the aspect ratio, "squash" does not; the maps come back the same way)."""
+
+    input_size: int
+    fit: str = "pad"
+    intensity: str = "percentile"
+
+    def __post_init__(self):
+        fix = "set the model spec's preprocessing entry to one of them"
+        if self.fit not in FITS:
+            raise ModelError(f"preprocessing fit {self.fit!r} is not one of {', '.join(FITS)}; {fix}")
+        if self.intensity not in INTENSITIES:
+            raise ModelError(f"preprocessing intensity {self.intensity!r} is not one of {', '.join(INTENSITIES)}; "
+                             f"{fix}")
+        if not isinstance(self.input_size, int) or self.input_size < 1:
+            raise ModelError(f"input size {self.input_size!r} must be a positive number of pixels")
+
+    @classmethod
+    def from_spec(cls, spec: dict, input_size: int, fit: str = "pad", intensity: str = "percentile"):
+        """The engine's defaults, overridden by the spec's ``preprocessing`` entry (``fit``, ``intensity``)."""
+        given = (spec or {}).get("preprocessing") or {}
+        unknown = sorted(set(given) - {"fit", "intensity"}) if isinstance(given, dict) else [given]
+        if unknown:
+            raise ModelError(f"model {(spec or {}).get('id')!r}: preprocessing {unknown!r} is not understood; the "
+                             f"entry is an object that may hold fit ({' or '.join(FITS)}) and intensity "
+                             f"({', '.join(INTENSITIES)})")
+        return cls(int(input_size), given.get("fit", fit), given.get("intensity", intensity))
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def training_vocabulary(spec: dict) -> set[str]:
+    """The words of every phrase a model was trained or calibrated with: its spec's ``training.phrases`` and
+    ``presence.per_finding[*].phrases`` (empty when the spec lists none)."""
+    spec = spec or {}
+    phrases = list((spec.get("training") or {}).get("phrases") or [])
+    per = (spec.get("presence") or {}).get("per_finding") or {}
+    phrases += [p for rule in per.values() for p in rule.get("phrases", [])]
+    return {w for p in phrases for w in _words(p)}
+
+
+def unseen_words(text: str, vocabulary: set[str]) -> list[str]:
+    """Words of ``text`` (lower case, in order, once each) not in ``vocabulary``; [] when the vocabulary is empty
+    (nothing to judge by)."""
+    return [w for w in dict.fromkeys(_words(text)) if w not in vocabulary] if vocabulary else []
+
+
+@dataclass(frozen=True)
+class PromptReading:
+    """How an engine read one prompt: the ``tokens`` it kept (token strings, e.g. BPE pieces), the text they spell
+    (``read_as``; None: the text as given), whether the prompt was ``truncated`` (longer than the engine reads), and
+    the ``unseen_words`` no training phrase of the model holds."""
+
+    text: str
+    tokens: tuple[str, ...] = ()
+    truncated: bool = False
+    read_as: str | None = None
+    unseen_words: tuple[str, ...] = ()
+
+    def interpretation(self) -> str:
+        """'interpreted as '...' (N tokens)': what the model actually read."""
+        read = self.text if self.read_as is None else self.read_as
+        count = f" ({len(self.tokens)} tokens{', cut' if self.truncated else ''})" if self.tokens else ""
+        return f"interpreted as '{read}'{count}"
+
+    def warning(self) -> str | None:
+        """None, or what the user should know: words the model never saw in training, a prompt cut short."""
+        parts = []
+        if self.unseen_words:
+            parts.append("words the model never saw in training: " + ", ".join(f"'{w}'" for w in self.unseen_words)
+                         + " (the result leans on the words it knows; prefer the phrasing of a trained finding)")
+        if self.truncated:
+            read = self.text if self.read_as is None else self.read_as
+            parts.append(f"the prompt is longer than the model reads and was cut after {len(self.tokens)} tokens: "
+                         f"only '{read}' was read; shorten it")
+        return "; ".join(parts) or None
+
+
+@dataclass
+class PromptState:
+    """Prompts encoded by one engine: ``prompts`` (P texts), ``embeddings`` (``[P,D]`` on the engine's device, or None
+    for an engine without text embeddings) and ``readings`` (one ``PromptReading`` each)."""
+
+    prompts: list[str]
+    embeddings: torch.Tensor | None
+    readings: list[PromptReading] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, prompts: list[str]) -> "PromptState":
+        """The state of ``prompts`` (each one of this state's), in that order; nothing is encoded again."""
+        index = {}
+        for i, p in enumerate(self.prompts):
+            index.setdefault(p, i)
+        missing = [p for p in prompts if p not in index]
+        if missing:
+            raise InputError(f"prompts {missing} are not in this prompt state; encode them with "
+                             f"engine.encode_prompts first")
+        rows = [index[p] for p in prompts]
+        emb = None if self.embeddings is None else self.embeddings[rows]
+        return PromptState(list(prompts), emb, [self.readings[i] for i in rows])
+
+
+def _check_texts(texts) -> list[str]:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise InputError("no prompt to encode: give at least one finding, e.g. \"thyroid nodule\"")
+    for t in texts:
+        if not isinstance(t, str) or not t.strip():
+            raise InputError(f"prompt {t!r} is empty or not text: each prompt must name a finding, e.g. \"cyst\"")
+    return texts
+
+
+class Engine(ABC):
+    """Base of every engine (see the module docstring). Subclasses implement ``encode_texts`` and ``infer``."""
+
+    name: str = ""  # the registry key (engines.ENGINES)
+    supports_refine: bool = False  # True: embed and refine are implemented
+
+    def __init__(self, spec: dict | None, device: torch.device | str, precision: str, preprocessing: Preprocessing):
+        self.spec = spec if spec is not None else {}
+        self.device = torch.device(device)
+        self.precision = check_precision(precision)
+        self.preprocessing = preprocessing
+        self._encoded: dict[str, tuple[torch.Tensor | None, PromptReading]] = {}
+
+    @property
+    def default_batch_size(self) -> int:
+        if self.device.type == "cuda":
+            return CUDA_BATCH_SIZE
+        return max(1, round(CPU_BATCH_PIXELS / self.preprocessing.input_size ** 2))
+
+    def autocast(self):
+        """Context for the forward pass: bf16 autocast on the engine's device, or nothing for fp32."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode_prompts(self, texts: list[str]) -> PromptState:
+        """Prompts (P texts, repeats allowed) -> their ``PromptState``. A text is encoded once per engine (later calls
+        reuse it); unseen words are judged against the spec's current training phrases."""
+        texts = _check_texts(texts)
+        new = [t for t in dict.fromkeys(texts) if t not in self._encoded]
+        if new:
+            embeddings, readings = self.encode_texts(new)
+            for i, (text, reading) in enumerate(zip(new, readings)):
+                self._encoded[text] = (None if embeddings is None else embeddings[i], reading)
+        vocabulary = training_vocabulary(self.spec)
+        encoded = [self._encoded[t] for t in texts]
+        readings = [replace(r, unseen_words=tuple(unseen_words(r.text, vocabulary))) for _, r in encoded]
+        embeddings = None if any(e is None for e, _ in encoded) else torch.stack([e for e, _ in encoded])
+        return PromptState(texts, embeddings, readings)
+
+    @abstractmethod
+    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor | None, list[PromptReading]]:
+        """Distinct new texts (N) -> (embeddings ``[N,D]`` on ``device`` or None, one ``PromptReading`` each, its
+        ``unseen_words`` left empty). Called by ``encode_prompts``; call that instead."""
+
+    def predict(self, slices: torch.Tensor, state: PromptState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """slices ``[B,1,S,S]`` float in [0,1] (any device), ``state`` from ``encode_prompts`` -> (probabilities
+        ``[B,P,S,S]``, presence ``[B,P]`` or None), float32 on ``device``, without gradients."""
+        if not isinstance(state, PromptState):
+            raise InputError(f"predict takes the PromptState that encode_prompts returns, not a "
+                             f"{type(state).__name__}; call engine.encode_prompts(texts) once and pass its result")
+        s = self.preprocessing.input_size
+        if slices.ndim != 4 or slices.shape[1] != 1 or tuple(slices.shape[-2:]) != (s, s):
+            raise InputError(f"{self.name} takes slices [B,1,{s},{s}], got {list(slices.shape)}; fit them with "
+                             f"preprocessing.fit_slices (the pipeline does)")
+        with torch.inference_mode():
+            return self.infer(slices, state)
+
+    @abstractmethod
+    def infer(self, slices: torch.Tensor, state: PromptState) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``predict`` once its input is checked (same arguments and results; runs in inference mode)."""
+
+    def similarity(self, a: PromptState, b: PromptState) -> torch.Tensor:
+        """Cosine similarity ``[Pa,Pb]`` (float32, CPU) of two states' prompts, from their embeddings; an engine
+        without embeddings has 1 for the same text (case and spacing aside) and 0 otherwise."""
+        if a.embeddings is None or b.embeddings is None:
+            same = [[float(_words(p) == _words(q)) for q in b.prompts] for p in a.prompts]
+            return torch.tensor(same, dtype=torch.float32).reshape(len(a), len(b))
+        ea = F.normalize(a.embeddings.float(), dim=-1)
+        eb = F.normalize(b.embeddings.float(), dim=-1)
+        return (ea @ eb.T).cpu()
+
+    def _unsupported(self, step: str) -> UnsupportedError:
+        why = ("declares supports_refine but does not implement it" if self.supports_refine
+               else "segments from text only; supports_refine is False")
+        return UnsupportedError(f"engine {self.name!r} has no {step} step (it {why}): correct its mask by hand, "
+                                f"e.g. in Slicer's Segment Editor, or use an engine that supports refinement with "
+                                f"points and boxes")
+
+    def embed(self, slices: torch.Tensor):
+        """Optional: slices ``[B,1,S,S]`` -> an image embedding reused across prompts and by ``refine``."""
+        raise self._unsupported("image-embedding")
+
+    def refine(self, embedding, points=None, boxes=None):
+        """Optional: an ``embed`` result + points ``[N,2]`` / boxes ``[N,4]`` (input pixels) -> refined
+        probabilities."""
+        raise self._unsupported("interactive refinement")
+
+
+def native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bf16 natively (x86 flags ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``); None when
+    it cannot be told (no ``/proc/cpuinfo``, e.g. macOS or Windows)."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {w for line in f if line.lower().startswith(("flags", "features")) for w in line.split()}
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
