@@ -54,3 +54,45 @@ def test_a_large_half_believed_component_is_dropped_by_its_mean_probability():
     assert rule["calibration"]["absent_empty_rate"] == 1.0 and rule["calibration"]["mean_dice"]["cyst"] == 1.0
     empty, _ = evaluate_rule(cases, {**rule, "min_mean": 0.0})
     assert empty == 0.5  # without the mean test the false cyst stays
+
+
+def test_a_phrase_outside_the_phantom_findings_trains_and_calibrates(tmp_path):
+    """A user's own phrase ('bright disc'), from a CSV table: the segmenter trains on it and the calibration makes it
+    a rule of its own, with no phantom finding involved."""
+    import numpy as np
+    import torch
+
+    from CLIPSegLib.calibration import calibrate_presence
+    from CLIPSegLib.datasets import FolderTriples
+    from CLIPSegLib.engines.cliptnseg import build_network
+    from CLIPSegLib.imageio import Geometry, write_volume
+    from CLIPSegLib.training import train_segmenter
+
+    from conftest import TINY_SPEC
+
+    rng = np.random.default_rng(0)
+    rows = ["image,mask,phrase"]
+    for n in range(6):
+        image = rng.normal(100, 5, (2, 32, 32)).astype(np.float32)
+        mask = np.zeros(image.shape, np.uint8)
+        if n % 3:  # every third image has no disc: the phrase is absent there
+            yy, xx = np.mgrid[0:32, 0:32]
+            disc = (yy - 8 - 2 * n) ** 2 + (xx - 12) ** 2 < 30
+            image[:, disc] = 200
+            mask[:, disc] = 1
+        geometry = Geometry.axis_aligned((2.0, 1.0, 1.0))
+        write_volume(tmp_path / f"i{n}.nrrd", image, geometry)
+        write_volume(tmp_path / f"m{n}.nrrd", mask, geometry)
+        rows.append(f"i{n}.nrrd,m{n}.nrrd,bright disc")
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    torch.manual_seed(0)
+    net = build_network(TINY_SPEC)
+    losses = train_segmenter(net, FolderTriples(tmp_path / "table.csv", 32), steps=3, ckpt=tmp_path / "s.pt",
+                             batch_size=4)
+    assert len(losses) == 3
+    rule = calibrate_presence(net, table_csv=tmp_path / "table.csv")
+    assert list(rule["per_finding"]) == ["bright disc"]
+    disc = rule["per_finding"]["bright disc"]
+    assert disc["phrases"] == ["bright disc"] and {"min_peak", "min_mean", "min_area_mm2"} <= set(disc)
+    assert rule["calibration"]["volumes"] == 6 and rule["exclusive"] == []
+    assert 0.0 <= disc["calibration"]["absent_empty_rate"] <= 1.0

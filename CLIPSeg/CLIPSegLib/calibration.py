@@ -1,4 +1,5 @@
-"""Calibrate the found / not-found rule (``postprocess``) on phantom volumes the model was not trained on.
+"""Calibrate the found / not-found rule (``postprocess``) on labelled volumes the model was not trained on: phantom
+volumes (``phantom_cases``) or a user's own labelled images (``data_cases``, phrases taken from the data).
 
 Seeds come from ``CALIBRATION_SEED_BASE`` (training uses ``TRAIN_SEED_BASE``, evaluation its own seeds). For every
 volume and finding, the mask and slice presence maps are predicted once and, for each candidate slice gate
@@ -11,11 +12,13 @@ with its Dice.
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
+from .errors import InputError
 from .imageio import array_axis_of
 from .phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
 from .pipeline import combine_maps, predict_maps
@@ -28,40 +31,91 @@ MEAN_GRID = (0.0, 0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95)  # candidate min
 SLICE_AXIS = 2  # phantoms are sliced along K, as they are acquired
 
 
-def collect_cases(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, progress: Progress | None = None,
-                  gates=SLICE_GATES, exclusive=EXCLUSIVE, flip_average: bool | None = None) -> dict:
-    """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
-    axis in mm)}, one entry per volume x finding for each gate (engines without slice presence: gate 1.0 only).
+@dataclass
+class CalibrationCase:
+    """One labelled volume for calibration. image: ``[K,J,I]`` raw intensities; spacing: mm along (I, J, K);
+    truths: finding -> bool ``[K,J,I]`` for every finding asked of this volume (all False: the finding is absent);
+    prompts: finding -> the phrase asked for it."""
 
-    The engine is used through its contract (``engines.contract``: ``encode_prompts``, then ``predict`` via
-    ``pipeline.predict_maps``), slicing along K. The maps are gated and compete as in the pipeline
-    (``pipeline.combine_maps`` over ``exclusive`` pairs, against each rival finding's first phrasing:
-    ``postprocess.with_rivals``); ``flip_average`` as in ``pipeline.predict_maps`` (default: the engine's model
-    setting)."""
-    progress = progress or Progress("none")
+    image: np.ndarray
+    spacing: tuple
+    truths: dict
+    prompts: dict
+
+
+def phantom_cases(n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE):
+    """``n_volumes`` phantom volumes (seeds from ``seed_base``), each asked every finding in a random phrasing."""
     rng = np.random.default_rng(seed_base)
-    cases: dict[float, list] = {}
     for v in range(n_volumes):
         ph = random_volume_phantom(seed_base + v)
-        prompts, findings, judges = with_rivals([str(rng.choice(PHRASES[f])) for f in FINDINGS], list(FINDINGS),
-                                                {f: PHRASES[f][0] for f in FINDINGS}, exclusive)
+        yield CalibrationCase(ph.image, tuple(ph.spacing[::-1]),
+                              {f: ph.masks.get(f, np.zeros(ph.image.shape, bool)) for f in FINDINGS},
+                              {f: str(rng.choice(PHRASES[f])) for f in FINDINGS})
+
+
+def data_cases(table_csv):
+    """A user's labelled images (a CSV ``image,mask,phrase``, as for training) as calibration cases: each phrase is a
+    finding of its own, asked as written; an image's mask that is empty says the finding is absent there. Returns
+    (cases, phrasings: finding -> [phrase])."""
+    import csv
+    from pathlib import Path
+
+    from .imageio import check_same_grid, read_image
+
+    table_csv = Path(table_csv)
+    with open(table_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"image", "mask", "phrase"} <= set(rows[0]):
+        raise InputError(f"{table_csv} must have a header row with columns image,mask,phrase and at least one row")
+    by_image: dict[str, list] = {}
+    for r in rows:
+        by_image.setdefault(r["image"], []).append(r)
+    cases = []
+    for image_name, image_rows in by_image.items():
+        image, geometry = read_image(table_csv.parent / image_name)
+        truths, prompts = {}, {}
+        for r in image_rows:
+            mask, mask_geometry = read_image(table_csv.parent / r["mask"])
+            check_same_grid(mask, mask_geometry, image, geometry, r["mask"], image_name)
+            phrase = " ".join(r["phrase"].split())
+            truths[phrase], prompts[phrase] = mask > 0, phrase
+        cases.append(CalibrationCase(image, geometry.spacing, truths, prompts))
+    phrasings = {p: [p] for c in cases for p in c.prompts}
+    return cases, phrasings
+
+
+def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = None, gates=SLICE_GATES,
+                  exclusive=(), flip_average: bool | None = None, total: int | None = None) -> dict:
+    """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
+    axis in mm)}, one entry per case x finding for each gate (engines without slice presence: gate 1.0 only).
+
+    ``cases``: ``CalibrationCase`` s (``phantom_cases``, ``data_cases``); ``phrasings``: finding -> its phrasings, the
+    first standing for the finding when it is a rival. The engine is used through its contract
+    (``engines.contract``: ``encode_prompts``, then ``predict`` via ``pipeline.predict_maps``), slicing along K. The
+    maps are gated and compete as in the pipeline (``pipeline.combine_maps`` over ``exclusive`` pairs, against each
+    rival finding's first phrasing: ``postprocess.with_rivals``); ``flip_average`` as in ``pipeline.predict_maps``
+    (default: the engine's model setting)."""
+    progress = progress or Progress("none")
+    out: dict[float, list] = {}
+    array_axis = array_axis_of(SLICE_AXIS)
+    for v, case in enumerate(cases):
+        asked = list(case.prompts)
+        prompts, findings, judges = with_rivals([case.prompts[f] for f in asked], asked,
+                                                {f: p[0] for f, p in phrasings.items()}, exclusive)
         state = engine.encode_prompts(prompts)
-        masks, presence = predict_maps(engine, ph.image, state, slice_axis=SLICE_AXIS, flip_average=flip_average)
-        spacing_ijk = ph.spacing[::-1]
-        array_axis = array_axis_of(SLICE_AXIS)
-        extent = volume_extent_mm(masks.shape[1:], spacing_ijk, array_axis)
+        masks, presence = predict_maps(engine, case.image, state, slice_axis=SLICE_AXIS, flip_average=flip_average)
+        extent = volume_extent_mm(masks.shape[1:], case.spacing, array_axis)
         for gate in (gates if presence is not None else (1.0,)):
             gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
                                  judges)
-            for i, f in enumerate(FINDINGS):
-                prob = gated[i]
-                truth = ph.masks.get(f, np.zeros(prob.shape, bool))
-                labels, comps = components(prob, spacing_ijk, array_axis, DEFAULT_PRESENCE["threshold"])
+            for i, f in enumerate(asked):
+                truth = case.truths[f]
+                labels, comps = components(gated[i], case.spacing, array_axis, DEFAULT_PRESENCE["threshold"])
                 overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
-                cases.setdefault(gate, []).append((f, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
-                                                   extent))
-        progress.update("calibration volumes", v + 1, n_volumes)
-    return cases
+                out.setdefault(gate, []).append((f, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
+                                                 extent))
+        progress.update("calibration volumes", v + 1, total or v + 1)
+    return out
 
 
 def _table(cases) -> SimpleNamespace:
@@ -86,7 +140,7 @@ def _evaluate(table: SimpleNamespace, cfg: dict):
     empty = float(np.mean(n_kept[absent] == 0)) if absent.any() else 1.0
     dice = 2 * overlap / np.maximum(voxels + table.truth, 1)
     return empty, {f: float(dice[(table.findings == f) & ~absent].mean()) if ((table.findings == f) & ~absent).any()
-                   else float("nan") for f in FINDINGS}
+                   else float("nan") for f in dict.fromkeys(table.findings.tolist())}
 
 
 def evaluate_rule(cases, cfg: dict):
@@ -123,31 +177,48 @@ def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dic
     return max(rules, key=lambda r: r["calibration"]["score"])
 
 
+def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Progress | None = None,
+                    flip_average: bool | None = None, total: int | None = None) -> dict:
+    """The calibrated presence rule of ``engine`` on labelled ``cases`` (any source: ``phantom_cases``,
+    ``data_cases``): a global rule plus one per finding with its ``phrasings`` (a prompt takes the rule of the finding
+    whose phrasings its text is closest to: ``pipeline.presence_rules``), each with the figures it reached."""
+    by_gate = collect_cases(engine, cases, phrasings, progress, exclusive=exclusive, flip_average=flip_average,
+                            total=total)
+    rule = search_gate_and_rule(by_gate)
+    # One rule per finding (a nodule and a few foci need different size and persistence tests, and the presence head
+    # is surer of some findings than of others).
+    rule["per_finding"] = {}
+    for f in phrasings:
+        if not any(c[0] == f for cases_ in by_gate.values() for c in cases_):
+            continue
+        sub = search_gate_and_rule(by_gate, f)
+        sub["calibration"] = {"absent_empty_rate": sub["calibration"]["absent_empty_rate"],
+                              "mean_dice": sub["calibration"]["mean_dice"][f]}
+        rule["per_finding"][f] = {**sub, "phrases": list(phrasings[f])}
+    rule["match_min_cosine"] = MATCH_MIN_COSINE
+    rule["exclusive"] = [list(p) for p in exclusive]
+    return rule
+
+
 def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = None, device="cpu",
                        seed_base: int = CALIBRATION_SEED_BASE, exclusive=EXCLUSIVE,
-                       flip_average: bool = False) -> dict:
-    """Calibrated presence rule for a trained CLIPTNSegNet, with the figures it reached on the calibration set.
-
-    ``exclusive``: pairs of findings that never share a voxel; they compete voxel-wise during calibration and in the
-    pipeline (stored in the rule as ``exclusive``). ``flip_average``: the model's inference setting (the rule is
-    calibrated on the maps the pipeline will see)."""
+                       flip_average: bool = False, table_csv=None) -> dict:
+    """Calibrated presence rule for a trained CLIPTNSegNet on ``n_volumes`` phantom volumes, or, with
+    ``table_csv``, on a user's labelled images (``data_cases``: the phrases come from the data; no phantom finding
+    is assumed). ``exclusive``: pairs of findings that never share a voxel (phantoms only); they compete voxel-wise
+    during calibration and in the pipeline (stored in the rule). ``flip_average``: the model's inference setting
+    (the rule is calibrated on the maps the pipeline will see)."""
     import torch
 
     from .engines.cliptnseg_engine import CLIPTNSegEngine
 
     engine = CLIPTNSegEngine(net, torch.device(device))
-    cases = collect_cases(engine, n_volumes, seed_base, progress, exclusive=exclusive, flip_average=flip_average)
-    rule = search_gate_and_rule(cases)
+    if table_csv is not None:
+        cases, phrasings = data_cases(table_csv)
+        rule = calibrate_rules(engine, cases, phrasings, (), progress, flip_average, len(cases))
+        rule["calibration"].update({"volumes": len(cases), "data": str(table_csv)})
+        return rule
+    rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base), {f: list(PHRASES[f]) for f in FINDINGS},
+                           exclusive, progress, flip_average, n_volumes)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1]})
-    # One rule per trained finding (a nodule and a few foci need different size and persistence tests, and the
-    # presence head is surer of some findings than of others); a prompt uses the rule of the finding whose phrasings
-    # its text embedding is closest to (see pipeline.presence_rules).
-    rule["per_finding"] = {}
-    for f in FINDINGS:
-        sub = search_gate_and_rule(cases, f)
-        sub["calibration"] = {"absent_empty_rate": sub["calibration"]["absent_empty_rate"],
-                              "mean_dice": sub["calibration"]["mean_dice"][f]}
-        rule["per_finding"][f] = {**sub, "phrases": list(PHRASES[f])}
-    rule["match_min_cosine"] = MATCH_MIN_COSINE
-    rule["exclusive"] = [list(p) for p in exclusive]
     return rule

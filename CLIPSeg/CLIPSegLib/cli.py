@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV (image,mask,phrase) of your own labelled images, added to phantoms")
     t.add_argument("--stages", default="clip,segmenter,calibrate,export")
     t.add_argument("--calibration-volumes", type=int, default=24)
+    t.add_argument("--calibration-data", default=None,
+                   help="CSV (image,mask,phrase) of labelled images NOT used for training: calibrate the found / "
+                        "not-found rule on them, one rule per phrase (default: phantom volumes)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     t.add_argument("--force", action="store_true",
@@ -161,11 +164,13 @@ def _cmd_train(a, progress):
            f"--volumes {a.volumes} "
            f"--clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes {a.calibration_volumes} "
            f"--seed {a.seed} --no-resume --force" + (" --presence-head" if a.presence_head else "")
-           + (f" --data {a.data}" if a.data else ""))
+           + (f" --data {a.data}" if a.data else "")
+           + (f" --calibration-data {a.calibration_data}" if a.calibration_data else ""))
     path = run_training(Path(a.output_dir), Path(a.work_dir), a.model_id, a.phantoms, a.clip_steps, a.steps,
                         Path(a.data) if a.data else None, a.seed, stages, not a.no_resume,
                         a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,
-                        n_volumes=a.volumes, force=a.force)
+                        n_volumes=a.volumes, force=a.force,
+                        calibration_csv=Path(a.calibration_data) if a.calibration_data else None)
     if path:
         print(f"wrote {path}")
 

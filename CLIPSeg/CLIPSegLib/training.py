@@ -279,7 +279,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
                  command: str = "", presence_head: bool = False, n_volumes: int = 0,
-                 force: bool = False) -> Path | None:
+                 force: bool = False, calibration_csv: Path | None = None) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
@@ -329,7 +329,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         from .calibration import calibrate_presence
 
         presence = calibrate_presence(net, n_volumes=calibration_volumes, progress=progress, device=device,
-                                      flip_average=spec["inference"]["flip_average"])
+                                      flip_average=spec["inference"]["flip_average"], table_csv=calibration_csv)
         presence_path.write_text(json.dumps(presence, indent=2), encoding="utf-8")
     if "export" not in stages:
         return None
