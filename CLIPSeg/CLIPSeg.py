@@ -341,14 +341,14 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
 
     def availableModels(self) -> list:
         """(model id, present locally) for every registry model a segmentation engine can run."""
-        from CLIPSegLib import model_store
+        from CLIPSegLib.models import store as model_store
 
         return [(m["id"], model_store.is_present(m)) for m in model_store.load_registry().values()
                 if m["role"] == "segmenter"]
 
     def ensureModel(self, modelId, ask: bool = True) -> bool:
         """Download a missing model once, after asking with its size; verified and resumable."""
-        from CLIPSegLib import model_store
+        from CLIPSegLib.models import store as model_store
 
         if not modelId:
             return True

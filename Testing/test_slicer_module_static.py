@@ -198,7 +198,7 @@ METHODS = {"CLIP-TNseg": "cliptnseg", "TGC-Net": "tgcnet", "MedCLIP-SAM": "medcl
 
 
 def test_help_and_description_name_only_engines_and_models_that_exist():
-    from CLIPSegLib import model_store
+    from CLIPSegLib.models import store as model_store
     from CLIPSegLib.engines import ENGINES
 
     texts = dict(_help_texts(), description=_cmake_value("EXTENSION_DESCRIPTION"))

@@ -16,7 +16,7 @@ import slicer_fakes  # noqa: E402
 from CLIPSegLib import dependencies  # noqa: E402
 from CLIPSegLib.models import DEFAULT_MODEL  # noqa: E402
 
-# model_store tries jsonschema and, where it is absent (Slicer), checks the registry's required keys itself.
+# models.store tries jsonschema and, where it is absent (Slicer), checks the registry's required keys itself.
 OPTIONAL_IN_PANEL = {"jsonschema"}
 
 

@@ -171,7 +171,7 @@ def _cmd_train(a, progress):
 
 
 def _cmd_models(a, progress):
-    from . import model_store as ms
+    from .models import store as ms
     from .errors import ModelError
 
     registry = ms.load_registry()

@@ -25,8 +25,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import ModelError
-from .models import MODELS_DIR, sha256_file
+from ..errors import ModelError
+from .spec import MODELS_DIR
+from .weights import check_weight_kind, sha256_file
 
 REGISTRY = MODELS_DIR / "registry.json"
 SCHEMA = MODELS_DIR / "registry.schema.json"
@@ -226,52 +227,6 @@ def fetch(model_id: str, progress=None, registry: dict | None = None, retries: i
                         raise
             _accept(m, f, part, final)
     return folder
-
-
-def check_weight_kind(path: Path, name: str) -> None:
-    """Raise ModelError unless ``path`` loads as the kind of file ``name`` says (kind from its suffix).
-
-    ``.safetensors``: a readable header listing at least one tensor; ``.pth``/``.pt``/``.bin``: ``torch.load(
-    weights_only=True)`` (memory-mapped, nothing read in full) gives a dict of tensors or a dict holding a state dict;
-    ``.json``: a JSON object (open_clip / BiomedCLIP configs). Other suffixes are not checked."""
-    suffix = Path(name).suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                n = len(list(fh.keys()))
-        except Exception as e:  # noqa: BLE001 - any failure to parse means "not a safetensors file"
-            raise ModelError(f"{name}: not a safetensors file ({e}); the file was not kept. Check that you have the "
-                             f"right file (a complete download)") from e
-        if not n:
-            raise ModelError(f"{name}: the safetensors file holds no tensors; the file was not kept")
-    elif suffix in (".pth", ".pt", ".bin"):
-        import zipfile
-
-        import torch
-
-        try:  # the zip format (torch >= 1.6) is memory-mapped; a legacy pickle has to be read
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except Exception as e:  # noqa: BLE001 - unpickling untrusted bytes can fail in many ways
-            raise ModelError(f"{name}: not a loadable PyTorch weight file ({type(e).__name__}: {e}); the file was "
-                             f"not kept. Check that you have the right file (a complete download)") from e
-        if isinstance(state, dict):
-            inner = [v for k, v in state.items() if k in ("state_dict", "model") and isinstance(v, dict)]
-            tensors = [v for d in [state, *inner] for v in d.values() if isinstance(v, torch.Tensor)]
-        else:
-            tensors = []
-        if not tensors:
-            raise ModelError(f"{name}: the PyTorch file holds a {type(state).__name__} without tensors, not weights; "
-                             f"the file was not kept")
-    elif suffix == ".json":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{name}: not valid JSON ({e}); the file was not kept") from e
-        if not isinstance(data, dict):
-            raise ModelError(f"{name}: expected a JSON object (a model configuration), got a "
-                             f"{type(data).__name__}; the file was not kept")
 
 
 def _accept(m: dict, f: dict, candidate: Path, final: Path, keep_candidate: bool = False) -> None:
