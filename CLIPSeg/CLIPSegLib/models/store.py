@@ -3,7 +3,9 @@
 Registry: ``Resources/Models/registry.json`` (schema: ``registry.schema.json`` beside it). Each model has an id, an
 engine, a role (clip / sam / segmenter), files with URL, size and SHA-256 (``null`` where the publisher gives none)
 and, where the size is unknown, a plausible range (``min_size``/``max_size`` in bytes), licence, citation and
-description. Embedded models' files live in ``Resources/Models`` and are always present.
+description. Embedded models' files live in ``Resources/Models`` and are always present. A segmenter's files include
+its model spec (``spec``, default ``<id>.json``). Beside the registry, ``entries`` knows the specs shipped in
+``Resources/Models`` that it does not list and the models imported into the cache from their spec (``import_spec``).
 
 Cache: ``$CLIPSEG_HOME`` (default ``~/.cache/clipseg``; the Slicer module points it into Slicer's settings folder),
 one folder per model id. A download streams to ``<file>.part`` (resumed with an HTTP Range request after a dropped
@@ -26,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import ModelError
-from .spec import MODELS_DIR
+from .spec import MODELS_DIR, is_spec_name, read_spec
 from .weights import check_weight_kind, sha256_file
 
 REGISTRY = MODELS_DIR / "registry.json"
@@ -38,9 +40,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CLIPSEG_HOME") or Path.home() / ".cache" / "clipseg")
 
 
-def load_registry(path: Path = REGISTRY) -> dict[str, dict]:
-    """Registry entries by id, validated against the JSON schema (with jsonschema where it is installed; Slicer's
-    Python lacks it, and the panel lists models before anything is installed: then the keys the schema requires)."""
+def load_registry(path: Path | None = None) -> dict[str, dict]:
+    """Registry entries by id (``path`` default: ``REGISTRY``), validated against the JSON schema (with jsonschema
+    where it is installed; Slicer's Python lacks it, and the panel lists models before anything is installed: then
+    the keys the schema requires)."""
+    path = REGISTRY if path is None else path
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
     try:
@@ -54,13 +58,55 @@ def load_registry(path: Path = REGISTRY) -> dict[str, dict]:
             raise ModelError(f"model registry {path} is invalid: {e.message} (at {list(e.absolute_path)})") from e
     for m in data["models"]:
         if m.get("embedded"):  # the files and their checksums are those of the model's own spec
-            spec_path = Path(path).parent / m["spec"]
+            spec_path = MODELS_DIR / m["spec"]
             if not spec_path.is_file():
                 raise ModelError(f"embedded model {m['id']}: its spec {spec_path} is missing; restore it")
-            spec = json.loads(spec_path.read_text(encoding="utf-8"))
-            m["files"] = [{"name": f["name"], "url": None, "size": f["size"], "sha256": f["sha256"]}
-                          for f in spec["files"]]
+            m["files"] = _spec_files(json.loads(spec_path.read_text(encoding="utf-8")))
     return {m["id"]: m for m in data["models"]}
+
+
+def _spec_files(spec: dict) -> list[dict]:
+    """A spec's weight files as store file entries (no URL: they are beside the spec)."""
+    return [{"name": f["name"], "url": None, "size": f.get("size"), "sha256": f["sha256"]} for f in spec["files"]]
+
+
+def spec_entry(path: Path, **kind) -> dict:
+    """A store entry for a model known only by its spec file: shipped in ``Resources/Models`` without a registry entry
+    (``embedded=True``) or imported into the cache (``imported=True``; the spec is one of its files, its digest
+    pinned at import). A spec that cannot be read is listed all the same; loading it names the problem."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        files = _spec_files(spec)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        spec, files = {}, []
+    if kind.get("imported"):
+        files.append({"name": path.name, "url": None, "size": path.stat().st_size, "sha256": None})
+    return {"id": path.stem, "engine": str(spec.get("engine", "unknown")), "role": "segmenter", "spec": path.name,
+            "license": str(spec.get("license", "")), "citation": str(spec.get("citation", "")),
+            "description": str(spec.get("description", "")), "files": files, **kind}
+
+
+def entries(registry: dict | None = None) -> dict[str, dict]:
+    """Every model by id: the registry's (``registry`` default: ``load_registry()``), then the specs shipped in
+    ``Resources/Models`` that it does not list, then the models imported into the cache from their spec."""
+    found = dict(load_registry() if registry is None else registry)
+    for path in sorted(MODELS_DIR.glob("*.json")):
+        if is_spec_name(path) and path.stem not in found:
+            found[path.stem] = spec_entry(path, embedded=True)
+    if cache_dir().is_dir():
+        for folder in sorted(cache_dir().iterdir()):
+            spec = folder / f"{folder.name}.json"
+            if folder.name not in found and spec.is_file():
+                found[folder.name] = spec_entry(spec, imported=True)
+    return found
+
+
+def spec_name(m: dict) -> str | None:
+    """The file name of a segmenter's model spec (in ``model_dir(m)``); None for a part (a CLIP or SAM checkpoint)."""
+    if m["role"] != "segmenter":
+        return None
+    return m.get("spec") or f"{m['id']}.json"
 
 
 def _check_required_keys(data, schema: dict, path) -> None:
@@ -86,14 +132,15 @@ def _check_required_keys(data, schema: dict, path) -> None:
 
 
 def entry(model_id: str, registry: dict | None = None) -> dict:
-    registry = registry if registry is not None else load_registry()
-    if model_id not in registry:
+    """The entry of ``model_id`` among ``entries(registry)``; ModelError with the closest id if there is none."""
+    known = entries(registry)
+    if model_id not in known:
         import difflib
 
-        close = difflib.get_close_matches(model_id, list(registry), n=1)
+        close = difflib.get_close_matches(model_id, list(known), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ModelError(f"unknown model {model_id!r}.{hint} See `clipseg models list`.")
-    return registry[model_id]
+    return known[model_id]
 
 
 def model_dir(m: dict) -> Path:
@@ -206,8 +253,11 @@ def fetch(model_id: str, progress=None, registry: dict | None = None, retries: i
     Files already present and matching their size and SHA-256 are not downloaded again (no network touched)."""
     m = entry(model_id, registry)
     folder = model_dir(m)
-    if m.get("embedded"):
-        verify(model_id, registry)
+    if m.get("embedded") or m.get("imported"):  # nothing to download: check what is here
+        bad = {name: status for name, status in verify(model_id, registry).items() if status != "present"}
+        if bad:
+            raise ModelError(f"{model_id} has no download (it is {_origin(m)}) and its files are not intact: "
+                             f"{', '.join(f'{n} {s}' for n, s in bad.items())}; {_restore(m)}")
         return folder
     with _lock(folder):
         for f in m["files"]:
@@ -283,8 +333,8 @@ def verify(model_id: str, registry: dict | None = None) -> dict[str, str]:
 def import_files(model_id: str, paths: list[Path], registry: dict | None = None) -> Path:
     """Register files copied by hand (air-gapped sites): each is matched to a registry file by name, checked, copied."""
     m = entry(model_id, registry)
-    if m.get("embedded"):
-        raise ModelError(f"{model_id} is embedded in CLIPSeg; there is nothing to import")
+    if m.get("embedded") or m.get("imported"):
+        raise ModelError(f"{model_id} is {_origin(m)}; there is nothing to import into it ({_restore(m)})")
     by_name = {f["name"]: f for f in m["files"]}
     folder = model_dir(m)
     with _lock(folder):
@@ -295,6 +345,50 @@ def import_files(model_id: str, paths: list[Path], registry: dict | None = None)
             if f is None:
                 raise ModelError(f"{p.name} is not a file of {model_id}; expected one of {sorted(by_name)}")
             _accept(m, f, p, folder / f["name"], keep_candidate=True)
+    return folder
+
+
+def _origin(m: dict) -> str:
+    return "embedded in CLIPSeg" if m.get("embedded") else "imported from its spec file"
+
+
+def _restore(m: dict) -> str:
+    if m.get("embedded"):
+        return "restore the files from the CLIPSeg release"
+    return (f"import it again: `clipseg models remove {m['id']}`, then `clipseg models import SPEC.json` with the "
+            f"model's spec")
+
+
+def import_spec(path: Path, registry: dict | None = None) -> Path:
+    """Copy a segmentation model, its spec and the weight files it names (each checked against the spec's size and
+    SHA-256), into the cache as ``<id>/``: from then on every command and the Slicer panel know it by its id.
+    The spec is copied last, so a failed import leaves no model behind. Returns the model's folder."""
+    path = Path(path)
+    spec = read_spec(path)
+    mid = spec["id"]
+    if Path(mid).name != mid or mid.startswith((".", "_")) or mid.startswith("registry"):
+        raise ModelError(f"model spec {path}: its id {mid!r} must be a plain name such as 'my-model' (no folder, not "
+                         f"starting with '.', '_' or 'registry'); change its 'id' field")
+    other = entries(registry).get(mid)
+    if other is not None and not other.get("imported"):
+        where = "embedded in CLIPSeg" if other.get("embedded") else "in the model registry"
+        raise ModelError(f"model spec {path}: a model with the id {mid!r} is already {where}; give this model another "
+                         f"id (its 'id' field) to import it")
+    for f in spec["files"]:
+        if not (Path(spec["_dir"]) / f["name"]).is_file():
+            raise ModelError(f"model spec {path} names the weight file {f['name']}, which is not beside it; copy it "
+                             f"there (the spec and its weights travel together) and import again")
+    m = {"id": mid, "role": "segmenter", "imported": True}
+    folder = model_dir(m)
+    spec_file = {"name": f"{mid}.json", "url": None, "size": None, "sha256": None}
+    with _lock(folder):
+        pinned = _pins(folder).get(spec_file["name"])
+        if pinned and sha256_file(path) != pinned:
+            raise ModelError(f"another model with the id {mid!r} was imported before; run `clipseg models remove "
+                             f"{mid}` first, or give this one another id (its 'id' field)")
+        for f in _spec_files(spec):
+            _accept(m, f, Path(spec["_dir"]) / f["name"], folder / f["name"], keep_candidate=True)
+        _accept(m, spec_file, path, folder / spec_file["name"], keep_candidate=True)
     return folder
 
 
