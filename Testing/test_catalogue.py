@@ -27,7 +27,7 @@ def test_a_registry_segmenter_in_the_cache_resolves_by_id_and_segments(registry_
     assert main(["models", "import", model_id, *map(str, files)]) == 0
     ref = catalogue.resolve(model_id)
     assert (ref.source, ref.engine, ref.present) == ("registry", "cliptnseg", True)
-    assert ref.label() == "tiny-registry (CLIP-TNseg, present)"
+    assert (ref.engine_name, ref.status) == ("CLIP-TNseg", "present")
     spec = load_spec(model_id)
     assert spec["id"] == "tiny-random" and spec["_dir"] == str(store.cache_dir() / model_id)
     capsys.readouterr()

@@ -61,10 +61,6 @@ class ModelRef:
             return self.source
         return "present" if self.present else "not downloaded"
 
-    def label(self) -> str:
-        """How the model is offered: ``cliptnseg-phantom-small (CLIP-TNseg, embedded)``."""
-        return f"{self.id} ({self.engine_name}, {self.status})"
-
 
 def _ref(m: dict) -> ModelRef:
     name = store.spec_name(m)
