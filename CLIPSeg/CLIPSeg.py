@@ -23,7 +23,6 @@ from slicer.util import VTKObservationMixin
 
 sys.path.insert(0, os.path.dirname(__file__))  # CLIPSegLib beside this file
 
-ENGINES = ["cliptnseg"]
 DEVICES = ["auto", "cpu", "cuda"]
 AXES = ["auto", "0", "1", "2"]
 PRECISIONS = ["fp32", "bf16"]
@@ -60,7 +59,6 @@ class CLIPSegParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     prompts: str = "hypoechoic thyroid nodule\nanechoic cyst"
-    engine: Annotated[str, Choice(ENGINES)] = "cliptnseg"
     model: str = ""
     device: Annotated[str, Choice(DEVICES)] = "auto"
     precision: Annotated[str, Choice(PRECISIONS)] = "fp32"
@@ -101,7 +99,8 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         # Bound by hand, not through SlicerParameterName: the QTextEdit connector rewrites the whole text on every
-        # parameter change (the cursor jumps while typing); the model list comes from the registry.
+        # parameter change (the cursor jumps while typing); the model list comes from the model catalogue, and the
+        # model determines the engine.
         self.ui.promptsTextEdit.connect("textChanged()", self.onPromptsEdited)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.populateModels()
@@ -172,12 +171,15 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.prompts = text
 
     def populateModels(self) -> None:
+        """One entry per segmentation model, with its engine: "cliptnseg-phantom-small (CLIP-TNseg, embedded)"."""
         from CLIPSegLib.models import DEFAULT_MODEL
 
+        status = {"embedded": _("embedded"), "imported": _("imported"), "present": _("downloaded"),
+                  "not downloaded": _("not downloaded")}
         self.ui.modelComboBox.clear()
-        for modelId, present in self.logic.availableModels():
-            self.ui.modelComboBox.addItem(f"{modelId} ({_('present') if present else _('not downloaded')})",
-                                          modelId)
+        for model in self.logic.availableModels():
+            text = f"{model.id} ({model.engine_name}, {status.get(model.status, model.status)})"
+            self.ui.modelComboBox.addItem(text, model.id)
         index = self.ui.modelComboBox.findData(DEFAULT_MODEL)
         self.ui.modelComboBox.currentIndex = max(index, 0)
 
@@ -226,7 +228,7 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureModel(p.model, ask=True):
                 return
             self._run = self.logic.start(p.inputVolume, promptsFromText(p.prompts), p.outputSegmentation,
-                                         engine=p.engine, model=p.model or None, device=p.device, axis=p.axis,
+                                         model=p.model or None, device=p.device, axis=p.axis,
                                          threshold=p.threshold, keepProbabilities=p.keepProbabilities,
                                          precision=p.precision)
             self.ui.applyButton.text = _("Cancel")
@@ -275,10 +277,13 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     """Usable without the GUI, e.g. from the Python console::
 
         logic = slicer.util.getModuleLogic("CLIPSeg")
-        seg = logic.segment(volumeNode, ["thyroid nodule", "cyst"], engine="cliptnseg", wait=True)
+        seg = logic.segment(volumeNode, ["thyroid nodule", "cyst"], model="cliptnseg-phantom-small", wait=True)
 
-    This process never imports torch, MONAI or open_clip: it checks they are installed (and installs them, after
-    asking) and leaves the work to a background PythonSlicer.
+    ``model`` is a model id of the catalogue (``availableModels``) or the path to a model .json; it determines the
+    engine. The ``engine=`` keyword of scripts written when the panel had an engine choice still works: it must name
+    the model's engine, else the run stops with an error saying so. This process never imports torch, MONAI or
+    open_clip: it checks they are installed (and installs them, after asking) and leaves the work to a background
+    PythonSlicer.
     """
 
     def __init__(self) -> None:
@@ -340,28 +345,26 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         return _("No CUDA GPU found: CPU will be used")
 
     def availableModels(self) -> list:
-        """(model id, present locally) for every registry model a segmentation engine can run."""
-        from CLIPSegLib import model_store
+        """The segmentation models of the catalogue (``CLIPSegLib.models.ModelRef``: id, engine, status), downloaded
+        or not: the list ``clipseg models list`` prints."""
+        from CLIPSegLib.models import catalogue
 
-        return [(m["id"], model_store.is_present(m)) for m in model_store.load_registry().values()
-                if m["role"] == "segmenter"]
+        return catalogue.segmentation_models()
 
-    def ensureModel(self, modelId, ask: bool = True) -> bool:
-        """Download a missing model once, after asking with its size; verified and resumable."""
-        from CLIPSegLib import model_store
+    def ensureModel(self, modelId=None, ask: bool = True) -> bool:
+        """Download a registry model that is not on this computer, once, after asking with its size (verified,
+        resumable). False if the user declined; True when the model is here."""
+        from CLIPSegLib.models import catalogue, store
 
-        if not modelId:
-            return True
-        m = model_store.entry(modelId)
-        if model_store.is_present(m):
-            return True
-        size = model_store.display_size(m)
+        model = catalogue.find(modelId or None)
+        if model.present or model.source != "registry" or not model.runnable:
+            return True  # nothing to download (a part is refused when the run resolves the model)
         if ask and not slicer.util.confirmOkCancelDisplay(
                 _("The model {modelId} ({size}) is not on this computer. Download it now?").format(
-                    modelId=modelId, size=size) + "\n" + m.get("description", ""), _("Download model")):
+                    modelId=model.id, size=model.size) + "\n" + model.description, _("Download model")):
             return False
         with slicer.util.WaitCursor():
-            model_store.fetch(modelId)
+            store.fetch(model.id)
         return True
 
     def missingPackages(self) -> list:
@@ -427,13 +430,20 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         if not self.ensureDependencies(ask=ask):
             raise dependencies.DependencyError(dependencies.missing_message(self.missingPackages()))
 
-    def start(self, volumeNode, prompts, segmentationNode=None, engine="cliptnseg", model=None, device="auto",
+    def start(self, volumeNode, prompts, segmentationNode=None, engine=None, model=None, device="auto",
               axis="auto", threshold=None, keepProbabilities=False, precision="fp32", ask=True):
         """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel()).
-        Missing packages are installed first (asking when ``ask``), else DependencyError names them.
-        ``threshold`` None keeps the model's calibrated probability threshold."""
+        ``model``: a catalogue id or a spec path (default: the embedded model); a registry model not on this computer
+        is downloaded after asking when ``ask``, else the error names `clipseg models fetch`. ``engine``: optional,
+        must be the model's engine. Missing packages are installed first (asking when ``ask``), else DependencyError
+        names them. ``threshold`` None keeps the model's calibrated probability threshold."""
+        from CLIPSegLib.models import catalogue
+
         if self._active is not None and self._active.running:
             raise RuntimeError(_("A segmentation is already running; wait for it or cancel it first."))
+        if ask:
+            self.ensureModel(model, ask=True)
+        catalogue.resolve(model, engine=engine)  # unknown, a part, not downloaded, another engine: says the fix
         self.requireDependencies(ask=ask)
         from CLIPSegLib.scene_run import SceneRun
 
@@ -443,7 +453,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         self._active = run.start()
         return run
 
-    def segment(self, volumeNode, prompts, engine="cliptnseg", model=None, device="auto", axis="auto",
+    def segment(self, volumeNode, prompts, engine=None, model=None, device="auto", axis="auto",
                 segmentationNode=None, threshold=None, wait=True, precision="fp32", keepProbabilities=False,
                 ask=True):
         """Segment ``prompts`` in ``volumeNode``; with ``wait=True`` returns the segmentation node when done, else

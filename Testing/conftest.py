@@ -61,3 +61,27 @@ def assert_no_partial_files(folder: Path):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def registry_model(tiny_model, tmp_path, monkeypatch):
+    """The shipped registry plus one segmenter, ``tiny-registry``, whose files are the tiny model's spec and weights
+    (as a published model lists them: URL, size, SHA-256), read from ``tmp_path`` instead of the shipped registry;
+    the cache (``CLIPSEG_HOME``) empty in ``tmp_path``. Returns (id, the files to import)."""
+    import hashlib
+    import json
+
+    from CLIPSegLib.models import store
+
+    files = [tiny_model, tiny_model.with_suffix(".safetensors")]
+    registry = json.loads(store.REGISTRY.read_text(encoding="utf-8"))
+    registry["models"].append({
+        "id": "tiny-registry", "engine": "cliptnseg", "role": "segmenter", "spec": tiny_model.name, "license": "MIT",
+        "citation": "", "description": "a tiny random model",
+        "files": [{"name": p.name, "url": f"https://example.invalid/{p.name}", "size": p.stat().st_size,
+                   "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files]})
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps(registry), encoding="utf-8")
+    monkeypatch.setattr(store, "REGISTRY", path)
+    monkeypatch.setenv("CLIPSEG_HOME", str(tmp_path / "home"))
+    return "tiny-registry", files

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from CLIPSegLib import model_store as ms
+from CLIPSegLib.models import store as ms
 from CLIPSegLib.errors import ModelError
 from CLIPSegLib.models import load_checkpoint
 

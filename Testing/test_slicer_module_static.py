@@ -21,7 +21,7 @@ TYPE_WIDGETS = {"vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}, "vtkMRMLSegmen
                 "str": {"QTextEdit", "QLineEdit"}, "str+Choice": {"QComboBox"}, "float": {"ctkSliderWidget",
                                                                                           "QDoubleSpinBox"},
                 "bool": {"QCheckBox"}}
-# Bound by hand in the widget code, not through SlicerParameterName: the model list comes from the registry, and the
+# Bound by hand in the widget code, not through SlicerParameterName: the model list comes from the catalogue, and the
 # app's QTextEdit connector rewrites the whole findings text on every parameter change (the cursor jumps).
 UNBOUND_FIELDS = {"model", "prompts"}
 
@@ -65,6 +65,16 @@ def test_every_binding_matches_a_parameter_of_a_compatible_type():
         assert param in fields, f"SlicerParameterName {param!r} is not a field of CLIPSegParameterNode"
         assert widget_class in TYPE_WIDGETS[fields[param]], f"{param} ({fields[param]}) bound to {widget_class}"
     assert set(fields) - set(bound) == UNBOUND_FIELDS
+
+
+def test_one_model_selector_and_no_engine_choice():
+    """A model determines its engine: the panel offers models (each shown with its engine), never an engine apart."""
+    assert not [name for name in ui_widgets() if "engine" in name.lower()]
+    assert "engine" not in parameter_fields() and "model" in parameter_fields()
+    assert ui_widgets()["modelComboBox"] == "QComboBox"
+    populate = next(n for n in ast.walk(_class("CLIPSegWidget")) if isinstance(n, ast.FunctionDef)
+                    and n.name == "populateModels")
+    assert "engine_name" in ast.unparse(populate)
 
 
 def _cmake_list(var):
@@ -198,7 +208,7 @@ METHODS = {"CLIP-TNseg": "cliptnseg", "TGC-Net": "tgcnet", "MedCLIP-SAM": "medcl
 
 
 def test_help_and_description_name_only_engines_and_models_that_exist():
-    from CLIPSegLib import model_store
+    from CLIPSegLib.models import store as model_store
     from CLIPSegLib.engines import ENGINES
 
     texts = dict(_help_texts(), description=_cmake_value("EXTENSION_DESCRIPTION"))

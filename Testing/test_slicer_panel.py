@@ -1,6 +1,7 @@
 """The Slicer panel and console Logic of CLIPSeg.py, driven on slicer-core with stand-ins for Qt and the Slicer app
-(Testing/slicer_fakes.py): opening the panel with only what Slicer's Python ships, the findings box, the model
-choice kept in the parameter node, the dependency installer, and the console's ``logic.segment``."""
+(Testing/slicer_fakes.py): opening the panel with only what Slicer's Python ships, the findings box, the one model
+selector (the catalogue's list, engine shown, choice kept in the parameter node), the dependency installer, and the
+console's ``logic.segment``."""
 
 import json
 import subprocess
@@ -14,9 +15,10 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make
 
 import slicer_fakes  # noqa: E402
 from CLIPSegLib import dependencies  # noqa: E402
-from CLIPSegLib.models import DEFAULT_MODEL  # noqa: E402
+from CLIPSegLib.errors import InputError, ModelError  # noqa: E402
+from CLIPSegLib.models import DEFAULT_MODEL, ModelRef  # noqa: E402
 
-# model_store tries jsonschema and, where it is absent (Slicer), checks the registry's required keys itself.
+# models.store tries jsonschema and, where it is absent (Slicer), checks the registry's required keys itself.
 OPTIONAL_IN_PANEL = {"jsonschema"}
 
 
@@ -35,7 +37,9 @@ def test_opening_the_panel_needs_nothing_slicer_lacks():
         widget.setup()
         logic = widget.logic
         import CLIPSegLib.scene_run  # what Apply imports in the Slicer process once packages are installed
-        print(json.dumps({{"models": logic.availableModels(), "device": logic.deviceDescription(),
+        print(json.dumps({{"models": [[m.id, m.present] for m in logic.availableModels()],
+                          "labels": [text for text, _ in widget.ui.modelComboBox.items],
+                          "device": logic.deviceDescription(),
                           "missing": logic.missingPackages(), "model": widget._parameterNode.model,
                           "deviceLabel": widget.ui.deviceInfoLabel.text, "errors": dialogs.errors,
                           "imported": guard.imported,
@@ -47,6 +51,7 @@ def test_opening_the_panel_needs_nothing_slicer_lacks():
     assert set(out["imported"]) <= OPTIONAL_IN_PANEL, f"the panel imports {out['imported']}, which Slicer lacks"
     assert out["loaded"] == []
     assert [DEFAULT_MODEL, True] in out["models"] and out["model"] == DEFAULT_MODEL
+    assert f"{DEFAULT_MODEL} (CLIP-TNseg, embedded)" in out["labels"]
     assert out["device"] == out["deviceLabel"] == "PyTorch not installed yet (installed at first Apply)"
     assert "torch==2.14.1" in out["missing"] and "monai==1.6.1" in out["missing"]
     assert out["errors"] == []
@@ -90,7 +95,8 @@ def test_typing_in_the_findings_box_never_rewrites_it(fakes):
 
 def test_the_model_choice_is_kept_in_the_parameter_node(fakes, monkeypatch):
     _, module = fakes
-    models = [(DEFAULT_MODEL, True), ("another-model", False)]
+    models = [ModelRef(DEFAULT_MODEL, "cliptnseg", "segmenter", "embedded", True),
+              ModelRef("another-model", "cliptnseg", "segmenter", "registry", False)]
     monkeypatch.setattr(module.CLIPSegLogic, "availableModels", lambda self: models)
     widget = _widget(module)
     combo, p = widget.ui.modelComboBox, widget._parameterNode
@@ -103,6 +109,29 @@ def test_the_model_choice_is_kept_in_the_parameter_node(fakes, monkeypatch):
     widget.exit()
     widget.enter()  # the panel opened again on the same scene
     assert combo.itemData(combo.currentIndex) == "another-model"
+
+
+def test_one_model_selector_lists_what_models_list_prints_with_each_engine(fakes, registry_model, tiny_model,
+                                                                        capsys):
+    """The panel and `clipseg models list` show one list: embedded, registry (downloaded or not), imported."""
+    from CLIPSegLib.cli import main
+
+    _, module = fakes
+    assert main(["models", "import", str(tiny_model)]) == 0  # a model of one's own, known by its id from now on
+    assert main(["models", "list"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:] if not line.startswith("(")]
+    listed = [row[0] for row in rows if row[2] == "segmenter"]
+    assert {DEFAULT_MODEL, registry_model[0], "tiny-random"} <= set(listed)
+    widget = _widget(module)
+    combo = widget.ui.modelComboBox
+    assert [combo.itemData(i) for i in range(combo.count)] == listed
+    assert [m.id for m in widget.logic.availableModels()] == listed
+    texts = [text for text, _ in combo.items]
+    assert texts[listed.index(DEFAULT_MODEL)] == f"{DEFAULT_MODEL} (CLIP-TNseg, embedded)"
+    assert texts[listed.index("tiny-registry")] == "tiny-registry (CLIP-TNseg, not downloaded)"
+    assert texts[listed.index("tiny-random")] == "tiny-random (CLIP-TNseg, imported)"
+    assert not [name for name in vars(widget.ui) if "engine" in name.lower()]  # no engine selector
+    assert "engine" not in widget._parameterNode.parameterNode.GetParameterNames()
 
 
 def _installed(monkeypatch, present):
@@ -169,6 +198,7 @@ class FakeSceneRun:
     """Records how the Logic builds a run; never starts a process."""
 
     made = []
+    running = False  # as if it had finished: the Logic may start another
 
     def __init__(self, volume, prompts, segmentation=None, **kwargs):
         self.kwargs = dict(kwargs, prompts=prompts)
@@ -226,3 +256,40 @@ def test_the_device_line_comes_from_the_background_probe(fakes, monkeypatch):
     failed = BackgroundRun([sys.executable, "-c", "import sys; sys.exit('no torch here')"])
     failed.wait(30)
     assert "GPU check failed" in logic.deviceDescription(failed) and "no torch here" in logic.deviceDescription(failed)
+
+
+def test_console_engine_keyword_must_match_the_model(fakes, monkeypatch, volume):
+    _, module = fakes
+    import CLIPSegLib.scene_run
+
+    monkeypatch.setattr(dependencies, "missing", lambda reqs=None: [])
+    monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
+    FakeSceneRun.made = []
+    logic = module.CLIPSegLogic()
+    run = logic.segment(volume, ["cyst"], engine="cliptnseg", wait=False)  # scripts written for the engine choice
+    assert run.kwargs["engine"] == "cliptnseg" and run.kwargs["model"] is None
+    with pytest.raises(InputError, match="engine 'tgcnet' does not match the model 'cliptnseg-phantom-small'"):
+        logic.segment(volume, ["cyst"], engine="tgcnet", wait=False)
+    assert len(FakeSceneRun.made) == 1
+
+
+def test_a_registry_model_not_downloaded_is_offered_for_download_first(fakes, monkeypatch, volume, registry_model):
+    dialogs, module = fakes
+    import CLIPSegLib.scene_run
+    from CLIPSegLib.models import store
+
+    model_id, files = registry_model
+    monkeypatch.setattr(dependencies, "missing", lambda reqs=None: [])
+    monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
+    FakeSceneRun.made = []
+    logic = module.CLIPSegLogic()
+    dialogs.confirm_answer = False
+    with pytest.raises(ModelError, match=f"clipseg models fetch {model_id}"):
+        logic.segment(volume, ["cyst"], model=model_id, wait=False)
+    assert model_id in dialogs.confirmations[0] and "MB" in dialogs.confirmations[0] and FakeSceneRun.made == []
+    dialogs.confirm_answer = True
+    fetched = []
+    monkeypatch.setattr(store, "fetch", lambda mid, *a, **k: (fetched.append(mid), store.import_files(mid, files)))
+    run = logic.segment(volume, ["cyst"], model=model_id, wait=False)
+    assert fetched == [model_id] and run.kwargs["model"] == model_id
+    assert logic.ensureModel(model_id) is True and len(dialogs.confirmations) == 2  # here now: not asked again

@@ -43,8 +43,9 @@ def main():
     if form is None:
         raise SystemExit(f"could not load {UI}: {loader.errorString()}")
     fill = {"inputVolumeSelector": ["thyroid US (256x256x32)"],
-            "outputSegmentationSelector": ["Create new segmentation"], "engineComboBox": ["cliptnseg"],
-            "modelComboBox": ["cliptnseg-phantom-small (present)"], "deviceComboBox": ["auto", "cpu", "cuda"],
+            "outputSegmentationSelector": ["Create new segmentation"],
+            "modelComboBox": ["cliptnseg-phantom-small (CLIP-TNseg, embedded)"],
+            "deviceComboBox": ["auto", "cpu", "cuda"],
             "precisionComboBox": ["fp32", "bf16"],
             "axisComboBox": ["auto", "0", "1", "2"]}
     for name, items in fill.items():

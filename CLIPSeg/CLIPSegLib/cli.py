@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def _add_common(p):
-    p.add_argument("--model", default=None, help="model id or path to a model .json (default: the embedded model)")
+    p.add_argument("--model", default=None, help="model id (`clipseg models list`) or path to a model .json "
+                                                 "(default: the embedded model)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
                    help="progress display: terminal bar, JSON lines on stdout (for Slicer), or none")
@@ -87,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the slice presence head (off by default: it lowered nodule Dice in our measurements)")
     _add_common(t)
 
-    m = sub.add_parser("models", help="model registry and cache: list, fetch, verify, import, remove")
+    m = sub.add_parser("models", help="model catalogue and cache: list, fetch, verify, import, remove")
     msub = m.add_subparsers(dest="action", required=True)
-    msub.add_parser("list", help="every registered model, whether it is present, its size and licence")
+    msub.add_parser("list", help="every model (segmentation models, then engine parts): present or not, size, licence")
     for name, text in (("fetch", "download a model into the cache (verified, resumable)"),
                        ("remove", "delete a downloaded model from the cache")):
         x = msub.add_parser(name, help=text)
@@ -97,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--progress", default="bar", choices=("bar", "json", "none"))
     v = msub.add_parser("verify", help="re-hash the files of one model (or all present ones)")
     v.add_argument("id", nargs="?")
-    i = msub.add_parser("import", help="register files copied by hand (offline sites) after checking their hash")
-    i.add_argument("id")
-    i.add_argument("paths", nargs="+")
+    i = msub.add_parser("import", help="ID FILE...: a registry model's files copied by hand (offline sites), hash "
+                                       "checked; SPEC.json: a model of your own (its spec and weights), then known "
+                                       "by its id everywhere, the Slicer panel included")
+    i.add_argument("id", help="a registry id, or a model spec .json to import with the weights it names")
+    i.add_argument("paths", nargs="*", help="the files of the registry model ID")
     return parser
 
 
@@ -176,20 +179,23 @@ def _cmd_train(a, progress):
 
 
 def _cmd_models(a, progress):
-    from . import model_store as ms
     from .errors import ModelError
+    from .models import catalogue
+    from .models import store as ms
 
     registry = ms.load_registry()
-    if a.action == "list":
+    if a.action == "list":  # segmentation models (the Slicer panel's list), then the parts engines build on
+        refs = catalogue.segmentation_models(registry)
+        refs += [r for r in catalogue.entries(registry) if not r.runnable]
         print(f"{'id':26s} {'engine':11s} {'role':9s} {'status':14s} {'size':>9s}  licence   cache: {ms.cache_dir()}")
-        for m in registry.values():
-            status = "embedded" if m.get("embedded") else ("present" if ms.is_present(m) else "not downloaded")
-            print(f"{m['id']:26s} {m['engine']:11s} {m['role']:9s} {status:14s} {ms.display_size(m):>9s}  "
-                  f"{m['license']}")
+        for r in refs:
+            print(f"{r.id:26s} {r.engine:11s} {r.role:9s} {r.status:14s} {r.size:>9s}  {r.license}")
+        print("(--model and the Slicer panel take the segmenters; clip and sam rows are parts an engine builds on, "
+              "fetched for it, not models that segment on their own)")
     elif a.action == "fetch":
         print(f"{a.id}: present in {ms.fetch(a.id, progress, registry)}")
     elif a.action == "verify":
-        ids = [a.id] if a.id else [i for i, m in registry.items() if ms.is_present(m)]
+        ids = [a.id] if a.id else [r.id for r in catalogue.entries(registry) if r.present and r.source != "file"]
         bad = False
         for mid in ids:
             for name, status in ms.verify(mid, registry).items():
@@ -198,11 +204,17 @@ def _cmd_models(a, progress):
         if bad:
             raise ModelError("some files are missing or corrupt; run `clipseg models fetch ID` or import them again "
                              "(if the file pinned first was the wrong one, `clipseg models remove ID` before that)")
+    elif a.action == "import" and not a.paths:
+        if Path(a.id).suffix.lower() != ".json":
+            raise ModelError(f"give the files of {a.id} to import (`clipseg models import {a.id} FILE...`), or a "
+                             f"model spec .json to import a model of your own")
+        folder = ms.import_spec(Path(a.id), registry)
+        print(f"{folder.name}: imported into {folder}; use it with --model {folder.name} (or pick it in Slicer)")
     elif a.action == "import":
         print(f"{a.id}: imported into {ms.import_files(a.id, a.paths, registry)}")
     elif a.action == "remove":
         if ms.remove(a.id, registry):
-            print(f"{a.id}: removed from the cache ({ms.model_dir(registry[a.id])})")
+            print(f"{a.id}: removed from the cache ({ms.cache_dir() / a.id})")
         else:
             print(f"{a.id}: was not downloaded; nothing to remove")
 

@@ -244,7 +244,7 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
 def check_output_free(out_dir: Path, model_id: str, force: bool = False) -> None:
     """Refuse (InputError) before any training if exporting ``model_id`` to ``out_dir`` would overwrite a file, unless
     ``force``; a model shipped with CLIPSeg (``Resources/Models``) is named as such. ``model_id`` must be a plain name
-    that ``models.list_models`` would list (no folder, not starting with '.', '_' or 'registry')."""
+    the models folder would list as a spec (no folder, not starting with '.', '_' or 'registry')."""
     from .models import MODELS_DIR
 
     if (not model_id or Path(model_id).name != model_id or model_id in (".", "..")

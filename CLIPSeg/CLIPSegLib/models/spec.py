@@ -1,0 +1,86 @@
+"""Model specs: the JSON file that says what a model is.
+
+A model is a JSON spec beside its weight files, e.g. ``Resources/Models/cliptnseg-phantom-small.json``::
+
+    {"id": ..., "engine": "cliptnseg", "clip": {...}, "network": {...},
+     "files": [{"name": "x.safetensors", "sha256": "...", "size": 123}], "presence": {...}, ...}
+
+``read_spec`` checks the fields every spec needs and those its engine reads (``ENGINE_SPEC_KEYS``) before anything
+is built, so a hand-edited spec fails with the missing field's name, not deep inside the engine. Standard library
+only: the Slicer panel lists models with it before torch is installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ModelError
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+DEFAULT_MODEL = "cliptnseg-phantom-small"
+
+# the spec fields each engine reads (all JSON objects), with what they hold; engines not listed are checked by their
+# builder
+ENGINE_SPEC_KEYS = {
+    "cliptnseg": {
+        "clip": "the CLIP architecture: {\"embed_dim\", \"vision_cfg\", \"text_cfg\"} or {\"open_clip_name\"}",
+        "network": "the segmenter architecture: extract_layers, reduce_dim, fine_channels, ...",
+        "presence": "the calibrated found / not-found rule (written by the calibrate stage of `clipseg train`)",
+    },
+}
+
+
+def is_spec_name(path: Path) -> bool:
+    """Whether a ``.json`` in a models folder is a model spec (not the registry, its schema or a hidden file)."""
+    return path.suffix == ".json" and not path.name.startswith(("_", ".", "registry"))
+
+
+def read_spec(path: Path) -> dict:
+    """The checked spec at ``path``; adds ``_dir`` (the folder its files are in)."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model spec {path} is not valid JSON ({e}); "
+                         "restore it from the release or re-export it") from e
+    check_spec(spec, path)
+    spec["_dir"] = str(path.parent)
+    return spec
+
+
+def check_spec(spec, path) -> None:
+    """Raise ModelError naming the first missing or mistyped field of a model spec (common fields, then the engine's
+    ``ENGINE_SPEC_KEYS``)."""
+    fix = "re-export the model with `clipseg train`, or restore the field from the spec it was exported with"
+    if not isinstance(spec, dict):
+        raise ModelError(f"model spec {path} holds a JSON {type(spec).__name__}, not an object; {fix}")
+    for key in ("id", "engine", "files"):
+        if key not in spec:
+            raise ModelError(f"model spec {path} lacks the field {key!r}; {fix}")
+    for key in ("id", "engine"):
+        if not isinstance(spec[key], str) or not spec[key]:
+            raise ModelError(f"model spec {path}: {key!r} must be a non-empty string, not {spec[key]!r}; {fix}")
+    files = spec["files"]
+    if not isinstance(files, list) or not files:
+        raise ModelError(f"model spec {path}: 'files' must list the weight files "
+                         f"([{{\"name\": ..., \"sha256\": ..., \"size\": ...}}]), not {files!r}; {fix}")
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("sha256"), str):
+            raise ModelError(f"model spec {path}: every entry of 'files' needs a 'name' and a 'sha256', got {f!r}; "
+                             f"{fix}")
+        if Path(f["name"]).name != f["name"] or f["name"] in ("", ".", ".."):
+            raise ModelError(f"model spec {path}: file name {f['name']!r} must be a plain file name beside the spec; "
+                             f"{fix}")
+    for key, holds in ENGINE_SPEC_KEYS.get(spec["engine"], {}).items():
+        if key not in spec:
+            raise ModelError(f"model spec {path} lacks the field {key!r} that a {spec['engine']} model needs "
+                             f"({holds}); {fix}")
+        if not isinstance(spec[key], dict):
+            raise ModelError(f"model spec {path}: {key!r} must be a JSON object ({holds}), not {spec[key]!r}; {fix}")
+    clip = spec.get("clip")
+    if spec["engine"] == "cliptnseg" and "open_clip_name" not in clip:
+        for key in ("embed_dim", "vision_cfg", "text_cfg"):
+            if key not in clip:
+                raise ModelError(f"model spec {path}: 'clip' lacks {key!r} (give embed_dim, vision_cfg and text_cfg, "
+                                 f"or open_clip_name for a published open_clip architecture); {fix}")
