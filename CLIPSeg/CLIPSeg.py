@@ -23,10 +23,10 @@ from slicer.util import VTKObservationMixin
 
 sys.path.insert(0, os.path.dirname(__file__))  # CLIPSegLib beside this file
 
-ENGINES = ["cliptnseg"]
-DEVICES = ["auto", "cpu", "cuda"]
-AXES = ["auto", "0", "1", "2"]
-PRECISIONS = ["fp32", "bf16"]
+from CLIPSegLib.options import AXES, DEVICES, ENGINES, PRECISIONS  # noqa: E402  (the one copy; torch-free)
+
+# The run options the panel shows (parameter node fields named as the Logic keywords); the others keep defaults.
+PANEL_OPTIONS = ("engine", "model", "device", "precision", "axis", "threshold", "keepProbabilities")
 
 
 class CLIPSeg(ScriptedLoadableModule):
@@ -60,11 +60,11 @@ class CLIPSegParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     prompts: str = "hypoechoic thyroid nodule\nanechoic cyst"
-    engine: Annotated[str, Choice(ENGINES)] = "cliptnseg"
+    engine: Annotated[str, Choice(list(ENGINES))] = ENGINES[0]
     model: str = ""
-    device: Annotated[str, Choice(DEVICES)] = "auto"
-    precision: Annotated[str, Choice(PRECISIONS)] = "fp32"
-    axis: Annotated[str, Choice(AXES)] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    precision: Annotated[str, Choice(list(PRECISIONS))] = "fp32"
+    axis: Annotated[str, Choice(list(AXES))] = "auto"
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     keepProbabilities: bool = False
 
@@ -226,9 +226,7 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureModel(p.model, ask=True):
                 return
             self._run = self.logic.start(p.inputVolume, promptsFromText(p.prompts), p.outputSegmentation,
-                                         engine=p.engine, model=p.model or None, device=p.device, axis=p.axis,
-                                         threshold=p.threshold, keepProbabilities=p.keepProbabilities,
-                                         precision=p.precision)
+                                         **{name: getattr(p, name) for name in PANEL_OPTIONS})
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.enabled = True
             self.ui.progressBar.value = 0
@@ -427,29 +425,31 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         if not self.ensureDependencies(ask=ask):
             raise dependencies.DependencyError(dependencies.missing_message(self.missingPackages()))
 
-    def start(self, volumeNode, prompts, segmentationNode=None, engine="cliptnseg", model=None, device="auto",
-              axis="auto", threshold=None, keepProbabilities=False, precision="fp32", ask=True):
+    def start(self, volumeNode, prompts, segmentationNode=None, *, options=None, ask=True, **keywords):
         """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel()).
-        Missing packages are installed first (asking when ``ask``), else DependencyError names them.
-        ``threshold`` None keeps the model's calibrated probability threshold."""
+
+        ``options`` (a CLIPSegLib.options.SegmentOptions; default: all defaults) with ``keywords`` changed: any of
+        its options by name, ``engine``, ``model``, ``device``, ``precision``, ``axis``, ``threshold``,
+        ``batchSize``, ``keepProbabilities``, ``spacing`` (snake_case works too); checked first (InputError).
+        ``threshold`` None keeps the model's calibrated probability threshold. Missing packages are installed next
+        (asking when ``ask``), else DependencyError names them."""
         if self._active is not None and self._active.running:
             raise RuntimeError(_("A segmentation is already running; wait for it or cancel it first."))
+        from CLIPSegLib.options import SegmentOptions
+
+        options = SegmentOptions.from_keywords(options, **keywords)
         self.requireDependencies(ask=ask)
         from CLIPSegLib.scene_run import SceneRun
 
-        run = SceneRun(volumeNode, prompts, segmentationNode, engine=engine, model=model, device=device, axis=axis,
-                       python=self.pythonExecutable(), threshold=threshold, keep_probabilities=keepProbabilities,
-                       precision=precision)
+        run = SceneRun(volumeNode, prompts, segmentationNode, options=options, python=self.pythonExecutable())
         self._active = run.start()
         return run
 
-    def segment(self, volumeNode, prompts, engine="cliptnseg", model=None, device="auto", axis="auto",
-                segmentationNode=None, threshold=None, wait=True, precision="fp32", keepProbabilities=False,
-                ask=True):
+    def segment(self, volumeNode, prompts, *, segmentationNode=None, wait=True, options=None, ask=True, **keywords):
         """Segment ``prompts`` in ``volumeNode``; with ``wait=True`` returns the segmentation node when done, else
-        the running SceneRun. Missing packages are installed first (asking when ``ask``)."""
-        run = self.start(volumeNode, prompts, segmentationNode, engine=engine, model=model, device=device, axis=axis,
-                         threshold=threshold, keepProbabilities=keepProbabilities, precision=precision, ask=ask)
+        the running SceneRun. Options as in ``start`` (keyword arguments only). Missing packages are installed first
+        (asking when ``ask``)."""
+        run = self.start(volumeNode, prompts, segmentationNode, options=options, ask=ask, **keywords)
         if not wait:
             return run
         while run.running:
