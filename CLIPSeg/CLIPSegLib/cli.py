@@ -23,7 +23,8 @@ def _add_common(p, options=("model", "device")):
                    help="progress display: terminal bar, JSON lines on stdout (for Slicer), or none")
 
 
-EVALUATE_OPTIONS = ("model", "engine", "device")
+# The run options `clipseg evaluate` takes: how to segment, not where (no spacing, no probabilities).
+EVALUATE_OPTIONS = ("model", "engine", "device", "precision", "axis", "threshold", "batch_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,23 +116,23 @@ def _cmd_demo(a, progress):
 
 def _cmd_evaluate(a, progress):
     from . import evaluation as ev
+    from .reports import check_report_path, write_any_report
+    from .segment_file import load_engine
 
+    options = SegmentOptions.from_args(a)
     ev.check_evaluate_args(None if a.data else a.phantoms, a.tolerance_mm)
     if a.report:
-        ev.check_report_path(Path(a.report))
+        check_report_path(Path(a.report))
     if a.data:
-        from .segment_file import load_engine
-
         prompt_map = ev.parse_prompt_map(a.prompt_map) if a.prompt_map else None
-        cases = ev.load_cases(Path(a.data), prompt_map)
-        report = ev.evaluate_dataset(cases, load_engine(a.model, a.engine, a.device), a.tolerance_mm, progress)
-        text = ev.format_dataset_summary(report)
+        source = ev.LabelledCases(Path(a.data), prompt_map)
     else:
-        report = ev.evaluate_phantoms(a.phantoms, a.seed, model=a.model, device=a.device, progress=progress,
-                                      tolerance_mm=a.tolerance_mm)
-        text = ev.format_summary(report["summary"])
+        source = ev.PhantomCases(a.phantoms, a.seed)
+    engine = load_engine(**options.engine_arguments(), notify=progress.message)
+    report = ev.evaluate(source, engine, options, a.tolerance_mm, progress)
+    text = source.format(report)
     if a.report:
-        ev.write_any_report(Path(a.report), report, text)
+        write_any_report(Path(a.report), report, text)
     print(text)
     if a.report:
         print(f"\nreport: {a.report}")
