@@ -275,6 +275,9 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         logic = slicer.util.getModuleLogic("CLIPSeg")
         seg = logic.segment(volumeNode, ["thyroid nodule", "cyst"], engine="cliptnseg", wait=True)
 
+    Run options are keyword arguments, declared once in CLIPSegLib/options.py (``SegmentOptions``): engine, model,
+    device, precision, axis, threshold, batchSize, keepProbabilities, spacing.
+
     This process never imports torch, MONAI or open_clip: it checks they are installed (and installs them, after
     asking) and leaves the work to a background PythonSlicer.
     """

@@ -63,14 +63,21 @@ def check_axis(axis) -> str:
     return text
 
 
+def _convert(convert, value):
+    """``convert(value)`` (float, int), or None where it fails; a bool is not a number here."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return convert(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def check_threshold(threshold) -> float | None:
     if threshold is None:
         return None
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(threshold, bool) or not 0.0 < value < 1.0:
+    value = _convert(float, threshold)
+    if value is None or not 0.0 < value < 1.0:
         raise InputError(f"threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
     return value
 
@@ -78,15 +85,12 @@ def check_threshold(threshold) -> float | None:
 def check_batch_size(batch_size) -> int | None:
     if batch_size is None:
         return None
-    try:
-        whole = not isinstance(batch_size, bool) and int(batch_size) == batch_size
-    except (TypeError, ValueError):
-        whole = False
-    if not whole:
+    value = _convert(int, batch_size)
+    if value is None or value != batch_size:
         raise InputError(f"batch size {batch_size!r} must be a whole number of slices per forward pass, e.g. 4")
-    if batch_size < 1:
+    if value < 1:
         raise InputError(f"batch size {batch_size} must be at least 1 (slices per forward pass)")
-    return int(batch_size)
+    return value
 
 
 def parse_spacing(spacing) -> tuple[float, ...] | None:
