@@ -23,9 +23,11 @@ from slicer.util import VTKObservationMixin
 
 sys.path.insert(0, os.path.dirname(__file__))  # CLIPSegLib beside this file
 
-DEVICES = ["auto", "cpu", "cuda"]
-AXES = ["auto", "0", "1", "2"]
-PRECISIONS = ["fp32", "bf16"]
+from CLIPSegLib.options import AXES, DEVICES, PRECISIONS  # noqa: E402  (the one copy; torch-free)
+
+# The run options the panel shows (parameter node fields named as the Logic keywords); the others keep defaults.
+# The model determines the engine, so there is no engine choice.
+PANEL_OPTIONS = ("model", "device", "precision", "axis", "threshold", "keepProbabilities")
 
 
 class CLIPSeg(ScriptedLoadableModule):
@@ -60,9 +62,9 @@ class CLIPSegParameterNode:
     outputSegmentation: vtkMRMLSegmentationNode
     prompts: str = "hypoechoic thyroid nodule\nanechoic cyst"
     model: str = ""
-    device: Annotated[str, Choice(DEVICES)] = "auto"
-    precision: Annotated[str, Choice(PRECISIONS)] = "fp32"
-    axis: Annotated[str, Choice(AXES)] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    precision: Annotated[str, Choice(list(PRECISIONS))] = "fp32"
+    axis: Annotated[str, Choice(list(AXES))] = "auto"
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     keepProbabilities: bool = False
 
@@ -228,9 +230,8 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureModel(p.model, ask=True):
                 return
             self._run = self.logic.start(p.inputVolume, promptsFromText(p.prompts), p.outputSegmentation,
-                                         model=p.model or None, device=p.device, axis=p.axis,
-                                         threshold=p.threshold, keepProbabilities=p.keepProbabilities,
-                                         precision=p.precision)
+                                         **{name: getattr(p, name) for name in PANEL_OPTIONS if name != "model"},
+                                         model=p.model or None)
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.enabled = True
             self.ui.progressBar.value = 0
@@ -281,9 +282,12 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
 
     ``model`` is a model id of the catalogue (``availableModels``) or the path to a model .json; it determines the
     engine. The ``engine=`` keyword of scripts written when the panel had an engine choice still works: it must name
-    the model's engine, else the run stops with an error saying so. This process never imports torch, MONAI or
-    open_clip: it checks they are installed (and installs them, after asking) and leaves the work to a background
-    PythonSlicer.
+    the model's engine, else the run stops with an error saying so. Run options are keyword arguments, declared once
+    in CLIPSegLib/options.py (``SegmentOptions``): engine, model, device, precision, axis, threshold, batchSize,
+    keepProbabilities, spacing.
+
+    This process never imports torch, MONAI or open_clip: it checks they are installed (and installs them, after
+    asking) and leaves the work to a background PythonSlicer.
     """
 
     def __init__(self) -> None:
@@ -430,36 +434,37 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         if not self.ensureDependencies(ask=ask):
             raise dependencies.DependencyError(dependencies.missing_message(self.missingPackages()))
 
-    def start(self, volumeNode, prompts, segmentationNode=None, engine=None, model=None, device="auto",
-              axis="auto", threshold=None, keepProbabilities=False, precision="fp32", ask=True):
+    def start(self, volumeNode, prompts, segmentationNode=None, *, options=None, ask=True, **keywords):
         """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel()).
+
+        ``options`` (a CLIPSegLib.options.SegmentOptions; default: all defaults) with ``keywords`` changed: any of
+        its options by name, ``engine``, ``model``, ``device``, ``precision``, ``axis``, ``threshold``,
+        ``batchSize``, ``keepProbabilities``, ``spacing`` (snake_case works too); checked first (InputError).
         ``model``: a catalogue id or a spec path (default: the embedded model); a registry model not on this computer
         is downloaded after asking when ``ask``, else the error names `clipseg models fetch`. ``engine``: optional,
-        must be the model's engine. Missing packages are installed first (asking when ``ask``), else DependencyError
-        names them. ``threshold`` None keeps the model's calibrated probability threshold."""
-        from CLIPSegLib.models import catalogue
-
+        must be the model's engine. ``threshold`` None keeps the model's calibrated probability threshold. Missing
+        packages are installed next (asking when ``ask``), else DependencyError names them."""
         if self._active is not None and self._active.running:
             raise RuntimeError(_("A segmentation is already running; wait for it or cancel it first."))
+        from CLIPSegLib.models import catalogue
+        from CLIPSegLib.options import SegmentOptions
+
+        options = SegmentOptions.from_keywords(options, **keywords)
         if ask:
-            self.ensureModel(model, ask=True)
-        catalogue.resolve(model, engine=engine)  # unknown, a part, not downloaded, another engine: says the fix
+            self.ensureModel(options.model, ask=True)
+        catalogue.resolve(options.model, engine=options.engine)  # unknown, a part, not downloaded, another engine
         self.requireDependencies(ask=ask)
         from CLIPSegLib.scene_run import SceneRun
 
-        run = SceneRun(volumeNode, prompts, segmentationNode, engine=engine, model=model, device=device, axis=axis,
-                       python=self.pythonExecutable(), threshold=threshold, keep_probabilities=keepProbabilities,
-                       precision=precision)
+        run = SceneRun(volumeNode, prompts, segmentationNode, options=options, python=self.pythonExecutable())
         self._active = run.start()
         return run
 
-    def segment(self, volumeNode, prompts, engine=None, model=None, device="auto", axis="auto",
-                segmentationNode=None, threshold=None, wait=True, precision="fp32", keepProbabilities=False,
-                ask=True):
+    def segment(self, volumeNode, prompts, *, segmentationNode=None, wait=True, options=None, ask=True, **keywords):
         """Segment ``prompts`` in ``volumeNode``; with ``wait=True`` returns the segmentation node when done, else
-        the running SceneRun. Missing packages are installed first (asking when ``ask``)."""
-        run = self.start(volumeNode, prompts, segmentationNode, engine=engine, model=model, device=device, axis=axis,
-                         threshold=threshold, keepProbabilities=keepProbabilities, precision=precision, ask=ask)
+        the running SceneRun. Options as in ``start`` (keyword arguments only). Missing packages are installed first
+        (asking when ``ask``)."""
+        run = self.start(volumeNode, prompts, segmentationNode, options=options, ask=ask, **keywords)
         if not wait:
             return run
         while run.running:

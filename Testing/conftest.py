@@ -85,3 +85,28 @@ def registry_model(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(store, "REGISTRY", path)
     monkeypatch.setenv("CLIPSEG_HOME", str(tmp_path / "home"))
     return "tiny-registry", files
+
+
+def _pick(r, items):
+    return items[int(r.integers(len(items)))]
+
+
+# One random value maker per SegmentOptions field (None: the default); test_options checks every field has one.
+OPTION_VALUES = {
+    "model": lambda r: _pick(r, [None, "cliptnseg-phantom-small", "/models/my model v2.json", "-odd-name.json"]),
+    "engine": lambda r: _pick(r, [None, "cliptnseg"]),
+    "device": lambda r: _pick(r, ["auto", "cpu", "cuda", f"cuda:{r.integers(0, 4)}"]),
+    "precision": lambda r: _pick(r, ["fp32", "bf16"]),
+    "axis": lambda r: _pick(r, ["auto", "0", "1", "2"]),
+    "threshold": lambda r: None if r.random() < 0.3 else float(r.uniform(1e-6, 1 - 1e-6)),
+    "batch_size": lambda r: None if r.random() < 0.3 else int(r.integers(1, 65)),
+    "keep_probabilities": lambda r: bool(r.random() < 0.5),
+    "spacing": lambda r: None if r.random() < 0.3 else tuple(float(v) for v in r.uniform(0.01, 5, _pick(r, [1, 3]))),
+}
+
+
+def random_options(r: np.random.Generator):
+    """A SegmentOptions with a random valid value in every field."""
+    from CLIPSegLib.options import SegmentOptions
+
+    return SegmentOptions(**{name: make(r) for name, make in OPTION_VALUES.items()})

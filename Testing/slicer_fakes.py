@@ -293,6 +293,7 @@ def parameterNodeWrapper(cls):
                 del self._guis[tag]
 
     Wrapper.__name__ = cls.__name__
+    Wrapper.hints = hints  # for tests: each field's annotation, with its Choice / WithinRange
     return Wrapper
 
 

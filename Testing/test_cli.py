@@ -340,7 +340,7 @@ def _strict_json(line):
 
 
 def test_json_output_is_strict_nan_and_infinity_become_null(tmp_path, capsys):
-    from CLIPSegLib.evaluation import write_report
+    from CLIPSegLib.reports import write_report
     from CLIPSegLib.progress import Progress
 
     Progress("json").done(score=float("nan"), per_finding={"cyst": [np.float32("inf"), 0.5]}, dice=np.nan)

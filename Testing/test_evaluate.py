@@ -46,6 +46,9 @@ def test_folder_evaluation_scores_every_case_and_finding(tmp_path, tiny_model, c
     assert report["summary"]["cyst"]["dice"]["n"] == 2
     assert report["selectivity"]["pairs"] == 2  # case1: nodule->cyst truth and cyst->nodule truth
     assert report["selectivity"]["swap_floor_max"] == 0.0  # the folder's nodule and cyst do not touch
+    assert {r["status"] for r in rows} <= {"found", "uncertain", "not found"}
+    statuses = [r["status"] for r in rows if r["prompt"] == "thyroid nodule" and not r["present"]]
+    assert report["summary"]["thyroid nodule"]["absent_uncertain_rate"] == statuses.count("uncertain")
     with open(tmp_path / "r.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     md = (tmp_path / "r.md").read_text(encoding="utf-8")
@@ -101,6 +104,32 @@ def test_phantom_evaluation_reports_dice_hd95_nsd_absence_and_swap(tmp_path, tin
     assert dice_rows and all("n too small for an interval" in r or "never present" in r for r in dice_rows)
 
 
+def test_the_model_is_loaded_once_and_every_volume_is_segmented_in_memory_with_the_options(tmp_path, tiny_model,
+                                                                                          capsys, monkeypatch):
+    import CLIPSegLib.imageio as imageio
+    import CLIPSegLib.pipeline as pipeline
+    import CLIPSegLib.segment_file as segment_file
+
+    def no_files(*args, **kwargs):
+        raise AssertionError("the evaluation wrote a file")
+
+    for module, name in ((imageio, "write_volume"), (imageio, "write_segmentation"),
+                         (segment_file, "write_segmentation")):  # no temporary volumes or segmentations any more
+        monkeypatch.setattr(module, name, no_files)
+    loads, calls = [], []
+    load_engine, segment_volume = segment_file.load_engine, pipeline.segment_volume
+    monkeypatch.setattr(segment_file, "load_engine", lambda *a, **k: loads.append(k) or load_engine(*a, **k))
+    monkeypatch.setattr(pipeline, "segment_volume", lambda *a, **k: calls.append(k) or segment_volume(*a, **k))
+    assert main(["evaluate", "--phantoms", "2", "--model", str(tiny_model), "--device", "cpu", "--threshold", "0.4",
+                 "--batch-size", "3", "--axis", "2", "--progress", "none"]) == 0
+    assert len(loads) == 1 and loads[0]["model"] == str(tiny_model) and loads[0]["device"] == "cpu"
+    assert len(calls) == 2 and all(k["presence"] == {"threshold": 0.4} and k["batch_size"] == 3 and k["axis"] == "2"
+                                   for k in calls)
+    assert main(["evaluate", "--phantoms", "1", "--model", str(tiny_model), "--precision", "fp16",
+                 "--progress", "none"]) == 2
+    assert "precision 'fp16' is not one of fp32, bf16" in capsys.readouterr().err
+
+
 def test_phantom_markdown_report_is_a_table(tmp_path, tiny_model, capsys):
     report_path = tmp_path / "heldout.md"
     assert main(["evaluate", "--phantoms", "1", "--seed", "1000", "--model", str(tiny_model), "--device", "cpu",
@@ -143,3 +172,40 @@ def test_prompt_map_from_a_file(tmp_path):
 
     (tmp_path / "map.json").write_text('{"1": " thyroid nodule ", "2": "cyst"}')
     assert parse_prompt_map(str(tmp_path / "map.json")) == {"1": "thyroid nodule", "2": "cyst"}
+
+
+def test_in_memory_phantom_cases_give_the_masks_of_a_clipseg_segment_file_round_trip(tmp_path, capsys, monkeypatch):
+    """The evaluator segments phantom volumes in memory; before, each went through `clipseg segment` on NRRD files
+    and the .seg.nrrd was read back. With the embedded model both give the same masks and decisions, so the same
+    figures."""
+    import CLIPSegLib.pipeline as pipeline
+    from CLIPSegLib.evaluation import PhantomCases, score_case
+    from CLIPSegLib.imageio import read_segment_masks
+    from CLIPSegLib.metrics import case_metrics
+    from CLIPSegLib.options import SegmentOptions
+    from CLIPSegLib.segment_file import load_engine
+
+    results = []
+    segment_volume = pipeline.segment_volume
+    monkeypatch.setattr(pipeline, "segment_volume", lambda *a, **k: results.append(segment_volume(*a, **k))
+                        or results[-1])
+    engine = load_engine(None, device="cpu")
+    cases = list(PhantomCases(2, 1000))
+    assert [c.info["seed"] for c in cases] == [1000, 1001]
+    for case in cases:
+        scored = score_case(case, engine, SegmentOptions(), 2.0)
+        prompts = list(case.prompts.values())
+        volume = write_volume(tmp_path / "case.nrrd", case.image, case.geometry)
+        out = tmp_path / "case.seg.nrrd"
+        argv = ["segment", str(volume), "--output", str(out), "--device", "cpu", "--progress", "json"]
+        assert main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+        done = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        from_file = read_segment_masks(out, prompts)
+        in_memory = results[-1]
+        assert [f.prompt for f in in_memory.findings] == prompts
+        for name, finding in zip(case.prompts, in_memory.findings):
+            assert np.array_equal(finding.mask, from_file[finding.prompt]), (case.id, name)
+            assert finding.status == done["status"][finding.prompt] == scored.rows[name]["status"]
+            metrics = case_metrics(from_file[finding.prompt], case.truth[name], case.geometry.spacing[::-1])
+            assert {k: scored.rows[name][k] for k in metrics} == pytest.approx(metrics, nan_ok=True)
+    assert any(f.found for r in results for f in r.findings)  # the comparison is not between empty masks

@@ -207,6 +207,13 @@ class FakeSceneRun:
     def start(self):
         return self
 
+    @property
+    def running(self):
+        return False
+
+    def cancel(self):
+        pass
+
 
 @pytest.fixture
 def volume():
@@ -228,18 +235,95 @@ def test_console_segment_installs_first_and_names_what_is_missing_when_declined(
     assert len(dialogs.confirmations) == 1 and FakeSceneRun.made == []  # asked, and nothing was started
 
 
-def test_console_segment_passes_precision_and_the_other_options(fakes, monkeypatch, volume):
-    _, module = fakes
+@pytest.fixture
+def no_runs(fakes, monkeypatch):
+    """Nothing to install; the Logic's runs are FakeSceneRuns (recorded, never started)."""
     import CLIPSegLib.scene_run
 
     monkeypatch.setattr(dependencies, "missing", lambda reqs=None: [])
     monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
     FakeSceneRun.made = []
-    run = module.CLIPSegLogic().segment(volume, ["cyst"], device="cpu", threshold=0.3, wait=False,
-                                        precision="bf16", keepProbabilities=True)
-    assert run is FakeSceneRun.made[0]
-    assert run.kwargs["precision"] == "bf16" and run.kwargs["keep_probabilities"] is True
-    assert run.kwargs["device"] == "cpu" and run.kwargs["threshold"] == 0.3
+    return fakes[1]
+
+
+def test_console_segment_takes_every_option_as_a_keyword(no_runs, volume, monkeypatch):
+    """Each SegmentOptions field is a keyword of logic.segment / logic.start, by its Logic (camelCase) name or its
+    snake_case name, and reaches the run unchanged (the random model names are not resolved here: the catalogue has
+    tests of its own)."""
+    from CLIPSegLib.models import catalogue
+    from CLIPSegLib.options import LOGIC_KEYWORDS, SegmentOptions
+
+    monkeypatch.setattr(catalogue, "resolve", lambda model, engine=None: None)
+    monkeypatch.setattr(no_runs.CLIPSegLogic, "ensureModel", lambda self, model, ask=True: True)
+
+    from conftest import random_options
+
+    module = no_runs
+    r = np.random.default_rng(3)
+    for n in range(20):
+        expected = random_options(r)
+        values = {f: getattr(expected, f) for f in vars(expected)}
+        keywords = dict(zip(LOGIC_KEYWORDS, values.values())) if n % 2 else values
+        run = module.CLIPSegLogic().segment(volume, ["cyst"], wait=False, **keywords)
+        assert run is FakeSceneRun.made[-1] and run.kwargs["options"] == expected
+    # the console call of the README, as before options were declared in one place
+    run = module.CLIPSegLogic().segment(volume, ["cyst"], engine="cliptnseg", model=DEFAULT_MODEL, device="cpu",
+                                        axis="auto", threshold=0.3, precision="bf16", keepProbabilities=True,
+                                        wait=False)
+    assert run.kwargs["options"] == SegmentOptions(engine="cliptnseg", model=DEFAULT_MODEL, device="cpu",
+                                                   threshold=0.3, precision="bf16", keep_probabilities=True)
+    options = SegmentOptions(device="cpu", batch_size=2)  # or a whole options object, with changes
+    run = module.CLIPSegLogic().start(volume, ["cyst"], options=options, axis=2)
+    assert run.kwargs["options"] == SegmentOptions(device="cpu", batch_size=2, axis="2")
+
+
+def test_a_bad_or_misspelled_option_is_refused_before_anything_is_installed_or_started(fakes, monkeypatch, volume):
+    from CLIPSegLib.errors import InputError
+
+    dialogs, module = fakes
+    import CLIPSegLib.scene_run
+
+    _installed(monkeypatch, set())
+    monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
+    FakeSceneRun.made = []
+    logic = module.CLIPSegLogic()
+    with pytest.raises(InputError, match=r"unknown option 'keep_probabilites' \(did you mean 'keep_probabilities'"):
+        logic.segment(volume, ["cyst"], keep_probabilites=True, wait=False)
+    with pytest.raises(InputError, match="precision 'fp16' is not one of fp32, bf16"):
+        logic.segment(volume, ["cyst"], precision="fp16", wait=False)
+    assert dialogs.confirmations == [] and FakeSceneRun.made == []
+    with pytest.raises(TypeError):  # migration: options are keyword arguments (engine was the third positional)
+        logic.segment(volume, ["cyst"], "cliptnseg")
+
+
+def test_the_panels_lists_are_the_options_modules(fakes):
+    import typing
+
+    from CLIPSegLib import options
+
+    _, module = fakes
+    choices = {name: next(m.choices for m in typing.get_args(hint)[1:] if hasattr(m, "choices"))
+               for name, hint in module.CLIPSegParameterNode.hints.items()
+               if typing.get_origin(hint) is typing.Annotated and any(hasattr(m, "choices")
+                                                                      for m in typing.get_args(hint)[1:])}
+    assert choices == {"device": list(options.DEVICES),
+                       "precision": list(options.PRECISIONS), "axis": list(options.AXES)}
+    for name in module.PANEL_OPTIONS:  # each option the panel shows is a parameter and a Logic keyword
+        assert name in module.CLIPSegParameterNode.hints and name in options.LOGIC_KEYWORDS
+
+
+def test_apply_runs_with_the_options_set_in_the_panel(no_runs, volume):
+    from CLIPSegLib.options import SegmentOptions
+
+    widget = _widget(no_runs)
+    p = widget._parameterNode
+    p.inputVolume = volume
+    p.device, p.precision, p.axis, p.threshold, p.keepProbabilities = "cpu", "bf16", "1", 0.35, True
+    widget.onApplyButton()
+    assert len(FakeSceneRun.made) == 1 and widget.ui.applyButton.text == "Cancel"
+    assert FakeSceneRun.made[0].kwargs["options"] == SegmentOptions(  # the model decides the engine
+        model=DEFAULT_MODEL, device="cpu", precision="bf16", axis="1", threshold=0.35,
+        keep_probabilities=True)
 
 
 def test_the_device_line_comes_from_the_background_probe(fakes, monkeypatch):
@@ -267,7 +351,7 @@ def test_console_engine_keyword_must_match_the_model(fakes, monkeypatch, volume)
     FakeSceneRun.made = []
     logic = module.CLIPSegLogic()
     run = logic.segment(volume, ["cyst"], engine="cliptnseg", wait=False)  # scripts written for the engine choice
-    assert run.kwargs["engine"] == "cliptnseg" and run.kwargs["model"] is None
+    assert run.kwargs["options"].engine == "cliptnseg" and run.kwargs["options"].model is None
     with pytest.raises(InputError, match="engine 'tgcnet' does not match the model 'cliptnseg-phantom-small'"):
         logic.segment(volume, ["cyst"], engine="tgcnet", wait=False)
     assert len(FakeSceneRun.made) == 1
@@ -291,5 +375,5 @@ def test_a_registry_model_not_downloaded_is_offered_for_download_first(fakes, mo
     fetched = []
     monkeypatch.setattr(store, "fetch", lambda mid, *a, **k: (fetched.append(mid), store.import_files(mid, files)))
     run = logic.segment(volume, ["cyst"], model=model_id, wait=False)
-    assert fetched == [model_id] and run.kwargs["model"] == model_id
+    assert fetched == [model_id] and run.kwargs["options"].model == model_id
     assert logic.ensureModel(model_id) is True and len(dialogs.confirmations) == 2  # here now: not asked again

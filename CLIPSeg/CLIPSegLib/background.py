@@ -15,6 +15,8 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
+from .options import SegmentOptions
+
 
 def parse_event(line: str) -> dict | None:
     """One stdout line -> event dict (``{"event": "progress"|"message"|"done"|"error", ...}``) or None if not JSON."""
@@ -28,22 +30,19 @@ def parse_event(line: str) -> dict | None:
     return event if isinstance(event, dict) and "event" in event else None
 
 
-def segment_command(input_path, prompts, output_path, engine=None, model=None, device="auto", axis="auto",
-                    probabilities=None, python: str | None = None, threshold: float | None = None,
-                    precision: str = "fp32") -> list[str]:
-    """argv for ``python -m CLIPSegLib.cli segment ... --progress json`` (``python``: PythonSlicer in Slicer)."""
+def segment_command(input_path, prompts, output_path, options: SegmentOptions | None = None, *, probabilities=None,
+                    python: str | None = None, **keywords) -> list[str]:
+    """argv for ``python -m CLIPSegLib.cli segment ... --progress json`` (``python``: PythonSlicer in Slicer).
+
+    ``options`` (default: all defaults) with ``keywords`` changed (any ``SegmentOptions`` field) become the command's
+    flags (``SegmentOptions.to_argv``); ``probabilities`` names the file the probabilities are written to."""
+    options = SegmentOptions.from_keywords(options, **keywords)
     cmd = [python or sys.executable, "-m", "CLIPSegLib.cli", "segment", str(input_path), "--output", str(output_path),
-           "--device", device, "--axis", str(axis), "--precision", precision, "--progress", "json"]
+           *options.to_argv(), "--progress", "json"]
     for p in prompts:
         cmd += ["--prompt", p]
-    if engine:
-        cmd += ["--engine", engine]
-    if model:
-        cmd += ["--model", str(model)]
     if probabilities:
         cmd += ["--probabilities", str(probabilities)]
-    if threshold is not None:
-        cmd += ["--threshold", repr(float(threshold))]
     return cmd
 
 

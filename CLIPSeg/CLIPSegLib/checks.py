@@ -1,7 +1,7 @@
 """Input checks that need no torch, so the Slicer process can refuse bad input before it starts a background run.
 
-``clip_backbone.check_prompts`` and the engines use the same checks; the engines take ``PRECISIONS`` from here
-(``engines.contract``).
+``clip_backbone.check_prompts`` and the engines use the same checks. The run options' lists and checks
+(``PRECISIONS``, ``check_precision``, ...) live in ``options``; the two re-exported here are what the engines import.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import unicodedata
 
 from .errors import InputError
-
-PRECISIONS = ("fp32", "bf16")
+from .options import PRECISIONS, check_precision  # noqa: F401  (re-exported: engines.contract imports them from here)
 
 
 def check_prompts(prompts) -> list[str]:
@@ -34,9 +33,3 @@ def check_prompts(prompts) -> list[str]:
         raise InputError(f"duplicate prompts {out}: each finding may be asked once per run")
     return out
 
-
-def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}; use fp32 (exact) or bf16 "
-                         f"(faster on CPUs with AVX-512 BF16 and on GPUs)")
-    return precision

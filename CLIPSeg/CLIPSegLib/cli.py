@@ -12,13 +12,19 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from .options import SegmentOptions, add_arguments
 
-def _add_common(p):
-    p.add_argument("--model", default=None, help="model id (`clipseg models list`) or path to a model .json "
-                                                 "(default: the embedded model)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+
+def _add_common(p, options=("model", "device")):
+    """The run options ``options`` (``options.SegmentOptions`` field names; their flags are declared there) and
+    ``--progress``."""
+    add_arguments(p, options)
     p.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
                    help="progress display: terminal bar, JSON lines on stdout (for Slicer), or none")
+
+
+# The run options `clipseg evaluate` takes: how to segment, not where (no spacing, no probabilities).
+EVALUATE_OPTIONS = ("model", "engine", "device", "precision", "axis", "threshold", "batch_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,22 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="NIfTI, NRRD, MHA, a DICOM folder, or PNG/JPEG")
     s.add_argument("--prompt", action="append", required=True, help="a finding, e.g. 'thyroid nodule' (repeatable)")
     s.add_argument("--output", required=True, help="OUT.seg.nrrd (one segment per prompt) or OUT.nii.gz (label map)")
-    s.add_argument("--engine", default=None, help="engine id (default: the model's engine): cliptnseg")
-    s.add_argument("--axis", default="auto", choices=("auto", "0", "1", "2"),
-                   help="slice axis as voxel axis 0=I, 1=J, 2=K (auto: the thickest-spaced axis, else K)")
-    s.add_argument("--spacing", default=None, metavar="MM|I,J,K",
-                   help="voxel size in mm replacing the file's: one value for a picture's pixel size (PNG/JPEG have "
-                        "none: 1.0 mm is used, DPI is ignored) or I,J,K for a volume with a wrong header")
-    s.add_argument("--probabilities", default=None, help="also write per-prompt probabilities (NRRD/NIfTI)")
-    s.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold of the masks (default: the model's calibrated value)")
-    s.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="fp32 (exact) or bf16 autocast: ~1.8x faster for the paper-size network on CPUs with AVX-512 "
-                        "BF16 and on GPUs; masks within Dice ~0.99 of fp32")
-    s.add_argument("--batch-size", type=int, default=None,
-                   help="slices per forward pass (default on CPU: about 4 x 128^2 input pixels, e.g. 4 slices at "
-                        "128 px and 1 at 352 px, as larger batches are slower per slice there; 16 on CUDA)")
-    _add_common(s)
+    s.add_argument("--probabilities", default=None, help="also write per-prompt probabilities (NRRD/NIfTI) to this "
+                                                         "file")
+    _add_common(s, options=None)  # every run option
 
     d = sub.add_parser("demo", help="segment a phantom volume with the embedded model; writes .seg.nrrd and a PNG")
     d.add_argument("--output-dir", default="demo_output")
@@ -54,12 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score a model on labelled data or on held-out phantoms")
     e.add_argument("--data", default=None, help="CSV (image,mask,phrase) or folder with images/ and labels/")
     e.add_argument("--prompt-map", default=None, help="JSON mapping label values to prompts, or a .json file")
-    e.add_argument("--engine", default=None, help="engine id (default: the model's engine)")
     e.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm")
     e.add_argument("--phantoms", type=int, default=40, help="number of phantom volumes (when no --data)")
     e.add_argument("--seed", type=int, default=1000, help="first seed (training seeds start at 10,000,000)")
     e.add_argument("--report", default=None, help="write the report: .json (all), .csv (per case) or .md (summary)")
-    _add_common(e)
+    _add_common(e, EVALUATE_OPTIONS)
 
     t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export")
     t.add_argument("--output-dir", default="build/models",
@@ -109,9 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_segment(a, progress):
     from .segment_file import segment_file
 
-    result = segment_file(a.input, a.prompt, a.output, model=a.model, engine=a.engine, device=a.device,
-                          axis=a.axis, probabilities=a.probabilities, progress=progress, batch_size=a.batch_size,
-                          threshold=a.threshold, precision=a.precision, spacing=a.spacing)
+    result = segment_file(a.input, a.prompt, a.output, SegmentOptions.from_args(a), probabilities=a.probabilities,
+                          progress=progress)
     progress.done(output=str(a.output), found={f.prompt: f.found for f in result.findings},
                   status={f.prompt: f.status for f in result.findings},
                   findings=[f.event() for f in result.findings], out_of_domain=result.domain_warning is not None)
@@ -122,7 +113,7 @@ def _cmd_segment(a, progress):
 def _cmd_demo(a, progress):
     from .demo import run_demo
 
-    out = run_demo(Path(a.output_dir), seed=a.seed, model=a.model, device=a.device, progress=progress)
+    out = run_demo(Path(a.output_dir), seed=a.seed, options=SegmentOptions.from_args(a), progress=progress)
     print(f"volume:       {out['volume']}\nsegmentation: {out['segmentation']}\noverlay:      {out['overlay']}")
     for prompt, d in out["dice"].items():
         print(f"Dice {prompt!r:30s} {d:.3f}")
@@ -130,23 +121,23 @@ def _cmd_demo(a, progress):
 
 def _cmd_evaluate(a, progress):
     from . import evaluation as ev
+    from .reports import check_report_path, write_any_report
+    from .segment_file import load_engine
 
+    options = SegmentOptions.from_args(a)
     ev.check_evaluate_args(None if a.data else a.phantoms, a.tolerance_mm)
     if a.report:
-        ev.check_report_path(Path(a.report))
+        check_report_path(Path(a.report))
     if a.data:
-        from .segment_file import load_engine
-
         prompt_map = ev.parse_prompt_map(a.prompt_map) if a.prompt_map else None
-        cases = ev.load_cases(Path(a.data), prompt_map)
-        report = ev.evaluate_dataset(cases, load_engine(a.model, a.engine, a.device), a.tolerance_mm, progress)
-        text = ev.format_dataset_summary(report)
+        source = ev.LabelledCases(Path(a.data), prompt_map)
     else:
-        report = ev.evaluate_phantoms(a.phantoms, a.seed, model=a.model, device=a.device, progress=progress,
-                                      tolerance_mm=a.tolerance_mm)
-        text = ev.format_summary(report["summary"])
+        source = ev.PhantomCases(a.phantoms, a.seed)
+    engine = load_engine(**options.engine_arguments(), notify=progress.message)
+    report = ev.evaluate(source, engine, options, a.tolerance_mm, progress)
+    text = source.format(report)
     if a.report:
-        ev.write_any_report(Path(a.report), report, text)
+        write_any_report(Path(a.report), report, text)
     print(text)
     if a.report:
         print(f"\nreport: {a.report}")

@@ -8,6 +8,7 @@ import numpy as np
 
 from .imageio import Geometry, write_volume
 from .metrics import dice
+from .options import SegmentOptions
 from .phantoms import make_phantom
 from .progress import Progress
 from .segment_file import segment_file
@@ -65,7 +66,10 @@ def overlay_png(path: Path, image_kji: np.ndarray, masks: dict[str, np.ndarray],
     return path
 
 
-def run_demo(output_dir: Path, seed: int = 7, model=None, device="auto", progress: Progress | None = None) -> dict:
+def run_demo(output_dir: Path, seed: int = 7, options: SegmentOptions | None = None, progress: Progress | None = None,
+             **keywords) -> dict:
+    """Segment a phantom volume (``options`` with ``keywords`` changed: any ``SegmentOptions`` field) and write it,
+    its segmentation and an overlay PNG to ``output_dir``; -> their paths and the Dice of each prompt."""
     from .imageio import SEGMENT_COLORS
 
     progress = progress or Progress("bar")
@@ -76,7 +80,7 @@ def run_demo(output_dir: Path, seed: int = 7, model=None, device="auto", progres
     volume_path = write_volume(output_dir / "phantom.nrrd", ph.image, geometry)
     seg_path = output_dir / "phantom.seg.nrrd"
     prompts = [DEMO_PROMPTS[f] for f in ph.findings]
-    result = segment_file(volume_path, prompts, seg_path, model=model, device=device, progress=progress)
+    result = segment_file(volume_path, prompts, seg_path, options, progress=progress, **keywords)
     scores = {}
     for f, fr in zip(ph.findings, result.findings):
         scores[fr.prompt] = dice(fr.mask, ph.masks[f])

@@ -1,29 +1,38 @@
-"""Held-out phantom evaluation through the real command line path (``clipseg segment`` on files).
+"""Score a model on labelled cases: one evaluator (``evaluate``) over two case sources.
 
-For each volume (seeds ``seed .. seed+n-1``, ``phantoms.random_volume_phantom``), one prompt per finding type is
-asked (a random phrasing), whether the finding is present or not. Reported:
-  - Dice per finding type over the volumes where it is present (foreground Dice, MONAI): mean, median, 95% bootstrap
-    CI (none below ``metrics.MIN_CI_CASES`` cases: the report says "n too small for an interval"); HD95 and NSD in
-    mm likewise (over the volumes where something was segmented: both need two surfaces);
-  - absent-finding empty rate: fraction of (volume, absent finding) whose segment is empty;
-  - prompt swap: for volumes with two or more findings, Dice of finding A's segment with finding B's truth; beside
-    it the same for A's truth (what a perfect segment scores: findings may share voxels) and A's segment against the
-    voxels of B that are not A's (``metrics.swap_dice``).
+A ``Case`` is an image ``[K,J,I]`` with its geometry, the prompt asked for each finding, each finding's truth mask
+and which findings are absent. Sources: ``PhantomCases`` (held-out phantom volumes by seed, one random phrasing per
+finding type, asked whether present or not) and ``LabelledCases`` (your data: a folder of images + label maps, or a
+CSV of binary masks). The caller loads the engine once; each case is segmented in memory by
+``pipeline.segment_volume`` with the run's ``SegmentOptions``, as ``clipseg segment`` does on a file (a test checks
+that the masks are the same as a ``clipseg segment`` file round trip).
+
+Scored per (case, finding) with ``metrics.case_metrics`` (foreground Dice, IoU, HD95 and NSD in mm, false-positive
+volume) and the finding's status (found / uncertain / not found); per case the prompt swap (``metrics.swap_dice``:
+finding A's segment against finding B's truth, beside what A's truth scores there and the same outside the voxels
+A's truth holds). Each source summarises the rows in its report (``reports`` formats and writes them):
+  - phantoms: per finding type Dice mean, median, 95% bootstrap CI (none below ``metrics.MIN_CI_CASES`` cases),
+    HD95 and NSD over the volumes where it is present; over all absent (volume, finding) pairs the share left empty,
+    flagged UNCERTAIN, and found with confidence though absent; the prompt-swap figures; one row per volume;
+  - labelled data: the same figures per prompt, with IoU and the absent false-positive rate and volume; one row
+    per (case, prompt) (see ``CONVENTIONS``).
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .imageio import Geometry, read_segment_masks, write_volume
-from .metrics import MIN_CI_CASES, format_mean_ci, swap_dice
+from .errors import ClipSegError, InputError
+from .imageio import Geometry
+from .metrics import MIN_CI_CASES, swap_dice
+from .options import SegmentOptions
 from .phantoms import FINDINGS, PHRASES, random_volume_phantom
 from .progress import Progress
+from .reports import format_dataset_summary, format_summary
 
 
 def check_evaluate_args(n_phantoms: int | None = None, tolerance_mm: float | None = None) -> None:
@@ -36,123 +45,96 @@ def check_evaluate_args(n_phantoms: int | None = None, tolerance_mm: float | Non
                          f"(e.g. 2)")
 
 
-def _segment_quietly(args: list[str], what: str) -> dict:
-    """Run ``clipseg segment`` (``cli.main``, ``--progress json``) with its stdout and stderr captured: an evaluation
-    prints only its report. Returns the run's ``done`` event (each prompt's status). On failure the captured output
-    is shown and the error re-raised with the same exit code."""
-    import contextlib
-    import io
-    import sys
+@dataclass
+class Case:
+    """One labelled image. ``image``: ``[K,J,I]`` intensities; ``prompts``: finding name (the report's key) -> the
+    text asked, in the order asked; ``truth``: finding name -> bool ``[K,J,I]`` (all False where absent);
+    ``absent``: the findings not in the image; ``info``: what the source's per-case report row starts with."""
 
-    from . import errors
-    from .cli import main as cli_main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main(args + ["--progress", "json"])
-    if code == 0:
-        events = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
-        return next((e for e in events if e.get("event") == "done"), {})
-    sys.stderr.write(err.getvalue())
-    kinds = {c.exit_code: c for c in (errors.ClipSegError, errors.InputError, errors.ModelError, errors.DeviceError,
-                                      errors.Cancelled)}
-    if code not in kinds:  # a bug: its traceback was just shown
-        raise RuntimeError(f"clipseg segment failed with exit code {code} on {what}")
-    lines = [line for line in err.getvalue().splitlines() if line.strip()]
-    detail = lines[-1].removeprefix("clipseg: error: ") if lines else f"exit code {code}"
-    raise kinds[code](f"segmenting {what} failed: {detail}")
+    id: str
+    image: np.ndarray
+    geometry: Geometry
+    prompts: dict[str, str]
+    truth: dict[str, np.ndarray]
+    absent: frozenset[str]
+    info: dict = field(default_factory=dict)
 
 
-def evaluate_phantoms(n: int, seed: int, model=None, device="auto", progress: Progress | None = None,
-                      tolerance_mm: float = 2.0) -> dict:
-    from .metrics import case_metrics, summarize
+@dataclass
+class Scored:
+    """A case after segmentation: ``rows``: finding name -> {"prompt", "present", "status", ``case_metrics``...};
+    ``swaps``: ``metrics.swap_dice`` of each ordered pair of present findings."""
 
-    check_evaluate_args(n, tolerance_mm)
-    progress = progress or Progress("bar")
-    rng = np.random.default_rng(seed)
-    per_case, empties, uncertain, swaps = [], [], [], []
-    scores: dict[str, list[dict]] = {f: [] for f in FINDINGS}
-    nsd_key = f"nsd_{tolerance_mm:g}mm"
-    with tempfile.TemporaryDirectory() as tmp:
-        for v in range(n):
-            ph = random_volume_phantom(seed + v)
-            geometry = Geometry.axis_aligned(ph.spacing)
-            vol = write_volume(Path(tmp) / "case.nrrd", ph.image, geometry)
-            prompts = [str(rng.choice(PHRASES[f])) for f in FINDINGS]
-            out = Path(tmp) / "case.seg.nrrd"
-            args = ["segment", str(vol), "--output", str(out), "--device", device]
-            for p in prompts:
-                args += ["--prompt", p]
-            if model:
-                args += ["--model", str(model)]
-            status = _segment_quietly(args, f"phantom seed {seed + v}").get("status", {})
-            by_prompt = read_segment_masks(out, prompts)
-            pred = {f: by_prompt[p] for f, p in zip(FINDINGS, prompts)}
-            case = {"seed": seed + v, "present": ph.findings, "prompts": dict(zip(FINDINGS, prompts))}
-            for f in FINDINGS:
-                if f in ph.masks:
-                    m = case_metrics(pred[f], ph.masks[f], ph.spacing, tolerance_mm)
-                    scores[f].append(m)
-                    case.update({f"dice_{f}": m["dice"], f"hd95_mm_{f}": m["hd95_mm"], f"{nsd_key}_{f}": m[nsd_key]})
-                else:
-                    empties.append(not pred[f].any())
-                    case[f"empty_{f}"] = bool(not pred[f].any())
-                    case[f"status_{f}"] = status.get(prompts[FINDINGS.index(f)])
-                    uncertain.append(case[f"status_{f}"] == "uncertain")
-            for a in ph.findings:
-                for b in ph.findings:
-                    if a != b:
-                        swaps.append(swap_dice(pred[a], ph.masks[a], ph.masks[b]))
-            per_case.append(case)
-            progress.update("evaluating phantom volumes", v + 1, n)
-    summary = {
-        "volumes": n, "seeds": [seed, seed + n - 1],
-        "dice_mean": {f: float(np.mean([m["dice"] for m in s])) if s else None for f, s in scores.items()},
-        "dice_cases": {f: len(s) for f, s in scores.items()},
-        "dice": {f: summarize([m["dice"] for m in s]) for f, s in scores.items()},
-        "hd95_mm": {f: summarize([m["hd95_mm"] for m in s]) for f, s in scores.items()},
-        nsd_key: {f: summarize([m[nsd_key] for m in s]) for f, s in scores.items()},
-        "absent_empty_rate": float(np.mean(empties)) if empties else None,
-        "absent_cases": len(empties),
-        # absent findings given a segment flagged UNCERTAIN (the user is told to check it), and the confident ones
-        "absent_uncertain_rate": float(np.mean(uncertain)) if uncertain else None,
-        "absent_confident_false_rate": float(np.mean([not e and not u for e, u in zip(empties, uncertain)]))
-        if empties else None,
-        **swap_summary(swaps),
-    }
-    return {"summary": summary, "cases": per_case}
+    id: str
+    info: dict
+    rows: dict[str, dict]
+    swaps: list[dict]
 
 
-def format_summary(s: dict) -> str:
-    """The phantom summary: a heading line, a Markdown table (one row per finding type) and the absence and
-    prompt-swap lines; printed by ``clipseg evaluate`` and written as its ``.md`` report."""
-    nsd_key = next((k for k in s if k.startswith("nsd_")), None)
-    nsd_name = nsd_key.replace("_", " ").replace("nsd", "NSD") if nsd_key else "NSD"
-    lines = [f"held-out phantom volumes: {s['volumes']} (seeds {s['seeds'][0]}..{s['seeds'][1]})", "",
-             f"| finding | n | Dice mean [95% CI] | median | HD95 mm | {nsd_name} | n (HD95, NSD) |",
-             "|---|---|---|---|---|---|---|"]
+def score_case(case: Case, engine, options: SegmentOptions, tolerance_mm: float) -> Scored:
+    """Segment ``case`` (every prompt in one ``segment_volume`` call) and score each finding against its truth."""
+    from .metrics import case_metrics
+    from .pipeline import segment_volume
 
-    def f(x, digits=3):
-        return "n/a" if x is None else f"{x:.{digits}f}"
+    names = list(case.prompts)
+    try:
+        result = segment_volume(engine, case.image, case.geometry, [case.prompts[f] for f in names],
+                                **options.pipeline_arguments())
+    except ClipSegError as e:
+        raise type(e)(f"segmenting {case.id} failed: {e}") from e
+    spacing_kji = tuple(case.geometry.spacing[::-1])
+    masks = {name: finding.mask for name, finding in zip(names, result.findings)}
+    rows = {name: {"prompt": case.prompts[name], "present": name not in case.absent, "status": finding.status,
+                   **case_metrics(finding.mask, case.truth[name], spacing_kji, tolerance_mm)}
+            for name, finding in zip(names, result.findings)}
+    present = [f for f in names if f not in case.absent]
+    swaps = [swap_dice(masks[a], case.truth[a], case.truth[b]) for a in present for b in present if a != b]
+    return Scored(case.id, dict(case.info), rows, swaps)
 
-    for name in s["dice_mean"]:
-        d = s["dice"][name]
-        if not d["n"]:
-            lines.append(f"| {name} | 0 | n/a (never present) | | | | |")
-            continue
-        hd, ns = s["hd95_mm"][name], s[nsd_key][name]
-        lines.append(f"| {name} | {d['n']} | {format_mean_ci(d)} | {f(d['median'])} | {f(hd['mean'], 2)} | "
-                     f"{f(ns['mean'])} | {hd['n']} |")
-    lines.append("")
-    if s["absent_empty_rate"] is not None:
-        line = f"absent finding -> empty segment: {s['absent_empty_rate']:.1%} of {s['absent_cases']}"
-        if s.get("absent_uncertain_rate") is not None:
-            line += (f"; flagged UNCERTAIN: {s['absent_uncertain_rate']:.1%}; confidently found though absent: "
-                     f"{s['absent_confident_false_rate']:.1%}")
-        lines.append(line)
-    if s["swap_dice_mean"] is not None:
-        lines.append(swap_line(s).strip())
-    return "\n".join(lines).rstrip()
+
+def evaluate(source, engine, options: SegmentOptions | None = None, tolerance_mm: float = 2.0,
+             progress: Progress | None = None) -> dict:
+    """Segment and score every case of ``source`` (``PhantomCases`` or ``LabelledCases``) with ``engine`` (loaded
+    once by the caller) and ``options``; -> the source's report."""
+    check_evaluate_args(tolerance_mm=tolerance_mm)
+    options = options or SegmentOptions()
+    progress = progress or Progress("none")
+    scored = []
+    for n, case in enumerate(source):
+        scored.append(score_case(case, engine, options, tolerance_mm))
+        progress.update(source.stage, n + 1, len(source))
+    return source.report(scored, tolerance_mm)
+
+
+# --- summaries ------------------------------------------------------------------------------------------------------
+
+def _mean(values) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def finding_summary(rows: list[dict], nsd_key: str) -> dict:
+    """The rows of one finding -> bootstrap summaries (``metrics.summarize``) of Dice, IoU, HD95 and NSD over the
+    rows where it is present, and the absence figures (``absent_summary``) over the others."""
+    from .metrics import summarize
+
+    present = [r for r in rows if r["present"]]
+    return {"dice": summarize([r["dice"] for r in present]), "iou": summarize([r["iou"] for r in present]),
+            "hd95_mm": summarize([r["hd95_mm"] for r in present]),
+            nsd_key: summarize([r[nsd_key] for r in present]),
+            **absent_summary([r for r in rows if not r["present"]])}
+
+
+def absent_summary(rows: list[dict]) -> dict:
+    """Rows of absent findings -> how many; the share left empty and its complement with the mean false-positive
+    volume; the share flagged UNCERTAIN (kept but the user is told to check it) and the share found with confidence
+    though absent (None without rows)."""
+    empty = [r["pred_voxels"] == 0 for r in rows]
+    uncertain = [r["status"] == "uncertain" for r in rows]
+    return {"absent_cases": len(rows), "absent_empty_rate": _mean(empty),
+            "absent_false_positive_rate": _mean([not e for e in empty]),
+            "absent_false_positive_mm3_mean": _mean([r["false_positive_mm3"] for r in rows]),
+            "absent_uncertain_rate": _mean(uncertain),
+            "absent_confident_false_rate": _mean([not e and not u for e, u in zip(empty, uncertain)])}
 
 
 def swap_summary(swaps: list[dict]) -> dict:
@@ -160,23 +142,65 @@ def swap_summary(swaps: list[dict]) -> dict:
     out = {"swap_pairs": len(swaps)}
     for key, name in (("dice", "swap_dice"), ("floor", "swap_floor"), ("unshared", "swap_unshared")):
         values = [w[key] for w in swaps]
-        out[f"{name}_mean"] = float(np.mean(values)) if values else None
+        out[f"{name}_mean"] = _mean(values)
         out[f"{name}_max"] = float(np.max(values)) if values else None
     return out
 
 
-def swap_line(s: dict) -> str:
-    return (f"  prompt swap: Dice with the other finding's truth mean {s['swap_dice_mean']:.3f}, max "
-            f"{s['swap_dice_max']:.3f} over {s['swap_pairs']} pairs (the truth itself: max {s['swap_floor_max']:.3f}, "
-            f"findings share voxels); outside the shared voxels mean {s['swap_unshared_mean']:.3f}, "
-            f"max {s['swap_unshared_max']:.3f}")
+# --- held-out phantom volumes ---------------------------------------------------------------------------------------
 
+class PhantomCases:
+    """Phantom volumes of seeds ``seed .. seed+n-1`` (``phantoms.random_volume_phantom``), each asked one random
+    phrasing (seeded by ``seed``) of every finding type, present or not."""
 
-def write_report(path: Path, report: dict) -> None:
-    from .progress import json_safe
+    stage = "evaluating phantom volumes"
 
-    # strict JSON: NaN (e.g. the HD95 of an empty mask) becomes null, as bare NaN is not JSON
-    Path(path).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    def __init__(self, n: int, seed: int):
+        check_evaluate_args(n)
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        for seed in range(self.seed, self.seed + self.n):
+            ph = random_volume_phantom(seed)
+            prompts = {f: str(rng.choice(PHRASES[f])) for f in FINDINGS}
+            empty = np.zeros(ph.image.shape, bool)
+            yield Case(f"phantom seed {seed}", ph.image, Geometry.axis_aligned(ph.spacing), prompts,
+                       {f: ph.masks.get(f, empty) for f in FINDINGS}, frozenset(FINDINGS) - set(ph.masks),
+                       {"seed": seed, "present": ph.findings, "prompts": prompts})
+
+    def report(self, scored: list[Scored], tolerance_mm: float) -> dict:
+        """-> {"summary": figures per finding type and over all volumes, "cases": one row per volume}."""
+        nsd_key = f"nsd_{tolerance_mm:g}mm"
+        cases = []
+        for s in scored:
+            row = dict(s.info)
+            for f, r in s.rows.items():
+                if r["present"]:
+                    row.update({f"dice_{f}": r["dice"], f"hd95_mm_{f}": r["hd95_mm"], f"{nsd_key}_{f}": r[nsd_key]})
+                else:
+                    row.update({f"empty_{f}": r["pred_voxels"] == 0, f"status_{f}": r["status"]})
+            cases.append(row)
+        per = {f: finding_summary([s.rows[f] for s in scored], nsd_key) for f in FINDINGS}
+        dice = {f: [s.rows[f]["dice"] for s in scored if s.rows[f]["present"]] for f in FINDINGS}
+        absent = absent_summary([r for s in scored for r in s.rows.values() if not r["present"]])
+        summary = {
+            "volumes": self.n, "seeds": [self.seed, self.seed + self.n - 1],
+            "dice_mean": {f: _mean(d) for f, d in dice.items()},
+            "dice_cases": {f: len(d) for f, d in dice.items()},
+            **{key: {f: per[f][key] for f in FINDINGS} for key in ("dice", "hd95_mm", nsd_key)},
+            **{key: absent[key] for key in ("absent_empty_rate", "absent_cases", "absent_uncertain_rate",
+                                            "absent_confident_false_rate")},
+            **swap_summary([w for s in scored for w in s.swaps]),
+        }
+        return {"summary": summary, "cases": cases}
+
+    @staticmethod
+    def format(report: dict) -> str:
+        return format_summary(report["summary"])
 
 
 # --- your own labelled data -----------------------------------------------------------------------------------------
@@ -276,98 +300,56 @@ def load_cases(data: Path, prompt_map: dict | None = None) -> list[dict]:
     raise InputError(f"--data {data} is neither a CSV nor a folder")
 
 
-def evaluate_dataset(cases: list[dict], engine, tolerance_mm: float = 2.0, progress: Progress | None = None) -> dict:
-    """Segment every case with every prompt of the dataset and score it (see CONVENTIONS)."""
-    from .imageio import check_same_grid, read_image
-    from .metrics import case_metrics, summarize
-    from .pipeline import segment_volume
+class LabelledCases:
+    """Your labelled images (``load_cases``: a folder with a prompt map, or a CSV), read one at a time. Every case
+    is asked every prompt of the data set (sorted); a prompt without truth in a case is absent there."""
 
-    progress = progress or Progress("none")
-    prompts = sorted({p for c in cases for p in c["truth"]})
-    rows, swaps = [], []
-    for n, case in enumerate(cases):
-        volume, geometry = read_image(case["image"])
-        spacing_kji = tuple(geometry.spacing[::-1])
-        truths, files = {}, {}
-        for prompt in prompts:
-            t = case["truth"].get(prompt)
-            if t is None:
-                truths[prompt] = np.zeros(volume.shape, bool)
-                continue
-            if t[1] not in files:  # a label map names several findings: read it once
-                files[t[1]] = read_image(t[1])
-                check_same_grid(*files[t[1]], volume, geometry, t[1], case["image"])
-            arr = files[t[1]][0]
-            truths[prompt] = arr > 0 if t[0] == "mask" else np.rint(arr) == t[2]
-        result = segment_volume(engine, volume, geometry, prompts)
-        for f in result.findings:
-            rows.append({"case": case["id"], "prompt": f.prompt, "present": bool(truths[f.prompt].any()),
-                         **case_metrics(f.mask, truths[f.prompt], spacing_kji, tolerance_mm)})
-        present = [p for p in prompts if truths[p].any()]
-        for f in result.findings:
-            if f.prompt in present:
-                swaps += [swap_dice(f.mask, truths[f.prompt], truths[other]) for other in present if other != f.prompt]
-        progress.update("evaluating cases", n + 1, len(cases))
-    nsd_key = f"nsd_{tolerance_mm:g}mm"
-    summary = {}
-    for prompt in prompts:
-        pr = [r for r in rows if r["prompt"] == prompt and r["present"]]
-        ab = [r for r in rows if r["prompt"] == prompt and not r["present"]]
-        summary[prompt] = {
-            "dice": summarize([r["dice"] for r in pr]), "iou": summarize([r["iou"] for r in pr]),
-            "hd95_mm": summarize([r["hd95_mm"] for r in pr]), nsd_key: summarize([r[nsd_key] for r in pr]),
-            "absent_cases": len(ab),
-            "absent_false_positive_rate": float(np.mean([r["pred_voxels"] > 0 for r in ab])) if ab else None,
-            "absent_false_positive_mm3_mean": float(np.mean([r["false_positive_mm3"] for r in ab])) if ab else None,
-        }
-    selectivity = {"prompt_swap_dice": summarize([w["dice"] for w in swaps]), "pairs": len(swaps),
-                   **swap_summary(swaps)}
-    return {"conventions": CONVENTIONS, "summary": summary, "selectivity": selectivity, "cases": rows}
+    stage = "evaluating cases"
 
+    def __init__(self, data: Path, prompt_map: dict | None = None):
+        self.cases = load_cases(data, prompt_map)
+        self.prompts = sorted({p for c in self.cases for p in c["truth"]})
 
-def format_dataset_summary(report: dict) -> str:
-    lines = ["| finding | n | Dice mean [95% CI] | median | IoU | HD95 mm | NSD | absent FP rate (n) |",
-             "|---|---|---|---|---|---|---|---|"]
+    def __len__(self) -> int:
+        return len(self.cases)
 
-    def f(x):
-        return "n/a" if x is None else f"{x:.3f}"
+    def __iter__(self):
+        from .imageio import check_same_grid, read_image
 
-    for prompt, s in report["summary"].items():
-        nsd_key = next(k for k in s if k.startswith("nsd_"))
-        lines.append(f"| {prompt} | {s['dice']['n']} | {format_mean_ci(s['dice'])} | {f(s['dice']['median'])} | "
-                     f"{f(s['iou']['mean'])} | {f(s['hd95_mm']['mean'])} | {f(s[nsd_key]['mean'])} | "
-                     f"{f(s['absent_false_positive_rate'])} ({s['absent_cases']}) |")
-    sel = report["selectivity"]
-    swap = swap_line(sel).strip() + "." if sel["pairs"] else "prompt swap: no image holds two findings."
-    lines.append(f"\n{swap}\n\n{report['conventions']}")
-    return "\n".join(lines)
+        for case in self.cases:
+            volume, geometry = read_image(case["image"])
+            truth, files = {}, {}
+            for prompt in self.prompts:
+                t = case["truth"].get(prompt)
+                if t is None:
+                    truth[prompt] = np.zeros(volume.shape, bool)
+                    continue
+                if t[1] not in files:  # a label map names several findings: read it once
+                    files[t[1]] = read_image(t[1])
+                    check_same_grid(*files[t[1]], volume, geometry, t[1], case["image"])
+                arr = files[t[1]][0]
+                truth[prompt] = arr > 0 if t[0] == "mask" else np.rint(arr) == t[2]
+            yield Case(case["id"], volume, geometry, {p: p for p in self.prompts}, truth,
+                       frozenset(p for p in self.prompts if not truth[p].any()), {"case": case["id"]})
 
+    def report(self, scored: list[Scored], tolerance_mm: float) -> dict:
+        """-> {"conventions", "summary": figures per prompt, "selectivity": prompt swap, "cases": one row per (case,
+        prompt)}."""
+        from .metrics import summarize
 
-def write_any_report(path: Path, report: dict, markdown: str) -> None:
-    """.json: everything; .csv: one row per (case, finding); .md: the summary table."""
-    import csv
+        nsd_key = f"nsd_{tolerance_mm:g}mm"
+        rows = [{**s.info, **r} for s in scored for r in s.rows.values()]
+        keys = ("dice", "iou", "hd95_mm", nsd_key, "absent_cases", "absent_false_positive_rate",
+                "absent_false_positive_mm3_mean", "absent_uncertain_rate", "absent_confident_false_rate")
+        summary = {}
+        for prompt in self.prompts:
+            s = finding_summary([r for r in rows if r["prompt"] == prompt], nsd_key)
+            summary[prompt] = {k: s[k] for k in keys}
+        swaps = [w for s in scored for w in s.swaps]
+        selectivity = {"prompt_swap_dice": summarize([w["dice"] for w in swaps]), "pairs": len(swaps),
+                       **swap_summary(swaps)}
+        return {"conventions": CONVENTIONS, "summary": summary, "selectivity": selectivity, "cases": rows}
 
-    path = check_report_path(Path(path))
-    if path.suffix == ".json":
-        write_report(path, report)
-    elif path.suffix == ".csv":
-        rows = report["cases"]
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-    else:
-        path.write_text(markdown + "\n", encoding="utf-8")
-
-
-def check_report_path(path: Path) -> Path:
-    """Fail before any work if a report cannot be written there: a .json, .csv or .md name in an existing folder."""
-    if path.suffix not in (".json", ".csv", ".md"):
-        raise InputError(f"--report {path}: use a .json, .csv or .md file name")
-    if not path.parent.is_dir():
-        raise InputError(f"report folder {path.parent} does not exist; create it first")
-    from .imageio import check_writable_folder
-
-    check_writable_folder(path.parent, "--report")  # before the evaluation, not after it
-    return path
+    @staticmethod
+    def format(report: dict) -> str:
+        return format_dataset_summary(report)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorruptFileError, InputError
+from .options import parse_spacing
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # also RAS -> LPS (its own inverse)
 SEGMENTATION_SUFFIXES = (".seg.nrrd",)
@@ -475,23 +476,6 @@ def is_picture(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(PICTURE_SUFFIXES)
 
 
-def parse_spacing(spacing) -> tuple[float, ...] | None:
-    """``--spacing``: one value (mm per pixel along I and J) or three (mm along I, J, K), as text ``"0.3"`` /
-    ``"0.5,0.5,2"`` or numbers; None stays None. Each must be a positive finite number."""
-    if spacing is None:
-        return None
-    values = spacing.replace(" ", "").split(",") if isinstance(spacing, str) else \
-        list(spacing) if isinstance(spacing, (tuple, list)) else [spacing]
-    try:
-        out = tuple(float(v) for v in values)
-    except ValueError:
-        out = ()
-    if len(out) not in (1, 3) or not all(np.isfinite(v) and v > 0 for v in out):
-        raise InputError(f"--spacing {spacing!r} must be one positive size in mm (pixel size along I and J, e.g. "
-                         f"0.3) or three separated by commas (along I, J, K, e.g. 0.5,0.5,2)")
-    return out
-
-
 def read_image(path: str | os.PathLike, spacing=None) -> tuple[np.ndarray, Geometry]:
     """Read an image file or DICOM folder -> (float32 ``[K,J,I]``, Geometry).
 
@@ -553,6 +537,17 @@ def label_names_path(path: str | os.PathLike) -> Path:
     name = path.name
     suffix = next(s for s in LABELMAP_SUFFIXES if name.lower().endswith(s))
     return path.with_name(name[: len(name) - len(suffix)] + ".labels.csv")
+
+
+def probabilities_path(path: str | os.PathLike) -> Path:
+    """Where the probabilities go beside an output when no file is named for them: ``scan.seg.nrrd`` ->
+    ``scan.probabilities.nrrd``, ``scan.nii.gz`` -> ``scan.probabilities.nii.gz``."""
+    path = Path(path)
+    name = path.name
+    if output_kind(path) == "segmentation":
+        return path.with_name(name[: len(name) - len(".seg.nrrd")] + ".probabilities.nrrd")
+    suffix = next(s for s in LABELMAP_SUFFIXES if name.lower().endswith(s))
+    return path.with_name(name[: len(name) - len(suffix)] + ".probabilities" + name[len(name) - len(suffix):])
 
 
 def output_files(path: str | os.PathLike) -> list[Path]:

@@ -24,11 +24,10 @@ from .checks import check_prompts
 from .domain import check_domain, domain_message, slice_features
 from .errors import DeviceError, InputError
 from .imageio import Geometry, array_axis_of, check_volume
+from .options import AXES
 from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, suppress_exclusive, with_rivals
 from .preprocessing import INTENSITIES, fit_slices, unfit_slices
 from .progress import Progress
-
-AXES = ("auto", "0", "1", "2")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

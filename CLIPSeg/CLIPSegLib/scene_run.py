@@ -15,10 +15,11 @@ import tempfile
 from pathlib import Path
 
 from .background import BackgroundRun, segment_command
-from .checks import check_precision, check_prompts
+from .checks import check_prompts
 from .errors import Cancelled, ClipSegError, InputError
 from .imageio import read_probabilities, read_segment_masks, write_volume
 from .mrml_bridge import masks_to_segmentation, volume_to_array
+from .options import SegmentOptions
 
 LIB_PARENT = str(Path(__file__).resolve().parents[1])  # the folder holding CLIPSegLib/
 
@@ -33,15 +34,17 @@ def child_environment(device: str = "auto") -> dict:
 
 
 class SceneRun:
-    def __init__(self, volume_node, prompts, segmentation_node=None, engine=None, model=None, device="auto",
-                 axis="auto", python: str | None = None, threshold: float | None = None,
-                 keep_probabilities: bool = False, precision: str = "fp32"):
+    """``options`` (a ``SegmentOptions``; default: all defaults) with ``keywords`` changed (any of its fields, by
+    name or Slicer Logic name: ``device="cpu"``, ``keep_probabilities=True``) say how to segment; they are checked
+    here, before anything starts (InputError)."""
+
+    def __init__(self, volume_node, prompts, segmentation_node=None, *, options: SegmentOptions | None = None,
+                 python: str | None = None, **keywords):
         self.volume_node = volume_node
         self.prompts = check_prompts(prompts)
         self.segmentation_node = segmentation_node
-        self.engine, self.model, self.device, self.axis, self.python = engine, model, device, axis, python
-        self.threshold, self.keep_probabilities = threshold, keep_probabilities
-        self.precision = check_precision(precision)
+        self.options = SegmentOptions.from_keywords(options, **keywords)
+        self.python = python
         self.run: BackgroundRun | None = None
         self.tmp: Path | None = None
         self.probability_nodes: list = []
@@ -56,11 +59,10 @@ class SceneRun:
         self.tmp = Path(tempfile.mkdtemp(prefix="clipseg-"))
         try:
             write_volume(self.tmp / "input.nrrd", volume, geometry)
-            probs = self.tmp / "probabilities.nrrd" if self.keep_probabilities else None
-            argv = segment_command(self.tmp / "input.nrrd", self.prompts, self.tmp / "output.seg.nrrd", self.engine,
-                                   self.model, self.device, self.axis, probs, python=self.python,
-                                   threshold=self.threshold, precision=self.precision)
-            self.run = BackgroundRun(argv, env=child_environment(self.device))
+            probs = self.tmp / "probabilities.nrrd" if self.options.keep_probabilities else None
+            argv = segment_command(self.tmp / "input.nrrd", self.prompts, self.tmp / "output.seg.nrrd", self.options,
+                                   probabilities=probs, python=self.python)
+            self.run = BackgroundRun(argv, env=child_environment(self.options.device))
         except BaseException:
             self.cleanup()
             raise
@@ -96,7 +98,7 @@ class SceneRun:
         """Read every output file first, so an unreadable one leaves the scene as it was."""
         masks = read_segment_masks(seg_path, self.prompts)
         probabilities = read_probabilities(self.tmp / "probabilities.nrrd", len(self.prompts)) \
-            if self.keep_probabilities else None
+            if self.options.keep_probabilities else None
         scene = self.volume_node.GetScene()
         node = self.segmentation_node
         if node is None or node.GetScene() is None:

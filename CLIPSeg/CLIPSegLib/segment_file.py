@@ -6,12 +6,14 @@ work; outputs are written atomically, so a failed run leaves no output file behi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from .checks import check_prompts
 from .errors import InputError
-from .imageio import (atomic_paths, check_output_path, is_picture, output_files, parse_spacing, read_image,
+from .imageio import (atomic_paths, check_output_path, is_picture, output_files, probabilities_path, read_image,
                       write_probabilities, write_segmentation)
+from .options import SegmentOptions
 from .pipeline import SegmentationResult, resolve_device, segment_volume
 from .progress import Progress
 
@@ -37,22 +39,27 @@ def load_engine(model: str | None = None, engine: str | None = None, device: str
     return create_engine(spec, dev, engine, precision)
 
 
-def segment_file(input_path, prompts, output, model=None, engine=None, device="auto", axis="auto",
-                 probabilities=None, progress: Progress | None = None, batch_size: int | None = None,
-                 engine_instance=None, cancel=None, threshold: float | None = None,
-                 precision: str = "fp32", spacing=None) -> SegmentationResult:
-    """Segment ``prompts`` in ``input_path`` and write ``output`` (+ optional ``probabilities``).
+def segment_file(input_path, prompts, output, options: SegmentOptions | None = None, *, probabilities=None,
+                 progress: Progress | None = None, engine_instance=None, cancel=None,
+                 **keywords) -> SegmentationResult:
+    """Segment ``prompts`` in ``input_path`` and write ``output`` (+ the probabilities when ``probabilities`` names
+    a file or the options keep them: then beside ``output``, ``imageio.probabilities_path``).
 
-    ``spacing``: mm per voxel replacing the file's (``imageio.parse_spacing``: one value for I and J, or I,J,K);
-    a picture without it has 1.0 mm pixels."""
+    ``options`` (default: all defaults) with ``keywords`` changed: any ``SegmentOptions`` field, e.g.
+    ``device="cpu"``, ``spacing="0.3"`` (mm per voxel replacing the file's: one value for I and J, or I,J,K; a
+    picture without it has 1.0 mm pixels). ``engine_instance``: an engine already loaded (the model options are then
+    not used)."""
+    options = SegmentOptions.from_keywords(options, **keywords)
     progress = progress or Progress("none")
     prompts = check_prompts(prompts)
-    spacing = parse_spacing(spacing)
     output = check_output_path(output, what="--output")
+    if options.keep_probabilities and not probabilities:
+        probabilities = probabilities_path(output)
     named = [("--output", f) for f in output_files(output)]
     if probabilities:
         named.append(("--probabilities", check_output_path(probabilities, kinds=("labelmap",),
                                                            what="--probabilities")))
+        options = replace(options, keep_probabilities=True)
     source = Path(input_path).resolve()
     for option, file in named:
         if file.resolve() == source:
@@ -63,20 +70,17 @@ def segment_file(input_path, prompts, output, model=None, engine=None, device="a
         raise InputError(f"--probabilities must be a different file from the outputs of --output "
                          f"({', '.join(str(f) for f in files[:-1])})")
     probabilities = files[-1] if probabilities else None
-    if threshold is not None and not 0.0 < threshold < 1.0:
-        raise InputError(f"threshold {threshold} must be between 0 and 1 (exclusive), e.g. 0.5")
-    volume, geometry = read_image(input_path, spacing)
-    if is_picture(input_path) and spacing is None:
+    volume, geometry = read_image(input_path, options.spacing)
+    if is_picture(input_path) and options.spacing is None:
         progress.message(f"{Path(input_path).name} is a picture: it has no physical pixel size (a DPI is ignored), so "
                          f"pixels are taken as 1.0 mm; the found / not-found rules measure findings in mm, so give "
                          f"--spacing MM with the real pixel size when you know it")
-    elif spacing is not None:
+    elif options.spacing is not None:
         progress.message(f"voxel spacing set by --spacing to {', '.join(f'{v:g}' for v in geometry.spacing)} mm "
                          f"(I, J, K); the outputs carry it too")
-    eng = engine_instance or load_engine(model, engine, device, precision, notify=progress.message)
-    presence = {"threshold": threshold} if threshold is not None else None
-    result = segment_volume(eng, volume, geometry, prompts, axis=axis, batch_size=batch_size, presence=presence,
-                            keep_probabilities=bool(probabilities), progress=progress, cancel=cancel)
+    eng = engine_instance or load_engine(**options.engine_arguments(), notify=progress.message)
+    result = segment_volume(eng, volume, geometry, prompts, **options.pipeline_arguments(), progress=progress,
+                            cancel=cancel)
     if result.domain_warning:
         progress.message(result.domain_warning)
     for f in result.findings:
