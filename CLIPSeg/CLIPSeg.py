@@ -313,7 +313,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def pythonProblem() -> str:
         """Why this Slicer cannot run CLIPSeg (its Python is too old, naming the Slicer version needed), or ''."""
-        from CLIPSegLib import dependencies
+        from CLIPSegLib.slicer import dependencies
 
         try:
             dependencies.check_python()
@@ -324,8 +324,8 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     def startDeviceProbe(self):
         """Start a background PythonSlicer that reports whether torch sees a CUDA GPU (a BackgroundRun to poll);
         None while torch is not installed."""
-        from CLIPSegLib import dependencies
-        from CLIPSegLib.background import BackgroundRun, device_probe_command
+        from CLIPSegLib.slicer import dependencies
+        from CLIPSegLib.slicer.background import BackgroundRun, device_probe_command
 
         if not dependencies.is_installed("torch"):
             return None
@@ -334,7 +334,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     def deviceDescription(self, probe=None) -> str:
         """One line for the panel: PyTorch missing, the GPU found by ``probe`` (see startDeviceProbe), or still
         checking. Never imports torch."""
-        from CLIPSegLib import dependencies
+        from CLIPSegLib.slicer import dependencies
 
         if not dependencies.is_installed("torch"):
             return _("PyTorch not installed yet (installed at first Apply)")
@@ -373,7 +373,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
 
     def missingPackages(self) -> list:
         """The requirements CLIPSeg declares (Resources/requirements.txt) whose module is not installed."""
-        from CLIPSegLib import dependencies
+        from CLIPSegLib.slicer import dependencies
 
         return dependencies.missing()
 
@@ -383,7 +383,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         DependencyError on a Slicer too old for them or when the installation fails."""
         import importlib
 
-        from CLIPSegLib import dependencies
+        from CLIPSegLib.slicer import dependencies
 
         dependencies.check_python()
         missing = self.missingPackages()
@@ -414,7 +414,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _installTorch(requirements) -> None:
         """torch (+ torchvision) at the declared version: through the PyTorch extension if present, else pip."""
-        from CLIPSegLib import dependencies
+        from CLIPSegLib.slicer import dependencies
 
         try:
             import PyTorchUtils
@@ -429,13 +429,13 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
 
     def requireDependencies(self, ask: bool = True) -> None:
         """ensureDependencies, raising DependencyError that names what is missing when they are still not there."""
-        from CLIPSegLib import dependencies
+        from CLIPSegLib.slicer import dependencies
 
         if not self.ensureDependencies(ask=ask):
             raise dependencies.DependencyError(dependencies.missing_message(self.missingPackages()))
 
     def start(self, volumeNode, prompts, segmentationNode=None, *, options=None, ask=True, **keywords):
-        """Start a background run; returns a CLIPSegLib.scene_run.SceneRun (poll it, then finish() or cancel()).
+        """Start a background run; returns a CLIPSegLib.slicer.scene_run.SceneRun (poll it, then finish() or cancel()).
 
         ``options`` (a CLIPSegLib.options.SegmentOptions; default: all defaults) with ``keywords`` changed: any of
         its options by name, ``engine``, ``model``, ``device``, ``precision``, ``axis``, ``threshold``,
@@ -454,7 +454,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
             self.ensureModel(options.model, ask=True)
         catalogue.resolve(options.model, engine=options.engine)  # unknown, a part, not downloaded, another engine
         self.requireDependencies(ask=ask)
-        from CLIPSegLib.scene_run import SceneRun
+        from CLIPSegLib.slicer.scene_run import SceneRun
 
         run = SceneRun(volumeNode, prompts, segmentationNode, options=options, python=self.pythonExecutable())
         self._active = run.start()
@@ -500,9 +500,9 @@ class CLIPSegTest(ScriptedLoadableModuleTest):
         self.assertTrue(logic.ensureDependencies(ask=False))
         self.assertEqual(logic.missingPackages(), [])
 
-        from CLIPSegLib.metrics import dice
-        from CLIPSegLib.mrml_bridge import segment_to_array
-        from CLIPSegLib.phantoms import make_phantom
+        from CLIPSegLib.evaluation.metrics import dice
+        from CLIPSegLib.slicer.mrml_bridge import segment_to_array
+        from CLIPSegLib.synthetic.phantoms import make_phantom
 
         self.delayDisplay("Segmenting a phantom volume in the background process")
         ph = make_phantom((16, 256, 256), spacing=(0.8, 0.25, 0.25), seed=501, findings=("nodule", "cyst"))

@@ -30,7 +30,7 @@ TINY_SPEC = {
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Path to the spec JSON of a random-weight CLIP-TNseg model (safetensors + SHA-256, as exported)."""
-    from CLIPSegLib.engines.cliptnseg import build_network
+    from CLIPSegLib.engines.cliptnseg.network import build_network
     from CLIPSegLib.models import write_spec
 
     torch.manual_seed(0)
@@ -44,8 +44,9 @@ OBLIQUE = ((0.0, -1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
 @pytest.fixture
 def phantom_file(tmp_path):
     """A small phantom volume written as NRRD with non-identity direction and origin: (path, phantom, geometry)."""
-    from CLIPSegLib.imageio import Geometry, write_volume
-    from CLIPSegLib.phantoms import make_phantom
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.io.outputs import write_volume
+    from CLIPSegLib.synthetic.phantoms import make_phantom
 
     ph = make_phantom((6, 48, 40), spacing=(1.5, 0.7, 0.6), seed=3, findings=("nodule", "cyst"))
     geometry = Geometry((0.6, 0.7, 1.5), (10.0, -20.0, 5.0), OBLIQUE)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from CLIPSegLib.background import BackgroundRun, parse_event, segment_command
+from CLIPSegLib.slicer.background import BackgroundRun, parse_event, segment_command
 
 
 def test_parse_event_accepts_only_json_events():
@@ -91,7 +91,7 @@ class _Popen:
 def test_on_windows_no_console_window_flashes_up(monkeypatch):
     import subprocess
 
-    from CLIPSegLib import background
+    from CLIPSegLib.slicer import background
 
     _Popen.calls = []
     monkeypatch.setattr(subprocess, "Popen", _Popen)
@@ -109,7 +109,7 @@ def test_on_windows_no_console_window_flashes_up(monkeypatch):
 def test_the_device_probe_reports_what_torch_sees():
     import torch
 
-    from CLIPSegLib.background import device_probe_command
+    from CLIPSegLib.slicer.background import device_probe_command
 
     run = BackgroundRun(device_probe_command())
     assert run.wait(120) == 0, run.error_text()

@@ -1,7 +1,7 @@
 """The presence calibration's search on hand-made components: what it keeps, what it drops, and which gate wins."""
 
-from CLIPSegLib.calibration import evaluate_rule, search_gate_and_rule, search_rule
-from CLIPSegLib.postprocess import Component
+from CLIPSegLib.training.calibration import evaluate_rule, search_gate_and_rule, search_rule
+from CLIPSegLib.inference.postprocess import Component
 
 
 def _c(label, voxels, peak, extent_mm, area, mean=0.95):
@@ -62,11 +62,12 @@ def test_a_phrase_outside_the_phantom_findings_trains_and_calibrates(tmp_path):
     import numpy as np
     import torch
 
-    from CLIPSegLib.calibration import calibrate_presence
-    from CLIPSegLib.datasets import FolderTriples
-    from CLIPSegLib.engines.cliptnseg import build_network
-    from CLIPSegLib.imageio import Geometry, write_volume
-    from CLIPSegLib.training import train_segmenter
+    from CLIPSegLib.training.calibration import calibrate_presence
+    from CLIPSegLib.training.datasets import FolderTriples
+    from CLIPSegLib.engines.cliptnseg.network import build_network
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.io.outputs import write_volume
+    from CLIPSegLib.training.cliptnseg_recipe import train_segmenter
 
     from conftest import TINY_SPEC
 

@@ -7,7 +7,8 @@ import pytest
 
 from CLIPSegLib.cli import main
 from CLIPSegLib.errors import InputError, ModelError
-from CLIPSegLib.models import DEFAULT_MODEL, catalogue, load_spec, store
+from CLIPSegLib.models import DEFAULT_MODEL, load_spec
+from CLIPSegLib.models import catalogue, store
 
 
 def _segment(phantom_file, tmp_path, model, *extra):

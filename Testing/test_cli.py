@@ -90,7 +90,7 @@ def test_bad_input_exits_nonzero_with_a_clear_message_and_no_output(phantom_file
     elif case == "bad engine":
         args += ["--engine", "medclip"]
     elif case == "nan":
-        from CLIPSegLib.imageio import write_volume
+        from CLIPSegLib.io.outputs import write_volume
 
         img = ph.image.copy()
         img[0, 0, 0] = np.inf
@@ -113,7 +113,7 @@ def test_output_that_is_the_input_is_refused_and_the_input_kept(phantom_file, ti
 
 def test_a_late_failure_keeps_the_files_that_were_there_and_exits_70(phantom_file, tiny_model, tmp_path, capsys,
                                                                      monkeypatch):
-    import CLIPSegLib.segment_file as sf
+    import CLIPSegLib.inference.segment_file as sf
 
     def broken_write(*args, **kwargs):
         raise RuntimeError("simulated failure while writing probabilities")
@@ -136,7 +136,7 @@ def test_a_late_failure_keeps_the_files_that_were_there_and_exits_70(phantom_fil
 def test_a_full_disk_is_a_clear_error_not_a_bug(phantom_file, tiny_model, tmp_path, capsys, monkeypatch):
     import errno
 
-    import CLIPSegLib.segment_file as sf
+    import CLIPSegLib.inference.segment_file as sf
 
     def full_disk(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -269,7 +269,7 @@ def _unwritable_folder(tmp_path, kind):
                                          ("--probabilities", "probs.nrrd")])
 def test_an_unwritable_output_folder_is_refused_before_the_model_runs(phantom_file, tiny_model, tmp_path, capsys,
                                                                       monkeypatch, kind, option, name):
-    import CLIPSegLib.segment_file as sf
+    import CLIPSegLib.inference.segment_file as sf
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the output folder was checked")
@@ -299,7 +299,7 @@ def test_output_given_as_a_folder_says_a_file_name_is_expected(phantom_file, tin
 def test_a_pictures_dpi_is_not_its_pixel_size_and_spacing_sets_it(tiny_model, tmp_path, capsys):
     from PIL import Image
 
-    from CLIPSegLib.imageio import read_image
+    from CLIPSegLib.io.read import read_image
 
     picture = Image.fromarray((np.random.default_rng(2).random((40, 48)) * 255).astype(np.uint8))
     for dpi in (300, 72):
@@ -340,7 +340,7 @@ def _strict_json(line):
 
 
 def test_json_output_is_strict_nan_and_infinity_become_null(tmp_path, capsys):
-    from CLIPSegLib.reports import write_report
+    from CLIPSegLib.evaluation.reports import write_report
     from CLIPSegLib.progress import Progress
 
     Progress("json").done(score=float("nan"), per_finding={"cyst": [np.float32("inf"), 0.5]}, dice=np.nan)
@@ -352,7 +352,7 @@ def test_json_output_is_strict_nan_and_infinity_become_null(tmp_path, capsys):
 
 def test_an_interrupted_run_reports_a_json_error_event_and_exits_130(phantom_file, tiny_model, tmp_path, capsys,
                                                                      monkeypatch):
-    import CLIPSegLib.segment_file as sf
+    import CLIPSegLib.inference.segment_file as sf
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -369,7 +369,7 @@ def test_an_interrupted_run_reports_a_json_error_event_and_exits_130(phantom_fil
 
 
 def test_a_folder_where_a_file_is_expected_says_what_is_expected(phantom_file, tiny_model, tmp_path, capsys):
-    from CLIPSegLib.imageio import write_volume
+    from CLIPSegLib.io.outputs import write_volume
 
     path, ph, geometry = phantom_file
     base = ["segment", path, "--prompt", "cyst", "--output", tmp_path / "o.seg.nrrd", "--device", "cpu",

@@ -35,7 +35,8 @@ def test_a_closed_stdout_pipe_ends_quietly_not_as_a_disk_error(tmp_path):
 
 def test_segment_prints_only_its_own_lines_on_stderr(phantom_file, tiny_model, tmp_path):
     """Library noise (MONAI's divide-by-zero warning on a constant image, FutureWarnings, ITK warnings) is off."""
-    from CLIPSegLib.imageio import Geometry, write_volume
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.io.outputs import write_volume
 
     path, _, _ = phantom_file
     constant = write_volume(tmp_path / "constant.nrrd", np.full((3, 16, 16), 7.0, np.float32),

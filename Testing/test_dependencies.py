@@ -9,8 +9,8 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from setuptools.config.pyprojecttoml import read_configuration
 
-from CLIPSegLib import dependencies
-from CLIPSegLib.dependencies import DependencyError, check_python
+from CLIPSegLib.slicer import dependencies
+from CLIPSegLib.slicer.dependencies import DependencyError, check_python
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ def _ct_like(shape=(6, 128, 128), seed=0):
 def test_features_tell_speckle_from_smooth_tissue():
     import torch
 
-    from CLIPSegLib.domain import check_domain, pipeline_slices, volume_features
-    from CLIPSegLib.phantoms import random_volume_phantom
+    from CLIPSegLib.inference.domain import check_domain, pipeline_slices, volume_features
+    from CLIPSegLib.synthetic.phantoms import random_volume_phantom
 
     domain = {"features": {"speckle": [0.057, 0.5], "dark_fraction": [0.0, 0.072], "median": [0.31, 1.12]}}
     phantom = volume_features(pipeline_slices(random_volume_phantom(1000).image, 0, 128))
@@ -30,8 +30,9 @@ def test_features_tell_speckle_from_smooth_tissue():
 
 def test_embedded_model_flags_a_ct_like_image_but_not_a_held_out_phantom(tmp_path, capsys):
     from CLIPSegLib.cli import main
-    from CLIPSegLib.imageio import Geometry, write_volume
-    from CLIPSegLib.phantoms import make_phantom
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.io.outputs import write_volume
+    from CLIPSegLib.synthetic.phantoms import make_phantom
 
     ph = make_phantom((8, 160, 160), spacing=(0.8, 0.25, 0.25), seed=1001, findings=("nodule",))
     write_volume(tmp_path / "us.nrrd", ph.image, Geometry.axis_aligned(ph.spacing))
@@ -55,7 +56,7 @@ def test_embedded_model_flags_a_ct_like_image_but_not_a_held_out_phantom(tmp_pat
 
 def test_bf16_on_a_cpu_without_native_bf16_runs_in_fp32_and_says_so(tiny_model, tmp_path, monkeypatch):
     from CLIPSegLib.engines import contract as base
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.inference.segment_file import load_engine
 
     (tmp_path / "old").write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")
     (tmp_path / "new").write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n")

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from CLIPSegLib.metrics import dice
+from CLIPSegLib.evaluation.metrics import dice
 from CLIPSegLib.models import DEFAULT_MODEL, load_spec
-from CLIPSegLib.phantoms import make_phantom
-from CLIPSegLib.pipeline import segment_volume
-from CLIPSegLib.imageio import Geometry
+from CLIPSegLib.synthetic.phantoms import make_phantom
+from CLIPSegLib.inference.pipeline import segment_volume
+from CLIPSegLib.io.geometry import Geometry
 
 
 @pytest.fixture(scope="module")
 def engine():
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.inference.segment_file import load_engine
 
     return load_engine(None, device="cpu")
 
@@ -70,7 +70,7 @@ def test_demo_writes_segmentation_overlay_and_dice(tmp_path):
 
 
 def test_bf16_gives_the_same_findings_as_fp32():
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.inference.segment_file import load_engine
 
     ph = make_phantom((12, 256, 256), spacing=(0.8, 0.25, 0.25), seed=506, findings=("nodule", "calcification"))
     prompts = ["thyroid nodule", "cyst", "calcification"]

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from CLIPSegLib.clip_backbone import check_prompts, tokenize
+from CLIPSegLib.engines.clip_backbone import check_prompts, tokenize
 from CLIPSegLib.engines import check_engine, create_engine
-from CLIPSegLib.engines.cliptnseg import build_network
+from CLIPSegLib.engines.cliptnseg.network import build_network
 from CLIPSegLib.errors import InputError
 from CLIPSegLib.models import load_spec
 
@@ -111,7 +111,7 @@ def test_unknown_engine_suggests_the_closest(tiny_model):
 def test_the_readings_are_what_the_text_tower_gets():
     """read_prompt keeps exactly the tokens open_clip's tokenize keeps, and says when it cut the prompt; the embedded
     model reads 16 tokens (14 of the prompt), so a long description of a nodule is cut and reported so."""
-    from CLIPSegLib.clip_backbone import read_prompt
+    from CLIPSegLib.engines.clip_backbone import read_prompt
 
     text = "a large hypoechoic solid thyroid nodule with irregular margins and punctate microcalcifications"
     for context in (8, 16, 77):

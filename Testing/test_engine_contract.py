@@ -11,10 +11,10 @@ import torch
 from CLIPSegLib.engines import ENGINES, create_engine
 from CLIPSegLib.engines.contract import Engine, Preprocessing, PromptReading, PromptState
 from CLIPSegLib.errors import InputError, ModelError, UnsupportedError
-from CLIPSegLib.imageio import Geometry
+from CLIPSegLib.io.geometry import Geometry
 from CLIPSegLib.models import load_spec
-from CLIPSegLib.pipeline import segment_volume
-from CLIPSegLib.preprocessing import FITS, fit_slices, unfit_slices
+from CLIPSegLib.inference.pipeline import segment_volume
+from CLIPSegLib.inference.preprocessing import FITS, fit_slices, unfit_slices
 
 
 class ThresholdEngine(Engine):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from CLIPSegLib.cli import main
-from CLIPSegLib.imageio import Geometry, write_volume
-from CLIPSegLib.metrics import dice
-from CLIPSegLib.phantoms import make_phantom
+from CLIPSegLib.io.geometry import Geometry
+from CLIPSegLib.io.outputs import write_volume
+from CLIPSegLib.evaluation.metrics import dice
+from CLIPSegLib.synthetic.phantoms import make_phantom
 
 G = Geometry((0.5, 0.5, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
 
@@ -73,7 +74,7 @@ def test_csv_data_and_bad_arguments(tmp_path, tiny_model, capsys):
 def test_phantom_evaluation_reports_dice_hd95_nsd_absence_and_swap(tmp_path, tiny_model, capsys):
     import json
 
-    from CLIPSegLib.phantoms import random_volume_phantom
+    from CLIPSegLib.synthetic.phantoms import random_volume_phantom
 
     report_path = tmp_path / "heldout.json"
     assert main(["evaluate", "--phantoms", "2", "--seed", "1000", "--model", str(tiny_model), "--device", "cpu",
@@ -106,9 +107,9 @@ def test_phantom_evaluation_reports_dice_hd95_nsd_absence_and_swap(tmp_path, tin
 
 def test_the_model_is_loaded_once_and_every_volume_is_segmented_in_memory_with_the_options(tmp_path, tiny_model,
                                                                                           capsys, monkeypatch):
-    import CLIPSegLib.imageio as imageio
-    import CLIPSegLib.pipeline as pipeline
-    import CLIPSegLib.segment_file as segment_file
+    import CLIPSegLib.io.outputs as imageio
+    import CLIPSegLib.inference.pipeline as pipeline
+    import CLIPSegLib.inference.segment_file as segment_file
 
     def no_files(*args, **kwargs):
         raise AssertionError("the evaluation wrote a file")
@@ -168,7 +169,7 @@ def test_malformed_prompt_map_is_an_input_error_with_an_example(tmp_path, tiny_m
 
 
 def test_prompt_map_from_a_file(tmp_path):
-    from CLIPSegLib.evaluation import parse_prompt_map
+    from CLIPSegLib.evaluation.evaluator import parse_prompt_map
 
     (tmp_path / "map.json").write_text('{"1": " thyroid nodule ", "2": "cyst"}')
     assert parse_prompt_map(str(tmp_path / "map.json")) == {"1": "thyroid nodule", "2": "cyst"}
@@ -178,12 +179,12 @@ def test_in_memory_phantom_cases_give_the_masks_of_a_clipseg_segment_file_round_
     """The evaluator segments phantom volumes in memory; before, each went through `clipseg segment` on NRRD files
     and the .seg.nrrd was read back. With the embedded model both give the same masks and decisions, so the same
     figures."""
-    import CLIPSegLib.pipeline as pipeline
-    from CLIPSegLib.evaluation import PhantomCases, score_case
-    from CLIPSegLib.imageio import read_segment_masks
-    from CLIPSegLib.metrics import case_metrics
+    import CLIPSegLib.inference.pipeline as pipeline
+    from CLIPSegLib.evaluation.evaluator import PhantomCases, score_case
+    from CLIPSegLib.io.outputs import read_segment_masks
+    from CLIPSegLib.evaluation.metrics import case_metrics
     from CLIPSegLib.options import SegmentOptions
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.inference.segment_file import load_engine
 
     results = []
     segment_volume = pipeline.segment_volume

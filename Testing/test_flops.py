@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from CLIPSegLib.flops import count_flops
+from CLIPSegLib.engines.flops import count_flops
 
 
 def test_attention_layer_flops_match_the_hand_count():

@@ -4,8 +4,10 @@ import SimpleITK as sitk
 import slicerio
 
 from CLIPSegLib.errors import InputError
-from CLIPSegLib.imageio import (Geometry, check_output_path, read_image, read_probabilities, read_segment_masks,
-                                write_probabilities, write_segmentation, write_volume)
+from CLIPSegLib.io.geometry import Geometry
+from CLIPSegLib.io.outputs import (check_output_path, read_probabilities, read_segment_masks, write_probabilities,
+                                   write_segmentation, write_volume)
+from CLIPSegLib.io.read import read_image
 
 from conftest import OBLIQUE, assert_no_partial_files
 
@@ -146,7 +148,7 @@ def test_a_dicom_series_with_a_missing_slice_is_refused_without_itk_noise(tmp_pa
 
 
 def test_zero_sized_axis_is_refused():
-    from CLIPSegLib.imageio import check_volume
+    from CLIPSegLib.io.geometry import check_volume
 
     with pytest.raises(InputError, match="empty axis"):
         check_volume(np.zeros((0, 4, 5)))
@@ -163,7 +165,7 @@ def test_output_path_checks(tmp_path):
 
 
 def test_a_mask_on_another_grid_is_refused_with_the_fix():
-    from CLIPSegLib.imageio import Geometry, check_same_grid
+    from CLIPSegLib.io.geometry import Geometry, check_same_grid
 
     image = np.zeros((4, 5, 6))
     grid = Geometry((0.5, 0.5, 2.0), (10.0, 20.0, 30.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from CLIPSegLib.metrics import case_metrics, dice, false_positive_volume, hd95, iou, nsd, summarize
+from CLIPSegLib.evaluation.metrics import case_metrics, dice, false_positive_volume, hd95, iou, nsd, summarize
 
 
 def masks():
@@ -61,7 +61,7 @@ def test_summary_mean_median_and_bootstrap_ci():
 
 
 def test_too_few_cases_give_no_interval_but_say_why():
-    from CLIPSegLib.metrics import MIN_CI_CASES, format_mean_ci
+    from CLIPSegLib.evaluation.metrics import MIN_CI_CASES, format_mean_ci
 
     s = summarize([0.913, 0.950])  # was reported as 0.931 [0.931, 0.931]
     assert s["ci95"] is None and s["ci95_reason"] == f"n too small for an interval: 2 < {MIN_CI_CASES}"
@@ -73,7 +73,7 @@ def test_too_few_cases_give_no_interval_but_say_why():
 
 
 def test_prompt_swap_figures_separate_shared_voxels_from_real_confusion():
-    from CLIPSegLib.metrics import swap_dice
+    from CLIPSegLib.evaluation.metrics import swap_dice
 
     nodule = np.zeros((1, 10, 10), bool)
     nodule[0, 2:8, 2:8] = True  # 36 voxels

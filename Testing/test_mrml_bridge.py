@@ -6,8 +6,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make test`; CI always has it")
 
 from CLIPSegLib.errors import InputError  # noqa: E402
-from CLIPSegLib.mrml_bridge import (ensure_segmentation_support, masks_to_segmentation, segment_to_array,  # noqa: E402
-                                    volume_to_array)
+from CLIPSegLib.slicer.mrml_bridge import (ensure_segmentation_support, masks_to_segmentation, segment_to_array,
+                                           volume_to_array)
 
 OBLIQUE_RAS = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
 
@@ -122,7 +122,7 @@ def test_a_segmentation_made_from_a_surface_model_takes_the_masks_and_keeps_its_
 
 
 def test_probability_volumes_show_with_window_level_0_to_1_and_a_heat_map(scene):
-    from CLIPSegLib.mrml_bridge import array_to_volume_node, show_as_probability
+    from CLIPSegLib.slicer.mrml_bridge import array_to_volume_node, show_as_probability
 
     colors = slicer.vtkMRMLColorLogic()  # adds the colour tables the Slicer app has (kept alive while used)
     colors.SetMRMLScene(scene)
@@ -170,9 +170,9 @@ def test_pipeline_result_lands_in_the_scene_with_the_cli_geometry(scene, tiny_mo
     """Same volume through the file path (CLI writer) and the MRML path gives the same voxels and RAS placement."""
     import slicerio
 
-    from CLIPSegLib.imageio import write_segmentation
-    from CLIPSegLib.pipeline import segment_volume
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.io.outputs import write_segmentation
+    from CLIPSegLib.inference.pipeline import segment_volume
+    from CLIPSegLib.inference.segment_file import load_engine
 
     rng = np.random.default_rng(0)
     node = _volume(scene, rng.random((3, 32, 32)).astype(np.float32))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from CLIPSegLib import options as opt
-from CLIPSegLib.background import segment_command
+from CLIPSegLib.slicer.background import segment_command
 from CLIPSegLib.cli import build_parser, main
 from CLIPSegLib.errors import InputError
 from CLIPSegLib.options import SegmentOptions
@@ -107,7 +107,8 @@ def test_the_command_line_refuses_bad_options_with_exit_code_2_before_reading_an
 
 
 def test_one_copy_of_each_list():
-    from CLIPSegLib import checks, engines, pipeline
+    from CLIPSegLib import checks, engines
+    from CLIPSegLib.inference import pipeline
 
     assert opt.ENGINES == tuple(engines.ENGINES)  # the registry's builders and the panel's names agree
     assert pipeline.AXES is opt.AXES and checks.PRECISIONS is opt.PRECISIONS
@@ -115,7 +116,7 @@ def test_one_copy_of_each_list():
 
 
 def test_keep_probabilities_writes_them_beside_the_output(phantom_file, tiny_model, tmp_path, capsys):
-    from CLIPSegLib.imageio import probabilities_path, read_probabilities
+    from CLIPSegLib.io.outputs import probabilities_path, read_probabilities
 
     assert probabilities_path(tmp_path / "a.seg.nrrd") == tmp_path / "a.probabilities.nrrd"
     assert probabilities_path(tmp_path / "b.nii.gz") == tmp_path / "b.probabilities.nii.gz"
@@ -128,7 +129,7 @@ def test_keep_probabilities_writes_them_beside_the_output(phantom_file, tiny_mod
 
 
 def test_segment_file_takes_an_options_object_and_keywords(phantom_file, tiny_model, tmp_path):
-    from CLIPSegLib.segment_file import load_engine, segment_file
+    from CLIPSegLib.inference.segment_file import load_engine, segment_file
 
     path, ph, _ = phantom_file
     options = SegmentOptions(model=str(tiny_model), device="cpu", axis="2")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from CLIPSegLib.phantoms import FINDINGS, PHRASES, make_phantom, random_volume_phantom
+from CLIPSegLib.synthetic.phantoms import FINDINGS, PHRASES, make_phantom, random_volume_phantom
 
 
 def test_same_seed_same_phantom_and_different_seed_differs():
@@ -53,7 +53,7 @@ def test_random_volume_phantom_geometry():
 
 
 def test_findings_declared_exclusive_never_share_a_voxel():
-    from CLIPSegLib.phantoms import EXCLUSIVE
+    from CLIPSegLib.synthetic.phantoms import EXCLUSIVE
 
     for seed in range(12):
         shape, spacing = ((96, 96), (0.5, 0.5)) if seed % 2 else ((24, 96, 96), (1.0, 0.5, 0.5))

@@ -3,13 +3,13 @@ import pytest
 import torch
 from CLIPSegLib.engines.contract import Engine, Preprocessing, PromptReading
 from CLIPSegLib.errors import InputError
-from CLIPSegLib.phantoms import make_phantom
-from CLIPSegLib.pipeline import predict_probabilities
+from CLIPSegLib.synthetic.phantoms import make_phantom
+from CLIPSegLib.inference.pipeline import predict_probabilities
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_model):
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.inference.segment_file import load_engine
 
     return load_engine(str(tiny_model), device="cpu")
 
@@ -49,7 +49,7 @@ def test_constant_slices_are_skipped_with_probability_zero(tiny_engine):
 
 
 def test_presence_gate_scales_each_slice_along_the_slice_axis():
-    from CLIPSegLib.pipeline import apply_presence
+    from CLIPSegLib.inference.pipeline import apply_presence
 
     mask = np.full((3, 2, 4), 0.8, np.float32)  # [K,J,I]
     presence_k = np.array([1.0, 0.5, 0.1], np.float32)
@@ -63,7 +63,7 @@ def test_presence_gate_scales_each_slice_along_the_slice_axis():
 
 
 def test_unknown_precision_is_a_clear_error(tiny_model):
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.inference.segment_file import load_engine
 
     with pytest.raises(InputError, match="precision 'fp16' is not one of fp32, bf16"):
         load_engine(str(tiny_model), device="cpu", precision="fp16")
@@ -112,8 +112,8 @@ class _MapEngine(_StandIn):
 
 
 def test_a_rival_finding_nobody_asked_for_still_claims_its_voxels():
-    from CLIPSegLib.imageio import Geometry
-    from CLIPSegLib.pipeline import segment_volume
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.inference.pipeline import segment_volume
 
     nodule = torch.zeros(16, 16)
     nodule[2:10, 2:10] = 0.95  # the model is surer this is a nodule ...
@@ -142,8 +142,8 @@ def test_a_rival_finding_nobody_asked_for_still_claims_its_voxels():
 def test_a_prompt_mask_does_not_depend_on_the_other_prompts_of_the_run():
     """A rival asked by the user in a weaker phrasing must not change the decision: competition is always against
     the model's own phrasing of the rival finding, and the result says which rule read the prompt."""
-    from CLIPSegLib.imageio import Geometry
-    from CLIPSegLib.pipeline import segment_volume
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.inference.pipeline import segment_volume
 
     nodule = torch.zeros(16, 16)
     nodule[2:10, 2:10] = 0.95
@@ -165,7 +165,7 @@ def test_a_prompt_mask_does_not_depend_on_the_other_prompts_of_the_run():
 
 
 def test_flip_average_mirrors_each_slice_and_averages_the_two_predictions():
-    from CLIPSegLib.pipeline import predict_maps
+    from CLIPSegLib.inference.pipeline import predict_maps
 
     class Ramp(_StandIn):
         """Predicts a left-to-right ramp whatever the image: not mirror-symmetric, so flipping shows."""
@@ -201,16 +201,16 @@ def test_flip_average_mirrors_each_slice_and_averages_the_two_predictions():
     ((20, 30, 40), (2.0, 2.0, 0.5), 0),  # I and J tied above K: the first of them
 ])
 def test_auto_axis_slices_a_one_voxel_thick_volume_along_its_thin_axis(shape_kji, spacing_ijk, expected):
-    from CLIPSegLib.imageio import Geometry
-    from CLIPSegLib.pipeline import choose_axis
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.inference.pipeline import choose_axis
 
     assert choose_axis(shape_kji, Geometry.axis_aligned(spacing_ijk[::-1]), "auto") == expected
 
 
 @pytest.mark.parametrize("shape_kji,axis", [((24, 28, 1), 0), ((24, 1, 28), 1)])
 def test_a_sagittal_or_coronal_image_is_segmented_as_one_slice(tiny_engine, shape_kji, axis):
-    from CLIPSegLib.imageio import Geometry
-    from CLIPSegLib.pipeline import segment_volume
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.inference.pipeline import segment_volume
 
     volume = np.random.default_rng(0).random(shape_kji).astype(np.float32)
     calls = []

@@ -1,5 +1,5 @@
 import numpy as np
-from CLIPSegLib.postprocess import components, decide
+from CLIPSegLib.inference.postprocess import components, decide
 
 
 def _volume_with_blob(n_slices_blob: int, peak: float = 0.95):
@@ -43,7 +43,7 @@ def test_weak_or_small_components_are_dropped_and_reported():
 
 
 def test_filling_holes_in_the_bounding_box_equals_filling_the_whole_volume():
-    from CLIPSegLib.postprocess import fill_holes
+    from CLIPSegLib.inference.postprocess import fill_holes
     from scipy import ndimage
 
     rng = np.random.default_rng(0)
@@ -72,7 +72,7 @@ def test_a_component_of_middling_mean_probability_is_dropped_by_min_mean():
 
 
 def test_exclusive_findings_compete_voxel_by_voxel_on_the_maps_as_given():
-    from CLIPSegLib.postprocess import suppress_exclusive
+    from CLIPSegLib.inference.postprocess import suppress_exclusive
 
     probs = np.zeros((4, 1, 2, 3), np.float32)
     probs[0, 0, 0] = (0.9, 0.6, 0.5)  # nodule
@@ -98,7 +98,7 @@ def _blob(value):
 
 
 def test_a_decision_just_below_the_rule_is_kept_and_flagged_uncertain():
-    from CLIPSegLib.postprocess import decide
+    from CLIPSegLib.inference.postprocess import decide
 
     rule = {"threshold": 0.5, "min_peak": 0.5, "min_mean": 0.88, "min_extent_mm": 0.0, "min_area_mm2": 0.0}
     mask, info = decide(_blob(0.8777), (1.0, 1.0, 1.0), 0, rule)  # mean over the blob ~0.878 < 0.88
@@ -112,8 +112,8 @@ def test_a_decision_just_below_the_rule_is_kept_and_flagged_uncertain():
 
 
 def test_not_found_messages_say_which_part_of_the_rule_failed_without_contradiction():
-    from CLIPSegLib.pipeline import FindingResult
-    from CLIPSegLib.postprocess import decide
+    from CLIPSegLib.inference.pipeline import FindingResult
+    from CLIPSegLib.inference.postprocess import decide
 
     rule = {"threshold": 0.5, "min_peak": 0.5, "min_mean": 0.93, "min_extent_mm": 0.0, "min_area_mm2": 500.0}
     mask, info = decide(_blob(0.8), (1.0, 1.0, 1.0), 0, rule)

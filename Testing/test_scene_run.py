@@ -6,13 +6,13 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make test`; CI always has it")
 
 from CLIPSegLib.errors import ClipSegError, InputError  # noqa: E402
-from CLIPSegLib.mrml_bridge import ensure_segmentation_support, segment_to_array  # noqa: E402
-from CLIPSegLib.scene_run import SceneRun  # noqa: E402
+from CLIPSegLib.slicer.mrml_bridge import ensure_segmentation_support, segment_to_array  # noqa: E402
+from CLIPSegLib.slicer.scene_run import SceneRun  # noqa: E402
 
 
 @pytest.fixture
 def scene_volume():
-    from CLIPSegLib.phantoms import make_phantom
+    from CLIPSegLib.synthetic.phantoms import make_phantom
 
     scene = slicer.vtkMRMLScene()
     ensure_segmentation_support(scene)
@@ -77,7 +77,7 @@ def test_failed_run_shows_the_cli_message_and_leaves_the_scene_alone(scene_volum
 
 
 def test_an_unreadable_result_file_leaves_the_scene_alone(scene_volume, tiny_model, monkeypatch):
-    import CLIPSegLib.scene_run as scene_run
+    import CLIPSegLib.slicer.scene_run as scene_run
 
     def unreadable(*args, **kwargs):
         raise RuntimeError("probabilities.nrrd: truncated file")
@@ -104,7 +104,7 @@ def test_bad_input_is_refused_before_starting(scene_volume):
 
 
 def test_precision_reaches_the_command_line(tmp_path):
-    from CLIPSegLib.background import segment_command
+    from CLIPSegLib.slicer.background import segment_command
     from CLIPSegLib.cli import build_parser
 
     argv = segment_command(tmp_path / "in.nrrd", ["cyst"], tmp_path / "o.seg.nrrd", device="cpu", precision="bf16")
@@ -114,7 +114,7 @@ def test_precision_reaches_the_command_line(tmp_path):
 def test_a_closed_surface_output_is_converted_and_the_user_is_told(scene_volume, monkeypatch, tmp_path):
     import vtk
 
-    import CLIPSegLib.scene_run as scene_run
+    import CLIPSegLib.slicer.scene_run as scene_run
 
     scene, volume = scene_volume
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "from STL")

@@ -223,7 +223,7 @@ def test_help_and_description_name_only_engines_and_models_that_exist():
 
 
 def test_the_minimum_slicer_version_is_stated_everywhere():
-    from CLIPSegLib.dependencies import MIN_SLICER
+    from CLIPSegLib.slicer.dependencies import MIN_SLICER
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     slicer_section = readme[readme.index("## Use in 3D Slicer"):readme.index("### From Slicer's Python console")]

@@ -14,7 +14,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make test`; CI always has it")
 
 import slicer_fakes  # noqa: E402
-from CLIPSegLib import dependencies  # noqa: E402
+from CLIPSegLib.slicer import dependencies  # noqa: E402
 from CLIPSegLib.errors import InputError, ModelError  # noqa: E402
 from CLIPSegLib.models import DEFAULT_MODEL, ModelRef  # noqa: E402
 
@@ -36,7 +36,7 @@ def test_opening_the_panel_needs_nothing_slicer_lacks():
         widget = module.CLIPSegWidget()
         widget.setup()
         logic = widget.logic
-        import CLIPSegLib.scene_run  # what Apply imports in the Slicer process once packages are installed
+        import CLIPSegLib.slicer.scene_run  # what Apply imports in the Slicer process once packages are installed
         print(json.dumps({{"models": [[m.id, m.present] for m in logic.availableModels()],
                           "labels": [text for text, _ in widget.ui.modelComboBox.items],
                           "device": logic.deviceDescription(),
@@ -224,10 +224,10 @@ def volume():
 
 def test_console_segment_installs_first_and_names_what_is_missing_when_declined(fakes, monkeypatch, volume):
     dialogs, module = fakes
-    import CLIPSegLib.scene_run
+    import CLIPSegLib.slicer.scene_run
 
     _installed(monkeypatch, {"numpy", "scipy", "SimpleITK", "monai"})
-    monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
+    monkeypatch.setattr(CLIPSegLib.slicer.scene_run, "SceneRun", FakeSceneRun)
     FakeSceneRun.made = []
     dialogs.confirm_answer = False  # the user declines the installation
     with pytest.raises(dependencies.DependencyError, match=r"missing: torch==2\.14\.1, torchvision==0\.29\.1"):
@@ -238,10 +238,10 @@ def test_console_segment_installs_first_and_names_what_is_missing_when_declined(
 @pytest.fixture
 def no_runs(fakes, monkeypatch):
     """Nothing to install; the Logic's runs are FakeSceneRuns (recorded, never started)."""
-    import CLIPSegLib.scene_run
+    import CLIPSegLib.slicer.scene_run
 
     monkeypatch.setattr(dependencies, "missing", lambda reqs=None: [])
-    monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
+    monkeypatch.setattr(CLIPSegLib.slicer.scene_run, "SceneRun", FakeSceneRun)
     FakeSceneRun.made = []
     return fakes[1]
 
@@ -281,10 +281,10 @@ def test_a_bad_or_misspelled_option_is_refused_before_anything_is_installed_or_s
     from CLIPSegLib.errors import InputError
 
     dialogs, module = fakes
-    import CLIPSegLib.scene_run
+    import CLIPSegLib.slicer.scene_run
 
     _installed(monkeypatch, set())
-    monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
+    monkeypatch.setattr(CLIPSegLib.slicer.scene_run, "SceneRun", FakeSceneRun)
     FakeSceneRun.made = []
     logic = module.CLIPSegLogic()
     with pytest.raises(InputError, match=r"unknown option 'keep_probabilites' \(did you mean 'keep_probabilities'"):
@@ -328,7 +328,7 @@ def test_apply_runs_with_the_options_set_in_the_panel(no_runs, volume):
 
 def test_the_device_line_comes_from_the_background_probe(fakes, monkeypatch):
     _, module = fakes
-    from CLIPSegLib.background import BackgroundRun
+    from CLIPSegLib.slicer.background import BackgroundRun
 
     _installed(monkeypatch, {"torch"})
     logic = module.CLIPSegLogic()
@@ -344,10 +344,10 @@ def test_the_device_line_comes_from_the_background_probe(fakes, monkeypatch):
 
 def test_console_engine_keyword_must_match_the_model(fakes, monkeypatch, volume):
     _, module = fakes
-    import CLIPSegLib.scene_run
+    import CLIPSegLib.slicer.scene_run
 
     monkeypatch.setattr(dependencies, "missing", lambda reqs=None: [])
-    monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
+    monkeypatch.setattr(CLIPSegLib.slicer.scene_run, "SceneRun", FakeSceneRun)
     FakeSceneRun.made = []
     logic = module.CLIPSegLogic()
     run = logic.segment(volume, ["cyst"], engine="cliptnseg", wait=False)  # scripts written for the engine choice
@@ -359,12 +359,12 @@ def test_console_engine_keyword_must_match_the_model(fakes, monkeypatch, volume)
 
 def test_a_registry_model_not_downloaded_is_offered_for_download_first(fakes, monkeypatch, volume, registry_model):
     dialogs, module = fakes
-    import CLIPSegLib.scene_run
+    import CLIPSegLib.slicer.scene_run
     from CLIPSegLib.models import store
 
     model_id, files = registry_model
     monkeypatch.setattr(dependencies, "missing", lambda reqs=None: [])
-    monkeypatch.setattr(CLIPSegLib.scene_run, "SceneRun", FakeSceneRun)
+    monkeypatch.setattr(CLIPSegLib.slicer.scene_run, "SceneRun", FakeSceneRun)
     FakeSceneRun.made = []
     logic = module.CLIPSegLogic()
     dialogs.confirm_answer = False

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from CLIPSegLib.datasets import PhantomBank
-from CLIPSegLib.engines.cliptnseg import build_network
+from CLIPSegLib.training.datasets import PhantomBank
+from CLIPSegLib.engines.cliptnseg.network import build_network
 from CLIPSegLib.errors import InputError
-from CLIPSegLib.training import train_clip, train_segmenter
+from CLIPSegLib.training.cliptnseg_recipe import train_clip, train_segmenter
 
 from conftest import TINY_SPEC
 
@@ -41,8 +41,8 @@ def test_clip_contrastive_training_moves_the_loss(tmp_path):
 def test_bank_adds_every_slice_of_the_volume_phantoms_with_their_masks():
     import numpy as np
 
-    from CLIPSegLib.datasets import TRAIN_VOLUME_SEED_BASE
-    from CLIPSegLib.phantoms import FINDINGS, random_volume_phantom
+    from CLIPSegLib.training.datasets import TRAIN_VOLUME_SEED_BASE
+    from CLIPSegLib.synthetic.phantoms import FINDINGS, random_volume_phantom
 
     bank = PhantomBank(2, 64, augment=False, volumes=1)
     vol = random_volume_phantom(TRAIN_VOLUME_SEED_BASE)
@@ -125,7 +125,7 @@ def test_readme_train_example_leaves_the_committed_model_alone(tmp_path, monkeyp
 def test_training_into_a_folder_holding_the_model_id_refuses_before_any_work(tmp_path, monkeypatch, capsys):
     from CLIPSegLib import models
     from CLIPSegLib.cli import build_parser, main
-    from CLIPSegLib.training import check_output_free
+    from CLIPSegLib.training.cliptnseg_recipe import check_output_free
 
     _copy_embedded(tmp_path)
     shipped = tmp_path / "CLIPSeg/Resources/Models"

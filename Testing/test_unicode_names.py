@@ -8,9 +8,10 @@ import pytest
 import slicerio
 
 from CLIPSegLib.cli import main
-from CLIPSegLib.clip_backbone import check_prompts
-from CLIPSegLib.imageio import (Geometry, label_names_path, read_label_names, read_segment_masks, read_segmentation,
-                                write_segmentation, write_volume)
+from CLIPSegLib.engines.clip_backbone import check_prompts
+from CLIPSegLib.io.geometry import Geometry
+from CLIPSegLib.io.outputs import (label_names_path, read_label_names, read_segment_masks, read_segmentation,
+                                   write_segmentation, write_volume)
 
 from conftest import assert_no_partial_files
 
@@ -24,7 +25,7 @@ def run(args, capsys):
 
 @pytest.fixture
 def small_volume(tmp_path):
-    from CLIPSegLib.phantoms import make_phantom
+    from CLIPSegLib.synthetic.phantoms import make_phantom
 
     ph = make_phantom((3, 32, 32), spacing=(1.5, 0.7, 0.6), seed=3, findings=("nodule",))
     return write_volume(tmp_path / "in.nrrd", ph.image, Geometry.axis_aligned(ph.spacing))
@@ -75,7 +76,7 @@ def _random_prompt(rng) -> str:
 def test_random_unicode_finding_names_come_back_from_seg_nrrd(tiny_model, tmp_path):
     """Property test (seeded): random finding text -> segment -> .seg.nrrd -> slicerio (+ UTF-8 names) -> the
     same names, in order."""
-    from CLIPSegLib.segment_file import load_engine, segment_file
+    from CLIPSegLib.inference.segment_file import load_engine, segment_file
 
     engine = load_engine(str(tiny_model), device="cpu")
     volume = np.random.default_rng(1).random((2, 24, 24)).astype(np.float32)
@@ -105,7 +106,7 @@ def test_control_characters_and_undecodable_bytes_are_refused(small_volume, tiny
 
 def test_slicer_reads_the_names_we_write_and_keeps_unicode_segment_names(tmp_path):
     slicer = pytest.importorskip("slicer", reason="slicer-core is installed by `make test`")
-    from CLIPSegLib.mrml_bridge import ensure_segmentation_support, masks_to_segmentation
+    from CLIPSegLib.slicer.mrml_bridge import ensure_segmentation_support, masks_to_segmentation
 
     geometry = Geometry.axis_aligned((1.5, 0.7, 0.6))
     mask = np.zeros((3, 4, 5), bool)

@@ -4,7 +4,7 @@ Prints (and with --results, appends to benchmarks/RESULTS.md):
   1. machine: CPU, threads, torch, measured fp32 matmul throughput (GFLOP/s);
   2. per-slice latency (best of 3 calls) at embedded size and at paper size (ViT-B/16, 352 px; random weights),
      batch-size sweep;
-  3. forward FLOPs per slice (``CLIPSegLib.flops``: torch's FlopCounterMode with attention counted) / matmul
+  3. forward FLOPs per slice (``CLIPSegLib.engines.flops``: torch's FlopCounterMode with attention counted) / matmul
      throughput = the FLOP limit, and our fraction of it;
      execution variants side by side (MHA fast path vs SDPA, channels-last, bf16 autocast), each against the limit
      of its own precision;
@@ -50,9 +50,9 @@ def matmul_gflops(n=2048, reps=10, dtype=None):
 def engines(which):
     import torch
 
-    from CLIPSegLib.engines.cliptnseg import build_network
-    from CLIPSegLib.engines.cliptnseg_engine import CLIPTNSegEngine
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.engines.cliptnseg.network import build_network
+    from CLIPSegLib.engines.cliptnseg.engine import CLIPTNSegEngine
+    from CLIPSegLib.inference.segment_file import load_engine
 
     out = {}
     if "embedded" in which:
@@ -64,10 +64,10 @@ def engines(which):
 
 
 def slice_flops(engine):
-    """Forward FLOPs of one slice with the three prompts, attention included (``CLIPSegLib.flops``)."""
+    """Forward FLOPs of one slice with the three prompts, attention included (``CLIPSegLib.engines.flops``)."""
     import torch
 
-    from CLIPSegLib.flops import count_flops
+    from CLIPSegLib.engines.flops import count_flops
 
     s = engine.preprocessing.input_size
     text = engine.encode_prompts(PROMPTS).embeddings
@@ -130,9 +130,9 @@ def child(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    from CLIPSegLib.imageio import Geometry
-    from CLIPSegLib.phantoms import make_phantom
-    from CLIPSegLib.pipeline import segment_volume
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.synthetic.phantoms import make_phantom
+    from CLIPSegLib.inference.pipeline import segment_volume
 
     engine = list(engines([args.engine]).values())[0]
     ph = make_phantom((args.slices, args.size, args.size), spacing=(0.8, 0.25, 0.25), seed=42,

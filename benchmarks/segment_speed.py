@@ -28,10 +28,10 @@ def main():
     import torch
 
     torch.set_num_threads(a.threads)
-    from CLIPSegLib.imageio import Geometry
-    from CLIPSegLib.phantoms import make_phantom
-    from CLIPSegLib.pipeline import flip_average_of, predict_probabilities, segment_volume
-    from CLIPSegLib.segment_file import load_engine
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.synthetic.phantoms import make_phantom
+    from CLIPSegLib.inference.pipeline import flip_average_of, predict_probabilities, segment_volume
+    from CLIPSegLib.inference.segment_file import load_engine
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
           f"torch {torch.__version__}, {a.threads} threads, CUDA {'yes' if torch.cuda.is_available() else 'no'}")

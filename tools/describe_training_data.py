@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CLIPSeg"))
 
-from CLIPSegLib.domain import phantom_domain  # noqa: E402
-from CLIPSegLib.training import training_phrases  # noqa: E402
+from CLIPSegLib.inference.domain import phantom_domain  # noqa: E402
+from CLIPSegLib.training.cliptnseg_recipe import training_phrases  # noqa: E402
 
 
 def main(path: str) -> None:

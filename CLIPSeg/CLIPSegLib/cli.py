@@ -7,7 +7,6 @@ please report it with the traceback), 130 interrupted (Ctrl+C), 141 stdout close
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_segment(a, progress):
-    from .segment_file import segment_file
+    from .inference.segment_file import segment_file
 
     result = segment_file(a.input, a.prompt, a.output, SegmentOptions.from_args(a), probabilities=a.probabilities,
                           progress=progress)
@@ -120,9 +119,9 @@ def _cmd_demo(a, progress):
 
 
 def _cmd_evaluate(a, progress):
-    from . import evaluation as ev
-    from .reports import check_report_path, write_any_report
-    from .segment_file import load_engine
+    from .evaluation import evaluator as ev
+    from .evaluation.reports import check_report_path, write_any_report
+    from .inference.segment_file import load_engine
 
     options = SegmentOptions.from_args(a)
     ev.check_evaluate_args(None if a.data else a.phantoms, a.tolerance_mm)
@@ -144,10 +143,10 @@ def _cmd_evaluate(a, progress):
 
 
 def _cmd_train(a, progress):
-    from .pipeline import resolve_device
-    from .training import run_training
+    from .inference.pipeline import resolve_device
+    from .training.cliptnseg_recipe import run_training
 
-    from .training import check_output_free
+    from .training.cliptnseg_recipe import check_output_free
 
     stages = tuple(a.stages.split(","))
     if "export" in stages:  # before the device is probed or anything is built
@@ -272,7 +271,7 @@ def _quiet_libraries(command: str):
         if command == "models":  # no image work: no need to import SimpleITK
             yield
             return
-        from .imageio import quiet_itk
+        from .io.read import quiet_itk
 
         with quiet_itk():
             yield

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageio import Geometry, write_volume
-from .metrics import dice
+from .io.geometry import Geometry
+from .io.outputs import write_volume
+from .evaluation.metrics import dice
 from .options import SegmentOptions
-from .phantoms import make_phantom
+from .synthetic.phantoms import make_phantom
 from .progress import Progress
-from .segment_file import segment_file
+from .inference.segment_file import segment_file
 
 DEMO_PROMPTS = {"nodule": "hypoechoic thyroid nodule", "cyst": "anechoic cyst", "calcification": "calcification"}
 
@@ -70,7 +71,7 @@ def run_demo(output_dir: Path, seed: int = 7, options: SegmentOptions | None = N
              **keywords) -> dict:
     """Segment a phantom volume (``options`` with ``keywords`` changed: any ``SegmentOptions`` field) and write it,
     its segmentation and an overlay PNG to ``output_dir``; -> their paths and the Dice of each prompt."""
-    from .imageio import SEGMENT_COLORS
+    from .io.outputs import SEGMENT_COLORS
 
     progress = progress or Progress("bar")
     output_dir = Path(output_dir)

@@ -15,7 +15,7 @@ from .contract import Engine, Preprocessing, PromptReading, PromptState
 
 
 def _cliptnseg(spec, device, precision):
-    from .cliptnseg_engine import CLIPTNSegEngine
+    from .cliptnseg.engine import CLIPTNSegEngine
 
     return CLIPTNSegEngine.from_spec(spec, device, precision)
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..checks import PRECISIONS, check_precision  # noqa: F401  (one list, torch-free)
 from ..errors import InputError, ModelError, UnsupportedError
-from ..preprocessing import FITS, INTENSITIES
+from ..inference.preprocessing import FITS, INTENSITIES
 
 # Slices per forward pass when the caller gives none. On CPU small batches are faster per slice (the full-resolution
 # head is memory-bound; see benchmarks/latency.py's batch sweep: 4 is best at 128 px, 1 at 352 px), so the CPU batch

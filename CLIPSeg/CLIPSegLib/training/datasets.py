@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import InputError
-from .phantoms import FINDINGS, PHRASES, make_phantom, random_volume_phantom
-from .preprocessing import normalize_intensity, resize_slices
+from ..errors import InputError
+from ..synthetic.phantoms import FINDINGS, PHRASES, make_phantom, random_volume_phantom
+from ..inference.preprocessing import normalize_intensity, resize_slices
 
 TRAIN_SEED_BASE = 10_000_000  # phantom seeds used for training; calibration and evaluation use other ranges
 CALIBRATION_SEED_BASE = 20_000_000
@@ -97,7 +97,8 @@ class FolderTriples(torch.utils.data.Dataset):
     """Slices of labelled images listed in a CSV (``image,mask,phrase``), resized to ``size`` and augmented."""
 
     def __init__(self, csv_path: Path, size: int, augment: bool = True):
-        from .imageio import check_same_grid, read_image
+        from ..io.geometry import check_same_grid
+        from ..io.read import read_image
 
         csv_path = Path(csv_path)
         if not csv_path.is_file():

@@ -90,8 +90,8 @@ def phantom_reference(n_volumes: int = 30, n_images: int = 60, size: int = 128, 
     ``n_volumes`` training-seed 3D phantoms (``datasets.TRAIN_VOLUME_SEED_BASE``) and ``n_images`` training-seed 2D
     phantoms (``datasets.TRAIN_SEED_BASE``), prepared as the pipeline prepares a run (no augmentation: the ranges
     say what in-domain input looks like, not what augmentation can reach)."""
-    from .datasets import TRAIN_SEED_BASE, TRAIN_VOLUME_SEED_BASE, raw_phantom_slice
-    from .phantoms import random_volume_phantom
+    from ..training.datasets import TRAIN_SEED_BASE, TRAIN_VOLUME_SEED_BASE, raw_phantom_slice
+    from ..synthetic.phantoms import random_volume_phantom
 
     runs = [pipeline_slices(random_volume_phantom(TRAIN_VOLUME_SEED_BASE + v).image, 0, size)
             for v in range(n_volumes)]

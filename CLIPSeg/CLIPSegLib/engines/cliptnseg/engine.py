@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from ..clip_backbone import read_prompt, tokenize
-from ..errors import ModelError
-from ..models import load_weights
-from .cliptnseg import CLIPTNSegNet, build_network
-from .contract import Engine, Preprocessing, PromptReading, PromptState
+from ...errors import ModelError
+from ...models import load_weights
+from .network import CLIPTNSegNet, build_network
+from ..contract import Engine, Preprocessing, PromptReading, PromptState
 
 
 class CLIPTNSegEngine(Engine):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
-from .imageio import SEGMENT_COLORS, Geometry, check_volume
+from ..errors import InputError
+from ..io.outputs import SEGMENT_COLORS
+from ..io.geometry import Geometry, check_volume
 
 
 _LOGICS = []  # keep the logic objects alive for the scene's lifetime

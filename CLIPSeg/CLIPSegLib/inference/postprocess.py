@@ -14,7 +14,7 @@ voxel by voxel: a prompt keeps a voxel only where no exclusive finding is more p
 in multi-class segmentation. A dark solid nodule asked as "cyst" is then left to the nodule if the model finds the
 nodule surer there.
 The thresholds belong to a model (its spec's ``presence`` entry), calibrated on phantom volumes it was not trained on
-(``CLIPSegLib.calibration``).
+(``CLIPSegLib.training.calibration``).
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ import tempfile
 from pathlib import Path
 
 from .background import BackgroundRun, segment_command
-from .checks import check_prompts
-from .errors import Cancelled, ClipSegError, InputError
-from .imageio import read_probabilities, read_segment_masks, write_volume
+from ..checks import check_prompts
+from ..errors import Cancelled, ClipSegError, InputError
+from ..io.outputs import read_probabilities, read_segment_masks, write_volume
 from .mrml_bridge import masks_to_segmentation, volume_to_array
-from .options import SegmentOptions
+from ..options import SegmentOptions
 
-LIB_PARENT = str(Path(__file__).resolve().parents[1])  # the folder holding CLIPSegLib/
+LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding CLIPSegLib/
 
 
 def child_environment(device: str = "auto") -> dict:

@@ -18,12 +18,12 @@ from types import SimpleNamespace
 import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
-from .errors import InputError
-from .imageio import array_axis_of
-from .phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
-from .pipeline import combine_maps, predict_maps
-from .postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
-from .progress import Progress
+from ..errors import InputError
+from ..io.geometry import array_axis_of
+from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
+from ..inference.pipeline import combine_maps, predict_maps
+from ..inference.postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
+from ..progress import Progress
 
 MATCH_MIN_COSINE = 0.95  # a prompt takes a finding's rule only if this close to one of its phrasings
 SLICE_GATES = (1.0, 0.7, 0.5, 0.3)  # candidate pipeline.apply_presence gates
@@ -60,7 +60,8 @@ def data_cases(table_csv):
     import csv
     from pathlib import Path
 
-    from .imageio import check_same_grid, read_image
+    from ..io.geometry import check_same_grid
+    from ..io.read import read_image
 
     table_csv = Path(table_csv)
     with open(table_csv, newline="", encoding="utf-8") as f:
@@ -210,7 +211,7 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
     (the rule is calibrated on the maps the pipeline will see)."""
     import torch
 
-    from .engines.cliptnseg_engine import CLIPTNSegEngine
+    from ..engines.cliptnseg.engine import CLIPTNSegEngine
 
     engine = CLIPTNSegEngine(net, torch.device(device))
     if table_csv is not None:

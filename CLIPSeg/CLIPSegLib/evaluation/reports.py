@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 from .metrics import format_mean_ci
 
 
@@ -55,7 +55,7 @@ def swap_line(s: dict) -> str:
 
 def write_report(path: Path, report: dict) -> None:
     """The whole report as strict JSON."""
-    from .progress import json_safe
+    from ..progress import json_safe
 
     # strict JSON: NaN (e.g. the HD95 of an empty mask) becomes null, as bare NaN is not JSON
     Path(path).write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -104,7 +104,7 @@ def check_report_path(path: Path) -> Path:
         raise InputError(f"--report {path}: use a .json, .csv or .md file name")
     if not path.parent.is_dir():
         raise InputError(f"report folder {path.parent} does not exist; create it first")
-    from .imageio import check_writable_folder
+    from ..io.outputs import check_writable_folder
 
     check_writable_folder(path.parent, "--report")  # before the evaluation, not after it
     return path

@@ -13,8 +13,8 @@ import functools
 
 import torch
 
-from .checks import check_prompts  # noqa: F401  (torch-free; re-exported here)
-from .errors import InputError
+from ..checks import check_prompts  # noqa: F401  (torch-free; re-exported here)
+from ..errors import InputError
 
 # Normalisation the image tower was trained with (OpenAI CLIP statistics, per RGB channel).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -9,22 +9,23 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .checks import check_prompts
-from .errors import InputError
-from .imageio import (atomic_paths, check_output_path, is_picture, output_files, probabilities_path, read_image,
-                      write_probabilities, write_segmentation)
-from .options import SegmentOptions
+from ..checks import check_prompts
+from ..errors import InputError
+from ..io.outputs import (atomic_paths, check_output_path, output_files, probabilities_path, write_probabilities,
+                          write_segmentation)
+from ..io.read import is_picture, read_image
+from ..options import SegmentOptions
 from .pipeline import SegmentationResult, resolve_device, segment_volume
-from .progress import Progress
+from ..progress import Progress
 
 
 def load_engine(model: str | None = None, engine: str | None = None, device: str = "auto", precision: str = "fp32",
                 notify=None):
     """Model id or spec path + engine name + device name + precision (fp32|bf16) -> a ready engine (weights
     verified). bf16 on a CPU without native bf16 arithmetic runs in fp32 instead, said through ``notify(text)``."""
-    from .engines import check_engine, create_engine
-    from .engines.contract import check_precision, native_bf16
-    from .models import load_spec
+    from ..engines import check_engine, create_engine
+    from ..engines.contract import check_precision, native_bf16
+    from ..models import load_spec
 
     if engine:
         check_engine(engine)

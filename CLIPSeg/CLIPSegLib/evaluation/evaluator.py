@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ClipSegError, InputError
-from .imageio import Geometry
+from ..errors import ClipSegError, InputError
+from ..io.geometry import Geometry
 from .metrics import MIN_CI_CASES, swap_dice
-from .options import SegmentOptions
-from .phantoms import FINDINGS, PHRASES, random_volume_phantom
-from .progress import Progress
+from ..options import SegmentOptions
+from ..synthetic.phantoms import FINDINGS, PHRASES, random_volume_phantom
+from ..progress import Progress
 from .reports import format_dataset_summary, format_summary
 
 
@@ -74,7 +74,7 @@ class Scored:
 def score_case(case: Case, engine, options: SegmentOptions, tolerance_mm: float) -> Scored:
     """Segment ``case`` (every prompt in one ``segment_volume`` call) and score each finding against its truth."""
     from .metrics import case_metrics
-    from .pipeline import segment_volume
+    from ..inference.pipeline import segment_volume
 
     names = list(case.prompts)
     try:
@@ -314,7 +314,8 @@ class LabelledCases:
         return len(self.cases)
 
     def __iter__(self):
-        from .imageio import check_same_grid, read_image
+        from ..io.geometry import check_same_grid
+        from ..io.read import read_image
 
         for case in self.cases:
             volume, geometry = read_image(case["image"])

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .checks import check_prompts
+from ..checks import check_prompts
 from .domain import check_domain, domain_message, slice_features
-from .errors import DeviceError, InputError
-from .imageio import Geometry, array_axis_of, check_volume
-from .options import AXES
+from ..errors import DeviceError, InputError
+from ..io.geometry import Geometry, array_axis_of, check_volume
+from ..options import AXES
 from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, suppress_exclusive, with_rivals
 from .preprocessing import INTENSITIES, fit_slices, unfit_slices
-from .progress import Progress
+from ..progress import Progress
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -195,7 +195,7 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     with torch.inference_mode():
         for start in range(0, len(todo), batch_size):
             if cancel is not None and cancel():
-                from .errors import Cancelled
+                from ..errors import Cancelled
 
                 raise Cancelled("cancelled by the user; nothing was written")
             idx = todo[start:start + batch_size]

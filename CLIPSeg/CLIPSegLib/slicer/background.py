@@ -15,7 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 
-from .options import SegmentOptions
+from ..options import SegmentOptions
 
 
 def parse_event(line: str) -> dict | None:

@@ -1,0 +1,118 @@
+"""The one training loop every engine's training plugs into: a ``Recipe`` (its parameter groups, its loss on a batch,
+its trained state) run by ``run_loop`` with AdamW and a one-cycle cosine schedule, seeded batches, atomic
+checkpoints every ``ckpt_every`` steps with resume, progress, and an optional early stop on a validation score.
+Checkpoints are plain dicts of tensors and numbers, read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from ..progress import Progress
+from .datasets import collate
+
+
+def _cosine(opt, steps):
+    # 5% warm-up; short runs warm up for 30% (OneCycleLR divides by zero when the warm-up is exactly one step)
+    pct = 0.05 if steps >= 60 else 0.3
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
+                                               pct_start=pct, anneal_strategy="cos")
+
+
+def _save(path: Path, **state):
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _batches(dataset, batch_size: int, seed: int):
+    """Endless shuffled batches; shuffling seeded so a run is repeatable. Only full batches are used, so a dataset
+    smaller than one batch is an error (it would otherwise wait forever for a batch)."""
+    if len(dataset) < batch_size:
+        raise InputError(f"the training data has {len(dataset)} samples, fewer than one batch of {batch_size}; "
+                         f"add images (or phantoms with --phantoms) or lower the batch size")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(len(dataset), generator=g).split(batch_size):
+            if len(idx) == batch_size:
+                yield collate([dataset[int(i)] for i in idx])
+
+
+@dataclass
+class Recipe:
+    """What an engine plugs into the one training loop (``run_loop``).
+
+    ``param_groups``: the optimiser's groups (AdamW; each may set its own ``lr``); ``loss(batch) -> scalar tensor``
+    for one batch of ``datasets.collate`` (images ``[B,1,S,S]``, phrases (N), masks ``[N,S,S]``, pair_index
+    ``[N]``); ``state()`` / ``load(state)``: the trained weights a checkpoint holds; ``train(mode)``: switch the
+    modules between training and evaluation; ``name``: the progress stage."""
+
+    name: str
+    param_groups: list
+    loss: Callable
+    state: Callable[[], dict]
+    load: Callable[[dict], None]
+    train: Callable[[bool], None]
+    weight_decay: float = 0.0
+
+
+def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, seed: int = 0, resume: bool = True,
+             ckpt_every: int = 100, progress: Progress | None = None, stop_after: int | None = None,
+             validate: Callable[[], float] | None = None, validate_every: int = 100,
+             patience: int | None = None) -> list[float]:
+    """The one training loop: AdamW with a one-cycle cosine schedule over ``steps``, seeded batches, a checkpoint
+    (weights, optimiser, schedule, step, best validation) every ``ckpt_every`` steps and at the end (atomic rename),
+    resumed from ``ckpt`` when ``resume``; progress with the loss.
+
+    ``stop_after`` ends this call early (a checkpoint is written), e.g. to split a long run. ``validate()`` (lower is
+    better, e.g. a validation loss) runs every ``validate_every`` steps; with ``patience``, training stops once that
+    many validations in a row did not improve on the best (early stop; the schedule is not stretched). Returns the
+    loss of every step run in this call."""
+    progress = progress or Progress("none")
+    recipe.train(True)
+    opt = torch.optim.AdamW(recipe.param_groups, weight_decay=recipe.weight_decay)
+    sched = _cosine(opt, steps)
+    step, best, stale = 0, float("inf"), 0
+    if resume and ckpt.is_file():
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+        recipe.load(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        step, best, stale = int(ck["step"]), float(ck.get("best", best)), int(ck.get("stale", 0))
+    torch.manual_seed(seed + step)
+    batches = _batches(dataset, batch_size, seed + step)
+    losses = []
+    end = steps if stop_after is None else min(steps, step + stop_after)
+    stopped = False
+    while step < end and not stopped:
+        loss = recipe.loss(next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(loss.item())
+        info = f"loss {loss.item():.3f}"
+        if validate is not None and (step % validate_every == 0 or step == steps):
+            recipe.train(False)
+            with torch.no_grad():
+                score = float(validate())
+            recipe.train(True)
+            best, stale = (score, 0) if score < best else (best, stale + 1)
+            info += f", validation {score:.3f} (best {best:.3f})"
+            stopped = patience is not None and stale >= patience
+        progress.update(recipe.name, step, end, info)
+        if step % ckpt_every == 0 or step == end or stopped:
+            _save(ckpt, step=step, model=recipe.state(), opt=opt.state_dict(), sched=sched.state_dict(), best=best,
+                  stale=stale)
+    if stopped:
+        progress.message(f"{recipe.name}: stopped early at step {step} of {steps}: the validation score did not "
+                         f"improve for {patience} checks in a row (best {best:.4f})")
+    recipe.train(False)
+    return losses
