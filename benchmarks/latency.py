@@ -201,7 +201,7 @@ def main():
         n = 8 if "embedded" in name else 2
         t = time.perf_counter()
         for _ in range(n):
-            eng._text_cache.clear()
+            eng.clear_prompt_cache()
             per_slice(eng, 1, reps=1)
         ref = (time.perf_counter() - t) / n / 2
         say(f"reference-style (batch 1, text re-encoded per slice): {1000 * ref:.1f} ms/slice; ours "

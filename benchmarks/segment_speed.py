@@ -58,7 +58,7 @@ def main():
     sub = ph.image[:n]
     t0 = time.perf_counter()
     for k in range(n):
-        engine._text_cache.clear()
+        engine.clear_prompt_cache()
         predict_probabilities(engine, sub[k:k + 1], prompts, slice_axis=2, batch_size=1)
     t_ref = (time.perf_counter() - t0) / n
     t0 = time.perf_counter()

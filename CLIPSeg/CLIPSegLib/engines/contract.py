@@ -206,6 +206,10 @@ class Engine(ABC):
         embeddings = None if any(e is None for e, _ in encoded) else torch.stack([e for e, _ in encoded])
         return PromptState(texts, embeddings, readings)
 
+    def clear_prompt_cache(self) -> None:
+        """Forget every encoded prompt: the next ``encode_prompts`` encodes again (benchmarks time it this way)."""
+        self._encoded.clear()
+
     @abstractmethod
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor | None, list[PromptReading]]:
         """Distinct new texts (N) -> (embeddings ``[N,D]`` on ``device`` or None, one ``PromptReading`` each, its
