@@ -204,3 +204,34 @@ def test_training_stops_early_when_validation_stops_improving(tmp_path):
     ck = torch.load(tmp_path / "seg.pt", weights_only=True)
     assert ck["step"] == 10 and ck["best"] == pytest.approx(0.9) and ck["stale"] == 3
     assert "stopped early at step 10 of 20" in messages[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--stages", "clip,segmenterr"], "unknown stage 'segmenterr'"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--calibration-volumes", "0"], "--calibration-volumes 0: must be at least 1"),
+    (["--data", "nowhere.csv"], "--data nowhere.csv: no such file"),
+    (["--seed", "-1"], None),  # argparse refuses it (exit 2)
+])
+def test_train_refuses_bad_arguments_before_any_work(args, expected, tmp_path, capsys, monkeypatch):
+    from CLIPSegLib.cli import main
+    from CLIPSegLib.training import cliptnseg_recipe
+
+    monkeypatch.setattr(cliptnseg_recipe, "run_training", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["train", "--output-dir", str(tmp_path / "out"), "--progress", "none"] + args)
+    except SystemExit as e:  # argparse's own refusal
+        code = e.code
+    assert code == 2
+    if expected:
+        assert expected in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tmp_path):
+    net = build_network(TINY_SPEC)
+    ckpt = tmp_path / "seg.pt"
+    train_segmenter(net, _Shapes(), steps=4, ckpt=ckpt, batch_size=4, stop_after=2)
+    with pytest.raises(InputError, match="other settings"):  # a longer schedule would silently reuse the old one
+        train_segmenter(build_network(TINY_SPEC), _Shapes(), steps=8, ckpt=ckpt, batch_size=4)
+    assert len(train_segmenter(build_network(TINY_SPEC), _Shapes(), steps=4, ckpt=ckpt, batch_size=4)) == 2

@@ -14,6 +14,17 @@ from pathlib import Path
 from .options import SegmentOptions, add_arguments
 
 
+def seed(text: str) -> int:
+    """argparse type of ``--seed``: a whole number from 0 (numpy's generators refuse negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give a seed such as 0 or 1000") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are whole numbers from 0")
+    return value
+
+
 def _add_common(p, options=("model", "device")):
     """The run options ``options`` (``options.SegmentOptions`` field names; their flags are declared there) and
     ``--progress``."""
@@ -40,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="segment a phantom volume with the embedded model; writes .seg.nrrd and a PNG")
     d.add_argument("--output-dir", default="demo_output")
-    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--seed", type=seed, default=7)
     _add_common(d)
 
     e = sub.add_parser("evaluate", help="score a model on labelled data or on held-out phantoms")
@@ -48,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt-map", default=None, help="JSON mapping label values to prompts, or a .json file")
     e.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm")
     e.add_argument("--phantoms", type=int, default=40, help="number of phantom volumes (when no --data)")
-    e.add_argument("--seed", type=int, default=1000, help="first seed (training seeds start at 10,000,000)")
+    e.add_argument("--seed", type=seed, default=1000, help="first seed (training seeds start at 10,000,000)")
     e.add_argument("--report", default=None, help="write the report: .json (all), .csv (per case) or .md (summary)")
     _add_common(e, EVALUATE_OPTIONS)
 
@@ -56,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--output-dir", default="build/models",
                    help="where the model .json/.safetensors go (default build/models; never the shipped models "
                         "folder unless you give it)")
-    t.add_argument("--work-dir", default="build/embedded-model", help="checkpoints (resumable)")
+    t.add_argument("--work-dir", default=None,
+                   help="checkpoints (resumable; default build/work/<model-id>, one folder per model)")
     t.add_argument("--model-id", default="cliptnseg-phantom-small")
     t.add_argument("--phantoms", type=int, default=2000, help="2D phantom images in the training bank")
     t.add_argument("--volumes", type=int, default=0,
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calibration-data", default=None,
                    help="CSV (image,mask,phrase) of labelled images NOT used for training: calibrate the found / "
                         "not-found rule on them, one rule per phrase (default: phantom volumes)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
     t.add_argument("--force", action="store_true",
                    help="replace <output-dir>/<model-id>.json/.safetensors if they exist (refused before any "
@@ -144,11 +156,13 @@ def _cmd_evaluate(a, progress):
 
 def _cmd_train(a, progress):
     from .inference.pipeline import resolve_device
-    from .training.cliptnseg_recipe import run_training
+    from .training.cliptnseg_recipe import check_output_free, check_train_args, run_training
 
-    from .training.cliptnseg_recipe import check_output_free
-
-    stages = tuple(a.stages.split(","))
+    stages = check_train_args(a.stages.split(","), {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
+                                                    "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
+                                                    "--calibration-volumes": (a.calibration_volumes, 1)},
+                              {"--data": a.data, "--calibration-data": a.calibration_data})
+    work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id
     if "export" in stages:  # before the device is probed or anything is built
         check_output_free(Path(a.output_dir), a.model_id, a.force)
     device = resolve_device(a.device)
@@ -159,7 +173,7 @@ def _cmd_train(a, progress):
            f"--seed {a.seed} --no-resume --force" + (" --presence-head" if a.presence_head else "")
            + (f" --data {a.data}" if a.data else "")
            + (f" --calibration-data {a.calibration_data}" if a.calibration_data else ""))
-    path = run_training(Path(a.output_dir), Path(a.work_dir), a.model_id, a.phantoms, a.clip_steps, a.steps,
+    path = run_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.clip_steps, a.steps,
                         Path(a.data) if a.data else None, a.seed, stages, not a.no_resume,
                         a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,
                         n_volumes=a.volumes, force=a.force,
@@ -185,7 +199,7 @@ def _cmd_models(a, progress):
     elif a.action == "fetch":
         print(f"{a.id}: present in {ms.fetch(a.id, progress, registry)}")
     elif a.action == "verify":
-        ids = [a.id] if a.id else [r.id for r in catalogue.entries(registry) if r.present and r.source != "file"]
+        ids = [a.id] if a.id else [r.id for r in catalogue.entries(registry) if r.present]
         bad = False
         for mid in ids:
             for name, status in ms.verify(mid, registry).items():

@@ -89,7 +89,8 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
         return (loss_i + loss_t) / 2
 
     recipe = Recipe("CLIP contrastive", [{"params": list(clip.parameters()), "lr": lr}], loss, clip.state_dict,
-                    clip.load_state_dict, clip.train, weight_decay=0.05)
+                    clip.load_state_dict, clip.train, weight_decay=0.05,
+                    fingerprint={"lr": lr, "parameters": sum(p.numel() for p in clip.parameters())})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after)
 
 
@@ -133,9 +134,20 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
 
     params = [p for p in net.parameters() if p.requires_grad]
     recipe = Recipe("segmenter", [{"params": params, "lr": lr}], loss, net.trainable_state_dict,
-                    lambda sd: net.load_state_dict(sd, strict=False), net.train, weight_decay=1e-4)
+                    lambda sd: net.load_state_dict(sd, strict=False), net.train, weight_decay=1e-4,
+                    fingerprint={"lr": lr, "network": net.cfg})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
                     validate, validate_every, patience)
+
+
+def _mixed(parts):
+    """Datasets concatenated, keeping what ``train_clip`` reads of them: ``concepts`` and ``normal_phrases``."""
+    if len(parts) == 1:
+        return parts[0]
+    data = torch.utils.data.ConcatDataset(parts)
+    data.concepts = {k: v for part in parts for k, v in (getattr(part, "concepts", None) or {}).items()}
+    data.normal_phrases = tuple(p for part in parts for p in (getattr(part, "normal_phrases", None) or ()))
+    return data
 
 
 def check_output_free(out_dir: Path, model_id: str, force: bool = False) -> None:
@@ -171,6 +183,44 @@ def training_phrases(data_csv: Path | None = None) -> list[str]:
     return sorted(phrases)
 
 
+STAGES = ("clip", "segmenter", "calibrate", "export")
+
+
+def check_train_args(stages, counts: dict, tables: dict) -> tuple:
+    """Refuse (InputError) before any work: an unknown stage, a count below its minimum (``counts``: option ->
+    (value, minimum)), a table that does not exist or lacks the columns image,mask,phrase (``tables``: option -> path
+    or None). Returns the stages as a tuple."""
+    import csv
+
+    stages = tuple(s.strip() for s in stages if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise InputError(f"--stages {','.join(stages)}: unknown stage {unknown[0] if unknown else '(none)'!r}; the "
+                         f"stages are {','.join(STAGES)} (in that order; e.g. --stages calibrate,export)")
+    for option, (value, minimum) in counts.items():
+        if value < minimum:
+            raise InputError(f"{option} {value}: must be at least {minimum}")
+    for option, path in tables.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{option} {path}: no such file; give a CSV with columns image,mask,phrase")
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if not {"image", "mask", "phrase"} <= {h.strip() for h in header}:
+            raise InputError(f"{option} {path}: its header {header} lacks the columns image,mask,phrase")
+    return stages
+
+
+def _checkpoint(path: Path, stage: str) -> dict:
+    """The weights of a stage's checkpoint; InputError naming the stage to run when it is missing."""
+    if not path.is_file():
+        raise InputError(f"no {stage} checkpoint {path}: run the {stage!r} stage first (--stages {stage},...) or give "
+                         f"the --work-dir that holds it")
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
 def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phantom-small", n_phantoms: int = 2000,
                  clip_steps: int = 300, seg_steps: int = 3000, data_csv: Path | None = None, seed: int = 0,
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
@@ -203,9 +253,12 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         bank = PhantomBank(n_phantoms, size, n_prompts=3, progress=lambda d, t: progress.update("phantoms", d, t))
     clip = build_clip(spec["clip"])
     clip_ckpt = work_dir / "clip.pt"
-    if "clip" in stages:
-        train_clip(clip, bank, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress, device=device)
-    clip.load_state_dict(torch.load(clip_ckpt, map_location="cpu", weights_only=True)["model"])
+    user = FolderTriples(data_csv, size) if data_csv is not None and {"clip", "segmenter"} & set(stages) else None
+    if "clip" in stages:  # the user's phrases are learnt by the text tower too, not only by the segmenter
+        clip_data = _mixed([bank, user]) if user is not None else bank
+        train_clip(clip, clip_data, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress,
+                   device=device)
+    clip.load_state_dict(_checkpoint(clip_ckpt, "clip"))
     net = CLIPTNSegNet(clip, spec["network"])
     seg_ckpt = work_dir / "segmenter.pt"
     if "segmenter" in stages:
@@ -214,12 +267,11 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         if n_volumes:  # the 2D bank is reused; only the volume slices are generated here
             parts.append(PhantomBank(0, size, n_prompts=2, volumes=n_volumes,
                                      progress=lambda d, t: progress.update("volume phantoms", d, t)))
-        if data_csv is not None:
-            parts.append(FolderTriples(data_csv, size))
-        data = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-        data.concepts = {k: v for part in parts for k, v in (getattr(part, "concepts", None) or {}).items()}
+        if user is not None:
+            parts.append(user)
+        data = _mixed(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device)
-    net.load_state_dict(torch.load(seg_ckpt, map_location="cpu", weights_only=True)["model"], strict=False)
+    net.load_state_dict(_checkpoint(seg_ckpt, "segmenter"), strict=False)
     net.eval()
     presence_path = work_dir / "presence.json"
     if "calibrate" in stages:
@@ -232,6 +284,9 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         return None
     from ..models import write_spec
 
+    if not presence_path.is_file():
+        raise InputError(f"no calibrated rule {presence_path}: run the 'calibrate' stage first (--stages calibrate,"
+                         f"export) or give the --work-dir that holds it")
     spec["presence"] = json.loads(presence_path.read_text(encoding="utf-8"))
     if data_csv is None:  # a model trained on phantoms only says so; with a user's data its domain is not known here
         from ..inference.domain import phantom_domain

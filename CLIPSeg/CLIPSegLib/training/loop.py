@@ -6,6 +6,7 @@ Checkpoints are plain dicts of tensors and numbers, read back with ``torch.load(
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,9 @@ class Recipe:
     load: Callable[[dict], None]
     train: Callable[[bool], None]
     weight_decay: float = 0.0
+    # what a checkpoint must have been made with to be resumed (schedule length, batch, learning rates,
+    # architecture): a checkpoint of other settings is refused instead of silently continued
+    fingerprint: dict | None = None
 
 
 def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, seed: int = 0, resume: bool = True,
@@ -79,8 +83,14 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     opt = torch.optim.AdamW(recipe.param_groups, weight_decay=recipe.weight_decay)
     sched = _cosine(opt, steps)
     step, best, stale = 0, float("inf"), 0
+    fingerprint = json.dumps({"steps": steps, "batch_size": batch_size, **(recipe.fingerprint or {})},
+                             sort_keys=True, default=str)
     if resume and ckpt.is_file():
         ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if ck.get("fingerprint", fingerprint) != fingerprint:
+            raise InputError(f"the checkpoint {ckpt} was made by a {recipe.name} run with other settings "
+                             f"({ck['fingerprint']}) than this one ({fingerprint}); resume it with the same settings, "
+                             f"or start over (--no-resume) or use another --work-dir")
         recipe.load(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -110,7 +120,7 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
         progress.update(recipe.name, step, end, info)
         if step % ckpt_every == 0 or step == end or stopped:
             _save(ckpt, step=step, model=recipe.state(), opt=opt.state_dict(), sched=sched.state_dict(), best=best,
-                  stale=stale)
+                  stale=stale, fingerprint=fingerprint)
     if stopped:
         progress.message(f"{recipe.name}: stopped early at step {step} of {steps}: the validation score did not "
                          f"improve for {patience} checks in a row (best {best:.4f})")
