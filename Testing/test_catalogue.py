@@ -111,3 +111,16 @@ def test_an_engine_named_with_the_model_must_be_its_engine():
     with pytest.raises(InputError, match="engine 'tgcnet' does not match the model 'cliptnseg-phantom-small', a "
                                          "cliptnseg \\(CLIP-TNseg\\) model"):
         catalogue.resolve(DEFAULT_MODEL, engine="tgcnet")
+
+
+def test_a_missing_spec_is_named_missing_and_an_unreadable_one_is_not_present(tmp_path, capsys):
+    from CLIPSegLib.cli import main
+    from CLIPSegLib.models import store
+
+    assert main(["models", "import", str(tmp_path / "nothere.json")]) == 3
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "not valid JSON" not in err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json", encoding="utf-8")
+    entry = store.spec_entry(broken, imported=True)
+    assert entry["unreadable"] and not store.is_present(entry)

@@ -68,3 +68,14 @@ def test_dependencies_module_imports_only_what_slicer_ships():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}, imported
+
+
+def test_the_slicer_python_check_is_the_package_minimum():
+    import re
+    import tomllib
+
+    from CLIPSegLib.slicer import dependencies
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    low = re.search(r">=\s*(\d+)\.(\d+)", project["requires-python"])
+    assert (int(low.group(1)), int(low.group(2))) == dependencies.MIN_PYTHON

@@ -3,7 +3,7 @@
 
     .venv/bin/python tools/describe_training_data.py CLIPSeg/Resources/Models/cliptnseg-phantom-small.json
 
-Training writes both at export (``training.run_training``); this tool adds them to a spec exported before they
+Training writes both at export (``training.cliptnseg_recipe.run_training``); this tool adds them to a spec exported before they
 existed, without touching the weights (their SHA-256 stays as listed). Deterministic: phantom seeds only.
 """
 

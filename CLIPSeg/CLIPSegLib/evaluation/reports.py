@@ -46,7 +46,7 @@ def format_summary(s: dict) -> str:
 
 
 def swap_line(s: dict) -> str:
-    """The prompt-swap figures (``evaluation.swap_summary``) in one line."""
+    """The prompt-swap figures (``evaluator.swap_summary``) in one line."""
     return (f"  prompt swap: Dice with the other finding's truth mean {s['swap_dice_mean']:.3f}, max "
             f"{s['swap_dice_max']:.3f} over {s['swap_pairs']} pairs (the truth itself: max {s['swap_floor_max']:.3f}, "
             f"findings share voxels); outside the shared voxels mean {s['swap_unshared_mean']:.3f}, "

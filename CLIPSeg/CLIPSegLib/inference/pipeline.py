@@ -6,7 +6,7 @@ It knows engines only through the contract (``engines.contract``): ``encode_prom
 1. ``engine.encode_prompts`` once per run: the prompts, the trained findings' phrasings (to match each prompt to the
    finding whose calibrated rule judges it, by ``engine.similarity``) and so the rival phrasings too;
 2. normalise the whole volume's intensity and cut it into slices along the slice axis (a voxel axis, ``slice_axis``
-   0 = I, 1 = J, 2 = K; ``imageio``), each fitted to the engine's input (``engine.preprocessing``), in batches;
+   0 = I, 1 = J, 2 = K; ``io.geometry``), each fitted to the engine's input (``engine.preprocessing``), in batches;
 3. ``engine.predict`` -> mask probabilities fitted back to the slice grid, and slice presence probabilities;
 4. per prompt, mask x gated slice presence (``apply_presence``), voxel-wise competition of mutually exclusive
    findings (``postprocess.suppress_exclusive``), then 3D post-processing and the found / not-found decision

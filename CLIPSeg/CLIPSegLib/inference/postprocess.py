@@ -45,7 +45,7 @@ class Component:
 
 def components(prob: np.ndarray, spacing, array_axis: int, threshold: float):
     """Label ``prob > threshold`` (``[K,J,I]``); ``spacing`` mm along (I, J, K); slices along ``array_axis`` (0=K,
-    1=J, 2=I; axis names: ``imageio``).
+    1=J, 2=I; axis names: ``io.geometry``).
 
     Returns (label array, list of Component)."""
     labels, n = ndimage.label(prob > threshold)

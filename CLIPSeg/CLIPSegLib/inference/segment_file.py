@@ -44,7 +44,7 @@ def segment_file(input_path, prompts, output, options: SegmentOptions | None = N
                  progress: Progress | None = None, engine_instance=None, cancel=None,
                  **keywords) -> SegmentationResult:
     """Segment ``prompts`` in ``input_path`` and write ``output`` (+ the probabilities when ``probabilities`` names
-    a file or the options keep them: then beside ``output``, ``imageio.probabilities_path``).
+    a file or the options keep them: then beside ``output``, ``io.outputs.probabilities_path``).
 
     ``options`` (default: all defaults) with ``keywords`` changed: any ``SegmentOptions`` field, e.g.
     ``device="cpu"``, ``spacing="0.3"`` (mm per voxel replacing the file's: one value for I and J, or I,J,K; a

@@ -39,6 +39,9 @@ def is_spec_name(path: Path) -> bool:
 def read_spec(path: Path) -> dict:
     """The checked spec at ``path``; adds ``_dir`` (the folder its files are in)."""
     path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model spec {path} does not exist{' (it is a folder)' if path.is_dir() else ''}; give the "
+                         f"path of a model .json (`clipseg train` and `clipseg finetune` write one beside its weights)")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

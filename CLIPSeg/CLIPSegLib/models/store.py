@@ -80,6 +80,7 @@ def spec_entry(path: Path, **kind) -> dict:
         files = _spec_files(spec)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         spec, files = {}, []
+        kind = {**kind, "unreadable": True}  # never listed as present: loading it names the problem
     if kind.get("imported"):
         files.append({"name": path.name, "url": None, "size": path.stat().st_size, "sha256": None})
     return {"id": path.stem, "engine": str(spec.get("engine", "unknown")), "role": "segmenter", "spec": path.name,
@@ -182,7 +183,8 @@ def file_status(m: dict, f: dict, check_hash: bool = False) -> str:
 
 
 def is_present(m: dict) -> bool:
-    return all(file_status(m, f) == "present" for f in m["files"])
+    """Every file of ``m`` is in place (an entry whose spec cannot be read is not present, whatever its files)."""
+    return not m.get("unreadable") and all(file_status(m, f) == "present" for f in m["files"])
 
 
 @contextlib.contextmanager

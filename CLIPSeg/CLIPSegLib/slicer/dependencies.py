@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import ClipSegError
 
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "Resources" / "requirements.txt"
-MIN_PYTHON = (3, 10)  # torch 2.14 and monai 1.6 publish nothing for older Pythons
+MIN_PYTHON = (3, 11)  # pyproject.toml's requires-python (a test keeps the two equal); Slicer 5.10+ ships 3.12
 MIN_SLICER = "5.10"  # the first Slicer release whose Python (3.12) is new enough; Slicer 5.8 ships Python 3.9
 TORCH_DISTRIBUTIONS = ("torch", "torchvision")  # installed through the PyTorch extension when it is there
 # distribution name (normalised: lower case, runs of -_. as "-") -> the module it installs, where the two differ

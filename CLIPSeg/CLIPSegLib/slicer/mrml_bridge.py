@@ -2,7 +2,7 @@
 
 Uses only MRML / vtkSegmentationCore API present both in the Slicer app and in the ``slicer-core`` wheel.
 Arrays are ``[K,J,I]`` (``slicer.util.arrayFromVolume`` order); geometry comes from the node's IJKToRAS matrix and is
-converted to LPS by ``imageio.Geometry``. The scene's segmentations module logic (or at least its converter rules)
+converted to LPS by ``io.geometry.Geometry``. The scene's segmentations module logic (or at least its converter rules)
 must be set up before segments are added: ``ensure_segmentation_support(scene)`` does it outside the app.
 """
 
