@@ -107,12 +107,20 @@ def test_the_command_line_refuses_bad_options_with_exit_code_2_before_reading_an
 
 
 def test_one_copy_of_each_list():
-    from CLIPSegLib import checks, engines
-    from CLIPSegLib.inference import pipeline
+    """No module but options.py spells out the run options' lists (a second copy would drift): every tuple or list
+    literal in the package and the Slicer module is compared with them."""
+    import ast
+    from pathlib import Path
 
-    assert opt.ENGINES == tuple(engines.ENGINES)  # the registry's builders and the panel's names agree
-    assert pipeline.AXES is opt.AXES and checks.PRECISIONS is opt.PRECISIONS
-    assert checks.check_precision is opt.check_precision
+    lists = {tuple(opt.DEVICES), tuple(opt.AXES), tuple(opt.PRECISIONS)}
+    root = Path(opt.__file__).resolve().parents[1]
+    for path in [root / "CLIPSeg.py"] + sorted((root / "CLIPSegLib").rglob("*.py")):
+        if path.name == "options.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List)) and all(isinstance(e, ast.Constant) for e in node.elts):
+                values = tuple(e.value for e in node.elts)
+                assert values not in lists, f"{path.name}:{node.lineno} repeats the list {values} of options.py"
 
 
 def test_keep_probabilities_writes_them_beside_the_output(phantom_file, tiny_model, tmp_path, capsys):

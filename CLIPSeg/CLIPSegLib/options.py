@@ -26,9 +26,10 @@ import os
 import re
 from dataclasses import dataclass, field, fields, replace
 
+from .engines import ENGINES as _REGISTERED_ENGINES
 from .errors import InputError
 
-ENGINES = ("cliptnseg",)  # engine ids; equal to the keys of engines.ENGINES (a test keeps the two equal)
+ENGINES = tuple(_REGISTERED_ENGINES)  # engine ids, from the (torch-free) registry in engines/__init__.py
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" picks one GPU
 AXES = ("auto", "0", "1", "2")  # slice axis as a voxel axis: 0 = I, 1 = J, 2 = K
 PRECISIONS = ("fp32", "bf16")

@@ -1,26 +1,19 @@
-"""Engine registry: engine id -> builder ``(spec, device, precision) -> Engine`` (``engines.contract``).
+"""Engine registry: engine id -> where its ``Engine`` subclass lives (``"module:Class"``, built with
+``Class.from_spec(spec, device, precision)``) or a builder ``(spec, device, precision) -> Engine``.
 
-``create_engine(spec, device)`` is the only way the pipeline gets an engine. Adding an engine: its own module with an
-``Engine`` subclass, and one entry here.
+``create_engine(spec, device)`` is the only way the pipeline gets an engine. Adding an engine: its own subpackage with
+an ``engines.contract.Engine`` subclass, and one entry here. This module imports nothing heavy (no torch), so the run
+options (``options.ENGINES``) and the Slicer panel read the engine ids from here: the one list.
 """
 
 from __future__ import annotations
 
 import difflib
-
-import torch
+import importlib
 
 from ..errors import InputError
-from .contract import Engine, Preprocessing, PromptReading, PromptState
 
-
-def _cliptnseg(spec, device, precision):
-    from .cliptnseg.engine import CLIPTNSegEngine
-
-    return CLIPTNSegEngine.from_spec(spec, device, precision)
-
-
-ENGINES = {"cliptnseg": _cliptnseg}
+ENGINES = {"cliptnseg": "CLIPSegLib.engines.cliptnseg.engine:CLIPTNSegEngine"}
 
 
 def check_engine(name: str) -> str:
@@ -31,14 +24,18 @@ def check_engine(name: str) -> str:
     return name
 
 
-def create_engine(spec: dict, device: torch.device, engine: str | None = None, precision: str = "fp32") -> Engine:
-    """Build the engine named by ``engine`` (default: the spec's) with the spec's verified weights; ``precision``
-    fp32 or bf16 (``checks.PRECISIONS``; checked by ``Engine``)."""
+def create_engine(spec: dict, device, engine: str | None = None, precision: str = "fp32"):
+    """Build the engine named by ``engine`` (default: the spec's) with the spec's verified weights on ``device``
+    (a ``torch.device``); ``precision`` fp32 or bf16 (``options.PRECISIONS``; checked by ``Engine``)."""
     name = check_engine(engine or spec["engine"])
     if spec["engine"] != name:
         raise InputError(f"model {spec['id']!r} is for engine {spec['engine']!r}, not {name!r}; "
                          f"pick a {name} model or drop --engine")
-    return ENGINES[name](spec, device, precision)
+    target = ENGINES[name]
+    if callable(target):
+        return target(spec, device, precision)
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls).from_spec(spec, device, precision)
 
 
-__all__ = ["Engine", "Preprocessing", "PromptReading", "PromptState", "ENGINES", "create_engine", "check_engine"]
+__all__ = ["ENGINES", "create_engine", "check_engine"]

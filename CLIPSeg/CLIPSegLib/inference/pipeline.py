@@ -22,17 +22,18 @@ import torch
 
 from ..checks import check_prompts
 from .domain import check_domain, domain_message, slice_features
-from ..errors import DeviceError, InputError
+from ..errors import DeviceError
 from ..io.geometry import Geometry, array_axis_of, check_volume
-from ..options import AXES
+from ..options import check_axis, check_batch_size, check_device
 from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, suppress_exclusive, with_rivals
 from .preprocessing import INTENSITIES, fit_slices, unfit_slices
 from ..progress import Progress
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA if present else CPU; 'cuda' without a GPU is an error that says what to do."""
-    name = (name or "auto").lower()
+    """'auto' -> CUDA if present else CPU; 'cuda' without a GPU is an error that says what to do (names checked by
+    ``options.check_device``)."""
+    name = check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
@@ -41,8 +42,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise DeviceError("--device cuda was asked for but no CUDA GPU is available to PyTorch "
                               f"(torch {torch.__version__}); use --device cpu or --device auto")
-        return torch.device(name)
-    raise InputError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
 
 
 def choose_axis(shape_kji: tuple[int, int, int], geometry: Geometry, axis: str | int = "auto") -> int:
@@ -51,9 +51,7 @@ def choose_axis(shape_kji: tuple[int, int, int], geometry: Geometry, axis: str |
     'auto': an axis one voxel thick makes the volume a 2D image in the other two axes' plane, so that axis is the
     slice axis (one full slice; K, then J, then I if several are), whatever the spacings. Otherwise the axis with
     the largest spacing (the acquisition direction of thick-slice volumes; more than 1% larger), K on ties."""
-    axis = str(axis)
-    if axis not in AXES:
-        raise InputError(f"axis {axis!r} is not one of auto, 0 (I), 1 (J), 2 (K)")
+    axis = check_axis(axis)
     if axis != "auto":
         return int(axis)
     for a in (2, 1, 0):
@@ -179,9 +177,7 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     network input ``[B,1,S,S]`` (e.g. to measure what the network sees, ``domain.slice_features``)."""
     progress = progress or Progress("none")
     flip_average = flip_average_of(engine) if flip_average is None else flip_average
-    batch_size = engine.default_batch_size if batch_size is None else int(batch_size)
-    if batch_size < 1:
-        raise InputError(f"batch size {batch_size} must be at least 1 (slices per forward pass)")
+    batch_size = check_batch_size(batch_size) or engine.default_batch_size
     state = engine.encode_prompts(list(prompts)) if isinstance(prompts, (list, tuple)) else prompts
     prep = engine.preprocessing
     array_axis = array_axis_of(slice_axis)
