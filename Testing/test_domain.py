@@ -68,3 +68,14 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_in_fp32_and_says_so(tiny_model, 
     assert engine.precision == "fp32" and "bf16 ignored" in notes[0]
     monkeypatch.setattr(base, "native_bf16", lambda: True)
     assert load_engine(str(tiny_model), device="cpu", precision="bf16").precision == "bf16"
+
+
+def test_a_domain_measured_with_other_preprocessing_is_not_checked():
+    from CLIPSegLib.engines.contract import Preprocessing
+    from CLIPSegLib.inference.domain import comparable_domain
+
+    domain = {"features": {"speckle": [0.05, 0.5]}, "measured_with": {"input_size": 128, "fit": "squash"}}
+    assert comparable_domain(domain, Preprocessing(128, "squash")) is domain
+    assert comparable_domain(domain, Preprocessing(128, "pad")) is None  # padding adds black: not comparable
+    assert comparable_domain(domain, Preprocessing(352, "squash")) is None
+    assert comparable_domain(None, Preprocessing(128, "pad")) is None

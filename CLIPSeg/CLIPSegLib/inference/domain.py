@@ -69,6 +69,16 @@ def check_domain(features: dict[str, float], domain: dict | None) -> list[str]:
     return warnings
 
 
+def comparable_domain(domain: dict | None, preprocessing) -> dict | None:
+    """``domain`` if its ranges were measured on slices prepared as ``preprocessing`` (``engines.contract``) prepares
+    them (same input size and fit: padding adds black that the near-black share would count), else None (no check)."""
+    measured = (domain or {}).get("measured_with") or {}
+    if domain and measured and (measured.get("input_size"), measured.get("fit")) != \
+            (preprocessing.input_size, preprocessing.fit):
+        return None
+    return domain
+
+
 def domain_message(warnings: list[str], domain: dict | None) -> str:
     """One line for the user: what the model was trained on and why this image does not look like it."""
     modality = (domain or {}).get("modality", "its training data")
@@ -85,7 +95,8 @@ def pipeline_slices(volume: np.ndarray, array_axis: int, size: int, fit: str = "
     return fit_slices(normalize_intensity(volume).movedim(array_axis, 0)[:, None], size, fit)
 
 
-def phantom_reference(n_volumes: int = 30, n_images: int = 60, size: int = 128, margin: float = MARGIN) -> dict:
+def phantom_reference(n_volumes: int = 30, n_images: int = 60, size: int = 128, margin: float = MARGIN,
+                      fit: str = "squash") -> dict:
     """The ``features`` of a spec's ``domain`` for the phantom-trained models: ranges over the volume features of
     ``n_volumes`` training-seed 3D phantoms (``datasets.TRAIN_VOLUME_SEED_BASE``) and ``n_images`` training-seed 2D
     phantoms (``datasets.TRAIN_SEED_BASE``), prepared as the pipeline prepares a run (no augmentation: the ranges
@@ -93,9 +104,10 @@ def phantom_reference(n_volumes: int = 30, n_images: int = 60, size: int = 128, 
     from ..training.datasets import TRAIN_SEED_BASE, TRAIN_VOLUME_SEED_BASE, raw_phantom_slice
     from ..synthetic.phantoms import random_volume_phantom
 
-    runs = [pipeline_slices(random_volume_phantom(TRAIN_VOLUME_SEED_BASE + v).image, 0, size)
+    runs = [pipeline_slices(random_volume_phantom(TRAIN_VOLUME_SEED_BASE + v).image, 0, size, fit)
             for v in range(n_volumes)]
-    runs += [pipeline_slices(raw_phantom_slice(TRAIN_SEED_BASE + i, size)[0][None], 0, size) for i in range(n_images)]
+    runs += [pipeline_slices(raw_phantom_slice(TRAIN_SEED_BASE + i, size)[0][None], 0, size, fit)
+             for i in range(n_images)]
     values = [volume_features(r) for r in runs]
     return reference_ranges({k: np.array([v[k] for v in values]) for k in FEATURES}, margin)
 
@@ -103,8 +115,10 @@ def phantom_reference(n_volumes: int = 30, n_images: int = 60, size: int = 128, 
 PHANTOM_MODALITY = "B-mode ultrasound-like phantoms (CLIPSeg's generator)"
 
 
-def phantom_domain(size: int = 128) -> dict:
-    """The ``domain`` entry of a model trained on CLIPSeg's phantoms (``phantom_reference`` at input size ``size``)."""
-    return {"modality": PHANTOM_MODALITY, "features": phantom_reference(size=size),
+def phantom_domain(size: int = 128, fit: str = "squash") -> dict:
+    """The ``domain`` entry of a model trained on CLIPSeg's phantoms (``phantom_reference`` at input size ``size``,
+    slices fitted by ``fit``); ``measured_with`` says so, and a run prepared otherwise is not checked against it."""
+    return {"modality": PHANTOM_MODALITY, "features": phantom_reference(size=size, fit=fit),
+            "measured_with": {"input_size": size, "fit": fit},
             "source": "domain.phantom_reference: 30 training-seed volume phantoms and 60 training-seed 2D phantoms, "
                       "min..max of each feature widened by a factor 1.5"}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..checks import check_prompts
-from .domain import check_domain, domain_message, slice_features
+from .domain import check_domain, comparable_domain, domain_message, slice_features
 from ..errors import DeviceError
 from ..io.geometry import Geometry, array_axis_of, check_volume
 from ..options import check_axis, check_batch_size, check_device
@@ -304,7 +304,7 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     seen = []
     masks, slice_presence = predict_maps(engine, volume, state.take(all_prompts), slice_axis, batch_size, progress,
                                          cancel, on_slices=lambda x: seen.append(slice_features(x)))
-    domain = spec.get("domain")
+    domain = comparable_domain(spec.get("domain"), engine.preprocessing)
     features = {k: float(np.median(np.concatenate([f[k] for f in seen]))) for k in seen[0]} if seen else {}
     domain_warnings = check_domain(features, domain)
     combine_maps(masks, slice_presence, slice_axis, gates, all_findings, exclusive, judges)
