@@ -198,7 +198,6 @@ class FakeSceneRun:
     """Records how the Logic builds a run; never starts a process."""
 
     made = []
-    running = False  # as if it had finished: the Logic may start another
 
     def __init__(self, volume, prompts, segmentation=None, **kwargs):
         self.kwargs = dict(kwargs, prompts=prompts)
