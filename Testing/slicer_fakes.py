@@ -140,6 +140,14 @@ class ComboBox(Widget):
             self.signal("currentIndexChanged").emit(index)
 
 
+class LineEdit(Widget):
+    """QLineEdit: ``text``; ``type`` is the user typing (changes the text and emits textChanged)."""
+
+    def type(self, text):
+        self.text = text
+        self.signal("textChanged").emit()
+
+
 class ListWidget(Widget):
     """QListWidget of text rows: ``addItem``, ``takeItem``, ``clear``, ``count``, ``currentRow`` (-1: none)."""
 
@@ -162,7 +170,7 @@ class ListWidget(Widget):
         return len(self.items)
 
 
-WIDGET_CLASSES = {"QTextEdit": TextEdit, "QComboBox": ComboBox, "QListWidget": ListWidget}
+WIDGET_CLASSES = {"QTextEdit": TextEdit, "QComboBox": ComboBox, "QListWidget": ListWidget, "QLineEdit": LineEdit}
 
 
 def ui_widgets(path=UI_FILE) -> dict[str, Widget]:
@@ -297,7 +305,7 @@ def parameterNodeWrapper(cls):
             import vtk
 
             bound = [(w, w.parameter) for w in vars(ui).values()
-                     if (isinstance(w, TextEdit) or w.cls == "QLineEdit") and w.parameter in types_]
+                     if isinstance(w, (TextEdit, LineEdit)) and w.parameter in types_]
 
             def write(caller=None, event=None):
                 for widget, name in bound:
