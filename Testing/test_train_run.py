@@ -194,6 +194,7 @@ def test_bad_input_is_refused_before_anything_runs(scene, fake, tmp_path, monkey
     refused([], "no training pair: give at least one")
     refused([(volume, None)], "pair 1 has no segmentation node")
     refused([(seg, volume)], "pair 1 has no scalar volume")
+    refused([("t1.nrrd", seg)], "pair 1 has no scalar volume")
     empty = s.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing yet")
     empty.GetSegmentation().AddEmptySegment("", "white matter")
     refused([(volume, seg), (volume, empty)], "'nothing yet' has no painted voxel on volume 't1': paint")

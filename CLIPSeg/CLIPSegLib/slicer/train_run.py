@@ -104,6 +104,10 @@ def default_model_id(phrases: list[str]) -> str:
     return model_id
 
 
+def is_a(node, mrml_class: str) -> bool:
+    return hasattr(node, "IsA") and bool(node.IsA(mrml_class))
+
+
 def check_pairs(pairs) -> list[tuple]:
     """(volume node, segmentation node) pairs, each once; a single pair may be given alone. InputError for none, a
     non-pair, a non-segmentation, nodes in different scenes, a node under a transform."""
@@ -118,10 +122,10 @@ def check_pairs(pairs) -> list[tuple]:
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise InputError(f"training pair {n} is {pair!r}, not a (volume node, segmentation node) pair")
         volume, segmentation = pair
-        if volume is None or not volume.IsA("vtkMRMLScalarVolumeNode"):
+        if not is_a(volume, "vtkMRMLScalarVolumeNode"):
             raise InputError(f"training pair {n} has no scalar volume ({volume!r}); pick the grey-level volume the "
                              f"segments were painted on")
-        if segmentation is None or not segmentation.IsA("vtkMRMLSegmentationNode"):
+        if not is_a(segmentation, "vtkMRMLSegmentationNode"):
             raise InputError(f"training pair {n} has no segmentation node ({segmentation!r}) for volume "
                              f"{volume.GetName()!r}; pick the segmentation you painted on it")
         if volume.GetScene() is None or segmentation.GetScene() is not volume.GetScene():
