@@ -136,12 +136,14 @@ def test_several_pairs_one_file_per_volume_and_segments_of_one_name_joined(scene
     cyst_a, cyst_b, unused = (np.zeros(SHAPE, bool) for _ in range(3))
     cyst_a[2, 0, 0] = True
     cyst_b[3, 1, 1] = True
-    masks_to_segmentation(other, volume, {"Cyst": cyst_a, "cyst ": cyst_b, "never painted": unused})
+    grey = np.zeros(SHAPE, bool)
+    masks_to_segmentation(other, volume, {"Cyst": cyst_a, "cyst ": cyst_b, "never painted": unused,
+                                          "Grey  Matter": grey})
     run = TrainRun([(volume, seg), (volume, other), (volume, seg)], model_id="two", python=script).start()
     run.finish(60)
     rows = _table(record)
     assert [(r["phrase"], r["slices"]) for r in rows] == [("white matter", "1;4"), ("grey matter", "1;4"),
-                                                          ("Cyst", "2;3")]
+                                                          ("Cyst", "2;3"), ("grey matter", "2;3")]
     assert len({r["image"] for r in rows}) == 1
     assert np.array_equal(_kept(record, rows[2]["mask"])[0] > 0, cyst_a | cyst_b)
     assert any("'never painted' is empty on every painted slice" in m for m in run.messages)

@@ -138,18 +138,20 @@ def check_pairs(pairs) -> list[tuple]:
     return out
 
 
-def segment_masks(segmentation_node, volume_node) -> dict[str, np.ndarray]:
-    """Phrase -> bool mask ``[K,J,I]`` on the volume's grid, one per segment name (see the module docstring)."""
+def segment_masks(segmentation_node, volume_node, spelling: dict | None = None) -> dict[str, np.ndarray]:
+    """Phrase -> bool mask ``[K,J,I]`` on the volume's grid, one per segment name (see the module docstring).
+    ``spelling`` (lower-case phrase -> the spelling used), shared across nodes, keeps one spelling per phrase."""
     segmentation = segmentation_node.GetSegmentation()
     masks: dict[str, np.ndarray] = {}
-    spelling: dict[str, str] = {}
+    spelling = {} if spelling is None else spelling
     for i in range(segmentation.GetNumberOfSegments()):
         name = segmentation.GetNthSegment(i).GetName() or ""
         if not name.strip():
             raise InputError(f"segment {i + 1} of {segmentation_node.GetName()!r} has no name; name it with the words "
                              f"of the finding (e.g. 'white matter') in the Segment Editor: the name is the phrase the "
                              f"model learns")
-        phrase = spelling.setdefault(name.lower().strip(), check_prompts([name])[0])
+        phrase = check_prompts([name])[0]
+        phrase = spelling.setdefault(phrase.lower(), phrase)
         mask = segment_to_array(segmentation_node, segmentation.GetNthSegmentID(i), volume_node)
         masks[phrase] = masks[phrase] | mask if phrase in masks else mask
     return masks
@@ -200,7 +202,7 @@ class TrainRun(BackgroundJob):
 
     def _export(self, folder: Path) -> list[dict]:
         """Write the volumes, masks and ``data.csv`` (absolute paths, UTF-8) into ``folder``; returns the rows."""
-        rows, volumes, painted = [], {}, {}
+        rows, volumes, painted, spelling = [], {}, {}, {}
         self.labelled = []
         for n, (volume, segmentation) in enumerate(self.pairs, 1):
             if volume.GetID() not in volumes:
@@ -208,7 +210,7 @@ class TrainRun(BackgroundJob):
                 volumes[volume.GetID()] = (write_volume(folder / f"volume-{len(volumes) + 1}.nrrd", array, geometry),
                                            geometry)
             image, geometry = volumes[volume.GetID()]
-            masks = segment_masks(segmentation, volume)
+            masks = segment_masks(segmentation, volume, spelling)
             slices = labelled_slices(masks.values())
             if not slices:
                 raise InputError(f"segmentation {segmentation.GetName()!r} has no painted voxel on volume "
