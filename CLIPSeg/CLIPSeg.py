@@ -43,6 +43,8 @@ Text-guided segmentation. Pick a volume, type one finding per line (for example 
 gives an empty segment and a note in the status line. Segments you already have are kept; running a finding again
 replaces only its own segment. Processing runs in a background process: the panel stays responsive and Cancel stops
 it at once.<br><br>
+Train on my segments: paint a structure on a few slices, name the segment with its finding, press Train; the new model
+appears in the model list (see the README, "Teach it your own finding").<br><br>
 Needs 3D Slicer 5.10 or later (Python 3.12). The first Apply installs PyTorch (through the PyTorch extension when it
 is installed), MONAI and open_clip once, after asking.<br><br>
 Engine: CLIP-TNseg (Sun et al., IEEE Signal Processing Letters 2025). Planned, not yet available: TGC-Net
@@ -67,6 +69,16 @@ class CLIPSegParameterNode:
     axis: Annotated[str, Choice(list(AXES))] = "auto"
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     keepProbabilities: bool = False
+    trainVolume: vtkMRMLScalarVolumeNode
+    trainSegmentation: vtkMRMLSegmentationNode
+    trainModelName: str = ""
+
+
+def showReady(button, text: str, ok: bool, whatItDoes: str, whatIsMissing: str) -> None:
+    """A run button at rest (not Cancel): enabled when ``ok``, its tooltip saying what it does or what is missing."""
+    button.enabled = ok
+    button.text = text
+    button.toolTip = whatItDoes if ok else whatIsMissing
 
 
 def promptsFromText(text: str) -> list:
@@ -89,6 +101,12 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceTimer = qt.QTimer()
         self._deviceTimer.setInterval(500)
         self._deviceTimer.timeout.connect(self.onDeviceProbePoll)
+        self._training = None
+        self._trainTimer = qt.QTimer()
+        self._trainTimer.setInterval(500)
+        self._trainTimer.timeout.connect(self.onTrainPoll)
+        self._trainPairs = []  # (volume node ID, segmentation node ID) added beside the selectors' pair
+        self._populating = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -105,6 +123,9 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # model determines the engine.
         self.ui.promptsTextEdit.connect("textChanged()", self.onPromptsEdited)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.ui.addTrainPairButton.connect("clicked(bool)", self.onAddTrainPair)
+        self.ui.removeTrainPairButton.connect("clicked(bool)", self.onRemoveTrainPair)
         self.populateModels()
         self.ui.deviceInfoLabel.text = self.logic.deviceDescription()
         self.ui.statusLabel.text = self.logic.pythonProblem()
@@ -113,6 +134,7 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.cancelRun()
+        self.cancelTraining()
         self._deviceTimer.stop()
         if self._deviceProbe is not None:
             self._deviceProbe.cancel()
@@ -130,6 +152,9 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.cancelRun()  # the background process must not outlive the scene it would write into
+        self.cancelTraining()
+        self._trainPairs = []
+        self.ui.trainPairsListWidget.clear()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -166,26 +191,35 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if index >= 0 and index != self.ui.modelComboBox.currentIndex:
                 self.ui.modelComboBox.currentIndex = index
         self._checkCanApply()
+        self._checkCanTrain()
 
     def onPromptsEdited(self) -> None:
         text = self.ui.promptsTextEdit.toPlainText()
         if self._parameterNode and self._parameterNode.prompts != text:
             self._parameterNode.prompts = text
 
-    def populateModels(self) -> None:
-        """One entry per segmentation model, with its engine: "cliptnseg-phantom-small (CLIP-TNseg, embedded)"."""
+    def populateModels(self, select: str = "") -> None:
+        """One entry per segmentation model, with its engine: "cliptnseg-phantom-small (CLIP-TNseg, embedded)".
+        Then the model ``select`` is chosen, else the parameter node's, else the default model."""
         from CLIPSegLib.models import DEFAULT_MODEL
 
         status = {"embedded": _("embedded"), "imported": _("imported"), "present": _("downloaded"),
                   "not downloaded": _("not downloaded")}
-        self.ui.modelComboBox.clear()
-        for model in self.logic.availableModels():
-            text = f"{model.id} ({model.engine_name}, {status.get(model.status, model.status)})"
-            self.ui.modelComboBox.addItem(text, model.id)
-        index = self.ui.modelComboBox.findData(DEFAULT_MODEL)
-        self.ui.modelComboBox.currentIndex = max(index, 0)
+        combo = self.ui.modelComboBox
+        self._populating = True  # the emptied list must not clear the model choice
+        try:
+            combo.clear()
+            for model in self.logic.availableModels():
+                combo.addItem(f"{model.id} ({model.engine_name}, {status.get(model.status, model.status)})", model.id)
+        finally:
+            self._populating = False
+        wanted = [select, self._parameterNode.model if self._parameterNode else "", DEFAULT_MODEL]
+        combo.currentIndex = next((i for i in (combo.findData(m) for m in wanted if m) if i >= 0), 0)
+        self.onModelChanged(combo.currentIndex)
 
     def onModelChanged(self, index) -> None:
+        if self._populating:
+            return
         model = self.ui.modelComboBox.itemData(index) or ""
         if self._parameterNode and self._parameterNode.model != model:
             self._parameterNode.model = model
@@ -212,10 +246,8 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         ok = bool(p and p.inputVolume and promptsFromText(p.prompts))
-        self.ui.applyButton.enabled = ok
-        self.ui.applyButton.text = _("Apply")
-        self.ui.applyButton.toolTip = _("Segment each finding") if ok else \
-            _("Select an input volume and type at least one finding")
+        showReady(self.ui.applyButton, _("Apply"), ok, _("Segment each finding"),
+                  _("Select an input volume and type at least one finding"))
 
     def onApplyButton(self) -> None:
         if self._run is not None:
@@ -239,39 +271,120 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.start()
 
     def onPoll(self) -> None:
-        run = self._run
+        self._followRun("_run", self._timer, self.ui.progressBar, self.ui.statusLabel, self._onSegmented,
+                        _("Segmentation failed:"))
+
+    def _onSegmented(self, run, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.outputSegmentation = node
+        self.ui.statusLabel.text = "\n".join(run.messages) or _("Done.")
+
+    def _followRun(self, name, timer, progressBar, statusLabel, onDone, failure) -> None:
+        """Poll the background run held in ``self.<name>`` (a SceneRun or TrainRun) and show its progress; once it
+        has ended, pass its result to ``onDone(run, result)`` or show why it failed."""
+        run = getattr(self, name)
         if run is None:
-            self._timer.stop()
+            timer.stop()
             return
         run.poll()
         state = run.run.state
         if state.total:
-            self.ui.progressBar.maximum = state.total
-            self.ui.progressBar.value = state.done
-            self.ui.statusLabel.text = f"{state.stage}: {state.done}/{state.total}"
+            progressBar.maximum = state.total
+            progressBar.value = state.done
+            statusLabel.text = f"{state.stage}: {state.done}/{state.total}"
         if run.running:
             return
-        self._timer.stop()
-        self._run = None
+        timer.stop()
+        setattr(self, name, None)
         try:
-            node = run.finish()
-            if self._parameterNode:
-                self._parameterNode.outputSegmentation = node
-            self.ui.statusLabel.text = "\n".join(run.messages) or _("Done.")
-            self.ui.progressBar.value = self.ui.progressBar.maximum
+            onDone(run, run.finish())
+            progressBar.value = progressBar.maximum
         except Exception as e:
-            self.ui.statusLabel.text = _("Failed: ") + str(e)
-            slicer.util.errorDisplay(_("Segmentation failed:") + f"\n{e}")
+            statusLabel.text = _("Failed: ") + str(e)
+            slicer.util.errorDisplay(failure + f"\n{e}")
         finally:
             self._checkCanApply()
+            self._checkCanTrain()
 
-    def cancelRun(self) -> None:
-        self._timer.stop()
-        if self._run is not None:
-            self._run.cancel()
-            self._run = None
+    def _stopRun(self, name, timer) -> None:
+        timer.stop()
+        run = getattr(self, name)
+        setattr(self, name, None)
+        if run is not None:
+            run.cancel()
         if self._parameterNode:
             self._checkCanApply()
+            self._checkCanTrain()
+
+    def cancelRun(self) -> None:
+        self._stopRun("_run", self._timer)
+
+    def cancelTraining(self) -> None:
+        self._stopRun("_training", self._trainTimer)
+
+    def trainingPairs(self) -> list:
+        """The (volume, segmentation) nodes to train on: the pairs added to the list, then the selectors' pair; each
+        once."""
+        pairs = [(slicer.mrmlScene.GetNodeByID(v), slicer.mrmlScene.GetNodeByID(s)) for v, s in self._trainPairs]
+        p = self._parameterNode
+        if p and p.trainVolume and p.trainSegmentation:
+            pairs.append((p.trainVolume, p.trainSegmentation))
+        return [pair for i, pair in enumerate(pairs) if all(pair) and pair not in pairs[:i]]
+
+    def onAddTrainPair(self) -> None:
+        p = self._parameterNode
+        if p and p.trainVolume and p.trainSegmentation:
+            pair = (p.trainVolume.GetID(), p.trainSegmentation.GetID())
+            if pair not in self._trainPairs:
+                self._trainPairs.append(pair)
+        self._showTrainPairs()
+
+    def onRemoveTrainPair(self) -> None:
+        row = self.ui.trainPairsListWidget.currentRow
+        if 0 <= row < len(self._trainPairs):
+            del self._trainPairs[row]
+        self._showTrainPairs()
+
+    def _showTrainPairs(self) -> None:
+        """List the added pairs ("volume: segmentation"), dropping those whose nodes left the scene."""
+        scene = slicer.mrmlScene
+        self._trainPairs = [(v, s) for v, s in self._trainPairs if scene.GetNodeByID(v) and scene.GetNodeByID(s)]
+        self.ui.trainPairsListWidget.clear()
+        for v, s in self._trainPairs:
+            self.ui.trainPairsListWidget.addItem(f"{scene.GetNodeByID(v).GetName()}: {scene.GetNodeByID(s).GetName()}")
+        self._checkCanTrain()
+
+    def _checkCanTrain(self) -> None:
+        if self._training is not None:
+            return
+        n = len(self.trainingPairs())
+        showReady(self.ui.trainButton, _("Train"), n > 0, _(
+            "Fine-tune the selected model on the painted slices of {n} segmentation(s); the new model joins the model "
+            "list").format(n=n), _("Select a volume and the segmentation you painted on it"))
+
+    def onTrainButton(self) -> None:
+        if self._training is not None:
+            self.cancelTraining()
+            self.ui.trainStatusLabel.text = _("Training cancelled; no model was added.")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the training."), waitCursor=True):
+            p = self._parameterNode
+            self._training = self.logic.finetune(self.trainingPairs(), wait=False, fromModel=p.model or None,
+                                                 modelId=p.trainModelName.strip() or None, ask=True, device=p.device)
+            self.ui.trainButton.text = _("Cancel")
+            self.ui.trainButton.enabled = True
+            self.ui.trainProgressBar.value = 0
+            self.ui.trainStatusLabel.text = self._training.describe()
+            self._trainTimer.start()
+
+    def onTrainPoll(self) -> None:
+        self._followRun("_training", self._trainTimer, self.ui.trainProgressBar, self.ui.trainStatusLabel,
+                        self._onTrained, _("Training failed:"))
+
+    def _onTrained(self, run, modelId) -> None:
+        self.populateModels(select=modelId)
+        self.ui.trainStatusLabel.text = "\n".join(run.messages + [_(
+            "New model {modelId}: selected under Model above, Apply segments with it.").format(modelId=modelId)])
 
 
 class CLIPSegLogic(ScriptedLoadableModuleLogic):
@@ -293,6 +406,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._active = None
+        self._training = None
         # Downloaded weights live beside Slicer's settings, shared by the panel and its background processes.
         if hasattr(slicer, "app") and slicer.app is not None:
             os.environ.setdefault("CLIPSEG_HOME", os.path.join(
@@ -465,16 +579,48 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         the running SceneRun. Options as in ``start`` (keyword arguments only). Missing packages are installed first
         (asking when ``ask``)."""
         run = self.start(volumeNode, prompts, segmentationNode, options=options, ask=ask, **keywords)
-        if not wait:
-            return run
+        return self._waitFor(run) if wait else run
+
+    def finetune(self, pairs, wait=True, fromModel=None, modelId=None, ask=True, **options):
+        """Teach a model the structures painted on a few slices; returns the new model's id (``wait=False``: the
+        running CLIPSegLib.slicer.train_run.TrainRun, with poll(), finish() -> the id, cancel()).
+
+        ``pairs``: [(volume node, segmentation node)] (or one pair). Segment names are the phrases; the slices that
+        hold any segment of a segmentation are its labelled slices (a segment empty there is learnt as absent there);
+        other slices are not used. ``fromModel``: a catalogue id or spec path (default: the embedded model), downloaded
+        after asking when ``ask``. ``modelId``: the new model's name (default: finetuned-<segment names>); it joins
+        ``availableModels()``. Options: ``device``, ``steps``, ``force`` (of `clipseg finetune`) and ``replace`` (take
+        the name of a model trained before; asked when ``ask``). Inputs are checked first (InputError); missing
+        packages are installed next (asking when ``ask``)."""
+        if self._training is not None and self._training.running:
+            raise RuntimeError(_("A training is already running; wait for it or cancel it first."))
+        from CLIPSegLib.models import catalogue
+        from CLIPSegLib.slicer import train_run
+
+        run = train_run.TrainRun(pairs, fromModel, modelId, python=self.pythonExecutable(), **options)
+        if ask and run.model_id and not run.options["replace"] and \
+                train_run.model_origin(run.model_id) == "imported" and slicer.util.confirmOkCancelDisplay(
+                    _("A model named {modelId} was trained or imported before. Replace it with the new one?").format(
+                        modelId=run.model_id), _("Replace model")):
+            run.options["replace"] = True
+        if ask:
+            self.ensureModel(fromModel, ask=True)
+        catalogue.resolve(fromModel)  # unknown, a part, not downloaded
+        self.requireDependencies(ask=ask)
+        self._training = run.start()
+        return self._waitFor(run) if wait else run
+
+    @staticmethod
+    def _waitFor(run):
+        """Wait for a background run, Slicer kept responsive; its result (its messages logged)."""
         while run.running:
             run.poll()
             slicer.app.processEvents()
             qt.QThread.msleep(50)
-        node = run.finish()
+        result = run.finish()
         for message in run.messages:
             logging.info(message)
-        return node
+        return result
 
 
 def shutilWhich(name):

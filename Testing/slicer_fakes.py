@@ -140,7 +140,37 @@ class ComboBox(Widget):
             self.signal("currentIndexChanged").emit(index)
 
 
-WIDGET_CLASSES = {"QTextEdit": TextEdit, "QComboBox": ComboBox}
+class LineEdit(Widget):
+    """QLineEdit: ``text``; ``type`` is the user typing (changes the text and emits textChanged)."""
+
+    def type(self, text):
+        self.text = text
+        self.signal("textChanged").emit()
+
+
+class ListWidget(Widget):
+    """QListWidget of text rows: ``addItem``, ``takeItem``, ``clear``, ``count``, ``currentRow`` (-1: none)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.items: list[str] = []
+        self.currentRow = -1
+
+    def addItem(self, text):
+        self.items.append(text)
+
+    def takeItem(self, row):
+        return self.items.pop(row) if 0 <= row < len(self.items) else None
+
+    def clear(self):
+        self.items, self.currentRow = [], -1
+
+    @property
+    def count(self):
+        return len(self.items)
+
+
+WIDGET_CLASSES = {"QTextEdit": TextEdit, "QComboBox": ComboBox, "QListWidget": ListWidget, "QLineEdit": LineEdit}
 
 
 def ui_widgets(path=UI_FILE) -> dict[str, Widget]:
@@ -232,8 +262,9 @@ class WithinRange:
 def parameterNodeWrapper(cls):
     """Typed fields stored in the MRML node as the app's wrapper stores them (strings as parameters, nodes as
     references), defaults written on first use, other attributes (AddObserver, ...) forwarded to the node.
-    ``connectGui`` emulates the app's QTextEdit connector only: on every parameter change it rewrites the whole
-    text of a QTextEdit bound with SlicerParameterName (``setPlainText``), as Slicer does."""
+    ``connectGui`` emulates the app's QTextEdit and QLineEdit connectors only: on every parameter change it rewrites
+    the whole text of a QTextEdit (``setPlainText``) or QLineEdit (``text``) bound with SlicerParameterName, as
+    Slicer does; a QLineEdit's ``textChanged`` writes the parameter."""
     import slicer
 
     hints = typing.get_type_hints(cls, include_extras=True)
@@ -274,14 +305,18 @@ def parameterNodeWrapper(cls):
             import vtk
 
             bound = [(w, w.parameter) for w in vars(ui).values()
-                     if isinstance(w, TextEdit) and w.parameter in types_]
+                     if isinstance(w, (TextEdit, LineEdit)) and w.parameter in types_]
 
             def write(caller=None, event=None):
                 for widget, name in bound:
-                    widget.setPlainText(getattr(self, name))
+                    if isinstance(widget, TextEdit):
+                        widget.setPlainText(getattr(self, name))
+                    else:
+                        widget.text = getattr(self, name)
 
             for widget, name in bound:
-                widget.connect("textChanged()", lambda w=widget, n=name: setattr(self, n, w.toPlainText()))
+                read = widget.toPlainText if isinstance(widget, TextEdit) else lambda w=widget: w.text
+                widget.connect("textChanged()", lambda r=read, n=name: setattr(self, n, r()))
             tag = self.parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, write)
             write()
             self._guis[tag] = bound
@@ -384,3 +419,83 @@ def load_module(name="CLIPSeg_under_test"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# --- a stand-in for `clipseg finetune` -------------------------------------------------------------------------------
+
+FAKE_FINETUNE = r'''#!@PYTHON@
+"""Stands in for `python -m CLIPSegLib.cli finetune` (its contract): keeps what it was given in @RECORD@, checks the
+data table, then writes the tiny model under the asked id into --output-dir and prints JSON progress and the done
+event. Mode @MODE@: ok, fail (an error event), hang (progress, then sleeps until killed)."""
+import argparse, csv, json, os, shutil, sys, time
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument("-m", dest="module", required=True)
+parser.add_argument("command")
+for flag in ("--data", "--output-dir", "--model-id", "--progress"):
+    parser.add_argument(flag, required=True)
+parser.add_argument("--from", dest="from_model")
+parser.add_argument("--device", default="auto")
+parser.add_argument("--steps", type=int)
+parser.add_argument("--force", action="store_true")
+args = parser.parse_args()
+
+
+def say(**event):
+    print(json.dumps(event), flush=True)
+
+
+def fail(message):
+    say(event="error", message=message, exit_code=2)
+    sys.exit(2)
+
+
+record = Path(@RECORD@)
+shutil.copytree(Path(args.data).parent, record / "data", dirs_exist_ok=True)
+(record / "argv.json").write_text(json.dumps(sys.argv[1:]))
+if (args.module, args.command, args.progress) != ("CLIPSegLib.cli", "finetune", "json"):
+    fail(f"not the finetune command: {sys.argv}")
+with open(args.data, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    rows = list(reader)
+if reader.fieldnames != ["image", "mask", "phrase", "slices"] or not rows:
+    fail(f"the table needs the columns image,mask,phrase,slices and rows, got {reader.fieldnames}")
+for row in rows:
+    if not (Path(row["image"]).is_file() and Path(row["mask"]).is_file()) or not row["slices"]:
+        fail(f"a row names a missing file or no slice: {row}")
+if @MODE@ == "fail":
+    fail("phrase 'white matter' has only empty masks on its labelled slices")
+for i in (1, 2, 3):
+    say(event="progress", stage="fine-tuning", done=i, total=3)
+    if @MODE@ == "hang":
+        (record / "pid").write_text(str(os.getpid()))
+        time.sleep(300)
+source = Path(@SPEC@)
+spec = json.loads(source.read_text(encoding="utf-8"))
+out = Path(args.output_dir)
+out.mkdir(parents=True, exist_ok=True)
+shutil.copyfile(source.with_suffix(".safetensors"), out / f"{args.model_id}.safetensors")
+spec["id"] = args.model_id
+spec["files"][0]["name"] = f"{args.model_id}.safetensors"
+(out / f"{args.model_id}.json").write_text(json.dumps(spec), encoding="utf-8")
+say(event="message", text=f"trained on {len(rows)} masks")
+say(event="done", model=str(out / f"{args.model_id}.json"))
+'''
+
+
+def fake_finetune(folder, spec, mode="ok") -> tuple[str, Path]:
+    """An executable stand-in for the Python that runs `-m CLIPSegLib.cli finetune` (pass it as ``python``): it
+    answers as the command's contract says, copying the model ``spec`` (+ its .safetensors) under the asked id.
+    Returns (its path, the folder where it keeps the arguments and data it was given)."""
+    import os
+    import stat
+
+    folder = Path(folder)
+    record = folder / f"fake-finetune-{mode}"
+    record.mkdir(parents=True, exist_ok=True)
+    script = folder / f"fake-finetune-{mode}.py"
+    script.write_text(FAKE_FINETUNE.replace("@PYTHON@", sys.executable).replace("@RECORD@", repr(str(record)))
+                      .replace("@MODE@", repr(mode)).replace("@SPEC@", repr(str(spec))), encoding="utf-8")
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return os.fspath(script), record

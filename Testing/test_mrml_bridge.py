@@ -195,3 +195,15 @@ def test_pipeline_result_lands_in_the_scene_with_the_cli_geometry(scene, tiny_mo
     node.GetIJKToRASMatrix(m)
     node_ijk_to_ras = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
     np.testing.assert_allclose(np.diag([-1, -1, 1, 1]) @ ijk_to_lps, node_ijk_to_ras, atol=1e-6)
+
+
+def test_reading_a_segment_leaves_the_scene_as_it_was(scene):
+    """The temporary label map and what its export adds (display node, colour table) do not stay in the user's scene."""
+    node = _volume(scene, np.zeros((2, 3, 4), np.float32))
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    mask = np.zeros((2, 3, 4), bool)
+    mask[1, 2, 3] = True
+    seg_id = masks_to_segmentation(seg, node, {"cyst": mask})["cyst"]
+    nodes = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+    assert np.array_equal(segment_to_array(seg, seg_id, node), mask)
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == nodes

@@ -15,7 +15,8 @@ UI = ET.parse(MODULE / "Resources" / "UI" / "CLIPSeg.ui").getroot()
 SUFFIX_CLASS = {"Button": ("QPushButton",), "ComboBox": ("QComboBox",), "Selector": ("qMRMLNodeComboBox",),
                 "Label": ("QLabel",), "TextEdit": ("QTextEdit",), "CheckBox": ("QCheckBox",),
                 "SliderWidget": ("ctkSliderWidget",), "progressBar": ("QProgressBar",),
-                "CollapsibleButton": ("ctkCollapsibleButton",)}
+                "CollapsibleButton": ("ctkCollapsibleButton",), "ProgressBar": ("QProgressBar",),
+                "LineEdit": ("QLineEdit",), "ListWidget": ("QListWidget",)}
 # Parameter type -> widget classes the parameterNodeWrapper can bind it to.
 TYPE_WIDGETS = {"vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}, "vtkMRMLSegmentationNode": {"qMRMLNodeComboBox"},
                 "str": {"QTextEdit", "QLineEdit"}, "str+Choice": {"QComboBox"}, "float": {"ctkSliderWidget",

@@ -1,8 +1,9 @@
 """The Slicer panel and console Logic of CLIPSeg.py, driven on slicer-core with stand-ins for Qt and the Slicer app
 (Testing/slicer_fakes.py): opening the panel with only what Slicer's Python ships, the findings box, the one model
 selector (the catalogue's list, engine shown, choice kept in the parameter node), the dependency installer, and the
-console's ``logic.segment``."""
+console's ``logic.segment``; the "Train on my segments" section and the console's ``logic.finetune``."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -23,8 +24,9 @@ OPTIONAL_IN_PANEL = {"jsonschema"}
 
 
 def test_opening_the_panel_needs_nothing_slicer_lacks():
-    """The whole setup path (module import, Widget.setup, Logic calls), and the scene-run module Apply uses, in a
-    fresh process where torch, monai, jsonschema & co. cannot be imported, as in Slicer before the first Apply."""
+    """The whole setup path (module import, Widget.setup, Logic calls), and the scene-run and train-run modules
+    Apply and Train use, in a fresh process where torch, monai, jsonschema & co. cannot be imported, as in Slicer
+    before the first Apply."""
     script = textwrap.dedent(f"""
         import json, sys
         sys.path[:0] = [{str(slicer_fakes.ROOT / "Testing")!r}, {str(slicer_fakes.MODULE_DIR)!r}]
@@ -37,11 +39,13 @@ def test_opening_the_panel_needs_nothing_slicer_lacks():
         widget.setup()
         logic = widget.logic
         import CLIPSegLib.slicer.scene_run  # what Apply imports in the Slicer process once packages are installed
+        import CLIPSegLib.slicer.train_run  # and Train
         print(json.dumps({{"models": [[m.id, m.present] for m in logic.availableModels()],
                           "labels": [text for text, _ in widget.ui.modelComboBox.items],
                           "device": logic.deviceDescription(),
                           "missing": logic.missingPackages(), "model": widget._parameterNode.model,
                           "deviceLabel": widget.ui.deviceInfoLabel.text, "errors": dialogs.errors,
+                          "train": [widget.ui.trainButton.text, widget.ui.trainButton.enabled],
                           "imported": guard.imported,
                           "loaded": [m for m in sys.modules if m.split(".")[0] in slicer_fakes.NOT_IN_SLICER]}}))
     """)
@@ -55,6 +59,7 @@ def test_opening_the_panel_needs_nothing_slicer_lacks():
     assert out["device"] == out["deviceLabel"] == "PyTorch not installed yet (installed at first Apply)"
     assert "torch==2.14.1" in out["missing"] and "monai==1.6.1" in out["missing"]
     assert out["errors"] == []
+    assert out["train"] == ["Train", False]  # nothing painted selected yet
 
 
 @pytest.fixture
@@ -376,3 +381,188 @@ def test_a_registry_model_not_downloaded_is_offered_for_download_first(fakes, mo
     run = logic.segment(volume, ["cyst"], model=model_id, wait=False)
     assert fetched == [model_id] and run.kwargs["options"].model == model_id
     assert logic.ensureModel(model_id) is True and len(dialogs.confirmations) == 2  # here now: not asked again
+
+
+# --- Train on my segments ------------------------------------------------------------------------------------------
+
+class FakeTrainRun:
+    """Records how the Logic builds a training run; never starts a process. ``result``: what finish returns (or
+    raises); ``running`` until the test says it ended."""
+
+    made = []
+
+    def __init__(self, pairs, from_model=None, model_id=None, *, python=None, **options):
+        from CLIPSegLib.slicer.background import RunState
+        from CLIPSegLib.slicer.train_run import train_options
+
+        self.pairs, self.from_model, self.model_id = pairs, from_model, model_id
+        self.options = train_options(**options)
+        self.run = type("Run", (), {"state": RunState(stage="fine-tuning", done=1, total=4)})()
+        self.running, self.cancelled, self.result, self.messages = True, False, model_id, ["trained on 2 masks"]
+        FakeTrainRun.made.append(self)
+
+    def start(self):
+        return self
+
+    def poll(self):
+        return []
+
+    def describe(self):
+        return f"Training {self.model_id}"
+
+    def cancel(self):
+        self.cancelled, self.running = True, False
+
+    def finish(self, timeout=None):
+        if isinstance(self.result, Exception):
+            raise self.result
+        return self.result
+
+
+@pytest.fixture
+def no_training(fakes, monkeypatch):
+    """Nothing to install; the Logic's training runs are FakeTrainRuns."""
+    import CLIPSegLib.slicer.train_run
+
+    monkeypatch.setattr(dependencies, "missing", lambda reqs=None: [])
+    monkeypatch.setattr(CLIPSegLib.slicer.train_run, "TrainRun", FakeTrainRun)
+    FakeTrainRun.made = []
+    return fakes
+
+
+def _click(button):
+    button.signal("clicked").emit()  # PythonQt calls a slot of no argument without clicked(bool)'s argument
+
+
+def _pair(name):
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{name} volume")
+    return volume, slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} labels")
+
+
+def test_train_uses_the_panels_pairs_and_turns_into_cancel(no_training):
+    dialogs, module = no_training
+    widget = _widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    (v1, s1), (v2, s2) = _pair("first"), _pair("second")
+    assert not ui.trainButton.enabled
+    p.trainVolume, p.trainSegmentation = v1, s1
+    assert ui.trainButton.enabled and widget.trainingPairs() == [(v1, s1)]
+    _click(ui.addTrainPairButton)  # keep this pair, pick the next one
+    p.trainVolume, p.trainSegmentation = v2, s2
+    ui.trainModelNameLineEdit.type("my-finding")
+    p.device = "cpu"
+    assert ui.trainPairsListWidget.items == ["first volume: first labels"]
+    _click(ui.trainButton)
+    assert dialogs.errors == [] and len(FakeTrainRun.made) == 1
+    run = FakeTrainRun.made[0]
+    assert run.pairs == [(v1, s1), (v2, s2)] and run.from_model == DEFAULT_MODEL  # from the model selected above
+    assert run.model_id == "my-finding" and run.options["device"] == "cpu"
+    assert ui.trainButton.text == "Cancel" and ui.trainButton.enabled and widget._trainTimer.isActive()
+    assert ui.trainStatusLabel.text == "Training my-finding"
+    widget.onTrainPoll()
+    assert (ui.trainProgressBar.value, ui.trainProgressBar.maximum) == (1, 4)
+    _click(ui.trainButton)  # Cancel
+    assert run.cancelled and ui.trainButton.text == "Train" and not widget._trainTimer.isActive()
+    assert "cancelled" in ui.trainStatusLabel.text
+    ui.trainPairsListWidget.currentRow = 0
+    _click(ui.removeTrainPairButton)
+    assert ui.trainPairsListWidget.items == [] and widget.trainingPairs() == [(v2, s2)]
+    slicer.mrmlScene.RemoveNode(s2)  # a node deleted meanwhile is not trained on
+    assert widget.trainingPairs() == []
+
+
+def test_a_trained_model_is_selected_in_the_refreshed_model_list_and_used_by_apply(no_training, monkeypatch,
+                                                                                   volume):
+    import CLIPSegLib.slicer.scene_run
+    from CLIPSegLib.models import catalogue
+
+    dialogs, module = no_training
+    models = [ModelRef(DEFAULT_MODEL, "cliptnseg", "segmenter", "embedded", True)]
+    monkeypatch.setattr(module.CLIPSegLogic, "availableModels", lambda self: list(models))
+    monkeypatch.setattr(module.CLIPSegLogic, "ensureModel", lambda self, model, ask=True: True)
+    monkeypatch.setattr(catalogue, "resolve", lambda model, engine=None: None)
+    monkeypatch.setattr(CLIPSegLib.slicer.scene_run, "SceneRun", FakeSceneRun)
+    FakeSceneRun.made = []
+    widget = _widget(module)
+    ui, p = widget.ui, widget._parameterNode
+    p.trainVolume, p.trainSegmentation = _pair("brain")
+    p.trainModelName = "white-matter"
+    _click(ui.trainButton)
+    run = FakeTrainRun.made[-1]
+    widget.onTrainPoll()
+    assert ui.trainButton.text == "Cancel"  # still running
+    models.append(ModelRef("white-matter", "cliptnseg", "segmenter", "imported", True))  # imported by finish
+    run.running = False
+    widget.onTrainPoll()
+    combo = ui.modelComboBox
+    assert [combo.itemData(i) for i in range(combo.count)] == [DEFAULT_MODEL, "white-matter"]
+    assert combo.itemData(combo.currentIndex) == "white-matter" and p.model == "white-matter"
+    assert "trained on 2 masks" in ui.trainStatusLabel.text and "New model white-matter" in ui.trainStatusLabel.text
+    assert ui.trainButton.text == "Train" and ui.trainProgressBar.value == ui.trainProgressBar.maximum
+    p.inputVolume = volume
+    widget.onApplyButton()
+    assert FakeSceneRun.made[-1].kwargs["options"].model == "white-matter"
+    # a failed training says why, and the model list stays as it was
+    _click(ui.trainButton)
+    FakeTrainRun.made[-1].result = InputError("segment 2 of 'brain labels' has no name")
+    FakeTrainRun.made[-1].running = False
+    widget.onTrainPoll()
+    assert ui.trainStatusLabel.text == "Failed: segment 2 of 'brain labels' has no name"
+    assert "Training failed:" in dialogs.errors[-1] and p.model == "white-matter"
+
+
+@pytest.fixture
+def painted(fakes, monkeypatch, tiny_model, tmp_path):
+    """The scene holds a volume with two segments painted on slices 1 and 4; the Logic's Python is a stand-in for
+    `clipseg finetune`; the app's event loop is a no-op; nothing to install. Returns (module, pair, record)."""
+    import types
+
+    from CLIPSegLib.slicer.mrml_bridge import ensure_segmentation_support, masks_to_segmentation
+
+    _, module = fakes
+    script, record = slicer_fakes.fake_finetune(tmp_path, tiny_model)
+    monkeypatch.setattr(module.CLIPSegLogic, "pythonExecutable", staticmethod(lambda: script))
+    monkeypatch.setattr(dependencies, "missing", lambda reqs=None: [])
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(  # CLIPSEG_HOME is set already: kept
+        processEvents=lambda: None, slicerUserSettingsFilePath=str(tmp_path / "settings" / "Slicer.ini")))
+    ensure_segmentation_support(slicer.mrmlScene)
+    volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "t1")
+    slicer.util.updateVolumeFromArray(volume, np.ones((6, 8, 10), np.float32))
+    white, grey = np.zeros((6, 8, 10), bool), np.zeros((6, 8, 10), bool)
+    white[1, 2:4, 2:4] = grey[4, 5:7, 5:7] = True
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels")
+    masks_to_segmentation(seg, volume, {"white matter": white, "grey matter": grey})
+    return module, (volume, seg), record
+
+
+def test_console_finetune_waits_and_returns_the_new_model_now_in_the_model_list(painted, fakes):
+    dialogs, _ = fakes
+    module, pair, record = painted
+    logic = module.CLIPSegLogic()
+    assert logic.finetune([pair], wait=True, modelId="my-brain", device="cpu") == "my-brain"
+    assert "my-brain" in [m.id for m in logic.availableModels()]
+    argv = json.loads((record / "argv.json").read_text())
+    assert argv[argv.index("--device") + 1] == "cpu"
+    with open(record / "data" / "data.csv", newline="", encoding="utf-8") as f:
+        assert [(r["phrase"], r["slices"]) for r in csv.DictReader(f)] == [("white matter", "1;4"),
+                                                                          ("grey matter", "1;4")]
+    # the same name again: asked before it replaces the earlier model; declined, nothing runs
+    dialogs.confirm_answer = False
+    with pytest.raises(InputError, match="was trained or imported before"):
+        logic.finetune(pair, modelId="my-brain")
+    dialogs.confirm_answer = True
+    run = logic.finetune(pair, wait=False, modelId="my-brain")
+    assert run.options["replace"] and run.finish(60) == "my-brain"
+    assert len(dialogs.confirmations) == 2 and "my-brain" in dialogs.confirmations[0]
+
+
+def test_console_finetune_refuses_bad_input_before_installing_or_starting(fakes, monkeypatch):
+    dialogs, module = fakes
+    _installed(monkeypatch, set())  # everything missing: it would ask to install
+    logic = module.CLIPSegLogic()
+    volume, seg = _pair("brain")
+    with pytest.raises(InputError, match=r"unknown training option 'step' \(did you mean 'steps'"):
+        logic.finetune([(volume, seg)], step=3)
+    with pytest.raises(InputError, match="no training pair"):
+        logic.finetune([])
+    assert dialogs.confirmations == [] and logic._training is None

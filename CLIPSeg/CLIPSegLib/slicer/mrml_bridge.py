@@ -37,6 +37,15 @@ def _ijk_to_ras(node) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(m)
 
 
+def check_untransformed(node, what: str) -> None:
+    """InputError when ``node`` (a ``what``: volume, segmentation) is under a transform: its voxels would not be where
+    the scene shows them."""
+    transform = node.GetParentTransformNode()
+    if transform is not None:
+        raise InputError(f"{what} {node.GetName()!r} is under the transform {transform.GetName()!r}; harden the "
+                         f"transform (Transforms module: 'Harden transform') or remove it, then run again")
+
+
 def volume_to_array(volume_node) -> tuple[np.ndarray, Geometry]:
     """A scalar volume node -> (float32 copy ``[K,J,I]``, Geometry). Refuses label maps, vector volumes and
     volumes under a transform, saying what to do."""
@@ -51,10 +60,7 @@ def volume_to_array(volume_node) -> tuple[np.ndarray, Geometry]:
                          f"'Vector to Scalar Volume' module first")
     if volume_node.GetImageData() is None:
         raise InputError(f"volume {volume_node.GetName()!r} has no image data; load the image again")
-    if volume_node.GetParentTransformNode() is not None:
-        raise InputError(f"volume {volume_node.GetName()!r} is under the transform "
-                         f"{volume_node.GetParentTransformNode().GetName()!r}; harden the transform (Transforms module:"
-                         f" 'Harden transform') or remove it, then run again")
+    check_untransformed(volume_node, "volume")
     array = np.array(slicer.util.arrayFromVolume(volume_node), dtype=np.float32, copy=True)
     if array.ndim == 2:
         array = array[None]
@@ -173,12 +179,18 @@ def masks_to_segmentation(segmentation_node, volume_node, masks: dict[str, np.nd
     return ids
 
 
+def _node_ids(scene) -> set:
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
 def segment_to_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """A segment resampled on ``volume_node``'s grid -> bool ``[K,J,I]`` (via a temporary label map node)."""
+    """A segment resampled on ``volume_node``'s grid -> bool ``[K,J,I]`` (via a temporary label map node). The scene
+    is left as it was: the label map and what the export adds with it (display node, colour table) are removed."""
     import slicer
     import vtk
 
     scene = segmentation_node.GetScene()
+    before = _node_ids(scene)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
         ids = vtk.vtkStringArray()
@@ -188,4 +200,7 @@ def segment_to_array(segmentation_node, segment_id: str, volume_node) -> np.ndar
         arr = np.array(slicer.util.arrayFromVolume(labelmap)) > 0
         return arr if arr.ndim == 3 else arr[None]
     finally:
-        scene.RemoveNode(labelmap)
+        for node_id in _node_ids(scene) - before:
+            node = scene.GetNodeByID(node_id)
+            if node is not None:
+                scene.RemoveNode(node)

@@ -9,46 +9,30 @@ temporary files; nothing is written into the scene unless the run succeeded.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .background import BackgroundRun, segment_command
+from .background import BackgroundJob, segment_command
 from ..checks import check_prompts
-from ..errors import Cancelled, ClipSegError, InputError
+from ..errors import InputError
 from ..io.outputs import read_probabilities, read_segment_masks, write_volume
 from .mrml_bridge import masks_to_segmentation, volume_to_array
 from ..options import SegmentOptions
 
-LIB_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding CLIPSegLib/
 
-
-def child_environment(device: str = "auto") -> dict:
-    """Environment for the child: CLIPSegLib importable; CPU-only hides GPUs entirely."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([LIB_PARENT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = "-1"
-    return env
-
-
-class SceneRun:
+class SceneRun(BackgroundJob):
     """``options`` (a ``SegmentOptions``; default: all defaults) with ``keywords`` changed (any of its fields, by
     name or Slicer Logic name: ``device="cpu"``, ``keep_probabilities=True``) say how to segment; they are checked
-    here, before anything starts (InputError)."""
+    here, before anything starts (InputError). ``poll``, ``finish`` (-> the segmentation node), ``cancel``: see
+    ``background.BackgroundJob``."""
 
     def __init__(self, volume_node, prompts, segmentation_node=None, *, options: SegmentOptions | None = None,
                  python: str | None = None, **keywords):
+        super().__init__(python)
         self.volume_node = volume_node
         self.prompts = check_prompts(prompts)
         self.segmentation_node = segmentation_node
         self.options = SegmentOptions.from_keywords(options, **keywords)
-        self.python = python
-        self.run: BackgroundRun | None = None
-        self.tmp: Path | None = None
         self.probability_nodes: list = []
-        self.notes: list[str] = []  # what the scene side did that the user should know
 
     def start(self) -> "SceneRun":
         """Validate, export the volume, start the background process. Raises InputError on bad input."""
@@ -56,43 +40,17 @@ class SceneRun:
         if self.segmentation_node is not None and self.segmentation_node.GetScene() is not \
                 self.volume_node.GetScene():
             raise InputError("the output segmentation is not in the same scene as the volume; pick another output")
-        self.tmp = Path(tempfile.mkdtemp(prefix="clipseg-"))
-        try:
-            write_volume(self.tmp / "input.nrrd", volume, geometry)
-            probs = self.tmp / "probabilities.nrrd" if self.options.keep_probabilities else None
-            argv = segment_command(self.tmp / "input.nrrd", self.prompts, self.tmp / "output.seg.nrrd", self.options,
+
+        def prepare(folder: Path) -> list[str]:
+            write_volume(folder / "input.nrrd", volume, geometry)
+            probs = folder / "probabilities.nrrd" if self.options.keep_probabilities else None
+            return segment_command(folder / "input.nrrd", self.prompts, folder / "output.seg.nrrd", self.options,
                                    probabilities=probs, python=self.python)
-            self.run = BackgroundRun(argv, env=child_environment(self.options.device))
-        except BaseException:
-            self.cleanup()
-            raise
-        return self
 
-    @property
-    def running(self) -> bool:
-        return self.run is not None and self.run.returncode is None
+        return self._launch(prepare, self.options.device)
 
-    def poll(self) -> list[dict]:
-        return self.run.poll() if self.run else []
-
-    def cancel(self) -> None:
-        if self.run is not None:
-            self.run.cancel()
-        self.cleanup()
-
-    def finish(self, timeout: float | None = None):
-        """Wait for the process, then load its result. Returns the segmentation node; raises ClipSegError with the
-        CLI's own message when it failed. If ``timeout`` (s) passes first, ``subprocess.TimeoutExpired`` is raised
-        and the run goes on with its files intact: call ``finish`` again, or ``cancel``."""
-        code = self.run.wait(timeout)
-        try:
-            if self.run.cancelled:
-                raise Cancelled("cancelled; the scene was not changed")
-            if code != 0:
-                raise ClipSegError(self.run.error_text())
-            return self._load(self.tmp / "output.seg.nrrd")
-        finally:
-            self.cleanup()
+    def _result(self):
+        return self._load(self.tmp / "output.seg.nrrd")
 
     def _load(self, seg_path: Path):
         """Read every output file first, so an unreadable one leaves the scene as it was."""
@@ -142,15 +100,6 @@ class SceneRun:
             show_as_probability(node)
             place_beside(node, self.volume_node)
             self.probability_nodes.append(node)
-
-    @property
-    def messages(self) -> list[str]:
-        return (self.run.state.messages if self.run else []) + self.notes
-
-    def cleanup(self) -> None:
-        if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
 
 
 def place_beside(node, volume_node) -> None:
