@@ -68,6 +68,7 @@ class CLIPSegParameterNode:
     precision: Annotated[str, Choice(list(PRECISIONS))] = "fp32"
     axis: Annotated[str, Choice(list(AXES))] = "auto"
     threshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    overrideThreshold: bool = False  # off: the model's calibrated threshold (the run gets threshold None)
     keepProbabilities: bool = False
     trainVolume: vtkMRMLScalarVolumeNode
     trainSegmentation: vtkMRMLSegmentationNode
@@ -261,9 +262,9 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             if not self.logic.ensureModel(p.model, ask=True):
                 return
-            self._run = self.logic.start(p.inputVolume, promptsFromText(p.prompts), p.outputSegmentation,
-                                         **{name: getattr(p, name) for name in PANEL_OPTIONS if name != "model"},
-                                         model=p.model or None)
+            options = {name: getattr(p, name) for name in PANEL_OPTIONS}
+            options["threshold"] = p.threshold if p.overrideThreshold else None
+            self._run = self.logic.start(p.inputVolume, promptsFromText(p.prompts), p.outputSegmentation, **options)
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.enabled = True
             self.ui.progressBar.value = 0

@@ -322,7 +322,12 @@ def test_apply_runs_with_the_options_set_in_the_panel(no_runs, volume):
     widget = _widget(no_runs)
     p = widget._parameterNode
     p.inputVolume = volume
-    p.device, p.precision, p.axis, p.threshold, p.keepProbabilities = "cpu", "bf16", "1", 0.35, True
+    p.threshold = 0.35
+    widget.onApplyButton()  # the slider alone does not override the model's calibrated threshold
+    assert FakeSceneRun.made[-1].kwargs["options"].threshold is None
+    widget.cancelRun()
+    FakeSceneRun.made = []
+    p.device, p.precision, p.axis, p.overrideThreshold, p.keepProbabilities = "cpu", "bf16", "1", True, True
     widget.onApplyButton()
     assert len(FakeSceneRun.made) == 1 and widget.ui.applyButton.text == "Cancel"
     assert FakeSceneRun.made[0].kwargs["options"] == SegmentOptions(  # the model decides the engine
