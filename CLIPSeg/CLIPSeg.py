@@ -565,10 +565,12 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         from CLIPSegLib.options import SegmentOptions
 
         options = SegmentOptions.from_keywords(options, **keywords)
+        # packages first: checking a downloaded weight file's kind needs safetensors/torch (in the background only
+        # once installed)
+        self.requireDependencies(ask=ask)
         if ask:
             self.ensureModel(options.model, ask=True)
         catalogue.resolve(options.model, engine=options.engine)  # unknown, a part, not downloaded, another engine
-        self.requireDependencies(ask=ask)
         from CLIPSegLib.slicer.scene_run import SceneRun
 
         run = SceneRun(volumeNode, prompts, segmentationNode, options=options, python=self.pythonExecutable())
@@ -604,10 +606,10 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
                     _("A model named {modelId} was trained or imported before. Replace it with the new one?").format(
                         modelId=run.model_id), _("Replace model")):
             run.options["replace"] = True
+        self.requireDependencies(ask=ask)  # before a download: checking a weight file needs safetensors/torch
         if ask:
             self.ensureModel(fromModel, ask=True)
         catalogue.resolve(fromModel)  # unknown, a part, not downloaded
-        self.requireDependencies(ask=ask)
         self._training = run.start()
         return self._waitFor(run) if wait else run
 
