@@ -400,7 +400,8 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     in CLIPSegLib/options.py (``SegmentOptions``): engine, model, device, precision, axis, threshold, batchSize,
     keepProbabilities, spacing.
 
-    This process never imports torch, MONAI or open_clip: it checks they are installed (and installs them, after
+    CLIPSeg's code never imports torch, MONAI or open_clip in this process (the PyTorch extension's installer does
+    load torch, once, when it installs it): it checks they are installed (and installs them, after
     asking) and leaves the work to a background PythonSlicer.
     """
 
