@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
+transformers = pytest.importorskip("transformers", reason="a test dependency: pip install -e '.[test]'")
 
 from conftest import CLIPSEG_SIZE, IMAGENET_MEAN, IMAGENET_STD, write_clipseg_checkpoint  # noqa: E402
 
@@ -156,8 +156,9 @@ def test_clip_towers_from_an_open_clip_layout_file(clipseg_checkpoint, converted
 
     path, record = convert_clipseg(folder, tmp_path / "with-openai", "with-openai", clip_file=openai_file)
     assert record["clip_max_abs_difference_to_clipseg"] == 0.0 and record["clip_towers"] == str(openai_file)
-    assert torch.equal(load_checkpoint(path.with_suffix(".safetensors"))["clip.visual.positional_embedding"],
-                       load_checkpoint(converted_clipseg.with_suffix(".safetensors"))["clip.visual.positional_embedding"])
+    key = "clip.visual.positional_embedding"
+    assert torch.equal(load_checkpoint(path.with_suffix(".safetensors"))[key],
+                       load_checkpoint(converted_clipseg.with_suffix(".safetensors"))[key])
     shifted = {k: v + 0.25 if k == "token_embedding.weight" else v for k, v in clip.state_dict().items()}
     save_file({k: v.contiguous() for k, v in shifted.items()}, str(openai_file))
     _, record = convert_clipseg(folder, tmp_path / "shifted", "shifted", clip_file=openai_file)
@@ -205,7 +206,7 @@ def test_older_config_layouts_and_pytorch_weights_convert_to_the_same_model(clip
     path, _ = convert_clipseg(old, tmp_path / "out", "tiny-clipseg-converted")
     ours, reference = load_spec(path), load_spec(converted_clipseg)
     assert (ours["clip"], ours["network"]) == (reference["clip"], reference["network"])
-    a, b = load_checkpoint(path.with_suffix(".safetensors")), load_checkpoint(converted_clipseg.with_suffix(".safetensors"))
+    a, b = (load_checkpoint(p.with_suffix(".safetensors")) for p in (path, converted_clipseg))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -302,7 +303,8 @@ def _serve(folder):
     return f"http://127.0.0.1:{httpd.server_address[1]}", httpd
 
 
-def test_the_shipped_registry_lists_clipseg_and_openai_clip_as_parts(clipseg_checkpoint, tmp_path, monkeypatch, capsys):
+def test_the_shipped_registry_lists_clipseg_and_openai_clip_as_parts(clipseg_checkpoint, tmp_path, monkeypatch,
+                                                                      capsys):
     from CLIPSegLib.cli import main
     from CLIPSegLib.models import catalogue, store
 

@@ -189,9 +189,9 @@ def _cmd_models(a, progress):
         print(f"{'id':26s} {'engine':11s} {'role':9s} {'status':14s} {'size':>9s}  licence   cache: {ms.cache_dir()}")
         for r in refs:
             print(f"{r.id:26s} {r.engine:11s} {r.role:9s} {r.status:14s} {r.size:>9s}  {r.license}")
-        print("(--model and the Slicer panel take the segmenters; clip, clipseg and sam rows are parts an engine builds "
-              "on, fetched for it, not models that segment on their own; `clipseg models convert` makes a model of a "
-              "clipseg checkpoint)")
+        print("(--model and the Slicer panel take the segmenters; clip, clipseg and sam rows are parts an engine "
+              "builds on, fetched for it, not models that segment on their own; `clipseg models convert` makes a "
+              "model of a clipseg checkpoint)")
     elif a.action == "fetch":
         print(f"{a.id}: present in {ms.fetch(a.id, progress, registry)}")
     elif a.action == "verify":

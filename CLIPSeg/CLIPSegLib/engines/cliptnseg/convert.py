@@ -112,8 +112,9 @@ def check_tokenizer(folder: Path) -> None:
             same = next((i for i, (a, b) in enumerate(zip(lines, ours)) if a != b), min(len(lines), len(ours)))
             problems.append(f"the merges from rule {same} on ({len(lines)} rules, CLIP has {len(ours)})")
     if problems:
-        raise ModelError(f"the checkpoint's tokenizer in {folder} is not CLIP's byte-pair encoding ({'; '.join(problems)}"
-                         f" differ): CLIP-TNseg tokenises with open_clip's CLIP BPE, so it cannot reproduce this model")
+        raise ModelError(f"the checkpoint's tokenizer in {folder} is not CLIP's byte-pair encoding "
+                         f"({'; '.join(problems)} differ): CLIP-TNseg tokenises with open_clip's CLIP BPE, so it "
+                         f"cannot reproduce this model")
 
 
 def clipseg_spec(config: dict, processor: dict, model_id: str) -> dict:
@@ -147,8 +148,8 @@ def clipseg_spec(config: dict, processor: dict, model_id: str) -> dict:
                "coarse_only": True, "residual_head": True, "presence_head": False, **FINE}
     return {
         "id": model_id, "engine": "cliptnseg",
-        "description": "CLIPSeg (Lüddecke & Ecker, CVPR 2022) converted to CLIP-TNseg: OpenAI CLIP ViT-B/16 towers and "
-                       "CLIPSeg's decoder trained on PhraseCut natural images. coarse_only: segments with the pure "
+        "description": "CLIPSeg (Lüddecke & Ecker, CVPR 2022) converted to CLIP-TNseg: OpenAI CLIP ViT-B/16 towers "
+                       "and CLIPSeg's decoder trained on PhraseCut natural images. coarse_only: segments with the pure "
                        "CLIPSeg decoder; fine-tune it (coarse_only false) on labelled scans before relying on it. "
                        "Not calibrated for medical images, not for clinical use.",
         "license": "Apache-2.0 (CLIPSeg weights, CIDAS/clipseg-rd64-refined); MIT (OpenAI CLIP weights)",
@@ -204,8 +205,8 @@ def _digests(paths) -> dict:
     return {Path(p).name: sha256_file(Path(p)) for p in paths if Path(p).is_file()}
 
 
-def convert_clipseg(folder: Path, out_dir: Path, model_id: str, clip_file: Path | None = None,
-                    force: bool = False, seed: int = 0, source: str | None = None, command: str = "") -> tuple[Path, dict]:
+def convert_clipseg(folder: Path, out_dir: Path, model_id: str, clip_file: Path | None = None, force: bool = False,
+                    seed: int = 0, source: str | None = None, command: str = "") -> tuple[Path, dict]:
     """Convert the CLIPSeg checkpoint in ``folder`` (see ``read_clipseg``) into ``out_dir/<model_id>.{json,
     safetensors}`` (fp32; refused if they exist, unless ``force``). ``clip_file``: an open_clip-layout CLIP checkpoint
     whose towers replace the CLIPSeg checkpoint's CLIP. ``source``: how the checkpoint was named (a registry id),
