@@ -111,3 +111,106 @@ def random_options(r: np.random.Generator):
     from CLIPSegLib.options import SegmentOptions
 
     return SegmentOptions(**{name: make(r) for name, make in OPTION_VALUES.items()})
+
+
+# CLIP-TNseg in CLIPSeg's style, coarse only (what `clipseg models convert` makes of CLIPSeg), tiny and random
+TINY_CLIPSEG_SPEC = {
+    **TINY_SPEC,
+    "id": "tiny-clipseg-style",
+    "clip": {"embed_dim": 16, "quick_gelu": True,
+             "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "patch_size": 16, "image_size": 32},
+             "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}},
+    "network": {"extract_layers": [1, 2], "reduce_dim": 16, "decoder_heads": 2, "decoder_ff": 24,
+                "coarse_style": "clipseg", "transposed_conv": "complex", "coarse_channels": 1,
+                "text_normalize": False, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+                "coarse_only": True, "residual_head": True, "fine_channels": [4, 8], "head_channels": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg_model(tmp_path_factory) -> Path:
+    """Path to the spec JSON of a random-weight CLIPSeg-style, coarse-only CLIP-TNseg model."""
+    from CLIPSegLib.engines.cliptnseg.network import build_network
+    from CLIPSegLib.models import write_spec
+
+    torch.manual_seed(0)
+    net = build_network(TINY_CLIPSEG_SPEC)
+    return write_spec(dict(TINY_CLIPSEG_SPEC), net.state_dict(), tmp_path_factory.mktemp("clipseg-style"), half=False)
+
+
+# A CLIPSeg checkpoint as Hugging Face publishes CIDAS/clipseg-rd64-refined, with tiny random towers (transformers is a
+# test dependency only): the processor resizes to 80 px (5 x 5 tokens of 16 px) while the image tower was made for 48
+# (3 x 3), so the position embeddings are interpolated as CLIPSeg's are from 224 to 352 px.
+CLIPSEG_SIZE = 80
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def write_clip_vocab(folder: Path) -> None:
+    """``vocab.json`` and ``merges.txt`` of CLIP's BPE as Hugging Face publishes them, from open_clip's own vocabulary
+    file (special tokens renamed the Hugging Face way)."""
+    import json
+
+    from CLIPSegLib.engines.clip_backbone import bpe_tokenizer
+
+    bpe = bpe_tokenizer()
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    (folder / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in bpe.encoder.items()}),
+                                       encoding="utf-8")
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                       encoding="utf-8")
+
+
+def write_clipseg_checkpoint(folder: Path, complex_conv: bool = True, seed: int = 0, full_size: bool = False):
+    """Save a random ``transformers.CLIPSegForImageSegmentation`` into ``folder`` the way the public checkpoint is laid
+    out (config.json, model.safetensors, preprocessor_config.json, vocab.json, merges.txt); returns the model.
+
+    Tiny towers and an 80 px input, or with ``full_size`` rd64-refined's own: ViT-B/16, 512-wide text, 352 px. The
+    last transposed convolution is scaled so that the logits reach +-20, as CLIPSeg's do (random weights give
+    hundreds, where float32 rounding alone exceeds 1e-4)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, ViTImageProcessor
+
+    if full_size:
+        config, size = CLIPSegConfig(vision_config={"patch_size": 16}, use_complex_transposed_convolution=True), 352
+    else:
+        size = CLIPSEG_SIZE
+        config = CLIPSegConfig(
+            text_config={"vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                         "num_attention_heads": 2, "max_position_embeddings": 77},
+            vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
+                           "num_attention_heads": 2, "image_size": 48, "patch_size": 16},
+            projection_dim=24, extract_layers=[0, 1, 3], reduce_dim=16, decoder_num_attention_heads=2,
+            decoder_intermediate_size=40, use_complex_transposed_convolution=complex_conv)
+    torch.manual_seed(seed)
+    model = CLIPSegForImageSegmentation(config).eval()
+    last = model.decoder.transposed_convolution
+    last = last[-1] if complex_conv or full_size else last
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[49406, 320, 2368, 49407]]),
+                       pixel_values=torch.randn(1, 3, size, size)).logits
+        scale = 20.0 / float(logits.abs().max())
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                      resample=2).save_pretrained(folder)
+    write_clip_vocab(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def clipseg_checkpoint(tmp_path_factory):
+    """(folder, model): a tiny random CLIPSeg checkpoint with the complex transposed convolution (rd64-refined's)."""
+    pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
+    folder = tmp_path_factory.mktemp("clipseg") / "clipseg-rd64-refined"
+    return folder, write_clipseg_checkpoint(folder)
+
+
+@pytest.fixture(scope="session")
+def converted_clipseg(clipseg_checkpoint, tmp_path_factory) -> Path:
+    """The spec path of ``clipseg_checkpoint`` converted by ``clipseg models convert`` (coarse only)."""
+    from CLIPSegLib.engines.cliptnseg.convert import convert_clipseg
+
+    path, _ = convert_clipseg(clipseg_checkpoint[0], tmp_path_factory.mktemp("converted"), "tiny-clipseg-converted")
+    return path

@@ -45,20 +45,23 @@ class ThresholdEngine(Engine):
 
 
 PHRASES = ["thyroid nodule", "anechoic cyst"]  # the training phrases every test spec records
-TINY = {  # engine -> its tiny spec (random weights); every registered engine needs one here
-    "cliptnseg": lambda tiny_model: load_spec(tiny_model),
-    "threshold": lambda tiny_model: {"id": "threshold-test", "engine": "threshold", "files": []},
+TINY = {  # engine or variant -> its tiny spec (random weights); every registered engine needs one here
+    "cliptnseg": lambda models: load_spec(models["cliptnseg"]),
+    # CLIP-TNseg in CLIPSeg's style, coarse only: what `clipseg models convert` makes of CLIPSeg
+    "cliptnseg-clipseg-coarse-only": lambda models: load_spec(models["clipseg-style"]),
+    "threshold": lambda models: {"id": "threshold-test", "engine": "threshold", "files": []},
 }
-NAMES = sorted(set(ENGINES) | {"threshold"})
+NAMES = sorted(set(ENGINES) | set(TINY))
 
 
 @pytest.fixture
-def build(tiny_model, monkeypatch):
-    """build(engine name, precision=..., **spec entries) -> the engine, from its tiny spec."""
+def build(tiny_model, tiny_clipseg_model, monkeypatch):
+    """build(engine or variant name, precision=..., **spec entries) -> the engine, from its tiny spec."""
     monkeypatch.setitem(ENGINES, "threshold", ThresholdEngine)  # the one registration a new engine needs
+    models = {"cliptnseg": tiny_model, "clipseg-style": tiny_clipseg_model}
 
     def make(name, precision="fp32", **entries):
-        spec = {**TINY[name](tiny_model), "training": {"phrases": PHRASES}, **entries}
+        spec = {**TINY[name](models), "training": {"phrases": PHRASES}, **entries}
         return create_engine(spec, torch.device("cpu"), precision=precision)
 
     return make
@@ -76,7 +79,7 @@ def test_every_registered_engine_is_checked_here():
 @pytest.mark.parametrize("name", NAMES)
 def test_outputs_have_the_contract_shapes_dtypes_device_and_range(build, name):
     engine = build(name)
-    assert engine.name == name and isinstance(engine.preprocessing, Preprocessing)
+    assert engine.name == name.split("-")[0] and isinstance(engine.preprocessing, Preprocessing)
     assert engine.preprocessing.fit in FITS and engine.default_batch_size >= 1
     state = engine.encode_prompts(["thyroid nodule", "cyst"])
     assert isinstance(state, PromptState) and state.prompts == ["thyroid nodule", "cyst"] and len(state.readings) == 2
@@ -183,7 +186,7 @@ def test_refinement_unsupported_is_a_clear_error(build, name):
     engine = build(name)
     if engine.supports_refine:
         pytest.skip(f"{name} supports refinement")
-    with pytest.raises(UnsupportedError, match=f"engine '{name}' has no image-embedding step"):
+    with pytest.raises(UnsupportedError, match=f"engine '{engine.name}' has no image-embedding step"):
         engine.embed(_slices(engine, 1))
     with pytest.raises(NotImplementedError, match="interactive refinement"):
         engine.refine(None, points=[[4, 4]])

@@ -67,6 +67,23 @@ def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_vol
         assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == (0.0, 1.0)
 
 
+def test_a_model_converted_from_clipseg_runs_in_the_background(scene_volume, converted_clipseg):
+    """The Logic's background run with a CLIPSeg checkpoint converted by `clipseg models convert` (coarse only, no
+    calibrated rule): one segment on the volume's grid, its decision read with the model's global rule."""
+    import vtk
+
+    scene, volume = scene_volume
+    run = SceneRun(volume, ["anechoic cyst"], model=str(converted_clipseg), device="cpu").start()
+    seg = run.finish(timeout=180)
+    segmentation = seg.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 1
+    segment_id = segmentation.GetSegmentIdBySegmentName("anechoic cyst")
+    assert segment_to_array(seg, segment_id, volume).shape == (3, 40, 40)
+    reading = vtk.mutable("")
+    assert segmentation.GetSegment(segment_id).GetTag("CLIPSeg.Interpretation", reading)
+    assert "global rule" in str(reading)
+
+
 def test_failed_run_shows_the_cli_message_and_leaves_the_scene_alone(scene_volume, tmp_path):
     scene, volume = scene_volume
     n_nodes = scene.GetNumberOfNodes()

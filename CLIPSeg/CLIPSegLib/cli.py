@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the slice presence head (off by default: it lowered nodule Dice in our measurements)")
     _add_common(t)
 
-    m = sub.add_parser("models", help="model catalogue and cache: list, fetch, verify, import, remove")
+    m = sub.add_parser("models", help="model catalogue and cache: list, fetch, verify, import, remove, convert")
     msub = m.add_subparsers(dest="action", required=True)
     msub.add_parser("list", help="every model (segmentation models, then engine parts): present or not, size, licence")
     for name, text in (("fetch", "download a model into the cache (verified, resumable)"),
@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "by its id everywhere, the Slicer panel included")
     i.add_argument("id", help="a registry id, or a model spec .json to import with the weights it names")
     i.add_argument("paths", nargs="*", help="the files of the registry model ID")
+    c = msub.add_parser("convert", help="make a CLIP-TNseg model of a downloaded CLIPSeg checkpoint (no network): "
+                                        "CLIPSeg's CLIP and decoder, new fine branch and head, coarse_only")
+    c.add_argument("source", help="clipseg-rd64-refined (fetched or imported), or a folder holding config.json, "
+                                  "preprocessor_config.json and model.safetensors")
+    c.add_argument("--output-dir", required=True, help="where <model-id>.json/.safetensors are written")
+    c.add_argument("--model-id", default=None, help="default: cliptnseg-SOURCE")
+    c.add_argument("--clip", default=None, help="take the CLIP towers from this open_clip checkpoint "
+                                                "(openai-clip-vit-b16, or a file) instead of the CLIPSeg checkpoint's")
+    c.add_argument("--force", action="store_true", help="replace the model if it exists")
     return parser
 
 
@@ -194,8 +203,9 @@ def _cmd_models(a, progress):
         print(f"{'id':26s} {'engine':11s} {'role':9s} {'status':14s} {'size':>9s}  licence   cache: {ms.cache_dir()}")
         for r in refs:
             print(f"{r.id:26s} {r.engine:11s} {r.role:9s} {r.status:14s} {r.size:>9s}  {r.license}")
-        print("(--model and the Slicer panel take the segmenters; clip and sam rows are parts an engine builds on, "
-              "fetched for it, not models that segment on their own)")
+        print("(--model and the Slicer panel take the segmenters; clip, clipseg and sam rows are parts an engine "
+              "builds on, fetched for it, not models that segment on their own; `clipseg models convert` makes a "
+              "model of a clipseg checkpoint)")
     elif a.action == "fetch":
         print(f"{a.id}: present in {ms.fetch(a.id, progress, registry)}")
     elif a.action == "verify":
@@ -216,6 +226,10 @@ def _cmd_models(a, progress):
         print(f"{folder.name}: imported into {folder}; use it with --model {folder.name} (or pick it in Slicer)")
     elif a.action == "import":
         print(f"{a.id}: imported into {ms.import_files(a.id, a.paths, registry)}")
+    elif a.action == "convert":
+        from .engines.cliptnseg.convert import convert_command
+
+        print(convert_command(a.source, a.output_dir, a.model_id, a.clip, a.force, registry))
     elif a.action == "remove":
         if ms.remove(a.id, registry):
             print(f"{a.id}: removed from the cache ({ms.cache_dir() / a.id})")

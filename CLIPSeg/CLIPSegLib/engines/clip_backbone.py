@@ -3,7 +3,8 @@
 A CLIP config is a dict, either
   ``{"open_clip_name": "ViT-B-16", "image_size": 352}`` (a named open_clip architecture, e.g. paper size), or
   ``{"embed_dim": 64, "vision_cfg": {...}, "text_cfg": {...}}`` (a custom small model, fields of open_clip's
-  ``CLIPVisionCfg`` / ``CLIPTextCfg``).
+  ``CLIPVisionCfg`` / ``CLIPTextCfg``);
+either with ``"quick_gelu": true`` for towers trained with QuickGELU (OpenAI's CLIP and CLIPSeg).
 Weights never come from the internet here: they are loaded by ``CLIPSegLib.models`` from a verified file.
 """
 
@@ -25,6 +26,7 @@ def build_clip(cfg: dict) -> torch.nn.Module:
     """Create an open_clip ``CLIP`` model with random weights from ``cfg`` (see module docstring)."""
     import open_clip
 
+    quick_gelu = bool(cfg.get("quick_gelu", False))  # OpenAI's CLIP weights were trained with QuickGELU
     if "open_clip_name" in cfg:
         name = cfg["open_clip_name"]
         if name not in open_clip.list_models():
@@ -33,8 +35,9 @@ def build_clip(cfg: dict) -> torch.nn.Module:
             close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
             raise InputError(f"unknown open_clip architecture {name!r}; did you mean {close}?")
         kw = {"force_image_size": cfg["image_size"]} if "image_size" in cfg else {}
-        return open_clip.create_model(name, pretrained=None, **kw)
-    return open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
+        return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu, **kw)
+    return open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"],
+                          quick_gelu=quick_gelu)
 
 
 def clip_image_size(clip: torch.nn.Module) -> int:
@@ -51,7 +54,8 @@ def tokenize(prompts: list[str], context_length: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1)
-def _bpe():
+def bpe_tokenizer():
+    """open_clip's ``SimpleTokenizer``: OpenAI CLIP's byte-pair encoding (49,408 tokens), built once."""
     from open_clip.tokenizer import SimpleTokenizer  # the tokenizer open_clip.tokenize uses
 
     return SimpleTokenizer()
@@ -60,14 +64,15 @@ def _bpe():
 def read_prompt(text: str, context_length: int) -> tuple[tuple[str, ...], str, bool]:
     """How ``tokenize`` reads ``text``: (the BPE pieces kept, the text they spell, whether it was truncated). A
     prompt holds ``context_length - 2`` tokens (start and end tokens take two); the rest is cut."""
-    bpe = _bpe()
+    bpe = bpe_tokenizer()
     ids = bpe.encode(text)
     kept = ids[:context_length - 2]
     return tuple(bpe.decode([i]).strip() for i in kept), bpe.decode(kept).strip(), len(ids) > len(kept)
 
 
-def to_clip_input(images: torch.Tensor) -> torch.Tensor:
-    """Grey images ``[B,1,H,W]`` in [0,1] -> CLIP input ``[B,3,H,W]`` normalised with the CLIP statistics."""
-    mean = images.new_tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(CLIP_STD).view(1, 3, 1, 1)
+def to_clip_input(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """Grey images ``[B,1,H,W]`` in [0,1] -> CLIP input ``[B,3,H,W]``: grey repeated in R, G, B, then normalised by
+    the per-channel ``mean`` and ``std`` the image tower was trained with (default: OpenAI CLIP's)."""
+    mean = images.new_tensor(mean).view(1, 3, 1, 1)
+    std = images.new_tensor(std).view(1, 3, 1, 1)
     return (images.expand(-1, 3, -1, -1) - mean) / std

@@ -9,8 +9,9 @@ A model is named by
 
 ``resolve`` is what the CLI (segment, evaluate, demo), the Slicer logic, evaluation and the benchmarks use (through
 ``load_spec``); ``segmentation_models`` is the one list that ``clipseg models list`` prints and the Slicer panel
-offers. Registry entries with the role ``clip`` or ``sam`` are parts of an engine (checkpoints it builds on), not
-segmentation models that run alone. Standard library only: the panel lists models before torch is installed.
+offers. Registry entries with the role ``clip``, ``sam`` or ``clipseg`` are parts of an engine (checkpoints it
+builds on), not segmentation models that run alone; ``clipseg models convert`` makes one of a ``clipseg`` checkpoint.
+Standard library only: the panel lists models before torch is installed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from . import store
 from .spec import DEFAULT_MODEL, is_spec_name, read_spec
 
 ENGINE_NAMES = {"cliptnseg": "CLIP-TNseg", "tgcnet": "TGC-Net", "medclipsam": "MedCLIP-SAM"}
-PART_NAMES = {"clip": "a CLIP checkpoint", "sam": "a SAM checkpoint"}
+PART_NAMES = {"clip": "a CLIP checkpoint", "sam": "a SAM checkpoint", "clipseg": "a CLIPSeg checkpoint"}
+CONVERTIBLE = {"clipseg"}  # parts `clipseg models convert` makes a segmentation model of
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,11 @@ def resolve(model: str | os.PathLike | None = None, engine: str | None = None,
     ref = find(model, registry)
     if not ref.runnable:
         others = ", ".join(r.id for r in segmentation_models(registry))
+        convert = (f", or make one of it: `clipseg models convert {ref.id} --output-dir DIR`"
+                   if ref.role in CONVERTIBLE else "")
         raise ModelError(f"{ref.id} is {PART_NAMES.get(ref.role, 'a ' + ref.role)} that the {ref.engine_name} engine "
                          f"builds on: a part, not a segmentation model that runs on its own. Give a segmentation "
-                         f"model: {others} (`clipseg models list`)")
+                         f"model: {others} (`clipseg models list`){convert}")
     if not ref.present and ref.source == "registry":
         raise ModelError(f"model {ref.id} ({ref.size}) is in the registry but not on this computer; download it "
                          f"with `clipseg models fetch {ref.id}` (the Slicer panel offers the download at Apply), or "

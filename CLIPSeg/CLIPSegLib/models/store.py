@@ -1,7 +1,7 @@
 """The model registry and the local weight cache: list, fetch (verified, resumable), verify, import, remove.
 
 Registry: ``Resources/Models/registry.json`` (schema: ``registry.schema.json`` beside it). Each model has an id, an
-engine, a role (clip / sam / segmenter), files with URL, size and SHA-256 (``null`` where the publisher gives none)
+engine, a role (clip / clipseg / sam / segmenter), files with URL, size and SHA-256 (``null`` where the publisher gives none)
 and, where the size is unknown, a plausible range (``min_size``/``max_size`` in bytes), licence, citation and
 description. Embedded models' files live in ``Resources/Models`` and are always present. A segmenter's files include
 its model spec (``spec``, default ``<id>.json``). Beside the registry, ``entries`` knows the specs shipped in

@@ -7,6 +7,16 @@ size back to the input size. Fine branch: a MONAI residual U-Net on the raw grey
 concatenated, FiLM-conditioned on the text once more (our choice, so fine detail is also selected by the prompt),
 then convolutions to one logit per pixel.
 
+``coarse_style`` "clipseg" makes the coarse branch CLIPSeg's own decoder (Lüddecke & Ecker, CVPR 2022; transformers'
+``CLIPSegDecoder``), so its public weights load into it and reproduce its logits (``convert.py``): the class token
+goes through the decoder with the patch tokens and is dropped only before upsampling, FiLM is ``x * scale(t) +
+shift(t)`` on the unnormalised projected text embedding (``text_normalize: false``), the decoder layers are post-norm
+with a ReLU MLP of ``decoder_ff`` channels, and the upsampler is CLIPSeg's ``transposed_conv``: "complex" (3x3 conv,
+then two transposed convolutions of stride patch/4; patch 16 only) or "simple" (one transposed convolution of stride
+patch). ``coarse_only`` returns the coarse branch's one-channel logits as the mask (the fine branch and head are not
+run); ``residual_head`` adds the head's output to them, so a head whose last convolution is zero starts as the coarse
+branch alone and fine-tuning only has to learn a correction.
+
 Presence head (our addition, not in the paper): one logit per (slice, prompt) pair, "is this finding in this slice",
 from the text-conditioned decoder tokens (mean and max over tokens) and the head features (max over pixels). The
 pipeline multiplies the mask probability by the slice presence probability (``pipeline.apply_presence``, with a
@@ -21,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..clip_backbone import build_clip, clip_image_size, to_clip_input
+from ...errors import ModelError
+from ..clip_backbone import CLIP_MEAN, CLIP_STD, build_clip, clip_image_size, to_clip_input
 
 DEFAULT_NETWORK = {
     "extract_layers": [3, 6, 9],  # 1-based depths of the CLIP image tower whose activations feed the decoder
@@ -31,60 +42,116 @@ DEFAULT_NETWORK = {
     "fine_channels": [8, 16, 32, 64],
     "head_channels": 16,
     "presence_head": False,  # opt-in: measured worse on nodules for the embedded model (README)
+    "coarse_style": "cliptnseg",  # or "clipseg": CLIPSeg's decoder (module docstring)
+    "decoder_ff": None,  # decoder MLP channels; None: 2 x reduce_dim
+    "film_layer": 0,  # the decoder step (0 = deepest activation) whose sum is FiLM-conditioned
+    "transposed_conv": "complex",  # clipseg style only: "complex" or "simple"
+    "layer_norm_eps": 1e-5,
+    "text_normalize": True,  # L2-normalise the text embedding (CLIPSeg uses it unnormalised)
+    "image_mean": None,  # RGB statistics the image tower expects; None: OpenAI CLIP's (clip_backbone.CLIP_MEAN/STD)
+    "image_std": None,
+    "coarse_only": False,
+    "residual_head": False,
 }
+COARSE_STYLES = ("cliptnseg", "clipseg")
+TRANSPOSED_CONVS = ("complex", "simple")
 
 
 class FiLM(nn.Module):
-    """Feature-wise linear modulation: ``x * (1 + scale(t)) + shift(t)``.
+    """Feature-wise linear modulation: ``x * (1 + scale(t)) + shift(t)``, or ``x * scale(t) + shift(t)`` when
+    ``around_one`` is False (CLIPSeg's form).
 
     t ``[N,D]``; x ``[N,C,...]`` or ``[N,L,C]``.
     """
 
-    def __init__(self, text_dim: int, channels: int, channels_last: bool):
+    def __init__(self, text_dim: int, channels: int, channels_last: bool, around_one: bool = True):
         super().__init__()
         self.scale = nn.Linear(text_dim, channels)
         self.shift = nn.Linear(text_dim, channels)
         self.channels_last = channels_last
+        self.around_one = around_one
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s, b = self.scale(t), self.shift(t)
-        if self.channels_last:  # [N,L,C]
-            return x * (1 + s[:, None, :]) + b[:, None, :]
-        shape = (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
-        return x * (1 + s.view(shape)) + b.view(shape)
+        shape = (x.shape[0], 1, x.shape[2]) if self.channels_last else (x.shape[0], x.shape[1]) + (1,) * (x.ndim - 2)
+        s, b = s.view(shape), b.view(shape)
+        return x * ((1 + s) if self.around_one else s) + b
 
 
 class CoarseBranch(nn.Module):
-    """Text-conditioned decoder over CLIP token activations -> ``[N, coarse_channels, H, W]``."""
+    """Text-conditioned decoder over CLIP token activations -> ``[N, coarse_channels, H, W]``.
 
-    def __init__(self, clip_width, text_dim, n_layers, reduce_dim, heads, out_channels, patch_size):
+    ``cfg``: the network entries ``reduce_dim``, ``decoder_heads``, ``decoder_ff``, ``film_layer``,
+    ``layer_norm_eps``, ``coarse_style`` and ``transposed_conv`` (module docstring)."""
+
+    def __init__(self, clip_width: int, text_dim: int, n_layers: int, out_channels: int, patch_size: int, cfg: dict):
         super().__init__()
-        if patch_size % 2:
-            raise ValueError(f"patch size must be even for the 2-stage upsampler, got {patch_size}")
-        self.reduces = nn.ModuleList(nn.Linear(clip_width, reduce_dim) for _ in range(n_layers))
-        self.film = FiLM(text_dim, reduce_dim, channels_last=True)
+        rd = cfg["reduce_dim"]
+        self.keeps_class_token = cfg["coarse_style"] == "clipseg"
+        self.film_layer = cfg["film_layer"]
+        self.reduces = nn.ModuleList(nn.Linear(clip_width, rd) for _ in range(n_layers))
+        self.film = FiLM(text_dim, rd, channels_last=True, around_one=not self.keeps_class_token)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(reduce_dim, heads, dim_feedforward=2 * reduce_dim, batch_first=True,
-                                       dropout=0.0)
+            nn.TransformerEncoderLayer(rd, cfg["decoder_heads"], dim_feedforward=cfg["decoder_ff"] or 2 * rd,
+                                       batch_first=True, dropout=0.0, layer_norm_eps=cfg["layer_norm_eps"])
             for _ in range(n_layers)
         )
-        self.upsample = nn.Sequential(
-            nn.ConvTranspose2d(reduce_dim, reduce_dim // 2, kernel_size=2, stride=2),
-            nn.ReLU(),
-            nn.ConvTranspose2d(reduce_dim // 2, out_channels, kernel_size=patch_size // 2, stride=patch_size // 2),
-        )
+        self.upsample = _upsampler(cfg, out_channels, patch_size)
 
     def forward(self, activations: list[torch.Tensor], text: torch.Tensor, grid: tuple[int, int]):
-        """activations: per depth ``[N, L, clip_width]`` (L = h*w tokens, no class token), shallow to deep;
-        text: ``[N, text_dim]``. -> (features ``[N, out_channels, H, W]``, decoded tokens ``[N, L, reduce_dim]``)."""
+        """activations: per depth ``[N, T, clip_width]``, shallow to deep (T = h*w patch tokens, after the class
+        token when ``keeps_class_token``); text: ``[N, text_dim]``. -> (features ``[N, out_channels, H, W]``, decoded
+        patch tokens ``[N, h*w, reduce_dim]``)."""
         a = None
         for i, (act, reduce, block) in enumerate(zip(reversed(activations), self.reduces, self.blocks)):
             a = reduce(act) if a is None else a + reduce(act)
-            if i == 0:
+            if i == self.film_layer:
                 a = self.film(a, text)
             a = block(a)
+        if self.keeps_class_token:
+            a = a[:, 1:]
         n, _, c = a.shape
         return self.upsample(a.transpose(1, 2).reshape(n, c, grid[0], grid[1])), a
+
+
+def _upsampler(cfg: dict, out_channels: int, patch: int) -> nn.Sequential:
+    """Transposed convolutions from the token grid ``[N, reduce_dim, h, w]`` to ``[N, out_channels, h*patch,
+    w*patch]``: this project's two stages (stride 2, then patch/2), or CLIPSeg's (module docstring)."""
+    rd = cfg["reduce_dim"]
+    if cfg["coarse_style"] == "cliptnseg":
+        if patch % 2:
+            raise ValueError(f"patch size must be even for the 2-stage upsampler, got {patch}")
+        return nn.Sequential(nn.ConvTranspose2d(rd, rd // 2, kernel_size=2, stride=2), nn.ReLU(),
+                             nn.ConvTranspose2d(rd // 2, out_channels, kernel_size=patch // 2, stride=patch // 2))
+    if cfg["transposed_conv"] == "simple":
+        return nn.Sequential(nn.ConvTranspose2d(rd, out_channels, kernel_size=patch, stride=patch))
+    k = patch // 4
+    if k * k != patch:
+        raise ModelError(f"CLIPSeg's complex transposed convolution upsamples by (patch/4)^2 = {k * k}, not by the "
+                         f"patch size {patch}: it needs patch 16; set network.transposed_conv to \"simple\"")
+    return nn.Sequential(nn.Conv2d(rd, rd, kernel_size=3, padding=1), nn.ReLU(),
+                         nn.ConvTranspose2d(rd, rd // 2, kernel_size=k, stride=k), nn.ReLU(),
+                         nn.ConvTranspose2d(rd // 2, out_channels, kernel_size=k, stride=k))
+
+
+def check_network(cfg: dict) -> None:
+    """Raise ModelError naming the first network entry (``DEFAULT_NETWORK``) with a value it cannot take."""
+    fix = "correct the model spec's network entry"
+    unknown = sorted(set(cfg) - set(DEFAULT_NETWORK))
+    if unknown:
+        raise ModelError(f"network entries {unknown} are not understood (known: {', '.join(DEFAULT_NETWORK)}); {fix}")
+    for key, allowed in (("coarse_style", COARSE_STYLES), ("transposed_conv", TRANSPOSED_CONVS)):
+        if cfg[key] not in allowed:
+            raise ModelError(f"network {key} {cfg[key]!r} is not one of {', '.join(allowed)}; {fix}")
+    if not 0 <= cfg["film_layer"] < len(cfg["extract_layers"]):
+        raise ModelError(f"network film_layer {cfg['film_layer']} must index one of the {len(cfg['extract_layers'])} "
+                         f"decoder steps (0 = the deepest extracted layer); {fix}")
+    if (cfg["coarse_only"] or cfg["residual_head"]) and cfg["coarse_channels"] != 1:
+        raise ModelError(f"coarse_only and residual_head read the coarse branch as one logit per pixel, but "
+                         f"coarse_channels is {cfg['coarse_channels']}; set it to 1 or drop those entries; {fix}")
+    if cfg["coarse_only"] and cfg["presence_head"]:
+        raise ModelError(f"the presence head reads the head's features, which coarse_only does not compute; turn "
+                         f"one of them off; {fix}")
 
 
 class CLIPTNSegNet(nn.Module):
@@ -93,6 +160,7 @@ class CLIPTNSegNet(nn.Module):
     def __init__(self, clip: nn.Module, network: dict | None = None):
         super().__init__()
         cfg = {**DEFAULT_NETWORK, **(network or {})}
+        check_network(cfg)
         self.cfg = cfg
         self.clip = clip
         self.freeze_clip()
@@ -108,8 +176,9 @@ class CLIPTNSegNet(nn.Module):
         width = visual.transformer.width
         text_dim = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) else \
             clip.text_projection.out_features
-        self.coarse = CoarseBranch(width, text_dim, len(self.extract), cfg["reduce_dim"], cfg["decoder_heads"],
-                                   cfg["coarse_channels"], self.patch)
+        self.coarse = CoarseBranch(width, text_dim, len(self.extract), cfg["coarse_channels"], self.patch, cfg)
+        self.image_mean = tuple(cfg["image_mean"] or CLIP_MEAN)
+        self.image_std = tuple(cfg["image_std"] or CLIP_STD)
         from monai.networks.nets import UNet
 
         fc = list(cfg["fine_channels"])
@@ -138,15 +207,21 @@ class CLIPTNSegNet(nn.Module):
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens ``[P,T]`` -> L2-normalised text embeddings ``[P,D]``."""
-        return self.clip.encode_text(tokens, normalize=True)
+        """tokens ``[P,T]`` -> text embeddings ``[P,D]``, L2-normalised unless ``text_normalize`` is False."""
+        return self.clip.encode_text(tokens, normalize=self.cfg["text_normalize"])
 
     @torch.no_grad()
     def clip_activations(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images ``[B,1,S,S]`` in [0,1] -> per extracted depth ``[B, h*w, width]``."""
-        out = self.clip.visual.forward_intermediates(to_clip_input(images), indices=self.extract,
-                                                     intermediates_only=True, output_fmt="NLC")
-        return out["image_intermediates"]
+        """images ``[B,1,S,S]`` in [0,1] -> per extracted depth ``[B, T, width]``: the h*w patch tokens, after the
+        class token when the coarse branch keeps it. The blocks after the deepest extracted one are not run."""
+        x = to_clip_input(images, self.image_mean, self.image_std)
+        keep = self.coarse.keeps_class_token
+        out = self.clip.visual.forward_intermediates(x, indices=self.extract, stop_early=True, intermediates_only=True,
+                                                     output_fmt="NLC", output_extra_tokens=keep)
+        if not keep:
+            return out["image_intermediates"]
+        return [torch.cat([c, a], dim=1) for c, a in zip(out["image_intermediates_prefix"],
+                                                          out["image_intermediates"])]
 
     def fused(self, coarse: torch.Tensor, fine: torch.Tensor, pair_index: torch.Tensor, prompts: int | None):
         """``fuse(cat[coarse, fine[pair_index]])`` computed without repeating the fine half per prompt.
@@ -185,8 +260,13 @@ class CLIPTNSegNet(nn.Module):
         grid = (self.input_size // self.patch, self.input_size // self.patch)
         acts = [a[pair_index] for a in self.clip_activations(images)]
         coarse, tokens = self.coarse(acts, t, grid)
+        if self.cfg["coarse_only"]:
+            return coarse.view(out_shape), None
         x = self.head_film(self.fused(coarse, self.fine(images), pair_index, per_image), t)
-        mask = self.head(x).view(out_shape)
+        mask = self.head(x)
+        if self.cfg["residual_head"]:
+            mask = mask + coarse
+        mask = mask.view(out_shape)
         if self.presence is None:
             return mask, None
         presence = self.presence(torch.cat([tokens.mean(1), tokens.amax(1), torch.relu(x).amax(dim=(2, 3))], dim=1))
