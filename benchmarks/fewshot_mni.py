@@ -138,12 +138,24 @@ def main():
     cmd += (["--from", a.parent] if a.parent else []) + (["--steps", str(a.steps)] if a.steps else []) + a.extra
     print("$", " ".join(cmd[2:]).replace("CLIPSegLib.cli", "clipseg"), flush=True)
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    stages: dict[str, list[float]] = {}  # stage -> [first, last] event time (s from start)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        events = []
+        for line in proc.stdout:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+                stage = events[-1].get("stage") or events[-1]["event"]
+                stages.setdefault(stage, [time.perf_counter() - t0] * 2)[1] = time.perf_counter() - t0
+        err = proc.stderr.read()
     t_fit = time.perf_counter() - t0
-    events = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode:
-        sys.exit(f"finetune failed ({out.returncode}): {out.stderr[-2000:]}")
+    if proc.returncode:
+        sys.exit(f"finetune failed ({proc.returncode}): {err[-2000:]}")
     done = events[-1]
+    print("finetune stages (first..last event, s):",
+          ", ".join(f"{k} {a:.0f}..{b:.0f}" for k, (a, b) in stages.items()))
+    losses = [float(e["info"].split()[1].rstrip(",")) for e in events if e.get("stage") == "fine-tuning"]
+    if losses:
+        print("loss, mean of each tenth:", " ".join(f"{np.mean(c):.3f}" for c in np.array_split(losses, 10)))
     seg = work / "t1.seg.nrrd"
     cmd = clipseg + ["segment", str(work / "t1.nrrd"), "--model", done["model"], "--output", str(seg),
                      "--progress", "none"] + [x for p in truths for x in ("--prompt", p)]
@@ -155,6 +167,7 @@ def main():
     print(out.stderr.strip())
     masks = read_segment_masks(seg, list(truths))
     report = {"task": a.task, "model": done["model"], "finetune_s": round(t_fit, 1), "segment_s": round(t_seg, 1),
+              "stages_s": stages,
               "rules": done.get("rules"), "structures": {}}
     for p, m in truths.items():
         s = scores(masks[p], m, brain, labelled[p])
