@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", default=None, help="write the report: .json (all), .csv (per case) or .md (summary)")
     _add_common(e, EVALUATE_OPTIONS)
 
-    t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export")
+    t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export",
+                       allow_abbrev=False)  # --model would otherwise be read as --model-id
     t.add_argument("--output-dir", default="build/models",
                    help="where the model .json/.safetensors go (default build/models; never the shipped models "
                         "folder unless you give it)")
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(t, ("device",))  # no --model: train builds its model from scratch (finetune starts from one)
 
     f = sub.add_parser("finetune", help="fine-tune an existing model on your labelled slices (new phrases), keeping "
-                                        "what it knew; writes a new model")
+                                        "what it knew; writes a new model", allow_abbrev=False)
     f.add_argument("--data", required=True,
                    help="CSV image,mask,phrase[,slices] (slices: labelled 0-based K indices, e.g. \"3;7;12\"; empty: "
                         "every slice), or a folder with images/ and labels/ (label maps) and --prompt-map")

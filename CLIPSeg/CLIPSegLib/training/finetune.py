@@ -224,7 +224,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     and for fewer training slices than ``batch_size``."""
     from monai.utils import set_determinism
 
-    from ..engines.cliptnseg.engine import CLIPTNSegEngine
+    from ..engines.cliptnseg.engine import LEARNED_KEY, CLIPTNSegEngine, phrase_key
     from ..inference.pipeline import resolve_device
     from ..models import load_spec, write_spec
     from .cliptnseg_recipe import check_output_free
@@ -257,7 +257,9 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     _warn_axes(volumes, progress)
     n_replay = replay if replay is not None else (REPLAY_PHANTOMS if _root_training(parent_spec).get("n_phantoms")
                                                   else 0)
-    user = ls.SliceSamples(volumes, train, size, prep.fit, prep.intensity, make_augmentation(mild=True))
+    augmentation = make_augmentation(mild=True)
+    augmentation.set_random_state(seed)
+    user = ls.SliceSamples(volumes, train, size, prep.fit, prep.intensity, augmentation)
     bank = None
     if n_replay:
         bank = PhantomBank(n_replay, size, n_prompts=2,
@@ -282,6 +284,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     if isinstance(text, LoraText):
         text.merge()
         table = engine.learned
+        if learned_phrases:  # the parent's learned phrases stay as they were
+            extra = {LEARNED_KEY: torch.stack([table[phrase_key(p)] for p in learned_phrases])}
     else:
         learned_phrases, extra = text.export(learned_phrases)
         table = {text.key(p): t for p, t in zip(learned_phrases, extra[next(iter(extra))])}
