@@ -40,6 +40,7 @@ DEFAULT_BATCH = 4  # the user's slices per step; replay adds REPLAY_SHARE / (1 -
 REPLAY_SHARE = 1 / 3
 REPLAY_PHANTOMS = 400  # the first phantoms of the parent's own training bank
 LEARNING_RATES = {"segmenter": 5e-4, "embeddings": 1e-2, "lora": 1e-3}
+DISTILL_WEIGHT = 2.0  # weight of the replayed pairs' distillation loss against the user's pairs' loss
 
 
 @dataclass
@@ -117,17 +118,30 @@ class LoraText(nn.Module):
         self.net[0].freeze_clip()
 
 
-def _recipe(net, text, device) -> Recipe:
-    """The ``finetune`` recipe: ``cliptnseg_recipe.segmentation_loss`` on the user's and the replayed pairs, the
-    segmenter's parameters and the text side's in two groups (``LEARNING_RATES``)."""
+def _recipe(net, text, device, phrases, teacher=None) -> Recipe:
+    """The ``finetune`` recipe: ``cliptnseg_recipe.segmentation_loss`` against the masks on the pairs of the user's
+    ``phrases``; on the other pairs (the replayed phantoms' findings), with a ``teacher`` (a frozen copy of the
+    parent: ``Teacher``), pixel BCE against the teacher's probabilities (distillation: the old findings keep the
+    parent's maps, which its calibrated rules judge), else ``segmentation_loss`` against their masks. The
+    segmenter's parameters and the text side's are two groups (``LEARNING_RATES``)."""
     from .cliptnseg_recipe import segmentation_loss
 
     mask_loss = segmentation_loss(device)
+    mine = set(phrases)
 
     def loss(batch):
-        images, phrases, masks, pair_index = batch
-        logits, presence = net(images.to(device), text(phrases), pair_index.to(device))
-        return mask_loss(logits, masks.to(device), presence)
+        images, names, masks, pair_index = batch
+        images, masks, pair_index = images.to(device), masks.to(device), pair_index.to(device)
+        logits, presence = net(images, text(names), pair_index)
+        new = torch.tensor([n in mine for n in names], device=device)
+        if teacher is None or new.all():
+            return mask_loss(logits, masks, presence)
+        old = ~new
+        value = DISTILL_WEIGHT * teacher.loss(images, [n for n, o in zip(names, old) if o], pair_index[old],
+                                              logits[old], None if presence is None else presence[old])
+        if new.any():
+            value = value + mask_loss(logits[new], masks[new], None if presence is None else presence[new])
+        return value
 
     def state():
         return {**net.trainable_state_dict(), **{f"text.{k}": v for k, v in text.state_dict().items()}}
@@ -145,6 +159,38 @@ def _recipe(net, text, device) -> Recipe:
     groups = [{"params": segmenter, "lr": LEARNING_RATES["segmenter"]},
               {"params": list(text.parameters()), "lr": LEARNING_RATES[kind]}]
     return Recipe("fine-tuning", groups, loss, state, load, train, weight_decay=1e-4)
+
+
+class Teacher:
+    """A frozen copy of the parent network, with its text embeddings (the parent's: CLIP's, or its learned ones):
+    ``loss(images [B,1,S,S], phrases (N), pair_index [N], logits [N,S,S], presence [N] or None)`` is the BCE of the
+    student's logits against the teacher's probabilities for the same pairs (and of its slice presence)."""
+
+    def __init__(self, engine, device):
+        from ..engines.cliptnseg.engine import CLIPTNSegEngine
+
+        net = copy.deepcopy(engine.net)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        # its encode_prompts: the parent's embeddings, cached
+        self.engine = CLIPTNSegEngine(net, device, engine.spec, learned=engine.learned)
+        self.net = self.engine.net
+
+    @torch.no_grad()
+    def _targets(self, images, phrases, pair_index):
+        used = torch.unique(pair_index)
+        remap = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        remap[used] = torch.arange(len(used), device=images.device)
+        text = self.engine.encode_prompts(phrases).embeddings.to(images.device)
+        return self.net(images[used], text, remap[pair_index])
+
+    def loss(self, images, phrases, pair_index, logits, presence):
+        t_logits, t_presence = self._targets(images, phrases, pair_index)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        value = bce(logits, torch.sigmoid(t_logits))
+        if presence is not None and t_presence is not None:
+            value = value + bce(presence, torch.sigmoid(t_presence))
+        return value
 
 
 def _root_training(spec: dict) -> dict:
@@ -214,7 +260,8 @@ def merged_domain(parent: dict, volumes, size: int) -> dict | None:
 def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_map: dict | None = None,
              steps: int = DEFAULT_STEPS, seed: int = 0, force: bool = False, device="cpu",
              progress: Progress | None = None, batch_size: int = DEFAULT_BATCH, text_adaptation: str = "embeddings",
-             replay: int | None = None, command: str = "", stop_after: int | None = None) -> FinetuneResult | None:
+             replay: int | None = None, command: str = "", stop_after: int | None = None,
+             distill: bool = True) -> FinetuneResult | None:
     """Fine-tune ``parent`` (model id or spec path; default: the embedded model) on DATA (``labelled_slices``) and
     write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they exist, unless ``force``).
 
@@ -264,6 +311,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     if n_replay:
         bank = PhantomBank(n_replay, size, n_prompts=2,
                            progress=lambda d, t: progress.update("replay phantoms", d, t))
+    teacher = Teacher(engine, dev) if bank is not None and distill else None  # before any weight changes
     text = (LoraText(net) if text_adaptation == "lora"
             else LearnedPhrases(net, phrases, engine.learned))
     net.to(dev)
@@ -271,11 +319,12 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     work = Path(output_dir) / f".{model_id}.finetune"
     run = {"parent": parent_spec["id"], "parent_sha256": [f["sha256"] for f in parent_spec["files"]],
            "data": ls.fingerprint(volumes), "steps": steps, "seed": seed, "batch_size": batch_size,
-           "text_adaptation": text_adaptation, "replay": n_replay}
+           "text_adaptation": text_adaptation, "replay": n_replay, "distill": distill}
     resume = _prepare_work(work, run, progress)
     share = REPLAY_SHARE if bank is not None else 0.0
     loader_batch = batch_size if bank is None else round(batch_size / (1 - share))
-    losses = run_loop(_recipe(net, text, dev), ls.Mixed(user, bank, share), steps, work / "finetune.pt",
+    losses = run_loop(_recipe(net, text, dev, phrases, teacher), ls.Mixed(user, bank, share), steps,
+                      work / "finetune.pt",
                       loader_batch, seed, resume, 50, progress, stop_after)
     if torch.load(work / "finetune.pt", map_location="cpu", weights_only=True)["step"] < steps:
         return None  # stopped early (stop_after): the checkpoint resumes it
