@@ -114,17 +114,20 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
     return out
 
 
-def _entry(finding: str, prob: np.ndarray, truth: np.ndarray, spacing, array_axis: int) -> tuple:
+def _entry(finding: str, prob: np.ndarray, truth: np.ndarray, spacing, array_axis: int,
+           threshold: float = DEFAULT_PRESENCE["threshold"]) -> tuple:
     """One calibration entry: (finding, truth voxel count, [(Component, overlap voxels)], extent of the array along
-    the slice axis in mm) from a probability map and its truth (``[K,J,I]``)."""
-    labels, comps = components(prob, spacing, array_axis, DEFAULT_PRESENCE["threshold"])
+    the slice axis in mm) from a probability map and its truth (``[K,J,I]``), components of ``prob > threshold``."""
+    labels, comps = components(prob, spacing, array_axis, threshold)
     overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
     return (finding, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
             volume_extent_mm(prob.shape, spacing, array_axis))
 
 
-def collect_slices(engine, volumes, held, progress: Progress | None = None, gates=SLICE_GATES) -> dict:
-    """``collect_cases`` for single labelled slices: -> {gate: [entry per (held-out slice, phrase labelled on it)]}.
+def collect_slices(engine, volumes, held, progress: Progress | None = None, gates=SLICE_GATES,
+                   thresholds=(DEFAULT_PRESENCE["threshold"],)) -> dict:
+    """``collect_cases`` for single labelled slices, at each probability threshold of ``thresholds``: -> {threshold:
+    {gate: [entry per (held-out slice, phrase labelled on it)]}}.
 
     ``volumes``: ``labelled_slices.LabelledVolume`` s; ``held``: their (volume index, K index) slices to judge. Each
     volume is normalised as a whole and only its held-out slices are predicted (``pipeline.predict_maps(only=...)``);
@@ -144,7 +147,9 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
             gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(phrases), [None] * len(phrases), ())
             for i, p in enumerate(phrases):
                 for k in sorted(set(ks) & set(vol.slices[p])):
-                    out.setdefault(gate, []).append(_entry(p, gated[i, k:k + 1], vol.truth[p][k:k + 1], spacing, 0))
+                    for t in thresholds:
+                        out.setdefault(t, {}).setdefault(gate, []).append(
+                            _entry(p, gated[i, k:k + 1], vol.truth[p][k:k + 1], spacing, 0, t))
         progress.update("calibration slices", n + 1, len(by_volume))
     return out
 

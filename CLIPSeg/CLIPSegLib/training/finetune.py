@@ -40,6 +40,7 @@ DEFAULT_BATCH = 4  # the user's slices per step; replay adds REPLAY_SHARE / (1 -
 REPLAY_SHARE = 1 / 3
 REPLAY_PHANTOMS = 400  # the first phantoms of the parent's own training bank
 LEARNING_RATES = {"segmenter": 5e-4, "embeddings": 1e-2, "lora": 1e-3}
+THRESHOLDS = (0.5, 0.3, 0.4, 0.6, 0.7)  # probability thresholds tried for a new phrase's rule (0.5 wins ties)
 DISTILL_WEIGHT = 2.0  # weight of the replayed pairs' distillation loss against the user's pairs' loss
 
 
@@ -202,15 +203,17 @@ def _root_training(spec: dict) -> dict:
 
 
 def calibrate_new_phrases(engine, volumes, held, phrases, progress=None) -> dict:
-    """{phrase: found / not-found rule} calibrated on the held-out labelled slices (``calibration.collect_slices``;
-    grid search as for the parent's rules), each with its figures and how it was calibrated."""
+    """{phrase: found / not-found rule} calibrated on the held-out labelled slices (``calibration.collect_slices``):
+    the grid search of the parent's rules (``calibration.search_gate_and_rule``) at each probability threshold of
+    ``THRESHOLDS``, the best score kept (0.5 on ties); each rule with its figures and how it was calibrated."""
     from .calibration import collect_slices, search_gate_and_rule
 
-    by_gate = collect_slices(engine, volumes, held, progress)
+    by_threshold = collect_slices(engine, volumes, held, progress, thresholds=THRESHOLDS)
     rules = {}
     for p in phrases:
-        cases = [c for c in next(iter(by_gate.values())) if c[0] == p]
-        rule = search_gate_and_rule(by_gate, p)
+        cases = [c for c in next(iter(by_threshold[THRESHOLDS[0]].values())) if c[0] == p]
+        rule = max((dict(search_gate_and_rule(by_gate, p), threshold=t) for t, by_gate in by_threshold.items()),
+                   key=lambda r: r["calibration"]["score"])
         absent = sum(1 for c in cases if c[1] == 0)
         rule["calibration"] = {
             "method": f"held-out split: {len(cases)} labelled slice(s) never trained on, each judged as a 2D case "
