@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", default=None, help="write the report: .json (all), .csv (per case) or .md (summary)")
     _add_common(e, EVALUATE_OPTIONS)
 
-    t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export")
+    t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export",
+                       allow_abbrev=False)  # --model would otherwise be read as --model-id
     t.add_argument("--output-dir", default="build/models",
                    help="where the model .json/.safetensors go (default build/models; never the shipped models "
                         "folder unless you give it)")
@@ -89,7 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "training otherwise)")
     t.add_argument("--presence-head", action="store_true",
                    help="add the slice presence head (off by default: it lowered nodule Dice in our measurements)")
-    _add_common(t)
+    _add_common(t, ("device",))  # no --model: train builds its model from scratch (finetune starts from one)
+
+    f = sub.add_parser("finetune", help="fine-tune an existing model on your labelled slices (new phrases), keeping "
+                                        "what it knew; writes a new model", allow_abbrev=False)
+    f.add_argument("--data", required=True,
+                   help="CSV image,mask,phrase[,slices] (slices: labelled 0-based K indices, e.g. \"3;7;12\"; empty: "
+                        "every slice), or a folder with images/ and labels/ (label maps) and --prompt-map")
+    f.add_argument("--from", dest="parent", default=None, metavar="MODEL",
+                   help="the model to start from: an id of `clipseg models list` or a model .json (default: the "
+                        "embedded model)")
+    f.add_argument("--output-dir", required=True, help="where <model-id>.json/.safetensors are written")
+    f.add_argument("--model-id", default=None, help="the new model's id (default: <parent id>-finetuned)")
+    f.add_argument("--prompt-map", default=None, help="with a folder: JSON mapping label values to phrases, or a "
+                                                      ".json file")
+    f.add_argument("--steps", type=int, default=None, help="training steps (default 600)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--force", action="store_true", help="replace <output-dir>/<model-id>.json/.safetensors if they "
+                                                        "exist (refused before any work otherwise)")
+    f.add_argument("--batch-size", type=int, default=None, help="your labelled slices per step (default 4)")
+    f.add_argument("--text-adaptation", default="embeddings", choices=("embeddings", "lora"),
+                   help="how new phrases are taught: a learned embedding per phrase (default) or LoRA on the text "
+                        "tower")
+    _add_common(f, ("device",))
 
     m = sub.add_parser("models", help="model catalogue and cache: list, fetch, verify, import, remove, convert")
     msub = m.add_subparsers(dest="action", required=True)
@@ -191,6 +214,38 @@ def _cmd_train(a, progress):
         print(f"wrote {path}")
 
 
+def _cmd_finetune(a, progress):
+    import shlex
+
+    from .training import finetune as ft
+
+    prompt_map = None
+    if a.prompt_map:
+        from .evaluation.evaluator import parse_prompt_map
+
+        prompt_map = parse_prompt_map(a.prompt_map)
+    steps = ft.DEFAULT_STEPS if a.steps is None else a.steps
+    batch = ft.DEFAULT_BATCH if a.batch_size is None else a.batch_size
+    model_id = a.model_id
+    # the command that re-creates this model where it is written (--force: the model will be there by then)
+    argv = ["clipseg", "finetune", "--data", a.data, "--output-dir", a.output_dir, "--steps", str(steps), "--seed",
+            str(a.seed), "--batch-size", str(batch), "--text-adaptation", a.text_adaptation]
+    argv += (["--from", a.parent] if a.parent else []) + (["--prompt-map", a.prompt_map] if a.prompt_map else [])
+    result = ft.finetune(Path(a.data), Path(a.output_dir), a.parent, model_id, prompt_map, steps, a.seed, a.force,
+                         a.device, progress, batch, a.text_adaptation,
+                         command=shlex.join(argv + ["--model-id", model_id] if model_id else argv) + " --force")
+    spec = result.spec
+    rules = {p: spec["presence"]["per_finding"][p]["calibration"] for p in spec["training"]["data"]["phrases"]}
+    progress.done(model=str(result.spec_path), model_id=spec["id"], parent=spec["training"]["parent"]["id"],
+                  calibration=spec["training"]["calibration"], rules=rules)
+    if a.progress != "json":
+        for p, c in rules.items():
+            empty = "n/a" if c["absent_empty_rate"] is None else f"{c['absent_empty_rate']:.2f}"
+            print(f"{p!r}: calibrated on {c['slices']} held-out slice(s): Dice {c['mean_dice']:.3f}, "
+                  f"slices without it left empty {empty} ({c['absent_slices']} such slice(s))")
+        print(f"wrote {result.spec_path}")
+
+
 def _cmd_models(a, progress):
     from .errors import ModelError
     from .models import catalogue
@@ -238,7 +293,7 @@ def _cmd_models(a, progress):
 
 
 COMMANDS = {"segment": _cmd_segment, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "train": _cmd_train,
-            "models": _cmd_models}
+            "finetune": _cmd_finetune, "models": _cmd_models}
 
 
 def main(argv=None) -> int:

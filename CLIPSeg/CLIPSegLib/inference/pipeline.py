@@ -163,7 +163,8 @@ def flip_average_of(engine) -> bool:
 
 def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_size: int | None = None,
                  progress: Progress | None = None, cancel=None,
-                 flip_average: bool | None = None, on_slices=None) -> tuple[np.ndarray, np.ndarray | None]:
+                 flip_average: bool | None = None, on_slices=None,
+                 only=None) -> tuple[np.ndarray, np.ndarray | None]:
     """volume ``[K,J,I]`` (raw intensities) -> (mask probabilities ``[P,K,J,I]``, slice presence probabilities
     ``[P,N]`` or None if the engine has no presence estimate), float32; N = slices along ``slice_axis``.
 
@@ -174,7 +175,9 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     are skipped and get probability 0. ``cancel()`` returning True stops. ``flip_average`` (default: the model's
     setting) also predicts each slice mirrored left-right (a flip the models are trained with) and averages the two,
     mirrored back: twice the compute, fewer stray responses to speckle. ``on_slices(x)`` is called with each batch of
-    network input ``[B,1,S,S]`` (e.g. to measure what the network sees, ``domain.slice_features``)."""
+    network input ``[B,1,S,S]`` (e.g. to measure what the network sees, ``domain.slice_features``). ``only``: the
+    indices of the slices to predict (along ``slice_axis``; the volume is still normalised as a whole), the others
+    get probability 0 (e.g. the labelled slices a calibration judges)."""
     progress = progress or Progress("none")
     flip_average = flip_average_of(engine) if flip_average is None else flip_average
     batch_size = check_batch_size(batch_size) or engine.default_batch_size
@@ -187,6 +190,8 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     presence = torch.zeros((len(state.prompts), n), dtype=torch.float32)
     has_presence = False
     active = (slices.flatten(1).amax(1) - slices.flatten(1).amin(1)) > 1e-6
+    if only is not None:
+        active &= torch.isin(torch.arange(n), torch.as_tensor(list(only), dtype=torch.long))
     todo = active.nonzero().flatten()
     with torch.inference_mode():
         for start in range(0, len(todo), batch_size):

@@ -105,17 +105,52 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
                                                 {f: p[0] for f, p in phrasings.items()}, exclusive)
         state = engine.encode_prompts(prompts)
         masks, presence = predict_maps(engine, case.image, state, slice_axis=SLICE_AXIS, flip_average=flip_average)
-        extent = volume_extent_mm(masks.shape[1:], case.spacing, array_axis)
         for gate in (gates if presence is not None else (1.0,)):
             gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
                                  judges)
             for i, f in enumerate(asked):
-                truth = case.truths[f]
-                labels, comps = components(gated[i], case.spacing, array_axis, DEFAULT_PRESENCE["threshold"])
-                overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
-                out.setdefault(gate, []).append((f, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
-                                                 extent))
+                out.setdefault(gate, []).append(_entry(f, gated[i], case.truths[f], case.spacing, array_axis))
         progress.update("calibration volumes", v + 1, total or v + 1)
+    return out
+
+
+def _entry(finding: str, prob: np.ndarray, truth: np.ndarray, spacing, array_axis: int,
+           threshold: float = DEFAULT_PRESENCE["threshold"]) -> tuple:
+    """One calibration entry: (finding, truth voxel count, [(Component, overlap voxels)], extent of the array along
+    the slice axis in mm) from a probability map and its truth (``[K,J,I]``), components of ``prob > threshold``."""
+    labels, comps = components(prob, spacing, array_axis, threshold)
+    overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
+    return (finding, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
+            volume_extent_mm(prob.shape, spacing, array_axis))
+
+
+def collect_slices(engine, volumes, held, progress: Progress | None = None, gates=SLICE_GATES,
+                   thresholds=(DEFAULT_PRESENCE["threshold"],)) -> dict:
+    """``collect_cases`` for single labelled slices, at each probability threshold of ``thresholds``: -> {threshold:
+    {gate: [entry per (held-out slice, phrase labelled on it)]}}.
+
+    ``volumes``: ``labelled_slices.LabelledVolume`` s; ``held``: their (volume index, K index) slices to judge. Each
+    volume is normalised as a whole and only its held-out slices are predicted (``pipeline.predict_maps(only=...)``);
+    each slice is one case of its own (a 2D map, one slice thick), so a slice that is not labelled for a phrase is
+    never judged for it, and a labelled slice with an empty mask is an absent case."""
+    progress = progress or Progress("none")
+    by_volume: dict[int, list[int]] = {}
+    for v, k in held:
+        by_volume.setdefault(v, []).append(k)
+    out: dict[float, list] = {}
+    for n, (v, ks) in enumerate(sorted(by_volume.items())):
+        vol = volumes[v]
+        phrases = [p for p, labelled in vol.slices.items() if set(ks) & set(labelled)]
+        masks, presence = predict_maps(engine, vol.image, phrases, slice_axis=SLICE_AXIS, only=ks)
+        spacing = vol.geometry.spacing
+        for gate in (gates if presence is not None else (1.0,)):
+            gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(phrases), [None] * len(phrases), ())
+            for i, p in enumerate(phrases):
+                for k in sorted(set(ks) & set(vol.slices[p])):
+                    for t in thresholds:
+                        out.setdefault(t, {}).setdefault(gate, []).append(
+                            _entry(p, gated[i, k:k + 1], vol.truth[p][k:k + 1], spacing, 0, t))
+        progress.update("calibration slices", n + 1, len(by_volume))
     return out
 
 

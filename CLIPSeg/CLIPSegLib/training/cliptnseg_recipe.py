@@ -94,24 +94,40 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after)
 
 
+def segmentation_loss(device="cpu"):
+    """-> ``loss(logits [N,S,S], target [N,S,S], presence_logits [N] or None) -> scalar``: MONAI Dice on the pairs
+    whose finding is present + pixel BCE (positive weight 2) on all pairs + BCE of the presence head against "the
+    finding is in this slice". Dice is per (image, prompt) pair, so a few small foci weigh as much as a large nodule
+    (a batch-wide Dice let calcifications be ignored); absent pairs are taught by the pixel BCE alone (Dice of an
+    empty target either saturates or, smoothed, rewards predicting nothing for the hard findings)."""
+    from monai.losses import DiceLoss
+
+    dice_fn = DiceLoss(sigmoid=True, reduction="none")
+    bce_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(2.0, device=device))
+
+    def loss(logits, target, presence_logits=None):
+        present = target.flatten(1).amax(1) > 0
+        value = bce_fn(logits, target)
+        if present.any():
+            value = value + dice_fn(logits[present][:, None], target[present][:, None]).mean()
+        if presence_logits is not None:
+            value = value + torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, present.float())
+        return value
+
+    return loss
+
+
 def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, lr: float = 2e-3, seed: int = 0,
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None, validate=None, patience: int | None = None,
                     validate_every: int = 100) -> list[float]:
-    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen): MONAI Dice on pairs whose finding is
-    present + pixel BCE on all pairs + BCE of the presence head against "the finding is in this slice".
+    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with ``segmentation_loss``.
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run; ``validate``/``patience``: early stop (``run_loop``). Returns the loss of every step run in
     this call."""
-    from monai.losses import DiceLoss
-
     net.to(device)
-    # Dice per (image, prompt) pair over the pairs whose finding is present, so a few small foci weigh as much as a
-    # large nodule (a batch-wide Dice let calcifications be ignored); absent pairs are taught by the pixel BCE alone
-    # (Dice of an empty target either saturates or, smoothed, rewards predicting nothing for the hard findings).
-    dice_fn = DiceLoss(sigmoid=True, reduction="none")
-    bce_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(2.0, device=device))
+    mask_loss = segmentation_loss(device)
     ctx = net.clip.context_length
     text_cache: dict[str, torch.Tensor] = {}
 
@@ -123,14 +139,7 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
                 text_cache[p] = e
         text = torch.stack([text_cache[p] for p in phrases])
         logits, presence_logits = net(images.to(device), text, pair_index.to(device))
-        target = masks.to(device)
-        present = target.flatten(1).amax(1) > 0
-        value = bce_fn(logits, target)
-        if present.any():
-            value = value + dice_fn(logits[present][:, None], target[present][:, None]).mean()
-        if presence_logits is not None:
-            value = value + torch.nn.functional.binary_cross_entropy_with_logits(presence_logits, present.float())
-        return value
+        return mask_loss(logits, masks.to(device), presence_logits)
 
     params = [p for p in net.parameters() if p.requires_grad]
     recipe = Recipe("segmenter", [{"params": params, "lr": lr}], loss, net.trainable_state_dict,

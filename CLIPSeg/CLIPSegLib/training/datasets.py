@@ -128,12 +128,24 @@ class FolderTriples(torch.utils.data.Dataset):
         return image, [phrase], masks
 
 
-def make_augmentation():
+def make_augmentation(mild: bool = False):
     """MONAI dict transforms: intensity (gamma, gain, noise, speckle-like Rician noise, blur, bias field) on the raw
     image, then geometry (rotation, scale, shear, translation, flips), on keys ``image`` ``[1,S,S]`` and ``label``
-    ``[P,S,S]``."""
+    ``[P,S,S]``. ``mild``: for a user's real images, whose intensities carry the meaning (grey vs white matter):
+    a narrower gamma and gain, light noise and bias field, smaller rotations and scalings, no Rician speckle."""
     from monai import transforms as T
 
+    if mild:
+        return T.Compose([
+            T.RandAdjustContrastd("image", prob=0.3, gamma=(0.8, 1.25)),
+            T.RandScaleIntensityd("image", prob=0.3, factors=0.1),
+            T.RandGaussianNoised("image", prob=0.2, std=0.02),
+            T.RandBiasFieldd("image", prob=0.2, coeff_range=(0.05, 0.15)),
+            T.RandAffined(("image", "label"), prob=0.8, rotate_range=0.25, scale_range=(0.15, 0.15),
+                          shear_range=0.05, translate_range=(8, 8), mode=("bilinear", "nearest"),
+                          padding_mode="zeros"),
+            T.RandFlipd(("image", "label"), prob=0.5, spatial_axis=1),
+        ])
     return T.Compose([
         T.RandAdjustContrastd("image", prob=0.6, gamma=(0.5, 2.0)),
         T.RandScaleIntensityd("image", prob=0.5, factors=0.4),

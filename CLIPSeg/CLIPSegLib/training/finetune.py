@@ -1,0 +1,392 @@
+"""Fine-tune an existing CLIP-TNseg model on a user's labelled slices: ``clipseg finetune`` and ``finetune``.
+
+From a parent model (any catalogue id or model ``.json``; the embedded model by default):
+
+1. the data (``labelled_slices``): only labelled slices, a quarter of them (at least one holding each phrase) held
+   out to calibrate, never trained on;
+2. the ``finetune`` recipe of the one training loop (``loop.run_loop``): the segmenter (decoder, fine branch, head)
+   and the text side are trained on the user's slices mixed with a replay of the parent's own phantom training
+   images (``datasets.PhantomBank``, seeds ``TRAIN_SEED_BASE``+), so its old findings keep their maps. Text side
+   (``TEXT_ADAPTATIONS``): "embeddings", one learned embedding per new phrase initialised from its CLIP text
+   embedding (stored in the model: the engine uses it for that phrase, any other wording falls back to CLIP), or
+   "lora", LoRA adapters (peft) on the CLIP text tower, merged into it at export;
+3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``),
+   merged with the parent's rules;
+4. the model written with ``models.write_spec``, its lineage in ``training``: parent id and weights SHA-256, data
+   summary, command. Checkpoints in ``<output-dir>/.<model-id>.finetune/`` resume an interrupted run of the same
+   data and settings; the folder is removed once the model is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..progress import Progress
+from . import labelled_slices as ls
+from .loop import Recipe, run_loop
+
+TEXT_ADAPTATIONS = ("embeddings", "lora")
+CALIBRATION_SHARE = 0.25  # share of the labelled slices held out to calibrate the new phrases' rules
+DEFAULT_STEPS = 600
+DEFAULT_BATCH = 4  # the user's slices per step; replay adds REPLAY_SHARE / (1 - REPLAY_SHARE) of that on average
+REPLAY_SHARE = 1 / 3
+REPLAY_PHANTOMS = 400  # the first phantoms of the parent's own training bank
+LEARNING_RATES = {"segmenter": 5e-4, "embeddings": 1e-2, "lora": 1e-3}
+THRESHOLDS = (0.5, 0.3, 0.4, 0.6, 0.7)  # probability thresholds tried for a new phrase's rule (0.5 wins ties)
+DISTILL_WEIGHT = 2.0  # weight of the replayed pairs' distillation loss against the user's pairs' loss
+
+
+@dataclass
+class FinetuneResult:
+    """``spec_path``: the written model ``.json``; ``spec``: its contents; ``losses``: per step of this call."""
+
+    spec_path: Path
+    spec: dict
+    losses: list
+
+
+class LearnedPhrases(nn.Module):
+    """Text side "embeddings": ``[Q,D]`` free embeddings of the new ``phrases``, initialised from ``start``
+    (phrase key -> ``[D]``: the parent's learned ones) or their CLIP text embedding; ``forward(phrases (N)) -> [N,D]``
+    L2-normalised, a phrase not learned here takes ``fixed`` (the parent's learned table) or CLIP's, without
+    gradient."""
+
+    def __init__(self, net, phrases: list[str], fixed: dict):
+        from ..engines.cliptnseg.engine import phrase_key
+
+        super().__init__()
+        self.key, self.net, self.fixed = phrase_key, [net], dict(fixed)  # net in a list: not a submodule
+        self.phrases = list(phrases)
+        self.index = {phrase_key(p): i for i, p in enumerate(phrases)}
+        self.weight = nn.Parameter(torch.stack([self._fixed(p) for p in phrases]).clone())
+
+    def _fixed(self, phrase: str) -> torch.Tensor:
+        from ..engines.clip_backbone import tokenize
+
+        key = self.key(phrase)
+        if key not in self.fixed:
+            net = self.net[0]
+            self.fixed[key] = net.encode_text(tokenize([phrase], net.clip.context_length))[0].cpu()
+        return self.fixed[key]
+
+    def forward(self, phrases: list[str]) -> torch.Tensor:
+        weight = nn.functional.normalize(self.weight, dim=-1)
+        return torch.stack([weight[self.index[self.key(p)]] if self.key(p) in self.index
+                            else self._fixed(p).to(weight) for p in phrases])
+
+    def export(self, parent_phrases: list[str]) -> tuple[list[str], dict]:
+        """-> (the model's learned phrases: the parent's not retrained, then the new ones; weights entries)."""
+        from ..engines.cliptnseg.engine import LEARNED_KEY
+
+        kept = [p for p in parent_phrases if self.key(p) not in self.index]
+        table = [self.fixed[self.key(p)] for p in kept] + list(nn.functional.normalize(self.weight.detach(), dim=-1))
+        return kept + self.phrases, {LEARNED_KEY: torch.stack(table).cpu()}
+
+
+class LoraText(nn.Module):
+    """Text side "lora": LoRA adapters (peft, rank ``rank``) on the attention and MLP layers of the CLIP text tower;
+    every phrase goes through the adapted tower, with gradient. ``merge()`` folds them into the tower's weights."""
+
+    TARGETS = r"transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"  # the text tower only (not visual.*)
+
+    def __init__(self, net, rank: int = 8):
+        from peft import LoraConfig, get_peft_model
+
+        super().__init__()
+        self.net = [net]
+        self.peft = [get_peft_model(net.clip, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                         target_modules=self.TARGETS))]
+        self.adapters = nn.ParameterList([p for n, p in net.clip.named_parameters() if "lora_" in n])
+
+    def forward(self, phrases: list[str]) -> torch.Tensor:
+        from ..engines.clip_backbone import tokenize
+
+        clip = self.net[0].clip
+        unique = list(dict.fromkeys(phrases))
+        emb = clip.encode_text(tokenize(unique, clip.context_length).to(self.adapters[0].device), normalize=True)
+        return emb[[unique.index(p) for p in phrases]]
+
+    def merge(self) -> None:
+        self.net[0].clip = self.peft[0].merge_and_unload()
+        self.net[0].freeze_clip()
+
+
+def _recipe(net, text, device, phrases, teacher=None) -> Recipe:
+    """The ``finetune`` recipe: ``cliptnseg_recipe.segmentation_loss`` against the masks on the pairs of the user's
+    ``phrases``; on the other pairs (the replayed phantoms' findings), with a ``teacher`` (a frozen copy of the
+    parent: ``Teacher``), pixel BCE against the teacher's probabilities (distillation: the old findings keep the
+    parent's maps, which its calibrated rules judge), else ``segmentation_loss`` against their masks. The
+    segmenter's parameters and the text side's are two groups (``LEARNING_RATES``)."""
+    from .cliptnseg_recipe import segmentation_loss
+
+    mask_loss = segmentation_loss(device)
+    mine = set(phrases)
+
+    def loss(batch):
+        images, names, masks, pair_index = batch
+        images, masks, pair_index = images.to(device), masks.to(device), pair_index.to(device)
+        logits, presence = net(images, text(names), pair_index)
+        new = torch.tensor([n in mine for n in names], device=device)
+        if teacher is None or new.all():
+            return mask_loss(logits, masks, presence)
+        old = ~new
+        value = DISTILL_WEIGHT * teacher.loss(images, [n for n, o in zip(names, old) if o], pair_index[old],
+                                              logits[old], None if presence is None else presence[old])
+        if new.any():
+            value = value + mask_loss(logits[new], masks[new], None if presence is None else presence[new])
+        return value
+
+    def state():
+        return {**net.trainable_state_dict(), **{f"text.{k}": v for k, v in text.state_dict().items()}}
+
+    def load(sd):
+        net.load_state_dict({k: v for k, v in sd.items() if not k.startswith("text.")}, strict=False)
+        text.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("text.")})
+
+    def train(mode):
+        net.train(mode)
+        text.train(mode)
+
+    segmenter = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+    kind = "lora" if isinstance(text, LoraText) else "embeddings"
+    groups = [{"params": segmenter, "lr": LEARNING_RATES["segmenter"]},
+              {"params": list(text.parameters()), "lr": LEARNING_RATES[kind]}]
+    return Recipe("fine-tuning", groups, loss, state, load, train, weight_decay=1e-4)
+
+
+class Teacher:
+    """A frozen copy of the parent network, with its text embeddings (the parent's: CLIP's, or its learned ones):
+    ``loss(images [B,1,S,S], phrases (N), pair_index [N], logits [N,S,S], presence [N] or None)`` is the BCE of the
+    student's logits against the teacher's probabilities for the same pairs (and of its slice presence)."""
+
+    def __init__(self, engine, device):
+        from ..engines.cliptnseg.engine import CLIPTNSegEngine
+
+        net = copy.deepcopy(engine.net)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        # its encode_prompts: the parent's embeddings, cached
+        self.engine = CLIPTNSegEngine(net, device, engine.spec, learned=engine.learned)
+        self.net = self.engine.net
+
+    @torch.no_grad()
+    def _targets(self, images, phrases, pair_index):
+        used = torch.unique(pair_index)
+        remap = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        remap[used] = torch.arange(len(used), device=images.device)
+        text = self.engine.encode_prompts(phrases).embeddings.to(images.device)
+        return self.net(images[used], text, remap[pair_index])
+
+    def loss(self, images, phrases, pair_index, logits, presence):
+        t_logits, t_presence = self._targets(images, phrases, pair_index)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        value = bce(logits, torch.sigmoid(t_logits))
+        if presence is not None and t_presence is not None:
+            value = value + bce(presence, torch.sigmoid(t_presence))
+        return value
+
+
+def _root_training(spec: dict) -> dict:
+    """The ``training`` entry of the model at the root of a spec's lineage (the one trained from scratch)."""
+    training = spec.get("training") or {}
+    while (training.get("parent") or {}).get("training"):
+        training = training["parent"]["training"]
+    return training
+
+
+def calibrate_new_phrases(engine, volumes, held, phrases, progress=None) -> dict:
+    """{phrase: found / not-found rule} calibrated on the held-out labelled slices (``calibration.collect_slices``):
+    the grid search of the parent's rules (``calibration.search_gate_and_rule``) at each probability threshold of
+    ``THRESHOLDS``, the best score kept (0.5 on ties); each rule with its figures and how it was calibrated."""
+    from .calibration import collect_slices, search_gate_and_rule
+
+    by_threshold = collect_slices(engine, volumes, held, progress, thresholds=THRESHOLDS)
+    rules = {}
+    for p in phrases:
+        cases = [c for c in next(iter(by_threshold[THRESHOLDS[0]].values())) if c[0] == p]
+        rule = max((dict(search_gate_and_rule(by_gate, p), threshold=t) for t, by_gate in by_threshold.items()),
+                   key=lambda r: r["calibration"]["score"])
+        absent = sum(1 for c in cases if c[1] == 0)
+        rule["calibration"] = {
+            "method": f"held-out split: {len(cases)} labelled slice(s) never trained on, each judged as a 2D case "
+                      f"(so the rule's extent along the slice axis is not calibrated)",
+            "slices": len(cases), "absent_slices": absent,
+            "absent_empty_rate": rule["calibration"]["absent_empty_rate"] if absent else None,
+            "mean_dice": rule["calibration"]["mean_dice"][p]}
+        rules[p] = {**rule, "phrases": [p]}
+    return rules
+
+
+def merged_presence(parent: dict, rules: dict) -> dict:
+    """The parent's ``presence`` with the new phrases' rules added (a new phrase leaves the finding that listed it
+    among its phrasings: its own rule wins)."""
+    from ..engines.cliptnseg.engine import phrase_key
+    from .calibration import MATCH_MIN_COSINE
+
+    presence = copy.deepcopy(parent.get("presence") or {})
+    per = presence.setdefault("per_finding", {})
+    new = {phrase_key(p) for p in rules}
+    for rule in per.values():
+        rule["phrases"] = [p for p in rule.get("phrases", []) if phrase_key(p) not in new]
+    per.update(rules)
+    presence.setdefault("match_min_cosine", MATCH_MIN_COSINE)
+    presence.setdefault("exclusive", [])
+    return presence
+
+
+def merged_domain(parent: dict, volumes, size: int) -> dict | None:
+    """The parent's ``domain`` widened to the fine-tuning images (each a run: ``domain.volume_features``)."""
+    import numpy as np
+
+    from ..inference.domain import pipeline_slices, reference_ranges, volume_features
+
+    domain = parent.get("domain")
+    if not domain:
+        return None
+    runs = [volume_features(pipeline_slices(v.image, 0, size)) for v in volumes]
+    mine = reference_ranges({k: np.array([r[k] for r in runs]) for k in runs[0]}) if runs and runs[0] else {}
+    features = {k: [min(lo, mine.get(k, (lo, hi))[0]), max(hi, mine.get(k, (lo, hi))[1])]
+                for k, (lo, hi) in domain.get("features", {}).items()}
+    return {"modality": f"{domain.get('modality', 'the parent model’s images')}, and the images it was fine-tuned on "
+                        f"({len(volumes)} volume(s))",
+            "features": features, "source": f"{domain.get('source', '')}; widened to the fine-tuning volumes"}
+
+
+def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_map: dict | None = None,
+             steps: int = DEFAULT_STEPS, seed: int = 0, force: bool = False, device="cpu",
+             progress: Progress | None = None, batch_size: int = DEFAULT_BATCH, text_adaptation: str = "embeddings",
+             replay: int | None = None, command: str = "", stop_after: int | None = None,
+             distill: bool = True) -> FinetuneResult | None:
+    """Fine-tune ``parent`` (model id or spec path; default: the embedded model) on DATA (``labelled_slices``) and
+    write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they exist, unless ``force``).
+
+    ``steps`` of ``batch_size`` of the user's slices plus replayed phantoms (``replay`` of them; None: the parent's
+    own first ``REPLAY_PHANTOMS`` when it was trained on phantoms, else none), seeded by ``seed``; ``stop_after``
+    ends this call early with a checkpoint (returns None). Raises InputError for bad data (see ``labelled_slices``)
+    and for fewer training slices than ``batch_size``."""
+    from monai.utils import set_determinism
+
+    from ..engines.cliptnseg.engine import LEARNED_KEY, CLIPTNSegEngine, phrase_key
+    from ..inference.pipeline import resolve_device
+    from ..models import load_spec, write_spec
+    from .cliptnseg_recipe import check_output_free
+    from .datasets import PhantomBank, make_augmentation
+
+    progress = progress or Progress("none")
+    parent_spec = load_spec(parent)
+    model_id = model_id or f"{parent_spec['id']}-finetuned"
+    check_output_free(Path(output_dir), model_id, force)
+    if parent_spec["engine"] != "cliptnseg":
+        raise InputError(f"model {parent_spec['id']!r} is a {parent_spec['engine']} model; fine-tuning works on "
+                         f"cliptnseg models")
+    if text_adaptation not in TEXT_ADAPTATIONS:
+        raise InputError(f"text adaptation {text_adaptation!r} is not one of {', '.join(TEXT_ADAPTATIONS)}")
+    if steps < 1 or batch_size < 1:
+        raise InputError(f"steps ({steps}) and batch size ({batch_size}) must be at least 1")
+    progress.message(f"reading {data}")
+    volumes = ls.read_data(data, prompt_map)
+    train, held = ls.split_slices(volumes, CALIBRATION_SHARE)
+    if len(train) < batch_size:
+        raise InputError(f"{len(train)} labelled slice(s) are left to train on ({len(held)} of "
+                         f"{len(train) + len(held)} are held out to calibrate), fewer than one batch of {batch_size}: "
+                         f"label at least {int(batch_size / (1 - CALIBRATION_SHARE)) + 1} slices, or lower the batch "
+                         f"size (--batch-size)")
+    phrases = ls.phrases_of(volumes)
+    dev = resolve_device(device)
+    set_determinism(seed)
+    engine = CLIPTNSegEngine.from_spec(parent_spec, torch.device("cpu"))
+    net, size, prep = engine.net, engine.preprocessing.input_size, engine.preprocessing
+    _warn_axes(volumes, progress)
+    n_replay = replay if replay is not None else (REPLAY_PHANTOMS if _root_training(parent_spec).get("n_phantoms")
+                                                  else 0)
+    augmentation = make_augmentation(mild=True)
+    augmentation.set_random_state(seed)
+    user = ls.SliceSamples(volumes, train, size, prep.fit, prep.intensity, augmentation)
+    bank = None
+    if n_replay:
+        bank = PhantomBank(n_replay, size, n_prompts=2,
+                           progress=lambda d, t: progress.update("replay phantoms", d, t))
+    teacher = Teacher(engine, dev) if bank is not None and distill else None  # before any weight changes
+    text = (LoraText(net) if text_adaptation == "lora"
+            else LearnedPhrases(net, phrases, engine.learned))
+    net.to(dev)
+    text.to(dev)
+    work = Path(output_dir) / f".{model_id}.finetune"
+    run = {"parent": parent_spec["id"], "parent_sha256": [f["sha256"] for f in parent_spec["files"]],
+           "data": ls.fingerprint(volumes), "steps": steps, "seed": seed, "batch_size": batch_size,
+           "text_adaptation": text_adaptation, "replay": n_replay, "distill": distill}
+    resume = _prepare_work(work, run, progress)
+    share = REPLAY_SHARE if bank is not None else 0.0
+    loader_batch = batch_size if bank is None else round(batch_size / (1 - share))
+    losses = run_loop(_recipe(net, text, dev, phrases, teacher), ls.Mixed(user, bank, share), steps,
+                      work / "finetune.pt",
+                      loader_batch, seed, resume, 50, progress, stop_after)
+    if torch.load(work / "finetune.pt", map_location="cpu", weights_only=True)["step"] < steps:
+        return None  # stopped early (stop_after): the checkpoint resumes it
+    net.cpu().eval()
+    learned_phrases, extra = list(parent_spec.get("learned_phrases") or []), {}
+    if isinstance(text, LoraText):
+        text.merge()
+        table = engine.learned
+        if learned_phrases:  # the parent's learned phrases stay as they were
+            extra = {LEARNED_KEY: torch.stack([table[phrase_key(p)] for p in learned_phrases])}
+    else:
+        learned_phrases, extra = text.export(learned_phrases)
+        table = {text.key(p): t for p, t in zip(learned_phrases, extra[next(iter(extra))])}
+    engine = CLIPTNSegEngine(net, dev, {**parent_spec, "learned_phrases": learned_phrases}, learned=table)
+    rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
+    spec = {k: v for k, v in parent_spec.items() if not k.startswith("_") and k != "files"}
+    spec.update(id=model_id, learned_phrases=learned_phrases, presence=merged_presence(parent_spec, rules),
+                description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
+                            f"({len(train) + len(held)} labelled slices of {len(volumes)} volume(s)).")
+    if not learned_phrases:
+        spec.pop("learned_phrases")
+    domain = merged_domain(parent_spec, volumes, size)
+    if domain:
+        spec["domain"] = domain
+    parent_training = parent_spec.get("training") or {}
+    spec["training"] = {
+        "command": command, "method": "finetune", "steps": steps, "seed": seed, "batch_size": batch_size,
+        "text_adaptation": text_adaptation, "replay_phantoms": n_replay, "replay_share": round(share, 4),
+        "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on",
+        "phrases": sorted(set(parent_training.get("phrases") or []) | set(phrases)),
+        "data": {"source": str(data), **ls.summary(volumes, train, held)},
+        "parent": {"id": parent_spec["id"], "weights_sha256": {f["name"]: f["sha256"] for f in parent_spec["files"]},
+                   "training": parent_training}}
+    path = write_spec(spec, {**net.state_dict(), **extra}, Path(output_dir))
+    shutil.rmtree(work, ignore_errors=True)
+    return FinetuneResult(path, json.loads(path.read_text(encoding="utf-8")), losses)
+
+
+def _prepare_work(work: Path, run: dict, progress: Progress) -> bool:
+    """Make the checkpoint folder; -> whether its checkpoint is of this run (same data and settings) to resume."""
+    work.mkdir(parents=True, exist_ok=True)
+    record, ckpt = work / "run.json", work / "finetune.pt"
+    same = record.is_file() and json.loads(record.read_text(encoding="utf-8")) == run
+    if ckpt.is_file() and not same:
+        progress.message(f"{work}: its checkpoint is of another run (other data or settings); starting over")
+        ckpt.unlink()
+    elif ckpt.is_file():
+        step = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
+        progress.message(f"resuming from the checkpoint in {work} (step {step} of {run['steps']})")
+    record.write_text(json.dumps(run, indent=2), encoding="utf-8")
+    return same
+
+
+def _warn_axes(volumes, progress: Progress) -> None:
+    """Say when ``clipseg segment --axis auto`` would slice a volume along another axis than the K it trains on."""
+    from ..inference.pipeline import choose_axis
+
+    for v in volumes:
+        axis = choose_axis(v.image.shape, v.geometry, "auto")
+        if axis != 2:
+            progress.message(f"note: {v.source['image']} is trained on along K, but `clipseg segment` would slice "
+                             f"it along voxel axis {axis} (its thickest spacing); segment it with --axis 2")

@@ -1,0 +1,232 @@
+"""clipseg finetune: a new phrase taught from sparse labelled slices, never from unlabelled ones; errors; lineage;
+resume; the engine reading the learned phrases."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from CLIPSegLib.errors import InputError
+from CLIPSegLib.io.geometry import Geometry
+from CLIPSegLib.io.outputs import write_volume
+from CLIPSegLib.training import labelled_slices as ls
+from CLIPSegLib.training.finetune import finetune
+
+GEOMETRY = Geometry.axis_aligned((2.0, 1.0, 1.0))
+PAINTED = (2, 5)  # the slices a user labelled; the disc is on every slice of the image
+
+
+def _disc_volume(depth=8, size=32, centre=(16, 14), checker=False):
+    """A noisy volume with a bright disc on every K slice -> (image [K,J,I] float32, disc bool [K,J,I]).
+    ``checker``: the disc bright in a 2-pixel checkerboard (texture: a flat disc leaves the tiny random network's
+    ReLUs dead inside it, where it then learns only through biases)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 5, (depth, size, size)).astype(np.float32)
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = np.broadcast_to((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < 40, image.shape).copy()
+    bright = disc & ((yy // 2 + xx // 2) % 2 == 1) if checker else disc
+    image[bright] += 70
+    return image, disc
+
+
+@pytest.fixture
+def sparse_table(tmp_path):
+    """A CSV whose mask holds the disc only on the painted slices (as a user leaves it), listed in its slices
+    column, while the image shows the disc on every slice."""
+    image, disc = _disc_volume()
+    mask = np.zeros(disc.shape, np.uint8)
+    mask[list(PAINTED)] = disc[list(PAINTED)]
+    write_volume(tmp_path / "img.nrrd", image, GEOMETRY)
+    write_volume(tmp_path / "mask.nrrd", mask, GEOMETRY)
+    table = tmp_path / "table.csv"
+    table.write_text(f"image,mask,phrase,slices\nimg.nrrd,mask.nrrd,bright disc,{';'.join(map(str, PAINTED))}\n",
+                     encoding="utf-8")
+    return table
+
+
+def test_only_labelled_slices_become_samples_and_calibration_cases(sparse_table):
+    volumes = ls.read_data(sparse_table)
+    assert volumes[0].slices == {"bright disc": list(PAINTED)}
+    train, held = ls.split_slices(volumes, 0.25)
+    assert sorted(train + held) == [(0, k) for k in PAINTED] and len(held) == 1
+    samples = ls.SliceSamples(volumes, train + held, 32)
+    assert len(samples) == 2  # one per labelled slice: the six unlabelled slices yield no sample, so no negative
+    for (_, k), (image, phrases, masks) in zip(train + held, (samples[i] for i in range(2))):
+        assert phrases == ["bright disc"] and masks.sum() > 0  # each sample is a painted slice holding the disc
+        normalised = ls.INTENSITIES["percentile"](volumes[0].image)[k]
+        assert torch.allclose(image[0], normalised, atol=1e-6)
+
+
+def test_unlabelled_slices_holding_the_structure_do_not_teach_its_absence(tiny_model, tmp_path, monkeypatch):
+    """The disc is on all eight slices, painted on two. Taught from the two painted slices, the model's disc
+    probability on the six unpainted ones is high (they were not negatives); taught from the same mask with every
+    slice declared labelled (empty slices column), the six are negatives and the disc fades there."""
+    from CLIPSegLib.inference.pipeline import predict_maps
+    from CLIPSegLib.inference.segment_file import load_engine
+    from CLIPSegLib.training import finetune as ft
+
+    monkeypatch.setitem(ft.LEARNING_RATES, "segmenter", 1e-2)  # the tiny model is random: a from-scratch rate
+    image, disc = _disc_volume(checker=True)
+    mask = np.zeros(disc.shape, np.uint8)
+    mask[list(PAINTED)] = disc[list(PAINTED)]
+    write_volume(tmp_path / "img.nrrd", image, GEOMETRY)
+    write_volume(tmp_path / "mask.nrrd", mask, GEOMETRY)
+    unpainted = [k for k in range(8) if k not in PAINTED]
+    inside = {}
+    for name, slices in (("sparse", "2;5"), ("dense", "")):
+        (tmp_path / f"{name}.csv").write_text(f"image,mask,phrase,slices\nimg.nrrd,mask.nrrd,bright disc,{slices}\n",
+                                              encoding="utf-8")
+        torch.manual_seed(0)
+        result = finetune(tmp_path / f"{name}.csv", tmp_path / "out", tiny_model, name, steps=100, batch_size=1)
+        maps, _ = predict_maps(load_engine(str(result.spec_path), device="cpu"), image, ["bright disc"], 2)
+        inside[name] = float(maps[0][unpainted][disc[unpainted]].mean())
+        outside = float(maps[0][unpainted][~disc[unpainted]].mean())
+        calibration = result.spec["presence"]["per_finding"]["bright disc"]["calibration"]
+        if name == "sparse":
+            assert inside[name] > 0.4 and inside[name] > 20 * outside, (inside, outside)
+            assert calibration["absent_slices"] == 0  # nor is an unlabelled slice counted as absent
+    assert inside["dense"] < 0.6 * inside["sparse"], inside
+
+
+def _spec_sha(path):
+    return hashlib.sha256(path.with_suffix(".safetensors").read_bytes()).hexdigest()
+
+
+def test_lineage_learned_phrase_and_engine(sparse_table, tiny_model, tmp_path):
+    from CLIPSegLib.engines.cliptnseg.engine import LEARNED_KEY
+    from CLIPSegLib.inference.segment_file import load_engine
+    from CLIPSegLib.models import load_weights, read_spec
+
+    result = finetune(sparse_table, tmp_path / "out", tiny_model, "disc", steps=2, batch_size=1, command="cmd x")
+    spec = read_spec(result.spec_path)
+    training = spec["training"]
+    assert training["parent"]["id"] == "tiny-random" and training["command"] == "cmd x"
+    assert training["parent"]["weights_sha256"] == {"tiny-random.safetensors": _spec_sha(tiny_model)}
+    assert training["data"]["phrases"]["bright disc"] == {"labelled_slices": 2, "slices_holding_it": 2,
+                                                          "voxels": 2 * int(_disc_volume()[1][0].sum())}
+    assert training["data"]["volumes"] == 1 and "held-out split" in training["calibration"]
+    assert "bright disc" in training["phrases"] and spec["learned_phrases"] == ["bright disc"]
+    assert load_weights(spec)[LEARNED_KEY].shape == (1, 16)
+    assert not (tmp_path / "out" / ".disc.finetune").exists()  # checkpoints go once the model is written
+    tuned, parent = load_engine(str(result.spec_path), device="cpu"), load_engine(str(tiny_model), device="cpu")
+    state = tuned.encode_prompts(["bright disc", "Bright  DISC", "dark square"])
+    reference = parent.encode_prompts(["bright disc", "dark square"])
+    assert torch.equal(state.embeddings[0], state.embeddings[1])  # case and spacing aside, the learned phrase
+    assert not torch.allclose(state.embeddings[0], reference.embeddings[0])
+    assert torch.allclose(state.embeddings[2], reference.embeddings[1])  # any other wording: CLIP's embedding
+
+
+def test_lora_text_side_is_merged_into_the_text_tower(sparse_table, tiny_model, tmp_path):
+    from CLIPSegLib.inference.segment_file import load_engine
+    from CLIPSegLib.models import read_spec
+
+    result = finetune(sparse_table, tmp_path / "out", tiny_model, "lora", steps=3, batch_size=1,
+                      text_adaptation="lora")
+    spec = read_spec(result.spec_path)
+    assert "learned_phrases" not in spec and spec["training"]["text_adaptation"] == "lora"
+    tuned, parent = load_engine(str(result.spec_path), device="cpu"), load_engine(str(tiny_model), device="cpu")
+    a, b = tuned.encode_prompts(["bright disc"]), parent.encode_prompts(["bright disc"])
+    assert not torch.allclose(a.embeddings, b.embeddings)  # the adapted tower, in plain weights the engine loads
+    assert torch.equal(tuned.net.clip.visual.conv1.weight, parent.net.clip.visual.conv1.weight)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(sparse_table, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    assert finetune(sparse_table, out, tiny_model, "disc", steps=6, batch_size=1, stop_after=4) is None
+    ckpt = out / ".disc.finetune" / "finetune.pt"
+    assert torch.load(ckpt, weights_only=True)["step"] == 4 and not (out / "disc.json").exists()
+    messages = []
+    progress = type("P", (), {"message": lambda self, t: messages.append(t), "update": lambda *a, **k: None})()
+    result = finetune(sparse_table, out, tiny_model, "disc", steps=6, batch_size=1, progress=progress)
+    assert len(result.losses) == 2 and any("resuming" in m and "step 4 of 6" in m for m in messages)
+    assert result.spec_path == out / "disc.json"
+
+
+def test_a_checkpoint_of_other_settings_is_not_resumed(sparse_table, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    finetune(sparse_table, out, tiny_model, "disc", steps=6, batch_size=1, stop_after=2)
+    messages = []
+    progress = type("P", (), {"message": lambda self, t: messages.append(t), "update": lambda *a, **k: None})()
+    result = finetune(sparse_table, out, tiny_model, "disc", steps=3, batch_size=1, seed=1, progress=progress)
+    assert len(result.losses) == 3 and any("starting over" in m for m in messages)
+
+
+def test_folder_of_label_maps_labels_the_painted_slices(tmp_path):
+    image, disc = _disc_volume()
+    labels = np.zeros(disc.shape, np.uint8)
+    labels[2][disc[2]] = 1
+    labels[6, 0, 0] = 2  # slice 6 holds only another label: painted, so a negative for label 1
+    for sub, array in (("images", image), ("labels", labels)):
+        (tmp_path / sub).mkdir()
+        write_volume(tmp_path / sub / "a.nrrd", array, GEOMETRY)
+    volumes = ls.read_data(tmp_path, {"1": "bright disc", "2": "speck"})
+    assert volumes[0].slices == {"bright disc": [2, 6], "speck": [2, 6]}
+    assert volumes[0].holds("bright disc", 2) and not volumes[0].holds("bright disc", 6)
+
+
+def _main(argv, capsys):
+    from CLIPSegLib.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no labelled slice", "no labelled slice"),
+    ("empty phrase", "'bright disc' has only empty masks on its labelled slices"),
+    ("other grid", "is on another grid than its image"),
+    ("small batch", "fewer than one batch of 4"),
+    ("bad slices", "slice 9 is outside the image's 0..7 slices"),
+])
+def test_bad_data_is_refused_with_exit_code_2(case, message, tiny_model, tmp_path, capsys):
+    image, disc = _disc_volume()
+    write_volume(tmp_path / "img.nrrd", image, GEOMETRY)
+    data, slices = tmp_path / "table.csv", "2;5"
+    mask, geometry = disc.astype(np.uint8), GEOMETRY
+    extra = []
+    if case == "no labelled slice":
+        for sub, array in (("images", image), ("labels", np.zeros(disc.shape, np.uint8))):
+            (tmp_path / sub).mkdir()
+            write_volume(tmp_path / sub / "a.nrrd", array, GEOMETRY)
+        data, extra = tmp_path, ["--prompt-map", '{"1": "bright disc"}']
+    elif case == "empty phrase":
+        mask = np.zeros_like(mask)
+        mask[4] = disc[4]  # painted on a slice the slices column does not list
+    elif case == "other grid":
+        geometry = Geometry.axis_aligned((2.0, 1.0, 1.1))
+    elif case == "bad slices":
+        slices = "2;9"
+    write_volume(tmp_path / "mask.nrrd", mask, geometry)
+    (tmp_path / "table.csv").write_text(f"image,mask,phrase,slices\nimg.nrrd,mask.nrrd,bright disc,{slices}\n",
+                                        encoding="utf-8")
+    code, out = _main(["finetune", "--data", str(data), "--from", str(tiny_model), "--output-dir",
+                       str(tmp_path / "out"), "--progress", "none", "--steps", "1", *extra], capsys)
+    assert code == 2 and message in out.err, out.err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.json"))
+
+
+def test_cli_writes_the_model_and_ends_with_a_done_event(sparse_table, tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["finetune", "--data", str(sparse_table), "--from", str(tiny_model), "--output-dir", str(out),
+            "--model-id", "disc", "--steps", "2", "--batch-size", "1", "--progress", "json", "--device", "cpu"]
+    code, printed = _main(argv, capsys)
+    assert code == 0, printed.err
+    done = json.loads(printed.out.strip().splitlines()[-1])
+    assert done["event"] == "done" and done["model"] == str(out / "disc.json") and done["parent"] == "tiny-random"
+    assert done["rules"]["bright disc"]["slices"] == 1 and "held-out split" in done["calibration"]
+    command = json.loads((out / "disc.json").read_text(encoding="utf-8"))["training"]["command"]
+    assert command.startswith("clipseg finetune --data ") and command.endswith("--model-id disc --force")
+    stamp = (out / "disc.json").stat().st_mtime_ns
+    code, printed = _main(argv, capsys)  # the model is there now: refused before any work, unless --force
+    assert code == 2 and "--force" in printed.err and (out / "disc.json").stat().st_mtime_ns == stamp
+
+
+def test_train_has_no_model_flag_it_would_ignore():
+    from CLIPSegLib.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--model", "cliptnseg-phantom-small"])
