@@ -230,3 +230,19 @@ def test_train_has_no_model_flag_it_would_ignore():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--model", "cliptnseg-phantom-small"])
+
+
+def test_a_converted_clipseg_model_is_fine_tuned_whole_with_its_unnormalised_text(sparse_table, converted_clipseg,
+                                                                                   tmp_path):
+    """A converted CLIPSeg model segments coarse-only; fine-tuning trains the full CLIP-TNseg (coarse_only false in
+    the new spec) and keeps CLIPSeg's unnormalised text embeddings (its FiLM expects them)."""
+    from CLIPSegLib.engines.cliptnseg.engine import LEARNED_KEY
+    from CLIPSegLib.models import load_weights, read_spec
+
+    parent = read_spec(converted_clipseg)
+    assert parent["network"]["coarse_only"] and parent["network"]["text_normalize"] is False
+    result = finetune(sparse_table, tmp_path / "out", converted_clipseg, "from-clipseg", steps=2, batch_size=1)
+    spec = read_spec(result.spec_path)
+    assert spec["network"]["coarse_only"] is False and spec["network"]["text_normalize"] is False
+    table = load_weights(spec)[LEARNED_KEY]
+    assert not torch.allclose(table.norm(dim=-1), torch.ones(len(table)), atol=1e-3)  # not L2-normalised

@@ -77,8 +77,12 @@ class LearnedPhrases(nn.Module):
             self.fixed[key] = net.encode_text(tokenize([phrase], net.clip.context_length))[0].cpu()
         return self.fixed[key]
 
+    def _normalised(self, weight: torch.Tensor) -> torch.Tensor:
+        """L2-normalised as the network's own text embeddings are (not for CLIPSeg-style FiLM: text_normalize)."""
+        return nn.functional.normalize(weight, dim=-1) if self.net[0].cfg["text_normalize"] else weight
+
     def forward(self, phrases: list[str]) -> torch.Tensor:
-        weight = nn.functional.normalize(self.weight, dim=-1)
+        weight = self._normalised(self.weight)
         return torch.stack([weight[self.index[self.key(p)]] if self.key(p) in self.index
                             else self._fixed(p).to(weight) for p in phrases])
 
@@ -87,7 +91,7 @@ class LearnedPhrases(nn.Module):
         from ..engines.cliptnseg.engine import LEARNED_KEY
 
         kept = [p for p in parent_phrases if self.key(p) not in self.index]
-        table = [self.fixed[self.key(p)] for p in kept] + list(nn.functional.normalize(self.weight.detach(), dim=-1))
+        table = [self.fixed[self.key(p)] for p in kept] + list(self._normalised(self.weight.detach()))
         return kept + self.phrases, {LEARNED_KEY: torch.stack(table).cpu()}
 
 
@@ -111,7 +115,8 @@ class LoraText(nn.Module):
 
         clip = self.net[0].clip
         unique = list(dict.fromkeys(phrases))
-        emb = clip.encode_text(tokenize(unique, clip.context_length).to(self.adapters[0].device), normalize=True)
+        emb = clip.encode_text(tokenize(unique, clip.context_length).to(self.adapters[0].device),
+                               normalize=self.net[0].cfg["text_normalize"])
         return emb[[unique.index(p) for p in phrases]]
 
     def merge(self) -> None:
@@ -304,6 +309,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     set_determinism(seed)
     engine = CLIPTNSegEngine.from_spec(parent_spec, torch.device("cpu"))
     net, size, prep = engine.net, engine.preprocessing.input_size, engine.preprocessing
+    net.cfg["coarse_only"] = False  # a converted CLIPSeg model segments coarse-only; fine-tuning trains all of it
     _warn_axes(volumes, progress)
     n_replay = replay if replay is not None else (REPLAY_PHANTOMS if _root_training(parent_spec).get("n_phantoms")
                                                   else 0)
@@ -344,6 +350,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     engine = CLIPTNSegEngine(net, dev, {**parent_spec, "learned_phrases": learned_phrases}, learned=table)
     rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
     spec = {k: v for k, v in parent_spec.items() if not k.startswith("_") and k != "files"}
+    spec["network"] = {**spec.get("network", {}), "coarse_only": False}
     spec.update(id=model_id, learned_phrases=learned_phrases, presence=merged_presence(parent_spec, rules),
                 description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
                             f"({len(train) + len(held)} labelled slices of {len(volumes)} volume(s)).")
