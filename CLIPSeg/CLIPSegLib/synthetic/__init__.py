@@ -1,1 +1,2 @@
-"""Synthetic data with known truth: the ultrasound-like phantom family (``phantoms``)."""
+"""Synthetic data with known truth: two ultrasound-like phantom families made by different physical models,
+``phantoms`` (family A) and ``scatter_phantoms`` (family B), chosen by name in ``families``."""
