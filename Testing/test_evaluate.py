@@ -210,3 +210,33 @@ def test_in_memory_phantom_cases_give_the_masks_of_a_clipseg_segment_file_round_
             metrics = case_metrics(from_file[finding.prompt], case.truth[name], case.geometry.spacing[::-1])
             assert {k: scored.rows[name][k] for k in metrics} == pytest.approx(metrics, nan_ok=True)
     assert any(f.found for r in results for f in r.findings)  # the comparison is not between empty masks
+
+
+def test_phantom_family_b_is_evaluated_end_to_end_and_the_report_names_the_family(tmp_path, tiny_model, capsys):
+    from CLIPSegLib.cli import build_parser
+    from CLIPSegLib.synthetic.scatter_phantoms import random_scatter_volume
+
+    argv = ["evaluate", "--phantoms", "2", "--seed", "1000", "--family", "B", "--model", str(tiny_model),
+            "--device", "cpu", "--progress", "none"]
+    assert build_parser().parse_args(argv).family == "B"
+    assert main(argv + ["--report", str(tmp_path / "b.json")]) == 0
+    report = json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))
+    s, cases = report["summary"], report["cases"]
+    assert s["family"] == "B" and "scatterers" in s["family_model"] and s["seeds"] == [1000, 1001]
+    assert [c["present"] for c in cases] == [random_scatter_volume(seed).findings for seed in (1000, 1001)]
+    assert s["absent_cases"] == sum(3 - len(c["present"]) for c in cases)
+    assert "held-out phantom volumes: 2 (seeds 1000..1001), phantom family B" in capsys.readouterr().out
+
+
+def test_phantom_family_a_stays_the_default_and_family_needs_phantoms(tmp_path, tiny_model, capsys):
+    from CLIPSegLib.evaluation.evaluator import PhantomCases
+    from CLIPSegLib.synthetic.phantoms import random_volume_phantom
+
+    case = next(iter(PhantomCases(1, 1000)))  # no family given: family A, the same volumes as before
+    assert case.id == "phantom seed 1000" and np.array_equal(case.image, random_volume_phantom(1000).image)
+    data = _folder(tmp_path / "data")
+    assert main(["evaluate", "--data", str(data), "--prompt-map", '{"1": "nodule"}', "--family", "B",
+                 "--model", str(tiny_model), "--progress", "none"]) == 2
+    assert "--family B chooses phantoms" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--family", "C", "--model", str(tiny_model)])

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm")
     e.add_argument("--phantoms", type=int, default=40, help="number of phantom volumes (when no --data)")
     e.add_argument("--seed", type=seed, default=1000, help="first seed (training seeds start at 10,000,000)")
+    e.add_argument("--family", default=None, choices=("A", "B"),
+                   help="phantom family (when no --data): A (default; speckle-texture model, the one the embedded "
+                        "model was trained on) or B (scatterers, pulse and beam, attenuation: a different physical "
+                        "model)")
     e.add_argument("--report", default=None, help="write the report: .json (all), .csv (per case) or .md (summary)")
     _add_common(e, EVALUATE_OPTIONS)
 
@@ -171,11 +175,16 @@ def _cmd_evaluate(a, progress):
     ev.check_evaluate_args(None if a.data else a.phantoms, a.tolerance_mm)
     if a.report:
         check_report_path(Path(a.report))
+    if a.data and a.family:
+        from .errors import InputError
+
+        raise InputError(f"--family {a.family} chooses phantoms; with --data your own cases are scored, so leave "
+                         f"--family out (or --data out to score phantoms)")
     if a.data:
         prompt_map = ev.parse_prompt_map(a.prompt_map) if a.prompt_map else None
         source = ev.LabelledCases(Path(a.data), prompt_map)
     else:
-        source = ev.PhantomCases(a.phantoms, a.seed)
+        source = ev.PhantomCases(a.phantoms, a.seed, a.family or "A")
     engine = load_engine(**options.engine_arguments(), notify=progress.message)
     report = ev.evaluate(source, engine, options, a.tolerance_mm, progress)
     text = source.format(report)

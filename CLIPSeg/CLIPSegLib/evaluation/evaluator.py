@@ -30,7 +30,8 @@ from ..errors import ClipSegError, InputError
 from ..io.geometry import Geometry
 from .metrics import MIN_CI_CASES, swap_dice
 from ..options import SegmentOptions
-from ..synthetic.phantoms import FINDINGS, PHRASES, random_volume_phantom
+from ..synthetic.families import FAMILIES, random_volume_phantom
+from ..synthetic.phantoms import FINDINGS, PHRASES
 from ..progress import Progress
 from .reports import format_dataset_summary, format_summary
 
@@ -150,14 +151,17 @@ def swap_summary(swaps: list[dict]) -> dict:
 # --- held-out phantom volumes ---------------------------------------------------------------------------------------
 
 class PhantomCases:
-    """Phantom volumes of seeds ``seed .. seed+n-1`` (``phantoms.random_volume_phantom``), each asked one random
-    phrasing (seeded by ``seed``) of every finding type, present or not."""
+    """Phantom volumes of seeds ``seed .. seed+n-1`` of phantom ``family`` ("A": ``phantoms.random_volume_phantom``,
+    "B": ``scatter_phantoms.random_scatter_volume``), each asked one random phrasing (seeded by ``seed``) of every
+    finding type, present or not. The same seeds and phrasings in either family; the report names the family."""
 
     stage = "evaluating phantom volumes"
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, family: str = "A"):
         check_evaluate_args(n)
-        self.n, self.seed = n, seed
+        if family not in FAMILIES:
+            raise InputError(f"--family {family!r}: the phantom families are {', '.join(FAMILIES)}")
+        self.n, self.seed, self.family = n, seed, family
 
     def __len__(self) -> int:
         return self.n
@@ -165,10 +169,11 @@ class PhantomCases:
     def __iter__(self):
         rng = np.random.default_rng(self.seed)
         for seed in range(self.seed, self.seed + self.n):
-            ph = random_volume_phantom(seed)
+            ph = random_volume_phantom(seed, self.family)
             prompts = {f: str(rng.choice(PHRASES[f])) for f in FINDINGS}
             empty = np.zeros(ph.image.shape, bool)
-            yield Case(f"phantom seed {seed}", ph.image, Geometry.axis_aligned(ph.spacing), prompts,
+            name = f"phantom seed {seed}" if self.family == "A" else f"phantom {self.family} seed {seed}"
+            yield Case(name, ph.image, Geometry.axis_aligned(ph.spacing), prompts,
                        {f: ph.masks.get(f, empty) for f in FINDINGS}, frozenset(FINDINGS) - set(ph.masks),
                        {"seed": seed, "present": ph.findings, "prompts": prompts})
 
@@ -189,6 +194,7 @@ class PhantomCases:
         absent = absent_summary([r for s in scored for r in s.rows.values() if not r["present"]])
         summary = {
             "volumes": self.n, "seeds": [self.seed, self.seed + self.n - 1],
+            "family": self.family, "family_model": FAMILIES[self.family],
             "dice_mean": {f: _mean(d) for f, d in dice.items()},
             "dice_cases": {f: len(d) for f, d in dice.items()},
             **{key: {f: per[f][key] for f in FINDINGS} for key in ("dice", "hd95_mm", nsd_key)},

@@ -18,7 +18,8 @@ def format_summary(s: dict) -> str:
     prompt-swap lines; printed by ``clipseg evaluate`` and written as its ``.md`` report."""
     nsd_key = next((k for k in s if k.startswith("nsd_")), None)
     nsd_name = nsd_key.replace("_", " ").replace("nsd", "NSD") if nsd_key else "NSD"
-    lines = [f"held-out phantom volumes: {s['volumes']} (seeds {s['seeds'][0]}..{s['seeds'][1]})", "",
+    family = f", phantom family {s['family']}" if "family" in s else ""
+    lines = [f"held-out phantom volumes: {s['volumes']} (seeds {s['seeds'][0]}..{s['seeds'][1]}){family}", "",
              f"| finding | n | Dice mean [95% CI] | median | HD95 mm | {nsd_name} | n (HD95, NSD) |",
              "|---|---|---|---|---|---|---|"]
 

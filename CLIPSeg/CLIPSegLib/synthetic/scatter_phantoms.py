@@ -212,7 +212,8 @@ def make_scatter_phantom(
         p_bright = rng.uniform(2e-4, 2e-3)
         hit = (rng.random(fine, dtype=np.float32) < p_bright) & ok
         k = int(hit.sum())
-        echoes[hit] += refl_t * (2.0 + 3.0 * np.minimum(rng.pareto(rng.uniform(1.3, 2.2), size=k), 20.0)) * rng.choice([-1.0, 1.0], k)
+        tail = np.minimum(rng.pareto(rng.uniform(1.3, 2.2), size=k), 20.0)  # capped: no PSF-truncation boxes
+        echoes[hit] += refl_t * (2.0 + 3.0 * tail) * rng.choice([-1.0, 1.0], k)
     for d in interface_d:  # specular interfaces: one coherent reflector per beam line where the layer changes
         df = up(d) + offset
         cross = (np.diff(np.signbit(df), axis=ax, prepend=True)) & ~np.signbit(df)

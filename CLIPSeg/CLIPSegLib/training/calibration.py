@@ -20,7 +20,8 @@ import numpy as np
 from .datasets import CALIBRATION_SEED_BASE
 from ..errors import InputError
 from ..io.geometry import array_axis_of
-from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES, random_volume_phantom
+from ..synthetic.families import random_volume_phantom
+from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
 from ..inference.pipeline import combine_maps, predict_maps
 from ..inference.postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
 from ..progress import Progress
@@ -43,11 +44,12 @@ class CalibrationCase:
     prompts: dict
 
 
-def phantom_cases(n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE):
-    """``n_volumes`` phantom volumes (seeds from ``seed_base``), each asked every finding in a random phrasing."""
+def phantom_cases(n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, family: str = "A"):
+    """``n_volumes`` phantom volumes of ``family`` ("A", "B" or "A+B", ``synthetic.families``; seeds from
+    ``seed_base``), each asked every finding in a random phrasing."""
     rng = np.random.default_rng(seed_base)
     for v in range(n_volumes):
-        ph = random_volume_phantom(seed_base + v)
+        ph = random_volume_phantom(seed_base + v, family)
         yield CalibrationCase(ph.image, tuple(ph.spacing[::-1]),
                               {f: ph.masks.get(f, np.zeros(ph.image.shape, bool)) for f in FINDINGS},
                               {f: str(rng.choice(PHRASES[f])) for f in FINDINGS})

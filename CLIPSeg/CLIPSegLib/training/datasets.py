@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..synthetic.phantoms import FINDINGS, PHRASES, make_phantom, random_volume_phantom
+from ..synthetic.families import make_phantom, random_volume_phantom
+from ..synthetic.phantoms import FINDINGS, PHRASES
 from ..inference.preprocessing import normalize_intensity, resize_slices
 
 TRAIN_SEED_BASE = 10_000_000  # phantom seeds used for training; calibration and evaluation use other ranges
@@ -26,26 +27,27 @@ TRAIN_VOLUME_SEED_BASE = 30_000_000  # 3D phantoms whose slices are added to the
 NORMAL_PHRASES = ("normal thyroid tissue", "no focal lesion", "normal tissue")
 
 
-def raw_phantom_slice(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A 2D phantom at a random field of view and matrix, resized to ``size``: (image [S,S], masks {f: [S,S]})."""
+def raw_phantom_slice(seed: int, size: int, family: str = "A") -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A 2D phantom of ``family`` ("A", "B" or "A+B", ``synthetic.families``) at a random field of view and matrix,
+    resized to ``size``: (image [S,S], masks {f: [S,S]})."""
     rng = np.random.default_rng(seed)
     n = int(rng.choice([128, 160, 192, 256]))
     fov = rng.uniform(40.0, 90.0)  # mm
     aspect = rng.uniform(0.8, 1.25)
     spacing = (fov * aspect / n, fov / n)
-    p = make_phantom((n, n), spacing=spacing, seed=seed)
+    p = make_phantom((n, n), spacing=spacing, seed=seed, family=family)
     img = resize_slices(torch.from_numpy(p.image)[None, None], size)[0, 0].numpy()
     masks = {f: resize_slices(torch.from_numpy(m.astype(np.float32))[None, None], size)[0, 0].numpy() > 0.5
              for f, m in p.masks.items()}
     return img, masks
 
 
-def volume_phantom_slices(seed: int, size: int) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """Every K slice of ``phantoms.random_volume_phantom(seed)``, resized to ``size``: [(image [S,S], masks)].
+def volume_phantom_slices(seed: int, size: int, family: str = "A") -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Every K slice of ``families.random_volume_phantom(seed, family)``, resized to ``size``: [(image [S,S], masks)].
 
     Slices cut from volumes hold what 2D phantoms rarely do: the thin end cuts of a nodule or cyst, foci seen on one
     slice, and many slices with no finding at all, as the pipeline sees them."""
-    p = random_volume_phantom(seed)
+    p = random_volume_phantom(seed, family)
     images = resize_slices(torch.from_numpy(p.image)[:, None], size)[:, 0].numpy()
     masks = {f: resize_slices(torch.from_numpy(m.astype(np.float32))[:, None], size)[:, 0].numpy() > 0.5
              for f, m in p.masks.items()}
@@ -54,7 +56,8 @@ def volume_phantom_slices(seed: int, size: int) -> list[tuple[np.ndarray, dict[s
 
 class PhantomBank(torch.utils.data.Dataset):
     """``n`` pre-generated 2D phantoms (seeds ``TRAIN_SEED_BASE + i``) plus the K slices of ``volumes`` 3D phantoms
-    (seeds ``TRAIN_VOLUME_SEED_BASE + v``), augmented on access.
+    (seeds ``TRAIN_VOLUME_SEED_BASE + v``), of phantom ``family`` ("A", "B" or the mixture "A+B"), augmented on
+    access.
 
     Each access returns ``n_prompts`` of the findings (a random subset, in FINDINGS order), each with a random
     phrasing and its mask (empty if absent). ``concepts`` (phrasing -> finding) and ``normal_phrases`` tell the
@@ -64,14 +67,14 @@ class PhantomBank(torch.utils.data.Dataset):
     normal_phrases = NORMAL_PHRASES
 
     def __init__(self, n: int, size: int, seed_base: int = TRAIN_SEED_BASE, augment: bool = True, progress=None,
-                 n_prompts: int = len(FINDINGS), volumes: int = 0):
+                 n_prompts: int = len(FINDINGS), volumes: int = 0, family: str = "A"):
         self.size, self.augment, self.n_prompts = size, augment, n_prompts
         samples = []
         for i in range(n + volumes):
             if i < n:
-                samples.append(raw_phantom_slice(seed_base + i, size))
+                samples.append(raw_phantom_slice(seed_base + i, size, family))
             else:
-                samples.extend(volume_phantom_slices(TRAIN_VOLUME_SEED_BASE + i - n, size))
+                samples.extend(volume_phantom_slices(TRAIN_VOLUME_SEED_BASE + i - n, size, family))
             if progress:
                 progress(i + 1, n + volumes)
         self.images = np.zeros((len(samples), size, size), np.float32)
