@@ -140,15 +140,6 @@ def test_speckle_statistics_differ_from_family_a():
     assert stats.mannwhitneyu(a, b).pvalue < 1e-3 and np.median(b) > np.median(a) + 0.2, (a, b)
 
 
-def test_a_20_slice_volume_is_quick_enough_to_draw_for_evaluation():
-    import time
-
-    start = time.process_time()
-    ph = make_scatter_phantom((20, 160, 160), (0.8, 0.25, 0.25), seed=9)
-    # a generous bound for a shared CI machine (about 0.3 s of CPU here); speed itself is measured in benchmarks/
-    assert time.process_time() - start < 6.0 and ph.image.shape == (20, 160, 160)
-
-
 def test_random_volume_geometry_is_anisotropic_and_seeded():
     ph = random_scatter_volume(123, shape_ij=(64, 64))
     assert 16 <= ph.image.shape[0] <= 40 and ph.image.shape[1:] == (64, 64)
