@@ -187,8 +187,8 @@ def make_scatter_phantom(
             dens = np.where(m, max(density_t, 1.0) * 2.0, dens)
             alpha = np.where(m, rng.uniform(6.0, 15.0), alpha)
             masks["calcification"] = m
-    fluid = masks.get("cyst", np.zeros(shape, bool)) | masks.get("calcification", np.zeros(shape, bool))
-    scatter_ok = (~fluid).astype(np.float32)  # where bright tissue scatterers and interfaces may lie
+    not_tissue = masks.get("cyst", np.zeros(shape, bool)) | masks.get("calcification", np.zeros(shape, bool))
+    scatter_ok = (~not_tissue).astype(np.float32)  # where bright tissue scatterers and interfaces may lie
 
     # 2. beam coordinates: shear (steering), then fine depth sampling
     t = float(np.tan(np.deg2rad(steer_deg)) * spacing[ax] / spacing[-1])
