@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from ...errors import InputError, ModelError
 
-NORMALIZE = ("sam", "unit")  # sam: 0-255 with SAM's pixel mean/std (SAM's own checkpoints); unit: min-max to [0,1] (MedSAM)
+# sam: 0-255 with SAM's pixel mean / std (SAM's own checkpoints); unit: each slice min-max scaled to [0,1] (MedSAM)
+NORMALIZE = ("sam", "unit")
 
 
 @dataclass(frozen=True)
