@@ -214,3 +214,49 @@ def converted_clipseg(clipseg_checkpoint, tmp_path_factory) -> Path:
 
     path, _ = convert_clipseg(clipseg_checkpoint[0], tmp_path_factory.mktemp("converted"), "tiny-clipseg-converted")
     return path
+
+
+# BiomedCLIP's folder layout (open_clip_config.json + weights + the text tower's config.json and vocab.txt) at tiny
+# sizes: timm's 6-block, 64-wide ``test_vit`` (160 px, 16 px patches) for ViT-B/16 and a 2-layer, 32-wide BERT with a
+# WordPiece vocabulary of a few words for PubMedBERT. Random weights.
+BIOMEDCLIP_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "thyroid", "nodule", "cyst", "breast", "tumor",
+                    "lesion", "bright", "dark", "square", "a", "the", "in", "of", "##s", "##al"]
+
+
+def write_tiny_biomedclip(folder: Path, seed: int = 0, context_length: int = 12) -> Path:
+    """Write a tiny random BiomedCLIP-style folder; returns it. The checkpoint also holds the
+    ``text.transformer.embeddings.position_ids`` buffer older transformers saved (the published file has it)."""
+    import json
+
+    import open_clip
+    from transformers import BertConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(BIOMEDCLIP_WORDS) + "\n", encoding="utf-8")
+    BertConfig(vocab_size=len(BIOMEDCLIP_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=64, max_position_embeddings=32).save_pretrained(folder)
+    name = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    config = {"model_cfg": {"embed_dim": 16,
+                            "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False,
+                                           "timm_pool": "", "timm_proj": "linear", "image_size": 160},
+                            "text_cfg": {"hf_model_name": name, "hf_tokenizer_name": name, "hf_proj_type": "mlp",
+                                         "hf_pooler_type": "cls_last_hidden_state_pooler",
+                                         "context_length": context_length}},
+              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                 "std": [0.26862954, 0.26130258, 0.27577711]}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    cfg = json.loads(json.dumps(config["model_cfg"]))
+    cfg["text_cfg"].update(hf_model_name=str(folder), hf_model_pretrained=False)
+    torch.manual_seed(seed)
+    model = open_clip.CustomTextCLIP(**cfg)
+    state = model.state_dict()
+    state["text.transformer.embeddings.position_ids"] = torch.arange(32).unsqueeze(0)
+    torch.save(state, folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_biomedclip(tmp_path_factory) -> Path:
+    """A tiny random BiomedCLIP-style folder (``write_tiny_biomedclip``); read-only for tests."""
+    pytest.importorskip("transformers")
+    return write_tiny_biomedclip(tmp_path_factory.mktemp("biomedclip") / "biomedclip-tiny")

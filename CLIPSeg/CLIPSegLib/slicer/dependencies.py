@@ -20,7 +20,7 @@ MIN_SLICER = "5.10"  # the first Slicer release whose Python (3.12) is new enoug
 TORCH_DISTRIBUTIONS = ("torch", "torchvision")  # installed through the PyTorch extension when it is there
 # distribution name (normalised: lower case, runs of -_. as "-") -> the module it installs, where the two differ
 IMPORT_NAMES = {"open-clip-torch": "open_clip", "segment-anything": "segment_anything", "pillow": "PIL",
-                "simpleitk": "SimpleITK"}
+                "simpleitk": "SimpleITK", "grad-cam": "pytorch_grad_cam"}
 
 
 class DependencyError(ClipSegError):

@@ -1,0 +1,164 @@
+"""Text-conditioned saliency: where in a slice a CLIP sees what a prompt names, as a map of the slice's size.
+
+Two methods on the same pieces, both through the ``grad-cam`` package (``pytorch_grad_cam``):
+
+- ``gscorecam`` (MedCLIP-SAM v1, after Chen et al.'s gScoreCAM): the gradient of the image-text score ranks the
+  channels of a vision layer; only the top ``topk`` channels are scored (each channel's map, upsampled and min-max
+  scaled, masks the image; the masked images go through the image tower in batches; softmax of their scores weighs
+  the channels). About ``topk / batch_size`` image-tower passes per slice and prompt.
+- ``gradcam``: channels weighted by their mean gradient (one forward and one backward pass per prompt): cheap.
+
+A ViT's token layer ``[B, prefix + h*w, C]`` is made a feature map ``[B, C, h, w]`` by ``pytorch_grad_cam``'s
+``vit_reshape_transform`` (the class token dropped). The default layer is the last block's first layer norm: the
+patch tokens that the class token attends to there (after the last block, patch tokens no longer reach the output).
+Text is embedded once per prompt by the caller; only image passes happen here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import InputError
+
+METHODS = ("gscorecam", "gradcam")
+
+
+class TextScorer(nn.Module):
+    """images ``[B,3,S,S]`` (normalised for the tower) -> logits ``[B,P]``: ``scale`` x cosine of the image
+    embedding with each of the P fixed text embeddings ``[P,D]`` (CLIP's logit scale by default)."""
+
+    def __init__(self, clip: nn.Module, text_embeddings: torch.Tensor, scale: float | None = None):
+        super().__init__()
+        self.clip = clip
+        self.register_buffer("text", F.normalize(text_embeddings.detach().float(), dim=-1), persistent=False)
+        self.scale = float(clip.logit_scale.exp()) if scale is None else float(scale)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(self.clip.encode_image(images).float(), dim=-1)
+        return self.scale * image @ self.text.T
+
+
+def vit_layer(clip: nn.Module, block: int = -1):
+    """(layer, (h, w) token grid) of a CLIP image tower: the first layer norm of transformer block ``block`` of
+    open_clip's own ViT (``visual.transformer.resblocks``) or of a timm ViT (``visual.trunk.blocks``, BiomedCLIP)."""
+    visual = clip.visual
+    if hasattr(visual, "trunk") and hasattr(visual.trunk, "blocks"):
+        trunk = visual.trunk
+        if getattr(trunk, "num_prefix_tokens", 1) != 1:
+            raise InputError(f"timm image tower with {trunk.num_prefix_tokens} prefix tokens; saliency expects one "
+                             f"class token")
+        return trunk.blocks[block].norm1, tuple(trunk.patch_embed.grid_size)
+    if hasattr(visual, "transformer") and hasattr(visual, "grid_size"):
+        return visual.transformer.resblocks[block].ln_1, tuple(visual.grid_size)
+    raise InputError(f"image tower {type(visual).__name__} is not a ViT this saliency knows (open_clip "
+                     f"VisionTransformer or timm ViT)")
+
+
+def _pytorch_grad_cam():
+    try:
+        import pytorch_grad_cam
+    except ImportError as e:
+        raise InputError("saliency needs the grad-cam package (module pytorch_grad_cam); install the pinned version "
+                         "from CLIPSeg/Resources/requirements.txt") from e
+    return pytorch_grad_cam
+
+
+def _gscorecam_class():
+    """``GScoreCAM``: ``pytorch_grad_cam.base_cam.BaseCAM`` with gScoreCAM's channel weights (made on first use so
+    that importing this module does not import the package)."""
+    from pytorch_grad_cam.base_cam import BaseCAM
+
+    class GScoreCAM(BaseCAM):
+        def __init__(self, model, target_layers, reshape_transform, topk: int, batch_size: int,
+                     fill: torch.Tensor | None):
+            super().__init__(model, target_layers, reshape_transform=reshape_transform, compute_input_gradient=True)
+            self.topk, self.batch_size, self.fill = int(topk), int(batch_size), fill
+
+        def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
+            """activations, grads ``[B,C,h,w]`` (numpy) -> weights ``[B,C]``: 0 but for the top-k channels by mean
+            gradient, which get the softmax of the target score of the image masked by their map."""
+            acts = torch.from_numpy(activations).to(self.device)
+            b, c = acts.shape[:2]
+            k = min(self.topk, c)
+            top = torch.from_numpy(grads).to(self.device).mean(dim=(2, 3)).topk(k, dim=1).indices  # [B,k]
+            maps = torch.gather(acts, 1, top[:, :, None, None].expand(-1, -1, *acts.shape[2:]))
+            maps = F.interpolate(maps, size=input_tensor.shape[-2:], mode="bilinear", align_corners=False)
+            low = maps.flatten(2).min(dim=2).values[..., None, None]
+            high = maps.flatten(2).max(dim=2).values[..., None, None]
+            maps = (maps - low) / (high - low + 1e-8)  # [B,k,H,W] in [0,1]
+            weights = torch.zeros(b, c, device=self.device)
+            fill = torch.zeros(1, 1, 1, 1, device=self.device) if self.fill is None else self.fill.to(self.device)
+            with torch.no_grad():
+                for i, target in enumerate(targets):
+                    scores = []
+                    base = input_tensor[i:i + 1].detach() - fill
+                    for j in range(0, k, self.batch_size):  # k masked copies of image i, batch_size at a time
+                        masked = fill + base * maps[i, j:j + self.batch_size, None]
+                        scores.append(target(self.model(masked)))
+                    weights[i, top[i]] = torch.softmax(torch.cat(scores).float(), dim=0)
+            return weights.cpu().numpy()
+
+    return GScoreCAM
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """No gradients for ``module``'s weights in the block (only the activations' are needed), restored after."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tensor, method: str = "gscorecam",
+             topk: int = 300, batch_size: int = 32, block: int = -1,
+             fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Saliency of each prompt in each image.
+
+    ``clip``: an open_clip CLIP (``encode_image``, ``logit_scale``) with a ViT image tower; ``images`` ``[B,3,S,S]``
+    normalised for it; ``text_embeddings`` ``[P,D]`` (the prompts, embedded once by the caller). Returns ``[B,P,S,S]``
+    float32 in [0,1] on the images' device (each map min-max scaled by ``pytorch_grad_cam``; all 0 where nothing
+    scores). ``method``: ``METHODS``; ``topk`` / ``batch_size``: gScoreCAM's channels scored and masked images per
+    pass; ``block``: the transformer block whose first layer norm is read; ``fill``: what gScoreCAM's masked-out
+    pixels become, ``[1,3,1,1]`` in the normalised space (None: 0, the mean colour, as ``pytorch_grad_cam``'s
+    ScoreCAM; black, ``-mean/std``, suits medical images, whose background is dark: with it the map follows the
+    prompt, see the tests). Runs with gradients even under ``torch.inference_mode``; the weights are not changed."""
+    if method not in METHODS:
+        raise InputError(f"saliency method {method!r} is not one of {', '.join(METHODS)}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise InputError(f"saliency takes images [B,3,S,S], got {list(images.shape)}")
+    if text_embeddings.ndim != 2:
+        raise InputError(f"saliency takes text embeddings [P,D], got {list(text_embeddings.shape)}")
+    cam_lib = _pytorch_grad_cam()
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform
+
+    layer, (h, w) = vit_layer(clip, block)
+    reshape = functools.partial(vit_reshape_transform, height=h, width=w)
+    with torch.inference_mode(False), torch.enable_grad(), _frozen(clip):
+        x = images.detach().clone().float()  # a normal tensor even if the caller's is an inference tensor
+        scorer = TextScorer(clip, text_embeddings.detach().clone())
+        if method == "gradcam":
+            cam = cam_lib.GradCAM(scorer, [layer], reshape_transform=reshape)
+        else:
+            cam = _gscorecam_class()(scorer, [layer], reshape, topk, batch_size, fill)
+        cam.compute_input_gradient = True  # gradients reach the layer even when the CLIP's weights are frozen
+        try:
+            maps = [cam(x, [ClassifierOutputTarget(p)] * x.shape[0]) for p in range(text_embeddings.shape[0])]
+        finally:
+            cam.activations_and_grads.release()
+    out = np.stack(maps, axis=1).astype(np.float32)  # [B,P,S,S]
+    return torch.from_numpy(np.nan_to_num(out, nan=0.0)).to(images.device)
+
+
+__all__ = ["METHODS", "TextScorer", "saliency", "vit_layer"]
