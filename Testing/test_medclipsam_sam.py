@@ -117,3 +117,15 @@ def test_a_file_that_is_not_sam_is_refused(tmp_path):
         load_sam(tmp_path / "other.pth")
     with pytest.raises(ModelError, match="unknown SAM type 'vit_x'"):
         load_sam(tmp_path / "other.pth", "vit_x")
+
+
+def test_slices_are_resized_by_their_own_height_and_width_whatever_the_batch(tiny_sam):
+    seg = load_sam(tiny_sam[0], TINY)
+    x = slices(4, 40, 56)
+    prepared = seg.prepare(x)
+    assert prepared.shape == (4, 3, 64, 64)
+    torch.testing.assert_close(prepared, torch.cat([seg.prepare(x[i:i + 1]) for i in range(4)]), atol=0, rtol=0)
+    torch.testing.assert_close(seg.embed(x), torch.cat([seg.embed(x[i:i + 2]) for i in (0, 2)]), atol=1e-5, rtol=0)
+    # 56 px wide -> 64: 40 px high -> round(40 * 64 / 56) = 46 rows of image, the rest SAM's zero padding
+    padded = seg.sam.preprocess(torch.zeros(1, 3, 46, 64))[0, :, 46:]
+    assert torch.equal(prepared[0, :, 46:], padded) and not torch.equal(prepared[0, :, 45], padded[:, 0])

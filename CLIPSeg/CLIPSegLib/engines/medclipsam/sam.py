@@ -112,21 +112,28 @@ def load_sam(path: str | os.PathLike, sam_type: str | dict | SamSizes = "vit_b",
     otherwise ModelError naming the size it is (e.g. "SAM ViT-L (embed dim 1024, 24 blocks)")."""
     from ...models.weights import load_checkpoint
 
-    sizes = sam_sizes(sam_type)
     state = load_checkpoint(Path(path))
     if "model" in state and isinstance(state["model"], dict):  # training checkpoints (MedSAM's) wrap the weights
         state = state["model"]
+    return sam_from_state(state, sam_type, device, normalize, f"SAM checkpoint {path}")
+
+
+def sam_from_state(state: dict, sam_type: str | dict | SamSizes = "vit_b", device="cpu", normalize: str = "sam",
+                   name: str = "SAM weights") -> "SamSegmenter":
+    """A ``SamSegmenter`` on ``device`` from a SAM state dict already loaded (e.g. the ``sam.`` tensors of a model's
+    safetensors); ``name`` says where it came from in errors. Its size is checked against ``sam_type`` first."""
+    sizes = sam_sizes(sam_type)
     got = checkpoint_sizes(state)
     if got != (sizes.embed_dim, sizes.depth):
         found = SamSizes(got[0], got[1], 1, ())
         asked = sam_type if isinstance(sam_type, str) else sizes.describe()
-        raise ModelError(f"SAM checkpoint {path} is {found.describe()}, not the {asked} asked for; pick the SAM type "
+        raise ModelError(f"{name} is {found.describe()}, not the {asked} asked for; pick the SAM type "
                          f"of the file (vit_b, vit_l, vit_h; MedSAM is vit_b) or the checkpoint of that type")
     sam = build_sam(sizes)
     try:
         sam.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ModelError(f"SAM checkpoint {path} does not fit a {sizes.describe()} ({str(e).splitlines()[0]} "
+        raise ModelError(f"{name} does not fit a {sizes.describe()} ({str(e).splitlines()[0]} "
                          f"...); it is damaged or of another SAM variant") from e
     return SamSegmenter(sam.to(device), normalize)
 
@@ -163,7 +170,9 @@ class SamSegmenter:
         if slices.ndim != 4 or slices.shape[1] not in (1, 3):
             raise InputError(f"SAM takes slices [B,1|3,H,W], got {list(slices.shape)}")
         x = slices.to(self.device, torch.float32).expand(-1, 3, -1, -1)
-        x = self.resize.apply_image_torch(x)
+        # not ResizeLongestSide.apply_image_torch: it sizes by shape[0], shape[1] (batch and channels, not H and W)
+        target = self.resize.get_preprocess_shape(x.shape[-2], x.shape[-1], self.image_size)
+        x = F.interpolate(x, target, mode="bilinear", align_corners=False, antialias=True)
         if self.normalize == "unit":  # MedSAM: each slice min-max scaled to [0,1], then padded with 0
             low = x.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)
             high = x.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
@@ -228,4 +237,4 @@ class SamSegmenter:
 
 
 __all__ = ["SAM_TYPES", "NORMALIZE", "SamSizes", "SamOutput", "SamSegmenter", "build_sam", "checkpoint_sizes",
-           "load_sam", "sam_sizes"]
+           "load_sam", "sam_from_state", "sam_sizes"]
