@@ -260,3 +260,39 @@ def tiny_biomedclip(tmp_path_factory) -> Path:
     """A tiny random BiomedCLIP-style folder (``write_tiny_biomedclip``); read-only for tests."""
     pytest.importorskip("transformers")
     return write_tiny_biomedclip(tmp_path_factory.mktemp("biomedclip") / "biomedclip-tiny")
+
+
+# MedCLIP-SAM at tiny sizes: the tiny BiomedCLIP folder as its CLIP and a small SAM of segment_anything's own classes
+# (64 px input, 8 x 8 embedding grid; random weights) exported in the spec's safetensors under "sam.".
+TINY_SAM = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "image_size": 64, "patch_size": 8,
+            "prompt_dim": 32, "window_size": 4, "mlp_dim": 64, "decoder_heads": 2}
+TINY_MEDCLIPSAM_SPEC = {
+    "id": "tiny-medclipsam",
+    "engine": "medclipsam",
+    "input_size": 48,
+    "sam": {"type": TINY_SAM},
+    "saliency": {"method": "gscorecam", "topk": 8, "batch_size": 8},
+    "boxes": {"min_area": 4},
+    "inference": {"slice_vote": 3},
+    "presence": {"threshold": 0.5, "min_peak": 0.5, "min_extent_mm": 0.0, "min_area_mm2": 0.0,
+                 "min_slice_presence": 0.0, "slice_gate": 0.0},
+    "files": [],
+}
+
+
+def write_tiny_medclipsam(folder: Path, biomedclip: Path, seed: int = 0, **entries) -> Path:
+    """Write the tiny MedCLIP-SAM spec (``TINY_MEDCLIPSAM_SPEC`` with ``entries``; its CLIP the ``biomedclip``
+    folder) and its SAM weights into ``folder``; returns the spec path."""
+    from CLIPSegLib.engines.medclipsam.sam import build_sam, sam_sizes
+    from CLIPSegLib.models import write_spec
+
+    torch.manual_seed(seed)
+    sam = build_sam(sam_sizes(TINY_SAM))
+    spec = {**TINY_MEDCLIPSAM_SPEC, "clip": {"folder": str(biomedclip)}, **entries}
+    return write_spec(spec, {f"sam.{k}": v for k, v in sam.state_dict().items()}, folder, half=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_medclipsam(tiny_biomedclip, tmp_path_factory) -> Path:
+    """The spec path of a tiny random MedCLIP-SAM model (``write_tiny_medclipsam``)."""
+    return write_tiny_medclipsam(tmp_path_factory.mktemp("medclipsam"), tiny_biomedclip)

@@ -13,7 +13,8 @@ import importlib
 
 from ..errors import InputError
 
-ENGINES = {"cliptnseg": "CLIPSegLib.engines.cliptnseg.engine:CLIPTNSegEngine"}
+ENGINES = {"cliptnseg": "CLIPSegLib.engines.cliptnseg.engine:CLIPTNSegEngine",
+           "medclipsam": "CLIPSegLib.engines.medclipsam.engine:MedCLIPSAMEngine"}
 
 
 def check_engine(name: str) -> str:

@@ -25,7 +25,7 @@ from .domain import check_domain, comparable_domain, domain_message, slice_featu
 from ..errors import DeviceError
 from ..io.geometry import Geometry, array_axis_of, check_volume
 from ..options import check_axis, check_batch_size, check_device
-from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, suppress_exclusive, with_rivals
+from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, slice_vote, suppress_exclusive, with_rivals
 from .preprocessing import INTENSITIES, fit_slices, unfit_slices
 from ..progress import Progress
 
@@ -120,6 +120,9 @@ class FindingResult:
         elif self.status == "uncertain":
             head = (f"UNCERTAIN: kept {i['components']} region(s), {i['voxels']} voxels, that narrowly miss the "
                     f"model's rule ({_miss(i.get('closest_miss', []))}); check the segment")
+        elif not i.get("dropped_components") and i.get("presence_peak", 1.0) < i.get("min_slice_presence", 0.0):
+            head = (f"not found: the model's presence score for this finding stays below its rule on every slice "
+                    f"(highest {i['presence_peak']:.2f} < {i['min_slice_presence']:.2f}); the segment is empty")
         elif not i.get("dropped_components"):
             head = (f"not found: no voxel above probability {i.get('threshold', 0.5):.2f} (highest "
                     f"{i['score']:.2f}); the segment is empty")
@@ -139,7 +142,7 @@ class FindingResult:
         """The JSON-safe summary of this result (for ``--progress json`` and reports)."""
         keys = ("status", "found", "score", "mean", "components", "voxels", "dropped_components", "rejected",
                 "closest_miss", "rule", "rule_cosine", "competes_with", "tokens", "truncated", "unseen_words",
-                "prompt_warning", "out_of_domain")
+                "prompt_warning", "out_of_domain", "presence_peak", "min_slice_presence")
         return {"prompt": self.prompt, **{k: self.info.get(k) for k in keys}, "interpretation": self.reading()}
 
 
@@ -159,6 +162,17 @@ class SegmentationResult:
 def flip_average_of(engine) -> bool:
     """Whether the engine's model asks for left-right flip averaging (spec ``inference.flip_average``)."""
     return bool(((engine.spec or {}).get("inference") or {}).get("flip_average", False))
+
+
+def slice_vote_of(engine) -> int:
+    """The model's slice vote window (spec ``inference.slice_vote``, odd, in slices; 1: off)."""
+    window = int(((engine.spec or {}).get("inference") or {}).get("slice_vote", 1))
+    if window < 1 or window % 2 == 0:
+        from ..errors import ModelError
+
+        raise ModelError(f"model {(engine.spec or {}).get('id')!r}: inference.slice_vote {window} must be an odd "
+                         f"number of slices (1: off, 3: each slice and its two neighbours)")
+    return window
 
 
 def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_size: int | None = None,
@@ -215,30 +229,40 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     return probs.movedim(1, 1 + array_axis).numpy(), presence.numpy() if has_presence else None
 
 
-def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: int, gate: float = 1.0) -> np.ndarray:
+def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: int, gate: float = 1.0,
+                   floor: float = 0.0) -> np.ndarray:
     """One prompt's mask probabilities ``[K,J,I]`` x its slice presence ``[N]`` -> probabilities ``[K,J,I]``.
 
     Each slice is scaled by ``min(presence / gate, 1)``: gate 1 is the joint probability (mask x presence); a lower
     gate trusts every slice whose presence exceeds it fully (the gate is calibrated per finding: a head that is
-    unsure of a finding's slices should not erase them). ``presence`` None or gate <= 0: the mask unchanged."""
-    if presence is None or gate <= 0:
+    unsure of a finding's slices should not erase them); gate <= 0 leaves the mask unscaled. A slice whose presence
+    is below ``floor`` (the rule's ``min_slice_presence``) is emptied. ``presence`` None: the mask unchanged."""
+    if presence is None or (gate <= 0 and floor <= 0):
         return mask
     shape = [1, 1, 1]
     shape[array_axis_of(slice_axis)] = -1
-    return mask * np.minimum(presence / gate, 1.0).astype(np.float32).reshape(shape)
+    scale = np.minimum(presence / gate, 1.0) if gate > 0 else np.ones_like(presence)
+    scale = np.where(presence < floor, 0.0, scale)
+    return mask * scale.astype(np.float32).reshape(shape)
 
 
 def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int, gates, findings,
-                 exclusive, judges=None) -> np.ndarray:
+                 exclusive, judges=None, floors=None, vote: int = 1) -> np.ndarray:
     """``predict_maps``' outputs -> the probabilities the found / not-found rule judges, ``[P,K,J,I]``, in place.
 
     Prompt i's mask is scaled by its slice presence through ``gates[i]`` (``apply_presence``), then the prompts
     compete as their matched ``findings`` (None: no match) and the ``exclusive`` pairs say, against the ``judges``
-    maps (``postprocess.suppress_exclusive``). The pipeline and the calibration both call this, so a rule is
-    calibrated on the maps it will judge."""
-    for i, gate in enumerate(gates):
-        masks[i] = apply_presence(masks[i], None if presence is None else presence[i], slice_axis, gate)
-    return suppress_exclusive(masks, findings, exclusive, judges)
+    maps (``postprocess.suppress_exclusive``); ``floors[i]``: prompt i's ``min_slice_presence`` (None: 0). Last,
+    ``vote`` neighbouring slices vote (``postprocess.slice_vote``; 1: off). The pipeline and the calibration both
+    call this, so a rule is calibrated on the maps it will judge."""
+    floors = [0.0] * len(gates) if floors is None else floors
+    for i, (gate, floor) in enumerate(zip(gates, floors)):
+        masks[i] = apply_presence(masks[i], None if presence is None else presence[i], slice_axis, gate, floor)
+    masks = suppress_exclusive(masks, findings, exclusive, judges)
+    if vote > 1:
+        for i in range(len(masks)):
+            masks[i] = slice_vote(masks[i], array_axis_of(slice_axis), vote)
+    return masks
 
 
 def predict_probabilities(engine, volume: np.ndarray, prompts, slice_axis: int,
@@ -299,7 +323,8 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     rules = []
     for rule, rule_name, cosine in presence_rules(engine, asked, state.take(phrases) if phrases else None,
                                                   model_presence):
-        cfg = {k: v for k, v in {**rule, **(presence or {})}.items() if k in DEFAULT_PRESENCE or k == "uncertain_margin"}
+        cfg = {k: v for k, v in {**rule, **(presence or {})}.items()
+               if k in DEFAULT_PRESENCE or k in ("uncertain_margin", "min_slice_presence")}
         rules.append((cfg, rule_name, cosine))
     matched = [name if name != "global" else None for _, name, _ in rules]
     canonical = {f: r["phrases"][0] for f, r in per.items() if r.get("phrases")}
@@ -312,7 +337,10 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     domain = comparable_domain(spec.get("domain"), engine.preprocessing)
     features = {k: float(np.median(np.concatenate([f[k] for f in seen]))) for k in seen[0]} if seen else {}
     domain_warnings = check_domain(features, domain)
-    combine_maps(masks, slice_presence, slice_axis, gates, all_findings, exclusive, judges)
+    floors = [float(cfg.get("min_slice_presence", 0.0)) for cfg, _, _ in rules]
+    floors += [float(per[g].get("min_slice_presence", 0.0)) for g in all_findings[len(prompts):]]
+    combine_maps(masks, slice_presence, slice_axis, gates, all_findings, exclusive, judges, floors,
+                 slice_vote_of(engine))
     masks = masks[:len(prompts)]
     findings = []
     for i, (prompt, (cfg, rule_name, cosine)) in enumerate(zip(prompts, rules)):
@@ -320,6 +348,9 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
         info["rule"] = rule_name
         info["rule_cosine"] = None if cosine is None else round(cosine, 4)
         info["out_of_domain"] = bool(domain_warnings)
+        if slice_presence is not None:
+            info["presence_peak"] = round(float(slice_presence[i].max(initial=0.0)), 4)
+            info["min_slice_presence"] = floors[i]
         reading = asked.readings[i]
         info.update(tokens=list(reading.tokens), truncated=reading.truncated, unseen_words=list(reading.unseen_words),
                     interpreted_as=reading.interpretation(), prompt_warning=reading.warning())

@@ -140,6 +140,18 @@ def with_rivals(prompts: list[str], findings: list, canonical: dict, exclusive) 
     return prompts, findings, judges
 
 
+def slice_vote(prob: np.ndarray, array_axis: int, window: int = 3) -> np.ndarray:
+    """Neighbouring slices vote: probability ``[K,J,I]`` -> its median over ``window`` slices along ``array_axis``
+    (0=K, 1=J, 2=I), 0 beyond the volume's ends. At any threshold a voxel is then above it where most of the
+    window's slices are (the median is the majority vote), so a blob on one stray slice goes (at the ends too) while
+    a finding spanning ``window // 2 + 1`` slices stays; a volume of one slice is unchanged."""
+    if window <= 1 or prob.shape[array_axis] == 1:
+        return prob
+    size = [1, 1, 1]
+    size[array_axis] = int(window)
+    return ndimage.median_filter(prob, size=size, mode="constant", cval=0.0)
+
+
 def volume_extent_mm(shape, spacing, array_axis: int) -> float:
     """Extent in mm of a ``[K,J,I]`` array along ``array_axis`` (0=K, 1=J, 2=I); ``spacing`` mm along (I, J, K)."""
     return shape[array_axis] * float(np.asarray(spacing, float)[::-1][array_axis])

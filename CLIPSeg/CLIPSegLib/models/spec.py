@@ -28,7 +28,13 @@ ENGINE_SPEC_KEYS = {
         "network": "the segmenter architecture: extract_layers, reduce_dim, fine_channels, ...",
         "presence": "the calibrated found / not-found rule (written by the calibrate stage of `clipseg train`)",
     },
+    "medclipsam": {
+        "clip": "the CLIP: {\"folder\"} or {\"part\"} (BiomedCLIP) or an open_clip config with clip.* tensors",
+        "sam": "the SAM: {\"type\", and \"checkpoint\", \"part\" or sam.* tensors in the files}",
+    },
 }
+# engines whose spec may list no files of its own (every weight comes from registry parts or named checkpoints)
+PARTS_ONLY = {"medclipsam"}
 
 
 def is_spec_name(path: Path) -> bool:
@@ -65,7 +71,7 @@ def check_spec(spec, path) -> None:
         if not isinstance(spec[key], str) or not spec[key]:
             raise ModelError(f"model spec {path}: {key!r} must be a non-empty string, not {spec[key]!r}; {fix}")
     files = spec["files"]
-    if not isinstance(files, list) or not files:
+    if not isinstance(files, list) or (not files and spec["engine"] not in PARTS_ONLY):
         raise ModelError(f"model spec {path}: 'files' must list the weight files "
                          f"([{{\"name\": ..., \"sha256\": ..., \"size\": ...}}]), not {files!r}; {fix}")
     for f in files:

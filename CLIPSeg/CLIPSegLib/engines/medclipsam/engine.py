@@ -1,0 +1,159 @@
+"""MedCLIP-SAM behind the engine contract (``engines.contract``): per slice, CLIP saliency of each prompt -> boxes
+from its largest component(s) -> SAM masks; slice presence from CLIP's image-text score.
+
+A model spec of engine ``medclipsam`` holds
+
+- ``clip``: which CLIP (``clip_model``: a BiomedCLIP folder or registry part, or an open_clip config whose tensors
+  are the spec files' ``clip.*``, e.g. the embedded cliptnseg model's phantom CLIP);
+- ``sam``: ``{"type": "vit_b" | {SamSizes fields}, "normalize": "sam" | "unit"}`` with the weights from
+  ``"checkpoint": PATH`` (relative to the spec), ``"part": ID`` (registry: sam-vit-b, medsam-vit-b, ...) or else
+  the spec files' ``sam.*`` tensors;
+- ``saliency`` (``SALIENCY``: method gscorecam | gradcam, topk, batch_size, block, fill black | mean) and ``boxes``
+  (``BOXES``: ``prompts.saliency_to_prompts`` arguments);
+- ``presence``: the pipeline's found / not-found rule (its ``min_slice_presence`` empties slices whose presence is
+  below it) plus this engine's ``neutral`` texts and ``min_sam_iou`` (a box whose mask SAM scores lower is dropped);
+- ``inference.slice_vote`` (odd, slices; the pipeline's vote along the slice axis), ``input_size`` (pixels; default
+  the CLIP's image size).
+
+Slice presence ``[B,P]`` is CLIP's softmax probability of the prompt against the neutral texts on the whole slice
+(grad-cam rescales every map to [0,1], so the map alone cannot say "absent"). Saliency and SAM run only where that
+presence reaches the lowest ``min_slice_presence`` of the spec's rules (below it the pipeline empties the slice
+anyway); SAM embeds each slice with a box once, whatever the number of prompts, and never a slice without one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ModelError
+from ...models import load_weights
+from ..contract import Engine, Preprocessing, PromptReading, PromptState
+from .clip_model import CLIPModel, _local, _part_folder, load_clip
+from .prompts import SPLITS, saliency_to_prompts
+from .saliency import METHODS, saliency
+from .sam import SamSegmenter, load_sam, sam_from_state
+
+NEUTRAL = ("a medical image", "normal tissue")  # what a slice without the finding is scored against by default
+SALIENCY = {"method": "gscorecam", "topk": 300, "batch_size": 32, "block": -1, "fill": "black"}
+BOXES = {"split": "otsu", "threshold": 0.5, "min_area": 16, "max_boxes": 1, "margin": 0}
+
+
+def _settings(spec: dict, key: str, defaults: dict) -> dict:
+    given = spec.get(key) or {}
+    unknown = sorted(set(given) - set(defaults)) if isinstance(given, dict) else [given]
+    if unknown:
+        raise ModelError(f"model {spec.get('id')!r}: {key} {unknown!r} is not understood; it may hold "
+                         f"{', '.join(defaults)}")
+    return {**defaults, **given}
+
+
+def lowest_floor(presence: dict) -> float:
+    """The lowest ``min_slice_presence`` of a spec's ``presence`` rules (global and per finding; absent = 0)."""
+    rules = [presence] + list((presence.get("per_finding") or {}).values())
+    return min(float(r.get("min_slice_presence", 0.0)) for r in rules)
+
+
+def load_sam_of(spec: dict, state: dict, device) -> SamSegmenter:
+    """The SAM of a medclipsam ``spec`` (module docstring); ``state``: the spec files' tensors."""
+    cfg = spec.get("sam") or {}
+    sam_type, normalize = cfg.get("type", "vit_b"), cfg.get("normalize", "sam")
+    if "checkpoint" in cfg:
+        return load_sam(_local(spec, cfg["checkpoint"]), sam_type, device, normalize)
+    if "part" in cfg:
+        from ...models import store
+
+        folder = _part_folder(cfg["part"])
+        return load_sam(folder / store.entry(cfg["part"])["files"][0]["name"], sam_type, device, normalize)
+    own = {k[4:]: v for k, v in state.items() if k.startswith("sam.")}
+    if not own:
+        raise ModelError(f"model {spec['id']!r}: sam names no checkpoint or part and its files hold no 'sam.' "
+                         f"tensors; give sam.checkpoint, sam.part (e.g. sam-vit-b) or export the SAM with the model")
+    return sam_from_state(own, sam_type, device, normalize, f"model {spec['id']!r} SAM weights")
+
+
+class MedCLIPSAMEngine(Engine):
+    name = "medclipsam"
+
+    def __init__(self, clip: CLIPModel, sam: SamSegmenter, device, spec: dict | None = None,
+                 precision: str = "fp32"):
+        spec = spec or {}
+        size = int(spec.get("input_size", clip.image_size))
+        super().__init__(spec, device, precision, Preprocessing.from_spec(spec, size, fit="pad"))
+        self.clip, self.sam = clip, sam
+        self.saliency = _settings(spec, "saliency", SALIENCY)
+        self.boxes = _settings(spec, "boxes", BOXES)
+        if self.saliency["method"] not in METHODS or self.saliency["fill"] not in ("black", "mean"):
+            raise ModelError(f"model {spec.get('id')!r}: saliency method {self.saliency['method']!r} / fill "
+                             f"{self.saliency['fill']!r}: method is one of {', '.join(METHODS)}, fill black or mean")
+        if self.boxes["split"] not in SPLITS:
+            raise ModelError(f"model {spec.get('id')!r}: boxes split {self.boxes['split']!r} is not one of "
+                             f"{', '.join(SPLITS)}")
+        presence = spec.get("presence") or {}
+        self.neutral = list(presence.get("neutral") or NEUTRAL)
+        self.min_sam_iou = float(presence.get("min_sam_iou", 0.0))
+        self.skip_below = lowest_floor(presence)
+        self._neutral_emb = None
+
+    @classmethod
+    def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "MedCLIPSAMEngine":
+        state = load_weights(spec) if spec.get("files") else {}
+        return cls(load_clip(spec, state, device), load_sam_of(spec, state, device), device, spec, precision)
+
+    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[PromptReading]]:
+        """``[N,D]`` L2-normalised CLIP text embeddings and how the CLIP's own tokenizer read each text."""
+        readings = []
+        for text in texts:
+            tokens, read_as, truncated = self.clip.read(text)
+            readings.append(PromptReading(text, tokens, truncated, read_as))
+        with torch.inference_mode():
+            return self.clip.encode_text(texts, self.device), readings
+
+    def slice_presence(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CLIP-normalised slices ``[B,3,C,C]``, prompt embeddings ``[P,D]`` -> ``[B,P]``: softmax probability (at
+        CLIP's logit scale) of each prompt against the neutral texts alone."""
+        if self._neutral_emb is None:
+            self._neutral_emb = self.clip.encode_text(self.neutral, self.device)
+        image = self.clip.encode_image(images)  # [B,D]
+        scale = float(self.clip.model.logit_scale.exp())
+        own = scale * image @ F.normalize(text.float(), dim=-1).T  # [B,P]
+        rival = torch.logsumexp(scale * image @ self._neutral_emb.T, dim=1, keepdim=True)  # [B,1]
+        return torch.sigmoid(own - rival)  # = exp(own) / (exp(own) + sum exp(neutral))
+
+    def boxes_of(self, images: torch.Tensor, text: torch.Tensor, wanted: torch.Tensor, size: int) -> list[list]:
+        """Per slice, the (prompt index, box XYXY in ``size`` px) pairs: saliency of prompt p on the slices where
+        ``wanted[:, p]`` ([B,P] bool), its map resized to ``size`` and cut into boxes (``prompts``)."""
+        s = self.saliency
+        fill = self.clip.black() if s["fill"] == "black" else None
+        found = [[] for _ in range(images.shape[0])]
+        for p in range(text.shape[0]):
+            idx = wanted[:, p].nonzero().flatten()
+            if not len(idx):
+                continue
+            maps = saliency(self.clip.model, images[idx], text[p:p + 1], s["method"], s["topk"], s["batch_size"],
+                            s["block"], fill)[:, 0]  # [n,C,C]
+            if maps.shape[-1] != size:
+                maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            for b, m in zip(idx.tolist(), maps.cpu().numpy()):
+                found[b] += [(p, box) for box in saliency_to_prompts(m, **self.boxes).boxes]
+        return found
+
+    def infer(self, slices: torch.Tensor, state: PromptState):
+        """Slices ``[B,1,S,S]`` -> (SAM mask probabilities ``[B,P,S,S]``, 0 where no box; presence ``[B,P]``). Runs
+        in float32 whatever the precision: boxes come from thresholds, where bf16 rounding moves edges."""
+        x = slices.to(self.device, torch.float32)
+        b, size, p = x.shape[0], x.shape[-1], len(state.prompts)
+        images = self.clip.normalize(x)
+        text = state.embeddings.to(self.device)
+        presence = self.slice_presence(images, text)
+        found = self.boxes_of(images, text, presence >= self.skip_below, size)
+        probs = torch.zeros(b, p, size, size, device=self.device)
+        outs = self.sam.segment(x, [torch.tensor([box for _, box in f]).reshape(-1, 4) for f in found])
+        for i, (f, out) in enumerate(zip(found, outs)):
+            for (prompt, _), mask, iou in zip(f, out.probabilities, out.iou):
+                if float(iou) >= self.min_sam_iou:
+                    probs[i, prompt] = torch.maximum(probs[i, prompt], mask.to(self.device))
+        return probs, presence
+
+
+__all__ = ["MedCLIPSAMEngine", "NEUTRAL", "SALIENCY", "BOXES", "load_sam_of", "lowest_floor"]
