@@ -23,6 +23,7 @@ anyway); SAM embeds each slice with a box once, whatever the number of prompts, 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -148,7 +149,8 @@ class MedCLIPSAMEngine(Engine):
         presence = self.slice_presence(images, text)
         found = self.boxes_of(images, text, presence >= self.skip_below, size)
         probs = torch.zeros(b, p, size, size, device=self.device)
-        outs = self.sam.segment(x, [torch.tensor([box for _, box in f]).reshape(-1, 4) for f in found])
+        boxes = [torch.from_numpy(np.asarray([box for _, box in f], dtype=np.float32).reshape(-1, 4)) for f in found]
+        outs = self.sam.segment(x, boxes)
         for i, (f, out) in enumerate(zip(found, outs)):
             for (prompt, _), mask, iou in zip(f, out.probabilities, out.iou):
                 if float(iou) >= self.min_sam_iou:

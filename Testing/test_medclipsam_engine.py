@@ -1,0 +1,166 @@
+"""The MedCLIP-SAM engine (``engines.medclipsam.engine``) on the tiny BiomedCLIP folder + a small SAM, through the
+pipeline and the CLI: geometry, the slice vote, the presence rule and its reason, one SAM embedding per slice, the
+cliptnseg model's CLIP reused. With random weights masks are arbitrary; where a test needs a known map, saliency and
+SAM are replaced by stand-ins that follow the image (the engine's own box and vote logic still runs)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import slicerio
+import torch
+
+from CLIPSegLib.cli import main
+from CLIPSegLib.engines import create_engine
+from CLIPSegLib.engines.medclipsam import engine as engine_module
+from CLIPSegLib.engines.medclipsam.sam import SamOutput
+from CLIPSegLib.errors import ModelError
+from CLIPSegLib.inference.pipeline import segment_volume
+from CLIPSegLib.io.geometry import Geometry
+from CLIPSegLib.models import load_spec
+
+from conftest import TINY_SPEC, write_tiny_medclipsam
+
+GEOMETRY = Geometry.axis_aligned((2.0, 0.5, 0.5))  # K, J, I: slices along K
+
+
+@pytest.fixture
+def build(tiny_medclipsam):
+    """build(**spec entries) -> the tiny engine on CPU."""
+    def make(**entries):
+        spec = {**load_spec(tiny_medclipsam), **entries}
+        return create_engine(spec, torch.device("cpu"))
+    return make
+
+
+def follow_the_image(engine, monkeypatch):
+    """Saliency = the slice's own intensity (bright is salient) and SAM = its box filled with probability 0.9."""
+    def bright(clip, images, text, *args):
+        grey = images.mean(1, keepdim=True)
+        return ((grey - grey.amin((2, 3), keepdim=True)) /
+                (grey.amax((2, 3), keepdim=True) - grey.amin((2, 3), keepdim=True) + 1e-8)).expand(-1, len(text),
+                                                                                                 -1, -1)
+
+    def filled(slices, boxes, points=None, labels=None):
+        h, w = slices.shape[-2:]
+        out = []
+        for bx in boxes:
+            m = torch.zeros(len(bx), h, w)
+            for j, (x0, y0, x1, y1) in enumerate(bx.round().long().tolist()):
+                m[j, y0:y1 + 1, x0:x1 + 1] = 0.9
+            out.append(SamOutput(m, torch.ones(len(bx))))
+        return out
+
+    monkeypatch.setattr(engine_module, "saliency", bright)
+    monkeypatch.setattr(engine.sam, "segment", filled)
+
+
+def volume_with_a_stray_blob():
+    """[8,48,48] dark (a slice without anything bright is constant: the pipeline skips it); a bright 12 x 12 square
+    on slices 2-5 and a bright 10 x 10 blob on slice 7 alone."""
+    v = np.full((8, 48, 48), 0.1, dtype=np.float32)
+    v[2:6, 10:22, 10:22] = 1.0
+    v[7, 30:40, 30:40] = 1.0
+    return v
+
+
+def test_masks_have_the_volume_shape_and_probabilities_the_grid(build):
+    engine = build()
+    volume = np.random.default_rng(1).random((3, 40, 56)).astype(np.float32)
+    result = segment_volume(engine, volume, GEOMETRY, ["thyroid nodule", "cyst"], keep_probabilities=True)
+    assert [f.mask.shape for f in result.findings] == [(3, 40, 56)] * 2 and result.slice_axis == 2
+    assert result.probabilities.shape == (2, 3, 40, 56) and np.isfinite(result.probabilities).all()
+    assert all(0.0 <= f.info["presence_peak"] <= 1.0 for f in result.findings)
+
+
+def test_a_blob_on_one_stray_slice_is_voted_out_and_the_finding_kept(build, monkeypatch):
+    voted, unvoted = build(), build(inference={"slice_vote": 1})
+    for e in (voted, unvoted):
+        follow_the_image(e, monkeypatch)
+    volume = volume_with_a_stray_blob()
+    kept = segment_volume(voted, volume, GEOMETRY, ["bright lesion"], axis=2).findings[0]
+    raw = segment_volume(unvoted, volume, GEOMETRY, ["bright lesion"], axis=2).findings[0]
+    assert raw.mask[7, 30:40, 30:40].all()  # without the vote the stray slice makes an island
+    assert kept.found and not kept.mask[7].any() and not kept.mask[:, 26:, 26:].any()
+    assert kept.mask[2:6, 11:21, 11:21].all() and not kept.mask[[0, 1, 6]].any()
+
+
+def test_a_prompt_below_the_presence_rule_is_empty_with_the_reason_and_runs_no_sam(build):
+    volume = np.random.default_rng(2).random((3, 48, 48)).astype(np.float32)
+    peak = segment_volume(build(), volume, GEOMETRY, ["thyroid nodule"]).findings[0].info["presence_peak"]
+    assert peak < 0.99
+    rule = {**load_spec_presence(build()), "min_slice_presence": round(peak + 0.01, 4)}
+    engine = build(presence=rule)
+    calls = []
+    engine.sam.sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    finding = segment_volume(engine, volume, GEOMETRY, ["thyroid nodule"]).findings[0]
+    assert not finding.found and not finding.mask.any() and finding.status == "not found"
+    assert "presence score for this finding stays below its rule on every slice" in finding.message()
+    assert f"{peak:.2f} < {peak + 0.01:.2f}" in finding.message() and finding.event()["presence_peak"] == peak
+    assert calls == []  # every slice below the rule: neither saliency nor SAM ran
+
+
+def load_spec_presence(engine):
+    return dict(engine.spec["presence"])
+
+
+def test_each_slice_is_embedded_once_per_call_whatever_the_number_of_prompts(build, monkeypatch):
+    engine = build(saliency={"method": "gscorecam", "topk": 8, "batch_size": 8})  # the paper's saliency
+    calls = []
+    engine.sam.sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    state = engine.encode_prompts(["thyroid nodule", "cyst", "bright lesion"])
+    x = torch.rand(4, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    probs, presence = engine.predict(x, state)
+    assert probs.shape == (4, 3, 48, 48) and presence.shape == (4, 3)
+    assert len(calls) == 1 and calls[0] <= 4  # one encoder pass over the slices that have a box
+    calls.clear()
+    follow_the_image(engine, monkeypatch)  # SAM replaced: nothing reaches its encoder
+    engine.predict(x, state)
+    assert calls == []
+
+
+def test_the_cliptnseg_models_clip_is_reused_as_the_clip(tiny_model, tiny_biomedclip, tmp_path):
+    """A medclipsam spec whose CLIP is the cliptnseg model's (its clip config, the clip.* tensors of its file)."""
+    from CLIPSegLib.models import load_weights
+
+    shutil.copy(tiny_model.with_suffix(".safetensors"), tmp_path)
+    path = write_tiny_medclipsam(tmp_path, tiny_biomedclip, input_size=32, id="reuse")
+    spec = json.loads(path.read_text())
+    clip_file = tiny_model.with_suffix(".safetensors").name
+    cliptnseg = json.loads(tiny_model.read_text())["files"][0]
+    spec["clip"] = dict(TINY_SPEC["clip"])
+    spec["files"].append(cliptnseg)
+    path.write_text(json.dumps(spec))
+    engine = create_engine(load_spec(path), torch.device("cpu"))
+    theirs = load_weights(load_spec(tiny_model))
+    own = engine.clip.model.state_dict()
+    assert all(torch.equal(own[k], theirs["clip." + k]) for k in own) and clip_file in [f["name"] for f in spec["files"]]
+    reading = engine.encode_prompts(["anechoic cyst"]).readings[0]
+    assert reading.read_as == "anechoic cyst" and not reading.truncated  # open_clip's BPE, the CLIP's own
+    probs, presence = engine.predict(torch.rand(2, 1, 32, 32), engine.encode_prompts(["cyst"]))
+    assert probs.shape == (2, 1, 32, 32) and presence.shape == (2, 1)
+
+
+def test_a_sam_of_another_size_or_none_at_all_is_named(tiny_medclipsam):
+    spec = load_spec(tiny_medclipsam)
+    with pytest.raises(ModelError, match=r"is a SAM of custom size \(embed dim 32, 2 blocks\), not the vit_b"):
+        create_engine({**spec, "sam": {**spec["sam"], "type": "vit_b"}}, torch.device("cpu"))
+    with pytest.raises(ModelError, match="sam names no checkpoint or part and its files hold no 'sam.' tensors"):
+        create_engine({**spec, "files": []}, torch.device("cpu"))
+    with pytest.raises(ModelError, match="saliency method 'm2ib'"):
+        create_engine({**spec, "saliency": {"method": "m2ib"}}, torch.device("cpu"))
+
+
+def test_clipseg_segment_runs_a_medclipsam_model_end_to_end(phantom_file, tiny_medclipsam, tmp_path, capsys):
+    path, ph, geometry = phantom_file
+    out = tmp_path / "out.seg.nrrd"
+    code = main([str(a) for a in ["segment", path, "--prompt", "thyroid nodule", "--prompt", "cyst", "--output", out,
+                                  "--model", tiny_medclipsam, "--device", "cpu", "--progress", "none"]])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    seg = slicerio.read_segmentation(str(out))
+    assert [s["name"] for s in seg["segments"]] == ["thyroid nodule", "cyst"]
+    np.testing.assert_allclose(seg["ijkToLPS"], geometry.ijk_to_lps(), atol=1e-5)
+    assert seg["voxels"].shape[-3:] == ph.image.shape[::-1]
+    assert "'thyroid nodule'" in err and "'cyst'" in err
