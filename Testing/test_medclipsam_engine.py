@@ -110,10 +110,10 @@ def test_each_slice_is_embedded_once_per_call_whatever_the_number_of_prompts(bui
     calls = []
     engine.sam.sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     state = engine.encode_prompts(["thyroid nodule", "cyst", "bright lesion"])
-    x = torch.rand(4, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
     probs, presence = engine.predict(x, state)
-    assert probs.shape == (4, 3, 48, 48) and presence.shape == (4, 3)
-    assert len(calls) == 1 and calls[0] <= 4  # one encoder pass over the slices that have a box
+    assert probs.shape == (2, 3, 48, 48) and presence.shape == (2, 3)
+    assert len(calls) == 1 and calls[0] <= 2  # one encoder pass over the slices that have a box
     calls.clear()
     follow_the_image(engine, monkeypatch)  # SAM replaced: nothing reaches its encoder
     engine.predict(x, state)
@@ -164,3 +164,22 @@ def test_clipseg_segment_runs_a_medclipsam_model_end_to_end(phantom_file, tiny_m
     np.testing.assert_allclose(seg["ijkToLPS"], geometry.ijk_to_lps(), atol=1e-5)
     assert seg["voxels"].shape[-3:] == ph.image.shape[::-1]
     assert "'thyroid nodule'" in err and "'cyst'" in err
+
+
+def test_the_slice_vote_keeps_two_slice_findings_drops_one_slice_blobs_even_at_the_ends_and_leaves_2d_alone():
+    from CLIPSegLib.inference.postprocess import slice_vote
+
+    p = np.zeros((6, 4, 4), np.float32)
+    p[0, 0, 0] = 0.9  # stray at the first slice
+    p[4:6, 2, 2] = 0.8  # two slices at the far end
+    p[2, 1, 1] = 0.9  # stray inside
+    voted = slice_vote(p, 0, 3)
+    assert voted[0, 0, 0] == 0 and voted[2, 1, 1] == 0 and (voted[4:6, 2, 2] == 0.8).all()
+    flat = np.random.default_rng(0).random((1, 5, 5)).astype(np.float32)
+    assert np.array_equal(slice_vote(flat, 0, 3), flat) and np.array_equal(slice_vote(p, 0, 1), p)
+
+
+def test_an_even_slice_vote_is_refused(build):
+    engine = build(inference={"slice_vote": 2})
+    with pytest.raises(ModelError, match="inference.slice_vote 2 must be an odd number of slices"):
+        segment_volume(engine, np.random.default_rng(0).random((3, 16, 16)).astype(np.float32), GEOMETRY, ["cyst"])
