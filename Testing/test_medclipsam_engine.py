@@ -183,3 +183,37 @@ def test_an_even_slice_vote_is_refused(build):
     engine = build(inference={"slice_vote": 2})
     with pytest.raises(ModelError, match="inference.slice_vote 2 must be an odd number of slices"):
         segment_volume(engine, np.random.default_rng(0).random((3, 16, 16)).astype(np.float32), GEOMETRY, ["cyst"])
+
+
+def test_a_sam_registry_part_is_hashed_before_it_is_loaded(tiny_medclipsam, tmp_path, monkeypatch):
+    import hashlib
+
+    from CLIPSegLib.engines.medclipsam.sam import build_sam, sam_sizes
+    from CLIPSegLib.models import store
+
+    from conftest import TINY_SAM
+
+    home = tmp_path / "home"
+    (home / "tiny-sam").mkdir(parents=True)
+    checkpoint = home / "tiny-sam" / "sam_tiny.pth"
+    torch.manual_seed(1)
+    sam = build_sam(sam_sizes(TINY_SAM))
+    torch.save(sam.state_dict(), checkpoint)
+    registry = json.loads(store.REGISTRY.read_text(encoding="utf-8"))
+    registry["models"].append({"id": "tiny-sam", "engine": "medclipsam", "role": "sam", "license": "MIT",
+                               "citation": "", "description": "a tiny random SAM",
+                               "files": [{"name": checkpoint.name, "url": "https://example.invalid/sam_tiny.pth",
+                                          "size": checkpoint.stat().st_size,
+                                          "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}]})
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps(registry), encoding="utf-8")
+    monkeypatch.setattr(store, "REGISTRY", path)
+    monkeypatch.setenv("CLIPSEG_HOME", str(home))
+    spec = {**load_spec(tiny_medclipsam), "sam": {"type": TINY_SAM, "part": "tiny-sam"}}
+    engine = create_engine(spec, torch.device("cpu"))
+    assert all(torch.equal(v, sam.state_dict()[k]) for k, v in engine.sam.sam.state_dict().items())
+    data = bytearray(checkpoint.read_bytes())
+    data[-10] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"tiny-sam: files \{'sam_tiny.pth': 'corrupt'\}.*clipseg models fetch tiny-sam"):
+        create_engine(spec, torch.device("cpu"))
