@@ -18,7 +18,7 @@ A model spec of engine ``medclipsam`` holds
 Slice presence ``[B,P]`` is CLIP's softmax probability of the prompt against the neutral texts on the whole slice
 (grad-cam rescales every map to [0,1], so the map alone cannot say "absent"). Saliency and SAM run only where that
 presence reaches the lowest ``min_slice_presence`` of the spec's rules (below it the pipeline empties the slice
-anyway); SAM embeds each slice with a box once, whatever the number of prompts, and never a slice without one.
+anyway; a run-time ``presence`` override with a lower floor does not bring those slices back); SAM embeds each slice with a box once, whatever the number of prompts, and never a slice without one.
 """
 
 from __future__ import annotations
