@@ -246,3 +246,33 @@ def test_a_converted_clipseg_model_is_fine_tuned_whole_with_its_unnormalised_tex
     assert spec["network"]["coarse_only"] is False and spec["network"]["text_normalize"] is False
     table = load_weights(spec)[LEARNED_KEY]
     assert not torch.allclose(table.norm(dim=-1), torch.ones(len(table)), atol=1e-3)  # not L2-normalised
+
+
+def test_a_model_fine_tuned_at_another_input_size_is_written_and_run_at_that_size(sparse_table, tiny_model, tmp_path):
+    from CLIPSegLib.inference.segment_file import load_engine
+    from CLIPSegLib.models import read_spec
+
+    # replay=2 with distillation: the parent (32 px) teaches the 64 px student through resized images and logits
+    result = finetune(sparse_table, tmp_path / "out", tiny_model, "big", steps=2, batch_size=1, replay=2,
+                      input_size=64, command="cmd")
+    spec = read_spec(result.spec_path)
+    assert spec["clip"]["vision_cfg"]["image_size"] == 64 and spec["training"]["input_size"] == 64
+    engine = load_engine(str(result.spec_path), device="cpu")
+    assert engine.preprocessing.input_size == 64 and engine.net.input_size == 64
+    assert engine.net.clip.visual.positional_embedding.shape[0] == (64 // 8) ** 2 + 1
+
+
+def test_resizing_the_network_interpolates_only_the_position_embeddings(tiny_model):
+    from CLIPSegLib.engines.cliptnseg.network import network_at_input_size
+    from CLIPSegLib.errors import ModelError
+    from CLIPSegLib.inference.segment_file import load_engine
+
+    net = load_engine(str(tiny_model), device="cpu").net
+    big, cfg = network_at_input_size(net, json.loads(tiny_model.read_text())["clip"], 64)
+    old, new = net.state_dict(), big.state_dict()
+    assert set(old) == set(new) and cfg["vision_cfg"]["image_size"] == 64
+    changed = [k for k in old if old[k].shape != new[k].shape or not torch.equal(old[k], new[k])]
+    assert changed == ["clip.visual.positional_embedding"]
+    assert torch.equal(new[changed[0]][0], old[changed[0]][0])  # the class token's embedding is kept
+    with pytest.raises(ModelError, match="multiple of 8"):
+        network_at_input_size(net, cfg, 60)

@@ -184,11 +184,17 @@ class Teacher:
 
     @torch.no_grad()
     def _targets(self, images, phrases, pair_index):
+        """The teacher's (mask logits ``[N,S,S]``, presence logits or None); images of another size than the
+        teacher's input are resized to it and its logits back (bilinear)."""
+        from ..inference.preprocessing import resize_slices
+
         used = torch.unique(pair_index)
         remap = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
         remap[used] = torch.arange(len(used), device=images.device)
         text = self.engine.encode_prompts(phrases).embeddings.to(images.device)
-        return self.net(images[used], text, remap[pair_index])
+        size = images.shape[-1]
+        logits, presence = self.net(resize_slices(images[used], self.net.input_size), text, remap[pair_index])
+        return resize_slices(logits[:, None], size)[:, 0], presence
 
     def loss(self, images, phrases, pair_index, logits, presence):
         t_logits, t_presence = self._targets(images, phrases, pair_index)
@@ -269,13 +275,14 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
              steps: int = DEFAULT_STEPS, seed: int = 0, force: bool = False, device="cpu",
              progress: Progress | None = None, batch_size: int = DEFAULT_BATCH, text_adaptation: str = "embeddings",
              replay: int | None = None, command: str = "", stop_after: int | None = None,
-             distill: bool = True) -> FinetuneResult | None:
+             distill: bool = True, input_size: int | None = None) -> FinetuneResult | None:
     """Fine-tune ``parent`` (model id or spec path; default: the embedded model) on DATA (``labelled_slices``) and
     write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they exist, unless ``force``).
 
     ``steps`` of ``batch_size`` of the user's slices plus replayed phantoms (``replay`` of them; None: the parent's
     own first ``REPLAY_PHANTOMS`` when it was trained on phantoms, else none), seeded by ``seed``; ``stop_after``
-    ends this call early with a checkpoint (returns None). Raises InputError for bad data (see ``labelled_slices``)
+    ends this call early with a checkpoint (returns None). ``input_size`` (pixels; None: the parent's) trains and
+    writes the model at another slice size (``network.network_at_input_size``): finer for large slices, slower. Raises InputError for bad data (see ``labelled_slices``)
     and for fewer training slices than ``batch_size``."""
     from monai.utils import set_determinism
 
@@ -309,6 +316,14 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     set_determinism(seed)
     engine = CLIPTNSegEngine.from_spec(parent_spec, torch.device("cpu"))
     net, size, prep = engine.net, engine.preprocessing.input_size, engine.preprocessing
+    clip_cfg = parent_spec["clip"]
+    if input_size and input_size != size:
+        from ..engines.cliptnseg.network import network_at_input_size
+
+        net, clip_cfg = network_at_input_size(net, clip_cfg, input_size)
+        size = input_size
+        progress.message(f"fine-tuning at {size} x {size} pixels per slice (the parent takes "
+                         f"{engine.preprocessing.input_size})")
     net.cfg["coarse_only"] = False  # a converted CLIPSeg model segments coarse-only; fine-tuning trains all of it
     _warn_axes(volumes, progress)
     n_replay = replay if replay is not None else (REPLAY_PHANTOMS if _root_training(parent_spec).get("n_phantoms")
@@ -320,7 +335,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     if n_replay:
         bank = PhantomBank(n_replay, size, n_prompts=2,
                            progress=lambda d, t: progress.update("replay phantoms", d, t))
-    teacher = Teacher(engine, dev) if bank is not None and distill else None  # before any weight changes
+    teacher = Teacher(engine, dev) if bank is not None and distill else None  # the parent's own net and size
     text = (LoraText(net) if text_adaptation == "lora"
             else LearnedPhrases(net, phrases, engine.learned))
     net.to(dev)
@@ -328,7 +343,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     work = Path(output_dir) / f".{model_id}.finetune"
     run = {"parent": parent_spec["id"], "parent_sha256": [f["sha256"] for f in parent_spec["files"]],
            "data": ls.fingerprint(volumes), "steps": steps, "seed": seed, "batch_size": batch_size,
-           "text_adaptation": text_adaptation, "replay": n_replay, "distill": distill}
+           "text_adaptation": text_adaptation, "replay": n_replay, "distill": distill, "input_size": size}
     resume = _prepare_work(work, run, progress)
     share = REPLAY_SHARE if bank is not None else 0.0
     loader_batch = batch_size if bank is None else round(batch_size / (1 - share))
@@ -347,10 +362,12 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     else:
         learned_phrases, extra = text.export(learned_phrases)
         table = {text.key(p): t for p, t in zip(learned_phrases, extra[next(iter(extra))])}
-    engine = CLIPTNSegEngine(net, dev, {**parent_spec, "learned_phrases": learned_phrases}, learned=table)
+    engine = CLIPTNSegEngine(net, dev, {**parent_spec, "clip": clip_cfg, "learned_phrases": learned_phrases},
+                             learned=table)
     rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
     spec = {k: v for k, v in parent_spec.items() if not k.startswith("_") and k != "files"}
     spec["network"] = {**spec.get("network", {}), "coarse_only": False}
+    spec["clip"] = clip_cfg
     spec.update(id=model_id, learned_phrases=learned_phrases, presence=merged_presence(parent_spec, rules),
                 description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
                             f"({len(train) + len(held)} labelled slices of {len(volumes)} volume(s)).")
@@ -362,7 +379,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     parent_training = parent_spec.get("training") or {}
     spec["training"] = {
         "command": command, "method": "finetune", "steps": steps, "seed": seed, "batch_size": batch_size,
-        "text_adaptation": text_adaptation, "replay_phantoms": n_replay, "replay_share": round(share, 4),
+        "input_size": size, "text_adaptation": text_adaptation, "replay_phantoms": n_replay, "replay_share": round(share, 4),
         "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on",
         "phrases": sorted(set(parent_training.get("phrases") or []) | set(phrases)),
         "data": {"source": str(data), **ls.summary(volumes, train, held)},

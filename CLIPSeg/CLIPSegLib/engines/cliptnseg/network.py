@@ -28,6 +28,9 @@ presence logits ``[B,P]``.
 
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 from torch import nn
 
@@ -276,3 +279,39 @@ class CLIPTNSegNet(nn.Module):
 def build_network(spec: dict) -> CLIPTNSegNet:
     """Random-weight network from a model spec's ``clip`` and ``network`` entries."""
     return CLIPTNSegNet(build_clip(spec["clip"]), spec.get("network"))
+
+
+def clip_config_at(clip_cfg: dict, size: int) -> dict:
+    """A copy of a spec's ``clip`` entry whose image tower takes ``size`` x ``size`` pixels."""
+    cfg = copy.deepcopy(clip_cfg)
+    if "open_clip_name" in cfg:
+        cfg["image_size"] = int(size)
+    else:
+        cfg["vision_cfg"]["image_size"] = int(size)
+    return cfg
+
+
+def network_at_input_size(net: CLIPTNSegNet, clip_cfg: dict, size: int) -> tuple[CLIPTNSegNet, dict]:
+    """``net`` rebuilt for ``size`` x ``size`` input slices (pixels), with its weights: the CLIP image tower's
+    position embeddings interpolated to the new token grid (open_clip's ``resize_pos_embed``); every other weight
+    (convolutions, decoder, text tower) is size-free. -> (the new network, its spec ``clip`` entry).
+    Raises ModelError when ``size`` is not a multiple of the patch size and of the fine branch's total stride."""
+    from open_clip.model import resize_pos_embed
+
+    stride = 2 ** (len(net.cfg["fine_channels"]) - 1)
+    step = net.patch * stride // math.gcd(net.patch, stride)
+    if size < step or size % step:
+        raise ModelError(f"input size {size} must be a multiple of {step} pixels (the CLIP patch {net.patch} and the "
+                         f"fine branch's stride {stride}), e.g. {max(step, round(size / step) * step)}")
+    cfg = clip_config_at(clip_cfg, size)
+    new = CLIPTNSegNet(build_clip(cfg), net.cfg)
+    clip_state = net.clip.state_dict()
+    resize_pos_embed(clip_state, new.clip)
+    new.clip.load_state_dict(clip_state)
+    missing, unexpected = new.load_state_dict(
+        {k: v for k, v in net.state_dict().items() if not k.startswith("clip.")}, strict=False)
+    if unexpected or any(not k.startswith("clip.") for k in missing):
+        raise ModelError(f"the network at {size} px does not take its own weights (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    new.freeze_clip()
+    return new, cfg
