@@ -54,6 +54,11 @@ def test_json_progress_is_machine_readable(phantom_file, tiny_model, tmp_path, c
     last = [e for e in events if e["event"] == "progress"][-1]
     assert last["done"] == last["total"] == 6
     assert any(e["event"] == "message" and "cyst" in e["text"] for e in events)
+    (finding,) = events[-1]["findings"]  # the decision's inputs and outcome, per finding
+    assert finding["status"] in ("found", "uncertain", "not found")
+    assert set(finding["required"]) == {"min_peak", "min_mean", "min_extent_mm", "min_area_mm2", "min_contrast"}
+    for e in finding["evidence"]:
+        assert {"voxels", "peak", "mean", "extent_mm", "area_mm2", "contrast"} <= set(e)
 
 
 @pytest.mark.parametrize("case,code,match", [

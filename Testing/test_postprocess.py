@@ -122,3 +122,75 @@ def test_not_found_messages_say_which_part_of_the_rule_failed_without_contradict
     assert "mean probability too low" in text and "cross-section too small" in text and "0.93" in text
     mask, info = decide(np.zeros((2, 8, 8), np.float32), (1.0, 1.0, 1.0), 0, rule)
     assert "no voxel above probability 0.50" in FindingResult("cyst", mask, info).message()
+
+
+def _speckle_case(speckle: float, bump: float, seed: int = 0):
+    """A log-compressed-like image [6,40,40] (0.25 mm pixels, 1 mm slices): tissue mean 50 with Gaussian speckle of
+    std ``speckle``, a 5x5-voxel region on slices 1..4 brighter by ``bump``; and a map that is sure of that region."""
+    rng = np.random.default_rng(seed)
+    image = 50.0 + speckle * rng.standard_normal((6, 40, 40))
+    image[1:5, 18:23, 18:23] += bump
+    prob = np.zeros(image.shape, np.float32)
+    prob[1:5, 18:23, 18:23] = 0.97
+    return image, prob
+
+
+RULE_WITH_CONTRAST = {"threshold": 0.5, "min_peak": 0.5, "min_mean": 0.9, "min_extent_mm": 2.0, "min_area_mm2": 0.0,
+                      "min_contrast": 2.0}
+SPACING = (0.25, 0.25, 1.0)  # mm along (I, J, K)
+
+
+def test_contrast_is_measured_against_the_region_own_surround_and_ignores_gain():
+    from CLIPSegLib.inference.postprocess import components
+
+    image, prob = _speckle_case(speckle=2.0, bump=10.0)
+    (c,) = components(prob, SPACING, 0, 0.5, image)[1]
+    assert 4.0 < c.contrast < 6.0  # 10 / 2: the bump in units of the surround's spread
+    for gain, offset in ((3.0, 0.0), (0.2, 0.0), (1.0, -40.0), (2.5, 17.0)):  # linear gain, dB offset: unchanged
+        (g,) = components(prob, SPACING, 0, 0.5, gain * image + offset)[1]
+        assert np.isclose(g.contrast, c.contrast)
+    (c,) = components(prob, SPACING, 0, 0.5)[1]
+    assert c.contrast == np.inf  # no image: not measured
+
+
+def test_gain_or_stronger_speckle_never_turns_an_absent_finding_into_a_found_one():
+    # a speckle grain the model is sure of (absent finding): weak contrast in its surround -> not found
+    image, prob = _speckle_case(speckle=4.0, bump=3.0)
+    mask, info = decide(prob, SPACING, 0, RULE_WITH_CONTRAST, image)
+    assert info["status"] == "not found" and not mask.any() and info["rejected"] == {"min_contrast": 1}
+    for gain, offset in ((5.0, 0.0), (0.1, 0.0), (1.0, 30.0)):
+        assert decide(prob, SPACING, 0, RULE_WITH_CONTRAST, gain * image + offset)[1]["status"] == "not found"
+    for speckle in (6.0, 10.0):  # more speckle: the same bump stands out even less
+        image2, prob2 = _speckle_case(speckle=speckle, bump=3.0)
+        assert decide(prob2, SPACING, 0, RULE_WITH_CONTRAST, image2)[1]["status"] == "not found"
+    # a region that does stand out of its tissue is found, whatever the gain
+    image, prob = _speckle_case(speckle=4.0, bump=20.0)
+    for gain in (1.0, 5.0, 0.1):
+        mask, info = decide(prob, SPACING, 0, RULE_WITH_CONTRAST, gain * image)
+        assert info["status"] == "found" and mask.sum() == 100
+
+
+def test_decision_reports_what_the_rule_asked_and_the_inputs_it_judged():
+    image, prob = _speckle_case(speckle=4.0, bump=3.0)
+    _, info = decide(prob, SPACING, 0, RULE_WITH_CONTRAST, image)
+    assert info["required"]["min_contrast"] == 2.0 and info["required"]["min_mean"] == 0.9
+    (e,) = info["evidence"]  # the nearest miss
+    assert e["voxels"] == 100 and e["extent_mm"] == 4.0 and e["contrast"] < 2.0 and abs(e["mean"] - 0.97) < 1e-3
+    assert info["closest_miss"][0][0] == "min_contrast"
+    image, prob = _speckle_case(speckle=4.0, bump=20.0)
+    _, info = decide(prob, SPACING, 0, RULE_WITH_CONTRAST, image)
+    assert info["status"] == "found" and info["evidence"][0]["contrast"] > 2.0
+    # without the image the contrast is neither measured nor required
+    _, info = decide(prob, SPACING, 0, RULE_WITH_CONTRAST)
+    assert info["required"]["min_contrast"] == 0.0 and info["evidence"][0]["contrast"] is None
+
+
+def test_a_contrast_just_below_the_rule_is_uncertain_not_silently_dropped():
+    image, prob = _speckle_case(speckle=4.0, bump=7.6)
+    _, info = decide(prob, SPACING, 0, RULE_WITH_CONTRAST, image)
+    c = info["evidence"][0]["contrast"]
+    rule = {**RULE_WITH_CONTRAST, "min_contrast": c / 0.95}  # 5% short: within the 10% margin
+    mask, info = decide(prob, SPACING, 0, rule, image)
+    assert info["status"] == "uncertain" and mask.sum() == 100
+    rule = {**RULE_WITH_CONTRAST, "min_contrast": c / 0.8}  # 20% short: dropped
+    assert decide(prob, SPACING, 0, rule, image)[1]["status"] == "not found"

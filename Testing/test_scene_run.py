@@ -1,5 +1,7 @@
 """The Slicer Logic's scene work on real MRML (slicer-core): export, background CLI, import, hierarchy placement."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -55,6 +57,11 @@ def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_vol
         status, reading = vtk.mutable(""), vtk.mutable("")
         assert segment.GetTag("CLIPSeg.Status", status) and str(status) in ("found", "uncertain", "not found")
         assert segment.GetTag("CLIPSeg.Interpretation", reading) and str(reading).startswith(f"interpreted as '{name}'")
+        decision = vtk.mutable("")  # why: what the rule asked and what it judged
+        assert segment.GetTag("CLIPSeg.Decision", decision)
+        decision = json.loads(str(decision))
+        assert decision["status"] == str(status) and "min_contrast" in decision["required"]
+        assert all("contrast" in e and "peak" in e for e in decision["evidence"])
     assert not tmp.exists()  # temporary files removed
     assert [n.GetName() for n in run.probability_nodes] == ["thyroid US p(cyst)", "thyroid US p(thyroid nodule)"]
     for node in run.probability_nodes:

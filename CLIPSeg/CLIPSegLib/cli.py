@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the slice presence head (off by default: it lowered nodule Dice in our measurements)")
     _add_common(t, ("device",))  # no --model: train builds its model from scratch (finetune starts from one)
 
+    k = sub.add_parser("calibrate", help="re-calibrate a model's found / not-found rule on phantom volumes it was "
+                                         "not trained on (weights unchanged); writes a new model spec",
+                       allow_abbrev=False)
+    k.add_argument("--output", required=True, help="the new model spec (.json); the weights are copied beside it "
+                                                    "when it is in another folder")
+    k.add_argument("--phantoms", type=int, default=60, help="calibration phantom volumes")
+    k.add_argument("--seed", type=seed, default=20_000_000,
+                   help="first calibration seed (default 20,000,000: disjoint from training, evaluation 1000.. and "
+                        "validation 40,000,000..)")
+    k.add_argument("--family", default="A+B", choices=("A", "B", "A+B"),
+                   help="phantom family of the calibration volumes (default A+B: each seed draws A or B)")
+    k.add_argument("--force", action="store_true", help="replace --output if it exists")
+    _add_common(k)
+
     f = sub.add_parser("finetune", help="fine-tune an existing model on your labelled slices (new phrases), keeping "
                                         "what it knew; writes a new model", allow_abbrev=False)
     f.add_argument("--data", required=True,
@@ -226,6 +240,21 @@ def _cmd_train(a, progress):
         print(f"wrote {path}")
 
 
+def _cmd_calibrate(a, progress):
+    import shlex
+
+    from .evaluation.evaluator import check_evaluate_args
+    from .training.calibration import recalibrate_model
+
+    check_evaluate_args(a.phantoms)
+    argv = ["clipseg", "calibrate", "--output", a.output, "--phantoms", str(a.phantoms), "--seed", str(a.seed),
+            "--family", a.family] + (["--model", a.model] if a.model else [])
+    path = recalibrate_model(a.model, Path(a.output), a.phantoms, a.seed, a.family, a.device, a.force, progress,
+                             command=shlex.join(argv) + " --force")
+    if a.progress != "json":
+        print(f"wrote {path}")
+
+
 def _cmd_finetune(a, progress):
     import shlex
 
@@ -306,6 +335,7 @@ def _cmd_models(a, progress):
 
 
 COMMANDS = {"segment": _cmd_segment, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "train": _cmd_train,
+            "calibrate": _cmd_calibrate,
             "finetune": _cmd_finetune, "models": _cmd_models}
 
 

@@ -66,13 +66,14 @@ def choose_axis(shape_kji: tuple[int, int, int], geometry: Geometry, axis: str |
 
 
 REASONS = {key: text for _, key, text in CRITERIA}
-UNITS = {"min_extent_mm": " mm", "min_area_mm2": " mm²"}
+UNITS = {"min_extent_mm": " mm", "min_area_mm2": " mm²", "min_contrast": " speckle spreads"}
 
 
 def _miss(misses) -> str:
     """[(rule key, value, required)] -> 'mean probability 0.878 < 0.880, ...'."""
     names = {"min_peak": "peak probability", "min_mean": "mean probability", "min_extent_mm": "extent along the "
-             "slice axis", "min_area_mm2": "largest cross-section"}
+             "slice axis", "min_area_mm2": "largest cross-section", "min_contrast": "contrast to its surrounding "
+             "tissue"}
     return ", ".join(f"{names[k]} {v:.3g}{UNITS.get(k, '')} < {n:.3g}{UNITS.get(k, '')}" for k, v, n in misses)
 
 
@@ -141,8 +142,8 @@ class FindingResult:
     def event(self) -> dict:
         """The JSON-safe summary of this result (for ``--progress json`` and reports)."""
         keys = ("status", "found", "score", "mean", "components", "voxels", "dropped_components", "rejected",
-                "closest_miss", "rule", "rule_cosine", "competes_with", "tokens", "truncated", "unseen_words",
-                "prompt_warning", "out_of_domain", "presence_peak", "min_slice_presence")
+                "closest_miss", "required", "evidence", "rule", "rule_cosine", "competes_with", "tokens", "truncated",
+                "unseen_words", "prompt_warning", "out_of_domain", "presence_peak", "min_slice_presence")
         return {"prompt": self.prompt, **{k: self.info.get(k) for k in keys}, "interpretation": self.reading()}
 
 
@@ -344,7 +345,7 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     masks = masks[:len(prompts)]
     findings = []
     for i, (prompt, (cfg, rule_name, cosine)) in enumerate(zip(prompts, rules)):
-        mask, info = decide(masks[i], geometry.spacing, array_axis_of(slice_axis), cfg)
+        mask, info = decide(masks[i], geometry.spacing, array_axis_of(slice_axis), cfg, volume)
         info["rule"] = rule_name
         info["rule_cosine"] = None if cosine is None else round(cosine, 4)
         info["out_of_domain"] = bool(domain_warnings)

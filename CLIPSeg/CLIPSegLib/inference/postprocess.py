@@ -26,7 +26,7 @@ from scipy import ndimage
 
 # slice_gate: how the slice presence probability scales each slice (pipeline.apply_presence), calibrated with the rest.
 DEFAULT_PRESENCE = {"threshold": 0.5, "min_peak": 0.8, "min_mean": 0.0, "min_extent_mm": 1.0, "min_area_mm2": 1.0,
-                    "slice_gate": 1.0}
+                    "min_contrast": 0.0, "slice_gate": 1.0}
 
 
 @dataclass
@@ -41,11 +41,57 @@ class Component:
     extent_mm: float
     max_area_mm2: float
     mean: float = 1.0
+    contrast: float = float("inf")  # |region - surround| / surround's spread (``region_contrast``); inf: no image
 
 
-def components(prob: np.ndarray, spacing, array_axis: int, threshold: float):
+# The surround a candidate region is compared with (``region_contrast``): in-plane ring from RING_GAP_MM to
+# RING_MM outside the region, on the region's own slices.
+RING_GAP_MM = 0.5
+RING_MM = 2.5
+
+
+def region_contrast(image: np.ndarray, region: np.ndarray, spacing_kji, array_axis: int) -> float:
+    """How much a region stands out of its own surrounding tissue, in units of that tissue's speckle spread:
+    ``|mean(region) - mean(ring)| / std(ring)``, the ring being the in-plane band ``RING_GAP_MM`` .. ``RING_MM``
+    around the region on each of its slices.
+
+    ``image``, ``region``: ``[K,J,I]`` arrays of the same bounding box (raw intensities, bool), already grown by at
+    least ``RING_MM`` in-plane; ``spacing_kji``: mm in array order; slices along ``array_axis``. Unchanged by any
+    gain or offset of the image (an affine intensity change), and smaller where the speckle is stronger: a bright
+    speckle grain or point scatterer in heavy speckle is a weak contrast, a calcification in the same image a strong
+    one. 0 when the ring is empty or flat with the same mean; inf for a region on a perfectly flat background."""
+    plane = [a for a in range(3) if a != array_axis]
+
+    def grow(mask, mm):
+        steps = [max(1, int(round(mm / float(spacing_kji[a])))) for a in plane]
+        struct = np.zeros((3, 3, 3), bool)
+        struct[1, 1, 1] = True
+        out = mask
+        for a, n in zip(plane, steps):  # a box grown axis by axis: n voxels each way along each in-plane axis
+            line = struct.copy()
+            idx = [1, 1, 1]
+            for d in (0, 2):
+                idx[a] = d
+                line[tuple(idx)] = True
+            out = ndimage.binary_dilation(out, line, iterations=n)
+        return out
+
+    ring = grow(region, RING_MM) & ~grow(region, RING_GAP_MM)
+    ring &= np.any(region, axis=tuple(plane), keepdims=True)  # the region's own slices only
+    if not ring.any():
+        return 0.0
+    inside, around = image[region].astype(np.float64), image[ring].astype(np.float64)
+    diff = abs(float(inside.mean() - around.mean()))
+    spread = float(around.std())
+    if spread <= 1e-12 * max(1.0, abs(float(around.mean()))):
+        return float("inf") if diff > 0 else 0.0
+    return diff / spread
+
+
+def components(prob: np.ndarray, spacing, array_axis: int, threshold: float, image: np.ndarray | None = None):
     """Label ``prob > threshold`` (``[K,J,I]``); ``spacing`` mm along (I, J, K); slices along ``array_axis`` (0=K,
-    1=J, 2=I; axis names: ``io.geometry``).
+    1=J, 2=I; axis names: ``io.geometry``). With ``image`` (the ``[K,J,I]`` intensities the map was predicted from)
+    each component's ``contrast`` against its surround is measured (``region_contrast``).
 
     Returns (label array, list of Component)."""
     labels, n = ndimage.label(prob > threshold)
@@ -61,16 +107,31 @@ def components(prob: np.ndarray, spacing, array_axis: int, threshold: float):
         peak, nvox = values.max(), sub.sum()
         per_slice = sub.sum(axis=tuple(a for a in range(3) if a != array_axis))
         n_slices = int((per_slice > 0).sum())
+        contrast = float("inf")
+        if image is not None:
+            grown = _grow_box(box, labels.shape, spacing_kji, array_axis, RING_MM)
+            contrast = region_contrast(image[grown], labels[grown] == lab, spacing_kji, array_axis)
         out.append(Component(int(lab), int(nvox), float(peak), n_slices, n_slices * float(spacing_kji[array_axis]),
-                             float(per_slice.max() * pixel_area), float(values.mean())))
+                             float(per_slice.max() * pixel_area), float(values.mean()), contrast))
     return labels, out
+
+
+def _grow_box(box, shape, spacing_kji, array_axis: int, mm: float):
+    """A bounding box (tuple of slices) grown in-plane by ``mm`` (+1 voxel), clipped to ``shape``."""
+    out = []
+    for a, (s, n) in enumerate(zip(box, shape)):
+        g = 0 if a == array_axis else int(np.ceil(mm / float(spacing_kji[a]))) + 1
+        out.append(slice(max(s.start - g, 0), min(s.stop + g, n)))
+    return tuple(out)
 
 
 # The criteria of the rule, in the order they are reported: (Component field, rule key, what failing it means).
 CRITERIA = (("peak", "min_peak", "peak probability too low"),
             ("mean", "min_mean", "mean probability too low (a region the model only half believes)"),
             ("extent_mm", "min_extent_mm", "too thin along the slice axis"),
-            ("max_area_mm2", "min_area_mm2", "cross-section too small"))
+            ("max_area_mm2", "min_area_mm2", "cross-section too small"),
+            ("contrast", "min_contrast", "stands out too little from its surrounding tissue (in units of that "
+                                         "tissue's speckle spread)"))
 
 
 def required(cfg: dict, volume_extent_mm) -> dict:
@@ -78,7 +139,7 @@ def required(cfg: dict, volume_extent_mm) -> dict:
     extent (``volume_extent_mm``: slices x slice spacing, a number or an array), so a 2D image can hold a finding."""
     return {"min_peak": cfg["min_peak"], "min_mean": cfg.get("min_mean", 0.0),
             "min_extent_mm": np.minimum(float(cfg["min_extent_mm"]), volume_extent_mm) - 1e-6,
-            "min_area_mm2": cfg["min_area_mm2"]}
+            "min_area_mm2": cfg["min_area_mm2"], "min_contrast": cfg.get("min_contrast", 0.0)}
 
 
 def keep(c, cfg: dict, volume_extent_mm):
@@ -168,9 +229,9 @@ def fill_holes(mask: np.ndarray) -> None:
 
 
 # How far below a rule's threshold a component may fall and still be reported as "uncertain" rather than dropped
-# (a spec's ``presence.uncertain_margin`` overrides): probabilities in absolute units, area as a fraction of the
-# required area, extent in slices. A decision this close to its threshold is one the user must see.
-UNCERTAIN_MARGIN = {"peak": 0.02, "mean": 0.01, "area": 0.1, "extent_slices": 0}
+# (a spec's ``presence.uncertain_margin`` overrides): probabilities in absolute units, area and contrast as a fraction
+# of the required value, extent in slices. A decision this close to its threshold is one the user must see.
+UNCERTAIN_MARGIN = {"peak": 0.02, "mean": 0.01, "area": 0.1, "extent_slices": 0, "contrast": 0.1}
 
 def failed_criteria(c: Component, cfg: dict, volume_extent: float) -> list[tuple[str, float, float]]:
     """The criteria of the rule one component fails: [(rule key, component's value, required value)]."""
@@ -182,26 +243,43 @@ def failed_criteria(c: Component, cfg: dict, volume_extent: float) -> list[tuple
 def narrowly_failed(failures, margin: dict, slice_mm: float) -> bool:
     """Whether every failed criterion misses its threshold by less than ``margin`` (see ``UNCERTAIN_MARGIN``)."""
     room = {"min_peak": margin["peak"], "min_mean": margin["mean"], "min_extent_mm": margin["extent_slices"] * slice_mm}
+    relative = {"min_area_mm2": margin["area"], "min_contrast": margin.get("contrast", 0.0)}  # fractions of the need
     for key, value, need in failures:
-        gap = room.get(key, margin["area"] * need)
+        gap = room[key] if key in room else relative[key] * need
         if value < need - gap - 1e-9:
             return False
     return bool(failures)
 
 
-def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None) -> tuple[np.ndarray, dict]:
+def evidence(c: Component) -> dict:
+    """One component's inputs to the rule, JSON-safe and rounded (``contrast`` None when not measured)."""
+    return {"voxels": c.voxels, "peak": round(c.peak, 4), "mean": round(c.mean, 4), "extent_mm": round(c.extent_mm, 3),
+            "area_mm2": round(c.max_area_mm2, 3),
+            "contrast": round(c.contrast, 3) if np.isfinite(c.contrast) else None}
+
+
+MAX_EVIDENCE = 5  # components reported per finding (largest first)
+
+
+def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
+           image: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Probability ``[K,J,I]``, ``spacing`` mm along (I, J, K), slices along ``array_axis`` (0=K, 1=J, 2=I) ->
-    (bool mask ``[K,J,I]``, info).
+    (bool mask ``[K,J,I]``, info). ``image``: the ``[K,J,I]`` intensities ``prob`` was predicted from; without it
+    no component's contrast is measured (``region_contrast``) and a rule's ``min_contrast`` is not applied.
 
     info: ``status`` 'found' (components pass the rule), 'uncertain' (none passes, but some miss it only narrowly,
     ``UNCERTAIN_MARGIN``: they are kept in the mask so the user can judge) or 'not found' (empty mask); ``found``
     (the mask is not empty), ``score`` (highest peak probability of the kept components, else of the whole map),
     ``mean`` (mean probability of the kept voxels), ``components``, ``voxels``, ``dropped_components``,
     ``rejected``: {rule key: number of dropped components failing it}, ``closest_miss``: for the dropped component
-    nearest to passing, [(rule key, value, required)], and ``threshold``."""
+    nearest to passing, [(rule key, value, required)], ``threshold``, ``required`` (what the rule asked: rule key ->
+    value) and ``evidence``: the inputs of the kept components, or of the nearest miss, (``evidence``, at most
+    ``MAX_EVIDENCE``, largest first)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
+    if image is None:
+        cfg["min_contrast"] = 0.0
     margin = {**UNCERTAIN_MARGIN, **(cfg.get("uncertain_margin") or {})}
-    labels, comps = components(prob, spacing, array_axis, cfg["threshold"])
+    labels, comps = components(prob, spacing, array_axis, cfg["threshold"], image)
     extent = volume_extent_mm(prob.shape, spacing, array_axis)
     slice_mm = float(np.asarray(spacing, float)[::-1][array_axis])
     failures = {c.label: failed_criteria(c, cfg, extent) for c in comps}
@@ -233,6 +311,10 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None) 
         "closest_miss": ([[k, round(v, 4), round(n, 4)] for k, v, n in failures[closest.label]]
                          if closest is not None else []) if status != "found" else [],
     }
+    need = required(cfg, extent)
+    info["required"] = {k: round(float(v), 4) for k, v in need.items()}
+    shown = sorted(kept, key=lambda c: -c.voxels) if kept else ([closest] if closest is not None else [])
+    info["evidence"] = [evidence(c) for c in shown[:MAX_EVIDENCE]]
     if status == "uncertain":
         info["closest_miss"] = [[k, round(v, 4), round(n, 4)] for c in kept for k, v, n in failures[c.label]][:4]
     return mask, info

@@ -9,6 +9,7 @@ temporary files; nothing is written into the scene unless the run succeeded.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .background import BackgroundJob, segment_command
@@ -17,6 +18,9 @@ from ..errors import InputError
 from ..io.outputs import read_probabilities, read_segment_masks, write_volume
 from .mrml_bridge import masks_to_segmentation, volume_to_array
 from ..options import SegmentOptions
+
+# The decision's inputs and outcome stored on each segment (tag CLIPSeg.Decision, JSON), from the run's findings
+DECISION_KEYS = ("status", "rule", "required", "evidence", "rejected", "closest_miss")
 
 
 class SceneRun(BackgroundJob):
@@ -76,8 +80,11 @@ class SceneRun(BackgroundJob):
 
     def _tag_decisions(self, node, ids: dict) -> None:
         """Each segment carries its run's decision as segment tags: ``CLIPSeg.Status`` (found, uncertain,
-        not found), ``CLIPSeg.Interpretation`` (how the prompt was read) and ``CLIPSeg.OutOfDomain`` (true when the
-        image did not look like the model's training data), from the background run's ``done`` event."""
+        not found), ``CLIPSeg.Interpretation`` (how the prompt was read), ``CLIPSeg.OutOfDomain`` (true when the
+        image did not look like the model's training data) and ``CLIPSeg.Decision`` (JSON: what the rule asked,
+        ``required``, and the inputs it judged, ``evidence``: peak and mean probability, extent, area and contrast
+        of the kept regions or of the nearest miss; ``postprocess.decide``), from the background run's ``done``
+        event."""
         done = (self.run.state.result or {}) if self.run else {}
         by_prompt = {f.get("prompt"): f for f in done.get("findings") or []}
         segmentation = node.GetSegmentation()
@@ -89,6 +96,7 @@ class SceneRun(BackgroundJob):
             segment.SetTag("CLIPSeg.Status", str(finding.get("status")))
             segment.SetTag("CLIPSeg.Interpretation", str(finding.get("interpretation", "")))
             segment.SetTag("CLIPSeg.OutOfDomain", "true" if finding.get("out_of_domain") else "false")
+            segment.SetTag("CLIPSeg.Decision", json.dumps({k: finding.get(k) for k in DECISION_KEYS}))
 
     def _load_probabilities(self, probabilities):
         """One scalar volume per prompt (probability in [0,1]) on the input's grid, beside it in the hierarchy."""
