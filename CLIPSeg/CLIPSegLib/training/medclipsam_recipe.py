@@ -30,6 +30,9 @@ SAM_SMALL = {"embed_dim": 64, "depth": 4, "num_heads": 4, "global_attn_indexes":
 JITTER = 0.2  # each box side moves by up to this fraction of the box's width / height (uniform)
 CLIP_FROM = "cliptnseg-phantom-small"
 STAGES = ("sam", "calibrate", "export")
+# 4 images a step, phantoms not augmented (box jitter and the phantoms' own variety only): MONAI's augmentation cost
+# ~0.1 s a sample, more than the SAM step itself, on the 2 CPU cores the embedded model is trained on
+BATCH, AUGMENT = 4, False
 
 
 def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = CLIP_FROM) -> dict:
@@ -181,9 +184,9 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
     sam = build_sam(sam_sizes(SAM_SMALL))
     sam_ckpt = work_dir / "sam.pt"
     if "sam" in stages:
-        bank = PhantomBank(n_phantoms, size, volumes=n_volumes, family=family,
+        bank = PhantomBank(n_phantoms, size, volumes=n_volumes, family=family, augment=AUGMENT,
                            progress=lambda d, t: progress.update("phantoms", d, t))
-        train_sam(sam, bank, steps, sam_ckpt, seed=seed, resume=resume, progress=progress, device=device)
+        train_sam(sam, bank, steps, sam_ckpt, BATCH, seed=seed, resume=resume, progress=progress, device=device)
     sam.load_state_dict(_checkpoint(sam_ckpt, "sam"))
     sam.eval()
     weights = {f"sam.{k}": v for k, v in sam.state_dict().items()}
@@ -201,7 +204,8 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
                          f"export) or give the --work-dir that holds it")
     spec["presence"] = json.loads(presence_path.read_text(encoding="utf-8"))
     spec["training"] = {"command": command, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "sam_steps": steps,
-                        "seed": seed, "family": family, "jitter": JITTER, "clip_from": clip_from,
+                        "seed": seed, "family": family, "jitter": JITTER,
+                        "batch_size": BATCH, "augment": AUGMENT, "clip_from": clip_from,
                         "phrases": clip_spec.get("training", {}).get("phrases", [])}
     path = write_spec(spec, weights, out_dir)
     # the CLIP's tensors are those of the clip_from model's file: list it (name, SHA-256, size) as a file of this
