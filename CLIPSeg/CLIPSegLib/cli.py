@@ -67,14 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", default=None, help="write the report: .json (all), .csv (per case) or .md (summary)")
     _add_common(e, EVALUATE_OPTIONS)
 
-    t = sub.add_parser("train", help="train a CLIP-TNseg model: CLIP contrastive, segmenter, calibration, export",
+    t = sub.add_parser("train", help="train a model: CLIP-TNseg (CLIP contrastive, segmenter, calibration, export) "
+                                     "or MedCLIP-SAM (SAM on phantom boxes, calibration, export)",
                        allow_abbrev=False)  # --model would otherwise be read as --model-id
+    t.add_argument("--engine", default="cliptnseg", choices=("cliptnseg", "medclipsam"),
+                   help="cliptnseg (default) or medclipsam: a small SAM trained on phantom box -> mask pairs, the "
+                        "CLIP of --clip-from reused frozen (stages sam,calibrate,export; --steps: SAM steps)")
+    t.add_argument("--clip-from", default="cliptnseg-phantom-small",
+                   help="medclipsam: the cliptnseg model whose CLIP is reused (id or .json)")
     t.add_argument("--output-dir", default="build/models",
                    help="where the model .json/.safetensors go (default build/models; never the shipped models "
                         "folder unless you give it)")
     t.add_argument("--work-dir", default=None,
                    help="checkpoints (resumable; default build/work/<model-id>, one folder per model)")
-    t.add_argument("--model-id", default="cliptnseg-phantom-small")
+    t.add_argument("--model-id", default=None, help="default: cliptnseg-phantom-small / medclipsam-phantom-small")
     t.add_argument("--phantoms", type=int, default=2000, help="2D phantom images in the training bank")
     t.add_argument("--volumes", type=int, default=0,
                    help="3D phantom volumes whose slices are added to the segmenter's training bank")
@@ -82,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=3000, help="segmenter training steps")
     t.add_argument("--data", default=None,
                    help="CSV (image,mask,phrase) of your own labelled images, added to phantoms")
-    t.add_argument("--stages", default="clip,segmenter,calibrate,export")
+    t.add_argument("--stages", default=None,
+                   help="default: clip,segmenter,calibrate,export (cliptnseg) / sam,calibrate,export (medclipsam)")
     t.add_argument("--calibration-volumes", type=int, default=24)
     t.add_argument("--calibration-data", default=None,
                    help="CSV (image,mask,phrase) of labelled images NOT used for training: calibrate the found / "
@@ -212,13 +219,45 @@ def _cmd_evaluate(a, progress):
         print(f"\nreport: {a.report}")
 
 
+def _cmd_train_medclipsam(a, progress):
+    from .inference.pipeline import resolve_device
+    from .training.cliptnseg_recipe import check_output_free, check_train_args
+    from .training.medclipsam_recipe import check_stages, run_medclipsam_training
+
+    a.model_id = a.model_id or "medclipsam-phantom-small"
+    stages = check_stages((a.stages or "sam,calibrate,export").split(","))
+    check_train_args(["export"], {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0), "--steps": (a.steps, 1),
+                                  "--calibration-volumes": (a.calibration_volumes, 1)}, {})
+    if a.data or a.calibration_data or a.presence_head:
+        from .errors import InputError
+
+        raise InputError("--engine medclipsam trains on phantoms only: --data, --calibration-data and "
+                         "--presence-head are cliptnseg options")
+    work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id
+    if "export" in stages:
+        check_output_free(Path(a.output_dir), a.model_id, a.force)
+    device = resolve_device(a.device)
+    cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
+           f"--clip-from {a.clip_from} --phantoms {a.phantoms} --volumes {a.volumes} --steps {a.steps} "
+           f"--calibration-volumes {a.calibration_volumes} --seed {a.seed} --no-resume --force")
+    path = run_medclipsam_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.volumes, a.steps, a.seed,
+                                   stages, not a.no_resume, a.calibration_volumes, progress, device, cmd, a.force,
+                                   a.clip_from)
+    if path:
+        print(f"wrote {path}")
+
+
 def _cmd_train(a, progress):
     from .inference.pipeline import resolve_device
     from .training.cliptnseg_recipe import check_output_free, check_train_args, run_training
 
-    stages = check_train_args(a.stages.split(","), {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
-                                                    "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
-                                                    "--calibration-volumes": (a.calibration_volumes, 1)},
+    if a.engine == "medclipsam":
+        return _cmd_train_medclipsam(a, progress)
+    a.model_id = a.model_id or "cliptnseg-phantom-small"
+    stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
+                              {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
+                               "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
+                               "--calibration-volumes": (a.calibration_volumes, 1)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
     work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id
     if "export" in stages:  # before the device is probed or anything is built

@@ -95,6 +95,9 @@ class MedCLIPSAMEngine(Engine):
         self.min_sam_iou = float(presence.get("min_sam_iou", 0.0))
         self.skip_below = lowest_floor(presence)
         self._neutral_emb = None
+        # calibration hook (``training.medclipsam_calibration``): called with each batch's best SAM IoU [B,P] (0 where
+        # no box), before boxes below ``min_sam_iou`` are dropped
+        self.on_iou = None
 
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "MedCLIPSAMEngine":
@@ -151,10 +154,14 @@ class MedCLIPSAMEngine(Engine):
         probs = torch.zeros(b, p, size, size, device=self.device)
         boxes = [torch.from_numpy(np.asarray([box for _, box in f], dtype=np.float32).reshape(-1, 4)) for f in found]
         outs = self.sam.segment(x, boxes)
+        best = torch.zeros(b, p)
         for i, (f, out) in enumerate(zip(found, outs)):
             for (prompt, _), mask, iou in zip(f, out.probabilities, out.iou):
+                best[i, prompt] = max(float(best[i, prompt]), float(iou))
                 if float(iou) >= self.min_sam_iou:
                     probs[i, prompt] = torch.maximum(probs[i, prompt], mask.to(self.device))
+        if self.on_iou is not None:
+            self.on_iou(best)
         return probs, presence
 
 

@@ -1,0 +1,236 @@
+"""MedCLIP-SAM's embedded phantom model: a small SAM (``segment_anything``'s own classes at ``SAM_SMALL`` sizes)
+trained on phantom box -> mask pairs through the one training loop (``training.loop.run_loop``), the CLIP reused
+frozen from a cliptnseg model (its ``clip.`` tensors, listed among the spec's files with their SHA-256, not copied),
+the presence rule calibrated on phantom volumes (``medclipsam_calibration``), then export.
+
+A box is the bounding box of a finding's mask (all its components: a few foci make one box, as one saliency blob
+would) with each side moved at random by up to ``JITTER`` of the box's size (saliency boxes are loose), plus per
+image one negative box that touches no finding, whose target is the empty mask and whose IoU target is 0, so SAM's
+IoU head learns to say "nothing here" (the engine's ``min_sam_iou`` drops such boxes). Loss: MONAI DiceCE on the
+masks (sigmoid) + the mean squared error of SAM's IoU head against the IoU its mask really reached, as SAM is
+trained. The SAM sees only phantom masks; the text side (CLIP, saliency) never sees a mask.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from ..progress import Progress
+from .loop import Recipe, run_loop
+
+# 128 px input (the phantom CLIP's), 8 px patches: a 16 x 16 embedding grid; about 0.6 M parameters
+SAM_SMALL = {"embed_dim": 64, "depth": 4, "num_heads": 4, "global_attn_indexes": [1, 3], "image_size": 128,
+             "patch_size": 8, "prompt_dim": 64, "window_size": 8, "mlp_dim": 256, "decoder_heads": 4}
+JITTER = 0.2  # each box side moves by up to this fraction of the box's width / height (uniform)
+CLIP_FROM = "cliptnseg-phantom-small"
+STAGES = ("sam", "calibrate", "export")
+# 4 images a step, phantoms not augmented (box jitter and the phantoms' own variety only): MONAI's augmentation cost
+# ~0.1 s a sample, more than the SAM step itself, on the 2 CPU cores the embedded model is trained on
+BATCH, AUGMENT = 4, False
+
+
+def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = CLIP_FROM) -> dict:
+    """The spec of the embedded MedCLIP-SAM model (without presence rule and files): the ``clip_from`` model's CLIP
+    config, the small SAM, gradcam saliency (gScoreCAM costs ~300 image passes per slice and prompt and localised no
+    better on phantoms: README), one box per slice, a 3-slice vote."""
+    from ..models import load_spec
+
+    clip = load_spec(clip_from)["clip"]
+    return {
+        "id": model_id,
+        "engine": "medclipsam",
+        "description": f"MedCLIP-SAM zero-shot: the phantom CLIP of {clip_from} (frozen) gives text saliency -> box; "
+                       "a small SAM trained on phantom box -> mask pairs segments it. For demos and tests, not for "
+                       "clinical use.",
+        "license": "Apache-2.0",
+        "citation": "Koleilat et al., MedCLIP-SAM, MICCAI 2024",
+        "clip": dict(clip),
+        "sam": {"type": dict(SAM_SMALL), "normalize": "sam"},
+        "saliency": {"method": "gradcam"},
+        "boxes": {"split": "otsu", "min_area": 16, "max_boxes": 1},
+        "inference": {"slice_vote": 3},
+    }
+
+
+def box_of(mask: torch.Tensor, jitter: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mask ``[H,W]`` (non-empty) -> its bounding box XYXY in pixels (inclusive), each side moved by a uniform
+    fraction in [-jitter, jitter] of the box's width (x) or height (y), clipped to the slice. ``[4]`` float32."""
+    ys, xs = torch.nonzero(mask > 0.5, as_tuple=True)
+    if not len(ys):
+        raise InputError("box_of: the mask is empty; a box needs at least one foreground pixel")
+    box = torch.tensor([xs.min(), ys.min(), xs.max(), ys.max()], dtype=torch.float32)
+    size = torch.stack([box[2] - box[0] + 1, box[3] - box[1] + 1]).repeat(2)
+    box = box + (torch.rand(4, generator=generator) * 2 - 1) * jitter * size
+    h, w = mask.shape
+    box = torch.stack([box[0].clamp(0, w - 1), box[1].clamp(0, h - 1), box[2].clamp(0, w - 1), box[3].clamp(0, h - 1)])
+    return torch.stack([torch.minimum(box[0], box[2]), torch.minimum(box[1], box[3]),
+                        torch.maximum(box[0], box[2]), torch.maximum(box[1], box[3])])
+
+
+def negative_box(masks: torch.Tensor, generator: torch.Generator | None = None, tries: int = 20):
+    """A random box ``[4]`` XYXY (8..S/3 px a side) that touches none of ``masks`` ``[N,H,W]``, or None."""
+    h, w = masks.shape[-2:]
+    anything = masks.amax(0) > 0.5 if len(masks) else torch.zeros(h, w, dtype=torch.bool)
+    for _ in range(tries):
+        bw, bh = (torch.randint(8, max(9, w // 3), (2,), generator=generator)).tolist()
+        x0 = int(torch.randint(0, w - bw, (), generator=generator))
+        y0 = int(torch.randint(0, h - bh, (), generator=generator))
+        if not anything[y0:y0 + bh, x0:x0 + bw].any():
+            return torch.tensor([x0, y0, x0 + bw - 1, y0 + bh - 1], dtype=torch.float32)
+    return None
+
+
+def sam_loss_fn(sam, jitter: float = JITTER, device="cpu"):
+    """-> ``loss(batch)`` for ``run_loop``: the SAM's masks for jittered truth boxes (and a negative box per image)
+    of a ``datasets.collate`` batch, scored with MONAI DiceCE + MSE of the IoU head (module docstring)."""
+    from monai.losses import DiceCELoss
+
+    from ..engines.medclipsam.sam import SamSegmenter
+
+    dice_ce = DiceCELoss(sigmoid=True)
+    front = SamSegmenter(sam)  # its ``prepare``: the same resizing and normalisation as at run time
+
+    def loss(batch):
+        images, _, masks, pair_index = batch
+        size = tuple(images.shape[-2:])
+        embeddings = sam.image_encoder(front.prepare(images.to(device)))
+        logits, ious, targets = [], [], []
+        for i in range(images.shape[0]):
+            own = masks[pair_index == i]
+            present = own[own.flatten(1).amax(1) > 0]
+            boxes = [box_of(m, jitter) for m in present]
+            target = list(present)
+            neg = negative_box(own)
+            if neg is not None:
+                boxes.append(neg)
+                target.append(torch.zeros(size))
+            if not boxes:
+                continue
+            boxes = torch.stack(boxes).to(device)
+            sparse, dense = sam.prompt_encoder(points=None, boxes=front.resize.apply_boxes_torch(boxes, size),
+                                               masks=None)
+            low, iou = sam.mask_decoder(image_embeddings=embeddings[i:i + 1],
+                                        image_pe=sam.prompt_encoder.get_dense_pe(), sparse_prompt_embeddings=sparse,
+                                        dense_prompt_embeddings=dense, multimask_output=False)
+            logits.append(sam.postprocess_masks(low, front.resize.get_preprocess_shape(*size, front.image_size),
+                                                size))
+            ious.append(iou[:, 0])
+            targets.append(torch.stack(target).to(device))
+        logits, ious, target = torch.cat(logits), torch.cat(ious), torch.cat(targets)[:, None]
+        with torch.no_grad():
+            pred = logits > 0
+            inter = (pred & (target > 0.5)).flatten(1).sum(1)
+            union = (pred | (target > 0.5)).flatten(1).sum(1)
+            reached = torch.where(target.flatten(1).amax(1) > 0, inter / union.clamp_min(1), torch.zeros_like(ious))
+        return dice_ce(logits, target) + F.mse_loss(ious, reached)
+
+    return loss
+
+
+def train_sam(sam, dataset, steps: int, ckpt: Path, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
+              resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None, device="cpu",
+              stop_after: int | None = None, jitter: float = JITTER) -> list[float]:
+    """Train every part of the SAM (image encoder, prompt encoder, mask decoder) on ``dataset`` (``datasets``
+    samples; boxes made from its masks) through ``run_loop``. Returns the loss of every step run in this call."""
+    sam.to(device)
+    recipe = Recipe("SAM box -> mask", [{"params": list(sam.parameters()), "lr": lr}], sam_loss_fn(sam, jitter, device),
+                    sam.state_dict, sam.load_state_dict, sam.train, weight_decay=1e-4,
+                    fingerprint={"lr": lr, "jitter": jitter, "parameters": sum(p.numel() for p in sam.parameters())})
+    return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after)
+
+
+def check_stages(stages) -> tuple:
+    stages = tuple(s.strip() for s in stages if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise InputError(f"--stages {','.join(stages)}: unknown stage {unknown[0] if unknown else '(none)'!r}; the "
+                         f"medclipsam stages are {','.join(STAGES)} (in that order)")
+    return stages
+
+
+def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medclipsam-phantom-small",
+                            n_phantoms: int = 1000, n_volumes: int = 20, steps: int = 1500, seed: int = 0,
+                            stages=STAGES, resume: bool = True, calibration_volumes: int = 24,
+                            progress: Progress | None = None, device="cpu", command: str = "", force: bool = False,
+                            clip_from: str = CLIP_FROM, family: str = "A") -> Path | None:
+    """The embedded MedCLIP-SAM model's recipe: SAM on phantom box -> mask pairs (``n_phantoms`` 2D phantoms plus
+    the slices of ``n_volumes`` volumes, of ``family``) -> calibration of the presence rule on
+    ``calibration_volumes`` phantom volumes (calibration seeds) -> export of ``out_dir/<model_id>.{json,safetensors}``
+    (the SAM's tensors under ``sam.``; the CLIP stays in ``clip_from``'s file, listed with its SHA-256). Stages read
+    and write checkpoints in ``work_dir``. Returns the spec path if exported."""
+    from monai.utils import set_determinism
+
+    from ..engines.medclipsam.sam import build_sam, sam_sizes
+    from ..models import load_spec, write_spec
+    from .cliptnseg_recipe import _checkpoint, check_output_free
+    from .datasets import PhantomBank
+
+    stages = check_stages(stages)
+    if "export" in stages:
+        check_output_free(out_dir, model_id, force)
+    progress = progress or Progress("bar")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(seed)
+    clip_spec = load_spec(clip_from)
+    spec = embedded_spec(model_id, clip_from)
+    size = SAM_SMALL["image_size"]
+    sam = build_sam(sam_sizes(SAM_SMALL))
+    sam_ckpt = work_dir / "sam.pt"
+    if "sam" in stages:
+        bank = PhantomBank(n_phantoms, size, volumes=n_volumes, family=family, augment=AUGMENT,
+                           progress=lambda d, t: progress.update("phantoms", d, t))
+        train_sam(sam, bank, steps, sam_ckpt, BATCH, seed=seed, resume=resume, progress=progress, device=device)
+    sam.load_state_dict(_checkpoint(sam_ckpt, "sam"))
+    sam.eval()
+    weights = {f"sam.{k}": v for k, v in sam.state_dict().items()}
+    presence_path = work_dir / "presence.json"
+    if "calibrate" in stages:
+        from .medclipsam_calibration import calibrate_medclipsam
+
+        engine = _engine(spec, clip_spec, weights, device)
+        presence = calibrate_medclipsam(engine, calibration_volumes, progress=progress, family=family)
+        presence_path.write_text(json.dumps(presence, indent=2), encoding="utf-8")
+    if "export" not in stages:
+        return None
+    if not presence_path.is_file():
+        raise InputError(f"no calibrated rule {presence_path}: run the 'calibrate' stage first (--stages calibrate,"
+                         f"export) or give the --work-dir that holds it")
+    spec["presence"] = json.loads(presence_path.read_text(encoding="utf-8"))
+    spec["training"] = {"command": command, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "sam_steps": steps,
+                        "seed": seed, "family": family, "jitter": JITTER,
+                        "batch_size": BATCH, "augment": AUGMENT, "clip_from": clip_from,
+                        "phrases": clip_spec.get("training", {}).get("phrases", [])}
+    path = write_spec(spec, weights, out_dir)
+    # the CLIP's tensors are those of the clip_from model's file: list it (name, SHA-256, size) as a file of this
+    # model, so it is hashed before it loads and the model is not a second copy of the CLIP
+    own = json.loads(path.read_text(encoding="utf-8"))
+    clip_files = [f for f in clip_spec["files"] if f["name"] not in {g["name"] for g in own["files"]}]
+    if Path(clip_spec["_dir"]).resolve() != Path(out_dir).resolve():
+        clip_files = [{**f, "name": str(Path(clip_spec["_dir"]).resolve() / f["name"])} for f in clip_files]
+    own["files"] += clip_files
+    path.write_text(json.dumps(own, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _engine(spec: dict, clip_spec: dict, sam_weights: dict, device):
+    """The MedCLIP-SAM engine of ``spec`` before export: CLIP from ``clip_spec``'s files, SAM from ``sam_weights``."""
+    from ..engines.medclipsam.clip_model import load_clip
+    from ..engines.medclipsam.engine import MedCLIPSAMEngine
+    from ..engines.medclipsam.sam import sam_from_state
+    from ..models import load_weights
+
+    device = torch.device(device)
+    clip = load_clip(spec, load_weights(clip_spec), device)
+    sam = sam_from_state({k[4:]: v for k, v in sam_weights.items()}, spec["sam"]["type"], device)
+    return MedCLIPSAMEngine(clip, sam, device, spec)
+
+
+__all__ = ["SAM_SMALL", "JITTER", "STAGES", "embedded_spec", "box_of", "negative_box", "sam_loss_fn", "train_sam",
+           "run_medclipsam_training"]
