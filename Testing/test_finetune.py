@@ -256,23 +256,32 @@ def test_a_model_fine_tuned_at_another_input_size_is_written_and_run_at_that_siz
     result = finetune(sparse_table, tmp_path / "out", tiny_model, "big", steps=2, batch_size=1, replay=2,
                       input_size=64, command="cmd")
     spec = read_spec(result.spec_path)
-    assert spec["clip"]["vision_cfg"]["image_size"] == 64 and spec["training"]["input_size"] == 64
+    assert spec["network"]["input_size"] == 64 and spec["training"]["input_size"] == 64
+    assert spec["clip"] == json.loads(tiny_model.read_text())["clip"]  # CLIP keeps its own size
     engine = load_engine(str(result.spec_path), device="cpu")
-    assert engine.preprocessing.input_size == 64 and engine.net.input_size == 64
-    assert engine.net.clip.visual.positional_embedding.shape[0] == (64 // 8) ** 2 + 1
+    assert engine.preprocessing.input_size == 64 and engine.net.clip_size == 32
+    state = engine.encode_prompts(["bright disc"])
+    probs, _ = engine.infer(torch.rand(2, 1, 64, 64), state)
+    assert probs.shape == (2, 1, 64, 64)
 
 
-def test_resizing_the_network_interpolates_only_the_position_embeddings(tiny_model):
-    from CLIPSegLib.engines.cliptnseg.network import network_at_input_size
+def test_the_fine_branch_at_a_larger_size_keeps_every_weight_and_the_coarse_map(tiny_model):
+    from CLIPSegLib.engines.cliptnseg.network import CLIPTNSegNet, network_at_input_size
     from CLIPSegLib.errors import ModelError
+    from CLIPSegLib.inference.preprocessing import resize_slices
     from CLIPSegLib.inference.segment_file import load_engine
 
-    net = load_engine(str(tiny_model), device="cpu").net
-    big, cfg = network_at_input_size(net, json.loads(tiny_model.read_text())["clip"], 64)
+    engine = load_engine(str(tiny_model), device="cpu")
+    net = engine.net
+    big = network_at_input_size(net, 64)
     old, new = net.state_dict(), big.state_dict()
-    assert set(old) == set(new) and cfg["vision_cfg"]["image_size"] == 64
-    changed = [k for k in old if old[k].shape != new[k].shape or not torch.equal(old[k], new[k])]
-    assert changed == ["clip.visual.positional_embedding"]
-    assert torch.equal(new[changed[0]][0], old[changed[0]][0])  # the class token's embedding is kept
-    with pytest.raises(ModelError, match="multiple of 8"):
-        network_at_input_size(net, cfg, 60)
+    assert set(old) == set(new) and all(torch.equal(old[k], new[k]) for k in old)
+    text = engine.encode_prompts(["bright disc"]).embeddings
+    image = torch.rand(1, 1, 64, 64)
+    # CLIP sees the same 32 px image either way: its tokens agree
+    small_acts = net.clip_activations(resize_slices(image, 32))
+    assert all(torch.allclose(a, b) for a, b in zip(small_acts, big.clip_activations(image)))
+    mask, _ = big(image, text)
+    assert mask.shape == (1, 1, 64, 64)
+    with pytest.raises(ModelError, match="multiple of 2"):
+        CLIPTNSegNet(net.clip, {**net.cfg, "input_size": 63})

@@ -282,7 +282,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     ``steps`` of ``batch_size`` of the user's slices plus replayed phantoms (``replay`` of them; None: the parent's
     own first ``REPLAY_PHANTOMS`` when it was trained on phantoms, else none), seeded by ``seed``; ``stop_after``
     ends this call early with a checkpoint (returns None). ``input_size`` (pixels; None: the parent's) trains and
-    writes the model at another slice size (``network.network_at_input_size``): finer for large slices, slower. Raises InputError for bad data (see ``labelled_slices``)
+    writes the model at another slice size (``network.network_at_input_size``: the fine branch and head at that size,
+    CLIP at its own): finer for large slices, slower. Raises InputError for bad data (see ``labelled_slices``)
     and for fewer training slices than ``batch_size``."""
     from monai.utils import set_determinism
 
@@ -316,11 +317,10 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     set_determinism(seed)
     engine = CLIPTNSegEngine.from_spec(parent_spec, torch.device("cpu"))
     net, size, prep = engine.net, engine.preprocessing.input_size, engine.preprocessing
-    clip_cfg = parent_spec["clip"]
     if input_size and input_size != size:
         from ..engines.cliptnseg.network import network_at_input_size
 
-        net, clip_cfg = network_at_input_size(net, clip_cfg, input_size)
+        net = network_at_input_size(net, input_size)
         size = input_size
         progress.message(f"fine-tuning at {size} x {size} pixels per slice (the parent takes "
                          f"{engine.preprocessing.input_size})")
@@ -362,12 +362,12 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     else:
         learned_phrases, extra = text.export(learned_phrases)
         table = {text.key(p): t for p, t in zip(learned_phrases, extra[next(iter(extra))])}
-    engine = CLIPTNSegEngine(net, dev, {**parent_spec, "clip": clip_cfg, "learned_phrases": learned_phrases},
-                             learned=table)
+    engine = CLIPTNSegEngine(net, dev, {**parent_spec, "learned_phrases": learned_phrases}, learned=table)
     rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
     spec = {k: v for k, v in parent_spec.items() if not k.startswith("_") and k != "files"}
-    spec["network"] = {**spec.get("network", {}), "coarse_only": False}
-    spec["clip"] = clip_cfg
+    spec["network"] = {**spec.get("network", {}), "coarse_only": False, "input_size": net.cfg["input_size"]}
+    if spec["network"]["input_size"] is None:
+        spec["network"].pop("input_size")
     spec.update(id=model_id, learned_phrases=learned_phrases, presence=merged_presence(parent_spec, rules),
                 description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
                             f"({len(train) + len(held)} labelled slices of {len(volumes)} volume(s)).")
@@ -379,7 +379,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     parent_training = parent_spec.get("training") or {}
     spec["training"] = {
         "command": command, "method": "finetune", "steps": steps, "seed": seed, "batch_size": batch_size,
-        "input_size": size, "text_adaptation": text_adaptation, "replay_phantoms": n_replay, "replay_share": round(share, 4),
+        "input_size": size, "text_adaptation": text_adaptation, "replay_phantoms": n_replay,
+        "replay_share": round(share, 4),
         "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on",
         "phrases": sorted(set(parent_training.get("phrases") or []) | set(phrases)),
         "data": {"source": str(data), **ls.summary(volumes, train, held)},

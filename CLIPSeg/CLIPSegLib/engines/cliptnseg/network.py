@@ -29,7 +29,6 @@ presence logits ``[B,P]``.
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
@@ -55,6 +54,9 @@ DEFAULT_NETWORK = {
     "image_std": None,
     "coarse_only": False,
     "residual_head": False,
+    # slice size (pixels) of the fine branch and head; None: the CLIP tower's. Larger: CLIP sees the slice resized
+    # to its own size, its coarse map is upsampled, and the fine branch resolves the finer detail
+    "input_size": None,
 }
 COARSE_STYLES = ("cliptnseg", "clipseg")
 TRANSPOSED_CONVS = ("complex", "simple")
@@ -155,6 +157,12 @@ def check_network(cfg: dict) -> None:
     if cfg["coarse_only"] and cfg["presence_head"]:
         raise ModelError(f"the presence head reads the head's features, which coarse_only does not compute; turn "
                          f"one of them off; {fix}")
+    stride = 2 ** (len(cfg["fine_channels"]) - 1)
+    size = cfg["input_size"]
+    if size is not None and (not isinstance(size, int) or size < stride or size % stride):
+        raise ModelError(f"network input_size {size!r} must be a multiple of {stride} pixels (the fine branch's "
+                         f"stride), e.g. {max(stride, round(size / stride) * stride) if isinstance(size, int) else 256}"
+                         f"; {fix}")
 
 
 class CLIPTNSegNet(nn.Module):
@@ -175,7 +183,8 @@ class CLIPTNSegNet(nn.Module):
         self.extract = [d - 1 for d in cfg["extract_layers"]]
         patch = visual.patch_size
         self.patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        self.input_size = clip_image_size(clip)
+        self.clip_size = clip_image_size(clip)
+        self.input_size = cfg["input_size"] or self.clip_size
         width = visual.transformer.width
         text_dim = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) else \
             clip.text_projection.out_features
@@ -215,8 +224,13 @@ class CLIPTNSegNet(nn.Module):
 
     @torch.no_grad()
     def clip_activations(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images ``[B,1,S,S]`` in [0,1] -> per extracted depth ``[B, T, width]``: the h*w patch tokens, after the
-        class token when the coarse branch keeps it. The blocks after the deepest extracted one are not run."""
+        """images ``[B,1,S,S]`` in [0,1] (resized to the tower's own size when S differs) -> per extracted depth
+        ``[B, T, width]``: the h*w patch tokens, after the class token when the coarse branch keeps it. The blocks
+        after the deepest extracted one are not run."""
+        if images.shape[-1] != self.clip_size:
+            from ...inference.preprocessing import resize_slices
+
+            images = resize_slices(images, self.clip_size)
         x = to_clip_input(images, self.image_mean, self.image_std)
         keep = self.coarse.keeps_class_token
         out = self.clip.visual.forward_intermediates(x, indices=self.extract, stop_early=True, intermediates_only=True,
@@ -260,9 +274,11 @@ class CLIPTNSegNet(nn.Module):
         else:
             t = text
             out_shape = (p, self.input_size, self.input_size)
-        grid = (self.input_size // self.patch, self.input_size // self.patch)
+        grid = (self.clip_size // self.patch, self.clip_size // self.patch)
         acts = [a[pair_index] for a in self.clip_activations(images)]
         coarse, tokens = self.coarse(acts, t, grid)
+        if self.input_size != self.clip_size:  # the coarse map at the fine branch's size
+            coarse = nn.functional.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=False)
         if self.cfg["coarse_only"]:
             return coarse.view(out_shape), None
         x = self.head_film(self.fused(coarse, self.fine(images), pair_index, per_image), t)
@@ -281,37 +297,9 @@ def build_network(spec: dict) -> CLIPTNSegNet:
     return CLIPTNSegNet(build_clip(spec["clip"]), spec.get("network"))
 
 
-def clip_config_at(clip_cfg: dict, size: int) -> dict:
-    """A copy of a spec's ``clip`` entry whose image tower takes ``size`` x ``size`` pixels."""
-    cfg = copy.deepcopy(clip_cfg)
-    if "open_clip_name" in cfg:
-        cfg["image_size"] = int(size)
-    else:
-        cfg["vision_cfg"]["image_size"] = int(size)
-    return cfg
-
-
-def network_at_input_size(net: CLIPTNSegNet, clip_cfg: dict, size: int) -> tuple[CLIPTNSegNet, dict]:
-    """``net`` rebuilt for ``size`` x ``size`` input slices (pixels), with its weights: the CLIP image tower's
-    position embeddings interpolated to the new token grid (open_clip's ``resize_pos_embed``); every other weight
-    (convolutions, decoder, text tower) is size-free. -> (the new network, its spec ``clip`` entry).
-    Raises ModelError when ``size`` is not a multiple of the patch size and of the fine branch's total stride."""
-    from open_clip.model import resize_pos_embed
-
-    stride = 2 ** (len(net.cfg["fine_channels"]) - 1)
-    step = net.patch * stride // math.gcd(net.patch, stride)
-    if size < step or size % step:
-        raise ModelError(f"input size {size} must be a multiple of {step} pixels (the CLIP patch {net.patch} and the "
-                         f"fine branch's stride {stride}), e.g. {max(step, round(size / step) * step)}")
-    cfg = clip_config_at(clip_cfg, size)
-    new = CLIPTNSegNet(build_clip(cfg), net.cfg)
-    clip_state = net.clip.state_dict()
-    resize_pos_embed(clip_state, new.clip)
-    new.clip.load_state_dict(clip_state)
-    missing, unexpected = new.load_state_dict(
-        {k: v for k, v in net.state_dict().items() if not k.startswith("clip.")}, strict=False)
-    if unexpected or any(not k.startswith("clip.") for k in missing):
-        raise ModelError(f"the network at {size} px does not take its own weights (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    new.freeze_clip()
-    return new, cfg
+def network_at_input_size(net: CLIPTNSegNet, size: int) -> CLIPTNSegNet:
+    """``net`` with its weights, taking ``size`` x ``size`` slices (pixels): the fine branch and head work at that
+    size, the CLIP tower at its own (``network.input_size``); every weight is size-free, so all are kept."""
+    new = CLIPTNSegNet(copy.deepcopy(net.clip), {**net.cfg, "input_size": None if size == net.clip_size else int(size)})
+    new.load_state_dict(net.state_dict())
+    return new
