@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tower")
     f.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
                    help="slice size the new model works at (default: the parent's, 128 for the embedded model); "
-                        "256 resolves thin structures of large slices better (the fine branch works at that size, CLIP at its own)")
+                        "256 resolves thin structures of large slices better (the fine branch works at that size, "
+                        "CLIP at its own)")
     _add_common(f, ("device",))
 
     m = sub.add_parser("models", help="model catalogue and cache: list, fetch, verify, import, remove, convert")
