@@ -272,20 +272,20 @@ def load_cases(data: Path, prompt_map: dict | None = None) -> list[dict]:
     """-> [{"id", "image", "truth": {prompt: ("mask", path) | ("label", path, value)}}].
 
     ``data`` is a CSV (columns image,mask,phrase; one binary mask per phrase) or a folder with ``images/`` and
-    ``labels/`` holding label maps of the same file names, whose values ``prompt_map`` names ({"1": "nodule"})."""
-    import csv
+    ``labels/`` holding label maps of the same file names, whose values ``prompt_map`` names ({"1": "nodule"}).
+    A CSV is read with ``io.tables.read_table`` (paths relative to the CSV; every file checked to exist)."""
+    from ..io.tables import read_table
 
     data = Path(data)
     if data.is_file() and data.suffix.lower() == ".csv":
-        with open(data, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or not {"image", "mask", "phrase"} <= set(rows[0]):
-            raise InputError(f"{data} needs a header with columns image,mask,phrase and at least one row")
-        cases: dict[str, dict] = {}
-        for r in rows:
-            c = cases.setdefault(r["image"], {"id": Path(r["image"]).name, "image": data.parent / r["image"],
-                                              "truth": {}})
-            c["truth"][r["phrase"].strip()] = ("mask", data.parent / r["mask"])
+        cases: dict[Path, dict] = {}
+        for r in read_table(data, files=("image", "mask")):
+            image = r.path("image")
+            c = cases.setdefault(image, {"id": image.name, "image": image, "truth": {}})
+            if r["phrase"] in c["truth"]:
+                raise InputError(f"{r.where}: {r['phrase']!r} is given twice for {r['image']}; merge the two masks "
+                                 f"into one")
+            c["truth"][r["phrase"]] = ("mask", r.path("mask"))
         return list(cases.values())
     if data.is_dir():
         images, labels = data / "images", data / "labels"

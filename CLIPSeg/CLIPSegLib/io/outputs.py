@@ -199,13 +199,19 @@ def _write_label_table(path: Path, names: list[str]) -> None:
 
 
 def read_label_names(path: str | os.PathLike) -> dict[int, str]:
-    """Label value -> name from the table beside a label map (``label_names_path``) or from that table itself."""
-    import csv
+    """Label value -> name from the table beside a label map (``label_names_path``) or from that table itself
+    (``io.tables.read_table``: columns LabelValue,Name)."""
+    from .tables import read_table
 
     path = Path(path)
     table = path if path.name.endswith(".csv") else label_names_path(path)
-    with open(table, encoding="utf-8", newline="") as f:
-        return {int(row["LabelValue"]): row["Name"] for row in csv.DictReader(f)}
+    names = {}
+    for row in read_table(table, required=("LabelValue", "Name")):
+        try:
+            names[int(row["LabelValue"])] = row["Name"]
+        except ValueError:
+            raise InputError(f"{row.where}: LabelValue {row['LabelValue']!r} is not a whole number") from None
+    return names
 
 
 def write_segmentation(path: str | os.PathLike, masks: dict[str, np.ndarray], geometry: Geometry,

@@ -74,13 +74,17 @@ class Phantom:
         return [f for f in FINDINGS if f in self.masks]
 
 
-def _grid_mm(shape, spacing):
+# Geometry shared with family B (``scatter_phantoms``): a change in what these draw from ``rng`` changes the cases
+# of both families.
+
+
+def grid_mm(shape, spacing):
     """Physical coordinates (mm) of voxel centres, one array per axis, broadcastable."""
     axes = [np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)]
     return np.meshgrid(*axes, indexing="ij", sparse=True)
 
 
-def _random_rotation(rng, ndim):
+def random_rotation(rng, ndim):
     """A random rotation matrix (ndim x ndim). In 3D, mostly in-plane so depth stays the depth axis."""
     if ndim == 2:
         a = rng.uniform(0, np.pi)
@@ -89,7 +93,7 @@ def _random_rotation(rng, ndim):
     return (q * np.sign(np.diag(r))).astype(np.float32)
 
 
-def _ellipsoid(coords, centre, radii, rotation):
+def ellipsoid_distance(coords, centre, radii, rotation):
     """Normalised ellipsoid distance (<1 inside). coords: per-axis mm grids; centre, radii in mm."""
     d = [c - c0 for c, c0 in zip(coords, centre)]
     acc = 0.0
@@ -108,7 +112,7 @@ def _speckle(rng, shape, spacing, grain_mm):
     return mag / (mag.mean() + 1e-8)
 
 
-def _place(rng, shape, spacing, radius_mm, margin_mm, taken, min_gap_mm):
+def place_centre(rng, shape, spacing, radius_mm, margin_mm, taken, min_gap_mm):
     """Pick a centre (mm) that keeps the finding inside the image and away from ``taken`` (centre, radius) pairs."""
     ext = [n * s for n, s in zip(shape, spacing)]
     for _ in range(200):
@@ -147,7 +151,7 @@ def make_phantom(
     if unknown:
         raise ValueError(f"unknown findings {sorted(unknown)}; expected some of {FINDINGS}")
 
-    coords = _grid_mm(shape, spacing)
+    coords = grid_mm(shape, spacing)
     depth_axis = ndim - 2  # rows: the beam travels down the rows
     depth = coords[depth_axis]
     depth_mm = shape[depth_axis] * spacing[depth_axis]
@@ -166,18 +170,18 @@ def make_phantom(
 
     if "nodule" in findings:
         r = in_plane_r(4.0, 10.0)
-        c = _place(rng, shape, spacing, r * 1.2, 1.0, taken, 2.0)
+        c = place_centre(rng, shape, spacing, r * 1.2, 1.0, taken, 2.0)
         if c is not None:
             radii = [r * rng.uniform(0.65, 1.0) for _ in range(ndim)]
-            rot = _random_rotation(rng, ndim)
-            d = _ellipsoid(coords, c, radii, rot)
+            rot = random_rotation(rng, ndim)
+            d = ellipsoid_distance(coords, c, radii, rot)
             m = d < 1.0
             for _ in range(int(rng.integers(0, 4))):  # lobulation: bumps on the border
                 u = rng.normal(size=ndim)
                 u /= np.linalg.norm(u)
                 rb = r * rng.uniform(0.3, 0.5)
                 cb = [c0 + u_ * ri * 0.85 for c0, u_, ri in zip(c, u, radii)]
-                m |= _ellipsoid(coords, cb, [rb] * ndim, np.eye(ndim, dtype=np.float32)) < 1.0
+                m |= ellipsoid_distance(coords, cb, [rb] * ndim, np.eye(ndim, dtype=np.float32)) < 1.0
             level = rng.uniform(0.2, 0.6)
             inner = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), [1.0 / s for s in spacing])
             echo = np.where(m, level * (1.0 + 0.25 * inner / (inner.std() + 1e-8)), echo)
@@ -185,10 +189,10 @@ def make_phantom(
             taken.append((c, r * 1.3))
     if "cyst" in findings:
         r = in_plane_r(3.0, 8.0)
-        c = _place(rng, shape, spacing, r, 1.0, taken, 1.5)
+        c = place_centre(rng, shape, spacing, r, 1.0, taken, 1.5)
         if c is not None:
             radii = [r * rng.uniform(0.85, 1.0) for _ in range(ndim)]
-            d = _ellipsoid(coords, c, radii, _random_rotation(rng, ndim))
+            d = ellipsoid_distance(coords, c, radii, random_rotation(rng, ndim))
             m = d < 1.0
             echo = np.where(m, rng.uniform(0.0, 0.06), echo)
             # Posterior acoustic enhancement: a bright band below the cyst, as wide as the cyst.
@@ -208,11 +212,11 @@ def make_phantom(
                 idx = np.argwhere(masks["nodule"])
                 c = [float(v) * s for v, s in zip(idx[rng.integers(len(idx))], spacing)]
             else:
-                c = _place(rng, shape, spacing, r, 0.5, taken, 1.0)
+                c = place_centre(rng, shape, spacing, r, 0.5, taken, 1.0)
                 if c is None:
                     continue
             radii = [r * rng.uniform(0.7, 1.0) for _ in range(ndim)]
-            f = _ellipsoid(coords, c, radii, _random_rotation(rng, ndim)) < 1.0
+            f = ellipsoid_distance(coords, c, radii, random_rotation(rng, ndim)) < 1.0
             m |= f
             lateral = np.sqrt(sum(((coords[a] - c[a]) / radii[a]) ** 2 for a in range(ndim) if a != depth_axis))
             shadow = (depth > c[depth_axis] + radii[depth_axis]) & (lateral < 0.8)

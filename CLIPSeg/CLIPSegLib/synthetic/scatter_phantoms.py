@@ -33,7 +33,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, signal
 
-from .phantoms import FINDINGS, PHRASES, Phantom, _ellipsoid, _grid_mm, _place, _random_rotation
+from .phantoms import (FINDINGS, PHRASES, Phantom, ellipsoid_distance, grid_mm, place_centre,
+                       random_rotation)
 
 UPSAMPLE = 3  # fine depth samples per image row: the RF carrier gets 4-6 samples per period
 _EPS = 1e-12
@@ -111,7 +112,7 @@ def make_scatter_phantom(
     if steer_deg is None:
         steer_deg = 0.0 if rng.random() < 0.6 else float(rng.choice([-1, 1]) * rng.uniform(4.0, 12.0))
 
-    coords = _grid_mm(shape, spacing)
+    coords = grid_mm(shape, spacing)
     ax = ndim - 2  # depth axis (rows)
     lat = [a for a in range(ndim) if a != ax]
     depth = coords[ax]
@@ -141,10 +142,10 @@ def make_scatter_phantom(
     taken: list = []
     if "nodule" in findings:
         r = rng.uniform(4.0, 10.0)
-        c = _place(rng, shape, spacing, r * 1.2, 1.0, taken, 2.0)
+        c = place_centre(rng, shape, spacing, r * 1.2, 1.0, taken, 2.0)
         if c is not None:
             radii = [r * rng.uniform(0.6, 1.0) for _ in range(ndim)]
-            d = _ellipsoid(coords, c, radii, _random_rotation(rng, ndim))
+            d = ellipsoid_distance(coords, c, radii, random_rotation(rng, ndim))
             margin = _smooth_field(rng, shape, [rng.uniform(0.8, 2.0) / s for s in spacing])
             m = d < 1.0 + rng.uniform(0.0, 0.2) * np.tanh(margin)  # irregular / microlobulated margin, <= 1.2 r
             inner = _smooth_field(rng, shape, [0.8 / s for s in spacing])
@@ -155,10 +156,10 @@ def make_scatter_phantom(
             taken.append((c, r * 1.3))
     if "cyst" in findings:
         r = rng.uniform(3.0, 8.0)
-        c = _place(rng, shape, spacing, r, 1.0, taken, 1.5)
+        c = place_centre(rng, shape, spacing, r, 1.0, taken, 1.5)
         if c is not None:
             radii = [r * rng.uniform(0.8, 1.0) for _ in range(ndim)]
-            m = _ellipsoid(coords, c, radii, _random_rotation(rng, ndim)) < 1.0
+            m = ellipsoid_distance(coords, c, radii, random_rotation(rng, ndim)) < 1.0
             m &= ~masks.get("nodule", np.zeros(shape, bool))  # solid or cystic, never both
             refl = np.where(m, refl_t * rng.uniform(0.0, 0.04), refl)
             dens = np.where(m, 0.01, dens)
@@ -174,11 +175,11 @@ def make_scatter_phantom(
                 idx = np.argwhere(masks["nodule"])
                 c = [float(v) * s for v, s in zip(idx[rng.integers(len(idx))], spacing)]
             else:
-                c = _place(rng, shape, spacing, r, 0.5, taken, 1.0)
+                c = place_centre(rng, shape, spacing, r, 0.5, taken, 1.0)
                 if c is None:
                     continue
             radii = [r * rng.uniform(0.7, 1.0) for _ in range(ndim)]
-            m |= _ellipsoid(coords, c, radii, _random_rotation(rng, ndim)) < 1.0
+            m |= ellipsoid_distance(coords, c, radii, random_rotation(rng, ndim)) < 1.0
             taken.append((c, r))
         if "cyst" in masks:
             m &= ~masks["cyst"]

@@ -61,27 +61,20 @@ def data_cases(table_csv):
     """A user's labelled images (a CSV ``image,mask,phrase``, as for training) as calibration cases: each phrase is a
     finding of its own, asked as written; an image's mask that is empty says the finding is absent there. Returns
     (cases, phrasings: finding -> [phrase])."""
-    import csv
-    from pathlib import Path
-
     from ..io.geometry import check_same_grid
     from ..io.read import read_image
+    from ..io.tables import read_table
 
-    table_csv = Path(table_csv)
-    with open(table_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"image", "mask", "phrase"} <= set(rows[0]):
-        raise InputError(f"{table_csv} must have a header row with columns image,mask,phrase and at least one row")
-    by_image: dict[str, list] = {}
-    for r in rows:
-        by_image.setdefault(r["image"], []).append(r)
+    by_image: dict = {}
+    for r in read_table(table_csv, files=("image", "mask")):
+        by_image.setdefault(r.path("image"), []).append(r)
     cases = []
-    for image_name, image_rows in by_image.items():
-        image, geometry = read_image(table_csv.parent / image_name)
+    for image_path, image_rows in by_image.items():
+        image, geometry = read_image(image_path)
         truths, prompts = {}, {}
         for r in image_rows:
-            mask, mask_geometry = read_image(table_csv.parent / r["mask"])
-            check_same_grid(mask, mask_geometry, image, geometry, r["mask"], image_name)
+            mask, mask_geometry = read_image(r.path("mask"))
+            check_same_grid(mask, mask_geometry, image, geometry, r["mask"], r["image"])
             phrase = " ".join(r["phrase"].split())
             truths[phrase], prompts[phrase] = mask > 0, phrase
         cases.append(CalibrationCase(image, geometry.spacing, truths, prompts))

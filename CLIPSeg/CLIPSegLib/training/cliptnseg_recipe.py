@@ -183,12 +183,11 @@ def check_output_free(out_dir: Path, model_id: str, force: bool = False) -> None
 def training_phrases(data_csv: Path | None = None) -> list[str]:
     """Every phrase the recipe trains on (phantom phrasings, normal-tissue phrases, a CSV's phrases): the model's
     vocabulary, recorded in its spec so a prompt's unseen words can be named (``engines.contract.unseen_words``)."""
-    import csv
+    from ..io.tables import read_table
 
     phrases = {p for ps in PHRASES.values() for p in ps} | set(NORMAL_PHRASES)
     if data_csv is not None:
-        with open(data_csv, newline="") as f:
-            phrases |= {r["phrase"].strip() for r in csv.DictReader(f) if r.get("phrase")}
+        phrases |= {r["phrase"] for r in read_table(data_csv)}
     return sorted(phrases)
 
 
@@ -197,9 +196,10 @@ STAGES = ("clip", "segmenter", "calibrate", "export")
 
 def check_train_args(stages, counts: dict, tables: dict) -> tuple:
     """Refuse (InputError) before any work: an unknown stage, a count below its minimum (``counts``: option ->
-    (value, minimum)), a table that does not exist or lacks the columns image,mask,phrase (``tables``: option -> path
-    or None). Returns the stages as a tuple."""
-    import csv
+    (value, minimum)), a table that ``io.tables.read_table`` refuses (missing, without the columns image,mask,phrase,
+    an empty cell, a file it names that does not exist; ``tables``: option -> path or None). Returns the stages as a
+    tuple."""
+    from ..io.tables import read_table
 
     stages = tuple(s.strip() for s in stages if s.strip())
     unknown = [s for s in stages if s not in STAGES]
@@ -212,13 +212,7 @@ def check_train_args(stages, counts: dict, tables: dict) -> tuple:
     for option, path in tables.items():
         if path is None:
             continue
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{option} {path}: no such file; give a CSV with columns image,mask,phrase")
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        if not {"image", "mask", "phrase"} <= {h.strip() for h in header}:
-            raise InputError(f"{option} {path}: its header {header} lacks the columns image,mask,phrase")
+        read_table(path, files=("image", "mask"), name=f"{option} {path}")
     return stages
 
 

@@ -10,13 +10,11 @@ binary mask for one phrase; 3D images contribute every slice along K.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import InputError
 from ..synthetic.families import make_phantom, random_volume_phantom
 from ..synthetic.phantoms import FINDINGS, PHRASES
 from ..inference.preprocessing import normalize_intensity, resize_slices
@@ -103,23 +101,18 @@ class FolderTriples(torch.utils.data.Dataset):
         from ..io.geometry import check_same_grid
         from ..io.read import read_image
 
-        csv_path = Path(csv_path)
-        if not csv_path.is_file():
-            raise InputError(f"training table {csv_path} does not exist; give a CSV with columns image,mask,phrase")
-        with open(csv_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or not {"image", "mask", "phrase"} <= set(rows[0]):
-            raise InputError(f"{csv_path} must have a header row with columns image,mask,phrase and at least one row")
+        from ..io.tables import read_table
+
         self.items = []
-        for r in rows:
-            image, image_geometry = read_image(csv_path.parent / r["image"])
-            mask, mask_geometry = read_image(csv_path.parent / r["mask"])
+        for r in read_table(csv_path, files=("image", "mask"), name=f"training table {csv_path}"):
+            image, image_geometry = read_image(r.path("image"))
+            mask, mask_geometry = read_image(r.path("mask"))
             check_same_grid(mask, mask_geometry, image, image_geometry, r["mask"], r["image"])
             norm = normalize_intensity(image)
             for k in range(image.shape[0]):
                 img = resize_slices(norm[k][None, None], size)[0, 0].numpy()
                 m = resize_slices(torch.from_numpy((mask[k] > 0).astype(np.float32))[None, None], size)[0, 0] > 0.5
-                self.items.append((img, m.numpy()[None], r["phrase"].strip()))
+                self.items.append((img, m.numpy()[None], r["phrase"]))
         self.transform = make_augmentation() if augment else None
 
     def __len__(self):

@@ -16,7 +16,6 @@ Internal layout: images ``[K,J,I]`` as ``io.read.read_image`` gives them; slices
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,31 +74,22 @@ def _read_checked(path: Path, image, geometry, image_name: str):
 
 def _from_table(table: Path) -> list[LabelledVolume]:
     from ..io.read import read_image
+    from ..io.tables import read_table
 
-    with open(table, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"image", "mask", "phrase"} <= set(rows[0]):
-        raise InputError(f"{table} must have a header row with columns image,mask,phrase (and optionally slices) "
-                         f"and at least one row")
-    by_image: dict[str, list] = {}
-    for n, r in enumerate(rows, start=2):
-        by_image.setdefault(r["image"], []).append((n, r))
+    by_image: dict[Path, list] = {}
+    for r in read_table(table, optional=("slices",), files=("image", "mask")):
+        by_image.setdefault(r.path("image"), []).append(r)
     volumes = []
-    for name, image_rows in by_image.items():
-        path = table.parent / name
-        if not path.is_file():
-            raise InputError(f"{table} line {image_rows[0][0]}: image {path} does not exist")
+    for path, image_rows in by_image.items():
         image, geometry = read_image(path)
         v = LabelledVolume(image, geometry, {}, {}, {"image": str(path), "shape_kji": list(image.shape)})
-        for n, r in image_rows:
-            phrase = " ".join((r["phrase"] or "").split())
-            where = f"{table} line {n}"
-            if not phrase:
-                raise InputError(f"{where}: the phrase is empty; name the structure, e.g. \"white matter\"")
+        for r in image_rows:
+            phrase = " ".join(r["phrase"].split())
             if phrase in v.truth:
-                raise InputError(f"{where}: {phrase!r} is given twice for {name}; merge the two masks into one")
-            v.truth[phrase] = _read_checked(table.parent / r["mask"], image, geometry, str(path)) > 0
-            v.slices[phrase] = parse_slices(r.get("slices"), image.shape[0], where)
+                raise InputError(f"{r.where}: {phrase!r} is given twice for {r['image']}; merge the two masks into "
+                                 f"one")
+            v.truth[phrase] = _read_checked(r.path("mask"), image, geometry, str(path)) > 0
+            v.slices[phrase] = parse_slices(r.get("slices"), image.shape[0], r.where)
         volumes.append(v)
     return volumes
 
