@@ -120,6 +120,17 @@ def test_each_slice_is_embedded_once_per_call_whatever_the_number_of_prompts(bui
     assert calls == []
 
 
+def test_patch_similarity_makes_one_clip_image_pass_per_batch_for_presence_and_every_prompt(build):
+    engine = build(saliency={"method": "patch_similarity"})
+    calls = []
+    engine.clip.model.visual.trunk.patch_embed.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    state = engine.encode_prompts(["thyroid nodule", "cyst", "bright lesion"])
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    probs, presence = engine.predict(x, state)
+    assert probs.shape == (2, 3, 48, 48) and presence.shape == (2, 3) and torch.isfinite(probs).all()
+    assert calls == [2]  # the two slices once, whatever the number of prompts
+
+
 def test_the_cliptnseg_models_clip_is_reused_as_the_clip(tiny_model, tiny_biomedclip, tmp_path):
     """A medclipsam spec whose CLIP is the cliptnseg model's (its clip config, the clip.* tensors of its file)."""
     from CLIPSegLib.models import load_weights

@@ -1,5 +1,7 @@
 """Text-conditioned saliency (``engines.medclipsam.saliency``) on a tiny open_clip CLIP trained in the test to tell
-images with a bright square from images without: the map must follow the square (and, for gScoreCAM, the prompt)."""
+images with a bright square from images without: the map must follow the square (and, for gScoreCAM, the prompt).
+patch_similarity reads patch tokens, which that training does not shape, so its localisation test uses a tiny CLIP
+whose patch tokens were trained to align with the square's text."""
 
 import numpy as np
 import pytest
@@ -7,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from CLIPSegLib.engines.clip_backbone import build_clip, to_clip_input
-from CLIPSegLib.engines.medclipsam.saliency import METHODS, TextScorer, _gscorecam_class, saliency, vit_layer
+from CLIPSegLib.engines.medclipsam.saliency import (METHODS, TextScorer, _gscorecam_class, dense_features, saliency,
+                                                     vit_layer)
 from CLIPSegLib.errors import InputError
 
 S, SQUARE = 64, 16
@@ -65,7 +68,7 @@ def test_maps_have_the_image_shape_are_finite_and_in_range(toy, method):
     assert all(p.grad is None and p.requires_grad for p in clip.parameters())  # weights untouched
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["gscorecam", "gradcam"])
 def test_the_square_prompt_lights_up_the_square_wherever_it_is(toy, method):
     clip, text = toy
     x, _, corners = squares(6, torch.Generator().manual_seed(5), present=True)
@@ -123,3 +126,57 @@ def test_bad_input_is_named(toy):
         saliency(clip, torch.zeros(1, 3, S, S), text, method="scorecam")
     with pytest.raises(InputError, match=r"\[B,3,S,S\]"):
         saliency(clip, torch.zeros(1, 1, S, S), text)
+
+
+@pytest.fixture(scope="module")
+def dense_toy():
+    """(clip, text [2,16]): a tiny CLIP whose patch embeddings (``dense_features``) learnt (150 Adam steps, ~3 s)
+    to lie near text row 1 on patches mostly inside the square and near row 0 elsewhere."""
+    torch.manual_seed(0)
+    clip = build_clip(CLIP)
+    text = F.normalize(torch.randn(2, 16), dim=-1)
+    opt = torch.optim.Adam(clip.visual.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        x, _, corner = squares(16, g, present=True)
+        square = torch.stack([inside(c) for c in corner]).float()[:, None]  # [B,1,S,S]
+        target = (F.avg_pool2d(square, 8) > 0.5).long().flatten()  # [B*8*8] patch mostly inside the square
+        _, dense = dense_features(clip, to_clip_input(x))
+        logits = 10 * F.normalize(dense, dim=1).permute(0, 2, 3, 1).reshape(-1, 16) @ text.T
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2, f"the dense toy did not learn the square ({loss.item():.3f})"
+    return clip.eval(), text
+
+
+def test_patch_similarity_lights_up_the_square_against_the_neutral_text(dense_toy):
+    clip, text = dense_toy
+    x, _, corners = squares(6, torch.Generator().manual_seed(5), present=True)
+    sal = saliency(clip, to_clip_input(x), text[1:], method="patch_similarity", neutral=text[:1])
+    assert sal.shape == (6, 1, S, S) and torch.isfinite(sal).all() and sal.min() >= 0 and sal.max() <= 1
+    for i in range(6):
+        m, s = inside(corners[i]), sal[i, 0]
+        assert s[m].mean() > 2 * s[~m].mean(), (i, s[m].mean().item(), s[~m].mean().item())
+        assert m[divmod(int(s.argmax()), S)], f"image {i}: peak outside the square"
+    # the neutral text's own map against the square's text: the background, not the square
+    swap = saliency(clip, to_clip_input(x), text[:1], method="patch_similarity", neutral=text[1:])
+    assert all(swap[i, 0][inside(corners[i])].mean() < swap[i, 0][~inside(corners[i])].mean() for i in range(6))
+
+
+def test_patch_similarity_makes_one_image_pass_for_all_prompts_and_no_gradients(toy):
+    clip, _ = toy
+    calls = []
+    hook = clip.visual.conv1.register_forward_hook(lambda m, i, o: calls.append(o.requires_grad))
+    try:
+        x, _, _ = squares(4, torch.Generator().manual_seed(2))
+        prompts = F.normalize(torch.randn(5, 16), dim=-1)
+        sal = saliency(clip, to_clip_input(x), prompts, method="patch_similarity", neutral=prompts[:2])
+    finally:
+        hook.remove()
+    assert sal.shape == (4, 5, S, S) and torch.isfinite(sal).all()
+    assert calls == [False]  # one batched pass of the 4 slices for the 5 prompts, without a graph
+    _, dense = dense_features(clip, to_clip_input(x))
+    assert dense.shape == (4, 16, S // 8, S // 8)
+    torch.testing.assert_close(_, clip.encode_image(to_clip_input(x)))  # the pooled embedding is encode_image's

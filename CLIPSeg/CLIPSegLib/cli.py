@@ -143,6 +143,44 @@ def build_parser() -> argparse.ArgumentParser:
                         "CLIP at its own)")
     _add_common(f, ("device",))
 
+    g = sub.add_parser("finetune-clip", help="fine-tune the CLIP of a MedCLIP-SAM model with DHN-NCE on image-caption "
+                                             "pairs (a CSV, or phantom captions); writes a medclipsam model",
+                       allow_abbrev=False)
+    g.add_argument("--from", dest="source", default=None, metavar="MODEL|FOLDER",
+                   help="a medclipsam or cliptnseg model (id or .json) or a BiomedCLIP folder (default: the embedded "
+                        "medclipsam-phantom-small)")
+    g.add_argument("--data", default=None, help="CSV image,caption[,slice] (slice: 0-based K index of a volume); "
+                                                "default: phantom captions")
+    g.add_argument("--phantoms", type=int, default=400, help="2D phantoms (without --data)")
+    g.add_argument("--volumes", type=int, default=0, help="phantom volumes whose slices are added (without --data)")
+    g.add_argument("--family", default="A", choices=("A", "B", "A+B"), help="phantom family (without --data)")
+    g.add_argument("--output-dir", required=True, help="where <model-id>.json/.safetensors are written")
+    g.add_argument("--model-id", default=None, help="default: <source id>-dhn")
+    g.add_argument("--work-dir", default=None, help="checkpoint folder (resumable; default build/work/<model-id>)")
+    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--batch-size", type=int, default=16, help="image-caption pairs per step (at least 2)")
+    g.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (one-cycle cosine)")
+    g.add_argument("--trainable", default="last", choices=("all", "last", "lora"),
+                   help="every weight, the last --blocks blocks of each tower and the projections (default), or "
+                        "LoRA adapters (merged at export)")
+    g.add_argument("--blocks", type=int, default=2, help="with --trainable last: blocks per tower")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--dense-weight", type=float, default=1.0,
+                   help="weight of the patch-level term (phantoms: patches of a finding's mask toward its phrase); "
+                        "0: DHN-NCE alone, as the paper")
+    g.add_argument("--temperature", type=float, default=0.6, help="DHN-NCE temperature (paper: 0.6)")
+    g.add_argument("--beta1", type=float, default=0.15, help="DHN-NCE hardness, image -> text (paper: 0.15)")
+    g.add_argument("--beta2", type=float, default=0.15, help="DHN-NCE hardness, text -> image (paper: 0.15)")
+    g.add_argument("--sam-from", default=None, metavar="MODEL",
+                   help="the medclipsam model whose SAM and box settings the new model takes when --from is not a "
+                        "medclipsam model (default medclipsam-phantom-small)")
+    g.add_argument("--saliency", default="patch_similarity", choices=("patch_similarity", "gradcam", "gscorecam"),
+                   help="the new model's saliency method (default patch_similarity, what the dense term trains)")
+    g.add_argument("--seed", type=seed, default=0)
+    g.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    g.add_argument("--force", action="store_true", help="replace <output-dir>/<model-id>.json/.safetensors")
+    _add_common(g, ("device",))
+
     m = sub.add_parser("models", help="model catalogue and cache: list, fetch, verify, import, remove, convert")
     msub = m.add_subparsers(dest="action", required=True)
     msub.add_parser("list", help="every model (segmentation models, then engine parts): present or not, size, licence")
@@ -328,6 +366,38 @@ def _cmd_finetune(a, progress):
         print(f"wrote {result.spec_path}")
 
 
+def _cmd_finetune_clip(a, progress):
+    import shlex
+
+    from .inference.pipeline import resolve_device
+    from .training.clip_finetune import finetune_clip
+
+    if a.data and (a.volumes or a.family != "A"):
+        from .errors import InputError
+
+        raise InputError("--volumes and --family choose phantoms; with --data your own pairs are used, so leave them "
+                         "out (or --data out to train on phantom captions)")
+    argv = ["clipseg", "finetune-clip", "--output-dir", a.output_dir, "--steps", str(a.steps), "--batch-size",
+            str(a.batch_size), "--lr", str(a.lr), "--trainable", a.trainable, "--blocks", str(a.blocks),
+            "--lora-rank", str(a.lora_rank), "--dense-weight", str(a.dense_weight), "--temperature",
+            str(a.temperature), "--beta1", str(a.beta1), "--beta2", str(a.beta2), "--saliency", a.saliency,
+            "--seed", str(a.seed)]
+    argv += ["--from", a.source] if a.source else []
+    argv += ["--sam-from", a.sam_from] if a.sam_from else []
+    argv += (["--data", a.data] if a.data else ["--phantoms", str(a.phantoms), "--volumes", str(a.volumes),
+                                                 "--family", a.family])
+    argv += ["--model-id", a.model_id] if a.model_id else []
+    model_key = a.model_id or f"{Path(a.source or 'medclipsam-phantom-small').stem}-dhn"
+    work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / model_key
+    path = finetune_clip(Path(a.output_dir), work_dir, a.source, a.model_id, Path(a.data) if a.data else None,
+                         a.phantoms, a.volumes, a.family, a.steps, a.batch_size, a.lr, a.trainable, a.blocks,
+                         a.lora_rank, a.dense_weight, a.temperature, a.beta1, a.beta2, a.seed, not a.no_resume,
+                         a.sam_from, a.saliency, progress, resolve_device(a.device),
+                         shlex.join(argv) + " --no-resume --force", a.force)
+    if a.progress != "json":
+        print(f"wrote {path}")
+
+
 def _cmd_models(a, progress):
     from .errors import ModelError
     from .models import catalogue
@@ -376,7 +446,7 @@ def _cmd_models(a, progress):
 
 COMMANDS = {"segment": _cmd_segment, "demo": _cmd_demo, "evaluate": _cmd_evaluate, "train": _cmd_train,
             "calibrate": _cmd_calibrate,
-            "finetune": _cmd_finetune, "models": _cmd_models}
+            "finetune": _cmd_finetune, "finetune-clip": _cmd_finetune_clip, "models": _cmd_models}
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,9 @@
 A spec's ``clip`` entry is one of
 
 - ``{"folder": PATH}``: a BiomedCLIP-style folder (``biomedclip``; PATH relative to the spec's folder), optionally
-  ``"weights": PATH`` (e.g. fine-tuned with DHN-NCE, the same state-dict layout);
+  ``"weights": PATH`` (e.g. fine-tuned with DHN-NCE, the same state-dict layout) or ``"weights_prefix": "clip."``:
+  the spec files' tensors under that prefix replace the folder's weights (how ``clipseg finetune-clip`` exports a
+  fine-tuned BiomedCLIP: hashed with the model, the folder giving config and tokenizer);
 - ``{"part": ID}``: the registry's CLIP part of that id (e.g. ``biomedclip-vit-b16``), fetched by ``clipseg models
   fetch ID`` and hashed against its pins before it is loaded;
 - an open_clip config as a cliptnseg spec's (``clip_backbone.build_clip``: ``embed_dim`` + ``vision_cfg`` +
@@ -78,6 +80,21 @@ def _local(spec: dict, path: str) -> Path:
     return p if p.is_absolute() else Path(spec.get("_dir", ".")) / p
 
 
+def _load_own(model: torch.nn.Module, spec: dict, state: dict, prefix: str) -> None:
+    """Load the spec files' tensors under ``prefix`` into ``model`` (strict), or a ModelError that says why not."""
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not own:
+        raise ModelError(f"model {spec['id']!r}: its files hold no CLIP tensors under {prefix!r} (first keys: "
+                         f"{list(state)[:3]}); set clip.weights_prefix, or name a BiomedCLIP folder or part")
+    model_state = model.state_dict()
+    own = {k: v.to(model_state[k].dtype) if k in model_state else v for k, v in own.items()}
+    try:
+        model.load_state_dict(own, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"model {spec['id']!r}: the {prefix!r} tensors do not fit its clip config "
+                         f"({str(e).splitlines()[0]} ...); the spec and weights come from different models") from e
+
+
 def load_clip(spec: dict, state: dict, device) -> CLIPModel:
     """The CLIP of a medclipsam ``spec`` (module docstring) on ``device``; ``state``: the spec files' tensors."""
     cfg = spec["clip"]
@@ -87,6 +104,8 @@ def load_clip(spec: dict, state: dict, device) -> CLIPModel:
         folder = _part_folder(cfg["part"]) if "part" in cfg else _local(spec, cfg["folder"])
         weights = _local(spec, cfg["weights"]) if cfg.get("weights") else None
         bm = load_biomedclip(folder, weights, device)
+        if cfg.get("weights_prefix"):
+            _load_own(bm.model, spec, state, cfg["weights_prefix"])
         hf = bm.tokenizer.tokenizer  # the Hugging Face tokenizer inside open_clip's HFTokenizer
 
         def read(text: str):
@@ -97,17 +116,8 @@ def load_clip(spec: dict, state: dict, device) -> CLIPModel:
         return CLIPModel(bm.model, bm.image_size, bm.mean, bm.std, bm.context_length, bm.tokenizer, read)
     from ..clip_backbone import CLIP_MEAN, CLIP_STD, build_clip, clip_image_size, read_prompt, tokenize
 
-    prefix = cfg.get("weights_prefix", "clip.")
-    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not own:
-        raise ModelError(f"model {spec['id']!r}: its files hold no CLIP tensors under {prefix!r} (first keys: "
-                         f"{list(state)[:3]}); set clip.weights_prefix, or name a BiomedCLIP folder or part")
     model = build_clip(cfg)
-    try:
-        model.load_state_dict(own, strict=True)
-    except RuntimeError as e:
-        raise ModelError(f"model {spec['id']!r}: the {prefix!r} tensors do not fit its clip config "
-                         f"({str(e).splitlines()[0]} ...); the spec and weights come from different models") from e
+    _load_own(model, spec, state, cfg.get("weights_prefix", "clip."))
     context = int(model.context_length)
     return CLIPModel(model.to(device).eval(), clip_image_size(model), tuple(cfg.get("mean", CLIP_MEAN)),
                      tuple(cfg.get("std", CLIP_STD)), context, lambda texts: tokenize(texts, context),

@@ -8,7 +8,8 @@ A model spec of engine ``medclipsam`` holds
 - ``sam``: ``{"type": "vit_b" | {SamSizes fields}, "normalize": "sam" | "unit"}`` with the weights from
   ``"checkpoint": PATH`` (relative to the spec), ``"part": ID`` (registry: sam-vit-b, medsam-vit-b, ...) or else
   the spec files' ``sam.*`` tensors;
-- ``saliency`` (``SALIENCY``: method gscorecam | gradcam, topk, batch_size, block, fill black | mean) and ``boxes``
+- ``saliency`` (``SALIENCY``: method gscorecam | gradcam | patch_similarity, topk, batch_size, block, fill black |
+  mean; patch_similarity reads the neutral texts below and needs only the one image pass presence makes) and ``boxes``
   (``BOXES``: ``prompts.saliency_to_prompts`` arguments);
 - ``presence``: the pipeline's found / not-found rule (its ``min_slice_presence`` empties slices whose presence is
   below it) plus this engine's ``neutral`` texts and ``min_sam_iou`` (a box whose mask SAM scores lower is dropped);
@@ -32,7 +33,7 @@ from ...models import load_weights
 from ..contract import Engine, Preprocessing, PromptReading, PromptState
 from .clip_model import CLIPModel, _local, _part_folder, load_clip
 from .prompts import SPLITS, saliency_to_prompts
-from .saliency import METHODS, saliency
+from .saliency import METHODS, dense_features, patch_maps, saliency
 from .sam import SamSegmenter, load_sam, sam_from_state
 
 NEUTRAL = ("a medical image", "normal tissue")  # what a slice without the finding is scored against by default
@@ -113,21 +114,35 @@ class MedCLIPSAMEngine(Engine):
         with torch.inference_mode():
             return self.clip.encode_text(texts, self.device), readings
 
-    def slice_presence(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """CLIP-normalised slices ``[B,3,C,C]``, prompt embeddings ``[P,D]`` -> ``[B,P]``: softmax probability (at
-        CLIP's logit scale) of each prompt against the neutral texts alone."""
+    def neutral_embeddings(self) -> torch.Tensor:
+        """The neutral texts' embeddings ``[N,D]`` (computed once)."""
         if self._neutral_emb is None:
             self._neutral_emb = self.clip.encode_text(self.neutral, self.device)
-        image = self.clip.encode_image(images)  # [B,D]
+        return self._neutral_emb
+
+    def slice_presence(self, images: torch.Tensor, text: torch.Tensor,
+                       image: torch.Tensor | None = None) -> torch.Tensor:
+        """CLIP-normalised slices ``[B,3,C,C]``, prompt embeddings ``[P,D]`` -> ``[B,P]``: softmax probability (at
+        CLIP's logit scale) of each prompt against the neutral texts alone. ``image``: the slices' image embeddings
+        ``[B,D]`` if already computed (then ``images`` is not read)."""
+        self.neutral_embeddings()
+        image = self.clip.encode_image(images) if image is None else F.normalize(image.float(), dim=-1)  # [B,D]
         scale = float(self.clip.model.logit_scale.exp())
         own = scale * image @ F.normalize(text.float(), dim=-1).T  # [B,P]
         rival = torch.logsumexp(scale * image @ self._neutral_emb.T, dim=1, keepdim=True)  # [B,1]
         return torch.sigmoid(own - rival)  # = exp(own) / (exp(own) + sum exp(neutral))
 
-    def boxes_of(self, images: torch.Tensor, text: torch.Tensor, wanted: torch.Tensor, size: int) -> list[list]:
+    def boxes_of(self, images: torch.Tensor, text: torch.Tensor, wanted: torch.Tensor, size: int,
+                 maps: torch.Tensor | None = None) -> list[list]:
         """Per slice, the (prompt index, box XYXY in ``size`` px) pairs: saliency of prompt p on the slices where
-        ``wanted[:, p]`` ([B,P] bool), its map resized to ``size`` and cut into boxes (``prompts``)."""
+        ``wanted[:, p]`` ([B,P] bool), its map resized to ``size`` and cut into boxes (``prompts``). ``maps``: every
+        slice's saliency ``[B,P,size,size]`` if already computed (patch_similarity)."""
         s = self.saliency
+        if maps is not None:
+            found = [[] for _ in range(images.shape[0])]
+            for b, p in wanted.nonzero().tolist():
+                found[b] += [(p, box) for box in saliency_to_prompts(maps[b, p].cpu().numpy(), **self.boxes).boxes]
+            return found
         fill = self.clip.black() if s["fill"] == "black" else None
         found = [[] for _ in range(images.shape[0])]
         for p in range(text.shape[0]):
@@ -149,8 +164,14 @@ class MedCLIPSAMEngine(Engine):
         b, size, p = x.shape[0], x.shape[-1], len(state.prompts)
         images = self.clip.normalize(x)
         text = state.embeddings.to(self.device)
-        presence = self.slice_presence(images, text)
-        found = self.boxes_of(images, text, presence >= self.skip_below, size)
+        if self.saliency["method"] == "patch_similarity":  # one image pass gives presence and every prompt's map
+            image, dense = dense_features(self.clip.model, images)
+            presence = self.slice_presence(images, text, image)
+            maps = patch_maps(dense, text, self.neutral_embeddings(), size)
+            found = self.boxes_of(images, text, presence >= self.skip_below, size, maps)
+        else:
+            presence = self.slice_presence(images, text)
+            found = self.boxes_of(images, text, presence >= self.skip_below, size)
         probs = torch.zeros(b, p, size, size, device=self.device)
         boxes = [torch.from_numpy(np.asarray([box for _, box in f], dtype=np.float32).reshape(-1, 4)) for f in found]
         outs = self.sam.segment(x, boxes)

@@ -1,12 +1,18 @@
 """Text-conditioned saliency: where in a slice a CLIP sees what a prompt names, as a map of the slice's size.
 
-Two methods on the same pieces, both through the ``grad-cam`` package (``pytorch_grad_cam``):
+Three methods; the first two through the ``grad-cam`` package (``pytorch_grad_cam``):
 
 - ``gscorecam`` (MedCLIP-SAM v1, after Chen et al.'s gScoreCAM): the gradient of the image-text score ranks the
   channels of a vision layer; only the top ``topk`` channels are scored (each channel's map, upsampled and min-max
   scaled, masks the image; the masked images go through the image tower in batches; softmax of their scores weighs
   the channels). About ``topk / batch_size`` image-tower passes per slice and prompt.
 - ``gradcam``: channels weighted by their mean gradient (one forward and one backward pass per prompt): cheap.
+- ``patch_similarity`` (dense patch-text similarity, as MaskCLIP / CLIP Surgery read a CLIP densely): the last
+  block's patch tokens go through the tower's final norm and projection (``dense_features``), so each patch is an
+  embedding in the text space; the map is the cosine of each patch with the prompt minus its mean cosine with the
+  neutral texts, kept where positive. One image forward per slice for every prompt, no gradients: the cheapest.
+  It localises only as well as the tower's patch tokens follow the text, which a CLIP trained on the pooled token
+  alone does not promise (``training.clip_finetune`` adds a patch-level term for that).
 
 A ViT's token layer ``[B, prefix + h*w, C]`` is made a feature map ``[B, C, h, w]`` by ``pytorch_grad_cam``'s
 ``vit_reshape_transform`` (the class token dropped). The default layer is the last block's first layer norm: the
@@ -26,7 +32,7 @@ from torch import nn
 
 from ...errors import InputError
 
-METHODS = ("gscorecam", "gradcam")
+METHODS = ("gscorecam", "gradcam", "patch_similarity")
 
 
 class TextScorer(nn.Module):
@@ -120,9 +126,46 @@ def _frozen(module: nn.Module):
             p.requires_grad_(flag)
 
 
+def dense_features(clip: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image-tower pass -> (image embeddings ``[B,D]``, as ``encode_image``; patch embeddings ``[B,D,h,w]``:
+    the last block's patch tokens through the final norm and the projection, the class token's path). ``images``
+    ``[B,3,S,S]`` normalised for the tower; open_clip ViT (``visual.proj``) or timm ViT (``visual.head``), through
+    their ``forward_intermediates``. Neither is L2-normalised."""
+    visual = clip.visual
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+        raise InputError("patch_similarity needs an image tower whose patch tokens share the pooled token's final "
+                         "norm and projection (no attention pooling)")
+    vit_layer(clip)  # a ViT this module knows, or a named error
+    out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC")
+    tokens = out["image_intermediates"][-1]  # [B,h*w,C] after the final norm, prefix tokens dropped
+    if hasattr(visual, "trunk"):
+        h, w = visual.trunk.patch_embed.grid_size
+        dense = visual.head(tokens)
+    else:
+        h, w = visual.grid_size
+        dense = tokens @ visual.proj if visual.proj is not None else tokens
+    return out["image_features"], dense.transpose(1, 2).reshape(dense.shape[0], -1, h, w)
+
+
+def patch_maps(dense: torch.Tensor, text_embeddings: torch.Tensor, neutral: torch.Tensor | None = None,
+               size: int | None = None) -> torch.Tensor:
+    """Patch embeddings ``[B,D,h,w]``, prompts ``[P,D]``, neutral texts ``[N,D]`` (or None) -> ``[B,P,size,size]``
+    float32: cos(patch, prompt) - mean_n cos(patch, neutral_n), upsampled (bilinear) to ``size`` (default: kept at
+    h x w), negative values set to 0 and each map divided by its maximum (all 0 where no patch is nearer the prompt
+    than the neutral texts: the map itself can say "nothing here")."""
+    d = F.normalize(dense.float(), dim=1)
+    sim = torch.einsum("bdhw,pd->bphw", d, F.normalize(text_embeddings.float(), dim=-1))
+    if neutral is not None and len(neutral):
+        sim = sim - torch.einsum("bdhw,nd->bnhw", d, F.normalize(neutral.float(), dim=-1)).mean(1, keepdim=True)
+    if size is not None and sim.shape[-1] != size:
+        sim = F.interpolate(sim, size=(size, size), mode="bilinear", align_corners=False)
+    sim = sim.clamp_min(0)
+    return sim / sim.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
+
+
 def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tensor, method: str = "gscorecam",
              topk: int = 300, batch_size: int = 32, block: int = -1,
-             fill: torch.Tensor | None = None) -> torch.Tensor:
+             fill: torch.Tensor | None = None, neutral: torch.Tensor | None = None) -> torch.Tensor:
     """Saliency of each prompt in each image.
 
     ``clip``: an open_clip CLIP (``encode_image``, ``logit_scale``) with a ViT image tower; ``images`` ``[B,3,S,S]``
@@ -132,13 +175,19 @@ def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tenso
     pass; ``block``: the transformer block whose first layer norm is read; ``fill``: what gScoreCAM's masked-out
     pixels become, ``[1,3,1,1]`` in the normalised space (None: 0, the mean colour, as ``pytorch_grad_cam``'s
     ScoreCAM; black, ``-mean/std``, suits medical images, whose background is dark: with it the map follows the
-    prompt, see the tests). Runs with gradients even under ``torch.inference_mode``; the weights are not changed."""
+    prompt, see the tests). Runs with gradients even under ``torch.inference_mode``; the weights are not changed.
+    ``patch_similarity`` (``patch_maps``, with ``neutral`` ``[N,D]`` text embeddings) ignores topk, batch_size,
+    block and fill, and runs without gradients."""
     if method not in METHODS:
         raise InputError(f"saliency method {method!r} is not one of {', '.join(METHODS)}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise InputError(f"saliency takes images [B,3,S,S], got {list(images.shape)}")
     if text_embeddings.ndim != 2:
         raise InputError(f"saliency takes text embeddings [P,D], got {list(text_embeddings.shape)}")
+    if method == "patch_similarity":
+        with torch.no_grad():
+            _, dense = dense_features(clip, images)
+            return patch_maps(dense, text_embeddings, neutral, images.shape[-1])
     cam_lib = _pytorch_grad_cam()
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform
@@ -161,4 +210,4 @@ def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tenso
     return torch.from_numpy(np.nan_to_num(out, nan=0.0)).to(images.device)
 
 
-__all__ = ["METHODS", "TextScorer", "saliency", "vit_layer"]
+__all__ = ["METHODS", "TextScorer", "dense_features", "patch_maps", "saliency", "vit_layer"]

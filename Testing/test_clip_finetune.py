@@ -1,0 +1,183 @@
+"""``clipseg finetune-clip`` (``training.clip_finetune``) on a tiny open_clip CLIP and tiny data in tmp_path: the
+loss goes down (DHN-NCE and the dense term), the exported model loads as a medclipsam engine with the tuned CLIP,
+LoRA merges, bad input is named, a stopped run resumes."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from CLIPSegLib.cli import main
+from CLIPSegLib.engines import create_engine
+from CLIPSegLib.engines.medclipsam.clip_model import load_clip
+from CLIPSegLib.engines.medclipsam.saliency import saliency
+from CLIPSegLib.models import load_spec, load_weights, write_spec
+from CLIPSegLib.training import clip_finetune as cf
+from CLIPSegLib.training.datasets import collate
+from CLIPSegLib.training.loop import Recipe, run_loop
+
+from conftest import TINY_SAM, TINY_SPEC
+
+S, SQ = 32, 12
+WORDS = ["nodule", "cyst", "lesion", "tumor", "mass", "calcification", "fluid", "tissue"]
+
+
+@pytest.fixture(scope="module")
+def tiny_open(tmp_path_factory):
+    """A medclipsam spec whose CLIP is TINY_SPEC's open_clip config (32 px, 4 x 4 patches) and SAM TINY_SAM."""
+    from CLIPSegLib.engines.clip_backbone import build_clip
+    from CLIPSegLib.engines.medclipsam.sam import build_sam, sam_sizes
+
+    torch.manual_seed(0)
+    clip, sam = build_clip(TINY_SPEC["clip"]), build_sam(sam_sizes(TINY_SAM))
+    spec = {"id": "tiny-open", "engine": "medclipsam", "input_size": 32, "clip": TINY_SPEC["clip"],
+            "sam": {"type": TINY_SAM}, "saliency": {"method": "gradcam"}, "boxes": {"min_area": 4},
+            "presence": {"threshold": 0.5, "min_peak": 0.5, "min_extent_mm": 0.0, "min_area_mm2": 0.0,
+                         "min_slice_presence": 0.0}, "files": []}
+    weights = {**{f"clip.{k}": v for k, v in clip.state_dict().items()},
+               **{f"sam.{k}": v for k, v in sam.state_dict().items()}}
+    return write_spec(spec, weights, tmp_path_factory.mktemp("tiny-open"), half=False)
+
+
+def caption_csv(folder, n=8, rows=None):
+    """n PNGs (a bright square at a different place each) and a CSV image,caption with a distinct caption each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = np.full((S, S), 40, np.uint8)
+        r, c = divmod(i, 4)
+        a[2 + 14 * r:2 + 14 * r + SQ, 1 + 7 * c:1 + 7 * c + SQ // 2] = 220
+        sitk.WriteImage(sitk.GetImageFromArray(a), str(folder / f"{i}.png"))
+    lines = rows if rows is not None else ["image,caption"] + [f"{i}.png,{WORDS[i]}" for i in range(n)]
+    (folder / "pairs.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder / "pairs.csv"
+
+
+def squares(n, g):
+    """Samples (image [1,S,S], ["caption", "nodule"], masks [2,S,S]) with a bright square at a random place."""
+    out = []
+    for _ in range(n):
+        x = 0.2 + 0.05 * torch.rand(1, S, S, generator=g)
+        r, c = torch.randint(0, S - SQ + 1, (2,), generator=g).tolist()
+        m = torch.zeros(S, S)
+        m[r:r + SQ, c:c + SQ] = 1
+        x[0][m > 0] = 0.9
+        out.append((x, [WORDS[len(out) % len(WORDS)], "nodule"], torch.stack([m, m])))
+    return out
+
+
+def _clip(tiny_open):
+    spec = load_spec(tiny_open)
+    return load_clip(spec, load_weights(spec), torch.device("cpu"))
+
+
+def test_last_trains_the_last_blocks_and_the_projections_only(tiny_open):
+    tuner = cf.Tuner(_clip(tiny_open), "last", blocks=1)
+    assert any(n.startswith("visual.transformer.resblocks.1.") for n in tuner.names)
+    assert {"visual.proj", "visual.ln_post.weight", "text_projection", "ln_final.weight"} <= set(tuner.names)
+    assert not any("visual.transformer.resblocks.0." in n or "embedding" in n or n == "logit_scale"
+                   for n in tuner.names)
+    assert all(p.requires_grad == (n in tuner.names) for n, p in tuner.clip.model.named_parameters())
+
+
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_a_few_steps_lower_the_loss(tiny_open, tmp_path, trainable):
+    clip = _clip(tiny_open)
+    data = cf.CaptionTable(caption_csv(tmp_path / "d"), clip.image_size)
+    tuner = cf.Tuner(clip, trainable, blocks=1, lora_rank=4)
+    loss = cf.clip_loss_fn(clip, ["normal tissue"])
+    batch = collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        before = loss(batch).item()
+    recipe = Recipe("clip", [{"params": tuner.params, "lr": 1e-2}], loss, tuner.state, tuner.load, tuner.train)
+    run_loop(recipe, data, 12, tmp_path / "ck.pt", batch_size=8)
+    with torch.no_grad():
+        after = loss(batch).item()
+    assert after < before - 0.2, (before, after)
+    merged = tuner.merged()
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loss(batch).item(), after, atol=1e-4, rtol=1e-4)  # merging keeps what was learnt
+
+
+def test_the_dense_term_makes_patch_similarity_follow_the_mask(tiny_open, tmp_path):
+    clip = _clip(tiny_open)
+    g = torch.Generator().manual_seed(0)
+    data, probe = squares(32, g), squares(8, g)
+    neutral = ["normal tissue"]
+
+    def contrast():
+        with torch.no_grad():
+            x = torch.stack([p[0] for p in probe])
+            text = clip.encode_text(["nodule"], "cpu")
+            sal = saliency(clip.model, clip.normalize(x), text, "patch_similarity",
+                           neutral=clip.encode_text(neutral, "cpu"))[:, 0]
+        m = torch.stack([p[2][1] for p in probe]) > 0
+        return (sal[m].mean() - sal[~m].mean()).item()
+
+    before = contrast()
+    tuner = cf.Tuner(clip, "all")
+    recipe = Recipe("clip", [{"params": tuner.params, "lr": 1e-2}], cf.clip_loss_fn(clip, neutral, 1.0),
+                    tuner.state, tuner.load, tuner.train)
+    losses = run_loop(recipe, data, 30, tmp_path / "ck.pt", batch_size=8)
+    clip.model.eval()
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert contrast() > max(0.3, before + 0.2), (before, contrast())
+
+
+def test_the_command_writes_a_medclipsam_model_with_the_tuned_clip(tiny_open, tmp_path, capsys):
+    csv_path = caption_csv(tmp_path / "d")
+    out = tmp_path / "out"
+    code = main(["finetune-clip", "--from", str(tiny_open), "--data", str(csv_path), "--output-dir", str(out),
+                 "--model-id", "tuned", "--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--work-dir",
+                 str(tmp_path / "w"), "--progress", "none"])
+    assert code == 0, capsys.readouterr().err
+    spec = load_spec(out / "tuned.json")
+    assert spec["saliency"]["method"] == "patch_similarity" and spec["training"]["parent"]["id"] == "tiny-open"
+    assert "clipseg finetune-clip" in spec["training"]["command"] and spec["training"]["steps"] == 4
+    new, old = load_weights(spec), load_weights(load_spec(tiny_open))
+    assert any(not torch.equal(new[k], old[k]) for k in old if k.startswith("clip."))
+    assert all(torch.equal(new[k], old[k].half().float()) for k in old if k.startswith("sam."))  # fp16 export
+    engine = create_engine(spec, torch.device("cpu"))
+    probs, presence = engine.predict(torch.rand(2, 1, 32, 32), engine.encode_prompts(["nodule", "cyst"]))
+    assert probs.shape == (2, 2, 32, 32) and torch.isfinite(probs).all()
+
+
+@pytest.mark.parametrize("rows, batch, message", [
+    (["image,text", "0.png,nodule"], "4", "columns image,caption"),
+    (["image,caption", "0.png,nodule", "1.png,  "], "4", "line 3: the caption is empty"),
+    (None, "1", "at least 2 image-caption pairs"),
+    (None, "16", "fewer than one batch of 16"),
+])
+def test_bad_input_exits_with_a_clear_message(tiny_open, tmp_path, capsys, rows, batch, message):
+    csv_path = caption_csv(tmp_path / "d", rows=rows)
+    code = main(["finetune-clip", "--from", str(tiny_open), "--data", str(csv_path), "--output-dir",
+                 str(tmp_path / "o"), "--steps", "2", "--batch-size", batch, "--work-dir", str(tmp_path / "w"),
+                 "--progress", "none"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_stopped_run_resumes_where_it_stopped(tiny_open, tmp_path):
+    csv_path = caption_csv(tmp_path / "d")
+    args = dict(out_dir=tmp_path / "o", work_dir=tmp_path / "w", source=str(tiny_open), model_id="r",
+                data_csv=csv_path, steps=6, batch_size=4, lr=1e-3)
+    assert cf.finetune_clip(**args, stop_after=3) is None
+    assert torch.load(tmp_path / "w" / "clip.pt", weights_only=True)["step"] == 3
+    path = cf.finetune_clip(**args)
+    assert torch.load(tmp_path / "w" / "clip.pt", weights_only=True)["step"] == 6
+    assert json.loads(path.read_text())["training"]["steps"] == 6
+    with pytest.raises(Exception, match="other settings"):  # a checkpoint of other settings is not continued
+        cf.finetune_clip(**{**args, "lr": 2e-3, "force": True})
+
+
+def test_a_biomedclip_folder_is_tuned_and_exported_with_its_folder_and_hashed_tensors(tiny_biomedclip, tmp_path):
+    path = cf.finetune_clip(tmp_path / "o", tmp_path / "w", str(tiny_biomedclip), "bm", caption_csv(tmp_path / "d", 4),
+                            steps=2, batch_size=2, lr=1e-3, trainable="lora", lora_rank=2,
+                            template=None)
+    spec = load_spec(path)
+    assert spec["clip"] == {"folder": str(tiny_biomedclip.resolve()), "weights_prefix": "clip."}
+    assert any(k.startswith("text.transformer.") for k in (k[5:] for k in load_weights(spec) if k[:5] == "clip."))
+    clip = load_clip(spec, load_weights(spec), torch.device("cpu"))  # the folder's config and tokenizer, tuned tensors
+    assert clip.encode_text(["thyroid nodule"], "cpu").shape == (1, 16)
