@@ -16,7 +16,7 @@ Structures (``--task``):
               Each is labelled on the 8 spread slices (mostly without it) plus 4 slices through it.
 
 Run:  .venv/bin/python benchmarks/fewshot_mni.py --task tissue [--steps N] [--input-size 256] [--from MODEL]
-      [--work build/fewshot_mni]   (needs nilearn: `.venv/bin/pip install nilearn`)
+      [--work build/fewshot_mni]   (needs nilearn: `.venv/bin/pip install -e '.[bench]'`)
 """
 
 from __future__ import annotations
