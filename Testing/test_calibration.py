@@ -97,3 +97,29 @@ def test_a_phrase_outside_the_phantom_findings_trains_and_calibrates(tmp_path):
     assert disc["phrases"] == ["bright disc"] and {"min_peak", "min_mean", "min_area_mm2"} <= set(disc)
     assert rule["calibration"]["volumes"] == 6 and rule["exclusive"] == []
     assert 0.0 <= disc["calibration"]["absent_empty_rate"] <= 1.0
+
+
+def test_recalibration_rewrites_the_phantom_rules_and_keeps_a_fine_tuned_phrase(tiny_model, tmp_path):
+    import json
+
+    import pytest
+
+    from CLIPSegLib.errors import InputError
+    from CLIPSegLib.synthetic.phantoms import FINDINGS
+    from CLIPSegLib.training.calibration import recalibrate_model
+
+    spec = json.loads(tiny_model.read_text())
+    own = {"threshold": 0.4, "min_peak": 0.6, "min_mean": 0.5, "min_extent_mm": 1.0, "min_area_mm2": 2.0,
+           "phrases": ["bright disc"], "calibration": {"method": "held-out split"}}
+    spec["presence"] = {**spec["presence"], "per_finding": {"bright disc": own}}
+    tuned = tiny_model.parent / "tuned.json"
+    tuned.write_text(json.dumps(spec), encoding="utf-8")
+    out = recalibrate_model(str(tuned), tmp_path / "elsewhere" / "re.json", 1, family="A", command="cmd")
+    new = json.loads(out.read_text(encoding="utf-8"))
+    per = new["presence"]["per_finding"]
+    assert per["bright disc"] == own  # the user's phrase keeps the rule calibrated on their slices
+    assert set(FINDINGS) <= set(per) and new["presence"]["calibration"]["family"] == "A"
+    assert new["presence"]["calibration"]["volumes"] == 1 and new["presence"]["calibration"]["command"] == "cmd"
+    assert all((out.parent / f["name"]).is_file() for f in new["files"])  # weights copied beside the new spec
+    with pytest.raises(InputError, match="exists"):
+        recalibrate_model(str(tuned), out, 1, family="A")

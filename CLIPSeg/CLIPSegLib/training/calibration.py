@@ -280,7 +280,8 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
                       progress: Progress | None = None, command: str = ""):
     """Re-calibrate the presence rule of an existing model (id or spec path; None: the embedded model) on
     ``n_volumes`` phantom volumes of ``family`` ("A", "B" or the mixture "A+B") from ``seed_base``, its weights
-    unchanged; write the spec with the new ``presence`` to ``output`` (a .json; the weight files are copied beside
+    unchanged (the rules of phrases a fine-tuned model learnt from a user's slices are kept); write the spec with the
+    new ``presence`` to ``output`` (a .json; the weight files are copied beside
     it when it is in another folder). The rule's ``calibration`` entry says how (family, seeds, volumes,
     ``command``). -> the written path."""
     import json
@@ -314,6 +315,12 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
         for f in spec.get("files", []):
             shutil.copy2(source_dir / f["name"], output.parent / f["name"])
     new = {k: v for k, v in spec.items() if not k.startswith("_")}
+    # a fine-tuned model's own phrases (rules calibrated on the user's slices) are kept as they were
+    own = {k: r for k, r in ((spec.get("presence") or {}).get("per_finding") or {}).items() if k not in FINDINGS}
+    if own:
+        from .finetune import merged_presence
+
+        rule = merged_presence({"presence": rule}, own)
     new["presence"] = rule
     tmp = output.parent / f".{output.name}.partial"
     tmp.write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
