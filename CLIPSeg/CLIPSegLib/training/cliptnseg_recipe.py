@@ -14,7 +14,7 @@ from .datasets import NORMAL_PHRASES
 from ..errors import InputError
 from ..synthetic.phantoms import PHRASES
 from ..progress import Progress
-from .loop import Recipe, run_loop
+from .loop import Recipe, run_loop, staged_presence
 
 
 def embedded_spec(model_id: str = "cliptnseg-phantom-small", presence_head: bool = False) -> dict:
@@ -236,8 +236,6 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
     if exported. An export that would overwrite ``out_dir/<model_id>.{json,safetensors}`` is refused before any work
     unless ``force`` (``check_output_free``)."""
-    import json
-
     from monai.utils import set_determinism
 
     from .datasets import FolderTriples, PhantomBank
@@ -276,21 +274,18 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device)
     net.load_state_dict(_checkpoint(seg_ckpt, "segmenter"), strict=False)
     net.eval()
-    presence_path = work_dir / "presence.json"
-    if "calibrate" in stages:
+    def calibrate():
         from .calibration import calibrate_presence
 
-        presence = calibrate_presence(net, n_volumes=calibration_volumes, progress=progress, device=device,
-                                      flip_average=spec["inference"]["flip_average"], table_csv=calibration_csv)
-        presence_path.write_text(json.dumps(presence, indent=2), encoding="utf-8")
-    if "export" not in stages:
+        return calibrate_presence(net, n_volumes=calibration_volumes, progress=progress, device=device,
+                                  flip_average=spec["inference"]["flip_average"], table_csv=calibration_csv)
+
+    presence = staged_presence(work_dir, stages, calibrate)
+    if presence is None:
         return None
     from ..models import write_spec
 
-    if not presence_path.is_file():
-        raise InputError(f"no calibrated rule {presence_path}: run the 'calibrate' stage first (--stages calibrate,"
-                         f"export) or give the --work-dir that holds it")
-    spec["presence"] = json.loads(presence_path.read_text(encoding="utf-8"))
+    spec["presence"] = presence
     if data_csv is None:  # a model trained on phantoms only says so; with a user's data its domain is not known here
         from ..inference.domain import phantom_domain
 

@@ -126,3 +126,19 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
                          f"improve for {patience} checks in a row (best {best:.4f})")
     recipe.train(False)
     return losses
+
+
+def staged_presence(work_dir: Path, stages, calibrate: Callable[[], dict]) -> dict | None:
+    """The presence rule of a staged training run: with the "calibrate" stage, ``calibrate()`` computes it and it is
+    kept as ``work_dir/presence.json``; with the "export" stage it is read back from there (-> the rule), else None.
+    Raises InputError when export finds no calibrated rule."""
+    path = Path(work_dir) / "presence.json"
+    if "calibrate" in stages:
+        path.write_text(json.dumps(calibrate(), indent=2), encoding="utf-8")
+    if "export" not in stages:
+        return None
+    if not path.is_file():
+        raise InputError(f"no calibrated rule {path}: run the 'calibrate' stage first (--stages calibrate,export) or "
+                         f"give the --work-dir that holds it")
+    return json.loads(path.read_text(encoding="utf-8"))
+

@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 from ..progress import Progress
-from .loop import Recipe, run_loop
+from .loop import Recipe, run_loop, staged_presence
 
 # 128 px input (the phantom CLIP's), 8 px patches: a 16 x 16 embedding grid; about 0.6 M parameters
 SAM_SMALL = {"embed_dim": 64, "depth": 4, "num_heads": 4, "global_attn_indexes": [1, 3], "image_size": 128,
@@ -190,19 +189,16 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
     sam.load_state_dict(_checkpoint(sam_ckpt, "sam"))
     sam.eval()
     weights = {f"sam.{k}": v for k, v in sam.state_dict().items()}
-    presence_path = work_dir / "presence.json"
-    if "calibrate" in stages:
+    def calibrate():
         from .medclipsam_calibration import calibrate_medclipsam
 
-        engine = _engine(spec, clip_spec, weights, device)
-        presence = calibrate_medclipsam(engine, calibration_volumes, progress=progress, family=family)
-        presence_path.write_text(json.dumps(presence, indent=2), encoding="utf-8")
-    if "export" not in stages:
+        return calibrate_medclipsam(_engine(spec, clip_spec, weights, device), calibration_volumes,
+                                    progress=progress, family=family)
+
+    presence = staged_presence(work_dir, stages, calibrate)
+    if presence is None:
         return None
-    if not presence_path.is_file():
-        raise InputError(f"no calibrated rule {presence_path}: run the 'calibrate' stage first (--stages calibrate,"
-                         f"export) or give the --work-dir that holds it")
-    spec["presence"] = json.loads(presence_path.read_text(encoding="utf-8"))
+    spec["presence"] = presence
     spec["training"] = {"command": command, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "sam_steps": steps,
                         "seed": seed, "family": family, "jitter": JITTER,
                         "batch_size": BATCH, "augment": AUGMENT, "clip_from": clip_from,
