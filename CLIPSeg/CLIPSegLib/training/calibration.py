@@ -11,6 +11,7 @@ with its Dice.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -275,6 +276,22 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
     return rule
 
 
+def merged_presence(parent: dict, rules: dict) -> dict:
+    """The parent's ``presence`` with the new phrases' rules added (a new phrase leaves the finding that listed it
+    among its phrasings: its own rule wins)."""
+    from ..engines.cliptnseg.engine import phrase_key
+
+    presence = copy.deepcopy(parent.get("presence") or {})
+    per = presence.setdefault("per_finding", {})
+    new = {phrase_key(p) for p in rules}
+    for rule in per.values():
+        rule["phrases"] = [p for p in rule.get("phrases", []) if phrase_key(p) not in new]
+    per.update(rules)
+    presence.setdefault("match_min_cosine", MATCH_MIN_COSINE)
+    presence.setdefault("exclusive", [])
+    return presence
+
+
 def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE,
                       family: str = "A+B", device: str = "cpu", force: bool = False,
                       progress: Progress | None = None, command: str = ""):
@@ -318,8 +335,6 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     # a fine-tuned model's own phrases (rules calibrated on the user's slices) are kept as they were
     own = {k: r for k, r in ((spec.get("presence") or {}).get("per_finding") or {}).items() if k not in FINDINGS}
     if own:
-        from .finetune import merged_presence
-
         rule = merged_presence({"presence": rule}, own)
     new["presence"] = rule
     tmp = output.parent / f".{output.name}.partial"

@@ -236,23 +236,6 @@ def calibrate_new_phrases(engine, volumes, held, phrases, progress=None) -> dict
     return rules
 
 
-def merged_presence(parent: dict, rules: dict) -> dict:
-    """The parent's ``presence`` with the new phrases' rules added (a new phrase leaves the finding that listed it
-    among its phrasings: its own rule wins)."""
-    from ..engines.cliptnseg.engine import phrase_key
-    from .calibration import MATCH_MIN_COSINE
-
-    presence = copy.deepcopy(parent.get("presence") or {})
-    per = presence.setdefault("per_finding", {})
-    new = {phrase_key(p) for p in rules}
-    for rule in per.values():
-        rule["phrases"] = [p for p in rule.get("phrases", []) if phrase_key(p) not in new]
-    per.update(rules)
-    presence.setdefault("match_min_cosine", MATCH_MIN_COSINE)
-    presence.setdefault("exclusive", [])
-    return presence
-
-
 def merged_domain(parent: dict, volumes, size: int) -> dict | None:
     """The parent's ``domain`` widened to the fine-tuning images (each a run: ``domain.volume_features``)."""
     import numpy as np
@@ -291,6 +274,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     from ..inference.pipeline import resolve_device
     from ..models import load_spec, write_spec
     from .cliptnseg_recipe import check_output_free
+    from .calibration import merged_presence
     from .datasets import PhantomBank, make_augmentation
 
     progress = progress or Progress("none")
