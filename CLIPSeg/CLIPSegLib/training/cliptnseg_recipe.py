@@ -180,6 +180,21 @@ def check_output_free(out_dir: Path, model_id: str, force: bool = False) -> None
                          f"--model-id, or add --force to replace it deliberately")
 
 
+def start_staged_run(stages, out_dir, model_id: str, force: bool, work_dir, seed: int,
+                     progress: Progress | None) -> tuple[Path, Progress]:
+    """What a staged training run (this recipe's, ``medclipsam_recipe``'s) does before any stage: refuse an export
+    that would overwrite a model (``check_output_free``), make ``work_dir``, seed everything (MONAI
+    ``set_determinism``). -> (work_dir as a Path, the progress reporter: a bar by default)."""
+    from monai.utils import set_determinism
+
+    if "export" in stages:
+        check_output_free(out_dir, model_id, force)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(seed)
+    return work_dir, progress or Progress("bar")
+
+
 def training_phrases(data_csv: Path | None = None) -> list[str]:
     """Every phrase the recipe trains on (phantom phrasings, normal-tissue phrases, a CSV's phrases): the model's
     vocabulary, recorded in its spec so a prompt's unseen words can be named (``engines.contract.unseen_words``)."""
@@ -236,17 +251,10 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
     if exported. An export that would overwrite ``out_dir/<model_id>.{json,safetensors}`` is refused before any work
     unless ``force`` (``check_output_free``)."""
-    from monai.utils import set_determinism
-
     from .datasets import FolderTriples, PhantomBank
     from ..engines.cliptnseg.network import CLIPTNSegNet
 
-    if "export" in stages:
-        check_output_free(out_dir, model_id, force)
-    progress = progress or Progress("bar")
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    set_determinism(seed)
+    work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     spec = embedded_spec(model_id, presence_head)
     size = spec["clip"]["vision_cfg"]["image_size"]
     bank = None

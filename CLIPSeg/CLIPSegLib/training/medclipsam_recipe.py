@@ -163,20 +163,13 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
     ``calibration_volumes`` phantom volumes (calibration seeds) -> export of ``out_dir/<model_id>.{json,safetensors}``
     (the SAM's tensors under ``sam.``; the CLIP stays in ``clip_from``'s file, listed with its SHA-256). Stages read
     and write checkpoints in ``work_dir``. Returns the spec path if exported."""
-    from monai.utils import set_determinism
-
     from ..engines.medclipsam.sam import build_sam, sam_sizes
     from ..models import load_spec, write_spec
-    from .cliptnseg_recipe import _checkpoint, check_output_free
+    from .cliptnseg_recipe import _checkpoint, start_staged_run
     from .datasets import PhantomBank
 
     stages = check_stages(stages)
-    if "export" in stages:
-        check_output_free(out_dir, model_id, force)
-    progress = progress or Progress("bar")
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    set_determinism(seed)
+    work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     clip_spec = load_spec(clip_from)
     spec = embedded_spec(model_id, clip_from)
     size = SAM_SMALL["image_size"]
