@@ -27,6 +27,31 @@ TINY_SPEC = {
 }
 
 
+TINY_TGCNET_SPEC = {
+    "id": "tiny-tgcnet",
+    "engine": "tgcnet",
+    "clip": {
+        "embed_dim": 16,
+        "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32},
+        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+    },
+    "network": {"extract_layers": [1, 2], "dim": 16, "heads": 2, "cnn_channels": [4, 4, 8, 8]},
+    "presence": {"threshold": 0.5, "min_peak": 0.5, "min_extent_mm": 0.0, "min_area_mm2": 0.0},
+    "files": [],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_tgcnet(tmp_path_factory) -> Path:
+    """Path to the spec JSON of a random-weight TGC-Net model (as exported), reading the shipped knowledge file."""
+    from CLIPSegLib.engines.tgcnet.network import build_network
+    from CLIPSegLib.models import write_spec
+
+    torch.manual_seed(0)
+    net = build_network(TINY_TGCNET_SPEC)
+    return write_spec(dict(TINY_TGCNET_SPEC), net.state_dict(), tmp_path_factory.mktemp("tgcnet"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Path to the spec JSON of a random-weight CLIP-TNseg model (safetensors + SHA-256, as exported)."""

@@ -70,11 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model: CLIP-TNseg (CLIP contrastive, segmenter, calibration, export) "
                                      "or MedCLIP-SAM (SAM on phantom boxes, calibration, export)",
                        allow_abbrev=False)  # --model would otherwise be read as --model-id
-    t.add_argument("--engine", default="cliptnseg", choices=("cliptnseg", "medclipsam"),
-                   help="cliptnseg (default) or medclipsam: a small SAM trained on phantom box -> mask pairs, the "
-                        "CLIP of --clip-from reused frozen (stages sam,calibrate,export; --steps: SAM steps)")
+    t.add_argument("--engine", default="cliptnseg", choices=("cliptnseg", "medclipsam", "tgcnet"),
+                   help="cliptnseg (default); medclipsam: a small SAM trained on phantom box -> mask pairs, the "
+                        "CLIP of --clip-from reused frozen (stages sam,calibrate,export; --steps: SAM steps); tgcnet: "
+                        "SSE + DATE + VLCM with LoRA on the frozen CLIP's text tower, on --dataset")
     t.add_argument("--clip-from", default="cliptnseg-phantom-small",
-                   help="medclipsam: the cliptnseg model whose CLIP is reused (id or .json)")
+                   help="medclipsam, and tgcnet on thyroid phantoms: the cliptnseg model whose CLIP is reused (id or "
+                        ".json)")
+    t.add_argument("--dataset", default="report", choices=("report", "thyroid"),
+                   help="tgcnet: report (chest-radiograph phantoms with report sentences; its own CLIP trained "
+                        "first) or thyroid (CLIPSeg's ultrasound phantoms; the CLIP of --clip-from)")
+    t.add_argument("--ablate", default="",
+                   help="tgcnet: modules to turn off for an ablation, comma-separated from sse,date,vlcm")
+    t.add_argument("--lora-rank", type=int, default=8, help="tgcnet: LoRA rank on the CLIP text tower")
     t.add_argument("--output-dir", default="build/models",
                    help="where the model .json/.safetensors go (default build/models; never the shipped models "
                         "folder unless you give it)")
@@ -286,12 +294,45 @@ def _cmd_train_medclipsam(a, progress):
         print(f"wrote {path}")
 
 
+def _cmd_train_tgcnet(a, progress):
+    from .errors import InputError
+    from .inference.pipeline import resolve_device
+    from .training.cliptnseg_recipe import check_output_free, check_train_args
+    from .training.tgcnet_recipe import STAGES, run_tgcnet_training
+
+    a.model_id = a.model_id or f"tgcnet-{a.dataset}-small"
+    stages = check_train_args((a.stages or ",".join(STAGES)).split(","),
+                              {"--phantoms": (a.phantoms, 12), "--clip-steps": (a.clip_steps, 1),
+                               "--steps": (a.steps, 1), "--calibration-volumes": (a.calibration_volumes, 1),
+                               "--lora-rank": (a.lora_rank, 1)}, {})
+    if a.data or a.calibration_data or a.presence_head or a.volumes:
+        raise InputError("--engine tgcnet trains on --dataset report or thyroid: --data, --calibration-data, "
+                         "--volumes and --presence-head are cliptnseg options (tgcnet always has its presence head)")
+    ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
+    work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id
+    if "export" in stages:
+        check_output_free(Path(a.output_dir), a.model_id, a.force)
+    device = resolve_device(a.device)
+    cmd = (f"clipseg train --engine tgcnet --dataset {a.dataset} --output-dir {a.output_dir} --model-id {a.model_id} "
+           f"--phantoms {a.phantoms} --clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes "
+           f"{a.calibration_volumes} --lora-rank {a.lora_rank} --seed {a.seed} --no-resume --force"
+           + (f" --ablate {','.join(ablate)}" if ablate else "")
+           + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else ""))
+    path = run_tgcnet_training(Path(a.output_dir), work_dir, a.model_id, a.dataset, a.phantoms, a.clip_steps,
+                               a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
+                               cmd, a.force, a.clip_from, ablate, a.lora_rank)
+    if path:
+        print(f"wrote {path}")
+
+
 def _cmd_train(a, progress):
     from .inference.pipeline import resolve_device
     from .training.cliptnseg_recipe import check_output_free, check_train_args, run_training
 
     if a.engine == "medclipsam":
         return _cmd_train_medclipsam(a, progress)
+    if a.engine == "tgcnet":
+        return _cmd_train_tgcnet(a, progress)
     a.model_id = a.model_id or "cliptnseg-phantom-small"
     stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),

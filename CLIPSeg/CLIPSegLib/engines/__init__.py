@@ -14,7 +14,8 @@ import importlib
 from ..errors import InputError
 
 ENGINES = {"cliptnseg": "CLIPSegLib.engines.cliptnseg.engine:CLIPTNSegEngine",
-           "medclipsam": "CLIPSegLib.engines.medclipsam.engine:MedCLIPSAMEngine"}
+           "medclipsam": "CLIPSegLib.engines.medclipsam.engine:MedCLIPSAMEngine",
+           "tgcnet": "CLIPSegLib.engines.tgcnet.engine:TGCNetEngine"}
 
 
 def check_engine(name: str) -> str:

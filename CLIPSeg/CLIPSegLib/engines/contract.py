@@ -10,7 +10,7 @@ An engine is built from a model spec by ``engines.create_engine`` and offers:
 - ``device``, ``precision`` (``checks.PRECISIONS``), ``default_batch_size`` (slices per ``predict`` call).
 - ``preprocessing``: ``Preprocessing``, how the pipeline turns a volume's slices into the engine's input.
 - ``encode_prompts(texts) -> PromptState``: each text embedded once per engine (cached) and read back: tokens kept,
-  truncation, words no training phrase holds.
+  truncation, words no training phrase holds, domain knowledge added.
 - ``predict(slices [B,1,S,S] float32 in [0,1], state) -> (probabilities [B,P,S,S], presence [B,P] or None)``, float32
   on ``device``; P = the state's prompts, S = ``preprocessing.input_size``. Presence is the probability that the
   finding is in the slice at all; None when the engine has no such estimate.
@@ -110,12 +110,14 @@ class PromptReading:
     truncated: bool = False
     read_as: str | None = None
     unseen_words: tuple[str, ...] = ()
+    knowledge: tuple[str, ...] = ()
 
     def interpretation(self) -> str:
-        """'interpreted as '...' (N tokens)': what the model actually read."""
+        """'interpreted as '...' (N tokens)[, with knowledge of: ...]': what the model actually read."""
         read = self.text if self.read_as is None else self.read_as
         count = f" ({len(self.tokens)} tokens{', cut' if self.truncated else ''})" if self.tokens else ""
-        return f"interpreted as '{read}'{count}"
+        known = f", with knowledge of: {', '.join(self.knowledge)}" if self.knowledge else ""
+        return f"interpreted as '{read}'{count}{known}"
 
     def warning(self) -> str | None:
         """None, or what the user should know: words the model never saw in training, a prompt cut short."""

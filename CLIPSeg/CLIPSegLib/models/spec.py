@@ -28,6 +28,10 @@ ENGINE_SPEC_KEYS = {
         "network": "the segmenter architecture: extract_layers, reduce_dim, fine_channels, ...",
         "presence": "the calibrated found / not-found rule (written by the calibrate stage of `clipseg train`)",
     },
+    "tgcnet": {
+        "clip": "the CLIP architecture: {\"embed_dim\", \"vision_cfg\", \"text_cfg\"} or {\"open_clip_name\"}",
+        "network": "the TGC-Net architecture: extract_layers, dim, cnn_channels, sse, date, vlcm, ...",
+    },
     "medclipsam": {
         "clip": "the CLIP: {\"folder\"} or {\"part\"} (BiomedCLIP) or an open_clip config with clip.* tensors",
         "sam": "the SAM: {\"type\", and \"checkpoint\", \"part\" or sam.* tensors in the files}",
@@ -88,7 +92,7 @@ def check_spec(spec, path) -> None:
         if not isinstance(spec[key], dict):
             raise ModelError(f"model spec {path}: {key!r} must be a JSON object ({holds}), not {spec[key]!r}; {fix}")
     clip = spec.get("clip")
-    if spec["engine"] == "cliptnseg" and "open_clip_name" not in clip:
+    if spec["engine"] in ("cliptnseg", "tgcnet") and "open_clip_name" not in clip:
         for key in ("embed_dim", "vision_cfg", "text_cfg"):
             if key not in clip:
                 raise ModelError(f"model spec {path}: 'clip' lacks {key!r} (give embed_dim, vision_cfg and text_cfg, "

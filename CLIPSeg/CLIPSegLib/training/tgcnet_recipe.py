@@ -1,0 +1,231 @@
+"""TGC-Net's training recipe (``clipseg train --engine tgcnet``): the network's modules (SSE, DATE, VLCM, decoder,
+presence head) and LoRA adapters on the frozen CLIP's text tower (peft) trained through ``training.loop.run_loop``
+with the segmentation loss + VLCM's alignment term; then presence calibration and export (adapters merged).
+
+Two data sets: ``"report"`` (chest-radiograph phantoms with report sentences, ``training.report_data``; the CLIP is
+trained contrastively on them first, with a context of 32 tokens for report lines) and ``"thyroid"`` (CLIPSeg's
+ultrasound phantoms, the CLIP of an existing cliptnseg model reused, as the paper starts from a pretrained CLIP).
+``ablate`` turns modules off (``network.MODULES``) for the ablation table (README).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..progress import Progress
+from .loop import Recipe, run_loop, staged_presence
+
+DATASETS = ("report", "thyroid")
+STAGES = ("clip", "segmenter", "calibrate", "export")
+CLIP_FROM = "cliptnseg-phantom-small"
+REPORT_CLIP = {  # the report model's own small CLIP: the embedded cliptnseg's sizes, 32 text tokens
+    "embed_dim": 64,
+    "vision_cfg": {"layers": 6, "width": 128, "head_width": 32, "patch_size": 8, "image_size": 128},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+NETWORK = {"extract_layers": [2, 4, 6], "dim": 64, "heads": 4, "cnn_channels": [8, 16, 32, 64]}
+LORA_TARGETS = r"transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"  # the text tower's blocks, not visual.*
+ALIGN_WEIGHT = 0.5
+LEARNING_RATES = {"modules": 2e-3, "lora": 1e-3}
+
+
+def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=()) -> dict:
+    """The spec of a TGC-Net model (without presence rule, training record and files)."""
+    from ..engines.tgcnet.knowledge import DEFAULT_KNOWLEDGE, load_knowledge
+
+    knowledge = load_knowledge(DEFAULT_KNOWLEDGE)
+    off = ", without " + ", ".join(m.upper() for m in ablate) if ablate else ""
+    return {
+        "id": model_id,
+        "engine": "tgcnet",
+        "description": f"TGC-Net (SSE + DATE + VLCM{off}), small CLIP with LoRA on its text tower, trained on "
+                       f"CLIPSeg's {data} phantoms. For demos and tests, not for clinical use.",
+        "license": "Apache-2.0",
+        "citation": "Lin et al., TGC-Net: text-guided calibration network for medical image segmentation, 2025",
+        "clip": clip,
+        "network": {**NETWORK, **{m: False for m in ablate}},
+        "knowledge": {"file": DEFAULT_KNOWLEDGE, "version": knowledge.version, "sha256": knowledge.sha256},
+        # left and right carry meaning in a report: a mirrored slice would answer the other side's question
+        "inference": {"flip_average": False},
+    }
+
+
+class TextAdapters:
+    """LoRA (peft, rank ``rank``) on the attention and MLP layers of ``net``'s CLIP text tower; ``merge()`` folds them
+    into the tower's weights (the exported model is a plain TGC-Net)."""
+
+    def __init__(self, net, rank: int = 8):
+        from peft import LoraConfig, get_peft_model
+
+        self.net = net
+        self.peft = get_peft_model(net.clip, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                         target_modules=LORA_TARGETS))
+        self.params = [p for n, p in net.clip.named_parameters() if "lora_" in n]
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def merge(self) -> None:
+        self.net.clip = self.peft.merge_and_unload()
+        self.net.freeze_clip()
+
+
+def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: float = ALIGN_WEIGHT) -> Recipe:
+    """``run_loop``'s recipe: ``cliptnseg_recipe.segmentation_loss`` (Dice on present pairs + pixel BCE + presence
+    BCE) + ``align_weight`` x VLCM's ``alignment_loss``; every phrase of a batch goes through the adapted text tower
+    (DATE) with gradient. Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``)."""
+    from ..engines.tgcnet.network import alignment_loss
+    from .cliptnseg_recipe import segmentation_loss
+
+    mask_loss = segmentation_loss(device)
+
+    def loss(batch):
+        images, phrases, masks, pair_index = batch
+        unique = list(dict.fromkeys(phrases))
+        text = net.encode_text(unique).rows(torch.tensor([unique.index(p) for p in phrases], device=device))
+        masks = masks.to(device)
+        logits, presence, sim = net(images.to(device), text, pair_index.to(device))
+        value = mask_loss(logits, masks, presence)
+        if sim is not None and align_weight:
+            value = value + align_weight * alignment_loss(sim, masks)
+        return value
+
+    modules = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+
+    def state():
+        return {k: v for k, v in net.state_dict().items() if not k.startswith("clip.") or "lora_" in k}
+
+    return Recipe("tgcnet segmenter", [{"params": modules, "lr": LEARNING_RATES["modules"]},
+                                       {"params": adapters.params, "lr": LEARNING_RATES["lora"]}],
+                  loss, state, lambda sd: net.load_state_dict(sd, strict=False), net.train, weight_decay=1e-4,
+                  fingerprint={"network": net.cfg, "align_weight": align_weight, "lr": LEARNING_RATES,
+                               "lora": len(adapters.params)})
+
+
+def _clip_of(model: str) -> tuple[dict, dict]:
+    """(clip config, clip state dict) of an existing cliptnseg model (id or spec path)."""
+    from ..models import load_spec, load_weights
+
+    spec = load_spec(model)
+    if spec["engine"] != "cliptnseg":
+        raise InputError(f"--clip-from {model!r} is a {spec['engine']} model; give a cliptnseg model (its CLIP is "
+                         f"reused), e.g. {CLIP_FROM}")
+    state = load_weights(spec)
+    return spec["clip"], {k[5:]: v for k, v in state.items() if k.startswith("clip.")}
+
+
+def report_calibration_cases(n: int, seed_base: int):
+    """``n`` held-out report phantoms as ``calibration.CalibrationCase`` s (one-slice volumes), every query a
+    finding of its own (keys ``q0``, ``q1``, ...): the rule is one for all report sentences."""
+    from .calibration import CalibrationCase
+    from .report_data import report_case
+
+    for v in range(n):
+        image, spacing, queries = report_case(seed_base + v)
+        yield CalibrationCase(image[None], (spacing[1], spacing[0], 1.0),
+                              {f"q{i}": q.mask[None] for i, q in enumerate(queries)},
+                              {f"q{i}": q.text for i, q in enumerate(queries)})
+
+
+def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str = "report", n_images: int = 2000,
+                        clip_steps: int = 300, steps: int = 2000, seed: int = 0, stages=STAGES, resume: bool = True,
+                        calibration_volumes: int = 40, progress: Progress | None = None, device="cpu",
+                        command: str = "", force: bool = False, clip_from: str = CLIP_FROM, ablate=(),
+                        lora_rank: int = 8, batch_size: int = 12) -> Path | None:
+    """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
+    path when exported."""
+    from ..engines.clip_backbone import build_clip
+    from ..engines.tgcnet.engine import TGCNetEngine
+    from ..engines.tgcnet.network import MODULES, TGCNet, parameter_counts
+    from ..engines.tgcnet.knowledge import load_knowledge
+    from .cliptnseg_recipe import _checkpoint, start_staged_run, train_clip
+
+    if data not in DATASETS:
+        raise InputError(f"--dataset {data!r} is not one of {', '.join(DATASETS)}")
+    bad = [m for m in ablate if m not in MODULES]
+    if bad:
+        raise InputError(f"--ablate {bad[0]!r} is not a TGC-Net module; give some of {', '.join(MODULES)}")
+    work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
+    if data == "report":
+        clip_cfg, clip_state = REPORT_CLIP, None
+    else:
+        clip_cfg, clip_state = _clip_of(clip_from)
+    spec = tgcnet_spec(model_id, clip_cfg, data, ablate)
+    size = clip_cfg["vision_cfg"]["image_size"]
+    clip = build_clip(clip_cfg)
+    bank = None
+    if {"clip", "segmenter"} & set(stages):
+        if data == "report":
+            from .report_data import ReportBank
+
+            bank = ReportBank(n_images, size, progress=lambda d, t: progress.update("report phantoms", d, t))
+        else:
+            from .datasets import PhantomBank
+
+            bank = PhantomBank(n_images, size, n_prompts=2,
+                               progress=lambda d, t: progress.update("phantoms", d, t))
+    if data == "report":
+        clip_ckpt = work_dir / "clip.pt"
+        if "clip" in stages:
+            train_clip(clip, bank, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress, device=device)
+        clip_state = _checkpoint(clip_ckpt, "clip")
+    clip.load_state_dict(clip_state)
+    net = TGCNet(clip, spec["network"], load_knowledge(spec["knowledge"]["file"])).to(device)
+    adapters = TextAdapters(net, lora_rank)
+    counts = parameter_counts(net)
+    progress.message(f"TGC-Net: {counts['trainable']:,} trainable parameters of {counts['total']:,} "
+                     f"({100 * counts['trainable'] / counts['total']:.1f}%; the CLIP frozen, LoRA rank {lora_rank} "
+                     f"on its text tower)")
+    seg_ckpt = work_dir / "segmenter.pt"
+    recipe = segmenter_recipe(net, adapters, device)
+    if "segmenter" in stages:
+        run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress)
+    recipe.load(_checkpoint(seg_ckpt, "segmenter"))
+    adapters.merge()
+    net.eval()
+    engine = TGCNetEngine(net, torch.device(device), spec)
+
+    def calibrate():
+        from .calibration import calibrate_rules, phantom_cases
+        from .datasets import CALIBRATION_SEED_BASE
+
+        if data == "report":
+            from .report_data import REPORT_CALIBRATION_SEED_BASE
+
+            cases = report_calibration_cases(calibration_volumes, REPORT_CALIBRATION_SEED_BASE)
+            rule = calibrate_rules(engine, cases, {}, (), progress, False, calibration_volumes)
+            seeds = REPORT_CALIBRATION_SEED_BASE
+        else:
+            from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
+
+            rule = calibrate_rules(engine, phantom_cases(calibration_volumes, CALIBRATION_SEED_BASE),
+                                   {f: list(PHRASES[f]) for f in FINDINGS}, EXCLUSIVE, progress, False,
+                                   calibration_volumes)
+            seeds = CALIBRATION_SEED_BASE
+        rule["calibration"].update({"volumes": calibration_volumes, "seeds": [seeds, seeds + calibration_volumes - 1]})
+        return rule
+
+    presence = staged_presence(work_dir, stages, calibrate)
+    if presence is None:
+        return None
+    from ..models import write_spec
+
+    spec["presence"] = presence
+    spec["training"] = {"command": command, "dataset": data, "n_images": n_images, "clip_steps": clip_steps,
+                        "steps": steps, "seed": seed, "batch_size": batch_size, "lora_rank": lora_rank,
+                        "ablate": list(ablate), "clip_from": None if data == "report" else clip_from,
+                        "parameters": counts, "phrases": training_phrases(data)}
+    return write_spec(spec, net.state_dict(), out_dir)
+
+
+def training_phrases(data: str) -> list[str]:
+    """The words the model was trained with, as phrases (``engines.contract.unseen_words`` reads their words)."""
+    if data == "report":
+        from ..synthetic.report_text import NORMAL_REPORTS, train_vocabulary
+
+        return sorted(train_vocabulary() | set(NORMAL_REPORTS))
+    from .cliptnseg_recipe import training_phrases as thyroid
+
+    return thyroid()
