@@ -60,10 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm")
     e.add_argument("--phantoms", type=int, default=40, help="number of phantom volumes (when no --data)")
     e.add_argument("--seed", type=seed, default=1000, help="first seed (training seeds start at 10,000,000)")
-    e.add_argument("--family", default=None, choices=("A", "B"),
+    e.add_argument("--wording", default="train", choices=("train", "rephrased"),
+                   help="--family report: the report lines in the training wording or rephrased (synonyms, word "
+                        "order, extra clinical words; never trained on)")
+    e.add_argument("--family", default=None, choices=("A", "B", "report"),
                    help="phantom family (when no --data): A (default; speckle-texture model, the one the embedded "
                         "model was trained on) or B (scatterers, pulse and beam, attenuation: a different physical "
-                        "model)")
+                        "model); report: chest-radiograph phantoms asked report lines (tgcnet models)")
     e.add_argument("--report", default=None, help="write the report: .json (all), .csv (per case) or .md (summary)")
     _add_common(e, EVALUATE_OPTIONS)
 
@@ -254,6 +257,10 @@ def _cmd_evaluate(a, progress):
     if a.data:
         prompt_map = ev.parse_prompt_map(a.prompt_map) if a.prompt_map else None
         source = ev.LabelledCases(Path(a.data), prompt_map)
+    elif a.family == "report":
+        from .evaluation.report_cases import ReportCases
+
+        source = ReportCases(a.phantoms, a.seed, a.wording)
     else:
         source = ev.PhantomCases(a.phantoms, a.seed, a.family or "A")
     engine = load_engine(**options.engine_arguments(), notify=progress.message)

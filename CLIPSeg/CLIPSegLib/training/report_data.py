@@ -1,0 +1,92 @@
+"""Report-style training and evaluation data: chest-radiograph phantoms (``synthetic.report_phantoms``) asked report
+lines (``synthetic.report_text``) whose masks hold only what the line describes.
+
+Seeds: training from ``REPORT_TRAIN_SEED_BASE``, calibration from ``REPORT_CALIBRATION_SEED_BASE``, evaluation its
+own (``clipseg evaluate --family report --seed``). A case's lines are drawn from the seed, and the same draws give the
+same content in either wording (``style`` "train" or "rephrased"), so the two wordings are scored on the same masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ..inference.preprocessing import resize_slices
+from ..synthetic.report_phantoms import ReportPhantom, make_report_phantom
+from ..synthetic.report_text import NORMAL_REPORTS, Query, sample_queries
+from .datasets import apply_augmentation
+
+REPORT_TRAIN_SEED_BASE = 40_000_000
+REPORT_CALIBRATION_SEED_BASE = 50_000_000
+QUERIES_PER_CASE = 3
+
+
+def report_case(seed: int, style: str = "train", n: int = QUERIES_PER_CASE):
+    """One evaluation or calibration case -> (image ``[J,I]`` raw intensities, spacing (row, column) in mm,
+    ``n`` ``Query`` s in ``style``)."""
+    ph = make_report_phantom(seed=seed)
+    return ph.image, tuple(ph.spacing), sample_queries(ph, np.random.default_rng([seed, 7]), n, style)
+
+
+def _resized(ph: ReportPhantom, size: int) -> ReportPhantom:
+    """The phantom at ``size`` x ``size`` pixels (image bilinear, masks by nearest after a 0.5 threshold)."""
+    def mask(m):
+        return resize_slices(torch.from_numpy(m.astype(np.float32))[None, None], size)[0, 0].numpy() > 0.5
+
+    image = resize_slices(torch.from_numpy(ph.image.astype(np.float32))[None, None], size)[0, 0].numpy()
+    return dataclasses.replace(ph, image=image, lungs={s: mask(m) for s, m in ph.lungs.items()},
+                               opacities=[dataclasses.replace(o, mask=mask(o.mask)) for o in ph.opacities
+                                          if mask(o.mask).any()])
+
+
+def make_report_augmentation():
+    """MONAI dict transforms for report phantoms: intensity as ``datasets.make_augmentation`` (gamma, gain, noise,
+    blur, bias field), geometry small (rotation, scale, shift) and NEVER a flip: a mirrored chest swaps the left and
+    right the report names."""
+    from monai import transforms as T
+
+    return T.Compose([
+        T.RandAdjustContrastd("image", prob=0.6, gamma=(0.6, 1.7)),
+        T.RandScaleIntensityd("image", prob=0.5, factors=0.3),
+        T.RandGaussianNoised("image", prob=0.3, std=0.04),
+        T.RandGaussianSmoothd("image", prob=0.3, sigma_x=(0.3, 1.2), sigma_y=(0.3, 1.2)),
+        T.RandBiasFieldd("image", prob=0.3, coeff_range=(0.1, 0.3)),
+        T.RandAffined(("image", "label"), prob=0.8, rotate_range=0.15, scale_range=(0.15, 0.15),
+                      translate_range=(8, 8), mode=("bilinear", "nearest"), padding_mode="zeros"),
+    ])
+
+
+class ReportBank(torch.utils.data.Dataset):
+    """``n`` pre-generated report phantoms (seeds ``seed_base + i``) at ``size`` pixels; each access asks
+    ``n_prompts`` fresh report lines of the training wording (``sample_queries``) and augments image and masks
+    together: ``(image [1,S,S] in [0,1], lines (P), masks [P,S,S])``. ``normal_phrases`` name an image without
+    opacity for the contrastive CLIP stage; every line is its own concept there."""
+
+    concepts: dict = {}
+    normal_phrases = NORMAL_REPORTS
+
+    def __init__(self, n: int, size: int, seed_base: int = REPORT_TRAIN_SEED_BASE, augment: bool = True,
+                 n_prompts: int = QUERIES_PER_CASE, progress=None):
+        self.size, self.n_prompts = size, n_prompts
+        self.phantoms = []
+        for i in range(n):
+            self.phantoms.append(_resized(make_report_phantom(seed=seed_base + i), size))
+            if progress:
+                progress(i + 1, n)
+        self.transform = make_report_augmentation() if augment else None
+
+    def __len__(self):
+        return len(self.phantoms)
+
+    def queries(self, i: int) -> list[Query]:
+        """Fresh lines for phantom ``i``, drawn from torch's generator (seeded by the training loop)."""
+        rng = np.random.default_rng(int(torch.randint(2 ** 31, ())))
+        return sample_queries(self.phantoms[i], rng, self.n_prompts, "train")
+
+    def __getitem__(self, i):
+        queries = self.queries(i)
+        masks = np.stack([q.mask for q in queries])
+        image, masks = apply_augmentation(self.transform, self.phantoms[i].image, masks)
+        return image, [q.text for q in queries], masks

@@ -1,0 +1,160 @@
+"""TGC-Net (``engines.tgcnet``): DATE's knowledge file and matching, each module changes the result (none is an
+identity), ablation switches remove their module, paired and all-pairs forward agree, the paper-size network builds
+and segments, and the engine says which knowledge it used."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from CLIPSegLib.engines.tgcnet.knowledge import load_knowledge
+from CLIPSegLib.engines.tgcnet.network import MODULES, TGCNet, alignment_loss, build_network, parameter_counts
+from CLIPSegLib.errors import ModelError
+from conftest import TINY_TGCNET_SPEC
+
+PROMPTS = ["GGO in the right lower lung", "bilateral consolidation, two areas", "clear lungs"]
+
+
+def _net(seed=0, **network):
+    torch.manual_seed(seed)
+    net = build_network({**TINY_TGCNET_SPEC, "network": {**TINY_TGCNET_SPEC["network"], **network}})
+    return net.eval()
+
+
+def _images(n=2, seed=0):
+    return torch.rand(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _randomise(module):
+    """Give every parameter of ``module`` random values (zero-initialised layers would hide a module's effect)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_knowledge_names_the_entries_a_prompt_mentions_longest_first():
+    k = load_knowledge()
+    assert k.names("GGO in the right lower lung") == ["ground-glass opacity"]
+    assert k.names("Right pleural effusions and left ground-glass opacities") == ["pleural effusion",
+                                                                                 "ground-glass opacity"]
+    assert k.names("airspace consolidation noted") == ["consolidation"]
+    assert k.names("clear lungs") == []
+    assert k.knowledge_text("consolidation").startswith("consolidation: ")
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot be read"),
+    ("{not json", "not valid JSON"),
+    ('{"version": "1"}', "no 'findings' object"),
+    ('{"findings": {"cyst": {"synonyms": []}}}', "finding 'cyst' needs an 'appearance'"),
+])
+def test_a_broken_knowledge_file_is_named_with_the_fix(tmp_path, content, says):
+    path = tmp_path / "findings.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(ModelError, match=says) as e:
+        load_knowledge(path)
+    assert str(path) in str(e.value)
+
+
+def test_date_fuses_the_knowledge_and_without_date_the_prompt_is_read_alone():
+    net = _net()
+    _randomise(net.text.mlp)
+    with torch.no_grad():
+        fused = net.encode_text(PROMPTS)
+        raw = _net(date=False).encode_text(PROMPTS)  # same seed: the same CLIP
+    assert fused.valid[:, -2].tolist() == [True, True, False]  # the knowledge token: only prompts naming an entry
+    assert not torch.allclose(fused.pooled[0], raw.pooled[0], atol=1e-4)  # knowledge changed the embedding
+    assert torch.allclose(fused.tokens[:, :-2], raw.tokens[:, :-2])  # the prompt's own tokens are the same
+    assert not raw.valid[:, -2].any() and torch.allclose(raw.pooled, raw.tokens[:, -1])
+
+
+def test_date_reads_an_edited_knowledge_file(tmp_path):
+    data = json.loads(Path(load_knowledge().path).read_text(encoding="utf-8"))
+    data["findings"]["ground-glass opacity"]["appearance"] = "bright round spot"
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    net = _net()
+    _randomise(net.text.mlp)
+    with torch.no_grad():
+        before = net.encode_text(PROMPTS[:1]).pooled
+        net.knowledge = load_knowledge(path)
+        after = net.encode_text(PROMPTS[:1]).pooled
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_each_module_changes_the_masks_and_its_switch_removes_it(module):
+    full, without = _net(), _net(**{module: False})
+    names = {n.split(".")[0] for n, _ in full.named_parameters()} - {n.split(".")[0] for n, _ in
+                                                                     without.named_parameters()}
+    assert names, f"turning {module} off removed no parameters"
+    owned = {"sse": full.cnn, "date": full.text.mlp, "vlcm": full.vlcm}[module]
+    x = _images()
+    with torch.no_grad():
+        text = full.encode_text(PROMPTS)
+        before = full(x, text)[0]
+        _randomise(owned)
+        after = full(x, full.encode_text(PROMPTS))[0]
+    assert not torch.allclose(before, after, atol=1e-4), f"{module} does not change the masks"
+
+
+def test_vlcm_calibrates_the_tokens_and_its_similarity_map_is_trained_towards_the_mask():
+    net = _net()
+    text = net.encode_text(PROMPTS)
+    tokens = torch.randn(3, 16, net.cfg["dim"])
+    out, t, sim = net.vlcm(tokens, text.tokens, text.valid, text.pooled)
+    assert out.shape == tokens.shape and t.shape == (3, net.cfg["dim"]) and sim.shape == (3, 16)
+    assert not torch.allclose(out, tokens)
+    masks = torch.zeros(1, 32, 32)
+    masks[0, :16] = 1  # the top half of the slice
+    grid = torch.zeros(1, 4, 4)
+    grid[0, :2] = 1
+    assert alignment_loss(grid * 20 - 10, masks) < 0.01 < alignment_loss(10 - grid * 20, masks)
+
+
+def test_paired_and_all_pairs_forward_give_the_same_masks():
+    net = _net()
+    x = _images(2)
+    with torch.no_grad():
+        text = net.encode_text(PROMPTS)
+        mask, presence, sim = net(x, text)
+        index = torch.tensor([1, 0, 1])
+        pm, pp, ps = net(x, text.rows([0, 1, 2]), index)
+    assert mask.shape == (2, 3, 32, 32) and presence.shape == (2, 3) and sim.shape == (2, 3, 4, 4)
+    for n, b in enumerate(index.tolist()):
+        assert torch.allclose(pm[n], mask[b, n], atol=1e-5) and torch.allclose(pp[n], presence[b, n], atol=1e-5)
+
+
+def test_a_patch_that_does_not_fit_the_cnn_stages_is_a_clear_error():
+    with pytest.raises(ModelError, match=r"cnn_channels has 3 entries but a ViT patch of 8 px needs"):
+        _net(cnn_channels=[4, 8, 8])
+
+
+def test_paper_size_tgcnet_builds_and_segments_with_a_small_trainable_share():
+    spec = {"clip": {"open_clip_name": "ViT-B-16"}, "network": {"cnn_channels": [16, 32, 64, 128, 256],
+                                                                "extract_layers": [3, 6, 9], "dim": 64}}
+    torch.manual_seed(0)
+    net = build_network(spec).eval()
+    counts = parameter_counts(net)
+    assert counts["total"] > 140e6 and counts["trainable"] / counts["total"] < 0.03
+    with torch.no_grad():
+        mask, presence, _ = net(torch.rand(1, 1, 224, 224), net.encode_text(["a single consolidation in the left "
+                                                                             "lower lung"]))
+    assert mask.shape == (1, 1, 224, 224) and torch.isfinite(mask).all() and presence.shape == (1, 1)
+
+
+def test_the_engine_says_which_knowledge_it_read_and_when_the_file_was_edited(tiny_tgcnet):
+    from CLIPSegLib.engines import create_engine
+    from CLIPSegLib.models import load_spec
+
+    spec = load_spec(tiny_tgcnet)
+    engine = create_engine(spec, torch.device("cpu"))
+    reading = engine.encode_prompts(["GGO in the right lower lung"]).readings[0]
+    assert reading.knowledge == ("ground-glass opacity",)
+    assert reading.interpretation().endswith("with knowledge of: ground-glass opacity")
+    edited = create_engine({**spec, "knowledge": {"sha256": "0" * 64}}, torch.device("cpu"))
+    assert "was edited since training" in edited.encode_prompts(["GGO"]).readings[0].interpretation()
+    assert isinstance(engine.net, TGCNet)
