@@ -197,10 +197,13 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
     density += _band(X, rng.uniform(16, 22), 2) * (0.22 + 0.05 * np.cos(2 * np.pi * (Y - phase) / period))
     x_tr, y_car = rng.uniform(-4, 4), rng.uniform(0.25, 0.35) * height
     density -= 0.12 * _band(X - x_tr, rng.uniform(6, 9), 1.5) * sig((y_car - Y) / 4) * tissue
-    hx, hy = rng.uniform(15, 35), lungs_geo["left"].base - rng.uniform(45, 70)
-    hrx, hry, ha = rng.uniform(62, 85), rng.uniform(45, 60), np.deg2rad(rng.uniform(-30, -10))
+    # The heart displaces lung air in front of and behind it: over the lungs it casts a shadow, over the
+    # mediastinum it adds little.
+    hx, hy = rng.uniform(15, 35), lungs_geo["left"].base - rng.uniform(55, 80)
+    hrx, hry, ha = rng.uniform(62, 85), rng.uniform(50, 65), np.deg2rad(rng.uniform(-30, -10))
     u, v = np.cos(ha) * (X - hx) + np.sin(ha) * (Y - hy), -np.sin(ha) * (X - hx) + np.cos(ha) * (Y - hy)
-    density += rng.uniform(0.35, 0.5) * np.sqrt(np.clip(1 - (u / hrx) ** 2 - (v / hry) ** 2, 0, 1))
+    heart = np.clip(1 - (u / hrx) ** 2 - (v / hry) ** 2, 0, 1) ** 0.3
+    density += heart * (rng.uniform(0.55, 0.8) * air * lung_depth + rng.uniform(0.04, 0.1))
     ax_, ay_, ar_ = rng.uniform(25, 40), rng.uniform(0.18, 0.3) * height, rng.uniform(13, 19)
     density += 0.15 * np.sqrt(np.clip(1 - ((X - ax_) ** 2 + (Y - ay_) ** 2) / ar_ ** 2, 0, 1))
     hila = {}
@@ -305,8 +308,8 @@ def _opacity(rng, kind, geo, lung, taken, X, Y, shape, px_mm, splat):
     if kind == "pleural effusion":
         a = geo.sign * X
         s = np.clip((a - geo.m) / (geo.w - geo.m), 0, 1)
-        level = geo.base - rng.uniform(0.13, 0.35) * (geo.base - geo.apex)
-        y_men = level - rng.uniform(10, 35) * s ** 2  # meniscus: rises laterally
+        level = geo.base - geo.dome - rng.uniform(0.03, 0.2) * (geo.base - geo.apex)  # above the dome
+        y_men = level - rng.uniform(20, 50) * s ** 2  # meniscus: rises laterally
         prof = expit((Y - y_men) / rng.uniform(3, 7))
         field = rng.uniform(0.8, 0.95) * prof * (1 + 0.15 * np.clip((Y - y_men) / 40, 0, 1)) / 1.15
         return field.astype(np.float32), (prof > 0.5), extra
