@@ -72,7 +72,8 @@ def test_describes_absent_and_wrong_side_queries(phantoms):
         rng = np.random.default_rng(k)
         for q in sample_queries(ph, rng, n=6):
             roles.add(q.role)
-            expected = np.logical_or.reduce([np.zeros_like(q.mask)] + [o.mask for o in matching(ph, q.kind, q.sides, q.zone)])
+            found = matching(ph, q.kind, q.sides, q.zone)
+            expected = np.logical_or.reduce([np.zeros_like(q.mask)] + [o.mask for o in found])
             assert np.array_equal(q.mask, expected) and q.mask.shape == ph.image.shape
             present_on = {o.side for o in ph.opacities if o.kind == q.kind}
             if q.role == "describes":

@@ -118,7 +118,8 @@ def _tree(rng, start, angle, width, length, step=1.0, p_branch=0.05, spread=0.14
             w = w0 * (1 - 0.7 * k / max(n, 1))
             out.append((p[0], p[1], w))
             if rng.random() < p_branch and len(stack) < 40:
-                stack.append((p.copy(), ang + rng.choice([-1, 1]) * rng.uniform(0.35, 0.8), 0.7 * w, 0.6 * (left - k * step)))
+                turn = rng.choice([-1, 1]) * rng.uniform(0.35, 0.8)
+                stack.append((p.copy(), ang + turn, 0.7 * w, 0.6 * (left - k * step)))
     return np.array(out, float).reshape(-1, 3)
 
 
@@ -216,12 +217,14 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
         density += rng.uniform(0.06, 0.12) * np.exp(-d2 / (2 * rng.uniform(8, 14) ** 2))
     # Gastric bubble under the left hemidiaphragm; optional breast shadows over the lower lateral lungs.
     gx, gy = rng.uniform(40, 80), lungs_geo["left"].base + rng.uniform(12, 30)
-    density -= 0.15 * np.sqrt(np.clip(1 - ((X - gx) / rng.uniform(18, 30)) ** 2 - ((Y - gy) / rng.uniform(10, 16)) ** 2, 0, 1))
+    grx, gry = rng.uniform(18, 30), rng.uniform(10, 16)
+    density -= 0.15 * np.sqrt(np.clip(1 - ((X - gx) / grx) ** 2 - ((Y - gy) / gry) ** 2, 0, 1))
     if rng.random() < 0.5:
         amp = rng.uniform(0.04, 0.1)
         for side, g in lungs_geo.items():
             bx, by = g.sign * g.w * rng.uniform(0.5, 0.7), g.base - rng.uniform(10, 40)
-            density += amp * sig((np.sqrt(((X - bx) / 70) ** 2 + ((Y - by) / 50) ** 2) - 1) / -0.08) * sig((Y - by + 15) / 6)
+            inside = 1 - np.sqrt(((X - bx) / 70) ** 2 + ((Y - by) / 50) ** 2)
+            density += amp * sig(inside / 0.08) * sig((Y - by + 15) / 6)
 
     # Ribs (posterior: arch then fall laterally; anterior: fainter, falling medially) and clavicles.
     for side, g in lungs_geo.items():
@@ -273,7 +276,8 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
         for attempt in range(60):
             if attempt == 30:  # no room for this one: a focal opacity elsewhere instead
                 kind = "ground-glass opacity" if kind != "ground-glass opacity" else "consolidation"
-            free = [s for s in SIDES if not (kind == "pleural effusion" and any(o.kind == kind and o.side == s for o in opacities))]
+            has = {o.side for o in opacities if o.kind == kind == "pleural effusion"}  # one effusion per side
+            free = [s for s in SIDES if s not in has]
             side = free[int(rng_op.integers(len(free)))]
             field, mask, extra = _opacity(rng_op, kind, lungs_geo[side], lungs[side], taken, X, Y, shape, px_mm, splat)
             mask &= lungs[side]
@@ -283,7 +287,8 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
             zone = "upper" if np.nonzero(mask)[0].mean() < (r.min() + r.max()) / 2 else "lower"
             if kind == "pleural effusion" and zone != "lower":
                 continue
-            fill = lung_depth if kind == "pleural effusion" else ndimage.gaussian_filter(lungs[side].astype(np.float32), 1.0)
+            soft_lung = ndimage.gaussian_filter(lungs[side].astype(np.float32), 1.0)
+            fill = lung_depth if kind == "pleural effusion" else soft_lung
             added += air * field * fill - extra
             if kind == "pleural effusion":
                 hidden = np.maximum(hidden, field)
@@ -297,7 +302,8 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
     img = img ** rng_det.uniform(0.75, 1.4)
     img = ndimage.gaussian_filter(img, rng_det.uniform(0.4, 1.4) / px_mm * 1.5)
     rad2 = ((rr - (J - 1) / 2) / J) ** 2 + ((cc - (I - 1) / 2) / I) ** 2
-    img = img * (1 - rng_det.uniform(0, 0.6) * rad2) * (1 + rng_det.uniform(0.03, 0.12) * _noise(rng_det, shape, max(J, I) / 4))
+    img = img * (1 - rng_det.uniform(0, 0.6) * rad2)
+    img = img * (1 + rng_det.uniform(0.03, 0.12) * _noise(rng_det, shape, max(J, I) / 4))
     img = np.clip(img, 0, None) + rng_det.uniform(0, 0.05)
     photons = rng_det.uniform(300, 3000)
     img = img + np.sqrt(img / photons) * rng_det.standard_normal(shape, dtype=np.float32)
