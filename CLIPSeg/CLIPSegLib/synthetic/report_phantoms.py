@@ -10,7 +10,9 @@ heart, aortic knob, hila, ribs, clavicles, vessel markings and the opacities; ar
 tissue thickness) is turned into a radiograph-like brightness ``1 - exp(-mu * density)`` (bright = dense), then a
 random detector: gamma, blur, vignetting/bias field, Poisson-like and Gaussian noise, global gain and offset.
 Raw intensities are float32 >= 0, not normalised. The whole patient may be slightly rotated and shifted, and the
-field of view (hence the spacing) is random unless ``spacing`` is given.
+field of view (hence the spacing) is random unless ``spacing`` is given. Anatomy, opacities and detector draw from
+separate streams spawned from the seed's generator: the same seed with ``n_opacities=0`` is the same patient and
+exposure without the opacities.
 
 Opacities, each inside ONE lung (its mask is clipped to that lung):
 - ground-glass opacity: faint hazy patch with soft edges; vessels and ribs stay visible through it;
@@ -116,7 +118,8 @@ def _tree(rng, start, angle, width, length, step=1.0, p_branch=0.05, spread=0.14
             w = w0 * (1 - 0.7 * k / max(n, 1))
             out.append((p[0], p[1], w))
             if rng.random() < p_branch and len(stack) < 40:
-                stack.append((p.copy(), ang + rng.choice([-1, 1]) * rng.uniform(0.35, 0.8), 0.7 * w, 0.6 * (left - k * step)))
+                turn = rng.choice([-1, 1]) * rng.uniform(0.35, 0.8)
+                stack.append((p.copy(), ang + turn, 0.7 * w, 0.6 * (left - k * step)))
     return np.array(out, float).reshape(-1, 3)
 
 
@@ -127,6 +130,7 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
     across the larger side (isotropic pixels). n_opacities: how many opacities; ``None`` draws 0-3.
     """
     rng = np.random.default_rng(seed)
+    rng_op, rng_det = rng.spawn(2)  # opacities and detector: a seed drawn with 0 opacities is the same patient
     shape = tuple(int(n) for n in shape)
     if len(shape) != 2 or min(shape) < 16:
         raise ValueError(f"shape must be (J, I) with both sizes >= 16, got {shape}")
@@ -213,12 +217,14 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
         density += rng.uniform(0.06, 0.12) * np.exp(-d2 / (2 * rng.uniform(8, 14) ** 2))
     # Gastric bubble under the left hemidiaphragm; optional breast shadows over the lower lateral lungs.
     gx, gy = rng.uniform(40, 80), lungs_geo["left"].base + rng.uniform(12, 30)
-    density -= 0.15 * np.sqrt(np.clip(1 - ((X - gx) / rng.uniform(18, 30)) ** 2 - ((Y - gy) / rng.uniform(10, 16)) ** 2, 0, 1))
+    grx, gry = rng.uniform(18, 30), rng.uniform(10, 16)
+    density -= 0.15 * np.sqrt(np.clip(1 - ((X - gx) / grx) ** 2 - ((Y - gy) / gry) ** 2, 0, 1))
     if rng.random() < 0.5:
         amp = rng.uniform(0.04, 0.1)
         for side, g in lungs_geo.items():
             bx, by = g.sign * g.w * rng.uniform(0.5, 0.7), g.base - rng.uniform(10, 40)
-            density += amp * sig((np.sqrt(((X - bx) / 70) ** 2 + ((Y - by) / 50) ** 2) - 1) / -0.08) * sig((Y - by + 15) / 6)
+            inside = 1 - np.sqrt(((X - bx) / 70) ** 2 + ((Y - by) / 50) ** 2)
+            density += amp * sig(inside / 0.08) * sig((Y - by + 15) / 6)
 
     # Ribs (posterior: arch then fall laterally; anterior: fainter, falling medially) and clavicles.
     for side, g in lungs_geo.items():
@@ -256,21 +262,24 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
     texture = _noise(rng, shape, 2.0 / px_mm) * rng.uniform(0.01, 0.025) * lung_depth
 
     # Opacities.
-    n = int(rng.integers(0, 4)) if n_opacities is None else int(n_opacities)
+    n = int(rng_op.integers(0, 4)) if n_opacities is None else int(n_opacities)
     min_px = max(6, int(np.ceil(MIN_AREA_FRACTION * J * I)))
     rows_of = {s: np.nonzero(lungs[s].any(axis=1))[0] for s in SIDES}
     opacities: list[Opacity] = []
     added = np.zeros(shape, np.float32)
     hidden = np.zeros(shape, np.float32)  # how much an effusion hides vessels
     taken = np.zeros(shape, bool)
-    for kind in rng.choice(len(KINDS), n):
-        kind = KINDS[int(kind)]
-        if kind == "pleural effusion" and sum(o.kind == kind for o in opacities) >= 2:
+    kinds = sorted((KINDS[int(k)] for k in rng_op.choice(len(KINDS), n)), key=lambda k: k != "pleural effusion")
+    for j, kind in enumerate(kinds):  # effusions first: they need the free lung base
+        if kind == "pleural effusion" and j >= 2:
             kind = "consolidation"
-        for _ in range(40):
-            free = [s for s in SIDES if not (kind == "pleural effusion" and any(o.kind == kind and o.side == s for o in opacities))]
-            side = free[int(rng.integers(len(free)))]
-            field, mask, extra = _opacity(rng, kind, lungs_geo[side], lungs[side], taken, X, Y, shape, px_mm, splat)
+        for attempt in range(60):
+            if attempt == 30:  # no room for this one: a focal opacity elsewhere instead
+                kind = "ground-glass opacity" if kind != "ground-glass opacity" else "consolidation"
+            has = {o.side for o in opacities if o.kind == kind == "pleural effusion"}  # one effusion per side
+            free = [s for s in SIDES if s not in has]
+            side = free[int(rng_op.integers(len(free)))]
+            field, mask, extra = _opacity(rng_op, kind, lungs_geo[side], lungs[side], taken, X, Y, shape, px_mm, splat)
             mask &= lungs[side]
             if mask.sum() < min_px or (mask & ndimage.binary_dilation(taken, iterations=2)).any():
                 continue
@@ -278,7 +287,8 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
             zone = "upper" if np.nonzero(mask)[0].mean() < (r.min() + r.max()) / 2 else "lower"
             if kind == "pleural effusion" and zone != "lower":
                 continue
-            fill = lung_depth if kind == "pleural effusion" else ndimage.gaussian_filter(lungs[side].astype(np.float32), 1.0)
+            soft_lung = ndimage.gaussian_filter(lungs[side].astype(np.float32), 1.0)
+            fill = lung_depth if kind == "pleural effusion" else soft_lung
             added += air * field * fill - extra
             if kind == "pleural effusion":
                 hidden = np.maximum(hidden, field)
@@ -288,16 +298,17 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
     density = density + vessels * (1 - hidden) + texture + added
 
     # Detector: projection brightness, gamma, blur, vignetting / bias field, noise, gain and offset.
-    img = 1 - np.exp(-rng.uniform(1.0, 1.6) * np.clip(density, 0, None))
-    img = img ** rng.uniform(0.75, 1.4)
-    img = ndimage.gaussian_filter(img, rng.uniform(0.4, 1.4) / px_mm * 1.5)
+    img = 1 - np.exp(-rng_det.uniform(1.0, 1.6) * np.clip(density, 0, None))
+    img = img ** rng_det.uniform(0.75, 1.4)
+    img = ndimage.gaussian_filter(img, rng_det.uniform(0.4, 1.4) / px_mm * 1.5)
     rad2 = ((rr - (J - 1) / 2) / J) ** 2 + ((cc - (I - 1) / 2) / I) ** 2
-    img = img * (1 - rng.uniform(0, 0.6) * rad2) * (1 + rng.uniform(0.03, 0.12) * _noise(rng, shape, max(J, I) / 4))
-    img = np.clip(img, 0, None) + rng.uniform(0, 0.05)
-    photons = rng.uniform(300, 3000)
-    img = img + np.sqrt(img / photons) * rng.standard_normal(shape, dtype=np.float32)
-    img = img + rng.uniform(0.002, 0.012) * rng.standard_normal(shape, dtype=np.float32)
-    img = np.clip(img, 0, None) * rng.uniform(200, 4000)
+    img = img * (1 - rng_det.uniform(0, 0.6) * rad2)
+    img = img * (1 + rng_det.uniform(0.03, 0.12) * _noise(rng_det, shape, max(J, I) / 4))
+    img = np.clip(img, 0, None) + rng_det.uniform(0, 0.05)
+    photons = rng_det.uniform(300, 3000)
+    img = img + np.sqrt(img / photons) * rng_det.standard_normal(shape, dtype=np.float32)
+    img = img + rng_det.uniform(0.002, 0.012) * rng_det.standard_normal(shape, dtype=np.float32)
+    img = np.clip(img, 0, None) * rng_det.uniform(200, 4000)
     return ReportPhantom(img.astype(np.float32), spacing, lungs, opacities)
 
 
@@ -325,7 +336,7 @@ def _opacity(rng, kind, geo, lung, taken, X, Y, shape, px_mm, splat):
             bx, by, rb = cx + rng.normal(0, 0.5 * rad), cy + rng.normal(0, 0.5 * rad), rad * rng.uniform(0.5, 1.0)
             f = np.maximum(f, np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / (2 * rb ** 2)))
         tex = 1 + 0.3 * _noise(rng, shape, 1.5 / px_mm)
-        return rng.uniform(0.2, 0.32) * f * tex, f > 0.45, extra
+        return rng.uniform(0.24, 0.34) * f * tex, f > 0.45, extra
     # consolidation: merged irregular ellipses, sharp-ish edges
     core = np.zeros(shape, bool)
     irregular = 0.18 * _noise(rng, shape, 3.0 / px_mm)

@@ -38,8 +38,10 @@ _TRAIN_KIND = {
     "pleural effusion": ("pleural effusion", "pleural effusion", "pleural effusions"),
 }
 _REPHRASED_KIND = {
-    "ground-glass opacity": (("GGO", "focus of GGO", "foci of GGO"), ("hazy opacity", "hazy opacity", "hazy opacities")),
-    "consolidation": (("airspace consolidation", "patch of airspace consolidation", "patches of airspace consolidation"),
+    "ground-glass opacity": (("GGO", "focus of GGO", "foci of GGO"),
+                             ("hazy opacity", "hazy opacity", "hazy opacities")),
+    "consolidation": (("airspace consolidation", "patch of airspace consolidation",
+                       "patches of airspace consolidation"),
                       ("airspace opacity", "airspace opacity", "airspace opacities")),
     "pleural effusion": (("pleural fluid", "collection of pleural fluid", "collections of pleural fluid"),
                          ("effusion", "effusion", "effusions")),
@@ -58,7 +60,8 @@ _TRAIN = {
 _REPHRASED = {
     "bilateral": ("findings: {name} bilaterally, {n} foci", "there is {counted} in both hemithoraces"),
     "all": ("there is {counted}", "findings: {counted} noted", "there is {name}", "{name} noted"),
-    "side": ("there is {name} in the {side} hemithorax", "{side}-sided {name} noted", "findings: {counted} on the {side}"),
+    "side": ("there is {name} in the {side} hemithorax", "{side}-sided {name} noted",
+             "findings: {counted} on the {side}"),
     "zone": ("{side} {zone} {name}", "in the {side} {zone}, {counted}", "there is {counted} in the {side} {zone}"),
 }
 _SUFFIX = ", consistent with infection"  # rephrased only, for ground-glass and consolidation, sometimes
@@ -80,7 +83,8 @@ class Query:
 
 def matching(phantom: ReportPhantom, kind: str, sides: tuple[str, ...] = (), zone: str | None = None) -> list:
     """The phantom's opacities of ``kind`` on one of ``sides`` (any when empty) and in ``zone`` (any when None)."""
-    return [o for o in phantom.opacities if o.kind == kind and (not sides or o.side in sides) and zone in (None, o.zone)]
+    return [o for o in phantom.opacities
+            if o.kind == kind and (not sides or o.side in sides) and zone in (None, o.zone)]
 
 
 def _pick(seq, u):
@@ -102,7 +106,8 @@ def render(kind: str, sides: tuple[str, ...], zone: str | None, count: int, styl
     n = words.get(count, "multiple" if train else "several")
     counted = f"{n} {one if count == 1 else many}"
     zone_word = zone if train or zone is None else _pick(_REPHRASED_ZONE[zone], u[2])
-    text = _pick(templates, u[0]).format(name=name, counted=counted, n=n, side=sides[0] if sides else "", zone=zone_word)
+    side = sides[0] if sides else ""
+    text = _pick(templates, u[0]).format(name=name, counted=counted, n=n, side=side, zone=zone_word)
     if count > 1:
         text = text.replace("there is ", "there are ")
     if not train and kind != "pleural effusion" and u[3] < 0.3:
