@@ -309,7 +309,7 @@ def _cmd_train_tgcnet(a, progress):
 
     a.model_id = a.model_id or f"tgcnet-{a.dataset}-small"
     stages = check_train_args((a.stages or ",".join(STAGES)).split(","),
-                              {"--phantoms": (a.phantoms, 12), "--clip-steps": (a.clip_steps, 1),
+                              {"--phantoms": (a.phantoms, 32), "--clip-steps": (a.clip_steps, 1),
                                "--steps": (a.steps, 1), "--calibration-volumes": (a.calibration_volumes, 1),
                                "--lora-rank": (a.lora_rank, 1)}, {})
     if a.data or a.calibration_data or a.presence_head or a.volumes:
