@@ -133,9 +133,11 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         clip_steps: int = 300, steps: int = 2000, seed: int = 0, stages=STAGES, resume: bool = True,
                         calibration_volumes: int = 40, progress: Progress | None = None, device="cpu",
                         command: str = "", force: bool = False, clip_from: str = CLIP_FROM, ablate=(),
-                        lora_rank: int = 8, batch_size: int = 12) -> Path | None:
+                        lora_rank: int = 8, batch_size: int = 12, clip_cfg: dict | None = None,
+                        network: dict | None = None) -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
-    path when exported."""
+    path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
+    ``NETWORK``) change the architecture (tests make it tiny)."""
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
     from ..engines.tgcnet.network import MODULES, TGCNet, parameter_counts
@@ -149,10 +151,11 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         raise InputError(f"--ablate {bad[0]!r} is not a TGC-Net module; give some of {', '.join(MODULES)}")
     work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     if data == "report":
-        clip_cfg, clip_state = REPORT_CLIP, None
+        clip_cfg, clip_state = clip_cfg or REPORT_CLIP, None
     else:
         clip_cfg, clip_state = _clip_of(clip_from)
     spec = tgcnet_spec(model_id, clip_cfg, data, ablate)
+    spec["network"].update(network or {})
     size = clip_cfg["vision_cfg"]["image_size"]
     clip = build_clip(clip_cfg)
     bank = None
@@ -169,7 +172,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     if data == "report":
         clip_ckpt = work_dir / "clip.pt"
         if "clip" in stages:
-            train_clip(clip, bank, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress, device=device)
+            train_clip(clip, bank, clip_steps, clip_ckpt, batch_size=min(32, len(bank)), seed=seed, resume=resume,
+                       progress=progress, device=device)
         clip_state = _checkpoint(clip_ckpt, "clip")
     clip.load_state_dict(clip_state)
     net = TGCNet(clip, spec["network"], load_knowledge(spec["knowledge"]["file"])).to(device)

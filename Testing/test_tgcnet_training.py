@@ -1,0 +1,99 @@
+"""TGC-Net training on report phantoms (``training.tgcnet_recipe``, ``training.report_data``) and its evaluation
+(``evaluation.report_cases``): a tiny run end to end, the exported model, and what the report data never does."""
+
+import numpy as np
+import pytest
+import torch
+
+from CLIPSegLib.errors import InputError
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32},
+             "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}
+
+
+def test_report_augmentation_never_mirrors_the_chest():
+    """A report names left and right: the training bank must never flip an image (a bright image-left half stays
+    on the left under every augmentation)."""
+    from CLIPSegLib.training.datasets import apply_augmentation
+    from CLIPSegLib.training.report_data import make_report_augmentation
+
+    transform = make_report_augmentation()
+    transform.set_random_state(0)
+    image = np.zeros((32, 32), np.float32)
+    image[:, :16] = 1.0
+    mask = np.zeros((1, 32, 32), np.float32)
+    mask[0, 8:24, 2:12] = 1
+    for _ in range(40):
+        img, m = apply_augmentation(transform, image, mask)
+        assert img[0, :, :16].mean() > img[0, :, 16:].mean()
+        cols = torch.nonzero(m[0])[:, 1]
+        assert len(cols) and cols.float().mean() < 16
+
+
+def test_report_lines_are_the_same_content_in_both_wordings():
+    from CLIPSegLib.training.report_data import report_case
+
+    _, _, train = report_case(1000, "train")
+    _, _, rephrased = report_case(1000, "rephrased")
+    assert [q.role for q in train] == [q.role for q in rephrased]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(train, rephrased))
+    assert [q.text for q in train] != [q.text for q in rephrased]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    root = tmp_path_factory.mktemp("tgcnet-train")
+    path = run_tgcnet_training(root / "models", root / "work", "tgcnet-test", "report", n_images=12, clip_steps=2,
+                               steps=3, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
+                               network={"extract_layers": [1, 2], "dim": 16, "heads": 2,
+                                        "cnn_channels": [4, 4, 8, 8]})
+    return path, root
+
+
+def test_a_report_run_exports_a_tgcnet_model_with_its_adapters_merged(trained):
+    from safetensors.torch import load_file
+
+    from CLIPSegLib.models import load_spec
+
+    path, root = trained
+    spec = load_spec(str(path))
+    assert spec["engine"] == "tgcnet" and spec["inference"]["flip_average"] is False
+    assert len(spec["knowledge"]["sha256"]) == 64 and spec["presence"]["calibration"]["volumes"] == 2
+    counts = spec["training"]["parameters"]
+    assert 0 < counts["trainable"] < counts["total"]
+    weights = load_file(str(path.with_suffix(".safetensors")))
+    assert not any("lora_" in k or "base_layer" in k for k in weights)
+    clip = torch.load(root / "work" / "clip.pt", weights_only=True)["model"]
+    key = "transformer.resblocks.0.mlp.c_fc.weight"  # a LoRA target of the text tower: trained, then merged
+    assert not torch.allclose(weights[f"clip.{key}"].float(), clip[key].half().float())
+    vkey = "visual.transformer.resblocks.0.mlp.c_fc.weight"  # the image tower stays frozen
+    assert torch.equal(weights[f"clip.{vkey}"], clip[vkey].half())
+
+
+def test_the_report_evaluation_scores_lines_by_role(trained):
+    from CLIPSegLib.evaluation.evaluator import evaluate
+    from CLIPSegLib.evaluation.report_cases import ReportCases
+    from CLIPSegLib.inference.segment_file import load_engine
+
+    engine = load_engine(str(trained[0]), device="cpu")
+    source = ReportCases(2, 1000, "rephrased")
+    report = evaluate(source, engine)
+    rows, s = report["cases"], report["summary"]
+    assert len(rows) == 6 and {r["role"] for r in rows} <= {"describes", "absent", "wrong-side"}
+    assert s["dice"]["n"] == sum(r["role"] == "describes" for r in rows)
+    assert all(r["dice"] is None for r in rows if r["role"] != "describes")
+    text = ReportCases.format(report)
+    assert "rephrased wording" in text and "wrong side" in text
+
+
+def test_bad_tgcnet_training_arguments_are_refused_before_any_work(tmp_path):
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    with pytest.raises(InputError, match="--ablate 'cnn' is not a TGC-Net module"):
+        run_tgcnet_training(tmp_path, tmp_path / "w", "x", ablate=("cnn",))
+    with pytest.raises(InputError, match="--dataset 'xray'"):
+        run_tgcnet_training(tmp_path, tmp_path / "w", "x", data="xray")
+    assert not (tmp_path / "w").exists()
