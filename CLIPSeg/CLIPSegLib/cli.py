@@ -145,13 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="replace <output-dir>/<model-id>.json/.safetensors if they "
                                                         "exist (refused before any work otherwise)")
     f.add_argument("--batch-size", type=int, default=None, help="your labelled slices per step (default 4)")
-    f.add_argument("--text-adaptation", default="embeddings", choices=("embeddings", "lora"),
-                   help="how new phrases are taught: a learned embedding per phrase (default) or LoRA on the text "
-                        "tower")
+    f.add_argument("--text-adaptation", default=None, choices=("embeddings", "lora"),
+                   help="how new phrases are taught: a learned embedding per phrase (default for cliptnseg models) "
+                        "or LoRA on the text tower (tgcnet models: the only one)")
     f.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
                    help="slice size the new model works at (default: the parent's, 128 for the embedded model); "
                         "256 resolves thin structures of large slices better (the fine branch works at that size, "
-                        "CLIP at its own)")
+                        "CLIP at its own). cliptnseg models only")
     _add_common(f, ("device",))
 
     g = sub.add_parser("finetune-clip", help="fine-tune the CLIP of a MedCLIP-SAM model with DHN-NCE on image-caption "
@@ -396,7 +396,8 @@ def _cmd_finetune(a, progress):
     model_id = a.model_id
     # the command that re-creates this model where it is written (--force: the model will be there by then)
     argv = ["clipseg", "finetune", "--data", a.data, "--output-dir", a.output_dir, "--steps", str(steps), "--seed",
-            str(a.seed), "--batch-size", str(batch), "--text-adaptation", a.text_adaptation]
+            str(a.seed), "--batch-size", str(batch)]
+    argv += ["--text-adaptation", a.text_adaptation] if a.text_adaptation else []
     argv += (["--from", a.parent] if a.parent else []) + (["--prompt-map", a.prompt_map] if a.prompt_map else [])
     argv += ["--input-size", str(a.input_size)] if a.input_size else []
     result = ft.finetune(Path(a.data), Path(a.output_dir), a.parent, model_id, prompt_map, steps, a.seed, a.force,

@@ -1,20 +1,26 @@
-"""Fine-tune an existing CLIP-TNseg model on a user's labelled slices: ``clipseg finetune`` and ``finetune``.
+"""Fine-tune an existing model on a user's labelled slices: ``clipseg finetune`` and ``finetune``.
 
-From a parent model (any catalogue id or model ``.json``; the embedded model by default):
+Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): cliptnseg (CLIP-TNseg) and tgcnet
+(TGC-Net). From a parent model (any catalogue id or model ``.json``; the embedded model by default):
 
 1. the data (``labelled_slices``): only labelled slices, a quarter of them (at least one holding each phrase) held
    out to calibrate, never trained on;
-2. the ``finetune`` recipe of the one training loop (``loop.run_loop``): the segmenter (decoder, fine branch, head)
-   and the text side are trained on the user's slices mixed with a replay of the parent's own phantom training
-   images (``datasets.PhantomBank``, seeds ``TRAIN_SEED_BASE``+), so its old findings keep their maps. Text side
-   (``TEXT_ADAPTATIONS``): "embeddings", one learned embedding per new phrase initialised from its CLIP text
-   embedding (stored in the model: the engine uses it for that phrase, any other wording falls back to CLIP), or
-   "lora", LoRA adapters (peft) on the CLIP text tower, merged into it at export;
+2. the ``finetune`` recipe of the one training loop (``loop.run_loop``): the segmenter (cliptnseg: decoder, fine
+   branch, head; tgcnet: SSE's CNN, DATE's fusion, VLCM, decoder, presence head; CLIP's image tower frozen) and the
+   text side are trained on the user's slices (the engine's training loss; tgcnet's adds VLCM's alignment term)
+   mixed with a replay of the parent's own training images (cliptnseg: ``datasets.PhantomBank``; tgcnet: its
+   ``training.dataset``, report -> ``report_data.ReportBank``, thyroid -> ``datasets.PhantomBank``), whose pairs
+   are distilled from a frozen copy of the parent (``Teacher``), so its old findings keep their maps. Text side
+   (``TEXT_ADAPTATIONS``): cliptnseg "embeddings" (the default), one learned embedding per new phrase initialised
+   from its CLIP text embedding (stored in the model: the engine uses it for that phrase, any other wording falls
+   back to CLIP), or "lora", LoRA adapters (peft) on the CLIP text tower, merged into it at export; tgcnet "lora"
+   only (``tgcnet_recipe.TextAdapters``: every prompt goes through DATE, so the tower itself is adapted), at the
+   parent's slice size (``--input-size`` is cliptnseg's);
 3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``),
    merged with the parent's rules;
-4. the model written with ``models.write_spec``, its lineage in ``training``: parent id and weights SHA-256, data
-   summary, command. Checkpoints in ``<output-dir>/.<model-id>.finetune/`` resume an interrupted run of the same
-   data and settings; the folder is removed once the model is written.
+4. the model written with ``models.write_spec`` (a spec of the parent's engine), its lineage in ``training``: parent
+   id and weights SHA-256, data summary, command. Checkpoints in ``<output-dir>/.<model-id>.finetune/`` resume an
+   interrupted run of the same data and settings; the folder is removed once the model is written.
 """
 
 from __future__ import annotations
@@ -124,53 +130,46 @@ class LoraText(nn.Module):
         self.net[0].freeze_clip()
 
 
-def _recipe(net, text, device, phrases, teacher=None) -> Recipe:
-    """The ``finetune`` recipe: ``cliptnseg_recipe.segmentation_loss`` against the masks on the pairs of the user's
-    ``phrases``; on the other pairs (the replayed phantoms' findings), with a ``teacher`` (a frozen copy of the
-    parent: ``Teacher``), pixel BCE against the teacher's probabilities (distillation: the old findings keep the
-    parent's maps, which its calibrated rules judge), else ``segmentation_loss`` against their masks. The
-    segmenter's parameters and the text side's are two groups (``LEARNING_RATES``)."""
-    from .cliptnseg_recipe import segmentation_loss
-
-    mask_loss = segmentation_loss(device)
+def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
+    """The ``finetune`` recipe: the engine's own training loss (``tuning.loss``) against the masks on the pairs of
+    the user's ``phrases``; on the other pairs (the replayed phantoms' findings), with a ``teacher`` (a frozen copy of
+    the parent: ``Teacher``), pixel BCE against the teacher's probabilities (distillation: the old findings keep the
+    parent's maps, which its calibrated rules judge), else the engine's loss against their masks. Parameters,
+    state and train mode are the engine's (``tuning``)."""
     mine = set(phrases)
 
     def loss(batch):
         images, names, masks, pair_index = batch
         images, masks, pair_index = images.to(device), masks.to(device), pair_index.to(device)
-        logits, presence = net(images, text(names), pair_index)
+        out = tuning.forward(images, names, pair_index)
         new = torch.tensor([n in mine for n in names], device=device)
         if teacher is None or new.all():
-            return mask_loss(logits, masks, presence)
+            return tuning.loss(out, masks)
         old = ~new
+        logits, presence = out[0], out[1]
         value = DISTILL_WEIGHT * teacher.loss(images, [n for n, o in zip(names, old) if o], pair_index[old],
                                               logits[old], None if presence is None else presence[old])
         if new.any():
-            value = value + mask_loss(logits[new], masks[new], None if presence is None else presence[new])
+            value = value + tuning.loss(tuple(None if o is None else o[new] for o in out), masks[new])
         return value
 
-    def state():
-        return {**net.trainable_state_dict(), **{f"text.{k}": v for k, v in text.state_dict().items()}}
+    return Recipe("fine-tuning", tuning.param_groups(), loss, tuning.state, tuning.load, tuning.train,
+                  weight_decay=1e-4)
 
-    def load(sd):
-        net.load_state_dict({k: v for k, v in sd.items() if not k.startswith("text.")}, strict=False)
-        text.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("text.")})
 
-    def train(mode):
-        net.train(mode)
-        text.train(mode)
-
-    segmenter = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("clip.")]
-    kind = "lora" if isinstance(text, LoraText) else "embeddings"
-    groups = [{"params": segmenter, "lr": LEARNING_RATES["segmenter"]},
-              {"params": list(text.parameters()), "lr": LEARNING_RATES[kind]}]
-    return Recipe("fine-tuning", groups, loss, state, load, train, weight_decay=1e-4)
+def _used_images(images, pair_index):
+    """Only the images some pair reads: (images ``[U,1,S,S]``, pair_index renumbered into them ``[N]``)."""
+    used = torch.unique(pair_index)
+    remap = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+    remap[used] = torch.arange(len(used), device=images.device)
+    return images[used], remap[pair_index]
 
 
 class Teacher:
     """A frozen copy of the parent network, with its text embeddings (the parent's: CLIP's, or its learned ones):
     ``loss(images [B,1,S,S], phrases (N), pair_index [N], logits [N,S,S], presence [N] or None)`` is the BCE of the
-    student's logits against the teacher's probabilities for the same pairs (and of its slice presence)."""
+    student's logits against the teacher's probabilities for the same pairs (and of its slice presence). This one is
+    cliptnseg's; ``TGCNetTeacher`` is TGC-Net's."""
 
     def __init__(self, engine, device):
         from ..engines.cliptnseg.engine import CLIPTNSegEngine
@@ -188,12 +187,10 @@ class Teacher:
         teacher's input are resized to it and its logits back (bilinear)."""
         from ..inference.preprocessing import resize_slices
 
-        used = torch.unique(pair_index)
-        remap = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-        remap[used] = torch.arange(len(used), device=images.device)
+        used, index = _used_images(images, pair_index)
         text = self.engine.encode_prompts(phrases).embeddings.to(images.device)
         size = images.shape[-1]
-        logits, presence = self.net(resize_slices(images[used], self.net.input_size), text, remap[pair_index])
+        logits, presence = self.net(resize_slices(used, self.net.input_size), text, index)
         return resize_slices(logits[:, None], size)[:, 0], presence
 
     def loss(self, images, phrases, pair_index, logits, presence):
@@ -205,12 +202,247 @@ class Teacher:
         return value
 
 
+class TGCNetTeacher(Teacher):
+    """``Teacher`` for a TGC-Net parent: a frozen copy of its network (its text tower without adapters); the
+    student works at the parent's size, so nothing is resized."""
+
+    def __init__(self, net, device):
+        self.net = copy.deepcopy(net).to(device).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def _targets(self, images, phrases, pair_index):
+        used, index = _used_images(images, pair_index)
+        logits, presence, _ = self.net(used, _tgcnet_text(self.net, phrases), index)
+        return logits, presence
+
+
+def _tgcnet_text(net, phrases: list[str]):
+    """The ``TextBatch`` of N phrases (one row per pair), each distinct phrase encoded once (DATE)."""
+    unique = list(dict.fromkeys(phrases))
+    index = torch.tensor([unique.index(p) for p in phrases], device=net.clip.positional_embedding.device)
+    return net.encode_text(unique).rows(index)
+
+
 def _root_training(spec: dict) -> dict:
     """The ``training`` entry of the model at the root of a spec's lineage (the one trained from scratch)."""
     training = spec.get("training") or {}
     while (training.get("parent") or {}).get("training"):
         training = training["parent"]["training"]
     return training
+
+
+class Tuning:
+    """One engine's pieces of fine-tuning, called by ``finetune`` in this order: ``check`` (before any work),
+    ``Tuning(spec, input_size, progress)`` (the parent's network: attributes ``net``, ``size`` in pixels, ``prep``
+    the engine's ``Preprocessing``), ``replays_by_default`` / ``replay_bank`` (the parent's own training data),
+    ``teacher``, ``adapt_text`` (the trained text side, moved to the device), then per batch ``forward`` and
+    ``loss`` with ``param_groups`` / ``state`` / ``load`` / ``train`` for ``loop.run_loop``, and ``export``."""
+
+    text_adaptations: tuple = ()  # the first is the default
+
+    @classmethod
+    def check(cls, spec: dict, text_adaptation: str | None, input_size: int | None) -> str:
+        """-> the text adaptation to use (None: the default); InputError for settings this engine cannot do."""
+        text_adaptation = text_adaptation or cls.text_adaptations[0]
+        if text_adaptation not in TEXT_ADAPTATIONS:
+            raise InputError(f"text adaptation {text_adaptation!r} is not one of {', '.join(TEXT_ADAPTATIONS)}")
+        return text_adaptation
+
+    def adapt_text(self, text_adaptation: str, phrases: list[str], device) -> None:
+        """Add the trained text side (``text_adaptation`` for the new ``phrases``); network, text side and loss
+        on ``device``."""
+        from .cliptnseg_recipe import segmentation_loss
+
+        self.mask_loss = segmentation_loss(device)
+
+    def loss(self, out, masks):
+        """``cliptnseg_recipe.segmentation_loss`` of ``forward``'s (mask logits, presence logits, ...) and the
+        masks ``[N,S,S]``."""
+        return self.mask_loss(out[0], masks, out[1])
+
+
+class CLIPTNSegTuning(Tuning):
+    """cliptnseg's ``Tuning``: the parent's network (at ``input_size`` if given: ``network.network_at_input_size``),
+    replay of ``datasets.PhantomBank``, ``Teacher``, text side ``TEXT_ADAPTATIONS`` (``LearnedPhrases`` or
+    ``LoraText``), export with the learned phrases' table (or LoRA merged)."""
+
+    text_adaptations = TEXT_ADAPTATIONS
+
+    def __init__(self, spec: dict, input_size: int | None, progress: Progress):
+        from ..engines.cliptnseg.engine import CLIPTNSegEngine
+
+        self.spec = spec
+        self.engine = CLIPTNSegEngine.from_spec(spec, torch.device("cpu"))
+        self.net, self.prep = self.engine.net, self.engine.preprocessing
+        self.size = self.prep.input_size
+        if input_size and input_size != self.size:
+            from ..engines.cliptnseg.network import network_at_input_size
+
+            self.net = network_at_input_size(self.net, input_size)
+            self.size = input_size
+            progress.message(f"fine-tuning at {self.size} x {self.size} pixels per slice (the parent takes "
+                             f"{self.engine.preprocessing.input_size})")
+        self.net.cfg["coarse_only"] = False  # a converted CLIPSeg model segments coarse-only; all of it is trained
+
+    def replays_by_default(self) -> bool:
+        """Whether the parent's lineage was trained on phantoms (then they are replayed by default)."""
+        return bool(_root_training(self.spec).get("n_phantoms"))
+
+    def replay_bank(self, n: int, progress: Progress):
+        from .datasets import PhantomBank
+
+        return PhantomBank(n, self.size, n_prompts=2, progress=lambda d, t: progress.update("replay phantoms", d, t))
+
+    def teacher(self, device) -> Teacher:
+        return Teacher(self.engine, device)  # the parent's own net and size
+
+    def adapt_text(self, text_adaptation: str, phrases: list[str], device) -> None:
+        super().adapt_text(text_adaptation, phrases, device)
+        self.kind = text_adaptation
+        self.text = (LoraText(self.net) if text_adaptation == "lora"
+                     else LearnedPhrases(self.net, phrases, self.engine.learned))
+        self.net.to(device)
+        self.text.to(device)
+
+    def forward(self, images, phrases, pair_index):
+        """-> (mask logits ``[N,S,S]``, presence logits ``[N]`` or None)."""
+        return self.net(images, self.text(phrases), pair_index)
+
+    def param_groups(self) -> list:
+        segmenter = [p for n, p in self.net.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+        return [{"params": segmenter, "lr": LEARNING_RATES["segmenter"]},
+                {"params": list(self.text.parameters()), "lr": LEARNING_RATES[self.kind]}]
+
+    def state(self) -> dict:
+        return {**self.net.trainable_state_dict(), **{f"text.{k}": v for k, v in self.text.state_dict().items()}}
+
+    def load(self, sd: dict) -> None:
+        self.net.load_state_dict({k: v for k, v in sd.items() if not k.startswith("text.")}, strict=False)
+        self.text.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("text.")})
+
+    def train(self, mode: bool) -> None:
+        self.net.train(mode)
+        self.text.train(mode)
+
+    def export(self, spec: dict, device):
+        """The trained model: sets ``spec``'s network and learned phrases; -> (an engine of it on ``device``, to
+        calibrate with; its weights)."""
+        from ..engines.cliptnseg.engine import LEARNED_KEY, CLIPTNSegEngine, phrase_key
+
+        net = self.net.cpu().eval()
+        learned_phrases, extra = list(self.spec.get("learned_phrases") or []), {}
+        if isinstance(self.text, LoraText):
+            self.text.merge()
+            table = self.engine.learned
+            if learned_phrases:  # the parent's learned phrases stay as they were
+                extra = {LEARNED_KEY: torch.stack([table[phrase_key(p)] for p in learned_phrases])}
+        else:
+            learned_phrases, extra = self.text.export(learned_phrases)
+            table = {self.text.key(p): t for p, t in zip(learned_phrases, extra[next(iter(extra))])}
+        engine = CLIPTNSegEngine(net, device, {**self.spec, "learned_phrases": learned_phrases}, learned=table)
+        spec["network"] = {**spec.get("network", {}), "coarse_only": False, "input_size": net.cfg["input_size"]}
+        if spec["network"]["input_size"] is None:
+            spec["network"].pop("input_size")
+        spec["learned_phrases"] = learned_phrases
+        if not learned_phrases:
+            spec.pop("learned_phrases")
+        return engine, {**net.state_dict(), **extra}
+
+
+class TGCNetTuning(Tuning):
+    """TGC-Net's ``Tuning``: the text side is LoRA on the text tower
+    (``tgcnet_recipe.TextAdapters``, merged at export); the loss on the user's pairs is TGC-Net's training loss
+    (segmentation + ``ALIGN_WEIGHT`` x VLCM alignment); the replay bank is of the parent's own training data
+    (``training.dataset``: "report" -> ``report_data.ReportBank``, "thyroid" -> ``datasets.PhantomBank``); the
+    slice size is the parent's (its CNN branch and decoder run at the CLIP size)."""
+
+    text_adaptations = ("lora",)
+
+    @classmethod
+    def check(cls, spec: dict, text_adaptation: str | None, input_size: int | None) -> str:
+        size = spec["clip"]["vision_cfg"]["image_size"]
+        if input_size and input_size != size:
+            raise InputError(f"model {spec['id']!r} is a tgcnet model: it works at its CLIP's input size ({size} px; "
+                             f"its CNN branch and decoder run at that size), so --input-size {input_size} is not "
+                             f"supported; leave --input-size out")
+        if text_adaptation not in (None, "lora"):
+            raise InputError(f"model {spec['id']!r} is a tgcnet model: it adapts its text tower with LoRA, so text "
+                             f"adaptation {text_adaptation!r} is not available; leave --text-adaptation out or give "
+                             f"lora")
+        return "lora"
+
+    def __init__(self, spec: dict, input_size: int | None, progress: Progress):
+        from ..engines.tgcnet.engine import TGCNetEngine
+
+        self.spec = spec
+        engine = TGCNetEngine.from_spec(spec, torch.device("cpu"))
+        self.net, self.size, self.prep = engine.net, engine.preprocessing.input_size, engine.preprocessing
+
+    def replays_by_default(self) -> bool:
+        from .tgcnet_recipe import DATASETS
+
+        return _root_training(self.spec).get("dataset") in DATASETS
+
+    def replay_bank(self, n: int, progress: Progress):
+        data = _root_training(self.spec).get("dataset")
+        report = lambda d, t: progress.update("replay phantoms", d, t)  # noqa: E731
+        if data == "report":
+            from .report_data import ReportBank
+
+            return ReportBank(n, self.size, progress=report)
+        if data == "thyroid":
+            from .datasets import PhantomBank
+
+            return PhantomBank(n, self.size, n_prompts=2, progress=report)
+        raise InputError(f"model {self.spec['id']!r} has no record of the data it was trained on (training.dataset "
+                         f"report or thyroid), so there is nothing to replay; fine-tune it without replay (replay=0)")
+
+    def teacher(self, device) -> Teacher:
+        return TGCNetTeacher(self.net, device)
+
+    def adapt_text(self, text_adaptation: str, phrases: list[str], device) -> None:
+        from .tgcnet_recipe import TextAdapters
+
+        super().adapt_text(text_adaptation, phrases, device)
+        self.adapters = TextAdapters(self.net)
+        self.net.to(device)
+
+    def forward(self, images, phrases, pair_index):
+        """-> (mask logits ``[N,S,S]``, presence logits ``[N]`` or None, similarity logits ``[N,h,w]`` or None)."""
+        return self.net(images, _tgcnet_text(self.net, phrases), pair_index)
+
+    def loss(self, out, masks):
+        from ..engines.tgcnet.network import alignment_loss
+        from .tgcnet_recipe import ALIGN_WEIGHT
+
+        value = super().loss(out, masks)
+        return value if out[2] is None else value + ALIGN_WEIGHT * alignment_loss(out[2], masks)
+
+    def param_groups(self) -> list:
+        modules = [p for n, p in self.net.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+        return [{"params": modules, "lr": LEARNING_RATES["segmenter"]},
+                {"params": self.adapters.params, "lr": LEARNING_RATES["lora"]}]
+
+    def state(self) -> dict:
+        return {k: v for k, v in self.net.state_dict().items() if not k.startswith("clip.") or "lora_" in k}
+
+    def load(self, sd: dict) -> None:
+        self.net.load_state_dict(sd, strict=False)
+
+    def train(self, mode: bool) -> None:
+        self.net.train(mode)
+
+    def export(self, spec: dict, device):
+        from ..engines.tgcnet.engine import TGCNetEngine
+
+        self.adapters.merge()
+        net = self.net.cpu().eval()
+        return TGCNetEngine(net, device, self.spec), net.state_dict()
+
+
+TUNINGS = {"cliptnseg": CLIPTNSegTuning, "tgcnet": TGCNetTuning}  # engine -> its fine-tuning pieces
 
 
 def calibrate_new_phrases(engine, volumes, held, phrases, progress=None) -> dict:
@@ -256,36 +488,37 @@ def merged_domain(parent: dict, volumes, size: int) -> dict | None:
 
 def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_map: dict | None = None,
              steps: int = DEFAULT_STEPS, seed: int = 0, force: bool = False, device="cpu",
-             progress: Progress | None = None, batch_size: int = DEFAULT_BATCH, text_adaptation: str = "embeddings",
+             progress: Progress | None = None, batch_size: int = DEFAULT_BATCH, text_adaptation: str | None = None,
              replay: int | None = None, command: str = "", stop_after: int | None = None,
              distill: bool = True, input_size: int | None = None) -> FinetuneResult | None:
-    """Fine-tune ``parent`` (model id or spec path; default: the embedded model) on DATA (``labelled_slices``) and
-    write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they exist, unless ``force``).
+    """Fine-tune ``parent`` (model id or spec path of an engine of ``TUNINGS``; default: the embedded model) on DATA
+    (``labelled_slices``) and write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they
+    exist, unless ``force``).
 
     ``steps`` of ``batch_size`` of the user's slices plus replayed phantoms (``replay`` of them; None: the parent's
-    own first ``REPLAY_PHANTOMS`` when it was trained on phantoms, else none), seeded by ``seed``; ``stop_after``
-    ends this call early with a checkpoint (returns None). ``input_size`` (pixels; None: the parent's) trains and
-    writes the model at another slice size (``network.network_at_input_size``: the fine branch and head at that size,
-    CLIP at its own): finer for large slices, slower. Raises InputError for bad data (see ``labelled_slices``)
-    and for fewer training slices than ``batch_size``."""
+    own first ``REPLAY_PHANTOMS`` when its training data is known, else none), seeded by ``seed``; ``stop_after``
+    ends this call early with a checkpoint (returns None). ``text_adaptation``: None for the engine's default
+    (cliptnseg "embeddings", tgcnet "lora", its only one). ``input_size`` (pixels; None: the parent's; cliptnseg
+    only) trains and writes the model at another slice size (``network.network_at_input_size``: the fine branch and
+    head at that size, CLIP at its own): finer for large slices, slower. Raises InputError for bad data (see
+    ``labelled_slices``), for fewer training slices than ``batch_size``, and for settings the engine cannot do."""
     from monai.utils import set_determinism
 
-    from ..engines.cliptnseg.engine import LEARNED_KEY, CLIPTNSegEngine, phrase_key
     from ..inference.pipeline import resolve_device
     from ..models import load_spec, write_spec
-    from .cliptnseg_recipe import check_output_free
     from .calibration import merged_presence
-    from .datasets import PhantomBank, make_augmentation
+    from .cliptnseg_recipe import check_output_free
+    from .datasets import make_augmentation
 
     progress = progress or Progress("none")
     parent_spec = load_spec(parent)
     model_id = model_id or f"{parent_spec['id']}-finetuned"
     check_output_free(Path(output_dir), model_id, force)
-    if parent_spec["engine"] != "cliptnseg":
+    if parent_spec["engine"] not in TUNINGS:
         raise InputError(f"model {parent_spec['id']!r} is a {parent_spec['engine']} model; fine-tuning works on "
-                         f"cliptnseg models")
-    if text_adaptation not in TEXT_ADAPTATIONS:
-        raise InputError(f"text adaptation {text_adaptation!r} is not one of {', '.join(TEXT_ADAPTATIONS)}")
+                         f"{' and '.join(TUNINGS)} models")
+    tuning_of = TUNINGS[parent_spec["engine"]]
+    text_adaptation = tuning_of.check(parent_spec, text_adaptation, input_size)
     if steps < 1 or batch_size < 1:
         raise InputError(f"steps ({steps}) and batch size ({batch_size}) must be at least 1")
     progress.message(f"reading {data}")
@@ -299,31 +532,16 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     phrases = ls.phrases_of(volumes)
     dev = resolve_device(device)
     set_determinism(seed)
-    engine = CLIPTNSegEngine.from_spec(parent_spec, torch.device("cpu"))
-    net, size, prep = engine.net, engine.preprocessing.input_size, engine.preprocessing
-    if input_size and input_size != size:
-        from ..engines.cliptnseg.network import network_at_input_size
-
-        net = network_at_input_size(net, input_size)
-        size = input_size
-        progress.message(f"fine-tuning at {size} x {size} pixels per slice (the parent takes "
-                         f"{engine.preprocessing.input_size})")
-    net.cfg["coarse_only"] = False  # a converted CLIPSeg model segments coarse-only; fine-tuning trains all of it
+    tuning = tuning_of(parent_spec, input_size, progress)
+    size, prep = tuning.size, tuning.prep
     _warn_axes(volumes, progress)
-    n_replay = replay if replay is not None else (REPLAY_PHANTOMS if _root_training(parent_spec).get("n_phantoms")
-                                                  else 0)
+    n_replay = replay if replay is not None else (REPLAY_PHANTOMS if tuning.replays_by_default() else 0)
     augmentation = make_augmentation(mild=True)
     augmentation.set_random_state(seed)
     user = ls.SliceSamples(volumes, train, size, prep.fit, prep.intensity, augmentation)
-    bank = None
-    if n_replay:
-        bank = PhantomBank(n_replay, size, n_prompts=2,
-                           progress=lambda d, t: progress.update("replay phantoms", d, t))
-    teacher = Teacher(engine, dev) if bank is not None and distill else None  # the parent's own net and size
-    text = (LoraText(net) if text_adaptation == "lora"
-            else LearnedPhrases(net, phrases, engine.learned))
-    net.to(dev)
-    text.to(dev)
+    bank = tuning.replay_bank(n_replay, progress) if n_replay else None
+    teacher = tuning.teacher(dev) if bank is not None and distill else None
+    tuning.adapt_text(text_adaptation, phrases, dev)
     work = Path(output_dir) / f".{model_id}.finetune"
     run = {"parent": parent_spec["id"], "parent_sha256": [f["sha256"] for f in parent_spec["files"]],
            "data": ls.fingerprint(volumes), "steps": steps, "seed": seed, "batch_size": batch_size,
@@ -331,32 +549,17 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     resume = _prepare_work(work, run, progress)
     share = REPLAY_SHARE if bank is not None else 0.0
     loader_batch = batch_size if bank is None else round(batch_size / (1 - share))
-    losses = run_loop(_recipe(net, text, dev, phrases, teacher), ls.Mixed(user, bank, share), steps,
+    losses = run_loop(_recipe(tuning, dev, phrases, teacher), ls.Mixed(user, bank, share), steps,
                       work / "finetune.pt",
                       loader_batch, seed, resume, 50, progress, stop_after)
     if torch.load(work / "finetune.pt", map_location="cpu", weights_only=True)["step"] < steps:
         return None  # stopped early (stop_after): the checkpoint resumes it
-    net.cpu().eval()
-    learned_phrases, extra = list(parent_spec.get("learned_phrases") or []), {}
-    if isinstance(text, LoraText):
-        text.merge()
-        table = engine.learned
-        if learned_phrases:  # the parent's learned phrases stay as they were
-            extra = {LEARNED_KEY: torch.stack([table[phrase_key(p)] for p in learned_phrases])}
-    else:
-        learned_phrases, extra = text.export(learned_phrases)
-        table = {text.key(p): t for p, t in zip(learned_phrases, extra[next(iter(extra))])}
-    engine = CLIPTNSegEngine(net, dev, {**parent_spec, "learned_phrases": learned_phrases}, learned=table)
-    rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
     spec = {k: v for k, v in parent_spec.items() if not k.startswith("_") and k != "files"}
-    spec["network"] = {**spec.get("network", {}), "coarse_only": False, "input_size": net.cfg["input_size"]}
-    if spec["network"]["input_size"] is None:
-        spec["network"].pop("input_size")
-    spec.update(id=model_id, learned_phrases=learned_phrases, presence=merged_presence(parent_spec, rules),
+    engine, weights = tuning.export(spec, dev)
+    rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
+    spec.update(id=model_id, presence=merged_presence(parent_spec, rules),
                 description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
                             f"({len(train) + len(held)} labelled slices of {len(volumes)} volume(s)).")
-    if not learned_phrases:
-        spec.pop("learned_phrases")
     domain = merged_domain(parent_spec, volumes, size)
     if domain:
         spec["domain"] = domain
@@ -370,7 +573,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         "data": {"source": str(data), **ls.summary(volumes, train, held)},
         "parent": {"id": parent_spec["id"], "weights_sha256": {f["name"]: f["sha256"] for f in parent_spec["files"]},
                    "training": parent_training}}
-    path = write_spec(spec, {**net.state_dict(), **extra}, Path(output_dir))
+    path = write_spec(spec, weights, Path(output_dir))
     shutil.rmtree(work, ignore_errors=True)
     return FinetuneResult(path, json.loads(path.read_text(encoding="utf-8")), losses)
 
