@@ -235,3 +235,34 @@ def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tmp_path):
     with pytest.raises(InputError, match="other settings"):  # a longer schedule would silently reuse the old one
         train_segmenter(build_network(TINY_SPEC), _Shapes(), steps=8, ckpt=ckpt, batch_size=4)
     assert len(train_segmenter(build_network(TINY_SPEC), _Shapes(), steps=4, ckpt=ckpt, batch_size=4)) == 2
+
+
+def test_train_family_b_draws_its_bank_and_calibration_from_family_b(tmp_path, monkeypatch, capsys):
+    """`clipseg train --family B`: the training bank and the calibration volumes are family B phantoms, and the spec
+    says so (issue: presence under domain shift, training on the second family)."""
+    import json
+
+    from CLIPSegLib.cli import main
+    from CLIPSegLib.training import calibration, datasets
+
+    asked = {"bank": [], "calibration": []}
+    bank, cases = datasets.PhantomBank, calibration.phantom_cases
+
+    class SpyBank(bank):
+        def __init__(self, *args, family="A", **kw):
+            asked["bank"].append(family)
+            super().__init__(*args, family=family, **kw)
+
+    def spy_cases(n, seed_base=datasets.CALIBRATION_SEED_BASE, family="A"):
+        asked["calibration"].append(family)
+        return cases(n, seed_base, family)
+
+    monkeypatch.setattr(datasets, "PhantomBank", SpyBank)
+    monkeypatch.setattr(calibration, "phantom_cases", spy_cases)
+    out = tmp_path / "out"
+    assert main(["train", "--output-dir", str(out), "--work-dir", str(tmp_path / "w"), "--model-id", "b-model",
+                 "--family", "B", "--progress", "none"] + TINY_RUN) == 0
+    spec = json.loads((out / "b-model.json").read_text(encoding="utf-8"))
+    assert asked == {"bank": ["B"], "calibration": ["B"]}
+    assert spec["training"]["family"] == "B" and "--family B" in spec["training"]["command"]
+    assert spec["presence"]["calibration"]["family"] == "B"

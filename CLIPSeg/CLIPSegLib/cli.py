@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ablate", default="",
                    help="tgcnet: modules to turn off for an ablation, comma-separated from sse,date,vlcm")
     t.add_argument("--lora-rank", type=int, default=8, help="tgcnet: LoRA rank on the CLIP text tower")
+    t.add_argument("--family", default="A", choices=("A", "B", "A+B"),
+                   help="cliptnseg and medclipsam: the phantom family of the training bank and calibration volumes "
+                        "(A: speckle texture, the embedded models'; B: scatterers, pulse and beam; A+B: both)")
     t.add_argument("--output-dir", default="build/models",
                    help="where the model .json/.safetensors go (default build/models; never the shipped models "
                         "folder unless you give it)")
@@ -293,10 +296,10 @@ def _cmd_train_medclipsam(a, progress):
     device = resolve_device(a.device)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
            f"--clip-from {a.clip_from} --phantoms {a.phantoms} --volumes {a.volumes} --steps {a.steps} "
-           f"--calibration-volumes {a.calibration_volumes} --seed {a.seed} --no-resume --force")
+           f"--calibration-volumes {a.calibration_volumes} --family {a.family} --seed {a.seed} --no-resume --force")
     path = run_medclipsam_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.volumes, a.steps, a.seed,
                                    stages, not a.no_resume, a.calibration_volumes, progress, device, cmd, a.force,
-                                   a.clip_from)
+                                   a.clip_from, a.family)
     if path:
         print(f"wrote {path}")
 
@@ -312,9 +315,10 @@ def _cmd_train_tgcnet(a, progress):
                               {"--phantoms": (a.phantoms, 32), "--clip-steps": (a.clip_steps, 1),
                                "--steps": (a.steps, 1), "--calibration-volumes": (a.calibration_volumes, 1),
                                "--lora-rank": (a.lora_rank, 1)}, {})
-    if a.data or a.calibration_data or a.presence_head or a.volumes:
+    if a.data or a.calibration_data or a.presence_head or a.volumes or a.family != "A":
         raise InputError("--engine tgcnet trains on --dataset report or thyroid: --data, --calibration-data, "
-                         "--volumes and --presence-head are cliptnseg options (tgcnet always has its presence head)")
+                         "--volumes, --family and --presence-head are cliptnseg options (tgcnet always has its "
+                         "presence head)")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id
     if "export" in stages:
@@ -354,14 +358,14 @@ def _cmd_train(a, progress):
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
            f"--volumes {a.volumes} "
            f"--clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes {a.calibration_volumes} "
-           f"--seed {a.seed} --no-resume --force" + (" --presence-head" if a.presence_head else "")
+           f"--family {a.family} --seed {a.seed} --no-resume --force" + (" --presence-head" if a.presence_head else "")
            + (f" --data {a.data}" if a.data else "")
            + (f" --calibration-data {a.calibration_data}" if a.calibration_data else ""))
     path = run_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.clip_steps, a.steps,
                         Path(a.data) if a.data else None, a.seed, stages, not a.no_resume,
                         a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,
                         n_volumes=a.volumes, force=a.force,
-                        calibration_csv=Path(a.calibration_data) if a.calibration_data else None)
+                        calibration_csv=Path(a.calibration_data) if a.calibration_data else None, family=a.family)
     if path:
         print(f"wrote {path}")
 

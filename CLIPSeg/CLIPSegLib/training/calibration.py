@@ -254,10 +254,10 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
 
 def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = None, device="cpu",
                        seed_base: int = CALIBRATION_SEED_BASE, exclusive=EXCLUSIVE,
-                       flip_average: bool = False, table_csv=None) -> dict:
+                       flip_average: bool = False, table_csv=None, family: str = "A") -> dict:
     """Calibrated presence rule for a trained CLIPTNSegNet on ``n_volumes`` phantom volumes, or, with
     ``table_csv``, on a user's labelled images (``data_cases``: the phrases come from the data; no phantom finding
-    is assumed). ``exclusive``: pairs of findings that never share a voxel (phantoms only); they compete voxel-wise
+    is assumed). ``family``: the phantom family of the volumes (``synthetic.families``). ``exclusive``: pairs of findings that never share a voxel (phantoms only); they compete voxel-wise
     during calibration and in the pipeline (stored in the rule). ``flip_average``: the model's inference setting
     (the rule is calibrated on the maps the pipeline will see)."""
     import torch
@@ -270,9 +270,10 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
         rule = calibrate_rules(engine, cases, phrasings, (), progress, flip_average, len(cases))
         rule["calibration"].update({"volumes": len(cases), "data": str(table_csv)})
         return rule
-    rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base), {f: list(PHRASES[f]) for f in FINDINGS},
-                           exclusive, progress, flip_average, n_volumes)
-    rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1]})
+    rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
+                           {f: list(PHRASES[f]) for f in FINDINGS}, exclusive, progress, flip_average, n_volumes)
+    rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
+                                "family": family})
     return rule
 
 

@@ -244,8 +244,11 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
                  command: str = "", presence_head: bool = False, n_volumes: int = 0,
-                 force: bool = False, calibration_csv: Path | None = None) -> Path | None:
+                 force: bool = False, calibration_csv: Path | None = None, family: str = "A") -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
+
+    ``family``: the phantom family of the training bank and the calibration volumes ("A", "B" or the mixture "A+B",
+    ``synthetic.families``).
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
@@ -259,7 +262,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     size = spec["clip"]["vision_cfg"]["image_size"]
     bank = None
     if {"clip", "segmenter"} & set(stages):
-        bank = PhantomBank(n_phantoms, size, n_prompts=3, progress=lambda d, t: progress.update("phantoms", d, t))
+        bank = PhantomBank(n_phantoms, size, n_prompts=3, family=family,
+                           progress=lambda d, t: progress.update("phantoms", d, t))
     clip = build_clip(spec["clip"])
     clip_ckpt = work_dir / "clip.pt"
     user = FolderTriples(data_csv, size) if data_csv is not None and {"clip", "segmenter"} & set(stages) else None
@@ -274,7 +278,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         bank.n_prompts = 2  # two of the three findings per image: 3 would cost ~1.9x per step on CPU
         parts = [bank]
         if n_volumes:  # the 2D bank is reused; only the volume slices are generated here
-            parts.append(PhantomBank(0, size, n_prompts=2, volumes=n_volumes,
+            parts.append(PhantomBank(0, size, n_prompts=2, volumes=n_volumes, family=family,
                                      progress=lambda d, t: progress.update("volume phantoms", d, t)))
         if user is not None:
             parts.append(user)
@@ -286,7 +290,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         from .calibration import calibrate_presence
 
         return calibrate_presence(net, n_volumes=calibration_volumes, progress=progress, device=device,
-                                  flip_average=spec["inference"]["flip_average"], table_csv=calibration_csv)
+                                  flip_average=spec["inference"]["flip_average"], table_csv=calibration_csv,
+                                  family=family)
 
     presence = staged_presence(work_dir, stages, calibrate)
     if presence is None:
@@ -298,7 +303,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         from ..inference.domain import phantom_domain
 
         spec["domain"] = phantom_domain(size)
-    spec["training"] = {"command": command, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "clip_steps": clip_steps,
+    spec["training"] = {"command": command, "family": family, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "clip_steps": clip_steps,
                         "segmenter_steps": seg_steps, "seed": seed, "data_csv": str(data_csv) if data_csv else None,
                         "phrases": training_phrases(data_csv)}
     return write_spec(spec, net.state_dict(), out_dir)
