@@ -276,9 +276,19 @@ def _cmd_evaluate(a, progress):
         print(f"\nreport: {a.report}")
 
 
-def _cmd_train_medclipsam(a, progress):
+def _train_setup(a, stages) -> tuple[Path, object]:
+    """(the work folder: --work-dir or build/work/<model-id>, the device) of a training command; an export that would
+    overwrite a model is refused first, before the device is probed or anything is built."""
     from .inference.pipeline import resolve_device
-    from .training.cliptnseg_recipe import check_output_free, check_train_args
+    from .training.cliptnseg_recipe import check_output_free
+
+    if "export" in stages:
+        check_output_free(Path(a.output_dir), a.model_id, a.force)
+    return Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id, resolve_device(a.device)
+
+
+def _cmd_train_medclipsam(a, progress):
+    from .training.cliptnseg_recipe import check_train_args
     from .training.medclipsam_recipe import check_stages, run_medclipsam_training
 
     a.model_id = a.model_id or "medclipsam-phantom-small"
@@ -290,10 +300,7 @@ def _cmd_train_medclipsam(a, progress):
 
         raise InputError("--engine medclipsam trains on phantoms only: --data, --calibration-data and "
                          "--presence-head are cliptnseg options")
-    work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id
-    if "export" in stages:
-        check_output_free(Path(a.output_dir), a.model_id, a.force)
-    device = resolve_device(a.device)
+    work_dir, device = _train_setup(a, stages)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
            f"--clip-from {a.clip_from} --phantoms {a.phantoms} --volumes {a.volumes} --steps {a.steps} "
            f"--calibration-volumes {a.calibration_volumes} --family {a.family} --seed {a.seed} --no-resume --force")
@@ -306,8 +313,7 @@ def _cmd_train_medclipsam(a, progress):
 
 def _cmd_train_tgcnet(a, progress):
     from .errors import InputError
-    from .inference.pipeline import resolve_device
-    from .training.cliptnseg_recipe import check_output_free, check_train_args
+    from .training.cliptnseg_recipe import check_train_args
     from .training.tgcnet_recipe import STAGES, run_tgcnet_training
 
     a.model_id = a.model_id or f"tgcnet-{a.dataset}-small"
@@ -320,10 +326,7 @@ def _cmd_train_tgcnet(a, progress):
                          "--volumes, --family and --presence-head are cliptnseg options (tgcnet always has its "
                          "presence head)")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
-    work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id
-    if "export" in stages:
-        check_output_free(Path(a.output_dir), a.model_id, a.force)
-    device = resolve_device(a.device)
+    work_dir, device = _train_setup(a, stages)
     cmd = (f"clipseg train --engine tgcnet --dataset {a.dataset} --output-dir {a.output_dir} --model-id {a.model_id} "
            f"--phantoms {a.phantoms} --clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes "
            f"{a.calibration_volumes} --lora-rank {a.lora_rank} --seed {a.seed} --no-resume --force"
@@ -337,8 +340,7 @@ def _cmd_train_tgcnet(a, progress):
 
 
 def _cmd_train(a, progress):
-    from .inference.pipeline import resolve_device
-    from .training.cliptnseg_recipe import check_output_free, check_train_args, run_training
+    from .training.cliptnseg_recipe import check_train_args, run_training
 
     if a.engine == "medclipsam":
         return _cmd_train_medclipsam(a, progress)
@@ -350,10 +352,7 @@ def _cmd_train(a, progress):
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
                                "--calibration-volumes": (a.calibration_volumes, 1)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
-    work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id
-    if "export" in stages:  # before the device is probed or anything is built
-        check_output_free(Path(a.output_dir), a.model_id, a.force)
-    device = resolve_device(a.device)
+    work_dir, device = _train_setup(a, stages)
     # the command that re-creates this model where it is written: --force, as the model will be there by then
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
            f"--volumes {a.volumes} "

@@ -40,6 +40,21 @@ def build_clip(cfg: dict) -> torch.nn.Module:
                           quick_gelu=quick_gelu)
 
 
+class FrozenCLIPNet(torch.nn.Module):
+    """Base of a network built around a frozen CLIP (``self.clip``): no gradients, and eval mode whatever mode the
+    network is put in (adapters added by training set their own ``requires_grad``)."""
+
+    def freeze_clip(self):
+        self.clip.eval()
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+
 def clip_image_size(clip: torch.nn.Module) -> int:
     """Square input size (pixels) of the image tower."""
     size = clip.visual.image_size

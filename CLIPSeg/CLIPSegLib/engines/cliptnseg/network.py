@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ...errors import ModelError
-from ..clip_backbone import CLIP_MEAN, CLIP_STD, build_clip, clip_image_size, to_clip_input
+from ..clip_backbone import CLIP_MEAN, CLIP_STD, FrozenCLIPNet, build_clip, clip_image_size, to_clip_input
 
 DEFAULT_NETWORK = {
     "extract_layers": [3, 6, 9],  # 1-based depths of the CLIP image tower whose activations feed the decoder
@@ -165,7 +165,7 @@ def check_network(cfg: dict) -> None:
                          f"; {fix}")
 
 
-class CLIPTNSegNet(nn.Module):
+class CLIPTNSegNet(FrozenCLIPNet):
     """The full network. ``clip`` is an open_clip CLIP model; it is frozen (no gradients, eval mode)."""
 
     def __init__(self, clip: nn.Module, network: dict | None = None):
@@ -203,16 +203,6 @@ class CLIPTNSegNet(nn.Module):
         rd = cfg["reduce_dim"]
         self.presence = (nn.Sequential(nn.Linear(2 * rd + hc, rd), nn.ReLU(), nn.Linear(rd, 1))
                          if cfg["presence_head"] else None)
-
-    def freeze_clip(self):
-        self.clip.eval()
-        for p in self.clip.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.clip.eval()  # frozen tower stays in eval mode
-        return self
 
     def trainable_state_dict(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ...errors import ModelError
-from ..clip_backbone import CLIP_MEAN, CLIP_STD, build_clip, clip_image_size, to_clip_input
+from ..clip_backbone import CLIP_MEAN, CLIP_STD, FrozenCLIPNet, build_clip, clip_image_size, to_clip_input
 from ..cliptnseg.network import FiLM
 from .knowledge import load_knowledge
 from .text import DateText, TextBatch
@@ -127,7 +127,7 @@ class UpStage(nn.Module):
         return self.conv(x if skip is None else torch.cat([x, skip], dim=1))
 
 
-class TGCNet(nn.Module):
+class TGCNet(FrozenCLIPNet):
     """The network (module docstring). ``clip``: an open_clip CLIP, frozen here (adapters are added by training);
     ``knowledge``: the ``knowledge.Knowledge`` DATE reads."""
 
@@ -166,16 +166,6 @@ class TGCNet(nn.Module):
                          if cfg["presence_head"] else None)
         self.image_mean = tuple(cfg["image_mean"] or CLIP_MEAN)
         self.image_std = tuple(cfg["image_std"] or CLIP_STD)
-
-    def freeze_clip(self):
-        self.clip.eval()
-        for p in self.clip.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.clip.eval()  # the frozen tower (and its adapters) has no dropout or batch statistics to train
-        return self
 
     def encode_text(self, texts: list[str]) -> TextBatch:
         """P texts -> ``TextBatch`` (DATE; with gradient when the text tower has trainable adapters)."""
