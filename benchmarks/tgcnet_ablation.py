@@ -47,6 +47,16 @@ def train_cliptnseg(clip_ckpt: Path, work: Path, steps: int, n_images: int, cali
     return engine, sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
+def _row(name: str, trainable: int, minutes: float, scores: dict) -> str:
+    """One Markdown table row: the variant's Dice in both wordings and its empty rates (training wording)."""
+    def rate(part):
+        return "n/a" if part["empty_rate"] is None else f"{part['empty_rate']:.1%} of {part['lines']}"
+
+    t, r = scores["train"], scores["rephrased"]
+    return (f"| {name} | {trainable:,} | {minutes:.1f} | {t['dice']['mean']:.3f} | {r['dice']['mean']:.3f} | "
+            f"{rate(t['wrong-side'])} | {rate(t['absent'])} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clip", default="build/work/tgcnet-report-small/clip.pt")
@@ -89,21 +99,14 @@ def main():
         minutes = (time.perf_counter() - start) / 60
         scores = {w: evaluate(ReportCases(a.eval, a.seed, w), engine, progress=progress)["summary"]
                   for w in ("train", "rephrased")}
-        rows.append((name, trainable, minutes, scores))
-        print(f"{name}: done in {minutes:.1f} min", flush=True)
+        rows.append(_row(name, trainable, minutes, scores))
+        print(f"{name}: done in {minutes:.1f} min: {rows[-1]}", flush=True)  # a row as soon as it is measured
     print(f"\nreport phantoms, {a.steps} steps on {a.phantoms} phantoms each, same CLIP ({clip}), calibrated on "
           f"{a.calibration}, scored on {a.eval} held-out phantoms (seeds {a.seed}..{a.seed + a.eval - 1})\n")
     print("| variant | trainable params | train+calibrate min | Dice (train wording) | Dice (rephrased) | "
           "wrong side -> empty | absent -> empty |")
     print("|---|---|---|---|---|---|---|")
-
-    def rate(part):
-        return "n/a" if part["empty_rate"] is None else f"{part['empty_rate']:.1%} of {part['lines']}"
-
-    for name, trainable, minutes, s in rows:
-        t, r = s["train"], s["rephrased"]
-        print(f"| {name} | {trainable:,} | {minutes:.1f} | {t['dice']['mean']:.3f} | {r['dice']['mean']:.3f} | "
-              f"{rate(t['wrong-side'])} | {rate(t['absent'])} |")
+    print("\n".join(rows))
     shutil.rmtree(tmp, ignore_errors=True)
 
 
