@@ -24,10 +24,16 @@ QUERIES_PER_CASE = 3
 
 
 def report_case(seed: int, style: str = "train", n: int = QUERIES_PER_CASE):
-    """One evaluation or calibration case -> (image ``[J,I]`` raw intensities, spacing (row, column) in mm,
-    ``n`` ``Query`` s in ``style``)."""
+    """One evaluation or calibration case -> (image ``[J,I]`` raw intensities, spacing (row, column) in mm, up to
+    ``n`` ``Query`` s in ``style``). A line drawn twice (the same kind, sides and zone) is asked once: a run takes
+    each prompt once, and the content, not the wording, decides, so both wordings keep the same lines."""
     ph = make_report_phantom(seed=seed)
-    return ph.image, tuple(ph.spacing), sample_queries(ph, np.random.default_rng([seed, 7]), n, style)
+    queries, seen = [], set()
+    for q in sample_queries(ph, np.random.default_rng([seed, 7]), n, style):
+        if (q.kind, q.sides, q.zone) not in seen:
+            seen.add((q.kind, q.sides, q.zone))
+            queries.append(q)
+    return ph.image, tuple(ph.spacing), queries
 
 
 def _resized(ph: ReportPhantom, size: int) -> ReportPhantom:
