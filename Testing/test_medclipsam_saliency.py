@@ -31,23 +31,32 @@ def squares(n, generator, present=None):
     return x, has.long(), corner
 
 
-@pytest.fixture(scope="module")
-def toy():
-    """(clip, text [2,16]): a tiny CLIP whose image tower learnt (150 Adam steps, ~2 s) to put images with a square
-    near text row 1 ("bright square") and images without near row 0 ("empty")."""
+def _train_toy(step):
+    """A tiny CLIP and two random unit text rows ``[2,16]``; its image tower trained 150 Adam steps (lr 3e-3, seeded)
+    on ``step(clip, text, generator) -> loss`` -> (clip, text, the last loss)."""
     torch.manual_seed(0)
     clip = build_clip(CLIP)
     text = F.normalize(torch.randn(2, 16), dim=-1)
     opt = torch.optim.Adam(clip.visual.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     for _ in range(150):
-        x, y, _ = squares(32, g)
-        logits = 10 * F.normalize(clip.encode_image(to_clip_input(x)), dim=-1) @ text.T
-        loss = F.cross_entropy(logits, y)
+        loss = step(clip, text, g)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.05, "the toy did not learn the square"
+    return clip, text, loss.item()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """(clip, text [2,16]): a tiny CLIP whose image tower learnt (150 Adam steps, ~2 s) to put images with a square
+    near text row 1 ("bright square") and images without near row 0 ("empty")."""
+    def step(clip, text, g):
+        x, y, _ = squares(32, g)
+        return F.cross_entropy(10 * F.normalize(clip.encode_image(to_clip_input(x)), dim=-1) @ text.T, y)
+
+    clip, text, loss = _train_toy(step)
+    assert loss < 0.05, "the toy did not learn the square"
     return clip.eval(), text
 
 
@@ -132,22 +141,15 @@ def test_bad_input_is_named(toy):
 def dense_toy():
     """(clip, text [2,16]): a tiny CLIP whose patch embeddings (``dense_features``) learnt (150 Adam steps, ~3 s)
     to lie near text row 1 on patches mostly inside the square and near row 0 elsewhere."""
-    torch.manual_seed(0)
-    clip = build_clip(CLIP)
-    text = F.normalize(torch.randn(2, 16), dim=-1)
-    opt = torch.optim.Adam(clip.visual.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(150):
+    def step(clip, text, g):
         x, _, corner = squares(16, g, present=True)
         square = torch.stack([inside(c) for c in corner]).float()[:, None]  # [B,1,S,S]
         target = (F.avg_pool2d(square, 8) > 0.5).long().flatten()  # [B*8*8] patch mostly inside the square
         _, dense = dense_features(clip, to_clip_input(x))
-        logits = 10 * F.normalize(dense, dim=1).permute(0, 2, 3, 1).reshape(-1, 16) @ text.T
-        loss = F.cross_entropy(logits, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.2, f"the dense toy did not learn the square ({loss.item():.3f})"
+        return F.cross_entropy(10 * F.normalize(dense, dim=1).permute(0, 2, 3, 1).reshape(-1, 16) @ text.T, target)
+
+    clip, text, loss = _train_toy(step)
+    assert loss < 0.2, f"the dense toy did not learn the square ({loss:.3f})"
     return clip.eval(), text
 
 

@@ -14,7 +14,7 @@ Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): clipt
    (``TEXT_ADAPTATIONS``): cliptnseg "embeddings" (the default), one learned embedding per new phrase initialised
    from its CLIP text embedding (stored in the model: the engine uses it for that phrase, any other wording falls
    back to CLIP), or "lora", LoRA adapters (peft) on the CLIP text tower, merged into it at export; tgcnet "lora"
-   only (``tgcnet_recipe.TextAdapters``: every prompt goes through DATE, so the tower itself is adapted), at the
+   only (``text_lora.TextAdapters``: every prompt goes through DATE, so the tower itself is adapted), at the
    parent's slice size (``--input-size`` is cliptnseg's);
 3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``),
    merged with the parent's rules;
@@ -102,19 +102,17 @@ class LearnedPhrases(nn.Module):
 
 
 class LoraText(nn.Module):
-    """Text side "lora": LoRA adapters (peft, rank ``rank``) on the attention and MLP layers of the CLIP text tower;
-    every phrase goes through the adapted tower, with gradient. ``merge()`` folds them into the tower's weights."""
-
-    TARGETS = r"transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"  # the text tower only (not visual.*)
+    """Text side "lora": LoRA adapters (``text_lora.TextAdapters``, rank ``rank``) on the attention and MLP layers of
+    the CLIP text tower; every phrase goes through the adapted tower, with gradient. ``merge()`` folds them into the
+    tower's weights."""
 
     def __init__(self, net, rank: int = 8):
-        from peft import LoraConfig, get_peft_model
+        from .text_lora import TextAdapters
 
         super().__init__()
         self.net = [net]
-        self.peft = [get_peft_model(net.clip, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                         target_modules=self.TARGETS))]
-        self.adapters = nn.ParameterList([p for n, p in net.clip.named_parameters() if "lora_" in n])
+        self.lora = [TextAdapters(net, rank)]  # in lists: not submodules of this text side
+        self.adapters = nn.ParameterList(self.lora[0].params)
 
     def forward(self, phrases: list[str]) -> torch.Tensor:
         from ..engines.clip_backbone import tokenize
@@ -126,8 +124,7 @@ class LoraText(nn.Module):
         return emb[[unique.index(p) for p in phrases]]
 
     def merge(self) -> None:
-        self.net[0].clip = self.peft[0].merge_and_unload()
-        self.net[0].freeze_clip()
+        self.lora[0].merge()
 
 
 def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
@@ -214,15 +211,10 @@ class TGCNetTeacher(Teacher):
     @torch.no_grad()
     def _targets(self, images, phrases, pair_index):
         used, index = _used_images(images, pair_index)
-        logits, presence, _ = self.net(used, _tgcnet_text(self.net, phrases), index)
+        from .tgcnet_recipe import encode_pairs
+
+        logits, presence, _ = self.net(used, encode_pairs(self.net, phrases), index)
         return logits, presence
-
-
-def _tgcnet_text(net, phrases: list[str]):
-    """The ``TextBatch`` of N phrases (one row per pair), each distinct phrase encoded once (DATE)."""
-    unique = list(dict.fromkeys(phrases))
-    index = torch.tensor([unique.index(p) for p in phrases], device=net.clip.positional_embedding.device)
-    return net.encode_text(unique).rows(index)
 
 
 def _root_training(spec: dict) -> dict:
@@ -353,7 +345,7 @@ class CLIPTNSegTuning(Tuning):
 
 class TGCNetTuning(Tuning):
     """TGC-Net's ``Tuning``: the text side is LoRA on the text tower
-    (``tgcnet_recipe.TextAdapters``, merged at export); the loss on the user's pairs is TGC-Net's training loss
+    (``text_lora.TextAdapters``, merged at export); the loss on the user's pairs is TGC-Net's training loss
     (segmentation + ``ALIGN_WEIGHT`` x VLCM alignment); the replay bank is of the parent's own training data
     (``training.dataset``: "report" -> ``report_data.ReportBank``, "thyroid" -> ``datasets.PhantomBank``); the
     slice size is the parent's (its CNN branch and decoder run at the CLIP size)."""
@@ -403,30 +395,33 @@ class TGCNetTuning(Tuning):
         return TGCNetTeacher(self.net, device)
 
     def adapt_text(self, text_adaptation: str, phrases: list[str], device) -> None:
-        from .tgcnet_recipe import TextAdapters
+        from .text_lora import TextAdapters
+        from .tgcnet_recipe import tgcnet_loss
 
-        super().adapt_text(text_adaptation, phrases, device)
+        self.tgcnet_loss = tgcnet_loss(device)
         self.adapters = TextAdapters(self.net)
         self.net.to(device)
 
     def forward(self, images, phrases, pair_index):
         """-> (mask logits ``[N,S,S]``, presence logits ``[N]`` or None, similarity logits ``[N,h,w]`` or None)."""
-        return self.net(images, _tgcnet_text(self.net, phrases), pair_index)
+        from .tgcnet_recipe import encode_pairs
+
+        return self.net(images, encode_pairs(self.net, phrases), pair_index)
 
     def loss(self, out, masks):
-        from ..engines.tgcnet.network import alignment_loss
-        from .tgcnet_recipe import ALIGN_WEIGHT
-
-        value = super().loss(out, masks)
-        return value if out[2] is None else value + ALIGN_WEIGHT * alignment_loss(out[2], masks)
+        """TGC-Net's training loss (``tgcnet_recipe.tgcnet_loss``)."""
+        return self.tgcnet_loss(out, masks)
 
     def param_groups(self) -> list:
-        modules = [p for n, p in self.net.named_parameters() if p.requires_grad and not n.startswith("clip.")]
-        return [{"params": modules, "lr": LEARNING_RATES["segmenter"]},
+        from .tgcnet_recipe import module_parameters
+
+        return [{"params": module_parameters(self.net), "lr": LEARNING_RATES["segmenter"]},
                 {"params": self.adapters.params, "lr": LEARNING_RATES["lora"]}]
 
     def state(self) -> dict:
-        return {k: v for k, v in self.net.state_dict().items() if not k.startswith("clip.") or "lora_" in k}
+        from .tgcnet_recipe import trained_state
+
+        return trained_state(self.net)
 
     def load(self, sd: dict) -> None:
         self.net.load_state_dict(sd, strict=False)

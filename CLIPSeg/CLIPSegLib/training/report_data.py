@@ -42,9 +42,9 @@ def _resized(ph: ReportPhantom, size: int) -> ReportPhantom:
         return resize_slices(torch.from_numpy(m.astype(np.float32))[None, None], size)[0, 0].numpy() > 0.5
 
     image = resize_slices(torch.from_numpy(ph.image.astype(np.float32))[None, None], size)[0, 0].numpy()
+    opacities = [dataclasses.replace(o, mask=mask(o.mask)) for o in ph.opacities]
     return dataclasses.replace(ph, image=image, lungs={s: mask(m) for s, m in ph.lungs.items()},
-                               opacities=[dataclasses.replace(o, mask=mask(o.mask)) for o in ph.opacities
-                                          if mask(o.mask).any()])
+                               opacities=[o for o in opacities if o.mask.any()])
 
 
 def make_report_augmentation():

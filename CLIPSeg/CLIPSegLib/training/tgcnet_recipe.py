@@ -17,6 +17,7 @@ import torch
 from ..errors import InputError
 from ..progress import Progress
 from .loop import Recipe, run_loop, staged_presence
+from .text_lora import TextAdapters
 
 DATASETS = ("report", "thyroid")
 STAGES = ("clip", "segmenter", "calibrate", "export")
@@ -27,7 +28,6 @@ REPORT_CLIP = {  # the report model's own small CLIP: the embedded cliptnseg's s
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
 }
 NETWORK = {"extract_layers": [2, 4, 6], "dim": 64, "heads": 4, "cnn_channels": [8, 16, 32, 64]}
-LORA_TARGETS = r"transformer\.resblocks\.\d+\.(attn|mlp\.c_fc|mlp\.c_proj)"  # the text tower's blocks, not visual.*
 ALIGN_WEIGHT = 0.5
 LEARNING_RATES = {"modules": 2e-3, "lora": 1e-3}
 
@@ -53,55 +53,58 @@ def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=()) -> dict:
     }
 
 
-class TextAdapters:
-    """LoRA (peft, rank ``rank``) on the attention and MLP layers of ``net``'s CLIP text tower; ``merge()`` folds them
-    into the tower's weights (the exported model is a plain TGC-Net)."""
-
-    def __init__(self, net, rank: int = 8):
-        from peft import LoraConfig, get_peft_model
-
-        self.net = net
-        self.peft = get_peft_model(net.clip, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                         target_modules=LORA_TARGETS))
-        self.params = [p for n, p in net.clip.named_parameters() if "lora_" in n]
-        for p in self.params:
-            p.requires_grad_(True)
-
-    def merge(self) -> None:
-        self.net.clip = self.peft.merge_and_unload()
-        self.net.freeze_clip()
+def encode_pairs(net, phrases: list[str]):
+    """The ``TextBatch`` of N phrases, one row per (image, phrase) pair, each distinct phrase encoded once (DATE,
+    through the adapted text tower: with gradient while training)."""
+    unique = list(dict.fromkeys(phrases))
+    index = torch.tensor([unique.index(p) for p in phrases], device=net.clip.positional_embedding.device)
+    return net.encode_text(unique).rows(index)
 
 
-def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: float = ALIGN_WEIGHT) -> Recipe:
-    """``run_loop``'s recipe: ``cliptnseg_recipe.segmentation_loss`` (Dice on present pairs + pixel BCE + presence
-    BCE) + ``align_weight`` x VLCM's ``alignment_loss``; every phrase of a batch goes through the adapted text tower
-    (DATE) with gradient. Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``)."""
+def tgcnet_loss(device="cpu", align_weight: float = ALIGN_WEIGHT):
+    """-> ``loss(out, masks [N,S,S])`` for the network's paired output ``out`` (mask logits ``[N,S,S]``, presence
+    logits ``[N]`` or None, similarity logits ``[N,h,w]`` or None): ``cliptnseg_recipe.segmentation_loss`` (Dice on
+    present pairs + pixel BCE + presence BCE) + ``align_weight`` x VLCM's ``alignment_loss``."""
     from ..engines.tgcnet.network import alignment_loss
     from .cliptnseg_recipe import segmentation_loss
 
     mask_loss = segmentation_loss(device)
 
-    def loss(batch):
-        images, phrases, masks, pair_index = batch
-        unique = list(dict.fromkeys(phrases))
-        text = net.encode_text(unique).rows(torch.tensor([unique.index(p) for p in phrases], device=device))
-        masks = masks.to(device)
-        logits, presence, sim = net(images.to(device), text, pair_index.to(device))
+    def loss(out, masks):
+        logits, presence, sim = out
         value = mask_loss(logits, masks, presence)
         if sim is not None and align_weight:
             value = value + align_weight * alignment_loss(sim, masks)
         return value
 
-    modules = [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+    return loss
 
-    def state():
-        return {k: v for k, v in net.state_dict().items() if not k.startswith("clip.") or "lora_" in k}
 
-    return Recipe("tgcnet segmenter", [{"params": modules, "lr": LEARNING_RATES["modules"]},
+def module_parameters(net) -> list:
+    """The trainable parameters of the network's own modules (SSE, DATE, VLCM, decoder, presence head): not CLIP's,
+    nor its adapters'."""
+    return [p for n, p in net.named_parameters() if p.requires_grad and not n.startswith("clip.")]
+
+
+def trained_state(net) -> dict:
+    """What training changes: every tensor outside the CLIP, and the CLIP's LoRA adapters (a checkpoint)."""
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("clip.") or "lora_" in k}
+
+
+def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: float = ALIGN_WEIGHT) -> Recipe:
+    """``run_loop``'s recipe: ``tgcnet_loss`` on each batch, every phrase through the adapted text tower
+    (``encode_pairs``). Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``)."""
+    pair_loss = tgcnet_loss(device, align_weight)
+
+    def loss(batch):
+        images, phrases, masks, pair_index = batch
+        return pair_loss(net(images.to(device), encode_pairs(net, phrases), pair_index.to(device)), masks.to(device))
+
+    return Recipe("tgcnet segmenter", [{"params": module_parameters(net), "lr": LEARNING_RATES["modules"]},
                                        {"params": adapters.params, "lr": LEARNING_RATES["lora"]}],
-                  loss, state, lambda sd: net.load_state_dict(sd, strict=False), net.train, weight_decay=1e-4,
-                  fingerprint={"network": net.cfg, "align_weight": align_weight, "lr": LEARNING_RATES,
-                               "lora": len(adapters.params)})
+                  loss, lambda: trained_state(net), lambda sd: net.load_state_dict(sd, strict=False), net.train,
+                  weight_decay=1e-4, fingerprint={"network": net.cfg, "align_weight": align_weight,
+                                                  "lr": LEARNING_RATES, "lora": len(adapters.params)})
 
 
 def _clip_of(model: str) -> tuple[dict, dict]:
