@@ -52,6 +52,29 @@ def tiny_tgcnet(tmp_path_factory) -> Path:
     return write_spec(dict(TINY_TGCNET_SPEC), net.state_dict(), tmp_path_factory.mktemp("tgcnet"))
 
 
+TINY_UNET_SPEC = {
+    "id": "tiny-unet",
+    "engine": "unet",
+    "network": {"channels": [4, 8], "strides": [2], "num_res_units": 1},
+    "findings": {"thyroid nodule": ["thyroid nodule", "nodule"], "cyst": ["anechoic cyst", "cyst"]},
+    "input_size": 32,
+    "presence": {"threshold": 0.5, "min_peak": 0.5, "min_extent_mm": 0.0, "min_area_mm2": 0.0},
+    "files": [],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_unet(tmp_path_factory) -> Path:
+    """Path to the spec JSON of a random-weight fixed-vocabulary UNet model (engines.unet), as exported."""
+    from CLIPSegLib.engines.unet.engine import build_unet
+    from CLIPSegLib.models import write_spec
+
+    torch.manual_seed(0)
+    net = build_unet(2, TINY_UNET_SPEC["network"])
+    weights = {f"unet.{k}": v for k, v in net.state_dict().items()}
+    return write_spec(dict(TINY_UNET_SPEC), weights, tmp_path_factory.mktemp("unet"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Path to the spec JSON of a random-weight CLIP-TNseg model (safetensors + SHA-256, as exported)."""

@@ -53,16 +53,17 @@ TINY = {  # engine or variant -> its tiny spec (random weights); every registere
     # MedCLIP-SAM: the tiny BiomedCLIP folder + a small SAM (conftest.write_tiny_medclipsam)
     "medclipsam": lambda models: load_spec(models["medclipsam"]),
     "tgcnet": lambda models: load_spec(models["tgcnet"]),
+    "unet": lambda models: load_spec(models["unet"]),
 }
 NAMES = sorted(set(ENGINES) | set(TINY))
 
 
 @pytest.fixture
-def build(tiny_model, tiny_clipseg_model, tiny_medclipsam, tiny_tgcnet, monkeypatch):
+def build(tiny_model, tiny_clipseg_model, tiny_medclipsam, tiny_tgcnet, tiny_unet, monkeypatch):
     """build(engine or variant name, precision=..., **spec entries) -> the engine, from its tiny spec."""
     monkeypatch.setitem(ENGINES, "threshold", ThresholdEngine)  # the one registration a new engine needs
     models = {"cliptnseg": tiny_model, "clipseg-style": tiny_clipseg_model, "medclipsam": tiny_medclipsam,
-              "tgcnet": tiny_tgcnet}
+              "tgcnet": tiny_tgcnet, "unet": tiny_unet}
 
     def make(name, precision="fp32", **entries):
         spec = {**TINY[name](models), "training": {"phrases": PHRASES}, **entries}

@@ -7,6 +7,7 @@ please report it with the traceback), 130 interrupted (Ctrl+C), 141 stdout close
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ablate", default="",
                    help="tgcnet: modules to turn off for an ablation, comma-separated from sse,date,vlcm")
     t.add_argument("--lora-rank", type=int, default=8, help="tgcnet: LoRA rank on the CLIP text tower")
+    t.add_argument("--pseudo-labels", default=None, metavar="FOLDER",
+                   help="medclipsam, weakly supervised stage: the --zero-shot model segments every volume of FOLDER "
+                        "(unlabelled .nii.gz/.nrrd/.mha) and a MONAI UNet learns its masks (--steps; stages "
+                        "label,unet,calibrate,export; the rule is calibrated on the pseudo masks of a held-out 25%%)")
+    t.add_argument("--zero-shot", default="medclipsam-phantom-small",
+                   help="--pseudo-labels: the model whose masks are the targets (id or .json)")
+    t.add_argument("--prompt", action="append", default=None,
+                   help="--pseudo-labels: a finding to pseudo-label (repeat; default: the zero-shot model's "
+                        "calibrated findings, each with all its phrasings)")
     t.add_argument("--family", default="A", choices=("A", "B", "A+B"),
                    help="cliptnseg and medclipsam: the phantom family of the training bank and calibration volumes "
                         "(A: speckle texture, the embedded models'; B: scatterers, pulse and beam; A+B: both)")
@@ -311,6 +321,30 @@ def _cmd_train_medclipsam(a, progress):
         print(f"wrote {path}")
 
 
+def _cmd_train_pseudo_labels(a, progress):
+    from .errors import InputError
+    from .training.cliptnseg_recipe import check_train_args
+    from .training.pseudo_labels import check_stages, run_pseudo_label_training, unlabelled_volumes
+
+    a.model_id = a.model_id or "medclipsam-weak-unet"
+    stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
+    check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
+    if a.data or a.calibration_data or a.presence_head or a.volumes:
+        raise InputError("--pseudo-labels trains on the zero-shot masks of its folder only: --data, "
+                         "--calibration-data, --volumes and --presence-head do not apply")
+    unlabelled_volumes(Path(a.pseudo_labels))  # refuse a bad folder before anything is built
+    work_dir, device = _train_setup(a, stages)
+    prompts = "".join(f" --prompt {shlex.quote(p)}" for p in a.prompt or ())
+    cmd = (f"clipseg train --engine medclipsam --pseudo-labels {a.pseudo_labels} --zero-shot {a.zero_shot}{prompts} "
+           f"--output-dir {a.output_dir} --model-id {a.model_id} --steps {a.steps} --seed {a.seed} --no-resume "
+           f"--force")
+    path = run_pseudo_label_training(Path(a.pseudo_labels), Path(a.output_dir), work_dir, a.model_id, a.zero_shot,
+                                     a.prompt, a.steps, a.seed, stages, not a.no_resume, progress, device, cmd,
+                                     a.force)
+    if path:
+        print(f"wrote {path}")
+
+
 def _cmd_train_tgcnet(a, progress):
     from .errors import InputError
     from .training.cliptnseg_recipe import check_train_args
@@ -342,6 +376,13 @@ def _cmd_train_tgcnet(a, progress):
 def _cmd_train(a, progress):
     from .training.cliptnseg_recipe import check_train_args, run_training
 
+    if a.pseudo_labels is not None or a.prompt:
+        if a.engine != "medclipsam" or a.pseudo_labels is None:
+            from .errors import InputError
+
+            raise InputError("--pseudo-labels FOLDER (with optional --prompt and --zero-shot) is the weakly "
+                             "supervised stage of --engine medclipsam: give both")
+        return _cmd_train_pseudo_labels(a, progress)
     if a.engine == "medclipsam":
         return _cmd_train_medclipsam(a, progress)
     if a.engine == "tgcnet":

@@ -15,7 +15,8 @@ from ..errors import InputError
 
 ENGINES = {"cliptnseg": "CLIPSegLib.engines.cliptnseg.engine:CLIPTNSegEngine",
            "medclipsam": "CLIPSegLib.engines.medclipsam.engine:MedCLIPSAMEngine",
-           "tgcnet": "CLIPSegLib.engines.tgcnet.engine:TGCNetEngine"}
+           "tgcnet": "CLIPSegLib.engines.tgcnet.engine:TGCNetEngine",
+           "unet": "CLIPSegLib.engines.unet.engine:UNetEngine"}
 
 
 def check_engine(name: str) -> str:

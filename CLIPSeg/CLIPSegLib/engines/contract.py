@@ -102,8 +102,9 @@ def unseen_words(text: str, vocabulary: set[str]) -> list[str]:
 @dataclass(frozen=True)
 class PromptReading:
     """How an engine read one prompt: the ``tokens`` it kept (token strings, e.g. BPE pieces), the text they spell
-    (``read_as``; None: the text as given), whether the prompt was ``truncated`` (longer than the engine reads), and
-    the ``unseen_words`` no training phrase of the model holds."""
+    (``read_as``; None: the text as given), whether the prompt was ``truncated`` (longer than the engine reads), the
+    ``unseen_words`` no training phrase of the model holds, the domain ``knowledge`` entries added (TGC-Net) and the
+    trained ``finding`` a fixed-vocabulary network chose (``engines.unet``)."""
 
     text: str
     tokens: tuple[str, ...] = ()
@@ -111,13 +112,16 @@ class PromptReading:
     read_as: str | None = None
     unseen_words: tuple[str, ...] = ()
     knowledge: tuple[str, ...] = ()
+    finding: str | None = None
 
     def interpretation(self) -> str:
-        """'interpreted as '...' (N tokens)[, with knowledge of: ...]': what the model actually read."""
+        """'interpreted as '...' (N tokens)[, with knowledge of: ...][, as the finding '...']': what the model
+        actually read (``finding``: the trained output a fixed-vocabulary network chose for it)."""
         read = self.text if self.read_as is None else self.read_as
         count = f" ({len(self.tokens)} tokens{', cut' if self.truncated else ''})" if self.tokens else ""
         known = f", with knowledge of: {', '.join(self.knowledge)}" if self.knowledge else ""
-        return f"interpreted as '{read}'{count}{known}"
+        chosen = f", as the finding '{self.finding}'" if self.finding else ""
+        return f"interpreted as '{read}'{count}{known}{chosen}"
 
     def warning(self) -> str | None:
         """None, or what the user should know: words the model never saw in training, a prompt cut short."""

@@ -36,6 +36,10 @@ ENGINE_SPEC_KEYS = {
         "clip": "the CLIP: {\"folder\"} or {\"part\"} (BiomedCLIP) or an open_clip config with clip.* tensors",
         "sam": "the SAM: {\"type\", and \"checkpoint\", \"part\" or sam.* tensors in the files}",
     },
+    "unet": {
+        "network": "the MONAI UNet's channels, strides, num_res_units",
+        "findings": "each finding's phrasings, in output channel order",
+    },
 }
 # engines whose spec may list no files of its own (every weight comes from registry parts or named checkpoints)
 PARTS_ONLY = {"medclipsam"}
