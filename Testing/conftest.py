@@ -271,9 +271,11 @@ BIOMEDCLIP_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "thyroid", "no
                     "lesion", "bright", "dark", "square", "a", "the", "in", "of", "##s", "##al"]
 
 
-def write_tiny_biomedclip(folder: Path, seed: int = 0, context_length: int = 12) -> Path:
+def write_tiny_biomedclip(folder: Path, seed: int = 0, context_length: int = 12, paper_size: bool = False) -> Path:
     """Write a tiny random BiomedCLIP-style folder; returns it. The checkpoint also holds the
-    ``text.transformer.embeddings.position_ids`` buffer older transformers saved (the published file has it)."""
+    ``text.transformer.embeddings.position_ids`` buffer older transformers saved (the published file has it).
+    ``paper_size``: BiomedCLIP's own sizes instead (timm ViT-B/16 at 224, a BERT-base text tower: 768 wide, 12
+    layers, 256 tokens, embeddings of 512), with the same small vocabulary."""
     import json
 
     import open_clip
@@ -281,12 +283,16 @@ def write_tiny_biomedclip(folder: Path, seed: int = 0, context_length: int = 12)
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(BIOMEDCLIP_WORDS) + "\n", encoding="utf-8")
-    BertConfig(vocab_size=len(BIOMEDCLIP_WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-               intermediate_size=64, max_position_embeddings=32).save_pretrained(folder)
+    bert = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                max_position_embeddings=512) if paper_size else \
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+    BertConfig(vocab_size=len(BIOMEDCLIP_WORDS), **bert).save_pretrained(folder)
     name = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-    config = {"model_cfg": {"embed_dim": 16,
-                            "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False,
-                                           "timm_pool": "", "timm_proj": "linear", "image_size": 160},
+    vit, image_size = ("vit_base_patch16_224", 224) if paper_size else ("test_vit", 160)
+    context_length = 256 if paper_size else context_length
+    config = {"model_cfg": {"embed_dim": 512 if paper_size else 16,
+                            "vision_cfg": {"timm_model_name": vit, "timm_model_pretrained": False,
+                                           "timm_pool": "", "timm_proj": "linear", "image_size": image_size},
                             "text_cfg": {"hf_model_name": name, "hf_tokenizer_name": name, "hf_proj_type": "mlp",
                                          "hf_pooler_type": "cls_last_hidden_state_pooler",
                                          "context_length": context_length}},
@@ -298,7 +304,7 @@ def write_tiny_biomedclip(folder: Path, seed: int = 0, context_length: int = 12)
     torch.manual_seed(seed)
     model = open_clip.CustomTextCLIP(**cfg)
     state = model.state_dict()
-    state["text.transformer.embeddings.position_ids"] = torch.arange(32).unsqueeze(0)
+    state["text.transformer.embeddings.position_ids"] = torch.arange(bert["max_position_embeddings"]).unsqueeze(0)
     torch.save(state, folder / "open_clip_pytorch_model.bin")
     return folder
 

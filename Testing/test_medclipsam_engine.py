@@ -228,3 +228,33 @@ def test_a_sam_registry_part_is_hashed_before_it_is_loaded(tiny_medclipsam, tmp_
     checkpoint.write_bytes(bytes(data))
     with pytest.raises(ModelError, match=r"tiny-sam: files \{'sam_tiny.pth': 'corrupt'\}.*clipseg models fetch tiny-sam"):
         create_engine(spec, torch.device("cpu"))
+
+
+def test_paper_size_biomedclip_and_sam_vit_b_segment_a_small_volume(tmp_path):
+    """BiomedCLIP's shape (timm ViT-B/16 at 224 + a BERT-base text tower, random weights, this project's folder
+    layout) and SAM ViT-B at 1024 build from a spec and segment a 2-slice volume through the pipeline: one SAM
+    embedding per slice with a box, masks on the volume's grid."""
+    from conftest import write_tiny_biomedclip
+    from CLIPSegLib.engines.medclipsam.sam import build_sam, sam_sizes
+    from CLIPSegLib.models import write_spec
+
+    folder = write_tiny_biomedclip(tmp_path / "biomedclip-b16", paper_size=True)
+    torch.manual_seed(0)
+    sam = build_sam(sam_sizes("vit_b"))
+    spec = {"id": "paper-size-medclipsam", "engine": "medclipsam", "clip": {"folder": str(folder)},
+            "sam": {"type": "vit_b"}, "saliency": {"method": "gradcam"}, "inference": {"slice_vote": 1},
+            "presence": {"threshold": 0.5, "min_peak": 0.0, "min_extent_mm": 0.0, "min_area_mm2": 0.0,
+                         "min_slice_presence": 0.0, "slice_gate": 0.0}}
+    path = write_spec(spec, {f"sam.{k}": v for k, v in sam.state_dict().items()}, tmp_path / "model", half=True)
+    del sam
+    engine = create_engine(load_spec(path), torch.device("cpu"))
+    assert engine.preprocessing.input_size == 224 and engine.sam.image_size == 1024
+    # ViT-B/16 + BERT-base: 172.5 M with this 20-word vocabulary (BiomedCLIP's 30,522 words add 23 M)
+    assert sum(p.numel() for p in engine.clip.model.parameters()) > 170e6
+    calls = []
+    engine.sam.sam.image_encoder.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    volume = np.random.default_rng(0).random((2, 60, 80)).astype(np.float32)
+    volume[:, 20:40, 30:50] += 2.0
+    finding = segment_volume(engine, volume, GEOMETRY, ["thyroid nodule"]).findings[0]
+    assert finding.mask.shape == (2, 60, 80) and finding.info["interpreted_as"].startswith("interpreted as")
+    assert sum(c[0] for c in calls) <= 2 and all(c[-2:] == (1024, 1024) for c in calls)
