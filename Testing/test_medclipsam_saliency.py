@@ -182,3 +182,23 @@ def test_patch_similarity_makes_one_image_pass_for_all_prompts_and_no_gradients(
     _, dense = dense_features(clip, to_clip_input(x))
     assert dense.shape == (4, 16, S // 8, S // 8)
     torch.testing.assert_close(_, clip.encode_image(to_clip_input(x)))  # the pooled embedding is encode_image's
+
+
+def test_gscorecam_scores_a_channel_shared_by_several_prompts_once_with_the_same_maps(toy, monkeypatch):
+    """Three prompts in one call give the maps each gets alone, with fewer masked-image passes than three calls."""
+    clip, text = toy
+    text3 = torch.cat([text, F.normalize(text[:1] + text[1:], dim=-1)])
+    x = to_clip_input(squares(2, torch.Generator().manual_seed(7), present=True)[0])
+    images = []
+    monkeypatch.setattr(TextScorer, "forward", lambda self, im, real=TextScorer.forward: images.append(len(im))
+                        or real(self, im))
+    together = saliency(clip, x, text3, method="gscorecam", topk=24, batch_size=8, fill=BLACK)
+    shared = sum(images)
+    images.clear()
+    alone = torch.cat([saliency(clip, x, text3[p:p + 1], method="gscorecam", topk=24, batch_size=8, fill=BLACK)
+                       for p in range(3)], dim=1)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    # per call: one forward (+ backward) pass per prompt for the gradients, then the masked copies; alone, every
+    # prompt's 24 channels x 2 images are scored; together, a channel already scored is not scored again
+    assert sum(images) - 3 * 2 == 3 * 2 * 24
+    assert shared - 3 * 2 < 3 * 2 * 24

@@ -5,7 +5,8 @@ Three methods; the first two through the ``grad-cam`` package (``pytorch_grad_ca
 - ``gscorecam`` (MedCLIP-SAM v1, after Chen et al.'s gScoreCAM): the gradient of the image-text score ranks the
   channels of a vision layer; only the top ``topk`` channels are scored (each channel's map, upsampled and min-max
   scaled, masks the image; the masked images go through the image tower in batches; softmax of their scores weighs
-  the channels). About ``topk / batch_size`` image-tower passes per slice and prompt.
+  the channels). About ``topk / batch_size`` image-tower passes per slice and prompt; a channel in the top-k of
+  several prompts is scored once for all of them (the masked image is the same; the tower scores every prompt).
 - ``gradcam``: channels weighted by their mean gradient (one forward and one backward pass per prompt): cheap.
 - ``patch_similarity`` (dense patch-text similarity, as MaskCLIP / CLIP Surgery read a CLIP densely): the last
   block's patch tokens go through the tower's final norm and projection (``dense_features``), so each patch is an
@@ -85,6 +86,10 @@ def _gscorecam_class():
                      fill: torch.Tensor | None):
             super().__init__(model, target_layers, reshape_transform=reshape_transform, compute_input_gradient=True)
             self.topk, self.batch_size, self.fill = int(topk), int(batch_size), fill
+            # (image index, channel) -> the scorer's output row [P] for that image masked by that channel's map. The
+            # activations, hence the masks, are the same for every prompt of one call (one input), and the scorer
+            # scores all P prompts at once, so a channel in several prompts' top-k is scored once.
+            self.scored: dict[tuple[int, int], torch.Tensor] = {}
 
         def get_cam_weights(self, input_tensor, target_layer, targets, activations, grads):
             """activations, grads ``[B,C,h,w]`` (numpy) -> weights ``[B,C]``: 0 but for the top-k channels by mean
@@ -93,21 +98,24 @@ def _gscorecam_class():
             b, c = acts.shape[:2]
             k = min(self.topk, c)
             top = torch.from_numpy(grads).to(self.device).mean(dim=(2, 3)).topk(k, dim=1).indices  # [B,k]
-            maps = torch.gather(acts, 1, top[:, :, None, None].expand(-1, -1, *acts.shape[2:]))
-            maps = F.interpolate(maps, size=input_tensor.shape[-2:], mode="bilinear", align_corners=False)
-            low = maps.flatten(2).min(dim=2).values[..., None, None]
-            high = maps.flatten(2).max(dim=2).values[..., None, None]
-            maps = (maps - low) / (high - low + 1e-8)  # [B,k,H,W] in [0,1]
             weights = torch.zeros(b, c, device=self.device)
             fill = torch.zeros(1, 1, 1, 1, device=self.device) if self.fill is None else self.fill.to(self.device)
             with torch.no_grad():
                 for i, target in enumerate(targets):
-                    scores = []
-                    base = input_tensor[i:i + 1].detach() - fill
-                    for j in range(0, k, self.batch_size):  # k masked copies of image i, batch_size at a time
-                        masked = fill + base * maps[i, j:j + self.batch_size, None]
-                        scores.append(target(self.model(masked)))
-                    weights[i, top[i]] = torch.softmax(torch.cat(scores).float(), dim=0)
+                    channels = top[i].tolist()
+                    todo = [c for c in channels if (i, c) not in self.scored]
+                    if todo:
+                        maps = F.interpolate(acts[i, todo][None], size=input_tensor.shape[-2:], mode="bilinear",
+                                             align_corners=False)[0]
+                        low = maps.flatten(1).min(dim=1).values[:, None, None]
+                        high = maps.flatten(1).max(dim=1).values[:, None, None]
+                        maps = (maps - low) / (high - low + 1e-8)  # [n,H,W] in [0,1]
+                        base = input_tensor[i:i + 1].detach() - fill
+                        for j in range(0, len(todo), self.batch_size):  # masked copies, batch_size at a time
+                            rows = self.model(fill + base * maps[j:j + self.batch_size, None])
+                            self.scored.update({(i, ch): row for ch, row in zip(todo[j:j + self.batch_size], rows)})
+                    scores = target(torch.stack([self.scored[(i, ch)] for ch in channels]))
+                    weights[i, top[i]] = torch.softmax(scores.float(), dim=0)
             return weights.cpu().numpy()
 
     return GScoreCAM
