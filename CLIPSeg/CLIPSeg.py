@@ -23,7 +23,7 @@ from slicer.util import VTKObservationMixin
 
 sys.path.insert(0, os.path.dirname(__file__))  # CLIPSegLib beside this file
 
-from CLIPSegLib.options import AXES, DEVICES, PRECISIONS  # noqa: E402  (the one copy; torch-free)
+from CLIPSegLib.options import AXES, DEVICES, PRECISIONS, TRAIN_INPUT_SIZES  # noqa: E402  (the one copy; torch-free)
 
 # The run options the panel shows (parameter node fields named as the Logic keywords); the others keep defaults.
 # The model determines the engine, so there is no engine choice.
@@ -73,6 +73,7 @@ class CLIPSegParameterNode:
     trainVolume: vtkMRMLScalarVolumeNode
     trainSegmentation: vtkMRMLSegmentationNode
     trainModelName: str = ""
+    trainInputSize: Annotated[str, Choice(list(TRAIN_INPUT_SIZES))] = next(iter(TRAIN_INPUT_SIZES))
 
 
 def showReady(button, text: str, ok: bool, whatItDoes: str, whatIsMissing: str) -> None:
@@ -371,7 +372,8 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to start the training."), waitCursor=True):
             p = self._parameterNode
             self._training = self.logic.finetune(self.trainingPairs(), wait=False, fromModel=p.model or None,
-                                                 modelId=p.trainModelName.strip() or None, ask=True, device=p.device)
+                                                 modelId=p.trainModelName.strip() or None, ask=True, device=p.device,
+                                                 inputSize=TRAIN_INPUT_SIZES[p.trainInputSize])
             self.ui.trainButton.text = _("Cancel")
             self.ui.trainButton.enabled = True
             self.ui.trainProgressBar.value = 0
@@ -593,7 +595,8 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         hold any segment of a segmentation are its labelled slices (a segment empty there is learnt as absent there);
         other slices are not used. ``fromModel``: a catalogue id or spec path (default: the embedded model), downloaded
         after asking when ``ask``. ``modelId``: the new model's name (default: finetuned-<segment names>); it joins
-        ``availableModels()``. Options: ``device``, ``steps``, ``force`` (of `clipseg finetune`) and ``replace`` (take
+        ``availableModels()``. Options: ``device``, ``steps``, ``inputSize`` (pixels, e.g. 256; None: the model's own),
+        ``force`` (of `clipseg finetune`) and ``replace`` (take
         the name of a model trained before; asked when ``ask``). Inputs are checked first (InputError); missing
         packages are installed next (asking when ``ask``)."""
         if self._training is not None and self._training.running:

@@ -438,6 +438,7 @@ for flag in ("--data", "--output-dir", "--model-id", "--progress"):
 parser.add_argument("--from", dest="from_model")
 parser.add_argument("--device", default="auto")
 parser.add_argument("--steps", type=int)
+parser.add_argument("--input-size", type=int)
 parser.add_argument("--force", action="store_true")
 args = parser.parse_args()
 

@@ -311,7 +311,8 @@ def test_the_panels_lists_are_the_options_modules(fakes):
                if typing.get_origin(hint) is typing.Annotated and any(hasattr(m, "choices")
                                                                       for m in typing.get_args(hint)[1:])}
     assert choices == {"device": list(options.DEVICES),
-                       "precision": list(options.PRECISIONS), "axis": list(options.AXES)}
+                       "precision": list(options.PRECISIONS), "axis": list(options.AXES),
+                       "trainInputSize": list(options.TRAIN_INPUT_SIZES)}
     for name in module.PANEL_OPTIONS:  # each option the panel shows is a parameter and a Logic keyword
         assert name in module.CLIPSegParameterNode.hints and name in options.LOGIC_KEYWORDS
 
@@ -456,12 +457,14 @@ def test_train_uses_the_panels_pairs_and_turns_into_cancel(no_training):
     p.trainVolume, p.trainSegmentation = v2, s2
     ui.trainModelNameLineEdit.type("my-finding")
     p.device = "cpu"
+    assert p.trainInputSize == "the model's own (fastest)"  # the default: no --input-size
+    p.trainInputSize = "256 px (large slices, ~4x slower)"
     assert ui.trainPairsListWidget.items == ["first volume: first labels"]
     _click(ui.trainButton)
     assert dialogs.errors == [] and len(FakeTrainRun.made) == 1
     run = FakeTrainRun.made[0]
     assert run.pairs == [(v1, s1), (v2, s2)] and run.from_model == DEFAULT_MODEL  # from the model selected above
-    assert run.model_id == "my-finding" and run.options["device"] == "cpu"
+    assert run.model_id == "my-finding" and run.options["device"] == "cpu" and run.options["inputSize"] == 256
     assert ui.trainButton.text == "Cancel" and ui.trainButton.enabled and widget._trainTimer.isActive()
     assert ui.trainStatusLabel.text == "Training my-finding"
     widget.onTrainPoll()

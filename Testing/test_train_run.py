@@ -87,13 +87,14 @@ def test_painted_slices_become_the_training_table_and_the_model_joins_the_catalo
     s, volume, seg = scene
     script, record = fake
     n_nodes = s.GetNumberOfNodes()
-    run = TrainRun([(volume, seg)], model_id="my-brain", device="cpu", steps=5, python=script).start()
+    run = TrainRun([(volume, seg)], model_id="my-brain", device="cpu", steps=5, inputSize=256, python=script).start()
     folder = run.tmp
     assert run.finish(timeout=60) == "my-brain"
     argv = json.loads((record / "argv.json").read_text())
     assert argv[:3] == ["-m", "CLIPSegLib.cli", "finetune"] and "--from" not in argv  # the embedded model
     assert argv[argv.index("--model-id") + 1] == "my-brain" and argv[argv.index("--progress") + 1] == "json"
     assert argv[argv.index("--device") + 1] == "cpu" and argv[argv.index("--steps") + 1] == "5"
+    assert argv[argv.index("--input-size") + 1] == "256"
     rows = _table(record)
     assert [r["phrase"] for r in rows] == ["white matter", "grey matter"]
     # a slice painted for one structure is labelled for both: grey matter is a true negative on slice 1
@@ -213,6 +214,7 @@ def test_bad_input_is_refused_before_anything_runs(scene, fake, tmp_path, monkey
     refused([(volume, seg)], r"unknown training option 'step' \(did you mean 'steps'", step=3)
     refused([(volume, seg)], "steps 0 must be a whole number", steps=0)
     refused([(volume, seg)], "unknown device", device="gpu")
+    refused([(volume, seg)], "input size 100 must be a whole number of pixels, a multiple of 32", inputSize=100)
     assert not (record / "argv.json").exists()  # the command never ran
     assert list((tmp_path / "tmp").iterdir()) == []  # and no temporary folder is left
     assert _segments(seg) == ["white matter", "grey matter"]
@@ -223,10 +225,10 @@ def test_the_argv_is_what_the_finetune_command_parses(tmp_path):
     from CLIPSegLib.cli import build_parser
 
     argv = finetune_command(tmp_path / "data.csv", tmp_path / "out", "my-model", "base.json", device="cpu", steps=7,
-                            force=True)
+                            force=True, input_size=256)
     assert argv[1:] == ["-m", "CLIPSegLib.cli", "finetune", "--data", str(tmp_path / "data.csv"), "--output-dir",
                         str(tmp_path / "out"), "--model-id", "my-model", "--progress", "json", "--from", "base.json",
-                        "--device", "cpu", "--steps", "7", "--force"]
+                        "--device", "cpu", "--steps", "7", "--input-size", "256", "--force"]
     try:
         args = build_parser().parse_args(argv[3:])
     except SystemExit:

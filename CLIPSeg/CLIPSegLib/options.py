@@ -33,6 +33,8 @@ ENGINES = tuple(_REGISTERED_ENGINES)  # engine ids, from the (torch-free) regist
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" picks one GPU
 AXES = ("auto", "0", "1", "2")  # slice axis as a voxel axis: 0 = I, 1 = J, 2 = K
 PRECISIONS = ("fp32", "bf16")
+# the panel's fine-tuning slice sizes: choice shown -> `clipseg finetune --input-size` (None: the parent model's own)
+TRAIN_INPUT_SIZES = {"the model's own (fastest)": None, "256 px (large slices, ~4x slower)": 256}
 USES = ("engine", "pipeline", "presence", "reader")
 
 

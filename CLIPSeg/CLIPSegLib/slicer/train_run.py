@@ -46,10 +46,20 @@ def check_steps(steps) -> int | None:
     return int(steps)
 
 
+def check_input_size(size) -> int | None:
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 32 <= size <= 1024 or size % 32:
+        raise InputError(f"input size {size!r} must be a whole number of pixels, a multiple of 32 from 32 to 1024 "
+                         f"(e.g. 256 for slices much larger than the model's 128), or None for the model's own")
+    return int(size)
+
+
 # Options of a TrainRun (Logic keywords): name -> (check, default). ``force`` goes to the command; ``replace`` lets a
-# new model take the id of a model trained or imported before (removed when the new one is imported).
+# new model take the id of a model trained or imported before (removed when the new one is imported); ``inputSize``
+# is `clipseg finetune --input-size` (pixels; cliptnseg parents).
 TRAIN_OPTIONS = {"device": (check_device, "auto"), "steps": (check_steps, None), "force": (bool, False),
-                 "replace": (bool, False)}
+                 "replace": (bool, False), "inputSize": (check_input_size, None)}
 
 
 def train_options(**options) -> dict:
@@ -198,7 +208,8 @@ class TrainRun(BackgroundJob):
             self.model_id = default_model_id(self.phrases)
         return finetune_command(folder / "data.csv", folder / "model", self.model_id, self.from_model,
                                 device=self.options["device"], steps=self.options["steps"],
-                                force=self.options["force"], python=self.python)
+                                force=self.options["force"], python=self.python,
+                                input_size=self.options["inputSize"])
 
     def _export(self, folder: Path) -> list[dict]:
         """Write the volumes, masks and ``data.csv`` (absolute paths, UTF-8) into ``folder``; returns the rows."""
