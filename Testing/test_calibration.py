@@ -33,6 +33,14 @@ def test_search_drops_stray_blobs_and_keeps_the_findings():
     assert rule["slice_gate"] == 1.0 and rule["calibration"]["score"] > 2.9
 
 
+def test_a_finding_absent_from_every_calibration_case_gets_a_rule_that_leaves_it_empty():
+    """No present case, so no Dice to weigh: the rule that empties the absent cases wins, not the least demanding."""
+    absent_only = [c for c in _cases(0.9) if not c[1]] + [("nodule", 0, [(_c(1, 60, 0.8, 2.0, 6.0), 0)], 20.0)]
+    rule = search_rule(absent_only)
+    assert rule["calibration"]["absent_empty_rate"] == 1.0  # (the keep-all rule empties 1 of the 3)
+    assert rule["calibration"]["score"] == 2.0
+
+
 def test_the_gate_whose_cases_score_best_is_chosen():
     by_gate = {1.0: [c for c in _cases(0.9) if c[1]] + [("nodule", 0, [(_c(1, 900, 0.99, 8.0, 60.0), 0)], 20.0)],
                0.5: _cases(0.9)}

@@ -205,7 +205,10 @@ def search_rule(cases, gate: float = 1.0, contrast_grid=CONTRAST_GRID) -> dict:
         cfg = {**DEFAULT_PRESENCE, "min_peak": float(min_peak), "min_mean": min_mean, "min_extent_mm": min_extent,
                "min_area_mm2": min_area, "min_contrast": min_contrast, "slice_gate": gate}
         empty, dice = _evaluate(table, cfg)
-        mean = float(np.nanmean(list(dice.values())))
+        present = [d for d in dice.values() if np.isfinite(d)]
+        # no present case (e.g. a finding no calibration volume holds): absence alone decides (NaN would make every
+        # rule compare as no better than the first, the least demanding one)
+        mean = float(np.mean(present)) if present else 0.0
         # absence weighs twice as much as Dice; a rule that empties everything still loses its Dice term
         key = 2.0 * empty + mean
         if best is None or key > best[0]:
