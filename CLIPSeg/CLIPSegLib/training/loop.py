@@ -128,6 +128,17 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     return losses
 
 
+def check_stage_list(stages, known: tuple, recipe: str) -> tuple:
+    """``stages`` (names) -> a tuple of them, stripped; InputError naming an unknown one (or none given) and the
+    ``known`` stages of ``recipe`` (e.g. "medclipsam")."""
+    stages = tuple(s.strip() for s in stages if s.strip())
+    unknown = [s for s in stages if s not in known]
+    if unknown or not stages:
+        raise InputError(f"--stages {','.join(stages)}: unknown stage {unknown[0] if unknown else '(none)'!r}; the "
+                         f"{recipe} stages are {','.join(known)} (in that order)")
+    return stages
+
+
 def staged_presence(work_dir: Path, stages, calibrate: Callable[[], dict]) -> dict | None:
     """The presence rule of a staged training run: with the "calibrate" stage, ``calibrate()`` computes it and it is
     kept as ``work_dir/presence.json``; with the "export" stage it is read back from there (-> the rule), else None.

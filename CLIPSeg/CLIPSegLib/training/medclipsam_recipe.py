@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..progress import Progress
-from .loop import Recipe, run_loop, staged_presence
+from .loop import Recipe, check_stage_list, run_loop, staged_presence
 
 # 128 px input (the phantom CLIP's), 8 px patches: a 16 x 16 embedding grid; about 0.6 M parameters
 SAM_SMALL = {"embed_dim": 64, "depth": 4, "num_heads": 4, "global_attn_indexes": [1, 3], "image_size": 128,
@@ -145,12 +145,7 @@ def train_sam(sam, dataset, steps: int, ckpt: Path, batch_size: int = 8, lr: flo
 
 
 def check_stages(stages) -> tuple:
-    stages = tuple(s.strip() for s in stages if s.strip())
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise InputError(f"--stages {','.join(stages)}: unknown stage {unknown[0] if unknown else '(none)'!r}; the "
-                         f"medclipsam stages are {','.join(STAGES)} (in that order)")
-    return stages
+    return check_stage_list(stages, STAGES, "medclipsam")
 
 
 def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medclipsam-phantom-small",

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InputError
 from ..progress import Progress
-from .loop import Recipe, run_loop, staged_presence
+from .loop import Recipe, check_stage_list, run_loop, staged_presence
 
 STAGES = ("label", "unet", "calibrate", "export")
 SIZE = 128  # training slice size (px): the embedded models' input size
@@ -28,12 +28,7 @@ HOLD_OUT = 0.25  # share of the volumes (at least 1) whose pseudo masks calibrat
 
 
 def check_stages(stages) -> tuple:
-    stages = tuple(s.strip() for s in stages if s.strip())
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise InputError(f"--stages {','.join(stages)}: unknown stage {unknown[0] if unknown else '(none)'!r}; the "
-                         f"--pseudo-labels stages are {','.join(STAGES)} (in that order)")
-    return stages
+    return check_stage_list(stages, STAGES, "--pseudo-labels")
 
 
 def unlabelled_volumes(folder: Path) -> list[Path]:
