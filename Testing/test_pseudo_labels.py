@@ -91,12 +91,14 @@ def test_labelled_volumes_are_not_labelled_again(tmp_path, zero_shot, monkeypatc
     args = (folder, tmp_path / "models", tmp_path / "work", "weak", zero_shot, ["bright spot"])
     pseudo_labels.run_pseudo_label_training(*args, steps=2, size=32, network=SMALL, stages=("label",))
     calls = []
-    real = pseudo_labels.label_volumes
     monkeypatch.setattr("CLIPSegLib.inference.pipeline.segment_volume",
                         lambda *a, **k: calls.append(1) or pytest.fail("labelled again"))
-    assert real is pseudo_labels.label_volumes
     path = pseudo_labels.run_pseudo_label_training(*args, steps=2, size=32, network=SMALL)
     assert calls == [] and path.is_file()
+    # other findings, or the label stage skipped for masks of other findings: refused, never reused
+    with pytest.raises(InputError, match="has no pseudo masks of case0.nii.gz .*run the 'label' stage first"):
+        pseudo_labels.run_pseudo_label_training(*args[:5], ["dark spot"], steps=2, size=32, network=SMALL,
+                                                stages=("unet", "calibrate", "export"), force=True)
 
 
 def test_a_prompt_sharing_no_word_with_the_findings_is_refused(tiny_unet):

@@ -35,10 +35,14 @@ def write_volumes(folder: Path, n: int, seed: int, family: str) -> list:
     from CLIPSegLib.synthetic.families import random_volume_phantom
 
     folder.mkdir(parents=True, exist_ok=True)
+    names = {f"vol_{s:010d}.nii.gz" for s in range(seed, seed + n)}  # zero-padded: name order is seed order
+    extra = sorted(f.name for f in folder.iterdir() if f.name not in names)
+    if extra:
+        sys.exit(f"{folder} holds files of another run ({', '.join(extra[:3])}); give another --work")
     phantoms = []
     for s in range(seed, seed + n):
         ph = random_volume_phantom(s, family)
-        path = folder / f"vol_{s}.nii.gz"
+        path = folder / f"vol_{s:010d}.nii.gz"
         if not path.is_file():
             image = sitk.GetImageFromArray(ph.image.astype("float32"))
             image.SetSpacing(tuple(float(x) for x in ph.spacing[::-1]))

@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="medclipsam, weakly supervised stage: the --zero-shot model segments every volume of FOLDER "
                         "(unlabelled .nii.gz/.nrrd/.mha) and a MONAI UNet learns its masks (--steps; stages "
                         "label,unet,calibrate,export; the rule is calibrated on the pseudo masks of a held-out 25%%)")
-    t.add_argument("--zero-shot", default="medclipsam-phantom-small",
-                   help="--pseudo-labels: the model whose masks are the targets (id or .json)")
+    t.add_argument("--zero-shot", default=None,
+                   help="--pseudo-labels: the model whose masks are the targets (id or .json; default "
+                        "medclipsam-phantom-small)")
     t.add_argument("--prompt", action="append", default=None,
                    help="--pseudo-labels: a finding to pseudo-label (repeat; default: the zero-shot model's "
                         "calibrated findings, each with all its phrasings)")
@@ -329,15 +330,21 @@ def _cmd_train_pseudo_labels(a, progress):
     a.model_id = a.model_id or "medclipsam-weak-unet"
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
-    if a.data or a.calibration_data or a.presence_head or a.volumes:
-        raise InputError("--pseudo-labels trains on the zero-shot masks of its folder only: --data, "
-                         "--calibration-data, --volumes and --presence-head do not apply")
+    ignored = [flag for flag, used in (("--data", a.data), ("--calibration-data", a.calibration_data),
+                                       ("--presence-head", a.presence_head), ("--volumes", a.volumes),
+                                       ("--family", a.family != "A"), ("--calibration-volumes",
+                                                                        a.calibration_volumes != 24),
+                                       ("--clip-from", a.clip_from != "cliptnseg-phantom-small")) if used]
+    if ignored:
+        raise InputError(f"--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out "
+                         f"quarter of it: {', '.join(ignored)} do not apply; drop them")
+    a.zero_shot = a.zero_shot or "medclipsam-phantom-small"
     unlabelled_volumes(Path(a.pseudo_labels))  # refuse a bad folder before anything is built
     work_dir, device = _train_setup(a, stages)
-    prompts = "".join(f" --prompt {shlex.quote(p)}" for p in a.prompt or ())
-    cmd = (f"clipseg train --engine medclipsam --pseudo-labels {a.pseudo_labels} --zero-shot {a.zero_shot}{prompts} "
-           f"--output-dir {a.output_dir} --model-id {a.model_id} --steps {a.steps} --seed {a.seed} --no-resume "
-           f"--force")
+    cmd = shlex.join(["clipseg", "train", "--engine", "medclipsam", "--pseudo-labels", a.pseudo_labels, "--zero-shot",
+                      a.zero_shot, *[x for p in a.prompt or () for x in ("--prompt", p)], "--output-dir",
+                      a.output_dir, "--model-id", a.model_id, "--steps", str(a.steps), "--seed", str(a.seed),
+                      "--no-resume", "--force"])
     path = run_pseudo_label_training(Path(a.pseudo_labels), Path(a.output_dir), work_dir, a.model_id, a.zero_shot,
                                      a.prompt, a.steps, a.seed, stages, not a.no_resume, progress, device, cmd,
                                      a.force)
@@ -376,7 +383,7 @@ def _cmd_train_tgcnet(a, progress):
 def _cmd_train(a, progress):
     from .training.cliptnseg_recipe import check_train_args, run_training
 
-    if a.pseudo_labels is not None or a.prompt:
+    if a.pseudo_labels is not None or a.prompt or a.zero_shot:
         if a.engine != "medclipsam" or a.pseudo_labels is None:
             from .errors import InputError
 
@@ -454,7 +461,8 @@ def _cmd_finetune(a, progress):
     if a.progress != "json":
         for p, c in rules.items():
             empty = "n/a" if c["absent_empty_rate"] is None else f"{c['absent_empty_rate']:.2f}"
-            print(f"{p!r}: calibrated on {c['slices']} held-out slice(s): Dice {c['mean_dice']:.3f}, "
+            dice = "n/a" if c["mean_dice"] is None else f"{c['mean_dice']:.3f}"
+            print(f"{p!r}: calibrated on {c['slices']} held-out slice(s): Dice {dice}, "
                   f"slices without it left empty {empty} ({c['absent_slices']} such slice(s))")
         print(f"wrote {result.spec_path}")
 

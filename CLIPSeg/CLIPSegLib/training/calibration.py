@@ -221,7 +221,8 @@ def search_rule(cases, gate: float = 1.0, contrast_grid=CONTRAST_GRID) -> dict:
         consider(min_peak, extent, area, min_mean, min_contrast)
     key, cfg, empty, dice = best
     return {**cfg, "calibration": {"absent_empty_rate": round(empty, 4),
-                                   "mean_dice": {f: round(d, 4) for f, d in dice.items()},
+                                   "mean_dice": {f: round(d, 4) if np.isfinite(d) else None  # None: no present case
+                                                 for f, d in dice.items()},
                                    "objective": "2 x absent_empty_rate + mean_dice", "score": round(key, 4)}}
 
 

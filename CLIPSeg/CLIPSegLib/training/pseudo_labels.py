@@ -61,11 +61,19 @@ def source_findings(spec: dict, prompts: list[str] | None = None) -> dict:
     return found
 
 
-def label_volumes(engine, files: list[Path], findings: dict, work_dir: Path,
-                  progress: Progress | None = None) -> list[Path]:
+def volume_key(path: Path, asked: list[str], source_sha256: str) -> str:
+    """What a volume's pseudo masks were made from: the file (path, size, modification time), the phrases asked and
+    the zero-shot model (its spec's SHA-256)."""
+    stat = Path(path).stat()
+    return json.dumps({"file": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                       "asked": asked, "zero_shot": source_sha256})
+
+
+def label_volumes(engine, files: list[Path], findings: dict, work_dir: Path, source_sha256: str,
+                  progress: Progress | None = None, resume: bool = True) -> list[Path]:
     """Pseudo masks of every volume: ``work_dir/pseudo/<n>.npz`` (image ``[K,J,I]`` float32, spacing mm (I,J,K),
-    slice_axis, one bool mask ``[K,J,I]`` per finding, the zero-shot decision per finding). A volume already labelled
-    (same file, same findings) is not labelled again."""
+    slice_axis, one bool mask ``[K,J,I]`` per finding, the zero-shot decision per finding). With ``resume``, a
+    volume already labelled from the same file, phrases and zero-shot model (``volume_key``) is not labelled again."""
     from ..inference.pipeline import segment_volume
     from ..io.read import read_image
 
@@ -76,8 +84,8 @@ def label_volumes(engine, files: list[Path], findings: dict, work_dir: Path,
     done = []
     for n, path in enumerate(files):
         target = out_dir / f"{n:04d}.npz"
-        key = json.dumps({"file": str(Path(path).resolve()), "asked": asked})
-        if target.is_file() and str(np.load(target)["key"]) == key:
+        key = volume_key(path, asked, source_sha256)
+        if resume and target.is_file() and str(np.load(target)["key"]) == key:
             done.append(target)
             progress.update("pseudo-labels", n + 1, len(files))
             continue
@@ -158,10 +166,17 @@ def calibration_cases(labelled: list[Path], findings: dict):
     """The held-out pseudo-labelled volumes as ``calibration.CalibrationCase`` s (truth = the pseudo masks)."""
     from .calibration import CalibrationCase
 
+    from ..io.geometry import array_axis_of
+
     for path in labelled:
         z = np.load(path)
-        yield CalibrationCase(z["image"], tuple(z["spacing"].tolist()),
-                              {f: z[f"mask_{i}"] for i, f in enumerate(findings)},
+        # calibration slices along K (array axis 0): bring the axis the volume was segmented (and the UNet trained)
+        # along there, with the spacing (mm along I, J, K) permuted to match
+        axis = array_axis_of(int(z["slice_axis"]))
+        order = [axis] + [a for a in range(3) if a != axis]
+        spacing_kji = np.asarray(z["spacing"])[::-1][order]
+        yield CalibrationCase(np.transpose(z["image"], order), tuple(spacing_kji[::-1].tolist()),
+                              {f: np.transpose(z[f"mask_{i}"], order) for i, f in enumerate(findings)},
                               {f: phrases[0] for f, phrases in findings.items()})
 
 
@@ -193,13 +208,19 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
     source = load_spec(zero_shot)
     findings = source_findings(source, prompts)
     device = torch.device(device)
+    source_sha256 = _spec_sha256(zero_shot)
     if "label" in stages:
-        labelled = label_volumes(create_engine(source, device), files, findings, work_dir, progress)
+        labelled = label_volumes(create_engine(source, device), files, findings, work_dir, source_sha256, progress,
+                                 resume)
     else:
-        labelled = sorted((work_dir / "pseudo").glob("[0-9]*.npz"))
-        if len(labelled) != len(files):
-            raise InputError(f"{work_dir / 'pseudo'} holds {len(labelled)} pseudo-labelled volumes for the "
-                             f"{len(files)} of {folder}: run the 'label' stage first (--stages label,...)")
+        labelled = [work_dir / "pseudo" / f"{n:04d}.npz" for n in range(len(files))]
+        asked = [phrases[0] for phrases in findings.values()]
+        stale = [f.name for f, p in zip(files, labelled)
+                 if not p.is_file() or str(np.load(p)["key"]) != volume_key(f, asked, source_sha256)]
+        if stale:
+            raise InputError(f"{work_dir / 'pseudo'} has no pseudo masks of {stale[0]} (of {len(stale)} volumes) "
+                             f"made by {source['id']} for these findings: run the 'label' stage first (--stages "
+                             f"label,...)")
     if stages == ("label",):
         return None
     train, held = split(labelled)
@@ -211,6 +232,7 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
         recipe = Recipe("UNet on pseudo-labels", [{"params": list(net.parameters()), "lr": 1e-3}],
                         unet_loss_fn(net, len(findings), device), net.state_dict, net.load_state_dict, net.train,
                         weight_decay=1e-4, fingerprint={"findings": list(findings), "volumes": len(train),
+                                                        "zero_shot": source_sha256,
                                                         "network": network, "size": size,
                                                         "augment": augment})
         run_loop(recipe, PseudoSlices(train, findings, size, augment), steps, ckpt, BATCH, seed, resume, progress=progress)
@@ -237,7 +259,7 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
     spec["training"] = {
         "command": command, "steps": steps, "seed": seed, "batch_size": BATCH, "augment": augment,
         "phrases": [p for phrases in findings.values() for p in phrases],
-        "pseudo_labels": {"zero_shot_model": source["id"], "zero_shot_spec_sha256": _spec_sha256(zero_shot),
+        "pseudo_labels": {"zero_shot_model": source["id"], "zero_shot_spec_sha256": source_sha256,
                           "folder": str(folder), "volumes": len(files),
                           "train_volumes": len(train), "calibration_volumes": len(held),
                           "volumes_found": counts}}
