@@ -61,6 +61,11 @@ def source_findings(spec: dict, prompts: list[str] | None = None) -> dict:
     return found
 
 
+def asked_phrases(findings: dict) -> list[str]:
+    """The phrase each finding is asked (and trained, and calibrated) by: its first phrasing."""
+    return [phrases[0] for phrases in findings.values()]
+
+
 def volume_key(path: Path, asked: list[str], source_sha256: str) -> str:
     """What a volume's pseudo masks were made from: the file (path, size, modification time), the phrases asked and
     the zero-shot model (its spec's SHA-256)."""
@@ -69,38 +74,44 @@ def volume_key(path: Path, asked: list[str], source_sha256: str) -> str:
                        "asked": asked, "zero_shot": source_sha256})
 
 
-def label_volumes(engine, files: list[Path], findings: dict, work_dir: Path, source_sha256: str,
-                  progress: Progress | None = None, resume: bool = True) -> list[Path]:
-    """Pseudo masks of every volume: ``work_dir/pseudo/<n>.npz`` (image ``[K,J,I]`` float32, spacing mm (I,J,K),
-    slice_axis, one bool mask ``[K,J,I]`` per finding, the zero-shot decision per finding). With ``resume``, a
-    volume already labelled from the same file, phrases and zero-shot model (``volume_key``) is not labelled again."""
+def pseudo_targets(work_dir: Path, files: list[Path], findings: dict, source_sha256: str) -> list[tuple]:
+    """Per volume: (its file, its pseudo-mask file ``work_dir/pseudo/<n>.npz``, the ``volume_key`` that file holds
+    when it is current)."""
+    asked = asked_phrases(findings)
+    return [(f, Path(work_dir) / "pseudo" / f"{n:04d}.npz", volume_key(f, asked, source_sha256))
+            for n, f in enumerate(files)]
+
+
+def is_current(target: Path, key: str) -> bool:
+    return target.is_file() and str(np.load(target)["key"]) == key
+
+
+def label_volumes(engine, targets: list[tuple], findings: dict, progress: Progress | None = None,
+                  resume: bool = True) -> list[Path]:
+    """Pseudo masks of every volume of ``targets`` (``pseudo_targets``), each an ``.npz`` (image ``[K,J,I]`` float32,
+    spacing mm (I,J,K), slice_axis, one bool mask ``[K,J,I]`` per finding, the zero-shot decision per finding, its
+    key). With ``resume``, a volume whose file is current (same file, phrases and zero-shot model) is not labelled
+    again. Returns the mask files."""
     from ..inference.pipeline import segment_volume
     from ..io.read import read_image
 
     progress = progress or Progress("none")
-    out_dir = Path(work_dir) / "pseudo"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    asked = [phrases[0] for phrases in findings.values()]
-    done = []
-    for n, path in enumerate(files):
-        target = out_dir / f"{n:04d}.npz"
-        key = volume_key(path, asked, source_sha256)
-        if resume and target.is_file() and str(np.load(target)["key"]) == key:
-            done.append(target)
-            progress.update("pseudo-labels", n + 1, len(files))
+    for n, (path, target, key) in enumerate(targets):
+        if resume and is_current(target, key):
+            progress.update("pseudo-labels", n + 1, len(targets))
             continue
         image, geometry = read_image(path)
-        result = segment_volume(engine, image, geometry, asked)
+        result = segment_volume(engine, image, geometry, asked_phrases(findings))
         masks = {f"mask_{i}": r.mask.astype(bool) for i, r in enumerate(result.findings)}
         found = np.array([bool(r.found) for r in result.findings])
+        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.stem + ".partial.npz")
         np.savez_compressed(tmp, key=key, image=image.astype(np.float32), spacing=np.asarray(geometry.spacing),
                             slice_axis=result.slice_axis, found=found, **masks)
         tmp.replace(target)
-        done.append(target)
-        progress.update("pseudo-labels", n + 1, len(files), f"{Path(path).name}: found {int(found.sum())} of "
-                                                           f"{len(found)}")
-    return done
+        progress.update("pseudo-labels", n + 1, len(targets), f"{Path(path).name}: found {int(found.sum())} of "
+                                                              f"{len(found)}")
+    return [target for _, target, _ in targets]
 
 
 def split(labelled: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -120,7 +131,7 @@ class PseudoSlices(torch.utils.data.Dataset):
         from ..io.geometry import array_axis_of
         from .datasets import make_augmentation
 
-        self.phrases = [p[0] for p in findings.values()]
+        self.phrases = asked_phrases(findings)
         images, masks = [], []
         for path in labelled:
             z = np.load(path)
@@ -177,7 +188,7 @@ def calibration_cases(labelled: list[Path], findings: dict):
         spacing_kji = np.asarray(z["spacing"])[::-1][order]
         yield CalibrationCase(np.transpose(z["image"], order), tuple(spacing_kji[::-1].tolist()),
                               {f: np.transpose(z[f"mask_{i}"], order) for i, f in enumerate(findings)},
-                              {f: phrases[0] for f, phrases in findings.items()})
+                              dict(zip(findings, asked_phrases(findings))))
 
 
 def _spec_sha256(model) -> str:
@@ -209,18 +220,16 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
     findings = source_findings(source, prompts)
     device = torch.device(device)
     source_sha256 = _spec_sha256(zero_shot)
+    targets = pseudo_targets(work_dir, files, findings, source_sha256)
     if "label" in stages:
-        labelled = label_volumes(create_engine(source, device), files, findings, work_dir, source_sha256, progress,
-                                 resume)
+        labelled = label_volumes(create_engine(source, device), targets, findings, progress, resume)
     else:
-        labelled = [work_dir / "pseudo" / f"{n:04d}.npz" for n in range(len(files))]
-        asked = [phrases[0] for phrases in findings.values()]
-        stale = [f.name for f, p in zip(files, labelled)
-                 if not p.is_file() or str(np.load(p)["key"]) != volume_key(f, asked, source_sha256)]
+        stale = [f.name for f, target, key in targets if not is_current(target, key)]
         if stale:
             raise InputError(f"{work_dir / 'pseudo'} has no pseudo masks of {stale[0]} (of {len(stale)} volumes) "
                              f"made by {source['id']} for these findings: run the 'label' stage first (--stages "
                              f"label,...)")
+        labelled = [target for _, target, _ in targets]
     if stages == ("label",):
         return None
     train, held = split(labelled)
@@ -235,7 +244,8 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
                                                         "zero_shot": source_sha256,
                                                         "network": network, "size": size,
                                                         "augment": augment})
-        run_loop(recipe, PseudoSlices(train, findings, size, augment), steps, ckpt, BATCH, seed, resume, progress=progress)
+        run_loop(recipe, PseudoSlices(train, findings, size, augment), steps, ckpt, BATCH, seed, resume,
+                 progress=progress)
     net.load_state_dict(_checkpoint(ckpt, "unet"))
     spec = {"id": model_id, "engine": "unet",
             "description": f"MONAI 2D UNet trained on the zero-shot masks of {source['id']} (MedCLIP-SAM's weakly "
@@ -266,5 +276,6 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
     return write_spec(spec, {f"unet.{k}": v for k, v in net.state_dict().items()}, out_dir)
 
 
-__all__ = ["STAGES", "check_stages", "unlabelled_volumes", "source_findings", "label_volumes", "split",
+__all__ = ["STAGES", "check_stages", "unlabelled_volumes", "source_findings", "asked_phrases", "volume_key",
+           "pseudo_targets", "is_current", "label_volumes", "split",
            "PseudoSlices", "unet_loss_fn", "calibration_cases", "run_pseudo_label_training"]
