@@ -118,4 +118,8 @@ def test_bad_input_is_refused_before_any_work(tmp_path, zero_shot, capsys):
     assert "weakly supervised stage of --engine medclipsam" in capsys.readouterr().err
     assert cli.main(["train", "--engine", "medclipsam", "--pseudo-labels", str(tmp_path / "none")]) == 2
     assert "not a folder" in capsys.readouterr().err
+    two = _write(tmp_path / "two", 2)
+    assert cli.main(["train", "--engine", "medclipsam", "--pseudo-labels", str(two), "--family", "B",
+                     "--calibration-volumes", "8"]) == 2
+    assert "--family, --calibration-volumes do not apply; drop them" in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and not (tmp_path / "w").exists()

@@ -322,6 +322,13 @@ def _cmd_train_medclipsam(a, progress):
         print(f"wrote {path}")
 
 
+def _given(a, command: str, flags) -> list[str]:
+    """The ``flags`` (e.g. "--family") of ``command`` whose value in ``a`` is not the parser's default: the options a
+    user gave (so a branch that would ignore them can refuse them)."""
+    defaults = vars(build_parser().parse_args([command]))
+    return [flag for flag in flags if getattr(a, flag[2:].replace("-", "_")) != defaults[flag[2:].replace("-", "_")]]
+
+
 def _cmd_train_pseudo_labels(a, progress):
     from .errors import InputError
     from .training.cliptnseg_recipe import check_train_args
@@ -330,11 +337,8 @@ def _cmd_train_pseudo_labels(a, progress):
     a.model_id = a.model_id or "medclipsam-weak-unet"
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
-    ignored = [flag for flag, used in (("--data", a.data), ("--calibration-data", a.calibration_data),
-                                       ("--presence-head", a.presence_head), ("--volumes", a.volumes),
-                                       ("--family", a.family != "A"), ("--calibration-volumes",
-                                                                        a.calibration_volumes != 24),
-                                       ("--clip-from", a.clip_from != "cliptnseg-phantom-small")) if used]
+    ignored = _given(a, "train", ("--data", "--calibration-data", "--presence-head", "--volumes", "--family",
+                                  "--calibration-volumes", "--clip-from"))
     if ignored:
         raise InputError(f"--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out "
                          f"quarter of it: {', '.join(ignored)} do not apply; drop them")
