@@ -79,7 +79,8 @@ class Preprocessing:
         return cls(int(input_size), given.get("fit", fit), given.get("intensity", intensity))
 
 
-def _words(text: str) -> list[str]:
+def prompt_words(text: str) -> list[str]:
+    """The words of a prompt or phrase, lower case, in order (punctuation and spacing dropped)."""
     return re.findall(r"\w+", text.lower())
 
 
@@ -90,13 +91,13 @@ def training_vocabulary(spec: dict) -> set[str]:
     phrases = list((spec.get("training") or {}).get("phrases") or [])
     per = (spec.get("presence") or {}).get("per_finding") or {}
     phrases += [p for rule in per.values() for p in rule.get("phrases", [])]
-    return {w for p in phrases for w in _words(p)}
+    return {w for p in phrases for w in prompt_words(p)}
 
 
 def unseen_words(text: str, vocabulary: set[str]) -> list[str]:
     """Words of ``text`` (lower case, in order, once each) not in ``vocabulary``; [] when the vocabulary is empty
     (nothing to judge by)."""
-    return [w for w in dict.fromkeys(_words(text)) if w not in vocabulary] if vocabulary else []
+    return [w for w in dict.fromkeys(prompt_words(text)) if w not in vocabulary] if vocabulary else []
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,7 @@ class Engine(ABC):
         """Cosine similarity ``[Pa,Pb]`` (float32, CPU) of two states' prompts, from their embeddings; an engine
         without embeddings has 1 for the same text (case and spacing aside) and 0 otherwise."""
         if a.embeddings is None or b.embeddings is None:
-            same = [[float(_words(p) == _words(q)) for q in b.prompts] for p in a.prompts]
+            same = [[float(prompt_words(p) == prompt_words(q)) for q in b.prompts] for p in a.prompts]
             return torch.tensor(same, dtype=torch.float32).reshape(len(a), len(b))
         ea = F.normalize(a.embeddings.float(), dim=-1)
         eb = F.normalize(b.embeddings.float(), dim=-1)

@@ -15,23 +15,16 @@ A model spec of engine ``unet`` holds ``network`` (MONAI ``UNet`` arguments: cha
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from ...errors import InputError, ModelError
 from ...models import load_weights
-from ..contract import Engine, Preprocessing, PromptReading, PromptState
+from ..contract import Engine, Preprocessing, PromptReading, PromptState, prompt_words
 
 MAX_WORDS = 16  # words of a prompt read (a longer prompt is cut, and says so)
 # batch norm, not MONAI's default instance norm: instance norm rescales each slice on its own, so a slice of plain
 # tissue looks as contrasted as one with a finding and the network cannot leave it empty
 NETWORK = {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 2, "norm": "batch"}
-
-
-def phrase_words(text: str) -> tuple[str, ...]:
-    """The words of a phrase, lower case: what two phrasings must share to be the same prompt."""
-    return tuple(re.findall(r"\w+", text.lower()))
 
 
 def build_unet(n_findings: int, network: dict | None = None):
@@ -64,7 +57,7 @@ class UNetEngine(Engine):
                          Preprocessing.from_spec(spec, int(spec.get("input_size", 128)), fit="pad"))
         self.net = net.to(self.device).eval()
         self.findings, self.phrasings = list(findings), findings
-        self.channel = {phrase_words(p): i for i, f in enumerate(self.findings) for p in findings[f]}
+        self.channel = {tuple(prompt_words(p)): i for i, f in enumerate(self.findings) for p in findings[f]}
 
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "UNetEngine":
@@ -93,7 +86,7 @@ class UNetEngine(Engine):
         text that shares no word with any phrasing is an InputError listing them."""
         rows, readings = [], []
         for text in texts:
-            words = phrase_words(text)
+            words = tuple(prompt_words(text))
             kept = words[:MAX_WORDS]
             channel = self.finding_of(kept)
             if channel is None:
@@ -116,4 +109,4 @@ class UNetEngine(Engine):
         return torch.sigmoid(logits.float()[:, channels]), None
 
 
-__all__ = ["UNetEngine", "MAX_WORDS", "NETWORK", "build_unet", "phrase_words", "check_findings"]
+__all__ = ["UNetEngine", "MAX_WORDS", "NETWORK", "build_unet", "check_findings"]
