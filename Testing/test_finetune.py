@@ -285,3 +285,93 @@ def test_the_fine_branch_at_a_larger_size_keeps_every_weight_and_the_coarse_map(
     assert mask.shape == (1, 1, 64, 64)
     with pytest.raises(ModelError, match="multiple of 2"):
         CLIPTNSegNet(net.clip, {**net.cfg, "input_size": 63})
+
+
+@pytest.fixture
+def tiny_with_finding(tiny_model, tmp_path):
+    """The tiny model with a calibrated finding phrased "dark square" (as the embedded model has its findings)."""
+    from CLIPSegLib.models import load_weights, read_spec, write_spec
+
+    spec = read_spec(tiny_model)
+    weights = load_weights(spec)
+    spec = {k: v for k, v in spec.items() if not k.startswith("_") and k != "files"}
+    spec["presence"] = {**spec["presence"], "match_min_cosine": 0.95,
+                        "per_finding": {"square": {**spec["presence"], "phrases": ["dark square"]}}}
+    return write_spec(spec, weights, tmp_path / "parent")
+
+
+def _maps(engine, prompts, size=32):
+    torch.manual_seed(1)
+    slices = torch.rand(2, 1, size, size)
+    return slices, engine.predict(slices, engine.encode_prompts(prompts))
+
+
+def test_the_parents_findings_are_answered_by_its_kept_network_unchanged(sparse_table, tiny_with_finding, tmp_path):
+    """A fine-tuned cliptnseg model keeps its parent's network: a prompt that is not the new phrase gives exactly
+    the parent's maps, the new phrase the fine-tuned network's; the parent's frozen CLIP image tower is stored
+    once."""
+    from safetensors import safe_open
+
+    from CLIPSegLib.inference.segment_file import load_engine
+
+    result = finetune(sparse_table, tmp_path / "out", tiny_with_finding, "disc", steps=3, batch_size=1)
+    spec = result.spec
+    assert spec["new_phrases"] == ["bright disc"] and spec["parent_network"]["id"] == "tiny-random"
+    assert spec["parent_network"]["presence"]["per_finding"]["square"]["phrases"] == ["dark square"]
+    assert spec["training"]["keeps_parent_network"] and spec["training"]["replay_phantoms"] == 0
+    with safe_open(str(result.spec_path.with_suffix(".safetensors")), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("parent.") for k in keys)  # the trained decoder, fine branch and head of the parent
+    assert not any(k.startswith("parent.clip.visual.") for k in keys)  # frozen: stored once
+    tuned, parent = load_engine(str(result.spec_path), device="cpu"), load_engine(str(tiny_with_finding), device="cpu")
+    _, (old, old_presence) = _maps(tuned, ["dark square", "bright disc"])
+    _, (ref, ref_presence) = _maps(parent, ["dark square", "bright disc"])
+    close = lambda a, b: torch.allclose(a, b, atol=1e-6)  # noqa: E731  (batched with other prompts: rounding)
+    assert close(old[:, 0], ref[:, 0]) and close(old_presence[:, 0], ref_presence[:, 0])
+    assert not torch.allclose(old[:, 1], ref[:, 1])  # the new phrase: the fine-tuned network
+    _, (alone, _) = _maps(tuned, ["bright disc"])
+    assert close(alone[:, 0], old[:, 1])  # a prompt's map does not depend on the others asked with it
+
+
+def test_a_kept_parent_of_another_size_and_a_second_fine_tune(sparse_table, tiny_with_finding, tmp_path):
+    """At 64 px the kept 32 px parent sees the slices resized (its maps resized back); fine-tuned again, the new
+    model keeps both: its parent's phrase and the root's findings are answered as they were."""
+    from CLIPSegLib.inference.preprocessing import resize_slices
+    from CLIPSegLib.inference.segment_file import load_engine
+
+    first = finetune(sparse_table, tmp_path / "out", tiny_with_finding, "big", steps=2, batch_size=1, input_size=64)
+    ring = tmp_path / "ring.csv"
+    ring.write_text(sparse_table.read_text(encoding="utf-8").replace("bright disc", "dark ring"), encoding="utf-8")
+    second = finetune(ring, tmp_path / "out", first.spec_path, "again", steps=2, batch_size=1)
+    assert second.spec["new_phrases"] == ["dark ring"]
+    assert second.spec["parent_network"]["parent_network"]["id"] == "tiny-random"
+    root, big = load_engine(str(tiny_with_finding), device="cpu"), load_engine(str(first.spec_path), device="cpu")
+    again = load_engine(str(second.spec_path), device="cpu")
+    slices, (maps, _) = _maps(again, ["dark square", "bright disc", "dark ring"], 64)
+    torch.manual_seed(1)
+    ref_root, _ = root.predict(resize_slices(slices, 32), root.encode_prompts(["dark square"]))
+    assert torch.allclose(maps[:, :1], resize_slices(ref_root, 64), atol=1e-6)
+    ref_big, _ = big.predict(slices, big.encode_prompts(["bright disc"]))
+    assert torch.allclose(maps[:, 1:2], ref_big, atol=1e-6)
+    assert not torch.allclose(maps[:, 2], ref_big[:, 0])
+
+
+def test_a_single_network_keeps_no_parent(sparse_table, tiny_model, tmp_path):
+    from safetensors import safe_open
+
+    result = finetune(sparse_table, tmp_path / "out", tiny_model, "one", steps=2, batch_size=1, keep_parent=False)
+    assert "parent_network" not in result.spec and "new_phrases" not in result.spec
+    with safe_open(str(result.spec_path.with_suffix(".safetensors")), "pt") as f:
+        assert not any(k.startswith("parent.") for k in f.keys())
+
+
+def test_weights_of_a_kept_parent_without_its_spec_entry_are_refused(sparse_table, tiny_model, tmp_path):
+    from CLIPSegLib.errors import ModelError
+    from CLIPSegLib.inference.segment_file import load_engine
+
+    result = finetune(sparse_table, tmp_path / "out", tiny_model, "disc", steps=2, batch_size=1)
+    spec = json.loads(result.spec_path.read_text(encoding="utf-8"))
+    del spec["parent_network"]
+    result.spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    with pytest.raises(ModelError, match="kept parent network.*parent_network"):
+        load_engine(str(result.spec_path), device="cpu")

@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slice size the new model works at (default: the parent's, 128 for the embedded model); "
                         "256 resolves thin structures of large slices better (the fine branch works at that size, "
                         "CLIP at its own). cliptnseg models only")
+    f.add_argument("--single-network", action="store_true",
+                   help="cliptnseg: one network answers every finding, the parent's findings kept only by replay "
+                        "of its training data (default: the new model keeps the parent's network for the parent's "
+                        "findings, which are then answered exactly as before)")
     _add_common(f, ("device",))
 
     g = sub.add_parser("finetune-clip", help="fine-tune the CLIP of a MedCLIP-SAM model with DHN-NCE on image-caption "
@@ -455,8 +459,10 @@ def _cmd_finetune(a, progress):
     argv += ["--text-adaptation", a.text_adaptation] if a.text_adaptation else []
     argv += (["--from", a.parent] if a.parent else []) + (["--prompt-map", a.prompt_map] if a.prompt_map else [])
     argv += ["--input-size", str(a.input_size)] if a.input_size else []
+    argv += ["--single-network"] if a.single_network else []
     result = ft.finetune(Path(a.data), Path(a.output_dir), a.parent, model_id, prompt_map, steps, a.seed, a.force,
                          a.device, progress, batch, a.text_adaptation, input_size=a.input_size,
+                         keep_parent=False if a.single_network else None,
                          command=shlex.join(argv + ["--model-id", model_id] if model_id else argv) + " --force")
     spec = result.spec
     rules = {p: spec["presence"]["per_finding"][p]["calibration"] for p in spec["training"]["data"]["phrases"]}

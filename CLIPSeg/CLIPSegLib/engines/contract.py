@@ -43,6 +43,9 @@ from ..inference.preprocessing import FITS, INTENSITIES
 # holds about CPU_BATCH_PIXELS input pixels; a GPU wants larger ones.
 CPU_BATCH_PIXELS = 4 * 128 * 128
 CUDA_BATCH_SIZE = 16
+# A prompt takes a trained finding's rule (calibration, pipeline.presence_rules) only if its text embedding is this
+# close (cosine) to one of the finding's phrasings.
+MATCH_MIN_COSINE = 0.95
 # fp32: exact. bf16: autocast matrix products and convolutions to bfloat16 (1.8x faster at paper size on a CPU with
 # AVX-512 BF16, masks within Dice 0.986 of fp32 on held-out phantoms; benchmarks/RESULTS.md).
 

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
+from ..engines.contract import MATCH_MIN_COSINE
 from ..errors import InputError
 from ..io.geometry import array_axis_of
 from ..synthetic.families import random_volume_phantom
@@ -27,7 +28,6 @@ from ..inference.pipeline import combine_maps, predict_maps
 from ..inference.postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
 from ..progress import Progress
 
-MATCH_MIN_COSINE = 0.95  # a prompt takes a finding's rule only if this close to one of its phrasings
 SLICE_GATES = (1.0, 0.7, 0.5, 0.3)  # candidate pipeline.apply_presence gates
 MEAN_GRID = (0.0, 0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95)  # candidate min_mean (component mean probability)
 # candidate min_contrast (|region - surround| in units of the surround's speckle spread, postprocess.region_contrast)

@@ -10,7 +10,9 @@ Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): clipt
    text side are trained on the user's slices (the engine's training loss; tgcnet's adds VLCM's alignment term)
    mixed with a replay of the parent's own training images (cliptnseg: ``datasets.PhantomBank``; tgcnet: its
    ``training.dataset``, report -> ``report_data.ReportBank``, thyroid -> ``datasets.PhantomBank``), whose pairs
-   are distilled from a frozen copy of the parent (``Teacher``), so its old findings keep their maps. Text side
+   are distilled from a frozen copy of the parent (``Teacher``), so its old findings keep their maps. A cliptnseg
+   model instead keeps its parent's network for the parent's findings by default (``keep_parent``: stored in the
+   new model, ``engines.cliptnseg.engine``), so they are answered exactly as before and nothing is replayed. Text side
    (``TEXT_ADAPTATIONS``): cliptnseg "embeddings" (the default), one learned embedding per new phrase initialised
    from its CLIP text embedding (stored in the model: the engine uses it for that phrase, any other wording falls
    back to CLIP), or "lora", LoRA adapters (peft) on the CLIP text tower, merged into it at export; tgcnet "lora"
@@ -233,6 +235,7 @@ class Tuning:
     ``loss`` with ``param_groups`` / ``state`` / ``load`` / ``train`` for ``loop.run_loop``, and ``export``."""
 
     text_adaptations: tuple = ()  # the first is the default
+    can_keep_parent = False  # whether the new model can keep the parent's network for the parent's findings
 
     @classmethod
     def check(cls, spec: dict, text_adaptation: str | None, input_size: int | None) -> str:
@@ -261,6 +264,7 @@ class CLIPTNSegTuning(Tuning):
     ``LoraText``), export with the learned phrases' table (or LoRA merged)."""
 
     text_adaptations = TEXT_ADAPTATIONS
+    can_keep_parent = True
 
     def __init__(self, spec: dict, input_size: int | None, progress: Progress):
         from ..engines.cliptnseg.engine import CLIPTNSegEngine
@@ -292,6 +296,7 @@ class CLIPTNSegTuning(Tuning):
 
     def adapt_text(self, text_adaptation: str, phrases: list[str], device) -> None:
         super().adapt_text(text_adaptation, phrases, device)
+        self.phrases = list(phrases)
         self.kind = text_adaptation
         self.text = (LoraText(self.net) if text_adaptation == "lora"
                      else LearnedPhrases(self.net, phrases, self.engine.learned))
@@ -318,9 +323,9 @@ class CLIPTNSegTuning(Tuning):
         self.net.train(mode)
         self.text.train(mode)
 
-    def export(self, spec: dict, device):
-        """The trained model: sets ``spec``'s network and learned phrases; -> (an engine of it on ``device``, to
-        calibrate with; its weights)."""
+    def export(self, spec: dict, device, keep_parent: bool = False):
+        """The trained model: sets ``spec``'s network and learned phrases (and with ``keep_parent`` the kept
+        parent: ``keep_parent_network``); -> (an engine of it on ``device``, to calibrate with; its weights)."""
         from ..engines.cliptnseg.engine import LEARNED_KEY, CLIPTNSegEngine, phrase_key
 
         net = self.net.cpu().eval()
@@ -333,14 +338,33 @@ class CLIPTNSegTuning(Tuning):
         else:
             learned_phrases, extra = self.text.export(learned_phrases)
             table = {self.text.key(p): t for p, t in zip(learned_phrases, extra[next(iter(extra))])}
-        engine = CLIPTNSegEngine(net, device, {**self.spec, "learned_phrases": learned_phrases}, learned=table)
+        weights, parent = {**net.state_dict(), **extra}, None
+        if keep_parent:
+            parent = CLIPTNSegEngine.from_spec(self.spec, device)  # the parent as written (self.net was trained)
+            weights.update(keep_parent_network(spec, self.spec, weights, self.phrases))
+        engine = CLIPTNSegEngine(net, device, {**self.spec, "learned_phrases": learned_phrases,
+                                               "new_phrases": spec.get("new_phrases")}, learned=table, parent=parent)
         spec["network"] = {**spec.get("network", {}), "coarse_only": False, "input_size": net.cfg["input_size"]}
         if spec["network"]["input_size"] is None:
             spec["network"].pop("input_size")
         spec["learned_phrases"] = learned_phrases
         if not learned_phrases:
             spec.pop("learned_phrases")
-        return engine, {**net.state_dict(), **extra}
+        return engine, weights
+
+
+def keep_parent_network(spec: dict, parent_spec: dict, weights: dict, phrases: list[str]) -> dict:
+    """Make the new model's ``spec`` keep its cliptnseg parent for the parent's findings
+    (``engines.cliptnseg.engine``): its ``PARENT_KEY`` entry (the parent's own spec entries) and ``new_phrases``
+    (``phrases``); -> the weights to add: the parent's stored tensors that differ from the new ``weights``, under
+    ``PARENT_PREFIX`` (the frozen CLIP image tower is stored once)."""
+    from ..engines.cliptnseg.engine import PARENT_KEY, PARENT_PREFIX, PARENT_SPEC_KEYS
+    from ..models import load_weights
+
+    spec[PARENT_KEY] = {k: copy.deepcopy(parent_spec[k]) for k in PARENT_SPEC_KEYS if k in parent_spec}
+    spec["new_phrases"] = list(phrases)
+    return {PARENT_PREFIX + k: v for k, v in load_weights(parent_spec).items()
+            if k not in weights or weights[k].shape != v.shape or not torch.equal(weights[k], v)}
 
 
 class TGCNetTuning(Tuning):
@@ -429,7 +453,7 @@ class TGCNetTuning(Tuning):
     def train(self, mode: bool) -> None:
         self.net.train(mode)
 
-    def export(self, spec: dict, device):
+    def export(self, spec: dict, device, keep_parent: bool = False):
         from ..engines.tgcnet.engine import TGCNetEngine
 
         self.adapters.merge()
@@ -485,7 +509,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
              steps: int = DEFAULT_STEPS, seed: int = 0, force: bool = False, device="cpu",
              progress: Progress | None = None, batch_size: int = DEFAULT_BATCH, text_adaptation: str | None = None,
              replay: int | None = None, command: str = "", stop_after: int | None = None,
-             distill: bool = True, input_size: int | None = None) -> FinetuneResult | None:
+             distill: bool = True, input_size: int | None = None,
+             keep_parent: bool | None = None) -> FinetuneResult | None:
     """Fine-tune ``parent`` (model id or spec path of an engine of ``TUNINGS``; default: the embedded model) on DATA
     (``labelled_slices``) and write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they
     exist, unless ``force``).
@@ -495,7 +520,10 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     ends this call early with a checkpoint (returns None). ``text_adaptation``: None for the engine's default
     (cliptnseg "embeddings", tgcnet "lora", its only one). ``input_size`` (pixels; None: the parent's; cliptnseg
     only) trains and writes the model at another slice size (``network.network_at_input_size``: the fine branch and
-    head at that size, CLIP at its own): finer for large slices, slower. Raises InputError for bad data (see
+    head at that size, CLIP at its own): finer for large slices, slower. ``keep_parent`` (None: whether the engine
+    can, cliptnseg yes) keeps the parent's network in the new model for the parent's findings, which are then
+    answered as before; the default replay is then none (False: one network, the old findings kept by replay).
+    Raises InputError for bad data (see
     ``labelled_slices``), for fewer training slices than ``batch_size``, and for settings the engine cannot do."""
     from monai.utils import set_determinism
 
@@ -514,6 +542,11 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
                          f"{' and '.join(TUNINGS)} models")
     tuning_of = TUNINGS[parent_spec["engine"]]
     text_adaptation = tuning_of.check(parent_spec, text_adaptation, input_size)
+    if keep_parent and not tuning_of.can_keep_parent:
+        raise InputError(f"model {parent_spec['id']!r} is a {parent_spec['engine']} model: its fine-tuned models "
+                         f"cannot keep the parent's network; fine-tune it without keep_parent (its old findings "
+                         f"are then kept by replay of its training data)")
+    keep_parent = tuning_of.can_keep_parent if keep_parent is None else keep_parent
     if steps < 1 or batch_size < 1:
         raise InputError(f"steps ({steps}) and batch size ({batch_size}) must be at least 1")
     progress.message(f"reading {data}")
@@ -530,7 +563,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     tuning = tuning_of(parent_spec, input_size, progress)
     size, prep = tuning.size, tuning.prep
     _warn_axes(volumes, progress)
-    n_replay = replay if replay is not None else (REPLAY_PHANTOMS if tuning.replays_by_default() else 0)
+    n_replay = replay if replay is not None else (
+        REPLAY_PHANTOMS if tuning.replays_by_default() and not keep_parent else 0)
     augmentation = make_augmentation(mild=True)
     augmentation.set_random_state(seed)
     user = ls.SliceSamples(volumes, train, size, prep.fit, prep.intensity, augmentation)
@@ -540,7 +574,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     work = Path(output_dir) / f".{model_id}.finetune"
     run = {"parent": parent_spec["id"], "parent_sha256": [f["sha256"] for f in parent_spec["files"]],
            "data": ls.fingerprint(volumes), "steps": steps, "seed": seed, "batch_size": batch_size,
-           "text_adaptation": text_adaptation, "replay": n_replay, "distill": distill, "input_size": size}
+           "text_adaptation": text_adaptation, "replay": n_replay, "distill": distill, "input_size": size,
+           "keep_parent": keep_parent}
     resume = _prepare_work(work, run, progress)
     share = REPLAY_SHARE if bank is not None else 0.0
     loader_batch = batch_size if bank is None else round(batch_size / (1 - share))
@@ -549,8 +584,9 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
                       loader_batch, seed, resume, 50, progress, stop_after)
     if torch.load(work / "finetune.pt", map_location="cpu", weights_only=True)["step"] < steps:
         return None  # stopped early (stop_after): the checkpoint resumes it
-    spec = {k: v for k, v in parent_spec.items() if not k.startswith("_") and k != "files"}
-    engine, weights = tuning.export(spec, dev)
+    spec = {k: v for k, v in parent_spec.items()
+            if not k.startswith("_") and k not in ("files", "parent_network", "new_phrases")}
+    engine, weights = tuning.export(spec, dev, keep_parent)
     rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
     spec.update(id=model_id, presence=merged_presence(parent_spec, rules),
                 description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
@@ -562,6 +598,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     spec["training"] = {
         "command": command, "method": "finetune", "steps": steps, "seed": seed, "batch_size": batch_size,
         "input_size": size, "text_adaptation": text_adaptation, "replay_phantoms": n_replay,
+        "keeps_parent_network": keep_parent,
         "replay_share": round(share, 4),
         "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on",
         "phrases": sorted(set(parent_training.get("phrases") or []) | set(phrases)),

@@ -21,7 +21,8 @@ from ..inference.pipeline import combine_maps, predict_maps, slice_vote_of
 from ..io.geometry import array_axis_of
 from ..progress import Progress
 from ..synthetic.phantoms import FINDINGS, PHRASES
-from .calibration import MATCH_MIN_COSINE, SLICE_AXIS, _entry, phantom_cases, search_rule
+from ..engines.contract import MATCH_MIN_COSINE
+from .calibration import SLICE_AXIS, _entry, phantom_cases, search_rule
 from .datasets import CALIBRATION_SEED_BASE
 
 FLOORS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9)  # candidate min_slice_presence

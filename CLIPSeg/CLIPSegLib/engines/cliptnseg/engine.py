@@ -3,19 +3,33 @@ model's own CLIP text tower (once each), predict mask and slice presence probabi
 
 A fine-tuned model may hold learned phrases (``training.finetune``): the spec's ``learned_phrases`` lists them and
 its weights hold their embeddings (``LEARNED_KEY``, ``[Q,D]``); a prompt that is one of them (case and spacing aside)
-takes its learned embedding, any other prompt the CLIP text embedding."""
+takes its learned embedding, any other prompt the CLIP text embedding.
+
+A fine-tuned model may also keep its parent's network for the parent's findings (``PARENT_KEY``): the spec's
+``parent_network`` holds the parent's own spec entries (network, learned phrases, presence, and its own kept parent),
+``new_phrases`` the phrases this model was fine-tuned on, and the weights the parent's tensors under ``parent.``
+(only those that differ from this model's: the frozen CLIP image tower is stored once). A prompt goes to the
+fine-tuned network when its text embedding is closer to a new phrase than to any of the parent's finding phrasings
+(and at least ``MATCH_MIN_COSINE``, the rule matching's own bound); every other prompt is answered by the parent,
+unchanged, at the parent's slice size. So what the parent knew is not touched by fine-tuning."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..clip_backbone import read_prompt, tokenize
 from ...errors import ModelError
+from ...inference.preprocessing import resize_slices
 from ...models import load_weights
 from .network import CLIPTNSegNet, build_network
-from ..contract import Engine, Preprocessing, PromptReading, PromptState
+from ..contract import MATCH_MIN_COSINE, Engine, Preprocessing, PromptReading, PromptState
 
 LEARNED_KEY = "learned_phrases.embeddings"  # weights entry [Q,D]: one embedding per spec["learned_phrases"] item
+PARENT_KEY = "parent_network"  # spec entry: the kept parent's spec entries (PARENT_SPEC_KEYS)
+PARENT_PREFIX = "parent."  # weights of the kept parent that differ from the model's own
+PARENT_SPEC_KEYS = ("id", "engine", "clip", "network", "learned_phrases", "presence", "preprocessing", PARENT_KEY,
+                    "new_phrases")
 
 
 def phrase_key(text: str) -> str:
@@ -41,40 +55,106 @@ class CLIPTNSegEngine(Engine):
     name = "cliptnseg"
 
     def __init__(self, net: CLIPTNSegNet, device: torch.device, spec: dict | None = None, precision: str = "fp32",
-                 learned: dict[str, torch.Tensor] | None = None):
+                 learned: dict[str, torch.Tensor] | None = None, parent: "CLIPTNSegEngine | None" = None):
         spec = spec or {}
         self.learned = dict(learned or {})  # phrase_key -> [D] (learned_table)
+        # the kept parent (module docstring): answers every prompt not routed to this network
+        self.parent = parent
+        self._to_parent: dict[str, bool] = {}
+        self._route_table = None  # (new phrases [Q,D], parent finding phrasings [R,D]) in this model's text space
         # The models were trained on slices resized to S x S whatever their aspect (datasets.raw_phantom_slice,
         # FolderTriples): they are run the same way unless their spec says otherwise.
         super().__init__(spec, device, precision, Preprocessing.from_spec(spec, net.input_size, fit="squash"))
         self.net = net.to(self.device).eval()
 
     @classmethod
-    def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "CLIPTNSegEngine":
+    def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32", state: dict | None = None,
+                  shared: dict | None = None) -> "CLIPTNSegEngine":
+        """The engine of a verified spec; ``state`` (its weights, else read from its files) and ``shared`` (a
+        child's weights, filling the tensors a kept parent did not store) are for building a kept parent."""
         net = build_network(spec)
-        state = load_weights(spec)
+        state = load_weights(spec) if state is None else dict(state)
+        parent_state = {k[len(PARENT_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(PARENT_PREFIX)}
         learned = learned_table(spec, state)
+        expected = net.state_dict()
+        state.update({k: v for k, v in (shared or {}).items() if k in expected and k not in state})
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ModelError(f"model {spec['id']!r} weights do not fit its architecture (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the spec and weights come from different exports")
-        return cls(net, device, spec, precision, learned)
+        parent = None
+        if spec.get(PARENT_KEY):
+            kept = {**spec[PARENT_KEY], "files": [], "_dir": spec.get("_dir")}
+            parent = cls.from_spec(kept, device, precision, parent_state, shared=state)
+        elif parent_state:
+            raise ModelError(f"model {spec['id']!r} weights hold a kept parent network ({PARENT_PREFIX}*) but its "
+                             f"spec has no {PARENT_KEY!r} entry; the spec and weights come from different exports")
+        return cls(net, device, spec, precision, learned, parent)
 
-    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[PromptReading]]:
-        """``[N,D]`` L2-normalised CLIP text embeddings, and how the tokenizer read each text (the embedded model's
-        text tower holds 16 tokens: a longer prompt is cut, and said to be)."""
-        context = self.net.clip.context_length
-        readings = []
-        for text in texts:
-            tokens, read_as, truncated = read_prompt(text, context)
-            readings.append(PromptReading(text, tokens, truncated, read_as))
-        embeddings = self.net.encode_text(tokenize(texts, context).to(self.device))
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        """``[N,D]`` text embeddings: the learned one of a learned phrase, else the CLIP text tower's."""
+        embeddings = self.net.encode_text(tokenize(texts, self.net.clip.context_length).to(self.device))
         for i, text in enumerate(texts):
             if phrase_key(text) in self.learned:
                 embeddings[i] = self.learned[phrase_key(text)].to(embeddings)
+        return embeddings
+
+    def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[PromptReading]]:
+        """``[N,D]`` L2-normalised CLIP text embeddings, and how the tokenizer read each text (the embedded model's
+        text tower holds 16 tokens: a longer prompt is cut, and said to be). With a kept parent, each text is also
+        routed (module docstring); the embeddings stay this model's (rule matching compares them)."""
+        readings = []
+        for text in texts:
+            tokens, read_as, truncated = read_prompt(text, self.net.clip.context_length)
+            readings.append(PromptReading(text, tokens, truncated, read_as))
+        embeddings = self._embed(texts)
+        if self.parent is not None:
+            for text, to_parent in zip(texts, self._routes_to_parent(embeddings)):
+                self._to_parent[text] = to_parent
         return embeddings, readings
 
-    def infer(self, slices: torch.Tensor, state: PromptState):
+    def _routes_to_parent(self, embeddings: torch.Tensor) -> list[bool]:
+        """For text embeddings ``[N,D]``: whether each goes to the kept parent (module docstring)."""
+        if self._route_table is None:
+            from ...inference.pipeline import finding_phrases
+
+            new = list(self.spec.get("new_phrases") or [])
+            old = [p for p in finding_phrases(self.parent.spec.get("presence") or {})
+                   if phrase_key(p) not in {phrase_key(q) for q in new}]
+            self._route_table = tuple(F.normalize(self._embed(t).float(), dim=-1) if t else None for t in (new, old))
+        new, old = self._route_table
+        if new is None:
+            return [True] * len(embeddings)
+        e = F.normalize(embeddings.float(), dim=-1)
+        to_new = (e @ new.T).amax(1)
+        to_old = (e @ old.T).amax(1) if old is not None else torch.full_like(to_new, -1.0)
+        return [bool(n < MATCH_MIN_COSINE or n < o) for n, o in zip(to_new, to_old)]
+
+    def _run(self, slices: torch.Tensor, embeddings: torch.Tensor):
         with self.autocast():
-            mask, presence = self.net(slices.to(self.device, torch.float32), state.embeddings)
+            mask, presence = self.net(slices.to(self.device, torch.float32), embeddings)
         return torch.sigmoid(mask.float()), None if presence is None else torch.sigmoid(presence.float())
+
+    def infer(self, slices: torch.Tensor, state: PromptState):
+        if self.parent is None:
+            return self._run(slices, state.embeddings)
+        to_parent = [self._to_parent[p] for p in state.prompts]
+        mine = [i for i, t in enumerate(to_parent) if not t]
+        theirs = [i for i, t in enumerate(to_parent) if t]
+        parts = []
+        if mine:
+            parts.append((mine, *self._run(slices, state.embeddings[mine])))
+        if theirs:
+            size = self.preprocessing.input_size
+            kept = self.parent.encode_prompts([state.prompts[i] for i in theirs])  # the parent's own embeddings
+            probs, presence = self.parent.infer(resize_slices(slices, self.parent.preprocessing.input_size), kept)
+            parts.append((theirs, resize_slices(probs, size), presence))
+        if len(parts) == 1:
+            return parts[0][1:]
+        probs = torch.empty(slices.shape[0], len(state.prompts), *slices.shape[-2:], device=self.device)
+        presence = None if all(p is None for _, _, p in parts) else torch.ones(probs.shape[:2], device=self.device)
+        for index, p, pres in parts:
+            probs[:, index] = p
+            if presence is not None and pres is not None:
+                presence[:, index] = pres
+        return probs, presence
