@@ -375,3 +375,23 @@ def test_weights_of_a_kept_parent_without_its_spec_entry_are_refused(sparse_tabl
     result.spec_path.write_text(json.dumps(spec), encoding="utf-8")
     with pytest.raises(ModelError, match="kept parent network.*parent_network"):
         load_engine(str(result.spec_path), device="cpu")
+
+
+def test_the_teacher_answers_as_the_parent_engine_does_kept_parent_included(sparse_table, tiny_with_finding,
+                                                                            tmp_path):
+    """Replay distils the parent's answers: for a model that keeps its parent, an old finding's target is the kept
+    network's map, the new phrase's the fine-tuned network's (what `clipseg segment` would give)."""
+    from CLIPSegLib.inference.segment_file import load_engine
+    from CLIPSegLib.training.finetune import Teacher
+
+    result = finetune(sparse_table, tmp_path / "out", tiny_with_finding, "disc", steps=2, batch_size=1)
+    engine = load_engine(str(result.spec_path), device="cpu")
+    teacher = Teacher(engine, torch.device("cpu"))
+    images = torch.rand(2, 1, 32, 32)
+    phrases = ["dark square", "bright disc", "dark square"]
+    probs, _ = teacher._targets(images, phrases, torch.tensor([0, 0, 1]))
+    maps, _ = engine.predict(images, engine.encode_prompts(["dark square", "bright disc"]))
+    kept, _ = engine.parent.predict(images, engine.parent.encode_prompts(["dark square"]))
+    assert torch.allclose(probs[0], kept[0, 0], atol=1e-6) and torch.allclose(probs[2], kept[1, 0], atol=1e-6)
+    assert torch.allclose(probs[1], maps[0, 1], atol=1e-6)
+    assert not torch.allclose(probs[1], kept[0, 0], atol=1e-3)

@@ -165,10 +165,11 @@ def _used_images(images, pair_index):
 
 
 class Teacher:
-    """A frozen copy of the parent network, with its text embeddings (the parent's: CLIP's, or its learned ones):
-    ``loss(images [B,1,S,S], phrases (N), pair_index [N], logits [N,S,S], presence [N] or None)`` is the BCE of the
-    student's logits against the teacher's probabilities for the same pairs (and of its slice presence). This one is
-    cliptnseg's; ``TGCNetTeacher`` is TGC-Net's."""
+    """A frozen copy of the parent model, answering as the parent's engine does (its text embeddings: CLIP's or its
+    learned ones; a prompt of a kept parent's findings by that kept network): ``loss(images [B,1,S,S], phrases (N),
+    pair_index [N], logits [N,S,S], presence [N] or None)`` is the BCE of the student's logits against the teacher's
+    probabilities for the same pairs (and of its slice presence). This one is cliptnseg's; ``TGCNetTeacher`` is
+    TGC-Net's."""
 
     def __init__(self, engine, device):
         from ..engines.cliptnseg.engine import CLIPTNSegEngine
@@ -176,28 +177,36 @@ class Teacher:
         net = copy.deepcopy(engine.net)
         for p in net.parameters():
             p.requires_grad_(False)
-        # its encode_prompts: the parent's embeddings, cached
-        self.engine = CLIPTNSegEngine(net, device, engine.spec, learned=engine.learned)
+        # its encode_prompts: the parent's embeddings, cached; its kept parent (never trained here) shared
+        self.engine = CLIPTNSegEngine(net, device, engine.spec, learned=engine.learned, parent=engine.parent)
         self.net = self.engine.net
 
     @torch.no_grad()
     def _targets(self, images, phrases, pair_index):
-        """The teacher's (mask logits ``[N,S,S]``, presence logits or None); images of another size than the
-        teacher's input are resized to it and its logits back (bilinear)."""
+        """The teacher's (mask probabilities ``[N,S,S]``, presence probabilities ``[N]`` or None), one engine call
+        per distinct phrase on the images of its pairs; images of another size than the teacher's input are resized
+        to it and its maps back (bilinear)."""
         from ..inference.preprocessing import resize_slices
 
-        used, index = _used_images(images, pair_index)
-        text = self.engine.encode_prompts(phrases).embeddings.to(images.device)
         size = images.shape[-1]
-        logits, presence = self.net(resize_slices(used, self.net.input_size), text, index)
-        return resize_slices(logits[:, None], size)[:, 0], presence
+        probs = torch.empty(len(phrases), size, size, device=images.device)
+        presence = None
+        for phrase in dict.fromkeys(phrases):
+            rows = torch.tensor([i for i, p in enumerate(phrases) if p == phrase], device=images.device)
+            slices = resize_slices(images[pair_index[rows]], self.engine.preprocessing.input_size)
+            p, pres = self.engine.predict(slices, self.engine.encode_prompts([phrase]))
+            probs[rows] = resize_slices(p, size)[:, 0].to(probs)
+            if pres is not None:
+                presence = torch.ones(len(phrases), device=images.device) if presence is None else presence
+                presence[rows] = pres[:, 0].to(presence)
+        return probs, presence
 
     def loss(self, images, phrases, pair_index, logits, presence):
-        t_logits, t_presence = self._targets(images, phrases, pair_index)
+        t_probs, t_presence = self._targets(images, phrases, pair_index)
         bce = nn.functional.binary_cross_entropy_with_logits
-        value = bce(logits, torch.sigmoid(t_logits))
+        value = bce(logits, t_probs)
         if presence is not None and t_presence is not None:
-            value = value + bce(presence, torch.sigmoid(t_presence))
+            value = value + bce(presence, t_presence)
         return value
 
 
@@ -216,7 +225,7 @@ class TGCNetTeacher(Teacher):
         from .tgcnet_recipe import encode_pairs
 
         logits, presence, _ = self.net(used, encode_pairs(self.net, phrases), index)
-        return logits, presence
+        return torch.sigmoid(logits), None if presence is None else torch.sigmoid(presence)
 
 
 def _root_training(spec: dict) -> dict:
