@@ -329,6 +329,9 @@ def test_the_parents_findings_are_answered_by_its_kept_network_unchanged(sparse_
     close = lambda a, b: torch.allclose(a, b, atol=1e-6)  # noqa: E731  (batched with other prompts: rounding)
     assert close(old[:, 0], ref[:, 0]) and close(old_presence[:, 0], ref_presence[:, 0])
     assert not torch.allclose(old[:, 1], ref[:, 1])  # the new phrase: the fine-tuned network
+    readings = tuned.encode_prompts(["dark square", "bright disc"]).readings
+    assert readings[0].interpretation().endswith("answered by the kept network of 'tiny-random'")
+    assert readings[1].interpretation().endswith("answered by the fine-tuned network")
     _, (alone, _) = _maps(tuned, ["bright disc"])
     assert close(alone[:, 0], old[:, 1])  # a prompt's map does not depend on the others asked with it
 

@@ -10,7 +10,7 @@ An engine is built from a model spec by ``engines.create_engine`` and offers:
 - ``device``, ``precision`` (``checks.PRECISIONS``), ``default_batch_size`` (slices per ``predict`` call).
 - ``preprocessing``: ``Preprocessing``, how the pipeline turns a volume's slices into the engine's input.
 - ``encode_prompts(texts) -> PromptState``: each text embedded once per engine (cached) and read back: tokens kept,
-  truncation, words no training phrase holds, domain knowledge added.
+  truncation, words no training phrase holds, domain knowledge added, which network answers it.
 - ``predict(slices [B,1,S,S] float32 in [0,1], state) -> (probabilities [B,P,S,S], presence [B,P] or None)``, float32
   on ``device``; P = the state's prompts, S = ``preprocessing.input_size``. Presence is the probability that the
   finding is in the slice at all; None when the engine has no such estimate.
@@ -107,8 +107,9 @@ def unseen_words(text: str, vocabulary: set[str]) -> list[str]:
 class PromptReading:
     """How an engine read one prompt: the ``tokens`` it kept (token strings, e.g. BPE pieces), the text they spell
     (``read_as``; None: the text as given), whether the prompt was ``truncated`` (longer than the engine reads), the
-    ``unseen_words`` no training phrase of the model holds, the domain ``knowledge`` entries added (TGC-Net) and the
-    trained ``finding`` a fixed-vocabulary network chose (``engines.unet``)."""
+    ``unseen_words`` no training phrase of the model holds, the domain ``knowledge`` entries added (TGC-Net), the
+    trained ``finding`` a fixed-vocabulary network chose (``engines.unet``) and, in a fine-tuned model that keeps its
+    parent's network, which of the two ``answered`` (``engines.cliptnseg``)."""
 
     text: str
     tokens: tuple[str, ...] = ()
@@ -117,15 +118,18 @@ class PromptReading:
     unseen_words: tuple[str, ...] = ()
     knowledge: tuple[str, ...] = ()
     finding: str | None = None
+    answered: str | None = None
 
     def interpretation(self) -> str:
-        """'interpreted as '...' (N tokens)[, with knowledge of: ...][, as the finding '...']': what the model
-        actually read (``finding``: the trained output a fixed-vocabulary network chose for it)."""
+        """'interpreted as '...' (N tokens)[, with knowledge of: ...][, as the finding '...'][, answered by ...]':
+        what the model actually read (``finding``: the trained output a fixed-vocabulary network chose for it;
+        ``answered``: the network of a fine-tuned model that answered it)."""
         read = self.text if self.read_as is None else self.read_as
         count = f" ({len(self.tokens)} tokens{', cut' if self.truncated else ''})" if self.tokens else ""
         known = f", with knowledge of: {', '.join(self.knowledge)}" if self.knowledge else ""
         chosen = f", as the finding '{self.finding}'" if self.finding else ""
-        return f"interpreted as '{read}'{count}{known}{chosen}"
+        by = f", answered by {self.answered}" if self.answered else ""
+        return f"interpreted as '{read}'{count}{known}{chosen}{by}"
 
     def warning(self) -> str | None:
         """None, or what the user should know: words the model never saw in training, a prompt cut short."""

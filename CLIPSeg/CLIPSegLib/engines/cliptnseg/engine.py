@@ -15,6 +15,8 @@ unchanged, at the parent's slice size. So what the parent knew is not touched by
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -109,8 +111,10 @@ class CLIPTNSegEngine(Engine):
             readings.append(PromptReading(text, tokens, truncated, read_as))
         embeddings = self._embed(texts)
         if self.parent is not None:
-            for text, to_parent in zip(texts, self._routes_to_parent(embeddings)):
+            for i, (text, to_parent) in enumerate(zip(texts, self._routes_to_parent(embeddings))):
                 self._to_parent[text] = to_parent
+                readings[i] = replace(readings[i], answered=f"the kept network of '{self.parent.spec.get('id')}'"
+                                      if to_parent else "the fine-tuned network")
         return embeddings, readings
 
     def _routes_to_parent(self, embeddings: torch.Tensor) -> list[bool]:
