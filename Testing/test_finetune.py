@@ -246,6 +246,10 @@ def test_a_converted_clipseg_model_is_fine_tuned_whole_with_its_unnormalised_tex
     assert spec["network"]["coarse_only"] is False and spec["network"]["text_normalize"] is False
     table = load_weights(spec)[LEARNED_KEY]
     assert not torch.allclose(table.norm(dim=-1), torch.ones(len(table)), atol=1e-3)  # not L2-normalised
+    from CLIPSegLib.inference.segment_file import load_engine
+
+    engine = load_engine(str(result.spec_path), device="cpu")  # and used as trained, not normalised at load
+    assert torch.allclose(engine.encode_prompts(["bright disc"]).embeddings[0], table[-1], atol=1e-6)
 
 
 def test_a_model_fine_tuned_at_another_input_size_is_written_and_run_at_that_size(sparse_table, tiny_model, tmp_path):
@@ -357,6 +361,9 @@ def test_a_kept_parent_of_another_size_and_a_second_fine_tune(sparse_table, tiny
     ref_big, _ = big.predict(slices, big.encode_prompts(["bright disc"]))
     assert torch.allclose(maps[:, 1:2], ref_big, atol=1e-6)
     assert not torch.allclose(maps[:, 2], ref_big[:, 0])
+    readings = again.encode_prompts(["dark square", "bright disc", "dark ring"]).readings
+    assert [r.answered for r in readings] == ["the kept network of 'tiny-random'", "the kept network of 'big'",
+                                              "the fine-tuned network"]
 
 
 def test_a_single_network_keeps_no_parent(sparse_table, tiny_model, tmp_path):
@@ -378,6 +385,20 @@ def test_weights_of_a_kept_parent_without_its_spec_entry_are_refused(sparse_tabl
     result.spec_path.write_text(json.dumps(spec), encoding="utf-8")
     with pytest.raises(ModelError, match="kept parent network.*parent_network"):
         load_engine(str(result.spec_path), device="cpu")
+
+
+def test_a_kept_parent_entry_without_its_weights_is_refused(sparse_table, tiny_model, tmp_path):
+    from CLIPSegLib.errors import ModelError
+    from CLIPSegLib.inference.segment_file import load_engine
+    from CLIPSegLib.models import load_weights, read_spec, write_spec
+
+    result = finetune(sparse_table, tmp_path / "out", tiny_model, "disc", steps=2, batch_size=1)
+    spec = read_spec(result.spec_path)
+    weights = {k: v for k, v in load_weights(spec).items() if not k.startswith("parent.")}
+    path = write_spec({k: v for k, v in spec.items() if not k.startswith("_") and k != "files"}, weights,
+                      tmp_path / "stripped")
+    with pytest.raises(ModelError, match="keeps a parent network.*its weights hold none"):
+        load_engine(str(path), device="cpu")
 
 
 def test_the_teacher_answers_as_the_parent_engine_does_kept_parent_included(sparse_table, tiny_with_finding,

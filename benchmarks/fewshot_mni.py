@@ -14,7 +14,7 @@ Structures (``--task``):
               the CSF around the brain), cut into connected components: the two largest (left and right lateral
               ventricle bodies, ~3,700 voxels each) and the lowest midline one (the fourth ventricle, ~1,000 voxels).
               Each is drawn on the 8 spread slices plus 4 slices through each structure, and every one of those
-              16 slices counts as labelled for both (as the Slicer section reads a segmentation: a slice holding any
+              slices (15: the sets share one) counts as labelled for both (as the Slicer section reads a segmentation: a slice holding any
               segment is labelled for all, so a slice through one ventricle teaches the other's absence).
 
 Run:  .venv/bin/python benchmarks/fewshot_mni.py --task tissue [--steps N] [--input-size 256] [--from MODEL]

@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CLIP at its own). cliptnseg models only")
     f.add_argument("--single-network", action="store_true",
                    help="cliptnseg: one network answers every finding, the parent's findings kept only by replay "
-                        "of its training data (default: the new model keeps the parent's network for the parent's "
-                        "findings, which are then answered exactly as before)")
+                        "of its training data when its lineage was trained on phantoms (default: the new model keeps "
+                        "the parent's network for the parent's findings, which are then answered as before)")
     _add_common(f, ("device",))
 
     g = sub.add_parser("finetune-clip", help="fine-tune the CLIP of a MedCLIP-SAM model with DHN-NCE on image-caption "

@@ -177,8 +177,9 @@ class Teacher:
         net = copy.deepcopy(engine.net)
         for p in net.parameters():
             p.requires_grad_(False)
-        # its encode_prompts: the parent's embeddings, cached; its kept parent (never trained here) shared
-        self.engine = CLIPTNSegEngine(net, device, engine.spec, learned=engine.learned, parent=engine.parent)
+        # its encode_prompts: the parent's embeddings, cached; its kept parents (never trained here) moved along
+        parent = None if engine.parent is None else engine.parent.to_device(device)
+        self.engine = CLIPTNSegEngine(net, device, engine.spec, learned=engine.learned, parent=parent)
         self.net = self.engine.net
 
     @torch.no_grad()
@@ -367,13 +368,14 @@ def keep_parent_network(spec: dict, parent_spec: dict, weights: dict, phrases: l
     (``engines.cliptnseg.engine``): its ``PARENT_KEY`` entry (the parent's own spec entries) and ``new_phrases``
     (``phrases``); -> the weights to add: the parent's stored tensors that differ from the new ``weights``, under
     ``PARENT_PREFIX`` (the frozen CLIP image tower is stored once)."""
-    from ..engines.cliptnseg.engine import PARENT_KEY, PARENT_PREFIX, PARENT_SPEC_KEYS
+    from ..engines.cliptnseg.engine import LEARNED_KEY, PARENT_KEY, PARENT_PREFIX, PARENT_SPEC_KEYS
     from ..models import load_weights
 
     spec[PARENT_KEY] = {k: copy.deepcopy(parent_spec[k]) for k in PARENT_SPEC_KEYS if k in parent_spec}
     spec["new_phrases"] = list(phrases)
+    # the learned phrase table is always the parent's own (it is read before anything is filled in from the child)
     return {PARENT_PREFIX + k: v for k, v in load_weights(parent_spec).items()
-            if k not in weights or weights[k].shape != v.shape or not torch.equal(weights[k], v)}
+            if k == LEARNED_KEY or k not in weights or weights[k].shape != v.shape or not torch.equal(weights[k], v)}
 
 
 class TGCNetTuning(Tuning):
@@ -574,6 +576,10 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     _warn_axes(volumes, progress)
     n_replay = replay if replay is not None else (
         REPLAY_PHANTOMS if tuning.replays_by_default() and not keep_parent else 0)
+    if not keep_parent and not n_replay and parent_spec.get("parent_network"):
+        progress.message(f"note: {parent_spec['id']!r} keeps its parent's network for that model's findings, and "
+                         f"nothing of its lineage's training data can be replayed: the single network made here "
+                         f"answers them without either, so they may drift (drop --single-network to keep them)")
     augmentation = make_augmentation(mild=True)
     augmentation.set_random_state(seed)
     user = ls.SliceSamples(volumes, train, size, prep.fit, prep.intensity, augmentation)

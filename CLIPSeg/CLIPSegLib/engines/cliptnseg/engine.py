@@ -40,7 +40,8 @@ def phrase_key(text: str) -> str:
 
 
 def learned_table(spec: dict, state: dict) -> dict[str, torch.Tensor]:
-    """Pop the learned phrase embeddings from a weights ``state`` -> {phrase_key: L2-normalised ``[D]``}."""
+    """Pop the learned phrase embeddings from a weights ``state`` -> {phrase_key: ``[D]``}, L2-normalised unless the
+    network takes unnormalised text embeddings (``text_normalize`` false: a converted CLIPSeg model), as trained."""
     phrases = list(spec.get("learned_phrases") or [])
     table = state.pop(LEARNED_KEY, None)
     if table is None and not phrases:
@@ -49,7 +50,9 @@ def learned_table(spec: dict, state: dict) -> dict[str, torch.Tensor]:
         raise ModelError(f"model {spec['id']!r} lists {len(phrases)} learned phrases but its weights hold "
                          f"{None if table is None else tuple(table.shape)} as {LEARNED_KEY!r}; the spec and weights "
                          f"come from different exports")
-    table = torch.nn.functional.normalize(table.float(), dim=-1)
+    table = table.float()
+    if (spec.get("network") or {}).get("text_normalize", True):
+        table = torch.nn.functional.normalize(table, dim=-1)
     return {phrase_key(p): table[i] for i, p in enumerate(phrases)}
 
 
@@ -87,6 +90,11 @@ class CLIPTNSegEngine(Engine):
         parent = None
         if spec.get(PARENT_KEY):
             kept = {**spec[PARENT_KEY], "files": [], "_dir": spec.get("_dir")}
+            lacking = [k for k in ("id", "clip", "network") if k not in kept]
+            if lacking or not parent_state:
+                raise ModelError(f"model {spec['id']!r} keeps a parent network ({PARENT_KEY!r}) but "
+                                 f"{'its entry lacks ' + ', '.join(lacking) if lacking else 'its weights hold none'}"
+                                 f" ({PARENT_PREFIX}*); the spec and weights come from different exports")
             parent = cls.from_spec(kept, device, precision, parent_state, shared=state)
         elif parent_state:
             raise ModelError(f"model {spec['id']!r} weights hold a kept parent network ({PARENT_PREFIX}*) but its "
@@ -113,26 +121,53 @@ class CLIPTNSegEngine(Engine):
         if self.parent is not None:
             for i, (text, to_parent) in enumerate(zip(texts, self._routes_to_parent(embeddings))):
                 self._to_parent[text] = to_parent
-                readings[i] = replace(readings[i], answered=f"the kept network of '{self.parent.spec.get('id')}'"
-                                      if to_parent else "the fine-tuned network")
+                answered = "the fine-tuned network"
+                if to_parent:
+                    self.parent.encode_prompts([text])  # routes it in the parent too (cached for infer)
+                    answered = f"the kept network of '{self.parent.answering_model(text)}'"
+                readings[i] = replace(readings[i], answered=answered)
         return embeddings, readings
 
+    def answering_model(self, text: str) -> str:
+        """The id of the model whose own network answers an encoded ``text`` (this one, or a kept parent's)."""
+        if self.parent is None or not self._to_parent.get(text):
+            return self.spec.get("id")
+        return self.parent.answering_model(text)
+
+    def to_device(self, device) -> "CLIPTNSegEngine":
+        """Move this engine and its kept parents to ``device`` (their encoded prompts are forgotten); -> itself."""
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.learned = {k: v.to(self.device) for k, v in self.learned.items()}
+        self.clear_prompt_cache()
+        self._route_table = None
+        if self.parent is not None:
+            self.parent.to_device(device)
+        return self
+
     def _routes_to_parent(self, embeddings: torch.Tensor) -> list[bool]:
-        """For text embeddings ``[N,D]``: whether each goes to the kept parent (module docstring)."""
+        """For text embeddings ``[N,D]``: whether each goes to the kept parent (module docstring). A new phrase is
+        represented by its learned embedding and by its CLIP text embedding (a rewording that is not the exact
+        phrase takes CLIP's, which the learned one has drifted from); the bound is the spec's
+        ``presence.match_min_cosine`` (the rule matching's own)."""
         if self._route_table is None:
             from ...inference.pipeline import finding_phrases
 
             new = list(self.spec.get("new_phrases") or [])
             old = [p for p in finding_phrases(self.parent.spec.get("presence") or {})
                    if phrase_key(p) not in {phrase_key(q) for q in new}]
-            self._route_table = tuple(F.normalize(self._embed(t).float(), dim=-1) if t else None for t in (new, old))
+            clip = (self.net.encode_text(tokenize(new, self.net.clip.context_length).to(self.device))
+                    if new else None)
+            self._route_table = (None if not new else F.normalize(torch.cat([self._embed(new), clip]).float(), dim=-1),
+                                 F.normalize(self._embed(old).float(), dim=-1) if old else None)
         new, old = self._route_table
         if new is None:
             return [True] * len(embeddings)
+        bound = (self.spec.get("presence") or {}).get("match_min_cosine", MATCH_MIN_COSINE)
         e = F.normalize(embeddings.float(), dim=-1)
         to_new = (e @ new.T).amax(1)
         to_old = (e @ old.T).amax(1) if old is not None else torch.full_like(to_new, -1.0)
-        return [bool(n < MATCH_MIN_COSINE or n < o) for n, o in zip(to_new, to_old)]
+        return [bool(n < bound or n < o) for n, o in zip(to_new, to_old)]
 
     def _run(self, slices: torch.Tensor, embeddings: torch.Tensor):
         with self.autocast():
@@ -152,7 +187,8 @@ class CLIPTNSegEngine(Engine):
             size = self.preprocessing.input_size
             kept = self.parent.encode_prompts([state.prompts[i] for i in theirs])  # the parent's own embeddings
             probs, presence = self.parent.infer(resize_slices(slices, self.parent.preprocessing.input_size), kept)
-            parts.append((theirs, resize_slices(probs, size), presence))
+            parts.append((theirs, resize_slices(probs.to(self.device), size),
+                          None if presence is None else presence.to(self.device)))
         if len(parts) == 1:
             return parts[0][1:]
         probs = torch.empty(slices.shape[0], len(state.prompts), *slices.shape[-2:], device=self.device)
