@@ -333,6 +333,7 @@ def test_the_parents_findings_are_answered_by_its_kept_network_unchanged(sparse_
     close = lambda a, b: torch.allclose(a, b, atol=1e-6)  # noqa: E731  (batched with other prompts: rounding)
     assert close(old[:, 0], ref[:, 0]) and close(old_presence[:, 0], ref_presence[:, 0])
     assert not torch.allclose(old[:, 1], ref[:, 1])  # the new phrase: the fine-tuned network
+    assert tuned.parent.net.clip.visual is tuned.net.clip.visual  # and held once in memory
     readings = tuned.encode_prompts(["dark square", "bright disc"]).readings
     assert readings[0].interpretation().endswith("answered by the kept network of 'tiny-random'")
     assert readings[1].interpretation().endswith("answered by the fine-tuned network")

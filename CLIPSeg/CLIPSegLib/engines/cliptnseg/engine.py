@@ -74,19 +74,23 @@ class CLIPTNSegEngine(Engine):
 
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32", state: dict | None = None,
-                  shared: dict | None = None) -> "CLIPTNSegEngine":
-        """The engine of a verified spec; ``state`` (its weights, else read from its files) and ``shared`` (a
-        child's weights, filling the tensors a kept parent did not store) are for building a kept parent."""
+                  shared: dict | None = None, child: CLIPTNSegNet | None = None) -> "CLIPTNSegEngine":
+        """The engine of a verified spec; ``state`` (its weights, else read from its files), ``shared`` (a
+        child's weights, filling the tensors a kept parent did not store) and ``child`` (that child's network, whose
+        CLIP image tower a kept parent that stored none of its own uses: one copy in memory) build a kept parent."""
         net = build_network(spec)
         state = load_weights(spec) if state is None else dict(state)
         parent_state = {k[len(PARENT_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(PARENT_PREFIX)}
         learned = learned_table(spec, state)
+        own_visual = any(k.startswith("clip.visual.") for k in state)
         expected = net.state_dict()
         state.update({k: v for k, v in (shared or {}).items() if k in expected and k not in state})
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ModelError(f"model {spec['id']!r} weights do not fit its architecture (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}); the spec and weights come from different exports")
+        if child is not None and not own_visual:
+            net.clip.visual = child.clip.visual  # the same frozen tensors: share them
         parent = None
         if spec.get(PARENT_KEY):
             kept = {**spec[PARENT_KEY], "files": [], "_dir": spec.get("_dir")}
@@ -95,7 +99,7 @@ class CLIPTNSegEngine(Engine):
                 raise ModelError(f"model {spec['id']!r} keeps a parent network ({PARENT_KEY!r}) but "
                                  f"{'its entry lacks ' + ', '.join(lacking) if lacking else 'its weights hold none'}"
                                  f" ({PARENT_PREFIX}*); the spec and weights come from different exports")
-            parent = cls.from_spec(kept, device, precision, parent_state, shared=state)
+            parent = cls.from_spec(kept, device, precision, parent_state, shared=state, child=net)
         elif parent_state:
             raise ModelError(f"model {spec['id']!r} weights hold a kept parent network ({PARENT_PREFIX}*) but its "
                              f"spec has no {PARENT_KEY!r} entry; the spec and weights come from different exports")
