@@ -538,6 +538,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     ``labelled_slices``), for fewer training slices than ``batch_size``, and for settings the engine cannot do."""
     from monai.utils import set_determinism
 
+    from ..engines.cliptnseg.engine import PARENT_KEY
     from ..inference.pipeline import resolve_device
     from ..models import load_spec, write_spec
     from .calibration import merged_presence
@@ -576,7 +577,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     _warn_axes(volumes, progress)
     n_replay = replay if replay is not None else (
         REPLAY_PHANTOMS if tuning.replays_by_default() and not keep_parent else 0)
-    if not keep_parent and not n_replay and parent_spec.get("parent_network"):
+    if not keep_parent and not n_replay and parent_spec.get(PARENT_KEY):
         progress.message(f"note: {parent_spec['id']!r} keeps its parent's network for that model's findings, and "
                          f"nothing of its lineage's training data can be replayed: the single network made here "
                          f"answers them without either, so they may drift (drop --single-network to keep them)")
@@ -600,7 +601,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     if torch.load(work / "finetune.pt", map_location="cpu", weights_only=True)["step"] < steps:
         return None  # stopped early (stop_after): the checkpoint resumes it
     spec = {k: v for k, v in parent_spec.items()
-            if not k.startswith("_") and k not in ("files", "parent_network", "new_phrases")}
+            if not k.startswith("_") and k not in ("files", PARENT_KEY, "new_phrases")}
     engine, weights = tuning.export(spec, dev, keep_parent)
     rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
     spec.update(id=model_id, presence=merged_presence(parent_spec, rules),

@@ -9,9 +9,10 @@ A fine-tuned model may also keep its parent's network for the parent's findings 
 ``parent_network`` holds the parent's own spec entries (network, learned phrases, presence, and its own kept parent),
 ``new_phrases`` the phrases this model was fine-tuned on, and the weights the parent's tensors under ``parent.``
 (only those that differ from this model's: the frozen CLIP image tower is stored once). A prompt goes to the
-fine-tuned network when its text embedding is closer to a new phrase than to any of the parent's finding phrasings
-(and at least ``MATCH_MIN_COSINE``, the rule matching's own bound); every other prompt is answered by the parent,
-unchanged, at the parent's slice size. So what the parent knew is not touched by fine-tuning."""
+fine-tuned network when its text embedding is closer to a new phrase (its learned or its CLIP embedding) than to any
+of the parent's finding phrasings, and at least the spec's ``presence.match_min_cosine`` (the rule matching's own
+bound); every other prompt is answered by the parent, unchanged, at the parent's slice size. So what the parent knew
+is not touched by fine-tuning."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ class CLIPTNSegEngine(Engine):
         # the kept parent (module docstring): answers every prompt not routed to this network
         self.parent = parent
         self._to_parent: dict[str, bool] = {}
-        self._route_table = None  # (new phrases [Q,D], parent finding phrasings [R,D]) in this model's text space
+        # (new phrases, learned and CLIP's [2Q,D]; parent finding phrasings [R,D]), in this model's text space
+        self._route_table = None
         # The models were trained on slices resized to S x S whatever their aspect (datasets.raw_phantom_slice,
         # FolderTriples): they are run the same way unless their spec says otherwise.
         super().__init__(spec, device, precision, Preprocessing.from_spec(spec, net.input_size, fit="squash"))
@@ -105,11 +107,12 @@ class CLIPTNSegEngine(Engine):
                              f"spec has no {PARENT_KEY!r} entry; the spec and weights come from different exports")
         return cls(net, device, spec, precision, learned, parent)
 
-    def _embed(self, texts: list[str]) -> torch.Tensor:
-        """``[N,D]`` text embeddings: the learned one of a learned phrase, else the CLIP text tower's."""
+    def _embed(self, texts: list[str], learned: bool = True) -> torch.Tensor:
+        """``[N,D]`` text embeddings: the learned one of a learned phrase (unless not ``learned``), else the CLIP text
+        tower's."""
         embeddings = self.net.encode_text(tokenize(texts, self.net.clip.context_length).to(self.device))
         for i, text in enumerate(texts):
-            if phrase_key(text) in self.learned:
+            if learned and phrase_key(text) in self.learned:
                 embeddings[i] = self.learned[phrase_key(text)].to(embeddings)
         return embeddings
 
@@ -123,13 +126,13 @@ class CLIPTNSegEngine(Engine):
             readings.append(PromptReading(text, tokens, truncated, read_as))
         embeddings = self._embed(texts)
         if self.parent is not None:
-            for i, (text, to_parent) in enumerate(zip(texts, self._routes_to_parent(embeddings))):
-                self._to_parent[text] = to_parent
-                answered = "the fine-tuned network"
-                if to_parent:
-                    self.parent.encode_prompts([text])  # routes it in the parent too (cached for infer)
-                    answered = f"the kept network of '{self.parent.answering_model(text)}'"
-                readings[i] = replace(readings[i], answered=answered)
+            routes = self._routes_to_parent(embeddings)
+            self._to_parent.update(zip(texts, routes))
+            theirs = [t for t, to_parent in zip(texts, routes) if to_parent]
+            if theirs:
+                self.parent.encode_prompts(theirs)  # routes them in the parent too (cached for infer)
+            readings = [replace(r, answered=f"the kept network of '{self.parent.answering_model(t)}'" if to_parent
+                                else "the fine-tuned network") for t, r, to_parent in zip(texts, readings, routes)]
         return embeddings, readings
 
     def answering_model(self, text: str) -> str:
@@ -160,9 +163,8 @@ class CLIPTNSegEngine(Engine):
             new = list(self.spec.get("new_phrases") or [])
             old = [p for p in finding_phrases(self.parent.spec.get("presence") or {})
                    if phrase_key(p) not in {phrase_key(q) for q in new}]
-            clip = (self.net.encode_text(tokenize(new, self.net.clip.context_length).to(self.device))
-                    if new else None)
-            self._route_table = (None if not new else F.normalize(torch.cat([self._embed(new), clip]).float(), dim=-1),
+            both = torch.cat([self._embed(new), self._embed(new, learned=False)]) if new else None
+            self._route_table = (None if both is None else F.normalize(both.float(), dim=-1),
                                  F.normalize(self._embed(old).float(), dim=-1) if old else None)
         new, old = self._route_table
         if new is None:
