@@ -14,7 +14,7 @@ from .datasets import NORMAL_PHRASES
 from ..errors import InputError
 from ..synthetic.phantoms import PHRASES
 from ..progress import Progress
-from .loop import Recipe, run_loop, staged_presence
+from .loop import Recipe, check_stage_list, run_loop, staged_presence
 
 
 def embedded_spec(model_id: str = "cliptnseg-phantom-small", presence_head: bool = False) -> dict:
@@ -216,11 +216,7 @@ def check_train_args(stages, counts: dict, tables: dict) -> tuple:
     tuple."""
     from ..io.tables import read_table
 
-    stages = tuple(s.strip() for s in stages if s.strip())
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise InputError(f"--stages {','.join(stages)}: unknown stage {unknown[0] if unknown else '(none)'!r}; the "
-                         f"stages are {','.join(STAGES)} (in that order; e.g. --stages calibrate,export)")
+    stages = check_stage_list(stages, STAGES, None, "calibrate,export")
     for option, (value, minimum) in counts.items():
         if value < minimum:
             raise InputError(f"{option} {value}: must be at least {minimum}")

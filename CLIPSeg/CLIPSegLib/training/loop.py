@@ -128,14 +128,16 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     return losses
 
 
-def check_stage_list(stages, known: tuple, recipe: str) -> tuple:
+def check_stage_list(stages, known: tuple, recipe: str | None, example: str | None = None) -> tuple:
     """``stages`` (names) -> a tuple of them, stripped; InputError naming an unknown one (or none given) and the
-    ``known`` stages of ``recipe`` (e.g. "medclipsam")."""
+    ``known`` stages of ``recipe`` (e.g. "medclipsam"; None: just "the stages"), with an ``example`` list if given."""
     stages = tuple(s.strip() for s in stages if s.strip())
     unknown = [s for s in stages if s not in known]
     if unknown or not stages:
+        whose = f"{recipe} stages" if recipe else "stages"
+        hint = f"; e.g. --stages {example}" if example else ""
         raise InputError(f"--stages {','.join(stages)}: unknown stage {unknown[0] if unknown else '(none)'!r}; the "
-                         f"{recipe} stages are {','.join(known)} (in that order)")
+                         f"{whose} are {','.join(known)} (in that order{hint})")
     return stages
 
 
