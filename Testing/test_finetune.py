@@ -420,3 +420,72 @@ def test_the_teacher_answers_as_the_parent_engine_does_kept_parent_included(spar
     assert torch.allclose(probs[0], kept[0, 0], atol=1e-6) and torch.allclose(probs[2], kept[1, 0], atol=1e-6)
     assert torch.allclose(probs[1], maps[0, 1], atol=1e-6)
     assert not torch.allclose(probs[1], kept[0, 0], atol=1e-3)
+
+
+def _two_structures(tmp_path, overlap: bool):
+    """A volume with a disc and a square painted on slices 1..6, as a CSV of two phrases (``overlap``: the square's
+    mask also takes the disc's centre voxel on one slice)."""
+    image, disc = _disc_volume()
+    square = np.zeros_like(disc)
+    square[:, 2:8, 22:28] = True
+    image[square] -= 60
+    if overlap:
+        square[3, 16, 14] = True
+    write_volume(tmp_path / "img.nrrd", image, GEOMETRY)
+    for name, m in (("disc", disc), ("square", square)):
+        write_volume(tmp_path / f"{name}.nrrd", m.astype(np.uint8), GEOMETRY)
+    table = tmp_path / "two.csv"
+    table.write_text("image,mask,phrase,slices\nimg.nrrd,disc.nrrd,bright disc,1;2;3;4;5;6\n"
+                     "img.nrrd,square.nrrd,dark square,2;3;4;5;6;7\n", encoding="utf-8")
+    return table, image
+
+
+def test_phrases_that_never_share_a_voxel_are_exclusive(tmp_path):
+    table, _ = _two_structures(tmp_path, overlap=False)
+    assert ls.exclusive_pairs(ls.read_data(table)) == [("bright disc", "dark square")]
+    table, _ = _two_structures(tmp_path, overlap=True)
+    assert ls.exclusive_pairs(ls.read_data(table)) == []
+    table.write_text("image,mask,phrase,slices\nimg.nrrd,disc.nrrd,bright disc,1;2\n"
+                     "img.nrrd,square.nrrd,dark square,5;6\n", encoding="utf-8")
+    assert ls.exclusive_pairs(ls.read_data(table)) == []  # never labelled together: nothing says they exclude
+
+
+def test_exclusive_new_phrases_compete_voxel_wise_in_the_model_they_make(tmp_path, tiny_model):
+    """Fine-tuned on two structures that never overlap, the model lists them as exclusive and the pipeline lets
+    them compete: each voxel keeps at most one of the two probabilities, whatever the network says."""
+    from CLIPSegLib.inference.pipeline import segment_volume
+    from CLIPSegLib.inference.segment_file import load_engine
+
+    table, image = _two_structures(tmp_path, overlap=False)
+    result = finetune(table, tmp_path / "out", tiny_model, "two", steps=2, batch_size=1)
+    presence = result.spec["presence"]
+    assert presence["exclusive"] == [["bright disc", "dark square"]]
+    engine = load_engine(str(result.spec_path), device="cpu")
+    run = segment_volume(engine, image, GEOMETRY, ["bright disc"], presence={"threshold": 0.0},
+                         keep_probabilities=True)
+    assert run.findings[0].info["competes_with"] == ["dark square"]
+    both = segment_volume(engine, image, GEOMETRY, ["bright disc", "dark square"], keep_probabilities=True)
+    p = both.probabilities
+    assert not ((p[0] > 0) & (p[1] > 0)).any() and ((p[0] > 0) | (p[1] > 0)).any()
+    np.testing.assert_array_equal(run.probabilities[0], p[0])  # the rival is asked whether or not the user asks it
+
+
+def test_rival_negative_loss_weighs_each_pairs_rival_pixels_as_a_whole():
+    """Against a direct computation: pair 0's rival pixels are pair 1's mask (same slice) and the other way; pair 2
+    (alone on its slice) has none; a pixel both phrases hold is no negative for either."""
+    from CLIPSegLib.training.finetune import rival_negative_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 6)
+    masks = torch.zeros(3, 6, 6)
+    masks[0, :2, :2] = 1
+    masks[1, 4:, 3:] = 1
+    masks[1, 0, 0] = 1  # shared with pair 0
+    masks[2, 3, 3] = 1
+    pair_index = torch.tensor([0, 0, 1])
+    bce = lambda x: torch.nn.functional.softplus(x)  # noqa: E731  (BCE of a logit against 0)
+    hard0 = (masks[1] > 0) & (masks[0] == 0)
+    hard1 = (masks[0] > 0) & (masks[1] == 0)
+    expected = (bce(logits[0][hard0]).mean() + bce(logits[1][hard1]).mean()) / 2
+    assert torch.allclose(rival_negative_loss(logits, masks, pair_index), expected)
+    assert rival_negative_loss(logits[2:], masks[2:], pair_index[2:]) == 0

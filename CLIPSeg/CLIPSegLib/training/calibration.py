@@ -125,14 +125,16 @@ def _entry(finding: str, prob: np.ndarray, truth: np.ndarray, spacing, array_axi
 
 
 def collect_slices(engine, volumes, held, progress: Progress | None = None, gates=SLICE_GATES,
-                   thresholds=(DEFAULT_PRESENCE["threshold"],)) -> dict:
+                   thresholds=(DEFAULT_PRESENCE["threshold"],), exclusive=()) -> dict:
     """``collect_cases`` for single labelled slices, at each probability threshold of ``thresholds``: -> {threshold:
     {gate: [entry per (held-out slice, phrase labelled on it)]}}.
 
     ``volumes``: ``labelled_slices.LabelledVolume`` s; ``held``: their (volume index, K index) slices to judge. Each
     volume is normalised as a whole and only its held-out slices are predicted (``pipeline.predict_maps(only=...)``);
     each slice is one case of its own (a 2D map, one slice thick), so a slice that is not labelled for a phrase is
-    never judged for it, and a labelled slice with an empty mask is an absent case."""
+    never judged for it, and a labelled slice with an empty mask is an absent case. Phrases of an ``exclusive`` pair
+    compete voxel-wise as in the pipeline (``pipeline.combine_maps``), each phrase its own rival's phrasing; a rival
+    is predicted on a slice even where it is not labelled."""
     progress = progress or Progress("none")
     by_volume: dict[int, list[int]] = {}
     for v, k in held:
@@ -141,10 +143,13 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
     for n, (v, ks) in enumerate(sorted(by_volume.items())):
         vol = volumes[v]
         phrases = [p for p, labelled in vol.slices.items() if set(ks) & set(labelled)]
-        masks, presence = predict_maps(engine, vol.image, phrases, slice_axis=SLICE_AXIS, only=ks)
+        prompts, findings, judges = with_rivals(phrases, phrases, {p: p for pair in exclusive for p in pair},
+                                                exclusive)
+        masks, presence = predict_maps(engine, vol.image, prompts, slice_axis=SLICE_AXIS, only=ks)
         spacing = vol.geometry.spacing
         for gate in (gates if presence is not None else (1.0,)):
-            gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(phrases), [None] * len(phrases), ())
+            gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
+                                 judges)
             for i, p in enumerate(phrases):
                 for k in sorted(set(ks) & set(vol.slices[p])):
                     for t in thresholds:
@@ -281,9 +286,10 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
     return rule
 
 
-def merged_presence(parent: dict, rules: dict) -> dict:
+def merged_presence(parent: dict, rules: dict, exclusive=()) -> dict:
     """The parent's ``presence`` with the new phrases' rules added (a new phrase leaves the finding that listed it
-    among its phrasings: its own rule wins)."""
+    among its phrasings: its own rule wins) and the new ``exclusive`` pairs of phrases (a parent's pair naming a
+    finding a new phrase replaces is dropped)."""
     from ..engines.cliptnseg.engine import phrase_key
 
     presence = copy.deepcopy(parent.get("presence") or {})
@@ -293,7 +299,8 @@ def merged_presence(parent: dict, rules: dict) -> dict:
         rule["phrases"] = [p for p in rule.get("phrases", []) if phrase_key(p) not in new]
     per.update(rules)
     presence.setdefault("match_min_cosine", MATCH_MIN_COSINE)
-    presence.setdefault("exclusive", [])
+    presence["exclusive"] = [list(p) for p in presence.get("exclusive", []) if not set(p) & set(rules)]
+    presence["exclusive"] += [list(p) for p in exclusive]
     return presence
 
 

@@ -49,6 +49,7 @@ REPLAY_SHARE = 1 / 3
 REPLAY_PHANTOMS = 400  # the first phantoms of the parent's own training bank
 LEARNING_RATES = {"segmenter": 5e-4, "embeddings": 1e-2, "lora": 1e-3}
 THRESHOLDS = (0.5, 0.3, 0.4, 0.6, 0.7)  # probability thresholds tried for a new phrase's rule (0.5 wins ties)
+RIVAL_WEIGHT = 1.0  # weight of rival_negative_loss (the user's pairs) beside the engine's own loss
 DISTILL_WEIGHT = 2.0  # weight of the replayed pairs' distillation loss against the user's pairs' loss
 
 
@@ -129,6 +130,25 @@ class LoraText(nn.Module):
         self.lora[0].merge()
 
 
+def rival_negative_loss(logits: torch.Tensor, masks: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+    """Pixel BCE towards 0 inside the other phrases' masks of the same slice, averaged per pair over those pixels.
+
+    logits, masks ``[N,S,S]`` (masks {0,1}); pair_index ``[N]``: the slice of each pair. A structure another phrase
+    names on that slice is the hardest negative there is (a fourth ventricle for "lateral ventricles"), yet in the
+    whole-slice BCE its few pixels weigh next to nothing; here each pair's rival pixels weigh as a whole. -> scalar
+    (0 when no pair has a rival pixel)."""
+    same = pair_index[:, None] == pair_index[None, :]
+    same.fill_diagonal_(False)
+    rival = (same.float() @ masks.flatten(1)).view_as(masks) > 0  # [N,S,S]: another pair of the slice holds it
+    hard = rival & (masks < 0.5)
+    counts = hard.flatten(1).sum(1)
+    if not counts.any():
+        return logits.sum() * 0.0
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    per_pair = (bce * hard).flatten(1).sum(1) / counts.clamp(min=1)
+    return per_pair[counts > 0].mean()
+
+
 def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
     """The ``finetune`` recipe: the engine's own training loss (``tuning.loss``) against the masks on the pairs of
     the user's ``phrases``; on the other pairs (the replayed phantoms' findings), with a ``teacher`` (a frozen copy of
@@ -143,13 +163,15 @@ def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
         out = tuning.forward(images, names, pair_index)
         new = torch.tensor([n in mine for n in names], device=device)
         if teacher is None or new.all():
-            return tuning.loss(out, masks)
+            return tuning.loss(out, masks) + RIVAL_WEIGHT * rival_negative_loss(out[0][new], masks[new],
+                                                                                pair_index[new])
         old = ~new
         logits, presence = out[0], out[1]
         value = DISTILL_WEIGHT * teacher.loss(images, [n for n, o in zip(names, old) if o], pair_index[old],
                                               logits[old], None if presence is None else presence[old])
         if new.any():
             value = value + tuning.loss(tuple(None if o is None else o[new] for o in out), masks[new])
+            value = value + RIVAL_WEIGHT * rival_negative_loss(logits[new], masks[new], pair_index[new])
         return value
 
     return Recipe("fine-tuning", tuning.param_groups(), loss, tuning.state, tuning.load, tuning.train,
@@ -475,13 +497,14 @@ class TGCNetTuning(Tuning):
 TUNINGS = {"cliptnseg": CLIPTNSegTuning, "tgcnet": TGCNetTuning}  # engine -> its fine-tuning pieces
 
 
-def calibrate_new_phrases(engine, volumes, held, phrases, progress=None) -> dict:
-    """{phrase: found / not-found rule} calibrated on the held-out labelled slices (``calibration.collect_slices``):
-    the grid search of the parent's rules (``calibration.search_gate_and_rule``) at each probability threshold of
-    ``THRESHOLDS``, the best score kept (0.5 on ties); each rule with its figures and how it was calibrated."""
+def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusive=()) -> dict:
+    """{phrase: found / not-found rule} calibrated on the held-out labelled slices (``calibration.collect_slices``,
+    the phrases of ``exclusive`` pairs competing as they will in the pipeline): the grid search of the parent's
+    rules (``calibration.search_gate_and_rule``) at each probability threshold of ``THRESHOLDS``, the best score kept
+    (0.5 on ties); each rule with its figures and how it was calibrated."""
     from .calibration import collect_slices, search_gate_and_rule
 
-    by_threshold = collect_slices(engine, volumes, held, progress, thresholds=THRESHOLDS)
+    by_threshold = collect_slices(engine, volumes, held, progress, thresholds=THRESHOLDS, exclusive=exclusive)
     rules = {}
     for p in phrases:
         cases = [c for c in next(iter(by_threshold[THRESHOLDS[0]].values())) if c[0] == p]
@@ -603,8 +626,12 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     spec = {k: v for k, v in parent_spec.items()
             if not k.startswith("_") and k not in ("files", PARENT_KEY, "new_phrases")}
     engine, weights = tuning.export(spec, dev, keep_parent)
-    rules = calibrate_new_phrases(engine, volumes, held, phrases, progress)
-    spec.update(id=model_id, presence=merged_presence(parent_spec, rules),
+    exclusive = ls.exclusive_pairs(volumes)
+    if exclusive:
+        progress.message("never sharing a voxel on the slices labelled for both, so competing voxel-wise: "
+                         + "; ".join(f"{a!r} and {b!r}" for a, b in exclusive))
+    rules = calibrate_new_phrases(engine, volumes, held, phrases, progress, exclusive)
+    spec.update(id=model_id, presence=merged_presence(parent_spec, rules, exclusive),
                 description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
                             f"({len(train) + len(held)} labelled slices of {len(volumes)} volume(s)).")
     domain = merged_domain(parent_spec, volumes, size)

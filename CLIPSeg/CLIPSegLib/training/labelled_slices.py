@@ -140,6 +140,22 @@ def phrases_of(volumes: list[LabelledVolume]) -> list[str]:
     return list(dict.fromkeys(p for v in volumes for p in v.truth))
 
 
+def exclusive_pairs(volumes: list[LabelledVolume]) -> list[tuple[str, str]]:
+    """Pairs of phrases that never share a voxel: labelled together on at least one slice, and no slice labelled
+    for both has a voxel in both masks (a Slicer segmentation's segments on one layer, tissue classes, separate
+    structures). The pipeline lets such phrases compete voxel-wise (``postprocess.suppress_exclusive``)."""
+    phrases = phrases_of(volumes)
+    pairs = []
+    for n, a in enumerate(phrases):
+        for b in phrases[n + 1:]:
+            common = [(v, sorted(set(v.slices[a]) & set(v.slices[b]))) for v in volumes
+                      if a in v.truth and b in v.truth]
+            common = [(v, ks) for v, ks in common if ks]
+            if common and not any((v.truth[a][ks] & v.truth[b][ks]).any() for v, ks in common):
+                pairs.append((a, b))
+    return pairs
+
+
 Unit = tuple[int, int]  # (volume index, K index): one labelled slice
 
 
