@@ -489,3 +489,15 @@ def test_rival_negative_loss_weighs_each_pairs_rival_pixels_as_a_whole():
     expected = (bce(logits[0][hard0]).mean() + bce(logits[1][hard1]).mean()) / 2
     assert torch.allclose(rival_negative_loss(logits, masks, pair_index), expected)
     assert rival_negative_loss(logits[2:], masks[2:], pair_index[2:]) == 0
+
+
+def test_the_held_out_share_spares_the_slices_holding_a_structure():
+    """Twelve labelled slices, a structure on five: a quarter (3) is held out, one holding the structure (the
+    middle one) and two without it; so four of the five slices showing it are trained on."""
+    truth = np.zeros((12, 8, 8), bool)
+    truth[3:8, 2:5, 2:5] = True
+    vol = ls.LabelledVolume(np.zeros((12, 8, 8), np.float32), GEOMETRY, {"blob": truth}, {"blob": list(range(12))})
+    train, held = ls.split_slices([vol], 0.25)
+    assert len(held) == 3 and sorted(train + held) == [(0, k) for k in range(12)]
+    assert [k for _, k in held if truth[k].any()] == [5]
+    assert sum(truth[k].any() for _, k in train) == 4

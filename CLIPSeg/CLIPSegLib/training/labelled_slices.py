@@ -160,21 +160,31 @@ Unit = tuple[int, int]  # (volume index, K index): one labelled slice
 
 
 def split_slices(volumes: list[LabelledVolume], share: float) -> tuple[list[Unit], list[Unit]]:
-    """Labelled slices -> (training slices, held-out calibration slices): about ``share`` of them, evenly spread
-    along each volume's K order, held out for every phrase (a held-out slice is never trained on). Each phrase keeps
-    at least one slice holding it on each side; InputError if a phrase is held by fewer than two slices."""
+    """Labelled slices -> (training slices, held-out calibration slices): about ``share`` of them held out for every
+    phrase (a held-out slice is never trained on). Slices holding a structure are the scarce ones, so the held-out
+    set takes one slice holding each phrase (the middle one of those holding it) and fills the rest of its share
+    with slices that hold none of them (the calibration's absent cases), spread evenly along each volume's K order;
+    only when those run out does it take more slices holding a phrase. Each phrase keeps at least one slice holding
+    it on each side; InputError if a phrase is held by fewer than two slices."""
     units = sorted({(v, k) for v, vol in enumerate(volumes) for ks in vol.slices.values() for k in ks})
     n_held = max(1, round(share * len(units)))
-    held = {units[int(i)] for i in np.linspace(0, len(units) - 1, n_held + 2)[1:-1].round()}
-    for phrase in phrases_of(volumes):
-        holding = [u for u in units if volumes[u[0]].holds(phrase, u[1])]
-        if len(holding) < 2:
-            raise InputError(f"{phrase!r} is present on only {len(holding)} labelled slice: label it on at least two "
-                             f"slices (one is held out to calibrate its found / not-found rule, one is trained on)")
-        if not any(u in held for u in holding):
-            held.add(holding[len(holding) // 2])
-        if all(u in held for u in holding):
-            held.discard(holding[0])
+    phrases = phrases_of(volumes)
+    holding = {p: [u for u in units if volumes[u[0]].holds(p, u[1])] for p in phrases}
+    for phrase, units_of in holding.items():
+        if len(units_of) < 2:
+            raise InputError(f"{phrase!r} is present on only {len(units_of)} labelled slice: label it on at least "
+                             f"two slices (one is held out to calibrate its found / not-found rule, one is trained "
+                             f"on)")
+    held = {units_of[len(units_of) // 2] for units_of in holding.values()}
+    empty = [u for u in units if not any(u in units_of for units_of in holding.values())]
+    for pool in (empty, [u for u in units if u not in held]):
+        pool = [u for u in pool if u not in held]
+        need = min(n_held - len(held), len(pool))
+        if need > 0:
+            held |= {pool[int(i)] for i in np.linspace(0, len(pool) - 1, need + 2)[1:-1].round()}
+    for units_of in holding.values():
+        if all(u in held for u in units_of):
+            held.discard(units_of[0])
     return [u for u in units if u not in held], sorted(held)
 
 
