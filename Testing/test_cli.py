@@ -427,3 +427,15 @@ def test_an_unwritable_report_folder_is_refused_before_the_evaluation(tmp_path, 
     folder = _unwritable_folder(tmp_path, "system folder")
     code, io = run(["evaluate", "--phantoms", "40", "--report", folder / "r.json", "--progress", "none"], capsys)
     assert code == 1 and f"cannot write the --report in folder {folder}" in io.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rival-weight", "-1"], "--rival-weight -1.0: must be at least 0"),
+    (["--engine", "tgcnet", "--rival-weight", "1"], "--rival-weight"),
+    (["--engine", "medclipsam", "--rival-weight", "1"], "--rival-weight"),
+])
+def test_train_refuses_a_rival_weight_it_cannot_use_before_any_work(args, message, tmp_path, capsys):
+    code, io = run(["train", "--output-dir", tmp_path / "m", "--work-dir", tmp_path / "w", "--progress", "none"]
+                   + args, capsys)
+    assert code == 2 and message in io.err
+    assert list(tmp_path.iterdir()) == []

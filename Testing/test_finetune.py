@@ -473,7 +473,7 @@ def test_exclusive_new_phrases_compete_voxel_wise_in_the_model_they_make(tmp_pat
 def test_rival_negative_loss_weighs_each_pairs_rival_pixels_as_a_whole():
     """Against a direct computation: pair 0's rival pixels are pair 1's mask (same slice) and the other way; pair 2
     (alone on its slice) has none; a pixel both phrases hold is no negative for either."""
-    from CLIPSegLib.training.finetune import rival_negative_loss
+    from CLIPSegLib.training.losses import rival_negative_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 6, 6)

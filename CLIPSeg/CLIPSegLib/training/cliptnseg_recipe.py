@@ -14,6 +14,7 @@ from .datasets import NORMAL_PHRASES
 from ..errors import InputError
 from ..synthetic.phantoms import PHRASES
 from ..progress import Progress
+from .losses import rival_negative_loss
 from .loop import Recipe, check_stage_list, run_loop, staged_presence
 
 
@@ -120,8 +121,9 @@ def segmentation_loss(device="cpu"):
 def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, lr: float = 2e-3, seed: int = 0,
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None, validate=None, patience: int | None = None,
-                    validate_every: int = 100) -> list[float]:
-    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with ``segmentation_loss``.
+                    validate_every: int = 100, rival_weight: float = 0.0) -> list[float]:
+    """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with ``segmentation_loss``, plus
+    ``rival_weight`` x ``losses.rival_negative_loss`` (another finding's pixels as a finding's hard negatives).
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run; ``validate``/``patience``: early stop (``run_loop``). Returns the loss of every step run in
@@ -138,13 +140,16 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
             for p, e in zip(new, net.encode_text(tokenize(new, ctx).to(device))):
                 text_cache[p] = e
         text = torch.stack([text_cache[p] for p in phrases])
-        logits, presence_logits = net(images.to(device), text, pair_index.to(device))
-        return mask_loss(logits, masks.to(device), presence_logits)
+        pair_index, masks = pair_index.to(device), masks.to(device)
+        logits, presence_logits = net(images.to(device), text, pair_index)
+        value = mask_loss(logits, masks, presence_logits)
+        return value + rival_weight * rival_negative_loss(logits, masks, pair_index) if rival_weight else value
 
     params = [p for p in net.parameters() if p.requires_grad]
     recipe = Recipe("segmenter", [{"params": params, "lr": lr}], loss, net.trainable_state_dict,
                     lambda sd: net.load_state_dict(sd, strict=False), net.train, weight_decay=1e-4,
-                    fingerprint={"lr": lr, "network": net.cfg})
+                    fingerprint={"lr": lr, "network": net.cfg, **({"rival_weight": rival_weight}
+                                                                   if rival_weight else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
                     validate, validate_every, patience)
 
@@ -240,11 +245,12 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
                  command: str = "", presence_head: bool = False, n_volumes: int = 0,
-                 force: bool = False, calibration_csv: Path | None = None, family: str = "A") -> Path | None:
+                 force: bool = False, calibration_csv: Path | None = None, family: str = "A",
+                 rival_weight: float = 0.0) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     ``family``: the phantom family of the training bank and the calibration volumes ("A", "B" or the mixture "A+B",
-    ``synthetic.families``).
+    ``synthetic.families``). ``rival_weight``: ``train_segmenter``'s (0: the embedded model's recipe).
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
@@ -279,7 +285,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         if user is not None:
             parts.append(user)
         data = _mixed(parts)
-        train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device)
+        train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device,
+                        rival_weight=rival_weight)
     net.load_state_dict(_checkpoint(seg_ckpt, "segmenter"), strict=False)
     net.eval()
     def calibrate():
@@ -300,6 +307,6 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
 
         spec["domain"] = phantom_domain(size)
     spec["training"] = {"command": command, "family": family, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "clip_steps": clip_steps,
-                        "segmenter_steps": seg_steps, "seed": seed, "data_csv": str(data_csv) if data_csv else None,
+                        "segmenter_steps": seg_steps, "rival_weight": rival_weight, "seed": seed, "data_csv": str(data_csv) if data_csv else None,
                         "phrases": training_phrases(data_csv)}
     return write_spec(spec, net.state_dict(), out_dir)

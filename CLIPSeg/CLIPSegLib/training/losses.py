@@ -1,0 +1,24 @@
+"""Loss terms shared by the training recipes (``cliptnseg_recipe``, ``finetune``) beside MONAI's Dice and torch's BCE."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rival_negative_loss(logits: torch.Tensor, masks: torch.Tensor, pair_index: torch.Tensor) -> torch.Tensor:
+    """Pixel BCE towards 0 inside the other phrases' masks of the same slice, averaged per pair over those pixels.
+
+    logits, masks ``[N,S,S]`` (masks {0,1}); pair_index ``[N]``: the slice of each pair. A structure another phrase
+    names on that slice is the hardest negative there is (a fourth ventricle for "lateral ventricles"), yet in the
+    whole-slice BCE its few pixels weigh next to nothing; here each pair's rival pixels weigh as a whole. -> scalar
+    (0 when no pair has a rival pixel)."""
+    same = pair_index[:, None] == pair_index[None, :]
+    same.fill_diagonal_(False)
+    rival = (same.float() @ masks.flatten(1)).view_as(masks) > 0  # [N,S,S]: another pair of the slice holds it
+    hard = rival & (masks < 0.5)
+    counts = hard.flatten(1).sum(1)
+    if not counts.any():
+        return logits.sum() * 0.0
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    per_pair = (bce * hard).flatten(1).sum(1) / counts.clamp(min=1)
+    return per_pair[counts > 0].mean()
