@@ -501,3 +501,42 @@ def test_the_held_out_share_spares_the_slices_holding_a_structure():
     assert len(held) == 3 and sorted(train + held) == [(0, k) for k in range(12)]
     assert [k for _, k in held if truth[k].any()] == [5]
     assert sum(truth[k].any() for _, k in train) == 4
+
+
+def _marks(spec: dict, depth: int = 12, labelled=None) -> ls.LabelledVolume:
+    """A volume whose phrase p is present on the slices ``spec[p]`` (one voxel each), all slices labelled."""
+    truth = {}
+    for p, ks in spec.items():
+        truth[p] = np.zeros((depth, 4, 4), bool)
+        truth[p][ks, 1, 1 + list(spec).index(p)] = True
+    return ls.LabelledVolume(np.zeros((depth, 4, 4), np.float32), GEOMETRY, truth,
+                             {p: list(labelled or range(depth)) for p in spec})
+
+
+@pytest.mark.parametrize("spec", [{"a": [4, 5], "b": [5, 6]}, {"a": [4, 5], "b": [3, 4, 6]},
+                                  {"blob": list(range(3, 12))}, {"a": [4, 5], "b": [4, 5]}])
+def test_every_phrase_keeps_a_slice_showing_it_on_both_sides_of_the_split(spec):
+    vol = _marks(spec)
+    train, held = ls.split_slices([vol], 0.25)
+    for p in spec:
+        assert any(vol.holds(p, k) for _, k in held) and any(vol.holds(p, k) for _, k in train), (p, held)
+    if "blob" in spec:  # the 3 empty slices are the absent cases: two of them held, not a second slice of the blob
+        assert [k for _, k in held if not vol.holds("blob", k)] == [0, 2]
+
+
+def test_phrases_never_shown_on_a_common_slice_are_not_called_exclusive():
+    lesion = _marks({"liver": [2, 3, 4], "lesion": [8]})
+    lesion.slices = {"liver": [2, 3, 4, 5], "lesion": [5, 8]}  # together only on 5, where the lesion is not shown
+    assert ls.exclusive_pairs([lesion]) == []
+
+
+def test_recalibration_keeps_the_exclusive_pairs_of_fine_tuned_phrases():
+    from CLIPSegLib.training.calibration import merged_presence
+
+    parent = {"presence": {"per_finding": {"nodule": {"phrases": ["nodule"]}, "cyst": {"phrases": ["cyst"]}},
+                           "exclusive": [["nodule", "cyst"], ["lateral ventricles", "fourth ventricle"]]}}
+    own = {"lateral ventricles": {"phrases": ["lateral ventricles"]},
+           "fourth ventricle": {"phrases": ["fourth ventricle"]}}
+    assert merged_presence(parent, own)["exclusive"] == parent["presence"]["exclusive"]
+    replaced = merged_presence(parent, {"cyst": {"phrases": ["cyst"]}}, [("cyst", "septum")])
+    assert replaced["exclusive"] == [["lateral ventricles", "fourth ventricle"], ["cyst", "septum"]]

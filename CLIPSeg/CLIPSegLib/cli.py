@@ -407,6 +407,10 @@ def _cmd_train(a, progress):
     if a.engine == "tgcnet":
         return _cmd_train_tgcnet(a, progress)
     a.model_id = a.model_id or "cliptnseg-phantom-small"
+    if a.rival_weight != a.rival_weight:  # NaN passes every comparison
+        from .errors import InputError
+
+        raise InputError("--rival-weight nan: give a number of at least 0")
     stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
@@ -418,7 +422,7 @@ def _cmd_train(a, progress):
            f"--volumes {a.volumes} "
            f"--clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes {a.calibration_volumes} "
            f"--family {a.family} --seed {a.seed} --no-resume --force" + (" --presence-head" if a.presence_head else "")
-           + (f" --rival-weight {a.rival_weight:g}" if a.rival_weight else "")
+           + (f" --rival-weight {a.rival_weight!r}" if a.rival_weight else "")
            + (f" --data {a.data}" if a.data else "")
            + (f" --calibration-data {a.calibration_data}" if a.calibration_data else ""))
     path = run_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.clip_steps, a.steps,

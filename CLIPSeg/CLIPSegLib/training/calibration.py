@@ -133,8 +133,8 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
     volume is normalised as a whole and only its held-out slices are predicted (``pipeline.predict_maps(only=...)``);
     each slice is one case of its own (a 2D map, one slice thick), so a slice that is not labelled for a phrase is
     never judged for it, and a labelled slice with an empty mask is an absent case. Phrases of an ``exclusive`` pair
-    compete voxel-wise as in the pipeline (``pipeline.combine_maps``), each phrase its own rival's phrasing; a rival
-    is predicted on a slice even where it is not labelled."""
+    compete voxel-wise (``pipeline.combine_maps``; each phrase is its rival's phrasing, predicted on a slice even
+    where it is not labelled; unlike the pipeline, the rival's map is gated by the candidate gate, not its own)."""
     progress = progress or Progress("none")
     by_volume: dict[int, list[int]] = {}
     for v, k in held:
@@ -289,18 +289,19 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
 def merged_presence(parent: dict, rules: dict, exclusive=()) -> dict:
     """The parent's ``presence`` with the new phrases' rules added (a new phrase leaves the finding that listed it
     among its phrasings: its own rule wins) and the new ``exclusive`` pairs of phrases (a parent's pair naming a
-    finding a new phrase replaces is dropped)."""
+    finding of the parent whose rule a new one replaces is dropped; the others are kept)."""
     from ..engines.cliptnseg.engine import phrase_key
 
     presence = copy.deepcopy(parent.get("presence") or {})
     per = presence.setdefault("per_finding", {})
+    replaced = set(per) & set(rules)
     new = {phrase_key(p) for p in rules}
     for rule in per.values():
         rule["phrases"] = [p for p in rule.get("phrases", []) if phrase_key(p) not in new]
     per.update(rules)
     presence.setdefault("match_min_cosine", MATCH_MIN_COSINE)
-    presence["exclusive"] = [list(p) for p in presence.get("exclusive", []) if not set(p) & set(rules)]
-    presence["exclusive"] += [list(p) for p in exclusive]
+    pairs = [list(p) for p in presence.get("exclusive", []) if not set(p) & replaced]
+    presence["exclusive"] = pairs + [list(p) for p in exclusive if set(p) not in [set(q) for q in pairs]]
     return presence
 
 

@@ -3,12 +3,13 @@
 Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): cliptnseg (CLIP-TNseg) and tgcnet
 (TGC-Net). From a parent model (any catalogue id or model ``.json``; the embedded model by default):
 
-1. the data (``labelled_slices``): only labelled slices, a quarter of them (at least one holding each phrase) held
-   out to calibrate, never trained on;
+1. the data (``labelled_slices``): only labelled slices, a quarter of them held out to calibrate, never trained on
+   (one holding each phrase, the rest slices holding none where there are such); phrases that never share a voxel
+   on the slices labelled for both are exclusive (``labelled_slices.exclusive_pairs``);
 2. the ``finetune`` recipe of the one training loop (``loop.run_loop``): the segmenter (cliptnseg: decoder, fine
    branch, head; tgcnet: SSE's CNN, DATE's fusion, VLCM, decoder, presence head; CLIP's image tower frozen) and the
-   text side are trained on the user's slices (the engine's training loss; tgcnet's adds VLCM's alignment term)
-   mixed with a replay of the parent's own training images (cliptnseg: ``datasets.PhantomBank``; tgcnet: its
+   text side are trained on the user's slices (the engine's training loss, tgcnet's with VLCM's alignment term,
+   plus ``losses.rival_negative_loss``: another phrase's pixels on the same slice as hard negatives) mixed with a replay of the parent's own training images (cliptnseg: ``datasets.PhantomBank``; tgcnet: its
    ``training.dataset``, report -> ``report_data.ReportBank``, thyroid -> ``datasets.PhantomBank``), whose pairs
    are distilled from a frozen copy of the parent (``Teacher``), so its old findings keep their maps. A cliptnseg
    model instead keeps its parent's network for the parent's findings by default (``keep_parent``: stored in the
@@ -18,8 +19,8 @@ Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): clipt
    back to CLIP), or "lora", LoRA adapters (peft) on the CLIP text tower, merged into it at export; tgcnet "lora"
    only (``text_lora.TextAdapters``: every prompt goes through DATE, so the tower itself is adapted), at the
    parent's slice size (``--input-size`` is cliptnseg's);
-3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``),
-   merged with the parent's rules;
+3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``,
+   exclusive phrases competing voxel-wise as in the pipeline), merged with the parent's rules;
 4. the model written with ``models.write_spec`` (a spec of the parent's engine), its lineage in ``training``: parent
    id and weights SHA-256, data summary, command. Checkpoints in ``<output-dir>/.<model-id>.finetune/`` resume an
    interrupted run of the same data and settings; the folder is removed once the model is written.
@@ -137,7 +138,7 @@ class LoraText(nn.Module):
 
 def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
     """The ``finetune`` recipe: the engine's own training loss (``tuning.loss``) against the masks on the pairs of
-    the user's ``phrases``; on the other pairs (the replayed phantoms' findings), with a ``teacher`` (a frozen copy of
+    the user's ``phrases``, plus ``RIVAL_WEIGHT`` x ``losses.rival_negative_loss`` on them; on the other pairs (the replayed phantoms' findings), with a ``teacher`` (a frozen copy of
     the parent: ``Teacher``), pixel BCE against the teacher's probabilities (distillation: the old findings keep the
     parent's maps, which its calibrated rules judge), else the engine's loss against their masks. Parameters,
     state and train mode are the engine's (``tuning``)."""
@@ -579,8 +580,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     if len(train) < batch_size:
         raise InputError(f"{len(train)} labelled slice(s) are left to train on ({len(held)} of "
                          f"{len(train) + len(held)} are held out to calibrate), fewer than one batch of {batch_size}: "
-                         f"label at least {int(batch_size / (1 - CALIBRATION_SHARE)) + 1} slices, or lower the batch "
-                         f"size (--batch-size)")
+                         f"label at least {batch_size - len(train)} more slice(s), or lower the batch size "
+                         f"(--batch-size)")
     phrases = ls.phrases_of(volumes)
     dev = resolve_device(device)
     set_determinism(seed)
@@ -603,7 +604,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     run = {"parent": parent_spec["id"], "parent_sha256": [f["sha256"] for f in parent_spec["files"]],
            "data": ls.fingerprint(volumes), "steps": steps, "seed": seed, "batch_size": batch_size,
            "text_adaptation": text_adaptation, "replay": n_replay, "distill": distill, "input_size": size,
-           "keep_parent": keep_parent}
+           "keep_parent": keep_parent, "held": [list(u) for u in held], "rival_weight": RIVAL_WEIGHT}
     resume = _prepare_work(work, run, progress)
     share = REPLAY_SHARE if bank is not None else 0.0
     loader_batch = batch_size if bank is None else round(batch_size / (1 - share))

@@ -141,8 +141,8 @@ def phrases_of(volumes: list[LabelledVolume]) -> list[str]:
 
 
 def exclusive_pairs(volumes: list[LabelledVolume]) -> list[tuple[str, str]]:
-    """Pairs of phrases that never share a voxel: labelled together on at least one slice, and no slice labelled
-    for both has a voxel in both masks (a Slicer segmentation's segments on one layer, tissue classes, separate
+    """Pairs of phrases that never share a voxel: each shown on at least one of the slices labelled for both, and
+    no slice labelled for both has a voxel in both masks (a Slicer segmentation's segments on one layer, tissue classes, separate
     structures). The pipeline lets such phrases compete voxel-wise (``postprocess.suppress_exclusive``)."""
     phrases = phrases_of(volumes)
     pairs = []
@@ -151,7 +151,8 @@ def exclusive_pairs(volumes: list[LabelledVolume]) -> list[tuple[str, str]]:
             common = [(v, sorted(set(v.slices[a]) & set(v.slices[b]))) for v in volumes
                       if a in v.truth and b in v.truth]
             common = [(v, ks) for v, ks in common if ks]
-            if common and not any((v.truth[a][ks] & v.truth[b][ks]).any() for v, ks in common):
+            shown = all(any(v.truth[p][ks].any() for v, ks in common) for p in (a, b))
+            if shown and not any((v.truth[a][ks] & v.truth[b][ks]).any() for v, ks in common):
                 pairs.append((a, b))
     return pairs
 
@@ -159,32 +160,51 @@ def exclusive_pairs(volumes: list[LabelledVolume]) -> list[tuple[str, str]]:
 Unit = tuple[int, int]  # (volume index, K index): one labelled slice
 
 
+def _spread(pool: list, n: int) -> list:
+    """``n`` distinct items of ``pool`` (n <= len), evenly spread, none at the ends unless needed."""
+    return [pool[int(i)] for i in ((np.arange(n) + 0.5) * len(pool) / n)]
+
+
 def split_slices(volumes: list[LabelledVolume], share: float) -> tuple[list[Unit], list[Unit]]:
     """Labelled slices -> (training slices, held-out calibration slices): about ``share`` of them held out for every
     phrase (a held-out slice is never trained on). Slices holding a structure are the scarce ones, so the held-out
-    set takes one slice holding each phrase (the middle one of those holding it) and fills the rest of its share
-    with slices that hold none of them (the calibration's absent cases), spread evenly along each volume's K order;
-    only when those run out does it take more slices holding a phrase. Each phrase keeps at least one slice holding
-    it on each side; InputError if a phrase is held by fewer than two slices."""
+    set takes one slice holding each phrase (the one nearest the middle of those holding it that leaves every phrase
+    a slice holding it to train on) and fills the rest of its share with slices that hold none of them (the
+    calibration's absent cases), spread evenly over all the volumes' labelled slices in order; only when those run
+    out does it take more slices holding a phrase. Each phrase keeps at least one slice holding it on each side;
+    InputError if a phrase is held by fewer than two slices, or if the phrases share their slices so that no split
+    gives each one on both sides."""
     units = sorted({(v, k) for v, vol in enumerate(volumes) for ks in vol.slices.values() for k in ks})
     n_held = max(1, round(share * len(units)))
-    phrases = phrases_of(volumes)
-    holding = {p: [u for u in units if volumes[u[0]].holds(p, u[1])] for p in phrases}
+    holding = {p: [u for u in units if volumes[u[0]].holds(p, u[1])] for p in phrases_of(volumes)}
     for phrase, units_of in holding.items():
         if len(units_of) < 2:
             raise InputError(f"{phrase!r} is present on only {len(units_of)} labelled slice: label it on at least "
                              f"two slices (one is held out to calibrate its found / not-found rule, one is trained "
                              f"on)")
-    held = {units_of[len(units_of) // 2] for units_of in holding.values()}
+    held: set = set()
+
+    def trainable(extra) -> bool:  # every phrase keeps a slice holding it to train on
+        return all(any(u not in held and u not in extra for u in units_of) for units_of in holding.values())
+
+    for phrase, units_of in holding.items():
+        if any(u in held for u in units_of):
+            continue
+        middle = len(units_of) // 2
+        pick = next((u for u in sorted(units_of, key=lambda u: abs(units_of.index(u) - middle))
+                     if trainable({u})), None)
+        if pick is None:
+            raise InputError(f"{phrase!r} cannot keep a slice holding it both for training and for calibration: the "
+                             f"slices that hold it are the only slices holding other phrases; label it on more "
+                             f"slices")
+        held.add(pick)
     empty = [u for u in units if not any(u in units_of for units_of in holding.values())]
-    for pool in (empty, [u for u in units if u not in held]):
-        pool = [u for u in pool if u not in held]
-        need = min(n_held - len(held), len(pool))
-        if need > 0:
-            held |= {pool[int(i)] for i in np.linspace(0, len(pool) - 1, need + 2)[1:-1].round()}
-    for units_of in holding.values():
-        if all(u in held for u in units_of):
-            held.discard(units_of[0])
+    need = min(n_held - len(held), len(empty))
+    if need > 0:
+        held |= set(_spread(empty, need))
+    for u in _spread([u for u in units if u not in held], max(0, n_held - len(held))) if n_held > len(held) else []:
+        if trainable({u}):
+            held.add(u)
     return [u for u in units if u not in held], sorted(held)
 
 
