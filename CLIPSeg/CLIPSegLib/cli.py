@@ -414,7 +414,8 @@ def _cmd_train(a, progress):
     stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
-                               "--calibration-volumes": (a.calibration_volumes, 1), "--rival-weight": (a.rival_weight, 0)},
+                               "--calibration-volumes": (a.calibration_volumes, 1),
+                               "--rival-weight": (a.rival_weight, 0)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
     work_dir, device = _train_setup(a, stages)
     # the command that re-creates this model where it is written: --force, as the model will be there by then

@@ -307,6 +307,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
 
         spec["domain"] = phantom_domain(size)
     spec["training"] = {"command": command, "family": family, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "clip_steps": clip_steps,
-                        "segmenter_steps": seg_steps, "rival_weight": rival_weight, "seed": seed, "data_csv": str(data_csv) if data_csv else None,
+                        "segmenter_steps": seg_steps, "rival_weight": rival_weight,
+                        "seed": seed, "data_csv": str(data_csv) if data_csv else None,
                         "phrases": training_phrases(data_csv)}
     return write_spec(spec, net.state_dict(), out_dir)

@@ -9,7 +9,8 @@ Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): clipt
 2. the ``finetune`` recipe of the one training loop (``loop.run_loop``): the segmenter (cliptnseg: decoder, fine
    branch, head; tgcnet: SSE's CNN, DATE's fusion, VLCM, decoder, presence head; CLIP's image tower frozen) and the
    text side are trained on the user's slices (the engine's training loss, tgcnet's with VLCM's alignment term,
-   plus ``losses.rival_negative_loss``: another phrase's pixels on the same slice as hard negatives) mixed with a replay of the parent's own training images (cliptnseg: ``datasets.PhantomBank``; tgcnet: its
+   plus ``losses.rival_negative_loss``: another phrase's pixels on the same slice as hard negatives) mixed with a
+   replay of the parent's own training images (cliptnseg: ``datasets.PhantomBank``; tgcnet: its
    ``training.dataset``, report -> ``report_data.ReportBank``, thyroid -> ``datasets.PhantomBank``), whose pairs
    are distilled from a frozen copy of the parent (``Teacher``), so its old findings keep their maps. A cliptnseg
    model instead keeps its parent's network for the parent's findings by default (``keep_parent``: stored in the
@@ -138,10 +139,11 @@ class LoraText(nn.Module):
 
 def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
     """The ``finetune`` recipe: the engine's own training loss (``tuning.loss``) against the masks on the pairs of
-    the user's ``phrases``, plus ``RIVAL_WEIGHT`` x ``losses.rival_negative_loss`` on them; on the other pairs (the replayed phantoms' findings), with a ``teacher`` (a frozen copy of
-    the parent: ``Teacher``), pixel BCE against the teacher's probabilities (distillation: the old findings keep the
-    parent's maps, which its calibrated rules judge), else the engine's loss against their masks. Parameters,
-    state and train mode are the engine's (``tuning``)."""
+    the user's ``phrases``, plus ``RIVAL_WEIGHT`` x ``losses.rival_negative_loss`` on them; on the other pairs (the
+    replayed phantoms' findings), with a ``teacher`` (a frozen copy of the parent: ``Teacher``), pixel BCE against
+    the teacher's probabilities (distillation: the old findings keep the parent's maps, which its calibrated rules
+    judge), else the engine's loss against their masks. Parameters, state and train mode are the engine's
+    (``tuning``)."""
     mine = set(phrases)
 
     def loss(batch):

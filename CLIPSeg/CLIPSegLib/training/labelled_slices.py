@@ -142,8 +142,9 @@ def phrases_of(volumes: list[LabelledVolume]) -> list[str]:
 
 def exclusive_pairs(volumes: list[LabelledVolume]) -> list[tuple[str, str]]:
     """Pairs of phrases that never share a voxel: each shown on at least one of the slices labelled for both, and
-    no slice labelled for both has a voxel in both masks (a Slicer segmentation's segments on one layer, tissue classes, separate
-    structures). The pipeline lets such phrases compete voxel-wise (``postprocess.suppress_exclusive``)."""
+    no slice labelled for both has a voxel in both masks (a Slicer segmentation's segments on one layer, tissue
+    classes, separate structures). The pipeline lets such phrases compete voxel-wise
+    (``postprocess.suppress_exclusive``)."""
     phrases = phrases_of(volumes)
     pairs = []
     for n, a in enumerate(phrases):

@@ -1,4 +1,5 @@
-"""Loss terms shared by the training recipes (``cliptnseg_recipe``, ``finetune``) beside MONAI's Dice and torch's BCE."""
+"""Loss terms shared by the training recipes (``cliptnseg_recipe``, ``finetune``), beside MONAI's Dice and torch's
+BCE."""
 
 from __future__ import annotations
 
