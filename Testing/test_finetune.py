@@ -89,7 +89,8 @@ def test_unlabelled_slices_holding_the_structure_do_not_teach_its_absence(tiny_m
         if name == "sparse":
             assert inside[name] > 0.4 and inside[name] > 20 * outside, (inside, outside)
             assert calibration["absent_slices"] == 0  # nor is an unlabelled slice counted as absent
-    assert inside["dense"] < 0.6 * inside["sparse"], inside
+    # dense: 5 of its 6 training slices are negatives (one empty slice is held out to calibrate), and the disc fades
+    assert inside["dense"] < 0.7 * inside["sparse"], inside
 
 
 def _spec_sha(path):
