@@ -407,10 +407,6 @@ def _cmd_train(a, progress):
     if a.engine == "tgcnet":
         return _cmd_train_tgcnet(a, progress)
     a.model_id = a.model_id or "cliptnseg-phantom-small"
-    if a.rival_weight != a.rival_weight:  # NaN passes every comparison
-        from .errors import InputError
-
-        raise InputError("--rival-weight nan: give a number of at least 0")
     stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),

@@ -215,7 +215,7 @@ STAGES = ("clip", "segmenter", "calibrate", "export")
 
 
 def check_train_args(stages, counts: dict, tables: dict) -> tuple:
-    """Refuse (InputError) before any work: an unknown stage, a count below its minimum (``counts``: option ->
+    """Refuse (InputError) before any work: an unknown stage, a count below its minimum or NaN (``counts``: option ->
     (value, minimum)), a table that ``io.tables.read_table`` refuses (missing, without the columns image,mask,phrase,
     an empty cell, a file it names that does not exist; ``tables``: option -> path or None). Returns the stages as a
     tuple."""
@@ -223,6 +223,8 @@ def check_train_args(stages, counts: dict, tables: dict) -> tuple:
 
     stages = check_stage_list(stages, STAGES, None, "calibrate,export")
     for option, (value, minimum) in counts.items():
+        if value != value:  # NaN passes every comparison
+            raise InputError(f"{option} nan: give a number of at least {minimum}")
         if value < minimum:
             raise InputError(f"{option} {value}: must be at least {minimum}")
     for option, path in tables.items():

@@ -151,17 +151,16 @@ def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
         images, masks, pair_index = images.to(device), masks.to(device), pair_index.to(device)
         out = tuning.forward(images, names, pair_index)
         new = torch.tensor([n in mine for n in names], device=device)
+        rival = RIVAL_WEIGHT * rival_negative_loss(out[0][new], masks[new], pair_index[new])  # 0 without new pairs
         if teacher is None or new.all():
-            return tuning.loss(out, masks) + RIVAL_WEIGHT * rival_negative_loss(out[0][new], masks[new],
-                                                                                pair_index[new])
+            return tuning.loss(out, masks) + rival
         old = ~new
         logits, presence = out[0], out[1]
         value = DISTILL_WEIGHT * teacher.loss(images, [n for n, o in zip(names, old) if o], pair_index[old],
                                               logits[old], None if presence is None else presence[old])
         if new.any():
             value = value + tuning.loss(tuple(None if o is None else o[new] for o in out), masks[new])
-            value = value + RIVAL_WEIGHT * rival_negative_loss(logits[new], masks[new], pair_index[new])
-        return value
+        return value + rival
 
     return Recipe("fine-tuning", tuning.param_groups(), loss, tuning.state, tuning.load, tuning.train,
                   weight_decay=1e-4)

@@ -192,8 +192,8 @@ def split_slices(volumes: list[LabelledVolume], share: float) -> tuple[list[Unit
         if any(u in held for u in units_of):
             continue
         middle = len(units_of) // 2
-        pick = next((u for u in sorted(units_of, key=lambda u: abs(units_of.index(u) - middle))
-                     if trainable({u})), None)
+        pick = next((units_of[i] for i in sorted(range(len(units_of)), key=lambda i: abs(i - middle))
+                     if trainable({units_of[i]})), None)
         if pick is None:
             raise InputError(f"{phrase!r} cannot keep a slice holding it both for training and for calibration: the "
                              f"slices that hold it are the only slices holding other phrases; label it on more "
@@ -203,9 +203,10 @@ def split_slices(volumes: list[LabelledVolume], share: float) -> tuple[list[Unit
     need = min(n_held - len(held), len(empty))
     if need > 0:
         held |= set(_spread(empty, need))
-    for u in _spread([u for u in units if u not in held], max(0, n_held - len(held))) if n_held > len(held) else []:
-        if trainable({u}):
-            held.add(u)
+    if n_held > len(held):
+        for u in _spread([u for u in units if u not in held], n_held - len(held)):
+            if trainable({u}):
+                held.add(u)
     return [u for u in units if u not in held], sorted(held)
 
 
