@@ -541,3 +541,22 @@ def test_recalibration_keeps_the_exclusive_pairs_of_fine_tuned_phrases():
     assert merged_presence(parent, own)["exclusive"] == parent["presence"]["exclusive"]
     replaced = merged_presence(parent, {"cyst": {"phrases": ["cyst"]}}, [("cyst", "septum")])
     assert replaced["exclusive"] == [["lateral ventricles", "fourth ventricle"], ["cyst", "septum"]]
+
+
+def test_new_phrases_start_as_far_apart_as_the_parents_findings():
+    from CLIPSegLib.training.finetune import mean_cosine, spread_apart
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(8, generator=gen)
+    near = torch.stack([base + 0.05 * torch.randn(8, generator=gen) for _ in range(3)]) * torch.tensor([[1.], [2.], [3.]])
+    assert mean_cosine(near) > 0.99
+    spread = spread_apart(near, 0.8)
+    assert mean_cosine(spread) == pytest.approx(0.8, abs=1e-4)
+    assert torch.allclose(spread.norm(dim=-1), near.norm(dim=-1))  # lengths kept (unnormalised text embeddings)
+    # each still points away from the others in its own direction: the order of the pairwise cosines is kept
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    before, after = unit(near) @ unit(near).T, unit(spread) @ unit(spread).T
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    assert np.argsort([before[p] for p in pairs]).tolist() == np.argsort([after[p] for p in pairs]).tolist()
+    far = torch.eye(3, 8)
+    assert torch.equal(spread_apart(far, 0.8), far) and torch.equal(spread_apart(near[:1], 0.8), near[:1])

@@ -75,14 +75,15 @@ class LearnedPhrases(nn.Module):
     L2-normalised, a phrase not learned here takes ``fixed`` (the parent's learned table) or CLIP's, without
     gradient."""
 
-    def __init__(self, net, phrases: list[str], fixed: dict):
+    def __init__(self, net, phrases: list[str], fixed: dict, spread_to: float | None = None):
         from ..engines.cliptnseg.engine import phrase_key
 
         super().__init__()
         self.key, self.net, self.fixed = phrase_key, [net], dict(fixed)  # net in a list: not a submodule
         self.phrases = list(phrases)
         self.index = {phrase_key(p): i for i, p in enumerate(phrases)}
-        self.weight = nn.Parameter(torch.stack([self._fixed(p) for p in phrases]).clone())
+        start = torch.stack([self._fixed(p) for p in phrases]).clone()
+        self.weight = nn.Parameter(start if spread_to is None else spread_apart(start, spread_to))
 
     def _fixed(self, phrase: str) -> torch.Tensor:
         from ..engines.clip_backbone import tokenize
@@ -109,6 +110,37 @@ class LearnedPhrases(nn.Module):
         kept = [p for p in parent_phrases if self.key(p) not in self.index]
         table = [self.fixed[self.key(p)] for p in kept] + list(self._normalised(self.weight.detach()))
         return kept + self.phrases, {LEARNED_KEY: torch.stack(table).cpu()}
+
+
+def mean_cosine(embeddings: torch.Tensor) -> float:
+    """Mean cosine similarity over the distinct pairs of ``[Q,D]`` embeddings (Q >= 2)."""
+    unit = nn.functional.normalize(embeddings, dim=-1)
+    cos = unit @ unit.T
+    q = len(unit)
+    return float((cos.sum() - cos.diagonal().sum()) / (q * (q - 1)))
+
+
+def spread_apart(start: torch.Tensor, target: float) -> torch.Tensor:
+    """``[Q,D]`` start embeddings moved away from their mean direction until their mean pairwise cosine is
+    ``target`` (each keeps its length); unchanged if Q < 2 or they are already that far apart.
+
+    A small CLIP gives new words nearly the same embedding ("lateral ventricles" and "fourth ventricle": cosine
+    0.99), so the decoder starts by drawing the same map for both, and the two learned embeddings must first break
+    that symmetry (a saddle the training leaves after a seed-dependent time, or not at all within its steps). Spread
+    as far apart as the parent's own findings are, the new phrases start as distinguishable as the findings the
+    decoder already tells apart, each still pointing from their common mean in its own CLIP direction."""
+    if len(start) < 2 or mean_cosine(start) <= target:
+        return start
+    unit = nn.functional.normalize(start, dim=-1)
+    centre = unit.mean(0, keepdim=True)
+    lo, hi = 1.0, 1.0
+    while mean_cosine(centre + hi * (unit - centre)) > target and hi < 1e6:
+        lo, hi = hi, hi * 2
+    for _ in range(50):  # bisection: the mean cosine falls as the deviations grow
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_cosine(centre + mid * (unit - centre)) > target else (lo, mid)
+    spread = nn.functional.normalize(centre + hi * (unit - centre), dim=-1)
+    return spread * start.norm(dim=-1, keepdim=True)
 
 
 class LoraText(nn.Module):
@@ -319,9 +351,23 @@ class CLIPTNSegTuning(Tuning):
         self.phrases = list(phrases)
         self.kind = text_adaptation
         self.text = (LoraText(self.net) if text_adaptation == "lora"
-                     else LearnedPhrases(self.net, phrases, self.engine.learned))
+                     else LearnedPhrases(self.net, phrases, self.engine.learned, self.findings_spread()))
         self.net.to(device)
         self.text.to(device)
+
+    def findings_spread(self) -> float | None:
+        """Mean pairwise cosine of the embeddings the parent answers its own findings with (first phrasing of each
+        calibrated finding: its learned embedding or CLIP's); None if it has fewer than two."""
+        from ..engines.cliptnseg.engine import phrase_key
+        from ..engines.clip_backbone import tokenize
+
+        per = (self.spec.get("presence") or {}).get("per_finding") or {}
+        first = [r["phrases"][0] for r in per.values() if r.get("phrases")]
+        if len(first) < 2:
+            return None
+        with torch.no_grad():
+            clip = self.net.encode_text(tokenize(first, self.net.clip.context_length)).cpu()
+        return mean_cosine(torch.stack([self.engine.learned.get(phrase_key(p), c) for p, c in zip(first, clip)]))
 
     def forward(self, images, phrases, pair_index):
         """-> (mask logits ``[N,S,S]``, presence logits ``[N]`` or None)."""
