@@ -546,17 +546,39 @@ def test_recalibration_keeps_the_exclusive_pairs_of_fine_tuned_phrases():
 def test_new_phrases_start_as_far_apart_as_the_parents_findings():
     from CLIPSegLib.training.finetune import mean_cosine, spread_apart
 
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(8, generator=gen)
-    near = torch.stack([base + 0.05 * torch.randn(8, generator=gen) for _ in range(3)]) * torch.tensor([[1.], [2.], [3.]])
-    assert mean_cosine(near) > 0.99
+    # three near-identical embeddings, two of them nearer still (a cluster of near-synonyms), unnormalised
+    near = torch.stack([base + 0.05 * torch.randn(8, generator=gen) for _ in range(2)])
+    near = torch.cat([near, near[1:] + 0.001 * torch.randn(1, 8, generator=gen)]) * torch.tensor([[1.], [2.], [3.]])
+    assert mean_cosine(near) > 0.99 and float(unit(near[1]) @ unit(near[2])) > 0.9999
     spread = spread_apart(near, 0.8)
     assert mean_cosine(spread) == pytest.approx(0.8, abs=1e-4)
     assert torch.allclose(spread.norm(dim=-1), near.norm(dim=-1))  # lengths kept (unnormalised text embeddings)
-    # each still points away from the others in its own direction: the order of the pairwise cosines is kept
-    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
-    before, after = unit(near) @ unit(near).T, unit(spread) @ unit(spread).T
-    pairs = [(0, 1), (0, 2), (1, 2)]
-    assert np.argsort([before[p] for p in pairs]).tolist() == np.argsort([after[p] for p in pairs]).tolist()
+    cos = unit(spread) @ unit(spread).T
+    assert float(cos[1, 2]) < 0.85  # the cluster is spread too, not left at 0.9999 while the third moves away
     far = torch.eye(3, 8)
     assert torch.equal(spread_apart(far, 0.8), far) and torch.equal(spread_apart(near[:1], 0.8), near[:1])
+    same = base.repeat(2, 1)
+    assert torch.equal(spread_apart(same, 0.8), same)  # nothing to spread along
+
+
+def test_only_the_phrases_starting_from_clip_are_spread():
+    from CLIPSegLib.engines.cliptnseg.engine import phrase_key
+    from CLIPSegLib.models.catalogue import load_spec
+    from CLIPSegLib.progress import Progress
+    from CLIPSegLib.training.finetune import CLIPTNSegTuning, mean_cosine
+
+    tuning = CLIPTNSegTuning(load_spec(None), None, Progress("none"))
+    target = tuning.findings_spread()
+    phrases = ["lateral ventricles", "fourth ventricle", "third ventricle"]
+    tuning.adapt_text("embeddings", phrases, torch.device("cpu"))
+    assert mean_cosine(tuning.text.weight.detach()) == pytest.approx(target, abs=1e-3)
+    assert tuning.spread_to == target and 0 < target < 0.95
+    learned = {phrase_key("lateral ventricles"): torch.nn.functional.normalize(torch.ones(64), dim=0)}
+    tuning.engine.learned = learned  # as if the parent had learned this phrase: its embedding is the start, unmoved
+    tuning.adapt_text("embeddings", phrases, torch.device("cpu"))
+    start = tuning.text.weight.detach()
+    assert torch.equal(start[0], learned[phrase_key("lateral ventricles")])
+    assert mean_cosine(start[1:]) == pytest.approx(target, abs=1e-3)

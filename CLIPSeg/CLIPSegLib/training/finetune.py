@@ -16,8 +16,8 @@ Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): clipt
    model instead keeps its parent's network for the parent's findings by default (``keep_parent``: stored in the
    new model, ``engines.cliptnseg.engine``), so they are answered exactly as before and nothing is replayed. Text side
    (``TEXT_ADAPTATIONS``): cliptnseg "embeddings" (the default), one learned embedding per new phrase initialised
-   from its CLIP text embedding (stored in the model: the engine uses it for that phrase, any other wording falls
-   back to CLIP), or "lora", LoRA adapters (peft) on the CLIP text tower, merged into it at export; tgcnet "lora"
+   from its CLIP text embedding, spread apart as far as the parent's findings are (``spread_apart``; stored in the
+   model: the engine uses it for that phrase, any other wording falls back to CLIP), or "lora", LoRA adapters (peft) on the CLIP text tower, merged into it at export; tgcnet "lora"
    only (``text_lora.TextAdapters``: every prompt goes through DATE, so the tower itself is adapted), at the
    parent's slice size (``--input-size`` is cliptnseg's);
 3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``,
@@ -70,10 +70,10 @@ class FinetuneResult:
 
 
 class LearnedPhrases(nn.Module):
-    """Text side "embeddings": ``[Q,D]`` free embeddings of the new ``phrases``, initialised from ``start``
-    (phrase key -> ``[D]``: the parent's learned ones) or their CLIP text embedding; ``forward(phrases (N)) -> [N,D]``
-    L2-normalised, a phrase not learned here takes ``fixed`` (the parent's learned table) or CLIP's, without
-    gradient."""
+    """Text side "embeddings": ``[Q,D]`` free embeddings of the new ``phrases``, initialised from ``fixed`` (phrase
+    key -> ``[D]``: the parent's learned ones) or their CLIP text embedding, those from CLIP spread apart to mean
+    pairwise cosine ``spread_to`` (``spread_apart``; None: not spread); ``forward(phrases (N)) -> [N,D]``
+    L2-normalised, a phrase not learned here takes ``fixed`` or CLIP's, without gradient."""
 
     def __init__(self, net, phrases: list[str], fixed: dict, spread_to: float | None = None):
         from ..engines.cliptnseg.engine import phrase_key
@@ -82,8 +82,11 @@ class LearnedPhrases(nn.Module):
         self.key, self.net, self.fixed = phrase_key, [net], dict(fixed)  # net in a list: not a submodule
         self.phrases = list(phrases)
         self.index = {phrase_key(p): i for i, p in enumerate(phrases)}
+        from_clip = [i for i, p in enumerate(phrases) if phrase_key(p) not in self.fixed]  # the parent's stay
         start = torch.stack([self._fixed(p) for p in phrases]).clone()
-        self.weight = nn.Parameter(start if spread_to is None else spread_apart(start, spread_to))
+        if spread_to is not None and from_clip:
+            start[from_clip] = spread_apart(start[from_clip], spread_to)
+        self.weight = nn.Parameter(start)
 
     def _fixed(self, phrase: str) -> torch.Tensor:
         from ..engines.clip_backbone import tokenize
@@ -121,25 +124,36 @@ def mean_cosine(embeddings: torch.Tensor) -> float:
 
 
 def spread_apart(start: torch.Tensor, target: float) -> torch.Tensor:
-    """``[Q,D]`` start embeddings moved away from their mean direction until their mean pairwise cosine is
-    ``target`` (each keeps its length); unchanged if Q < 2 or they are already that far apart.
+    """``[Q,D]`` start embeddings spread around their mean direction until their mean pairwise cosine is ``target``
+    (or as near as it can get: deviations at most 1e6 times the unit length); each keeps its length; unchanged if
+    Q < 2 or they are already that far apart.
 
-    A small CLIP gives new words nearly the same embedding ("lateral ventricles" and "fourth ventricle": cosine
-    0.99), so the decoder starts by drawing the same map for both, and the two learned embeddings must first break
-    that symmetry (a saddle the training leaves after a seed-dependent time, or not at all within its steps). Spread
-    as far apart as the parent's own findings are, the new phrases start as distinguishable as the findings the
-    decoder already tells apart, each still pointing from their common mean in its own CLIP direction."""
+    The deviations from the mean direction are first whitened within their span (their Gram matrix made a
+    projector), so the phrases sit at equal distances from each other, however close two of them started (a
+    cluster of near-synonyms does not stay together while the rest spread); then scaled (bisection) to the target.
+    Why: a small CLIP gives new words nearly the same embedding, and the decoder then draws one map for all of
+    them (``benchmarks/RESULTS.md``, thirteenth session)."""
     if len(start) < 2 or mean_cosine(start) <= target:
         return start
     unit = nn.functional.normalize(start, dim=-1)
     centre = unit.mean(0, keepdim=True)
-    lo, hi = 1.0, 1.0
-    while mean_cosine(centre + hi * (unit - centre)) > target and hi < 1e6:
+    dev = unit - centre
+    values, vectors = torch.linalg.eigh(dev @ dev.T)  # Gram [Q,Q]; rank <= Q - 1 (the deviations sum to 0)
+    keep = values > values.max() * 1e-6
+    if not keep.any():  # identical embeddings: no direction to spread them along
+        return start
+    dev = vectors[:, keep] @ torch.diag(values[keep].rsqrt()) @ vectors[:, keep].T @ dev
+
+    def cosine_at(scale: float) -> float:
+        return mean_cosine(centre + scale * dev)
+
+    lo, hi = 0.0, 1.0
+    while cosine_at(hi) > target and hi < 1e6:
         lo, hi = hi, hi * 2
-    for _ in range(50):  # bisection: the mean cosine falls as the deviations grow
+    for _ in range(60):  # bisection: the mean cosine falls as the deviations grow
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_cosine(centre + mid * (unit - centre)) > target else (lo, mid)
-    spread = nn.functional.normalize(centre + hi * (unit - centre), dim=-1)
+        lo, hi = (mid, hi) if cosine_at(mid) > target else (lo, mid)
+    spread = nn.functional.normalize(centre + hi * dev, dim=-1)
     return spread * start.norm(dim=-1, keepdim=True)
 
 
@@ -350,8 +364,9 @@ class CLIPTNSegTuning(Tuning):
         super().adapt_text(text_adaptation, phrases, device)
         self.phrases = list(phrases)
         self.kind = text_adaptation
+        self.spread_to = None if text_adaptation == "lora" else self.findings_spread()
         self.text = (LoraText(self.net) if text_adaptation == "lora"
-                     else LearnedPhrases(self.net, phrases, self.engine.learned, self.findings_spread()))
+                     else LearnedPhrases(self.net, phrases, self.engine.learned, self.spread_to))
         self.net.to(device)
         self.text.to(device)
 
@@ -367,7 +382,8 @@ class CLIPTNSegTuning(Tuning):
             return None
         with torch.no_grad():
             clip = self.net.encode_text(tokenize(first, self.net.clip.context_length)).cpu()
-        return mean_cosine(torch.stack([self.engine.learned.get(phrase_key(p), c) for p, c in zip(first, clip)]))
+        return round(mean_cosine(torch.stack([self.engine.learned.get(phrase_key(p), c)
+                                              for p, c in zip(first, clip)])), 4)
 
     def forward(self, images, phrases, pair_index):
         """-> (mask logits ``[N,S,S]``, presence logits ``[N]`` or None)."""
@@ -678,6 +694,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     spec["training"] = {
         "command": command, "method": "finetune", "steps": steps, "seed": seed, "batch_size": batch_size,
         "input_size": size, "text_adaptation": text_adaptation, "replay_phantoms": n_replay,
+        "start_mean_cosine": getattr(tuning, "spread_to", None),  # spread_apart's target (None: not spread)
         "keeps_parent_network": keep_parent,
         "replay_share": round(share, 4),
         "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on",
