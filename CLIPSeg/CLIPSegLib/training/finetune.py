@@ -18,8 +18,9 @@ Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): clipt
    (``TEXT_ADAPTATIONS``): cliptnseg "embeddings" (the default), one learned embedding per new phrase initialised
    from its CLIP text embedding, spread apart as far as the parent's findings are (``spread_apart``; stored in the
    model: the engine uses it for that phrase, any other wording falls back to CLIP), or "lora", LoRA adapters
-   (peft) on the CLIP text tower, merged into it at export; tgcnet "lora" only (``text_lora.TextAdapters``: every prompt goes through DATE, so the tower itself is adapted), at the
-   parent's slice size (``--input-size`` is cliptnseg's);
+   (peft) on the CLIP text tower, merged into it at export; tgcnet "lora" only (``text_lora.TextAdapters``: every
+   prompt goes through DATE, so the tower itself is adapted), at the parent's slice size (``--input-size`` is
+   cliptnseg's);
 3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``,
    exclusive phrases competing voxel-wise as in the pipeline), merged with the parent's rules;
 4. the model written with ``models.write_spec`` (a spec of the parent's engine), its lineage in ``training``: parent
