@@ -302,6 +302,7 @@ class Tuning:
     ``loss`` with ``param_groups`` / ``state`` / ``load`` / ``train`` for ``loop.run_loop``, and ``export``."""
 
     text_adaptations: tuple = ()  # the first is the default
+    spread_to = None  # the mean cosine the new phrases' learned embeddings start at (``spread_apart``; None: not)
     can_keep_parent = False  # whether the new model can keep the parent's network for the parent's findings
 
     @classmethod
@@ -373,18 +374,14 @@ class CLIPTNSegTuning(Tuning):
 
     def findings_spread(self) -> float | None:
         """Mean pairwise cosine of the embeddings the parent answers its own findings with (first phrasing of each
-        calibrated finding: its learned embedding or CLIP's); None if it has fewer than two."""
-        from ..engines.cliptnseg.engine import phrase_key
-        from ..engines.clip_backbone import tokenize
-
+        calibrated finding, as the parent engine encodes it: its learned embedding or CLIP's); None if it has fewer
+        than two."""
         per = (self.spec.get("presence") or {}).get("per_finding") or {}
         first = [r["phrases"][0] for r in per.values() if r.get("phrases")]
         if len(first) < 2:
             return None
         with torch.no_grad():
-            clip = self.net.encode_text(tokenize(first, self.net.clip.context_length)).cpu()
-        return round(mean_cosine(torch.stack([self.engine.learned.get(phrase_key(p), c)
-                                              for p, c in zip(first, clip)])), 4)
+            return round(mean_cosine(self.engine.encode_prompts(first).embeddings.cpu()), 4)
 
     def forward(self, images, phrases, pair_index):
         """-> (mask logits ``[N,S,S]``, presence logits ``[N]`` or None)."""
@@ -695,7 +692,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     spec["training"] = {
         "command": command, "method": "finetune", "steps": steps, "seed": seed, "batch_size": batch_size,
         "input_size": size, "text_adaptation": text_adaptation, "replay_phantoms": n_replay,
-        "start_mean_cosine": getattr(tuning, "spread_to", None),  # spread_apart's target (None: not spread)
+        "start_mean_cosine": tuning.spread_to,
         "keeps_parent_network": keep_parent,
         "replay_share": round(share, 4),
         "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on",
