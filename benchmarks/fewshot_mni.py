@@ -20,8 +20,8 @@ Structures (``--task``):
 
 Run:  .venv/bin/python benchmarks/fewshot_mni.py --task tissue [--steps N] [--input-size 256] [--from MODEL]
       [--seed 0 [1 2 ...]] [--work build/fewshot_mni]   (needs nilearn: `.venv/bin/pip install -e '.[bench]'`)
-With several seeds, each is a whole run in its own folder (``<work>/<task>/seed<S>``), and a last line says how many
-met the issue's goal (``GOALS``).
+The data (T1, truths, data.csv) is written once to ``<work>/<task>``; with several seeds each run writes its model,
+segmentation and report to ``<work>/<task>/seed<S>``, and a last line says how many met the issue's goal (``GOALS``).
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def main():
     ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one run per seed (default 0)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more `clipseg finetune` arguments")
     a = ap.parse_args()
-    reports = [run(a, seed, Path(a.work) / a.task / (f"seed{seed}" if len(a.seed) > 1 else ""))
+    data = Path(a.work) / a.task
+    truths, labelled, brain = prepare(a.task, data)
+    reports = [run(a, seed, data, data / (f"seed{seed}" if len(a.seed) > 1 else ""), truths, labelled, brain)
                for seed in a.seed]
     if len(reports) > 1:
         met = [r["seed"] for r in reports if meets_goals(r)]
@@ -130,16 +132,16 @@ def meets_goals(report: dict) -> bool:
                for p, s in report["structures"].items() for dice, inside, outside in [GOALS[report["task"]][p]])
 
 
-def run(a, seed: int, work: Path) -> dict:
-    """One fine-tune + segment + score run with ``seed`` in ``work``; prints its figures; -> its report."""
-    from CLIPSegLib.io.outputs import read_segment_masks, write_volume
+def prepare(task: str, data: Path):
+    """Write the T1, the truth masks and ``data.csv`` (labelled slices) of ``task`` to ``data``; -> (truths
+    {phrase: bool ``[K,J,I]``}, labelled {phrase: K indices}, brain mask bool ``[K,J,I]``)."""
+    from CLIPSegLib.io.outputs import write_volume
 
-    print(f"== {a.task}, seed {seed}, in {work}", flush=True)
-    work.mkdir(parents=True, exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
     t1, gm, wm, brain, geometry = load_mni()
     k_brain = np.flatnonzero(brain.reshape(brain.shape[0], -1).any(1))
     spread8 = spread(int(k_brain[0]), int(k_brain[-1]), 8)
-    if a.task == "tissue":
+    if task == "tissue":
         truths = {"white matter": wm > 0.5, "grey matter": gm > 0.5}
         labelled = {p: spread8 for p in truths}
     else:
@@ -149,15 +151,25 @@ def run(a, seed: int, work: Path) -> dict:
             ks = np.flatnonzero(m.reshape(m.shape[0], -1).any(1))
             drawn |= set(spread(int(ks[0]), int(ks[-1]), 4))
         labelled = {p: sorted(drawn) for p in truths}
-    write_volume(work / "t1.nrrd", t1, geometry)
+    write_volume(data / "t1.nrrd", t1, geometry)
     rows = ["image,mask,phrase,slices"]
     for n, (p, m) in enumerate(truths.items()):
-        write_volume(work / f"truth{n}.nrrd", m.astype(np.uint8), geometry)
+        write_volume(data / f"truth{n}.nrrd", m.astype(np.uint8), geometry)
         rows.append(f"t1.nrrd,truth{n}.nrrd,{p},{';'.join(map(str, labelled[p]))}")
-    (work / "data.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (data / "data.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     for p, m in truths.items():
         ks = np.flatnonzero(m.reshape(m.shape[0], -1).any(1))
         print(f"{p!r}: {int(m.sum())} voxels on axial slices {ks[0]}..{ks[-1]}; labelled slices {labelled[p]}")
+    return truths, labelled, brain
+
+
+def run(a, seed: int, data: Path, work: Path, truths: dict, labelled: dict, brain: np.ndarray) -> dict:
+    """One fine-tune + segment + score run with ``seed`` on ``prepare``'s ``data``, its model, segmentation and
+    report in ``work``; prints its figures; -> its report."""
+    from CLIPSegLib.io.outputs import read_segment_masks
+
+    print(f"== {a.task}, seed {seed}, in {work}", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
 
     clipseg = [sys.executable, "-m", "CLIPSegLib.cli"]
     env = {"PYTHONPATH": str(ROOT / "CLIPSeg")}
@@ -165,7 +177,7 @@ def run(a, seed: int, work: Path) -> dict:
 
     env = {**os.environ, **env}
     model_id = f"mni-{a.task}"
-    cmd = clipseg + ["finetune", "--data", str(work / "data.csv"), "--output-dir", str(work / "models"),
+    cmd = clipseg + ["finetune", "--data", str(data / "data.csv"), "--output-dir", str(work / "models"),
                      "--model-id", model_id, "--seed", str(seed), "--force", "--progress", "json"]
     cmd += (["--from", a.parent] if a.parent else []) + (["--steps", str(a.steps)] if a.steps else []) + a.extra
     cmd += ["--input-size", str(a.input_size)] if a.input_size else []
@@ -190,7 +202,7 @@ def run(a, seed: int, work: Path) -> dict:
     if losses:
         print("loss, mean of each tenth:", " ".join(f"{np.mean(c):.3f}" for c in np.array_split(losses, 10)))
     seg = work / "t1.seg.nrrd"
-    cmd = clipseg + ["segment", str(work / "t1.nrrd"), "--model", done["model"], "--output", str(seg),
+    cmd = clipseg + ["segment", str(data / "t1.nrrd"), "--model", done["model"], "--output", str(seg),
                      "--progress", "none"] + [x for p in truths for x in ("--prompt", p)]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
