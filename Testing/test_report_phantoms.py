@@ -5,7 +5,7 @@ import pytest
 
 from CLIPSegLib.synthetic.report_phantoms import KINDS, SIDES, make_report_phantom
 from CLIPSegLib.synthetic.report_text import (
-    NORMAL_REPORTS, matching, render, sample_queries, train_vocabulary, words,
+    _TRAIN_COUNT, NORMAL_REPORTS, claimed_count, matching, render, sample_queries, train_vocabulary, words,
 )
 
 SEEDS = range(12)
@@ -119,3 +119,28 @@ def test_sentences_fit_in_twenty_clip_tokens(phantoms):
              for q in sample_queries(ph, np.random.default_rng(k), n=6, style=style)]
     tokens = tokenize(texts, 77)
     assert int((tokens != 0).sum(dim=1).max()) - 2 <= 20  # without start/end tokens
+
+
+def test_a_count_word_does_not_tell_presence(phantoms):
+    """Absent and wrong-side lines name a count as describing lines do (the shortcut the ninth session's model
+    learned: a number meant "present"); the number, in words or digits, is the claimed one and the mask stays empty."""
+    counted = {"describes": 0, "empty": 0}
+    lines = {"describes": 0, "empty": 0}
+    for k, ph in enumerate(phantoms):
+        for style in ("train", "rephrased"):
+            for q in sample_queries(ph, np.random.default_rng(k), n=6, style=style):
+                role = "describes" if q.role == "describes" else "empty"
+                lines[role] += 1
+                counted[role] += bool(words(q.text) & {"single", "one", "two", "three", "2", "3", "multiple",
+                                                       "several"})
+                assert q.mask.any() == (role == "describes")
+    share = {r: counted[r] / lines[r] for r in lines}
+    assert lines["empty"] >= 10 and 0.25 < share["empty"] < 0.75, share
+    assert abs(share["empty"] - share["describes"]) < 0.25, share
+    assert render("consolidation", ("left",), "lower", 0, "train", (0.0, 0, 0, 0.9)) == (
+        f"{_TRAIN_COUNT[claimed_count(0.0)]} area of consolidation in the left lower lung")
+
+
+def test_there_are_only_before_a_count():
+    assert render("consolidation", (), None, 2, "rephrased", (0.6, 0.0, 0.0, 0.9)).startswith("there is ")
+    assert render("consolidation", (), None, 2, "rephrased", (0.0, 0.0, 0.0, 0.9)).startswith("there are 2 ")

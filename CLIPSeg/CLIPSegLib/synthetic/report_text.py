@@ -3,9 +3,11 @@
 A query names a kind (``report_phantoms.KINDS``), optionally sides (the PATIENT's, ``SIDES``) and a zone; its mask
 (``[J, I]`` bool, the phantom's layout) is the union of the phantom's opacities matching all three, so it is empty
 when nothing matches. Roles:
-- ``"describes"``: at least one opacity matches; the sentence gives their count;
+- ``"describes"``: at least one opacity matches; the sentence gives their count or none;
 - ``"absent"``: the kind is not in the image (empty mask);
 - ``"wrong-side"``: the kind is in the image but only on the other side (empty mask): the location test.
+An absent or wrong-side line names a count as often as a describing one (a user asks "two areas of consolidation in
+the left lung" whatever the image holds): a number in the sentence must not tell the network that the kind is there.
 
 Two template sets with disjoint wording beyond the content words (sides, counts in digits or words, "lung"):
 ``style="train"`` for training, ``style="rephrased"`` (synonyms, other word order, zone synonyms, clinical filler)
@@ -91,24 +93,33 @@ def _pick(seq, u):
     return seq[min(int(u * len(seq)), len(seq) - 1)]
 
 
+def claimed_count(u0: float) -> int:
+    """The count (1-3) an absent or wrong-side line's wording names when its template has one: from the digits of
+    ``u0`` below the template choice, so it costs no rng draw (each seed's roles, kinds and sides stay as drawn)."""
+    return 1 + int(u0 * 3000) % 3
+
+
 def render(kind: str, sides: tuple[str, ...], zone: str | None, count: int, style: str, u) -> str:
     """The sentence for this content; ``u``: 4 uniform numbers in [0, 1) choosing template and synonyms.
-    count 0 (absent / wrong-side) is phrased without a number. ``sides`` of both SIDES means bilateral."""
+    count 0 (absent / wrong-side) names ``claimed_count(u[0])`` where the template has a number (module docstring).
+    ``sides`` of both SIDES means bilateral."""
     if style not in ("train", "rephrased"):
         raise ValueError(f"style must be 'train' or 'rephrased', got {style!r}")
     train = style == "train"
     name, one, many = _TRAIN_KIND[kind] if train else _pick(_REPHRASED_KIND[kind], u[1])
     scope = "zone" if zone else "bilateral" if len(sides) == 2 else "side" if sides else "all"
     templates = (_TRAIN if train else _REPHRASED)[scope]
-    if count == 0 or scope == "bilateral" and count < 2:
+    said = count or claimed_count(u[0])
+    if scope == "bilateral" and said < 2:
         templates = [t for t in templates if "{counted}" not in t and "{n}" not in t] or ["{name}"]
     words = _TRAIN_COUNT if train else _REPHRASED_COUNT
-    n = words.get(count, "multiple" if train else "several")
-    counted = f"{n} {one if count == 1 else many}"
+    n = words.get(said, "multiple" if train else "several")
+    counted = f"{n} {one if said == 1 else many}"
     zone_word = zone if train or zone is None else _pick(_REPHRASED_ZONE[zone], u[2])
     side = sides[0] if sides else ""
-    text = _pick(templates, u[0]).format(name=name, counted=counted, n=n, side=side, zone=zone_word)
-    if count > 1:
+    template = _pick(templates, u[0])
+    text = template.format(name=name, counted=counted, n=n, side=side, zone=zone_word)
+    if said > 1 and "{counted}" in template:
         text = text.replace("there is ", "there are ")
     if not train and kind != "pleural effusion" and u[3] < 0.3:
         text += _SUFFIX
