@@ -47,14 +47,14 @@ Train on my segments: paint a structure on a few slices, name the segment with i
 appears in the model list (see the README, "Teach it your own finding").<br><br>
 Needs 3D Slicer 5.10 or later (Python 3.12). The first Apply installs PyTorch (through the PyTorch extension when it
 is installed), MONAI and open_clip once, after asking.<br><br>
-Engine: CLIP-TNseg (Sun et al., IEEE Signal Processing Letters 2025). Planned, not yet available: TGC-Net
-(Lin et al., 2025) and MedCLIP-SAM (Koleilat et al., MICCAI 2024; Medical Image Analysis 2025).<br>
-The embedded default model (cliptnseg-phantom-small) is trained on phantoms only: for demos and teaching, not for
+Engines, chosen by the model: CLIP-TNseg (Sun et al., IEEE Signal Processing Letters 2025), TGC-Net (Lin et al.,
+2025) and MedCLIP-SAM (Koleilat et al., MICCAI 2024; Medical Image Analysis 2025).<br>
+The embedded models (default: cliptnseg-phantom-small) are trained on phantoms only: for demos and teaching, not for
 clinical use. See <a href="https://github.com/clipseg/SlicerCLIPSeg">the project page</a>.
 """)
         self.parent.acknowledgementText = _("""
-Built on open_clip, MONAI, SimpleITK and slicerio. CLIP-TNseg is the work of its authors (Sun et al.); please cite it
-when you publish results.
+Built on open_clip, MONAI, SimpleITK and slicerio. CLIP-TNseg, TGC-Net and MedCLIP-SAM are the work of their authors
+(Sun et al.; Lin et al.; Koleilat et al.); please cite them when you publish results.
 """)
 
 
