@@ -6,8 +6,9 @@ when nothing matches. Roles:
 - ``"describes"``: at least one opacity matches; the sentence gives their count or none;
 - ``"absent"``: the kind is not in the image (empty mask);
 - ``"wrong-side"``: the kind is in the image but only on the other side (empty mask): the location test.
-An absent or wrong-side line names a count as often as a describing one (a user asks "two areas of consolidation in
-the left lung" whatever the image holds): a number in the sentence must not tell the network that the kind is there.
+An absent or wrong-side line names a count as often as a describing one, and an absent kind is also asked on both
+sides (a user asks "two areas of consolidation in the left lung" or "bilateral effusions" whatever the image holds):
+no word of the sentence alone may tell the network that the kind is there.
 
 Two template sets with disjoint wording beyond the content words (sides, counts in digits or words, "lung"):
 ``style="train"`` for training, ``style="rephrased"`` (synonyms, other word order, zone synonyms, clinical filler)
@@ -93,15 +94,26 @@ def _pick(seq, u):
     return seq[min(int(u * len(seq)), len(seq) - 1)]
 
 
-def claimed_count(u0: float) -> int:
-    """The count (1-3) an absent or wrong-side line's wording names when its template has one: from the digits of
-    ``u0`` below the template choice, so it costs no rng draw (each seed's roles, kinds and sides stay as drawn)."""
-    return 1 + int(u0 * 3000) % 3
+# the counts an absent or wrong-side line names (count, share), as describing lines' counts fall (training seeds
+# 0..599: one side, a zone or any: 1 in 95%, 2 in 5%; bilateral: 2 in 83%, 3 in 17%), so no number tells presence
+CLAIMED_COUNTS = {"one": ((1, 0.95), (2, 0.05)), "bilateral": ((2, 0.83), (3, 0.17))}
+
+
+def claimed_count(u0: float, bilateral: bool = False) -> int:
+    """The count an absent or wrong-side line's wording names when its template has one (``CLAIMED_COUNTS``), from
+    the digits of ``u0`` below the template choice, so it costs no rng draw (a seed's roles, kinds, sides and zones
+    stay as drawn)."""
+    v = (u0 * 3000) % 1.0
+    for count, share in CLAIMED_COUNTS["bilateral" if bilateral else "one"]:
+        if v < share:
+            return count
+        v -= share
+    return count
 
 
 def render(kind: str, sides: tuple[str, ...], zone: str | None, count: int, style: str, u) -> str:
     """The sentence for this content; ``u``: 4 uniform numbers in [0, 1) choosing template and synonyms.
-    count 0 (absent / wrong-side) names ``claimed_count(u[0])`` where the template has a number (module docstring).
+    count 0 (absent / wrong-side) names ``claimed_count`` where the template has a number (module docstring).
     ``sides`` of both SIDES means bilateral."""
     if style not in ("train", "rephrased"):
         raise ValueError(f"style must be 'train' or 'rephrased', got {style!r}")
@@ -109,7 +121,7 @@ def render(kind: str, sides: tuple[str, ...], zone: str | None, count: int, styl
     name, one, many = _TRAIN_KIND[kind] if train else _pick(_REPHRASED_KIND[kind], u[1])
     scope = "zone" if zone else "bilateral" if len(sides) == 2 else "side" if sides else "all"
     templates = (_TRAIN if train else _REPHRASED)[scope]
-    said = count or claimed_count(u[0])
+    said = count or claimed_count(u[0], scope == "bilateral")
     if scope == "bilateral" and said < 2:
         templates = [t for t in templates if "{counted}" not in t and "{n}" not in t] or ["{name}"]
     words = _TRAIN_COUNT if train else _REPHRASED_COUNT
@@ -142,7 +154,7 @@ def _candidates(phantom: ReportPhantom):
         on = [s for s in SIDES if matching(phantom, kind, (s,))]
         zones = ("lower",) if kind == "pleural effusion" else ZONES  # an "upper effusion" is not a report line
         if not on:
-            out["absent"] += [(kind, ())] + [(kind, (s,), z) for s in SIDES for z in (None, *zones)]
+            out["absent"] += [(kind, ()), (kind, SIDES)] + [(kind, (s,), z) for s in SIDES for z in (None, *zones)]
             continue
         out["describes"].append((kind, tuple(on) if len(on) == 2 else ()))
         out["describes"] += [(kind, (s,)) for s in on]
