@@ -36,23 +36,28 @@ def test_spec_records_its_command_knowledge_and_calibration():
     assert spec["presence"]["calibration"]["volumes"] == 40 and len(spec["knowledge"]["sha256"]) == 64
 
 
-def test_the_named_side_decides_and_an_absent_kind_is_empty(engine):
-    """Seed 1020 has one pleural effusion, in the right lung (the image's left half), and no ground-glass opacity."""
-    ph, (right, left, ggo) = _segment(engine, 1020, ["a single pleural effusion in the right lower lung",
-                                                     "pleural effusion of the left lower lung",
-                                                     "ground-glass opacity of the right upper lung"])
-    truth = np.zeros_like(right, dtype=bool)
-    for o in matching(ph, "pleural effusion", ("right",), "lower"):
+def _truth(ph, kind, sides, zone=None):
+    truth = np.zeros(ph.image.shape, dtype=bool)
+    for o in matching(ph, kind, sides, zone):
         truth |= o.mask
-    assert truth.any() and dice(right, truth) > 0.7
-    assert not left.any() and not ggo.any()
+    return truth
 
 
-def test_bilateral_effusions_are_both_segmented(engine):
-    """Seed 1031 has an effusion in each lung: the bilateral line covers both sides of the image."""
-    ph, (both,) = _segment(engine, 1031, ["two pleural effusions in both lungs"])
-    truth = np.zeros_like(both, dtype=bool)
-    for o in matching(ph, "pleural effusion"):
-        truth |= o.mask
-    half = both.shape[1] // 2
-    assert dice(both, truth) > 0.7 and both[:, :half].any() and both[:, half:].any()
+def test_a_counted_line_of_an_absent_kind_is_empty(engine):
+    """Seed 1034 has a pleural effusion in the right lung and no consolidation: both lines name a count (the count
+    word once meant "present" to the first embedded model), only the effusion is segmented."""
+    ph, (effusion, consolidation) = _segment(engine, 1034, ["a single pleural effusion in the right lung",
+                                                            "a single area of consolidation in the right lower lung"])
+    truth = _truth(ph, "pleural effusion", ("right",))
+    assert truth.any() and dice(effusion, truth) > 0.7
+    assert not consolidation.any() and not _truth(ph, "consolidation", ()).any()
+
+
+def test_the_named_side_decides(engine):
+    """Seed 1039 has its effusion in the right lower lung (the image's left half) only: the same line asked for the
+    left lower lung gives an empty segment."""
+    ph, (right, left) = _segment(engine, 1039, ["a single pleural effusion in the right lower lung",
+                                                "a single pleural effusion in the left lower lung"])
+    truth = _truth(ph, "pleural effusion", ("right",), "lower")
+    assert truth.any() and dice(right, truth) > 0.7 and not _truth(ph, "pleural effusion", ("left",)).any()
+    assert not left.any()
