@@ -2,7 +2,6 @@
 or calibrated on): the line's side decides, and a kind the image lacks gives an empty segment. The README's figures
 come from `clipseg evaluate --family report` on 40 phantoms (it misses many opacities; these are cases it gets)."""
 
-import numpy as np
 import pytest
 
 from CLIPSegLib.evaluation.metrics import dice
@@ -10,7 +9,7 @@ from CLIPSegLib.inference.pipeline import segment_volume
 from CLIPSegLib.io.geometry import Geometry
 from CLIPSegLib.models import load_spec
 from CLIPSegLib.synthetic.report_phantoms import make_report_phantom
-from CLIPSegLib.synthetic.report_text import matching
+from CLIPSegLib.synthetic.report_text import matching, union_mask
 
 MODEL = "tgcnet-report-small"
 
@@ -37,10 +36,7 @@ def test_spec_records_its_command_knowledge_and_calibration():
 
 
 def _truth(ph, kind, sides, zone=None):
-    truth = np.zeros(ph.image.shape, dtype=bool)
-    for o in matching(ph, kind, sides, zone):
-        truth |= o.mask
-    return truth
+    return union_mask(ph, matching(ph, kind, sides, zone))
 
 
 def test_a_counted_line_of_an_absent_kind_is_empty(engine):

@@ -90,6 +90,14 @@ def matching(phantom: ReportPhantom, kind: str, sides: tuple[str, ...] = (), zon
             if o.kind == kind and (not sides or o.side in sides) and zone in (None, o.zone)]
 
 
+def union_mask(phantom: ReportPhantom, opacities: list) -> np.ndarray:
+    """``[J, I]`` bool: the union of ``opacities``' masks (all False when none), e.g. of ``matching``'s."""
+    mask = np.zeros(phantom.image.shape, bool)
+    for o in opacities:
+        mask |= o.mask
+    return mask
+
+
 def _pick(seq, u):
     return seq[min(int(u * len(seq)), len(seq) - 1)]
 
@@ -140,11 +148,8 @@ def render(kind: str, sides: tuple[str, ...], zone: str | None, count: int, styl
 
 def _query(phantom, kind, sides, zone, role, style, u) -> Query:
     found = matching(phantom, kind, sides, zone)
-    mask = np.zeros(phantom.image.shape, bool)
-    for o in found:
-        mask |= o.mask
     count = len(found)
-    return Query(render(kind, sides, zone, count, style, u), mask, kind, sides, zone, count, role)
+    return Query(render(kind, sides, zone, count, style, u), union_mask(phantom, found), kind, sides, zone, count, role)
 
 
 def _candidates(phantom: ReportPhantom):
