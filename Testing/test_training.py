@@ -266,3 +266,49 @@ def test_train_family_b_draws_its_bank_and_calibration_from_family_b(tmp_path, m
     assert asked == {"bank": ["B"], "calibration": ["B"]}
     assert spec["training"]["family"] == "B" and "--family B" in spec["training"]["command"]
     assert spec["presence"]["calibration"]["family"] == "B"
+
+
+def test_init_from_continues_a_model_keeps_its_clip_and_records_the_lineage(tmp_path, monkeypatch, capsys):
+    """`clipseg train --init-from MODEL --stages segmenter,calibrate,export`: the new model's CLIP is the parent's,
+    bit for bit; its segmenter starts from the parent's (one step moves it by about the learning rate, while a run
+    from random weights lands far away); the spec names the parent and its weights' digest, and its command
+    re-creates the run (issue: presence under domain shift, continuing the embedded model on both families)."""
+    import json
+
+    from CLIPSegLib.cli import main
+    from CLIPSegLib.models import load_spec, load_weights
+
+    out, run = tmp_path / "out", ["--output-dir", str(tmp_path / "out"), "--progress", "none"]
+    for model_id in ("parent", "scratch"):
+        assert main(["train", "--model-id", model_id, "--work-dir", str(tmp_path / model_id), "--seed",
+                     str(len(model_id))] + run + TINY_RUN) == 0
+    assert main(["train", "--model-id", "child", "--work-dir", str(tmp_path / "child"), "--init-from",
+                 str(out / "parent.json"), "--stages", "segmenter,calibrate,export", "--family", "A+B"]
+                + run + TINY_RUN) == 0
+    parent, child, scratch = (load_spec(out / f"{m}.json") for m in ("parent", "child", "scratch"))
+    wp, wc, ws = (load_weights(s) for s in (parent, child, scratch))
+    assert all(torch.equal(wp[k], wc[k]) for k in wp if k.startswith("clip."))
+    seg = [k for k in wp if not k.startswith("clip.") and wp[k].is_floating_point()]
+    moved = max(float((wc[k] - wp[k]).abs().max()) for k in seg)
+    assert moved < 1e-3 < max(float((ws[k] - wp[k]).abs().max()) for k in seg)
+    training = child["training"]
+    assert training["parent"]["id"] == "parent" and training["clip_steps"] == 0
+    assert training["parent"]["weights_sha256"] == {f["name"]: f["sha256"] for f in parent["files"]}
+    assert training["parent"]["training"]["seed"] == len("parent")
+    assert f"--init-from {out / 'parent.json'} --stages segmenter,calibrate,export" in training["command"]
+
+
+@pytest.mark.parametrize("args, expected, exit_code", [
+    (["--init-from", "tgcnet-report-small"], "is a tgcnet model; the recipe continues cliptnseg models only", 2),
+    (["--init-from", "cliptnseg-phantom-small", "--presence-head"], "give --presence-head exactly when it has one", 2),
+    (["--init-from", "cliptnseg-phantom-small", "--engine", "tgcnet"], "--init-from and --presence-head are", 2),
+    (["--init-from", "no-such-model"], "unknown model 'no-such-model'; known models: cliptnseg-phantom-small", 3),
+])
+def test_init_from_refuses_a_model_the_recipe_cannot_continue_before_any_work(args, expected, exit_code, tmp_path,
+                                                                             capsys):
+    from CLIPSegLib.cli import main
+
+    work = tmp_path / "work"
+    code = main(["train", "--output-dir", str(tmp_path / "out"), "--work-dir", str(work)] + TINY_RUN + args)
+    assert code == exit_code and expected in capsys.readouterr().err
+    assert not work.exists() and not (tmp_path / "out").exists()

@@ -43,14 +43,15 @@ def embedded_spec(model_id: str = "cliptnseg-phantom-small", presence_head: bool
 
 def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
                resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None, device="cpu",
-               stop_after: int | None = None) -> list[float]:
+               stop_after: int | None = None, start: dict | None = None) -> list[float]:
     """Contrastive training of both CLIP towers on (image, phrase) pairs; the phrases come from the data.
 
     Each image is paired with one of the phrases whose mask it contains (at random), or, if it contains none, with
     one of the dataset's ``normal_phrases`` (a dataset without them: the image sits the step out). An image matches a
     text when it contains the text's concept (the dataset's ``concepts``: phrase -> concept, e.g. each phrasing of a
     phantom finding -> the finding; a phrase it does not list is its own concept), so several images may share a
-    text: the target of each row/column is uniform over all matching pairs (multi-positive InfoNCE)."""
+    text: the target of each row/column is uniform over all matching pairs (multi-positive InfoNCE). ``start``: the
+    lineage of the weights ``clip`` starts from (``_lineage``; None: its own), part of the checkpoint's fingerprint."""
     clip.to(device)
     concepts = dict(getattr(dataset, "concepts", None) or {})
     normal = list(getattr(dataset, "normal_phrases", None) or [])
@@ -91,7 +92,8 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
 
     recipe = Recipe("CLIP contrastive", [{"params": list(clip.parameters()), "lr": lr}], loss, clip.state_dict,
                     clip.load_state_dict, clip.train, weight_decay=0.05,
-                    fingerprint={"lr": lr, "parameters": sum(p.numel() for p in clip.parameters())})
+                    fingerprint={"lr": lr, "parameters": sum(p.numel() for p in clip.parameters()),
+                                 **({"start": start} if start else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after)
 
 
@@ -121,13 +123,14 @@ def segmentation_loss(device="cpu"):
 def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, lr: float = 2e-3, seed: int = 0,
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None, validate=None, patience: int | None = None,
-                    validate_every: int = 100, rival_weight: float = 0.0) -> list[float]:
+                    validate_every: int = 100, rival_weight: float = 0.0, start: dict | None = None) -> list[float]:
     """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with ``segmentation_loss``, plus
     ``rival_weight`` x ``losses.rival_negative_loss`` (another finding's pixels as a finding's hard negatives).
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
-    split a long run; ``validate``/``patience``: early stop (``run_loop``). Returns the loss of every step run in
-    this call."""
+    split a long run; ``validate``/``patience``: early stop (``run_loop``); ``start``: the lineage of the weights
+    ``net`` starts from (``_lineage``; None: random), part of the checkpoint's fingerprint. Returns the loss of every
+    step run in this call."""
     net.to(device)
     mask_loss = segmentation_loss(device)
     ctx = net.clip.context_length
@@ -149,7 +152,8 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
     recipe = Recipe("segmenter", [{"params": params, "lr": lr}], loss, net.trainable_state_dict,
                     lambda sd: net.load_state_dict(sd, strict=False), net.train, weight_decay=1e-4,
                     fingerprint={"lr": lr, "network": net.cfg, **({"rival_weight": rival_weight}
-                                                                   if rival_weight else {})})
+                                                                   if rival_weight else {}),
+                                 **({"start": start} if start else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
                     validate, validate_every, patience)
 
@@ -242,14 +246,47 @@ def _checkpoint(path: Path, stage: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+def warm_start(init_from: str, spec: dict) -> tuple[dict, dict]:
+    """The model a run starts from (``--init-from``): -> (its verified spec, its weights as a state dict of
+    ``CLIPTNSegNet``: ``clip.*`` and the segmenter's). It must be a cliptnseg model of the recipe's architecture
+    (``spec``'s clip and network) without fine-tuned extras (learned phrases, a kept parent network); else
+    InputError naming what differs."""
+    from ..engines.cliptnseg.engine import PARENT_KEY
+    from ..engines.cliptnseg.network import CLIPTNSegNet
+    from ..models import load_spec, load_weights
+
+    parent = load_spec(init_from)
+    name = f"--init-from {init_from}"
+    if parent["engine"] != "cliptnseg":
+        raise InputError(f"{name} is a {parent['engine']} model; the recipe continues cliptnseg models only")
+    if parent.get("learned_phrases") or parent.get(PARENT_KEY):
+        raise InputError(f"{name} is a fine-tuned model (learned phrases or a kept parent network); start from the "
+                         f"model it was fine-tuned from, or fine-tune it further with 'clipseg finetune'")
+    if parent.get("clip") != spec["clip"]:
+        raise InputError(f"{name}: its CLIP ({parent.get('clip')}) is not the recipe's ({spec['clip']}); the recipe "
+                         f"continues models of its own architecture (e.g. the embedded cliptnseg-phantom-small)")
+    state = load_weights(parent)
+    own = CLIPTNSegNet(build_clip(spec["clip"]), spec["network"]).state_dict()
+    differ = sorted(set(own) ^ set(state)) or [k for k, v in state.items() if v.shape != own[k].shape]
+    if differ:  # e.g. a presence head on one side only, or other channel counts
+        raise InputError(f"{name}: its network is not the recipe's {spec['network']} (first difference: "
+                         f"{differ[0]}); give --presence-head exactly when it has one")
+    return parent, state
+
+
 def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phantom-small", n_phantoms: int = 2000,
                  clip_steps: int = 300, seg_steps: int = 3000, data_csv: Path | None = None, seed: int = 0,
                  stages=("clip", "segmenter", "calibrate", "export"), resume: bool = True,
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
                  command: str = "", presence_head: bool = False, n_volumes: int = 0,
                  force: bool = False, calibration_csv: Path | None = None, family: str = "A",
-                 rival_weight: float = 0.0) -> Path | None:
+                 rival_weight: float = 0.0, init_from: str | None = None) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
+
+    ``init_from`` (a model id or spec path, ``warm_start``): continue that model instead of starting from random
+    weights: the "clip" stage, if run, starts from its CLIP (else its CLIP is kept as it is), the "segmenter" stage
+    from its segmenter, and the spec records it as the parent (id, weights SHA-256, its training). A checkpoint in
+    ``work_dir`` still takes precedence (resume).
 
     ``family``: the phantom family of the training bank and the calibration volumes ("A", "B" or the mixture "A+B",
     ``synthetic.families``). ``rival_weight``: ``train_segmenter``'s (0: the embedded model's recipe).
@@ -261,22 +298,28 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     from .datasets import FolderTriples, PhantomBank
     from ..engines.cliptnseg.network import CLIPTNSegNet
 
-    work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     spec = embedded_spec(model_id, presence_head)
+    parent, parent_state = warm_start(init_from, spec) if init_from else (None, None)
+    work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     size = spec["clip"]["vision_cfg"]["image_size"]
     bank = None
     if {"clip", "segmenter"} & set(stages):
         bank = PhantomBank(n_phantoms, size, n_prompts=3, family=family,
                            progress=lambda d, t: progress.update("phantoms", d, t))
     clip = build_clip(spec["clip"])
+    if parent_state is not None:
+        clip.load_state_dict({k[len("clip."):]: v for k, v in parent_state.items() if k.startswith("clip.")})
     clip_ckpt = work_dir / "clip.pt"
     user = FolderTriples(data_csv, size) if data_csv is not None and {"clip", "segmenter"} & set(stages) else None
     if "clip" in stages:  # the user's phrases are learnt by the text tower too, not only by the segmenter
         clip_data = _mixed([bank, user]) if user is not None else bank
         train_clip(clip, clip_data, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress,
-                   device=device)
-    clip.load_state_dict(_checkpoint(clip_ckpt, "clip"))
+                   device=device, start=_lineage(parent))
+    if parent is None or clip_ckpt.is_file():
+        clip.load_state_dict(_checkpoint(clip_ckpt, "clip"))
     net = CLIPTNSegNet(clip, spec["network"])
+    if parent_state is not None:
+        net.load_state_dict({k: v for k, v in parent_state.items() if not k.startswith("clip.")}, strict=False)
     seg_ckpt = work_dir / "segmenter.pt"
     if "segmenter" in stages:
         bank.n_prompts = 2  # two of the three findings per image: 3 would cost ~1.9x per step on CPU
@@ -288,8 +331,9 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
             parts.append(user)
         data = _mixed(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device,
-                        rival_weight=rival_weight)
-    net.load_state_dict(_checkpoint(seg_ckpt, "segmenter"), strict=False)
+                        rival_weight=rival_weight, start=_lineage(parent))
+    if parent is None or seg_ckpt.is_file():
+        net.load_state_dict(_checkpoint(seg_ckpt, "segmenter"), strict=False)
     net.eval()
     def calibrate():
         from .calibration import calibrate_presence
@@ -308,8 +352,20 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         from ..inference.domain import phantom_domain
 
         spec["domain"] = phantom_domain(size)
-    spec["training"] = {"command": command, "family": family, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "clip_steps": clip_steps,
+    clip_kept = parent is not None and not clip_ckpt.is_file()  # the parent's CLIP, not trained here
+    spec["training"] = {"command": command, "family": family, "n_phantoms": n_phantoms, "n_volumes": n_volumes,
+                        "clip_steps": 0 if clip_kept else clip_steps,
                         "segmenter_steps": seg_steps, "rival_weight": rival_weight,
                         "seed": seed, "data_csv": str(data_csv) if data_csv else None,
                         "phrases": training_phrases(data_csv)}
+    if parent is not None:
+        spec["training"]["parent"] = {**_lineage(parent), "training": parent.get("training") or {}}
     return write_spec(spec, net.state_dict(), out_dir)
+
+
+def _lineage(parent: dict | None) -> dict | None:
+    """A parent model's id and weights' SHA-256 (None: no parent), as a spec's lineage and a checkpoint's
+    fingerprint record them."""
+    if parent is None:
+        return None
+    return {"id": parent["id"], "weights_sha256": {f["name"]: f["sha256"] for f in parent["files"]}}
