@@ -268,7 +268,7 @@ def test_train_family_b_draws_its_bank_and_calibration_from_family_b(tmp_path, m
     assert spec["presence"]["calibration"]["family"] == "B"
 
 
-def test_init_from_continues_a_model_keeps_its_clip_and_records_the_lineage(tmp_path, monkeypatch, capsys):
+def test_init_from_continues_a_model_keeps_its_clip_and_records_the_lineage(tmp_path):
     """`clipseg train --init-from MODEL --stages segmenter,calibrate,export`: the new model's CLIP is the parent's,
     bit for bit; its segmenter starts from the parent's (one step moves it by about the learning rate, while a run
     from random weights lands far away); the spec names the parent and its weights' digest, and its command
