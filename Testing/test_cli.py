@@ -433,7 +433,8 @@ def test_an_unwritable_report_folder_is_refused_before_the_evaluation(tmp_path, 
     (["--rival-weight", "-1"], "--rival-weight -1.0: must be at least 0"),
     (["--rival-weight", "nan"], "--rival-weight nan: give a number"),
     (["--engine", "tgcnet", "--rival-weight", "1"], "--rival-weight, --init-from and --presence-head are cliptnseg"),
-    (["--engine", "medclipsam", "--rival-weight", "1"], "--rival-weight, --init-from and --presence-head are cliptnseg"),
+    (["--engine", "medclipsam", "--rival-weight", "1"],
+     "--rival-weight, --init-from and --presence-head are cliptnseg"),
 ])
 def test_train_refuses_a_rival_weight_it_cannot_use_before_any_work(args, message, tmp_path, capsys):
     code, io = run(["train", "--output-dir", tmp_path / "m", "--work-dir", tmp_path / "w", "--progress", "none"]
