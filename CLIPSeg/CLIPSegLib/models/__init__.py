@@ -5,9 +5,9 @@ Importable without torch, safetensors or jsonschema (the Slicer panel lists the 
 """
 
 from .catalogue import ModelRef, find, load_spec, resolve, segmentation_models
-from .spec import DEFAULT_MODEL, ENGINE_SPEC_KEYS, MODELS_DIR, check_spec, read_spec
+from .spec import DEFAULT_MODEL, ENGINE_SPEC_KEYS, MODELS_DIR, check_spec, lineage, read_spec
 from .weights import load_checkpoint, load_weights, sha256_file, verify_file, write_spec
 
-__all__ = ["DEFAULT_MODEL", "ENGINE_SPEC_KEYS", "MODELS_DIR", "ModelRef", "check_spec", "find", "load_checkpoint",
-           "load_spec", "load_weights", "read_spec", "resolve", "segmentation_models", "sha256_file", "verify_file",
-           "write_spec"]
+__all__ = ["DEFAULT_MODEL", "ENGINE_SPEC_KEYS", "MODELS_DIR", "ModelRef", "check_spec", "find", "lineage",
+           "load_checkpoint", "load_spec", "load_weights", "read_spec", "resolve", "segmentation_models", "sha256_file",
+           "verify_file", "write_spec"]

@@ -45,6 +45,13 @@ ENGINE_SPEC_KEYS = {
 PARTS_ONLY = {"medclipsam"}
 
 
+def lineage(spec: dict) -> dict:
+    """How a derived model names the model it started from: its id and its weight files' SHA-256 (file name ->
+    digest), as a spec's ``training.parent`` records it (with the parent's ``training``) and a checkpoint's
+    fingerprint."""
+    return {"id": spec["id"], "weights_sha256": {f["name"]: f["sha256"] for f in spec["files"]}}
+
+
 def is_spec_name(path: Path) -> bool:
     """Whether a ``.json`` in a models folder is a model spec (not the registry, its schema or a hidden file)."""
     return path.suffix == ".json" and not path.name.startswith(("_", ".", "registry"))

@@ -51,7 +51,8 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
     text when it contains the text's concept (the dataset's ``concepts``: phrase -> concept, e.g. each phrasing of a
     phantom finding -> the finding; a phrase it does not list is its own concept), so several images may share a
     text: the target of each row/column is uniform over all matching pairs (multi-positive InfoNCE). ``start``: the
-    lineage of the weights ``clip`` starts from (``_lineage``; None: its own), part of the checkpoint's fingerprint."""
+    lineage of the weights ``clip`` starts from (``models.lineage``; None: its own), part of the checkpoint's
+    fingerprint."""
     clip.to(device)
     concepts = dict(getattr(dataset, "concepts", None) or {})
     normal = list(getattr(dataset, "normal_phrases", None) or [])
@@ -129,8 +130,8 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run; ``validate``/``patience``: early stop (``run_loop``); ``start``: the lineage of the weights
-    ``net`` starts from (``_lineage``; None: random), part of the checkpoint's fingerprint. Returns the loss of every
-    step run in this call."""
+    ``net`` starts from (``models.lineage``; None: random), part of the checkpoint's fingerprint. Returns the loss of
+    every step run in this call."""
     net.to(device)
     mask_loss = segmentation_loss(device)
     ctx = net.clip.context_length
@@ -297,9 +298,11 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     unless ``force`` (``check_output_free``)."""
     from .datasets import FolderTriples, PhantomBank
     from ..engines.cliptnseg.network import CLIPTNSegNet
+    from ..models import lineage
 
     spec = embedded_spec(model_id, presence_head)
     parent, parent_state = warm_start(init_from, spec) if init_from else (None, None)
+    start = lineage(parent) if parent is not None else None  # in the checkpoints' fingerprint and the spec
     work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     size = spec["clip"]["vision_cfg"]["image_size"]
     bank = None
@@ -314,7 +317,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     if "clip" in stages:  # the user's phrases are learnt by the text tower too, not only by the segmenter
         clip_data = _mixed([bank, user]) if user is not None else bank
         train_clip(clip, clip_data, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress,
-                   device=device, start=_lineage(parent))
+                   device=device, start=start)
     if parent is None or clip_ckpt.is_file():
         clip.load_state_dict(_checkpoint(clip_ckpt, "clip"))
     net = CLIPTNSegNet(clip, spec["network"])
@@ -331,7 +334,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
             parts.append(user)
         data = _mixed(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device,
-                        rival_weight=rival_weight, start=_lineage(parent))
+                        rival_weight=rival_weight, start=start)
     if parent is None or seg_ckpt.is_file():
         net.load_state_dict(_checkpoint(seg_ckpt, "segmenter"), strict=False)
     net.eval()
@@ -359,13 +362,6 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                         "seed": seed, "data_csv": str(data_csv) if data_csv else None,
                         "phrases": training_phrases(data_csv)}
     if parent is not None:
-        spec["training"]["parent"] = {**_lineage(parent), "training": parent.get("training") or {}}
+        spec["training"]["parent"] = {**start, "training": parent.get("training") or {}}
     return write_spec(spec, net.state_dict(), out_dir)
 
-
-def _lineage(parent: dict | None) -> dict | None:
-    """A parent model's id and weights' SHA-256 (None: no parent), as a spec's lineage and a checkpoint's
-    fingerprint record them."""
-    if parent is None:
-        return None
-    return {"id": parent["id"], "weights_sha256": {f["name"]: f["sha256"] for f in parent["files"]}}

@@ -614,7 +614,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
 
     from ..engines.cliptnseg.engine import PARENT_KEY
     from ..inference.pipeline import resolve_device
-    from ..models import load_spec, write_spec
+    from ..models import lineage, load_spec, write_spec
     from .calibration import merged_presence
     from .cliptnseg_recipe import check_output_free
     from .datasets import make_augmentation
@@ -698,8 +698,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on",
         "phrases": sorted(set(parent_training.get("phrases") or []) | set(phrases)),
         "data": {"source": str(data), **ls.summary(volumes, train, held)},
-        "parent": {"id": parent_spec["id"], "weights_sha256": {f["name"]: f["sha256"] for f in parent_spec["files"]},
-                   "training": parent_training}}
+        "parent": {**lineage(parent_spec), "training": parent_training}}
     path = write_spec(spec, weights, Path(output_dir))
     shutil.rmtree(work, ignore_errors=True)
     return FinetuneResult(path, json.loads(path.read_text(encoding="utf-8")), losses)
