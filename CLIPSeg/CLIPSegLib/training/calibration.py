@@ -160,7 +160,7 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
     return out
 
 
-def _table(cases) -> SimpleNamespace:
+def case_table(cases) -> SimpleNamespace:
     """The cases' components as arrays (Component fields + overlap, case index, volume extent) for ``keep``."""
     rows = [(i, c, o, ext) for i, (_, _, comps, ext) in enumerate(cases) for c, o in comps]
     col = lambda get: np.array([get(r) for r in rows], float)  # noqa: E731
@@ -171,23 +171,29 @@ def _table(cases) -> SimpleNamespace:
         findings=np.array([f for f, *_ in cases]), truth=np.array([t for _, t, *_ in cases], float))
 
 
-def _evaluate(table: SimpleNamespace, cfg: dict):
+def case_outcomes(table: SimpleNamespace, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """What rule ``cfg`` does to each case of ``table`` (``case_table``): (left empty: bool per case, Dice per case).
+    The first counts for absent cases (truth 0), the second for present ones."""
     n = len(table.truth)
     kept = keep(table, cfg, table.volume_extent_mm)
     case = table.case[kept]
     n_kept = np.bincount(case, minlength=n)
     overlap = np.bincount(case, weights=table.overlap[kept], minlength=n)
     voxels = np.bincount(case, weights=table.voxels[kept], minlength=n)
+    return n_kept == 0, 2 * overlap / np.maximum(voxels + table.truth, 1)
+
+
+def _evaluate(table: SimpleNamespace, cfg: dict):
+    left_empty, dice = case_outcomes(table, cfg)
     absent = table.truth == 0
-    empty = float(np.mean(n_kept[absent] == 0)) if absent.any() else 1.0
-    dice = 2 * overlap / np.maximum(voxels + table.truth, 1)
+    empty = float(np.mean(left_empty[absent])) if absent.any() else 1.0
     return empty, {f: float(dice[(table.findings == f) & ~absent].mean()) if ((table.findings == f) & ~absent).any()
                    else float("nan") for f in dict.fromkeys(table.findings.tolist())}
 
 
 def evaluate_rule(cases, cfg: dict):
     """-> (fraction of absent findings left empty, {finding: mean Dice over present cases})."""
-    return _evaluate(_table(cases), cfg)
+    return _evaluate(case_table(cases), cfg)
 
 
 PEAK_GRID = tuple(np.round(np.linspace(0.5, 0.99, 50), 3))
@@ -200,7 +206,7 @@ def search_rule(cases, gate: float = 1.0, contrast_grid=CONTRAST_GRID) -> dict:
     Dice, then over (min_contrast, min_peak, min_mean) at the best extent and area (a full 5-D grid would cost 8x
     the time); on ties the first (least demanding) rule wins. ``min_contrast``
     is searched only when every component's contrast was measured (cases built with their image)."""
-    table = _table(cases)
+    table = case_table(cases)
     if not len(table.contrast) or not np.isfinite(table.contrast).all():
         contrast_grid = (0.0,)
     best = None
