@@ -62,10 +62,13 @@ def collect(model: str, label: str, n: int, seed_base: int, family: str, cache: 
 
     spec = load_spec(model)
     digest = hashlib.sha256(json.dumps([f["sha256"] for f in spec["files"]]).encode()).hexdigest()[:12]
-    path = cache / f"{spec['id']}-{digest}-{label}-{family}-{seed_base}-{n}.pkl"
+    stem = f"{spec['id']}-{digest}-{label}-{family}-{seed_base}"
+    path = cache / f"{stem}-{n}.pkl"
     families = [family_of(seed_base + v, family) for v in range(n) for _ in FINDINGS]
-    if path.is_file():
-        return pickle.loads(path.read_bytes()), families
+    for bigger in sorted(cache.glob(f"{stem}-*.pkl"), key=lambda q: int(q.stem.rsplit("-", 1)[1])):
+        if int(bigger.stem.rsplit("-", 1)[1]) >= n:  # the first n volumes of a larger set are these n volumes
+            entries = pickle.loads(bigger.read_bytes())
+            return {g: cases[:n * len(FINDINGS)] for g, cases in entries.items()}, families
     t0 = time.time()
     engine = load_engine(model, device="cpu")
     exclusive = [tuple(p) for p in (spec.get("presence") or {}).get("exclusive", EXCLUSIVE)]
