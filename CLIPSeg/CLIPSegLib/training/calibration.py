@@ -166,7 +166,8 @@ def case_table(cases) -> SimpleNamespace:
     col = lambda get: np.array([get(r) for r in rows], float)  # noqa: E731
     return SimpleNamespace(
         peak=col(lambda r: r[1].peak), mean=col(lambda r: r[1].mean), extent_mm=col(lambda r: r[1].extent_mm),
-        max_area_mm2=col(lambda r: r[1].max_area_mm2), contrast=col(lambda r: r[1].contrast), voxels=col(lambda r: r[1].voxels), overlap=col(lambda r: r[2]),
+        max_area_mm2=col(lambda r: r[1].max_area_mm2), contrast=col(lambda r: r[1].contrast),
+        voxels=col(lambda r: r[1].voxels), overlap=col(lambda r: r[2]),
         volume_extent_mm=col(lambda r: r[3]), case=np.array([r[0] for r in rows], int),
         findings=np.array([f for f, *_ in cases]), truth=np.array([t for _, t, *_ in cases], float))
 
