@@ -1,6 +1,7 @@
 """The presence calibration's search on hand-made components: what it keeps, what it drops, and which gate wins."""
 
-from CLIPSegLib.training.calibration import evaluate_rule, search_gate_and_rule, search_rule
+from CLIPSegLib.training.calibration import (case_outcomes, case_table, evaluate_rule, search_gate_and_rule,
+                                             search_rule)
 from CLIPSegLib.inference.postprocess import Component
 
 
@@ -24,6 +25,15 @@ def test_rule_figures_are_counted_per_case():
     empty, dice = evaluate_rule(_cases(0.9), keep_all)
     assert empty == 0.5  # one of the two absent cases has a stray blob
     assert abs(dice["nodule"] - (2 * 1000 / 2030 + 2 * 800 / 1700) / 2) < 1e-9
+
+
+def test_case_outcomes_say_what_a_rule_does_to_each_case():
+    strict = {"threshold": 0.5, "min_peak": 0.95, "min_extent_mm": 0.0, "min_area_mm2": 0.0}
+    left_empty, dice = case_outcomes(case_table(_cases(0.9)), strict)
+    # the stray blob of the first absent case (peak 0.9) is dropped; both nodules keep their true component only
+    assert left_empty.tolist() == [False, False, True, True]
+    assert abs(dice[0] - 2 * 1000 / 2000) < 1e-9 and abs(dice[1] - 2 * 800 / 1700) < 1e-9
+    assert dice[2] == 0.0 and dice[3] == 0.0
 
 
 def test_search_drops_stray_blobs_and_keeps_the_findings():
