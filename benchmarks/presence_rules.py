@@ -170,16 +170,17 @@ def main(argv=None) -> int:
     per_finding = {}
     for f in FINDINGS:
         empty, dice, absent = outcomes(cal, f, rules)
-        fam = np.array([x for x, c in zip(fams, [c for c in cal[sorted(cal)[0]]]) if c[0] == f])
+        fam = np.array([x for x, c in zip(fams, cal[sorted(cal)[0]]) if c[0] == f])  # entries align across gates
         per_finding[f] = (empty, dice, absent, fam)
     print(f"{len(rules)} candidate rules per finding judged on the calibration volumes in {time.time() - t0:.0f} s",
           file=sys.stderr)
     rng = np.random.default_rng(0)
-    model_rules = (spec.get("presence") or {}).get("per_finding") or {}
+    presence = spec.get("presence") or {}
+    model_rules = presence.get("per_finding") or {}
     results = {}
     for strategy in a.strategies.split(","):
         if strategy == "model":
-            rule_of = {f: model_rules[f] for f in FINDINGS}
+            rule_of = {f: {**presence, **model_rules.get(f, {})} for f in FINDINGS}  # no rule of its own: global
         elif strategy == "oracle":
             both = {g: held["A"][g] + held["B"][g] for g in held["A"]}
             rule_of = {f: pick("objective", rules, *outcomes(both, f, rules), None, rng) for f in FINDINGS}
