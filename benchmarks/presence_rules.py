@@ -45,9 +45,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CLIPSeg"))
 
+from CLIPSegLib.inference.postprocess import CRITERIA  # noqa: E402  (numpy and scipy only)
+
 HELDOUT_SEED = 1000
 PEAKS = tuple(np.round(np.linspace(0.5, 0.98, 25), 3))  # half the calibration's peak grid, for time
 BOOTSTRAPS = 31
+RULE_KEYS = ("slice_gate", *(key for _, key, _ in CRITERIA))  # what a strategy sets in a rule
 
 
 def collect(model: str, label: str, n: int, seed_base: int, family: str, cache: Path):
@@ -101,13 +104,15 @@ def outcomes(by_gate: dict, finding: str, rules: list) -> tuple[np.ndarray, np.n
 
 
 def scores(empty, dice, absent, weights=None):
-    """2 x absent-empty rate + mean Dice of every rule (rows), cases weighted by ``weights`` ([cases] or
-    [resamples, cases]; default 1)."""
+    """(calibration ``objective``, absent-empty rate, mean Dice) of every rule (rows), cases weighted by
+    ``weights`` ([cases] or [resamples, cases]; default 1)."""
+    from CLIPSegLib.training.calibration import objective
+
     w = np.ones(absent.shape) if weights is None else weights
     w_abs, w_pre = w * absent, w * ~absent
     rate = (empty @ w_abs.T) / np.maximum(w_abs.sum(-1), 1e-9)
     mean = (dice @ w_pre.T) / np.maximum(w_pre.sum(-1), 1e-9)
-    return 2 * rate + mean, rate, mean
+    return objective(rate, mean), rate, mean
 
 
 def pick(strategy: str, rules, empty, dice, absent, families, rng) -> dict:
@@ -127,9 +132,7 @@ def pick(strategy: str, rules, empty, dice, absent, families, rng) -> dict:
         weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(BOOTSTRAPS)]).astype(float)
         best = np.argmax(scores(empty, dice, absent, weights)[0], axis=0)  # [resamples]
         chosen = [rules[i] for i in best]
-        return {**chosen[0], **{k: float(np.median([r[k] for r in chosen]))
-                                for k in ("slice_gate", "min_peak", "min_extent_mm", "min_area_mm2", "min_mean",
-                                          "min_contrast")}}
+        return {**chosen[0], **{k: float(np.median([r[k] for r in chosen])) for k in RULE_KEYS}}
     raise ValueError(strategy)
 
 
@@ -200,8 +203,7 @@ def main(argv=None) -> int:
         print(f"| {strategy} | " + " | ".join(cells) + " |")
     print()
     for strategy, r in results.items():
-        short = {f: {k.replace("min_", ""): round(float(v), 3) for k, v in rule.items()
-                     if k in ("slice_gate", "min_peak", "min_mean", "min_extent_mm", "min_area_mm2", "min_contrast")}
+        short = {f: {k.replace("min_", ""): round(float(v), 3) for k, v in rule.items() if k in RULE_KEYS}
                  for f, rule in r["rules"].items()}
         print(f"- {strategy}: {json.dumps(short)}")
     if a.json:

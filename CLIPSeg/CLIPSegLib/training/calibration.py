@@ -202,6 +202,12 @@ EXTENT_GRID = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 AREA_GRID = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
+def objective(absent_empty_rate, mean_dice):
+    """What the search maximises (numbers or arrays): 2 x absent-empty rate + mean Dice. Absence weighs twice as
+    much as Dice; a rule that empties everything still loses its Dice term."""
+    return 2.0 * absent_empty_rate + mean_dice
+
+
 def search_rule(cases, gate: float = 1.0, contrast_grid=CONTRAST_GRID) -> dict:
     """Grid search over (min_peak, min_extent_mm, min_area_mm2, min_mean) maximising 2 x absent-empty rate + mean
     Dice, then over (min_contrast, min_peak, min_mean) at the best extent and area (a full 5-D grid would cost 8x
@@ -221,8 +227,7 @@ def search_rule(cases, gate: float = 1.0, contrast_grid=CONTRAST_GRID) -> dict:
         # no present case (e.g. a finding no calibration volume holds): absence alone decides (NaN would make every
         # rule compare as no better than the first, the least demanding one)
         mean = float(np.mean(present)) if present else 0.0
-        # absence weighs twice as much as Dice; a rule that empties everything still loses its Dice term
-        key = 2.0 * empty + mean
+        key = objective(empty, mean)
         if best is None or key > best[0]:
             best = (key, cfg, empty, dice)
 
