@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dense-weight", type=float, default=1.0,
                    help="weight of the patch-level term (phantoms: patches of a finding's mask toward its phrase); "
                         "0: DHN-NCE alone, as the paper")
+    g.add_argument("--dense-labels", default="caption", choices=("caption", "mask"),
+                   help="what the patch term learns from: which findings each slice holds, as its caption says "
+                        "(default; no mask, so the model stays zero-shot), or the findings' masks")
     g.add_argument("--temperature", type=float, default=0.6, help="DHN-NCE temperature (paper: 0.6)")
     g.add_argument("--beta1", type=float, default=0.15, help="DHN-NCE hardness, image -> text (paper: 0.15)")
     g.add_argument("--beta2", type=float, default=0.15, help="DHN-NCE hardness, text -> image (paper: 0.15)")
@@ -504,7 +507,8 @@ def _cmd_finetune_clip(a, progress):
                          "out (or --data out to train on phantom captions)")
     argv = ["clipseg", "finetune-clip", "--output-dir", a.output_dir, "--steps", str(a.steps), "--batch-size",
             str(a.batch_size), "--lr", str(a.lr), "--trainable", a.trainable, "--blocks", str(a.blocks),
-            "--lora-rank", str(a.lora_rank), "--dense-weight", str(a.dense_weight), "--temperature",
+            "--lora-rank", str(a.lora_rank), "--dense-weight", str(a.dense_weight), "--dense-labels",
+            a.dense_labels, "--temperature",
             str(a.temperature), "--beta1", str(a.beta1), "--beta2", str(a.beta2), "--saliency", a.saliency,
             "--seed", str(a.seed)]
     argv += ["--from", a.source] if a.source else []
@@ -518,7 +522,7 @@ def _cmd_finetune_clip(a, progress):
                          a.phantoms, a.volumes, a.family, a.steps, a.batch_size, a.lr, a.trainable, a.blocks,
                          a.lora_rank, a.dense_weight, a.temperature, a.beta1, a.beta2, a.seed, not a.no_resume,
                          a.sam_from, a.saliency, progress, resolve_device(a.device),
-                         shlex.join(argv) + " --no-resume --force", a.force)
+                         shlex.join(argv) + " --no-resume --force", a.force, dense_labels=a.dense_labels)
     if a.progress != "json":
         print(f"wrote {path}")
 

@@ -6,11 +6,20 @@ hardness) on the pooled image embedding only. Nothing in that loss asks a patch 
 text-conditioned map read from the tower (gradient saliency, or the patch-text similarity of ``saliency``) follows
 the finding only as far as it happens to.
 
-What is added here (``dense_weight`` > 0, on data with masks: the phantoms): a patch-level term, a class-balanced
-binary cross-entropy per patch of ``DENSE_SCALE`` x (cos(patch, finding phrase) - mean cos(patch, neutral texts))
-against "the patch lies mostly in that finding's mask" (positives and negatives averaged separately; an absent
-finding's phrase has every patch negative). That quantity is exactly the ``patch_similarity`` saliency before its
-clamp, so the term trains the map the engine reads. A caption CSV has no masks: the dense term is then off.
+What is added here (``dense_weight`` > 0, on the phantoms, whose slices say which findings they hold): a patch-level
+term on the patch logits ``DENSE_SCALE`` x (cos(patch, finding phrase) - mean cos(patch, neutral texts)), exactly
+the ``patch_similarity`` saliency before its clamp, so the term trains the map the engine reads. Two kinds of labels
+(``DENSE_LABELS``):
+
+- ``caption`` (default; no mask anywhere, so the path stays zero-shot): multiple-instance learning from what the
+  caption says. A finding the slice does not hold: every patch is a negative (binary cross-entropy). A finding it
+  holds: the mean of its ``MIL_TOP`` highest patch logits is a positive and its lowest ``MIL_BACKGROUND`` share of
+  patches are negatives (a size prior: no finding covers half a slice). The patches that differ between slices
+  with and without the finding are the ones pushed up, which is where the finding is.
+- ``mask``: a class-balanced binary cross-entropy per patch against "the patch lies mostly in that finding's mask"
+  (positives and negatives averaged separately). Mask supervision: the model is then no longer zero-shot.
+
+A caption CSV names no finding per slice: the dense term is then off.
 
 Data (``datasets.collate`` samples ``(image [1,S,S], [caption, phrase...], masks [1+F,S,S])``; the first text of a
 sample is its caption, its mask unused):
@@ -43,6 +52,11 @@ from .loop import Recipe, run_loop
 
 TRAINABLE = ("all", "last", "lora")
 DENSE_SCALE = 10.0  # logit per unit of cosine difference in the dense term
+DENSE_LABELS = ("caption", "mask")
+MIL_TOP = 4  # caption labels: a present finding's slice logit is the mean of its this many highest patch logits
+MIL_BACKGROUND = 0.5  # caption labels: this share of a slice's patches, the lowest, are negatives even when it holds
+# the finding (no finding covers half a slice); without it a ViT, whose tokens all see the whole slice, may light up
+# the tissue around a finding instead of the finding
 DEFAULT_TEMPLATE = "medclipsam-phantom-small"  # where the SAM and box settings of a new model come from by default
 # a parameter inside block i of a tower: open_clip (resblocks), timm (blocks), Hugging Face BERT (layer)
 BLOCK = re.compile(r"^(?P<tower>.*?\.(?:resblocks|blocks|layer))\.(?P<index>\d+)\.")
@@ -222,9 +236,12 @@ class Tuner:
 
 
 def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperature: float = 0.6, beta1: float = 0.15,
-                 beta2: float = 0.15, device="cpu"):
+                 beta2: float = 0.15, device="cpu", dense_labels: str = "caption"):
     """-> ``loss(batch)`` for ``run_loop``: DHN-NCE of the images against their captions (the first text of each
-    sample) + ``dense_weight`` x the dense term (module docstring) on the other texts and their masks."""
+    sample) + ``dense_weight`` x the dense term (module docstring) on the other texts, labelled by ``dense_labels``:
+    whether each text's finding is in the slice (``caption``) or its mask (``mask``)."""
+    if dense_labels not in DENSE_LABELS:
+        raise InputError(f"--dense-labels {dense_labels!r} is not one of {', '.join(DENSE_LABELS)}")
     from ..engines.medclipsam.dhn_nce import dhn_nce_loss
     from ..engines.medclipsam.saliency import dense_features
 
@@ -248,7 +265,9 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
         t = F.normalize(emb, dim=-1)
         own = torch.einsum("mdhw,md->mhw", d, t[idx[rest.to(device)]])
         base = torch.einsum("mdhw,nd->mnhw", d, t[[unique.index(n) for n in neutral]]).mean(1)
-        logits = DENSE_SCALE * (own - base)
+        logits = DENSE_SCALE * (own - base)  # [M,h,w]
+        if dense_labels == "caption":
+            return total + dense_weight * mil_loss(logits, masks[rest].flatten(1).any(1).to(device))
         frac = F.adaptive_avg_pool2d(masks[rest][:, None].float().to(device), logits.shape[-2:])[:, 0]  # [M,h,w]
         top = frac.flatten(1).amax(1).clamp(max=0.5)[:, None, None]
         target = ((frac >= top) & (frac > 0)).float()  # mostly inside; a finding smaller than a patch: its best patch
@@ -257,6 +276,24 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
         dense_loss = bce[neg].mean() + (bce[pos].mean() if pos.any() else 0.0)
         return total + dense_weight * dense_loss
 
+    return loss
+
+
+def mil_loss(logits: torch.Tensor, present: torch.Tensor, top: int = MIL_TOP,
+             background: float = MIL_BACKGROUND) -> torch.Tensor:
+    """Multiple-instance loss from slice-level labels: ``logits`` [M,h,w] patch logits of M (slice, finding) pairs,
+    ``present`` [M] bool (the slice holds the finding). Negatives: every patch of an absent pair and the lowest
+    ``background`` share of a present pair's patches (mean BCE against 0); positives: the mean of the ``top`` highest
+    patch logits of a present pair (BCE against 1); the two averaged separately, then added."""
+    flat = logits.flatten(1)
+    ranked = flat[present].sort(dim=1).values  # [P, h*w] ascending
+    negatives = torch.cat([flat[~present].flatten(), ranked[:, :int(background * flat.shape[1])].flatten()])
+    loss = logits.new_zeros(())
+    if negatives.numel():
+        loss = loss + F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives))
+    if present.any():
+        bag = ranked[:, -min(top, flat.shape[1]):].mean(1)
+        loss = loss + F.binary_cross_entropy_with_logits(bag, torch.ones_like(bag))
     return loss
 
 
@@ -310,7 +347,7 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
     if saliency:
         spec["saliency"] = {**(spec.get("saliency") or {}), "method": saliency}
     spec["description"] = (f"MedCLIP-SAM with its CLIP fine-tuned by `clipseg finetune-clip` (DHN-NCE"
-                           f"{' + dense patch term' if training.get('dense_weight') else ''}) from "
+                           f"{' + ' + training['loss'].split(' + ', 1)[1] if ' + ' in training.get('loss', '') else ''}) from "
                            f"{training['parent'].get('id') or training['parent'].get('folder')}; SAM and presence rule "
                            f"of {template['id']} (re-calibrate the rule for this CLIP).")
     spec["training"] = training
@@ -325,7 +362,8 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                   lora_rank: int = 8, dense_weight: float = 1.0, temperature: float = 0.6, beta1: float = 0.15,
                   beta2: float = 0.15, seed: int = 0, resume: bool = True, template: str | None = None,
                   saliency: str | None = "patch_similarity", progress: Progress | None = None, device="cpu",
-                  command: str = "", force: bool = False, stop_after: int | None = None) -> Path | None:
+                  command: str = "", force: bool = False, stop_after: int | None = None,
+                  dense_labels: str = "caption") -> Path | None:
     """The whole command: checks, source CLIP, data, ``run_loop`` (checkpoint ``work_dir/clip.pt``), export.
     Returns the spec path (None when ``stop_after`` ended the call before the last step)."""
     from monai.utils import set_determinism
@@ -340,6 +378,8 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                          f"dense weight >= 0")
     if family not in ("A", "B", "A+B"):
         raise InputError(f"--family {family!r} is not A, B or A+B")
+    if dense_labels not in DENSE_LABELS:
+        raise InputError(f"--dense-labels {dense_labels!r} is not one of {', '.join(DENSE_LABELS)}")
     progress = progress or Progress("none")
     device = torch.device(device)
     clip, clip_cfg, tspec, tstate, lineage = load_source(source, device, template)
@@ -356,9 +396,10 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     neutral = list((tspec.get("presence") or {}).get("neutral") or _neutral())
     tuner = Tuner(clip, trainable, blocks, lora_rank)
     settings = {"lr": lr, "trainable": trainable, "blocks": blocks, "lora_rank": lora_rank, "dense_weight": dense_weight,
-                "temperature": temperature, "beta1": beta1, "beta2": beta2, "tensors": len(tuner.names)}
+                "dense_labels": dense_labels, "temperature": temperature, "beta1": beta1, "beta2": beta2,
+                "tensors": len(tuner.names)}
     recipe = Recipe("CLIP DHN-NCE", [{"params": tuner.params, "lr": lr}],
-                    clip_loss_fn(clip, neutral, dense_weight, temperature, beta1, beta2, device),
+                    clip_loss_fn(clip, neutral, dense_weight, temperature, beta1, beta2, device, dense_labels),
                     tuner.state, tuner.load, tuner.train, weight_decay=0.01, fingerprint=settings)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -370,7 +411,8 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
         return None
     training = {"command": command, "parent": lineage, "template": tspec["id"], "data": data, "steps": steps,
                 "batch_size": batch_size, "seed": seed, "neutral": neutral, "loss": "DHN-NCE" + (
-                    " + dense patch BCE" if dense_weight and data_csv is None else ""),
+                    (" + patch MIL from captions" if dense_labels == "caption" else " + dense patch BCE on masks")
+                    if dense_weight and data_csv is None else ""),
                 "last_loss": round(losses[-1], 4) if losses else None, **settings}
     return export(tuner.merged(), clip_cfg, tspec, tstate, Path(out_dir), model_id, training, saliency)
 

@@ -26,7 +26,8 @@ from .loop import Recipe, check_stage_list, run_loop, staged_presence
 # 128 px input (the phantom CLIP's), 8 px patches: a 16 x 16 embedding grid; about 0.6 M parameters
 SAM_SMALL = {"embed_dim": 64, "depth": 4, "num_heads": 4, "global_attn_indexes": [1, 3], "image_size": 128,
              "patch_size": 8, "prompt_dim": 64, "window_size": 8, "mlp_dim": 256, "decoder_heads": 4}
-JITTER = 0.2  # each box side moves by up to this fraction of the box's width / height (uniform)
+JITTER = 0.3  # each box side moves by up to this fraction of the box's width / height (uniform): saliency boxes of
+# 8-px patches miss a 20-px finding by a quarter of its size
 CLIP_FROM = "cliptnseg-phantom-small"
 STAGES = ("sam", "calibrate", "export")
 # 4 images a step, phantoms not augmented (box jitter and the phantoms' own variety only): MONAI's augmentation cost
@@ -36,11 +37,14 @@ BATCH, AUGMENT = 4, False
 
 def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = CLIP_FROM) -> dict:
     """The spec of the embedded MedCLIP-SAM model (without presence rule and files): the ``clip_from`` model's CLIP
-    config, the small SAM, gradcam saliency (gScoreCAM costs ~300 image passes per slice and prompt and localised no
-    better on phantoms: README), one box per slice, a 3-slice vote."""
+    config, the small SAM, the ``clip_from`` model's saliency if it is a medclipsam model (e.g. one made by
+    ``clipseg finetune-clip``: patch_similarity), else gradcam (gScoreCAM costs ~300 image passes per slice and
+    prompt and localised no better on phantoms: README), one box per slice, a 3-slice vote."""
     from ..models import load_spec
 
-    clip = load_spec(clip_from)["clip"]
+    source = load_spec(clip_from)
+    clip = source["clip"]
+    method = (source.get("saliency") or {}).get("method", "gradcam") if source["engine"] == "medclipsam" else "gradcam"
     return {
         "id": model_id,
         "engine": "medclipsam",
@@ -51,7 +55,7 @@ def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = C
         "citation": "Koleilat et al., MedCLIP-SAM, MICCAI 2024",
         "clip": dict(clip),
         "sam": {"type": dict(SAM_SMALL), "normalize": "sam"},
-        "saliency": {"method": "gradcam"},
+        "saliency": {"method": method},
         "boxes": {"split": "otsu", "min_area": 16, "max_boxes": 1},
         "inference": {"slice_vote": 3},
     }

@@ -159,16 +159,17 @@ def patch_maps(dense: torch.Tensor, text_embeddings: torch.Tensor, neutral: torc
                size: int | None = None) -> torch.Tensor:
     """Patch embeddings ``[B,D,h,w]``, prompts ``[P,D]``, neutral texts ``[N,D]`` (or None) -> ``[B,P,size,size]``
     float32: cos(patch, prompt) - mean_n cos(patch, neutral_n), upsampled (bilinear) to ``size`` (default: kept at
-    h x w), negative values set to 0 and each map divided by its maximum (all 0 where no patch is nearer the prompt
-    than the neutral texts: the map itself can say "nothing here")."""
+    h x w), each map scaled from its minimum (0) to its maximum (1); all 0 where no patch is nearer the prompt than
+    the neutral texts (the map itself can say "nothing here"). Scaled from the minimum, not cut at 0: the rim of a
+    finding, below 0 but far above the tissue around it, stays in the map and in the box cut from it."""
     d = F.normalize(dense.float(), dim=1)
     sim = torch.einsum("bdhw,pd->bphw", d, F.normalize(text_embeddings.float(), dim=-1))
     if neutral is not None and len(neutral):
         sim = sim - torch.einsum("bdhw,nd->bnhw", d, F.normalize(neutral.float(), dim=-1)).mean(1, keepdim=True)
     if size is not None and sim.shape[-1] != size:
         sim = F.interpolate(sim, size=(size, size), mode="bilinear", align_corners=False)
-    sim = sim.clamp_min(0)
-    return sim / sim.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
+    peak, low = sim.amax(dim=(2, 3), keepdim=True), sim.amin(dim=(2, 3), keepdim=True)
+    return torch.where(peak > 0, (sim - low) / (peak - low).clamp_min(1e-8), torch.zeros_like(sim))
 
 
 def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tensor, method: str = "gscorecam",
