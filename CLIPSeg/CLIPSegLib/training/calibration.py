@@ -346,9 +346,14 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     spec = load_spec(model)
     engine = load_engine(model, device=device)
     exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
-    rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
-                           {f: list(PHRASES[f]) for f in FINDINGS}, [tuple(p) for p in exclusive], progress,
-                           None, n_volumes)
+    if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
+        from .medclipsam_calibration import calibrate_medclipsam
+
+        rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
+    else:
+        rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
+                               {f: list(PHRASES[f]) for f in FINDINGS}, [tuple(p) for p in exclusive], progress,
+                               None, n_volumes)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
                                 "family": family, "command": command})
     source_dir = Path(spec["_dir"])

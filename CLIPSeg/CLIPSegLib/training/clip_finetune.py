@@ -7,15 +7,16 @@ text-conditioned map read from the tower (gradient saliency, or the patch-text s
 the finding only as far as it happens to.
 
 What is added here (``dense_weight`` > 0, on the phantoms, whose slices say which findings they hold): a patch-level
-term on the patch logits ``DENSE_SCALE`` x (cos(patch, finding phrase) - mean cos(patch, neutral texts)), exactly
-the ``patch_similarity`` saliency before its clamp, so the term trains the map the engine reads. Two kinds of labels
+term on the patch logits ``PATCH_SCALE`` x ``saliency.patch_similarity`` (cos(patch, finding phrase) - mean
+cos(patch, neutral texts)), the map the engine reads. Two kinds of labels
 (``DENSE_LABELS``):
 
 - ``caption`` (default; no mask anywhere, so the path stays zero-shot): multiple-instance learning from what the
   caption says. A finding the slice does not hold: every patch is a negative (binary cross-entropy). A finding it
-  holds: the mean of its ``MIL_TOP`` highest patch logits is a positive and its lowest ``MIL_BACKGROUND`` share of
+  holds: the mean of its ``PATCH_TOP`` highest patch logits is a positive and its lowest ``MIL_BACKGROUND`` share of
   patches are negatives (a size prior: no finding covers half a slice). The patches that differ between slices
-  with and without the finding are the ones pushed up, which is where the finding is.
+  with and without the finding are the ones pushed up, which is where the finding is. That mean is also the
+  slice presence the exported model reads (``saliency.slice_presence`` "patches").
 - ``mask``: a class-balanced binary cross-entropy per patch against "the patch lies mostly in that finding's mask"
   (positives and negatives averaged separately). Mask supervision: the model is then no longer zero-shot.
 
@@ -51,9 +52,7 @@ from ..progress import Progress
 from .loop import Recipe, run_loop
 
 TRAINABLE = ("all", "last", "lora")
-DENSE_SCALE = 10.0  # logit per unit of cosine difference in the dense term
 DENSE_LABELS = ("caption", "mask")
-MIL_TOP = 4  # caption labels: a present finding's slice logit is the mean of its this many highest patch logits
 MIL_BACKGROUND = 0.5  # caption labels: this share of a slice's patches, the lowest, are negatives even when it holds
 # the finding (no finding covers half a slice); without it a ViT, whose tokens all see the whole slice, may light up
 # the tissue around a finding instead of the finding
@@ -243,7 +242,7 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
     if dense_labels not in DENSE_LABELS:
         raise InputError(f"--dense-labels {dense_labels!r} is not one of {', '.join(DENSE_LABELS)}")
     from ..engines.medclipsam.dhn_nce import dhn_nce_loss
-    from ..engines.medclipsam.saliency import dense_features
+    from ..engines.medclipsam.saliency import PATCH_SCALE, dense_features, patch_similarity
 
     def loss(batch):
         images, phrases, masks, pair_index = batch
@@ -261,11 +260,8 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
         if dense is None:
             return total
         rest = (~first).nonzero().flatten()
-        d = F.normalize(dense, dim=1)[pair_index[rest].to(device)]  # [M,D,h,w]
-        t = F.normalize(emb, dim=-1)
-        own = torch.einsum("mdhw,md->mhw", d, t[idx[rest.to(device)]])
-        base = torch.einsum("mdhw,nd->mnhw", d, t[[unique.index(n) for n in neutral]]).mean(1)
-        logits = DENSE_SCALE * (own - base)  # [M,h,w]
+        sim = patch_similarity(dense, emb, emb[[unique.index(n) for n in neutral]])  # [B,U,h,w]
+        logits = PATCH_SCALE * sim[pair_index[rest].to(device), idx[rest.to(device)]]  # [M,h,w]
         if dense_labels == "caption":
             return total + dense_weight * mil_loss(logits, masks[rest].flatten(1).any(1).to(device))
         frac = F.adaptive_avg_pool2d(masks[rest][:, None].float().to(device), logits.shape[-2:])[:, 0]  # [M,h,w]
@@ -279,12 +275,16 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
     return loss
 
 
-def mil_loss(logits: torch.Tensor, present: torch.Tensor, top: int = MIL_TOP,
+def mil_loss(logits: torch.Tensor, present: torch.Tensor, top: int | None = None,
              background: float = MIL_BACKGROUND) -> torch.Tensor:
     """Multiple-instance loss from slice-level labels: ``logits`` [M,h,w] patch logits of M (slice, finding) pairs,
     ``present`` [M] bool (the slice holds the finding). Negatives: every patch of an absent pair and the lowest
     ``background`` share of a present pair's patches (mean BCE against 0); positives: the mean of the ``top`` highest
-    patch logits of a present pair (BCE against 1); the two averaged separately, then added."""
+    patch logits of a present pair (BCE against 1; default ``saliency.PATCH_TOP``, what the engine's patch presence
+    reads); the two averaged separately, then added."""
+    from ..engines.medclipsam.saliency import PATCH_TOP
+
+    top = PATCH_TOP if top is None else top
     flat = logits.flatten(1)
     ranked = flat[present].sort(dim=1).values  # [P, h*w] ascending
     negatives = torch.cat([flat[~present].flatten(), ranked[:, :int(background * flat.shape[1])].flatten()])
@@ -336,7 +336,8 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
            training: dict, saliency: str | None = "patch_similarity") -> Path:
     """Write ``out_dir/<model_id>.{json,safetensors}``: the template's spec with this CLIP (``clip.*`` tensors; a
     folder CLIP keeps its folder for config and tokenizer, ``weights_prefix`` ``clip.``), the template's SAM (its
-    ``sam.*`` tensors copied, or its checkpoint / part reference kept), ``saliency`` method, ``training``."""
+    ``sam.*`` tensors copied, or its checkpoint / part reference kept), ``saliency`` method (and its slice presence:
+    the patch map's when the multiple-instance term trained it), ``training``."""
     from ..models import write_spec
 
     spec = {k: v for k, v in template.items() if not k.startswith("_") and k not in ("files", "training")}
@@ -344,8 +345,11 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
     spec["clip"] = {**clip_cfg, "weights_prefix": "clip."}
     if "checkpoint" in spec.get("sam", {}):
         spec["sam"] = {**spec["sam"], "checkpoint": str((Path(template["_dir"]) / spec["sam"]["checkpoint"]).resolve())}
-    if saliency:
-        spec["saliency"] = {**(spec.get("saliency") or {}), "method": saliency}
+    if saliency:  # slice presence from the patch map where the multiple-instance term trained it
+        patches = (saliency == "patch_similarity" and bool(training.get("dense_weight"))
+                   and training.get("dense_labels") == "caption" and "phantoms" in training.get("data", {}))
+        spec["saliency"] = {**(spec.get("saliency") or {}), "method": saliency,
+                            "slice_presence": "patches" if patches else "image"}
     spec["description"] = (f"MedCLIP-SAM with its CLIP fine-tuned by `clipseg finetune-clip` (DHN-NCE"
                            f"{' + ' + training['loss'].split(' + ', 1)[1] if ' + ' in training.get('loss', '') else ''}) from "
                            f"{training['parent'].get('id') or training['parent'].get('folder')}; SAM and presence rule "

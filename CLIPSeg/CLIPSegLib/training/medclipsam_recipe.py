@@ -37,14 +37,14 @@ BATCH, AUGMENT = 4, False
 
 def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = CLIP_FROM) -> dict:
     """The spec of the embedded MedCLIP-SAM model (without presence rule and files): the ``clip_from`` model's CLIP
-    config, the small SAM, the ``clip_from`` model's saliency if it is a medclipsam model (e.g. one made by
-    ``clipseg finetune-clip``: patch_similarity), else gradcam (gScoreCAM costs ~300 image passes per slice and
+    config, the small SAM, the ``clip_from`` model's saliency settings if it is a medclipsam model (e.g. one made
+    by ``clipseg finetune-clip``: patch_similarity, slice presence from the patches), else gradcam (gScoreCAM costs ~300 image passes per slice and
     prompt and localised no better on phantoms: README), one box per slice, a 3-slice vote."""
     from ..models import load_spec
 
     source = load_spec(clip_from)
     clip = source["clip"]
-    method = (source.get("saliency") or {}).get("method", "gradcam") if source["engine"] == "medclipsam" else "gradcam"
+    saliency = dict(source.get("saliency") or {}) if source["engine"] == "medclipsam" else {"method": "gradcam"}
     return {
         "id": model_id,
         "engine": "medclipsam",
@@ -55,7 +55,7 @@ def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = C
         "citation": "Koleilat et al., MedCLIP-SAM, MICCAI 2024",
         "clip": dict(clip),
         "sam": {"type": dict(SAM_SMALL), "normalize": "sam"},
-        "saliency": {"method": method},
+        "saliency": saliency,
         "boxes": {"split": "otsu", "min_area": 16, "max_boxes": 1},
         "inference": {"slice_vote": 3},
     }

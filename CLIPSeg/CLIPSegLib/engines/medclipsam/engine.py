@@ -17,7 +17,9 @@ A model spec of engine ``medclipsam`` holds
   the CLIP's image size).
 
 Slice presence ``[B,P]`` is CLIP's softmax probability of the prompt against the neutral texts on the whole slice
-(grad-cam rescales every map to [0,1], so the map alone cannot say "absent"). Saliency and SAM run only where that
+(grad-cam rescales every map to [0,1], so the map alone cannot say "absent"), or, with ``saliency.slice_presence``
+"patches" (patch_similarity only; what ``clipseg finetune-clip --dense-labels caption`` trains and writes), the
+slice-level probability read from the patch map (``saliency.patch_presence``). Saliency and SAM run only where that
 presence reaches the lowest ``min_slice_presence`` of the spec's rules (below it the pipeline empties the slice
 anyway; a run-time ``presence`` override with a lower floor does not bring those slices back); SAM embeds each slice with a box once, whatever the number of prompts, and never a slice without one.
 """
@@ -33,11 +35,12 @@ from ...models import load_weights
 from ..contract import Engine, Preprocessing, PromptReading, PromptState
 from .clip_model import CLIPModel, _local, _part_folder, load_clip
 from .prompts import SPLITS, saliency_to_prompts
-from .saliency import METHODS, dense_features, patch_maps, saliency
+from .saliency import METHODS, dense_features, patch_maps, patch_presence, patch_similarity, saliency
 from .sam import SamSegmenter, load_sam, sam_from_state
 
 NEUTRAL = ("a medical image", "normal tissue")  # what a slice without the finding is scored against by default
-SALIENCY = {"method": "gscorecam", "topk": 300, "batch_size": 32, "block": -1, "fill": "black"}
+SALIENCY = {"method": "gscorecam", "topk": 300, "batch_size": 32, "block": -1, "fill": "black", "slice_presence": "image"}
+SLICE_PRESENCE = ("image", "patches")
 BOXES = {"split": "otsu", "threshold": 0.5, "min_area": 16, "max_boxes": 1, "margin": 0}
 
 
@@ -88,6 +91,11 @@ class MedCLIPSAMEngine(Engine):
         if self.saliency["method"] not in METHODS or self.saliency["fill"] not in ("black", "mean"):
             raise ModelError(f"model {spec.get('id')!r}: saliency method {self.saliency['method']!r} / fill "
                              f"{self.saliency['fill']!r}: method is one of {', '.join(METHODS)}, fill black or mean")
+        if self.saliency["slice_presence"] not in SLICE_PRESENCE or (
+                self.saliency["slice_presence"] == "patches" and self.saliency["method"] != "patch_similarity"):
+            raise ModelError(f"model {spec.get('id')!r}: saliency slice_presence "
+                             f"{self.saliency['slice_presence']!r} is image, or patches with the patch_similarity "
+                             f"method")
         if self.boxes["split"] not in SPLITS:
             raise ModelError(f"model {spec.get('id')!r}: boxes split {self.boxes['split']!r} is not one of "
                              f"{', '.join(SPLITS)}")
@@ -166,8 +174,10 @@ class MedCLIPSAMEngine(Engine):
         text = state.embeddings.to(self.device)
         if self.saliency["method"] == "patch_similarity":  # one image pass gives presence and every prompt's map
             image, dense = dense_features(self.clip.model, images)
-            presence = self.slice_presence(images, text, image)
-            maps = patch_maps(dense, text, self.neutral_embeddings(), size)
+            sim = patch_similarity(dense, text, self.neutral_embeddings())  # [B,P,h,w]
+            presence = (patch_presence(sim) if self.saliency["slice_presence"] == "patches"
+                        else self.slice_presence(images, text, image))
+            maps = patch_maps(dense, text, size=size, similarity=sim)
             found = self.boxes_of(images, text, presence >= self.skip_below, size, maps)
         else:
             presence = self.slice_presence(images, text)

@@ -34,6 +34,8 @@ from torch import nn
 from ...errors import InputError
 
 METHODS = ("gscorecam", "gradcam", "patch_similarity")
+PATCH_SCALE = 10.0  # a patch's logit per unit of (cosine with the prompt - mean cosine with the neutral texts)
+PATCH_TOP = 4  # a slice's patch presence reads the mean of its this many highest patch logits
 
 
 class TextScorer(nn.Module):
@@ -155,17 +157,33 @@ def dense_features(clip: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
     return out["image_features"], dense.transpose(1, 2).reshape(dense.shape[0], -1, h, w)
 
 
-def patch_maps(dense: torch.Tensor, text_embeddings: torch.Tensor, neutral: torch.Tensor | None = None,
-               size: int | None = None) -> torch.Tensor:
-    """Patch embeddings ``[B,D,h,w]``, prompts ``[P,D]``, neutral texts ``[N,D]`` (or None) -> ``[B,P,size,size]``
-    float32: cos(patch, prompt) - mean_n cos(patch, neutral_n), upsampled (bilinear) to ``size`` (default: kept at
-    h x w), each map scaled from its minimum (0) to its maximum (1); all 0 where no patch is nearer the prompt than
-    the neutral texts (the map itself can say "nothing here"). Scaled from the minimum, not cut at 0: the rim of a
-    finding, below 0 but far above the tissue around it, stays in the map and in the box cut from it."""
+def patch_similarity(dense: torch.Tensor, text_embeddings: torch.Tensor,
+                     neutral: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch embeddings ``[B,D,h,w]``, prompts ``[P,D]``, neutral texts ``[N,D]`` (or None) -> ``[B,P,h,w]``:
+    cos(patch, prompt) - mean_n cos(patch, neutral_n) (differentiable; what ``training.clip_finetune`` trains)."""
     d = F.normalize(dense.float(), dim=1)
     sim = torch.einsum("bdhw,pd->bphw", d, F.normalize(text_embeddings.float(), dim=-1))
     if neutral is not None and len(neutral):
         sim = sim - torch.einsum("bdhw,nd->bnhw", d, F.normalize(neutral.float(), dim=-1)).mean(1, keepdim=True)
+    return sim
+
+
+def patch_presence(similarity: torch.Tensor, top: int = PATCH_TOP) -> torch.Tensor:
+    """``patch_similarity`` ``[B,P,h,w]`` -> ``[B,P]`` in (0,1): sigmoid of ``PATCH_SCALE`` x the mean of the
+    ``top`` highest patches: the slice-level probability the multiple-instance term of ``training.clip_finetune``
+    trains (``--dense-labels caption``)."""
+    flat = similarity.flatten(2)
+    return torch.sigmoid(PATCH_SCALE * flat.topk(min(top, flat.shape[-1]), dim=-1).values.mean(-1))
+
+
+def patch_maps(dense: torch.Tensor, text_embeddings: torch.Tensor, neutral: torch.Tensor | None = None,
+               size: int | None = None, similarity: torch.Tensor | None = None) -> torch.Tensor:
+    """Patch embeddings ``[B,D,h,w]``, prompts ``[P,D]``, neutral texts ``[N,D]`` (or None) -> ``[B,P,size,size]``
+    float32: ``patch_similarity`` (or the given ``similarity``), upsampled (bilinear) to ``size`` (default: kept at
+    h x w), each map scaled from its minimum (0) to its maximum (1); all 0 where no patch is nearer the prompt than
+    the neutral texts (the map itself can say "nothing here"). Scaled from the minimum, not cut at 0: the rim of a
+    finding, below 0 but far above the tissue around it, stays in the map and in the box cut from it."""
+    sim = patch_similarity(dense, text_embeddings, neutral) if similarity is None else similarity
     if size is not None and sim.shape[-1] != size:
         sim = F.interpolate(sim, size=(size, size), mode="bilinear", align_corners=False)
     peak, low = sim.amax(dim=(2, 3), keepdim=True), sim.amin(dim=(2, 3), keepdim=True)
@@ -219,4 +237,5 @@ def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tenso
     return torch.from_numpy(np.nan_to_num(out, nan=0.0)).to(images.device)
 
 
-__all__ = ["METHODS", "TextScorer", "dense_features", "patch_maps", "saliency", "vit_layer"]
+__all__ = ["METHODS", "PATCH_SCALE", "PATCH_TOP", "TextScorer", "dense_features", "patch_maps", "patch_presence",
+           "patch_similarity", "saliency", "vit_layer"]
