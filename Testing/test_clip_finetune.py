@@ -103,6 +103,32 @@ def test_a_few_steps_lower_the_loss(tiny_open, tmp_path, trainable):
         torch.testing.assert_close(loss(batch).item(), after, atol=1e-4, rtol=1e-4)  # merging keeps what was learnt
 
 
+def test_the_multiple_instance_loss_wants_a_few_patches_lit_where_the_caption_says_and_none_elsewhere():
+    present = torch.tensor([True, False])
+    good = torch.full((2, 8, 8), -6.0)
+    good[0, 2:4, 2:4] = 6.0  # 4 patches of the slice holding the finding
+    lit_everywhere = good.clone()
+    lit_everywhere[0] = 6.0  # the whole slice lit: its lowest half should be background
+    wrong_slice = good.flip(0)  # lit on the slice without the finding, dark on the one with it
+    loss = lambda x: float(cf.mil_loss(x, present, top=4))  # noqa: E731
+    assert loss(good) < 0.05
+    assert loss(lit_everywhere) > 1.0 and loss(wrong_slice) > 5.0
+    assert float(cf.mil_loss(good[1:], present[1:])) < 0.01  # only absent pairs: no positive term
+
+
+def test_a_caption_trained_patch_term_makes_a_model_read_presence_from_the_patches(tiny_open, tmp_path):
+    spec, state = load_spec(tiny_open), load_weights(load_spec(tiny_open))
+    clip = _clip(tiny_open)
+    base = {"parent": {"id": "tiny-open"}, "dense_weight": 1.0, "loss": "DHN-NCE + patch MIL from captions"}
+    read = {}
+    for name, training in (("caption", {**base, "dense_labels": "caption", "data": {"phantoms": 8}}),
+                           ("mask", {**base, "dense_labels": "mask", "data": {"phantoms": 8}}),
+                           ("csv", {**base, "dense_labels": "caption", "data": {"csv": "x.csv"}})):
+        path = cf.export(clip.model, spec["clip"], spec, state, tmp_path, name, training)
+        read[name] = load_spec(path)["saliency"]["slice_presence"]
+    assert read == {"caption": "patches", "mask": "image", "csv": "image"}
+
+
 @pytest.mark.parametrize("labels", ["mask", "caption"])
 def test_the_dense_term_makes_patch_similarity_follow_the_finding(tiny_open, tmp_path, labels):
     """With masks, or with only whether each slice holds the square (``caption``: multiple-instance learning, a third

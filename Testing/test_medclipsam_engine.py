@@ -131,6 +131,26 @@ def test_patch_similarity_makes_one_clip_image_pass_per_batch_for_presence_and_e
     assert calls == [2]  # the two slices once, whatever the number of prompts
 
 
+def test_patch_presence_is_the_patch_maps_own_slice_probability(build):
+    """slice_presence "patches": a slice's presence is sigmoid(PATCH_SCALE x the mean of its PATCH_TOP best patches)
+    of the same patch similarity the boxes come from, not CLIP's pooled image-text score; other methods refuse it."""
+    from CLIPSegLib.engines.medclipsam.saliency import PATCH_SCALE, PATCH_TOP, dense_features, patch_similarity
+
+    image_way = build(saliency={"method": "patch_similarity"})
+    engine = build(saliency={"method": "patch_similarity", "slice_presence": "patches"})
+    state = engine.encode_prompts(["thyroid nodule", "cyst"])
+    x = torch.rand(3, 1, 48, 48, generator=torch.Generator().manual_seed(1))
+    _, presence = engine.predict(x, state)
+    with torch.no_grad():
+        _, dense = dense_features(engine.clip.model, engine.clip.normalize(x))
+        sim = patch_similarity(dense, state.embeddings, engine.neutral_embeddings()).flatten(2)
+    expected = torch.sigmoid(PATCH_SCALE * sim.topk(PATCH_TOP, dim=-1).values.mean(-1))
+    torch.testing.assert_close(presence, expected)
+    assert not torch.allclose(presence, image_way.predict(x, state)[1])
+    with pytest.raises(ModelError, match="slice_presence 'patches' is image, or patches with the patch_similarity"):
+        build(saliency={"method": "gradcam", "slice_presence": "patches"})
+
+
 def test_the_cliptnseg_models_clip_is_reused_as_the_clip(tiny_model, tiny_biomedclip, tmp_path):
     """A medclipsam spec whose CLIP is the cliptnseg model's (its clip config, the clip.* tensors of its file)."""
     from CLIPSegLib.models import load_weights

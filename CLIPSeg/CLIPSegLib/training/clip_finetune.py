@@ -278,22 +278,21 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
 def mil_loss(logits: torch.Tensor, present: torch.Tensor, top: int | None = None,
              background: float = MIL_BACKGROUND) -> torch.Tensor:
     """Multiple-instance loss from slice-level labels: ``logits`` [M,h,w] patch logits of M (slice, finding) pairs,
-    ``present`` [M] bool (the slice holds the finding). Negatives: every patch of an absent pair and the lowest
-    ``background`` share of a present pair's patches (mean BCE against 0); positives: the mean of the ``top`` highest
-    patch logits of a present pair (BCE against 1; default ``saliency.PATCH_TOP``, what the engine's patch presence
-    reads); the two averaged separately, then added."""
+    ``present`` [M] bool (the slice holds the finding). A pair's slice logit is the mean of its ``top`` highest patch
+    logits (default ``saliency.PATCH_TOP``: what the engine's patch presence reads): BCE against ``present``, present
+    and absent pairs averaged separately. Patches: every patch of an absent pair and the lowest ``background`` share
+    of a present pair's patches, mean BCE against 0. The three terms added."""
     from ..engines.medclipsam.saliency import PATCH_TOP
 
     top = PATCH_TOP if top is None else top
     flat = logits.flatten(1)
-    ranked = flat[present].sort(dim=1).values  # [P, h*w] ascending
-    negatives = torch.cat([flat[~present].flatten(), ranked[:, :int(background * flat.shape[1])].flatten()])
-    loss = logits.new_zeros(())
-    if negatives.numel():
-        loss = loss + F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives))
-    if present.any():
-        bag = ranked[:, -min(top, flat.shape[1]):].mean(1)
-        loss = loss + F.binary_cross_entropy_with_logits(bag, torch.ones_like(bag))
+    ranked = flat.sort(dim=1).values  # [M, h*w] ascending
+    bag = ranked[:, -min(top, flat.shape[1]):].mean(1)
+    negatives = torch.cat([flat[~present].flatten(), ranked[present, :int(background * flat.shape[1])].flatten()])
+    loss = F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives)) if negatives.numel() else 0.0
+    for side in (present, ~present):
+        if side.any():
+            loss = loss + F.binary_cross_entropy_with_logits(bag[side], present[side].float())
     return loss
 
 
