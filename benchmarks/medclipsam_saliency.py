@@ -1,7 +1,10 @@
 """How well a MedCLIP-SAM model's saliency localises, per method, side by side: on every slice of a few calibration
 phantom volumes where a finding is present, the saliency of its canonical phrase is cut into a box as the engine
 cuts it (``prompts.saliency_to_prompts`` with the model's box settings) and compared with the bounding box of the
-truth (IoU; 0 when no box). Also the mean map inside the truth minus outside, and seconds per slice.
+truth (IoU; 0 when no box). Also the mean map inside the truth minus outside, seconds per slice, and how well the
+model's slice presence (CLIP's image-text score, or the patch score with ``saliency.slice_presence`` "patches")
+tells the slices holding the finding from those without it, over every slice of the volumes (ROC AUC, MONAI's
+``compute_roc_auc``; mean presence on slices with / without).
 
 Run:  .venv/bin/python benchmarks/medclipsam_saliency.py [--models medclipsam-phantom-small,OTHER.json]
       [--methods gradcam,patch_similarity] [--volumes 4] [--family A]
@@ -40,6 +43,32 @@ def slices_of(seed: int, size: int, family: str):
     return images, masks
 
 
+def slice_presence_auc(engine, volumes) -> dict:
+    """{finding: "AUC, mean presence on slices with / without"} of the engine's own slice presence (``predict``'s
+    second output) for each finding's canonical phrase over every slice of ``volumes``."""
+    import numpy as np
+    import torch
+    from monai.metrics import compute_roc_auc
+
+    from CLIPSegLib.synthetic.phantoms import FINDINGS, PHRASES
+
+    state = engine.encode_prompts([PHRASES[f][0] for f in FINDINGS])
+    scores, truth, floor = [], [], engine.skip_below
+    engine.skip_below = 1.1  # presence only: no slice reaches saliency or SAM
+    for images, masks in volumes:
+        scores.append(engine.predict(images, state)[1].cpu())
+        truth.append(torch.stack([masks[f].flatten(1).any(1) if f in masks else torch.zeros(len(images), dtype=bool)
+                                  for f in FINDINGS], 1))
+    engine.skip_below = floor
+    scores, truth = torch.cat(scores), torch.cat(truth)
+    out = {}
+    for i, f in enumerate(FINDINGS):
+        y, s = truth[:, i], scores[:, i]
+        auc = compute_roc_auc(s, y.float()) if 0 < int(y.sum()) < len(y) else float("nan")
+        out[f] = f"{auc:.3f}, {float(s[y].mean()) if y.any() else np.nan:.2f} / {float(s[~y].mean()):.2f}"
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="medclipsam-phantom-small")
@@ -63,11 +92,12 @@ def main():
     print(f"{a.volumes} calibration volumes (seeds {seeds[0]}..{seeds[-1]}, family {a.family}); box IoU with the truth "
           f"box on slices where the finding is present (0 when no box); contrast = mean map inside - outside")
     print(f"{'model':34s} {'method':17s} {'finding':14s} {'slices':>6s} {'box IoU':>8s} {'IoU>0.5':>8s} "
-          f"{'contrast':>9s} {'s/slice':>8s}")
+          f"{'contrast':>9s} {'s/slice':>8s}   slice presence: AUC, mean with / without")
     for model in a.models.split(","):
         engine = create_engine(load_spec(model), torch.device("cpu"))
         clip, size = engine.clip, engine.clip.image_size
         volumes = [slices_of(s, size, a.family) for s in seeds]
+        auc = slice_presence_auc(engine, volumes)
         for method in a.methods.split(","):
             stats, seconds, n_slices = {}, 0.0, 0
             for images, masks in volumes:
@@ -94,7 +124,8 @@ def main():
             for finding, v in sorted(stats.items()):
                 v = np.asarray(v)
                 print(f"{Path(model).stem:34s} {method:17s} {finding:14s} {len(v):6d} {v[:, 0].mean():8.3f} "
-                      f"{(v[:, 0] > 0.5).mean():8.2f} {v[:, 1].mean():9.3f} {seconds / max(n_slices, 1):8.3f}")
+                      f"{(v[:, 0] > 0.5).mean():8.2f} {v[:, 1].mean():9.3f} {seconds / max(n_slices, 1):8.3f}   "
+                      f"{auc[finding]}")
 
 
 if __name__ == "__main__":
