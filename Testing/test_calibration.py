@@ -141,3 +141,28 @@ def test_recalibration_rewrites_the_phantom_rules_and_keeps_a_fine_tuned_phrase(
     assert all((out.parent / f["name"]).is_file() for f in new["files"])  # weights copied beside the new spec
     with pytest.raises(InputError, match="exists"):
         recalibrate_model(str(tuned), out, 1, family="A")
+
+
+def test_recalibrating_a_medclipsam_model_uses_its_own_search(tiny_medclipsam, tmp_path, monkeypatch):
+    """``clipseg calibrate`` on a MedCLIP-SAM model goes to ``medclipsam_calibration`` (slice-presence and SAM IoU
+    floors searched with the component rule; its own test covers the search) with the volumes, seeds and family
+    asked, and writes the rule it returns with how it was made."""
+    import json
+
+    from CLIPSegLib.cli import main
+    from CLIPSegLib.training import medclipsam_calibration
+
+    calls = []
+
+    def search(engine, n_volumes, seed_base, progress, family):
+        calls.append((engine.name, n_volumes, seed_base, family))
+        return {"min_slice_presence": 0.7, "min_sam_iou": 0.3, "neutral": ["x"], "calibration": {}}
+
+    monkeypatch.setattr(medclipsam_calibration, "calibrate_medclipsam", search)
+    out = tmp_path / "re.json"
+    assert main(["calibrate", "--model", str(tiny_medclipsam), "--output", str(out), "--phantoms", "3", "--seed",
+                 "20000005", "--family", "B", "--progress", "none"]) == 0
+    assert calls == [("medclipsam", 3, 20000005, "B")]
+    presence = json.loads(out.read_text(encoding="utf-8"))["presence"]
+    assert presence["min_slice_presence"] == 0.7 and presence["min_sam_iou"] == 0.3
+    assert presence["calibration"]["volumes"] == 3 and "clipseg calibrate" in presence["calibration"]["command"]
