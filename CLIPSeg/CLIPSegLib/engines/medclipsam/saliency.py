@@ -11,7 +11,8 @@ Three methods; the first two through the ``grad-cam`` package (``pytorch_grad_ca
 - ``patch_similarity`` (dense patch-text similarity, as MaskCLIP / CLIP Surgery read a CLIP densely): the last
   block's patch tokens go through the tower's final norm and projection (``dense_features``), so each patch is an
   embedding in the text space; the map is the cosine of each patch with the prompt minus its mean cosine with the
-  neutral texts, kept where positive. One image forward per slice for every prompt, no gradients: the cheapest.
+  neutral texts, scaled from its minimum to its maximum (all 0 when no patch is positive). One image forward per
+  slice for every prompt, no gradients: the cheapest.
   It localises only as well as the tower's patch tokens follow the text, which a CLIP trained on the pooled token
   alone does not promise (``training.clip_finetune`` adds a patch-level term for that).
 
