@@ -124,7 +124,7 @@ def test_recalibration_rewrites_the_phantom_rules_and_keeps_a_fine_tuned_phrase(
 
     from CLIPSegLib.errors import InputError
     from CLIPSegLib.synthetic.phantoms import FINDINGS
-    from CLIPSegLib.training.calibration import recalibrate_model
+    from CLIPSegLib.training.recalibrate import recalibrate_model
 
     spec = json.loads(tiny_model.read_text())
     own = {"threshold": 0.4, "min_peak": 0.6, "min_mean": 0.5, "min_extent_mm": 1.0, "min_area_mm2": 2.0,
@@ -150,7 +150,7 @@ def test_recalibrating_a_medclipsam_model_uses_its_own_search(tiny_medclipsam, t
     import json
 
     from CLIPSegLib.cli import main
-    from CLIPSegLib.training import medclipsam_calibration
+    from CLIPSegLib.training import recalibrate
 
     calls = []
 
@@ -158,7 +158,7 @@ def test_recalibrating_a_medclipsam_model_uses_its_own_search(tiny_medclipsam, t
         calls.append((engine.name, n_volumes, seed_base, family))
         return {"min_slice_presence": 0.7, "min_sam_iou": 0.3, "neutral": ["x"], "calibration": {}}
 
-    monkeypatch.setattr(medclipsam_calibration, "calibrate_medclipsam", search)
+    monkeypatch.setattr(recalibrate, "calibrate_medclipsam", search)
     out = tmp_path / "re.json"
     assert main(["calibrate", "--model", str(tiny_medclipsam), "--output", str(out), "--phantoms", "3", "--seed",
                  "20000005", "--family", "B", "--progress", "none"]) == 0

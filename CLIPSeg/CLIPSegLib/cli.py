@@ -446,7 +446,7 @@ def _cmd_calibrate(a, progress):
     import shlex
 
     from .evaluation.evaluator import check_evaluate_args
-    from .training.calibration import recalibrate_model
+    from .training.recalibrate import recalibrate_model
 
     check_evaluate_args(a.phantoms)
     argv = ["clipseg", "calibrate", "--output", a.output, "--phantoms", str(a.phantoms), "--seed", str(a.seed),

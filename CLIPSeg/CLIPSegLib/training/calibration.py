@@ -20,7 +20,6 @@ import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
 from ..engines.contract import MATCH_MIN_COSINE
-from ..errors import InputError
 from ..io.geometry import array_axis_of
 from ..synthetic.families import random_volume_phantom
 from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
@@ -315,59 +314,3 @@ def merged_presence(parent: dict, rules: dict, exclusive=()) -> dict:
     pairs = [list(p) for p in presence.get("exclusive", []) if not set(p) & replaced]
     presence["exclusive"] = pairs + [list(p) for p in exclusive if set(p) not in [set(q) for q in pairs]]
     return presence
-
-
-def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE,
-                      family: str = "A+B", device: str = "cpu", force: bool = False,
-                      progress: Progress | None = None, command: str = ""):
-    """Re-calibrate the presence rule of an existing model (id or spec path; None: the embedded model) on
-    ``n_volumes`` phantom volumes of ``family`` ("A", "B" or the mixture "A+B") from ``seed_base``, its weights
-    unchanged (the rules of phrases a fine-tuned model learnt from a user's slices are kept); write the spec with the
-    new ``presence`` to ``output`` (a .json; the weight files are copied beside
-    it when it is in another folder). The rule's ``calibration`` entry says how (family, seeds, volumes,
-    ``command``). -> the written path."""
-    import json
-    import shutil
-    from pathlib import Path
-
-    from ..inference.segment_file import load_engine
-    from ..models import load_spec
-    from ..synthetic.families import check_family
-
-    output = Path(output)
-    if output.suffix.lower() != ".json":
-        raise InputError(f"--output {output}: give the path of the new model spec, ending in .json")
-    if output.exists() and not force:
-        raise InputError(f"{output} exists; pass --force to replace it, or choose another --output")
-    try:
-        check_family(family)
-    except ValueError as e:
-        raise InputError(f"--family: {e}") from e
-    spec = load_spec(model)
-    engine = load_engine(model, device=device)
-    exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
-    if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
-        from .medclipsam_calibration import calibrate_medclipsam
-
-        rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
-    else:
-        rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
-                               {f: list(PHRASES[f]) for f in FINDINGS}, [tuple(p) for p in exclusive], progress,
-                               None, n_volumes)
-    rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
-                                "family": family, "command": command})
-    source_dir = Path(spec["_dir"])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.parent.resolve() != source_dir.resolve():
-        for f in spec.get("files", []):
-            shutil.copy2(source_dir / f["name"], output.parent / f["name"])
-    new = {k: v for k, v in spec.items() if not k.startswith("_")}
-    # a fine-tuned model's own phrases (rules calibrated on the user's slices) are kept as they were
-    own = {k: r for k, r in ((spec.get("presence") or {}).get("per_finding") or {}).items() if k not in FINDINGS}
-    if own:
-        rule = merged_presence({"presence": rule}, own)
-    new["presence"] = rule
-    tmp = output.parent / f".{output.name}.partial"
-    tmp.write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(output)
-    return output
