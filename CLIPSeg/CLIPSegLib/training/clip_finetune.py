@@ -8,13 +8,13 @@ the finding only as far as it happens to.
 
 What is added here (``dense_weight`` > 0, on the phantoms, whose slices say which findings they hold): a patch-level
 term on the patch logits ``PATCH_SCALE`` x ``saliency.patch_similarity`` (cos(patch, finding phrase) - mean
-cos(patch, neutral texts)), the map the engine reads. Two kinds of labels
-(``DENSE_LABELS``):
+cos(patch, neutral texts)), the map the engine reads. Two kinds of labels (``DENSE_LABELS``):
 
 - ``caption`` (default; no mask anywhere, so the path stays zero-shot): multiple-instance learning from what the
-  caption says. A finding the slice does not hold: every patch is a negative (binary cross-entropy). A finding it
-  holds: the mean of its ``PATCH_TOP`` highest patch logits is a positive and its lowest ``MIL_BACKGROUND`` share of
-  patches are negatives (a size prior: no finding covers half a slice). The patches that differ between slices
+  caption says (``mil_loss``). A slice's score for a finding is the mean of its ``PATCH_TOP`` highest patch logits,
+  a positive where the slice holds the finding and a negative where it does not; every patch of a slice without it
+  and the lowest ``MIL_BACKGROUND`` share of a slice with it are negatives too (a size prior: no finding covers half
+  a slice). The patches that differ between slices
   with and without the finding are the ones pushed up, which is where the finding is. That mean is also the
   slice presence the exported model reads (``saliency.slice_presence`` "patches").
 - ``mask``: a class-balanced binary cross-entropy per patch against "the patch lies mostly in that finding's mask"
@@ -349,8 +349,8 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
                    and training.get("dense_labels") == "caption" and "phantoms" in training.get("data", {}))
         spec["saliency"] = {**(spec.get("saliency") or {}), "method": saliency,
                             "slice_presence": "patches" if patches else "image"}
-    spec["description"] = (f"MedCLIP-SAM with its CLIP fine-tuned by `clipseg finetune-clip` (DHN-NCE"
-                           f"{' + ' + training['loss'].split(' + ', 1)[1] if ' + ' in training.get('loss', '') else ''}) from "
+    spec["description"] = (f"MedCLIP-SAM with its CLIP fine-tuned by `clipseg finetune-clip` ("
+                           f"{training.get('loss', 'DHN-NCE')}) from "
                            f"{training['parent'].get('id') or training['parent'].get('folder')}; SAM and presence rule "
                            f"of {template['id']} (re-calibrate the rule for this CLIP).")
     spec["training"] = training

@@ -39,7 +39,8 @@ from .saliency import METHODS, dense_features, patch_maps, patch_presence, patch
 from .sam import SamSegmenter, load_sam, sam_from_state
 
 NEUTRAL = ("a medical image", "normal tissue")  # what a slice without the finding is scored against by default
-SALIENCY = {"method": "gscorecam", "topk": 300, "batch_size": 32, "block": -1, "fill": "black", "slice_presence": "image"}
+SALIENCY = {"method": "gscorecam", "topk": 300, "batch_size": 32, "block": -1, "fill": "black",
+            "slice_presence": "image"}
 SLICE_PRESENCE = ("image", "patches")
 BOXES = {"split": "otsu", "threshold": 0.5, "min_area": 16, "max_boxes": 1, "margin": 0}
 
