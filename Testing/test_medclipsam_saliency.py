@@ -202,3 +202,21 @@ def test_gscorecam_scores_a_channel_shared_by_several_prompts_once_with_the_same
     # prompt's 24 channels x 2 images are scored; together, a channel already scored is not scored again
     assert sum(images) - 3 * 2 == 3 * 2 * 24
     assert shared - 3 * 2 < 3 * 2 * 24
+
+
+def test_patch_maps_scale_from_the_minimum_and_keep_a_finding_rim_below_zero():
+    """A map with a positive core keeps its rim (below 0, above the tissue) in the component the box is cut from;
+    a map with no positive patch is all 0 (nothing there)."""
+    from CLIPSegLib.engines.medclipsam.prompts import saliency_to_prompts
+    from CLIPSegLib.engines.medclipsam.saliency import patch_maps
+
+    sim = torch.full((1, 2, 8, 8), -0.9)
+    sim[0, 0, 2:6, 2:6] = -0.3  # the finding's rim
+    sim[0, 0, 3:5, 3:5] = 0.5  # its core
+    sim[0, 1] = -0.5
+    sim[0, 1, 0, 0] = -0.1  # nothing nearer the prompt than the neutral texts
+    maps = patch_maps(torch.zeros(1, 4, 8, 8), torch.zeros(2, 4), similarity=sim)
+    assert float(maps[0, 0].min()) == 0.0 and float(maps[0, 0].max()) == pytest.approx(1.0)
+    assert torch.equal(maps[0, 1], torch.zeros(8, 8))
+    box = saliency_to_prompts(maps[0, 0].numpy(), min_area=1).boxes[0]
+    assert box.tolist() == [2, 2, 5, 5]  # the rim's bounds, not only the core's 3..4

@@ -101,3 +101,24 @@ def test_train_medclipsam_refuses_cliptnseg_options_and_unknown_stages(tmp_path,
                  "--progress", "none"])
     assert code == 2 and "the medclipsam stages are sam,calibrate,export" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_sam_recipe_keeps_a_medclipsam_clip_sources_saliency(tiny_medclipsam, tiny_model, tmp_path):
+    """A CLIP from a medclipsam model (e.g. made by finetune-clip) keeps its saliency settings (over the gradcam
+    default); a cliptnseg model's CLIP gets gradcam."""
+    import json
+    import shutil
+
+    from CLIPSegLib.training.medclipsam_recipe import embedded_spec
+
+    spec = json.loads(tiny_medclipsam.read_text())
+    for f in spec["files"]:
+        shutil.copy(tiny_medclipsam.parent / f["name"], tmp_path)
+    spec["saliency"] = {"method": "patch_similarity", "slice_presence": "patches"}
+    tuned = tmp_path / "tuned-saliency.json"
+    tuned.write_text(json.dumps(spec))
+    assert embedded_spec("x", str(tuned))["saliency"] == {"method": "patch_similarity", "slice_presence": "patches"}
+    spec.pop("saliency")
+    tuned.write_text(json.dumps(spec))
+    assert embedded_spec("x", str(tuned))["saliency"] == {"method": "gradcam"}
+    assert embedded_spec("x", str(tiny_model))["saliency"] == {"method": "gradcam"}

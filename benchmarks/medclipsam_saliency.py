@@ -55,11 +55,13 @@ def slice_presence_auc(engine, volumes) -> dict:
     state = engine.encode_prompts([PHRASES[f][0] for f in FINDINGS])
     scores, truth, floor = [], [], engine.skip_below
     engine.skip_below = 1.1  # presence only: no slice reaches saliency or SAM
-    for images, masks in volumes:
-        scores.append(engine.predict(images, state)[1].cpu())
-        truth.append(torch.stack([masks[f].flatten(1).any(1) if f in masks else torch.zeros(len(images), dtype=bool)
-                                  for f in FINDINGS], 1))
-    engine.skip_below = floor
+    try:
+        for images, masks in volumes:
+            scores.append(engine.predict(images, state)[1].cpu())
+            truth.append(torch.stack([masks[f].flatten(1).any(1) if f in masks
+                                      else torch.zeros(len(images), dtype=bool) for f in FINDINGS], 1))
+    finally:
+        engine.skip_below = floor
     scores, truth = torch.cat(scores), torch.cat(truth)
     out = {}
     for i, f in enumerate(FINDINGS):

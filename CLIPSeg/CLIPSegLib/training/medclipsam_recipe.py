@@ -38,13 +38,14 @@ BATCH, AUGMENT = 4, False
 def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = CLIP_FROM) -> dict:
     """The spec of the embedded MedCLIP-SAM model (without presence rule and files): the ``clip_from`` model's CLIP
     config, the small SAM, the ``clip_from`` model's saliency settings if it is a medclipsam model (e.g. one made
-    by ``clipseg finetune-clip``: patch_similarity, slice presence from the patches), else gradcam (gScoreCAM costs ~300 image passes per slice and
-    prompt and localised no better on phantoms: README), one box per slice, a 3-slice vote."""
+    by ``clipseg finetune-clip``: patch_similarity, slice presence from the patches) over gradcam (gScoreCAM costs
+    ~300 image passes per slice and prompt and localised no better on phantoms: README), one box per slice, a
+    3-slice vote."""
     from ..models import load_spec
 
     source = load_spec(clip_from)
     clip = source["clip"]
-    saliency = dict(source.get("saliency") or {}) if source["engine"] == "medclipsam" else {"method": "gradcam"}
+    saliency = {"method": "gradcam", **((source.get("saliency") or {}) if source["engine"] == "medclipsam" else {})}
     return {
         "id": model_id,
         "engine": "medclipsam",

@@ -1,5 +1,5 @@
 """MedCLIP-SAM behind the engine contract (``engines.contract``): per slice, CLIP saliency of each prompt -> boxes
-from its largest component(s) -> SAM masks; slice presence from CLIP's image-text score.
+from its largest component(s) -> SAM masks; slice presence from CLIP's image-text score (or the patch map's).
 
 A model spec of engine ``medclipsam`` holds
 
@@ -9,7 +9,8 @@ A model spec of engine ``medclipsam`` holds
   ``"checkpoint": PATH`` (relative to the spec), ``"part": ID`` (registry: sam-vit-b, medsam-vit-b, ...) or else
   the spec files' ``sam.*`` tensors;
 - ``saliency`` (``SALIENCY``: method gscorecam | gradcam | patch_similarity, topk, batch_size, block, fill black |
-  mean; patch_similarity reads the neutral texts below and needs only the one image pass presence makes) and ``boxes``
+  mean, slice_presence image | patches (below); patch_similarity reads the neutral texts below and needs only the
+  one image pass presence makes) and ``boxes``
   (``BOXES``: ``prompts.saliency_to_prompts`` arguments);
 - ``presence``: the pipeline's found / not-found rule (its ``min_slice_presence`` empties slices whose presence is
   below it) plus this engine's ``neutral`` texts and ``min_sam_iou`` (a box whose mask SAM scores lower is dropped);
