@@ -215,7 +215,7 @@ def test_patch_maps_scale_from_the_minimum_and_keep_a_finding_rim_below_zero():
     sim[0, 0, 3:5, 3:5] = 0.5  # its core
     sim[0, 1] = -0.5
     sim[0, 1, 0, 0] = -0.1  # nothing nearer the prompt than the neutral texts
-    maps = patch_maps(torch.zeros(1, 4, 8, 8), torch.zeros(2, 4), similarity=sim)
+    maps = patch_maps(sim)
     assert float(maps[0, 0].min()) == 0.0 and float(maps[0, 0].max()) == pytest.approx(1.0)
     assert torch.equal(maps[0, 1], torch.zeros(8, 8))
     box = saliency_to_prompts(maps[0, 0].numpy(), min_area=1).boxes[0]

@@ -234,13 +234,18 @@ class Tuner:
         return model.eval()
 
 
+def check_dense_labels(dense_labels: str) -> None:
+    """An ``InputError`` naming the choices unless ``dense_labels`` is one of ``DENSE_LABELS``."""
+    if dense_labels not in DENSE_LABELS:
+        raise InputError(f"--dense-labels {dense_labels!r} is not one of {', '.join(DENSE_LABELS)}")
+
+
 def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperature: float = 0.6, beta1: float = 0.15,
                  beta2: float = 0.15, device="cpu", dense_labels: str = "caption"):
     """-> ``loss(batch)`` for ``run_loop``: DHN-NCE of the images against their captions (the first text of each
     sample) + ``dense_weight`` x the dense term (module docstring) on the other texts, labelled by ``dense_labels``:
     whether each text's finding is in the slice (``caption``) or its mask (``mask``)."""
-    if dense_labels not in DENSE_LABELS:
-        raise InputError(f"--dense-labels {dense_labels!r} is not one of {', '.join(DENSE_LABELS)}")
+    check_dense_labels(dense_labels)
     from ..engines.medclipsam.dhn_nce import dhn_nce_loss
     from ..engines.medclipsam.saliency import PATCH_SCALE, dense_features, patch_similarity
 
@@ -381,8 +386,7 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                          f"dense weight >= 0")
     if family not in ("A", "B", "A+B"):
         raise InputError(f"--family {family!r} is not A, B or A+B")
-    if dense_labels not in DENSE_LABELS:
-        raise InputError(f"--dense-labels {dense_labels!r} is not one of {', '.join(DENSE_LABELS)}")
+    check_dense_labels(dense_labels)
     progress = progress or Progress("none")
     device = torch.device(device)
     clip, clip_cfg, tspec, tstate, lineage = load_source(source, device, template)
@@ -426,5 +430,5 @@ def _neutral():
     return NEUTRAL
 
 
-__all__ = ["TRAINABLE", "PhantomCaptions", "CaptionTable", "Tuner", "clip_loss_fn", "finetune_clip", "load_source",
-           "lora_targets", "phantom_caption", "trainable_names", "export"]
+__all__ = ["TRAINABLE", "PhantomCaptions", "CaptionTable", "Tuner", "check_dense_labels", "clip_loss_fn",
+           "finetune_clip", "load_source", "lora_targets", "phantom_caption", "trainable_names", "export"]

@@ -40,10 +40,10 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
         raise InputError(f"--family: {e}") from e
     spec = load_spec(model)
     engine = load_engine(model, device=device)
-    exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
     if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
         rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
     else:
+        exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
         rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
                                {f: list(PHRASES[f]) for f in FINDINGS}, [tuple(p) for p in exclusive], progress,
                                None, n_volumes)

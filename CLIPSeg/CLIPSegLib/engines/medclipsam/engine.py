@@ -179,7 +179,7 @@ class MedCLIPSAMEngine(Engine):
             sim = patch_similarity(dense, text, self.neutral_embeddings())  # [B,P,h,w]
             presence = (patch_presence(sim) if self.saliency["slice_presence"] == "patches"
                         else self.slice_presence(images, text, image))
-            maps = patch_maps(dense, text, size=size, similarity=sim)
+            maps = patch_maps(sim, size)
             found = self.boxes_of(images, text, presence >= self.skip_below, size, maps)
         else:
             presence = self.slice_presence(images, text)

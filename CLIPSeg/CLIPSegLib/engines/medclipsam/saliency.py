@@ -177,14 +177,12 @@ def patch_presence(similarity: torch.Tensor, top: int = PATCH_TOP) -> torch.Tens
     return torch.sigmoid(PATCH_SCALE * flat.topk(min(top, flat.shape[-1]), dim=-1).values.mean(-1))
 
 
-def patch_maps(dense: torch.Tensor, text_embeddings: torch.Tensor, neutral: torch.Tensor | None = None,
-               size: int | None = None, similarity: torch.Tensor | None = None) -> torch.Tensor:
-    """Patch embeddings ``[B,D,h,w]``, prompts ``[P,D]``, neutral texts ``[N,D]`` (or None) -> ``[B,P,size,size]``
-    float32: ``patch_similarity`` (or the given ``similarity``), upsampled (bilinear) to ``size`` (default: kept at
-    h x w), each map scaled from its minimum (0) to its maximum (1); all 0 where no patch is nearer the prompt than
-    the neutral texts (the map itself can say "nothing here"). Scaled from the minimum, not cut at 0: the rim of a
-    finding, below 0 but far above the tissue around it, stays in the map and in the box cut from it."""
-    sim = patch_similarity(dense, text_embeddings, neutral) if similarity is None else similarity
+def patch_maps(similarity: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """``patch_similarity`` ``[B,P,h,w]`` -> ``[B,P,size,size]`` float32: upsampled (bilinear) to ``size`` (default:
+    kept at h x w), each map scaled from its minimum (0) to its maximum (1); all 0 where no patch is nearer the prompt
+    than the neutral texts (the map itself can say "nothing here"). Scaled from the minimum, not cut at 0: the rim of
+    a finding, below 0 but far above the tissue around it, stays in the map and in the box cut from it."""
+    sim = similarity.float()
     if size is not None and sim.shape[-1] != size:
         sim = F.interpolate(sim, size=(size, size), mode="bilinear", align_corners=False)
     peak, low = sim.amax(dim=(2, 3), keepdim=True), sim.amin(dim=(2, 3), keepdim=True)
@@ -215,7 +213,7 @@ def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tenso
     if method == "patch_similarity":
         with torch.no_grad():
             _, dense = dense_features(clip, images)
-            return patch_maps(dense, text_embeddings, neutral, images.shape[-1])
+            return patch_maps(patch_similarity(dense, text_embeddings, neutral), images.shape[-1])
     cam_lib = _pytorch_grad_cam()
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform
