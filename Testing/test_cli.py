@@ -432,11 +432,13 @@ def test_an_unwritable_report_folder_is_refused_before_the_evaluation(tmp_path, 
 @pytest.mark.parametrize("args, message", [
     (["--rival-weight", "-1"], "--rival-weight -1.0: must be at least 0"),
     (["--rival-weight", "nan"], "--rival-weight nan: give a number"),
-    (["--engine", "tgcnet", "--rival-weight", "1"], "--rival-weight, --init-from and --presence-head are cliptnseg"),
-    (["--engine", "medclipsam", "--rival-weight", "1"],
-     "--rival-weight, --init-from and --presence-head are cliptnseg"),
+    (["--foreground-weight", "-0.5"], "--foreground-weight -0.5: must be at least 0"),
+    (["--engine", "tgcnet", "--rival-weight", "1"], "--rival-weight, --foreground-weight, --init-from and"),
+    (["--engine", "medclipsam", "--rival-weight", "1"], "--rival-weight, --foreground-weight, --init-from and"),
+    (["--engine", "tgcnet", "--foreground-weight", "1"], "--foreground-weight, --init-from and --presence-head"),
+    (["--engine", "medclipsam", "--foreground-weight", "1"], "--foreground-weight, --init-from and --presence-head"),
 ])
-def test_train_refuses_a_rival_weight_it_cannot_use_before_any_work(args, message, tmp_path, capsys):
+def test_train_refuses_a_loss_weight_it_cannot_use_before_any_work(args, message, tmp_path, capsys):
     code, io = run(["train", "--output-dir", tmp_path / "m", "--work-dir", tmp_path / "w", "--progress", "none"]
                    + args, capsys)
     assert code == 2 and message in io.err

@@ -492,6 +492,26 @@ def test_rival_negative_loss_weighs_each_pairs_rival_pixels_as_a_whole():
     assert rival_negative_loss(logits[2:], masks[2:], pair_index[2:]) == 0
 
 
+def test_foreground_loss_weighs_each_pairs_own_pixels_as_a_whole():
+    """Against a direct computation: a one-pixel finding weighs as much as a nine-pixel one; a pair without a
+    finding adds nothing; no finding at all gives 0 with a gradient path."""
+    from CLIPSegLib.training.losses import foreground_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 6, requires_grad=True)
+    masks = torch.zeros(3, 6, 6)
+    masks[0, :3, :3] = 1
+    masks[1, 4, 4] = 1
+    bce = lambda x: torch.nn.functional.softplus(-x)  # noqa: E731  (BCE of a logit against 1)
+    expected = (bce(logits[0, :3, :3]).mean() + bce(logits[1, 4, 4])) / 2
+    assert torch.allclose(foreground_loss(logits, masks), expected)
+    even = torch.zeros(3, 6, 6, requires_grad=True)
+    foreground_loss(even, masks).backward()
+    assert torch.allclose(even.grad[1, 4, 4], 9 * even.grad[0, 0, 0])  # per pixel, the small finding weighs more
+    assert (even.grad[2] == 0).all() and (even.grad[0][masks[0] == 0] == 0).all()
+    assert foreground_loss(logits, torch.zeros_like(masks)) == 0
+
+
 def test_the_held_out_share_spares_the_slices_holding_a_structure():
     """Twelve labelled slices, a structure on five: a quarter (3) is held out, one holding the structure (the
     middle one) and two without it; so four of the five slices showing it are trained on."""

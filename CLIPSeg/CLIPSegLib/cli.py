@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cliptnseg: weight of a loss term that teaches each finding's map to stay off the other "
                         "findings of the same image (their pixels as hard negatives; default 0, the embedded model's "
                         "recipe)")
+    t.add_argument("--foreground-weight", type=float, default=0.0,
+                   help="cliptnseg: weight of a loss term that weighs each finding's own pixels as a whole (pixel "
+                        "BCE averaged over the finding's mask), so small findings such as calcification clusters are "
+                        "segmented with confidence (default 0, the embedded model's recipe)")
     t.add_argument("--init-from", default=None, metavar="MODEL",
                    help="cliptnseg: continue MODEL (id or .json, e.g. cliptnseg-phantom-small) instead of starting "
                         "from random weights: the segmenter starts from its segmenter, the clip stage (if run) from "
@@ -321,11 +325,11 @@ def _cmd_train_medclipsam(a, progress):
     stages = check_stages((a.stages or "sam,calibrate,export").split(","))
     check_train_args(["export"], {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0), "--steps": (a.steps, 1),
                                   "--calibration-volumes": (a.calibration_volumes, 1)}, {})
-    if a.data or a.calibration_data or a.presence_head or a.rival_weight or a.init_from:
+    if a.data or a.calibration_data or a.presence_head or a.rival_weight or a.foreground_weight or a.init_from:
         from .errors import InputError
 
         raise InputError("--engine medclipsam trains on phantoms only: --data, --calibration-data, --rival-weight, "
-                         "--init-from and --presence-head are cliptnseg options")
+                         "--foreground-weight, --init-from and --presence-head are cliptnseg options")
     work_dir, device = _train_setup(a, stages)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
            f"--clip-from {a.clip_from} --phantoms {a.phantoms} --volumes {a.volumes} --steps {a.steps} "
@@ -353,7 +357,8 @@ def _cmd_train_pseudo_labels(a, progress):
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
     ignored = _given(a, "train", ("--data", "--calibration-data", "--presence-head", "--volumes", "--family",
-                                  "--calibration-volumes", "--clip-from", "--rival-weight", "--init-from"))
+                                  "--calibration-volumes", "--clip-from", "--rival-weight", "--foreground-weight",
+                                  "--init-from"))
     if ignored:
         raise InputError(f"--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out "
                          f"quarter of it: {', '.join(ignored)} do not apply; drop them")
@@ -382,9 +387,10 @@ def _cmd_train_tgcnet(a, progress):
                                "--steps": (a.steps, 1), "--calibration-volumes": (a.calibration_volumes, 1),
                                "--lora-rank": (a.lora_rank, 1)}, {})
     if (a.data or a.calibration_data or a.presence_head or a.volumes or a.family != "A" or a.rival_weight
-            or a.init_from):
+            or a.foreground_weight or a.init_from):
         raise InputError("--engine tgcnet trains on --dataset report or thyroid: --data, --calibration-data, "
-                         "--volumes, --family, --rival-weight, --init-from and --presence-head are cliptnseg options "
+                         "--volumes, --family, --rival-weight, --foreground-weight, --init-from and --presence-head "
+                         "are cliptnseg options "
                          "(tgcnet always has its presence head)")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages)
@@ -419,7 +425,8 @@ def _cmd_train(a, progress):
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
                                "--calibration-volumes": (a.calibration_volumes, 1),
-                               "--rival-weight": (a.rival_weight, 0)},
+                               "--rival-weight": (a.rival_weight, 0),
+                               "--foreground-weight": (a.foreground_weight, 0)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
     work_dir, device = _train_setup(a, stages)
     # the command that re-creates this model where it is written: --force, as the model will be there by then
@@ -428,6 +435,7 @@ def _cmd_train(a, progress):
            f"--clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes {a.calibration_volumes} "
            f"--family {a.family} --seed {a.seed} --no-resume --force" + (" --presence-head" if a.presence_head else "")
            + (f" --rival-weight {a.rival_weight!r}" if a.rival_weight else "")
+           + (f" --foreground-weight {a.foreground_weight!r}" if a.foreground_weight else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (" --stages segmenter,calibrate,export" if a.init_from and "clip" not in stages else "")
            + (f" --data {a.data}" if a.data else "")
@@ -437,7 +445,8 @@ def _cmd_train(a, progress):
                         a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,
                         n_volumes=a.volumes, force=a.force,
                         calibration_csv=Path(a.calibration_data) if a.calibration_data else None, family=a.family,
-                        rival_weight=a.rival_weight, init_from=a.init_from)
+                        rival_weight=a.rival_weight, init_from=a.init_from,
+                        foreground_weight=a.foreground_weight)
     if path:
         print(f"wrote {path}")
 

@@ -14,7 +14,7 @@ from .datasets import NORMAL_PHRASES
 from ..errors import InputError
 from ..synthetic.phantoms import PHRASES
 from ..progress import Progress
-from .losses import rival_negative_loss
+from .losses import foreground_loss, rival_negative_loss
 from .loop import Recipe, check_stage_list, run_loop, staged_presence
 
 
@@ -124,9 +124,11 @@ def segmentation_loss(device="cpu"):
 def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, lr: float = 2e-3, seed: int = 0,
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None, validate=None, patience: int | None = None,
-                    validate_every: int = 100, rival_weight: float = 0.0, start: dict | None = None) -> list[float]:
+                    validate_every: int = 100, rival_weight: float = 0.0, start: dict | None = None,
+                    foreground_weight: float = 0.0) -> list[float]:
     """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with ``segmentation_loss``, plus
-    ``rival_weight`` x ``losses.rival_negative_loss`` (another finding's pixels as a finding's hard negatives).
+    ``rival_weight`` x ``losses.rival_negative_loss`` (another finding's pixels as a finding's hard negatives) and
+    ``foreground_weight`` x ``losses.foreground_loss`` (each finding's own pixels weighed as a whole).
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run; ``validate``/``patience``: early stop (``run_loop``); ``start``: the lineage of the weights
@@ -147,13 +149,18 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
         pair_index, masks = pair_index.to(device), masks.to(device)
         logits, presence_logits = net(images.to(device), text, pair_index)
         value = mask_loss(logits, masks, presence_logits)
-        return value + rival_weight * rival_negative_loss(logits, masks, pair_index) if rival_weight else value
+        if rival_weight:
+            value = value + rival_weight * rival_negative_loss(logits, masks, pair_index)
+        if foreground_weight:
+            value = value + foreground_weight * foreground_loss(logits, masks)
+        return value
 
     params = [p for p in net.parameters() if p.requires_grad]
     recipe = Recipe("segmenter", [{"params": params, "lr": lr}], loss, net.trainable_state_dict,
                     lambda sd: net.load_state_dict(sd, strict=False), net.train, weight_decay=1e-4,
-                    fingerprint={"lr": lr, "network": net.cfg, **({"rival_weight": rival_weight}
-                                                                   if rival_weight else {}),
+                    fingerprint={"lr": lr, "network": net.cfg,
+                                 **({"rival_weight": rival_weight} if rival_weight else {}),
+                                 **({"foreground_weight": foreground_weight} if foreground_weight else {}),
                                  **({"start": start} if start else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
                     validate, validate_every, patience)
@@ -281,7 +288,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  calibration_volumes: int = 24, progress: Progress | None = None, device="cpu",
                  command: str = "", presence_head: bool = False, n_volumes: int = 0,
                  force: bool = False, calibration_csv: Path | None = None, family: str = "A",
-                 rival_weight: float = 0.0, init_from: str | None = None) -> Path | None:
+                 rival_weight: float = 0.0, init_from: str | None = None,
+                 foreground_weight: float = 0.0) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     ``init_from`` (a model id or spec path, ``warm_start``): continue that model instead of starting from random
@@ -290,7 +298,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     ``work_dir`` still takes precedence (resume).
 
     ``family``: the phantom family of the training bank and the calibration volumes ("A", "B" or the mixture "A+B",
-    ``synthetic.families``). ``rival_weight``: ``train_segmenter``'s (0: the embedded model's recipe).
+    ``synthetic.families``). ``rival_weight``, ``foreground_weight``: ``train_segmenter``'s (0: the embedded model's
+    recipe).
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
@@ -334,7 +343,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
             parts.append(user)
         data = _mixed(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device,
-                        rival_weight=rival_weight, start=start)
+                        rival_weight=rival_weight, start=start, foreground_weight=foreground_weight)
     if parent is None or seg_ckpt.is_file():
         net.load_state_dict(_checkpoint(seg_ckpt, "segmenter"), strict=False)
     net.eval()
@@ -359,6 +368,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     spec["training"] = {"command": command, "family": family, "n_phantoms": n_phantoms, "n_volumes": n_volumes,
                         "clip_steps": 0 if clip_kept else clip_steps,
                         "segmenter_steps": seg_steps, "rival_weight": rival_weight,
+                        "foreground_weight": foreground_weight,
                         "seed": seed, "data_csv": str(data_csv) if data_csv else None,
                         "phrases": training_phrases(data_csv)}
     if parent is not None:
