@@ -217,3 +217,28 @@ def test_a_biomedclip_folder_is_tuned_and_exported_with_its_folder_and_hashed_te
     assert any(k.startswith("text.transformer.") for k in (k[5:] for k in load_weights(spec) if k[:5] == "clip."))
     clip = load_clip(spec, load_weights(spec), torch.device("cpu"))  # the folder's config and tokenizer, tuned tensors
     assert clip.encode_text(["thyroid nodule"], "cpu").shape == (1, 16)
+
+
+def test_augmented_phantom_captions_vary_per_access_and_their_masks_follow_the_image():
+    """The same slice read twice: another image each time (strong augmentation), each finding's mask moved with it
+    (still inside the image, the union channel their union); without --augment the slice as generated."""
+    torch.manual_seed(0)
+    plain = cf.PhantomCaptions(3, 64)
+    augmented = cf.PhantomCaptions(3, 64, augment=True)
+    augmented.bank.transform.set_random_state(seed=0)  # MONAI's own random state: the same draws on every run
+    index = next(i for i in range(3) if plain.bank.masks[i].any())
+    a, b = augmented[index], augmented[index]
+    assert not torch.equal(a[0], b[0])
+    torch.testing.assert_close(plain[index][0], plain[index][0])
+    for image, _, masks in (a, b):
+        assert image.shape == (1, 64, 64) and masks.shape == (4, 64, 64)
+        torch.testing.assert_close(masks[0], masks[1:].amax(0))
+    assert not torch.equal(a[2], b[2])
+
+
+def test_augment_with_a_caption_table_is_refused(tiny_open, tmp_path, capsys):
+    code = main(["finetune-clip", "--from", str(tiny_open), "--data", str(caption_csv(tmp_path / "d")), "--augment",
+                 "--output-dir", str(tmp_path / "o"), "--steps", "2", "--batch-size", "4", "--work-dir",
+                 str(tmp_path / "w"), "--progress", "none"])
+    assert code == 2 and "--augment applies to phantom captions" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

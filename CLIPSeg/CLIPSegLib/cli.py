@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--phantoms", type=int, default=400, help="2D phantoms (without --data)")
     g.add_argument("--volumes", type=int, default=0, help="phantom volumes whose slices are added (without --data)")
     g.add_argument("--family", default="A", choices=("A", "B", "A+B"), help="phantom family (without --data)")
+    g.add_argument("--augment", action="store_true",
+                   help="phantom captions (without --data): each slice augmented on access as the segmenter's are "
+                        "(contrast, gain, speckle, blur, bias field, rotation, scale, flips)")
     g.add_argument("--output-dir", required=True, help="where <model-id>.json/.safetensors are written")
     g.add_argument("--model-id", default=None, help="default: <source id>-dhn")
     g.add_argument("--work-dir", default=None, help="checkpoint folder (resumable; default build/work/<model-id>)")
@@ -523,7 +526,7 @@ def _cmd_finetune_clip(a, progress):
     argv += ["--from", a.source] if a.source else []
     argv += ["--sam-from", a.sam_from] if a.sam_from else []
     argv += (["--data", a.data] if a.data else ["--phantoms", str(a.phantoms), "--volumes", str(a.volumes),
-                                                 "--family", a.family])
+                                                 "--family", a.family] + (["--augment"] if a.augment else []))
     argv += ["--model-id", a.model_id] if a.model_id else []
     model_key = a.model_id or f"{Path(a.source or 'medclipsam-phantom-small').stem}-dhn"
     work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / model_key
@@ -531,7 +534,8 @@ def _cmd_finetune_clip(a, progress):
                          a.phantoms, a.volumes, a.family, a.steps, a.batch_size, a.lr, a.trainable, a.blocks,
                          a.lora_rank, a.dense_weight, a.temperature, a.beta1, a.beta2, a.seed, not a.no_resume,
                          a.sam_from, a.saliency, progress, resolve_device(a.device),
-                         shlex.join(argv) + " --no-resume --force", a.force, dense_labels=a.dense_labels)
+                         shlex.join(argv) + " --no-resume --force", a.force, dense_labels=a.dense_labels,
+                         augment=a.augment)
     if a.progress != "json":
         print(f"wrote {path}")
 

@@ -81,12 +81,14 @@ def phantom_caption(present: list[str], generator: torch.Generator | None = None
 class PhantomCaptions(torch.utils.data.Dataset):
     """Phantom slices of ``family`` (``n`` 2D phantoms and the slices of ``volumes`` volumes, ``PhantomBank``) ->
     ``(image [1,S,S] in [0,1], [caption, phrase of each finding], masks [1+F,S,S])``: masks[0] is the union of the
-    findings, masks[1+f] finding f's mask (empty if absent). Phrasings drawn at random on each access."""
+    findings, masks[1+f] finding f's mask (empty if absent). Phrasings drawn at random on each access; ``augment``:
+    the segmenter's strong augmentation (``datasets.make_augmentation``: gamma, gain, speckle-like noise, blur, bias
+    field, rotation, scale, shear, flips) on each access, else the slice as generated."""
 
-    def __init__(self, n: int, size: int, volumes: int = 0, family: str = "A", progress=None):
+    def __init__(self, n: int, size: int, volumes: int = 0, family: str = "A", progress=None, augment: bool = False):
         from .datasets import PhantomBank
 
-        self.bank = PhantomBank(n, size, augment=False, volumes=volumes, family=family, progress=progress)
+        self.bank = PhantomBank(n, size, augment=augment, volumes=volumes, family=family, progress=progress)
 
     def __len__(self):
         return len(self.bank)
@@ -95,7 +97,7 @@ class PhantomCaptions(torch.utils.data.Dataset):
         from ..synthetic.phantoms import FINDINGS, PHRASES
         from .datasets import apply_augmentation
 
-        image, masks = apply_augmentation(None, self.bank.images[i], self.bank.masks[i])
+        image, masks = apply_augmentation(self.bank.transform, self.bank.images[i], self.bank.masks[i])
         present = [f for f, m in zip(FINDINGS, masks) if m.any()]
         phrases = [PHRASES[f][int(torch.randint(len(PHRASES[f]), ()))] for f in FINDINGS]
         return image, [phantom_caption(present)] + phrases, torch.cat([masks.amax(0, keepdim=True), masks])
@@ -371,9 +373,10 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                   beta2: float = 0.15, seed: int = 0, resume: bool = True, template: str | None = None,
                   saliency: str | None = "patch_similarity", progress: Progress | None = None, device="cpu",
                   command: str = "", force: bool = False, stop_after: int | None = None,
-                  dense_labels: str = "caption") -> Path | None:
+                  dense_labels: str = "caption", augment: bool = False) -> Path | None:
     """The whole command: checks, source CLIP, data, ``run_loop`` (checkpoint ``work_dir/clip.pt``), export.
-    Returns the spec path (None when ``stop_after`` ended the call before the last step)."""
+    ``augment``: phantom captions augmented (``PhantomCaptions``). Returns the spec path (None when ``stop_after``
+    ended the call before the last step)."""
     from monai.utils import set_determinism
 
     from .cliptnseg_recipe import check_output_free
@@ -393,18 +396,21 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     model_id = model_id or f"{lineage.get('id') or Path(lineage['folder']).name}-dhn"
     check_output_free(Path(out_dir), model_id, force)
     set_determinism(seed)
+    if data_csv is not None and augment:
+        raise InputError("--augment applies to phantom captions; with --data your own images are used as they are")
     if data_csv is not None:
         dataset = CaptionTable(Path(data_csv), clip.image_size)
         data = {"csv": str(data_csv), "pairs": len(dataset)}
     else:
         dataset = PhantomCaptions(n_phantoms, clip.image_size, n_volumes, family,
-                                  progress=lambda d, t: progress.update("phantoms", d, t))
-        data = {"phantoms": n_phantoms, "volumes": n_volumes, "family": family, "slices": len(dataset)}
+                                  progress=lambda d, t: progress.update("phantoms", d, t), augment=augment)
+        data = {"phantoms": n_phantoms, "volumes": n_volumes, "family": family, "slices": len(dataset),
+                **({"augment": True} if augment else {})}
     neutral = list((tspec.get("presence") or {}).get("neutral") or _neutral())
     tuner = Tuner(clip, trainable, blocks, lora_rank)
     settings = {"lr": lr, "trainable": trainable, "blocks": blocks, "lora_rank": lora_rank, "dense_weight": dense_weight,
                 "dense_labels": dense_labels, "temperature": temperature, "beta1": beta1, "beta2": beta2,
-                "tensors": len(tuner.names)}
+                "tensors": len(tuner.names), **({"augment": True} if augment else {})}
     recipe = Recipe("CLIP DHN-NCE", [{"params": tuner.params, "lr": lr}],
                     clip_loss_fn(clip, neutral, dense_weight, temperature, beta1, beta2, device, dense_labels),
                     tuner.state, tuner.load, tuner.train, weight_decay=0.01, fingerprint=settings)
