@@ -16,13 +16,7 @@ def rival_negative_loss(logits: torch.Tensor, masks: torch.Tensor, pair_index: t
     same = pair_index[:, None] == pair_index[None, :]
     same.fill_diagonal_(False)
     rival = (same.float() @ masks.flatten(1)).view_as(masks) > 0  # [N,S,S]: another pair of the slice holds it
-    hard = rival & (masks < 0.5)
-    counts = hard.flatten(1).sum(1)
-    if not counts.any():
-        return logits.sum() * 0.0
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    per_pair = (bce * hard).flatten(1).sum(1) / counts.clamp(min=1)
-    return per_pair[counts > 0].mean()
+    return per_pair_bce(logits, rival & (masks < 0.5), 0.0)
 
 
 def foreground_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -34,9 +28,16 @@ def foreground_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     segmented at a mean probability of ~0.83: below the presence rule's mean-probability test, where false blobs
     sit too. Here each pair's finding pixels weigh as a whole, whatever its size. -> scalar (0 when no pair has a
     finding pixel)."""
-    counts = masks.flatten(1).sum(1)
+    return per_pair_bce(logits, masks > 0.5, 1.0)
+
+
+def per_pair_bce(logits: torch.Tensor, where: torch.Tensor, target: float) -> torch.Tensor:
+    """Pixel BCE of ``logits`` [N,S,S] against the constant ``target``, averaged per pair over the pixels of
+    ``where`` [N,S,S] (bool), then over the pairs that have any. -> scalar (0, still on the graph, when none has)."""
+    counts = where.flatten(1).sum(1)
     if not counts.any():
         return logits.sum() * 0.0
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    per_pair = (bce * masks).flatten(1).sum(1) / counts.clamp(min=1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target),
+                                                               reduction="none")
+    per_pair = (bce * where).flatten(1).sum(1) / counts.clamp(min=1)
     return per_pair[counts > 0].mean()
