@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "recipe)")
     t.add_argument("--foreground-weight", type=float, default=0.0,
                    help="cliptnseg: weight of a loss term that weighs each finding's own pixels as a whole (pixel "
-                        "BCE averaged over the finding's mask), so small findings such as calcification clusters are "
-                        "segmented with confidence (default 0, the embedded model's recipe)")
+                        "BCE averaged over the finding's mask, so a small cluster counts as much as a large nodule); "
+                        "measured at 1 the maps swell past the findings (benchmarks/RESULTS.md); default 0, the "
+                        "embedded model's recipe")
     t.add_argument("--init-from", default=None, metavar="MODEL",
                    help="cliptnseg: continue MODEL (id or .json, e.g. cliptnseg-phantom-small) instead of starting "
                         "from random weights: the segmenter starts from its segmenter, the clip stage (if run) from "

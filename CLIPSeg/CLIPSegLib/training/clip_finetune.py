@@ -390,14 +390,14 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     if family not in ("A", "B", "A+B"):
         raise InputError(f"--family {family!r} is not A, B or A+B")
     check_dense_labels(dense_labels)
+    if data_csv is not None and augment:
+        raise InputError("--augment applies to phantom captions; with --data your own images are used as they are")
     progress = progress or Progress("none")
     device = torch.device(device)
     clip, clip_cfg, tspec, tstate, lineage = load_source(source, device, template)
     model_id = model_id or f"{lineage.get('id') or Path(lineage['folder']).name}-dhn"
     check_output_free(Path(out_dir), model_id, force)
     set_determinism(seed)
-    if data_csv is not None and augment:
-        raise InputError("--augment applies to phantom captions; with --data your own images are used as they are")
     if data_csv is not None:
         dataset = CaptionTable(Path(data_csv), clip.image_size)
         data = {"csv": str(data_csv), "pairs": len(dataset)}
