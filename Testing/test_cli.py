@@ -433,10 +433,12 @@ def test_an_unwritable_report_folder_is_refused_before_the_evaluation(tmp_path, 
     (["--rival-weight", "-1"], "--rival-weight -1.0: must be at least 0"),
     (["--rival-weight", "nan"], "--rival-weight nan: give a number"),
     (["--foreground-weight", "-0.5"], "--foreground-weight -0.5: must be at least 0"),
-    (["--engine", "tgcnet", "--rival-weight", "1"], "--rival-weight, --foreground-weight, --init-from and"),
-    (["--engine", "medclipsam", "--rival-weight", "1"], "--rival-weight, --foreground-weight, --init-from and"),
-    (["--engine", "tgcnet", "--foreground-weight", "1"], "--foreground-weight, --init-from and --presence-head"),
-    (["--engine", "medclipsam", "--foreground-weight", "1"], "--foreground-weight, --init-from and --presence-head"),
+    (["--engine", "tgcnet", "--rival-weight", "1"], "presence head: --rival-weight does not apply; drop it"),
+    (["--engine", "medclipsam", "--rival-weight", "1"], "phantoms only: --rival-weight does not apply; drop it"),
+    (["--engine", "tgcnet", "--foreground-weight", "1", "--family", "B"],
+     "presence head: --family, --foreground-weight do not apply; drop them"),
+    (["--engine", "medclipsam", "--foreground-weight", "1", "--presence-head"],
+     "phantoms only: --foreground-weight, --presence-head do not apply; drop them"),
 ])
 def test_train_refuses_a_loss_weight_it_cannot_use_before_any_work(args, message, tmp_path, capsys):
     code, io = run(["train", "--output-dir", tmp_path / "m", "--work-dir", tmp_path / "w", "--progress", "none"]

@@ -329,11 +329,7 @@ def _cmd_train_medclipsam(a, progress):
     stages = check_stages((a.stages or "sam,calibrate,export").split(","))
     check_train_args(["export"], {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0), "--steps": (a.steps, 1),
                                   "--calibration-volumes": (a.calibration_volumes, 1)}, {})
-    if a.data or a.calibration_data or a.presence_head or a.rival_weight or a.foreground_weight or a.init_from:
-        from .errors import InputError
-
-        raise InputError("--engine medclipsam trains on phantoms only: --data, --calibration-data, --rival-weight, "
-                         "--foreground-weight, --init-from and --presence-head are cliptnseg options")
+    _refuse_given(a, CLIPTNSEG_ONLY, "--engine medclipsam trains on phantoms only")
     work_dir, device = _train_setup(a, stages)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
            f"--clip-from {a.clip_from} --phantoms {a.phantoms} --volumes {a.volumes} --steps {a.steps} "
@@ -345,6 +341,11 @@ def _cmd_train_medclipsam(a, progress):
         print(f"wrote {path}")
 
 
+#: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
+CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--init-from",
+                  "--presence-head")
+
+
 def _given(a, command: str, flags) -> list[str]:
     """The ``flags`` (e.g. "--family") of ``command`` whose value in ``a`` is not the parser's default: the options a
     user gave (so a branch that would ignore them can refuse them)."""
@@ -352,20 +353,27 @@ def _given(a, command: str, flags) -> list[str]:
     return [flag for flag in flags if getattr(a, flag[2:].replace("-", "_")) != defaults[flag[2:].replace("-", "_")]]
 
 
-def _cmd_train_pseudo_labels(a, progress):
+def _refuse_given(a, flags, why: str) -> None:
+    """InputError naming those of the ``train`` ``flags`` the user gave, after ``why`` (what the branch does
+    instead), before any work; nothing when none was given."""
     from .errors import InputError
+
+    given = _given(a, "train", flags)
+    if given:
+        raise InputError(f"{why}: {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply; "
+                         f"drop {'it' if len(given) == 1 else 'them'}")
+
+
+def _cmd_train_pseudo_labels(a, progress):
     from .training.cliptnseg_recipe import check_train_args
     from .training.pseudo_labels import check_stages, run_pseudo_label_training, unlabelled_volumes
 
     a.model_id = a.model_id or "medclipsam-weak-unet"
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
-    ignored = _given(a, "train", ("--data", "--calibration-data", "--presence-head", "--volumes", "--family",
-                                  "--calibration-volumes", "--clip-from", "--rival-weight", "--foreground-weight",
-                                  "--init-from"))
-    if ignored:
-        raise InputError(f"--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out "
-                         f"quarter of it: {', '.join(ignored)} do not apply; drop them")
+    _refuse_given(a, ("--volumes", "--family", "--calibration-volumes", "--clip-from") + CLIPTNSEG_ONLY,
+                  "--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out quarter "
+                  "of it")
     a.zero_shot = a.zero_shot or "medclipsam-phantom-small"
     unlabelled_volumes(Path(a.pseudo_labels))  # refuse a bad folder before anything is built
     work_dir, device = _train_setup(a, stages)
@@ -381,7 +389,6 @@ def _cmd_train_pseudo_labels(a, progress):
 
 
 def _cmd_train_tgcnet(a, progress):
-    from .errors import InputError
     from .training.cliptnseg_recipe import check_train_args
     from .training.tgcnet_recipe import STAGES, run_tgcnet_training
 
@@ -390,12 +397,8 @@ def _cmd_train_tgcnet(a, progress):
                               {"--phantoms": (a.phantoms, 32), "--clip-steps": (a.clip_steps, 1),
                                "--steps": (a.steps, 1), "--calibration-volumes": (a.calibration_volumes, 1),
                                "--lora-rank": (a.lora_rank, 1)}, {})
-    if (a.data or a.calibration_data or a.presence_head or a.volumes or a.family != "A" or a.rival_weight
-            or a.foreground_weight or a.init_from):
-        raise InputError("--engine tgcnet trains on --dataset report or thyroid: --data, --calibration-data, "
-                         "--volumes, --family, --rival-weight, --foreground-weight, --init-from and --presence-head "
-                         "are cliptnseg options "
-                         "(tgcnet always has its presence head)")
+    _refuse_given(a, ("--volumes", "--family") + CLIPTNSEG_ONLY,
+                  "--engine tgcnet trains on --dataset report or thyroid and always has its presence head")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages)
     cmd = (f"clipseg train --engine tgcnet --dataset {a.dataset} --output-dir {a.output_dir} --model-id {a.model_id} "

@@ -404,8 +404,7 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     else:
         dataset = PhantomCaptions(n_phantoms, clip.image_size, n_volumes, family,
                                   progress=lambda d, t: progress.update("phantoms", d, t), augment=augment)
-        data = {"phantoms": n_phantoms, "volumes": n_volumes, "family": family, "slices": len(dataset),
-                **({"augment": True} if augment else {})}
+        data = {"phantoms": n_phantoms, "volumes": n_volumes, "family": family, "slices": len(dataset)}
     neutral = list((tspec.get("presence") or {}).get("neutral") or _neutral())
     tuner = Tuner(clip, trainable, blocks, lora_rank)
     settings = {"lr": lr, "trainable": trainable, "blocks": blocks, "lora_rank": lora_rank, "dense_weight": dense_weight,
