@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from CLIPSegLib.engines.tgcnet.knowledge import load_knowledge
+from CLIPSegLib.engines.tgcnet.location import cue_maps, load_locations
 from CLIPSegLib.engines.tgcnet.network import MODULES, TGCNet, alignment_loss, build_network, parameter_counts
 from CLIPSegLib.errors import ModelError
 from conftest import TINY_TGCNET_SPEC
@@ -115,8 +116,9 @@ def test_vlcm_calibrates_the_tokens_and_its_similarity_map_is_trained_towards_th
     assert alignment_loss(grid * 20 - 10, masks) < 0.01 < alignment_loss(10 - grid * 20, masks)
 
 
-def test_paired_and_all_pairs_forward_give_the_same_masks():
-    net = _net()
+@pytest.mark.parametrize("location", [False, True])
+def test_paired_and_all_pairs_forward_give_the_same_masks(location):
+    net = _net(location=location)
     x = _images(2)
     with torch.no_grad():
         text = net.encode_text(PROMPTS)
@@ -158,3 +160,62 @@ def test_the_engine_says_which_knowledge_it_read_and_when_the_file_was_edited(ti
     edited = create_engine({**spec, "knowledge": {"sha256": "0" * 64}}, torch.device("cpu"))
     assert "was edited since training" in edited.encode_prompts(["GGO"]).readings[0].interpretation()
     assert isinstance(engine.net, TGCNet)
+    from CLIPSegLib.engines.tgcnet.engine import TGCNetEngine
+
+    located = {**spec, "network": {**spec["network"], "location": True}}
+    engine = TGCNetEngine(build_network(located), torch.device("cpu"), located)
+    reading = engine.encode_prompts(["GGO in the right lower lung"]).readings[0]
+    assert reading.knowledge == ("ground-glass opacity", "location: patient's right, lower zone")
+    edited = {**located, "locations": {"file": "locations.json", "sha256": "0" * 64}}
+    engine = TGCNetEngine(build_network(edited), torch.device("cpu"), edited)
+    assert "location words file" in engine.encode_prompts(["left GGO"]).readings[0].interpretation()
+
+
+@pytest.mark.parametrize("text, cue, said", [
+    ("a single ground-glass opacity in the right lower lung", (-1, 1), "patient's right, lower zone"),
+    ("there is GGO in the left apex", (1, -1), "patient's left, upper zone"),
+    ("in the right base, one hazy opacity", (-1, 1), "patient's right, lower zone"),
+    ("left-sided effusion noted", (1, 0), "patient's left"),
+    ("bilateral consolidation, two areas", (0, 0), "no side or zone"),
+    ("two areas of consolidation in both lungs", (0, 0), "no side or zone"),
+    ("lower left lung and upper right lung", (0, 0), "no side or zone"),  # both directions named: no cue
+    ("clear lungs", (0, 0), "no side or zone"),
+])
+def test_location_words_give_the_patients_side_and_zone(text, cue, said):
+    locations = load_locations()
+    assert locations.cue(text) == cue and locations.describe(text) == said
+
+
+def test_a_broken_location_words_file_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "locations.json"
+    path.write_text('{"side": {"left": ["left"], "sideways": ["x"]}, "zone": {}}', encoding="utf-8")
+    with pytest.raises(ModelError, match="'side' must map left, right, both to lists of words") as e:
+        load_locations(path)
+    assert str(path) in str(e.value)
+
+
+def test_cue_maps_point_toward_the_named_side_in_the_slice_frame():
+    maps = cue_maps(torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 0.0]]), 4)
+    assert maps.shape == (3, 2, 4, 4)
+    assert (maps[0, 0, :, 2:] > 0).all() and (maps[0, 0, :, :2] < 0).all()  # left: the columns toward +I
+    assert (maps[1, 0, :, :2] > 0).all() and (maps[1, 1, 2:] > 0).all()  # right: columns toward -I; lower: rows
+    assert not maps[2].any() and not maps[0, 1].any()
+
+
+def test_the_location_cue_changes_masks_and_presence_and_is_off_in_older_networks():
+    """The same text embedding with the side cue flipped gives other masks and presence (the cue is not an identity);
+    a network without the entry (every model trained before it) has no cue parameters and ignores ``where``."""
+    net = _net(location=True)
+    _randomise(net.where)
+    x = _images()
+    with torch.no_grad():
+        text = net.encode_text(PROMPTS)
+        assert text.where.tolist() == [[-1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
+        mask, presence, _ = net(x, text)
+        text.where = text.where * torch.tensor([-1.0, 1.0])  # "left" where it said "right"
+        flipped, flipped_presence, _ = net(x, text)
+    assert not torch.allclose(mask[:, 0], flipped[:, 0], atol=1e-4)
+    assert not torch.allclose(presence[:, 0], flipped_presence[:, 0], atol=1e-4)
+    assert torch.allclose(mask[:, 1:], flipped[:, 1:])  # prompts without a side cue unchanged
+    old = _net()
+    assert old.where is None and old.locations is None and old.encode_text(PROMPTS).where is None

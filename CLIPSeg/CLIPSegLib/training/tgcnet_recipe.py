@@ -27,7 +27,7 @@ REPORT_CLIP = {  # the report model's own small CLIP: the embedded cliptnseg's s
     "vision_cfg": {"layers": 6, "width": 128, "head_width": 32, "patch_size": 8, "image_size": 128},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
 }
-NETWORK = {"extract_layers": [2, 4, 6], "dim": 64, "heads": 4, "cnn_channels": [8, 16, 32, 64]}
+NETWORK = {"extract_layers": [2, 4, 6], "dim": 64, "heads": 4, "cnn_channels": [8, 16, 32, 64], "location": True}
 ALIGN_WEIGHT = 0.5
 LEARNING_RATES = {"modules": 2e-3, "lora": 1e-3}
 
@@ -35,8 +35,9 @@ LEARNING_RATES = {"modules": 2e-3, "lora": 1e-3}
 def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=()) -> dict:
     """The spec of a TGC-Net model (without presence rule, training record and files)."""
     from ..engines.tgcnet.knowledge import DEFAULT_KNOWLEDGE, load_knowledge
+    from ..engines.tgcnet.location import DEFAULT_LOCATIONS, load_locations
 
-    knowledge = load_knowledge(DEFAULT_KNOWLEDGE)
+    knowledge, locations = load_knowledge(DEFAULT_KNOWLEDGE), load_locations(DEFAULT_LOCATIONS)
     off = ", without " + ", ".join(m.upper() for m in ablate) if ablate else ""
     return {
         "id": model_id,
@@ -48,6 +49,7 @@ def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=()) -> dict:
         "clip": clip,
         "network": {**NETWORK, **{m: False for m in ablate}},
         "knowledge": {"file": DEFAULT_KNOWLEDGE, "version": knowledge.version, "sha256": knowledge.sha256},
+        "locations": {"file": DEFAULT_LOCATIONS, "version": locations.version, "sha256": locations.sha256},
         # left and right carry meaning in a report: a mirrored slice would answer the other side's question
         "inference": {"flip_average": False},
     }
@@ -179,6 +181,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                        progress=progress, device=device)
         clip_state = _checkpoint(clip_ckpt, "clip")
     clip.load_state_dict(clip_state)
+    if not spec["network"].get("location"):
+        del spec["locations"]
     net = TGCNet(clip, spec["network"], load_knowledge(spec["knowledge"]["file"])).to(device)
     adapters = TextAdapters(net, lora_rank)
     counts = parameter_counts(net)

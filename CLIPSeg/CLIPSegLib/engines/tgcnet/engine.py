@@ -4,7 +4,9 @@ slice presence predicted.
 
 The spec's ``knowledge.file`` names the findings file DATE reads (``knowledge``); when that file's SHA-256 is not the
 one the model was trained with, the prompt reading says so (the model reads the edited knowledge, which it never saw
-in training)."""
+in training). A network with the location cue (``location``) reads the side and zone words of ``locations.file``;
+the reading names the location it read ("location: patient's left, lower zone"), and an edit of that file since
+training is said the same way."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ class TGCNetEngine(Engine):
         self._text: dict[str, TextBatch] = {}  # text -> its one-row TextBatch (VLCM reads the tokens)
         trained = ((spec or {}).get("knowledge") or {}).get("sha256")
         self.knowledge_edited = bool(trained and net.knowledge is not None and trained != net.knowledge.sha256)
+        trained = ((spec or {}).get("locations") or {}).get("sha256")
+        self.locations_edited = bool(trained and net.locations is not None and trained != net.locations.sha256)
 
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "TGCNetEngine":
@@ -48,6 +52,10 @@ class TGCNetEngine(Engine):
             named = self.net.knowledge.names(text) if self.net.cfg["date"] else []
             if named and self.knowledge_edited:
                 named[-1] += f" (the knowledge file {self.net.knowledge.path} was edited since training)"
+            if self.net.locations is not None:
+                named.append(f"location: {self.net.locations.describe(text)}" + (
+                    f" (the location words file {self.net.locations.path} was edited since training)"
+                    if self.locations_edited else ""))
             readings.append(PromptReading(text, tokens, truncated, read_as, knowledge=tuple(named)))
         return batch.pooled, readings
 

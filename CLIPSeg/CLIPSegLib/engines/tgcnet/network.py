@@ -13,6 +13,11 @@ modules around it.
   channel and the target of an alignment loss (the mask pooled to the grid; ``alignment_loss``). ``vlcm: false``:
   the tokens are FiLM-conditioned on the text only (as CLIPSeg does).
 
+A location cue (``location``, not in the paper; ``location.py``): the side and zone words of the prompt become two
+coordinate maps over the token grid, added to the tokens (a learned projection) before the decoder's first block and
+given to the decoder as two more channels, so "left" and "right" differ even where the text tower hardly tells them
+apart. ``location: false`` (models trained before it): no cue.
+
 A presence head (``presence_head``) gives one logit per (image, prompt) pair: "what the prompt describes is in this
 slice", from the calibrated text and the tokens.
 
@@ -31,6 +36,7 @@ from ...errors import ModelError
 from ..clip_backbone import CLIP_MEAN, CLIP_STD, FrozenCLIPNet, build_clip, clip_image_size, to_clip_input
 from ..cliptnseg.network import FiLM
 from .knowledge import load_knowledge
+from .location import cue_maps, load_locations
 from .text import DateText, TextBatch
 
 DEFAULT_NETWORK = {
@@ -42,6 +48,7 @@ DEFAULT_NETWORK = {
     "date": True,
     "vlcm": True,
     "presence_head": True,
+    "location": False,  # the side/zone cue (module docstring); new report models are trained with it
     "image_mean": None,  # the image tower's RGB statistics; None: OpenAI CLIP's
     "image_std": None,
 }
@@ -129,9 +136,10 @@ class UpStage(nn.Module):
 
 class TGCNet(FrozenCLIPNet):
     """The network (module docstring). ``clip``: an open_clip CLIP, frozen here (adapters are added by training);
-    ``knowledge``: the ``knowledge.Knowledge`` DATE reads."""
+    ``knowledge``: the ``knowledge.Knowledge`` DATE reads; ``locations``: the ``location.Locations`` the cue reads
+    (the default word list when None and the network has the ``location`` entry)."""
 
-    def __init__(self, clip: nn.Module, network: dict | None = None, knowledge=None):
+    def __init__(self, clip: nn.Module, network: dict | None = None, knowledge=None, locations=None):
         super().__init__()
         cfg = {**DEFAULT_NETWORK, **(network or {})}
         visual = clip.visual
@@ -139,6 +147,7 @@ class TGCNet(FrozenCLIPNet):
         self.patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         check_network(cfg, self.patch, len(visual.transformer.resblocks))
         self.cfg, self.clip, self.knowledge = cfg, clip, knowledge
+        self.locations = (locations or load_locations()) if cfg["location"] else None
         self.freeze_clip()
         self.input_size = clip_image_size(clip)
         self.extract = [d - 1 for d in cfg["extract_layers"]]
@@ -157,7 +166,8 @@ class TGCNet(FrozenCLIPNet):
         self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d, cfg["heads"], dim_feedforward=2 * d, dropout=0.0,
                                                                batch_first=True) for _ in self.extract)
         self.vlcm = VLCM(d, text_dim, cfg["heads"]) if cfg["vlcm"] else None
-        grid_in = d + (1 if cfg["vlcm"] else 0)
+        self.where = nn.Linear(2, d) if cfg["location"] else None
+        grid_in = d + (1 if cfg["vlcm"] else 0) + (2 if cfg["location"] else 0)
         self.ups = nn.ModuleList(UpStage(grid_in if j == n - 1 else cc[j + 1], cc[j], cfg["sse"])
                                  for j in reversed(range(n)))
         self.head = nn.Conv2d(cc[0], 1, 1)
@@ -168,8 +178,13 @@ class TGCNet(FrozenCLIPNet):
         self.image_std = tuple(cfg["image_std"] or CLIP_STD)
 
     def encode_text(self, texts: list[str]) -> TextBatch:
-        """P texts -> ``TextBatch`` (DATE; with gradient when the text tower has trainable adapters)."""
-        return self.text.encode(self.clip, self.knowledge, texts)
+        """P texts -> ``TextBatch`` (DATE; with gradient when the text tower has trainable adapters; ``where`` the
+        location cues when the network reads them)."""
+        batch = self.text.encode(self.clip, self.knowledge, texts)
+        if self.locations is not None:
+            batch.where = torch.tensor([self.locations.cue(t) for t in texts], dtype=batch.pooled.dtype,
+                                       device=batch.pooled.device)
+        return batch
 
     @torch.no_grad()
     def clip_activations(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -195,6 +210,11 @@ class TGCNet(FrozenCLIPNet):
         h = s // self.patch
         acts = self.clip_activations(images)
         feats = self.cnn(images) if self.cnn is not None else None
+        cue = None
+        if self.where is not None:
+            if text.where is None:
+                raise ValueError("this network reads location cues: encode the prompts with encode_text")
+            cue = cue_maps(text.where.to(images.dtype), h)  # [N,2,h,h]
         a = None
         for i in reversed(range(len(self.extract))):  # deep to shallow, as CLIPSeg's decoder
             x = self.reduces[i](acts[i])
@@ -202,7 +222,12 @@ class TGCNet(FrozenCLIPNet):
                 g = nn.functional.adaptive_avg_pool2d(feats[self.cnn_stage[i]], h)
                 x = x + self.cnn_proj[i](g).flatten(2).transpose(1, 2)
             x = x[pair_index]
-            a = self.film(x, text.pooled) if a is None else a + x
+            if a is None:
+                a = self.film(x, text.pooled)
+                if cue is not None:
+                    a = a + self.where(cue.flatten(2).transpose(1, 2))
+            else:
+                a = a + x
             a = self.blocks[len(self.extract) - 1 - i](a)
         sim = None
         if self.vlcm is not None:
@@ -212,6 +237,8 @@ class TGCNet(FrozenCLIPNet):
         grid = a.transpose(1, 2).reshape(a.shape[0], -1, h, h)
         if sim is not None:
             grid = torch.cat([grid, sim.view(-1, 1, h, h)], dim=1)
+        if cue is not None:
+            grid = torch.cat([grid, cue], dim=1)
         x = grid
         for k, up in enumerate(self.ups):
             j = len(self.ups) - 1 - k  # the stride 2^j this stage reaches
@@ -231,9 +258,11 @@ def alignment_loss(sim: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 
 def build_network(spec: dict) -> TGCNet:
-    """Random-weight network from a spec's ``clip``, ``network`` and ``knowledge`` (``{"file": ...}``) entries."""
-    return TGCNet(build_clip(spec["clip"]), spec.get("network"),
-                  load_knowledge((spec.get("knowledge") or {}).get("file")))
+    """Random-weight network from a spec's ``clip``, ``network``, ``knowledge`` and ``locations`` (each
+    ``{"file": ...}``) entries."""
+    network = spec.get("network") or {}
+    return TGCNet(build_clip(spec["clip"]), network, load_knowledge((spec.get("knowledge") or {}).get("file")),
+                  load_locations((spec.get("locations") or {}).get("file")) if network.get("location") else None)
 
 
 def parameter_counts(net: TGCNet) -> dict:

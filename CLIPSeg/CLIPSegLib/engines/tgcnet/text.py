@@ -5,6 +5,7 @@ For P prompts the encoding is a ``TextBatch``: ``pooled [P,D]`` (the fused sente
 FiLM, the presence head and prompt matching read) and ``tokens [P,L+2,D]`` with ``valid [P,L+2]`` (every token the
 tower read, then the knowledge embedding, then the fused embedding: what VLCM's cross-attention reads; a prompt naming
 no knowledge entry has its knowledge token marked invalid). D is the CLIP embedding width, L its context length.
+``where [P,2]`` (float): each prompt's location cue (side, zone; ``location``), None when the network reads none.
 """
 
 from __future__ import annotations
@@ -19,23 +20,27 @@ from ..clip_backbone import tokenize
 
 @dataclass
 class TextBatch:
-    """Encoded prompts (module docstring): ``pooled [P,D]``, ``tokens [P,L+2,D]``, ``valid [P,L+2]`` (bool)."""
+    """Encoded prompts (module docstring): ``pooled [P,D]``, ``tokens [P,L+2,D]``, ``valid [P,L+2]`` (bool),
+    ``where [P,2]`` or None."""
 
     pooled: torch.Tensor
     tokens: torch.Tensor
     valid: torch.Tensor
+    where: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.pooled.shape[0]
 
     def rows(self, index) -> "TextBatch":
         """The prompts at ``index`` (a list or long tensor), in that order."""
-        return TextBatch(self.pooled[index], self.tokens[index], self.valid[index])
+        return TextBatch(self.pooled[index], self.tokens[index], self.valid[index],
+                         None if self.where is None else self.where[index])
 
     @staticmethod
     def stack(items: list["TextBatch"]) -> "TextBatch":
+        where = [i.where for i in items]
         return TextBatch(torch.cat([i.pooled for i in items]), torch.cat([i.tokens for i in items]),
-                         torch.cat([i.valid for i in items]))
+                         torch.cat([i.valid for i in items]), None if any(w is None for w in where) else torch.cat(where))
 
 
 def text_tokens(clip: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
