@@ -181,7 +181,10 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                        progress=progress, device=device)
         clip_state = _checkpoint(clip_ckpt, "clip")
     clip.load_state_dict(clip_state)
-    if not spec["network"].get("location"):
+    if spec["network"].get("location"):
+        spec["description"] = spec["description"].replace("), small CLIP", ") with a side/zone location cue, "
+                                                          "small CLIP")
+    else:
         del spec["locations"]
     net = TGCNet(clip, spec["network"], load_knowledge(spec["knowledge"]["file"])).to(device)
     adapters = TextAdapters(net, lora_rank)
