@@ -57,20 +57,26 @@ class Knowledge:
         return f"{name}: {self.entries[name]['appearance']}"
 
 
+def read_json(path: str | Path, what: str, fix: str) -> tuple[Path, bytes, object]:
+    """(the file, its bytes, its JSON) of ``path``, a bare name being looked up in ``KNOWLEDGE_DIR``; ModelError
+    naming ``what``, the file and ``fix`` when it cannot be read or parsed."""
+    path = Path(path)
+    if not path.is_absolute() and not path.is_file():
+        path = KNOWLEDGE_DIR / path
+    try:
+        raw = path.read_bytes()
+        return path, raw, json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise ModelError(f"{what} {path} cannot be read ({e.strerror}); {fix}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{what} {path} is not valid JSON ({e}); {fix}") from None
+
+
 def load_knowledge(path: str | Path | None = None) -> Knowledge:
     """Read a findings file (default ``Resources/Knowledge/findings.json``; a bare file name is looked up there).
     ModelError naming the file and the fix when it is missing or malformed."""
-    path = Path(path or DEFAULT_KNOWLEDGE)
-    if not path.is_absolute() and not path.is_file():
-        path = KNOWLEDGE_DIR / path
     fix = "restore it from the CLIPSeg release, or point the model spec's knowledge.file at a valid findings file"
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw.decode("utf-8"))
-    except OSError as e:
-        raise ModelError(f"knowledge file {path} cannot be read ({e.strerror}); {fix}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"knowledge file {path} is not valid JSON ({e}); {fix}") from None
+    path, raw, data = read_json(path or DEFAULT_KNOWLEDGE, "knowledge file", fix)
     entries = data.get("findings") if isinstance(data, dict) else None
     if not isinstance(entries, dict) or not entries:
         raise ModelError(f"knowledge file {path} has no 'findings' object (finding -> synonyms, definition, "

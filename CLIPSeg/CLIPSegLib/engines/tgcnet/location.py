@@ -18,12 +18,11 @@ directions, so +I is +x = left). Standard library for reading; torch only in ``c
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...errors import ModelError
-from .knowledge import KNOWLEDGE_DIR, _norm
+from .knowledge import _norm, read_json
 
 DEFAULT_LOCATIONS = "locations.json"
 AXES = {"side": {"left": 1, "right": -1}, "zone": {"lower": 1, "upper": -1}}  # axis -> direction -> sign
@@ -59,17 +58,8 @@ class Locations:
 def load_locations(path: str | Path | None = None) -> Locations:
     """Read a location-words file (default ``Resources/Knowledge/locations.json``; a bare name is looked up there).
     ModelError naming the file, the entry and the fix when it is missing or malformed."""
-    path = Path(path or DEFAULT_LOCATIONS)
-    if not path.is_absolute() and not path.is_file():
-        path = KNOWLEDGE_DIR / path
     fix = "restore it from the CLIPSeg release, or point the model spec's locations.file at a valid file"
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw.decode("utf-8"))
-    except OSError as e:
-        raise ModelError(f"location words file {path} cannot be read ({e.strerror}); {fix}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"location words file {path} is not valid JSON ({e}); {fix}") from None
+    path, raw, data = read_json(path or DEFAULT_LOCATIONS, "location words file", fix)
     terms = {}
     for axis, signs in AXES.items():
         entry = data.get(axis) if isinstance(data, dict) else None
