@@ -111,6 +111,30 @@ class _MapEngine(_StandIn):
         return torch.stack(maps)[None].repeat(len(images), 1, 1, 1), None
 
 
+def test_a_prompt_naming_one_trained_findings_knowledge_entry_takes_that_findings_rule():
+    """TGC-Net's reading names the knowledge entries it read ("knows:" words here): exactly one that is a trained
+    finding picks its rule, whatever the text similarity says; none, several or other entries (a location): the
+    closest phrasing decides as before."""
+    import dataclasses
+
+    from CLIPSegLib.inference.pipeline import finding_phrases, presence_rules
+
+    class Knowing(_MapEngine):
+        def encode_texts(self, texts):
+            e, readings = super().encode_texts(texts)
+            return e, [dataclasses.replace(r, knowledge=tuple(w[6:] for w in t.split() if w.startswith("knows:")))
+                       for r, t in zip(readings, texts)]
+
+    m = torch.zeros(16, 16)
+    engine = Knowing({"nodule": m, "cyst": m, "calcification": m})
+    presence = engine.spec["presence"]
+    asked = engine.encode_prompts(["cyst knows:nodule", "cyst knows:nodule knows:calcification", "cyst",
+                                   "cyst knows:location"])
+    rules = presence_rules(engine, asked, engine.encode_prompts(finding_phrases(presence)), presence)
+    assert [name for _, name, _ in rules] == ["nodule", "cyst", "cyst", "cyst"]
+    assert rules[0][0] is presence["per_finding"]["nodule"] and rules[0][2] == 0.0  # its cosine, still reported
+
+
 def test_a_rival_finding_nobody_asked_for_still_claims_its_voxels():
     from CLIPSegLib.io.geometry import Geometry
     from CLIPSegLib.inference.pipeline import segment_volume

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from CLIPSegLib.errors import InputError
+from CLIPSegLib.synthetic.report_phantoms import KINDS
 
 TINY_CLIP = {"embed_dim": 16,
              "vision_cfg": {"layers": 2, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 32},
@@ -80,6 +81,10 @@ def test_a_report_run_exports_a_tgcnet_model_with_its_adapters_merged(trained):
     spec = load_spec(str(path))
     assert spec["engine"] == "tgcnet" and spec["inference"]["flip_average"] is False
     assert len(spec["knowledge"]["sha256"]) == 64 and spec["presence"]["calibration"]["volumes"] == 2
+    assert spec["network"]["location"] is True and len(spec["locations"]["sha256"]) == 64
+    per = spec["presence"]["per_finding"]  # one rule per opacity kind the calibration lines named
+    assert per and all(kind in KINDS and rule["phrases"] == [kind] for kind, rule in per.items())
+    assert set(spec["presence"]["calibration"]["mean_dice"]) <= set(KINDS)
     counts = spec["training"]["parameters"]
     assert 0 < counts["trainable"] < counts["total"]
     weights = load_file(str(path.with_suffix(".safetensors")))

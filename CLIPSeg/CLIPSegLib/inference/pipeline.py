@@ -282,9 +282,10 @@ def finding_phrases(presence: dict) -> list[str]:
 
 def presence_rules(engine, asked, phrases, presence: dict) -> list[tuple[dict, str, float | None]]:
     """The found / not-found rule for each prompt of ``asked`` (a ``PromptState``): the calibrated rule of the
-    trained finding whose phrasings (``phrases``: the state of ``finding_phrases``) are closest by
-    ``engine.similarity`` (cosine >= ``match_min_cosine``), else the model's global rule. One (rule, name of the
-    finding used or 'global', best cosine or None when there is nothing to match) per prompt."""
+    trained finding whose knowledge entry the engine read in the prompt (``PromptReading.knowledge``, TGC-Net's DATE:
+    exactly one such finding), else of the finding whose phrasings (``phrases``: the state of ``finding_phrases``)
+    are closest by ``engine.similarity`` (cosine >= ``match_min_cosine``), else the model's global rule. One (rule,
+    name of the finding used or 'global', best cosine or None when there is nothing to match) per prompt."""
     per = {f: r for f, r in (presence.get("per_finding") or {}).items() if r.get("phrases")}
     if not per or phrases is None:
         return [(presence, "global", None)] * len(asked.prompts)
@@ -293,6 +294,10 @@ def presence_rules(engine, asked, phrases, presence: dict) -> list[tuple[dict, s
     by_finding = {f: cosine[:, [column[p] for p in r["phrases"]]].amax(1) for f, r in per.items()}
     rules = []
     for i in range(len(asked.prompts)):
+        named = [k for k in asked.readings[i].knowledge if k in per] if i < len(asked.readings) else []
+        if len(named) == 1:
+            rules.append((per[named[0]], named[0], float(by_finding[named[0]][i])))
+            continue
         best, best_cos = "global", -1.0
         for finding, cos in by_finding.items():
             if float(cos[i]) > best_cos:

@@ -250,12 +250,16 @@ def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dic
 
 
 def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Progress | None = None,
-                    flip_average: bool | None = None, total: int | None = None) -> dict:
+                    flip_average: bool | None = None, total: int | None = None, finding_of=None) -> dict:
     """The calibrated presence rule of ``engine`` on labelled ``cases`` (any source: ``phantom_cases``,
     ``data_cases``): a global rule plus one per finding with its ``phrasings`` (a prompt takes the rule of the finding
-    whose phrasings its text is closest to: ``pipeline.presence_rules``), each with the figures it reached."""
+    whose phrasings its text is closest to, or whose knowledge entry it names: ``pipeline.presence_rules``), each with
+    the figures it reached. ``finding_of``: case key -> the finding whose rule that entry calibrates (cases whose
+    prompts are keyed per line, e.g. report lines ``"consolidation|3|0"``); None: the keys are the findings."""
     by_gate = collect_cases(engine, cases, phrasings, progress, exclusive=exclusive, flip_average=flip_average,
                             total=total)
+    if finding_of is not None:
+        by_gate = {g: [(finding_of(c[0]), *c[1:]) for c in entries] for g, entries in by_gate.items()}
     rule = search_gate_and_rule(by_gate)
     # One rule per finding (a nodule and a few foci need different size and persistence tests, and the presence head
     # is surer of some findings than of others).

@@ -122,16 +122,21 @@ def _clip_of(model: str) -> tuple[dict, dict]:
 
 
 def report_calibration_cases(n: int, seed_base: int):
-    """``n`` held-out report phantoms as ``calibration.CalibrationCase`` s (one-slice volumes), every query a
-    finding of its own (keys ``q0``, ``q1``, ...): the rule is one for all report sentences."""
+    """``n`` held-out report phantoms as ``calibration.CalibrationCase`` s (one-slice volumes), every query keyed
+    ``"<kind>|<volume>|<line>"`` (``report_kind`` reads the kind back: each kind gets its own rule)."""
     from .calibration import CalibrationCase
     from .report_data import report_case
 
     for v in range(n):
         image, spacing, queries = report_case(seed_base + v)
         yield CalibrationCase(image[None], (spacing[1], spacing[0], 1.0),
-                              {f"q{i}": q.mask[None] for i, q in enumerate(queries)},
-                              {f"q{i}": q.text for i, q in enumerate(queries)})
+                              {f"{q.kind}|{v}|{i}": q.mask[None] for i, q in enumerate(queries)},
+                              {f"{q.kind}|{v}|{i}": q.text for i, q in enumerate(queries)})
+
+
+def report_kind(key: str) -> str:
+    """The opacity kind of a ``report_calibration_cases`` key."""
+    return key.split("|")[0]
 
 
 def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str = "report", n_images: int = 2000,
@@ -208,8 +213,13 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         if data == "report":
             from .report_data import REPORT_CALIBRATION_SEED_BASE
 
+            from ..synthetic.report_phantoms import KINDS
+
+            # one rule per kind (a hazy ground-glass map and a dense effusion need other tests), picked at
+            # inference by the kind the line names (DATE's knowledge entry)
             cases = report_calibration_cases(calibration_volumes, REPORT_CALIBRATION_SEED_BASE)
-            rule = calibrate_rules(engine, cases, {}, (), progress, False, calibration_volumes)
+            rule = calibrate_rules(engine, cases, {k: [k] for k in KINDS}, (), progress, False, calibration_volumes,
+                                   finding_of=report_kind)
             seeds = REPORT_CALIBRATION_SEED_BASE
         else:
             from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
