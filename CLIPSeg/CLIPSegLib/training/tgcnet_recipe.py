@@ -211,9 +211,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         from .datasets import CALIBRATION_SEED_BASE
 
         if data == "report":
-            from .report_data import REPORT_CALIBRATION_SEED_BASE
-
             from ..synthetic.report_phantoms import KINDS
+            from .report_data import REPORT_CALIBRATION_SEED_BASE
 
             # one rule per kind (a hazy ground-glass map and a dense effusion need other tests), picked at
             # inference by the kind the line names (DATE's knowledge entry)

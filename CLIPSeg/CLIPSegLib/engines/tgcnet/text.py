@@ -40,7 +40,8 @@ class TextBatch:
     def stack(items: list["TextBatch"]) -> "TextBatch":
         where = [i.where for i in items]
         return TextBatch(torch.cat([i.pooled for i in items]), torch.cat([i.tokens for i in items]),
-                         torch.cat([i.valid for i in items]), None if any(w is None for w in where) else torch.cat(where))
+                         torch.cat([i.valid for i in items]),
+                         None if any(w is None for w in where) else torch.cat(where))
 
 
 def text_tokens(clip: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
