@@ -294,7 +294,7 @@ def presence_rules(engine, asked, phrases, presence: dict) -> list[tuple[dict, s
     by_finding = {f: cosine[:, [column[p] for p in r["phrases"]]].amax(1) for f, r in per.items()}
     rules = []
     for i in range(len(asked.prompts)):
-        named = [k for k in asked.readings[i].knowledge if k in per] if i < len(asked.readings) else []
+        named = [k for k in asked.readings[i].knowledge if k in per]
         if len(named) == 1:
             rules.append((per[named[0]], named[0], float(by_finding[named[0]][i])))
             continue

@@ -32,27 +32,33 @@ ALIGN_WEIGHT = 0.5
 LEARNING_RATES = {"modules": 2e-3, "lora": 1e-3}
 
 
-def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=()) -> dict:
-    """The spec of a TGC-Net model (without presence rule, training record and files)."""
+def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=(), network: dict | None = None) -> dict:
+    """The spec of a TGC-Net model (without presence rule, training record and files); ``network``: entries over
+    ``NETWORK`` (the location words file is recorded only for a network with the cue)."""
     from ..engines.tgcnet.knowledge import DEFAULT_KNOWLEDGE, load_knowledge
     from ..engines.tgcnet.location import DEFAULT_LOCATIONS, load_locations
 
-    knowledge, locations = load_knowledge(DEFAULT_KNOWLEDGE), load_locations(DEFAULT_LOCATIONS)
+    knowledge = load_knowledge(DEFAULT_KNOWLEDGE)
+    net = {**NETWORK, **{m: False for m in ablate}, **(network or {})}
     off = ", without " + ", ".join(m.upper() for m in ablate) if ablate else ""
-    return {
+    cue = " with a side/zone location cue" if net.get("location") else ""
+    spec = {
         "id": model_id,
         "engine": "tgcnet",
-        "description": f"TGC-Net (SSE + DATE + VLCM{off}), small CLIP with LoRA on its text tower, trained on "
+        "description": f"TGC-Net (SSE + DATE + VLCM{off}){cue}, small CLIP with LoRA on its text tower, trained on "
                        f"CLIPSeg's {data} phantoms. For demos and tests, not for clinical use.",
         "license": "Apache-2.0",
         "citation": "Lin et al., TGC-Net: text-guided calibration network for medical image segmentation, 2025",
         "clip": clip,
-        "network": {**NETWORK, **{m: False for m in ablate}},
+        "network": net,
         "knowledge": {"file": DEFAULT_KNOWLEDGE, "version": knowledge.version, "sha256": knowledge.sha256},
-        "locations": {"file": DEFAULT_LOCATIONS, "version": locations.version, "sha256": locations.sha256},
         # left and right carry meaning in a report: a mirrored slice would answer the other side's question
         "inference": {"flip_average": False},
     }
+    if cue:
+        locations = load_locations(DEFAULT_LOCATIONS)
+        spec["locations"] = {"file": DEFAULT_LOCATIONS, "version": locations.version, "sha256": locations.sha256}
+    return spec
 
 
 def encode_pairs(net, phrases: list[str]):
@@ -164,8 +170,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         clip_cfg, clip_state = clip_cfg or REPORT_CLIP, None
     else:
         clip_cfg, clip_state = _clip_of(clip_from)
-    spec = tgcnet_spec(model_id, clip_cfg, data, ablate)
-    spec["network"].update(network or {})
+    spec = tgcnet_spec(model_id, clip_cfg, data, ablate, network)
     size = clip_cfg["vision_cfg"]["image_size"]
     clip = build_clip(clip_cfg)
     bank = None
@@ -186,11 +191,6 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                        progress=progress, device=device)
         clip_state = _checkpoint(clip_ckpt, "clip")
     clip.load_state_dict(clip_state)
-    if spec["network"].get("location"):
-        spec["description"] = spec["description"].replace("), small CLIP", ") with a side/zone location cue, "
-                                                          "small CLIP")
-    else:
-        del spec["locations"]
     net = TGCNet(clip, spec["network"], load_knowledge(spec["knowledge"]["file"])).to(device)
     adapters = TextAdapters(net, lora_rank)
     counts = parameter_counts(net)

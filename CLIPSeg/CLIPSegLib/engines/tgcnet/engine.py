@@ -20,6 +20,13 @@ from .network import TGCNet, build_network
 from .text import TextBatch
 
 
+def _edited(spec: dict | None, key: str, read) -> bool:
+    """Whether the file the network ``read`` (a ``Knowledge`` or ``Locations``, or None) is not the one the spec's
+    ``key`` entry recorded at training (its SHA-256 differs)."""
+    trained = ((spec or {}).get(key) or {}).get("sha256")
+    return bool(trained and read is not None and trained != read.sha256)
+
+
 class TGCNetEngine(Engine):
     name = "tgcnet"
 
@@ -27,10 +34,8 @@ class TGCNetEngine(Engine):
         super().__init__(spec, device, precision, Preprocessing.from_spec(spec or {}, net.input_size, fit="squash"))
         self.net = net.to(self.device).eval()
         self._text: dict[str, TextBatch] = {}  # text -> its one-row TextBatch (VLCM reads the tokens)
-        trained = ((spec or {}).get("knowledge") or {}).get("sha256")
-        self.knowledge_edited = bool(trained and net.knowledge is not None and trained != net.knowledge.sha256)
-        trained = ((spec or {}).get("locations") or {}).get("sha256")
-        self.locations_edited = bool(trained and net.locations is not None and trained != net.locations.sha256)
+        self.knowledge_edited = _edited(spec, "knowledge", net.knowledge)
+        self.locations_edited = _edited(spec, "locations", net.locations)
 
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "TGCNetEngine":
