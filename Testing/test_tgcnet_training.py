@@ -123,3 +123,48 @@ def test_bad_tgcnet_training_arguments_are_refused_before_any_work(tmp_path):
     with pytest.raises(InputError, match="--dataset 'xray'"):
         run_tgcnet_training(tmp_path, tmp_path / "w", "x", data="xray")
     assert not (tmp_path / "w").exists()
+
+
+def test_init_from_continues_a_tgcnet_model_and_records_its_lineage(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from CLIPSegLib.engines.tgcnet.network import TGCNet
+    from CLIPSegLib.engines.clip_backbone import build_clip
+    from CLIPSegLib.engines.tgcnet.knowledge import DEFAULT_KNOWLEDGE, load_knowledge
+    from CLIPSegLib.models import load_spec
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    parent_path = trained[0]
+    network = load_spec(str(parent_path))["network"]
+    path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-more", "report", n_images=12,
+                               steps=1, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
+                               network=network, stages=("segmenter", "calibrate", "export"),
+                               init_from=str(parent_path))
+    spec, parent = load_spec(str(path)), load_spec(str(parent_path))
+    assert spec["training"]["parent"]["id"] == "tgcnet-test" and spec["training"]["clip_steps"] == 0
+    assert spec["training"]["parent"]["weights_sha256"] == {f["name"]: f["sha256"] for f in parent["files"]}
+    assert not (tmp_path / "work" / "clip.pt").exists()  # the parent's CLIP is kept, not retrained
+    child, before = load_file(str(path.with_suffix(".safetensors"))), load_file(str(parent_path.with_suffix(
+        ".safetensors")))
+    vkey = "clip.visual.transformer.resblocks.0.mlp.c_fc.weight"
+    assert torch.equal(child[vkey], before[vkey])
+    fresh = TGCNet(build_clip(TINY_CLIP), network, load_knowledge(DEFAULT_KNOWLEDGE)).state_dict()
+    modules = [k for k in child if not k.startswith("clip.") and child[k].is_floating_point()
+               and child[k].numel() > 16]
+    # one step at the warm-up learning rate moves a weight by ~1e-4; a random start differs by far more
+    moved = max((child[k].float() - before[k].float()).abs().max().item() for k in modules)
+    fresh_gap = max((fresh[k].float() - before[k].float()).abs().max().item() for k in modules)
+    assert moved < 0.01 < fresh_gap
+
+
+@pytest.mark.parametrize("init_from, message", [
+    ("cliptnseg-phantom-small", "is a cliptnseg model; --engine tgcnet continues tgcnet models only"),
+    ("tgcnet-report-small", "its clip .* is not the recipe's"),
+])
+def test_init_from_refuses_a_model_the_tgcnet_recipe_cannot_continue(init_from, message, tmp_path):
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    with pytest.raises(InputError, match=message):
+        run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, init_from=init_from,
+                            network={"extract_layers": [1, 2], "dim": 16, "heads": 2, "cnn_channels": [4, 4, 8, 8]})
+    assert not (tmp_path / "w").exists()

@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured at 1 the maps swell past the findings (benchmarks/RESULTS.md); default 0, the "
                         "embedded model's recipe")
     t.add_argument("--init-from", default=None, metavar="MODEL",
-                   help="cliptnseg: continue MODEL (id or .json, e.g. cliptnseg-phantom-small) instead of starting "
-                        "from random weights: the segmenter starts from its segmenter, the clip stage (if run) from "
-                        "its CLIP; without the clip stage (--stages segmenter,calibrate,export) its CLIP is kept")
+                   help="cliptnseg and tgcnet: continue MODEL (id or .json of the same engine and architecture, "
+                        "e.g. cliptnseg-phantom-small or tgcnet-report-small) instead of starting from random "
+                        "weights: the segmenter starts from its segmenter, the clip stage (if run) from its CLIP; "
+                        "without the clip stage (--stages segmenter,calibrate,export) its CLIP is kept")
     t.add_argument("--family", default="A", choices=("A", "B", "A+B"),
                    help="cliptnseg and medclipsam: the phantom family of the training bank and calibration volumes "
                         "(A: speckle texture, the embedded models'; B: scatterers, pulse and beam; A+B: both)")
@@ -341,7 +342,8 @@ def _cmd_train_medclipsam(a, progress):
         print(f"wrote {path}")
 
 
-#: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
+#: ``clipseg train`` options only the cliptnseg recipe reads (and ``--init-from`` the tgcnet one); the other training
+#: branches refuse them when given
 CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--init-from",
                   "--presence-head")
 
@@ -397,7 +399,7 @@ def _cmd_train_tgcnet(a, progress):
                               {"--phantoms": (a.phantoms, 32), "--clip-steps": (a.clip_steps, 1),
                                "--steps": (a.steps, 1), "--calibration-volumes": (a.calibration_volumes, 1),
                                "--lora-rank": (a.lora_rank, 1)}, {})
-    _refuse_given(a, ("--volumes", "--family") + CLIPTNSEG_ONLY,
+    _refuse_given(a, ("--volumes", "--family") + tuple(f for f in CLIPTNSEG_ONLY if f != "--init-from"),
                   "--engine tgcnet trains on --dataset report or thyroid and always has its presence head")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages)
@@ -405,10 +407,12 @@ def _cmd_train_tgcnet(a, progress):
            f"--phantoms {a.phantoms} --clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes "
            f"{a.calibration_volumes} --lora-rank {a.lora_rank} --seed {a.seed} --no-resume --force"
            + (f" --ablate {','.join(ablate)}" if ablate else "")
-           + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else ""))
+           + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else "")
+           + (f" --init-from {a.init_from}" if a.init_from else "")
+           + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else ""))
     path = run_tgcnet_training(Path(a.output_dir), work_dir, a.model_id, a.dataset, a.phantoms, a.clip_steps,
                                a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
-                               cmd, a.force, a.clip_from, ablate, a.lora_rank)
+                               cmd, a.force, a.clip_from, ablate, a.lora_rank, init_from=a.init_from)
     if path:
         print(f"wrote {path}")
 

@@ -99,9 +99,11 @@ def trained_state(net) -> dict:
     return {k: v for k, v in net.state_dict().items() if not k.startswith("clip.") or "lora_" in k}
 
 
-def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: float = ALIGN_WEIGHT) -> Recipe:
+def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: float = ALIGN_WEIGHT,
+                     start: dict | None = None) -> Recipe:
     """``run_loop``'s recipe: ``tgcnet_loss`` on each batch, every phrase through the adapted text tower
-    (``encode_pairs``). Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``)."""
+    (``encode_pairs``). Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``). ``start``: the
+    lineage of the model the weights started from (``warm_start``; None: random), in the checkpoint's fingerprint."""
     pair_loss = tgcnet_loss(device, align_weight)
 
     def loss(batch):
@@ -112,7 +114,8 @@ def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: fl
                                        {"params": adapters.params, "lr": LEARNING_RATES["lora"]}],
                   loss, lambda: trained_state(net), lambda sd: net.load_state_dict(sd, strict=False), net.train,
                   weight_decay=1e-4, fingerprint={"network": net.cfg, "align_weight": align_weight,
-                                                  "lr": LEARNING_RATES, "lora": len(adapters.params)})
+                                                  "lr": LEARNING_RATES, "lora": len(adapters.params),
+                                                  **({"start": start} if start else {})})
 
 
 def _clip_of(model: str) -> tuple[dict, dict]:
@@ -125,6 +128,27 @@ def _clip_of(model: str) -> tuple[dict, dict]:
                          f"reused), e.g. {CLIP_FROM}")
     state = load_weights(spec)
     return spec["clip"], {k[5:]: v for k, v in state.items() if k.startswith("clip.")}
+
+
+def warm_start(init_from: str, spec: dict, data: str) -> tuple[dict, dict]:
+    """The tgcnet model a run continues (``--init-from``): -> (its verified spec, its weights: ``clip.*`` with the
+    text adapters merged, and the modules'). It must be a tgcnet model of the recipe's CLIP and network, trained on
+    ``data``; else InputError naming what differs (before any work)."""
+    from ..models import load_spec, load_weights
+
+    parent = load_spec(init_from)
+    name = f"--init-from {init_from}"
+    if parent["engine"] != "tgcnet":
+        raise InputError(f"{name} is a {parent['engine']} model; --engine tgcnet continues tgcnet models only")
+    trained_on = (parent.get("training") or {}).get("dataset")
+    if trained_on != data:
+        raise InputError(f"{name} was trained on --dataset {trained_on}; give --dataset {trained_on} or a model "
+                         f"trained on {data}")
+    for part in ("clip", "network"):
+        if parent.get(part) != spec[part]:
+            raise InputError(f"{name}: its {part} ({parent.get(part)}) is not the recipe's ({spec[part]}); the "
+                             f"recipe continues models of its own architecture (e.g. the embedded tgcnet-report-small)")
+    return parent, load_weights(parent)
 
 
 def report_calibration_cases(n: int, seed_base: int):
@@ -150,14 +174,20 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         calibration_volumes: int = 40, progress: Progress | None = None, device="cpu",
                         command: str = "", force: bool = False, clip_from: str = CLIP_FROM, ablate=(),
                         lora_rank: int = 8, batch_size: int = 12, clip_cfg: dict | None = None,
-                        network: dict | None = None) -> Path | None:
+                        network: dict | None = None, init_from: str | None = None) -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
     path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
-    ``NETWORK``) change the architecture (tests make it tiny)."""
+    ``NETWORK``) change the architecture (tests make it tiny).
+
+    ``init_from`` (a tgcnet model id or spec path, ``warm_start``): continue that model: its CLIP (text adapters
+    merged) is the start of the "clip" stage if run, else kept; the modules start from its modules, new adapters
+    from zero (so step 0 is the parent); the spec records it as the parent. A checkpoint in ``work_dir`` still takes
+    precedence (resume)."""
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
     from ..engines.tgcnet.network import MODULES, TGCNet, parameter_counts
     from ..engines.tgcnet.knowledge import load_knowledge
+    from ..models import lineage
     from .cliptnseg_recipe import _checkpoint, start_staged_run, train_clip
 
     if data not in DATASETS:
@@ -165,12 +195,16 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     bad = [m for m in ablate if m not in MODULES]
     if bad:
         raise InputError(f"--ablate {bad[0]!r} is not a TGC-Net module; give some of {', '.join(MODULES)}")
-    work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     if data == "report":
         clip_cfg, clip_state = clip_cfg or REPORT_CLIP, None
     else:
         clip_cfg, clip_state = _clip_of(clip_from)
     spec = tgcnet_spec(model_id, clip_cfg, data, ablate, network)
+    parent, parent_state = warm_start(init_from, spec, data) if init_from else (None, None)
+    start = lineage(parent) if parent is not None else None
+    work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
+    if parent_state is not None:
+        clip_state = {k[len("clip."):]: v for k, v in parent_state.items() if k.startswith("clip.")}
     size = clip_cfg["vision_cfg"]["image_size"]
     clip = build_clip(clip_cfg)
     bank = None
@@ -184,24 +218,30 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
 
             bank = PhantomBank(n_images, size, n_prompts=2,
                                progress=lambda d, t: progress.update("phantoms", d, t))
+    clip_ckpt = work_dir / "clip.pt"
     if data == "report":
-        clip_ckpt = work_dir / "clip.pt"
+        if clip_state is not None:  # the parent's CLIP starts the clip stage
+            clip.load_state_dict(clip_state)
         if "clip" in stages:
             train_clip(clip, bank, clip_steps, clip_ckpt, batch_size=min(32, len(bank)), seed=seed, resume=resume,
-                       progress=progress, device=device)
-        clip_state = _checkpoint(clip_ckpt, "clip")
+                       progress=progress, device=device, start=start)
+        if parent is None or clip_ckpt.is_file():
+            clip_state = _checkpoint(clip_ckpt, "clip")
     clip.load_state_dict(clip_state)
     net = TGCNet(clip, spec["network"], load_knowledge(spec["knowledge"]["file"])).to(device)
+    if parent_state is not None:  # before the adapters wrap the text tower (their keys differ)
+        net.load_state_dict({k: v for k, v in parent_state.items() if not k.startswith("clip.")}, strict=False)
     adapters = TextAdapters(net, lora_rank)
     counts = parameter_counts(net)
     progress.message(f"TGC-Net: {counts['trainable']:,} trainable parameters of {counts['total']:,} "
                      f"({100 * counts['trainable'] / counts['total']:.1f}%; the CLIP frozen, LoRA rank {lora_rank} "
                      f"on its text tower)")
     seg_ckpt = work_dir / "segmenter.pt"
-    recipe = segmenter_recipe(net, adapters, device)
+    recipe = segmenter_recipe(net, adapters, device, start=start)
     if "segmenter" in stages:
         run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress)
-    recipe.load(_checkpoint(seg_ckpt, "segmenter"))
+    if parent is None or seg_ckpt.is_file():
+        recipe.load(_checkpoint(seg_ckpt, "segmenter"))
     adapters.merge()
     net.eval()
     engine = TGCNetEngine(net, torch.device(device), spec)
@@ -240,6 +280,9 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         "steps": steps, "seed": seed, "batch_size": batch_size, "lora_rank": lora_rank,
                         "ablate": list(ablate), "clip_from": None if data == "report" else clip_from,
                         "parameters": counts, "phrases": training_phrases(data)}
+    if parent is not None:
+        spec["training"]["clip_steps"] = clip_steps if clip_ckpt.is_file() else 0  # 0: the parent's CLIP kept
+        spec["training"]["parent"] = {**start, "training": parent.get("training") or {}}
     return write_spec(spec, net.state_dict(), out_dir)
 
 
