@@ -32,7 +32,7 @@ def test_spec_records_its_command_knowledge_and_calibration():
     assert spec["engine"] == "tgcnet" and spec["inference"]["flip_average"] is False
     assert spec["training"]["command"].startswith("clipseg train --engine tgcnet --dataset report")
     assert "--output-dir CLIPSeg/Resources/Models" in spec["training"]["command"]
-    assert spec["presence"]["calibration"]["volumes"] == 40 and len(spec["knowledge"]["sha256"]) == 64
+    assert spec["presence"]["calibration"]["volumes"] == 120 and len(spec["knowledge"]["sha256"]) == 64
 
 
 def _truth(ph, kind, sides, zone=None):
