@@ -330,7 +330,7 @@ def _cmd_train_medclipsam(a, progress):
     stages = check_stages((a.stages or "sam,calibrate,export").split(","))
     check_train_args(["export"], {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0), "--steps": (a.steps, 1),
                                   "--calibration-volumes": (a.calibration_volumes, 1)}, {})
-    _refuse_given(a, CLIPTNSEG_ONLY, "--engine medclipsam trains on phantoms only")
+    _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from",), "--engine medclipsam trains on phantoms only")
     work_dir, device = _train_setup(a, stages)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
            f"--clip-from {a.clip_from} --phantoms {a.phantoms} --volumes {a.volumes} --steps {a.steps} "
@@ -342,10 +342,9 @@ def _cmd_train_medclipsam(a, progress):
         print(f"wrote {path}")
 
 
-#: ``clipseg train`` options only the cliptnseg recipe reads (and ``--init-from`` the tgcnet one); the other training
-#: branches refuse them when given
-CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--init-from",
-                  "--presence-head")
+#: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
+#: (``--init-from``, which the tgcnet recipe reads too, is refused by the medclipsam branches)
+CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head")
 
 
 def _given(a, command: str, flags) -> list[str]:
@@ -373,7 +372,7 @@ def _cmd_train_pseudo_labels(a, progress):
     a.model_id = a.model_id or "medclipsam-weak-unet"
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
-    _refuse_given(a, ("--volumes", "--family", "--calibration-volumes", "--clip-from") + CLIPTNSEG_ONLY,
+    _refuse_given(a, ("--volumes", "--family", "--calibration-volumes", "--clip-from", "--init-from") + CLIPTNSEG_ONLY,
                   "--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out quarter "
                   "of it")
     a.zero_shot = a.zero_shot or "medclipsam-phantom-small"
@@ -399,7 +398,7 @@ def _cmd_train_tgcnet(a, progress):
                               {"--phantoms": (a.phantoms, 32), "--clip-steps": (a.clip_steps, 1),
                                "--steps": (a.steps, 1), "--calibration-volumes": (a.calibration_volumes, 1),
                                "--lora-rank": (a.lora_rank, 1)}, {})
-    _refuse_given(a, ("--volumes", "--family") + tuple(f for f in CLIPTNSEG_ONLY if f != "--init-from"),
+    _refuse_given(a, ("--volumes", "--family") + CLIPTNSEG_ONLY,
                   "--engine tgcnet trains on --dataset report or thyroid and always has its presence head")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages)

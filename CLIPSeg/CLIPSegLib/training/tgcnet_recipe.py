@@ -127,7 +127,12 @@ def _clip_of(model: str) -> tuple[dict, dict]:
         raise InputError(f"--clip-from {model!r} is a {spec['engine']} model; give a cliptnseg model (its CLIP is "
                          f"reused), e.g. {CLIP_FROM}")
     state = load_weights(spec)
-    return spec["clip"], {k[5:]: v for k, v in state.items() if k.startswith("clip.")}
+    return spec["clip"], clip_part(state)
+
+
+def clip_part(state: dict) -> dict:
+    """The CLIP's own state dict out of a model's weights (its ``clip.*`` entries, the prefix dropped)."""
+    return {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
 
 
 def warm_start(init_from: str, spec: dict, data: str) -> tuple[dict, dict]:
@@ -204,7 +209,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     start = lineage(parent) if parent is not None else None
     work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     if parent_state is not None:
-        clip_state = {k[len("clip."):]: v for k, v in parent_state.items() if k.startswith("clip.")}
+        clip_state = clip_part(parent_state)
     size = clip_cfg["vision_cfg"]["image_size"]
     clip = build_clip(clip_cfg)
     bank = None
@@ -219,15 +224,14 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
             bank = PhantomBank(n_images, size, n_prompts=2,
                                progress=lambda d, t: progress.update("phantoms", d, t))
     clip_ckpt = work_dir / "clip.pt"
+    if clip_state is not None:  # --clip-from's or the parent's CLIP (which then starts the clip stage)
+        clip.load_state_dict(clip_state)
     if data == "report":
-        if clip_state is not None:  # the parent's CLIP starts the clip stage
-            clip.load_state_dict(clip_state)
         if "clip" in stages:
             train_clip(clip, bank, clip_steps, clip_ckpt, batch_size=min(32, len(bank)), seed=seed, resume=resume,
                        progress=progress, device=device, start=start)
         if parent is None or clip_ckpt.is_file():
-            clip_state = _checkpoint(clip_ckpt, "clip")
-    clip.load_state_dict(clip_state)
+            clip.load_state_dict(_checkpoint(clip_ckpt, "clip"))
     net = TGCNet(clip, spec["network"], load_knowledge(spec["knowledge"]["file"])).to(device)
     if parent_state is not None:  # before the adapters wrap the text tower (their keys differ)
         net.load_state_dict({k: v for k, v in parent_state.items() if not k.startswith("clip.")}, strict=False)
