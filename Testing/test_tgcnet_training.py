@@ -115,6 +115,24 @@ def test_the_report_evaluation_scores_lines_by_role(trained):
     assert "rephrased wording" in text and "wrong side" in text
 
 
+def test_report_rules_calibrate_a_cliptnseg_engine_too():
+    """The CLIP-TNseg comparison (benchmarks/tgcnet_ablation.py) is calibrated as TGC-Net is: one rule per kind."""
+    from CLIPSegLib.engines.clip_backbone import build_clip
+    from CLIPSegLib.engines.cliptnseg.engine import CLIPTNSegEngine
+    from CLIPSegLib.engines.cliptnseg.network import CLIPTNSegNet
+    from CLIPSegLib.training.report_data import REPORT_CALIBRATION_SEED_BASE, calibrate_report_rules
+
+    torch.manual_seed(0)
+    net = CLIPTNSegNet(build_clip(TINY_CLIP), {"extract_layers": [1, 2], "reduce_dim": 8, "decoder_heads": 2,
+                                               "coarse_channels": 4, "fine_channels": [4, 4, 8, 8],
+                                               "head_channels": 4, "presence_head": True}).eval()
+    engine = CLIPTNSegEngine(net, torch.device("cpu"), {"inference": {"flip_average": False}})
+    rule = calibrate_report_rules(engine, 2)
+    assert rule["calibration"]["volumes"] == 2
+    assert rule["calibration"]["seeds"] == [REPORT_CALIBRATION_SEED_BASE, REPORT_CALIBRATION_SEED_BASE + 1]
+    assert rule["per_finding"] and all(r["phrases"] == [k] and k in KINDS for k, r in rule["per_finding"].items())
+
+
 def test_bad_tgcnet_training_arguments_are_refused_before_any_work(tmp_path):
     from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
 

@@ -299,7 +299,8 @@ def test_init_from_continues_a_model_keeps_its_clip_and_records_the_lineage(tmp_
 
 
 @pytest.mark.parametrize("args, expected, exit_code", [
-    (["--init-from", "tgcnet-report-small"], "is a tgcnet model; the recipe continues cliptnseg models only", 2),
+    (["--init-from", "tgcnet-report-small"], "is a tgcnet model; --engine cliptnseg continues cliptnseg models only",
+     2),
     (["--init-from", "cliptnseg-phantom-small", "--presence-head"], "give --presence-head exactly when it has one", 2),
     (["--init-from", "cliptnseg-phantom-small", "--engine", "tgcnet"], "tgcnet continues tgcnet models only", 2),
     (["--init-from", "no-such-model"], "unknown model 'no-such-model'; known models: cliptnseg-phantom-small", 3),

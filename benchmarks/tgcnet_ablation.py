@@ -23,27 +23,26 @@ VARIANTS = {"full": (), "no-sse": ("sse",), "no-date": ("date",), "no-vlcm": ("v
 
 
 def train_cliptnseg(clip_ckpt: Path, work: Path, steps: int, n_images: int, calibration: int, progress):
-    """A CLIP-TNseg segmenter (the embedded model's architecture) on the report bank with the report CLIP frozen,
-    calibrated like TGC-Net -> (engine, trainable parameters)."""
+    """A CLIP-TNseg segmenter (the embedded model's architecture, with a presence head as TGC-Net has) on the report
+    bank with the report CLIP frozen, its rule calibrated as TGC-Net's (one per kind) -> (engine, trainable
+    parameters)."""
     import torch
 
     from CLIPSegLib.engines.clip_backbone import build_clip
     from CLIPSegLib.engines.cliptnseg.engine import CLIPTNSegEngine
     from CLIPSegLib.engines.cliptnseg.network import CLIPTNSegNet
-    from CLIPSegLib.training.calibration import calibrate_rules
     from CLIPSegLib.training.cliptnseg_recipe import embedded_spec, train_segmenter
-    from CLIPSegLib.training.report_data import REPORT_CALIBRATION_SEED_BASE, ReportBank
-    from CLIPSegLib.training.tgcnet_recipe import REPORT_CLIP, report_calibration_cases
+    from CLIPSegLib.training.report_data import ReportBank, calibrate_report_rules
+    from CLIPSegLib.training.tgcnet_recipe import REPORT_CLIP
 
     clip = build_clip(REPORT_CLIP)
     clip.load_state_dict(torch.load(clip_ckpt, map_location="cpu", weights_only=True)["model"])
-    net = CLIPTNSegNet(clip, embedded_spec()["network"])
-    bank = ReportBank(n_images, net.input_size)
+    net = CLIPTNSegNet(clip, embedded_spec(presence_head=True)["network"])
+    bank = ReportBank(n_images, net.input_size)  # three lines per image, as TGC-Net's
     train_segmenter(net, bank, steps, work / "segmenter.pt", progress=progress)
     net.eval()
     engine = CLIPTNSegEngine(net, torch.device("cpu"), {"inference": {"flip_average": False}})
-    engine.spec["presence"] = calibrate_rules(engine, report_calibration_cases(calibration, REPORT_CALIBRATION_SEED_BASE),
-                                              {}, (), progress, False, calibration)
+    engine.spec["presence"] = calibrate_report_rules(engine, calibration, progress)
     return engine, sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 

@@ -144,3 +144,22 @@ def resolve(model: str | os.PathLike | None = None, engine: str | None = None,
 def load_spec(model: str | os.PathLike | None = None, registry: dict | None = None) -> dict:
     """The checked spec of ``model`` (see ``resolve``), with ``_dir``, the folder its weight files are in."""
     return read_spec(resolve(model, registry=registry).spec_path)
+
+
+def load_parent(init_from: str | os.PathLike, spec: dict, parts=("clip",), example: str = "") -> dict:
+    """The checked spec of the model a training run continues (``--init-from``): of the recipe's engine
+    (``spec["engine"]``) and equal to ``spec`` in each of ``parts`` (e.g. "clip", "network": the architecture);
+    else InputError naming what differs, before any work. ``example``: a model the recipe can continue, named in the
+    fix."""
+    from ..errors import InputError
+
+    parent = load_spec(init_from)
+    name, engine = f"--init-from {init_from}", spec["engine"]
+    if parent["engine"] != engine:
+        raise InputError(f"{name} is a {parent['engine']} model; --engine {engine} continues {engine} models only")
+    for part in parts:
+        if parent.get(part) != spec[part]:
+            raise InputError(f"{name}: its {part} ({parent.get(part)}) is not the recipe's ({spec[part]}); the "
+                             f"recipe continues models of its own architecture" + (f" (e.g. {example})" if example
+                                                                                  else ""))
+    return parent

@@ -58,6 +58,11 @@ def load_weights(spec: dict) -> dict:
     return state
 
 
+def clip_part(state: dict) -> dict:
+    """The CLIP's own state dict out of a model's weights (its ``clip.*`` entries, the prefix dropped)."""
+    return {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
+
+
 def load_checkpoint(path: Path) -> dict:
     """Tensors of a checkpoint file, loaded safely: safetensors, or a PyTorch pickle restricted to tensors and plain
     containers (``torch.load(weights_only=True)``). A pickle that needs arbitrary code is refused."""

@@ -261,24 +261,19 @@ def warm_start(init_from: str, spec: dict) -> tuple[dict, dict]:
     InputError naming what differs."""
     from ..engines.cliptnseg.engine import PARENT_KEY
     from ..engines.cliptnseg.network import CLIPTNSegNet
-    from ..models import load_spec, load_weights
+    from ..models import load_parent, load_weights
 
-    parent = load_spec(init_from)
-    name = f"--init-from {init_from}"
-    if parent["engine"] != "cliptnseg":
-        raise InputError(f"{name} is a {parent['engine']} model; the recipe continues cliptnseg models only")
+    parent = load_parent(init_from, spec, ("clip",), "the embedded cliptnseg-phantom-small")
     if parent.get("learned_phrases") or parent.get(PARENT_KEY):
-        raise InputError(f"{name} is a fine-tuned model (learned phrases or a kept parent network); start from the "
-                         f"model it was fine-tuned from, or fine-tune it further with 'clipseg finetune'")
-    if parent.get("clip") != spec["clip"]:
-        raise InputError(f"{name}: its CLIP ({parent.get('clip')}) is not the recipe's ({spec['clip']}); the recipe "
-                         f"continues models of its own architecture (e.g. the embedded cliptnseg-phantom-small)")
+        raise InputError(f"--init-from {init_from} is a fine-tuned model (learned phrases or a kept parent network); "
+                         f"start from the model it was fine-tuned from, or fine-tune it further with 'clipseg "
+                         f"finetune'")
     state = load_weights(parent)
     own = CLIPTNSegNet(build_clip(spec["clip"]), spec["network"]).state_dict()
     differ = sorted(set(own) ^ set(state)) or [k for k, v in state.items() if v.shape != own[k].shape]
     if differ:  # e.g. a presence head on one side only, or other channel counts
-        raise InputError(f"{name}: its network is not the recipe's {spec['network']} (first difference: "
-                         f"{differ[0]}); give --presence-head exactly when it has one")
+        raise InputError(f"--init-from {init_from}: its network is not the recipe's {spec['network']} (first "
+                         f"difference: {differ[0]}); give --presence-head exactly when it has one")
     return parent, state
 
 
@@ -307,7 +302,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     unless ``force`` (``check_output_free``)."""
     from .datasets import FolderTriples, PhantomBank
     from ..engines.cliptnseg.network import CLIPTNSegNet
-    from ..models import lineage
+    from ..models import clip_part, lineage
 
     spec = embedded_spec(model_id, presence_head)
     parent, parent_state = warm_start(init_from, spec) if init_from else (None, None)
@@ -320,7 +315,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                            progress=lambda d, t: progress.update("phantoms", d, t))
     clip = build_clip(spec["clip"])
     if parent_state is not None:
-        clip.load_state_dict({k[len("clip."):]: v for k, v in parent_state.items() if k.startswith("clip.")})
+        clip.load_state_dict(clip_part(parent_state))
     clip_ckpt = work_dir / "clip.pt"
     user = FolderTriples(data_csv, size) if data_csv is not None and {"clip", "segmenter"} & set(stages) else None
     if "clip" in stages:  # the user's phrases are learnt by the text tower too, not only by the segmenter

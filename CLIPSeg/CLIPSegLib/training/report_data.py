@@ -96,3 +96,36 @@ class ReportBank(torch.utils.data.Dataset):
         masks = np.stack([q.mask for q in queries])
         image, masks = apply_augmentation(self.transform, self.phantoms[i].image, masks)
         return image, [q.text for q in queries], masks
+
+
+def report_calibration_cases(n: int, seed_base: int = REPORT_CALIBRATION_SEED_BASE):
+    """``n`` held-out report phantoms as ``calibration.CalibrationCase`` s (one-slice volumes), every query keyed
+    ``"<kind>|<volume>|<line>"`` (``report_kind`` reads the kind back: each kind gets its own rule)."""
+    from .calibration import CalibrationCase
+
+    for v in range(n):
+        image, spacing, queries = report_case(seed_base + v)
+        yield CalibrationCase(image[None], (spacing[1], spacing[0], 1.0),
+                              {f"{q.kind}|{v}|{i}": q.mask[None] for i, q in enumerate(queries)},
+                              {f"{q.kind}|{v}|{i}": q.text for i, q in enumerate(queries)})
+
+
+def report_kind(key: str) -> str:
+    """The opacity kind of a ``report_calibration_cases`` key."""
+    return key.split("|")[0]
+
+
+def calibrate_report_rules(engine, n: int, progress=None) -> dict:
+    """The presence rule of any engine for report lines, calibrated on ``n`` held-out report phantoms (seeds from
+    ``REPORT_CALIBRATION_SEED_BASE``): a global rule plus one per opacity kind (a hazy ground-glass map and a dense
+    effusion need other tests), picked at inference by the kind the line names (TGC-Net: DATE's knowledge entry;
+    else the kind name closest to the line, ``pipeline.presence_rules``). No flip average: a mirrored chest swaps
+    the sides the line names."""
+    from ..synthetic.report_phantoms import KINDS
+    from .calibration import calibrate_rules
+
+    rule = calibrate_rules(engine, report_calibration_cases(n), {k: [k] for k in KINDS}, (), progress, False, n,
+                           finding_of=report_kind)
+    rule["calibration"].update({"volumes": n, "seeds": [REPORT_CALIBRATION_SEED_BASE,
+                                                        REPORT_CALIBRATION_SEED_BASE + n - 1]})
+    return rule

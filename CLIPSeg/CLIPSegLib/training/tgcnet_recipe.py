@@ -120,7 +120,7 @@ def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: fl
 
 def _clip_of(model: str) -> tuple[dict, dict]:
     """(clip config, clip state dict) of an existing cliptnseg model (id or spec path)."""
-    from ..models import load_spec, load_weights
+    from ..models import clip_part, load_spec, load_weights
 
     spec = load_spec(model)
     if spec["engine"] != "cliptnseg":
@@ -130,48 +130,18 @@ def _clip_of(model: str) -> tuple[dict, dict]:
     return spec["clip"], clip_part(state)
 
 
-def clip_part(state: dict) -> dict:
-    """The CLIP's own state dict out of a model's weights (its ``clip.*`` entries, the prefix dropped)."""
-    return {k[len("clip."):]: v for k, v in state.items() if k.startswith("clip.")}
-
-
 def warm_start(init_from: str, spec: dict, data: str) -> tuple[dict, dict]:
     """The tgcnet model a run continues (``--init-from``): -> (its verified spec, its weights: ``clip.*`` with the
     text adapters merged, and the modules'). It must be a tgcnet model of the recipe's CLIP and network, trained on
     ``data``; else InputError naming what differs (before any work)."""
-    from ..models import load_spec, load_weights
+    from ..models import load_parent, load_weights
 
-    parent = load_spec(init_from)
-    name = f"--init-from {init_from}"
-    if parent["engine"] != "tgcnet":
-        raise InputError(f"{name} is a {parent['engine']} model; --engine tgcnet continues tgcnet models only")
+    parent = load_parent(init_from, spec, ("clip", "network"), "the embedded tgcnet-report-small")
     trained_on = (parent.get("training") or {}).get("dataset")
     if trained_on != data:
-        raise InputError(f"{name} was trained on --dataset {trained_on}; give --dataset {trained_on} or a model "
-                         f"trained on {data}")
-    for part in ("clip", "network"):
-        if parent.get(part) != spec[part]:
-            raise InputError(f"{name}: its {part} ({parent.get(part)}) is not the recipe's ({spec[part]}); the "
-                             f"recipe continues models of its own architecture (e.g. the embedded tgcnet-report-small)")
+        raise InputError(f"--init-from {init_from} was trained on --dataset {trained_on}; give --dataset "
+                         f"{trained_on} or a model trained on {data}")
     return parent, load_weights(parent)
-
-
-def report_calibration_cases(n: int, seed_base: int):
-    """``n`` held-out report phantoms as ``calibration.CalibrationCase`` s (one-slice volumes), every query keyed
-    ``"<kind>|<volume>|<line>"`` (``report_kind`` reads the kind back: each kind gets its own rule)."""
-    from .calibration import CalibrationCase
-    from .report_data import report_case
-
-    for v in range(n):
-        image, spacing, queries = report_case(seed_base + v)
-        yield CalibrationCase(image[None], (spacing[1], spacing[0], 1.0),
-                              {f"{q.kind}|{v}|{i}": q.mask[None] for i, q in enumerate(queries)},
-                              {f"{q.kind}|{v}|{i}": q.text for i, q in enumerate(queries)})
-
-
-def report_kind(key: str) -> str:
-    """The opacity kind of a ``report_calibration_cases`` key."""
-    return key.split("|")[0]
 
 
 def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str = "report", n_images: int = 2000,
@@ -192,7 +162,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     from ..engines.tgcnet.engine import TGCNetEngine
     from ..engines.tgcnet.network import MODULES, TGCNet, parameter_counts
     from ..engines.tgcnet.knowledge import load_knowledge
-    from ..models import lineage
+    from ..models import clip_part, lineage
     from .cliptnseg_recipe import _checkpoint, start_staged_run, train_clip
 
     if data not in DATASETS:
@@ -251,26 +221,18 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     engine = TGCNetEngine(net, torch.device(device), spec)
 
     def calibrate():
+        if data == "report":
+            from .report_data import calibrate_report_rules
+
+            return calibrate_report_rules(engine, calibration_volumes, progress)
+        from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
         from .calibration import calibrate_rules, phantom_cases
         from .datasets import CALIBRATION_SEED_BASE
 
-        if data == "report":
-            from ..synthetic.report_phantoms import KINDS
-            from .report_data import REPORT_CALIBRATION_SEED_BASE
-
-            # one rule per kind (a hazy ground-glass map and a dense effusion need other tests), picked at
-            # inference by the kind the line names (DATE's knowledge entry)
-            cases = report_calibration_cases(calibration_volumes, REPORT_CALIBRATION_SEED_BASE)
-            rule = calibrate_rules(engine, cases, {k: [k] for k in KINDS}, (), progress, False, calibration_volumes,
-                                   finding_of=report_kind)
-            seeds = REPORT_CALIBRATION_SEED_BASE
-        else:
-            from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
-
-            rule = calibrate_rules(engine, phantom_cases(calibration_volumes, CALIBRATION_SEED_BASE),
-                                   {f: list(PHRASES[f]) for f in FINDINGS}, EXCLUSIVE, progress, False,
-                                   calibration_volumes)
-            seeds = CALIBRATION_SEED_BASE
+        rule = calibrate_rules(engine, phantom_cases(calibration_volumes, CALIBRATION_SEED_BASE),
+                               {f: list(PHRASES[f]) for f in FINDINGS}, EXCLUSIVE, progress, False,
+                               calibration_volumes)
+        seeds = CALIBRATION_SEED_BASE
         rule["calibration"].update({"volumes": calibration_volumes, "seeds": [seeds, seeds + calibration_volumes - 1]})
         return rule
 
