@@ -47,13 +47,20 @@ def train_cliptnseg(clip_ckpt: Path, work: Path, steps: int, n_images: int, cali
 
 
 def _row(name: str, trainable: int, minutes: float, scores: dict) -> str:
-    """One Markdown table row: the variant's Dice in both wordings and its empty rates (training wording)."""
+    """One Markdown table row: the variant's Dice in both wordings (all described lines, then per kind in the
+    training wording) and its empty rates (training wording)."""
+    from CLIPSegLib.synthetic.report_phantoms import KINDS
+
     def rate(part):
         return "n/a" if part["empty_rate"] is None else f"{part['empty_rate']:.1%} of {part['lines']}"
 
+    def dice(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
     t, r = scores["train"], scores["rephrased"]
-    return (f"| {name} | {trainable:,} | {minutes:.1f} | {t['dice']['mean']:.3f} | {r['dice']['mean']:.3f} | "
-            f"{rate(t['wrong-side'])} | {rate(t['absent'])} |")
+    kinds = " | ".join(dice(t["dice_by_kind"].get(k)) for k in KINDS)
+    return (f"| {name} | {trainable:,} | {minutes:.1f} | {dice(t['dice']['mean'])} | {dice(r['dice']['mean'])} | "
+            f"{kinds} | {rate(t['wrong-side'])} | {rate(t['absent'])} |")
 
 
 def main():
@@ -103,8 +110,8 @@ def main():
     print(f"\nreport phantoms, {a.steps} steps on {a.phantoms} phantoms each, same CLIP ({clip}), calibrated on "
           f"{a.calibration}, scored on {a.eval} held-out phantoms (seeds {a.seed}..{a.seed + a.eval - 1})\n")
     print("| variant | trainable params | train+calibrate min | Dice (train wording) | Dice (rephrased) | "
-          "wrong side -> empty | absent -> empty |")
-    print("|---|---|---|---|---|---|---|")
+          "ground-glass | consolidation | effusion | wrong side -> empty | absent -> empty |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     shutil.rmtree(tmp, ignore_errors=True)
 
