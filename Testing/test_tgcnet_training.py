@@ -115,6 +115,16 @@ def test_the_report_evaluation_scores_lines_by_role(trained):
     assert "rephrased wording" in text and "wrong side" in text
 
 
+def test_a_clip_stage_alone_writes_the_clip_and_stops_without_error(tmp_path):
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    out = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "clip-only", "report", n_images=8,
+                              clip_steps=1, stages=("clip",), batch_size=4, clip_cfg=TINY_CLIP,
+                              network={"extract_layers": [1, 2], "dim": 16, "heads": 2, "cnn_channels": [4, 4, 8, 8]})
+    assert out is None and (tmp_path / "work" / "clip.pt").is_file()
+    assert not (tmp_path / "work" / "segmenter.pt").exists() and not (tmp_path / "models").exists()
+
+
 def test_report_rules_calibrate_a_cliptnseg_engine_too():
     """The CLIP-TNseg comparison (benchmarks/tgcnet_ablation.py) is calibrated as TGC-Net is: one rule per kind."""
     from CLIPSegLib.engines.clip_backbone import build_clip

@@ -339,6 +339,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         data = _mixed(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device,
                         rival_weight=rival_weight, start=start, foreground_weight=foreground_weight)
+    if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
+        return None
     if parent is None or seg_ckpt.is_file():
         net.load_state_dict(_checkpoint(seg_ckpt, "segmenter"), strict=False)
     net.eval()

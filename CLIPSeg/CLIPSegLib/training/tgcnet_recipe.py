@@ -214,6 +214,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     recipe = segmenter_recipe(net, adapters, device, start=start)
     if "segmenter" in stages:
         run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress)
+    if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
+        return None
     if parent is None or seg_ckpt.is_file():
         recipe.load(_checkpoint(seg_ckpt, "segmenter"))
     adapters.merge()
