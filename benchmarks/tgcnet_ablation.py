@@ -38,7 +38,8 @@ def train_cliptnseg(clip_ckpt: Path, work: Path, steps: int, n_images: int, cali
     clip = build_clip(REPORT_CLIP)
     clip.load_state_dict(torch.load(clip_ckpt, map_location="cpu", weights_only=True)["model"])
     net = CLIPTNSegNet(clip, embedded_spec(presence_head=True)["network"])
-    bank = ReportBank(n_images, net.input_size)  # three lines per image, as TGC-Net's
+    bank = ReportBank(n_images, net.input_size,  # three lines per image, as TGC-Net's
+                      progress=lambda d, t: progress.update("report phantoms", d, t))
     train_segmenter(net, bank, steps, work / "segmenter.pt", progress=progress)
     net.eval()
     engine = CLIPTNSegEngine(net, torch.device("cpu"), {"inference": {"flip_average": False}})
