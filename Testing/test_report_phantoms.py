@@ -111,11 +111,38 @@ def test_rephrased_is_the_same_content_in_other_words(phantoms):
     assert all(len(s.split()) <= 6 for s in NORMAL_REPORTS)
 
 
+def test_varied_wording_is_the_training_content_words_with_generic_variety_only(phantoms):
+    """The "varied" training wording keeps each line's content and its kind, side and zone words, varies the words
+    around them, and never uses a word only the evaluation's rephrasing has (that would train on the test)."""
+    train_words, varied_words = train_vocabulary(), train_vocabulary("varied")
+    rephrased_only = set()
+    texts = {"train": [], "varied": []}
+    for k, ph in enumerate(phantoms):
+        rephrased_only |= {w for q in sample_queries(ph, np.random.default_rng(k), n=6, style="rephrased")
+                           for w in words(q.text)} - train_words
+        train = sample_queries(ph, np.random.default_rng(k), n=6, style="train")
+        varied = sample_queries(ph, np.random.default_rng(k), n=6, style="varied")
+        for t, v in zip(train, varied):
+            assert (t.kind, t.sides, t.zone, t.count, t.role) == (v.kind, v.sides, v.zone, v.count, v.role)
+            assert np.array_equal(t.mask, v.mask)
+            assert words(v.text) <= varied_words, v.text
+            content = words(t.text) & (set(t.sides) | {t.zone, t.kind.split()[0]})  # the kind: its first word
+            assert content <= words(v.text), (t.text, v.text)
+            texts["train"].append(t.text)
+            texts["varied"].append(v.text)
+    assert {"ggo", "hemithorax", "noted", "base"} <= rephrased_only  # the check below has teeth
+    assert not varied_words & rephrased_only
+    assert len(set(texts["varied"])) > 1.3 * len(set(texts["train"]))
+    assert sum(t == v for t, v in zip(texts["train"], texts["varied"])) < 0.5 * len(texts["train"])
+    with pytest.raises(ValueError, match="style must be one of train, rephrased, varied"):
+        render("consolidation", (), None, 1, "casual", (0.0, 0.0, 0.0, 0.0))
+
+
 def test_sentences_fit_in_twenty_clip_tokens(phantoms):
     pytest.importorskip("open_clip")
     from CLIPSegLib.engines.clip_backbone import tokenize
 
-    texts = [q.text for k, ph in enumerate(phantoms) for style in ("train", "rephrased")
+    texts = [q.text for k, ph in enumerate(phantoms) for style in ("train", "rephrased", "varied")
              for q in sample_queries(ph, np.random.default_rng(k), n=6, style=style)]
     tokens = tokenize(texts, 77)
     assert int((tokens != 0).sum(dim=1).max()) - 2 <= 20  # without start/end tokens

@@ -185,6 +185,30 @@ def test_init_from_continues_a_tgcnet_model_and_records_its_lineage(trained, tmp
     assert moved < 0.01 < fresh_gap
 
 
+def test_a_varied_wording_run_trains_on_varied_lines_and_says_so(trained, tmp_path):
+    """--report-wording varied: the bank draws varied lines, the spec records the wording (and its words as the
+    training vocabulary), and its checkpoint does not resume as a run of the training wording."""
+    from CLIPSegLib.models import load_spec
+    from CLIPSegLib.training.report_data import ReportBank
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    bank = ReportBank(4, 32, wording="varied")
+    torch.manual_seed(0)
+    lines = {text for i in range(4) for _ in range(10) for text in bank[i][1]}
+    assert any(text.startswith(("impression:", "cxr:", "film:", "today:", "report:")) for text in lines)
+    with pytest.raises(ValueError, match="wording must be one of train, varied"):
+        ReportBank(1, 32, wording="rephrased")
+    args = dict(n_images=12, steps=1, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
+                network=load_spec(str(trained[0]))["network"], init_from=str(trained[0]))
+    path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-varied", "report",
+                               stages=("segmenter", "calibrate", "export"), wording="varied", **args)
+    training = load_spec(str(path))["training"]
+    assert training["wording"] == "varied" and {"impression", "unchanged"} <= set(training["phrases"])
+    with pytest.raises(InputError, match="other settings"):
+        run_tgcnet_training(tmp_path / "models2", tmp_path / "work", "tgcnet-varied", "report",
+                            stages=("segmenter",), **args)
+
+
 @pytest.mark.parametrize("init_from, message", [
     ("cliptnseg-phantom-small", "is a cliptnseg model; --engine tgcnet continues tgcnet models only"),
     ("tgcnet-report-small", "its clip .* is not the recipe's"),

@@ -12,8 +12,11 @@ no word of the sentence alone may tell the network that the kind is there.
 
 Two template sets with disjoint wording beyond the content words (sides, counts in digits or words, "lung"):
 ``style="train"`` for training, ``style="rephrased"`` (synonyms, other word order, zone synonyms, clinical filler)
-for evaluation only. Every random choice is one ``rng.random()`` draw whatever the style, so the same rng state
-gives the same content in both styles. Sentences stay under about 20 CLIP BPE tokens.
+for evaluation only. ``style="varied"`` is the training wording with generic variety around the content words (more
+templates and word orders, a lead-in such as "impression:", a trailer such as "unchanged"), none of it a word only the
+rephrased set uses: the kind, side and zone words stay the training ones, so it teaches that the words around them
+do not matter without showing the evaluation's synonyms. Every random choice is one ``rng.random()`` draw whatever
+the style, so the same rng state gives the same content in every style. Sentences stay under about 20 CLIP BPE tokens.
 """
 
 from __future__ import annotations
@@ -68,6 +71,18 @@ _REPHRASED = {
     "zone": ("{side} {zone} {name}", "in the {side} {zone}, {counted}", "there is {counted} in the {side} {zone}"),
 }
 _SUFFIX = ", consistent with infection"  # rephrased only, for ground-glass and consolidation, sometimes
+# "varied" only: templates beside _TRAIN's, and a lead-in / trailer (module docstring)
+_VARIED = {
+    "bilateral": ("{name} in both lungs", "{counted} across both lungs", "both lungs: {name}"),
+    "all": ("{name}", "{counted} seen", "evidence of {counted}", "{counted} visible"),
+    "side": ("{side} lung: {name}", "{side} lung shows {counted}", "{counted}, {side} lung",
+             "{name} within the {side} lung"),
+    "zone": ("{side} {zone} lung: {counted}", "{counted} at the {side} {zone} lung", "{side} lung, {zone} part: {name}",
+             "{name} affecting the {side} {zone} lung"),
+}
+_LEADS = ("impression:", "cxr:", "radiograph shows", "film:", "today:", "report:")
+_TRAILERS = ("seen", "identified", "unchanged", "new since prior", "likely", "as before", "visible")
+STYLES = ("train", "rephrased", "varied")
 
 
 @dataclass
@@ -123,12 +138,12 @@ def render(kind: str, sides: tuple[str, ...], zone: str | None, count: int, styl
     """The sentence for this content; ``u``: 4 uniform numbers in [0, 1) choosing template and synonyms.
     count 0 (absent / wrong-side) names ``claimed_count`` where the template has a number (module docstring).
     ``sides`` of both SIDES means bilateral."""
-    if style not in ("train", "rephrased"):
-        raise ValueError(f"style must be 'train' or 'rephrased', got {style!r}")
-    train = style == "train"
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    train = style != "rephrased"
     name, one, many = _TRAIN_KIND[kind] if train else _pick(_REPHRASED_KIND[kind], u[1])
     scope = "zone" if zone else "bilateral" if len(sides) == 2 else "side" if sides else "all"
-    templates = (_TRAIN if train else _REPHRASED)[scope]
+    templates = _TRAIN[scope] + _VARIED[scope] if style == "varied" else (_TRAIN if train else _REPHRASED)[scope]
     said = count or claimed_count(u[0], scope == "bilateral")
     if scope == "bilateral" and said < 2:
         templates = [t for t in templates if "{counted}" not in t and "{n}" not in t] or ["{name}"]
@@ -143,6 +158,11 @@ def render(kind: str, sides: tuple[str, ...], zone: str | None, count: int, styl
         text = text.replace("there is ", "there are ")
     if not train and kind != "pleural effusion" and u[3] < 0.3:
         text += _SUFFIX
+    if style == "varied":  # a lead-in (30%), a trailer (30%, 10% both), chosen by u[3]'s lower digits
+        if u[3] < 0.3:
+            text = f"{_pick(_LEADS, (u[3] * 997) % 1.0)} {text}"
+        if 0.2 <= u[3] < 0.5 and not text.endswith(_TRAILERS):
+            text = f"{text} {_pick(_TRAILERS, (u[3] * 7919) % 1.0)}"
     return text
 
 
@@ -196,9 +216,12 @@ def words(text: str) -> set[str]:
     return set(re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower()))
 
 
-def train_vocabulary() -> set[str]:
-    """Every word the training templates can produce."""
+def train_vocabulary(style: str = "train") -> set[str]:
+    """Every word the training templates can produce; ``style="varied"`` adds the words of its variety."""
     vocab: set[str] = set()
+    if style == "varied":
+        variety = [re.sub(r"\{\w+\}", " ", t) for ts in _VARIED.values() for t in ts] + [*_LEADS, *_TRAILERS]
+        vocab |= words(" ".join(variety))
     for kind in KINDS:
         for sides in ((), *((s,) for s in SIDES), SIDES):
             for zone in (None, *ZONES) if len(sides) == 1 else (None,):

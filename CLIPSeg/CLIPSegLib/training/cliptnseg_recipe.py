@@ -94,7 +94,9 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
     recipe = Recipe("CLIP contrastive", [{"params": list(clip.parameters()), "lr": lr}], loss, clip.state_dict,
                     clip.load_state_dict, clip.train, weight_decay=0.05,
                     fingerprint={"lr": lr, "parameters": sum(p.numel() for p in clip.parameters()),
-                                 **({"start": start} if start else {})})
+                                 **({"start": start} if start else {}),
+                                 **({"wording": dataset.wording} if getattr(dataset, "wording", "train") != "train"
+                                    else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after)
 
 

@@ -21,6 +21,7 @@ from .datasets import apply_augmentation
 REPORT_TRAIN_SEED_BASE = 40_000_000
 REPORT_CALIBRATION_SEED_BASE = 50_000_000
 QUERIES_PER_CASE = 3
+TRAINING_WORDINGS = ("train", "varied")  # report_text styles a model may train on ("rephrased" is for evaluation)
 
 
 def report_case(seed: int, style: str = "train", n: int = QUERIES_PER_CASE):
@@ -66,16 +67,19 @@ def make_report_augmentation():
 
 class ReportBank(torch.utils.data.Dataset):
     """``n`` pre-generated report phantoms (seeds ``seed_base + i``) at ``size`` pixels; each access asks
-    ``n_prompts`` fresh report lines of the training wording (``sample_queries``) and augments image and masks
-    together: ``(image [1,S,S] in [0,1], lines (P), masks [P,S,S])``. ``normal_phrases`` name an image without
-    opacity for the contrastive CLIP stage; every line is its own concept there."""
+    ``n_prompts`` fresh report lines in ``wording`` ("train", or "varied": the training words with generic variety
+    around them, ``report_text``; never "rephrased", the evaluation's) and augments image and masks together:
+    ``(image [1,S,S] in [0,1], lines (P), masks [P,S,S])``. ``normal_phrases`` name an image without opacity for the
+    contrastive CLIP stage; every line is its own concept there."""
 
     concepts: dict = {}
     normal_phrases = NORMAL_REPORTS
 
     def __init__(self, n: int, size: int, seed_base: int = REPORT_TRAIN_SEED_BASE, augment: bool = True,
-                 n_prompts: int = QUERIES_PER_CASE, progress=None):
-        self.size, self.n_prompts = size, n_prompts
+                 n_prompts: int = QUERIES_PER_CASE, progress=None, wording: str = "train"):
+        if wording not in TRAINING_WORDINGS:
+            raise ValueError(f"wording must be one of {', '.join(TRAINING_WORDINGS)}, got {wording!r}")
+        self.size, self.n_prompts, self.wording = size, n_prompts, wording
         self.phantoms = []
         for i in range(n):
             self.phantoms.append(_resized(make_report_phantom(seed=seed_base + i), size))
@@ -89,7 +93,7 @@ class ReportBank(torch.utils.data.Dataset):
     def queries(self, i: int) -> list[Query]:
         """Fresh lines for phantom ``i``, drawn from torch's generator (seeded by the training loop)."""
         rng = np.random.default_rng(int(torch.randint(2 ** 31, ())))
-        return sample_queries(self.phantoms[i], rng, self.n_prompts, "train")
+        return sample_queries(self.phantoms[i], rng, self.n_prompts, self.wording)
 
     def __getitem__(self, i):
         queries = self.queries(i)

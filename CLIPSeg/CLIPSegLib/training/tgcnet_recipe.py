@@ -100,10 +100,11 @@ def trained_state(net) -> dict:
 
 
 def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: float = ALIGN_WEIGHT,
-                     start: dict | None = None) -> Recipe:
+                     start: dict | None = None, wording: str = "train") -> Recipe:
     """``run_loop``'s recipe: ``tgcnet_loss`` on each batch, every phrase through the adapted text tower
     (``encode_pairs``). Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``). ``start``: the
-    lineage of the model the weights started from (``warm_start``; None: random), in the checkpoint's fingerprint."""
+    lineage of the model the weights started from (``warm_start``; None: random), in the checkpoint's fingerprint, as
+    is a report ``wording`` other than "train"."""
     pair_loss = tgcnet_loss(device, align_weight)
 
     def loss(batch):
@@ -115,7 +116,8 @@ def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: fl
                   loss, lambda: trained_state(net), lambda sd: net.load_state_dict(sd, strict=False), net.train,
                   weight_decay=1e-4, fingerprint={"network": net.cfg, "align_weight": align_weight,
                                                   "lr": LEARNING_RATES, "lora": len(adapters.params),
-                                                  **({"start": start} if start else {})})
+                                                  **({"start": start} if start else {}),
+                                                  **({"wording": wording} if wording != "train" else {})})
 
 
 def _clip_of(model: str) -> tuple[dict, dict]:
@@ -149,7 +151,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         calibration_volumes: int = 40, progress: Progress | None = None, device="cpu",
                         command: str = "", force: bool = False, clip_from: str = CLIP_FROM, ablate=(),
                         lora_rank: int = 8, batch_size: int = 12, clip_cfg: dict | None = None,
-                        network: dict | None = None, init_from: str | None = None) -> Path | None:
+                        network: dict | None = None, init_from: str | None = None,
+                        wording: str = "train") -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
     path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
     ``NETWORK``) change the architecture (tests make it tiny).
@@ -157,7 +160,10 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     ``init_from`` (a tgcnet model id or spec path, ``warm_start``): continue that model: its CLIP (text adapters
     merged) is the start of the "clip" stage if run, else kept; the modules start from its modules, new adapters
     from zero (so step 0 is the parent); the spec records it as the parent. A checkpoint in ``work_dir`` still takes
-    precedence (resume)."""
+    precedence (resume).
+
+    ``wording`` (report data only): the lines' wording in both stages, "train" or "varied" (``report_data.ReportBank``).
+    """
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
     from ..engines.tgcnet.network import MODULES, TGCNet, parameter_counts
@@ -187,7 +193,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         if data == "report":
             from .report_data import ReportBank
 
-            bank = ReportBank(n_images, size, progress=lambda d, t: progress.update("report phantoms", d, t))
+            bank = ReportBank(n_images, size, progress=lambda d, t: progress.update("report phantoms", d, t),
+                              wording=wording)
         else:
             from .datasets import PhantomBank
 
@@ -211,7 +218,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                      f"({100 * counts['trainable'] / counts['total']:.1f}%; the CLIP frozen, LoRA rank {lora_rank} "
                      f"on its text tower)")
     seg_ckpt = work_dir / "segmenter.pt"
-    recipe = segmenter_recipe(net, adapters, device, start=start)
+    recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording)
     if "segmenter" in stages:
         run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress)
     if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
@@ -247,19 +254,21 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     spec["training"] = {"command": command, "dataset": data, "n_images": n_images, "clip_steps": clip_steps,
                         "steps": steps, "seed": seed, "batch_size": batch_size, "lora_rank": lora_rank,
                         "ablate": list(ablate), "clip_from": None if data == "report" else clip_from,
-                        "parameters": counts, "phrases": training_phrases(data)}
+                        "parameters": counts, "phrases": training_phrases(data, wording)}
+    if data == "report":
+        spec["training"]["wording"] = wording
     if parent is not None:
         spec["training"]["clip_steps"] = clip_steps if clip_ckpt.is_file() else 0  # 0: the parent's CLIP kept
         spec["training"]["parent"] = {**start, "training": parent.get("training") or {}}
     return write_spec(spec, net.state_dict(), out_dir)
 
 
-def training_phrases(data: str) -> list[str]:
+def training_phrases(data: str, wording: str = "train") -> list[str]:
     """The words the model was trained with, as phrases (``engines.contract.unseen_words`` reads their words)."""
     if data == "report":
         from ..synthetic.report_text import NORMAL_REPORTS, train_vocabulary
 
-        return sorted(train_vocabulary() | set(NORMAL_REPORTS))
+        return sorted(train_vocabulary(wording) | set(NORMAL_REPORTS))
     from .cliptnseg_recipe import training_phrases as thyroid
 
     return thyroid()
