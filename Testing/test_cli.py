@@ -442,6 +442,9 @@ def test_an_unwritable_report_folder_is_refused_before_the_evaluation(tmp_path, 
     (["--engine", "tgcnet", "--dataset", "thyroid", "--report-wording", "varied"],
      "--dataset thyroid has no report lines: --report-wording does not apply; drop it"),
     (["--report-wording", "varied"], "not report lines: --report-wording does not apply; drop it"),
+    (["--engine", "tgcnet", "--dataset", "thyroid", "--location-support"],
+     "--dataset thyroid has no report lines: --location-support does not apply; drop it"),
+    (["--engine", "medclipsam", "--location-support"], "phantoms only: --location-support does not apply; drop it"),
 ])
 def test_train_refuses_a_loss_weight_it_cannot_use_before_any_work(args, message, tmp_path, capsys):
     code, io = run(["train", "--output-dir", tmp_path / "m", "--work-dir", tmp_path / "w", "--progress", "none"]

@@ -219,3 +219,29 @@ def test_the_location_cue_changes_masks_and_presence_and_is_off_in_older_network
     assert torch.allclose(mask[:, 1:], flipped[:, 1:])  # prompts without a side cue unchanged
     old = _net()
     assert old.where is None and old.locations is None and old.encode_text(PROMPTS).where is None
+
+
+def test_location_support_holds_a_located_line_to_its_kinds_own_map():
+    """With ``inference.location_support`` a line naming a side is the minimum of its own map and the map of its kind
+    alone ("<kind> present"), and its reading says so; lines without a side or zone, and models without the entry,
+    are unchanged."""
+    from CLIPSegLib.engines.tgcnet.engine import TGCNetEngine
+
+    spec = {**TINY_TGCNET_SPEC, "network": {**TINY_TGCNET_SPEC["network"], "location": True}}
+    net = _net(location=True)
+    _randomise(net.where)
+    x = _images()
+    plain = TGCNetEngine(net, torch.device("cpu"), spec)
+    backed = TGCNetEngine(net, torch.device("cpu"), {**spec, "inference": {"location_support": True}})
+    prompts = ["GGO in the right lower lung", "bilateral consolidation, two areas", "ground-glass opacity present"]
+    own, own_presence = plain.predict(x, plain.encode_prompts(prompts))
+    state = backed.encode_prompts(prompts)
+    mask, presence = backed.predict(x, state)
+    assert mask.shape == own.shape and torch.equal(presence, own_presence)
+    assert torch.allclose(mask[:, 0], torch.minimum(own[:, 0], own[:, 2]))
+    assert not torch.allclose(mask[:, 0], own[:, 0])  # the kind's own map lowers it somewhere
+    assert torch.equal(mask[:, 1:], own[:, 1:])
+    assert state.readings[0].knowledge[-1] == "location backed by the map of 'ground-glass opacity present'"
+    assert not any("backed" in k for k in state.readings[1].knowledge)
+    alone, _ = backed.predict(x, backed.encode_prompts(prompts[:1]))  # the kind's line encoded on its own
+    assert torch.allclose(alone[:, 0], mask[:, 0], atol=1e-6)

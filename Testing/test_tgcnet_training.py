@@ -209,6 +209,29 @@ def test_a_varied_wording_run_trains_on_varied_lines_and_says_so(trained, tmp_pa
                             stages=("segmenter",), **args)
 
 
+def test_location_support_is_recorded_before_the_rules_are_calibrated(trained, tmp_path):
+    """--location-support: a recalibration of the parent writes ``inference.location_support`` and its rules were
+    fitted with it (the calibration's engine backs located lines); thyroid data and an ablated DATE refuse it."""
+    from CLIPSegLib.models import load_spec
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    network = load_spec(str(trained[0]))["network"]
+    path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-backed", "report", calibration_volumes=2,
+                               clip_cfg=TINY_CLIP, lora_rank=2, network=network, init_from=str(trained[0]),
+                               stages=("calibrate", "export"), location_support=True)
+    spec = load_spec(str(path))
+    assert spec["inference"] == {"flip_average": False, "location_support": True}
+    assert load_spec(str(trained[0]))["inference"] == {"flip_average": False}
+    assert spec["presence"]["calibration"]["location_support"] is True
+    with pytest.raises(InputError, match="calibrated with --location-support; run the calibrate stage again"):
+        run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-unbacked", "report", clip_cfg=TINY_CLIP,
+                            lora_rank=2, network=network, init_from=str(trained[0]), stages=("export",))
+    for bad in ({"data": "thyroid"}, {"ablate": ("date",)}):
+        with pytest.raises(InputError, match="--location-support needs --dataset report"):
+            run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, location_support=True, **bad)
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("init_from, message", [
     ("cliptnseg-phantom-small", "is a cliptnseg model; --engine tgcnet continues tgcnet models only"),
     ("tgcnet-report-small", "its clip .* is not the recipe's"),

@@ -57,6 +57,7 @@ def collect(model: str, label: str, n: int, seed_base: int, family: str, cache: 
     """-> ({gate: calibration entries}, family of each case in entry order): the components of each (volume,
     finding) map, from the cache when this model's maps of this set were collected before."""
     from CLIPSegLib.inference.segment_file import load_engine
+    from CLIPSegLib.inference.postprocess import DEFAULT_PRESENCE
     from CLIPSegLib.models import load_spec
     from CLIPSegLib.progress import Progress
     from CLIPSegLib.synthetic.families import family_of
@@ -76,7 +77,7 @@ def collect(model: str, label: str, n: int, seed_base: int, family: str, cache: 
     engine = load_engine(model, device="cpu")
     exclusive = [tuple(p) for p in (spec.get("presence") or {}).get("exclusive", EXCLUSIVE)]
     entries = collect_cases(engine, phantom_cases(n, seed_base, family), {f: list(PHRASES[f]) for f in FINDINGS},
-                            Progress("bar"), exclusive=exclusive, total=n)
+                            Progress("bar"), exclusive=exclusive, total=n)[DEFAULT_PRESENCE["threshold"]]
     print(f"{label}: {n} volumes of {family} collected in {time.time() - t0:.0f} s", file=sys.stderr)
     cache.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(entries))

@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tgcnet --dataset report: the report lines' wording: train (two templates a scope) or varied "
                         "(the same kind, side and zone words with more word orders, lead-ins and trailers; never the "
                         "evaluation's rephrased words)")
+    t.add_argument("--location-support", action="store_true",
+                   help="tgcnet --dataset report: a line naming a side or zone is held to the map of its kind alone "
+                        "(voxel-wise minimum, spec inference.location_support; calibrated so): a line asked on the "
+                        "wrong side is painted only where that kind is seen")
     t.add_argument("--pseudo-labels", default=None, metavar="FOLDER",
                    help="medclipsam, weakly supervised stage: the --zero-shot model segments every volume of FOLDER "
                         "(unlabelled .nii.gz/.nrrd/.mha) and a MONAI UNet learns its masks (--steps; stages "
@@ -334,7 +338,7 @@ def _cmd_train_medclipsam(a, progress):
     stages = check_stages((a.stages or "sam,calibrate,export").split(","))
     check_train_args(["export"], {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0), "--steps": (a.steps, 1),
                                   "--calibration-volumes": (a.calibration_volumes, 1)}, {})
-    _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from", "--report-wording"),
+    _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from",) + REPORT_ONLY,
                   "--engine medclipsam trains on phantoms only")
     work_dir, device = _train_setup(a, stages)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
@@ -350,6 +354,8 @@ def _cmd_train_medclipsam(a, progress):
 #: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
 #: (``--init-from``, which the tgcnet recipe reads too, is refused by the medclipsam branches)
 CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head")
+#: options of ``clipseg train --engine tgcnet --dataset report`` only
+REPORT_ONLY = ("--report-wording", "--location-support")
 
 
 def _given(a, command: str, flags) -> list[str]:
@@ -377,8 +383,8 @@ def _cmd_train_pseudo_labels(a, progress):
     a.model_id = a.model_id or "medclipsam-weak-unet"
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
-    _refuse_given(a, ("--volumes", "--family", "--calibration-volumes", "--clip-from", "--init-from",
-                      "--report-wording") + CLIPTNSEG_ONLY,
+    _refuse_given(a, ("--volumes", "--family", "--calibration-volumes", "--clip-from", "--init-from")
+                  + REPORT_ONLY + CLIPTNSEG_ONLY,
                   "--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out quarter "
                   "of it")
     a.zero_shot = a.zero_shot or "medclipsam-phantom-small"
@@ -407,7 +413,7 @@ def _cmd_train_tgcnet(a, progress):
     _refuse_given(a, ("--volumes", "--family") + CLIPTNSEG_ONLY,
                   "--engine tgcnet trains on --dataset report or thyroid and always has its presence head")
     if a.dataset != "report":
-        _refuse_given(a, ("--report-wording",), f"--dataset {a.dataset} has no report lines")
+        _refuse_given(a, REPORT_ONLY, f"--dataset {a.dataset} has no report lines")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages)
     cmd = (f"clipseg train --engine tgcnet --dataset {a.dataset} --output-dir {a.output_dir} --model-id {a.model_id} "
@@ -415,13 +421,14 @@ def _cmd_train_tgcnet(a, progress):
            f"{a.calibration_volumes} --lora-rank {a.lora_rank} --seed {a.seed} --no-resume --force"
            + (f" --ablate {','.join(ablate)}" if ablate else "")
            + (f" --report-wording {a.report_wording}" if a.report_wording != "train" else "")
+           + (" --location-support" if a.location_support else "")
            + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else ""))
     path = run_tgcnet_training(Path(a.output_dir), work_dir, a.model_id, a.dataset, a.phantoms, a.clip_steps,
                                a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
                                cmd, a.force, a.clip_from, ablate, a.lora_rank, init_from=a.init_from,
-                               wording=a.report_wording)
+                               wording=a.report_wording, location_support=a.location_support)
     if path:
         print(f"wrote {path}")
 
@@ -441,7 +448,7 @@ def _cmd_train(a, progress):
     if a.engine == "tgcnet":
         return _cmd_train_tgcnet(a, progress)
     a.model_id = a.model_id or "cliptnseg-phantom-small"
-    _refuse_given(a, ("--report-wording",), "--engine cliptnseg trains on phantoms or --data, not report lines")
+    _refuse_given(a, REPORT_ONLY, "--engine cliptnseg trains on phantoms or --data, not report lines")
     stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),

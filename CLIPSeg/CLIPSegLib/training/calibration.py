@@ -32,6 +32,13 @@ MEAN_GRID = (0.0, 0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95)  # candidate min
 # candidate min_contrast (|region - surround| in units of the surround's speckle spread, postprocess.region_contrast)
 CONTRAST_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 SLICE_AXIS = 2  # phantoms are sliced along K, as they are acquired
+# probability thresholds a per-finding rule may be calibrated at (``calibrate_rules(thresholds=...)``, fine-tuned
+# phrases); the first is the default the others must beat
+THRESHOLDS = (0.5, 0.3, 0.4, 0.6, 0.7)
+# another threshold replaces the first only if its calibration score is higher by this much: a few held-out cases
+# cannot tell smaller differences from noise (the fourth ventricle: 0.3 won by 0.0014 on one present slice, then
+# rejected the whole 3D structure that 0.5 found with Dice 0.895)
+THRESHOLD_MARGIN = 0.02
 
 
 @dataclass
@@ -83,9 +90,11 @@ def data_cases(table_csv):
 
 
 def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = None, gates=SLICE_GATES,
-                  exclusive=(), flip_average: bool | None = None, total: int | None = None) -> dict:
-    """-> {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along the slice
-    axis in mm)}, one entry per case x finding for each gate (engines without slice presence: gate 1.0 only).
+                  exclusive=(), flip_average: bool | None = None, total: int | None = None,
+                  thresholds=(DEFAULT_PRESENCE["threshold"],)) -> dict:
+    """-> {threshold: {gate: list of (finding, truth voxel count, [(Component, overlap voxels)], volume extent along
+    the slice axis in mm)}}, one entry per case x finding for each probability threshold of ``thresholds`` and each
+    gate (engines without slice presence: gate 1.0 only); the maps are predicted once for all of them.
 
     ``cases``: ``CalibrationCase`` s (``phantom_cases``, ``data_cases``); ``phrasings``: finding -> its phrasings, the
     first standing for the finding when it is a rival. The engine is used through its contract
@@ -106,8 +115,9 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
             gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
                                  judges)
             for i, f in enumerate(asked):
-                out.setdefault(gate, []).append(_entry(f, gated[i], case.truths[f], case.spacing, array_axis,
-                                                       image=case.image))
+                for t in thresholds:
+                    out.setdefault(t, {}).setdefault(gate, []).append(
+                        _entry(f, gated[i], case.truths[f], case.spacing, array_axis, t, image=case.image))
         progress.update("calibration volumes", v + 1, total or v + 1)
     return out
 
@@ -249,25 +259,41 @@ def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dic
     return max(rules, key=lambda r: r["calibration"]["score"])
 
 
+def search_threshold_gate_and_rule(by_threshold: dict, finding: str | None = None) -> dict:
+    """``search_gate_and_rule`` at each probability threshold of ``by_threshold`` ({threshold: {gate: cases}}, the
+    first threshold the default): another threshold's rule is kept only if its score beats the first's by
+    ``THRESHOLD_MARGIN``; the rule carries its ``threshold``."""
+    candidates = [dict(search_gate_and_rule(by_gate, finding), threshold=float(t))
+                  for t, by_gate in by_threshold.items()]
+    best = max(candidates, key=lambda r: r["calibration"]["score"])
+    return best if best["calibration"]["score"] >= candidates[0]["calibration"]["score"] + THRESHOLD_MARGIN \
+        else candidates[0]
+
+
 def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Progress | None = None,
-                    flip_average: bool | None = None, total: int | None = None, finding_of=None) -> dict:
+                    flip_average: bool | None = None, total: int | None = None, finding_of=None,
+                    thresholds=(DEFAULT_PRESENCE["threshold"],)) -> dict:
     """The calibrated presence rule of ``engine`` on labelled ``cases`` (any source: ``phantom_cases``,
     ``data_cases``): a global rule plus one per finding with its ``phrasings`` (a prompt takes the rule of the finding
     whose phrasings its text is closest to, or whose knowledge entry it names: ``pipeline.presence_rules``), each with
     the figures it reached. ``finding_of``: case key -> the finding whose rule that entry calibrates (cases whose
-    prompts are keyed per line, e.g. report lines ``"consolidation|3|0"``); None: the keys are the findings."""
-    by_gate = collect_cases(engine, cases, phrasings, progress, exclusive=exclusive, flip_average=flip_average,
-                            total=total)
+    prompts are keyed per line, e.g. report lines ``"consolidation|3|0"``); None: the keys are the findings.
+    ``thresholds``: the probability thresholds a finding's rule may take (``search_threshold_gate_and_rule``; the
+    global rule keeps the first)."""
+    by_threshold = collect_cases(engine, cases, phrasings, progress, exclusive=exclusive, flip_average=flip_average,
+                                 total=total, thresholds=thresholds)
     if finding_of is not None:
-        by_gate = {g: [(finding_of(c[0]), *c[1:]) for c in entries] for g, entries in by_gate.items()}
+        by_threshold = {t: {g: [(finding_of(c[0]), *c[1:]) for c in entries] for g, entries in by_gate.items()}
+                        for t, by_gate in by_threshold.items()}
+    by_gate = by_threshold[thresholds[0]]
     rule = search_gate_and_rule(by_gate)
     # One rule per finding (a nodule and a few foci need different size and persistence tests, and the presence head
-    # is surer of some findings than of others).
+    # is surer of some findings than of others; a hazy map may need a lower threshold).
     rule["per_finding"] = {}
     for f in phrasings:
         if not any(c[0] == f for cases_ in by_gate.values() for c in cases_):
             continue
-        sub = search_gate_and_rule(by_gate, f)
+        sub = search_threshold_gate_and_rule(by_threshold, f)
         sub["calibration"] = {"absent_empty_rate": sub["calibration"]["absent_empty_rate"],
                               "mean_dice": sub["calibration"]["mean_dice"][f]}
         rule["per_finding"][f] = {**sub, "phrases": list(phrasings[f])}

@@ -52,11 +52,6 @@ DEFAULT_BATCH = 4  # the user's slices per step; replay adds REPLAY_SHARE / (1 -
 REPLAY_SHARE = 1 / 3
 REPLAY_PHANTOMS = 400  # the first phantoms of the parent's own training bank
 LEARNING_RATES = {"segmenter": 5e-4, "embeddings": 1e-2, "lora": 1e-3}
-THRESHOLDS = (0.5, 0.3, 0.4, 0.6, 0.7)  # probability thresholds tried for a new phrase's rule
-# another threshold replaces 0.5 only if its calibration score is higher by this much: a few held-out slices cannot
-# tell smaller differences from noise (the fourth ventricle: 0.3 won by 0.0014 on one present slice, then rejected
-# the whole 3D structure that 0.5 found with Dice 0.895)
-THRESHOLD_MARGIN = 0.02
 RIVAL_WEIGHT = 1.0  # weight of rival_negative_loss (the user's pairs) beside the engine's own loss
 DISTILL_WEIGHT = 2.0  # weight of the replayed pairs' distillation loss against the user's pairs' loss
 
@@ -548,19 +543,16 @@ TUNINGS = {"cliptnseg": CLIPTNSegTuning, "tgcnet": TGCNetTuning}  # engine -> it
 def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusive=()) -> dict:
     """{phrase: found / not-found rule} calibrated on the held-out labelled slices (``calibration.collect_slices``,
     the phrases of ``exclusive`` pairs competing as they will in the pipeline): the grid search of the parent's
-    rules (``calibration.search_gate_and_rule``) at each probability threshold of ``THRESHOLDS``, the best score kept
-    if it beats the first threshold's (0.5) by ``THRESHOLD_MARGIN``; each rule with its figures and how it was
-    calibrated."""
-    from .calibration import collect_slices, search_gate_and_rule
+    rules at each probability threshold of ``calibration.THRESHOLDS``
+    (``calibration.search_threshold_gate_and_rule``: another threshold than 0.5 only if it scores higher by
+    ``calibration.THRESHOLD_MARGIN``); each rule with its figures and how it was calibrated."""
+    from .calibration import THRESHOLDS, collect_slices, search_threshold_gate_and_rule
 
     by_threshold = collect_slices(engine, volumes, held, progress, thresholds=THRESHOLDS, exclusive=exclusive)
     rules = {}
     for p in phrases:
         cases = [c for c in next(iter(by_threshold[THRESHOLDS[0]].values())) if c[0] == p]
-        candidates = [dict(search_gate_and_rule(by_threshold[t], p), threshold=t) for t in THRESHOLDS]
-        rule = max(candidates, key=lambda r: r["calibration"]["score"])
-        if rule["calibration"]["score"] < candidates[0]["calibration"]["score"] + THRESHOLD_MARGIN:
-            rule = candidates[0]
+        rule = search_threshold_gate_and_rule(by_threshold, p)
         absent = sum(1 for c in cases if c[1] == 0)
         rule["calibration"] = {
             "method": f"held-out split: {len(cases)} labelled slice(s) never trained on, each judged as a 2D case "

@@ -124,12 +124,13 @@ def calibrate_report_rules(engine, n: int, progress=None) -> dict:
     ``REPORT_CALIBRATION_SEED_BASE``): a global rule plus one per opacity kind (a hazy ground-glass map and a dense
     effusion need other tests), picked at inference by the kind the line names (TGC-Net: DATE's knowledge entry;
     else the kind name closest to the line, ``pipeline.presence_rules``). No flip average: a mirrored chest swaps
-    the sides the line names."""
+    the sides the line names. A kind's rule may take another probability threshold than 0.5
+    (``calibration.THRESHOLDS``): a hazy ground-glass map is hazy at its edges too."""
     from ..synthetic.report_phantoms import KINDS
-    from .calibration import calibrate_rules
+    from .calibration import THRESHOLDS, calibrate_rules
 
     rule = calibrate_rules(engine, report_calibration_cases(n), {k: [k] for k in KINDS}, (), progress, False, n,
-                           finding_of=report_kind)
+                           finding_of=report_kind, thresholds=THRESHOLDS)
     rule["calibration"].update({"volumes": n, "seeds": [REPORT_CALIBRATION_SEED_BASE,
                                                         REPORT_CALIBRATION_SEED_BASE + n - 1]})
     return rule

@@ -152,7 +152,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         command: str = "", force: bool = False, clip_from: str = CLIP_FROM, ablate=(),
                         lora_rank: int = 8, batch_size: int = 12, clip_cfg: dict | None = None,
                         network: dict | None = None, init_from: str | None = None,
-                        wording: str = "train") -> Path | None:
+                        wording: str = "train", location_support: bool = False) -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
     path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
     ``NETWORK``) change the architecture (tests make it tiny).
@@ -163,6 +163,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     precedence (resume).
 
     ``wording`` (report data only): the lines' wording in both stages, "train" or "varied" (``report_data.ReportBank``).
+    ``location_support`` (report data only): the spec's ``inference.location_support`` (``engines.tgcnet.engine``),
+    set before calibration so the rules are fitted to the maps it gives.
     """
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
@@ -176,11 +178,17 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     bad = [m for m in ablate if m not in MODULES]
     if bad:
         raise InputError(f"--ablate {bad[0]!r} is not a TGC-Net module; give some of {', '.join(MODULES)}")
+    net_cfg = {**NETWORK, **{m: False for m in ablate}, **(network or {})}
+    if location_support and (data != "report" or not net_cfg.get("location") or not net_cfg.get("date", True)):
+        raise InputError("--location-support needs --dataset report and a network with the location cue and DATE "
+                         "(it reads the kind a line names); drop it")
     if data == "report":
         clip_cfg, clip_state = clip_cfg or REPORT_CLIP, None
     else:
         clip_cfg, clip_state = _clip_of(clip_from)
     spec = tgcnet_spec(model_id, clip_cfg, data, ablate, network)
+    if location_support:
+        spec["inference"]["location_support"] = True
     parent, parent_state = warm_start(init_from, spec, data) if init_from else (None, None)
     start = lineage(parent) if parent is not None else None
     work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
@@ -233,7 +241,9 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         if data == "report":
             from .report_data import calibrate_report_rules
 
-            return calibrate_report_rules(engine, calibration_volumes, progress)
+            rule = calibrate_report_rules(engine, calibration_volumes, progress)
+            rule["calibration"]["location_support"] = location_support  # the maps the rules were fitted to
+            return rule
         from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
         from .calibration import calibrate_rules, phantom_cases
         from .datasets import CALIBRATION_SEED_BASE
@@ -248,6 +258,10 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     presence = staged_presence(work_dir, stages, calibrate)
     if presence is None:
         return None
+    if data == "report" and presence["calibration"].get("location_support", False) != location_support:
+        raise InputError(f"the rules in {work_dir / 'presence.json'} were calibrated "
+                         f"{'with' if not location_support else 'without'} --location-support; run the calibrate "
+                         f"stage again with the same setting (--stages calibrate,export)")
     from ..models import write_spec
 
     spec["presence"] = presence

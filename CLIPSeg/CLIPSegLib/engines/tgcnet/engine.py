@@ -6,7 +6,13 @@ The spec's ``knowledge.file`` names the findings file DATE reads (``knowledge``)
 one the model was trained with, the prompt reading says so (the model reads the edited knowledge, which it never saw
 in training). A network with the location cue (``location``) reads the side and zone words of ``locations.file``;
 the reading names the location it read ("location: patient's left, lower zone"), and an edit of that file since
-training is said the same way."""
+training is said the same way.
+
+Location support (spec ``inference.location_support``, off unless the spec sets it): a line that names a side or a
+zone is also asked without them, as the kind alone ("<kind> present", the kind being the one knowledge entry the line
+names), and its map is the voxel-wise minimum of the two: the located map says where the line points, the kind's
+own map whether that kind is seen there. A line asked on the wrong side, painted where it points, is then held to
+what the image shows."""
 
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ class TGCNetEngine(Engine):
         self._text: dict[str, TextBatch] = {}  # text -> its one-row TextBatch (VLCM reads the tokens)
         self.knowledge_edited = _edited(spec, "knowledge", net.knowledge)
         self.locations_edited = _edited(spec, "locations", net.locations)
+        self.location_support = bool(((spec or {}).get("inference") or {}).get("location_support")) \
+            and net.locations is not None and net.cfg["date"]
+        self._support: dict[str, str | None] = {}  # text -> its kind-only line (location support) or None
 
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "TGCNetEngine":
@@ -46,10 +55,24 @@ class TGCNetEngine(Engine):
                              f"unexpected {unexpected[:3]}); the spec and weights come from different exports")
         return cls(net, device, spec, precision)
 
+    def support_text(self, text: str) -> str | None:
+        """The kind-only line that backs ``text`` under location support (module docstring), or None: support off,
+        no side or zone named, or not exactly one knowledge entry named."""
+        if not self.location_support or self.net.locations.cue(text) == (0, 0):
+            return None
+        named = self.net.knowledge.names(text)
+        return f"{named[0]} present" if len(named) == 1 else None
+
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[PromptReading]]:
-        """``[N,D]`` fused (DATE) embeddings; each reading names the tokens kept and the knowledge entries used."""
+        """``[N,D]`` fused (DATE) embeddings; each reading names the tokens kept and the knowledge entries used (and
+        the kind-only line backing it under location support). The backing lines are encoded with the texts."""
         clip = self.net.clip
-        batch = self.net.encode_text(texts)
+        supports = {t: self.support_text(t) for t in texts}
+        extra = [s for s in dict.fromkeys(supports.values()) if s and s not in texts and s not in self._text]
+        batch = self.net.encode_text(list(texts) + extra)
+        for j, s in enumerate(extra):
+            self._text[s] = batch.rows([len(texts) + j])
+        self._support.update(supports)
         readings = []
         for i, text in enumerate(texts):
             self._text[text] = batch.rows([i])
@@ -61,15 +84,28 @@ class TGCNetEngine(Engine):
                 named.append(f"location: {self.net.locations.describe(text)}" + (
                     f" (the location words file {self.net.locations.path} was edited since training)"
                     if self.locations_edited else ""))
+            if supports[text]:
+                named.append(f"location backed by the map of '{supports[text]}'")
             readings.append(PromptReading(text, tokens, truncated, read_as, knowledge=tuple(named)))
-        return batch.pooled, readings
+        return batch.pooled[:len(texts)], readings
 
     def clear_prompt_cache(self) -> None:
         super().clear_prompt_cache()
         self._text.clear()
+        self._support.clear()
 
     def infer(self, slices: torch.Tensor, state: PromptState):
-        text = TextBatch.stack([self._text[p] for p in state.prompts])
+        """Masks of the P prompts; under location support a located prompt's mask is the minimum of its own and
+        its kind-only line's (predicted in the same batch, columns after the P)."""
+        prompts = list(state.prompts)
+        support = [self._support.get(p) for p in prompts]
+        extra = [s for s in dict.fromkeys(support) if s]
+        text = TextBatch.stack([self._text[p] for p in prompts + extra])
         with self.autocast():
             mask, presence, _ = self.net(slices.to(self.device, torch.float32), text)
-        return torch.sigmoid(mask.float()), None if presence is None else torch.sigmoid(presence.float())
+        mask = torch.sigmoid(mask.float())
+        p = len(prompts)
+        for i, s in enumerate(support):
+            if s:
+                mask[:, i] = torch.minimum(mask[:, i], mask[:, p + extra.index(s)])
+        return mask[:, :p], None if presence is None else torch.sigmoid(presence[:, :p].float())
