@@ -68,7 +68,7 @@ def test_a_lower_threshold_wins_only_when_it_scores_clearly_better():
     rule = search_threshold_gate_and_rule({0.5: at(300, 300), 0.3: at(900, 900)}, "haze")
     assert rule["threshold"] == 0.3 and rule["calibration"]["mean_dice"]["haze"] == 1.0
     assert rule["calibration"]["absent_empty_rate"] == 1.0
-    # 0.3 better by less than the margin (Dice 2*890/1790 against 1.0 - margin/2): 0.5 stays
+    # 0.3 better by less than the margin (its score is higher by 1 - Dice at 0.5 = 1 - 2*890/1790): 0.5 stays
     close = search_threshold_gate_and_rule({0.5: at(890, 890), 0.3: at(900, 900)}, "haze")
     assert 1.0 - 2 * 890 / 1790 < THRESHOLD_MARGIN and close["threshold"] == 0.5
 

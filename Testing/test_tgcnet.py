@@ -243,5 +243,9 @@ def test_location_support_holds_a_located_line_to_its_kinds_own_map():
     assert torch.equal(mask[:, 1:], own[:, 1:])
     assert state.readings[0].knowledge[-1] == "location backed by the map of 'ground-glass opacity present'"
     assert not any("backed" in k for k in state.readings[1].knowledge)
-    alone, _ = backed.predict(x, backed.encode_prompts(prompts[:1]))  # the kind's line encoded on its own
+    with pytest.raises(ModelError, match="needs a network with the location cue and DATE"):
+        TGCNetEngine(_net(), torch.device("cpu"), {**TINY_TGCNET_SPEC, "inference": {"location_support": True}})
+    backed.clear_prompt_cache()
+    alone, _ = backed.predict(x, backed.encode_prompts(prompts[:1]))  # the kind's line encoded as an extra
+    assert alone.shape[1] == 1
     assert torch.allclose(alone[:, 0], mask[:, 0], atol=1e-6)

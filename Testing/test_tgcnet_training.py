@@ -226,6 +226,15 @@ def test_location_support_is_recorded_before_the_rules_are_calibrated(trained, t
     with pytest.raises(InputError, match="calibrated with --location-support; run the calibrate stage again"):
         run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-unbacked", "report", clip_cfg=TINY_CLIP,
                             lora_rank=2, network=network, init_from=str(trained[0]), stages=("export",))
+    # clipseg calibrate re-fits a report model's rules on report phantoms, with the maps its spec asks for
+    from CLIPSegLib.training.recalibrate import recalibrate_model
+    from CLIPSegLib.training.report_data import REPORT_CALIBRATION_SEED_BASE
+
+    again = load_spec(str(recalibrate_model(str(path), tmp_path / "again" / "re.json", 2)))
+    calibration = again["presence"]["calibration"]
+    assert calibration["family"] == "report" and calibration["location_support"] is True
+    assert calibration["seeds"] == [REPORT_CALIBRATION_SEED_BASE, REPORT_CALIBRATION_SEED_BASE + 1]
+    assert set(again["presence"]["per_finding"]) <= set(KINDS)
     for bad in ({"data": "thyroid"}, {"ablate": ("date",)}):
         with pytest.raises(InputError, match="--location-support needs --dataset report"):
             run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, location_support=True, **bad)

@@ -6,7 +6,8 @@ volume and finding, the mask and slice presence maps are predicted once and, for
 (``pipeline.apply_presence``), the connected components of the gated probability map are measured once; a grid search
 then picks the gate and rule (peak, mean probability, extent, area) that maximise 2 x (fraction of absent findings
 left empty) + mean Dice over present findings: absence weighs double, but a rule that empties everything still pays
-with its Dice.
+with its Dice. A finding's rule may also be searched at other probability thresholds than 0.5 (``THRESHOLDS``:
+report lines, fine-tuned phrases), kept only when clearly better (``THRESHOLD_MARGIN``).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
     rival finding's first phrasing: ``postprocess.with_rivals``); ``flip_average`` as in ``pipeline.predict_maps``
     (default: the engine's model setting)."""
     progress = progress or Progress("none")
-    out: dict[float, list] = {}
+    out: dict[float, dict[float, list]] = {}
     array_axis = array_axis_of(SLICE_AXIS)
     for v, case in enumerate(cases):
         asked = list(case.prompts)
@@ -148,7 +149,7 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
     by_volume: dict[int, list[int]] = {}
     for v, k in held:
         by_volume.setdefault(v, []).append(k)
-    out: dict[float, list] = {}
+    out: dict[float, dict[float, list]] = {}
     for n, (v, ks) in enumerate(sorted(by_volume.items())):
         vol = volumes[v]
         phrases = [p for p, labelled in vol.slices.items() if set(ks) & set(labelled)]
@@ -286,7 +287,7 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
         by_threshold = {t: {g: [(finding_of(c[0]), *c[1:]) for c in entries] for g, entries in by_gate.items()}
                         for t, by_gate in by_threshold.items()}
     by_gate = by_threshold[thresholds[0]]
-    rule = search_gate_and_rule(by_gate)
+    rule = {**search_gate_and_rule(by_gate), "threshold": float(thresholds[0])}
     # One rule per finding (a nodule and a few foci need different size and persistence tests, and the presence head
     # is surer of some findings than of others; a hazy map may need a lower threshold).
     rule["per_finding"] = {}

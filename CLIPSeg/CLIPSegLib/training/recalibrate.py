@@ -1,5 +1,6 @@
 """``clipseg calibrate``: re-calibrate an existing model's found / not-found rule on phantom volumes, its weights
-unchanged. A cliptnseg or tgcnet model goes through ``calibration.calibrate_rules``, a medclipsam model through
+unchanged. A cliptnseg or tgcnet model goes through ``calibration.calibrate_rules`` (a model trained on report lines
+on report phantoms: ``report_data.calibrate_report_rules``), a medclipsam model through
 ``medclipsam_calibration.calibrate_medclipsam`` (its slice-presence and SAM IoU floors searched with the rule)."""
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     engine = load_engine(model, device=device)
     if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
         rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
+    elif (spec.get("training") or {}).get("dataset") == "report":  # report lines, on report phantoms
+        from .report_data import REPORT_CALIBRATION_SEED_BASE, calibrate_report_rules
+
+        seed_base = REPORT_CALIBRATION_SEED_BASE if seed_base == CALIBRATION_SEED_BASE else seed_base
+        family = "report"
+        rule = calibrate_report_rules(engine, n_volumes, progress, seed_base)
+        rule["calibration"]["location_support"] = bool((spec.get("inference") or {}).get("location_support"))
     else:
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
         rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
@@ -56,7 +64,8 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
             shutil.copy2(source_dir / f["name"], output.parent / f["name"])
     new = {k: v for k, v in spec.items() if not k.startswith("_")}
     # a fine-tuned model's own phrases (rules calibrated on the user's slices) are kept as they were
-    own = {k: r for k, r in ((spec.get("presence") or {}).get("per_finding") or {}).items() if k not in FINDINGS}
+    own = {k: r for k, r in ((spec.get("presence") or {}).get("per_finding") or {}).items()
+           if k not in FINDINGS and k not in rule.get("per_finding", {})}
     if own:
         rule = merged_presence({"presence": rule}, own)
     new["presence"] = rule

@@ -119,9 +119,9 @@ def report_kind(key: str) -> str:
     return key.split("|")[0]
 
 
-def calibrate_report_rules(engine, n: int, progress=None) -> dict:
+def calibrate_report_rules(engine, n: int, progress=None, seed_base: int = REPORT_CALIBRATION_SEED_BASE) -> dict:
     """The presence rule of any engine for report lines, calibrated on ``n`` held-out report phantoms (seeds from
-    ``REPORT_CALIBRATION_SEED_BASE``): a global rule plus one per opacity kind (a hazy ground-glass map and a dense
+    ``seed_base``): a global rule plus one per opacity kind (a hazy ground-glass map and a dense
     effusion need other tests), picked at inference by the kind the line names (TGC-Net: DATE's knowledge entry;
     else the kind name closest to the line, ``pipeline.presence_rules``). No flip average: a mirrored chest swaps
     the sides the line names. A kind's rule may take another probability threshold than 0.5
@@ -129,8 +129,7 @@ def calibrate_report_rules(engine, n: int, progress=None) -> dict:
     from ..synthetic.report_phantoms import KINDS
     from .calibration import THRESHOLDS, calibrate_rules
 
-    rule = calibrate_rules(engine, report_calibration_cases(n), {k: [k] for k in KINDS}, (), progress, False, n,
-                           finding_of=report_kind, thresholds=THRESHOLDS)
-    rule["calibration"].update({"volumes": n, "seeds": [REPORT_CALIBRATION_SEED_BASE,
-                                                        REPORT_CALIBRATION_SEED_BASE + n - 1]})
+    rule = calibrate_rules(engine, report_calibration_cases(n, seed_base), {k: [k] for k in KINDS}, (), progress,
+                           False, n, finding_of=report_kind, thresholds=THRESHOLDS)
+    rule["calibration"].update({"volumes": n, "seeds": [seed_base, seed_base + n - 1]})
     return rule

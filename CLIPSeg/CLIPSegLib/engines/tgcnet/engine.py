@@ -42,8 +42,10 @@ class TGCNetEngine(Engine):
         self._text: dict[str, TextBatch] = {}  # text -> its one-row TextBatch (VLCM reads the tokens)
         self.knowledge_edited = _edited(spec, "knowledge", net.knowledge)
         self.locations_edited = _edited(spec, "locations", net.locations)
-        self.location_support = bool(((spec or {}).get("inference") or {}).get("location_support")) \
-            and net.locations is not None and net.cfg["date"]
+        self.location_support = bool(((spec or {}).get("inference") or {}).get("location_support"))
+        if self.location_support and (net.locations is None or not net.cfg["date"]):
+            raise ModelError(f"model {(spec or {}).get('id')!r} asks for inference.location_support, which needs a "
+                             f"network with the location cue and DATE; remove the entry from its spec")
         self._support: dict[str, str | None] = {}  # text -> its kind-only line (location support) or None
 
     @classmethod
@@ -99,13 +101,14 @@ class TGCNetEngine(Engine):
         its kind-only line's (predicted in the same batch, columns after the P)."""
         prompts = list(state.prompts)
         support = [self._support.get(p) for p in prompts]
-        extra = [s for s in dict.fromkeys(support) if s]
+        extra = [s for s in dict.fromkeys(support) if s and s not in prompts]
         text = TextBatch.stack([self._text[p] for p in prompts + extra])
         with self.autocast():
             mask, presence, _ = self.net(slices.to(self.device, torch.float32), text)
         mask = torch.sigmoid(mask.float())
         p = len(prompts)
+        own = mask.clone() if any(support) else mask  # the unbacked maps (a backing line may be a prompt too)
         for i, s in enumerate(support):
             if s:
-                mask[:, i] = torch.minimum(mask[:, i], mask[:, p + extra.index(s)])
+                mask[:, i] = torch.minimum(own[:, i], own[:, prompts.index(s) if s in prompts else p + extra.index(s)])
         return mask[:, :p], None if presence is None else torch.sigmoid(presence[:, :p].float())
