@@ -49,7 +49,6 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
         seed_base = REPORT_CALIBRATION_SEED_BASE if seed_base == CALIBRATION_SEED_BASE else seed_base
         family = "report"
         rule = calibrate_report_rules(engine, n_volumes, progress, seed_base)
-        rule["calibration"]["location_support"] = bool((spec.get("inference") or {}).get("location_support"))
     else:
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
         rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
