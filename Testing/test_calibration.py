@@ -1,7 +1,8 @@
 """The presence calibration's search on hand-made components: what it keeps, what it drops, and which gate wins."""
 
-from CLIPSegLib.training.calibration import (THRESHOLD_MARGIN, case_outcomes, case_table, evaluate_rule,
-                                             search_gate_and_rule, search_rule, search_threshold_gate_and_rule)
+from CLIPSegLib.training.calibration import (THRESHOLD_MARGIN, THRESHOLD_MIN_PRESENT, case_outcomes, case_table,
+                                             evaluate_rule, search_gate_and_rule, search_rule,
+                                             search_threshold_gate_and_rule)
 from CLIPSegLib.inference.postprocess import Component
 
 
@@ -58,12 +59,13 @@ def test_the_gate_whose_cases_score_best_is_chosen():
     assert best["slice_gate"] == 0.5 and best["calibration"]["absent_empty_rate"] == 1.0
 
 
-def test_a_lower_threshold_wins_only_when_it_scores_clearly_better():
+def test_a_lower_threshold_wins_only_when_it_scores_clearly_better_on_enough_present_cases():
     """A hazy finding: at 0.5 only its core passes (a third of it), at 0.3 the whole of it; the absent case's stray
-    blob is dropped by its peak at both. 0.3 is kept; a gain under the margin leaves the default 0.5."""
-    def at(voxels, overlap):
-        return {1.0: [("haze", 900, [(_c(1, voxels, 0.99, 8.0, 60.0, mean=0.95), overlap)], 20.0),
-                      ("haze", 0, [(_c(1, 40, 0.6, 1.0, 4.0), 0)], 20.0)]}
+    blob is dropped by its peak at both. 0.3 is kept; a gain under the margin, or shown by too few cases holding the
+    finding, leaves the default 0.5."""
+    def at(voxels, overlap, present=THRESHOLD_MIN_PRESENT):
+        return {1.0: [("haze", 900, [(_c(1, voxels, 0.99, 8.0, 60.0, mean=0.95), overlap)], 20.0)] * present
+                + [("haze", 0, [(_c(1, 40, 0.6, 1.0, 4.0), 0)], 20.0)]}
 
     rule = search_threshold_gate_and_rule({0.5: at(300, 300), 0.3: at(900, 900)}, "haze")
     assert rule["threshold"] == 0.3 and rule["calibration"]["mean_dice"]["haze"] == 1.0
@@ -71,6 +73,9 @@ def test_a_lower_threshold_wins_only_when_it_scores_clearly_better():
     # 0.3 better by less than the margin (its score is higher by 1 - Dice at 0.5 = 1 - 2*890/1790): 0.5 stays
     close = search_threshold_gate_and_rule({0.5: at(890, 890), 0.3: at(900, 900)}, "haze")
     assert 1.0 - 2 * 890 / 1790 < THRESHOLD_MARGIN and close["threshold"] == 0.5
+    # the same clear gain shown by one case less than the least: 0.5 stays
+    few = THRESHOLD_MIN_PRESENT - 1
+    assert search_threshold_gate_and_rule({0.5: at(300, 300, few), 0.3: at(900, 900, few)}, "haze")["threshold"] == 0.5
 
 
 def test_a_large_half_believed_component_is_dropped_by_its_mean_probability():

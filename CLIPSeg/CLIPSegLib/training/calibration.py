@@ -7,7 +7,8 @@ volume and finding, the mask and slice presence maps are predicted once and, for
 then picks the gate and rule (peak, mean probability, extent, area) that maximise 2 x (fraction of absent findings
 left empty) + mean Dice over present findings: absence weighs double, but a rule that empties everything still pays
 with its Dice. A finding's rule may also be searched at other probability thresholds than 0.5 (``THRESHOLDS``:
-report lines, fine-tuned phrases), kept only when clearly better (``THRESHOLD_MARGIN``).
+report lines, fine-tuned phrases), kept only when clearly better (``THRESHOLD_MARGIN``) on enough cases holding the
+finding (``THRESHOLD_MIN_PRESENT``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ THRESHOLDS = (0.5, 0.3, 0.4, 0.6, 0.7)
 # cannot tell smaller differences from noise (the fourth ventricle: 0.3 won by 0.0014 on one present slice, then
 # rejected the whole 3D structure that 0.5 found with Dice 0.895)
 THRESHOLD_MARGIN = 0.02
+# ... and only when at least this many calibration cases hold the finding: a fine-tune's held-out quarter of a few
+# labelled slices holds about one slice of each structure, and what a threshold does on one slice says nothing of
+# the 3D structure (the MNI fourth ventricle: 0.3 won on its one held-out slice with 4 of 5 seeds, then let the map
+# run on along the midline CSF, Dice 0.47-0.84; the same seeds at 0.5: 0.58-0.87, benchmarks/RESULTS.md)
+THRESHOLD_MIN_PRESENT = 5
 
 
 @dataclass
@@ -263,7 +269,12 @@ def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dic
 def search_threshold_gate_and_rule(by_threshold: dict, finding: str | None = None) -> dict:
     """``search_gate_and_rule`` at each probability threshold of ``by_threshold`` ({threshold: {gate: cases}}, the
     first threshold the default): another threshold's rule is kept only if its score beats the first's by
-    ``THRESHOLD_MARGIN``; the rule carries its ``threshold``."""
+    ``THRESHOLD_MARGIN`` and at least ``THRESHOLD_MIN_PRESENT`` cases hold the finding (else only the first is
+    searched); the rule carries its ``threshold``."""
+    first = next(iter(by_threshold.values()))
+    present = sum(1 for c in next(iter(first.values())) if (finding is None or c[0] == finding) and c[1] > 0)
+    if present < THRESHOLD_MIN_PRESENT:
+        by_threshold = dict([next(iter(by_threshold.items()))])
     candidates = [dict(search_gate_and_rule(by_gate, finding), threshold=float(t))
                   for t, by_gate in by_threshold.items()]
     best = max(candidates, key=lambda r: r["calibration"]["score"])

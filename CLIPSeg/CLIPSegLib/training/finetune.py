@@ -545,7 +545,8 @@ def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusi
     the phrases of ``exclusive`` pairs competing as they will in the pipeline): the grid search of the parent's
     rules at each probability threshold of ``calibration.THRESHOLDS``
     (``calibration.search_threshold_gate_and_rule``: another threshold than 0.5 only if it scores higher by
-    ``calibration.THRESHOLD_MARGIN``); each rule with its figures and how it was calibrated."""
+    ``calibration.THRESHOLD_MARGIN`` on at least ``calibration.THRESHOLD_MIN_PRESENT`` held-out slices holding the
+    phrase); each rule with its figures and how it was calibrated."""
     from .calibration import THRESHOLDS, collect_slices, search_threshold_gate_and_rule
 
     by_threshold = collect_slices(engine, volumes, held, progress, thresholds=THRESHOLDS, exclusive=exclusive)
