@@ -89,6 +89,10 @@ def test_unlabelled_slices_holding_the_structure_do_not_teach_its_absence(tiny_m
         if name == "sparse":
             assert inside[name] > 0.4 and inside[name] > 20 * outside, (inside, outside)
             assert calibration["absent_slices"] == 0  # nor is an unlabelled slice counted as absent
+            # one held-out slice cannot choose another probability threshold, and the model says so
+            assert result.spec["presence"]["per_finding"]["bright disc"]["threshold"] == 0.5
+            assert "threshold 0.5 kept: trying others needs at least 5 held-out slices holding the phrase, 1 here" \
+                in calibration["method"], calibration["method"]
     # dense: 5 of its 6 training slices are negatives (one empty slice is held out to calibrate), and the disc fades
     assert inside["dense"] < 0.7 * inside["sparse"], inside
 
