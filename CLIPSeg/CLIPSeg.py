@@ -373,7 +373,7 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             self._training = self.logic.finetune(self.trainingPairs(), wait=False, fromModel=p.model or None,
                                                  modelId=p.trainModelName.strip() or None, ask=True, device=p.device,
-                                                 inputSize=TRAIN_INPUT_SIZES[p.trainInputSize])
+                                                 precision=p.precision, inputSize=TRAIN_INPUT_SIZES[p.trainInputSize])
             self.ui.trainButton.text = _("Cancel")
             self.ui.trainButton.enabled = True
             self.ui.trainProgressBar.value = 0
@@ -595,9 +595,9 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         hold any segment of a segmentation are its labelled slices (a segment empty there is learnt as absent there);
         other slices are not used. ``fromModel``: a catalogue id or spec path (default: the embedded model), downloaded
         after asking when ``ask``. ``modelId``: the new model's name (default: finetuned-<segment names>); it joins
-        ``availableModels()``. Options: ``device``, ``steps``, ``inputSize`` (pixels, e.g. 256; None: the model's own),
-        ``force`` (of `clipseg finetune`) and ``replace`` (take
-        the name of a model trained before; asked when ``ask``). Inputs are checked first (InputError); missing
+        ``availableModels()``. Options: ``device``, ``precision`` (fp32, bf16), ``steps``, ``inputSize`` (pixels, e.g.
+        256; None: the model's own), ``force`` (of `clipseg finetune`) and ``replace`` (take the name of a model trained
+        before; asked when ``ask``). Inputs are checked first (InputError); missing
         packages are installed next (asking when ``ask``)."""
         if self._training is not None and self._training.running:
             raise RuntimeError(_("A training is already running; wait for it or cancel it first."))

@@ -230,6 +230,23 @@ def test_cli_writes_the_model_and_ends_with_a_done_event(sparse_table, tiny_mode
     assert code == 2 and "--force" in printed.err and (out / "disc.json").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_fine_tuning_is_recorded_or_falls_back_to_fp32_on_a_cpu_without_it(native, sparse_table, tiny_model,
+                                                                                tmp_path, capsys, monkeypatch):
+    from CLIPSegLib.engines import contract
+
+    monkeypatch.setattr(contract, "native_bf16", lambda: native)
+    out = tmp_path / "out"
+    code, printed = _main(["finetune", "--data", str(sparse_table), "--from", str(tiny_model), "--output-dir",
+                           str(out), "--model-id", "disc", "--steps", "2", "--batch-size", "1", "--progress", "none",
+                           "--device", "cpu", "--precision", "bf16"], capsys)
+    assert code == 0, printed.err
+    training = json.loads((out / "disc.json").read_text(encoding="utf-8"))["training"]
+    assert training["precision"] == ("bf16" if native else "fp32")
+    assert ("--precision bf16" in training["command"]) is native  # the command re-creates what ran
+    assert ("--precision bf16 ignored" in printed.err + printed.out) is not native
+
+
 def test_train_has_no_model_flag_it_would_ignore():
     from CLIPSegLib.cli import build_parser
 

@@ -225,12 +225,13 @@ def test_the_argv_is_what_the_finetune_command_parses(tmp_path):
     from CLIPSegLib.cli import build_parser
 
     argv = finetune_command(tmp_path / "data.csv", tmp_path / "out", "my-model", "base.json", device="cpu", steps=7,
-                            force=True, input_size=256)
+                            force=True, input_size=256, precision="bf16")
     assert argv[1:] == ["-m", "CLIPSegLib.cli", "finetune", "--data", str(tmp_path / "data.csv"), "--output-dir",
                         str(tmp_path / "out"), "--model-id", "my-model", "--progress", "json", "--from", "base.json",
-                        "--device", "cpu", "--steps", "7", "--input-size", "256", "--force"]
+                        "--device", "cpu", "--precision", "bf16", "--steps", "7", "--input-size", "256", "--force"]
     try:
         args = build_parser().parse_args(argv[3:])
     except SystemExit:
         pytest.skip("`clipseg finetune` is not in this branch yet")
-    assert (args.model_id, args.steps, args.force) == ("my-model", 7, True)
+    assert (args.model_id, args.steps, args.force, args.precision) == ("my-model", 7, True, "bf16")
+    assert "--precision" not in finetune_command(tmp_path / "d.csv", tmp_path / "o", "m")  # fp32: the default

@@ -228,6 +228,31 @@ def test_train_refuses_bad_arguments_before_any_work(args, expected, tmp_path, c
         assert expected in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_bf16_training_autocasts_the_step_and_keeps_float32_weights(precision, dtype, tmp_path):
+    from CLIPSegLib.training.loop import Recipe, run_loop
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    before = layer.weight.detach().clone()
+    seen = []
+
+    def loss(batch):
+        images, _, masks, _ = batch  # datasets.collate: images [B,1,2,2], masks [B,2,2]
+        out = layer(images.flatten(1))
+        seen.append(out.dtype)
+        return torch.nn.functional.mse_loss(out.float(), masks.flatten(1).mean(1, keepdim=True))
+
+    data = [(torch.randn(1, 2, 2), ["a"], torch.ones(1, 2, 2)) for _ in range(8)]
+    recipe = Recipe("toy", [{"params": list(layer.parameters()), "lr": 0.1}], loss, layer.state_dict,
+                    layer.load_state_dict, layer.train)
+    run_loop(recipe, data, 3, tmp_path / "ck.pt", batch_size=4, precision=precision)
+    assert seen == [dtype] * 3
+    assert layer.weight.dtype == torch.float32 and not torch.equal(before, layer.weight.detach())
+    with pytest.raises(InputError, match="precision 'fp16' is not one of fp32, bf16"):
+        run_loop(recipe, data, 3, tmp_path / "other.pt", batch_size=4, precision="fp16")
+
+
 def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tmp_path):
     net = build_network(TINY_SPEC)
     ckpt = tmp_path / "seg.pt"

@@ -12,7 +12,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .options import SegmentOptions, add_arguments
+from .options import PRECISIONS, SegmentOptions, add_arguments
 
 
 def seed(text: str) -> int:
@@ -32,6 +32,15 @@ def _add_common(p, options=("model", "device")):
     add_arguments(p, options)
     p.add_argument("--progress", default="bar", choices=("bar", "json", "none"),
                    help="progress display: terminal bar, JSON lines on stdout (for Slicer), or none")
+
+
+def _add_training(p):
+    """A training command's run options: ``--device``, ``--precision`` (of the training steps) and ``--progress``."""
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 (default) or bf16: each training step's forward pass and loss under bf16 autocast "
+                        "(weights stay float32); ~1.4x faster fine-tuning on a CPU with AVX-512 BF16 / AMX, the "
+                        "same Dice on the MNI benchmark; on a CPU without native bf16 the run says so and uses fp32")
+    _add_common(p, ("device",))
 
 
 # The run options `clipseg evaluate` takes: how to segment, not where (no spacing, no probabilities).
@@ -148,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "training otherwise)")
     t.add_argument("--presence-head", action="store_true",
                    help="add the slice presence head (off by default: it lowered nodule Dice in our measurements)")
-    _add_common(t, ("device",))  # no --model: train builds its model from scratch (finetune starts from one)
+    _add_training(t)  # no --model: train builds its model from scratch (finetune starts from one)
 
     k = sub.add_parser("calibrate", help="re-calibrate a model's found / not-found rule on phantom volumes it was "
                                          "not trained on (weights unchanged); writes a new model spec",
@@ -192,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cliptnseg: one network answers every finding, the parent's findings kept only by replay "
                         "of its training data when its lineage was trained on phantoms (default: the new model keeps "
                         "the parent's network for the parent's findings, which are then answered as before)")
-    _add_common(f, ("device",))
+    _add_training(f)
 
     g = sub.add_parser("finetune-clip", help="fine-tune the CLIP of a MedCLIP-SAM model with DHN-NCE on image-caption "
                                              "pairs (a CSV, or phantom captions); writes a medclipsam model",
@@ -236,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     g.add_argument("--force", action="store_true", help="replace <output-dir>/<model-id>.json/.safetensors")
-    _add_common(g, ("device",))
+    _add_training(g)
 
     m = sub.add_parser("models", help="model catalogue and cache: list, fetch, verify, import, remove, convert")
     msub = m.add_subparsers(dest="action", required=True)
@@ -319,15 +328,31 @@ def _cmd_evaluate(a, progress):
         print(f"\nreport: {a.report}")
 
 
-def _train_setup(a, stages) -> tuple[Path, object]:
+def _train_setup(a, stages, progress) -> tuple[Path, object]:
     """(the work folder: --work-dir or build/work/<model-id>, the device) of a training command; an export that would
-    overwrite a model is refused first, before the device is probed or anything is built."""
-    from .inference.pipeline import resolve_device
+    overwrite a model is refused first, before the device is probed or anything is built. ``a.precision`` becomes
+    the one the run uses (``_run_precision``)."""
     from .training.cliptnseg_recipe import check_output_free
 
     if "export" in stages:
         check_output_free(Path(a.output_dir), a.model_id, a.force)
-    return Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id, resolve_device(a.device)
+    return Path(a.work_dir) if a.work_dir else Path("build") / "work" / a.model_id, _run_precision(a, progress)
+
+
+def _run_precision(a, progress):
+    """The device of a training command (``--device``); sets ``a.precision`` to what runs there (bf16 on a CPU
+    without native bf16: fp32, said through ``progress``)."""
+    from .engines.contract import effective_precision
+    from .inference.pipeline import resolve_device
+
+    device = resolve_device(a.device)
+    a.precision = effective_precision(a.precision, device, progress.message)
+    return device
+
+
+def _precision_flag(a) -> str:
+    """`` --precision bf16`` for a recorded training command that ran in bf16, else nothing (fp32 is the default)."""
+    return " --precision bf16" if a.precision == "bf16" else ""
 
 
 def _cmd_train_medclipsam(a, progress):
@@ -340,13 +365,14 @@ def _cmd_train_medclipsam(a, progress):
                                   "--calibration-volumes": (a.calibration_volumes, 1)}, {})
     _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from",) + REPORT_ONLY,
                   "--engine medclipsam trains on phantoms only")
-    work_dir, device = _train_setup(a, stages)
+    work_dir, device = _train_setup(a, stages, progress)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
            f"--clip-from {a.clip_from} --phantoms {a.phantoms} --volumes {a.volumes} --steps {a.steps} "
-           f"--calibration-volumes {a.calibration_volumes} --family {a.family} --seed {a.seed} --no-resume --force")
+           f"--calibration-volumes {a.calibration_volumes} --family {a.family} --seed {a.seed} --no-resume --force"
+           + _precision_flag(a))
     path = run_medclipsam_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.volumes, a.steps, a.seed,
                                    stages, not a.no_resume, a.calibration_volumes, progress, device, cmd, a.force,
-                                   a.clip_from, a.family)
+                                   a.clip_from, a.family, precision=a.precision)
     if path:
         print(f"wrote {path}")
 
@@ -389,14 +415,14 @@ def _cmd_train_pseudo_labels(a, progress):
                   "of it")
     a.zero_shot = a.zero_shot or "medclipsam-phantom-small"
     unlabelled_volumes(Path(a.pseudo_labels))  # refuse a bad folder before anything is built
-    work_dir, device = _train_setup(a, stages)
+    work_dir, device = _train_setup(a, stages, progress)
     cmd = shlex.join(["clipseg", "train", "--engine", "medclipsam", "--pseudo-labels", a.pseudo_labels, "--zero-shot",
                       a.zero_shot, *[x for p in a.prompt or () for x in ("--prompt", p)], "--output-dir",
                       a.output_dir, "--model-id", a.model_id, "--steps", str(a.steps), "--seed", str(a.seed),
-                      "--no-resume", "--force"])
+                      "--no-resume", "--force"]) + _precision_flag(a)
     path = run_pseudo_label_training(Path(a.pseudo_labels), Path(a.output_dir), work_dir, a.model_id, a.zero_shot,
                                      a.prompt, a.steps, a.seed, stages, not a.no_resume, progress, device, cmd,
-                                     a.force)
+                                     a.force, precision=a.precision)
     if path:
         print(f"wrote {path}")
 
@@ -415,7 +441,7 @@ def _cmd_train_tgcnet(a, progress):
     if a.dataset != "report":
         _refuse_given(a, REPORT_ONLY, f"--dataset {a.dataset} has no report lines")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
-    work_dir, device = _train_setup(a, stages)
+    work_dir, device = _train_setup(a, stages, progress)
     cmd = (f"clipseg train --engine tgcnet --dataset {a.dataset} --output-dir {a.output_dir} --model-id {a.model_id} "
            f"--phantoms {a.phantoms} --clip-steps {a.clip_steps} --steps {a.steps} --calibration-volumes "
            f"{a.calibration_volumes} --lora-rank {a.lora_rank} --seed {a.seed} --no-resume --force"
@@ -424,11 +450,12 @@ def _cmd_train_tgcnet(a, progress):
            + (" --location-support" if a.location_support else "")
            + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
-           + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else ""))
+           + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else "") + _precision_flag(a))
     path = run_tgcnet_training(Path(a.output_dir), work_dir, a.model_id, a.dataset, a.phantoms, a.clip_steps,
                                a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
                                cmd, a.force, a.clip_from, ablate, a.lora_rank, init_from=a.init_from,
-                               wording=a.report_wording, location_support=a.location_support)
+                               wording=a.report_wording, location_support=a.location_support,
+                               precision=a.precision)
     if path:
         print(f"wrote {path}")
 
@@ -456,7 +483,7 @@ def _cmd_train(a, progress):
                                "--rival-weight": (a.rival_weight, 0),
                                "--foreground-weight": (a.foreground_weight, 0)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
-    work_dir, device = _train_setup(a, stages)
+    work_dir, device = _train_setup(a, stages, progress)
     # the command that re-creates this model where it is written: --force, as the model will be there by then
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
            f"--volumes {a.volumes} "
@@ -467,14 +494,14 @@ def _cmd_train(a, progress):
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (" --stages segmenter,calibrate,export" if a.init_from and "clip" not in stages else "")
            + (f" --data {a.data}" if a.data else "")
-           + (f" --calibration-data {a.calibration_data}" if a.calibration_data else ""))
+           + (f" --calibration-data {a.calibration_data}" if a.calibration_data else "") + _precision_flag(a))
     path = run_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.clip_steps, a.steps,
                         Path(a.data) if a.data else None, a.seed, stages, not a.no_resume,
                         a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,
                         n_volumes=a.volumes, force=a.force,
                         calibration_csv=Path(a.calibration_data) if a.calibration_data else None, family=a.family,
                         rival_weight=a.rival_weight, init_from=a.init_from,
-                        foreground_weight=a.foreground_weight)
+                        foreground_weight=a.foreground_weight, precision=a.precision)
     if path:
         print(f"wrote {path}")
 
@@ -514,9 +541,11 @@ def _cmd_finetune(a, progress):
     argv += (["--from", a.parent] if a.parent else []) + (["--prompt-map", a.prompt_map] if a.prompt_map else [])
     argv += ["--input-size", str(a.input_size)] if a.input_size else []
     argv += ["--single-network"] if a.single_network else []
+    _run_precision(a, progress)
+    argv += ["--precision", "bf16"] if a.precision == "bf16" else []
     result = ft.finetune(Path(a.data), Path(a.output_dir), a.parent, model_id, prompt_map, steps, a.seed, a.force,
                          a.device, progress, batch, a.text_adaptation, input_size=a.input_size,
-                         keep_parent=False if a.single_network else None,
+                         keep_parent=False if a.single_network else None, precision=a.precision,
                          command=shlex.join(argv + ["--model-id", model_id] if model_id else argv) + " --force")
     spec = result.spec
     rules = {p: spec["presence"]["per_finding"][p]["calibration"] for p in spec["training"]["data"]["phrases"]}
@@ -534,7 +563,6 @@ def _cmd_finetune(a, progress):
 def _cmd_finetune_clip(a, progress):
     import shlex
 
-    from .inference.pipeline import resolve_device
     from .training.clip_finetune import finetune_clip
 
     if a.data and (a.volumes or a.family != "A"):
@@ -553,14 +581,16 @@ def _cmd_finetune_clip(a, progress):
     argv += (["--data", a.data] if a.data else ["--phantoms", str(a.phantoms), "--volumes", str(a.volumes),
                                                  "--family", a.family] + (["--augment"] if a.augment else []))
     argv += ["--model-id", a.model_id] if a.model_id else []
+    device = _run_precision(a, progress)
+    argv += ["--precision", "bf16"] if a.precision == "bf16" else []
     model_key = a.model_id or f"{Path(a.source or 'medclipsam-phantom-small').stem}-dhn"
     work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / model_key
     path = finetune_clip(Path(a.output_dir), work_dir, a.source, a.model_id, Path(a.data) if a.data else None,
                          a.phantoms, a.volumes, a.family, a.steps, a.batch_size, a.lr, a.trainable, a.blocks,
                          a.lora_rank, a.dense_weight, a.temperature, a.beta1, a.beta2, a.seed, not a.no_resume,
-                         a.sam_from, a.saliency, progress, resolve_device(a.device),
+                         a.sam_from, a.saliency, progress, device,
                          shlex.join(argv) + " --no-resume --force", a.force, dense_labels=a.dense_labels,
-                         augment=a.augment)
+                         augment=a.augment, precision=a.precision)
     if a.progress != "json":
         print(f"wrote {path}")
 

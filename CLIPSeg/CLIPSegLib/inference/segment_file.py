@@ -24,18 +24,13 @@ def load_engine(model: str | None = None, engine: str | None = None, device: str
     """Model id or spec path + engine name + device name + precision (fp32|bf16) -> a ready engine (weights
     verified). bf16 on a CPU without native bf16 arithmetic runs in fp32 instead, said through ``notify(text)``."""
     from ..engines import check_engine, create_engine
-    from ..engines.contract import check_precision, native_bf16
+    from ..engines.contract import effective_precision
     from ..models import load_spec
 
     if engine:
         check_engine(engine)
-    check_precision(precision)
     dev = resolve_device(device)
-    if precision == "bf16" and dev.type == "cpu" and native_bf16() is False:
-        precision = "fp32"
-        if notify is not None:
-            notify("--precision bf16 ignored: this CPU has no native bf16 arithmetic (AVX-512 BF16 or AMX), where bf16 "
-                   "measured about 2x slower than fp32; running in fp32 (same masks)")
+    precision = effective_precision(precision, dev, notify)
     spec = load_spec(model)
     return create_engine(spec, dev, engine, precision)
 

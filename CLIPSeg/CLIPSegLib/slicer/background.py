@@ -69,15 +69,16 @@ def segment_command(input_path, prompts, output_path, options: SegmentOptions | 
 
 
 def finetune_command(data, output_dir, model_id: str, from_model=None, *, device: str = "auto", steps=None,
-                     force: bool = False, python: str | None = None, input_size: int | None = None) -> list[str]:
+                     force: bool = False, python: str | None = None, input_size: int | None = None,
+                     precision: str = "fp32") -> list[str]:
     """argv for ``python -m CLIPSegLib.cli finetune --data DATA.csv --output-dir DIR --model-id ID --progress json``
-    plus the optional flags named like the keywords (from, device, steps, input-size, force) when given; the command writes
+    plus the optional flags named like the keywords (from, device, precision, steps, input-size, force) when given; the command writes
     ``DIR/ID.json`` and ``DIR/ID.safetensors`` and ends with ``{"event": "done", "model": "<path of the .json>"}``.
-    ``device`` "auto" is left to the command."""
+    ``device`` "auto" and ``precision`` "fp32" are left to the command."""
     cmd = cli_command("finetune", python) + ["--data", str(data), "--output-dir", str(output_dir), "--model-id",
                                              model_id, "--progress", "json"]
-    optional = {"from": from_model or None, "device": None if device == "auto" else device, "steps": steps,
-                "input-size": input_size}
+    optional = {"from": from_model or None, "device": None if device == "auto" else device,
+                "precision": None if precision == "fp32" else precision, "steps": steps, "input-size": input_size}
     for name, value in optional.items():
         if value is not None:
             cmd += [f"--{name}", str(value)]

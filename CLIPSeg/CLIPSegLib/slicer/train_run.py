@@ -30,7 +30,7 @@ import numpy as np
 from ..checks import check_prompts
 from ..errors import ClipSegError, InputError
 from ..io.outputs import write_volume
-from ..options import check_device
+from ..options import check_device, check_precision
 from .background import BackgroundJob, finetune_command
 from .mrml_bridge import check_untransformed, segment_to_array, volume_to_array
 
@@ -57,8 +57,8 @@ def check_input_size(size) -> int | None:
 
 # Options of a TrainRun (Logic keywords): name -> (check, default). ``force`` goes to the command; ``replace`` lets a
 # new model take the id of a model trained or imported before (removed when the new one is imported); ``inputSize``
-# is `clipseg finetune --input-size` (pixels; cliptnseg parents).
-TRAIN_OPTIONS = {"device": (check_device, "auto"), "steps": (check_steps, None), "force": (bool, False),
+# is `clipseg finetune --input-size` (pixels; cliptnseg parents); ``precision`` its --precision (the panel's Precision).
+TRAIN_OPTIONS = {"device": (check_device, "auto"), "precision": (check_precision, "fp32"), "steps": (check_steps, None), "force": (bool, False),
                  "replace": (bool, False), "inputSize": (check_input_size, None)}
 
 
@@ -179,7 +179,7 @@ def labelled_slices(masks) -> list[int]:
 class TrainRun(BackgroundJob):
     """Fine-tune ``from_model`` (a catalogue id or spec path; default: the command's, the embedded model) on the
     painted slices of ``pairs`` into a new model ``model_id`` (default: ``default_model_id`` of the phrases).
-    ``options``: ``TRAIN_OPTIONS`` (device, steps, force, replace), checked here. ``start()`` exports and starts;
+    ``options``: ``TRAIN_OPTIONS`` (device, precision, steps, force, replace, inputSize), checked here. ``start()`` exports and starts;
     ``poll``, ``cancel``; ``finish()`` imports the model and returns its id."""
 
     def __init__(self, pairs, from_model=None, model_id: str | None = None, *, python: str | None = None,
@@ -207,7 +207,8 @@ class TrainRun(BackgroundJob):
         if self.model_id is None:
             self.model_id = default_model_id(self.phrases)
         return finetune_command(folder / "data.csv", folder / "model", self.model_id, self.from_model,
-                                device=self.options["device"], steps=self.options["steps"],
+                                device=self.options["device"], precision=self.options["precision"],
+                                steps=self.options["steps"],
                                 force=self.options["force"], python=self.python,
                                 input_size=self.options["inputSize"])
 

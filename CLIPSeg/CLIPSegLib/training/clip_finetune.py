@@ -373,9 +373,10 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                   beta2: float = 0.15, seed: int = 0, resume: bool = True, template: str | None = None,
                   saliency: str | None = "patch_similarity", progress: Progress | None = None, device="cpu",
                   command: str = "", force: bool = False, stop_after: int | None = None,
-                  dense_labels: str = "caption", augment: bool = False) -> Path | None:
+                  dense_labels: str = "caption", augment: bool = False, precision: str = "fp32") -> Path | None:
     """The whole command: checks, source CLIP, data, ``run_loop`` (checkpoint ``work_dir/clip.pt``), export.
-    ``augment``: phantom captions augmented (``PhantomCaptions``). Returns the spec path (None when ``stop_after``
+    ``augment``: phantom captions augmented (``PhantomCaptions``); ``precision``: fp32 or bf16 autocast of the
+    training steps. Returns the spec path (None when ``stop_after``
     ended the call before the last step)."""
     from monai.utils import set_determinism
 
@@ -417,12 +418,12 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt = work_dir / "clip.pt"
     losses = run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every=50, progress=progress,
-                      stop_after=stop_after)
+                      stop_after=stop_after, precision=precision)
     done = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
     if done < steps:
         return None
     training = {"command": command, "parent": lineage, "template": tspec["id"], "data": data, "steps": steps,
-                "batch_size": batch_size, "seed": seed, "neutral": neutral, "loss": "DHN-NCE" + (
+                "batch_size": batch_size, "seed": seed, "precision": precision, "neutral": neutral, "loss": "DHN-NCE" + (
                     (" + patch MIL from captions" if dense_labels == "caption" else " + dense patch BCE on masks")
                     if dense_weight and data_csv is None else ""),
                 "last_loss": round(losses[-1], 4) if losses else None, **settings}

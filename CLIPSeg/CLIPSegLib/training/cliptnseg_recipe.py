@@ -43,7 +43,7 @@ def embedded_spec(model_id: str = "cliptnseg-phantom-small", presence_head: bool
 
 def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: float = 5e-4, seed: int = 0,
                resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None, device="cpu",
-               stop_after: int | None = None, start: dict | None = None) -> list[float]:
+               stop_after: int | None = None, start: dict | None = None, precision: str = "fp32") -> list[float]:
     """Contrastive training of both CLIP towers on (image, phrase) pairs; the phrases come from the data.
 
     Each image is paired with one of the phrases whose mask it contains (at random), or, if it contains none, with
@@ -97,7 +97,8 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
                                  **({"start": start} if start else {}),
                                  **({"wording": dataset.wording} if getattr(dataset, "wording", "train") != "train"
                                     else {})})
-    return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after)
+    return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
+                    precision=precision)
 
 
 def segmentation_loss(device="cpu"):
@@ -127,15 +128,15 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None, validate=None, patience: int | None = None,
                     validate_every: int = 100, rival_weight: float = 0.0, start: dict | None = None,
-                    foreground_weight: float = 0.0) -> list[float]:
+                    foreground_weight: float = 0.0, precision: str = "fp32") -> list[float]:
     """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with ``segmentation_loss``, plus
     ``rival_weight`` x ``losses.rival_negative_loss`` (another finding's pixels as a finding's hard negatives) and
     ``foreground_weight`` x ``losses.foreground_loss`` (each finding's own pixels weighed as a whole).
 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run; ``validate``/``patience``: early stop (``run_loop``); ``start``: the lineage of the weights
-    ``net`` starts from (``models.lineage``; None: random), part of the checkpoint's fingerprint. Returns the loss of
-    every step run in this call."""
+    ``net`` starts from (``models.lineage``; None: random), part of the checkpoint's fingerprint; ``precision``: fp32
+    or bf16 autocast (``run_loop``). Returns the loss of every step run in this call."""
     net.to(device)
     mask_loss = segmentation_loss(device)
     ctx = net.clip.context_length
@@ -165,7 +166,7 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
                                  **({"foreground_weight": foreground_weight} if foreground_weight else {}),
                                  **({"start": start} if start else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
-                    validate, validate_every, patience)
+                    validate, validate_every, patience, precision)
 
 
 def _mixed(parts):
@@ -286,7 +287,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  command: str = "", presence_head: bool = False, n_volumes: int = 0,
                  force: bool = False, calibration_csv: Path | None = None, family: str = "A",
                  rival_weight: float = 0.0, init_from: str | None = None,
-                 foreground_weight: float = 0.0) -> Path | None:
+                 foreground_weight: float = 0.0, precision: str = "fp32") -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     ``init_from`` (a model id or spec path, ``warm_start``): continue that model instead of starting from random
@@ -296,7 +297,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
 
     ``family``: the phantom family of the training bank and the calibration volumes ("A", "B" or the mixture "A+B",
     ``synthetic.families``). ``rival_weight``, ``foreground_weight``: ``train_segmenter``'s (0: the embedded model's
-    recipe).
+    recipe). ``precision``: fp32 or bf16 autocast of the training steps (``loop.run_loop``).
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
@@ -323,7 +324,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     if "clip" in stages:  # the user's phrases are learnt by the text tower too, not only by the segmenter
         clip_data = _mixed([bank, user]) if user is not None else bank
         train_clip(clip, clip_data, clip_steps, clip_ckpt, seed=seed, resume=resume, progress=progress,
-                   device=device, start=start)
+                   device=device, start=start, precision=precision)
     if parent is None or clip_ckpt.is_file():
         clip.load_state_dict(_checkpoint(clip_ckpt, "clip"))
     net = CLIPTNSegNet(clip, spec["network"])
@@ -340,7 +341,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
             parts.append(user)
         data = _mixed(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device,
-                        rival_weight=rival_weight, start=start, foreground_weight=foreground_weight)
+                        rival_weight=rival_weight, start=start, foreground_weight=foreground_weight,
+                        precision=precision)
     if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
         return None
     if parent is None or seg_ckpt.is_file():
@@ -367,7 +369,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     spec["training"] = {"command": command, "family": family, "n_phantoms": n_phantoms, "n_volumes": n_volumes,
                         "clip_steps": 0 if clip_kept else clip_steps,
                         "segmenter_steps": seg_steps, "rival_weight": rival_weight,
-                        "foreground_weight": foreground_weight,
+                        "foreground_weight": foreground_weight, "precision": precision,
                         "seed": seed, "data_csv": str(data_csv) if data_csv else None,
                         "phrases": training_phrases(data_csv)}
     if parent is not None:

@@ -592,7 +592,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
              progress: Progress | None = None, batch_size: int = DEFAULT_BATCH, text_adaptation: str | None = None,
              replay: int | None = None, command: str = "", stop_after: int | None = None,
              distill: bool = True, input_size: int | None = None,
-             keep_parent: bool | None = None) -> FinetuneResult | None:
+             keep_parent: bool | None = None, precision: str = "fp32") -> FinetuneResult | None:
     """Fine-tune ``parent`` (model id or spec path of an engine of ``TUNINGS``; default: the embedded model) on DATA
     (``labelled_slices``) and write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they
     exist, unless ``force``).
@@ -605,6 +605,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     head at that size, CLIP at its own): finer for large slices, slower. ``keep_parent`` (None: whether the engine
     can, cliptnseg yes) keeps the parent's network in the new model for the parent's findings, which are then
     answered as before; the default replay is then none (False: one network, the old findings kept by replay).
+    ``precision``: fp32 or bf16 autocast of the training steps (``loop.run_loop``; the caller checks the CPU can).
     Raises InputError for bad data (see
     ``labelled_slices``), for fewer training slices than ``batch_size``, and for settings the engine cannot do."""
     from monai.utils import set_determinism
@@ -668,7 +669,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     loader_batch = batch_size if bank is None else round(batch_size / (1 - share))
     losses = run_loop(_recipe(tuning, dev, phrases, teacher), ls.Mixed(user, bank, share), steps,
                       work / "finetune.pt",
-                      loader_batch, seed, resume, 50, progress, stop_after)
+                      loader_batch, seed, resume, 50, progress, stop_after, precision=precision)
     if torch.load(work / "finetune.pt", map_location="cpu", weights_only=True)["step"] < steps:
         return None  # stopped early (stop_after): the checkpoint resumes it
     spec = {k: v for k, v in parent_spec.items()
@@ -688,6 +689,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     parent_training = parent_spec.get("training") or {}
     spec["training"] = {
         "command": command, "method": "finetune", "steps": steps, "seed": seed, "batch_size": batch_size,
+        "precision": precision,
         "input_size": size, "text_adaptation": text_adaptation, "replay_phantoms": n_replay,
         "start_mean_cosine": tuning.spread_to,
         "keeps_parent_network": keep_parent,

@@ -1,6 +1,7 @@
 """The one training loop every engine's training plugs into: a ``Recipe`` (its parameter groups, its loss on a batch,
 its trained state) run by ``run_loop`` with AdamW and a one-cycle cosine schedule, seeded batches, atomic
-checkpoints every ``ckpt_every`` steps with resume, progress, and an optional early stop on a validation score.
+checkpoints every ``ckpt_every`` steps with resume, progress, an optional early stop on a validation score, and
+optional bf16 autocast of each step's forward pass and loss (weights, gradients and optimiser state stay float32).
 Checkpoints are plain dicts of tensors and numbers, read back with ``torch.load(weights_only=True)``.
 """
 
@@ -14,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..engines.contract import autocast, check_precision
 from ..errors import InputError
 from ..progress import Progress
 from .datasets import collate
@@ -69,16 +71,20 @@ class Recipe:
 def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, seed: int = 0, resume: bool = True,
              ckpt_every: int = 100, progress: Progress | None = None, stop_after: int | None = None,
              validate: Callable[[], float] | None = None, validate_every: int = 100,
-             patience: int | None = None) -> list[float]:
+             patience: int | None = None, precision: str = "fp32") -> list[float]:
     """The one training loop: AdamW with a one-cycle cosine schedule over ``steps``, seeded batches, a checkpoint
     (weights, optimiser, schedule, step, best validation) every ``ckpt_every`` steps and at the end (atomic rename),
     resumed from ``ckpt`` when ``resume``; progress with the loss.
 
     ``stop_after`` ends this call early (a checkpoint is written), e.g. to split a long run. ``validate()`` (lower is
     better, e.g. a validation loss) runs every ``validate_every`` steps; with ``patience``, training stops once that
-    many validations in a row did not improve on the best (early stop; the schedule is not stretched). Returns the
-    loss of every step run in this call."""
+    many validations in a row did not improve on the best (early stop; the schedule is not stretched).
+    ``precision`` bf16: each step's ``recipe.loss`` runs under bf16 autocast on the device of the recipe's first
+    parameter (``engines.contract.effective_precision`` says where that pays off). Returns the loss of every step run
+    in this call."""
+    check_precision(precision)
     progress = progress or Progress("none")
+    device_type = next(p for g in recipe.param_groups for p in g["params"]).device.type
     recipe.train(True)
     opt = torch.optim.AdamW(recipe.param_groups, weight_decay=recipe.weight_decay)
     sched = _cosine(opt, steps)
@@ -101,7 +107,9 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     end = steps if stop_after is None else min(steps, step + stop_after)
     stopped = False
     while step < end and not stopped:
-        loss = recipe.loss(next(batches))
+        batch = next(batches)  # data preparation (augmentation) stays outside autocast
+        with autocast(precision, device_type):
+            loss = recipe.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -139,14 +139,16 @@ def sam_loss_fn(sam, jitter: float = JITTER, device="cpu"):
 
 def train_sam(sam, dataset, steps: int, ckpt: Path, batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
               resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None, device="cpu",
-              stop_after: int | None = None, jitter: float = JITTER) -> list[float]:
+              stop_after: int | None = None, jitter: float = JITTER, precision: str = "fp32") -> list[float]:
     """Train every part of the SAM (image encoder, prompt encoder, mask decoder) on ``dataset`` (``datasets``
-    samples; boxes made from its masks) through ``run_loop``. Returns the loss of every step run in this call."""
+    samples; boxes made from its masks) through ``run_loop`` (``precision``: fp32 or bf16 autocast). Returns the loss
+    of every step run in this call."""
     sam.to(device)
     recipe = Recipe("SAM box -> mask", [{"params": list(sam.parameters()), "lr": lr}], sam_loss_fn(sam, jitter, device),
                     sam.state_dict, sam.load_state_dict, sam.train, weight_decay=1e-4,
                     fingerprint={"lr": lr, "jitter": jitter, "parameters": sum(p.numel() for p in sam.parameters())})
-    return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after)
+    return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
+                    precision=precision)
 
 
 def check_stages(stages) -> tuple:
@@ -157,12 +159,13 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
                             n_phantoms: int = 1000, n_volumes: int = 20, steps: int = 1500, seed: int = 0,
                             stages=STAGES, resume: bool = True, calibration_volumes: int = 24,
                             progress: Progress | None = None, device="cpu", command: str = "", force: bool = False,
-                            clip_from: str = CLIP_FROM, family: str = "A") -> Path | None:
+                            clip_from: str = CLIP_FROM, family: str = "A", precision: str = "fp32") -> Path | None:
     """The embedded MedCLIP-SAM model's recipe: SAM on phantom box -> mask pairs (``n_phantoms`` 2D phantoms plus
     the slices of ``n_volumes`` volumes, of ``family``) -> calibration of the presence rule on
     ``calibration_volumes`` phantom volumes (calibration seeds) -> export of ``out_dir/<model_id>.{json,safetensors}``
     (the SAM's tensors under ``sam.``; the CLIP stays in ``clip_from``'s file, listed with its SHA-256). Stages read
-    and write checkpoints in ``work_dir``. Returns the spec path if exported."""
+    and write checkpoints in ``work_dir``; ``precision``: fp32 or bf16 autocast of the SAM's training steps. Returns
+    the spec path if exported."""
     from ..engines.medclipsam.sam import build_sam, sam_sizes
     from ..models import load_spec, write_spec
     from .cliptnseg_recipe import _checkpoint, start_staged_run
@@ -178,7 +181,8 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
     if "sam" in stages:
         bank = PhantomBank(n_phantoms, size, volumes=n_volumes, family=family, augment=AUGMENT,
                            progress=lambda d, t: progress.update("phantoms", d, t))
-        train_sam(sam, bank, steps, sam_ckpt, BATCH, seed=seed, resume=resume, progress=progress, device=device)
+        train_sam(sam, bank, steps, sam_ckpt, BATCH, seed=seed, resume=resume, progress=progress, device=device,
+                  precision=precision)
     sam.load_state_dict(_checkpoint(sam_ckpt, "sam"))
     sam.eval()
     weights = {f"sam.{k}": v for k, v in sam.state_dict().items()}
@@ -193,7 +197,7 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
         return None
     spec["presence"] = presence
     spec["training"] = {"command": command, "n_phantoms": n_phantoms, "n_volumes": n_volumes, "sam_steps": steps,
-                        "seed": seed, "family": family, "jitter": JITTER,
+                        "seed": seed, "family": family, "jitter": JITTER, "precision": precision,
                         "batch_size": BATCH, "augment": AUGMENT, "clip_from": clip_from,
                         "phrases": clip_spec.get("training", {}).get("phrases", [])}
     path = write_spec(spec, weights, out_dir)

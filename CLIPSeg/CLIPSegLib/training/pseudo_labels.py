@@ -202,11 +202,13 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
                               prompts: list[str] | None = None, steps: int = 1500, seed: int = 0, stages=STAGES,
                               resume: bool = True, progress: Progress | None = None, device="cpu",
                               command: str = "", force: bool = False, size: int = SIZE,
-                              network: dict | None = None, augment: str = "strong") -> Path | None:
+                              network: dict | None = None, augment: str = "strong",
+                              precision: str = "fp32") -> Path | None:
     """The weakly supervised stage (module docstring): ``zero_shot`` (model id or spec path) pseudo-labels the
     volumes of ``folder``; a UNet trains ``steps`` steps on the slices of the first 75%, its rule is calibrated on the
     rest; export to ``out_dir/<model_id>.{json,safetensors}``. ``size``: training slice size (px); ``network``: the
-    UNet's sizes (``engines.unet.NETWORK``); ``augment``: ``PseudoSlices``'. Returns the spec path if exported."""
+    UNet's sizes (``engines.unet.NETWORK``); ``augment``: ``PseudoSlices``'; ``precision``: fp32 or bf16 autocast of
+    the UNet's training steps. Returns the spec path if exported."""
     from ..engines import create_engine
     from ..engines.unet.engine import NETWORK, UNetEngine, build_unet
     from ..models import load_spec, write_spec
@@ -245,7 +247,7 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
                                                         "network": network, "size": size,
                                                         "augment": augment})
         run_loop(recipe, PseudoSlices(train, findings, size, augment), steps, ckpt, BATCH, seed, resume,
-                 progress=progress)
+                 progress=progress, precision=precision)
     net.load_state_dict(_checkpoint(ckpt, "unet"))
     spec = {"id": model_id, "engine": "unet",
             "description": f"MONAI 2D UNet trained on the zero-shot masks of {source['id']} (MedCLIP-SAM's weakly "
@@ -267,7 +269,7 @@ def run_pseudo_label_training(folder: Path, out_dir: Path, work_dir: Path, model
     counts = {f: int(sum(bool(np.load(p)["found"][i]) for p in labelled)) for i, f in enumerate(findings)}
     spec["presence"] = presence
     spec["training"] = {
-        "command": command, "steps": steps, "seed": seed, "batch_size": BATCH, "augment": augment,
+        "command": command, "steps": steps, "seed": seed, "batch_size": BATCH, "augment": augment, "precision": precision,
         "phrases": [p for phrases in findings.values() for p in phrases],
         "pseudo_labels": {"zero_shot_model": source["id"], "zero_shot_spec_sha256": source_sha256,
                           "folder": str(folder), "volumes": len(files),

@@ -152,7 +152,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         command: str = "", force: bool = False, clip_from: str = CLIP_FROM, ablate=(),
                         lora_rank: int = 8, batch_size: int = 12, clip_cfg: dict | None = None,
                         network: dict | None = None, init_from: str | None = None,
-                        wording: str = "train", location_support: bool = False) -> Path | None:
+                        wording: str = "train", location_support: bool = False,
+                        precision: str = "fp32") -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
     path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
     ``NETWORK``) change the architecture (tests make it tiny).
@@ -164,7 +165,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
 
     ``wording`` (report data only): the lines' wording in both stages, "train" or "varied" (``report_data.ReportBank``).
     ``location_support`` (report data only): the spec's ``inference.location_support`` (``engines.tgcnet.engine``),
-    set before calibration so the rules are fitted to the maps it gives.
+    set before calibration so the rules are fitted to the maps it gives. ``precision``: fp32 or bf16 autocast of the
+    training steps (``loop.run_loop``).
     """
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
@@ -214,7 +216,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     if data == "report":
         if "clip" in stages:
             train_clip(clip, bank, clip_steps, clip_ckpt, batch_size=min(32, len(bank)), seed=seed, resume=resume,
-                       progress=progress, device=device, start=start)
+                       progress=progress, device=device, start=start, precision=precision)
         if parent is None or clip_ckpt.is_file():
             clip.load_state_dict(_checkpoint(clip_ckpt, "clip"))
     net = TGCNet(clip, spec["network"], load_knowledge(spec["knowledge"]["file"])).to(device)
@@ -228,7 +230,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     seg_ckpt = work_dir / "segmenter.pt"
     recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording)
     if "segmenter" in stages:
-        run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress)
+        run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress, precision=precision)
     if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
         return None
     if parent is None or seg_ckpt.is_file():
@@ -263,7 +265,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     from ..models import write_spec
 
     spec["presence"] = presence
-    spec["training"] = {"command": command, "dataset": data, "n_images": n_images, "clip_steps": clip_steps,
+    spec["training"] = {"command": command, "precision": precision, "dataset": data, "n_images": n_images, "clip_steps": clip_steps,
                         "steps": steps, "seed": seed, "batch_size": batch_size, "lora_rank": lora_rank,
                         "ablate": list(ablate), "clip_from": None if data == "report" else clip_from,
                         "parameters": counts, "phrases": training_phrases(data, wording)}
