@@ -36,13 +36,13 @@ def build(tiny_medclipsam):
 
 def follow_the_image(engine, monkeypatch):
     """Saliency = the slice's own intensity (bright is salient) and SAM = its box filled with probability 0.9."""
-    def bright(clip, images, text, *args):
+    def bright(clip, images, text, *args, **kwargs):
         grey = images.mean(1, keepdim=True)
         return ((grey - grey.amin((2, 3), keepdim=True)) /
                 (grey.amax((2, 3), keepdim=True) - grey.amin((2, 3), keepdim=True) + 1e-8)).expand(-1, len(text),
                                                                                                  -1, -1)
 
-    def filled(slices, boxes, points=None, labels=None):
+    def filled(slices, boxes, points=None, labels=None, precision="fp32"):
         h, w = slices.shape[-2:]
         out = []
         for bx in boxes:
@@ -129,6 +129,30 @@ def test_patch_similarity_makes_one_clip_image_pass_per_batch_for_presence_and_e
     probs, presence = engine.predict(x, state)
     assert probs.shape == (2, 3, 48, 48) and presence.shape == (2, 3) and torch.isfinite(probs).all()
     assert calls == [2]  # the two slices once, whatever the number of prompts
+
+
+@pytest.mark.parametrize("method", ["gscorecam", "patch_similarity"])
+def test_bf16_runs_the_image_passes_in_bf16_and_gives_float32_maps(method, tiny_medclipsam):
+    """bf16: CLIP's image tower (gScoreCAM's masked copies; patch_similarity's one pass) and SAM's image encoder
+    under autocast; gScoreCAM's gradient pass, the maps and the masks stay float32."""
+    spec = {**load_spec(tiny_medclipsam), "saliency": {"method": method, "topk": 8, "batch_size": 8}}
+    engine = create_engine(spec, torch.device("cpu"), precision="bf16")
+    clip_dtypes, sam_dtypes = [], []
+    clip_linear = engine.clip.model.visual.trunk.blocks[0].mlp.fc1
+    clip_linear.register_forward_hook(lambda m, i, o: clip_dtypes.append(o.dtype))
+    engine.sam.sam.image_encoder.blocks[0].mlp.lin1.register_forward_hook(lambda m, i, o: sam_dtypes.append(o.dtype))
+    state = engine.encode_prompts(["thyroid nodule", "cyst"])
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    probs, presence = engine.predict(x, state)
+    assert probs.dtype == torch.float32 and probs.shape == (2, 2, 48, 48) and torch.isfinite(probs).all()
+    assert torch.bfloat16 in clip_dtypes and (torch.float32 in clip_dtypes) == (method == "gscorecam")
+    sam_dtypes.clear()
+    assert engine.sam.embed(x, "bf16").dtype == torch.float32 and sam_dtypes == [torch.bfloat16]
+    fp32 = create_engine(spec, torch.device("cpu"))
+    hooked = []
+    fp32.clip.model.visual.trunk.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: hooked.append(o.dtype))
+    fp32.predict(x, fp32.encode_prompts(["thyroid nodule", "cyst"]))
+    assert set(hooked) == {torch.float32}
 
 
 def test_patch_presence_is_the_patch_maps_own_slice_probability(build):

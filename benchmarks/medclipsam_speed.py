@@ -9,13 +9,18 @@ findings each. Every variant runs in its own process (so its peak resident memor
   computed again for that prompt;
 - engine gscorecam: ``engine.predict`` on the slices (text encoded once; masked images in batches of 32, a channel
   in several prompts' top-k scored once; one SAM embedding per slice for all prompts);
-- engine patch_similarity: the same with the cheaper saliency (one CLIP image pass per slice for every prompt).
+- engine patch_similarity: the same with the cheaper saliency (one CLIP image pass per slice for every prompt);
+- ``-bf16`` variants: the same engine with ``precision`` bf16 (the CLIP image-tower passes and SAM's image encoder
+  under bf16 autocast; maps, boxes and masks in float32); their masks are compared with the fp32 variant's (Dice
+  of the masks at 0.5 over all slices and prompts; random weights, so this measures rounding, not accuracy).
 
 Every slice gets a box in every variant here (presence floor 0), so the figures are per slice with work to do; on a
 volume the engine also skips SAM on slices without a box and everything on slices below the presence rule.
-Prints seconds per slice, the ratio to the reference, and peak resident memory (MB).
+Prints seconds per slice, the ratio to the reference, and peak resident memory (MB). bf16 pays only on a CPU with
+native bf16 arithmetic (AVX-512 BF16 / AMX flags, printed); elsewhere the engine runs those variants in fp32.
 
 Run:  .venv/bin/python benchmarks/medclipsam_speed.py [--slices 2] [--prompts 3] [--threads 2] [--topk 300]
+      [--variants reference,engine-gscorecam,...]
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "CLIPSeg"))
 PROMPTS = ["hypoechoic thyroid nodule", "anechoic cyst", "calcification"]
-VARIANTS = ("reference", "engine-gscorecam", "engine-patch_similarity")
+VARIANTS = ("reference", "engine-gscorecam", "engine-patch_similarity", "engine-gscorecam-bf16",
+            "engine-patch_similarity-bf16")
 
 
 def write_model(folder: Path, topk: int) -> Path:
@@ -88,17 +94,20 @@ def run_reference(engine, x, prompts, topk: int) -> None:
                 sam.segment(image, [box])  # embeds the slice again for every prompt
 
 
-def child(variant: str, spec_path: str, n: int, n_prompts: int, topk: int, threads: int) -> None:
+def child(variant: str, spec_path: str, n: int, n_prompts: int, topk: int, threads: int, masks: str) -> None:
+    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
     from CLIPSegLib.engines import create_engine
+    from CLIPSegLib.engines.contract import effective_precision
     from CLIPSegLib.models import load_spec
 
     spec = load_spec(spec_path)
-    if variant == "engine-patch_similarity":
+    if "patch_similarity" in variant:
         spec["saliency"] = {"method": "patch_similarity"}
-    engine = create_engine(spec, torch.device("cpu"))
+    precision = effective_precision("bf16" if variant.endswith("-bf16") else "fp32", torch.device("cpu"))
+    engine = create_engine(spec, torch.device("cpu"), precision=precision)
     prompts = PROMPTS[:n_prompts]
     x = slices(n)
     start = time.perf_counter()
@@ -108,10 +117,12 @@ def child(variant: str, spec_path: str, n: int, n_prompts: int, topk: int, threa
         state = engine.encode_prompts(prompts)
         fitted = torch.nn.functional.interpolate(x, size=(engine.preprocessing.input_size,) * 2, mode="bilinear",
                                                  align_corners=False)
-        engine.predict(fitted, state)
+        probs, _ = engine.predict(fitted, state)
+        np.save(masks, (probs > 0.5).cpu().numpy())
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"variant": variant, "seconds_per_slice": seconds / n, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"variant": variant, "seconds_per_slice": seconds / n, "peak_rss_mb": peak_mb,
+                      "precision": precision}))
 
 
 def main():
@@ -123,28 +134,39 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--masks", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return child(a.child, a.spec, a.slices, a.prompts, a.topk, a.threads)
+        return child(a.child, a.spec, a.slices, a.prompts, a.topk, a.threads, a.masks)
 
+    import numpy as np
     import torch
+
+    from CLIPSegLib.engines.contract import native_bf16
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, torch "
           f"{torch.__version__}, {a.threads} threads; CLIP ViT-B/16 at 224, SAM ViT-B at 1024, random weights; "
-          f"{a.slices} slices x {a.prompts} prompts, gScoreCAM top {a.topk}")
+          f"{a.slices} slices x {a.prompts} prompts, gScoreCAM top {a.topk}; native bf16: {native_bf16()}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         spec = write_model(Path(tmp), a.topk)
         for variant in a.variants.split(","):
+            masks = Path(tmp) / f"{variant}.npy"
             out = subprocess.run([sys.executable, __file__, "--child", variant, "--spec", str(spec), "--slices",
                                   str(a.slices), "--prompts", str(a.prompts), "--topk", str(a.topk), "--threads",
-                                  str(a.threads)], check=True, capture_output=True, text=True).stdout
+                                  str(a.threads), "--masks", str(masks)], check=True, capture_output=True,
+                                 text=True).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
             r = results[variant]
             ratio = results["reference"]["seconds_per_slice"] / r["seconds_per_slice"] if "reference" in results \
                 else float("nan")
-            print(f"  {variant:<26} {r['seconds_per_slice']:8.1f} s per slice   {ratio:6.1f}x faster than the "
-                  f"reference   peak memory {r['peak_rss_mb']:7.0f} MB", flush=True)
+            fp32 = Path(tmp) / f"{variant.removesuffix('-bf16')}.npy"
+            agree = ""
+            if variant.endswith("-bf16") and fp32.is_file():
+                x, y = np.load(masks), np.load(fp32)
+                agree = f"   masks vs fp32: Dice {2 * (x & y).sum() / max(x.sum() + y.sum(), 1):.3f}"
+            print(f"  {variant:<29} {r['seconds_per_slice']:8.1f} s per slice   {ratio:6.1f}x faster than the "
+                  f"reference   peak memory {r['peak_rss_mb']:7.0f} MB   ({r['precision']}){agree}", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ class MedCLIPSAMEngine(Engine):
             if not len(idx):
                 continue
             maps = saliency(self.clip.model, images[idx], text[p:p + 1], s["method"], s["topk"], s["batch_size"],
-                            s["block"], fill)[:, 0]  # [n,C,C]
+                            s["block"], fill, precision=self.precision)[:, 0]  # [n,C,C]
             if maps.shape[-1] != size:
                 maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
             for b, m in zip(idx.tolist(), maps.cpu().numpy()):
@@ -168,14 +168,17 @@ class MedCLIPSAMEngine(Engine):
         return found
 
     def infer(self, slices: torch.Tensor, state: PromptState):
-        """Slices ``[B,1,S,S]`` -> (SAM mask probabilities ``[B,P,S,S]``, 0 where no box; presence ``[B,P]``). Runs
-        in float32 whatever the precision: boxes come from thresholds, where bf16 rounding moves edges."""
+        """Slices ``[B,1,S,S]`` -> (SAM mask probabilities ``[B,P,S,S]``, 0 where no box; presence ``[B,P]``). With
+        precision bf16 only the passes that cost run under bf16 autocast (CLIP's image tower for the saliency, SAM's
+        image encoder), their outputs made float32; maps, boxes, mask decoding and thresholds stay float32."""
         x = slices.to(self.device, torch.float32)
         b, size, p = x.shape[0], x.shape[-1], len(state.prompts)
         images = self.clip.normalize(x)
         text = state.embeddings.to(self.device)
         if self.saliency["method"] == "patch_similarity":  # one image pass gives presence and every prompt's map
-            image, dense = dense_features(self.clip.model, images)
+            with self.autocast():
+                image, dense = dense_features(self.clip.model, images)
+            image, dense = image.float(), dense.float()
             sim = patch_similarity(dense, text, self.neutral_embeddings())  # [B,P,h,w]
             presence = (patch_presence(sim) if self.saliency["slice_presence"] == "patches"
                         else self.slice_presence(images, text, image))
@@ -186,7 +189,7 @@ class MedCLIPSAMEngine(Engine):
             found = self.boxes_of(images, text, presence >= self.skip_below, size)
         probs = torch.zeros(b, p, size, size, device=self.device)
         boxes = [torch.from_numpy(np.asarray([box for _, box in f], dtype=np.float32).reshape(-1, 4)) for f in found]
-        outs = self.sam.segment(x, boxes)
+        outs = self.sam.segment(x, boxes, precision=self.precision)
         best = torch.zeros(b, p)
         for i, (f, out) in enumerate(zip(found, outs)):
             for (prompt, _), mask, iou in zip(f, out.probabilities, out.iou):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InputError, ModelError
+from ..contract import autocast
 
 # sam: 0-255 with SAM's pixel mean / std (SAM's own checkpoints); unit: each slice min-max scaled to [0,1] (MedSAM)
 NORMALIZE = ("sam", "unit")
@@ -181,9 +182,12 @@ class SamSegmenter:
         return self.sam.preprocess(x * 255.0)
 
     @torch.no_grad()
-    def embed(self, slices: torch.Tensor) -> torch.Tensor:
-        """Slices ``[B,1|3,H,W]`` in [0,1] -> image embeddings ``[B,C,S/p,S/p]`` (one encoder pass per slice)."""
-        return self.sam.image_encoder(self.prepare(slices))
+    def embed(self, slices: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Slices ``[B,1|3,H,W]`` in [0,1] -> image embeddings ``[B,C,S/p,S/p]`` float32 (one encoder pass per slice;
+        ``precision`` bf16: the encoder under bf16 autocast)."""
+        x = self.prepare(slices)
+        with autocast(precision, x.device.type):
+            return self.sam.image_encoder(x).float()
 
     @torch.no_grad()
     def decode(self, embedding: torch.Tensor, size: tuple[int, int], boxes: torch.Tensor,
@@ -217,14 +221,15 @@ class SamSegmenter:
         return SamOutput(torch.sigmoid(logits[:, 0].float()), iou[:, 0].float())
 
     def segment(self, slices: torch.Tensor, boxes: list, points: list | None = None,
-                labels: list | None = None) -> list[SamOutput]:
+                labels: list | None = None, precision: str = "fp32") -> list[SamOutput]:
         """Slices ``[B,1|3,H,W]`` in [0,1] and per slice ``boxes[b]`` ``[N_b,4]`` (points / labels likewise, or None)
-        -> one ``SamOutput`` per slice. Only slices with at least one box are embedded, all in one encoder batch."""
+        -> one ``SamOutput`` per slice. Only slices with at least one box are embedded, all in one encoder batch
+        (``embed``'s ``precision``)."""
         if len(boxes) != slices.shape[0]:
             raise InputError(f"{len(boxes)} box lists for {slices.shape[0]} slices; give one (maybe empty) per slice")
         size = tuple(slices.shape[-2:])
         wanted = [b for b, bx in enumerate(boxes) if len(bx)]
-        embeddings = self.embed(slices[wanted]) if wanted else None
+        embeddings = self.embed(slices[wanted], precision) if wanted else None
         out = []
         for b, bx in enumerate(boxes):
             if not len(bx):
