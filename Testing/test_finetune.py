@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from CLIPSegLib.engines import create_engine
+from CLIPSegLib.models import load_spec
 from CLIPSegLib.errors import InputError
 from CLIPSegLib.io.geometry import Geometry
 from CLIPSegLib.io.outputs import write_volume
@@ -139,25 +141,109 @@ def test_lora_text_side_is_merged_into_the_text_tower(sparse_table, tiny_model, 
     assert torch.equal(tuned.net.clip.visual.conv1.weight, parent.net.clip.visual.conv1.weight)
 
 
+def _recorder(messages):
+    return type("P", (), {"message": lambda self, t: messages.append(t), "update": lambda *a, **k: None})()
+
+
 def test_an_interrupted_run_resumes_from_its_checkpoint(sparse_table, tiny_model, tmp_path):
+    """Interrupted in the first training, then in the refit: each call goes on where the last one stopped."""
     out = tmp_path / "out"
+    work = out / ".disc.finetune"
     assert finetune(sparse_table, out, tiny_model, "disc", steps=6, batch_size=1, stop_after=4) is None
-    ckpt = out / ".disc.finetune" / "finetune.pt"
-    assert torch.load(ckpt, weights_only=True)["step"] == 4 and not (out / "disc.json").exists()
+    assert torch.load(work / "finetune.pt", weights_only=True)["step"] == 4 and not (out / "disc.json").exists()
     messages = []
-    progress = type("P", (), {"message": lambda self, t: messages.append(t), "update": lambda *a, **k: None})()
-    result = finetune(sparse_table, out, tiny_model, "disc", steps=6, batch_size=1, progress=progress)
-    assert len(result.losses) == 2 and any("resuming" in m and "step 4 of 6" in m for m in messages)
-    assert result.spec_path == out / "disc.json"
+    assert finetune(sparse_table, out, tiny_model, "disc", steps=6, batch_size=1, stop_after=4,
+                    progress=_recorder(messages)) is None  # 2 steps end the first training, 2 of the refit
+    assert any("resuming" in m and "fine-tuning step 4 of 6" in m for m in messages), messages
+    assert torch.load(work / "refit.pt", weights_only=True)["step"] == 2 and not (out / "disc.json").exists()
+    messages = []
+    result = finetune(sparse_table, out, tiny_model, "disc", steps=6, batch_size=1, progress=_recorder(messages))
+    assert len(result.losses) == 4 and any("refit step 2 of 6" in m for m in messages), messages
+    assert result.spec_path == out / "disc.json" and not work.exists()
+
+
+def test_the_refit_trains_on_every_labelled_slice_and_keeps_the_calibrated_rules(tiny_model, tmp_path,
+                                                                                 monkeypatch):
+    """The first training leaves the held-out slices out, the refit trains on all of them; the written model keeps
+    the rules calibrated on the first one (the same with --no-refit, whose model is that first one)."""
+    image, disc = _disc_volume()
+    mask = disc.astype(np.uint8)
+    mask[6:] = 0  # labelled absent there: slices 0..5 hold the disc, 6 and 7 not
+    write_volume(tmp_path / "img.nrrd", image, GEOMETRY)
+    write_volume(tmp_path / "mask.nrrd", mask, GEOMETRY)
+    table = tmp_path / "table.csv"
+    table.write_text("image,mask,phrase,slices\nimg.nrrd,mask.nrrd,bright disc,\n", encoding="utf-8")
+    trained_on = []
+    samples = ls.SliceSamples
+
+    def spy(volumes, units, *args, **kwargs):
+        trained_on.append([k for _, k in units])
+        return samples(volumes, units, *args, **kwargs)
+
+    monkeypatch.setattr(ls, "SliceSamples", spy)
+    refit = finetune(table, tmp_path / "a", tiny_model, "disc", steps=3, batch_size=1)
+    held = [k for _, k in ls.split_slices(ls.read_data(table), 0.25)[1]]
+    assert len(held) == 2 and trained_on == [[k for k in range(8) if k not in held], list(range(8))]
+    assert refit.spec["training"]["refit"] and "refit on all" in refit.spec["training"]["calibration"]
+    trained_on.clear()
+    first = finetune(table, tmp_path / "b", tiny_model, "disc", steps=3, batch_size=1, refit=False)
+    assert trained_on == [[k for k in range(8) if k not in held]] and not first.spec["training"]["refit"]
+    rules = [r.spec["presence"]["per_finding"]["bright disc"] for r in (refit, first)]
+    assert rules[0] == rules[1]
+    assert _spec_sha(refit.spec_path) != _spec_sha(first.spec_path)
+
+
+def test_a_refit_that_fits_its_slices_worse_than_the_first_model_is_not_written(sparse_table, tiny_model, tmp_path,
+                                                                                 monkeypatch):
+    from CLIPSegLib.training import finetune as ft
+
+    messages = []
+    monkeypatch.setattr(ft, "check_refit", lambda *a, **k: {"bright disc": {"first": 2.9, "refit": 2.1}})
+    kept = finetune(sparse_table, tmp_path / "a", tiny_model, "disc", steps=3, batch_size=1,
+                    progress=_recorder(messages))
+    first = finetune(sparse_table, tmp_path / "b", tiny_model, "disc", steps=3, batch_size=1, refit=False)
+    assert not kept.spec["training"]["refit"] and kept.spec["training"]["refit_check"]["bright disc"]["refit"] == 2.1
+    assert any("refit not kept" in m and "'bright disc' scores 2.100 (the first model 2.900)" in m for m in messages)
+    assert kept.spec["files"] == first.spec["files"]  # the same weights (SHA-256) as the model never refit
+
+
+def test_check_refit_scores_each_model_on_the_slices_under_the_rules(sparse_table, tiny_model, tmp_path,
+                                                                     monkeypatch):
+    from CLIPSegLib.training import calibration
+    from CLIPSegLib.training.finetune import check_refit
+
+    result = finetune(sparse_table, tmp_path / "a", tiny_model, "disc", steps=3, batch_size=1, refit=False)
+    engine = create_engine(load_spec(str(result.spec_path)), torch.device("cpu"))
+    volumes = ls.read_data(sparse_table)
+    units = [(0, k) for k in volumes[0].slices["bright disc"]]
+    rule = result.spec["presence"]["per_finding"]["bright disc"]
+    rules = {"bright disc": {**rule, "min_peak": 0.0, "min_mean": 0.0}}
+    same = check_refit(engine, engine, volumes, units, rules)["bright disc"]
+    assert same["first"] == same["refit"] > 0
+    blank = create_engine(load_spec(str(result.spec_path)), torch.device("cpu"))
+    real = calibration.predict_maps
+    truth = volumes[0].truth["bright disc"].astype(np.float32)
+
+    def maps(eng, *args, **kwargs):  # the first model draws the truth, the "refit" nothing
+        masks, presence = real(eng, *args, **kwargs)
+        masks = masks * 0
+        if eng is engine:
+            masks[0] = truth
+        return masks, presence
+
+    monkeypatch.setattr(calibration, "predict_maps", maps)
+    scores = check_refit(engine, blank, volumes, units, rules)["bright disc"]
+    assert scores["first"] == pytest.approx(3.0)  # Dice 1 + 2 x every absent slice left empty (or none)
+    assert scores["refit"] < scores["first"] - 0.05
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(sparse_table, tiny_model, tmp_path):
     out = tmp_path / "out"
     finetune(sparse_table, out, tiny_model, "disc", steps=6, batch_size=1, stop_after=2)
     messages = []
-    progress = type("P", (), {"message": lambda self, t: messages.append(t), "update": lambda *a, **k: None})()
-    result = finetune(sparse_table, out, tiny_model, "disc", steps=3, batch_size=1, seed=1, progress=progress)
-    assert len(result.losses) == 3 and any("starting over" in m for m in messages)
+    result = finetune(sparse_table, out, tiny_model, "disc", steps=3, batch_size=1, seed=1,
+                      progress=_recorder(messages))
+    assert len(result.losses) == 3 + 3 and any("starting over" in m for m in messages)  # training and refit
 
 
 def test_folder_of_label_maps_labels_the_painted_slices(tmp_path):

@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cliptnseg: one network answers every finding, the parent's findings kept only by replay "
                         "of its training data when its lineage was trained on phantoms (default: the new model keeps "
                         "the parent's network for the parent's findings, which are then answered as before)")
+    f.add_argument("--no-refit", action="store_true",
+                   help="write the model the found / not-found rules were calibrated with, trained without the "
+                        "held-out quarter of the labelled slices (default: once calibrated, the same training is run "
+                        "again on all labelled slices and that model is written: twice the time, the structure's "
+                        "ends learnt from every labelled slice)")
     _add_training(f)
 
     g = sub.add_parser("finetune-clip", help="fine-tune the CLIP of a MedCLIP-SAM model with DHN-NCE on image-caption "
@@ -541,11 +546,13 @@ def _cmd_finetune(a, progress):
     argv += (["--from", a.parent] if a.parent else []) + (["--prompt-map", a.prompt_map] if a.prompt_map else [])
     argv += ["--input-size", str(a.input_size)] if a.input_size else []
     argv += ["--single-network"] if a.single_network else []
+    argv += ["--no-refit"] if a.no_refit else []
     _run_precision(a, progress)
     argv += ["--precision", "bf16"] if a.precision == "bf16" else []
     result = ft.finetune(Path(a.data), Path(a.output_dir), a.parent, model_id, prompt_map, steps, a.seed, a.force,
                          a.device, progress, batch, a.text_adaptation, input_size=a.input_size,
                          keep_parent=False if a.single_network else None, precision=a.precision,
+                         refit=not a.no_refit,
                          command=shlex.join(argv + ["--model-id", model_id] if model_id else argv) + " --force")
     spec = result.spec
     rules = {p: spec["presence"]["per_finding"][p]["calibration"] for p in spec["training"]["data"]["phrases"]}

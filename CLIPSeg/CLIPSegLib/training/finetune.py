@@ -22,7 +22,8 @@ Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): clipt
    prompt goes through DATE, so the tower itself is adapted), at the parent's slice size (``--input-size`` is
    cliptnseg's);
 3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``,
-   exclusive phrases competing voxel-wise as in the pipeline), merged with the parent's rules;
+   exclusive phrases competing voxel-wise as in the pipeline), merged with the parent's rules; then (``refit``, the
+   default) the same training run again on all the labelled slices, held-out ones included, keeping those rules;
 4. the model written with ``models.write_spec`` (a spec of the parent's engine), its lineage in ``training``: parent
    id and weights SHA-256, data summary, command. Checkpoints in ``<output-dir>/.<model-id>.finetune/`` resume an
    interrupted run of the same data and settings; the folder is removed once the model is written.
@@ -52,6 +53,9 @@ DEFAULT_BATCH = 4  # the user's slices per step; replay adds REPLAY_SHARE / (1 -
 REPLAY_SHARE = 1 / 3
 REPLAY_PHANTOMS = 400  # the first phantoms of the parent's own training bank
 LEARNING_RATES = {"segmenter": 5e-4, "embeddings": 1e-2, "lora": 1e-3}
+# the refit model is written unless, on the slices both models trained on, some phrase's calibration objective is
+# this much lower than the first model's (``check_refit``)
+REFIT_MARGIN = 0.05
 RIVAL_WEIGHT = 1.0  # weight of rival_negative_loss (the user's pairs) beside the engine's own loss
 DISTILL_WEIGHT = 2.0  # weight of the replayed pairs' distillation loss against the user's pairs' loss
 
@@ -179,7 +183,7 @@ class LoraText(nn.Module):
         self.lora[0].merge()
 
 
-def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
+def _recipe(tuning, device, phrases, teacher=None, name: str = "fine-tuning") -> Recipe:
     """The ``finetune`` recipe: the engine's own training loss (``tuning.loss``) against the masks on the pairs of
     the user's ``phrases``, plus ``RIVAL_WEIGHT`` x ``losses.rival_negative_loss`` on them; on the other pairs (the
     replayed phantoms' findings), with a ``teacher`` (a frozen copy of the parent: ``Teacher``), pixel BCE against
@@ -204,8 +208,7 @@ def _recipe(tuning, device, phrases, teacher=None) -> Recipe:
             value = value + tuning.loss(tuple(None if o is None else o[new] for o in out), masks[new])
         return value + rival
 
-    return Recipe("fine-tuning", tuning.param_groups(), loss, tuning.state, tuning.load, tuning.train,
-                  weight_decay=1e-4)
+    return Recipe(name, tuning.param_groups(), loss, tuning.state, tuning.load, tuning.train, weight_decay=1e-4)
 
 
 def _used_images(images, pair_index):
@@ -569,6 +572,28 @@ def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusi
     return rules
 
 
+def check_refit(first, refit, volumes, units, rules: dict, exclusive=()) -> dict:
+    """How well each of two engines fits the labelled slices ``units`` under the calibrated ``rules`` (the
+    calibration's objective, ``calibration.objective``: 2 x absent slices left empty + Dice of present ones, on 2D
+    cases as ``calibrate_new_phrases`` judges them): -> {phrase: {"first": score, "refit": score}}. Both trained on
+    ``units``, so a refit that scores clearly lower there did not learn what the first model did (e.g. it stayed on
+    the loss plateau of two phrases that start alike) and its rules were calibrated for another map."""
+    from .calibration import collect_slices, evaluate_rule, objective
+
+    thresholds = tuple(sorted({float(r["threshold"]) for r in rules.values()}))
+    out = {}
+    for name, engine in (("first", first), ("refit", refit)):
+        by_threshold = collect_slices(engine, volumes, units, thresholds=thresholds, exclusive=exclusive)
+        for p, rule in rules.items():
+            cases = [c for c in by_threshold[float(rule["threshold"])][float(rule["slice_gate"])] if c[0] == p]
+            if not cases:
+                continue
+            empty, dice = evaluate_rule(cases, rule)
+            present = any(c[1] for c in cases)
+            out.setdefault(p, {})[name] = round(objective(empty, dice[p] if present else 0.0), 4)
+    return out
+
+
 def merged_domain(parent: dict, volumes, size: int) -> dict | None:
     """The parent's ``domain`` widened to the fine-tuning images (each a run: ``domain.volume_features``)."""
     import numpy as np
@@ -592,7 +617,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
              progress: Progress | None = None, batch_size: int = DEFAULT_BATCH, text_adaptation: str | None = None,
              replay: int | None = None, command: str = "", stop_after: int | None = None,
              distill: bool = True, input_size: int | None = None,
-             keep_parent: bool | None = None, precision: str = "fp32") -> FinetuneResult | None:
+             keep_parent: bool | None = None, refit: bool = True, precision: str = "fp32") -> FinetuneResult | None:
     """Fine-tune ``parent`` (model id or spec path of an engine of ``TUNINGS``; default: the embedded model) on DATA
     (``labelled_slices``) and write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they
     exist, unless ``force``).
@@ -605,6 +630,10 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     head at that size, CLIP at its own): finer for large slices, slower. ``keep_parent`` (None: whether the engine
     can, cliptnseg yes) keeps the parent's network in the new model for the parent's findings, which are then
     answered as before; the default replay is then none (False: one network, the old findings kept by replay).
+    ``refit``: once the rules are calibrated on the held-out slices, the same training (same seed, from the parent)
+    is run again on all the labelled slices and that model is written with those rules: the held-out slices are
+    often the only labelled ones near a structure's ends, and a model that never saw them draws it where it ends
+    (twice the training time; False: the calibrated model itself is written).
     ``precision``: fp32 or bf16 autocast of the training steps (``loop.run_loop``; the caller checks the CPU can).
     Raises InputError for bad data (see
     ``labelled_slices``), for fewer training slices than ``batch_size``, and for settings the engine cannot do."""
@@ -653,9 +682,6 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         progress.message(f"note: {parent_spec['id']!r} keeps its parent's network for that model's findings, and "
                          f"nothing of its lineage's training data can be replayed: the single network made here "
                          f"answers them without either, so they may drift (drop --single-network to keep them)")
-    augmentation = make_augmentation(mild=True)
-    augmentation.set_random_state(seed)
-    user = ls.SliceSamples(volumes, train, size, prep.fit, prep.intensity, augmentation)
     bank = tuning.replay_bank(n_replay, progress) if n_replay else None
     teacher = tuning.teacher(dev) if bank is not None and distill else None
     tuning.adapt_text(text_adaptation, phrases, dev)
@@ -663,14 +689,25 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     run = {"parent": parent_spec["id"], "parent_sha256": [f["sha256"] for f in parent_spec["files"]],
            "data": ls.fingerprint(volumes), "steps": steps, "seed": seed, "batch_size": batch_size,
            "text_adaptation": text_adaptation, "replay": n_replay, "distill": distill, "input_size": size,
-           "keep_parent": keep_parent, "held": [list(u) for u in held], "rival_weight": RIVAL_WEIGHT}
+           "keep_parent": keep_parent, "held": [list(u) for u in held], "rival_weight": RIVAL_WEIGHT,
+           "refit": refit}
     resume = _prepare_work(work, run, progress)
     share = REPLAY_SHARE if bank is not None else 0.0
     loader_batch = batch_size if bank is None else round(batch_size / (1 - share))
-    losses = run_loop(_recipe(tuning, dev, phrases, teacher), ls.Mixed(user, bank, share), steps,
-                      work / "finetune.pt",
-                      loader_batch, seed, resume, 50, progress, stop_after, precision=precision)
-    if torch.load(work / "finetune.pt", map_location="cpu", weights_only=True)["step"] < steps:
+
+    def fit(tuning, units, ckpt: Path, name: str, budget: int | None) -> list | None:
+        """Train ``tuning`` on the slices ``units`` (plus replay) for ``steps``, at most ``budget`` of them in this
+        call; -> the losses, or None when the budget ran out first (the checkpoint resumes it)."""
+        augmentation = make_augmentation(mild=True)
+        augmentation.set_random_state(seed)
+        user = ls.SliceSamples(volumes, units, size, prep.fit, prep.intensity, augmentation)
+        done = run_loop(_recipe(tuning, dev, phrases, teacher, name), ls.Mixed(user, bank, share), steps, ckpt,
+                        loader_batch, seed, resume, 50, progress, budget, precision=precision)
+        finished = torch.load(ckpt, map_location="cpu", weights_only=True)["step"] >= steps if ckpt.is_file() else 0
+        return done if finished else None
+
+    losses = fit(tuning, train, work / "finetune.pt", "fine-tuning", stop_after)
+    if losses is None:
         return None  # stopped early (stop_after): the checkpoint resumes it
     spec = {k: v for k, v in parent_spec.items()
             if not k.startswith("_") and k not in ("files", PARENT_KEY, "new_phrases")}
@@ -680,6 +717,29 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         progress.message("never sharing a voxel on the slices labelled for both, so competing voxel-wise: "
                          + "; ".join(f"{a!r} and {b!r}" for a, b in exclusive))
     rules = calibrate_new_phrases(engine, volumes, held, phrases, progress, exclusive)
+    refit_check = {}
+    if refit:
+        progress.message(f"refit: the same training again on all {len(train) + len(held)} labelled slices (the "
+                         f"{len(held)} held out above too), from the parent; the rules just calibrated are kept")
+        set_determinism(seed)
+        tuning = tuning_of(parent_spec, input_size, Progress("none"))
+        tuning.adapt_text(text_adaptation, phrases, dev)
+        budget = None if stop_after is None else stop_after - len(losses)
+        more = fit(tuning, sorted(train + held), work / "refit.pt", "refit on all labelled slices", budget)
+        if more is None:
+            return None
+        losses += more
+        first = engine, weights, copy.deepcopy(spec)
+        engine, weights = tuning.export(spec, dev, keep_parent)
+        refit_check = check_refit(first[0], engine, volumes, train, rules, exclusive)
+        short = {p: c for p, c in refit_check.items() if c["refit"] < c["first"] - REFIT_MARGIN}
+        if short:
+            progress.message("refit not kept: on the labelled slices both models trained on, under the calibrated "
+                             "rules, " + "; ".join(f"{p!r} scores {c['refit']:.3f} (the first model "
+                                                   f"{c['first']:.3f})" for p, c in short.items())
+                             + ": the model the rules were calibrated with is written")
+            engine, weights, spec = first
+            refit = False
     spec.update(id=model_id, presence=merged_presence(parent_spec, rules, exclusive),
                 description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
                             f"({len(train) + len(held)} labelled slices of {len(volumes)} volume(s)).")
@@ -694,7 +754,11 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         "start_mean_cosine": tuning.spread_to,
         "keeps_parent_network": keep_parent,
         "replay_share": round(share, 4),
-        "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on",
+        "calibration": f"held-out split: {len(held)} of {len(train) + len(held)} labelled slices never trained on"
+                       + (" by the model the rules were calibrated with; this model is the same training refit on "
+                          "all of them" if refit else ""),
+        "refit": refit,
+        **({"refit_check": refit_check} if refit_check else {}),
         "phrases": sorted(set(parent_training.get("phrases") or []) | set(phrases)),
         "data": {"source": str(data), **ls.summary(volumes, train, held)},
         "parent": {**lineage(parent_spec), "training": parent_training}}
@@ -710,10 +774,12 @@ def _prepare_work(work: Path, run: dict, progress: Progress) -> bool:
     same = record.is_file() and json.loads(record.read_text(encoding="utf-8")) == run
     if ckpt.is_file() and not same:
         progress.message(f"{work}: its checkpoint is of another run (other data or settings); starting over")
-        ckpt.unlink()
+        for old in (ckpt, work / "refit.pt"):
+            old.unlink(missing_ok=True)
     elif ckpt.is_file():
-        step = torch.load(ckpt, map_location="cpu", weights_only=True)["step"]
-        progress.message(f"resuming from the checkpoint in {work} (step {step} of {run['steps']})")
+        where = [f"{name} step {torch.load(f, map_location='cpu', weights_only=True)['step']} of {run['steps']}"
+                 for name, f in (("fine-tuning", ckpt), ("refit", work / "refit.pt")) if f.is_file()]
+        progress.message(f"resuming from the checkpoints in {work} ({', '.join(where)})")
     record.write_text(json.dumps(run, indent=2), encoding="utf-8")
     return same
 

@@ -180,15 +180,18 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     bad = [m for m in ablate if m not in MODULES]
     if bad:
         raise InputError(f"--ablate {bad[0]!r} is not a TGC-Net module; give some of {', '.join(MODULES)}")
+    refused = InputError("--location-support needs --dataset report and a network with the location cue and DATE "
+                         "(it reads the kind a line names); drop it")
+    if location_support and data != "report":
+        raise refused  # before --clip-from's CLIP is read
     if data == "report":
         clip_cfg, clip_state = clip_cfg or REPORT_CLIP, None
     else:
         clip_cfg, clip_state = _clip_of(clip_from)
     spec = tgcnet_spec(model_id, clip_cfg, data, ablate, network)
     net_cfg = spec["network"]
-    if location_support and (data != "report" or not net_cfg.get("location") or not net_cfg.get("date", True)):
-        raise InputError("--location-support needs --dataset report and a network with the location cue and DATE "
-                         "(it reads the kind a line names); drop it")
+    if location_support and (not net_cfg.get("location") or not net_cfg.get("date", True)):
+        raise refused
     if location_support:
         spec["inference"]["location_support"] = True
     parent, parent_state = warm_start(init_from, spec, data) if init_from else (None, None)
