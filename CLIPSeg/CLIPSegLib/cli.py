@@ -548,7 +548,7 @@ def _cmd_finetune(a, progress):
     argv += ["--single-network"] if a.single_network else []
     argv += ["--no-refit"] if a.no_refit else []
     _run_precision(a, progress)
-    argv += ["--precision", "bf16"] if a.precision == "bf16" else []
+    argv += _precision_flag(a).split()
     result = ft.finetune(Path(a.data), Path(a.output_dir), a.parent, model_id, prompt_map, steps, a.seed, a.force,
                          a.device, progress, batch, a.text_adaptation, input_size=a.input_size,
                          keep_parent=False if a.single_network else None, precision=a.precision,
@@ -589,7 +589,7 @@ def _cmd_finetune_clip(a, progress):
                                                  "--family", a.family] + (["--augment"] if a.augment else []))
     argv += ["--model-id", a.model_id] if a.model_id else []
     device = _run_precision(a, progress)
-    argv += ["--precision", "bf16"] if a.precision == "bf16" else []
+    argv += _precision_flag(a).split()
     model_key = a.model_id or f"{Path(a.source or 'medclipsam-phantom-small').stem}-dhn"
     work_dir = Path(a.work_dir) if a.work_dir else Path("build") / "work" / model_key
     path = finetune_clip(Path(a.output_dir), work_dir, a.source, a.model_id, Path(a.data) if a.data else None,

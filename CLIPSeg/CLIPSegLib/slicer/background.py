@@ -72,8 +72,9 @@ def finetune_command(data, output_dir, model_id: str, from_model=None, *, device
                      force: bool = False, python: str | None = None, input_size: int | None = None,
                      precision: str = "fp32") -> list[str]:
     """argv for ``python -m CLIPSegLib.cli finetune --data DATA.csv --output-dir DIR --model-id ID --progress json``
-    plus the optional flags named like the keywords (from, device, precision, steps, input-size, force) when given; the command writes
-    ``DIR/ID.json`` and ``DIR/ID.safetensors`` and ends with ``{"event": "done", "model": "<path of the .json>"}``.
+    plus the optional flags named like the keywords (from, device, precision, steps, input-size, force) when given;
+    the command writes ``DIR/ID.json`` and ``DIR/ID.safetensors`` and ends with ``{"event": "done", "model": "<path
+    of the .json>"}``.
     ``device`` "auto" and ``precision`` "fp32" are left to the command."""
     cmd = cli_command("finetune", python) + ["--data", str(data), "--output-dir", str(output_dir), "--model-id",
                                              model_id, "--progress", "json"]

@@ -58,7 +58,8 @@ def check_input_size(size) -> int | None:
 # Options of a TrainRun (Logic keywords): name -> (check, default). ``force`` goes to the command; ``replace`` lets a
 # new model take the id of a model trained or imported before (removed when the new one is imported); ``inputSize``
 # is `clipseg finetune --input-size` (pixels; cliptnseg parents); ``precision`` its --precision (the panel's Precision).
-TRAIN_OPTIONS = {"device": (check_device, "auto"), "precision": (check_precision, "fp32"), "steps": (check_steps, None), "force": (bool, False),
+TRAIN_OPTIONS = {"device": (check_device, "auto"), "precision": (check_precision, "fp32"),
+                 "steps": (check_steps, None), "force": (bool, False),
                  "replace": (bool, False), "inputSize": (check_input_size, None)}
 
 
@@ -179,8 +180,8 @@ def labelled_slices(masks) -> list[int]:
 class TrainRun(BackgroundJob):
     """Fine-tune ``from_model`` (a catalogue id or spec path; default: the command's, the embedded model) on the
     painted slices of ``pairs`` into a new model ``model_id`` (default: ``default_model_id`` of the phrases).
-    ``options``: ``TRAIN_OPTIONS`` (device, precision, steps, force, replace, inputSize), checked here. ``start()`` exports and starts;
-    ``poll``, ``cancel``; ``finish()`` imports the model and returns its id."""
+    ``options``: ``TRAIN_OPTIONS`` (device, precision, steps, force, replace, inputSize), checked here. ``start()``
+    exports and starts; ``poll``, ``cancel``; ``finish()`` imports the model and returns its id."""
 
     def __init__(self, pairs, from_model=None, model_id: str | None = None, *, python: str | None = None,
                  **options):

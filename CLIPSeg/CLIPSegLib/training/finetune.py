@@ -703,7 +703,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         user = ls.SliceSamples(volumes, units, size, prep.fit, prep.intensity, augmentation)
         done = run_loop(_recipe(tuning, dev, phrases, teacher, name), ls.Mixed(user, bank, share), steps, ckpt,
                         loader_batch, seed, resume, 50, progress, budget, precision=precision)
-        finished = torch.load(ckpt, map_location="cpu", weights_only=True)["step"] >= steps if ckpt.is_file() else 0
+        finished = torch.load(ckpt, map_location="cpu", weights_only=True)["step"] >= steps  # run_loop wrote it
         return done if finished else None
 
     losses = fit(tuning, train, work / "finetune.pt", "fine-tuning", stop_after)

@@ -268,7 +268,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     from ..models import write_spec
 
     spec["presence"] = presence
-    spec["training"] = {"command": command, "precision": precision, "dataset": data, "n_images": n_images, "clip_steps": clip_steps,
+    spec["training"] = {"command": command, "precision": precision, "dataset": data, "n_images": n_images,
+                        "clip_steps": clip_steps,
                         "steps": steps, "seed": seed, "batch_size": batch_size, "lora_rank": lora_rank,
                         "ablate": list(ablate), "clip_from": None if data == "report" else clip_from,
                         "parameters": counts, "phrases": training_phrases(data, wording)}
