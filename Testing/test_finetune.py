@@ -189,7 +189,9 @@ def test_the_refit_trains_on_every_labelled_slice_and_keeps_the_calibrated_rules
     first = finetune(table, tmp_path / "b", tiny_model, "disc", steps=3, batch_size=1, refit=False)
     assert trained_on == [[k for k in range(8) if k not in held]] and not first.spec["training"]["refit"]
     rules = [r.spec["presence"]["per_finding"]["bright disc"] for r in (refit, first)]
-    assert rules[0] == rules[1]
+    methods = [r["calibration"].pop("method") for r in rules]
+    assert rules[0] == rules[1] and methods[0].startswith(methods[1])
+    assert "refit on all labelled slices" in methods[0] and "refit" not in methods[1]
     assert _spec_sha(refit.spec_path) != _spec_sha(first.spec_path)
 
 
@@ -198,11 +200,15 @@ def test_a_refit_that_fits_its_slices_worse_than_the_first_model_is_not_written(
     from CLIPSegLib.training import finetune as ft
 
     messages = []
-    monkeypatch.setattr(ft, "check_refit", lambda *a, **k: {"bright disc": {"first": 2.9, "refit": 2.1}})
+    fit = {"dice": 0.9, "empty": None, "slices": 2}
+    monkeypatch.setattr(ft, "check_refit", lambda *a, **k: {"bright disc": {"first": {**fit, "score": 2.9},
+                                                                            "refit": {**fit, "score": 2.1}}})
     kept = finetune(sparse_table, tmp_path / "a", tiny_model, "disc", steps=3, batch_size=1,
                     progress=_recorder(messages))
     first = finetune(sparse_table, tmp_path / "b", tiny_model, "disc", steps=3, batch_size=1, refit=False)
-    assert not kept.spec["training"]["refit"] and kept.spec["training"]["refit_check"]["bright disc"]["refit"] == 2.1
+    training = kept.spec["training"]
+    assert not training["refit"] and training["refit_check"]["bright disc"]["refit"]["score"] == 2.1
+    assert training["fit_on_labelled"]["phrases"]["bright disc"]["score"] == 2.9  # the model written: the first
     assert any("refit not kept" in m and "'bright disc' scores 2.100 (the first model 2.900)" in m for m in messages)
     assert kept.spec["files"] == first.spec["files"]  # the same weights (SHA-256) as the model never refit
 
@@ -219,7 +225,7 @@ def test_check_refit_scores_each_model_on_the_slices_under_the_rules(sparse_tabl
     rule = result.spec["presence"]["per_finding"]["bright disc"]
     rules = {"bright disc": {**rule, "min_peak": 0.0, "min_mean": 0.0}}
     same = check_refit(engine, engine, volumes, units, rules)["bright disc"]
-    assert same["first"] == same["refit"] > 0
+    assert same["first"] == same["refit"] and same["first"]["score"] > 0 and same["first"]["slices"] == len(units)
     blank = create_engine(load_spec(str(result.spec_path)), torch.device("cpu"))
     real = calibration.predict_maps
     truth = volumes[0].truth["bright disc"].astype(np.float32)
@@ -233,8 +239,28 @@ def test_check_refit_scores_each_model_on_the_slices_under_the_rules(sparse_tabl
 
     monkeypatch.setattr(calibration, "predict_maps", maps)
     scores = check_refit(engine, blank, volumes, units, rules)["bright disc"]
-    assert scores["first"] == pytest.approx(3.0)  # Dice 1 + 2 x every absent slice left empty (or none)
-    assert scores["refit"] < scores["first"] - 0.05
+    assert scores["first"]["score"] == pytest.approx(3.0)  # Dice 1 + 2 x every absent slice left empty (or none)
+    assert scores["first"]["dice"] == pytest.approx(1.0) and scores["refit"]["dice"] == 0.0
+    assert scores["refit"]["score"] < scores["first"]["score"] - 0.05
+
+
+def test_a_model_that_does_not_reproduce_its_own_labelled_slices_says_so(sparse_table, tiny_model, tmp_path,
+                                                                         monkeypatch):
+    """The written model's fit on the slices it trained on is recorded and printed; under FIT_DICE / FIT_EMPTY the
+    run warns (Slicer shows progress messages in its status line)."""
+    from CLIPSegLib.training import finetune as ft
+
+    assert ft.poor_fit({"a": {"dice": 0.95, "empty": None}, "b": {"dice": None, "empty": 1.0}}) == []
+    assert ft.poor_fit({"a": {"dice": 0.6, "empty": 0.8}}) == [
+        "'a': Dice 0.60 and 80% of the slices without it left empty"]
+    messages = []
+    monkeypatch.setattr(ft, "fit_on_slices", lambda *a, **k: {"bright disc": {
+        "dice": 0.55, "empty": 1.0, "slices": 3, "score": 2.55}})
+    result = finetune(sparse_table, tmp_path / "a", tiny_model, "disc", steps=2, batch_size=1, refit=False,
+                      progress=_recorder(messages))
+    assert result.spec["training"]["fit_on_labelled"]["phrases"]["bright disc"]["dice"] == 0.55
+    assert any(m.startswith("warning: the model does not reproduce the labelled slices it trained on")
+               and "'bright disc': Dice 0.55" in m and "label more slices" in m for m in messages), messages
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(sparse_table, tiny_model, tmp_path):
@@ -309,6 +335,8 @@ def test_cli_writes_the_model_and_ends_with_a_done_event(sparse_table, tiny_mode
     done = json.loads(printed.out.strip().splitlines()[-1])
     assert done["event"] == "done" and done["model"] == str(out / "disc.json") and done["parent"] == "tiny-random"
     assert done["rules"]["bright disc"]["slices"] == 1 and "held-out split" in done["calibration"]
+    fit = done["fit_on_labelled"]["bright disc"]
+    assert fit["slices"] >= 1 and 0 <= fit["score"] <= 3
     command = json.loads((out / "disc.json").read_text(encoding="utf-8"))["training"]["command"]
     assert command.startswith("clipseg finetune --data ") and command.endswith("--model-id disc --force")
     stamp = (out / "disc.json").stat().st_mtime_ns
@@ -331,6 +359,8 @@ def test_bf16_fine_tuning_is_recorded_or_falls_back_to_fp32_on_a_cpu_without_it(
     assert training["precision"] == ("bf16" if native else "fp32")
     assert ("--precision bf16" in training["command"]) is native  # the command re-creates what ran
     assert ("--precision bf16 ignored" in printed.err + printed.out) is not native
+    assert "'bright disc': calibrated on 1 held-out slice(s)" in printed.out
+    assert "labelled slice(s) it trained on: Dice" in printed.out
 
 
 def test_train_has_no_model_flag_it_would_ignore():

@@ -556,14 +556,18 @@ def _cmd_finetune(a, progress):
                          command=shlex.join(argv + ["--model-id", model_id] if model_id else argv) + " --force")
     spec = result.spec
     rules = {p: spec["presence"]["per_finding"][p]["calibration"] for p in spec["training"]["data"]["phrases"]}
+    fit = spec["training"]["fit_on_labelled"]["phrases"]
     progress.done(model=str(result.spec_path), model_id=spec["id"], parent=spec["training"]["parent"]["id"],
-                  calibration=spec["training"]["calibration"], rules=rules)
+                  calibration=spec["training"]["calibration"], rules=rules, fit_on_labelled=fit)
     if a.progress != "json":
+        shown = lambda x, form: "n/a" if x is None else format(x, form)  # noqa: E731
         for p, c in rules.items():
-            empty = "n/a" if c["absent_empty_rate"] is None else f"{c['absent_empty_rate']:.2f}"
-            dice = "n/a" if c["mean_dice"] is None else f"{c['mean_dice']:.3f}"
-            print(f"{p!r}: calibrated on {c['slices']} held-out slice(s): Dice {dice}, "
-                  f"slices without it left empty {empty} ({c['absent_slices']} such slice(s))")
+            print(f"{p!r}: calibrated on {c['slices']} held-out slice(s): Dice {shown(c['mean_dice'], '.3f')}, "
+                  f"slices without it left empty {shown(c['absent_empty_rate'], '.2f')} ({c['absent_slices']} such "
+                  f"slice(s))")
+            if p in fit:
+                print(f"{p!r}: on the {fit[p]['slices']} labelled slice(s) it trained on: Dice "
+                      f"{shown(fit[p]['dice'], '.3f')}, slices without it left empty {shown(fit[p]['empty'], '.2f')}")
         print(f"wrote {result.spec_path}")
 
 

@@ -3,9 +3,10 @@
 Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): cliptnseg (CLIP-TNseg) and tgcnet
 (TGC-Net). From a parent model (any catalogue id or model ``.json``; the embedded model by default):
 
-1. the data (``labelled_slices``): only labelled slices, a quarter of them held out to calibrate, never trained on
-   (one holding each phrase, the rest slices holding none where there are such); phrases that never share a voxel
-   on the slices labelled for both are exclusive (``labelled_slices.exclusive_pairs``);
+1. the data (``labelled_slices``): only labelled slices, a quarter of them held out to calibrate (one holding each
+   phrase, the rest slices holding none where there are such), never trained on by the model calibrated there (the
+   refit, step 3, trains on them too); phrases that never share a voxel on the slices labelled for both are
+   exclusive (``labelled_slices.exclusive_pairs``);
 2. the ``finetune`` recipe of the one training loop (``loop.run_loop``): the segmenter (cliptnseg: decoder, fine
    branch, head; tgcnet: SSE's CNN, DATE's fusion, VLCM, decoder, presence head; CLIP's image tower frozen) and the
    text side are trained on the user's slices (the engine's training loss, tgcnet's with VLCM's alignment term,
@@ -23,10 +24,13 @@ Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): clipt
    cliptnseg's);
 3. the found / not-found rule of each new phrase calibrated on the held-out slices (``calibration.collect_slices``,
    exclusive phrases competing voxel-wise as in the pipeline), merged with the parent's rules; then (``refit``, the
-   default) the same training run again on all the labelled slices, held-out ones included, keeping those rules;
+   default) the same training run again on all the labelled slices, held-out ones included, keeping those rules
+   unless it fits the slices both trained on worse under them (``check_refit``);
 4. the model written with ``models.write_spec`` (a spec of the parent's engine), its lineage in ``training``: parent
-   id and weights SHA-256, data summary, command. Checkpoints in ``<output-dir>/.<model-id>.finetune/`` resume an
-   interrupted run of the same data and settings; the folder is removed once the model is written.
+   id and weights SHA-256, data summary, command, and how it segments the labelled slices it trained on
+   (``fit_on_slices``; a warning when it does not reproduce them, ``poor_fit``). Checkpoints in
+   ``<output-dir>/.<model-id>.finetune/`` resume an interrupted run of the same data and settings; the folder is
+   removed once the model is written.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ LEARNING_RATES = {"segmenter": 5e-4, "embeddings": 1e-2, "lora": 1e-3}
 # the refit model is written unless, on the slices both models trained on, some phrase's calibration objective is
 # this much lower than the first model's (``check_refit``)
 REFIT_MARGIN = 0.05
+FIT_DICE, FIT_EMPTY = 0.8, 0.9  # below these on its own training slices, a model is said to fit them poorly
 RIVAL_WEIGHT = 1.0  # weight of rival_negative_loss (the user's pairs) beside the engine's own loss
 DISTILL_WEIGHT = 2.0  # weight of the replayed pairs' distillation loss against the user's pairs' loss
 
@@ -560,8 +565,8 @@ def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusi
         absent = sum(1 for c in cases if c[1] == 0)
         few = len(cases) - absent < THRESHOLD_MIN_PRESENT
         rule["calibration"] = {
-            "method": f"held-out split: {len(cases)} labelled slice(s) never trained on, each judged as a 2D case "
-                      f"(so the rule's extent along the slice axis is not calibrated)"
+            "method": f"held-out split: {len(cases)} labelled slice(s) the calibrated model never trained on, each "
+                      f"judged as a 2D case (so the rule's extent along the slice axis is not calibrated)"
                       + (f"; probability threshold {THRESHOLDS[0]} kept: trying others needs at least "
                          f"{THRESHOLD_MIN_PRESENT} held-out slices holding the phrase, {len(cases) - absent} here"
                          if few else ""),
@@ -572,26 +577,53 @@ def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusi
     return rules
 
 
-def check_refit(first, refit, volumes, units, rules: dict, exclusive=()) -> dict:
-    """How well each of two engines fits the labelled slices ``units`` under the calibrated ``rules`` (the
-    calibration's objective, ``calibration.objective``: 2 x absent slices left empty + Dice of present ones, on 2D
-    cases as ``calibrate_new_phrases`` judges them): -> {phrase: {"first": score, "refit": score}}. Both trained on
-    ``units``, so a refit that scores clearly lower there did not learn what the first model did (e.g. it stayed on
-    the loss plateau of two phrases that start alike) and its rules were calibrated for another map."""
-    from .calibration import collect_slices, evaluate_rule, objective
+def fit_on_slices(engine, volumes, units, rules: dict, exclusive=()) -> dict:
+    """How ``engine`` segments the labelled slices ``units`` (``(volume index, K index)``) under the calibrated
+    ``rules``, each slice a 2D case as ``calibrate_new_phrases`` judges them: -> {phrase: {"dice": Dice of the
+    slices holding it pooled (their voxels summed, as a volume's Dice; None: none holds it), "empty": share of the
+    slices without it left empty (None: none), "slices": how many, "score": the calibration's objective,
+    ``calibration.objective``, out of 3 (with the mean of per-slice Dice, as the calibration scores)}}."""
+    from ..inference.postprocess import keep
+    from .calibration import case_table, collect_slices, evaluate_rule, objective
 
     thresholds = tuple(sorted({float(r["threshold"]) for r in rules.values()}))
+    by_threshold = collect_slices(engine, volumes, units, thresholds=thresholds, exclusive=exclusive)
     out = {}
-    for name, engine in (("first", first), ("refit", refit)):
-        by_threshold = collect_slices(engine, volumes, units, thresholds=thresholds, exclusive=exclusive)
-        for p, rule in rules.items():
-            cases = [c for c in by_threshold[float(rule["threshold"])][float(rule["slice_gate"])] if c[0] == p]
-            if not cases:
-                continue
-            empty, dice = evaluate_rule(cases, rule)
-            present = any(c[1] for c in cases)
-            out.setdefault(p, {})[name] = round(objective(empty, dice[p] if present else 0.0), 4)
+    for p, rule in rules.items():
+        cases = [c for c in by_threshold[float(rule["threshold"])][float(rule["slice_gate"])] if c[0] == p]
+        if not cases:
+            continue
+        empty, dice = evaluate_rule(cases, rule)
+        truth, absent = sum(c[1] for c in cases), sum(1 for c in cases if not c[1])
+        table = case_table(cases)
+        kept = keep(table, rule, table.volume_extent_mm)
+        pooled = 2 * table.overlap[kept].sum() / (table.voxels[kept].sum() + truth) if truth else None
+        out[p] = {"dice": None if pooled is None else round(float(pooled), 4),
+                  "empty": round(empty, 4) if absent else None, "slices": len(cases),
+                  "score": round(objective(empty, dice[p] if truth else 0.0), 4)}
     return out
+
+
+def check_refit(first, refit, volumes, units, rules: dict, exclusive=()) -> dict:
+    """Each model's ``fit_on_slices`` of the labelled slices ``units`` that both trained on: -> {phrase: {"first":
+    fit, "refit": fit}}. A refit that scores clearly lower there did not learn what the first model did (e.g. it
+    stayed on the loss plateau of two phrases that start alike) and its rules were calibrated for another map."""
+    fits = {name: fit_on_slices(engine, volumes, units, rules, exclusive)
+            for name, engine in (("first", first), ("refit", refit))}
+    return {p: {name: fits[name][p] for name in fits} for p in fits["first"]}
+
+
+def poor_fit(fit: dict) -> list[str]:
+    """The phrases of a ``fit_on_slices`` result that the model does not reproduce on the very slices it trained on
+    (Dice under ``FIT_DICE`` or fewer than ``FIT_EMPTY`` of the slices without it left empty), each said in words."""
+    said = []
+    for p, f in fit.items():
+        short = ([f"Dice {f['dice']:.2f}"] if f["dice"] is not None and f["dice"] < FIT_DICE else []) + (
+            [f"{f['empty']:.0%} of the slices without it left empty"]
+            if f["empty"] is not None and f["empty"] < FIT_EMPTY else [])
+        if short:
+            said.append(f"{p!r}: {' and '.join(short)}")
+    return said
 
 
 def merged_domain(parent: dict, volumes, size: int) -> dict | None:
@@ -732,14 +764,24 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         first = engine, weights, copy.deepcopy(spec)
         engine, weights = tuning.export(spec, dev, keep_parent)
         refit_check = check_refit(first[0], engine, volumes, train, rules, exclusive)
-        short = {p: c for p, c in refit_check.items() if c["refit"] < c["first"] - REFIT_MARGIN}
+        short = {p: c for p, c in refit_check.items() if c["refit"]["score"] < c["first"]["score"] - REFIT_MARGIN}
         if short:
             progress.message("refit not kept: on the labelled slices both models trained on, under the calibrated "
-                             "rules, " + "; ".join(f"{p!r} scores {c['refit']:.3f} (the first model "
-                                                   f"{c['first']:.3f})" for p, c in short.items())
+                             "rules, " + "; ".join(f"{p!r} scores {c['refit']['score']:.3f} (the first model "
+                                                   f"{c['first']['score']:.3f})" for p, c in short.items())
                              + ": the model the rules were calibrated with is written")
             engine, weights, spec = first
             refit = False
+    fit = ({p: c["refit" if refit else "first"] for p, c in refit_check.items()} if refit_check
+           else fit_on_slices(engine, volumes, train, rules, exclusive))
+    if poor_fit(fit):
+        progress.message("warning: the model does not reproduce the labelled slices it trained on, under its rules: "
+                         + "; ".join(poor_fit(fit)) + ". Expect worse on the other slices: label more slices, "
+                         "above all where it goes wrong, or train longer (--steps)")
+    if refit:
+        for rule in rules.values():
+            rule["calibration"]["method"] += ("; the model written is that training refit on all labelled slices, "
+                                              "these too, so its figures are the calibrated model's")
     spec.update(id=model_id, presence=merged_presence(parent_spec, rules, exclusive),
                 description=f"{parent_spec['id']} fine-tuned on {', '.join(repr(p) for p in phrases)} "
                             f"({len(train) + len(held)} labelled slices of {len(volumes)} volume(s)).")
@@ -759,6 +801,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
                           "all of them" if refit else ""),
         "refit": refit,
         **({"refit_check": refit_check} if refit_check else {}),
+        "fit_on_labelled": {"on": "the labelled slices the first training used (not those held out)", "phrases": fit},
         "phrases": sorted(set(parent_training.get("phrases") or []) | set(phrases)),
         "data": {"source": str(data), **ls.summary(volumes, train, held)},
         "parent": {**lineage(parent_spec), "training": parent_training}}
