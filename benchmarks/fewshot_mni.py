@@ -212,7 +212,8 @@ def run(a, seed: int, data: Path, work: Path, truths: dict, labelled: dict, brai
     print(out.stderr.strip())
     masks = read_segment_masks(seg, list(truths))
     report = {"task": a.task, "seed": seed, "model": done["model"], "finetune_s": round(t_fit, 1),
-              "segment_s": round(t_seg, 1), "stages_s": stages, "rules": done.get("rules"), "structures": {}}
+              "segment_s": round(t_seg, 1), "stages_s": stages, "rules": done.get("rules"),
+              "fit_on_labelled": done.get("fit_on_labelled"), "structures": {}}
     for p, m in truths.items():
         s = scores(masks[p], m, brain, labelled[p])
         report["structures"][p] = s
@@ -221,6 +222,9 @@ def run(a, seed: int, data: Path, work: Path, truths: dict, labelled: dict, brai
         print(f"{p!r}: Dice {s['dice']:.3f} on the {len(np.setdiff1d(np.arange(m.shape[0]), labelled[p]))} axial "
               f"slices not labelled ({s['test_slices_with_it']} hold it); slices without it left empty: in the "
               f"brain {fmt(e_in)}, outside {fmt(e_out)}")
+        fit = (done.get("fit_on_labelled") or {}).get(p)
+        if fit:  # what the run itself can tell the user: the written model on the slices it trained on
+            print(f"    on its own training slices: Dice {fit['dice']}, slices without it left empty {fit['empty']}")
     print(f"wall time: finetune {t_fit:.0f} s + segment {t_seg:.0f} s = {(t_fit + t_seg) / 60:.1f} min")
     print(f"issue 18's goal ({GOALS[a.task]}: least Dice, in-brain and outside empty): "
           f"{'met' if meets_goals(report) else 'missed'}")
