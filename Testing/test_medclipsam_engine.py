@@ -134,18 +134,24 @@ def test_patch_similarity_makes_one_clip_image_pass_per_batch_for_presence_and_e
 @pytest.mark.parametrize("method", ["gscorecam", "patch_similarity"])
 def test_bf16_runs_the_image_passes_in_bf16_and_gives_float32_maps(method, tiny_medclipsam):
     """bf16: CLIP's image tower (gScoreCAM's masked copies; patch_similarity's one pass) and SAM's image encoder
-    under autocast; gScoreCAM's gradient pass, the maps and the masks stay float32."""
+    run a bfloat16 copy of their weights under autocast (frozen float32 weights under CPU autocast are slower than
+    fp32); gScoreCAM's gradient pass (the CLIP's own weights), the maps and the masks stay float32."""
     spec = {**load_spec(tiny_medclipsam), "saliency": {"method": method, "topk": 8, "batch_size": 8}}
     engine = create_engine(spec, torch.device("cpu"), precision="bf16")
-    clip_dtypes, sam_dtypes = [], []
-    clip_linear = engine.clip.model.visual.trunk.blocks[0].mlp.fc1
-    clip_linear.register_forward_hook(lambda m, i, o: clip_dtypes.append(o.dtype))
-    engine.sam.sam.image_encoder.blocks[0].mlp.lin1.register_forward_hook(lambda m, i, o: sam_dtypes.append(o.dtype))
+    fast, own, sam_dtypes = [], [], []
+    assert engine.fast_clip is not engine.clip.model and engine.fast_clip.visual.trunk.blocks[0].mlp.fc1.weight.dtype \
+        == torch.bfloat16 and engine.clip.model.visual.trunk.blocks[0].mlp.fc1.weight.dtype == torch.float32
+    engine.fast_clip.visual.trunk.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: fast.append(o.dtype))
+    engine.clip.model.visual.trunk.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: own.append(o.dtype))
+    encoder = engine.sam.encoder("bf16")
+    assert encoder is not engine.sam.sam.image_encoder and encoder is engine.sam.encoder("bf16")  # made once
+    encoder.blocks[0].mlp.lin1.register_forward_hook(lambda m, i, o: sam_dtypes.append(o.dtype))
     state = engine.encode_prompts(["thyroid nodule", "cyst"])
     x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
     probs, presence = engine.predict(x, state)
     assert probs.dtype == torch.float32 and probs.shape == (2, 2, 48, 48) and torch.isfinite(probs).all()
-    assert torch.bfloat16 in clip_dtypes and (torch.float32 in clip_dtypes) == (method == "gscorecam")
+    assert fast and set(fast) == {torch.bfloat16}
+    assert set(own) == ({torch.float32} if method == "gscorecam" else set())  # the gradient pass, slice presence
     sam_dtypes.clear()
     assert engine.sam.embed(x, "bf16").dtype == torch.float32 and sam_dtypes == [torch.bfloat16]
     fp32 = create_engine(spec, torch.device("cpu"))

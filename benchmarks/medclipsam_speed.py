@@ -11,8 +11,9 @@ findings each. Every variant runs in its own process (so its peak resident memor
   in several prompts' top-k scored once; one SAM embedding per slice for all prompts);
 - engine patch_similarity: the same with the cheaper saliency (one CLIP image pass per slice for every prompt);
 - ``-bf16`` variants: the same engine with ``precision`` bf16 (the CLIP image-tower passes and SAM's image encoder
-  under bf16 autocast; maps, boxes and masks in float32); their masks are compared with the fp32 variant's (Dice
-  of the masks at 0.5 over all slices and prompts; random weights, so this measures rounding, not accuracy).
+  under bf16 autocast; maps, boxes and masks in float32); their outputs are compared with the fp32 variant's (Dice
+  of the masks at 0.5 over all slices and prompts, each mask's voxels, and the probabilities' mean and largest
+  difference; random weights, so this measures rounding, not accuracy).
 
 Every slice gets a box in every variant here (presence floor 0), so the figures are per slice with work to do; on a
 volume the engine also skips SAM on slices without a box and everything on slices below the presence rule.
@@ -118,7 +119,7 @@ def child(variant: str, spec_path: str, n: int, n_prompts: int, topk: int, threa
         fitted = torch.nn.functional.interpolate(x, size=(engine.preprocessing.input_size,) * 2, mode="bilinear",
                                                  align_corners=False)
         probs, _ = engine.predict(fitted, state)
-        np.save(masks, (probs > 0.5).cpu().numpy())
+        np.save(masks, probs.float().cpu().numpy())
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"variant": variant, "seconds_per_slice": seconds / n, "peak_rss_mb": peak_mb,
@@ -163,8 +164,11 @@ def main():
             fp32 = Path(tmp) / f"{variant.removesuffix('-bf16')}.npy"
             agree = ""
             if variant.endswith("-bf16") and fp32.is_file():
-                x, y = np.load(masks), np.load(fp32)
-                agree = f"   masks vs fp32: Dice {2 * (x & y).sum() / max(x.sum() + y.sum(), 1):.3f}"
+                p, q = np.load(masks), np.load(fp32)
+                x, y = p > 0.5, q > 0.5
+                dice = f"Dice {2 * (x & y).sum() / (x.sum() + y.sum()):.3f}" if x.any() or y.any() else "both empty"
+                agree = (f"   vs fp32: masks {dice} ({x.sum()} / {y.sum()} voxels), probabilities differ by "
+                         f"{np.abs(p - q).mean():.4f} on average, {np.abs(p - q).max():.3f} at most")
             print(f"  {variant:<29} {r['seconds_per_slice']:8.1f} s per slice   {ratio:6.1f}x faster than the "
                   f"reference   peak memory {r['peak_rss_mb']:7.0f} MB   ({r['precision']}){agree}", flush=True)
 

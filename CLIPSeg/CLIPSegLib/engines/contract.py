@@ -294,6 +294,23 @@ def effective_precision(precision: str, device: torch.device, notify=None) -> st
     return precision
 
 
+def inference_copy(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """The module a frozen network's inference passes run: ``module`` itself for fp32; for bf16 a copy in eval mode
+    with bfloat16 weights and no gradients, to run under ``autocast`` (which still casts float32 inputs). Why: on a
+    CPU, autocast keeps a cast copy of a weight only while the weight requires gradients, so frozen float32 weights
+    are cast again at every op; measured (open_clip ViT-B/16 at 224, 32 images, 2 cores, AMX): 5.4 s under autocast
+    with frozen float32 weights, 4.7 s in fp32, 0.86 s with bfloat16 weights. Costs the copy's memory (half the
+    module's)."""
+    if precision != "bf16":
+        return module
+    import copy
+
+    fast = copy.deepcopy(module).to(torch.bfloat16).eval()
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    return fast
+
+
 def autocast(precision: str, device_type: str):
     """Context for a forward pass (inference, or a training step's forward and loss): bf16 autocast on
     ``device_type`` ("cpu", "cuda") for precision bf16, nothing for fp32 (weights and gradients stay float32)."""

@@ -22,7 +22,8 @@ Slice presence ``[B,P]`` is CLIP's softmax probability of the prompt against the
 "patches" (patch_similarity only; what ``clipseg finetune-clip --dense-labels caption`` trains and writes), the
 slice-level probability read from the patch map (``saliency.patch_presence``). Saliency and SAM run only where that
 presence reaches the lowest ``min_slice_presence`` of the spec's rules (below it the pipeline empties the slice
-anyway; a run-time ``presence`` override with a lower floor does not bring those slices back); SAM embeds each slice with a box once, whatever the number of prompts, and never a slice without one.
+anyway; a run-time ``presence`` override with a lower floor does not bring those slices back); SAM embeds each slice
+with a box once, whatever the number of prompts, and never a slice without one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from ...errors import ModelError
 from ...models import load_weights
-from ..contract import Engine, Preprocessing, PromptReading, PromptState
+from ..contract import Engine, Preprocessing, PromptReading, PromptState, inference_copy
 from .clip_model import CLIPModel, _local, _part_folder, load_clip
 from .prompts import SPLITS, saliency_to_prompts
 from .saliency import METHODS, dense_features, patch_maps, patch_presence, patch_similarity, saliency
@@ -106,6 +107,7 @@ class MedCLIPSAMEngine(Engine):
         self.min_sam_iou = float(presence.get("min_sam_iou", 0.0))
         self.skip_below = lowest_floor(presence)
         self._neutral_emb = None
+        self._fast_clip = None
         # calibration hook (``training.medclipsam_calibration``): called with each batch's best SAM IoU [B,P] (0 where
         # no box), before boxes below ``min_sam_iou`` are dropped
         self.on_iou = None
@@ -129,6 +131,14 @@ class MedCLIPSAMEngine(Engine):
         if self._neutral_emb is None:
             self._neutral_emb = self.clip.encode_text(self.neutral, self.device)
         return self._neutral_emb
+
+    @property
+    def fast_clip(self) -> torch.nn.Module:
+        """The CLIP the costly image-tower passes run (``contract.inference_copy`` of ``clip.model`` at the engine's
+        precision: itself for fp32, a bfloat16 copy for bf16, made on first use)."""
+        if self._fast_clip is None:
+            self._fast_clip = inference_copy(self.clip.model, self.precision)
+        return self._fast_clip
 
     def slice_presence(self, images: torch.Tensor, text: torch.Tensor,
                        image: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,7 +170,7 @@ class MedCLIPSAMEngine(Engine):
             if not len(idx):
                 continue
             maps = saliency(self.clip.model, images[idx], text[p:p + 1], s["method"], s["topk"], s["batch_size"],
-                            s["block"], fill, precision=self.precision)[:, 0]  # [n,C,C]
+                            s["block"], fill, precision=self.precision, fast=self.fast_clip)[:, 0]  # [n,C,C]
             if maps.shape[-1] != size:
                 maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
             for b, m in zip(idx.tolist(), maps.cpu().numpy()):
@@ -177,7 +187,7 @@ class MedCLIPSAMEngine(Engine):
         text = state.embeddings.to(self.device)
         if self.saliency["method"] == "patch_similarity":  # one image pass gives presence and every prompt's map
             with self.autocast():
-                image, dense = dense_features(self.clip.model, images)
+                image, dense = dense_features(self.fast_clip, images)
             image, dense = image.float(), dense.float()
             sim = patch_similarity(dense, text, self.neutral_embeddings())  # [B,P,h,w]
             presence = (patch_presence(sim) if self.saliency["slice_presence"] == "patches"

@@ -87,9 +87,10 @@ def _gscorecam_class():
 
     class GScoreCAM(BaseCAM):
         def __init__(self, model, target_layers, reshape_transform, topk: int, batch_size: int,
-                     fill: torch.Tensor | None, precision: str = "fp32"):
+                     fill: torch.Tensor | None, precision: str = "fp32", masked_scorer=None):
             super().__init__(model, target_layers, reshape_transform=reshape_transform, compute_input_gradient=True)
             self.topk, self.batch_size, self.fill, self.precision = int(topk), int(batch_size), fill, precision
+            self.masked_scorer = masked_scorer or model  # what scores the masked copies (the gradient pass: model)
             # (image index, channel) -> the scorer's output row [P] for that image masked by that channel's map. The
             # activations, hence the masks, are the same for every prompt of one call (one input), and the scorer
             # scores all P prompts at once, so a channel in several prompts' top-k is scored once.
@@ -117,7 +118,7 @@ def _gscorecam_class():
                         base = input_tensor[i:i + 1].detach() - fill
                         for j in range(0, len(todo), self.batch_size):  # masked copies, batch_size at a time
                             with autocast(self.precision, self.device.type):  # the scorer's rows are float32
-                                rows = self.model(fill + base * maps[j:j + self.batch_size, None])
+                                rows = self.masked_scorer(fill + base * maps[j:j + self.batch_size, None])
                             self.scored.update({(i, ch): row for ch, row in zip(todo[j:j + self.batch_size], rows)})
                     scores = target(torch.stack([self.scored[(i, ch)] for ch in channels]))
                     weights[i, top[i]] = torch.softmax(scores.float(), dim=0)
@@ -194,7 +195,7 @@ def patch_maps(similarity: torch.Tensor, size: int | None = None) -> torch.Tenso
 def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tensor, method: str = "gscorecam",
              topk: int = 300, batch_size: int = 32, block: int = -1,
              fill: torch.Tensor | None = None, neutral: torch.Tensor | None = None,
-             precision: str = "fp32") -> torch.Tensor:
+             precision: str = "fp32", fast: nn.Module | None = None) -> torch.Tensor:
     """Saliency of each prompt in each image.
 
     ``clip``: an open_clip CLIP (``encode_image``, ``logit_scale``) with a ViT image tower; ``images`` ``[B,3,S,S]``
@@ -207,8 +208,8 @@ def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tenso
     prompt, see the tests). Runs with gradients even under ``torch.inference_mode``; the weights are not changed.
     ``patch_similarity`` (``patch_maps``, with ``neutral`` ``[N,D]`` text embeddings) ignores topk, batch_size,
     block and fill, and runs without gradients. ``precision`` bf16: the image-tower passes that cost (gScoreCAM's
-    masked copies, patch_similarity's one pass) run under bf16 autocast; gradients, maps and their scaling stay
-    float32."""
+    masked copies, patch_similarity's one pass) run under bf16 autocast, through ``fast`` (the same CLIP with
+    bfloat16 weights, ``contract.inference_copy``; None: ``clip``); gradients, maps and their scaling stay float32."""
     if method not in METHODS:
         raise InputError(f"saliency method {method!r} is not one of {', '.join(METHODS)}")
     if images.ndim != 4 or images.shape[1] != 3:
@@ -218,7 +219,8 @@ def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tenso
     if method == "patch_similarity":
         with torch.no_grad():
             with autocast(precision, images.device.type):
-                _, dense = dense_features(clip, images)
+                _, dense = dense_features(fast or clip, images)
+            dense = dense.float()
             return patch_maps(patch_similarity(dense, text_embeddings, neutral), images.shape[-1])
     cam_lib = _pytorch_grad_cam()
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -232,7 +234,8 @@ def saliency(clip: nn.Module, images: torch.Tensor, text_embeddings: torch.Tenso
         if method == "gradcam":
             cam = cam_lib.GradCAM(scorer, [layer], reshape_transform=reshape)
         else:
-            cam = _gscorecam_class()(scorer, [layer], reshape, topk, batch_size, fill, precision)
+            masked = TextScorer(fast, scorer.text, scorer.scale) if fast is not None else None
+            cam = _gscorecam_class()(scorer, [layer], reshape, topk, batch_size, fill, precision, masked)
         cam.compute_input_gradient = True  # gradients reach the layer even when the CLIP's weights are frozen
         try:
             maps = [cam(x, [ClassifierOutputTarget(p)] * x.shape[0]) for p in range(text_embeddings.shape[0])]

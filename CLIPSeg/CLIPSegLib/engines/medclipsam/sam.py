@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InputError, ModelError
-from ..contract import autocast
+from ..contract import autocast, inference_copy
 
 # sam: 0-255 with SAM's pixel mean / std (SAM's own checkpoints); unit: each slice min-max scaled to [0,1] (MedSAM)
 NORMALIZE = ("sam", "unit")
@@ -158,6 +158,7 @@ class SamSegmenter:
         if normalize not in NORMALIZE:
             raise ModelError(f"SAM input normalisation {normalize!r} is not one of {', '.join(NORMALIZE)}")
         self.sam, self.normalize = sam.eval(), normalize
+        self._encoders: dict = {}  # precision -> the image encoder its passes run (contract.inference_copy)
         self.image_size = int(sam.image_encoder.img_size)
         self.resize = ResizeLongestSide(self.image_size)
 
@@ -184,10 +185,17 @@ class SamSegmenter:
     @torch.no_grad()
     def embed(self, slices: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """Slices ``[B,1|3,H,W]`` in [0,1] -> image embeddings ``[B,C,S/p,S/p]`` float32 (one encoder pass per slice;
-        ``precision`` bf16: the encoder under bf16 autocast)."""
+        ``precision`` bf16: a bfloat16 copy of the encoder under bf16 autocast, made on first use)."""
         x = self.prepare(slices)
         with autocast(precision, x.device.type):
-            return self.sam.image_encoder(x).float()
+            return self.encoder(precision)(x).float()
+
+    def encoder(self, precision: str = "fp32") -> torch.nn.Module:
+        """The image encoder ``embed`` runs at ``precision``: SAM's own for fp32, a bfloat16 copy for bf16
+        (``contract.inference_copy``, made on first use: SAM's weights are not to change after it)."""
+        if precision not in self._encoders:
+            self._encoders[precision] = inference_copy(self.sam.image_encoder, precision)
+        return self._encoders[precision]
 
     @torch.no_grad()
     def decode(self, embedding: torch.Tensor, size: tuple[int, int], boxes: torch.Tensor,
