@@ -161,6 +161,21 @@ def test_bf16_runs_and_stays_close_to_fp32(build, name):
         assert float((approx_presence - exact_presence).abs().max()) < 0.02
 
 
+def test_bf16_runs_a_bfloat16_copy_of_the_network_made_once_and_fp32_the_network_itself(build):
+    """Under CPU autocast, frozen float32 weights are cast again at every op (slower than fp32: ``inference_copy``);
+    a bf16 engine runs a bfloat16 copy of its network instead, and leaves the network itself float32."""
+    fp32, bf16 = build("cliptnseg"), build("cliptnseg", precision="bf16")
+    assert fp32.runner(fp32.net) is fp32.net
+    copy = bf16.runner(bf16.net)
+    assert copy is not bf16.net and copy is bf16.runner(bf16.net)
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bf16.net.parameters()} == {torch.float32} and not copy.training
+    seen = []
+    copy.register_forward_hook(lambda m, i, o: seen.append(True))
+    bf16.predict(_slices(bf16, 1), bf16.encode_prompts(["thyroid nodule"]))
+    assert seen == [True]
+
+
 @pytest.mark.parametrize("fit", FITS)
 @pytest.mark.parametrize("name", NAMES)
 def test_a_non_square_image_is_segmented_at_its_own_size(build, name, fit):

@@ -192,6 +192,15 @@ class Engine(ABC):
         self.precision = check_precision(precision)
         self.preprocessing = preprocessing
         self._encoded: dict[str, tuple[torch.Tensor | None, PromptReading]] = {}
+        self._runners: dict[tuple[int, str], tuple[torch.nn.Module, torch.nn.Module]] = {}
+
+    def runner(self, net: torch.nn.Module) -> torch.nn.Module:
+        """``net`` as this engine's forward passes run it at its precision (``inference_copy``: itself for fp32, a
+        bfloat16 copy for bf16, made once per network and precision; an engine's weights do not change after)."""
+        key = (id(net), self.precision)
+        if key not in self._runners or self._runners[key][0] is not net:
+            self._runners[key] = (net, inference_copy(net, self.precision))
+        return self._runners[key][1]
 
     @property
     def default_batch_size(self) -> int:

@@ -177,7 +177,7 @@ class CLIPTNSegEngine(Engine):
 
     def _run(self, slices: torch.Tensor, embeddings: torch.Tensor):
         with self.autocast():
-            mask, presence = self.net(slices.to(self.device, torch.float32), embeddings)
+            mask, presence = self.runner(self.net)(slices.to(self.device, torch.float32), embeddings)
         return torch.sigmoid(mask.float()), None if presence is None else torch.sigmoid(presence.float())
 
     def infer(self, slices: torch.Tensor, state: PromptState):

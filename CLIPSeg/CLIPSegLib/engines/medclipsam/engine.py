@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ...errors import ModelError
 from ...models import load_weights
-from ..contract import Engine, Preprocessing, PromptReading, PromptState, inference_copy
+from ..contract import Engine, Preprocessing, PromptReading, PromptState
 from .clip_model import CLIPModel, _local, _part_folder, load_clip
 from .prompts import SPLITS, saliency_to_prompts
 from .saliency import METHODS, dense_features, patch_maps, patch_presence, patch_similarity, saliency
@@ -107,7 +107,6 @@ class MedCLIPSAMEngine(Engine):
         self.min_sam_iou = float(presence.get("min_sam_iou", 0.0))
         self.skip_below = lowest_floor(presence)
         self._neutral_emb = None
-        self._fast_clip = None
         # calibration hook (``training.medclipsam_calibration``): called with each batch's best SAM IoU [B,P] (0 where
         # no box), before boxes below ``min_sam_iou`` are dropped
         self.on_iou = None
@@ -134,11 +133,9 @@ class MedCLIPSAMEngine(Engine):
 
     @property
     def fast_clip(self) -> torch.nn.Module:
-        """The CLIP the costly image-tower passes run (``contract.inference_copy`` of ``clip.model`` at the engine's
-        precision: itself for fp32, a bfloat16 copy for bf16, made on first use)."""
-        if self._fast_clip is None:
-            self._fast_clip = inference_copy(self.clip.model, self.precision)
-        return self._fast_clip
+        """The CLIP the costly image-tower passes run (``Engine.runner``: itself for fp32, a bfloat16 copy for
+        bf16, made on first use)."""
+        return self.runner(self.clip.model)
 
     def slice_presence(self, images: torch.Tensor, text: torch.Tensor,
                        image: torch.Tensor | None = None) -> torch.Tensor:

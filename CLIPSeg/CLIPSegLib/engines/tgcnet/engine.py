@@ -104,7 +104,7 @@ class TGCNetEngine(Engine):
         extra = [s for s in dict.fromkeys(support) if s and s not in prompts]
         text = TextBatch.stack([self._text[p] for p in prompts + extra])
         with self.autocast():
-            mask, presence, _ = self.net(slices.to(self.device, torch.float32), text)
+            mask, presence, _ = self.runner(self.net)(slices.to(self.device, torch.float32), text)
         mask = torch.sigmoid(mask.float())
         p = len(prompts)
         own = mask.clone() if any(support) else mask  # the unbacked maps (a backing line may be a prompt too)

@@ -105,7 +105,7 @@ class UNetEngine(Engine):
         """Slices ``[B,1,S,S]`` -> (sigmoid of the prompts' channels ``[B,P,S,S]``, None: no slice presence)."""
         channels = state.embeddings.argmax(1).to(self.device)
         with self.autocast():
-            logits = self.net(slices.to(self.device, torch.float32))
+            logits = self.runner(self.net)(slices.to(self.device, torch.float32))
         return torch.sigmoid(logits.float()[:, channels]), None
 
 
