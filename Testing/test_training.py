@@ -253,6 +253,23 @@ def test_bf16_training_autocasts_the_step_and_keeps_float32_weights(precision, d
         run_loop(recipe, data, 3, tmp_path / "other.pt", batch_size=4, precision="fp16")
 
 
+def test_under_bf16_autocast_the_frozen_image_tower_runs_a_bfloat16_copy_kept_out_of_the_state_dict():
+    """CPU autocast casts frozen float32 weights again at every op (slower than fp32): a training step under bf16
+    runs a bfloat16 copy of the frozen tower, made once; the network's own tower and state dict stay float32."""
+    net = build_network(TINY_SPEC)
+    x, text = torch.rand(2, 1, net.input_size, net.input_size), torch.randn(1, net.clip.text_projection.shape[1])
+    assert net.frozen_visual() is net.clip.visual
+    exact, _ = net(x, text)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        shadow = net.frozen_visual()
+        approx, _ = net(x, text)
+        assert shadow is net.frozen_visual() and shadow is not net.clip.visual
+    assert {p.dtype for p in shadow.parameters()} == {torch.bfloat16}
+    assert {v.dtype for k, v in net.state_dict().items() if k.startswith("clip.visual.")} == {torch.float32}
+    assert not any("bf16" in k for k in net.state_dict())
+    assert float((approx.float() - exact).abs().max()) < 0.1 * float(exact.abs().max())
+
+
 def test_a_checkpoint_of_other_settings_is_refused_not_resumed(tmp_path):
     net = build_network(TINY_SPEC)
     ckpt = tmp_path / "seg.pt"

@@ -54,6 +54,23 @@ class FrozenCLIPNet(torch.nn.Module):
         self.clip.eval()
         return self
 
+    def frozen_visual(self) -> torch.nn.Module:
+        """The image tower a forward pass runs: ``clip.visual``, or under CPU bf16 autocast a bfloat16 copy of it
+        (``contract.inference_copy``: autocast casts frozen float32 weights again at every op, slower than fp32),
+        made once and kept out of the state dict. For training steps under ``--precision bf16``: the tower is frozen,
+        so the copy stays its equal; an engine at bf16 runs a copy of the whole network, already bfloat16."""
+        visual = self.clip.visual
+        weight = next(visual.parameters())
+        if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+                and weight.dtype == torch.float32 and weight.device.type == "cpu"):
+            return visual
+        from .contract import inference_copy
+
+        shadow = self.__dict__.get("_visual_bf16")  # in __dict__, not a submodule: no state-dict entry
+        if shadow is None or shadow[0] is not visual:
+            self.__dict__["_visual_bf16"] = shadow = (visual, inference_copy(visual, "bf16"))
+        return shadow[1]
+
 
 def clip_image_size(clip: torch.nn.Module) -> int:
     """Square input size (pixels) of the image tower."""

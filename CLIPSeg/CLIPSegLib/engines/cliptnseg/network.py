@@ -223,8 +223,9 @@ class CLIPTNSegNet(FrozenCLIPNet):
             images = resize_slices(images, self.clip_size)
         x = to_clip_input(images, self.image_mean, self.image_std)
         keep = self.coarse.keeps_class_token
-        out = self.clip.visual.forward_intermediates(x, indices=self.extract, stop_early=True, intermediates_only=True,
-                                                     output_fmt="NLC", output_extra_tokens=keep)
+        out = self.frozen_visual().forward_intermediates(x, indices=self.extract, stop_early=True,
+                                                         intermediates_only=True, output_fmt="NLC",
+                                                         output_extra_tokens=keep)
         if not keep:
             return out["image_intermediates"]
         return [torch.cat([c, a], dim=1) for c, a in zip(out["image_intermediates_prefix"],

@@ -190,8 +190,9 @@ class TGCNet(FrozenCLIPNet):
     def clip_activations(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images ``[B,1,S,S]`` -> per extracted depth the patch tokens ``[B, h*w, width]`` (frozen tower)."""
         x = to_clip_input(images, self.image_mean, self.image_std)
-        return self.clip.visual.forward_intermediates(x, indices=self.extract, stop_early=True,
-                                                      intermediates_only=True, output_fmt="NLC")["image_intermediates"]
+        return self.frozen_visual().forward_intermediates(x, indices=self.extract, stop_early=True,
+                                                          intermediates_only=True,
+                                                          output_fmt="NLC")["image_intermediates"]
 
     def forward(self, images: torch.Tensor, text: TextBatch, pair_index: torch.Tensor | None = None):
         """images ``[B,1,S,S]``, ``text`` of P prompts -> (mask logits, presence logits or None, similarity logits
