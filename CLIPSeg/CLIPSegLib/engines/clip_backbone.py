@@ -66,10 +66,7 @@ class FrozenCLIPNet(torch.nn.Module):
             return visual
         from .contract import inference_copy
 
-        shadow = self.__dict__.get("_visual_bf16")  # in __dict__, not a submodule: no state-dict entry
-        if shadow is None or shadow[0] is not visual:
-            self.__dict__["_visual_bf16"] = shadow = (visual, inference_copy(visual, "bf16"))
-        return shadow[1]
+        return inference_copy(visual, "bf16")
 
 
 def clip_image_size(clip: torch.nn.Module) -> int:

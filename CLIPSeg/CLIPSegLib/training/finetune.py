@@ -579,10 +579,11 @@ def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusi
 
 def fit_on_slices(engine, volumes, units, rules: dict, exclusive=()) -> dict:
     """How ``engine`` segments the labelled slices ``units`` (``(volume index, K index)``) under the calibrated
-    ``rules``, each slice a 2D case as ``calibrate_new_phrases`` judges them: -> {phrase: {"dice": Dice of the
-    slices holding it pooled (their voxels summed, as a volume's Dice; None: none holds it), "empty": share of the
-    slices without it left empty (None: none), "slices": how many, "score": the calibration's objective,
-    ``calibration.objective``, out of 3 (with the mean of per-slice Dice, as the calibration scores)}}."""
+    ``rules``, each slice a 2D case as ``calibrate_new_phrases`` judges them: -> {phrase: {"dice": Dice of all the
+    slices pooled (their voxels summed, as a volume's Dice: parts kept on slices without it count against it; None:
+    none holds it), "empty": share of the slices without it left empty (None: none), "slices": how many, "score":
+    the calibration's objective, ``calibration.objective``, out of 3 (with the mean of per-slice Dice, as the
+    calibration scores)}}."""
     from ..inference.postprocess import keep
     from .calibration import case_table, collect_slices, evaluate_rule, objective
 
@@ -774,10 +775,11 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
             refit = False
     fit = ({p: c["refit" if refit else "first"] for p, c in refit_check.items()} if refit_check
            else fit_on_slices(engine, volumes, train, rules, exclusive))
-    if poor_fit(fit):
+    poor = poor_fit(fit)
+    if poor:
         progress.message("warning: the model does not reproduce the labelled slices it trained on, under its rules: "
-                         + "; ".join(poor_fit(fit)) + ". Expect worse on the other slices: label more slices, "
-                         "above all where it goes wrong, or train longer (--steps)")
+                         + "; ".join(poor) + ". Expect worse on the other slices: label more slices, above all "
+                         "where it goes wrong, or train longer (--steps)")
     if refit:
         for rule in rules.values():
             rule["calibration"]["method"] += ("; the model written is that training refit on all labelled slices, "

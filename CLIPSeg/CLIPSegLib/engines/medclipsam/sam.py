@@ -158,7 +158,6 @@ class SamSegmenter:
         if normalize not in NORMALIZE:
             raise ModelError(f"SAM input normalisation {normalize!r} is not one of {', '.join(NORMALIZE)}")
         self.sam, self.normalize = sam.eval(), normalize
-        self._encoders: dict = {}  # precision -> the image encoder its passes run (contract.inference_copy)
         self.image_size = int(sam.image_encoder.img_size)
         self.resize = ResizeLongestSide(self.image_size)
 
@@ -193,9 +192,7 @@ class SamSegmenter:
     def encoder(self, precision: str = "fp32") -> torch.nn.Module:
         """The image encoder ``embed`` runs at ``precision``: SAM's own for fp32, a bfloat16 copy for bf16
         (``contract.inference_copy``, made on first use: SAM's weights are not to change after it)."""
-        if precision not in self._encoders:
-            self._encoders[precision] = inference_copy(self.sam.image_encoder, precision)
-        return self._encoders[precision]
+        return inference_copy(self.sam.image_encoder, precision)
 
     @torch.no_grad()
     def decode(self, embedding: torch.Tensor, size: tuple[int, int], boxes: torch.Tensor,
