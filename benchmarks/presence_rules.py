@@ -13,7 +13,7 @@ it, all from the same components:
 3. the table gives what each strategy's rules do on the held-out components: Dice per finding (mean over the
    volumes holding it, misses count 0), and the share of absent findings left empty.
 
-Strategies (per finding, over one candidate grid: gates x peak x extent x area x mean x contrast):
+Strategies (per finding, over one candidate grid: gates x peak x extent x area x mean x (contrast or shadow)):
 - ``model``: the rules in the model's spec (for reference: ``clipseg evaluate`` measures these);
 - ``objective``: the calibration's own criterion, max 2 x absent-empty rate + mean Dice;
 - ``absent>=T``: the best mean Dice among rules that leave at least T of the absent cases empty;
@@ -87,12 +87,14 @@ def collect(model: str, label: str, n: int, seed_base: int, family: str, cache: 
 def candidates(gates):
     """Every candidate rule, least demanding first within a gate (ties go to the first)."""
     from CLIPSegLib.inference.postprocess import DEFAULT_PRESENCE
-    from CLIPSegLib.training.calibration import AREA_GRID, CONTRAST_GRID, EXTENT_GRID, MEAN_GRID
+    from CLIPSegLib.training.calibration import AREA_GRID, CONTRAST_GRID, EXTENT_GRID, MEAN_GRID, SHADOW_GRID
 
+    # contrast and shadow one at a time (as the calibration searches them), not their product, for time
+    image_tests = [(c, 0.0) for c in CONTRAST_GRID] + [(0.0, s) for s in SHADOW_GRID[1:]]
     return [{**DEFAULT_PRESENCE, "slice_gate": g, "min_peak": float(p), "min_extent_mm": e, "min_area_mm2": a,
-             "min_mean": m, "min_contrast": c}
-            for g in gates for p, e, a, m, c in itertools.product(PEAKS, EXTENT_GRID, AREA_GRID, MEAN_GRID,
-                                                                    CONTRAST_GRID)]
+             "min_mean": m, "min_contrast": c, "min_shadow": s}
+            for g in gates for p, e, a, m, (c, s) in itertools.product(PEAKS, EXTENT_GRID, AREA_GRID, MEAN_GRID,
+                                                                         image_tests)]
 
 
 def outcomes(by_gate: dict, finding: str, rules: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -66,14 +66,14 @@ def choose_axis(shape_kji: tuple[int, int, int], geometry: Geometry, axis: str |
 
 
 REASONS = {key: text for _, key, text in CRITERIA}
-UNITS = {"min_extent_mm": " mm", "min_area_mm2": " mm²", "min_contrast": " speckle spreads"}
+UNITS = {"min_extent_mm": " mm", "min_area_mm2": " mm²", "min_contrast": " speckle spreads", "min_shadow": " spreads"}
 
 
 def _miss(misses) -> str:
     """[(rule key, value, required)] -> 'mean probability 0.878 < 0.880, ...'."""
     names = {"min_peak": "peak probability", "min_mean": "mean probability", "min_extent_mm": "extent along the "
              "slice axis", "min_area_mm2": "largest cross-section", "min_contrast": "contrast to its surrounding "
-             "tissue"}
+             "tissue", "min_shadow": "acoustic shadow below it"}
     return ", ".join(f"{names[k]} {v:.3g}{UNITS.get(k, '')} < {n:.3g}{UNITS.get(k, '')}" for k, v, n in misses)
 
 

@@ -7,7 +7,9 @@ A finding is reported only through connected components (3D, face-connected) of 
     probability, a true cyst as one of high probability everywhere),
   - extend at least ``min_extent_mm`` along the slice axis (slices spanned x slice spacing; capped at the volume's
     own extent, so a 2D image or a thin stack can still hold a finding), and
-  - have a largest cross-section of at least ``min_area_mm2`` (in-plane area in mm^2).
+  - have a largest cross-section of at least ``min_area_mm2`` (in-plane area in mm^2),
+  - stand out of their surrounding tissue by at least ``min_contrast`` speckle spreads (``region_contrast``), and
+  - cast a posterior acoustic shadow of at least ``min_shadow`` spreads (``acoustic_shadow``; the calcification sign).
 Components failing any test are dropped; if none is left the segment is empty and the finding "not found".
 Before that, findings the model knows to be mutually exclusive (a solid nodule and a cyst never share a voxel) compete
 voxel by voxel: a prompt keeps a voxel only where no exclusive finding is more probable (``suppress_exclusive``), as
@@ -24,9 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .acoustic_shadow import REACH_MM, posterior_shadow
+
 # slice_gate: how the slice presence probability scales each slice (pipeline.apply_presence), calibrated with the rest.
 DEFAULT_PRESENCE = {"threshold": 0.5, "min_peak": 0.8, "min_mean": 0.0, "min_extent_mm": 1.0, "min_area_mm2": 1.0,
-                    "min_contrast": 0.0, "slice_gate": 1.0}
+                    "min_contrast": 0.0, "min_shadow": 0.0, "slice_gate": 1.0}
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Component:
     max_area_mm2: float
     mean: float = 1.0
     contrast: float = float("inf")  # |region - surround| / surround's spread (``region_contrast``); inf: no image
+    shadow: float = float("inf")  # darkening below it in spreads (``acoustic_shadow``); inf: no image or not measurable
 
 
 # The surround a candidate region is compared with (``region_contrast``): in-plane ring from RING_GAP_MM to
@@ -91,7 +96,8 @@ def region_contrast(image: np.ndarray, region: np.ndarray, spacing_kji, array_ax
 def components(prob: np.ndarray, spacing, array_axis: int, threshold: float, image: np.ndarray | None = None):
     """Label ``prob > threshold`` (``[K,J,I]``); ``spacing`` mm along (I, J, K); slices along ``array_axis`` (0=K,
     1=J, 2=I; axis names: ``io.geometry``). With ``image`` (the ``[K,J,I]`` intensities the map was predicted from)
-    each component's ``contrast`` against its surround is measured (``region_contrast``).
+    each component's ``contrast`` against its surround (``region_contrast``) and the acoustic ``shadow`` below it
+    (``acoustic_shadow.posterior_shadow``) are measured.
 
     Returns (label array, list of Component)."""
     labels, n = ndimage.label(prob > threshold)
@@ -107,12 +113,14 @@ def components(prob: np.ndarray, spacing, array_axis: int, threshold: float, ima
         peak, nvox = values.max(), sub.sum()
         per_slice = sub.sum(axis=tuple(a for a in range(3) if a != array_axis))
         n_slices = int((per_slice > 0).sum())
-        contrast = float("inf")
+        contrast = shadow = float("inf")
         if image is not None:
-            grown = _grow_box(box, labels.shape, spacing_kji, array_axis, RING_MM)
-            contrast = region_contrast(image[grown], labels[grown] == lab, spacing_kji, array_axis)
+            grown = _grow_box(box, labels.shape, spacing_kji, array_axis, max(RING_MM, REACH_MM))
+            region = labels[grown] == lab
+            contrast = region_contrast(image[grown], region, spacing_kji, array_axis)
+            shadow = posterior_shadow(image[grown], region, spacing_kji, array_axis)
         out.append(Component(int(lab), int(nvox), float(peak), n_slices, n_slices * float(spacing_kji[array_axis]),
-                             float(per_slice.max() * pixel_area), float(values.mean()), contrast))
+                             float(per_slice.max() * pixel_area), float(values.mean()), contrast, shadow))
     return labels, out
 
 
@@ -131,15 +139,19 @@ CRITERIA = (("peak", "min_peak", "peak probability too low"),
             ("extent_mm", "min_extent_mm", "too thin along the slice axis"),
             ("max_area_mm2", "min_area_mm2", "cross-section too small"),
             ("contrast", "min_contrast", "stands out too little from its surrounding tissue (in units of that "
-                                         "tissue's speckle spread)"))
+                                         "tissue's speckle spread)"),
+            ("shadow", "min_shadow", "casts too little acoustic shadow below it (in units of the tissue's spread "
+                                     "beside it)"))
 
 
 def required(cfg: dict, volume_extent_mm) -> dict:
     """What the rule asks of a component, by rule key (``CRITERIA``). The extent asked is capped at the volume's own
-    extent (``volume_extent_mm``: slices x slice spacing, a number or an array), so a 2D image can hold a finding."""
+    extent (``volume_extent_mm``: slices x slice spacing, a number or an array), so a 2D image can hold a finding.
+    ``min_shadow`` 0 asks nothing (a shadow may be negative: enhancement behind a cyst)."""
     return {"min_peak": cfg["min_peak"], "min_mean": cfg.get("min_mean", 0.0),
             "min_extent_mm": np.minimum(float(cfg["min_extent_mm"]), volume_extent_mm) - 1e-6,
-            "min_area_mm2": cfg["min_area_mm2"], "min_contrast": cfg.get("min_contrast", 0.0)}
+            "min_area_mm2": cfg["min_area_mm2"], "min_contrast": cfg.get("min_contrast", 0.0),
+            "min_shadow": float(cfg.get("min_shadow", 0.0)) or -np.inf}  # 0: off (an enhancement is negative)
 
 
 def keep(c, cfg: dict, volume_extent_mm):
@@ -231,7 +243,7 @@ def fill_holes(mask: np.ndarray) -> None:
 # How far below a rule's threshold a component may fall and still be reported as "uncertain" rather than dropped
 # (a spec's ``presence.uncertain_margin`` overrides): probabilities in absolute units, area and contrast as a fraction
 # of the required value, extent in slices. A decision this close to its threshold is one the user must see.
-UNCERTAIN_MARGIN = {"peak": 0.02, "mean": 0.01, "area": 0.1, "extent_slices": 0, "contrast": 0.1}
+UNCERTAIN_MARGIN = {"peak": 0.02, "mean": 0.01, "area": 0.1, "extent_slices": 0, "contrast": 0.1, "shadow": 0.1}
 
 def failed_criteria(c: Component, cfg: dict, volume_extent: float) -> list[tuple[str, float, float]]:
     """The criteria of the rule one component fails: [(rule key, component's value, required value)]."""
@@ -243,7 +255,8 @@ def failed_criteria(c: Component, cfg: dict, volume_extent: float) -> list[tuple
 def narrowly_failed(failures, margin: dict, slice_mm: float) -> bool:
     """Whether every failed criterion misses its threshold by less than ``margin`` (see ``UNCERTAIN_MARGIN``)."""
     room = {"min_peak": margin["peak"], "min_mean": margin["mean"], "min_extent_mm": margin["extent_slices"] * slice_mm}
-    relative = {"min_area_mm2": margin["area"], "min_contrast": margin.get("contrast", 0.0)}  # fractions of the need
+    relative = {"min_area_mm2": margin["area"], "min_contrast": margin.get("contrast", 0.0),  # fractions of the need
+                "min_shadow": margin.get("shadow", 0.0)}
     for key, value, need in failures:
         gap = room[key] if key in room else relative[key] * need
         if value < need - gap - 1e-9:
@@ -252,10 +265,11 @@ def narrowly_failed(failures, margin: dict, slice_mm: float) -> bool:
 
 
 def evidence(c: Component) -> dict:
-    """One component's inputs to the rule, JSON-safe and rounded (``contrast`` None when not measured)."""
+    """One component's inputs to the rule, JSON-safe and rounded (``contrast``, ``shadow`` None when not measured)."""
     return {"voxels": c.voxels, "peak": round(c.peak, 4), "mean": round(c.mean, 4), "extent_mm": round(c.extent_mm, 3),
             "area_mm2": round(c.max_area_mm2, 3),
-            "contrast": round(c.contrast, 3) if np.isfinite(c.contrast) else None}
+            "contrast": round(c.contrast, 3) if np.isfinite(c.contrast) else None,
+            "shadow": round(c.shadow, 3) if np.isfinite(c.shadow) else None}
 
 
 MAX_EVIDENCE = 5  # components reported per finding (largest first)
@@ -265,7 +279,7 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
            image: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Probability ``[K,J,I]``, ``spacing`` mm along (I, J, K), slices along ``array_axis`` (0=K, 1=J, 2=I) ->
     (bool mask ``[K,J,I]``, info). ``image``: the ``[K,J,I]`` intensities ``prob`` was predicted from; without it
-    no component's contrast is measured (``region_contrast``) and a rule's ``min_contrast`` is not applied.
+    no component's contrast or shadow is measured and a rule's ``min_contrast`` and ``min_shadow`` are not applied.
 
     info: ``status`` 'found' (components pass the rule), 'uncertain' (none passes, but some miss it only narrowly,
     ``UNCERTAIN_MARGIN``: they are kept in the mask so the user can judge) or 'not found' (empty mask); ``found``
@@ -277,7 +291,7 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     ``MAX_EVIDENCE``, largest first)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     if image is None:
-        cfg["min_contrast"] = 0.0
+        cfg["min_contrast"] = cfg["min_shadow"] = 0.0
     margin = {**UNCERTAIN_MARGIN, **(cfg.get("uncertain_margin") or {})}
     labels, comps = components(prob, spacing, array_axis, cfg["threshold"], image)
     extent = volume_extent_mm(prob.shape, spacing, array_axis)
@@ -312,7 +326,7 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
                          if closest is not None else []) if status != "found" else [],
     }
     need = required(cfg, extent)
-    info["required"] = {k: round(float(v), 4) for k, v in need.items()}
+    info["required"] = {k: round(float(v), 4) if np.isfinite(v) else None for k, v in need.items()}  # None: not asked
     shown = sorted(kept, key=lambda c: -c.voxels) if kept else ([closest] if closest is not None else [])
     info["evidence"] = [evidence(c) for c in shown[:MAX_EVIDENCE]]
     if status == "uncertain":

@@ -82,7 +82,7 @@ class SceneRun(BackgroundJob):
         """Each segment carries its run's decision as segment tags: ``CLIPSeg.Status`` (found, uncertain,
         not found), ``CLIPSeg.Interpretation`` (how the prompt was read), ``CLIPSeg.OutOfDomain`` (true when the
         image did not look like the model's training data) and ``CLIPSeg.Decision`` (JSON: what the rule asked,
-        ``required``, and the inputs it judged, ``evidence``: peak and mean probability, extent, area and contrast
+        ``required``, and the inputs it judged, ``evidence``: peak and mean probability, extent, area, contrast, shadow
         of the kept regions or of the nearest miss; ``postprocess.decide``), from the background run's ``done``
         event."""
         done = (self.run.state.result or {}) if self.run else {}

@@ -33,6 +33,8 @@ SLICE_GATES = (1.0, 0.7, 0.5, 0.3)  # candidate pipeline.apply_presence gates
 MEAN_GRID = (0.0, 0.8, 0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.95)  # candidate min_mean (component mean probability)
 # candidate min_contrast (|region - surround| in units of the surround's speckle spread, postprocess.region_contrast)
 CONTRAST_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+# candidate min_shadow (darkening below the region in spreads of the tissue beside it, acoustic_shadow; 0: off)
+SHADOW_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
 SLICE_AXIS = 2  # phantoms are sliced along K, as they are acquired
 # probability thresholds a per-finding rule may be calibrated at (``calibrate_rules(thresholds=...)``, fine-tuned
 # phrases); the first is the default the others must beat
@@ -183,6 +185,7 @@ def case_table(cases) -> SimpleNamespace:
     return SimpleNamespace(
         peak=col(lambda r: r[1].peak), mean=col(lambda r: r[1].mean), extent_mm=col(lambda r: r[1].extent_mm),
         max_area_mm2=col(lambda r: r[1].max_area_mm2), contrast=col(lambda r: r[1].contrast),
+        shadow=col(lambda r: getattr(r[1], "shadow", np.inf)),  # components cached before the shadow existed: inf
         voxels=col(lambda r: r[1].voxels), overlap=col(lambda r: r[2]),
         volume_extent_mm=col(lambda r: r[3]), case=np.array([r[0] for r in rows], int),
         findings=np.array([f for f, *_ in cases]), truth=np.array([t for _, t, *_ in cases], float))
@@ -224,20 +227,21 @@ def objective(absent_empty_rate, mean_dice):
     return 2.0 * absent_empty_rate + mean_dice
 
 
-def search_rule(cases, gate: float = 1.0, contrast_grid=CONTRAST_GRID) -> dict:
+def search_rule(cases, gate: float = 1.0, contrast_grid=CONTRAST_GRID, shadow_grid=SHADOW_GRID) -> dict:
     """Grid search over (min_peak, min_extent_mm, min_area_mm2, min_mean) maximising 2 x absent-empty rate + mean
-    Dice, then over (min_contrast, min_peak, min_mean) at the best extent and area (a full 5-D grid would cost 8x
-    the time); on ties the first (least demanding) rule wins. ``min_contrast``
-    is searched only when every component's contrast was measured (cases built with their image)."""
+    Dice, then over (min_contrast, min_peak, min_mean) at the best extent and area, then over (min_shadow, min_peak,
+    min_mean) at the best extent, area and contrast (a full grid would cost 50x the time); on ties the first (least
+    demanding) rule wins. ``min_contrast`` and ``min_shadow`` are searched only when every component's contrast was
+    measured (cases built with their image)."""
     table = case_table(cases)
     if not len(table.contrast) or not np.isfinite(table.contrast).all():
-        contrast_grid = (0.0,)
+        contrast_grid = shadow_grid = (0.0,)
     best = None
 
-    def consider(min_peak, min_extent, min_area, min_mean, min_contrast):
+    def consider(min_peak, min_extent, min_area, min_mean, min_contrast, min_shadow=0.0):
         nonlocal best
         cfg = {**DEFAULT_PRESENCE, "min_peak": float(min_peak), "min_mean": min_mean, "min_extent_mm": min_extent,
-               "min_area_mm2": min_area, "min_contrast": min_contrast, "slice_gate": gate}
+               "min_area_mm2": min_area, "min_contrast": min_contrast, "min_shadow": min_shadow, "slice_gate": gate}
         empty, dice = _evaluate(table, cfg)
         present = [d for d in dice.values() if np.isfinite(d)]
         # no present case (e.g. a finding no calibration volume holds): absence alone decides (NaN would make every
@@ -252,6 +256,9 @@ def search_rule(cases, gate: float = 1.0, contrast_grid=CONTRAST_GRID) -> dict:
     extent, area = best[1]["min_extent_mm"], best[1]["min_area_mm2"]
     for min_peak, min_mean, min_contrast in itertools.product(PEAK_GRID, MEAN_GRID, contrast_grid[1:]):
         consider(min_peak, extent, area, min_mean, min_contrast)
+    contrast = best[1]["min_contrast"]
+    for min_peak, min_mean, min_shadow in itertools.product(PEAK_GRID, MEAN_GRID, shadow_grid[1:]):
+        consider(min_peak, extent, area, min_mean, contrast, min_shadow)
     key, cfg, empty, dice = best
     return {**cfg, "calibration": {"absent_empty_rate": round(empty, 4),
                                    "mean_dice": {f: round(d, 4) if np.isfinite(d) else None  # None: no present case
@@ -319,8 +326,8 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
                        flip_average: bool = False, table_csv=None, family: str = "A") -> dict:
     """Calibrated presence rule for a trained CLIPTNSegNet on ``n_volumes`` phantom volumes, or, with
     ``table_csv``, on a user's labelled images (``data_cases``: the phrases come from the data; no phantom finding
-    is assumed). ``family``: the phantom family of the volumes (``synthetic.families``). ``exclusive``: pairs of findings that never share a voxel (phantoms only); they compete voxel-wise
-    during calibration and in the pipeline (stored in the rule). ``flip_average``: the model's inference setting
+    is assumed). ``family``: the phantom family of the volumes (``synthetic.families``). ``exclusive``: pairs of
+    findings that never share a voxel (phantoms only); they compete voxel-wise during calibration and in the pipeline (stored in the rule). ``flip_average``: the model's inference setting
     (the rule is calibrated on the maps the pipeline will see)."""
     import torch
 
