@@ -32,7 +32,7 @@ def posterior_shadow(image: np.ndarray, region: np.ndarray, spacing_kji, array_a
     column of the region on each of its slices, ``SHADOW_GAP_MM`` .. ``SHADOW_GAP_MM + SHADOW_DEPTH_MM`` under its
     lowest voxel. Beside: ``SIDE_MM`` bands left and right of the region's columns, over the same depths. Unchanged
     by any gain or offset of the image. ``inf`` when it cannot be measured: slices along J, or no tissue below the
-    region (it touches the bottom of the image) or beside it."""
+    region (it touches the bottom of the image) or beside it; never ``-inf`` (the decision's JSON stays valid)."""
     if array_axis == DEPTH_AXIS:
         return float("inf")
     lateral_axis = 2 if array_axis == 0 else 0
@@ -64,5 +64,5 @@ def posterior_shadow(image: np.ndarray, region: np.ndarray, spacing_kji, array_a
     diff = float(ref.mean() - under.mean())
     spread = float(ref.std())
     if spread <= 1e-12 * max(1.0, abs(float(ref.mean()))):
-        return float("inf") if diff > 0 else (float("-inf") if diff < 0 else 0.0)
+        return float("inf") if diff > 0 else 0.0  # flat tissue beside: darker below is all shadow, else none
     return diff / spread
