@@ -56,9 +56,11 @@ def test_json_progress_is_machine_readable(phantom_file, tiny_model, tmp_path, c
     assert any(e["event"] == "message" and "cyst" in e["text"] for e in events)
     (finding,) = events[-1]["findings"]  # the decision's inputs and outcome, per finding
     assert finding["status"] in ("found", "uncertain", "not found")
-    assert set(finding["required"]) == {"min_peak", "min_mean", "min_extent_mm", "min_area_mm2", "min_contrast"}
+    assert set(finding["required"]) == {"min_peak", "min_mean", "min_extent_mm", "min_area_mm2", "min_contrast",
+                                        "min_shadow"}
+    assert finding["required"]["min_shadow"] is None  # the tiny model's rule asks no shadow
     for e in finding["evidence"]:
-        assert {"voxels", "peak", "mean", "extent_mm", "area_mm2", "contrast"} <= set(e)
+        assert {"voxels", "peak", "mean", "extent_mm", "area_mm2", "contrast", "shadow"} <= set(e)
 
 
 @pytest.mark.parametrize("case,code,match", [
