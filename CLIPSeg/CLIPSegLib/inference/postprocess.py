@@ -115,10 +115,11 @@ def components(prob: np.ndarray, spacing, array_axis: int, threshold: float, ima
         n_slices = int((per_slice > 0).sum())
         contrast = shadow = float("inf")
         if image is not None:
-            grown = _grow_box(box, labels.shape, spacing_kji, array_axis, max(RING_MM, REACH_MM))
-            region = labels[grown] == lab
-            contrast = region_contrast(image[grown], region, spacing_kji, array_axis)
-            shadow = posterior_shadow(image[grown], region, spacing_kji, array_axis)
+            # each measure on a box grown only as far as it reads: the contrast's dilations cost with the box's size
+            ring = _grow_box(box, labels.shape, spacing_kji, array_axis, RING_MM)
+            contrast = region_contrast(image[ring], labels[ring] == lab, spacing_kji, array_axis)
+            reach = _grow_box(box, labels.shape, spacing_kji, array_axis, REACH_MM)
+            shadow = posterior_shadow(image[reach], labels[reach] == lab, spacing_kji, array_axis)
         out.append(Component(int(lab), int(nvox), float(peak), n_slices, n_slices * float(spacing_kji[array_axis]),
                              float(per_slice.max() * pixel_area), float(values.mean()), contrast, shadow))
     return labels, out
