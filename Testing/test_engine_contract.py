@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from CLIPSegLib.engines import ENGINES, create_engine
-from CLIPSegLib.engines.contract import Engine, Preprocessing, PromptReading, PromptState
+from CLIPSegLib.engines.contract import COPY_KEY, Engine, Preprocessing, PromptReading, PromptState, inference_copy
 from CLIPSegLib.errors import InputError, ModelError, UnsupportedError
 from CLIPSegLib.io.geometry import Geometry
 from CLIPSegLib.models import load_spec
@@ -174,6 +174,18 @@ def test_bf16_runs_a_bfloat16_copy_of_the_network_made_once_and_fp32_the_network
     copy.register_forward_hook(lambda m, i, o: seen.append(True))
     bf16.predict(_slices(bf16, 1), bf16.encode_prompts(["thyroid nodule"]))
     assert seen == [True]
+
+
+def test_a_bfloat16_copy_leaves_out_the_copies_kept_inside_the_module():
+    """A network whose CLIP tower already holds its bfloat16 copy (training under bf16) is copied without it: the
+    tower's copy stays with the tower, and the network's copy holds no second one."""
+    tower = torch.nn.Linear(4, 4)
+    net = torch.nn.Sequential(tower, torch.nn.ReLU())
+    tower_copy = inference_copy(tower, "bf16")
+    fast = inference_copy(net, "bf16")
+    assert tower.__dict__[COPY_KEY] is tower_copy and COPY_KEY not in fast[0].__dict__
+    assert {p.dtype for p in fast.parameters()} == {torch.bfloat16} and inference_copy(net, "bf16") is fast
+    assert inference_copy(net, "fp32") is net
 
 
 @pytest.mark.parametrize("fit", FITS)

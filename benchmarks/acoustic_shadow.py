@@ -15,8 +15,6 @@ Run:  .venv/bin/python benchmarks/acoustic_shadow.py [--volumes 12] [--model bui
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import pickle
 import sys
 from pathlib import Path
@@ -30,7 +28,8 @@ sys.path.insert(0, str(ROOT / "CLIPSeg"))
 from CLIPSegLib.inference.acoustic_shadow import posterior_shadow  # noqa: E402
 from CLIPSegLib.inference.postprocess import DEFAULT_PRESENCE, keep  # noqa: E402
 from CLIPSegLib.synthetic.families import random_volume_phantom  # noqa: E402
-from CLIPSegLib.training.calibration import case_table  # noqa: E402
+from CLIPSegLib.training.calibration import case_table, kept_outcomes  # noqa: E402
+from presence_rules import cache_prefix  # noqa: E402
 
 SEED = 5000
 BLOBS = 6
@@ -71,22 +70,18 @@ def truth_study(volumes: int) -> None:
 def _outcome(table, rule: dict, anchor: float | None):
     """(left empty per case, Dice per case) of ``rule``; ``anchor``: a case keeps its components only if one of
     them casts at least this shadow."""
-    n = len(table.truth)
     kept = keep(table, rule, table.volume_extent_mm)
     if anchor is not None:
-        kept &= (np.bincount(table.case[kept & (table.shadow >= anchor)], minlength=n) > 0)[table.case]
-    case = table.case[kept]
-    overlap = np.bincount(case, weights=table.overlap[kept], minlength=n)
-    voxels = np.bincount(case, weights=table.voxels[kept], minlength=n)
-    return np.bincount(case, minlength=n) == 0, 2 * overlap / np.maximum(voxels + table.truth, 1)
+        kept &= (np.bincount(table.case[kept & (table.shadow >= anchor)], minlength=len(table.truth)) > 0)[table.case]
+    return kept_outcomes(table, kept)
 
 
 def model_study(model: str, cache: Path) -> None:
     from CLIPSegLib.models import load_spec
 
     spec = load_spec(model)
-    digest = hashlib.sha256(json.dumps([f["sha256"] for f in spec["files"]]).encode()).hexdigest()[:12]
-    files = sorted(cache.glob(f"{spec['id']}-{digest}-*.pkl"))
+    prefix = cache_prefix(spec)
+    files = sorted(cache.glob(f"{prefix}-*.pkl"))
     if not files:
         sys.exit(f"no cached components of {spec['id']} under {cache}: run benchmarks/presence_rules.py --model "
                  f"{model} first")
@@ -109,7 +104,7 @@ def model_study(model: str, cache: Path) -> None:
                     "min_shadow": shadow}
             empty, dice = _outcome(table, rule, anchor)
             cells.append(f"{(~empty[absent]).sum()} of {absent.sum()}, {dice[~absent].mean():.3f}")
-        label = path.stem[len(spec["id"]) + len(digest) + 2:]
+        label = path.stem[len(prefix) + 1:]
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 

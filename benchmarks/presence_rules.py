@@ -53,6 +53,12 @@ BOOTSTRAPS = 31
 RULE_KEYS = ("slice_gate", *(key for _, key, _ in CRITERIA))  # what a strategy sets in a rule
 
 
+def cache_prefix(spec: dict) -> str:
+    """Start of the cache file names of a model's components: its id and a digest of its weight files."""
+    digest = hashlib.sha256(json.dumps([f["sha256"] for f in spec["files"]]).encode()).hexdigest()[:12]
+    return f"{spec['id']}-{digest}"
+
+
 def collect(model: str, label: str, n: int, seed_base: int, family: str, cache: Path):
     """-> ({gate: calibration entries}, family of each case in entry order): the components of each (volume,
     finding) map, from the cache when this model's maps of this set were collected before."""
@@ -65,8 +71,7 @@ def collect(model: str, label: str, n: int, seed_base: int, family: str, cache: 
     from CLIPSegLib.training.calibration import collect_cases, phantom_cases
 
     spec = load_spec(model)
-    digest = hashlib.sha256(json.dumps([f["sha256"] for f in spec["files"]]).encode()).hexdigest()[:12]
-    stem = f"{spec['id']}-{digest}-{label}-{family}-{seed_base}"
+    stem = f"{cache_prefix(spec)}-{label}-{family}-{seed_base}"
     path = cache / f"{stem}-{n}.pkl"
     families = [family_of(seed_base + v, family) for v in range(n) for _ in FINDINGS]
     for bigger in sorted(cache.glob(f"{stem}-*.pkl"), key=lambda q: int(q.stem.rsplit("-", 1)[1])):

@@ -547,10 +547,10 @@ def _cmd_finetune(a, progress):
     argv += ["--input-size", str(a.input_size)] if a.input_size else []
     argv += ["--single-network"] if a.single_network else []
     argv += ["--no-refit"] if a.no_refit else []
-    _run_precision(a, progress)
+    device = _run_precision(a, progress)
     argv += _precision_flag(a).split()
     result = ft.finetune(Path(a.data), Path(a.output_dir), a.parent, model_id, prompt_map, steps, a.seed, a.force,
-                         a.device, progress, batch, a.text_adaptation, input_size=a.input_size,
+                         str(device), progress, batch, a.text_adaptation, input_size=a.input_size,
                          keep_parent=False if a.single_network else None, precision=a.precision,
                          refit=not a.no_refit,
                          command=shlex.join(argv + ["--model-id", model_id] if model_id else argv) + " --force")

@@ -317,7 +317,13 @@ def inference_copy(module: torch.nn.Module, precision: str) -> torch.nn.Module:
     weight = next(module.parameters())
     fast = module.__dict__.pop(COPY_KEY, None)
     if fast is None or next(fast.parameters()).device != weight.device:
-        fast = copy.deepcopy(module).to(torch.bfloat16).eval()
+        # copies already kept inside ``module`` (a CLIP tower's, say) are left out of this one, not copied twice
+        held = [(m, m.__dict__.pop(COPY_KEY)) for m in module.modules() if COPY_KEY in m.__dict__]
+        try:
+            fast = copy.deepcopy(module).to(torch.bfloat16).eval()
+        finally:
+            for m, kept in held:
+                m.__dict__[COPY_KEY] = kept
         for p in fast.parameters():
             p.requires_grad_(False)
     module.__dict__[COPY_KEY] = fast

@@ -185,7 +185,7 @@ def case_table(cases) -> SimpleNamespace:
     return SimpleNamespace(
         peak=col(lambda r: r[1].peak), mean=col(lambda r: r[1].mean), extent_mm=col(lambda r: r[1].extent_mm),
         max_area_mm2=col(lambda r: r[1].max_area_mm2), contrast=col(lambda r: r[1].contrast),
-        shadow=col(lambda r: getattr(r[1], "shadow", np.inf)),  # components cached before the shadow existed: inf
+        shadow=col(lambda r: r[1].shadow),  # components pickled before the shadow existed read the default, inf
         voxels=col(lambda r: r[1].voxels), overlap=col(lambda r: r[2]),
         volume_extent_mm=col(lambda r: r[3]), case=np.array([r[0] for r in rows], int),
         findings=np.array([f for f, *_ in cases]), truth=np.array([t for _, t, *_ in cases], float))
@@ -194,8 +194,12 @@ def case_table(cases) -> SimpleNamespace:
 def case_outcomes(table: SimpleNamespace, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     """What rule ``cfg`` does to each case of ``table`` (``case_table``): (left empty: bool per case, Dice per case).
     The first counts for absent cases (truth 0), the second for present ones."""
+    return kept_outcomes(table, keep(table, cfg, table.volume_extent_mm))
+
+
+def kept_outcomes(table: SimpleNamespace, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``case_outcomes`` for a given choice of components: ``kept`` bool per component of ``table``."""
     n = len(table.truth)
-    kept = keep(table, cfg, table.volume_extent_mm)
     case = table.case[kept]
     n_kept = np.bincount(case, minlength=n)
     overlap = np.bincount(case, weights=table.overlap[kept], minlength=n)
