@@ -60,6 +60,15 @@ def test_a_line_drawn_twice_is_asked_once_in_both_wordings():
         assert len(queries) == len(set(content(queries))) == len({q.text for q in queries}) < 3
 
 
+def test_thyroid_maps_average_the_mirror_and_report_maps_do_not():
+    """Left and right carry meaning in a report line, not in an ultrasound slice: only thyroid models (and their
+    calibration) average each slice's map with its mirror's."""
+    from CLIPSegLib.training.tgcnet_recipe import tgcnet_spec
+
+    assert tgcnet_spec("t", TINY_CLIP, "thyroid")["inference"] == {"flip_average": True}
+    assert tgcnet_spec("r", TINY_CLIP, "report")["inference"] == {"flip_average": False}
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training

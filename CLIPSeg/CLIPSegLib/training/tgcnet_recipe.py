@@ -52,8 +52,9 @@ def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=(), network: dict |
         "clip": clip,
         "network": net,
         "knowledge": {"file": DEFAULT_KNOWLEDGE, "version": knowledge.version, "sha256": knowledge.sha256},
-        # left and right carry meaning in a report: a mirrored slice would answer the other side's question
-        "inference": {"flip_average": False},
+        # left and right carry meaning in a report: a mirrored slice would answer the other side's question; an
+        # ultrasound slice's findings have no side, so its maps average the slice and its mirror, as cliptnseg's
+        "inference": {"flip_average": data != "report"},
     }
     if cue:
         locations = load_locations(DEFAULT_LOCATIONS)
@@ -252,8 +253,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         from .datasets import CALIBRATION_SEED_BASE
 
         rule = calibrate_rules(engine, phantom_cases(calibration_volumes, CALIBRATION_SEED_BASE),
-                               {f: list(PHRASES[f]) for f in FINDINGS}, EXCLUSIVE, progress, False,
-                               calibration_volumes)
+                               {f: list(PHRASES[f]) for f in FINDINGS}, EXCLUSIVE, progress,
+                               spec["inference"]["flip_average"], calibration_volumes)
         seeds = CALIBRATION_SEED_BASE
         rule["calibration"].update({"volumes": calibration_volumes, "seeds": [seeds, seeds + calibration_volumes - 1]})
         return rule
