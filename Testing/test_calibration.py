@@ -1,5 +1,7 @@
 """The presence calibration's search on hand-made components: what it keeps, what it drops, and which gate wins."""
 
+import pytest
+
 from CLIPSegLib.training.calibration import (THRESHOLD_MARGIN, THRESHOLD_MIN_PRESENT, case_outcomes, case_table,
                                              evaluate_rule, search_gate_and_rule, search_rule,
                                              search_threshold_gate_and_rule)
@@ -161,6 +163,31 @@ def test_recalibration_rewrites_the_phantom_rules_and_keeps_a_fine_tuned_phrase(
     assert all((out.parent / f["name"]).is_file() for f in new["files"])  # weights copied beside the new spec
     with pytest.raises(InputError, match="exists"):
         recalibrate_model(str(tuned), out, 1, family="A")
+
+
+@pytest.mark.parametrize("engine, searched", [("cliptnseg", (0.5,)), ("tgcnet", (0.5, 0.3, 0.4, 0.6, 0.7))])
+def test_recalibration_searches_probability_thresholds_for_tgcnet_rules_only(tiny_model, tmp_path, monkeypatch,
+                                                                            engine, searched):
+    """A tgcnet model's phantom rules may take another probability threshold than 0.5 (as its training calibrates
+    them); a cliptnseg model's keep 0.5 (the search cost absent findings under a family shift)."""
+    import json
+
+    import CLIPSegLib.inference.segment_file as segment_file
+    import CLIPSegLib.training.recalibrate as recalibrate
+
+    spec = {**json.loads(tiny_model.read_text()), "engine": engine}
+    path = tiny_model.parent / f"as-{engine}.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    asked = []
+
+    def fake_rules(*args, thresholds=(0.5,), **kw):
+        asked.append(tuple(thresholds))
+        return {"calibration": {}, "per_finding": {}}
+
+    monkeypatch.setattr(segment_file, "load_engine", lambda model, device="cpu": None)
+    monkeypatch.setattr(recalibrate, "calibrate_rules", fake_rules)
+    recalibrate.recalibrate_model(str(path), tmp_path / "re.json", 1, family="A")
+    assert asked == [searched]
 
 
 def test_recalibrating_a_medclipsam_model_uses_its_own_search(tiny_medclipsam, tmp_path, monkeypatch):

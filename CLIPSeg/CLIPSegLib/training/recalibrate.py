@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..errors import InputError
 from ..progress import Progress
 from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
-from .calibration import calibrate_rules, merged_presence, phantom_cases
+from .calibration import PHANTOM_THRESHOLDS, THRESHOLDS, calibrate_rules, merged_presence, phantom_cases
 from .datasets import CALIBRATION_SEED_BASE
 from .medclipsam_calibration import calibrate_medclipsam
 
@@ -53,7 +53,7 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
         rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
                                {f: list(PHRASES[f]) for f in FINDINGS}, [tuple(p) for p in exclusive], progress,
-                               None, n_volumes)
+                               None, n_volumes, thresholds=PHANTOM_THRESHOLDS.get(spec["engine"], THRESHOLDS[:1]))
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
                                 "family": family, "command": command})
     source_dir = Path(spec["_dir"])

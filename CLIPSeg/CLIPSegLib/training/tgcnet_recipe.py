@@ -249,12 +249,13 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
 
             return calibrate_report_rules(engine, calibration_volumes, progress)
         from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
-        from .calibration import calibrate_rules, phantom_cases
+        from .calibration import PHANTOM_THRESHOLDS, calibrate_rules, phantom_cases
         from .datasets import CALIBRATION_SEED_BASE
 
         rule = calibrate_rules(engine, phantom_cases(calibration_volumes, CALIBRATION_SEED_BASE),
                                {f: list(PHRASES[f]) for f in FINDINGS}, EXCLUSIVE, progress,
-                               spec["inference"]["flip_average"], calibration_volumes)
+                               spec["inference"]["flip_average"], calibration_volumes,
+                               thresholds=PHANTOM_THRESHOLDS["tgcnet"])
         seeds = CALIBRATION_SEED_BASE
         rule["calibration"].update({"volumes": calibration_volumes, "seeds": [seeds, seeds + calibration_volumes - 1]})
         return rule
