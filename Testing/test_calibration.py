@@ -171,12 +171,16 @@ def test_recalibration_searches_probability_thresholds_for_tgcnet_rules_only(tin
     """A tgcnet model's phantom rules may take another probability threshold than 0.5 (as its training calibrates
     them); a cliptnseg model's keep 0.5 (the search cost absent findings under a family shift)."""
     import json
+    import shutil
 
     import CLIPSegLib.inference.segment_file as segment_file
     import CLIPSegLib.training.recalibrate as recalibrate
 
     spec = {**json.loads(tiny_model.read_text()), "engine": engine}
-    path = tiny_model.parent / f"as-{engine}.json"
+    path = tmp_path / "src" / f"as-{engine}.json"  # not beside the shared tiny model: other tests list that folder
+    path.parent.mkdir()
+    for f in spec["files"]:
+        shutil.copy2(tiny_model.parent / f["name"], path.parent / f["name"])
     path.write_text(json.dumps(spec), encoding="utf-8")
     asked = []
 
