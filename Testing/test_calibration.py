@@ -172,8 +172,10 @@ def test_recalibration_searches_probability_thresholds_for_tgcnet_rules_only(tin
     them); a cliptnseg model's keep 0.5 (the search cost absent findings under a family shift)."""
     import json
     import shutil
+    from types import SimpleNamespace
 
     import CLIPSegLib.inference.segment_file as segment_file
+    import CLIPSegLib.training.calibration as calibration
     import CLIPSegLib.training.recalibrate as recalibrate
 
     spec = {**json.loads(tiny_model.read_text()), "engine": engine}
@@ -188,8 +190,8 @@ def test_recalibration_searches_probability_thresholds_for_tgcnet_rules_only(tin
         asked.append(tuple(thresholds))
         return {"calibration": {}, "per_finding": {}}
 
-    monkeypatch.setattr(segment_file, "load_engine", lambda model, device="cpu": None)
-    monkeypatch.setattr(recalibrate, "calibrate_rules", fake_rules)
+    monkeypatch.setattr(segment_file, "load_engine", lambda model, device="cpu": SimpleNamespace(name=engine))
+    monkeypatch.setattr(calibration, "calibrate_rules", fake_rules)
     recalibrate.recalibrate_model(str(path), tmp_path / "re.json", 1, family="A")
     assert asked == [searched]
 

@@ -1,14 +1,14 @@
 """``clipseg calibrate``: re-calibrate an existing model's found / not-found rule on phantom volumes, its weights
-unchanged. A cliptnseg or tgcnet model goes through ``calibration.calibrate_rules`` (a model trained on report lines
-on report phantoms: ``report_data.calibrate_report_rules``), a medclipsam model through
+unchanged. A cliptnseg or tgcnet model goes through ``calibration.calibrate_phantom_rules`` (a model trained on
+report lines on report phantoms: ``report_data.calibrate_report_rules``), a medclipsam model through
 ``medclipsam_calibration.calibrate_medclipsam`` (its slice-presence and SAM IoU floors searched with the rule)."""
 
 from __future__ import annotations
 
 from ..errors import InputError
 from ..progress import Progress
-from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
-from .calibration import PHANTOM_THRESHOLDS, THRESHOLDS, calibrate_rules, merged_presence, phantom_cases
+from ..synthetic.phantoms import EXCLUSIVE, FINDINGS
+from .calibration import calibrate_phantom_rules, merged_presence
 from .datasets import CALIBRATION_SEED_BASE
 from .medclipsam_calibration import calibrate_medclipsam
 
@@ -51,9 +51,7 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
         rule = calibrate_report_rules(engine, n_volumes, progress, seed_base)
     else:
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
-        rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family),
-                               {f: list(PHRASES[f]) for f in FINDINGS}, [tuple(p) for p in exclusive], progress,
-                               None, n_volumes, thresholds=PHANTOM_THRESHOLDS.get(spec["engine"], THRESHOLDS[:1]))
+        rule = calibrate_phantom_rules(engine, n_volumes, seed_base, family, exclusive, progress)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
                                 "family": family, "command": command})
     source_dir = Path(spec["_dir"])

@@ -248,17 +248,9 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
             from .report_data import calibrate_report_rules
 
             return calibrate_report_rules(engine, calibration_volumes, progress)
-        from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
-        from .calibration import PHANTOM_THRESHOLDS, calibrate_rules, phantom_cases
-        from .datasets import CALIBRATION_SEED_BASE
+        from .calibration import calibrate_phantom_rules
 
-        rule = calibrate_rules(engine, phantom_cases(calibration_volumes, CALIBRATION_SEED_BASE),
-                               {f: list(PHRASES[f]) for f in FINDINGS}, EXCLUSIVE, progress,
-                               spec["inference"]["flip_average"], calibration_volumes,
-                               thresholds=PHANTOM_THRESHOLDS["tgcnet"])
-        seeds = CALIBRATION_SEED_BASE
-        rule["calibration"].update({"volumes": calibration_volumes, "seeds": [seeds, seeds + calibration_volumes - 1]})
-        return rule
+        return calibrate_phantom_rules(engine, calibration_volumes, progress=progress)  # flips: the spec's setting
 
     presence = staged_presence(work_dir, stages, calibrate)
     if presence is None:
