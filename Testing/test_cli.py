@@ -447,6 +447,10 @@ def test_an_unwritable_report_folder_is_refused_before_the_evaluation(tmp_path, 
     (["--engine", "tgcnet", "--dataset", "thyroid", "--location-support"],
      "--dataset thyroid has no report lines: --location-support does not apply; drop it"),
     (["--engine", "medclipsam", "--location-support"], "phantoms only: --location-support does not apply; drop it"),
+    (["--max-grad-norm", "1"], "without a gradient-norm limit: --max-grad-norm does not apply; drop it"),
+    (["--engine", "medclipsam", "--max-grad-norm", "1"], "phantoms only: --max-grad-norm does not apply; drop it"),
+    (["--engine", "tgcnet", "--max-grad-norm", "0"], "--max-grad-norm 0: give a limit above 0"),
+    (["--engine", "tgcnet", "--max-grad-norm", "nan"], "--max-grad-norm nan: give a limit above 0"),
 ])
 def test_train_refuses_a_loss_weight_it_cannot_use_before_any_work(args, message, tmp_path, capsys):
     code, io = run(["train", "--output-dir", tmp_path / "m", "--work-dir", tmp_path / "w", "--progress", "none"]

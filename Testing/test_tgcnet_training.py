@@ -176,9 +176,10 @@ def test_init_from_continues_a_tgcnet_model_and_records_its_lineage(trained, tmp
     path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-more", "report", n_images=12,
                                steps=1, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
                                network=network, stages=("segmenter", "calibrate", "export"),
-                               init_from=str(parent_path))
+                               init_from=str(parent_path), max_grad_norm=1.0)
     spec, parent = load_spec(str(path)), load_spec(str(parent_path))
     assert spec["training"]["parent"]["id"] == "tgcnet-test" and spec["training"]["clip_steps"] == 0
+    assert spec["training"]["max_grad_norm"] == 1.0 and "max_grad_norm" not in parent["training"]
     assert spec["training"]["parent"]["weights_sha256"] == {f["name"]: f["sha256"] for f in parent["files"]}
     assert not (tmp_path / "work" / "clip.pt").exists()  # the parent's CLIP is kept, not retrained
     child, before = load_file(str(path.with_suffix(".safetensors"))), load_file(str(parent_path.with_suffix(

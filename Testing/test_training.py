@@ -253,6 +253,28 @@ def test_bf16_training_autocasts_the_step_and_keeps_float32_weights(precision, d
         run_loop(recipe, data, 3, tmp_path / "other.pt", batch_size=4, precision="fp16")
 
 
+def test_a_gradient_norm_limit_scales_each_step_down_and_says_how_often(tmp_path):
+    from CLIPSegLib.progress import Progress
+    from CLIPSegLib.training.loop import Recipe, run_loop
+
+    weight = torch.nn.Parameter(torch.zeros(4))
+    data = [(torch.ones(1, 2, 2), ["a"], torch.ones(1, 2, 2)) for _ in range(4)]
+    recipe = Recipe("toy", [{"params": [weight], "lr": 0.01}], lambda batch: 1000 * weight.sum(),
+                    lambda: {"w": weight.detach().clone()}, lambda s: weight.data.copy_(s["w"]), lambda mode: None)
+    messages = []
+    progress = Progress("none")
+    progress.message = messages.append
+    run_loop(recipe, data, 3, tmp_path / "free.pt", batch_size=2)
+    assert float(weight.grad.norm()) == pytest.approx(2000)  # the last step's gradient, as backward left it
+    run_loop(recipe, data, 3, tmp_path / "clipped.pt", batch_size=2, max_grad_norm=0.5, progress=progress)
+    assert float(weight.grad.norm()) == pytest.approx(0.5)
+    assert messages == ["toy: the gradient norm was clipped to 0.5 in 3 of the 3 steps run"]
+    with pytest.raises(InputError, match="the checkpoint .* was made by a toy run with other settings"):
+        run_loop(recipe, data, 3, tmp_path / "free.pt", batch_size=2, max_grad_norm=0.5)  # not resumed silently
+    with pytest.raises(InputError, match="gradient norm limit must be above 0"):
+        run_loop(recipe, data, 3, tmp_path / "other.pt", batch_size=2, max_grad_norm=0.0)
+
+
 def test_under_bf16_autocast_the_frozen_image_tower_runs_a_bfloat16_copy_kept_out_of_the_state_dict():
     """CPU autocast casts frozen float32 weights again at every op (slower than fp32): a training step under bf16
     runs a bfloat16 copy of the frozen tower, made once; the network's own tower and state dict stay float32."""

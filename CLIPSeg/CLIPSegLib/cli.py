@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. cliptnseg-phantom-small or tgcnet-report-small) instead of starting from random "
                         "weights: the segmenter starts from its segmenter, the clip stage (if run) from its CLIP; "
                         "without the clip stage (--stages segmenter,calibrate,export) its CLIP is kept")
+    t.add_argument("--max-grad-norm", type=float, default=None, metavar="NORM",
+                   help="tgcnet: scale each segmenter step's gradients down to this L2 norm when larger (default: "
+                        "no limit, the embedded models' recipe); for continuations that diverge at the peak "
+                        "learning rate")
     t.add_argument("--family", default="A", choices=("A", "B", "A+B"),
                    help="cliptnseg and medclipsam: the phantom family of the training bank and calibration volumes "
                         "(A: speckle texture, the embedded models'; B: scatterers, pulse and beam; A+B: both)")
@@ -368,7 +372,7 @@ def _cmd_train_medclipsam(a, progress):
     stages = check_stages((a.stages or "sam,calibrate,export").split(","))
     check_train_args(["export"], {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0), "--steps": (a.steps, 1),
                                   "--calibration-volumes": (a.calibration_volumes, 1)}, {})
-    _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from",) + REPORT_ONLY,
+    _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from",) + REPORT_ONLY + TGCNET_ONLY,
                   "--engine medclipsam trains on phantoms only")
     work_dir, device = _train_setup(a, stages, progress)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
@@ -385,6 +389,8 @@ def _cmd_train_medclipsam(a, progress):
 #: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
 #: (``--init-from``, which the tgcnet recipe reads too, is refused by the medclipsam branches)
 CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head")
+#: options of ``clipseg train --engine tgcnet`` only
+TGCNET_ONLY = ("--max-grad-norm",)
 #: options of ``clipseg train --engine tgcnet --dataset report`` only
 REPORT_ONLY = ("--report-wording", "--location-support")
 
@@ -415,7 +421,7 @@ def _cmd_train_pseudo_labels(a, progress):
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
     _refuse_given(a, ("--volumes", "--family", "--calibration-volumes", "--clip-from", "--init-from")
-                  + REPORT_ONLY + CLIPTNSEG_ONLY,
+                  + REPORT_ONLY + CLIPTNSEG_ONLY + TGCNET_ONLY,
                   "--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out quarter "
                   "of it")
     a.zero_shot = a.zero_shot or "medclipsam-phantom-small"
@@ -445,6 +451,10 @@ def _cmd_train_tgcnet(a, progress):
                   "--engine tgcnet trains on --dataset report or thyroid and always has its presence head")
     if a.dataset != "report":
         _refuse_given(a, REPORT_ONLY, f"--dataset {a.dataset} has no report lines")
+    if a.max_grad_norm is not None and not a.max_grad_norm > 0:
+        from .errors import InputError
+
+        raise InputError(f"--max-grad-norm {a.max_grad_norm:g}: give a limit above 0 (e.g. 1.0), or leave it out")
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages, progress)
     cmd = (f"clipseg train --engine tgcnet --dataset {a.dataset} --output-dir {a.output_dir} --model-id {a.model_id} "
@@ -455,12 +465,13 @@ def _cmd_train_tgcnet(a, progress):
            + (" --location-support" if a.location_support else "")
            + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
-           + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else "") + _precision_flag(a))
+           + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else "")
+           + (f" --max-grad-norm {a.max_grad_norm!r}" if a.max_grad_norm is not None else "") + _precision_flag(a))
     path = run_tgcnet_training(Path(a.output_dir), work_dir, a.model_id, a.dataset, a.phantoms, a.clip_steps,
                                a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
                                cmd, a.force, a.clip_from, ablate, a.lora_rank, init_from=a.init_from,
                                wording=a.report_wording, location_support=a.location_support,
-                               precision=a.precision)
+                               precision=a.precision, max_grad_norm=a.max_grad_norm)
     if path:
         print(f"wrote {path}")
 
@@ -481,6 +492,7 @@ def _cmd_train(a, progress):
         return _cmd_train_tgcnet(a, progress)
     a.model_id = a.model_id or "cliptnseg-phantom-small"
     _refuse_given(a, REPORT_ONLY, "--engine cliptnseg trains on phantoms or --data, not report lines")
+    _refuse_given(a, TGCNET_ONLY, "--engine cliptnseg trains without a gradient-norm limit")
     stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),

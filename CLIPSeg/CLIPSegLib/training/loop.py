@@ -1,7 +1,8 @@
 """The one training loop every engine's training plugs into: a ``Recipe`` (its parameter groups, its loss on a batch,
 its trained state) run by ``run_loop`` with AdamW and a one-cycle cosine schedule, seeded batches, atomic
-checkpoints every ``ckpt_every`` steps with resume, progress, an optional early stop on a validation score, and
-optional bf16 autocast of each step's forward pass and loss (weights, gradients and optimiser state stay float32).
+checkpoints every ``ckpt_every`` steps with resume, progress, an optional early stop on a validation score,
+optional bf16 autocast of each step's forward pass and loss (weights, gradients and optimiser state stay float32) and
+optional clipping of the gradient norm.
 Checkpoints are plain dicts of tensors and numbers, read back with ``torch.load(weights_only=True)``.
 """
 
@@ -71,7 +72,8 @@ class Recipe:
 def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, seed: int = 0, resume: bool = True,
              ckpt_every: int = 100, progress: Progress | None = None, stop_after: int | None = None,
              validate: Callable[[], float] | None = None, validate_every: int = 100,
-             patience: int | None = None, precision: str = "fp32") -> list[float]:
+             patience: int | None = None, precision: str = "fp32",
+             max_grad_norm: float | None = None) -> list[float]:
     """The one training loop: AdamW with a one-cycle cosine schedule over ``steps``, seeded batches, a checkpoint
     (weights, optimiser, schedule, step, best validation) every ``ckpt_every`` steps and at the end (atomic rename),
     resumed from ``ckpt`` when ``resume``; progress with the loss.
@@ -81,15 +83,23 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     many validations in a row did not improve on the best (early stop; the schedule is not stretched).
     ``precision`` bf16: each step's ``recipe.loss`` runs under bf16 autocast on the device of the recipe's first
     parameter (``engines.contract.effective_precision`` says where that pays off). Returns the loss of every step run
-    in this call."""
+    in this call.
+
+    ``max_grad_norm``: each step's gradients (all parameter groups together) are scaled down to that L2 norm when
+    larger (``torch.nn.utils.clip_grad_norm_``); the progress shows each step's norm before clipping and the run ends
+    saying how many steps were clipped. Part of the checkpoint's fingerprint when set."""
     check_precision(precision)
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise InputError(f"the gradient norm limit must be above 0 (got {max_grad_norm}); give e.g. 1.0, or none")
     progress = progress or Progress("none")
     device_type = next(p for g in recipe.param_groups for p in g["params"]).device.type
     recipe.train(True)
     opt = torch.optim.AdamW(recipe.param_groups, weight_decay=recipe.weight_decay)
     sched = _cosine(opt, steps)
     step, best, stale = 0, float("inf"), 0
-    fingerprint = json.dumps({"steps": steps, "batch_size": batch_size, **(recipe.fingerprint or {})},
+    params = [p for g in recipe.param_groups for p in g["params"]]
+    clip = {"max_grad_norm": max_grad_norm} if max_grad_norm is not None else {}  # old checkpoints still resume
+    fingerprint = json.dumps({"steps": steps, "batch_size": batch_size, **clip, **(recipe.fingerprint or {})},
                              sort_keys=True, default=str)
     if resume and ckpt.is_file():
         ck = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -105,18 +115,22 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     batches = _batches(dataset, batch_size, seed + step)
     losses = []
     end = steps if stop_after is None else min(steps, step + stop_after)
-    stopped = False
+    stopped, clipped = False, 0
     while step < end and not stopped:
         batch = next(batches)  # data preparation (augmentation) stays outside autocast
         with autocast(precision, device_type):
             loss = recipe.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        info = f"loss {loss.item():.3f}"
+        if max_grad_norm is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            clipped += norm > max_grad_norm
+            info += f", gradient norm {norm:.3g}"
         opt.step()
         sched.step()
         step += 1
         losses.append(loss.item())
-        info = f"loss {loss.item():.3f}"
         if validate is not None and (step % validate_every == 0 or step == steps):
             recipe.train(False)
             with torch.no_grad():
@@ -132,6 +146,9 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     if stopped:
         progress.message(f"{recipe.name}: stopped early at step {step} of {steps}: the validation score did not "
                          f"improve for {patience} checks in a row (best {best:.4f})")
+    if max_grad_norm is not None and losses:
+        progress.message(f"{recipe.name}: the gradient norm was clipped to {max_grad_norm:g} in {clipped} of the "
+                         f"{len(losses)} steps run")
     recipe.train(False)
     return losses
 

@@ -154,7 +154,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         lora_rank: int = 8, batch_size: int = 12, clip_cfg: dict | None = None,
                         network: dict | None = None, init_from: str | None = None,
                         wording: str = "train", location_support: bool = False,
-                        precision: str = "fp32") -> Path | None:
+                        precision: str = "fp32", max_grad_norm: float | None = None) -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
     path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
     ``NETWORK``) change the architecture (tests make it tiny).
@@ -167,7 +167,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     ``wording`` (report data only): the lines' wording in both stages, "train" or "varied" (``report_data.ReportBank``).
     ``location_support`` (report data only): the spec's ``inference.location_support`` (``engines.tgcnet.engine``),
     set before calibration so the rules are fitted to the maps it gives. ``precision``: fp32 or bf16 autocast of the
-    training steps (``loop.run_loop``).
+    training steps, ``max_grad_norm``: the segmenter stage's gradient-norm limit (``loop.run_loop``; None: none).
     """
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
@@ -234,7 +234,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     seg_ckpt = work_dir / "segmenter.pt"
     recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording)
     if "segmenter" in stages:
-        run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress, precision=precision)
+        run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress, precision=precision,
+                 max_grad_norm=max_grad_norm)
     if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
         return None
     if parent is None or seg_ckpt.is_file():
@@ -269,6 +270,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         "parameters": counts, "phrases": training_phrases(data, wording)}
     if data == "report":
         spec["training"]["wording"] = wording
+    if max_grad_norm is not None:
+        spec["training"]["max_grad_norm"] = max_grad_norm
     if parent is not None:
         spec["training"]["clip_steps"] = clip_steps if clip_ckpt.is_file() else 0  # 0: the parent's CLIP kept
         spec["training"]["parent"] = {**start, "training": parent.get("training") or {}}
