@@ -88,7 +88,8 @@ def test_outputs_have_the_contract_shapes_dtypes_device_and_range(build, name):
     assert engine.preprocessing.fit in FITS and engine.default_batch_size >= 1
     state = engine.encode_prompts(["thyroid nodule", "cyst"])
     assert isinstance(state, PromptState) and state.prompts == ["thyroid nodule", "cyst"] and len(state.readings) == 2
-    assert state.embeddings is None or (state.embeddings.shape[0] == 2 and state.embeddings.device == engine.device)
+    assert state.embeddings is None or (state.embeddings.shape[0] == 2 and state.embeddings.device == engine.device
+                                        and not state.embeddings.requires_grad)
     s = engine.preprocessing.input_size
     probs, presence = engine.predict(_slices(engine, 3), state)
     assert probs.shape == (3, 2, s, s) and probs.dtype == torch.float32 and probs.device == engine.device

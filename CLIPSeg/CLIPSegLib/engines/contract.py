@@ -210,11 +210,13 @@ class Engine(ABC):
 
     def encode_prompts(self, texts: list[str]) -> PromptState:
         """Prompts (P texts, repeats allowed) -> their ``PromptState``. A text is encoded once per engine (later calls
-        reuse it); unseen words are judged against the spec's current training phrases."""
+        reuse it); unseen words are judged against the spec's current training phrases. The embeddings carry no
+        gradient."""
         texts = _check_texts(texts)
         new = [t for t in dict.fromkeys(texts) if t not in self._encoded]
         if new:
-            embeddings, readings = self.encode_texts(new)
+            with torch.no_grad():
+                embeddings, readings = self.encode_texts(new)
             for i, (text, reading) in enumerate(zip(new, readings)):
                 self._encoded[text] = (None if embeddings is None else embeddings[i], reading)
         vocabulary = training_vocabulary(self.spec)
