@@ -281,14 +281,20 @@ def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dic
     return max(rules, key=lambda r: r["calibration"]["score"])
 
 
+def searches_thresholds(present: int) -> bool:
+    """Whether a finding held by ``present`` calibration cases may take another probability threshold than the
+    first (at least ``THRESHOLD_MIN_PRESENT``: fewer cannot tell a better threshold from luck)."""
+    return present >= THRESHOLD_MIN_PRESENT
+
+
 def search_threshold_gate_and_rule(by_threshold: dict, finding: str | None = None) -> dict:
     """``search_gate_and_rule`` at each probability threshold of ``by_threshold`` ({threshold: {gate: cases}}, the
     first threshold the default): another threshold's rule is kept only if its score beats the first's by
-    ``THRESHOLD_MARGIN`` and at least ``THRESHOLD_MIN_PRESENT`` cases hold the finding (else only the first is
+    ``THRESHOLD_MARGIN`` and enough cases hold the finding (``searches_thresholds``; else only the first is
     searched); the rule carries its ``threshold``."""
     first = next(iter(by_threshold.values()))
     present = sum(1 for c in next(iter(first.values())) if (finding is None or c[0] == finding) and c[1] > 0)
-    if present < THRESHOLD_MIN_PRESENT:
+    if not searches_thresholds(present):
         by_threshold = dict([next(iter(by_threshold.items()))])
     candidates = [dict(search_gate_and_rule(by_gate, finding), threshold=float(t))
                   for t, by_gate in by_threshold.items()]

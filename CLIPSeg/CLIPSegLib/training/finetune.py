@@ -555,7 +555,8 @@ def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusi
     (``calibration.search_threshold_gate_and_rule``: another threshold than 0.5 only if it scores higher by
     ``calibration.THRESHOLD_MARGIN`` on at least ``calibration.THRESHOLD_MIN_PRESENT`` held-out slices holding the
     phrase); each rule with its figures and how it was calibrated."""
-    from .calibration import THRESHOLD_MIN_PRESENT, THRESHOLDS, collect_slices, search_threshold_gate_and_rule
+    from .calibration import (THRESHOLD_MIN_PRESENT, THRESHOLDS, collect_slices, search_threshold_gate_and_rule,
+                              searches_thresholds)
 
     by_threshold = collect_slices(engine, volumes, held, progress, thresholds=THRESHOLDS, exclusive=exclusive)
     rules = {}
@@ -563,7 +564,7 @@ def calibrate_new_phrases(engine, volumes, held, phrases, progress=None, exclusi
         cases = [c for c in next(iter(by_threshold[THRESHOLDS[0]].values())) if c[0] == p]
         rule = search_threshold_gate_and_rule(by_threshold, p)
         absent = sum(1 for c in cases if c[1] == 0)
-        few = len(cases) - absent < THRESHOLD_MIN_PRESENT
+        few = not searches_thresholds(len(cases) - absent)
         rule["calibration"] = {
             "method": f"held-out split: {len(cases)} labelled slice(s) the calibrated model never trained on, each "
                       f"judged as a 2D case (so the rule's extent along the slice axis is not calibrated)"
