@@ -325,10 +325,11 @@ def test_train_family_b_draws_its_bank_and_calibration_from_family_b(tmp_path, m
     monkeypatch.setattr(calibration, "phantom_cases", spy_cases)
     out = tmp_path / "out"
     assert main(["train", "--output-dir", str(out), "--work-dir", str(tmp_path / "w"), "--model-id", "b-model",
-                 "--family", "B", "--progress", "none"] + TINY_RUN) == 0
+                 "--family", "B", "--max-grad-norm", "2.5", "--progress", "none"] + TINY_RUN) == 0
     spec = json.loads((out / "b-model.json").read_text(encoding="utf-8"))
     assert asked == {"bank": ["B"], "calibration": ["B"]}
     assert spec["training"]["family"] == "B" and "--family B" in spec["training"]["command"]
+    assert spec["training"]["max_grad_norm"] == 2.5 and "--max-grad-norm 2.5" in spec["training"]["command"]
     assert spec["presence"]["calibration"]["family"] == "B"
 
 

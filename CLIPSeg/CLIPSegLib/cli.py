@@ -129,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights: the segmenter starts from its segmenter, the clip stage (if run) from its CLIP; "
                         "without the clip stage (--stages segmenter,calibrate,export) its CLIP is kept")
     t.add_argument("--max-grad-norm", type=float, default=None, metavar="NORM",
-                   help="tgcnet: scale each segmenter step's gradients down to this L2 norm when larger (default: "
-                        "no limit, the embedded models' recipe); for continuations that diverge at the peak "
-                        "learning rate")
+                   help="cliptnseg and tgcnet: scale each segmenter step's gradients down to this L2 norm when "
+                        "larger (default: no limit, the embedded models' recipe); for continuations that diverge at "
+                        "the peak learning rate")
     t.add_argument("--family", default="A", choices=("A", "B", "A+B"),
                    help="cliptnseg and medclipsam: the phantom family of the training bank and calibration volumes "
                         "(A: speckle texture, the embedded models'; B: scatterers, pulse and beam; A+B: both)")
@@ -372,7 +372,7 @@ def _cmd_train_medclipsam(a, progress):
     stages = check_stages((a.stages or "sam,calibrate,export").split(","))
     check_train_args(["export"], {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0), "--steps": (a.steps, 1),
                                   "--calibration-volumes": (a.calibration_volumes, 1)}, {})
-    _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from",) + REPORT_ONLY + TGCNET_ONLY,
+    _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from",) + REPORT_ONLY + SEGMENTER_ONLY,
                   "--engine medclipsam trains on phantoms only")
     work_dir, device = _train_setup(a, stages, progress)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
@@ -389,10 +389,18 @@ def _cmd_train_medclipsam(a, progress):
 #: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
 #: (``--init-from``, which the tgcnet recipe reads too, is refused by the medclipsam branches)
 CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head")
-#: options of ``clipseg train --engine tgcnet`` only
-TGCNET_ONLY = ("--max-grad-norm",)
+#: options of the segmenter recipes (cliptnseg, tgcnet) only
+SEGMENTER_ONLY = ("--max-grad-norm",)
 #: options of ``clipseg train --engine tgcnet --dataset report`` only
 REPORT_ONLY = ("--report-wording", "--location-support")
+
+
+def check_grad_norm(limit: float | None) -> None:
+    """Refuse a ``--max-grad-norm`` that is not above 0 (or NaN) before any work."""
+    from .errors import InputError
+
+    if limit is not None and not limit > 0:
+        raise InputError(f"--max-grad-norm {limit:g}: give a limit above 0 (e.g. 1.0), or leave it out")
 
 
 def _given(a, command: str, flags) -> list[str]:
@@ -421,7 +429,7 @@ def _cmd_train_pseudo_labels(a, progress):
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
     _refuse_given(a, ("--volumes", "--family", "--calibration-volumes", "--clip-from", "--init-from")
-                  + REPORT_ONLY + CLIPTNSEG_ONLY + TGCNET_ONLY,
+                  + REPORT_ONLY + CLIPTNSEG_ONLY + SEGMENTER_ONLY,
                   "--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out quarter "
                   "of it")
     a.zero_shot = a.zero_shot or "medclipsam-phantom-small"
@@ -451,10 +459,7 @@ def _cmd_train_tgcnet(a, progress):
                   "--engine tgcnet trains on --dataset report or thyroid and always has its presence head")
     if a.dataset != "report":
         _refuse_given(a, REPORT_ONLY, f"--dataset {a.dataset} has no report lines")
-    if a.max_grad_norm is not None and not a.max_grad_norm > 0:
-        from .errors import InputError
-
-        raise InputError(f"--max-grad-norm {a.max_grad_norm:g}: give a limit above 0 (e.g. 1.0), or leave it out")
+    check_grad_norm(a.max_grad_norm)
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages, progress)
     cmd = (f"clipseg train --engine tgcnet --dataset {a.dataset} --output-dir {a.output_dir} --model-id {a.model_id} "
@@ -492,7 +497,7 @@ def _cmd_train(a, progress):
         return _cmd_train_tgcnet(a, progress)
     a.model_id = a.model_id or "cliptnseg-phantom-small"
     _refuse_given(a, REPORT_ONLY, "--engine cliptnseg trains on phantoms or --data, not report lines")
-    _refuse_given(a, TGCNET_ONLY, "--engine cliptnseg trains without a gradient-norm limit")
+    check_grad_norm(a.max_grad_norm)
     stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
@@ -511,14 +516,16 @@ def _cmd_train(a, progress):
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (" --stages segmenter,calibrate,export" if a.init_from and "clip" not in stages else "")
            + (f" --data {a.data}" if a.data else "")
-           + (f" --calibration-data {a.calibration_data}" if a.calibration_data else "") + _precision_flag(a))
+           + (f" --calibration-data {a.calibration_data}" if a.calibration_data else "")
+           + (f" --max-grad-norm {a.max_grad_norm!r}" if a.max_grad_norm is not None else "") + _precision_flag(a))
     path = run_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.clip_steps, a.steps,
                         Path(a.data) if a.data else None, a.seed, stages, not a.no_resume,
                         a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,
                         n_volumes=a.volumes, force=a.force,
                         calibration_csv=Path(a.calibration_data) if a.calibration_data else None, family=a.family,
                         rival_weight=a.rival_weight, init_from=a.init_from,
-                        foreground_weight=a.foreground_weight, precision=a.precision)
+                        foreground_weight=a.foreground_weight, precision=a.precision,
+                        max_grad_norm=a.max_grad_norm)
     if path:
         print(f"wrote {path}")
 

@@ -128,7 +128,8 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
                     resume: bool = True, ckpt_every: int = 100, progress: Progress | None = None,
                     device="cpu", stop_after: int | None = None, validate=None, patience: int | None = None,
                     validate_every: int = 100, rival_weight: float = 0.0, start: dict | None = None,
-                    foreground_weight: float = 0.0, precision: str = "fp32") -> list[float]:
+                    foreground_weight: float = 0.0, precision: str = "fp32",
+                    max_grad_norm: float | None = None) -> list[float]:
     """Train the decoder, fine branch and head of a CLIPTNSegNet (CLIP frozen) with ``segmentation_loss``, plus
     ``rival_weight`` x ``losses.rival_negative_loss`` (another finding's pixels as a finding's hard negatives) and
     ``foreground_weight`` x ``losses.foreground_loss`` (each finding's own pixels weighed as a whole).
@@ -136,7 +137,8 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
     ``steps`` is the length of the schedule; ``stop_after`` ends this call early (a checkpoint is written), e.g. to
     split a long run; ``validate``/``patience``: early stop (``run_loop``); ``start``: the lineage of the weights
     ``net`` starts from (``models.lineage``; None: random), part of the checkpoint's fingerprint; ``precision``: fp32
-    or bf16 autocast (``run_loop``). Returns the loss of every step run in this call."""
+    or bf16 autocast, ``max_grad_norm``: a gradient-norm limit or None (``run_loop``). Returns the loss of every step
+    run in this call."""
     net.to(device)
     mask_loss = segmentation_loss(device)
     ctx = net.clip.context_length
@@ -166,7 +168,7 @@ def train_segmenter(net, dataset, steps: int, ckpt: Path, batch_size: int = 12, 
                                  **({"foreground_weight": foreground_weight} if foreground_weight else {}),
                                  **({"start": start} if start else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
-                    validate, validate_every, patience, precision)
+                    validate, validate_every, patience, precision, max_grad_norm)
 
 
 def _mixed(parts):
@@ -287,7 +289,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  command: str = "", presence_head: bool = False, n_volumes: int = 0,
                  force: bool = False, calibration_csv: Path | None = None, family: str = "A",
                  rival_weight: float = 0.0, init_from: str | None = None,
-                 foreground_weight: float = 0.0, precision: str = "fp32") -> Path | None:
+                 foreground_weight: float = 0.0, precision: str = "fp32",
+                 max_grad_norm: float | None = None) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     ``init_from`` (a model id or spec path, ``warm_start``): continue that model instead of starting from random
@@ -297,7 +300,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
 
     ``family``: the phantom family of the training bank and the calibration volumes ("A", "B" or the mixture "A+B",
     ``synthetic.families``). ``rival_weight``, ``foreground_weight``: ``train_segmenter``'s (0: the embedded model's
-    recipe). ``precision``: fp32 or bf16 autocast of the training steps (``loop.run_loop``).
+    recipe). ``precision``: fp32 or bf16 autocast of the training steps, ``max_grad_norm``: the segmenter stage's
+    gradient-norm limit (``loop.run_loop``; None: none).
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
@@ -342,7 +346,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         data = _mixed(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device,
                         rival_weight=rival_weight, start=start, foreground_weight=foreground_weight,
-                        precision=precision)
+                        precision=precision, max_grad_norm=max_grad_norm)
     if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
         return None
     if parent is None or seg_ckpt.is_file():
@@ -372,6 +376,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                         "foreground_weight": foreground_weight, "precision": precision,
                         "seed": seed, "data_csv": str(data_csv) if data_csv else None,
                         "phrases": training_phrases(data_csv)}
+    if max_grad_norm is not None:
+        spec["training"]["max_grad_norm"] = max_grad_norm
     if parent is not None:
         spec["training"]["parent"] = {**start, "training": parent.get("training") or {}}
     return write_spec(spec, net.state_dict(), out_dir)
