@@ -1,6 +1,8 @@
 """TGC-Net training on report phantoms (``training.tgcnet_recipe``, ``training.report_data``) and its evaluation
 (``evaluation.report_cases``): a tiny run end to end, the exported model, and what the report data never does."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -180,6 +182,8 @@ def test_init_from_continues_a_tgcnet_model_and_records_its_lineage(trained, tmp
     spec, parent = load_spec(str(path)), load_spec(str(parent_path))
     assert spec["training"]["parent"]["id"] == "tgcnet-test" and spec["training"]["clip_steps"] == 0
     assert spec["training"]["max_grad_norm"] == 1.0 and "max_grad_norm" not in parent["training"]
+    segmenter_run = torch.load(tmp_path / "work" / "segmenter.pt", weights_only=True)  # the loop itself got the limit
+    assert json.loads(segmenter_run["fingerprint"])["max_grad_norm"] == 1.0
     assert spec["training"]["parent"]["weights_sha256"] == {f["name"]: f["sha256"] for f in parent["files"]}
     assert not (tmp_path / "work" / "clip.pt").exists()  # the parent's CLIP is kept, not retrained
     child, before = load_file(str(path.with_suffix(".safetensors"))), load_file(str(parent_path.with_suffix(

@@ -261,18 +261,56 @@ def test_a_gradient_norm_limit_scales_each_step_down_and_says_how_often(tmp_path
     data = [(torch.ones(1, 2, 2), ["a"], torch.ones(1, 2, 2)) for _ in range(4)]
     recipe = Recipe("toy", [{"params": [weight], "lr": 0.01}], lambda batch: 1000 * weight.sum(),
                     lambda: {"w": weight.detach().clone()}, lambda s: weight.data.copy_(s["w"]), lambda mode: None)
+
+    def run(ckpt, limit):
+        messages, infos = [], []
+        progress = Progress("none")
+        progress.message = messages.append
+        progress.update = lambda stage, done, total, info="": infos.append(info)
+        run_loop(recipe, data, 3, tmp_path / ckpt, batch_size=2, max_grad_norm=limit, progress=progress)
+        return messages, infos
+
+    messages, infos = run("free.pt", None)
+    assert messages == [] and len(infos) == 3 and not any("gradient norm" in info for info in infos)
+    assert float(weight.grad.norm()) == pytest.approx(2000)  # the last step's gradient, as backward left it
+    messages, infos = run("clipped.pt", 0.5)
+    assert float(weight.grad.norm()) == pytest.approx(0.5)
+    assert messages == ["toy: the gradient norm was clipped to 0.5 in 3 of the 3 steps run"]
+    assert all(info.endswith("gradient norm 2e+03") for info in infos)
+    messages, _ = run("loose.pt", 1e4)
+    assert float(weight.grad.norm()) == pytest.approx(2000)
+    assert messages == ["toy: the gradient norm was clipped to 10000 in 0 of the 3 steps run"]
+    assert run("free.pt", None) == ([], [])  # its own settings resume it (nothing left to run)
+    with pytest.raises(InputError, match="the checkpoint .* was made by a toy run with other settings"):
+        run("free.pt", 0.5)  # not resumed silently under a limit it was not trained with
+    with pytest.raises(InputError, match="--max-grad-norm 0: give a finite limit above 0"):
+        run("other.pt", 0.0)
+
+
+def test_under_a_gradient_norm_limit_a_step_with_a_non_finite_gradient_is_skipped(tmp_path):
+    """Clipping would scale every gradient by NaN; the step is skipped instead, the weights stay finite, and the
+    run says how many were skipped."""
+    from CLIPSegLib.progress import Progress
+    from CLIPSegLib.training.loop import Recipe, run_loop
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    calls = []
+
+    def loss(batch):
+        calls.append(1)
+        scale = float("nan") if len(calls) == 2 else 1.0
+        return (weight * torch.tensor([1.0, 2.0, 3.0])).sum() * scale
+
+    data = [(torch.ones(1, 2, 2), ["a"], torch.ones(1, 2, 2)) for _ in range(4)]
+    recipe = Recipe("toy", [{"params": [weight], "lr": 0.01}], loss, lambda: {"w": weight.detach().clone()},
+                    lambda s: weight.data.copy_(s["w"]), lambda mode: None)
     messages = []
     progress = Progress("none")
     progress.message = messages.append
-    run_loop(recipe, data, 3, tmp_path / "free.pt", batch_size=2)
-    assert float(weight.grad.norm()) == pytest.approx(2000)  # the last step's gradient, as backward left it
-    run_loop(recipe, data, 3, tmp_path / "clipped.pt", batch_size=2, max_grad_norm=0.5, progress=progress)
-    assert float(weight.grad.norm()) == pytest.approx(0.5)
-    assert messages == ["toy: the gradient norm was clipped to 0.5 in 3 of the 3 steps run"]
-    with pytest.raises(InputError, match="the checkpoint .* was made by a toy run with other settings"):
-        run_loop(recipe, data, 3, tmp_path / "free.pt", batch_size=2, max_grad_norm=0.5)  # not resumed silently
-    with pytest.raises(InputError, match="gradient norm limit must be above 0"):
-        run_loop(recipe, data, 3, tmp_path / "other.pt", batch_size=2, max_grad_norm=0.0)
+    run_loop(recipe, data, 3, tmp_path / "ck.pt", batch_size=2, max_grad_norm=100.0, progress=progress)
+    assert torch.isfinite(weight).all() and not torch.equal(weight.detach(), torch.ones(3))
+    assert messages == ["toy: the gradient norm was clipped to 100 in 0 of the 3 steps run; 1 step(s) with a "
+                        "non-finite gradient were skipped"]
 
 
 def test_under_bf16_autocast_the_frozen_image_tower_runs_a_bfloat16_copy_kept_out_of_the_state_dict():
@@ -330,6 +368,8 @@ def test_train_family_b_draws_its_bank_and_calibration_from_family_b(tmp_path, m
     assert asked == {"bank": ["B"], "calibration": ["B"]}
     assert spec["training"]["family"] == "B" and "--family B" in spec["training"]["command"]
     assert spec["training"]["max_grad_norm"] == 2.5 and "--max-grad-norm 2.5" in spec["training"]["command"]
+    segmenter_run = torch.load(tmp_path / "w" / "segmenter.pt", weights_only=True)  # the loop itself got the limit
+    assert json.loads(segmenter_run["fingerprint"])["max_grad_norm"] == 2.5
     assert spec["presence"]["calibration"]["family"] == "B"
 
 

@@ -395,12 +395,14 @@ SEGMENTER_ONLY = ("--max-grad-norm",)
 REPORT_ONLY = ("--report-wording", "--location-support")
 
 
-def check_grad_norm(limit: float | None) -> None:
-    """Refuse a ``--max-grad-norm`` that is not above 0 (or NaN) before any work."""
-    from .errors import InputError
+def _check_grad_norm(a, stages) -> None:
+    """Refuse, before any work, a ``--max-grad-norm`` that is not a finite number above 0, or one given to a run
+    without the segmenter stage (the spec would record a limit its weights were not trained with)."""
+    from .training.loop import check_grad_norm
 
-    if limit is not None and not limit > 0:
-        raise InputError(f"--max-grad-norm {limit:g}: give a limit above 0 (e.g. 1.0), or leave it out")
+    check_grad_norm(a.max_grad_norm)
+    if a.max_grad_norm is not None and "segmenter" not in stages:
+        _refuse_given(a, SEGMENTER_ONLY, f"--stages {','.join(stages)} trains no segmenter")
 
 
 def _given(a, command: str, flags) -> list[str]:
@@ -459,7 +461,7 @@ def _cmd_train_tgcnet(a, progress):
                   "--engine tgcnet trains on --dataset report or thyroid and always has its presence head")
     if a.dataset != "report":
         _refuse_given(a, REPORT_ONLY, f"--dataset {a.dataset} has no report lines")
-    check_grad_norm(a.max_grad_norm)
+    _check_grad_norm(a, stages)
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages, progress)
     cmd = (f"clipseg train --engine tgcnet --dataset {a.dataset} --output-dir {a.output_dir} --model-id {a.model_id} "
@@ -497,7 +499,6 @@ def _cmd_train(a, progress):
         return _cmd_train_tgcnet(a, progress)
     a.model_id = a.model_id or "cliptnseg-phantom-small"
     _refuse_given(a, REPORT_ONLY, "--engine cliptnseg trains on phantoms or --data, not report lines")
-    check_grad_norm(a.max_grad_norm)
     stages = check_train_args((a.stages or "clip,segmenter,calibrate,export").split(","),
                               {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0),
                                "--clip-steps": (a.clip_steps, 1), "--steps": (a.steps, 1),
@@ -505,6 +506,7 @@ def _cmd_train(a, progress):
                                "--rival-weight": (a.rival_weight, 0),
                                "--foreground-weight": (a.foreground_weight, 0)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
+    _check_grad_norm(a, stages)
     work_dir, device = _train_setup(a, stages, progress)
     # the command that re-creates this model where it is written: --force, as the model will be there by then
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "

@@ -9,6 +9,7 @@ Checkpoints are plain dicts of tensors and numbers, read back with ``torch.load(
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,13 @@ def _cosine(opt, steps):
     pct = 0.05 if steps >= 60 else 0.3
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
                                                pct_start=pct, anneal_strategy="cos")
+
+
+def check_grad_norm(limit: float | None) -> float | None:
+    """A gradient-norm limit (``--max-grad-norm``) or None -> itself; InputError unless a finite number above 0."""
+    if limit is not None and not (math.isfinite(limit) and limit > 0):
+        raise InputError(f"--max-grad-norm {limit:g}: give a finite limit above 0 (e.g. 1.0), or leave it out")
+    return limit
 
 
 def _save(path: Path, **state):
@@ -87,10 +95,11 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
 
     ``max_grad_norm``: each step's gradients (all parameter groups together) are scaled down to that L2 norm when
     larger (``torch.nn.utils.clip_grad_norm_``); the progress shows each step's norm before clipping and the run ends
-    saying how many steps were clipped. Part of the checkpoint's fingerprint when set."""
+    saying how many steps were clipped. A step whose gradient is not finite (NaN or inf) is then skipped, not taken
+    (scaling would spread the NaN to every weight), and counted apart. Part of the checkpoint's fingerprint when
+    set."""
     check_precision(precision)
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise InputError(f"the gradient norm limit must be above 0 (got {max_grad_norm}); give e.g. 1.0, or none")
+    check_grad_norm(max_grad_norm)
     progress = progress or Progress("none")
     device_type = next(p for g in recipe.param_groups for p in g["params"]).device.type
     recipe.train(True)
@@ -115,7 +124,7 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     batches = _batches(dataset, batch_size, seed + step)
     losses = []
     end = steps if stop_after is None else min(steps, step + stop_after)
-    stopped, clipped = False, 0
+    stopped, clipped, skipped = False, 0, 0
     while step < end and not stopped:
         batch = next(batches)  # data preparation (augmentation) stays outside autocast
         with autocast(precision, device_type):
@@ -123,11 +132,15 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
         opt.zero_grad(set_to_none=True)
         loss.backward()
         info = f"loss {loss.item():.3f}"
+        finite = True
         if max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-            clipped += norm > max_grad_norm
-            info += f", gradient norm {norm:.3g}"
-        opt.step()
+            finite = math.isfinite(norm)
+            clipped += finite and norm > max_grad_norm
+            skipped += not finite
+            info += f", gradient norm {norm:.3g}" + ("" if finite else " (step skipped)")
+        if finite:
+            opt.step()
         sched.step()
         step += 1
         losses.append(loss.item())
@@ -148,7 +161,8 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
                          f"improve for {patience} checks in a row (best {best:.4f})")
     if max_grad_norm is not None and losses:
         progress.message(f"{recipe.name}: the gradient norm was clipped to {max_grad_norm:g} in {clipped} of the "
-                         f"{len(losses)} steps run")
+                         f"{len(losses)} steps run" + (f"; {skipped} step(s) with a non-finite gradient were skipped"
+                                                       if skipped else ""))
     recipe.train(False)
     return losses
 
