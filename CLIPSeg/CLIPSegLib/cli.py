@@ -359,6 +359,11 @@ def _run_precision(a, progress):
     return device
 
 
+def _grad_norm_flag(a) -> str:
+    """`` --max-grad-norm NORM`` for a recorded training command that ran with a gradient-norm limit, else nothing."""
+    return f" --max-grad-norm {a.max_grad_norm!r}" if a.max_grad_norm is not None else ""
+
+
 def _precision_flag(a) -> str:
     """`` --precision bf16`` for a recorded training command that ran in bf16, else nothing (fp32 is the default)."""
     return " --precision bf16" if a.precision == "bf16" else ""
@@ -473,7 +478,7 @@ def _cmd_train_tgcnet(a, progress):
            + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else "")
-           + (f" --max-grad-norm {a.max_grad_norm!r}" if a.max_grad_norm is not None else "") + _precision_flag(a))
+           + _grad_norm_flag(a) + _precision_flag(a))
     path = run_tgcnet_training(Path(a.output_dir), work_dir, a.model_id, a.dataset, a.phantoms, a.clip_steps,
                                a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
                                cmd, a.force, a.clip_from, ablate, a.lora_rank, init_from=a.init_from,
@@ -519,7 +524,7 @@ def _cmd_train(a, progress):
            + (" --stages segmenter,calibrate,export" if a.init_from and "clip" not in stages else "")
            + (f" --data {a.data}" if a.data else "")
            + (f" --calibration-data {a.calibration_data}" if a.calibration_data else "")
-           + (f" --max-grad-norm {a.max_grad_norm!r}" if a.max_grad_norm is not None else "") + _precision_flag(a))
+           + _grad_norm_flag(a) + _precision_flag(a))
     path = run_training(Path(a.output_dir), work_dir, a.model_id, a.phantoms, a.clip_steps, a.steps,
                         Path(a.data) if a.data else None, a.seed, stages, not a.no_resume,
                         a.calibration_volumes, progress, device, command=cmd, presence_head=a.presence_head,

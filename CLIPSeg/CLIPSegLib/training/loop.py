@@ -101,12 +101,12 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
     check_precision(precision)
     check_grad_norm(max_grad_norm)
     progress = progress or Progress("none")
-    device_type = next(p for g in recipe.param_groups for p in g["params"]).device.type
+    params = [p for g in recipe.param_groups for p in g["params"]]
+    device_type = params[0].device.type
     recipe.train(True)
     opt = torch.optim.AdamW(recipe.param_groups, weight_decay=recipe.weight_decay)
     sched = _cosine(opt, steps)
     step, best, stale = 0, float("inf"), 0
-    params = [p for g in recipe.param_groups for p in g["params"]]
     clip = {"max_grad_norm": max_grad_norm} if max_grad_norm is not None else {}  # old checkpoints still resume
     fingerprint = json.dumps({"steps": steps, "batch_size": batch_size, **clip, **(recipe.fingerprint or {})},
                              sort_keys=True, default=str)
@@ -131,7 +131,8 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
             loss = recipe.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        info = f"loss {loss.item():.3f}"
+        value = loss.item()
+        info = f"loss {value:.3f}"
         finite = True
         if max_grad_norm is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
@@ -143,7 +144,7 @@ def run_loop(recipe: Recipe, dataset, steps: int, ckpt: Path, batch_size: int, s
             opt.step()
         sched.step()
         step += 1
-        losses.append(loss.item())
+        losses.append(value)
         if validate is not None and (step % validate_every == 0 or step == steps):
             recipe.train(False)
             with torch.no_grad():
