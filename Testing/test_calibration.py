@@ -219,3 +219,28 @@ def test_recalibrating_a_medclipsam_model_uses_its_own_search(tiny_medclipsam, t
     presence = json.loads(out.read_text(encoding="utf-8"))["presence"]
     assert presence["min_slice_presence"] == 0.7 and presence["min_sam_iou"] == 0.3
     assert presence["calibration"]["volumes"] == 3 and "clipseg calibrate" in presence["calibration"]["command"]
+
+
+@pytest.mark.parametrize("vote, slices", [(1, [[2], [5, 6, 7]]), (3, [[5, 6, 7]])])
+def test_the_calibration_judges_the_maps_after_the_models_slice_vote(monkeypatch, vote, slices):
+    """A model whose spec asks neighbouring slices to vote (``inference.slice_vote``) is calibrated on voted maps,
+    as the pipeline judges them: a blob on one stray slice is no candidate, a finding over three slices is."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import CLIPSegLib.training.calibration as calibration
+
+    prob = np.zeros((1, 10, 16, 16), np.float32)
+    prob[0, 2, 2:6, 2:6] = 0.9  # one stray slice
+    prob[0, 5:8, 8:14, 8:14] = 0.95  # the finding
+    monkeypatch.setattr(calibration, "predict_maps", lambda engine, image, state, **kw: (prob.copy(), None))
+    engine = SimpleNamespace(spec={"inference": {"slice_vote": vote}}, encode_prompts=lambda prompts: prompts)
+    truth = prob[0] > 0.9
+    case = calibration.CalibrationCase(np.random.default_rng(0).normal(size=prob.shape[1:]).astype(np.float32),
+                                       (1.0, 1.0, 2.0), {"nodule": truth}, {"nodule": "nodule"})
+    out = calibration.collect_cases(engine, [case], {"nodule": ["nodule"]})
+    (finding, truth_voxels, comps, extent_mm), = out[0.5][1.0]
+    assert finding == "nodule" and truth_voxels == 108 and extent_mm == 20.0
+    assert sorted(c.n_slices for c, _ in comps) == sorted(len(s) for s in slices)
+    assert [overlap for c, overlap in comps if c.n_slices == 3] == [108]

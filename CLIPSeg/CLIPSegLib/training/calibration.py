@@ -25,7 +25,7 @@ from ..engines.contract import MATCH_MIN_COSINE
 from ..io.geometry import array_axis_of
 from ..synthetic.families import random_volume_phantom
 from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
-from ..inference.pipeline import combine_maps, predict_maps
+from ..inference.pipeline import combine_maps, predict_maps, slice_vote_of
 from ..inference.postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
 from ..progress import Progress
 
@@ -113,11 +113,13 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
     first standing for the finding when it is a rival. The engine is used through its contract
     (``engines.contract``: ``encode_prompts``, then ``predict`` via ``pipeline.predict_maps``), slicing along K. The
     maps are gated and compete as in the pipeline (``pipeline.combine_maps`` over ``exclusive`` pairs, against each
-    rival finding's first phrasing: ``postprocess.with_rivals``); ``flip_average`` as in ``pipeline.predict_maps``
-    (default: the engine's model setting)."""
+    rival finding's first phrasing: ``postprocess.with_rivals``) and neighbouring slices vote as the model's
+    ``inference.slice_vote`` says; ``flip_average`` as in ``pipeline.predict_maps`` (default: the engine's model
+    setting)."""
     progress = progress or Progress("none")
     out: dict[float, dict[float, list]] = {}
     array_axis = array_axis_of(SLICE_AXIS)
+    vote = slice_vote_of(engine)
     for v, case in enumerate(cases):
         asked = list(case.prompts)
         prompts, findings, judges = with_rivals([case.prompts[f] for f in asked], asked,
@@ -126,7 +128,7 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
         masks, presence = predict_maps(engine, case.image, state, slice_axis=SLICE_AXIS, flip_average=flip_average)
         for gate in (gates if presence is not None else (1.0,)):
             gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
-                                 judges)
+                                 judges, vote=vote)
             for i, f in enumerate(asked):
                 for t in thresholds:
                     out.setdefault(t, {}).setdefault(gate, []).append(
