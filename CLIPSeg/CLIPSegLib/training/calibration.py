@@ -158,7 +158,8 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
     each slice is one case of its own (a 2D map, one slice thick), so a slice that is not labelled for a phrase is
     never judged for it, and a labelled slice with an empty mask is an absent case. Phrases of an ``exclusive`` pair
     compete voxel-wise (``pipeline.combine_maps``; each phrase is its rival's phrasing, predicted on a slice even
-    where it is not labelled; unlike the pipeline, the rival's map is gated by the candidate gate, not its own)."""
+    where it is not labelled; unlike the pipeline, the rival's map is gated by the candidate gate, not its own, and
+    a model's ``inference.slice_vote`` is not applied: a slice's neighbours are not predicted)."""
     progress = progress or Progress("none")
     by_volume: dict[int, list[int]] = {}
     for v, k in held:
