@@ -212,6 +212,9 @@ def test_training_stops_early_when_validation_stops_improving(tmp_path):
     (["--calibration-volumes", "0"], "--calibration-volumes 0: must be at least 1"),
     (["--data", "nowhere.csv"], "--data nowhere.csv: no such file"),
     (["--seed", "-1"], None),  # argparse refuses it (exit 2)
+    (["--input-size", "200"], "--input-size 200: give a multiple of 32 pixels"),
+    (["--slice-vote", "2"], "--slice-vote 2: give an odd number of slices"),
+    (["--engine", "tgcnet", "--slice-vote", "3"], "--slice-vote does not apply"),
 ])
 def test_train_refuses_bad_arguments_before_any_work(args, expected, tmp_path, capsys, monkeypatch):
     from CLIPSegLib.cli import main
@@ -418,3 +421,39 @@ def test_init_from_refuses_a_model_the_recipe_cannot_continue_before_any_work(ar
     code = main(["train", "--output-dir", str(tmp_path / "out"), "--work-dir", str(work)] + TINY_RUN + args)
     assert code == exit_code and expected in capsys.readouterr().err
     assert not work.exists() and not (tmp_path / "out").exists()
+
+
+def test_train_at_another_input_size_with_a_slice_vote_calibrates_the_voted_maps_at_that_size(tmp_path, monkeypatch):
+    """`clipseg train --input-size 64 --slice-vote 3`: the bank is drawn at 64 px, the fine branch works at 64 px
+    (the CLIP at its own 128), the spec says both, the calibration judges maps combined with the vote of 3, and the
+    re-create command carries both flags (issue: presence under domain shift; small foci of 256-px slices)."""
+    from CLIPSegLib.cli import main
+    from CLIPSegLib.engines import create_engine
+    from CLIPSegLib.models import load_spec
+    from CLIPSegLib.training import calibration, datasets
+
+    sizes, votes = [], []
+    bank, combine = datasets.PhantomBank, calibration.combine_maps
+
+    class SpyBank(bank):
+        def __init__(self, n, size, *args, **kw):
+            sizes.append(size)
+            super().__init__(n, size, *args, **kw)
+
+    def spy_combine(*args, vote=1, **kw):
+        votes.append(vote)
+        return combine(*args, vote=vote, **kw)
+
+    monkeypatch.setattr(datasets, "PhantomBank", SpyBank)
+    monkeypatch.setattr(calibration, "combine_maps", spy_combine)
+    out = tmp_path / "out"
+    assert main(["train", "--output-dir", str(out), "--work-dir", str(tmp_path / "w"), "--model-id", "big",
+                 "--input-size", "64", "--slice-vote", "3"] + TINY_RUN) == 0
+    spec = load_spec(out / "big.json")
+    assert sizes == [64] and votes and set(votes) == {3}
+    assert spec["network"]["input_size"] == 64 and spec["inference"]["slice_vote"] == 3
+    assert "--input-size 64 --slice-vote 3" in spec["training"]["command"]
+    engine = create_engine(spec, torch.device("cpu"))
+    assert engine.preprocessing.input_size == 64
+    probs, _ = engine.predict(torch.rand(2, 1, 64, 64), engine.encode_prompts(["cyst"]))
+    assert probs.shape == (2, 1, 64, 64)

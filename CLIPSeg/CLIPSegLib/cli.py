@@ -161,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "training otherwise)")
     t.add_argument("--presence-head", action="store_true",
                    help="add the slice presence head (off by default: it lowered nodule Dice in our measurements)")
+    t.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
+                   help="cliptnseg: the slice size the fine branch and head work at, and the training bank's "
+                        "(default: the CLIP's own, 128; a multiple of 32 from 32 to 1024); the CLIP sees slices "
+                        "resized to its own size. 256 keeps small foci of 256-pixel slices")
+    t.add_argument("--slice-vote", type=int, default=1, metavar="SLICES",
+                   help="cliptnseg: the model's inference.slice_vote (odd; each voxel's probability the median over "
+                        "this many neighbouring slices; default 1, off), set before the calibration so the rule "
+                        "judges the voted maps")
     _add_training(t)  # no --model: train builds its model from scratch (finetune starts from one)
 
     k = sub.add_parser("calibrate", help="re-calibrate a model's found / not-found rule on phantom volumes it was "
@@ -393,7 +401,8 @@ def _cmd_train_medclipsam(a, progress):
 
 #: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
 #: (``--init-from``, which the tgcnet recipe reads too, is refused by the medclipsam branches)
-CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head")
+CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head",
+                  "--input-size", "--slice-vote")
 #: options of the segmenter recipes (cliptnseg, tgcnet) only
 SEGMENTER_ONLY = ("--max-grad-norm",)
 #: options of ``clipseg train --engine tgcnet --dataset report`` only
@@ -489,7 +498,7 @@ def _cmd_train_tgcnet(a, progress):
 
 
 def _cmd_train(a, progress):
-    from .training.cliptnseg_recipe import check_train_args, run_training
+    from .training.cliptnseg_recipe import check_train_args, check_train_shape, run_training
 
     if a.pseudo_labels is not None or a.prompt or a.zero_shot:
         if a.engine != "medclipsam" or a.pseudo_labels is None:
@@ -512,6 +521,7 @@ def _cmd_train(a, progress):
                                "--foreground-weight": (a.foreground_weight, 0)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
     _check_grad_norm(a, stages)
+    check_train_shape(a.input_size, a.slice_vote)
     work_dir, device = _train_setup(a, stages, progress)
     # the command that re-creates this model where it is written: --force, as the model will be there by then
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
@@ -520,6 +530,8 @@ def _cmd_train(a, progress):
            f"--family {a.family} --seed {a.seed} --no-resume --force" + (" --presence-head" if a.presence_head else "")
            + (f" --rival-weight {a.rival_weight!r}" if a.rival_weight else "")
            + (f" --foreground-weight {a.foreground_weight!r}" if a.foreground_weight else "")
+           + (f" --input-size {a.input_size}" if a.input_size else "")
+           + (f" --slice-vote {a.slice_vote}" if a.slice_vote != 1 else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (" --stages segmenter,calibrate,export" if a.init_from and "clip" not in stages else "")
            + (f" --data {a.data}" if a.data else "")
@@ -532,7 +544,7 @@ def _cmd_train(a, progress):
                         calibration_csv=Path(a.calibration_data) if a.calibration_data else None, family=a.family,
                         rival_weight=a.rival_weight, init_from=a.init_from,
                         foreground_weight=a.foreground_weight, precision=a.precision,
-                        max_grad_norm=a.max_grad_norm)
+                        max_grad_norm=a.max_grad_norm, input_size=a.input_size, slice_vote=a.slice_vote)
     if path:
         print(f"wrote {path}")
 

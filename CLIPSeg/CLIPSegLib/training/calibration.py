@@ -340,23 +340,24 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
 
 def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = None, device="cpu",
                        seed_base: int = CALIBRATION_SEED_BASE, exclusive=EXCLUSIVE,
-                       flip_average: bool = False, table_csv=None, family: str = "A") -> dict:
+                       inference: dict | None = None, table_csv=None, family: str = "A") -> dict:
     """Calibrated presence rule for a trained CLIPTNSegNet on ``n_volumes`` phantom volumes, or, with
     ``table_csv``, on a user's labelled images (``data_cases``: the phrases come from the data; no phantom finding
     is assumed). ``family``: the phantom family of the volumes (``synthetic.families``). ``exclusive``: pairs of
-    findings that never share a voxel (phantoms only); they compete voxel-wise during calibration and in the pipeline (stored in the rule). ``flip_average``: the model's inference setting
-    (the rule is calibrated on the maps the pipeline will see)."""
+    findings that never share a voxel (phantoms only); they compete voxel-wise during calibration and in the
+    pipeline (stored in the rule). ``inference``: the model spec's ``inference`` entry (``flip_average``,
+    ``slice_vote``; None: neither), so the rule is calibrated on the maps the pipeline will judge."""
     import torch
 
     from ..engines.cliptnseg.engine import CLIPTNSegEngine
 
-    engine = CLIPTNSegEngine(net, torch.device(device))
+    engine = CLIPTNSegEngine(net, torch.device(device), spec={"inference": dict(inference or {})})
     if table_csv is not None:
         cases, phrasings = data_cases(table_csv)
-        rule = calibrate_rules(engine, cases, phrasings, (), progress, flip_average, len(cases))
+        rule = calibrate_rules(engine, cases, phrasings, (), progress, None, len(cases))
         rule["calibration"].update({"volumes": len(cases), "data": str(table_csv)})
         return rule
-    return calibrate_phantom_rules(engine, n_volumes, seed_base, family, exclusive, progress, flip_average)
+    return calibrate_phantom_rules(engine, n_volumes, seed_base, family, exclusive, progress)
 
 
 def calibrate_phantom_rules(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, family: str = "A",

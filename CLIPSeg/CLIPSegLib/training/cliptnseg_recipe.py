@@ -52,8 +52,12 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
     phantom finding -> the finding; a phrase it does not list is its own concept), so several images may share a
     text: the target of each row/column is uniform over all matching pairs (multi-positive InfoNCE). ``start``: the
     lineage of the weights ``clip`` starts from (``models.lineage``; None: its own), part of the checkpoint's
-    fingerprint."""
+    fingerprint. Images of another size than the tower's are resized to it."""
+    from ..engines.clip_backbone import clip_image_size
+    from ..inference.preprocessing import resize_slices
+
     clip.to(device)
+    size = clip_image_size(clip)
     concepts = dict(getattr(dataset, "concepts", None) or {})
     normal = list(getattr(dataset, "normal_phrases", None) or [])
     ctx = clip.context_length
@@ -84,7 +88,7 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
         if len(rows) < 2:
             return clip.logit_scale * 0.0  # nothing to contrast in this batch
         pos = torch.tensor([[c in held[i] for c in text_concepts] for i in rows], dtype=torch.float32, device=device)
-        img_f = clip.encode_image(to_clip_input(images[rows].to(device)), normalize=True)
+        img_f = clip.encode_image(to_clip_input(resize_slices(images[rows].to(device), size)), normalize=True)
         txt_f = clip.encode_text(tokenize(texts, ctx).to(device), normalize=True)
         logits = clip.logit_scale.exp().clamp(max=100) * img_f @ txt_f.t()
         loss_i = -(pos / pos.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
@@ -251,6 +255,17 @@ def check_train_args(stages, counts: dict, tables: dict) -> tuple:
     return stages
 
 
+def check_train_shape(input_size: int | None, slice_vote: int) -> None:
+    """Refuse (InputError) before any work an ``--input-size`` the fine branch cannot take or an even or
+    non-positive ``--slice-vote``."""
+    if input_size is not None and not (32 <= input_size <= 1024 and input_size % 32 == 0):
+        raise InputError(f"--input-size {input_size}: give a multiple of 32 pixels from 32 to 1024 (e.g. 256), or "
+                         f"leave it out for the CLIP's own 128")
+    if slice_vote < 1 or slice_vote % 2 == 0:
+        raise InputError(f"--slice-vote {slice_vote}: give an odd number of slices (1: off, 3: each slice and its "
+                         f"two neighbours)")
+
+
 def _checkpoint(path: Path, stage: str) -> dict:
     """The weights of a stage's checkpoint; InputError naming the stage to run when it is missing."""
     if not path.is_file():
@@ -290,7 +305,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  force: bool = False, calibration_csv: Path | None = None, family: str = "A",
                  rival_weight: float = 0.0, init_from: str | None = None,
                  foreground_weight: float = 0.0, precision: str = "fp32",
-                 max_grad_norm: float | None = None) -> Path | None:
+                 max_grad_norm: float | None = None, input_size: int | None = None,
+                 slice_vote: int = 1) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     ``init_from`` (a model id or spec path, ``warm_start``): continue that model instead of starting from random
@@ -301,7 +317,10 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     ``family``: the phantom family of the training bank and the calibration volumes ("A", "B" or the mixture "A+B",
     ``synthetic.families``). ``rival_weight``, ``foreground_weight``: ``train_segmenter``'s (0: the embedded model's
     recipe). ``precision``: fp32 or bf16 autocast of the training steps, ``max_grad_norm``: the segmenter stage's
-    gradient-norm limit (``loop.run_loop``; None: none).
+    gradient-norm limit (``loop.run_loop``; None: none). ``input_size``: the slice size in pixels the fine branch and
+    head work at (network ``input_size``; None: the CLIP's own, 128), the training bank drawn at it; the CLIP sees
+    the slices resized to its own size. ``slice_vote``: the spec's ``inference.slice_vote`` (odd; 1: off), set
+    before the calibration so the rule judges the voted maps.
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
@@ -312,10 +331,14 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     from ..models import clip_part, lineage
 
     spec = embedded_spec(model_id, presence_head)
+    if input_size is not None and input_size != spec["clip"]["vision_cfg"]["image_size"]:
+        spec["network"]["input_size"] = int(input_size)
+    if slice_vote != 1:
+        spec["inference"]["slice_vote"] = int(slice_vote)
     parent, parent_state = warm_start(init_from, spec) if init_from else (None, None)
     start = lineage(parent) if parent is not None else None  # in the checkpoints' fingerprint and the spec
     work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
-    size = spec["clip"]["vision_cfg"]["image_size"]
+    size = spec["network"].get("input_size") or spec["clip"]["vision_cfg"]["image_size"]
     bank = None
     if {"clip", "segmenter"} & set(stages):
         bank = PhantomBank(n_phantoms, size, n_prompts=3, family=family,
@@ -356,7 +379,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
         from .calibration import calibrate_presence
 
         return calibrate_presence(net, n_volumes=calibration_volumes, progress=progress, device=device,
-                                  flip_average=spec["inference"]["flip_average"], table_csv=calibration_csv,
+                                  inference=spec["inference"], table_csv=calibration_csv,
                                   family=family)
 
     presence = staged_presence(work_dir, stages, calibrate)
