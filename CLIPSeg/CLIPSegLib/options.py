@@ -35,6 +35,8 @@ AXES = ("auto", "0", "1", "2")  # slice axis as a voxel axis: 0 = I, 1 = J, 2 = 
 PRECISIONS = ("fp32", "bf16")
 # the panel's fine-tuning slice sizes: choice shown -> `clipseg finetune --input-size` (None: the parent model's own)
 TRAIN_INPUT_SIZES = {"the model's own (fastest)": None, "256 px (large slices, ~4x slower)": 256}
+# every slice size a cliptnseg fine branch may be trained at (`clipseg train` / `finetune --input-size`), in pixels
+INPUT_SIZES = range(32, 1025, 32)
 USES = ("engine", "pipeline", "presence", "reader")
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from ..checks import check_prompts
 from ..errors import ClipSegError, InputError
 from ..io.outputs import write_volume
-from ..options import check_device, check_precision
+from ..options import INPUT_SIZES, check_device, check_precision
 from .background import BackgroundJob, finetune_command
 from .mrml_bridge import check_untransformed, segment_to_array, volume_to_array
 
@@ -49,7 +49,7 @@ def check_steps(steps) -> int | None:
 def check_input_size(size) -> int | None:
     if size is None:
         return None
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 32 <= size <= 1024 or size % 32:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size not in INPUT_SIZES:
         raise InputError(f"input size {size!r} must be a whole number of pixels, a multiple of 32 from 32 to 1024 "
                          f"(e.g. 256 for slices much larger than the model's 128), or None for the model's own")
     return int(size)

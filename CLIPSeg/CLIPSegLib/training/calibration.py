@@ -354,20 +354,20 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
     engine = CLIPTNSegEngine(net, torch.device(device), spec={"inference": dict(inference or {})})
     if table_csv is not None:
         cases, phrasings = data_cases(table_csv)
-        rule = calibrate_rules(engine, cases, phrasings, (), progress, None, len(cases))
+        rule = calibrate_rules(engine, cases, phrasings, (), progress, total=len(cases))
         rule["calibration"].update({"volumes": len(cases), "data": str(table_csv)})
         return rule
     return calibrate_phantom_rules(engine, n_volumes, seed_base, family, exclusive, progress)
 
 
 def calibrate_phantom_rules(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, family: str = "A",
-                            exclusive=EXCLUSIVE, progress: Progress | None = None,
-                            flip_average: bool | None = None) -> dict:
+                            exclusive=EXCLUSIVE, progress: Progress | None = None) -> dict:
     """``calibrate_rules`` on ``n_volumes`` phantom volumes of ``family`` from ``seed_base``, every phantom finding
-    with its phrasings, at the probability thresholds of the engine (``PHANTOM_THRESHOLDS``, default 0.5 only); the
-    rule's ``calibration`` records the volumes, seeds and family."""
+    with its phrasings, at the probability thresholds of the engine (``PHANTOM_THRESHOLDS``, default 0.5 only); flip
+    averaging and the slice vote as the engine's spec says. The rule's ``calibration`` records the volumes, seeds and
+    family."""
     rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family), {f: list(PHRASES[f]) for f in FINDINGS},
-                           [tuple(p) for p in exclusive], progress, flip_average, n_volumes,
+                           [tuple(p) for p in exclusive], progress, total=n_volumes,
                            thresholds=PHANTOM_THRESHOLDS.get(engine.name, THRESHOLDS[:1]))
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
                                 "family": family})

@@ -12,6 +12,7 @@ import torch
 from ..engines.clip_backbone import build_clip, to_clip_input, tokenize
 from .datasets import NORMAL_PHRASES
 from ..errors import InputError
+from ..options import INPUT_SIZES
 from ..synthetic.phantoms import PHRASES
 from ..progress import Progress
 from .losses import foreground_loss, rival_negative_loss
@@ -258,7 +259,7 @@ def check_train_args(stages, counts: dict, tables: dict) -> tuple:
 def check_train_shape(input_size: int | None, slice_vote: int) -> None:
     """Refuse (InputError) before any work an ``--input-size`` the fine branch cannot take or an even or
     non-positive ``--slice-vote``."""
-    if input_size is not None and not (32 <= input_size <= 1024 and input_size % 32 == 0):
+    if input_size is not None and input_size not in INPUT_SIZES:
         raise InputError(f"--input-size {input_size}: give a multiple of 32 pixels from 32 to 1024 (e.g. 256), or "
                          f"leave it out for the CLIP's own 128")
     if slice_vote < 1 or slice_vote % 2 == 0:
