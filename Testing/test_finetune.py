@@ -407,6 +407,13 @@ def test_a_model_fine_tuned_at_another_input_size_is_written_and_run_at_that_siz
     assert probs.shape == (2, 1, 64, 64)
 
 
+def test_a_slice_size_the_fine_branch_cannot_take_is_refused_before_any_work(sparse_table, tiny_model, tmp_path):
+    for size in (63, 2048):
+        with pytest.raises(InputError, match=f"--input-size {size}: give a multiple of 32"):
+            finetune(sparse_table, tmp_path / "out", tiny_model, "odd", steps=2, batch_size=1, input_size=size)
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_fine_branch_at_a_larger_size_keeps_every_weight_and_the_coarse_map(tiny_model):
     from CLIPSegLib.engines.cliptnseg.network import CLIPTNSegNet, network_at_input_size
     from CLIPSegLib.errors import ModelError

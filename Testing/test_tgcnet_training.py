@@ -266,3 +266,29 @@ def test_init_from_refuses_a_model_the_tgcnet_recipe_cannot_continue(init_from, 
         run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, init_from=init_from,
                             network={"extract_layers": [1, 2], "dim": 16, "heads": 2, "cnn_channels": [4, 4, 8, 8]})
     assert not (tmp_path / "w").exists()
+
+
+def test_a_thyroid_run_with_a_slice_vote_calibrates_the_voted_maps(tiny_model, tmp_path, monkeypatch):
+    """--slice-vote 3 on thyroid phantoms: the spec says it before the calibration, which combines its maps with
+    that vote (so the rule judges what the pipeline gives); report data (single radiographs) refuses it."""
+    from CLIPSegLib.models import load_spec
+    from CLIPSegLib.training import calibration
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    votes, combine = [], calibration.combine_maps
+
+    def spy_combine(*args, vote=1, **kw):
+        votes.append(vote)
+        return combine(*args, vote=vote, **kw)
+
+    monkeypatch.setattr(calibration, "combine_maps", spy_combine)
+    network = {"extract_layers": [1, 2], "dim": 16, "heads": 2, "cnn_channels": [4, 4, 8, 8]}
+    path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgc-voted", "thyroid", n_images=4, steps=1,
+                               calibration_volumes=1, clip_from=str(tiny_model), lora_rank=2, network=network,
+                               batch_size=2, stages=("segmenter", "calibrate", "export"), slice_vote=3)
+    spec = load_spec(str(path))
+    assert spec["inference"] == {"flip_average": True, "slice_vote": 3}
+    assert votes and set(votes) == {3}
+    with pytest.raises(InputError, match="--slice-vote needs volumes: --dataset report is single radiographs"):
+        run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, slice_vote=3)
+    assert not (tmp_path / "w").exists()

@@ -214,7 +214,10 @@ def test_training_stops_early_when_validation_stops_improving(tmp_path):
     (["--seed", "-1"], None),  # argparse refuses it (exit 2)
     (["--input-size", "200"], "--input-size 200: give a multiple of 32 pixels"),
     (["--slice-vote", "2"], "--slice-vote 2: give an odd number of slices"),
-    (["--engine", "tgcnet", "--slice-vote", "3"], "--slice-vote does not apply"),
+    (["--engine", "tgcnet", "--slice-vote", "3"], "single radiographs, with no neighbouring slices to vote: "
+                                                   "--slice-vote does not apply"),
+    (["--engine", "tgcnet", "--dataset", "thyroid", "--slice-vote", "4"], "--slice-vote 4: give an odd number"),
+    (["--engine", "medclipsam", "--slice-vote", "3"], "--slice-vote does not apply"),
 ])
 def test_train_refuses_bad_arguments_before_any_work(args, expected, tmp_path, capsys, monkeypatch):
     from CLIPSegLib.cli import main

@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the CLIP's own, 128; a multiple of 32 from 32 to 1024); the CLIP sees slices "
                         "resized to its own size. 256 keeps small foci of 256-pixel slices")
     t.add_argument("--slice-vote", type=int, default=1, metavar="SLICES",
-                   help="cliptnseg: the model's inference.slice_vote (odd; each voxel's probability the median over "
+                   help="cliptnseg and tgcnet --dataset thyroid: the model's inference.slice_vote (odd; each voxel's probability the median over "
                         "this many neighbouring slices; default 1, off), set before the calibration so the rule "
                         "judges the voted maps")
     _add_training(t)  # no --model: train builds its model from scratch (finetune starts from one)
@@ -385,7 +385,7 @@ def _cmd_train_medclipsam(a, progress):
     stages = check_stages((a.stages or "sam,calibrate,export").split(","))
     check_train_args(["export"], {"--phantoms": (a.phantoms, 0), "--volumes": (a.volumes, 0), "--steps": (a.steps, 1),
                                   "--calibration-volumes": (a.calibration_volumes, 1)}, {})
-    _refuse_given(a, CLIPTNSEG_ONLY + ("--init-from",) + REPORT_ONLY + SEGMENTER_ONLY,
+    _refuse_given(a, CLIPTNSEG_ONLY + VOLUME_ONLY + ("--init-from",) + REPORT_ONLY + SEGMENTER_ONLY,
                   "--engine medclipsam trains on phantoms only")
     work_dir, device = _train_setup(a, stages, progress)
     cmd = (f"clipseg train --engine medclipsam --output-dir {a.output_dir} --model-id {a.model_id} "
@@ -402,7 +402,9 @@ def _cmd_train_medclipsam(a, progress):
 #: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
 #: (``--init-from``, which the tgcnet recipe reads too, is refused by the medclipsam branches)
 CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head",
-                  "--input-size", "--slice-vote")
+                  "--input-size")
+#: options of the recipes that segment phantom volumes slice by slice (cliptnseg, tgcnet --dataset thyroid) only
+VOLUME_ONLY = ("--slice-vote",)
 #: options of the segmenter recipes (cliptnseg, tgcnet) only
 SEGMENTER_ONLY = ("--max-grad-norm",)
 #: options of ``clipseg train --engine tgcnet --dataset report`` only
@@ -445,7 +447,7 @@ def _cmd_train_pseudo_labels(a, progress):
     stages = check_stages((a.stages or "label,unet,calibrate,export").split(","))
     check_train_args(["export"], {"--steps": (a.steps, 1)}, {})
     _refuse_given(a, ("--volumes", "--family", "--calibration-volumes", "--clip-from", "--init-from")
-                  + REPORT_ONLY + CLIPTNSEG_ONLY + SEGMENTER_ONLY,
+                  + REPORT_ONLY + CLIPTNSEG_ONLY + VOLUME_ONLY + SEGMENTER_ONLY,
                   "--pseudo-labels trains on the zero-shot masks of its folder and calibrates on a held-out quarter "
                   "of it")
     a.zero_shot = a.zero_shot or "medclipsam-phantom-small"
@@ -463,7 +465,7 @@ def _cmd_train_pseudo_labels(a, progress):
 
 
 def _cmd_train_tgcnet(a, progress):
-    from .training.cliptnseg_recipe import check_train_args
+    from .training.cliptnseg_recipe import check_train_args, check_train_shape
     from .training.tgcnet_recipe import STAGES, run_tgcnet_training
 
     a.model_id = a.model_id or f"tgcnet-{a.dataset}-small"
@@ -475,6 +477,9 @@ def _cmd_train_tgcnet(a, progress):
                   "--engine tgcnet trains on --dataset report or thyroid and always has its presence head")
     if a.dataset != "report":
         _refuse_given(a, REPORT_ONLY, f"--dataset {a.dataset} has no report lines")
+    else:
+        _refuse_given(a, VOLUME_ONLY, "--dataset report is single radiographs, with no neighbouring slices to vote")
+    check_train_shape(None, a.slice_vote)
     _check_grad_norm(a, stages)
     ablate = tuple(m.strip() for m in a.ablate.split(",") if m.strip())
     work_dir, device = _train_setup(a, stages, progress)
@@ -487,12 +492,13 @@ def _cmd_train_tgcnet(a, progress):
            + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else "")
+           + (f" --slice-vote {a.slice_vote}" if a.slice_vote != 1 else "")
            + _grad_norm_flag(a) + _precision_flag(a))
     path = run_tgcnet_training(Path(a.output_dir), work_dir, a.model_id, a.dataset, a.phantoms, a.clip_steps,
                                a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
                                cmd, a.force, a.clip_from, ablate, a.lora_rank, init_from=a.init_from,
                                wording=a.report_wording, location_support=a.location_support,
-                               precision=a.precision, max_grad_norm=a.max_grad_norm)
+                               precision=a.precision, max_grad_norm=a.max_grad_norm, slice_vote=a.slice_vote)
     if path:
         print(f"wrote {path}")
 

@@ -337,6 +337,14 @@ class CLIPTNSegTuning(Tuning):
     text_adaptations = TEXT_ADAPTATIONS
     can_keep_parent = True
 
+    @classmethod
+    def check(cls, spec: dict, text_adaptation: str | None, input_size: int | None) -> str:
+        """The base check plus an ``input_size`` the fine branch can take (else InputError before any work)."""
+        from .cliptnseg_recipe import check_train_shape
+
+        check_train_shape(input_size, 1)
+        return super().check(spec, text_adaptation, input_size)
+
     def __init__(self, spec: dict, input_size: int | None, progress: Progress):
         from ..engines.cliptnseg.engine import CLIPTNSegEngine
 

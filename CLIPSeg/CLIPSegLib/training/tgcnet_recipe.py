@@ -154,7 +154,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         lora_rank: int = 8, batch_size: int = 12, clip_cfg: dict | None = None,
                         network: dict | None = None, init_from: str | None = None,
                         wording: str = "train", location_support: bool = False,
-                        precision: str = "fp32", max_grad_norm: float | None = None) -> Path | None:
+                        precision: str = "fp32", max_grad_norm: float | None = None,
+                        slice_vote: int = 1) -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
     path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
     ``NETWORK``) change the architecture (tests make it tiny).
@@ -168,6 +169,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     ``location_support`` (report data only): the spec's ``inference.location_support`` (``engines.tgcnet.engine``),
     set before calibration so the rules are fitted to the maps it gives. ``precision``: fp32 or bf16 autocast of the
     training steps, ``max_grad_norm``: the segmenter stage's gradient-norm limit (``loop.run_loop``; None: none).
+    ``slice_vote`` (thyroid data only): the spec's ``inference.slice_vote`` (odd; 1: off), set before calibration.
     """
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
@@ -195,6 +197,10 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         raise refused
     if location_support:
         spec["inference"]["location_support"] = True
+    if slice_vote != 1:
+        if data == "report":
+            raise InputError("--slice-vote needs volumes: --dataset report is single radiographs; drop it")
+        spec["inference"]["slice_vote"] = int(slice_vote)
     parent, parent_state = warm_start(init_from, spec, data) if init_from else (None, None)
     start = lineage(parent) if parent is not None else None
     work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
