@@ -165,11 +165,14 @@ def test_recalibration_rewrites_the_phantom_rules_and_keeps_a_fine_tuned_phrase(
         recalibrate_model(str(tuned), out, 1, family="A")
 
 
-@pytest.mark.parametrize("engine, searched", [("cliptnseg", (0.5,)), ("tgcnet", (0.5, 0.3, 0.4, 0.6, 0.7))])
+@pytest.mark.parametrize("engine, given, searched", [("cliptnseg", None, (0.5,)),
+                                                    ("tgcnet", None, (0.5, 0.3, 0.4, 0.6, 0.7)),
+                                                    ("cliptnseg", (0.5, 0.6, 0.7), (0.5, 0.6, 0.7))])
 def test_recalibration_searches_probability_thresholds_for_tgcnet_rules_only(tiny_model, tmp_path, monkeypatch,
-                                                                            engine, searched):
+                                                                            engine, given, searched):
     """A tgcnet model's phantom rules may take another probability threshold than 0.5 (as its training calibrates
-    them); a cliptnseg model's keep 0.5 (the search cost absent findings under a family shift)."""
+    them); a cliptnseg model's keep 0.5 (the search cost absent findings under a family shift) unless
+    ``clipseg calibrate --thresholds`` asks for others; the rule records what was searched."""
     import json
     import shutil
     from types import SimpleNamespace
@@ -192,8 +195,31 @@ def test_recalibration_searches_probability_thresholds_for_tgcnet_rules_only(tin
 
     monkeypatch.setattr(segment_file, "load_engine", lambda model, device="cpu": SimpleNamespace(name=engine))
     monkeypatch.setattr(calibration, "calibrate_rules", fake_rules)
-    recalibrate.recalibrate_model(str(path), tmp_path / "re.json", 1, family="A")
+    out = recalibrate.recalibrate_model(str(path), tmp_path / "re.json", 1, family="A", thresholds=given)
     assert asked == [searched]
+    assert json.loads(out.read_text())["presence"]["calibration"]["thresholds"] == list(searched)
+
+
+@pytest.mark.parametrize("text, bad", [("0.5,1", "'1'"), ("0.5,0.5", "'0.5'"), ("0.5,x", "'x'"), ("nan", "'nan'"),
+                                       ("0.5,", "''")])
+def test_calibrate_refuses_thresholds_that_are_not_distinct_probabilities(tiny_model, tmp_path, capsys, text, bad):
+    from CLIPSegLib.cli import main
+
+    out = tmp_path / "re.json"
+    code = main(["calibrate", "--model", str(tiny_model), "--output", str(out), "--phantoms", "1",
+                 "--thresholds", text, "--progress", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--thresholds {text}: {bad} is not a new probability between 0 and 1" in err
+    assert not out.exists()
+
+
+def test_thresholds_are_refused_for_a_model_that_searches_its_own(tiny_medclipsam, tmp_path):
+    from CLIPSegLib.errors import InputError
+    from CLIPSegLib.training.recalibrate import recalibrate_model
+
+    with pytest.raises(InputError, match="--thresholds applies to the phantom rules of cliptnseg and thyroid tgcnet"):
+        recalibrate_model(str(tiny_medclipsam), tmp_path / "re.json", 1, thresholds=(0.5, 0.6))
+    assert not (tmp_path / "re.json").exists()
 
 
 def test_recalibrating_a_medclipsam_model_uses_its_own_search(tiny_medclipsam, tmp_path, monkeypatch):

@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation 40,000,000..)")
     k.add_argument("--family", default="A+B", choices=("A", "B", "A+B"),
                    help="phantom family of the calibration volumes (default A+B: each seed draws A or B)")
+    k.add_argument("--thresholds", default=None, metavar="P,P,...",
+                   help="probability thresholds each finding's rule is searched at, comma-separated, the first the "
+                        "default the others must clearly beat (e.g. 0.5,0.6,0.7; default: the engine's: 0.5 for "
+                        "cliptnseg, 0.5,0.3,0.4,0.6,0.7 for tgcnet)")
     k.add_argument("--force", action="store_true", help="replace --output if it exists")
     _add_common(k)
 
@@ -559,13 +563,15 @@ def _cmd_calibrate(a, progress):
     import shlex
 
     from .evaluation.evaluator import check_evaluate_args
-    from .training.recalibrate import recalibrate_model
+    from .training.recalibrate import parse_thresholds, recalibrate_model
 
     check_evaluate_args(a.phantoms)
+    thresholds = parse_thresholds(a.thresholds) if a.thresholds is not None else None
     argv = ["clipseg", "calibrate", "--output", a.output, "--phantoms", str(a.phantoms), "--seed", str(a.seed),
             "--family", a.family] + (["--model", a.model] if a.model else [])
+    argv += ["--thresholds", ",".join(f"{t:g}" for t in thresholds)] if thresholds else []
     path = recalibrate_model(a.model, Path(a.output), a.phantoms, a.seed, a.family, a.device, a.force, progress,
-                             command=shlex.join(argv) + " --force")
+                             command=shlex.join(argv) + " --force", thresholds=thresholds)
     if a.progress != "json":
         print(f"wrote {path}")
 

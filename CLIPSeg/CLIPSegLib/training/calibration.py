@@ -361,16 +361,16 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
 
 
 def calibrate_phantom_rules(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, family: str = "A",
-                            exclusive=EXCLUSIVE, progress: Progress | None = None) -> dict:
+                            exclusive=EXCLUSIVE, progress: Progress | None = None, thresholds=None) -> dict:
     """``calibrate_rules`` on ``n_volumes`` phantom volumes of ``family`` from ``seed_base``, every phantom finding
-    with its phrasings, at the probability thresholds of the engine (``PHANTOM_THRESHOLDS``, default 0.5 only); flip
-    averaging and the slice vote as the engine's spec says. The rule's ``calibration`` records the volumes, seeds and
-    family."""
+    with its phrasings, at the probability ``thresholds`` (the first is the default the others must beat; None: the
+    engine's, ``PHANTOM_THRESHOLDS``, default 0.5 only); flip averaging and the slice vote as the engine's spec
+    says. The rule's ``calibration`` records the volumes, seeds, family and thresholds searched."""
+    thresholds = tuple(thresholds or PHANTOM_THRESHOLDS.get(engine.name, THRESHOLDS[:1]))
     rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family), {f: list(PHRASES[f]) for f in FINDINGS},
-                           [tuple(p) for p in exclusive], progress, total=n_volumes,
-                           thresholds=PHANTOM_THRESHOLDS.get(engine.name, THRESHOLDS[:1]))
+                           [tuple(p) for p in exclusive], progress, total=n_volumes, thresholds=thresholds)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
-                                "family": family})
+                                "family": family, "thresholds": list(thresholds)})
     return rule
 
 

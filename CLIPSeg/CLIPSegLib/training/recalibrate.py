@@ -15,13 +15,15 @@ from .medclipsam_calibration import calibrate_medclipsam
 
 def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE,
                       family: str = "A+B", device: str = "cpu", force: bool = False,
-                      progress: Progress | None = None, command: str = ""):
+                      progress: Progress | None = None, command: str = "", thresholds=None):
     """Re-calibrate the presence rule of an existing model (id or spec path; None: the embedded model) on
     ``n_volumes`` phantom volumes of ``family`` ("A", "B" or the mixture "A+B") from ``seed_base``, its weights
     unchanged (the rules of phrases a fine-tuned model learnt from a user's slices are kept); write the spec with the
     new ``presence`` to ``output`` (a .json; the weight files are copied beside
     it when it is in another folder). The rule's ``calibration`` entry says how (family, seeds, volumes,
-    ``command``). -> the written path."""
+    ``command``). ``thresholds``: the probability thresholds a phantom rule is searched at (``clipseg calibrate
+    --thresholds``; None: the engine's); refused for report and medclipsam models, which search their own.
+    -> the written path."""
     import json
     import shutil
     from pathlib import Path
@@ -40,6 +42,10 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     except ValueError as e:
         raise InputError(f"--family: {e}") from e
     spec = load_spec(model)
+    own_search = spec["engine"] == "medclipsam" or (spec.get("training") or {}).get("dataset") == "report"
+    if thresholds and own_search:
+        raise InputError(f"--thresholds applies to the phantom rules of cliptnseg and thyroid tgcnet models; "
+                         f"{spec['id']!r} searches its own (drop --thresholds)")
     engine = load_engine(model, device=device)
     if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
         rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
@@ -51,7 +57,7 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
         rule = calibrate_report_rules(engine, n_volumes, progress, seed_base)
     else:
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
-        rule = calibrate_phantom_rules(engine, n_volumes, seed_base, family, exclusive, progress)
+        rule = calibrate_phantom_rules(engine, n_volumes, seed_base, family, exclusive, progress, thresholds)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
                                 "family": family, "command": command})
     source_dir = Path(spec["_dir"])
@@ -73,3 +79,19 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
 
 
 __all__ = ["recalibrate_model"]
+
+
+def parse_thresholds(text: str) -> tuple[float, ...]:
+    """``--thresholds`` "0.5,0.6,0.7" -> (0.5, 0.6, 0.7): distinct probabilities strictly between 0 and 1, the first
+    the default; else InputError naming the bad entry."""
+    values = []
+    for part in text.split(","):
+        try:
+            t = float(part)
+        except ValueError:
+            t = float("nan")
+        if not 0 < t < 1 or t in values:
+            raise InputError(f"--thresholds {text}: {part.strip()!r} is not a new probability between 0 and 1; give "
+                             f"distinct ones separated by commas, the default first, e.g. 0.5,0.6,0.7")
+        values.append(t)
+    return tuple(values)
