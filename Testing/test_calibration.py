@@ -168,7 +168,7 @@ def test_recalibration_rewrites_the_phantom_rules_and_keeps_a_fine_tuned_phrase(
 @pytest.mark.parametrize("engine, given, searched", [("cliptnseg", None, (0.5,)),
                                                     ("tgcnet", None, (0.5, 0.3, 0.4, 0.6, 0.7)),
                                                     ("cliptnseg", (0.5, 0.6, 0.7), (0.5, 0.6, 0.7))])
-def test_recalibration_searches_probability_thresholds_for_tgcnet_rules_only(tiny_model, tmp_path, monkeypatch,
+def test_recalibration_searches_the_engines_thresholds_or_those_asked(tiny_model, tmp_path, monkeypatch,
                                                                             engine, given, searched):
     """A tgcnet model's phantom rules may take another probability threshold than 0.5 (as its training calibrates
     them); a cliptnseg model's keep 0.5 (the search cost absent findings under a family shift) unless
@@ -213,12 +213,38 @@ def test_calibrate_refuses_thresholds_that_are_not_distinct_probabilities(tiny_m
     assert not out.exists()
 
 
-def test_thresholds_are_refused_for_a_model_that_searches_its_own(tiny_medclipsam, tmp_path):
+def test_calibrate_thresholds_are_searched_and_recorded_with_the_command(tiny_model, tmp_path, capsys):
+    import json
+
+    from CLIPSegLib.cli import main
+
+    out = tmp_path / "re.json"
+    assert main(["calibrate", "--model", str(tiny_model), "--output", str(out), "--phantoms", "1", "--family", "A",
+                 "--thresholds", "0.5, 0.65", "--progress", "none"]) == 0
+    calibration = json.loads(out.read_text())["presence"]["calibration"]
+    assert calibration["thresholds"] == [0.5, 0.65] and calibration["slice_vote"] == 1
+    assert "--thresholds 0.5,0.65 --force" in calibration["command"]
+
+
+def test_thresholds_are_refused_for_a_model_that_searches_its_own(tiny_medclipsam, tiny_tgcnet, tmp_path):
+    import json
+    import shutil
+
     from CLIPSegLib.errors import InputError
     from CLIPSegLib.training.recalibrate import recalibrate_model
 
-    with pytest.raises(InputError, match="--thresholds applies to the phantom rules of cliptnseg and thyroid tgcnet"):
-        recalibrate_model(str(tiny_medclipsam), tmp_path / "re.json", 1, thresholds=(0.5, 0.6))
+    report = tmp_path / "src" / "report.json"  # a tgcnet model trained on report lines
+    report.parent.mkdir()
+    spec = {**json.loads(tiny_tgcnet.read_text()), "training": {"dataset": "report"}}
+    for f in spec["files"]:
+        shutil.copy2(tiny_tgcnet.parent / f["name"], report.parent / f["name"])
+    report.write_text(json.dumps(spec), encoding="utf-8")
+    for model in (tiny_medclipsam, report):
+        with pytest.raises(InputError, match="--thresholds applies to the phantom rules of cliptnseg and thyroid"):
+            recalibrate_model(str(model), tmp_path / "re.json", 1, thresholds=(0.5, 0.6))
+    for bad, message in (((0.5, 2), "'2' is not a new probability"), ("0.5", "give one or more probabilities")):
+        with pytest.raises(InputError, match=message):  # the Python API checks them too, before any volume
+            recalibrate_model(str(report), tmp_path / "re.json", 1, thresholds=bad)
     assert not (tmp_path / "re.json").exists()
 
 

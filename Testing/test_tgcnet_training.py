@@ -237,7 +237,7 @@ def test_location_support_is_recorded_before_the_rules_are_calibrated(trained, t
     assert spec["inference"] == {"flip_average": False, "location_support": True}
     assert load_spec(str(trained[0]))["inference"] == {"flip_average": False}
     assert spec["presence"]["calibration"]["location_support"] is True
-    with pytest.raises(InputError, match="calibrated with --location-support; run the calibrate stage again"):
+    with pytest.raises(InputError, match="calibrated with --location-support, this run asks without --location-support; run the calibrate stage"):
         run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-unbacked", "report", clip_cfg=TINY_CLIP,
                             lora_rank=2, network=network, init_from=str(trained[0]), stages=("export",))
     # clipseg calibrate re-fits a report model's rules on report phantoms, with the maps its spec asks for
@@ -288,7 +288,14 @@ def test_a_thyroid_run_with_a_slice_vote_calibrates_the_voted_maps(tiny_model, t
                                batch_size=2, stages=("segmenter", "calibrate", "export"), slice_vote=3)
     spec = load_spec(str(path))
     assert spec["inference"] == {"flip_average": True, "slice_vote": 3}
-    assert votes and set(votes) == {3}
+    assert votes and set(votes) == {3} and spec["presence"]["calibration"]["slice_vote"] == 3
+    with pytest.raises(InputError, match="calibrated with --slice-vote 3, this run asks with --slice-vote 1; run the "
+                                         "calibrate stage again"):  # a spec never says a vote its rules did not see
+        run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgc-unvoted", "thyroid", clip_from=str(tiny_model),
+                            lora_rank=2, network=network, stages=("export",))
+    assert not (tmp_path / "models" / "tgc-unvoted.json").exists()
+    with pytest.raises(InputError, match="--slice-vote 2: give an odd number"):
+        run_tgcnet_training(tmp_path, tmp_path / "w", "x", "thyroid", clip_from=str(tiny_model), slice_vote=2)
     with pytest.raises(InputError, match="--slice-vote needs volumes: --dataset report is single radiographs"):
         run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, slice_vote=3)
     assert not (tmp_path / "w").exists()

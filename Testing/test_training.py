@@ -234,6 +234,18 @@ def test_train_refuses_bad_arguments_before_any_work(args, expected, tmp_path, c
         assert expected in capsys.readouterr().err
 
 
+def test_train_passes_the_slice_vote_of_a_thyroid_tgcnet_run_and_records_it(tmp_path, monkeypatch):
+    from CLIPSegLib.cli import main
+    from CLIPSegLib.training import tgcnet_recipe
+
+    calls = []
+    monkeypatch.setattr(tgcnet_recipe, "run_tgcnet_training", lambda *a, **k: calls.append((a, k)))
+    assert main(["train", "--engine", "tgcnet", "--dataset", "thyroid", "--slice-vote", "3", "--output-dir",
+                 str(tmp_path / "out"), "--work-dir", str(tmp_path / "w"), "--progress", "none"]) == 0
+    (args, kwargs), = calls
+    assert kwargs["slice_vote"] == 3 and any("--slice-vote 3" in a for a in args if isinstance(a, str))
+
+
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 def test_bf16_training_autocasts_the_step_and_keeps_float32_weights(precision, dtype, tmp_path):
     from CLIPSegLib.training.loop import Recipe, run_loop

@@ -166,9 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the CLIP's own, 128; a multiple of 32 from 32 to 1024); the CLIP sees slices "
                         "resized to its own size. 256 keeps small foci of 256-pixel slices")
     t.add_argument("--slice-vote", type=int, default=1, metavar="SLICES",
-                   help="cliptnseg and tgcnet --dataset thyroid: the model's inference.slice_vote (odd; each voxel's probability the median over "
-                        "this many neighbouring slices; default 1, off), set before the calibration so the rule "
-                        "judges the voted maps")
+                   help="cliptnseg and tgcnet --dataset thyroid: the model's inference.slice_vote (odd; each "
+                        "voxel's probability the median over this many neighbouring slices; default 1, off), set "
+                        "before the calibration so the rule judges the voted maps")
     _add_training(t)  # no --model: train builds its model from scratch (finetune starts from one)
 
     k = sub.add_parser("calibrate", help="re-calibrate a model's found / not-found rule on phantom volumes it was "
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--thresholds", default=None, metavar="P,P,...",
                    help="probability thresholds each finding's rule is searched at, comma-separated, the first the "
                         "default the others must clearly beat (e.g. 0.5,0.6,0.7; default: the engine's: 0.5 for "
-                        "cliptnseg, 0.5,0.3,0.4,0.6,0.7 for tgcnet)")
+                        "cliptnseg, 0.5,0.3,0.4,0.6,0.7 for tgcnet thyroid models; report and MedCLIP-SAM models "
+                        "search their own and refuse it)")
     k.add_argument("--force", action="store_true", help="replace --output if it exists")
     _add_common(k)
 
@@ -569,7 +570,7 @@ def _cmd_calibrate(a, progress):
     thresholds = parse_thresholds(a.thresholds) if a.thresholds is not None else None
     argv = ["clipseg", "calibrate", "--output", a.output, "--phantoms", str(a.phantoms), "--seed", str(a.seed),
             "--family", a.family] + (["--model", a.model] if a.model else [])
-    argv += ["--thresholds", ",".join(f"{t:g}" for t in thresholds)] if thresholds else []
+    argv += ["--thresholds", ",".join(repr(t) for t in thresholds)] if thresholds else []
     path = recalibrate_model(a.model, Path(a.output), a.phantoms, a.seed, a.family, a.device, a.force, progress,
                              command=shlex.join(argv) + " --force", thresholds=thresholds)
     if a.progress != "json":

@@ -315,7 +315,7 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
     the figures it reached. ``finding_of``: case key -> the finding whose rule that entry calibrates (cases whose
     prompts are keyed per line, e.g. report lines ``"consolidation|3|0"``); None: the keys are the findings.
     ``thresholds``: the probability thresholds a finding's rule may take (``search_threshold_gate_and_rule``; the
-    global rule keeps the first)."""
+    global rule keeps the first). The rule's ``calibration`` records the slice vote its maps were combined with."""
     by_threshold = collect_cases(engine, cases, phrasings, progress, exclusive=exclusive, flip_average=flip_average,
                                  total=total, thresholds=thresholds)
     if finding_of is not None:
@@ -323,6 +323,7 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
                         for t, by_gate in by_threshold.items()}
     by_gate = by_threshold[thresholds[0]]
     rule = {**search_gate_and_rule(by_gate), "threshold": float(thresholds[0])}
+    rule["calibration"]["slice_vote"] = slice_vote_of(engine)  # the maps judged: a run checks it (check_calibrated_with)
     # One rule per finding (a nodule and a few foci need different size and persistence tests, and the presence head
     # is surer of some findings than of others; a hazy map may need a lower threshold).
     rule["per_finding"] = {}

@@ -16,7 +16,7 @@ from ..options import INPUT_SIZES
 from ..synthetic.phantoms import PHRASES
 from ..progress import Progress
 from .losses import foreground_loss, rival_negative_loss
-from .loop import Recipe, check_stage_list, run_loop, staged_presence
+from .loop import Recipe, check_calibrated_with, check_stage_list, run_loop, staged_presence
 
 
 def embedded_spec(model_id: str = "cliptnseg-phantom-small", presence_head: bool = False) -> dict:
@@ -331,6 +331,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     from ..engines.cliptnseg.network import CLIPTNSegNet
     from ..models import clip_part, lineage
 
+    check_train_shape(input_size, slice_vote)
     spec = embedded_spec(model_id, presence_head)
     if input_size is not None and input_size != spec["clip"]["vision_cfg"]["image_size"]:
         spec["network"]["input_size"] = int(input_size)
@@ -386,6 +387,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     presence = staged_presence(work_dir, stages, calibrate)
     if presence is None:
         return None
+    check_calibrated_with(presence, "slice_vote", slice_vote, 1, work_dir, lambda v: f"with --slice-vote {v}")
     from ..models import write_spec
 
     spec["presence"] = presence

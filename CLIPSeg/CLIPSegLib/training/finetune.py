@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..options import INPUT_SIZES
 from ..progress import Progress
 from . import labelled_slices as ls
 from .losses import rival_negative_loss
@@ -340,9 +341,9 @@ class CLIPTNSegTuning(Tuning):
     @classmethod
     def check(cls, spec: dict, text_adaptation: str | None, input_size: int | None) -> str:
         """The base check plus an ``input_size`` the fine branch can take (else InputError before any work)."""
-        from .cliptnseg_recipe import check_train_shape
-
-        check_train_shape(input_size, 1)
+        if input_size is not None and input_size not in INPUT_SIZES:
+            raise InputError(f"--input-size {input_size}: give a multiple of 32 pixels from 32 to 1024 (e.g. 256), "
+                             f"or leave it out to fine-tune at the parent's own slice size")
         return super().check(spec, text_adaptation, input_size)
 
     def __init__(self, spec: dict, input_size: int | None, progress: Progress):

@@ -181,6 +181,17 @@ def check_stage_list(stages, known: tuple, recipe: str | None, example: str | No
     return stages
 
 
+def check_calibrated_with(presence: dict, key: str, wanted, default, work_dir: Path, describe) -> None:
+    """InputError when a staged rule (``staged_presence``) was calibrated with another ``presence["calibration"][key]``
+    (``default`` when not recorded) than this run's ``wanted``, so a spec never holds a setting its rules were not
+    fitted to; ``describe(value)`` says a value as the flag that sets it (e.g. "with --slice-vote 3")."""
+    got = presence["calibration"].get(key, default)
+    if got != wanted:
+        raise InputError(f"the rules in {Path(work_dir) / 'presence.json'} were calibrated {describe(got)}, this run "
+                         f"asks {describe(wanted)}; run the calibrate stage again with the same setting "
+                         f"(--stages calibrate,export)")
+
+
 def staged_presence(work_dir: Path, stages, calibrate: Callable[[], dict]) -> dict | None:
     """The presence rule of a staged training run: with the "calibrate" stage, ``calibrate()`` computes it and it is
     kept as ``work_dir/presence.json``; with the "export" stage it is read back from there (-> the rule), else None.

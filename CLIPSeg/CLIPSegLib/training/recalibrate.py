@@ -41,6 +41,7 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
         check_family(family)
     except ValueError as e:
         raise InputError(f"--family: {e}") from e
+    thresholds = check_thresholds(thresholds) if thresholds is not None else None
     spec = load_spec(model)
     own_search = spec["engine"] == "medclipsam" or (spec.get("training") or {}).get("dataset") == "report"
     if thresholds and own_search:
@@ -78,20 +79,33 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     return output
 
 
-__all__ = ["recalibrate_model"]
+__all__ = ["recalibrate_model", "parse_thresholds", "check_thresholds"]
 
 
 def parse_thresholds(text: str) -> tuple[float, ...]:
-    """``--thresholds`` "0.5,0.6,0.7" -> (0.5, 0.6, 0.7): distinct probabilities strictly between 0 and 1, the first
-    the default; else InputError naming the bad entry."""
+    """``--thresholds`` "0.5,0.6,0.7" -> (0.5, 0.6, 0.7) (``check_thresholds``); InputError naming a bad entry."""
+    parts = [part.strip() for part in text.split(",")]
     values = []
-    for part in text.split(","):
+    for part in parts:
         try:
-            t = float(part)
+            values.append(float(part))
         except ValueError:
-            t = float("nan")
-        if not 0 < t < 1 or t in values:
-            raise InputError(f"--thresholds {text}: {part.strip()!r} is not a new probability between 0 and 1; give "
-                             f"distinct ones separated by commas, the default first, e.g. 0.5,0.6,0.7")
-        values.append(t)
-    return tuple(values)
+            values.append(part)
+    return check_thresholds(values, text, parts)
+
+
+def check_thresholds(values, given: str | None = None, spelled=None) -> tuple[float, ...]:
+    """``values`` -> a tuple of distinct probabilities strictly between 0 and 1, the first the default; else
+    InputError naming the bad entry (``given`` / ``spelled``: the option and its entries as the user wrote them)."""
+    if isinstance(values, str) or not len(values):
+        raise InputError(f"--thresholds {values if given is None else given}: give one or more probabilities "
+                         f"separated by commas, the default first, e.g. 0.5,0.6,0.7")
+    given = ",".join(map(str, values)) if given is None else given
+    seen = []
+    for i, t in enumerate(values):
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 < t < 1 or t in seen:
+            raise InputError(f"--thresholds {given}: {str(spelled[i] if spelled else t)!r} is not a new probability "
+                             f"between 0 and 1; give distinct ones separated by commas, the default first, e.g. "
+                             f"0.5,0.6,0.7")
+        seen.append(float(t))
+    return tuple(seen)

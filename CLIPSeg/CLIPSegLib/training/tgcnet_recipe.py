@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..progress import Progress
-from .loop import Recipe, run_loop, staged_presence
+from .loop import Recipe, check_calibrated_with, run_loop, staged_presence
 from .text_lora import TextAdapters
 
 DATASETS = ("report", "thyroid")
@@ -176,7 +176,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     from ..engines.tgcnet.network import MODULES, TGCNet, parameter_counts
     from ..engines.tgcnet.knowledge import load_knowledge
     from ..models import clip_part, lineage
-    from .cliptnseg_recipe import _checkpoint, start_staged_run, train_clip
+    from .cliptnseg_recipe import _checkpoint, check_train_shape, start_staged_run, train_clip
 
     if data not in DATASETS:
         raise InputError(f"--dataset {data!r} is not one of {', '.join(DATASETS)}")
@@ -187,6 +187,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                          "(it reads the kind a line names); drop it")
     if location_support and data != "report":
         raise refused  # before --clip-from's CLIP is read
+    check_train_shape(None, slice_vote)
     if data == "report":
         clip_cfg, clip_state = clip_cfg or REPORT_CLIP, None
     else:
@@ -262,10 +263,10 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     presence = staged_presence(work_dir, stages, calibrate)
     if presence is None:
         return None
-    if data == "report" and presence["calibration"].get("location_support", False) != location_support:
-        raise InputError(f"the rules in {work_dir / 'presence.json'} were calibrated "
-                         f"{'with' if not location_support else 'without'} --location-support; run the calibrate "
-                         f"stage again with the same setting (--stages calibrate,export)")
+    if data == "report":
+        check_calibrated_with(presence, "location_support", location_support, False, work_dir,
+                              lambda v: f"{'with' if v else 'without'} --location-support")
+    check_calibrated_with(presence, "slice_vote", slice_vote, 1, work_dir, lambda v: f"with --slice-vote {v}")
     from ..models import write_spec
 
     spec["presence"] = presence
