@@ -188,6 +188,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     if location_support and data != "report":
         raise refused  # before --clip-from's CLIP is read
     check_train_shape(None, slice_vote)
+    if slice_vote != 1 and data == "report":
+        raise InputError("--slice-vote needs volumes: --dataset report is single radiographs; drop it")
     if data == "report":
         clip_cfg, clip_state = clip_cfg or REPORT_CLIP, None
     else:
@@ -199,8 +201,6 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     if location_support:
         spec["inference"]["location_support"] = True
     if slice_vote != 1:
-        if data == "report":
-            raise InputError("--slice-vote needs volumes: --dataset report is single radiographs; drop it")
         spec["inference"]["slice_vote"] = int(slice_vote)
     parent, parent_state = warm_start(init_from, spec, data) if init_from else (None, None)
     start = lineage(parent) if parent is not None else None
