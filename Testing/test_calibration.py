@@ -286,7 +286,8 @@ def test_the_calibration_judges_the_maps_after_the_models_slice_vote(monkeypatch
     prob = np.zeros((1, 10, 16, 16), np.float32)
     prob[0, 2, 2:6, 2:6] = 0.9  # one stray slice
     prob[0, 5:8, 8:14, 8:14] = 0.95  # the finding
-    monkeypatch.setattr(calibration, "predict_maps", lambda engine, image, state, **kw: (prob.copy(), None))
+    monkeypatch.setattr(calibration, "predict_patient_frame", lambda engine, image, geometry, state, axis, **kw:
+                        (prob.copy(), None))
     engine = SimpleNamespace(spec={"inference": {"slice_vote": vote}}, encode_prompts=lambda prompts: prompts)
     truth = prob[0] > 0.9
     case = calibration.CalibrationCase(np.random.default_rng(0).normal(size=prob.shape[1:]).astype(np.float32),

@@ -57,3 +57,23 @@ def test_the_named_side_decides(engine):
     truth = _truth(ph, "pleural effusion", ("right",), "lower")
     assert truth.any() and dice(right, truth) > 0.7 and not _truth(ph, "pleural effusion", ("left",)).any()
     assert not left.any()
+
+
+def test_a_chest_stored_mirrored_gives_the_same_segments_in_physical_space(engine):
+    """The same phantom stored with its columns toward the patient's right (direction x = -1, as NIfTI's RAS storage
+    keeps a chest): the model still reads it in the patient's frame, so the right-lower effusion of seed 1039 is
+    found and the left line stays empty, voxel for voxel as in the standard storage (``inference.laterality``)."""
+    import numpy as np
+
+    assert load_spec(MODEL)["inference"]["patient_sides"] == {"margin_mm": 10.0}
+    ph = make_report_phantom(seed=1039)
+    prompts = ["a single pleural effusion in the right lower lung", "a single pleural effusion in the left lower lung"]
+    stored = Geometry.axis_aligned((1.0, *ph.spacing))
+    first = segment_volume(engine, ph.image[None], stored, prompts).findings
+    n = ph.image.shape[1]
+    mirrored = Geometry(stored.spacing, (stored.spacing[0] * (n - 1), 0.0, 0.0), ((-1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    again = segment_volume(engine, np.ascontiguousarray(ph.image[None, :, ::-1]), mirrored, prompts).findings
+    assert first[0].mask.any() and not first[1].mask.any()
+    for a, b in zip(again, first):
+        assert np.array_equal(a.mask[..., ::-1], b.mask)
+    assert again[0].info["kept_to_side"]["side"] == "right"

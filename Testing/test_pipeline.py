@@ -251,3 +251,46 @@ def test_a_sagittal_or_coronal_image_is_segmented_as_one_slice(tiny_engine, shap
         del tiny_engine.predict
     assert result.slice_axis == axis and result.findings[0].mask.shape == shape_kji
     assert sum(c[0] for c in calls) == (2 if tiny_engine.spec.get("inference", {}).get("flip_average") else 1)
+
+
+def test_a_model_that_reads_the_patients_sides_keeps_a_one_sided_segment_there_in_physical_space():
+    """``inference.patient_sides``: the slices reach the engine with the patient's left on the image's right, also
+    from a volume stored the other way round (direction x = -1, as NIfTI's RAS storage), and a prompt naming one side
+    keeps only the voxels on that side of the body's midline (plus the margin); the result says so."""
+    import dataclasses
+
+    from CLIPSegLib.io.geometry import Geometry
+    from CLIPSegLib.inference.pipeline import segment_volume
+
+    class Sided(_MapEngine):
+        def encode_texts(self, texts):
+            e, readings = super().encode_texts(texts)
+            return e, [dataclasses.replace(r, side=(1 if "left" in t.split() else -1 if "right" in t.split() else 0))
+                       for r, t in zip(readings, texts)]
+
+    lit = torch.zeros(16, 16)
+    lit[4:12, 2:5] = 0.9  # the image's left half: the patient's right
+    lit[4:12, 9:15] = 0.9  # the patient's left (wider: a mirrored input would not give the same voxels)
+    engine = Sided({"nodule": lit, "cyst": torch.zeros(16, 16), "calcification": torch.zeros(16, 16)})
+    engine.spec["inference"] = {"patient_sides": {"margin_mm": 1.0}}
+    vol = (np.random.default_rng(0).random((3, 16, 16)) + 5.0).astype(np.float32)
+    vol[:, :, 0] = vol[:, :, 15] = 0.0  # air on both sides: the body spans columns 1..14, midline x = 7.5 mm
+    prompts = ["nodule in the left lung", "nodule in the right lung", "nodule"]
+    stored = Geometry.axis_aligned((1.0, 1.0, 1.0))
+    left, right, both = segment_volume(engine, vol, stored, prompts, axis=2).findings
+    assert left.mask[:, 4:12, 9:15].all() and not left.mask[:, :, :7].any()
+    assert right.mask[:, 4:12, 2:5].all() and not right.mask[:, :, 9:].any()
+    assert both.mask[:, 4:12, 2:5].all() and both.mask[:, 4:12, 9:15].all() and "kept_to_side" not in both.info
+    assert left.info["kept_to_side"] == {"side": "left", "midline_lps_x_mm": 7.5, "margin_mm": 1.0}
+    assert "kept to the patient's left (up to 1 mm past the body's midline at LPS x = 7.5 mm)" in left.message()
+    assert left.event()["kept_to_side"]["side"] == "left"
+    # the same voxels stored with the columns toward the patient's right: the engine still sees the left on the
+    # right, so the masks are the same voxels in physical space
+    flipped = Geometry((1.0, 1.0, 1.0), (15.0, 0.0, 0.0), ((-1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    results = segment_volume(engine, np.ascontiguousarray(vol[:, :, ::-1]), flipped, prompts, axis=2).findings
+    for again, first in zip(results, (left, right, both)):
+        assert np.array_equal(again.mask[:, :, ::-1], first.mask)
+    # without the entry: no mirroring, no restriction
+    engine.spec["inference"] = {}
+    left, _, _ = segment_volume(engine, vol, stored, prompts, axis=2).findings
+    assert left.mask[:, 4:12, 2:5].all() and "kept_to_side" not in left.info

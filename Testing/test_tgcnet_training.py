@@ -64,11 +64,13 @@ def test_a_line_drawn_twice_is_asked_once_in_both_wordings():
 
 def test_thyroid_maps_average_the_mirror_and_report_maps_do_not():
     """Left and right carry meaning in a report line, not in an ultrasound slice: only thyroid models (and their
-    calibration) average each slice's map with its mirror's."""
+    calibration) average each slice's map with its mirror's, and only report models read the patient's sides
+    (``inference.laterality``)."""
     from CLIPSegLib.training.tgcnet_recipe import tgcnet_spec
 
     assert tgcnet_spec("t", TINY_CLIP, "thyroid")["inference"] == {"flip_average": True}
-    assert tgcnet_spec("r", TINY_CLIP, "report")["inference"] == {"flip_average": False}
+    assert tgcnet_spec("r", TINY_CLIP, "report")["inference"] == {"flip_average": False,
+                                                                   "patient_sides": {"margin_mm": 10.0}}
 
 
 @pytest.fixture(scope="module")
@@ -234,12 +236,24 @@ def test_location_support_is_recorded_before_the_rules_are_calibrated(trained, t
                                clip_cfg=TINY_CLIP, lora_rank=2, network=network, init_from=str(trained[0]),
                                stages=("calibrate", "export"), location_support=True)
     spec = load_spec(str(path))
-    assert spec["inference"] == {"flip_average": False, "location_support": True}
-    assert load_spec(str(trained[0]))["inference"] == {"flip_average": False}
+    sides = {"patient_sides": {"margin_mm": 10.0}}
+    assert spec["inference"] == {"flip_average": False, "location_support": True, **sides}
+    assert load_spec(str(trained[0]))["inference"] == {"flip_average": False, **sides}
     assert spec["presence"]["calibration"]["location_support"] is True
+    assert spec["presence"]["calibration"]["patient_sides"] == 10.0
     with pytest.raises(InputError, match="calibrated with --location-support, this run asks without --location-support; run the calibrate stage"):
         run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-unbacked", "report", clip_cfg=TINY_CLIP,
                             lora_rank=2, network=network, init_from=str(trained[0]), stages=("export",))
+    # rules fitted before the report models read the patient's sides are not exported under a spec that does
+    staged = tmp_path / "work" / "presence.json"
+    presence = json.loads(staged.read_text())
+    del presence["calibration"]["patient_sides"]
+    staged.write_text(json.dumps(presence))
+    with pytest.raises(InputError, match="calibrated without the patient's sides, this run asks with one-sided lines "
+                                         r"kept to their side \(10 mm margin\)"):
+        run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-old", "report", clip_cfg=TINY_CLIP,
+                            lora_rank=2, network=network, init_from=str(trained[0]), stages=("export",),
+                            location_support=True)
     # clipseg calibrate re-fits a report model's rules on report phantoms, with the maps its spec asks for
     from CLIPSegLib.training.recalibrate import recalibrate_model
     from CLIPSegLib.training.report_data import REPORT_CALIBRATION_SEED_BASE

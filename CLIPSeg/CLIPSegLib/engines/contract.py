@@ -109,7 +109,8 @@ class PromptReading:
     (``read_as``; None: the text as given), whether the prompt was ``truncated`` (longer than the engine reads), the
     ``unseen_words`` no training phrase of the model holds, the domain ``knowledge`` entries added (TGC-Net), the
     trained ``finding`` a fixed-vocabulary network chose (``engines.unet``) and, in a fine-tuned model that keeps its
-    parent's network, which of the two ``answered`` (``engines.cliptnseg``)."""
+    parent's network, which of the two ``answered`` (``engines.cliptnseg``), and the patient ``side`` it names (+1
+    left, -1 right, 0 none or both; engines that read location words, TGC-Net: ``inference.laterality``)."""
 
     text: str
     tokens: tuple[str, ...] = ()
@@ -119,6 +120,7 @@ class PromptReading:
     knowledge: tuple[str, ...] = ()
     finding: str | None = None
     answered: str | None = None
+    side: int = 0
 
     def interpretation(self) -> str:
         """'interpreted as '...' (N tokens)[, with knowledge of: ...][, as the finding '...'][, answered by ...]':

@@ -22,6 +22,7 @@ import torch
 
 from ..checks import check_prompts
 from .domain import check_domain, comparable_domain, domain_message, slice_features
+from .laterality import SIDE_NAMES, mirror_axis, patient_sides_of, side_regions
 from ..errors import DeviceError
 from ..io.geometry import Geometry, array_axis_of, check_volume
 from ..options import check_axis, check_batch_size, check_device
@@ -83,7 +84,9 @@ class FindingResult:
     finding whose calibrated rule judged it, or 'global'), ``rule_cosine`` (text similarity to that finding's
     phrasings), ``competes_with`` (rival findings that took voxels from it) and how the engine read the prompt
     (``engines.contract.PromptReading``): ``tokens``, ``truncated``, ``unseen_words``, ``interpreted_as`` and
-    ``prompt_warning`` (None, or what the user should know about the prompt)."""
+    ``prompt_warning`` (None, or what the user should know about the prompt); ``kept_to_side`` when the model's
+    ``inference.patient_sides`` kept the map to the side the prompt names (``laterality``): side, midline (LPS x,
+    mm), margin."""
 
     prompt: str
     mask: np.ndarray
@@ -110,6 +113,10 @@ class FindingResult:
         rivals = self.info.get("competes_with") or []
         if rivals:
             text += "; competes voxel by voxel with " + ", ".join(f"'{r}'" for r in rivals)
+        side = self.info.get("kept_to_side")
+        if side:
+            text += (f"; kept to the patient's {side['side']} (up to {side['margin_mm']:g} mm past the body's midline "
+                     f"at LPS x = {side['midline_lps_x_mm']:g} mm)")
         return text
 
     def message(self) -> str:
@@ -143,7 +150,8 @@ class FindingResult:
         """The JSON-safe summary of this result (for ``--progress json`` and reports)."""
         keys = ("status", "found", "score", "mean", "components", "voxels", "dropped_components", "rejected",
                 "closest_miss", "required", "evidence", "rule", "rule_cosine", "competes_with", "tokens", "truncated",
-                "unseen_words", "prompt_warning", "out_of_domain", "presence_peak", "min_slice_presence")
+                "unseen_words", "prompt_warning", "out_of_domain", "presence_peak", "min_slice_presence",
+                "kept_to_side")
         return {"prompt": self.prompt, **{k: self.info.get(k) for k in keys}, "interpretation": self.reading()}
 
 
@@ -174,6 +182,28 @@ def slice_vote_of(engine) -> int:
         raise ModelError(f"model {(engine.spec or {}).get('id')!r}: inference.slice_vote {window} must be an odd "
                          f"number of slices (1: off, 3: each slice and its two neighbours)")
     return window
+
+
+def side_regions_of(engine, volume: np.ndarray, geometry: Geometry, state):
+    """(per prompt of ``state`` (a ``PromptState``) the region its map is kept within, or None; the body's midline in
+    LPS mm, or None): the model's ``inference.patient_sides`` applied to the side each reading names
+    (``laterality``)."""
+    margin = patient_sides_of(engine.spec)
+    if margin is None:
+        return [None] * len(state), None
+    return side_regions(volume, geometry, [r.side for r in state.readings], margin)
+
+
+def predict_patient_frame(engine, volume: np.ndarray, geometry: Geometry, prompts, slice_axis: int,
+                          **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
+    """``predict_maps`` with the slices in the patient's frame when the model reads the patient's sides
+    (``laterality.mirror_axis``: mirrored before the network, maps mirrored back); as ``predict_maps`` otherwise."""
+    axis = mirror_axis(geometry, slice_axis) if patient_sides_of(engine.spec) is not None else None
+    if axis is None:
+        return predict_maps(engine, volume, prompts, slice_axis, **kwargs)
+    volume = np.ascontiguousarray(np.flip(volume, axis))  # an in-plane axis: the slices and `only` are unchanged
+    masks, presence = predict_maps(engine, volume, prompts, slice_axis, **kwargs)
+    return np.ascontiguousarray(np.flip(masks, 1 + axis)), presence
 
 
 def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_size: int | None = None,
@@ -248,10 +278,11 @@ def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: in
 
 
 def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int, gates, findings,
-                 exclusive, judges=None, floors=None, vote: int = 1) -> np.ndarray:
+                 exclusive, judges=None, floors=None, vote: int = 1, regions=None) -> np.ndarray:
     """``predict_maps``' outputs -> the probabilities the found / not-found rule judges, ``[P,K,J,I]``, in place.
 
-    Prompt i's mask is scaled by its slice presence through ``gates[i]`` (``apply_presence``), then the prompts
+    Prompt i's mask is scaled by its slice presence through ``gates[i]`` (``apply_presence``) and set to 0 outside
+    ``regions[i]`` (bool ``[K,J,I]``, or None: everywhere; ``side_regions_of``), then the prompts
     compete as their matched ``findings`` (None: no match) and the ``exclusive`` pairs say, against the ``judges``
     maps (``postprocess.suppress_exclusive``); ``floors[i]``: prompt i's ``min_slice_presence`` (None: 0). Last,
     ``vote`` neighbouring slices vote (``postprocess.slice_vote``; 1: off). The pipeline and the calibration both
@@ -259,6 +290,8 @@ def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int
     floors = [0.0] * len(gates) if floors is None else floors
     for i, (gate, floor) in enumerate(zip(gates, floors)):
         masks[i] = apply_presence(masks[i], None if presence is None else presence[i], slice_axis, gate, floor)
+        if regions is not None and i < len(regions) and regions[i] is not None:
+            masks[i] = np.where(regions[i], masks[i], np.float32(0.0))
     masks = suppress_exclusive(masks, findings, exclusive, judges)
     if vote > 1:
         for i in range(len(masks)):
@@ -338,15 +371,18 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     gates = [cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for cfg, _, _ in rules]
     gates += [per[g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for g in all_findings[len(prompts):]]
     seen = []
-    masks, slice_presence = predict_maps(engine, volume, state.take(all_prompts), slice_axis, batch_size, progress,
-                                         cancel, on_slices=lambda x: seen.append(slice_features(x)))
+    run = state.take(all_prompts)
+    masks, slice_presence = predict_patient_frame(engine, volume, geometry, run, slice_axis, batch_size=batch_size,
+                                                  progress=progress, cancel=cancel,
+                                                  on_slices=lambda x: seen.append(slice_features(x)))
     domain = comparable_domain(spec.get("domain"), engine.preprocessing)
     features = {k: float(np.median(np.concatenate([f[k] for f in seen]))) for k in seen[0]} if seen else {}
     domain_warnings = check_domain(features, domain)
     floors = [float(cfg.get("min_slice_presence", 0.0)) for cfg, _, _ in rules]
     floors += [float(per[g].get("min_slice_presence", 0.0)) for g in all_findings[len(prompts):]]
+    regions, midline = side_regions_of(engine, volume, geometry, run)
     combine_maps(masks, slice_presence, slice_axis, gates, all_findings, exclusive, judges, floors,
-                 slice_vote_of(engine))
+                 slice_vote_of(engine), regions)
     masks = masks[:len(prompts)]
     findings = []
     for i, (prompt, (cfg, rule_name, cosine)) in enumerate(zip(prompts, rules)):
@@ -354,6 +390,9 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
         info["rule"] = rule_name
         info["rule_cosine"] = None if cosine is None else round(cosine, 4)
         info["out_of_domain"] = bool(domain_warnings)
+        if regions[i] is not None:
+            info["kept_to_side"] = {"side": SIDE_NAMES[run.readings[i].side], "midline_lps_x_mm": round(midline, 2),
+                                    "margin_mm": patient_sides_of(spec)}
         if slice_presence is not None:
             info["presence_peak"] = round(float(slice_presence[i].max(initial=0.0)), 4)
             info["min_slice_presence"] = floors[i]

@@ -22,10 +22,10 @@ import numpy as np
 
 from .datasets import CALIBRATION_SEED_BASE
 from ..engines.contract import MATCH_MIN_COSINE
-from ..io.geometry import array_axis_of
+from ..io.geometry import Geometry, array_axis_of
 from ..synthetic.families import random_volume_phantom
 from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
-from ..inference.pipeline import combine_maps, predict_maps, slice_vote_of
+from ..inference.pipeline import combine_maps, predict_maps, predict_patient_frame, side_regions_of, slice_vote_of
 from ..inference.postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
 from ..progress import Progress
 
@@ -58,12 +58,14 @@ THRESHOLD_MIN_PRESENT = 5
 class CalibrationCase:
     """One labelled volume for calibration. image: ``[K,J,I]`` raw intensities; spacing: mm along (I, J, K);
     truths: finding -> bool ``[K,J,I]`` for every finding asked of this volume (all False: the finding is absent);
-    prompts: finding -> the phrase asked for it."""
+    prompts: finding -> the phrase asked for it; geometry: the volume's (None: axis-aligned at ``spacing``, as
+    phantoms are), which a model that reads the patient's sides needs (``inference.laterality``)."""
 
     image: np.ndarray
     spacing: tuple
     truths: dict
     prompts: dict
+    geometry: Geometry | None = None
 
 
 def phantom_cases(n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, family: str = "A"):
@@ -97,7 +99,7 @@ def data_cases(table_csv):
             check_same_grid(mask, mask_geometry, image, geometry, r["mask"], r["image"])
             phrase = " ".join(r["phrase"].split())
             truths[phrase], prompts[phrase] = mask > 0, phrase
-        cases.append(CalibrationCase(image, geometry.spacing, truths, prompts))
+        cases.append(CalibrationCase(image, geometry.spacing, truths, prompts, geometry))
     phrasings = {p: [p] for c in cases for p in c.prompts}
     return cases, phrasings
 
@@ -114,8 +116,9 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
     (``engines.contract``: ``encode_prompts``, then ``predict`` via ``pipeline.predict_maps``), slicing along K. The
     maps are gated and compete as in the pipeline (``pipeline.combine_maps`` over ``exclusive`` pairs, against each
     rival finding's first phrasing: ``postprocess.with_rivals``) and neighbouring slices vote as the model's
-    ``inference.slice_vote`` says; ``flip_average`` as in ``pipeline.predict_maps`` (default: the engine's model
-    setting)."""
+    ``inference.slice_vote`` says, in the patient's frame and each map kept to the side its prompt names when the
+    model reads the patient's sides (``pipeline.predict_patient_frame``, ``side_regions_of``); ``flip_average`` as
+    in ``pipeline.predict_maps`` (default: the engine's model setting)."""
     progress = progress or Progress("none")
     out: dict[float, dict[float, list]] = {}
     array_axis = array_axis_of(SLICE_AXIS)
@@ -125,10 +128,13 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
         prompts, findings, judges = with_rivals([case.prompts[f] for f in asked], asked,
                                                 {f: p[0] for f, p in phrasings.items()}, exclusive)
         state = engine.encode_prompts(prompts)
-        masks, presence = predict_maps(engine, case.image, state, slice_axis=SLICE_AXIS, flip_average=flip_average)
+        geometry = case.geometry or Geometry.axis_aligned(tuple(case.spacing)[::-1])
+        masks, presence = predict_patient_frame(engine, case.image, geometry, state, SLICE_AXIS,
+                                                flip_average=flip_average)
+        regions, _ = side_regions_of(engine, case.image, geometry, state)
         for gate in (gates if presence is not None else (1.0,)):
             gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
-                                 judges, vote=vote)
+                                 judges, vote=vote, regions=regions)
             for i, f in enumerate(asked):
                 for t in thresholds:
                     out.setdefault(t, {}).setdefault(gate, []).append(

@@ -126,12 +126,15 @@ def calibrate_report_rules(engine, n: int, progress=None, seed_base: int = REPOR
     else the kind name closest to the line, ``pipeline.presence_rules``). No flip average: a mirrored chest swaps
     the sides the line names. A kind's rule may take another probability threshold than 0.5
     (``calibration.THRESHOLDS``): a hazy ground-glass map is hazy at its edges too. The rule records the engine's
-    ``location_support`` (TGC-Net's, off for other engines): the maps it was fitted to."""
+    ``location_support`` (TGC-Net's, off for other engines) and side margin (``laterality.patient_sides_of``): the
+    maps it was fitted to."""
+    from ..inference.laterality import patient_sides_of
     from ..synthetic.report_phantoms import KINDS
     from .calibration import THRESHOLDS, calibrate_rules
 
     rule = calibrate_rules(engine, report_calibration_cases(n, seed_base), {k: [k] for k in KINDS}, (), progress,
                            False, n, finding_of=report_kind, thresholds=THRESHOLDS)
     rule["calibration"].update({"volumes": n, "seeds": [seed_base, seed_base + n - 1],
-                                "location_support": bool(getattr(engine, "location_support", False))})
+                                "location_support": bool(getattr(engine, "location_support", False)),
+                                "patient_sides": patient_sides_of(engine.spec)})
     return rule

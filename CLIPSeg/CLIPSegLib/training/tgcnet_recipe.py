@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..inference.laterality import SIDE_MARGIN_MM
 from ..progress import Progress
 from .loop import Recipe, check_calibrated_with, run_loop, staged_presence
 from .text_lora import TextAdapters
@@ -52,9 +53,11 @@ def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=(), network: dict |
         "clip": clip,
         "network": net,
         "knowledge": {"file": DEFAULT_KNOWLEDGE, "version": knowledge.version, "sha256": knowledge.sha256},
-        # left and right carry meaning in a report: a mirrored slice would answer the other side's question; an
-        # ultrasound slice's findings have no side, so its maps average the slice and its mirror, as cliptnseg's
-        "inference": {"flip_average": data != "report"},
+        # left and right carry meaning in a report: a mirrored slice would answer the other side's question, so its
+        # slices reach the network in the patient's frame and a one-sided line keeps its side (inference.laterality);
+        # an ultrasound slice's findings have no side, so its maps average the slice and its mirror, as cliptnseg's
+        "inference": ({"flip_average": False, "patient_sides": {"margin_mm": SIDE_MARGIN_MM}} if data == "report"
+                      else {"flip_average": True}),
     }
     if cue:
         locations = load_locations(DEFAULT_LOCATIONS)
@@ -266,6 +269,9 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     if data == "report":
         check_calibrated_with(presence, "location_support", location_support, False, work_dir,
                               lambda v: f"{'with' if v else 'without'} --location-support")
+        check_calibrated_with(presence, "patient_sides", SIDE_MARGIN_MM, None, work_dir,
+                              lambda v: "without the patient's sides" if v is None else
+                              f"with one-sided lines kept to their side ({v:g} mm margin)")
     check_calibrated_with(presence, "slice_vote", slice_vote, 1, work_dir, lambda v: f"with --slice-vote {v}")
     from ..models import write_spec
 

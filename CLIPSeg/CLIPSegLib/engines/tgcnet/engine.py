@@ -19,9 +19,11 @@ from __future__ import annotations
 import torch
 
 from ...errors import ModelError
+from ...inference.laterality import patient_sides_of
 from ...models import load_weights
 from ..clip_backbone import read_prompt
 from ..contract import Engine, Preprocessing, PromptReading, PromptState
+from .location import load_locations
 from .network import TGCNet, build_network
 from .text import TextBatch
 
@@ -47,6 +49,9 @@ class TGCNetEngine(Engine):
             raise ModelError(f"model {(spec or {}).get('id')!r} asks for inference.location_support, which needs a "
                              f"network with the location cue and DATE; remove the entry from its spec")
         self._support: dict[str, str | None] = {}  # text -> its kind-only line (location support) or None
+        # the side each prompt names (PromptReading.side): the network's location words, else the default file when
+        # the model reads the patient's sides (inference.laterality)
+        self.side_words = net.locations or (load_locations() if patient_sides_of(spec) is not None else None)
 
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "TGCNetEngine":
@@ -88,7 +93,8 @@ class TGCNetEngine(Engine):
                     if self.locations_edited else ""))
             if supports[text]:
                 named.append(f"location backed by the map of '{supports[text]}'")
-            readings.append(PromptReading(text, tokens, truncated, read_as, knowledge=tuple(named)))
+            side = self.side_words.cue(text)[0] if self.side_words is not None else 0
+            readings.append(PromptReading(text, tokens, truncated, read_as, knowledge=tuple(named), side=side))
         return batch.pooled[:len(texts)], readings
 
     def clear_prompt_cache(self) -> None:

@@ -1,0 +1,95 @@
+"""The patient's sides, for models that read them ("... in the left lung"): spec ``inference.patient_sides``
+(``{"margin_mm": M}``; absent: off, as for ultrasound models, whose sweeps have no patient frame).
+
+1. The network sees every slice with the patient's left on the image's right, as a chest radiograph or an axial CT
+   slice is displayed (the frame TGC-Net's location cue and the report phantoms use): a volume whose slice columns
+   point to the patient's right (NIfTI's usual RAS storage) is mirrored before the network and its maps mirrored
+   back (``mirror_axis``).
+2. A prompt that names one side keeps its segment on that side of the body, decided in physical space from the
+   volume's geometry rather than learnt from the words (``side_regions``): LPS x grows toward the patient's left
+   (``io.geometry``). The midline is the middle of the body's left-right extent (the largest bright region after an
+   Otsu threshold: soft tissue against air in CT and MRI, the chest against the background of a radiograph), so a
+   patient off-centre in the field of view is followed; the segment may reach ``margin_mm`` past it (a
+   paramediastinal finding, a midline estimated a few mm off).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..io.geometry import Geometry
+
+SIDE_MARGIN_MM = 10.0  # report models' margin: a lung's medial border lies 14-30 mm from the midline in the report
+# phantoms, so 10 mm spares a paramediastinal opacity and the midline's few mm of error
+SIDE_NAMES = {1: "left", -1: "right"}  # the sign of a side cue (``engines.contract.PromptReading.side``)
+MAX_BODY_VOXELS = 4_000_000  # the body is found on a strided copy of larger volumes (a midline to ~1 voxel)
+
+
+def patient_sides_of(spec: dict | None) -> float | None:
+    """The model's side margin in mm (spec ``inference.patient_sides.margin_mm``), or None: the model does not read
+    the patient's sides. ModelError when the entry is malformed."""
+    entry = ((spec or {}).get("inference") or {}).get("patient_sides")
+    if entry is None:
+        return None
+    margin = entry.get("margin_mm") if isinstance(entry, dict) else None
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
+        from ..errors import ModelError
+
+        raise ModelError(f"model {(spec or {}).get('id')!r}: inference.patient_sides must be {{\"margin_mm\": M}} with "
+                         f"M >= 0 mm (how far past the body's midline a one-sided segment may reach), not {entry!r}")
+    return float(margin)
+
+
+def mirror_axis(geometry: Geometry, slice_axis: int) -> int | None:
+    """The ``[K,J,I]`` array axis to mirror so that slices along ``slice_axis`` (voxel axis, 0 = I) have their
+    columns toward the patient's left, or None when they already do. Columns: voxel axis I, or J for slices along
+    I."""
+    column = 1 if slice_axis == 0 else 0
+    return 2 - column if geometry.direction_matrix[0, column] < 0 else None
+
+
+def lps_x_mm(shape_kji, geometry: Geometry) -> np.ndarray:
+    """LPS x (mm; + toward the patient's left) of every voxel centre of a ``[K,J,I]`` grid, ``float32 [K,J,I]``."""
+    k, j, i = (np.arange(n, dtype=np.float64) for n in shape_kji)
+    step = geometry.direction_matrix[0] * np.asarray(geometry.spacing)  # mm of x per voxel along I, J, K
+    x = geometry.origin[0] + step[0] * i[None, None, :] + step[1] * j[None, :, None] + step[2] * k[:, None, None]
+    return np.broadcast_to(x, tuple(shape_kji)).astype(np.float32)
+
+
+def body_midline_mm(volume: np.ndarray, geometry: Geometry) -> float:
+    """LPS x (mm) of the middle of the body's left-right extent in ``volume`` ``[K,J,I]`` (raw intensities): the
+    largest connected region above the volume's Otsu threshold. A constant volume: the middle of the grid."""
+    import SimpleITK as sitk
+
+    x = lps_x_mm(volume.shape, geometry)
+    stride = max(1, int(np.ceil((volume.size / MAX_BODY_VOXELS) ** (1 / 3))))
+    small = np.ascontiguousarray(volume[::stride, ::stride, ::stride], dtype=np.float32)
+    if float(small.max()) - float(small.min()) <= 1e-6:
+        return float((x.min() + x.max()) / 2)
+    otsu = sitk.OtsuThresholdImageFilter()
+    otsu.Execute(sitk.GetImageFromArray(small))
+    bright = sitk.GetImageFromArray((small > otsu.GetThreshold()).astype(np.uint8))
+    largest = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(bright))) == 1
+    xs = x[::stride, ::stride, ::stride][largest]
+    return float((xs.min() + xs.max()) / 2)
+
+
+def side_region(x_mm: np.ndarray, midline_mm: float, side: int, margin_mm: float) -> np.ndarray:
+    """Where a segment of the patient's ``side`` (+1 left, -1 right) may lie: bool like ``x_mm``, the voxels on that
+    side of the midline or less than ``margin_mm`` past it."""
+    return (x_mm >= midline_mm - margin_mm) if side > 0 else (x_mm <= midline_mm + margin_mm)
+
+
+def side_regions(volume: np.ndarray, geometry: Geometry, sides, margin_mm: float):
+    """-> (one region per prompt: ``side_region`` for a prompt naming one side, None for the others, the midline in
+    mm or None when no prompt names a side). ``sides``: each prompt's side cue (+1 left, -1 right, 0 none)."""
+    if not any(sides):
+        return [None] * len(sides), None
+    x = lps_x_mm(volume.shape, geometry)
+    midline = body_midline_mm(volume, geometry)
+    regions = {s: side_region(x, midline, s, margin_mm) for s in set(sides) if s}
+    return [regions[s] if s else None for s in sides], midline
+
+
+__all__ = ["SIDE_MARGIN_MM", "SIDE_NAMES", "body_midline_mm", "lps_x_mm", "mirror_axis", "patient_sides_of",
+           "side_region", "side_regions"]
