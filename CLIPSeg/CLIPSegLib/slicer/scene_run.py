@@ -20,7 +20,7 @@ from .mrml_bridge import masks_to_segmentation, volume_to_array
 from ..options import SegmentOptions
 
 # The decision's inputs and outcome stored on each segment (tag CLIPSeg.Decision, JSON), from the run's findings
-DECISION_KEYS = ("status", "rule", "required", "evidence", "rejected", "closest_miss")
+DECISION_KEYS = ("status", "rule", "required", "evidence", "rejected", "closest_miss", "kept_to_side")
 
 
 class SceneRun(BackgroundJob):
@@ -83,8 +83,8 @@ class SceneRun(BackgroundJob):
         not found), ``CLIPSeg.Interpretation`` (how the prompt was read), ``CLIPSeg.OutOfDomain`` (true when the
         image did not look like the model's training data) and ``CLIPSeg.Decision`` (JSON: what the rule asked,
         ``required``, and the inputs it judged, ``evidence``: peak and mean probability, extent, area, contrast, shadow
-        of the kept regions or of the nearest miss; ``postprocess.decide``), from the background run's ``done``
-        event."""
+        of the kept regions or of the nearest miss; ``postprocess.decide``; ``kept_to_side``: the side a one-sided
+        prompt was kept to, ``inference.laterality``), from the background run's ``done`` event."""
         done = (self.run.state.result or {}) if self.run else {}
         by_prompt = {f.get("prompt"): f for f in done.get("findings") or []}
         segmentation = node.GetSegmentation()
