@@ -68,3 +68,23 @@ def test_a_malformed_patient_sides_entry_names_the_fix():
     for bad in ({"margin_mm": -1}, {"margin": 10}, 10, {"margin_mm": True}):
         with pytest.raises(ModelError, match="inference.patient_sides must be"):
             patient_sides_of({"id": "m", "inference": {"patient_sides": bad}})
+
+
+def test_labelled_volumes_reach_a_side_reading_model_in_its_frame():
+    """Fine-tuning a model that reads the patient's sides: a volume stored with its columns toward the patient's right
+    is reversed along I with its labels and geometry (the same voxels in physical space); one stored in the
+    patient's frame is kept as it is."""
+    from CLIPSegLib.training.labelled_slices import LabelledVolume, in_patient_frame
+
+    g = Geometry((2.0, 1.0, 3.0), (-50.0, 0.0, 0.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+    v = _body()
+    truth = np.zeros(v.shape, bool)
+    truth[1, 20:25, 50:54] = True  # on the patient's left
+    stored, sg = _mirrored(v, g)
+    mirrored = LabelledVolume(stored, sg, {"mass": truth[:, :, ::-1].copy()}, {"mass": [1]}, {"image": "x.nii.gz"})
+    kept = LabelledVolume(v, g, {"mass": truth}, {"mass": [1]}, {})
+    out = in_patient_frame([mirrored, kept])
+    assert out[1] is kept
+    assert np.array_equal(out[0].image, v) and np.array_equal(out[0].truth["mass"], truth)
+    assert np.allclose(out[0].geometry.ijk_to_lps(), g.ijk_to_lps()) and out[0].slices == {"mass": [1]}
+    assert out[0].source == {"image": "x.nii.gz", "mirrored": "I"}

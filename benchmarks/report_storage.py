@@ -25,17 +25,9 @@ sys.path.insert(0, str(ROOT / "CLIPSeg"))
 
 from CLIPSegLib.evaluation.metrics import dice  # noqa: E402
 from CLIPSegLib.evaluation.report_cases import ReportCases  # noqa: E402
+from CLIPSegLib.inference.laterality import mirrored_along_i  # noqa: E402
 from CLIPSegLib.inference.pipeline import segment_volume  # noqa: E402
 from CLIPSegLib.inference.segment_file import load_engine  # noqa: E402
-from CLIPSegLib.io.geometry import Geometry  # noqa: E402
-
-
-def mirrored(image: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Geometry]:
-    """The same voxels in physical space, stored with the I axis reversed."""
-    d = geometry.direction_matrix.copy()
-    origin = np.asarray(geometry.origin) + d[:, 0] * geometry.spacing[0] * (image.shape[2] - 1)
-    d[:, 0] *= -1
-    return np.ascontiguousarray(image[:, :, ::-1]), Geometry(geometry.spacing, tuple(origin), tuple(map(tuple, d)))
 
 
 def score(engine, n: int, seed: int, flip: bool) -> dict:
@@ -45,7 +37,7 @@ def score(engine, n: int, seed: int, flip: bool) -> dict:
     for case in cases:
         image, geometry, truth = case.image, case.geometry, case.truth
         if flip:
-            image, geometry = mirrored(image, geometry)
+            image, geometry = np.ascontiguousarray(image[:, :, ::-1]), mirrored_along_i(geometry, image.shape[2])
             truth = {k: np.ascontiguousarray(v[:, :, ::-1]) for k, v in truth.items()}
         names = list(case.prompts)
         result = segment_volume(engine, image, geometry, [case.prompts[k] for k in names])

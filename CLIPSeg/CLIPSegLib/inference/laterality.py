@@ -48,6 +48,15 @@ def mirror_axis(geometry: Geometry, slice_axis: int) -> int | None:
     return 2 - column if geometry.direction_matrix[0, column] < 0 else None
 
 
+def mirrored_along_i(geometry: Geometry, n_i: int) -> Geometry:
+    """The geometry of a ``[K,J,I]`` grid of ``n_i`` columns stored with its I axis reversed (``array[..., ::-1]``):
+    the same voxels in physical space."""
+    d = geometry.direction_matrix.copy()
+    origin = np.asarray(geometry.origin) + d[:, 0] * geometry.spacing[0] * (n_i - 1)
+    d[:, 0] *= -1
+    return Geometry(geometry.spacing, tuple(float(v) for v in origin), tuple(map(tuple, d)))
+
+
 def lps_x_mm(shape_kji, geometry: Geometry) -> np.ndarray:
     """LPS x (mm; + toward the patient's left) of every voxel centre of a ``[K,J,I]`` grid, ``float32 [K,J,I]``."""
     k, j, i = (np.arange(n, dtype=np.float64) for n in shape_kji)
@@ -91,5 +100,5 @@ def side_regions(volume: np.ndarray, geometry: Geometry, sides, margin_mm: float
     return [regions[s] if s else None for s in sides], midline
 
 
-__all__ = ["SIDE_MARGIN_MM", "SIDE_NAMES", "body_midline_mm", "lps_x_mm", "mirror_axis", "patient_sides_of",
-           "side_region", "side_regions"]
+__all__ = ["SIDE_MARGIN_MM", "SIDE_NAMES", "body_midline_mm", "lps_x_mm", "mirror_axis", "mirrored_along_i",
+           "patient_sides_of", "side_region", "side_regions"]

@@ -165,7 +165,9 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
     never judged for it, and a labelled slice with an empty mask is an absent case. Phrases of an ``exclusive`` pair
     compete voxel-wise (``pipeline.combine_maps``; each phrase is its rival's phrasing, predicted on a slice even
     where it is not labelled; unlike the pipeline, the rival's map is gated by the candidate gate, not its own, and
-    a model's ``inference.slice_vote`` is not applied: a slice's neighbours are not predicted)."""
+    a model's ``inference.slice_vote`` is not applied: a slice's neighbours are not predicted). A model that reads
+    the patient's sides gets volumes already in its frame (``labelled_slices.in_patient_frame``); a phrase naming a
+    side is kept to it as in the pipeline (``pipeline.side_regions_of``)."""
     progress = progress or Progress("none")
     by_volume: dict[int, list[int]] = {}
     for v, k in held:
@@ -176,11 +178,13 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
         phrases = [p for p, labelled in vol.slices.items() if set(ks) & set(labelled)]
         prompts, findings, judges = with_rivals(phrases, phrases, {p: p for pair in exclusive for p in pair},
                                                 exclusive)
-        masks, presence = predict_maps(engine, vol.image, prompts, slice_axis=SLICE_AXIS, only=ks)
+        state = engine.encode_prompts(prompts)
+        masks, presence = predict_maps(engine, vol.image, state, slice_axis=SLICE_AXIS, only=ks)
+        regions, _ = side_regions_of(engine, vol.image, vol.geometry, state)
         spacing = vol.geometry.spacing
         for gate in (gates if presence is not None else (1.0,)):
             gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
-                                 judges)
+                                 judges, regions=regions)
             for i, p in enumerate(phrases):
                 for k in sorted(set(ks) & set(vol.slices[p])):
                     for t in thresholds:

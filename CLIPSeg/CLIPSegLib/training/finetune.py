@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..inference.laterality import patient_sides_of
 from ..options import INPUT_SIZES
 from ..progress import Progress
 from . import labelled_slices as ls
@@ -707,6 +708,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         raise InputError(f"steps ({steps}) and batch size ({batch_size}) must be at least 1")
     progress.message(f"reading {data}")
     volumes = ls.read_data(data, prompt_map)
+    if patient_sides_of(parent_spec) is not None:  # trained and calibrated in the frame its pipeline predicts in
+        volumes = ls.in_patient_frame(volumes)
     train, held = ls.split_slices(volumes, CALIBRATION_SHARE)
     if len(train) < batch_size:
         raise InputError(f"{len(train)} labelled slice(s) are left to train on ({len(held)} of "

@@ -135,6 +135,24 @@ def read_data(data, prompt_map: dict | None = None) -> list[LabelledVolume]:
     return volumes
 
 
+def in_patient_frame(volumes: list[LabelledVolume]) -> list[LabelledVolume]:
+    """The volumes as a model that reads the patient's sides sees them (``inference.laterality``; slices along K): a
+    volume whose columns (I) point to the patient's right is reversed along I, its labels and geometry with it (the
+    same voxels in physical space), so a fine-tuned model learns "left" where its pipeline will ask it; the others
+    are returned as they are."""
+    from ..inference.laterality import mirror_axis, mirrored_along_i
+
+    out = []
+    for v in volumes:
+        if mirror_axis(v.geometry, 2) is None:
+            out.append(v)
+            continue
+        flip = lambda a: np.ascontiguousarray(a[..., ::-1])  # noqa: E731
+        out.append(LabelledVolume(flip(v.image), mirrored_along_i(v.geometry, v.image.shape[2]),
+                                  {p: flip(m) for p, m in v.truth.items()}, v.slices, {**v.source, "mirrored": "I"}))
+    return out
+
+
 def phrases_of(volumes: list[LabelledVolume]) -> list[str]:
     """Every phrase of the data, in order of first appearance."""
     return list(dict.fromkeys(p for v in volumes for p in v.truth))
