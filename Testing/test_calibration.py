@@ -297,3 +297,33 @@ def test_the_calibration_judges_the_maps_after_the_models_slice_vote(monkeypatch
     assert finding == "nodule" and truth_voxels == 108 and extent_mm == 20.0
     assert sorted(c.n_slices for c, _ in comps) == sorted(len(s) for s in slices)
     assert [overlap for c, overlap in comps if c.n_slices == 3] == [108]
+
+
+def test_the_calibration_keeps_a_one_sided_prompt_to_its_side_as_the_pipeline_does(monkeypatch):
+    """A model that reads the patient's sides (``inference.patient_sides``) is calibrated on the maps the pipeline
+    judges: a prompt naming the patient's left loses what its map lights on the right (``side_regions_of``)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import CLIPSegLib.training.calibration as calibration
+    from CLIPSegLib.engines.contract import PromptReading, PromptState
+
+    prob = np.zeros((1, 4, 16, 16), np.float32)
+    prob[0, :, 4:10, 2:5] = 0.95  # the image's left: the patient's right (identity LPS directions)
+    prob[0, :, 4:10, 11:15] = 0.95  # the patient's left
+    monkeypatch.setattr(calibration, "predict_patient_frame", lambda engine, image, geometry, state, axis, **kw:
+                        (prob.copy(), None))
+    engine = SimpleNamespace(spec={"inference": {"patient_sides": {"margin_mm": 1.0}}},
+                             encode_prompts=lambda prompts: PromptState(prompts, None,
+                                                                        [PromptReading(p, side=1) for p in prompts]))
+    image = np.full(prob.shape[1:], 5.0, np.float32)
+    image[:, :, 0] = image[:, :, 15] = 0.0  # a body over columns 1..14: midline x = 7.5 mm
+    truth = np.zeros(prob.shape[1:], bool)
+    truth[:, 4:10, 11:15] = True
+    case = calibration.CalibrationCase(image, (1.0, 1.0, 1.0), {"mass": truth}, {"mass": "mass in the left lung"})
+    (_, _, comps, _), = calibration.collect_cases(engine, [case], {"mass": ["mass"]})[0.5][1.0]
+    assert [(c.voxels, overlap) for c, overlap in comps] == [(96, 96)]  # the right-side blob is gone
+    engine.spec = {"inference": {}}
+    (_, _, comps, _), = calibration.collect_cases(engine, [case], {"mass": ["mass"]})[0.5][1.0]
+    assert sorted(c.voxels for c, _ in comps) == [72, 96]

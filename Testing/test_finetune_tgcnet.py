@@ -137,7 +137,7 @@ class _Same:
 def test_an_interrupted_run_resumes_to_the_same_weights(disc_table, tiny_tgcnet, tmp_path, monkeypatch):
     from CLIPSegLib.training import datasets
 
-    monkeypatch.setattr(datasets, "make_augmentation", lambda mild=False: _Same())
+    monkeypatch.setattr(datasets, "make_augmentation", lambda mild=False, flip=True: _Same())
     whole = ft.finetune(disc_table, tmp_path / "whole", tiny_tgcnet, "disc", steps=4, batch_size=1)
     out = tmp_path / "split"
     assert ft.finetune(disc_table, out, tiny_tgcnet, "disc", steps=4, batch_size=1, stop_after=2) is None
@@ -151,3 +151,25 @@ def test_an_interrupted_run_resumes_to_the_same_weights(disc_table, tiny_tgcnet,
     a, b = _weights(whole.spec_path), _weights(resumed.spec_path)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads(resumed.spec_path.read_text())["presence"] == whole.spec["presence"]
+
+
+def test_a_side_reading_parent_is_fine_tuned_in_the_patients_frame_and_never_mirrored(disc_table, tiny_tgcnet,
+                                                                                       tmp_path, monkeypatch):
+    """A parent with ``inference.patient_sides``: the labelled volumes go through ``in_patient_frame`` and the
+    augmentation has no left-right flip; without the entry, neither (``inference.laterality``)."""
+    from CLIPSegLib.models import read_spec, write_spec
+    from CLIPSegLib.training import datasets
+    from CLIPSegLib.training import labelled_slices as ls
+
+    spec = read_spec(tiny_tgcnet)
+    sided = write_spec({**spec, "inference": {"flip_average": False, "patient_sides": {"margin_mm": 10.0}}},
+                       {k: v.float() for k, v in _weights(tiny_tgcnet).items()}, tmp_path / "sided")
+    framed, flips = [], []
+    real_frame, real_augmentation = ls.in_patient_frame, datasets.make_augmentation
+    monkeypatch.setattr(ls, "in_patient_frame", lambda volumes: framed.append(len(volumes)) or real_frame(volumes))
+    monkeypatch.setattr(datasets, "make_augmentation",
+                        lambda mild=False, flip=True: flips.append(flip) or real_augmentation(mild, flip))
+    ft.finetune(disc_table, tmp_path / "out", sided, "disc", steps=1, batch_size=1)
+    assert framed == [1] and flips and not any(flips)
+    ft.finetune(disc_table, tmp_path / "out2", tiny_tgcnet, "disc", steps=1, batch_size=1)
+    assert framed == [1] and all(flips[len(flips) - 1:])

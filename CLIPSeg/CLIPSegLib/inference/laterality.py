@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..io.geometry import Geometry
@@ -27,25 +29,33 @@ MAX_BODY_VOXELS = 4_000_000  # the body is found on a strided copy of larger vol
 
 def patient_sides_of(spec: dict | None) -> float | None:
     """The model's side margin in mm (spec ``inference.patient_sides.margin_mm``), or None: the model does not read
-    the patient's sides. ModelError when the entry is malformed."""
-    entry = ((spec or {}).get("inference") or {}).get("patient_sides")
+    the patient's sides. ModelError when the entry is malformed, or beside ``inference.flip_average`` (a mirrored
+    slice answers the other side's question)."""
+    inference = (spec or {}).get("inference") or {}
+    entry = inference.get("patient_sides")
     if entry is None:
         return None
-    margin = entry.get("margin_mm") if isinstance(entry, dict) else None
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
-        from ..errors import ModelError
+    from ..errors import ModelError
 
+    margin = entry.get("margin_mm") if isinstance(entry, dict) else None
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin) or margin < 0:
         raise ModelError(f"model {(spec or {}).get('id')!r}: inference.patient_sides must be {{\"margin_mm\": M}} with "
                          f"M >= 0 mm (how far past the body's midline a one-sided segment may reach), not {entry!r}")
+    if inference.get("flip_average"):
+        raise ModelError(f"model {(spec or {}).get('id')!r} reads the patient's sides (inference.patient_sides) and "
+                         f"averages each slice with its mirror (inference.flip_average), which swaps them; set "
+                         f"inference.flip_average to false")
     return float(margin)
 
 
 def mirror_axis(geometry: Geometry, slice_axis: int) -> int | None:
     """The ``[K,J,I]`` array axis to mirror so that slices along ``slice_axis`` (voxel axis, 0 = I) have their
     columns toward the patient's left, or None when they already do. Columns: voxel axis I, or J for slices along
-    I."""
-    column = 1 if slice_axis == 0 else 0
-    return 2 - column if geometry.direction_matrix[0, column] < 0 else None
+    I; rows: J, or K for slices along I or J. None too when the rows run more left-right than the columns (a slice
+    stored rotated a quarter turn): mirroring cannot put the left on the right there."""
+    column, row = (1 if slice_axis == 0 else 0), (1 if slice_axis == 2 else 2)
+    x = geometry.direction_matrix[0]
+    return 2 - column if x[column] < 0 and abs(x[column]) >= abs(x[row]) else None
 
 
 def mirrored_along_i(geometry: Geometry, n_i: int) -> Geometry:
@@ -57,46 +67,63 @@ def mirrored_along_i(geometry: Geometry, n_i: int) -> Geometry:
     return Geometry(geometry.spacing, tuple(float(v) for v in origin), tuple(map(tuple, d)))
 
 
-def lps_x_mm(shape_kji, geometry: Geometry) -> np.ndarray:
-    """LPS x (mm; + toward the patient's left) of every voxel centre of a ``[K,J,I]`` grid, ``float32 [K,J,I]``."""
-    k, j, i = (np.arange(n, dtype=np.float64) for n in shape_kji)
+def _plane_and_step(shape_kji, geometry: Geometry, stride: int = 1):
+    """(LPS x in mm of the k = 0 plane's voxels, every ``stride``-th along J and I, ``[J',I']`` float64; x step in mm
+    from one k to the next)."""
+    _, nj, ni = shape_kji
     step = geometry.direction_matrix[0] * np.asarray(geometry.spacing)  # mm of x per voxel along I, J, K
-    x = geometry.origin[0] + step[0] * i[None, None, :] + step[1] * j[None, :, None] + step[2] * k[:, None, None]
-    return np.broadcast_to(x, tuple(shape_kji)).astype(np.float32)
+    i, j = np.arange(0, ni, stride), np.arange(0, nj, stride)
+    return geometry.origin[0] + step[0] * i[None, :] + step[1] * j[:, None], float(step[2])
+
+
+def lps_x_mm(shape_kji, geometry: Geometry, stride: int = 1) -> np.ndarray:
+    """LPS x (mm; + toward the patient's left) of the voxel centres of a ``[K,J,I]`` grid (every ``stride``-th voxel
+    along each axis), ``float32 [K',J',I']``."""
+    plane, step_k = _plane_and_step(shape_kji, geometry, stride)
+    k = np.arange(0, shape_kji[0], stride, dtype=np.float64)
+    return (plane[None] + step_k * k[:, None, None]).astype(np.float32)
 
 
 def body_midline_mm(volume: np.ndarray, geometry: Geometry) -> float:
     """LPS x (mm) of the middle of the body's left-right extent in ``volume`` ``[K,J,I]`` (raw intensities): the
-    largest connected region above the volume's Otsu threshold. A constant volume: the middle of the grid."""
+    largest connected region above the volume's Otsu threshold, found on every n-th voxel of a large volume
+    (``MAX_BODY_VOXELS``). A constant volume, or none above the threshold: the middle of the grid."""
     import SimpleITK as sitk
 
-    x = lps_x_mm(volume.shape, geometry)
     stride = max(1, int(np.ceil((volume.size / MAX_BODY_VOXELS) ** (1 / 3))))
+    x = lps_x_mm(volume.shape, geometry, stride)
     small = np.ascontiguousarray(volume[::stride, ::stride, ::stride], dtype=np.float32)
+    middle = float((x.min() + x.max()) / 2)
     if float(small.max()) - float(small.min()) <= 1e-6:
-        return float((x.min() + x.max()) / 2)
+        return middle
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.Execute(sitk.GetImageFromArray(small))
     bright = sitk.GetImageFromArray((small > otsu.GetThreshold()).astype(np.uint8))
     largest = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(bright))) == 1
-    xs = x[::stride, ::stride, ::stride][largest]
+    if not largest.any():
+        return middle
+    xs = x[largest]
     return float((xs.min() + xs.max()) / 2)
 
 
-def side_region(x_mm: np.ndarray, midline_mm: float, side: int, margin_mm: float) -> np.ndarray:
-    """Where a segment of the patient's ``side`` (+1 left, -1 right) may lie: bool like ``x_mm``, the voxels on that
-    side of the midline or less than ``margin_mm`` past it."""
-    return (x_mm >= midline_mm - margin_mm) if side > 0 else (x_mm <= midline_mm + margin_mm)
+def side_region(shape_kji, geometry: Geometry, midline_mm: float, side: int, margin_mm: float) -> np.ndarray:
+    """Where a segment of the patient's ``side`` (+1 left, -1 right) may lie in a ``[K,J,I]`` grid: bool, the voxels
+    on that side of the midline (LPS x, mm) or less than ``margin_mm`` past it; built a slice at a time."""
+    plane, step_k = _plane_and_step(shape_kji, geometry)
+    out = np.empty(tuple(shape_kji), dtype=bool)
+    for k in range(shape_kji[0]):
+        x = plane + step_k * k
+        out[k] = (x >= midline_mm - margin_mm) if side > 0 else (x <= midline_mm + margin_mm)
+    return out
 
 
 def side_regions(volume: np.ndarray, geometry: Geometry, sides, margin_mm: float):
-    """-> (one region per prompt: ``side_region`` for a prompt naming one side, None for the others, the midline in
-    mm or None when no prompt names a side). ``sides``: each prompt's side cue (+1 left, -1 right, 0 none)."""
+    """-> (one region per prompt: ``side_region`` for a prompt naming one side, None for the others; the midline in
+    mm, or None when no prompt names a side). ``sides``: each prompt's side cue (+1 left, -1 right, 0 none)."""
     if not any(sides):
         return [None] * len(sides), None
-    x = lps_x_mm(volume.shape, geometry)
     midline = body_midline_mm(volume, geometry)
-    regions = {s: side_region(x, midline, s, margin_mm) for s in set(sides) if s}
+    regions = {s: side_region(volume.shape, geometry, midline, s, margin_mm) for s in set(sides) if s}
     return [regions[s] if s else None for s in sides], midline
 
 

@@ -302,7 +302,8 @@ def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int
 def predict_probabilities(engine, volume: np.ndarray, prompts, slice_axis: int,
                           batch_size: int | None = None, progress: Progress | None = None, cancel=None) -> np.ndarray:
     """volume ``[K,J,I]`` -> probabilities ``[P,K,J,I]`` float32: ``predict_maps`` combined by ``apply_presence``
-    at gate 1 (mask x slice presence), no competition between prompts."""
+    at gate 1 (mask x slice presence), no competition between prompts; in the array's own frame, without the
+    patient's sides a model may read (``segment_volume`` applies them: ``predict_patient_frame``)."""
     probs, presence = predict_maps(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
     return combine_maps(probs, presence, slice_axis, [1.0] * len(probs), [None] * len(probs), ())
 

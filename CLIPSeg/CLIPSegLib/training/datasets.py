@@ -124,11 +124,13 @@ class FolderTriples(torch.utils.data.Dataset):
         return image, [phrase], masks
 
 
-def make_augmentation(mild: bool = False):
+def make_augmentation(mild: bool = False, flip: bool = True):
     """MONAI dict transforms: intensity (gamma, gain, noise, speckle-like Rician noise, blur, bias field) on the raw
     image, then geometry (rotation, scale, shear, translation, flips), on keys ``image`` ``[1,S,S]`` and ``label``
     ``[P,S,S]``. ``mild``: for a user's real images, whose intensities carry the meaning (grey vs white matter):
-    a narrower gamma and gain, light noise and bias field, smaller rotations and scalings, no Rician speckle."""
+    a narrower gamma and gain, light noise and bias field, smaller rotations and scalings, no Rician speckle.
+    ``flip`` False (with ``mild``): no left-right flip, for a model that reads the patient's sides
+    (``inference.laterality``), where a mirrored slice would answer the other side's question."""
     from monai import transforms as T
 
     if mild:
@@ -140,7 +142,7 @@ def make_augmentation(mild: bool = False):
             T.RandAffined(("image", "label"), prob=0.8, rotate_range=0.25, scale_range=(0.15, 0.15),
                           shear_range=0.05, translate_range=(8, 8), mode=("bilinear", "nearest"),
                           padding_mode="zeros"),
-            T.RandFlipd(("image", "label"), prob=0.5, spatial_axis=1),
+            *([T.RandFlipd(("image", "label"), prob=0.5, spatial_axis=1)] if flip else []),
         ])
     return T.Compose([
         T.RandAdjustContrastd("image", prob=0.6, gamma=(0.5, 2.0)),
