@@ -290,7 +290,7 @@ def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int
     floors = [0.0] * len(gates) if floors is None else floors
     for i, (gate, floor) in enumerate(zip(gates, floors)):
         masks[i] = apply_presence(masks[i], None if presence is None else presence[i], slice_axis, gate, floor)
-        if regions is not None and i < len(regions) and regions[i] is not None:
+        if regions is not None and regions[i] is not None:
             masks[i] = np.where(regions[i], masks[i], np.float32(0.0))
     masks = suppress_exclusive(masks, findings, exclusive, judges)
     if vote > 1:

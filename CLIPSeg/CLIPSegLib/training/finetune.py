@@ -708,8 +708,9 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         raise InputError(f"steps ({steps}) and batch size ({batch_size}) must be at least 1")
     progress.message(f"reading {data}")
     volumes = ls.read_data(data, prompt_map)
-    if patient_sides_of(parent_spec) is not None:  # trained (never mirrored) and calibrated in the frame its
-        volumes = ls.in_patient_frame(volumes)  # pipeline predicts in
+    reads_sides = patient_sides_of(parent_spec) is not None
+    if reads_sides:  # trained (never mirrored) and calibrated in the frame its pipeline predicts in
+        volumes = ls.in_patient_frame(volumes)
     train, held = ls.split_slices(volumes, CALIBRATION_SHARE)
     if len(train) < batch_size:
         raise InputError(f"{len(train)} labelled slice(s) are left to train on ({len(held)} of "
@@ -744,7 +745,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     def fit(tuning, units, ckpt: Path, name: str, budget: int | None) -> list | None:
         """Train ``tuning`` on the slices ``units`` (plus replay) for ``steps``, at most ``budget`` of them in this
         call; -> the losses, or None when the budget ran out first (the checkpoint resumes it)."""
-        augmentation = make_augmentation(mild=True, flip=patient_sides_of(parent_spec) is None)
+        augmentation = make_augmentation(mild=True, flip=not reads_sides)
         augmentation.set_random_state(seed)
         user = ls.SliceSamples(volumes, units, size, prep.fit, prep.intensity, augmentation)
         done = run_loop(_recipe(tuning, dev, phrases, teacher, name), ls.Mixed(user, bank, share), steps, ckpt,
