@@ -129,6 +129,58 @@ def test_a_caption_trained_patch_term_makes_a_model_read_presence_from_the_patch
     assert read == {"caption": "patches", "mask": "image", "csv": "image"}
 
 
+def test_without_the_absent_bag_the_slices_without_the_finding_lose_only_their_slice_score():
+    present = torch.tensor([True, False])
+    x = torch.full((2, 8, 8), -6.0)
+    x[0, 2:4, 2:4] = 6.0
+    x[1, 5:7, 5:7] = 3.0  # the slice without the finding lit in 4 patches
+    bag = x[1].flatten().sort().values[-4:].mean()
+    gap = float(cf.mil_loss(x, present, top=4)) - float(cf.mil_loss(x, present, top=4, absent_bag=False))
+    assert gap == pytest.approx(float(torch.nn.functional.softplus(bag)), rel=1e-5)  # BCE of its bag against 0
+    assert float(cf.mil_loss(x, present, top=4, absent_bag=False)) > float(cf.mil_loss(
+        torch.where(x == 3.0, -6.0, x), present, top=4, absent_bag=False)) + 0.05  # its patches stay negatives
+
+
+def test_presence_from_carries_another_clip_that_gives_the_slice_presence(tiny_open, tmp_path, capsys):
+    from CLIPSegLib.engines.clip_backbone import build_clip
+
+    torch.manual_seed(7)  # a presence CLIP with other weights than the tuned one
+    other = build_clip(TINY_SPEC["clip"])
+    ospec = {**load_spec(tiny_open), "id": "other-clip", "files": []}
+    ospec = {k: v for k, v in ospec.items() if not k.startswith("_")}
+    other_path = write_spec(ospec, {f"clip.{k}": v for k, v in other.state_dict().items()}, tmp_path / "o",
+                            half=False)
+    code = main(["finetune-clip", "--from", str(tiny_open), "--presence-from", str(other_path), "--data",
+                 str(caption_csv(tmp_path / "d")), "--output-dir", str(tmp_path / "out"), "--model-id", "where",
+                 "--steps", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "w"), "--progress", "none"])
+    assert code == 0, capsys.readouterr().err
+    spec = load_spec(tmp_path / "out" / "where.json")
+    assert spec["saliency"]["slice_presence"] == "presence_clip" and "--presence-from" in spec["training"]["command"]
+    assert spec["presence_clip"]["weights_prefix"] == "presence_clip."
+    state = load_weights(spec)
+    assert all(torch.equal(state[f"presence_clip.{k}"], v.half().float()) for k, v in other.state_dict().items()
+               if v.is_floating_point())
+    engine = create_engine(spec, torch.device("cpu"))
+    slices = torch.rand(3, 1, 32, 32)
+    prompts = engine.encode_prompts(["nodule", "cyst"])
+    _, presence = engine.predict(slices, prompts)
+    pc = engine.presence_clip
+    with torch.inference_mode():
+        own = engine.slice_presence(engine.clip.normalize(slices), prompts.embeddings)  # the tuned CLIP's reading
+        image = pc.encode_image(pc.normalize(slices))
+        want = engine_module_presence(pc, image, pc.encode_text(["nodule", "cyst"], "cpu"),
+                                      pc.encode_text(engine.neutral, "cpu"))
+    torch.testing.assert_close(presence, want)
+    assert not torch.allclose(presence, own, atol=1e-3)
+
+
+def engine_module_presence(clip, image, text, neutral):
+    """exp(own) / (exp(own) + sum exp(neutral)) at the CLIP's scale, written out."""
+    scale = clip.model.logit_scale.exp()
+    own, rival = torch.exp(scale * image @ text.T), torch.exp(scale * image @ neutral.T).sum(1, keepdim=True)
+    return own / (own + rival)
+
+
 @pytest.mark.parametrize("labels", ["mask", "caption"])
 def test_the_dense_term_makes_patch_similarity_follow_the_finding(tiny_open, tmp_path, labels):
     """With masks, or with only whether each slice holds the square (``caption``: multiple-instance learning, a third

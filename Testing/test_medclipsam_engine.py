@@ -240,6 +240,17 @@ def test_the_slice_vote_keeps_two_slice_findings_drops_one_slice_blobs_even_at_t
     assert np.array_equal(slice_vote(flat, 0, 3), flat) and np.array_equal(slice_vote(p, 0, 1), p)
 
 
+@pytest.mark.parametrize("case", ["slice presence alone", "presence clip alone"])
+def test_a_presence_clip_and_its_slice_presence_go_together(build, tiny_medclipsam, case):
+    entries = ({"saliency": {"method": "gradcam", "slice_presence": "presence_clip"}} if case == "slice presence alone"
+               else {"presence_clip": load_spec(tiny_medclipsam)["clip"]})  # the same folder CLIP, loaded twice
+    with pytest.raises(ModelError, match="presence_clip entry and slice_presence 'presence_clip' go together"):
+        build(**entries)
+    if case == "presence clip alone":  # with both, the engine reads presence from it
+        engine = build(saliency={"method": "gradcam", "slice_presence": "presence_clip"}, **entries)
+        assert engine.presence_clip is not None and engine.presence_clip.model is not engine.clip.model
+
+
 def test_an_even_slice_vote_is_refused(build):
     engine = build(inference={"slice_vote": 2})
     with pytest.raises(ModelError, match="inference.slice_vote 2 must be an odd number of slices"):

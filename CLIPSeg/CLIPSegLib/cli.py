@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dense-labels", default="caption", choices=("caption", "mask"),
                    help="what the patch term learns from: which findings each slice holds, as its caption says "
                         "(default; no mask, so the model stays zero-shot), or the findings' masks")
+    g.add_argument("--presence-from", default=None, metavar="MODEL|FOLDER",
+                   help="a model (id or .json) or BiomedCLIP folder whose CLIP, frozen, the new model carries to say "
+                        "whether a slice holds the finding (its image-text score); the tuned CLIP then only learns "
+                        "where (its slices without the finding are not scored on their top patches)")
     g.add_argument("--temperature", type=float, default=0.6, help="DHN-NCE temperature (paper: 0.6)")
     g.add_argument("--beta1", type=float, default=0.15, help="DHN-NCE hardness, image -> text (paper: 0.15)")
     g.add_argument("--beta2", type=float, default=0.15, help="DHN-NCE hardness, text -> image (paper: 0.15)")
@@ -640,6 +644,7 @@ def _cmd_finetune_clip(a, progress):
             "--seed", str(a.seed)]
     argv += ["--from", a.source] if a.source else []
     argv += ["--sam-from", a.sam_from] if a.sam_from else []
+    argv += ["--presence-from", a.presence_from] if a.presence_from else []
     argv += (["--data", a.data] if a.data else ["--phantoms", str(a.phantoms), "--volumes", str(a.volumes),
                                                  "--family", a.family] + (["--augment"] if a.augment else []))
     argv += ["--model-id", a.model_id] if a.model_id else []
@@ -652,7 +657,7 @@ def _cmd_finetune_clip(a, progress):
                          a.lora_rank, a.dense_weight, a.temperature, a.beta1, a.beta2, a.seed, not a.no_resume,
                          a.sam_from, a.saliency, progress, device,
                          shlex.join(argv) + " --no-resume --force", a.force, dense_labels=a.dense_labels,
-                         augment=a.augment, precision=a.precision)
+                         augment=a.augment, precision=a.precision, presence_from=a.presence_from)
     if a.progress != "json":
         print(f"wrote {path}")
 

@@ -16,7 +16,10 @@ cos(patch, neutral texts)), the map the engine reads. Two kinds of labels (``DEN
   and the lowest ``MIL_BACKGROUND`` share of a slice with it are negatives too (a size prior: no finding covers half
   a slice). The patches that differ between slices
   with and without the finding are the ones pushed up, which is where the finding is. That mean is also the
-  slice presence the exported model reads (``saliency.slice_presence`` "patches").
+  slice presence the exported model reads (``saliency.slice_presence`` "patches"). With ``presence_from`` (another
+  model's CLIP, frozen, exported beside this one as the model's ``presence_clip``, whose image-text score then
+  gives the slice presence) the slices without the finding are not scored on their top patches: this CLIP only has
+  to say where, and that term, measured, costs the nodule boxes (RESULTS, eighteenth session).
 - ``mask``: a class-balanced binary cross-entropy per patch against "the patch lies mostly in that finding's mask"
   (positives and negatives averaged separately). Mask supervision: the model is then no longer zero-shot.
 
@@ -243,10 +246,11 @@ def check_dense_labels(dense_labels: str) -> None:
 
 
 def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperature: float = 0.6, beta1: float = 0.15,
-                 beta2: float = 0.15, device="cpu", dense_labels: str = "caption"):
+                 beta2: float = 0.15, device="cpu", dense_labels: str = "caption", absent_bag: bool = True):
     """-> ``loss(batch)`` for ``run_loop``: DHN-NCE of the images against their captions (the first text of each
     sample) + ``dense_weight`` x the dense term (module docstring) on the other texts, labelled by ``dense_labels``:
-    whether each text's finding is in the slice (``caption``) or its mask (``mask``)."""
+    whether each text's finding is in the slice (``caption``; ``absent_bag``: ``mil_loss``'s) or its mask
+    (``mask``)."""
     check_dense_labels(dense_labels)
     from ..engines.medclipsam.dhn_nce import dhn_nce_loss
     from ..engines.medclipsam.saliency import PATCH_SCALE, dense_features, patch_similarity
@@ -270,7 +274,8 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
         sim = patch_similarity(dense, emb, emb[[unique.index(n) for n in neutral]])  # [B,U,h,w]
         logits = PATCH_SCALE * sim[pair_index[rest].to(device), idx[rest.to(device)]]  # [M,h,w]
         if dense_labels == "caption":
-            return total + dense_weight * mil_loss(logits, masks[rest].flatten(1).any(1).to(device))
+            return total + dense_weight * mil_loss(logits, masks[rest].flatten(1).any(1).to(device),
+                                                   absent_bag=absent_bag)
         frac = F.adaptive_avg_pool2d(masks[rest][:, None].float().to(device), logits.shape[-2:])[:, 0]  # [M,h,w]
         top = frac.flatten(1).amax(1).clamp(max=0.5)[:, None, None]
         target = ((frac >= top) & (frac > 0)).float()  # mostly inside; a finding smaller than a patch: its best patch
@@ -283,12 +288,13 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
 
 
 def mil_loss(logits: torch.Tensor, present: torch.Tensor, top: int | None = None,
-             background: float = MIL_BACKGROUND) -> torch.Tensor:
+             background: float = MIL_BACKGROUND, absent_bag: bool = True) -> torch.Tensor:
     """Multiple-instance loss from slice-level labels: ``logits`` [M,h,w] patch logits of M (slice, finding) pairs,
     ``present`` [M] bool (the slice holds the finding). A pair's slice logit is the mean of its ``top`` highest patch
     logits (default ``saliency.PATCH_TOP``: what the engine's patch presence reads): BCE against ``present``, present
     and absent pairs averaged separately. Patches: every patch of an absent pair and the lowest ``background`` share
-    of a present pair's patches, mean BCE against 0. The three terms added."""
+    of a present pair's patches, mean BCE against 0. The three terms added (``absent_bag`` False: the absent pairs'
+    slice logits are left out, their patches stay negatives)."""
     from ..engines.medclipsam.saliency import PATCH_TOP
 
     top = PATCH_TOP if top is None else top
@@ -297,7 +303,7 @@ def mil_loss(logits: torch.Tensor, present: torch.Tensor, top: int | None = None
     bag = ranked[:, -min(top, flat.shape[1]):].mean(1)
     negatives = torch.cat([flat[~present].flatten(), ranked[present, :int(background * flat.shape[1])].flatten()])
     loss = F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives)) if negatives.numel() else 0.0
-    for side in (present, ~present):
+    for side in (present, ~present) if absent_bag else (present,):
         if side.any():
             loss = loss + F.binary_cross_entropy_with_logits(bag[side], present[side].float())
     return loss
@@ -339,16 +345,20 @@ def load_source(source: str | None, device, template: str | None = None):
 
 
 def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state: dict, out_dir: Path, model_id: str,
-           training: dict, saliency: str | None = "patch_similarity") -> Path:
+           training: dict, saliency: str | None = "patch_similarity",
+           presence: tuple[dict, dict] | None = None) -> Path:
     """Write ``out_dir/<model_id>.{json,safetensors}``: the template's spec with this CLIP (``clip.*`` tensors; a
     folder CLIP keeps its folder for config and tokenizer, ``weights_prefix`` ``clip.``), the template's SAM (its
     ``sam.*`` tensors copied, or its checkpoint / part reference kept), ``saliency`` method (and its slice presence:
-    the patch map's when the multiple-instance term trained it), ``training``."""
+    the patch map's when the multiple-instance term trained it), ``training``. ``presence``: (clip config, state
+    dict) of the CLIP written as the model's ``presence_clip`` (``presence_clip.*`` tensors) whose image-text score is
+    then the slice presence; a template's own presence_clip is not carried over."""
     from ..models import write_spec
 
     spec = {k: v for k, v in template.items() if not k.startswith("_") and k not in ("files", "training")}
     spec["id"] = model_id
     spec["clip"] = {**clip_cfg, "weights_prefix": "clip."}
+    spec.pop("presence_clip", None)
     if "checkpoint" in spec.get("sam", {}):
         spec["sam"] = {**spec["sam"], "checkpoint": str((Path(template["_dir"]) / spec["sam"]["checkpoint"]).resolve())}
     if saliency:  # slice presence from the patch map where the multiple-instance term trained it
@@ -356,6 +366,11 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
                    and training.get("dense_labels") == "caption" and "phantoms" in training.get("data", {}))
         spec["saliency"] = {**(spec.get("saliency") or {}), "method": saliency,
                             "slice_presence": "patches" if patches else "image"}
+    if presence is not None:
+        spec["presence_clip"] = {**presence[0], "weights_prefix": "presence_clip."}
+        spec["saliency"] = {**(spec.get("saliency") or {}), "slice_presence": "presence_clip"}
+    elif (spec.get("saliency") or {}).get("slice_presence") == "presence_clip":
+        spec["saliency"] = {**spec["saliency"], "slice_presence": "image"}
     spec["description"] = (f"MedCLIP-SAM with its CLIP fine-tuned by `clipseg finetune-clip` ("
                            f"{training.get('loss', 'DHN-NCE')}) from "
                            f"{training['parent'].get('id') or training['parent'].get('folder')}; SAM and presence rule "
@@ -363,6 +378,8 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
     spec["training"] = training
     weights = {f"clip.{k}": v.detach().cpu() for k, v in clip_model.state_dict().items()}
     weights.update({k: v for k, v in template_state.items() if k.startswith("sam.")})
+    if presence is not None:
+        weights.update({f"presence_clip.{k}": v.detach().cpu() for k, v in presence[1].items()})
     return write_spec(spec, weights, out_dir)
 
 
@@ -373,10 +390,12 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                   beta2: float = 0.15, seed: int = 0, resume: bool = True, template: str | None = None,
                   saliency: str | None = "patch_similarity", progress: Progress | None = None, device="cpu",
                   command: str = "", force: bool = False, stop_after: int | None = None,
-                  dense_labels: str = "caption", augment: bool = False, precision: str = "fp32") -> Path | None:
+                  dense_labels: str = "caption", augment: bool = False, precision: str = "fp32",
+                  presence_from: str | None = None) -> Path | None:
     """The whole command: checks, source CLIP, data, ``run_loop`` (checkpoint ``work_dir/clip.pt``), export.
     ``augment``: phantom captions augmented (``PhantomCaptions``); ``precision``: fp32 or bf16 autocast of the
-    training steps. Returns the spec path (None when ``stop_after``
+    training steps; ``presence_from``: the model (id or spec; or a BiomedCLIP folder) whose CLIP, frozen, becomes
+    the exported model's ``presence_clip`` (module docstring). Returns the spec path (None when ``stop_after``
     ended the call before the last step)."""
     from monai.utils import set_determinism
 
@@ -396,6 +415,10 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     progress = progress or Progress("none")
     device = torch.device(device)
     clip, clip_cfg, tspec, tstate, lineage = load_source(source, device, template)
+    presence = None
+    if presence_from is not None:
+        pclip, pcfg, _, _, plineage = load_source(presence_from, torch.device("cpu"), template)
+        presence = (pcfg, pclip.model.state_dict())
     model_id = model_id or f"{lineage.get('id') or Path(lineage['folder']).name}-dhn"
     check_output_free(Path(out_dir), model_id, force)
     set_determinism(seed)
@@ -410,9 +433,11 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     tuner = Tuner(clip, trainable, blocks, lora_rank)
     settings = {"lr": lr, "trainable": trainable, "blocks": blocks, "lora_rank": lora_rank, "dense_weight": dense_weight,
                 "dense_labels": dense_labels, "temperature": temperature, "beta1": beta1, "beta2": beta2,
-                "tensors": len(tuner.names), **({"augment": True} if augment else {})}
+                "tensors": len(tuner.names), **({"augment": True} if augment else {}),
+                **({"presence_from": plineage} if presence is not None else {})}
     recipe = Recipe("CLIP DHN-NCE", [{"params": tuner.params, "lr": lr}],
-                    clip_loss_fn(clip, neutral, dense_weight, temperature, beta1, beta2, device, dense_labels),
+                    clip_loss_fn(clip, neutral, dense_weight, temperature, beta1, beta2, device, dense_labels,
+                                 absent_bag=presence is None),
                     tuner.state, tuner.load, tuner.train, weight_decay=0.01, fingerprint=settings)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -427,7 +452,7 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                     (" + patch MIL from captions" if dense_labels == "caption" else " + dense patch BCE on masks")
                     if dense_weight and data_csv is None else ""),
                 "last_loss": round(losses[-1], 4) if losses else None, **settings}
-    return export(tuner.merged(), clip_cfg, tspec, tstate, Path(out_dir), model_id, training, saliency)
+    return export(tuner.merged(), clip_cfg, tspec, tstate, Path(out_dir), model_id, training, saliency, presence)
 
 
 def _neutral():

@@ -37,10 +37,10 @@ BATCH, AUGMENT = 4, False
 
 def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = CLIP_FROM) -> dict:
     """The spec of the embedded MedCLIP-SAM model (without presence rule and files): the ``clip_from`` model's CLIP
-    config, the small SAM, the ``clip_from`` model's saliency settings if it is a medclipsam model (e.g. one made
-    by ``clipseg finetune-clip``: patch_similarity, slice presence from the patches) over gradcam (gScoreCAM costs
-    ~300 image passes per slice and prompt and localised no better on phantoms: README), one box per slice, a
-    3-slice vote."""
+    config (and its presence_clip, if any), the small SAM, the ``clip_from`` model's saliency settings if it is a
+    medclipsam model (e.g. one made by ``clipseg finetune-clip``: patch_similarity, slice presence from the patches
+    or the presence CLIP) over gradcam (gScoreCAM costs ~300 image passes per slice and prompt and localised no better
+    on phantoms: README), one box per slice, a 3-slice vote."""
     from ..models import load_spec
 
     source = load_spec(clip_from)
@@ -55,6 +55,7 @@ def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = C
         "license": "Apache-2.0",
         "citation": "Koleilat et al., MedCLIP-SAM, MICCAI 2024",
         "clip": dict(clip),
+        **({"presence_clip": dict(source["presence_clip"])} if source.get("presence_clip") else {}),
         "sam": {"type": dict(SAM_SMALL), "normalize": "sam"},
         "saliency": saliency,
         "boxes": {"split": "otsu", "min_area": 16, "max_boxes": 1},
@@ -214,15 +215,16 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
 
 def _engine(spec: dict, clip_spec: dict, sam_weights: dict, device):
     """The MedCLIP-SAM engine of ``spec`` before export: CLIP from ``clip_spec``'s files, SAM from ``sam_weights``."""
-    from ..engines.medclipsam.clip_model import load_clip
+    from ..engines.medclipsam.clip_model import load_clip, load_presence_clip
     from ..engines.medclipsam.engine import MedCLIPSAMEngine
     from ..engines.medclipsam.sam import sam_from_state
     from ..models import load_weights
 
     device = torch.device(device)
-    clip = load_clip(spec, load_weights(clip_spec), device)
+    state = load_weights(clip_spec)
+    clip = load_clip(spec, state, device)
     sam = sam_from_state({k[4:]: v for k, v in sam_weights.items()}, spec["sam"]["type"], device)
-    return MedCLIPSAMEngine(clip, sam, device, spec)
+    return MedCLIPSAMEngine(clip, sam, device, spec, presence_clip=load_presence_clip(spec, state, device))
 
 
 __all__ = ["SAM_SMALL", "JITTER", "STAGES", "embedded_spec", "box_of", "negative_box", "sam_loss_fn", "train_sam",

@@ -12,6 +12,11 @@ A spec's ``clip`` entry is one of
   ``text_cfg``, or ``open_clip_name``) whose tensors are those of the spec's files under ``weights_prefix``
   (default ``clip.``, how a cliptnseg model stores its frozen CLIP: the embedded phantom CLIP is reused this way),
   with optional ``mean`` / ``std`` (default OpenAI CLIP's).
+
+A spec may also hold ``presence_clip``, a second CLIP in any of these forms (its own tensors under its
+``weights_prefix``, ``presence_clip.`` as ``clipseg finetune-clip --presence-from`` writes it): the CLIP whose
+image-text score gives the slice presence when ``saliency.slice_presence`` is ``"presence_clip"``, so one CLIP can be
+tuned to localise and another kept for telling whether the finding is there (``load_presence_clip``).
 """
 
 from __future__ import annotations
@@ -124,4 +129,15 @@ def load_clip(spec: dict, state: dict, device) -> CLIPModel:
                      lambda text: read_prompt(text, context))
 
 
-__all__ = ["CLIPModel", "load_clip"]
+def load_presence_clip(spec: dict, state: dict, device) -> CLIPModel | None:
+    """The spec's ``presence_clip`` (module docstring) on ``device``, or None when it has none."""
+    cfg = spec.get("presence_clip")
+    if cfg is None:
+        return None
+    if "folder" not in cfg and "part" not in cfg:  # an open_clip config: its tensors are the spec files' own
+        cfg = {"weights_prefix": "presence_clip.", **cfg}
+    return load_clip({"id": f"{spec.get('id')} presence_clip", "_dir": spec.get("_dir", "."), "clip": cfg},
+                     state, device)
+
+
+__all__ = ["CLIPModel", "load_clip", "load_presence_clip"]

@@ -9,7 +9,7 @@ A model spec of engine ``medclipsam`` holds
   ``"checkpoint": PATH`` (relative to the spec), ``"part": ID`` (registry: sam-vit-b, medsam-vit-b, ...) or else
   the spec files' ``sam.*`` tensors;
 - ``saliency`` (``SALIENCY``: method gscorecam | gradcam | patch_similarity, topk, batch_size, block, fill black |
-  mean, slice_presence image | patches (below); patch_similarity reads the neutral texts below and needs only the
+  mean, slice_presence image | patches | presence_clip (below); patch_similarity reads the neutral texts below and needs only the
   one image pass presence makes) and ``boxes``
   (``BOXES``: ``prompts.saliency_to_prompts`` arguments);
 - ``presence``: the pipeline's found / not-found rule (its ``min_slice_presence`` empties slices whose presence is
@@ -20,7 +20,9 @@ A model spec of engine ``medclipsam`` holds
 Slice presence ``[B,P]`` is CLIP's softmax probability of the prompt against the neutral texts on the whole slice
 (grad-cam rescales every map to [0,1], so the map alone cannot say "absent"), or, with ``saliency.slice_presence``
 "patches" (patch_similarity only; what ``clipseg finetune-clip --dense-labels caption`` trains and writes), the
-slice-level probability read from the patch map (``saliency.patch_presence``). Saliency and SAM run only where that
+slice-level probability read from the patch map (``saliency.patch_presence``), or with "presence_clip" the same
+image-text probability from the spec's second CLIP (``clip_model.load_presence_clip``; ``clipseg finetune-clip
+--presence-from`` writes it): the saliency CLIP says where, the presence CLIP whether. Saliency and SAM run only where that
 presence reaches the lowest ``min_slice_presence`` of the spec's rules (below it the pipeline empties the slice
 anyway; a run-time ``presence`` override with a lower floor does not bring those slices back); SAM embeds each slice
 with a box once, whatever the number of prompts, and never a slice without one.
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from ...errors import ModelError
 from ...models import load_weights
 from ..contract import Engine, Preprocessing, PromptReading, PromptState
-from .clip_model import CLIPModel, _local, _part_folder, load_clip
+from .clip_model import CLIPModel, _local, _part_folder, load_clip, load_presence_clip
 from .prompts import SPLITS, saliency_to_prompts
 from .saliency import METHODS, dense_features, patch_maps, patch_presence, patch_similarity, saliency
 from .sam import SamSegmenter, load_sam, sam_from_state
@@ -43,7 +45,7 @@ from .sam import SamSegmenter, load_sam, sam_from_state
 NEUTRAL = ("a medical image", "normal tissue")  # what a slice without the finding is scored against by default
 SALIENCY = {"method": "gscorecam", "topk": 300, "batch_size": 32, "block": -1, "fill": "black",
             "slice_presence": "image"}
-SLICE_PRESENCE = ("image", "patches")
+SLICE_PRESENCE = ("image", "patches", "presence_clip")
 BOXES = {"split": "otsu", "threshold": 0.5, "min_area": 16, "max_boxes": 1, "margin": 0}
 
 
@@ -84,11 +86,11 @@ class MedCLIPSAMEngine(Engine):
     name = "medclipsam"
 
     def __init__(self, clip: CLIPModel, sam: SamSegmenter, device, spec: dict | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", presence_clip: CLIPModel | None = None):
         spec = spec or {}
         size = int(spec.get("input_size", clip.image_size))
         super().__init__(spec, device, precision, Preprocessing.from_spec(spec, size, fit="pad"))
-        self.clip, self.sam = clip, sam
+        self.clip, self.sam, self.presence_clip = clip, sam, presence_clip
         self.saliency = _settings(spec, "saliency", SALIENCY)
         self.boxes = _settings(spec, "boxes", BOXES)
         if self.saliency["method"] not in METHODS or self.saliency["fill"] not in ("black", "mean"):
@@ -99,6 +101,10 @@ class MedCLIPSAMEngine(Engine):
             raise ModelError(f"model {spec.get('id')!r}: saliency slice_presence "
                              f"{self.saliency['slice_presence']!r} is image, or patches with the patch_similarity "
                              f"method")
+        if (self.saliency["slice_presence"] == "presence_clip") != (presence_clip is not None):
+            raise ModelError(f"model {spec.get('id')!r}: saliency slice_presence {self.saliency['slice_presence']!r} "
+                             f"{'has no presence_clip' if presence_clip is None else 'beside a presence_clip'}: a "
+                             f"presence_clip entry and slice_presence 'presence_clip' go together")
         if self.boxes["split"] not in SPLITS:
             raise ModelError(f"model {spec.get('id')!r}: boxes split {self.boxes['split']!r} is not one of "
                              f"{', '.join(SPLITS)}")
@@ -107,6 +113,7 @@ class MedCLIPSAMEngine(Engine):
         self.min_sam_iou = float(presence.get("min_sam_iou", 0.0))
         self.skip_below = lowest_floor(presence)
         self._neutral_emb = None
+        self._presence_text: dict = {}  # prompt or neutral text -> its presence-CLIP embedding [D] (computed once)
         # calibration hook (``training.medclipsam_calibration``): called with each batch's best SAM IoU [B,P] (0 where
         # no box), before boxes below ``min_sam_iou`` are dropped
         self.on_iou = None
@@ -114,7 +121,8 @@ class MedCLIPSAMEngine(Engine):
     @classmethod
     def from_spec(cls, spec: dict, device: torch.device, precision: str = "fp32") -> "MedCLIPSAMEngine":
         state = load_weights(spec) if spec.get("files") else {}
-        return cls(load_clip(spec, state, device), load_sam_of(spec, state, device), device, spec, precision)
+        return cls(load_clip(spec, state, device), load_sam_of(spec, state, device), device, spec, precision,
+                   load_presence_clip(spec, state, device))
 
     def encode_texts(self, texts: list[str]) -> tuple[torch.Tensor, list[PromptReading]]:
         """``[N,D]`` L2-normalised CLIP text embeddings and how the CLIP's own tokenizer read each text."""
@@ -131,6 +139,13 @@ class MedCLIPSAMEngine(Engine):
             self._neutral_emb = self.clip.encode_text(self.neutral, self.device)
         return self._neutral_emb
 
+    def presence_texts(self, texts: list[str]) -> torch.Tensor:
+        """The presence CLIP's embeddings ``[N,D']`` of ``texts`` (each computed once per engine)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._presence_text]
+        if new:
+            self._presence_text.update(zip(new, self.presence_clip.encode_text(new, self.device)))
+        return torch.stack([self._presence_text[t] for t in texts])
+
     @property
     def fast_clip(self) -> torch.nn.Module:
         """The CLIP the costly image-tower passes run (``Engine.runner``: itself for fp32, a bfloat16 copy for
@@ -142,12 +157,16 @@ class MedCLIPSAMEngine(Engine):
         """CLIP-normalised slices ``[B,3,C,C]``, prompt embeddings ``[P,D]`` -> ``[B,P]``: softmax probability (at
         CLIP's logit scale) of each prompt against the neutral texts alone. ``image``: the slices' image embeddings
         ``[B,D]`` if already computed (then ``images`` is not read)."""
-        self.neutral_embeddings()
         image = self.clip.encode_image(images) if image is None else F.normalize(image.float(), dim=-1)  # [B,D]
-        scale = float(self.clip.model.logit_scale.exp())
-        own = scale * image @ F.normalize(text.float(), dim=-1).T  # [B,P]
-        rival = torch.logsumexp(scale * image @ self._neutral_emb.T, dim=1, keepdim=True)  # [B,1]
-        return torch.sigmoid(own - rival)  # = exp(own) / (exp(own) + sum exp(neutral))
+        return _presence(self.clip, image, text, self.neutral_embeddings())
+
+    def presence_of(self, slices: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Slices ``[B,1,S,S]`` in [0,1] -> ``[B,P]``: the presence CLIP's ``slice_presence`` of ``prompts``."""
+        c = self.presence_clip
+        with self.autocast():
+            image = self.runner(c.model).encode_image(c.normalize(slices))
+        return _presence(c, F.normalize(image.float(), dim=-1), self.presence_texts(prompts),
+                         self.presence_texts(self.neutral))
 
     def boxes_of(self, images: torch.Tensor, text: torch.Tensor, wanted: torch.Tensor, size: int,
                  maps: torch.Tensor | None = None) -> list[list]:
@@ -187,12 +206,14 @@ class MedCLIPSAMEngine(Engine):
                 image, dense = dense_features(self.fast_clip, images)
             image, dense = image.float(), dense.float()
             sim = patch_similarity(dense, text, self.neutral_embeddings())  # [B,P,h,w]
-            presence = (patch_presence(sim) if self.saliency["slice_presence"] == "patches"
-                        else self.slice_presence(images, text, image))
+            how = self.saliency["slice_presence"]
+            presence = (patch_presence(sim) if how == "patches" else self.presence_of(x, state.prompts)
+                        if how == "presence_clip" else self.slice_presence(images, text, image))
             maps = patch_maps(sim, size)
             found = self.boxes_of(images, text, presence >= self.skip_below, size, maps)
         else:
-            presence = self.slice_presence(images, text)
+            presence = (self.presence_of(x, state.prompts) if self.presence_clip is not None
+                        else self.slice_presence(images, text))
             found = self.boxes_of(images, text, presence >= self.skip_below, size)
         probs = torch.zeros(b, p, size, size, device=self.device)
         boxes = [torch.from_numpy(np.asarray([box for _, box in f], dtype=np.float32).reshape(-1, 4)) for f in found]
@@ -206,6 +227,15 @@ class MedCLIPSAMEngine(Engine):
         if self.on_iou is not None:
             self.on_iou(best)
         return probs, presence
+
+
+def _presence(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor, neutral: torch.Tensor) -> torch.Tensor:
+    """Unit image embeddings ``[B,D]``, prompt ``[P,D]`` and neutral ``[N,D]`` embeddings of one CLIP -> ``[B,P]``
+    = exp(own) / (exp(own) + sum exp(neutral)) at the CLIP's logit scale."""
+    scale = float(clip.model.logit_scale.exp())
+    own = scale * image @ F.normalize(text.float(), dim=-1).T  # [B,P]
+    rival = torch.logsumexp(scale * image @ neutral.T, dim=1, keepdim=True)  # [B,1]
+    return torch.sigmoid(own - rival)
 
 
 __all__ = ["MedCLIPSAMEngine", "NEUTRAL", "SALIENCY", "BOXES", "load_sam_of", "lowest_floor"]
