@@ -122,3 +122,31 @@ def test_the_sam_recipe_keeps_a_medclipsam_clip_sources_saliency(tiny_medclipsam
     tuned.write_text(json.dumps(spec))
     assert embedded_spec("x", str(tuned))["saliency"] == {"method": "gradcam"}
     assert embedded_spec("x", str(tiny_model))["saliency"] == {"method": "gradcam"}
+
+
+def test_the_sam_recipe_lists_a_clip_beside_it_and_copies_one_from_another_folder(tiny_model, tmp_path):
+    """The exported model hashes the CLIP it runs: the clip_from model's file when it lies in the output folder, else
+    its tensors copied in (no absolute path into another folder, e.g. build/ from the embedded models)."""
+    import shutil
+
+    from CLIPSegLib.models import load_spec, load_weights
+    from CLIPSegLib.training.medclipsam_recipe import embedded_spec, write_with_clip
+
+    sam = {"sam.w": torch.ones(3)}
+    elsewhere = write_with_clip(embedded_spec("far", str(tiny_model)), dict(sam), load_spec(tiny_model),
+                                tmp_path / "far")
+    far = load_spec(elsewhere)
+    assert [f["name"] for f in far["files"]] == ["far.safetensors"]
+    clip = {k: v for k, v in load_weights(load_spec(tiny_model)).items() if k.startswith("clip.")}
+    state = load_weights(far)
+    assert clip and all(torch.allclose(state[k], v.half().float()) for k, v in clip.items())
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    for f in load_spec(tiny_model)["files"]:
+        shutil.copy(tiny_model.parent / f["name"], beside)
+    shutil.copy(tiny_model, beside)
+    near = load_spec(write_with_clip(embedded_spec("near", str(beside / tiny_model.name)), dict(sam),
+                                     load_spec(beside / tiny_model.name), beside))
+    listed = [f["name"] for f in load_spec(tiny_model)["files"]]
+    assert [f["name"] for f in near["files"]] == ["near.safetensors"] + listed
+    assert not any(k.startswith("clip.") for k in load_weights({**near, "files": near["files"][:1]}))

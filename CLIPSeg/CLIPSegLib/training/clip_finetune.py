@@ -350,9 +350,10 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
     """Write ``out_dir/<model_id>.{json,safetensors}``: the template's spec with this CLIP (``clip.*`` tensors; a
     folder CLIP keeps its folder for config and tokenizer, ``weights_prefix`` ``clip.``), the template's SAM (its
     ``sam.*`` tensors copied, or its checkpoint / part reference kept), ``saliency`` method (and its slice presence:
-    the patch map's when the multiple-instance term trained it), ``training``. ``presence``: (clip config, state
-    dict) of the CLIP written as the model's ``presence_clip`` (``presence_clip.*`` tensors) whose image-text score is
-    then the slice presence; a template's own presence_clip is not carried over."""
+    the patch map's when the multiple-instance term trained it), ``training``. ``presence``: (the model's
+    ``presence_clip`` entry, the state dict written under ``presence_clip.`` or None for a reference to another
+    model) of the CLIP whose image-text score is then the slice presence; a template's own presence_clip is not
+    carried over."""
     from ..models import write_spec
 
     spec = {k: v for k, v in template.items() if not k.startswith("_") and k not in ("files", "training")}
@@ -367,7 +368,7 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
         spec["saliency"] = {**(spec.get("saliency") or {}), "method": saliency,
                             "slice_presence": "patches" if patches else "image"}
     if presence is not None:
-        spec["presence_clip"] = {**presence[0], "weights_prefix": "presence_clip."}
+        spec["presence_clip"] = dict(presence[0])
         spec["saliency"] = {**(spec.get("saliency") or {}), "slice_presence": "presence_clip"}
     elif (spec.get("saliency") or {}).get("slice_presence") == "presence_clip":
         spec["saliency"] = {**spec["saliency"], "slice_presence": "image"}
@@ -378,7 +379,7 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
     spec["training"] = training
     weights = {f"clip.{k}": v.detach().cpu() for k, v in clip_model.state_dict().items()}
     weights.update({k: v for k, v in template_state.items() if k.startswith("sam.")})
-    if presence is not None:
+    if presence is not None and presence[1] is not None:
         weights.update({f"presence_clip.{k}": v.detach().cpu() for k, v in presence[1].items()})
     return write_spec(spec, weights, out_dir)
 
@@ -415,10 +416,7 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     progress = progress or Progress("none")
     device = torch.device(device)
     clip, clip_cfg, tspec, tstate, lineage = load_source(source, device, template)
-    presence = None
-    if presence_from is not None:
-        pclip, pcfg, _, _, plineage = load_source(presence_from, torch.device("cpu"), template)
-        presence = (pcfg, pclip.model.state_dict())
+    presence = presence_source(presence_from, template) if presence_from is not None else None
     model_id = model_id or f"{lineage.get('id') or Path(lineage['folder']).name}-dhn"
     check_output_free(Path(out_dir), model_id, force)
     set_determinism(seed)
@@ -434,7 +432,7 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     settings = {"lr": lr, "trainable": trainable, "blocks": blocks, "lora_rank": lora_rank, "dense_weight": dense_weight,
                 "dense_labels": dense_labels, "temperature": temperature, "beta1": beta1, "beta2": beta2,
                 "tensors": len(tuner.names), **({"augment": True} if augment else {}),
-                **({"presence_from": plineage} if presence is not None else {})}
+                **({"presence_from": presence_from} if presence is not None else {})}
     recipe = Recipe("CLIP DHN-NCE", [{"params": tuner.params, "lr": lr}],
                     clip_loss_fn(clip, neutral, dense_weight, temperature, beta1, beta2, device, dense_labels,
                                  absent_bag=presence is None),
@@ -455,6 +453,22 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     return export(tuner.merged(), clip_cfg, tspec, tstate, Path(out_dir), model_id, training, saliency, presence)
 
 
+def presence_source(source: str, template: str | None = None) -> tuple[dict, dict | None]:
+    """``--presence-from``: (the ``presence_clip`` entry, tensors to store or None). A model (id, or spec path made
+    absolute) is referenced with its files' SHA-256, not copied; a BiomedCLIP folder's CLIP is stored."""
+    from ..models import load_spec
+
+    if Path(source).is_dir():
+        clip, cfg, _, _, _ = load_source(source, torch.device("cpu"), template)
+        return {**cfg, "weights_prefix": "presence_clip."}, clip.model.state_dict()
+    spec = load_spec(source)
+    if spec["engine"] not in ("medclipsam", "cliptnseg"):
+        raise ModelError(f"--presence-from {source}: a {spec['engine']} model has no open_clip CLIP to say whether a "
+                         f"slice holds the finding; give a medclipsam or cliptnseg model, or a BiomedCLIP folder")
+    name = str(Path(source).resolve()) if str(source).lower().endswith(".json") else str(source)
+    return {"model": name, "files": [{"name": f["name"], "sha256": f["sha256"]} for f in spec["files"]]}, None
+
+
 def _neutral():
     from ..engines.medclipsam.engine import NEUTRAL
 
@@ -462,4 +476,5 @@ def _neutral():
 
 
 __all__ = ["TRAINABLE", "PhantomCaptions", "CaptionTable", "Tuner", "check_dense_labels", "clip_loss_fn",
-           "finetune_clip", "load_source", "lora_targets", "phantom_caption", "trainable_names", "export"]
+           "finetune_clip", "load_source", "presence_source", "lora_targets", "phantom_caption", "trainable_names",
+           "export"]

@@ -164,11 +164,12 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
     """The embedded MedCLIP-SAM model's recipe: SAM on phantom box -> mask pairs (``n_phantoms`` 2D phantoms plus
     the slices of ``n_volumes`` volumes, of ``family``) -> calibration of the presence rule on
     ``calibration_volumes`` phantom volumes (calibration seeds) -> export of ``out_dir/<model_id>.{json,safetensors}``
-    (the SAM's tensors under ``sam.``; the CLIP stays in ``clip_from``'s file, listed with its SHA-256). Stages read
+    (the SAM's tensors under ``sam.``; the CLIP stays in ``clip_from``'s file, listed with its SHA-256, when that
+    model is in ``out_dir``, and is copied in from another folder). Stages read
     and write checkpoints in ``work_dir``; ``precision``: fp32 or bf16 autocast of the SAM's training steps. Returns
     the spec path if exported."""
     from ..engines.medclipsam.sam import build_sam, sam_sizes
-    from ..models import load_spec, write_spec
+    from ..models import load_spec
     from .cliptnseg_recipe import _checkpoint, start_staged_run
     from .datasets import PhantomBank
 
@@ -201,14 +202,22 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
                         "seed": seed, "family": family, "jitter": JITTER, "precision": precision,
                         "batch_size": BATCH, "augment": AUGMENT, "clip_from": clip_from,
                         "phrases": clip_spec.get("training", {}).get("phrases", [])}
+    return write_with_clip(spec, weights, clip_spec, Path(out_dir))
+
+
+def write_with_clip(spec: dict, weights: dict, clip_spec: dict, out_dir: Path) -> Path:
+    """Write ``out_dir/<id>.{json,safetensors}`` with ``weights`` (the SAM's) and the CLIP of ``clip_spec``: that
+    model's file listed (name, SHA-256, size) as one of this model when it lies in ``out_dir`` (hashed before it
+    loads; the CLIP not stored twice), else its tensors (all but ``sam.*``) copied in, so the model does not depend
+    on another folder."""
+    from ..models import load_weights, write_spec
+
+    if Path(clip_spec["_dir"]).resolve() != out_dir.resolve():
+        return write_spec(spec, {**{k: v for k, v in load_weights(clip_spec).items() if not k.startswith("sam.")},
+                                 **weights}, out_dir)
     path = write_spec(spec, weights, out_dir)
-    # the CLIP's tensors are those of the clip_from model's file: list it (name, SHA-256, size) as a file of this
-    # model, so it is hashed before it loads and the model is not a second copy of the CLIP
     own = json.loads(path.read_text(encoding="utf-8"))
-    clip_files = [f for f in clip_spec["files"] if f["name"] not in {g["name"] for g in own["files"]}]
-    if Path(clip_spec["_dir"]).resolve() != Path(out_dir).resolve():
-        clip_files = [{**f, "name": str(Path(clip_spec["_dir"]).resolve() / f["name"])} for f in clip_files]
-    own["files"] += clip_files
+    own["files"] += [f for f in clip_spec["files"] if f["name"] not in {g["name"] for g in own["files"]}]
     path.write_text(json.dumps(own, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -228,4 +237,4 @@ def _engine(spec: dict, clip_spec: dict, sam_weights: dict, device):
 
 
 __all__ = ["SAM_SMALL", "JITTER", "STAGES", "embedded_spec", "box_of", "negative_box", "sam_loss_fn", "train_sam",
-           "run_medclipsam_training"]
+           "run_medclipsam_training", "write_with_clip"]

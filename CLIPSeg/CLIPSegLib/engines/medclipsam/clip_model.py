@@ -14,7 +14,9 @@ A spec's ``clip`` entry is one of
   with optional ``mean`` / ``std`` (default OpenAI CLIP's).
 
 A spec may also hold ``presence_clip``, a second CLIP in any of these forms (its own tensors under its
-``weights_prefix``, ``presence_clip.`` as ``clipseg finetune-clip --presence-from`` writes it): the CLIP whose
+``weights_prefix``, default ``presence_clip.``), or ``{"model": ID_OR_SPEC, "files": [{name, sha256}...]}``: the
+CLIP of another model, whose files must still be those listed (how ``clipseg finetune-clip --presence-from MODEL``
+writes it, so the embedded phantom CLIP is not stored twice): the CLIP whose
 image-text score gives the slice presence when ``saliency.slice_presence`` is ``"presence_clip"``, so one CLIP can be
 tuned to localise and another kept for telling whether the finding is there (``load_presence_clip``).
 """
@@ -134,6 +136,17 @@ def load_presence_clip(spec: dict, state: dict, device) -> CLIPModel | None:
     cfg = spec.get("presence_clip")
     if cfg is None:
         return None
+    if "model" in cfg:
+        from ...models import load_spec, load_weights
+
+        name = str(cfg["model"])
+        ref = load_spec(_local(spec, name) if name.lower().endswith(".json") else name)
+        have = [{"name": f["name"], "sha256": f["sha256"]} for f in ref["files"]]
+        if cfg.get("files") is not None and [dict(f) for f in cfg["files"]] != have:
+            raise ModelError(f"model {spec.get('id')!r}: its presence_clip is the CLIP of {name}, whose files are no "
+                             f"longer those it was calibrated with ({cfg['files']} listed, {have} found); restore "
+                             f"that model or re-export and re-calibrate this one")
+        return load_clip(ref, load_weights(ref), device)
     if "folder" not in cfg and "part" not in cfg:  # an open_clip config: its tensors are the spec files' own
         cfg = {"weights_prefix": "presence_clip.", **cfg}
     return load_clip({"id": f"{spec.get('id')} presence_clip", "_dir": spec.get("_dir", "."), "clip": cfg},

@@ -9,9 +9,9 @@ A model spec of engine ``medclipsam`` holds
   ``"checkpoint": PATH`` (relative to the spec), ``"part": ID`` (registry: sam-vit-b, medsam-vit-b, ...) or else
   the spec files' ``sam.*`` tensors;
 - ``saliency`` (``SALIENCY``: method gscorecam | gradcam | patch_similarity, topk, batch_size, block, fill black |
-  mean, slice_presence image | patches | presence_clip (below); patch_similarity reads the neutral texts below and needs only the
-  one image pass presence makes) and ``boxes``
-  (``BOXES``: ``prompts.saliency_to_prompts`` arguments);
+  mean, slice_presence image | patches | presence_clip (below); patch_similarity reads the neutral texts below and
+  needs only the one image pass presence makes) and ``boxes`` (``BOXES``: ``prompts.saliency_to_prompts``
+  arguments);
 - ``presence``: the pipeline's found / not-found rule (its ``min_slice_presence`` empties slices whose presence is
   below it) plus this engine's ``neutral`` texts and ``min_sam_iou`` (a box whose mask SAM scores lower is dropped);
 - ``inference.slice_vote`` (odd, slices; the pipeline's vote along the slice axis), ``input_size`` (pixels; default
@@ -22,8 +22,8 @@ Slice presence ``[B,P]`` is CLIP's softmax probability of the prompt against the
 "patches" (patch_similarity only; what ``clipseg finetune-clip --dense-labels caption`` trains and writes), the
 slice-level probability read from the patch map (``saliency.patch_presence``), or with "presence_clip" the same
 image-text probability from the spec's second CLIP (``clip_model.load_presence_clip``; ``clipseg finetune-clip
---presence-from`` writes it): the saliency CLIP says where, the presence CLIP whether. Saliency and SAM run only where that
-presence reaches the lowest ``min_slice_presence`` of the spec's rules (below it the pipeline empties the slice
+--presence-from`` writes it): the saliency CLIP says where, the presence CLIP whether. Saliency and SAM run only where
+that presence reaches the lowest ``min_slice_presence`` of the spec's rules (below it the pipeline empties the slice
 anyway; a run-time ``presence`` override with a lower floor does not bring those slices back); SAM embeds each slice
 with a box once, whatever the number of prompts, and never a slice without one.
 """
