@@ -177,6 +177,21 @@ def test_presence_from_carries_another_clip_that_gives_the_slice_presence(tiny_o
     write_spec(ospec, weights, tmp_path / "o", half=False)
     with pytest.raises(ModelError, match="no longer those it was calibrated with"):
         create_engine(load_spec(tmp_path / "out" / "where.json"), torch.device("cpu"))
+    for entry, message in (({"model": str(other_path)}, "without the SHA-256 of its files"),
+                           ({"model": "no-such-model", "files": []}, "no-such-model, which cannot be loaded"),
+                           ("cliptnseg-phantom-small", "it is a CLIP entry like 'clip'")):
+        with pytest.raises(ModelError, match=message):
+            create_engine({**spec, "presence_clip": entry}, torch.device("cpu"))
+
+
+def test_presence_from_leaves_the_absent_slices_bag_out_of_the_patch_term(tiny_open, tmp_path, monkeypatch):
+    seen = []
+    real = cf.clip_loss_fn
+    monkeypatch.setattr(cf, "clip_loss_fn", lambda *a, **k: seen.append(k["absent_bag"]) or real(*a, **k))
+    for presence in (None, str(tiny_open)):
+        cf.finetune_clip(tmp_path / f"o{len(seen)}", tmp_path / f"w{len(seen)}", str(tiny_open), "m",
+                         caption_csv(tmp_path / "d"), steps=1, batch_size=4, presence_from=presence)
+    assert seen == [True, False]
 
 
 def engine_module_presence(clip, image, text, neutral):

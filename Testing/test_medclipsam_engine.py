@@ -249,6 +249,15 @@ def test_a_presence_clip_and_its_slice_presence_go_together(build, tiny_medclips
     if case == "presence clip alone":  # with both, the engine reads presence from it
         engine = build(saliency={"method": "gradcam", "slice_presence": "presence_clip"}, **entries)
         assert engine.presence_clip is not None and engine.presence_clip.model is not engine.clip.model
+        with torch.no_grad():
+            engine.presence_clip.model.logit_scale.add_(1.0)  # the same CLIP but for a sharper presence
+        x = torch.rand(2, 1, engine.preprocessing.input_size, engine.preprocessing.input_size)
+        prompts = engine.encode_prompts(["nodule", "cyst"])
+        _, presence = engine.predict(x, prompts)
+        with torch.inference_mode():
+            own = engine.slice_presence(engine.clip.normalize(x), prompts.embeddings)
+            torch.testing.assert_close(presence, engine.presence_of(x, prompts.prompts))
+        assert not torch.allclose(presence, own, atol=1e-4)
 
 
 def test_an_even_slice_vote_is_refused(build):

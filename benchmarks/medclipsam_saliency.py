@@ -2,7 +2,8 @@
 phantom volumes where a finding is present, the saliency of its canonical phrase is cut into a box as the engine
 cuts it (``prompts.saliency_to_prompts`` with the model's box settings) and compared with the bounding box of the
 truth (IoU; 0 when no box). Also the mean map inside the truth minus outside, seconds per slice, and how well the
-model's slice presence (CLIP's image-text score, or the patch score with ``saliency.slice_presence`` "patches")
+model's slice presence (CLIP's image-text score, the patch score with ``saliency.slice_presence`` "patches", or the
+presence CLIP's image-text score with "presence_clip")
 tells the slices holding the finding from those without it, over every slice of the volumes (ROC AUC, MONAI's
 ``compute_roc_auc``; mean presence on slices with / without).
 

@@ -106,7 +106,7 @@ def child(variant: str, spec_path: str, n: int, n_prompts: int, topk: int, threa
 
     spec = load_spec(spec_path)
     if "patch_similarity" in variant:
-        spec["saliency"] = {"method": "patch_similarity"}
+        spec["saliency"] = {**(spec.get("saliency") or {}), "method": "patch_similarity"}
     precision = effective_precision("bf16" if variant.endswith("-bf16") else "fp32", torch.device("cpu"))
     engine = create_engine(spec, torch.device("cpu"), precision=precision)
     prompts = PROMPTS[:n_prompts]

@@ -17,7 +17,7 @@ cos(patch, neutral texts)), the map the engine reads. Two kinds of labels (``DEN
   a slice). The patches that differ between slices
   with and without the finding are the ones pushed up, which is where the finding is. That mean is also the
   slice presence the exported model reads (``saliency.slice_presence`` "patches"). With ``presence_from`` (another
-  model's CLIP, frozen, exported beside this one as the model's ``presence_clip``, whose image-text score then
+  model's CLIP, frozen, referenced by the exported model as its ``presence_clip``, whose image-text score then
   gives the slice presence) the slices without the finding are not scored on their top patches: this CLIP only has
   to say where, and that term, measured, costs the nodule boxes (RESULTS, eighteenth session).
 - ``mask``: a class-balanced binary cross-entropy per patch against "the patch lies mostly in that finding's mask"

@@ -208,12 +208,14 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
 def write_with_clip(spec: dict, weights: dict, clip_spec: dict, out_dir: Path) -> Path:
     """Write ``out_dir/<id>.{json,safetensors}`` with ``weights`` (the SAM's) and the CLIP of ``clip_spec``: that
     model's file listed (name, SHA-256, size) as one of this model when it lies in ``out_dir`` (hashed before it
-    loads; the CLIP not stored twice), else its tensors (all but ``sam.*``) copied in, so the model does not depend
-    on another folder."""
+    loads; the CLIP not stored twice), else its CLIP tensors (``clip.*``, and ``presence_clip.*`` if it stores a
+    presence CLIP) copied in, so the model does not depend on that folder (a presence CLIP it references by model
+    stays a reference)."""
     from ..models import load_weights, write_spec
 
     if Path(clip_spec["_dir"]).resolve() != out_dir.resolve():
-        return write_spec(spec, {**{k: v for k, v in load_weights(clip_spec).items() if not k.startswith("sam.")},
+        prefixes = (clip_spec["clip"].get("weights_prefix", "clip."), "presence_clip.")
+        return write_spec(spec, {**{k: v for k, v in load_weights(clip_spec).items() if k.startswith(prefixes)},
                                  **weights}, out_dir)
     path = write_spec(spec, weights, out_dir)
     own = json.loads(path.read_text(encoding="utf-8"))

@@ -15,8 +15,9 @@ A spec's ``clip`` entry is one of
 
 A spec may also hold ``presence_clip``, a second CLIP in any of these forms (its own tensors under its
 ``weights_prefix``, default ``presence_clip.``), or ``{"model": ID_OR_SPEC, "files": [{name, sha256}...]}``: the
-CLIP of another model, whose files must still be those listed (how ``clipseg finetune-clip --presence-from MODEL``
-writes it, so the embedded phantom CLIP is not stored twice): the CLIP whose
+``clip`` of another model (an id, or a spec path: absolute, or relative to this spec's folder), whose files must
+still have the SHA-256 listed (how ``clipseg finetune-clip --presence-from MODEL`` writes it, so the embedded phantom
+CLIP is not stored twice; retraining any part of that model invalidates the reference): the CLIP whose
 image-text score gives the slice presence when ``saliency.slice_presence`` is ``"presence_clip"``, so one CLIP can be
 tuned to localise and another kept for telling whether the finding is there (``load_presence_clip``).
 """
@@ -136,21 +137,38 @@ def load_presence_clip(spec: dict, state: dict, device) -> CLIPModel | None:
     cfg = spec.get("presence_clip")
     if cfg is None:
         return None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"model {spec.get('id')!r}: presence_clip is {cfg!r}; it is a CLIP entry like 'clip', or "
+                         f"{{\"model\": ID, \"files\": [{{\"name\": ..., \"sha256\": ...}}]}}")
     if "model" in cfg:
-        from ...models import load_spec, load_weights
-
-        name = str(cfg["model"])
-        ref = load_spec(_local(spec, name) if name.lower().endswith(".json") else name)
-        have = [{"name": f["name"], "sha256": f["sha256"]} for f in ref["files"]]
-        if cfg.get("files") is not None and [dict(f) for f in cfg["files"]] != have:
-            raise ModelError(f"model {spec.get('id')!r}: its presence_clip is the CLIP of {name}, whose files are no "
-                             f"longer those it was calibrated with ({cfg['files']} listed, {have} found); restore "
-                             f"that model or re-export and re-calibrate this one")
-        return load_clip(ref, load_weights(ref), device)
+        return _referenced_clip(spec, cfg, device)
     if "folder" not in cfg and "part" not in cfg:  # an open_clip config: its tensors are the spec files' own
         cfg = {"weights_prefix": "presence_clip.", **cfg}
     return load_clip({"id": f"{spec.get('id')} presence_clip", "_dir": spec.get("_dir", "."), "clip": cfg},
                      state, device)
+
+
+def _referenced_clip(spec: dict, cfg: dict, device) -> CLIPModel:
+    """The CLIP of the model a ``presence_clip`` reference names, once its files match the pinned SHA-256."""
+    from ...models import load_spec, load_weights
+
+    name, own = str(cfg["model"]), f"model {spec.get('id')!r}: its presence_clip"
+    try:
+        pinned = {str(f["name"]): str(f["sha256"]) for f in cfg["files"]}
+    except (KeyError, TypeError) as e:
+        raise ModelError(f"{own} names {name} without the SHA-256 of its files ('files': [{{name, sha256}}]); "
+                         f"re-export it with `clipseg finetune-clip --presence-from`") from e
+    try:
+        ref = load_spec(_local(spec, name) if name.lower().endswith(".json") else name)
+    except ModelError as e:
+        raise ModelError(f"{own} is the CLIP of {name}, which cannot be loaded: {e}") from e
+    found = {f["name"]: f["sha256"] for f in ref["files"]}
+    if found != pinned:
+        raise ModelError(f"{own} is the CLIP of {name}, whose files are no longer those it was calibrated with "
+                         f"({pinned} pinned, {found} found); restore that model or re-export and re-calibrate this one")
+    if "clip" not in ref:
+        raise ModelError(f"{own} names {name}, a {ref.get('engine')} model without a CLIP")
+    return load_clip(ref, load_weights(ref), device)
 
 
 __all__ = ["CLIPModel", "load_clip", "load_presence_clip"]

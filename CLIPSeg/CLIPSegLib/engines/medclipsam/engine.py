@@ -133,6 +133,10 @@ class MedCLIPSAMEngine(Engine):
         with torch.inference_mode():
             return self.clip.encode_text(texts, self.device), readings
 
+    def clear_prompt_cache(self) -> None:
+        super().clear_prompt_cache()
+        self._presence_text.clear()
+
     def neutral_embeddings(self) -> torch.Tensor:
         """The neutral texts' embeddings ``[N,D]`` (computed once)."""
         if self._neutral_emb is None:
@@ -143,7 +147,8 @@ class MedCLIPSAMEngine(Engine):
         """The presence CLIP's embeddings ``[N,D']`` of ``texts`` (each computed once per engine)."""
         new = [t for t in dict.fromkeys(texts) if t not in self._presence_text]
         if new:
-            self._presence_text.update(zip(new, self.presence_clip.encode_text(new, self.device)))
+            with torch.inference_mode():
+                self._presence_text.update(zip(new, self.presence_clip.encode_text(new, self.device)))
         return torch.stack([self._presence_text[t] for t in texts])
 
     @property
