@@ -449,7 +449,9 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                 "batch_size": batch_size, "seed": seed, "precision": precision, "neutral": neutral, "loss": "DHN-NCE" + (
                     (" + patch MIL from captions" if dense_labels == "caption" else " + dense patch BCE on masks")
                     if dense_weight and data_csv is None else ""),
-                "last_loss": round(losses[-1], 4) if losses else None, **settings}
+                "last_loss": round(losses[-1], 4) if losses else None, **settings,
+                # the phrases its template model was trained on (the medclipsam recipe and unseen-word checks read them)
+                **({"phrases": tspec["training"]["phrases"]} if tspec.get("training", {}).get("phrases") else {})}
     return export(tuner.merged(), clip_cfg, tspec, tstate, Path(out_dir), model_id, training, saliency, presence)
 
 

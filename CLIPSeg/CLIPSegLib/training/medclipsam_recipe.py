@@ -202,6 +202,8 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
                         "seed": seed, "family": family, "jitter": JITTER, "precision": precision,
                         "batch_size": BATCH, "augment": AUGMENT, "clip_from": clip_from,
                         "phrases": clip_spec.get("training", {}).get("phrases", [])}
+    if clip_spec["engine"] == "medclipsam" and clip_spec.get("training", {}).get("command"):
+        spec["training"]["clip_command"] = clip_spec["training"]["command"]  # how the CLIP it carries was made
     return write_with_clip(spec, weights, clip_spec, Path(out_dir))
 
 
