@@ -450,8 +450,9 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                     (" + patch MIL from captions" if dense_labels == "caption" else " + dense patch BCE on masks")
                     if dense_weight and data_csv is None else ""),
                 "last_loss": round(losses[-1], 4) if losses else None, **settings,
-                # the phrases its template model was trained on (the medclipsam recipe and unseen-word checks read them)
-                **({"phrases": tspec["training"]["phrases"]} if tspec.get("training", {}).get("phrases") else {})}
+                # the phrases the source CLIP's model was trained on, else its template's (the medclipsam recipe and
+                # the unseen-word check read them)
+                **({"phrases": phrases} if (phrases := _phrases(source, tspec)) else {})}
     return export(tuner.merged(), clip_cfg, tspec, tstate, Path(out_dir), model_id, training, saliency, presence)
 
 
@@ -469,6 +470,14 @@ def presence_source(source: str, template: str | None = None) -> tuple[dict, dic
                          f"slice holds the finding; give a medclipsam or cliptnseg model, or a BiomedCLIP folder")
     name = str(Path(source).resolve()) if str(source).lower().endswith(".json") else str(source)
     return {"model": name, "files": [{"name": f["name"], "sha256": f["sha256"]} for f in spec["files"]]}, None
+
+
+def _phrases(source: str | None, template: dict) -> list:
+    """The training phrases of the ``--from`` model (none for a folder), else of the template model."""
+    from ..models import load_spec
+
+    own = [] if source is None or Path(source).is_dir() else load_spec(source).get("training", {}).get("phrases")
+    return list(own or template.get("training", {}).get("phrases") or [])
 
 
 def _neutral():
