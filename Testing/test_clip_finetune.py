@@ -314,3 +314,17 @@ def test_augment_with_a_caption_table_is_refused(tiny_open, tmp_path, capsys):
                  str(tmp_path / "w"), "--progress", "none"])
     assert code == 2 and "--augment applies to phantom captions" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_exported_model_keeps_the_training_phrases_of_its_source_else_of_its_template(tiny_open, tmp_path):
+    template = {"training": {"phrases": ["thyroid nodule", "anechoic cyst"]}}
+    assert cf._phrases(None, template) == ["thyroid nodule", "anechoic cyst"]
+    assert cf._phrases(str(tmp_path), template) == ["thyroid nodule", "anechoic cyst"]  # a folder records none
+    spec = {k: v for k, v in load_spec(tiny_open).items() if not k.startswith("_")}
+    for training, want in (({"phrases": ["nodule"]}, ["nodule"]), ({"phrases": []}, []), (None, template["training"][
+            "phrases"])):
+        path = tmp_path / f"s{len(str(training))}.json"
+        path.write_text(json.dumps({**spec, "training": training}))
+        for f in spec["files"]:
+            (tmp_path / f["name"]).write_bytes((tiny_open.parent / f["name"]).read_bytes())
+        assert cf._phrases(str(path), template) == want

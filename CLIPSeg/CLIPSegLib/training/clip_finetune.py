@@ -476,8 +476,8 @@ def _phrases(source: str | None, template: dict) -> list:
     """The training phrases of the ``--from`` model (none for a folder), else of the template model."""
     from ..models import load_spec
 
-    own = [] if source is None or Path(source).is_dir() else load_spec(source).get("training", {}).get("phrases")
-    return list(own or template.get("training", {}).get("phrases") or [])
+    own = None if source is None or Path(source).is_dir() else (load_spec(source).get("training") or {}).get("phrases")
+    return list((template.get("training") or {}).get("phrases") or [] if own is None else own)
 
 
 def _neutral():

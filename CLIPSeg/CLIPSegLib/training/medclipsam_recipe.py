@@ -49,9 +49,11 @@ def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = C
     return {
         "id": model_id,
         "engine": "medclipsam",
-        "description": f"MedCLIP-SAM zero-shot: the phantom CLIP of {clip_from} (frozen) gives text saliency -> box; "
-                       "a small SAM trained on phantom box -> mask pairs segments it. For demos and tests, not for "
-                       "clinical use.",
+        "description": f"MedCLIP-SAM zero-shot: the CLIP of {source['id']} gives text saliency -> box"
+                       + (f", the CLIP of {source['presence_clip']['model']} whether a slice holds the finding"
+                          if (source.get("presence_clip") or {}).get("model") else "")
+                       + "; a small SAM trained on phantom box -> mask pairs segments it. For demos and tests, not "
+                         "for clinical use.",
         "license": "Apache-2.0",
         "citation": "Koleilat et al., MedCLIP-SAM, MICCAI 2024",
         "clip": dict(clip),
@@ -202,8 +204,10 @@ def run_medclipsam_training(out_dir: Path, work_dir: Path, model_id: str = "medc
                         "seed": seed, "family": family, "jitter": JITTER, "precision": precision,
                         "batch_size": BATCH, "augment": AUGMENT, "clip_from": clip_from,
                         "phrases": clip_spec.get("training", {}).get("phrases", [])}
-    if clip_spec["engine"] == "medclipsam" and clip_spec.get("training", {}).get("command"):
-        spec["training"]["clip_command"] = clip_spec["training"]["command"]  # how the CLIP it carries was made
+    made = clip_spec.get("training") or {}
+    if clip_spec["engine"] == "medclipsam" and (made.get("clip_command") or made.get("command")):
+        # how the CLIP it carries was made: a model of this recipe passes its own clip_command on
+        spec["training"]["clip_command"] = made.get("clip_command") or made["command"]
     return write_with_clip(spec, weights, clip_spec, Path(out_dir))
 
 
