@@ -367,9 +367,12 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
                    and training.get("dense_labels") == "caption" and "phantoms" in training.get("data", {}))
         spec["saliency"] = {**(spec.get("saliency") or {}), "method": saliency,
                             "slice_presence": "patches" if patches else "image"}
+    weights = {f"clip.{k}": v.detach().cpu() for k, v in clip_model.state_dict().items()}
     if presence is not None:
         spec["presence_clip"] = dict(presence[0])
         spec["saliency"] = {**(spec.get("saliency") or {}), "slice_presence": "presence_clip"}
+        if presence[1] is not None:
+            weights.update({f"presence_clip.{k}": v.detach().cpu() for k, v in presence[1].items()})
     elif (spec.get("saliency") or {}).get("slice_presence") == "presence_clip":
         spec["saliency"] = {**spec["saliency"], "slice_presence": "image"}
     spec["description"] = (f"MedCLIP-SAM with its CLIP fine-tuned by `clipseg finetune-clip` ("
@@ -377,10 +380,7 @@ def export(clip_model: nn.Module, clip_cfg: dict, template: dict, template_state
                            f"{training['parent'].get('id') or training['parent'].get('folder')}; SAM and presence rule "
                            f"of {template['id']} (re-calibrate the rule for this CLIP).")
     spec["training"] = training
-    weights = {f"clip.{k}": v.detach().cpu() for k, v in clip_model.state_dict().items()}
     weights.update({k: v for k, v in template_state.items() if k.startswith("sam.")})
-    if presence is not None and presence[1] is not None:
-        weights.update({f"presence_clip.{k}": v.detach().cpu() for k, v in presence[1].items()})
     return write_spec(spec, weights, out_dir)
 
 

@@ -173,6 +173,16 @@ class MedCLIPSAMEngine(Engine):
         return _presence(c, F.normalize(image.float(), dim=-1), self.presence_texts(prompts),
                          self.presence_texts(self.neutral))
 
+    def _presence_by_setting(self, x, prompts, images, text, image=None, sim=None) -> torch.Tensor:
+        """Slice presence ``[B,P]`` as ``saliency.slice_presence`` says: the patch map's (``sim``: patch_similarity's
+        ``[B,P,h,w]``), the presence CLIP's (slices ``x`` ``[B,1,S,S]``), or this CLIP's (``images``, ``image``)."""
+        how = self.saliency["slice_presence"]
+        if how == "patches":
+            return patch_presence(sim)
+        if how == "presence_clip":
+            return self.presence_of(x, prompts)
+        return self.slice_presence(images, text, image)
+
     def boxes_of(self, images: torch.Tensor, text: torch.Tensor, wanted: torch.Tensor, size: int,
                  maps: torch.Tensor | None = None) -> list[list]:
         """Per slice, the (prompt index, box XYXY in ``size`` px) pairs: saliency of prompt p on the slices where
@@ -211,14 +221,11 @@ class MedCLIPSAMEngine(Engine):
                 image, dense = dense_features(self.fast_clip, images)
             image, dense = image.float(), dense.float()
             sim = patch_similarity(dense, text, self.neutral_embeddings())  # [B,P,h,w]
-            how = self.saliency["slice_presence"]
-            presence = (patch_presence(sim) if how == "patches" else self.presence_of(x, state.prompts)
-                        if how == "presence_clip" else self.slice_presence(images, text, image))
+            presence = self._presence_by_setting(x, state.prompts, images, text, image, sim)
             maps = patch_maps(sim, size)
             found = self.boxes_of(images, text, presence >= self.skip_below, size, maps)
         else:
-            presence = (self.presence_of(x, state.prompts) if self.presence_clip is not None
-                        else self.slice_presence(images, text))
+            presence = self._presence_by_setting(x, state.prompts, images, text)
             found = self.boxes_of(images, text, presence >= self.skip_below, size)
         probs = torch.zeros(b, p, size, size, device=self.device)
         boxes = [torch.from_numpy(np.asarray([box for _, box in f], dtype=np.float32).reshape(-1, 4)) for f in found]
