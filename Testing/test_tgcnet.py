@@ -186,6 +186,65 @@ def test_location_words_give_the_patients_side_and_zone(text, cue, said):
     assert locations.cue(text) == cue and locations.describe(text) == said
 
 
+@pytest.mark.parametrize("text, mirrored", [
+    ("a single ground-glass opacity in the right lower lung", "a single ground-glass opacity in the left lower lung"),
+    ("Left-sided effusions noted", "Right-sided effusions noted"),
+    ("LEFT base and the leftover right apex", "RIGHT base and the leftover left apex"),
+    ("bilateral consolidation, two areas", "bilateral consolidation, two areas"),
+    ("lower left lung and upper right lung", "lower right lung and upper left lung"),
+    ("dextral opacity", "sinistral opacity"),
+])
+def test_a_mirrored_line_names_the_other_side_and_keeps_everything_else(text, mirrored):
+    locations = load_locations()
+    assert locations.mirrored(text) == mirrored
+    side, zone = locations.cue(text)
+    assert locations.cue(mirrored) == (-side, zone)
+    assert locations.mirrored(mirrored) == text
+
+
+def test_flip_averaging_asks_the_mirrored_slice_the_line_with_its_sides_swapped():
+    """A model reading the patient's sides averages each slice with its mirror asked the side-swapped line: an image
+    and a line, and the mirrored image with the swapped line, give mirrored maps; a model reading sides on an engine
+    that cannot swap them is refused with the fix."""
+    import numpy as np
+
+    from CLIPSegLib.engines.contract import Engine, Preprocessing, PromptReading
+    from CLIPSegLib.engines.tgcnet.engine import TGCNetEngine
+    from CLIPSegLib.inference.pipeline import predict_maps
+
+    sides = {"flip_average": True, "patient_sides": {"margin_mm": 10.0}}
+    spec = {**TINY_TGCNET_SPEC, "network": {**TINY_TGCNET_SPEC["network"], "location": True}, "inference": sides}
+    net = _net(location=True)
+    _randomise(net.where)
+    engine = TGCNetEngine(net, torch.device("cpu"), spec)
+    state = engine.encode_prompts(["GGO in the right lower lung", "bilateral consolidation, two areas"])
+    mirrored = engine.mirror_prompts(state)
+    assert mirrored.prompts == ["GGO in the left lower lung", "bilateral consolidation, two areas"]
+    assert [r.side for r in mirrored.readings] == [1, 0] and [r.side for r in state.readings] == [-1, 0]
+    vol = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    maps, presence = predict_maps(engine, vol, state, slice_axis=2)
+    other, other_presence = predict_maps(engine, vol[..., ::-1].copy(), mirrored, slice_axis=2)
+    np.testing.assert_allclose(maps, other[..., ::-1], atol=1e-5)
+    np.testing.assert_allclose(presence, other_presence, atol=1e-5)
+    plain, _ = predict_maps(engine, vol, state, slice_axis=2, flip_average=False)
+    assert not np.allclose(maps[0], plain[0], atol=1e-4)  # the mirrored pass is averaged in
+
+    class Words(Engine):
+        name = "words"
+
+        def encode_texts(self, texts):
+            return None, [PromptReading(t, tuple(t.split())) for t in texts]
+
+        def infer(self, slices, state):
+            return torch.zeros(len(slices), len(state), *slices.shape[-2:]), None
+
+    words = Words({"id": "w", "inference": sides}, "cpu", "fp32", Preprocessing(32))
+    with pytest.raises(ModelError, match="cannot swap a prompt's side words .* set inference.flip_average to false"):
+        predict_maps(words, vol, ["left cyst"], slice_axis=2)
+    no_sides = Words({"inference": {"flip_average": True}}, "cpu", "fp32", Preprocessing(32))
+    assert no_sides.mirror_prompts(no_sides.encode_prompts(["left cyst"])).prompts == ["left cyst"]
+
+
 def test_a_broken_location_words_file_is_named_with_the_fix(tmp_path):
     path = tmp_path / "locations.json"
     path.write_text('{"side": {"left": ["left"], "sideways": ["x"]}, "zone": {}}', encoding="utf-8")

@@ -16,8 +16,8 @@ TINY_CLIP = {"embed_dim": 16,
 
 
 def test_report_augmentation_never_mirrors_the_chest():
-    """A report names left and right: the training bank must never flip an image (a bright image-left half stays
-    on the left under every augmentation)."""
+    """A report names left and right: the augmentation never flips an image (a bright image-left half stays on the
+    left under every augmentation); only ``ReportBank(mirror=True)`` mirrors, with its lines' sides swapped."""
     from CLIPSegLib.training.datasets import apply_augmentation
     from CLIPSegLib.training.report_data import make_report_augmentation
 
@@ -64,7 +64,8 @@ def test_a_line_drawn_twice_is_asked_once_in_both_wordings():
 
 def test_thyroid_maps_average_the_mirror_and_report_maps_do_not():
     """Left and right carry meaning in a report line, not in an ultrasound slice: only thyroid models (and their
-    calibration) average each slice's map with its mirror's, and only report models read the patient's sides
+    calibration) average each slice's map with its mirror's by default (a report model only when trained on mirrors
+    with their sides swapped, ``--report-mirror``), and only report models read the patient's sides
     (``inference.laterality``)."""
     from CLIPSegLib.training.tgcnet_recipe import tgcnet_spec
 
@@ -267,6 +268,43 @@ def test_location_support_is_recorded_before_the_rules_are_calibrated(trained, t
         with pytest.raises(InputError, match="--location-support needs --dataset report"):
             run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, location_support=True, **bad)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_mirrored_run_trains_on_mirrors_with_swapped_sides_and_flip_averages(trained, tmp_path):
+    """--report-mirror: about half the bank's draws are the phantom mirrored (image and masks) with every side word of
+    its lines swapped; the run sets flip averaging before its rules are calibrated and records it, and rules
+    calibrated without it are not exported under it; thyroid data refuses it."""
+    from CLIPSegLib.models import load_spec
+    from CLIPSegLib.training.report_data import ReportBank
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    plain, mirrored = ReportBank(2, 32, augment=False), ReportBank(2, 32, augment=False, mirror=True)
+    flips = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        image, lines, masks = plain[1]
+        torch.manual_seed(seed)  # the same lines drawn, then the coin
+        m_image, m_lines, m_masks = mirrored[1]
+        if torch.equal(image, m_image):
+            assert m_lines == lines and torch.equal(masks, m_masks)
+            continue
+        flips += 1
+        assert torch.allclose(m_image, image.flip(-1)) and torch.equal(m_masks, masks.flip(-1))
+        swap = {"left": "right", "right": "left"}
+        assert m_lines == [" ".join(swap.get(w, w) for w in line.split(" ")) for line in lines]
+    assert 3 <= flips <= 9
+    args = dict(n_images=12, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
+                network=load_spec(str(trained[0]))["network"], init_from=str(trained[0]))
+    path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-mirror", "report", steps=1,
+                               stages=("segmenter", "calibrate", "export"), mirror=True, **args)
+    spec = load_spec(str(path))
+    assert spec["inference"]["flip_average"] is True and spec["training"]["mirror"] is True
+    assert spec["presence"]["calibration"]["flip_average"] is True
+    with pytest.raises(InputError, match="calibrated with flip averaging .--report-mirror., this run asks without"):
+        run_tgcnet_training(tmp_path / "models2", tmp_path / "work", "tgcnet-mirror", "report", stages=("export",),
+                            **args)
+    with pytest.raises(InputError, match="--report-mirror needs --dataset report"):
+        run_tgcnet_training(tmp_path, tmp_path / "w", "x", "thyroid", clip_cfg=TINY_CLIP, mirror=True)
 
 
 @pytest.mark.parametrize("init_from, message", [

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tgcnet --dataset report: a line naming a side or zone is held to the map of its kind alone "
                         "(voxel-wise minimum, spec inference.location_support; calibrated so): a line asked on the "
                         "wrong side is painted only where that kind is seen")
+    t.add_argument("--report-mirror", action="store_true",
+                   help="tgcnet --dataset report: half the training images mirrored left-right with their lines' "
+                        "side words swapped; the model then averages each slice with its mirror asked the swapped line "
+                        "(spec inference.flip_average; calibrated so)")
     t.add_argument("--pseudo-labels", default=None, metavar="FOLDER",
                    help="medclipsam, weakly supervised stage: the --zero-shot model segments every volume of FOLDER "
                         "(unlabelled .nii.gz/.nrrd/.mha) and a MONAI UNet learns its masks (--steps; stages "
@@ -417,7 +421,7 @@ VOLUME_ONLY = ("--slice-vote",)
 #: options of the segmenter recipes (cliptnseg, tgcnet) only
 SEGMENTER_ONLY = ("--max-grad-norm",)
 #: options of ``clipseg train --engine tgcnet --dataset report`` only
-REPORT_ONLY = ("--report-wording", "--location-support")
+REPORT_ONLY = ("--report-wording", "--location-support", "--report-mirror")
 
 
 def _check_grad_norm(a, stages) -> None:
@@ -498,6 +502,7 @@ def _cmd_train_tgcnet(a, progress):
            + (f" --ablate {','.join(ablate)}" if ablate else "")
            + (f" --report-wording {a.report_wording}" if a.report_wording != "train" else "")
            + (" --location-support" if a.location_support else "")
+           + (" --report-mirror" if a.report_mirror else "")
            + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else "")
@@ -506,7 +511,7 @@ def _cmd_train_tgcnet(a, progress):
     path = run_tgcnet_training(Path(a.output_dir), work_dir, a.model_id, a.dataset, a.phantoms, a.clip_steps,
                                a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
                                cmd, a.force, a.clip_from, ablate, a.lora_rank, init_from=a.init_from,
-                               wording=a.report_wording, location_support=a.location_support,
+                               wording=a.report_wording, location_support=a.location_support, mirror=a.report_mirror,
                                precision=a.precision, max_grad_norm=a.max_grad_norm, slice_vote=a.slice_vote)
     if path:
         print(f"wrote {path}")

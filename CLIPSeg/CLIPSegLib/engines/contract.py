@@ -4,7 +4,8 @@ An engine is built from a model spec by ``engines.create_engine`` and offers:
 
 - ``spec``: the model spec (dict). Its generic entries, read by the pipeline whatever the engine: ``presence`` (the
   calibrated found / not-found rules, each trained finding's ``phrases``, the ``exclusive`` pairs: ``postprocess``),
-  ``inference`` (``flip_average``: ``pipeline.predict_maps``), ``domain`` (``domain.check_domain``),
+  ``inference`` (``flip_average``: ``pipeline.predict_maps``, the mirrored slice asked ``mirror_prompts``),
+  ``domain`` (``domain.check_domain``),
   ``training.phrases`` (with the findings' phrases, the words a prompt is checked against: ``unseen_words``) and
   ``preprocessing`` (``fit`` / ``intensity`` overriding the engine's defaults: ``Preprocessing.from_spec``).
 - ``device``, ``precision`` (``checks.PRECISIONS``), ``default_batch_size`` (slices per ``predict`` call).
@@ -226,6 +227,19 @@ class Engine(ABC):
         readings = [replace(r, unseen_words=tuple(unseen_words(r.text, vocabulary))) for _, r in encoded]
         embeddings = None if any(e is None for e, _ in encoded) else torch.stack([e for e, _ in encoded])
         return PromptState(texts, embeddings, readings)
+
+    def mirror_prompts(self, state: PromptState) -> PromptState:
+        """The prompts as they read on the slices mirrored left-right (flip averaging asks the mirror these): the
+        same ``state`` for a model that does not read the patient's sides (a mirrored nodule is still a nodule).
+        A model that reads them (spec ``inference.patient_sides``) needs an engine that swaps the side words
+        (TGC-Net's); any other raises ModelError."""
+        from ..inference.laterality import patient_sides_of
+
+        if patient_sides_of(self.spec) is None:
+            return state
+        raise ModelError(f"model {self.spec.get('id')!r} reads the patient's sides and asks for flip averaging, but "
+                         f"the {self.name} engine cannot swap a prompt's side words for the mirrored slice; set "
+                         f"inference.flip_average to false in its spec")
 
     def clear_prompt_cache(self) -> None:
         """Forget every encoded prompt: the next ``encode_prompts`` encodes again (benchmarks time it this way)."""

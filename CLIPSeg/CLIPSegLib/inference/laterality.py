@@ -29,8 +29,8 @@ MAX_BODY_VOXELS = 4_000_000  # the body is found on a strided copy of larger vol
 
 def patient_sides_of(spec: dict | None) -> float | None:
     """The model's side margin in mm (spec ``inference.patient_sides.margin_mm``), or None: the model does not read
-    the patient's sides. ModelError when the entry is malformed, or beside ``inference.flip_average`` (a mirrored
-    slice answers the other side's question)."""
+    the patient's sides. ModelError when the entry is malformed. (Flip averaging, ``inference.flip_average``, asks
+    the mirrored slice the prompt with its sides swapped: ``Engine.mirror_prompts``.)"""
     inference = (spec or {}).get("inference") or {}
     entry = inference.get("patient_sides")
     if entry is None:
@@ -41,10 +41,6 @@ def patient_sides_of(spec: dict | None) -> float | None:
     if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not math.isfinite(margin) or margin < 0:
         raise ModelError(f"model {(spec or {}).get('id')!r}: inference.patient_sides must be {{\"margin_mm\": M}} with "
                          f"M >= 0 mm (how far past the body's midline a one-sided segment may reach), not {entry!r}")
-    if inference.get("flip_average"):
-        raise ModelError(f"model {(spec or {}).get('id')!r} reads the patient's sides (inference.patient_sides) and "
-                         f"averages each slice with its mirror (inference.flip_average), which swaps them; set "
-                         f"inference.flip_average to false")
     return float(margin)
 
 

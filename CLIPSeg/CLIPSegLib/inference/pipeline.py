@@ -218,11 +218,13 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     2=K) are fitted to its input size (``preprocessing.fit_slices``: padded or squashed) and predicted in batches
     (``batch_size`` slices, default: the engine's for its device), the maps fitted back; constant slices (no signal)
     are skipped and get probability 0. ``cancel()`` returning True stops. ``flip_average`` (default: the model's
-    setting) also predicts each slice mirrored left-right (a flip the models are trained with) and averages the two,
-    mirrored back: twice the compute, fewer stray responses to speckle. ``on_slices(x)`` is called with each batch of
-    network input ``[B,1,S,S]`` (e.g. to measure what the network sees, ``domain.slice_features``). ``only``: the
-    indices of the slices to predict (along ``slice_axis``; the volume is still normalised as a whole), the others
-    get probability 0 (e.g. the labelled slices a calibration judges)."""
+    setting) also predicts each slice mirrored left-right and averages the two, mirrored back: twice the compute,
+    fewer stray responses to speckle. The mirrored slice is asked ``engine.mirror_prompts`` (for a model reading the
+    patient's sides, "left" and "right" swapped: a line the mirror does not confirm loses probability and presence).
+    ``on_slices(x)`` is called with each batch of network input ``[B,1,S,S]`` (e.g. to measure what the network
+    sees, ``domain.slice_features``). ``only``: the indices of the slices to predict (along ``slice_axis``; the
+    volume is still normalised as a whole), the others get probability 0 (e.g. the labelled slices a calibration
+    judges)."""
     progress = progress or Progress("none")
     flip_average = flip_average_of(engine) if flip_average is None else flip_average
     batch_size = check_batch_size(batch_size) or engine.default_batch_size
@@ -238,6 +240,7 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     if only is not None:
         active &= torch.isin(torch.arange(n), torch.as_tensor(list(only), dtype=torch.long))
     todo = active.nonzero().flatten()
+    mirrored = engine.mirror_prompts(state) if flip_average and len(todo) else None
     with torch.inference_mode():
         for start in range(0, len(todo), batch_size):
             if cancel is not None and cancel():
@@ -250,7 +253,7 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
                 on_slices(x)
             p, s = engine.predict(x, state)  # [B,P,S,S], [B,P] or None
             if flip_average:
-                pf, sf = engine.predict(x.flip(-1), state)
+                pf, sf = engine.predict(x.flip(-1), mirrored)
                 p, s = (p + pf.flip(-1)) / 2, None if s is None else (s + sf) / 2
             probs[:, idx] = unfit_slices(p.float().cpu(), (a, b), prep.fit).clamp_(0, 1).transpose(0, 1)
             if s is not None:

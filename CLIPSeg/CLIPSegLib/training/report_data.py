@@ -50,8 +50,9 @@ def _resized(ph: ReportPhantom, size: int) -> ReportPhantom:
 
 def make_report_augmentation():
     """MONAI dict transforms for report phantoms: intensity as ``datasets.make_augmentation`` (gamma, gain, noise,
-    blur, bias field), geometry small (rotation, scale, shift) and NEVER a flip: a mirrored chest swaps the left and
-    right the report names."""
+    blur, bias field), geometry small (rotation, scale, shift) and no flip here: a mirrored chest swaps the left and
+    right the report names, so ``ReportBank(mirror=True)`` mirrors the image and swaps its lines' side words
+    together."""
     from monai import transforms as T
 
     return T.Compose([
@@ -70,16 +71,24 @@ class ReportBank(torch.utils.data.Dataset):
     ``n_prompts`` fresh report lines in ``wording`` ("train", or "varied": the training words with generic variety
     around them, ``report_text``; never "rephrased", the evaluation's) and augments image and masks together:
     ``(image [1,S,S] in [0,1], lines (P), masks [P,S,S])``. ``normal_phrases`` name an image without opacity for the
-    contrastive CLIP stage; every line is its own concept there."""
+    contrastive CLIP stage; every line is its own concept there. ``mirror``: each access mirrors the image and masks
+    left-right with probability 1/2 and swaps the side words of its lines (``Locations.mirrored``: the mirrored
+    chest's left opacity is the line's right one), so the network learns the side from the slice's frame, not the
+    heart's side, and a flip-averaged prediction (``inference.flip_average``) asks it what it was trained on."""
 
     concepts: dict = {}
     normal_phrases = NORMAL_REPORTS
 
     def __init__(self, n: int, size: int, seed_base: int = REPORT_TRAIN_SEED_BASE, augment: bool = True,
-                 n_prompts: int = QUERIES_PER_CASE, progress=None, wording: str = "train"):
+                 n_prompts: int = QUERIES_PER_CASE, progress=None, wording: str = "train", mirror: bool = False):
         if wording not in TRAINING_WORDINGS:
             raise ValueError(f"wording must be one of {', '.join(TRAINING_WORDINGS)}, got {wording!r}")
         self.size, self.n_prompts, self.wording = size, n_prompts, wording
+        self.mirror = None
+        if mirror:
+            from ..engines.tgcnet.location import load_locations
+
+            self.mirror = load_locations()
         self.phantoms = []
         for i in range(n):
             self.phantoms.append(_resized(make_report_phantom(seed=seed_base + i), size))
@@ -98,8 +107,12 @@ class ReportBank(torch.utils.data.Dataset):
     def __getitem__(self, i):
         queries = self.queries(i)
         masks = np.stack([q.mask for q in queries])
-        image, masks = apply_augmentation(self.transform, self.phantoms[i].image, masks)
-        return image, [q.text for q in queries], masks
+        image, texts = self.phantoms[i].image, [q.text for q in queries]
+        if self.mirror is not None and bool(torch.rand(()) < 0.5):  # torch's generator, seeded by the loop
+            image, masks = image[:, ::-1].copy(), masks[..., ::-1].copy()
+            texts = [self.mirror.mirrored(t) for t in texts]
+        image, masks = apply_augmentation(self.transform, image, masks)
+        return image, texts, masks
 
 
 def report_calibration_cases(n: int, seed_base: int = REPORT_CALIBRATION_SEED_BASE):
@@ -123,18 +136,20 @@ def calibrate_report_rules(engine, n: int, progress=None, seed_base: int = REPOR
     """The presence rule of any engine for report lines, calibrated on ``n`` held-out report phantoms (seeds from
     ``seed_base``): a global rule plus one per opacity kind (a hazy ground-glass map and a dense
     effusion need other tests), picked at inference by the kind the line names (TGC-Net: DATE's knowledge entry;
-    else the kind name closest to the line, ``pipeline.presence_rules``). No flip average: a mirrored chest swaps
-    the sides the line names. A kind's rule may take another probability threshold than 0.5
-    (``calibration.THRESHOLDS``): a hazy ground-glass map is hazy at its edges too. The rule records the engine's
-    ``location_support`` (TGC-Net's, off for other engines) and side margin (``laterality.patient_sides_of``): the
-    maps it was fitted to."""
+    else the kind name closest to the line, ``pipeline.presence_rules``). The maps are the model's own: flip
+    averaged when its spec says so (the mirror asked the line with its sides swapped). A kind's rule may take another
+    probability threshold than 0.5 (``calibration.THRESHOLDS``): a hazy ground-glass map is hazy at its edges too. The
+    rule records the engine's ``location_support`` (TGC-Net's, off for other engines), side margin
+    (``laterality.patient_sides_of``) and flip averaging: the maps it was fitted to."""
     from ..inference.laterality import patient_sides_of
+    from ..inference.pipeline import flip_average_of
     from ..synthetic.report_phantoms import KINDS
     from .calibration import THRESHOLDS, calibrate_rules
 
     rule = calibrate_rules(engine, report_calibration_cases(n, seed_base), {k: [k] for k in KINDS}, (), progress,
-                           False, n, finding_of=report_kind, thresholds=THRESHOLDS)
+                           None, n, finding_of=report_kind, thresholds=THRESHOLDS)
     rule["calibration"].update({"volumes": n, "seeds": [seed_base, seed_base + n - 1],
+                                "flip_average": flip_average_of(engine),
                                 "location_support": bool(getattr(engine, "location_support", False)),
                                 "patient_sides": patient_sides_of(engine.spec)})
     return rule

@@ -104,11 +104,11 @@ def trained_state(net) -> dict:
 
 
 def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: float = ALIGN_WEIGHT,
-                     start: dict | None = None, wording: str = "train") -> Recipe:
+                     start: dict | None = None, wording: str = "train", mirror: bool = False) -> Recipe:
     """``run_loop``'s recipe: ``tgcnet_loss`` on each batch, every phrase through the adapted text tower
     (``encode_pairs``). Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``). ``start``: the
     lineage of the model the weights started from (``warm_start``; None: random), in the checkpoint's fingerprint, as
-    is a report ``wording`` other than "train"."""
+    is a report ``wording`` other than "train" and report ``mirror`` ing."""
     pair_loss = tgcnet_loss(device, align_weight)
 
     def loss(batch):
@@ -121,7 +121,8 @@ def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: fl
                   weight_decay=1e-4, fingerprint={"network": net.cfg, "align_weight": align_weight,
                                                   "lr": LEARNING_RATES, "lora": len(adapters.params),
                                                   **({"start": start} if start else {}),
-                                                  **({"wording": wording} if wording != "train" else {})})
+                                                  **({"wording": wording} if wording != "train" else {}),
+                                                  **({"mirror": True} if mirror else {})})
 
 
 def _clip_of(model: str) -> tuple[dict, dict]:
@@ -157,7 +158,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         lora_rank: int = 8, batch_size: int = 12, clip_cfg: dict | None = None,
                         network: dict | None = None, init_from: str | None = None,
                         wording: str = "train", location_support: bool = False,
-                        precision: str = "fp32", max_grad_norm: float | None = None,
+                        precision: str = "fp32", max_grad_norm: float | None = None, mirror: bool = False,
                         slice_vote: int = 1) -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
     path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
@@ -173,6 +174,9 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     set before calibration so the rules are fitted to the maps it gives. ``precision``: fp32 or bf16 autocast of the
     training steps, ``max_grad_norm``: the segmenter stage's gradient-norm limit (``loop.run_loop``; None: none).
     ``slice_vote`` (thyroid data only): the spec's ``inference.slice_vote`` (odd; 1: off), set before calibration.
+    ``mirror`` (report data only): train on mirrored images with their lines' sides swapped (``ReportBank``) and set
+    the spec's ``inference.flip_average`` before calibration (each slice averaged with its mirror asked the swapped
+    line).
     """
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
@@ -190,6 +194,9 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                          "(it reads the kind a line names); drop it")
     if location_support and data != "report":
         raise refused  # before --clip-from's CLIP is read
+    if mirror and data != "report":
+        raise InputError("--report-mirror needs --dataset report: thyroid models always flip (no side to swap); "
+                         "drop it")
     check_train_shape(None, slice_vote)
     if slice_vote != 1 and data == "report":
         raise InputError("--slice-vote needs volumes: --dataset report is single radiographs; drop it")
@@ -203,6 +210,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         raise refused
     if location_support:
         spec["inference"]["location_support"] = True
+    if mirror:
+        spec["inference"]["flip_average"] = True  # trained on mirrors with their sides swapped: ask it both
     if slice_vote != 1:
         spec["inference"]["slice_vote"] = int(slice_vote)
     parent, parent_state = warm_start(init_from, spec, data) if init_from else (None, None)
@@ -218,7 +227,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
             from .report_data import ReportBank
 
             bank = ReportBank(n_images, size, progress=lambda d, t: progress.update("report phantoms", d, t),
-                              wording=wording)
+                              wording=wording, mirror=mirror)
         else:
             from .datasets import PhantomBank
 
@@ -242,7 +251,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                      f"({100 * counts['trainable'] / counts['total']:.1f}%; the CLIP frozen, LoRA rank {lora_rank} "
                      f"on its text tower)")
     seg_ckpt = work_dir / "segmenter.pt"
-    recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording)
+    recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording, mirror=mirror)
     if "segmenter" in stages:
         run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress, precision=precision,
                  max_grad_norm=max_grad_norm)
@@ -272,6 +281,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         check_calibrated_with(presence, "patient_sides", SIDE_MARGIN_MM, None, work_dir,
                               lambda v: "without the patient's sides" if v is None else
                               f"with one-sided lines kept to their side ({v:g} mm margin)")
+        check_calibrated_with(presence, "flip_average", mirror, False, work_dir,
+                              lambda v: "with flip averaging (--report-mirror)" if v else "without flip averaging")
     check_calibrated_with(presence, "slice_vote", slice_vote, 1, work_dir, lambda v: f"with --slice-vote {v}")
     from ..models import write_spec
 
@@ -283,6 +294,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         "parameters": counts, "phrases": training_phrases(data, wording)}
     if data == "report":
         spec["training"]["wording"] = wording
+        if mirror:
+            spec["training"]["mirror"] = True
     if max_grad_norm is not None:
         spec["training"]["max_grad_norm"] = max_grad_norm
     if parent is not None:

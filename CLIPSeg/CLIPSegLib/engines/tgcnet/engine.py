@@ -97,6 +97,14 @@ class TGCNetEngine(Engine):
             readings.append(PromptReading(text, tokens, truncated, read_as, knowledge=tuple(named), side=side))
         return batch.pooled[:len(texts)], readings
 
+    def mirror_prompts(self, state: PromptState) -> PromptState:
+        """The prompts with their side words swapped (``Locations.mirrored``: "left" <-> "right"), encoded once
+        each: a line about the patient's left asks the mirrored slice about its right. A model that reads no side
+        words: as the contract's."""
+        if self.side_words is None:
+            return super().mirror_prompts(state)
+        return self.encode_prompts([self.side_words.mirrored(p) for p in state.prompts])
+
     def clear_prompt_cache(self) -> None:
         super().clear_prompt_cache()
         self._text.clear()

@@ -18,6 +18,7 @@ directions, so +I is +x = left). Standard library for reading; torch only in ``c
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,33 @@ class Locations:
             named = {d for d, terms in self.terms[axis].items() if any(f" {t} " in norm for t in terms)}
             out.append(signs[next(iter(named))] if len(named) == 1 and "both" not in named else 0)
         return out[0], out[1]
+
+    def mirrored(self, text: str) -> str:
+        """``text`` with each side word swapped for its counterpart ("left" <-> "right", "left-sided" <->
+        "right-sided"; the i-th term of one side for the i-th of the other, else its first): what the line says of
+        the slice mirrored left-right. Whole words, any case, hyphen or space between words, plural or not; zone and
+        "both" words and everything else kept as written."""
+        sides = {d: self.terms["side"][d] for d in AXES["side"]}
+        swap = {}
+        for d, terms in sides.items():
+            other = next(o for o in sides if o != d)
+            for i, t in enumerate(terms):
+                counterpart = sides[other][i] if i < len(sides[other]) else sides[other][0]
+                swap.setdefault(t, counterpart)
+        if not swap:
+            return text
+        words = sorted(swap, key=len, reverse=True)
+        pattern = re.compile(r"(?<![a-z0-9])(" + "|".join(r"[\s-]+".join(map(re.escape, w.split())) + "s?"
+                                                        for w in words) + r")(?![a-z0-9])", re.IGNORECASE)
+
+        def repl(m):
+            said = m.group(0)
+            out = swap[_norm(said)] + ("s" if _norm(said) != " ".join(said.lower().replace("-", " ").split()) else "")
+            out = out.replace(" ", "-") if "-" in said else out
+            return out.upper() if said.isupper() and len(said) > 1 else (
+                out[:1].upper() + out[1:] if said[:1].isupper() else out)
+
+        return pattern.sub(repl, text)
 
     def describe(self, text: str) -> str:
         """The cue in words, for the prompt reading: "patient's left, lower zone", or "no side or zone"."""
