@@ -182,6 +182,11 @@ def test_presence_from_carries_another_clip_that_gives_the_slice_presence(tiny_o
                            ("cliptnseg-phantom-small", "it is a CLIP entry like 'clip'")):
         with pytest.raises(ModelError, match=message):
             create_engine({**spec, "presence_clip": entry}, torch.device("cpu"))
+    # a model with two CLIPs is no --presence-from: which one says whether would be a guess
+    from CLIPSegLib.training.clip_finetune import presence_source
+
+    with pytest.raises(ModelError, match=r"says whether with a second CLIP of its own .* comes from \(.*other"):
+        presence_source(str(tmp_path / "out" / "where.json"))
 
 
 def test_presence_from_leaves_the_absent_slices_bag_out_of_the_patch_term(tiny_open, tmp_path, monkeypatch):

@@ -173,3 +173,16 @@ def test_a_side_reading_parent_is_fine_tuned_in_the_patients_frame_and_never_mir
     assert framed == [1] and flips and not any(flips)
     ft.finetune(disc_table, tmp_path / "out2", tiny_tgcnet, "disc", steps=1, batch_size=1)
     assert framed == [1] and all(flips[len(flips) - 1:])
+
+
+def test_a_parent_that_flip_averages_its_sides_replays_mirrored_phantoms(tiny_tgcnet, tmp_path):
+    """A report parent trained on mirrors (flip averaging with the patient's sides) replays its phantoms mirrored
+    with their lines' sides swapped, as it was trained; one without flip averaging replays them as drawn."""
+    from CLIPSegLib.models import load_spec
+    from CLIPSegLib.progress import Progress
+
+    parent = load_spec(str(_with_training(tiny_tgcnet, tmp_path, {"dataset": "report"})))
+    sides = {"patient_sides": {"margin_mm": 10.0}}
+    for flip, mirrored in ((True, True), (False, False)):
+        tuning = ft.TGCNetTuning({**parent, "inference": {"flip_average": flip, **sides}}, None, Progress("none"))
+        assert (tuning.replay_bank(2, Progress("none")).mirror is not None) == mirrored

@@ -228,6 +228,8 @@ def test_flip_averaging_asks_the_mirrored_slice_the_line_with_its_sides_swapped(
     np.testing.assert_allclose(presence, other_presence, atol=1e-5)
     plain, _ = predict_maps(engine, vol, state, slice_axis=2, flip_average=False)
     assert not np.allclose(maps[0], plain[0], atol=1e-4)  # the mirrored pass is averaged in
+    thyroid = TGCNetEngine(net, torch.device("cpu"), {**spec, "inference": {"flip_average": True}})  # no sides read
+    assert thyroid.mirror_prompts(thyroid.encode_prompts(["left nodule"])).prompts == ["left nodule"]
 
     class Words(Engine):
         name = "words"

@@ -62,7 +62,7 @@ def test_a_line_drawn_twice_is_asked_once_in_both_wordings():
         assert len(queries) == len(set(content(queries))) == len({q.text for q in queries}) < 3
 
 
-def test_thyroid_maps_average_the_mirror_and_report_maps_do_not():
+def test_thyroid_maps_average_the_mirror_and_report_maps_do_not_by_default():
     """Left and right carry meaning in a report line, not in an ultrasound slice: only thyroid models (and their
     calibration) average each slice's map with its mirror's by default (a report model only when trained on mirrors
     with their sides swapped, ``--report-mirror``), and only report models read the patient's sides
@@ -270,10 +270,11 @@ def test_location_support_is_recorded_before_the_rules_are_calibrated(trained, t
     assert not (tmp_path / "w").exists()
 
 
-def test_a_mirrored_run_trains_on_mirrors_with_swapped_sides_and_flip_averages(trained, tmp_path):
+def test_a_mirrored_run_trains_on_mirrors_with_swapped_sides_and_flip_averages(trained, tmp_path, monkeypatch):
     """--report-mirror: about half the bank's draws are the phantom mirrored (image and masks) with every side word of
     its lines swapped; the run sets flip averaging before its rules are calibrated and records it, and rules
     calibrated without it are not exported under it; thyroid data refuses it."""
+    from CLIPSegLib.engines.tgcnet.engine import TGCNetEngine
     from CLIPSegLib.models import load_spec
     from CLIPSegLib.training.report_data import ReportBank
     from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
@@ -295,14 +296,21 @@ def test_a_mirrored_run_trains_on_mirrors_with_swapped_sides_and_flip_averages(t
     assert 3 <= flips <= 9
     args = dict(n_images=12, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
                 network=load_spec(str(trained[0]))["network"], init_from=str(trained[0]))
+    asked = []  # the lines the calibration asked mirrored slices
+    real = TGCNetEngine.mirror_prompts
+    monkeypatch.setattr(TGCNetEngine, "mirror_prompts", lambda self, state: asked.append(state.prompts) or
+                        real(self, state))
     path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-mirror", "report", steps=1,
                                stages=("segmenter", "calibrate", "export"), mirror=True, **args)
     spec = load_spec(str(path))
     assert spec["inference"]["flip_average"] is True and spec["training"]["mirror"] is True
-    assert spec["presence"]["calibration"]["flip_average"] is True
-    with pytest.raises(InputError, match="calibrated with flip averaging .--report-mirror., this run asks without"):
+    assert spec["presence"]["calibration"]["flip_average"] is True and len(asked) >= 2  # each phantom
+    with pytest.raises(InputError, match="trained with --report-mirror, this run asks without it"):
         run_tgcnet_training(tmp_path / "models2", tmp_path / "work", "tgcnet-mirror", "report", stages=("export",),
                             **args)
+    with pytest.raises(InputError, match="trained without --report-mirror, this run asks with it"):  # the parent's
+        run_tgcnet_training(tmp_path / "models3", tmp_path / "work3", "tgcnet-m", "report", mirror=True,
+                            stages=("calibrate", "export"), **args)
     with pytest.raises(InputError, match="--report-mirror needs --dataset report"):
         run_tgcnet_training(tmp_path, tmp_path / "w", "x", "thyroid", clip_cfg=TINY_CLIP, mirror=True)
 

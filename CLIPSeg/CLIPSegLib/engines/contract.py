@@ -16,6 +16,8 @@ An engine is built from a model spec by ``engines.create_engine`` and offers:
   on ``device``; P = the state's prompts, S = ``preprocessing.input_size``. Presence is the probability that the
   finding is in the slice at all; None when the engine has no such estimate.
 - ``similarity(a, b) -> [Pa,Pb]``: cosine of two states' prompts (a prompt is matched to a trained finding by it).
+- ``mirror_prompts(state) -> PromptState``: the prompts as they read on the slices mirrored left-right (flip
+  averaging asks the mirror these; the same prompts unless the model reads the patient's sides).
 - optional, when ``supports_refine``: ``embed(slices)`` (an image embedding reused across prompts) and
   ``refine(embedding, points, boxes)`` (interactive correction after a text result); otherwise both raise
   ``errors.UnsupportedError`` naming the engine.

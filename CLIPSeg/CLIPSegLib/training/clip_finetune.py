@@ -458,7 +458,8 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
 
 def presence_source(source: str, template: str | None = None) -> tuple[dict, dict | None]:
     """``--presence-from``: (the ``presence_clip`` entry, tensors to store or None). A model (id, or spec path made
-    absolute) is referenced with its files' SHA-256, not copied; a BiomedCLIP folder's CLIP is stored."""
+    absolute) is referenced with its files' SHA-256, not copied; a BiomedCLIP folder's CLIP is stored. A model that
+    carries a presence CLIP of its own is refused (which of its two CLIPs was meant would be a guess)."""
     from ..models import load_spec
 
     if Path(source).is_dir():
@@ -468,6 +469,12 @@ def presence_source(source: str, template: str | None = None) -> tuple[dict, dic
     if spec["engine"] not in ("medclipsam", "cliptnseg"):
         raise ModelError(f"--presence-from {source}: a {spec['engine']} model has no open_clip CLIP to say whether a "
                          f"slice holds the finding; give a medclipsam or cliptnseg model, or a BiomedCLIP folder")
+    if spec.get("presence_clip") is not None:
+        entry = spec["presence_clip"] if isinstance(spec["presence_clip"], dict) else {}
+        own = entry.get("model") or entry.get("folder")
+        raise ModelError(f"--presence-from {source}: that model says whether with a second CLIP of its own "
+                         f"(presence_clip), not its 'clip'; give the model that CLIP comes from"
+                         + (f" ({own})" if own else "") + ", or a model with one CLIP")
     name = str(Path(source).resolve()) if str(source).lower().endswith(".json") else str(source)
     return {"model": name, "files": [{"name": f["name"], "sha256": f["sha256"]} for f in spec["files"]]}, None
 

@@ -101,7 +101,8 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
                     fingerprint={"lr": lr, "parameters": sum(p.numel() for p in clip.parameters()),
                                  **({"start": start} if start else {}),
                                  **({"wording": dataset.wording} if getattr(dataset, "wording", "train") != "train"
-                                    else {})})
+                                    else {}),
+                                 **({"mirror": True} if getattr(dataset, "mirror", None) is not None else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
                     precision=precision)
 

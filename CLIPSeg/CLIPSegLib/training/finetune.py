@@ -501,7 +501,12 @@ class TGCNetTuning(Tuning):
         if data == "report":
             from .report_data import ReportBank
 
-            return ReportBank(n, self.size, progress=report)
+            # a model that averages each slice with its mirror asked the side-swapped line replays mirrors so
+            from ..inference.laterality import patient_sides_of
+
+            mirror = bool((self.spec.get("inference") or {}).get("flip_average")) and \
+                patient_sides_of(self.spec) is not None
+            return ReportBank(n, self.size, progress=report, mirror=mirror)
         if data == "thyroid":
             from .datasets import PhantomBank
 
@@ -709,7 +714,8 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
     progress.message(f"reading {data}")
     volumes = ls.read_data(data, prompt_map)
     reads_sides = patient_sides_of(parent_spec) is not None
-    if reads_sides:  # trained (never mirrored) and calibrated in the frame its pipeline predicts in
+    if reads_sides:  # trained and calibrated in the frame its pipeline predicts in; the user's slices are never
+        # mirrored (their phrases' sides would have to swap with them), its replayed phantoms as the parent's were
         volumes = ls.in_patient_frame(volumes)
     train, held = ls.split_slices(volumes, CALIBRATION_SHARE)
     if len(train) < batch_size:

@@ -108,7 +108,7 @@ def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: fl
     """``run_loop``'s recipe: ``tgcnet_loss`` on each batch, every phrase through the adapted text tower
     (``encode_pairs``). Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``). ``start``: the
     lineage of the model the weights started from (``warm_start``; None: random), in the checkpoint's fingerprint, as
-    is a report ``wording`` other than "train" and report ``mirror`` ing."""
+    is a report ``wording`` other than "train" and report mirroring (``mirror``)."""
     pair_loss = tgcnet_loss(device, align_weight)
 
     def loss(batch):
@@ -257,6 +257,11 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                  max_grad_norm=max_grad_norm)
     if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
         return None
+    if "segmenter" not in stages and data == "report" and _trained_on_mirrors(seg_ckpt, parent) != mirror:
+        raise InputError(f"the segmenter this run calibrates was trained {'with' if not mirror else 'without'} "
+                         f"--report-mirror, this run asks {'with' if mirror else 'without'} it: its flip averaging "
+                         f"would not be what it learnt; give the same setting, or train it again (--stages "
+                         f"segmenter,calibrate,export)")
     if parent is None or seg_ckpt.is_file():
         recipe.load(_checkpoint(seg_ckpt, "segmenter"))
     adapters.merge()
@@ -302,6 +307,17 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         spec["training"]["clip_steps"] = clip_steps if clip_ckpt.is_file() else 0  # 0: the parent's CLIP kept
         spec["training"]["parent"] = {**start, "training": parent.get("training") or {}}
     return write_spec(spec, net.state_dict(), out_dir)
+
+
+def _trained_on_mirrors(seg_ckpt: Path, parent: dict | None) -> bool:
+    """Whether the segmenter a run without the segmenter stage calibrates learnt on mirrors (``--report-mirror``):
+    its checkpoint's fingerprint says, else (no checkpoint: the parent's weights) the parent's training record."""
+    import json
+
+    if seg_ckpt.is_file():
+        fingerprint = torch.load(seg_ckpt, map_location="cpu", weights_only=True).get("fingerprint") or "{}"
+        return bool(json.loads(fingerprint).get("mirror"))
+    return bool(((parent or {}).get("training") or {}).get("mirror"))
 
 
 def training_phrases(data: str, wording: str = "train") -> list[str]:

@@ -99,9 +99,9 @@ class TGCNetEngine(Engine):
 
     def mirror_prompts(self, state: PromptState) -> PromptState:
         """The prompts with their side words swapped (``Locations.mirrored``: "left" <-> "right"), encoded once
-        each: a line about the patient's left asks the mirrored slice about its right. A model that reads no side
-        words: as the contract's."""
-        if self.side_words is None:
+        each: a line about the patient's left asks the mirrored slice about its right. A model that does not read
+        the patient's sides (a thyroid model: its flips were trained with the same words): as the contract's."""
+        if self.side_words is None or patient_sides_of(self.spec) is None:
             return super().mirror_prompts(state)
         return self.encode_prompts([self.side_words.mirrored(p) for p in state.prompts])
 

@@ -51,8 +51,8 @@ class Locations:
     def mirrored(self, text: str) -> str:
         """``text`` with each side word swapped for its counterpart ("left" <-> "right", "left-sided" <->
         "right-sided"; the i-th term of one side for the i-th of the other, else its first): what the line says of
-        the slice mirrored left-right. Whole words, any case, hyphen or space between words, plural or not; zone and
-        "both" words and everything else kept as written."""
+        the slice mirrored left-right. Whole words, any case (a capital first letter or all capitals kept), hyphen or
+        space between words, plural or not; zone and "both" words and the rest of the line kept as written."""
         sides = {d: self.terms["side"][d] for d in AXES["side"]}
         swap = {}
         for d, terms in sides.items():
@@ -63,15 +63,16 @@ class Locations:
         if not swap:
             return text
         words = sorted(swap, key=len, reverse=True)
-        pattern = re.compile(r"(?<![a-z0-9])(" + "|".join(r"[\s-]+".join(map(re.escape, w.split())) + "s?"
-                                                        for w in words) + r")(?![a-z0-9])", re.IGNORECASE)
+        pattern = re.compile(r"(?<![a-z0-9])(" + "|".join(r"[\s-]+".join(map(re.escape, w.split())) for w in words)
+                             + r")(s?)(?![a-z0-9])", re.IGNORECASE)
 
         def repl(m):
-            said = m.group(0)
-            out = swap[_norm(said)] + ("s" if _norm(said) != " ".join(said.lower().replace("-", " ").split()) else "")
+            said, plural = m.group(1), m.group(2)
+            out = swap[" ".join(said.lower().replace("-", " ").split())]  # group 1 is one of the terms
             out = out.replace(" ", "-") if "-" in said else out
-            return out.upper() if said.isupper() and len(said) > 1 else (
+            out = out.upper() if said.isupper() and len(said) > 1 else (
                 out[:1].upper() + out[1:] if said[:1].isupper() else out)
+            return out + plural
 
         return pattern.sub(repl, text)
 
