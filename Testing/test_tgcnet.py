@@ -193,6 +193,7 @@ def test_location_words_give_the_patients_side_and_zone(text, cue, said):
     ("bilateral consolidation, two areas", "bilateral consolidation, two areas"),
     ("lower left lung and upper right lung", "lower right lung and upper left lung"),
     ("dextral opacity", "sinistral opacity"),
+    ("LEFTS and rights, left's", "RIGHTS and lefts, right's"),
 ])
 def test_a_mirrored_line_names_the_other_side_and_keeps_everything_else(text, mirrored):
     locations = load_locations()

@@ -280,7 +280,7 @@ def test_a_mirrored_run_trains_on_mirrors_with_swapped_sides_and_flip_averages(t
     from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
 
     plain, mirrored = ReportBank(2, 32, augment=False), ReportBank(2, 32, augment=False, mirror=True)
-    flips = 0
+    flips = sided = 0
     for seed in range(12):
         torch.manual_seed(seed)
         image, lines, masks = plain[1]
@@ -290,10 +290,11 @@ def test_a_mirrored_run_trains_on_mirrors_with_swapped_sides_and_flip_averages(t
             assert m_lines == lines and torch.equal(masks, m_masks)
             continue
         flips += 1
+        sided += any(w in ("left", "right") for line in lines for w in line.split(" "))
         assert torch.allclose(m_image, image.flip(-1)) and torch.equal(m_masks, masks.flip(-1))
         swap = {"left": "right", "right": "left"}
         assert m_lines == [" ".join(swap.get(w, w) for w in line.split(" ")) for line in lines]
-    assert 3 <= flips <= 9
+    assert 3 <= flips <= 9 and sided  # some mirrored draws named a side
     args = dict(n_images=12, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
                 network=load_spec(str(trained[0]))["network"], init_from=str(trained[0]))
     asked = []  # the lines the calibration asked mirrored slices
@@ -308,6 +309,13 @@ def test_a_mirrored_run_trains_on_mirrors_with_swapped_sides_and_flip_averages(t
     with pytest.raises(InputError, match="trained with --report-mirror, this run asks without it"):
         run_tgcnet_training(tmp_path / "models2", tmp_path / "work", "tgcnet-mirror", "report", stages=("export",),
                             **args)
+    staged = tmp_path / "work" / "presence.json"  # rules fitted without flip averaging, on the mirrored segmenter
+    presence = json.loads(staged.read_text())
+    presence["calibration"]["flip_average"] = False
+    staged.write_text(json.dumps(presence))
+    with pytest.raises(InputError, match=r"calibrated without flip averaging, this run asks with flip averaging"):
+        run_tgcnet_training(tmp_path / "models4", tmp_path / "work", "tgcnet-mirror", "report", stages=("export",),
+                            mirror=True, **args)
     with pytest.raises(InputError, match="trained without --report-mirror, this run asks with it"):  # the parent's
         run_tgcnet_training(tmp_path / "models3", tmp_path / "work3", "tgcnet-m", "report", mirror=True,
                             stages=("calibrate", "export"), **args)

@@ -102,7 +102,7 @@ def train_clip(clip, dataset, steps: int, ckpt: Path, batch_size: int = 32, lr: 
                                  **({"start": start} if start else {}),
                                  **({"wording": dataset.wording} if getattr(dataset, "wording", "train") != "train"
                                     else {}),
-                                 **({"mirror": True} if getattr(dataset, "mirror", None) is not None else {})})
+                                 **({"mirror": True} if getattr(dataset, "mirror", None) else {})})
     return run_loop(recipe, dataset, steps, ckpt, batch_size, seed, resume, ckpt_every, progress, stop_after,
                     precision=precision)
 

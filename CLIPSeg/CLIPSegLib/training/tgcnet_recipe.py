@@ -53,7 +53,8 @@ def tgcnet_spec(model_id: str, clip: dict, data: str, ablate=(), network: dict |
         "clip": clip,
         "network": net,
         "knowledge": {"file": DEFAULT_KNOWLEDGE, "version": knowledge.version, "sha256": knowledge.sha256},
-        # left and right carry meaning in a report: a mirrored slice would answer the other side's question, so its
+        # left and right carry meaning in a report: a mirrored slice would answer the other side's question (unless
+        # trained with --report-mirror, when the mirror is asked the side-swapped line), so its
         # slices reach the network in the patient's frame and a one-sided line keeps its side (inference.laterality);
         # an ultrasound slice's findings have no side, so its maps average the slice and its mirror, as cliptnseg's
         "inference": ({"flip_average": False, "patient_sides": {"margin_mm": SIDE_MARGIN_MM}} if data == "report"
@@ -257,8 +258,9 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                  max_grad_norm=max_grad_norm)
     if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
         return None
-    if "segmenter" not in stages and data == "report" and _trained_on_mirrors(seg_ckpt, parent) != mirror:
-        raise InputError(f"the segmenter this run calibrates was trained {'with' if not mirror else 'without'} "
+    if "segmenter" not in stages and data == "report" and (seg_ckpt.is_file() or parent is not None) \
+            and _trained_on_mirrors(seg_ckpt, parent) != mirror:
+        raise InputError(f"the segmenter this run exports was trained {'with' if not mirror else 'without'} "
                          f"--report-mirror, this run asks {'with' if mirror else 'without'} it: its flip averaging "
                          f"would not be what it learnt; give the same setting, or train it again (--stages "
                          f"segmenter,calibrate,export)")
