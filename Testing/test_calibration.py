@@ -327,3 +327,74 @@ def test_the_calibration_keeps_a_one_sided_prompt_to_its_side_as_the_pipeline_do
     engine.spec = {"inference": {}}
     (_, _, comps, _), = calibration.collect_cases(engine, [case], {"mass": ["mass"]})[0.5][1.0]
     assert sorted(c.voxels for c, _ in comps) == [72, 96]
+
+
+def test_flip_choice_gives_each_finding_the_flip_setting_that_scores_better(monkeypatch):
+    """``calibrate_rules(flip_choice=True)`` predicts each case once with every prompt asked twice, the second time
+    averaged with the mirror, and each finding's rule keeps the setting that scores clearly better on its cases: a
+    finding whose own maps paint absent cases takes the mirror's average, one that the average blurs keeps its own."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import CLIPSegLib.training.calibration as calibration
+    from CLIPSegLib.engines.contract import PromptReading, PromptState
+
+    asked = []
+
+    def predict(engine, image, geometry, state, axis, flip_average=None, **kw):
+        flip_average = [flip_average] * len(state) if isinstance(flip_average, bool) else list(flip_average)
+        asked.append((list(state.prompts), flip_average))
+        present = image.max() > 1  # the case holds both findings
+        maps = np.zeros((len(state), *image.shape), np.float32)
+        for row, (prompt, flip) in enumerate(zip(state.prompts, flip_average)):
+            if prompt == "stray":  # its own map paints every case; the mirror does not confirm a stray blob
+                maps[row, :, 2:8, 2:8] = 0.9 if present or not flip else 0.4
+            elif present:  # "sharp": right where it is; the average halves half of it
+                maps[row, :, 2:8, 2:8] = 0.9
+                maps[row, :, 2:8, 5:8] = 0.4 if flip else 0.9
+        return maps, None
+
+    monkeypatch.setattr(calibration, "predict_patient_frame", predict)
+    engine = SimpleNamespace(spec={}, encode_prompts=lambda p: PromptState(list(p), None,
+                                                                          [PromptReading(t) for t in p]))
+    cases = []
+    for present in [True] * 4 + [False] * 4:
+        truth = np.zeros((2, 10, 10), bool)
+        truth[:, 2:8, 2:8] = present
+        image = np.full((2, 10, 10), 5.0 if present else 0.5, np.float32)
+        cases.append(calibration.CalibrationCase(image, (1.0, 1.0, 1.0), {"stray": truth, "sharp": truth.copy()},
+                                                 {"stray": "stray", "sharp": "sharp"}))
+    rule = calibration.calibrate_rules(engine, cases, {"stray": ["stray"], "sharp": ["sharp"]}, flip_choice=True)
+    assert asked[0] == (["stray", "sharp", "stray", "sharp"], [False, False, True, True])
+    stray, sharp = rule["per_finding"]["stray"], rule["per_finding"]["sharp"]
+    assert stray["flip_average"] is True
+    assert {k: stray["calibration"][k] for k in ("absent_empty_rate", "mean_dice")} == {"absent_empty_rate": 1.0,
+                                                                                       "mean_dice": 1.0}
+    assert stray["calibration"]["flip_choice"] == {  # both settings' figures, so a user sees why
+        "without_mirror": {"score": 2.0, "absent_empty_rate": 1.0, "mean_dice": 0.0},
+        "with_mirror": {"score": 3.0, "absent_empty_rate": 1.0, "mean_dice": 1.0}}
+    assert sharp["flip_average"] is False and sharp["calibration"]["mean_dice"] == 1.0
+    asked.clear()
+    plain = calibration.calibrate_rules(engine, cases, {"stray": ["stray"], "sharp": ["sharp"]})
+    assert asked[0] == (["stray", "sharp"], [False, False]) and "flip_average" not in plain["per_finding"]["stray"]
+    # its own maps alone: no rule tells the stray blob from the finding, so the best one reports nothing
+    assert plain["per_finding"]["stray"]["calibration"] == {"absent_empty_rate": 1.0, "mean_dice": 0.0}
+
+
+def test_flip_choice_is_refused_for_a_medclipsam_model_and_recorded_for_others(tiny_medclipsam, tiny_model,
+                                                                                tmp_path, capsys):
+    import json
+
+    from CLIPSegLib.cli import main
+
+    out = tmp_path / "re.json"
+    assert main(["calibrate", "--model", str(tiny_medclipsam), "--output", str(out), "--phantoms", "1",
+                 "--flip-choice", "--progress", "none"]) == 2
+    assert "--flip-choice applies to cliptnseg and tgcnet models" in capsys.readouterr().err and not out.exists()
+    assert main(["calibrate", "--model", str(tiny_model), "--output", str(out), "--phantoms", "1", "--family", "A",
+                 "--flip-choice", "--progress", "none"]) == 0
+    presence = json.loads(out.read_text())["presence"]
+    assert presence["calibration"]["flip_choice"] is True and "--flip-choice --force" in presence["calibration"][
+        "command"]
+    assert all(isinstance(r["flip_average"], bool) for r in presence["per_finding"].values())

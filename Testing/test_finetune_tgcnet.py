@@ -186,3 +186,8 @@ def test_a_parent_that_flip_averages_its_sides_replays_mirrored_phantoms(tiny_tg
     for flip, mirrored in ((True, True), (False, False)):
         tuning = ft.TGCNetTuning({**parent, "inference": {"flip_average": flip, **sides}}, None, Progress("none"))
         assert (tuning.replay_bank(2, Progress("none")).mirror is not None) == mirrored
+    # a finding's rule that flip averages (report calibration chooses it per kind) asks mirrors too
+    rules = {**parent["presence"], "per_finding": {"effusion": {"flip_average": True, "phrases": ["effusion"]}}}
+    tuning = ft.TGCNetTuning({**parent, "inference": {"flip_average": False, **sides}, "presence": rules}, None,
+                             Progress("none"))
+    assert tuning.replay_bank(2, Progress("none")).mirror is not None

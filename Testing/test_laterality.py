@@ -88,3 +88,45 @@ def test_labelled_volumes_reach_a_side_reading_model_in_its_frame():
     assert np.array_equal(out[0].image, v) and np.array_equal(out[0].truth["mass"], truth)
     assert np.allclose(out[0].geometry.ijk_to_lps(), g.ijk_to_lps()) and out[0].slices == {"mass": [1]}
     assert out[0].source == {"image": "x.nii.gz", "mirrored": "I"}
+
+
+def test_rows_toward_the_head_are_turned_upright_for_the_zone_words():
+    """``feet_axis``: rows that run mostly toward the head (LPS +z) are reversed, so "upper" is the top rows as on a
+    displayed radiograph; rows toward the feet, or not head-feet at all (an axial slice; a 2D image stored without
+    a real direction), are kept."""
+    from CLIPSegLib.inference.laterality import feet_axis, frame_flips, mirrored_along
+
+    identity = Geometry.axis_aligned((1.0, 1.0, 1.0))
+    assert feet_axis(identity, 2) is None  # an axial slice: rows are posterior
+    assert feet_axis(identity, 1) == 0 and feet_axis(identity, 0) == 0  # coronal / sagittal slices: rows are K, up
+    # direction matrices: row = LPS component, column = voxel axis (I, J, K)
+    coronal_stack = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 0, 1), (0, 1, 0)))  # J up, K back
+    assert feet_axis(coronal_stack, 2) == 1
+    coronal_down = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 0, 1), (0, -1, 0)))  # DICOM's usual
+    assert feet_axis(coronal_down, 2) is None
+    ras_coronal = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((-1, 0, 0), (0, 0, -1), (0, 1, 0)))
+    assert frame_flips(ras_coronal, 2) == (2, 1) and frame_flips(coronal_down, 2) == ()
+    # reversing an array axis keeps every voxel where it was in physical space
+    g = Geometry((2.0, 1.0, 3.0), (-50.0, 4.0, 7.0), ((1, 0, 0), (0, 0, 1), (0, 1, 0)))
+    v = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    for a in (0, 1, 2):
+        m = mirrored_along(g, a, v.shape[a])
+        kji = np.array([1, 2, 3])
+        flipped = kji.copy()
+        flipped[a] = v.shape[a] - 1 - kji[a]
+        lps = lambda geo, p: geo.ijk_to_lps() @ np.r_[p[::-1], 1.0]  # noqa: E731
+        assert np.allclose(lps(g, kji), lps(m, flipped))
+        assert np.flip(v, a)[tuple(flipped)] == v[tuple(kji)]
+
+
+def test_labelled_volumes_stored_head_up_reach_a_side_reading_model_upright():
+    from CLIPSegLib.training.labelled_slices import LabelledVolume, in_patient_frame
+
+    g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 0, 1), (0, 1, 0)))  # rows (J) toward the head
+    v = _body()
+    truth = np.zeros(v.shape, bool)
+    truth[1, 30:34, 40:44] = True  # high J: near the head
+    out, = in_patient_frame([LabelledVolume(v, g, {"mass": truth}, {"mass": [1]}, {})])
+    assert out.source == {"mirrored": "J"} and np.array_equal(out.image, v[:, ::-1])
+    assert out.truth["mass"][1, 40 - 34:40 - 30, 40:44].all() and out.truth["mass"].sum() == 16  # now top rows
+    assert np.allclose(out.geometry.ijk_to_lps() @ [40, 6, 1, 1], g.ijk_to_lps() @ [40, 33, 1, 1])

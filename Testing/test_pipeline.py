@@ -213,6 +213,54 @@ def test_flip_average_mirrors_each_slice_and_averages_the_two_predictions():
     np.testing.assert_allclose(forced, plain)
 
 
+def test_flip_average_per_prompt_asks_the_mirror_only_the_flagged_prompts():
+    """One flag per prompt (a report model's rule says it per finding): the flagged prompts are averaged with the
+    mirror, the others keep the slice's own maps and presence, and the mirror is asked only the flagged ones."""
+    from CLIPSegLib.inference.pipeline import predict_maps
+
+    class Ramp(_StandIn):
+        def __init__(self):
+            super().__init__({}, 8)
+            self.asked = []
+
+        def maps(self, images, prompts):
+            self.asked.append(list(prompts))
+            ramp = torch.linspace(0.0, 1.0, 8).expand(len(images), len(prompts), 8, 8)
+            return ramp.clone(), torch.full((len(images), len(prompts)), 0.2 * len(self.asked))
+
+    vol = np.random.default_rng(1).random((2, 8, 8)).astype(np.float32)
+    engine = Ramp()
+    maps, presence = predict_maps(engine, vol, ["cyst", "nodule", "fluid"], slice_axis=2,
+                                  flip_average=[False, True, False], batch_size=2)
+    np.testing.assert_allclose(maps[[0, 2], 0, 0], np.stack([np.linspace(0, 1, 8)] * 2), atol=1e-6)
+    np.testing.assert_allclose(maps[1], 0.5, atol=1e-6)
+    np.testing.assert_allclose(presence[[0, 2]], 0.2)  # the own call's presence only
+    np.testing.assert_allclose(presence[1], (0.2 + 0.4) / 2)
+    assert engine.asked == [["cyst", "nodule", "fluid"], ["nodule"]]
+    with pytest.raises(ValueError, match="2 flags for 3 prompts"):
+        predict_maps(engine, vol, ["cyst", "nodule", "fluid"], slice_axis=2, flip_average=[True, False])
+
+
+def test_a_findings_rule_that_says_flip_average_is_followed_and_reported():
+    from CLIPSegLib.inference.pipeline import segment_volume
+    from CLIPSegLib.io.geometry import Geometry
+
+    off_centre = torch.zeros(16, 16)
+    off_centre[4:8, 2:6] = 0.9  # its mirror is elsewhere, so averaging halves it
+    maps = {"nodule": off_centre, "cyst": off_centre}
+    engine = _MapEngine(maps)
+    engine.spec["presence"]["per_finding"]["nodule"]["flip_average"] = True
+    engine.spec["presence"]["exclusive"] = []
+    res = segment_volume(engine, np.random.default_rng(0).random((1, 16, 16)).astype(np.float32),
+                         Geometry.axis_aligned((1.0, 1.0, 1.0)), ["nodule canonical", "cyst canonical"], axis=2)
+    nodule, cyst = res.findings
+    assert nodule.info["flip_average"] is True and cyst.info["flip_average"] is False
+    assert "each slice averaged with its mirror" in nodule.message() and "mirror" not in cyst.message()
+    assert nodule.event()["flip_average"] is True
+    assert nodule.info["status"] == "not found" and not nodule.mask.any()  # 0.45 after averaging, under 0.5
+    assert cyst.info["status"] == "found" and cyst.mask.sum() == 16
+
+
 @pytest.mark.parametrize("shape_kji,spacing_ijk,expected", [
     ((1, 30, 40), (0.5, 0.5, 3.0), 2),   # K = 1: an axial picture
     ((30, 40, 1), (0.5, 0.5, 0.5), 0),   # I = 1, spacing tie: a sagittal image, one slice along I
@@ -290,6 +338,21 @@ def test_a_model_that_reads_the_patients_sides_keeps_a_one_sided_segment_there_i
     results = segment_volume(engine, np.ascontiguousarray(vol[:, :, ::-1]), flipped, prompts, axis=2).findings
     for again, first in zip(results, (left, right, both)):
         assert np.array_equal(again.mask[:, :, ::-1], first.mask)
+    # a coronal stack stored with its rows (J) toward the head: the engine sees them toward the feet (the zone
+    # words' frame), and the masks come back on the same voxels
+    seen = []
+    real = engine.predict
+    engine.predict = lambda images, state: (seen.append(images[:, 0].clone()), real(images, state))[1]
+    head_up = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1, 0, 0), (0, 0, 1), (0, 1, 0)))
+    feet_down = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 15.0), ((1, 0, 0), (0, 0, 1), (0, -1, 0)))
+    upright = segment_volume(engine, vol, head_up, prompts, axis=2).findings
+    rows_seen = seen[0]
+    seen.clear()
+    again = segment_volume(engine, np.ascontiguousarray(vol[:, ::-1]), feet_down, prompts, axis=2).findings
+    del engine.predict
+    assert torch.equal(rows_seen, seen[0])  # the same slices reached the network
+    for a, b in zip(upright, again):
+        assert np.array_equal(a.mask, b.mask[:, ::-1]) and a.mask.any()
     # without the entry: no mirroring, no restriction
     engine.spec["inference"] = {}
     left, _, _ = segment_volume(engine, vol, stored, prompts, axis=2).findings

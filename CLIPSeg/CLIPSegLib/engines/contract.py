@@ -170,9 +170,13 @@ class PromptState:
         if missing:
             raise InputError(f"prompts {missing} are not in this prompt state; encode them with "
                              f"engine.encode_prompts first")
-        rows = [index[p] for p in prompts]
-        emb = None if self.embeddings is None else self.embeddings[rows]
-        return PromptState(list(prompts), emb, [self.readings[i] for i in rows])
+        return self.rows([index[p] for p in prompts])
+
+    def rows(self, rows: list[int]) -> "PromptState":
+        """The state of the prompts at positions ``rows`` (repeats allowed), in that order; nothing is encoded
+        again."""
+        emb = None if self.embeddings is None else self.embeddings[list(rows)]
+        return PromptState([self.prompts[i] for i in rows], emb, [self.readings[i] for i in rows])
 
 
 def _check_texts(texts) -> list[str]:

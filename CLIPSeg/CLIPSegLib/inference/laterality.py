@@ -4,7 +4,9 @@
 1. The network sees every slice with the patient's left on the image's right, as a chest radiograph or an axial CT
    slice is displayed (the frame TGC-Net's location cue and the report phantoms use): a volume whose slice columns
    point to the patient's right (NIfTI's usual RAS storage) is mirrored before the network and its maps mirrored
-   back (``mirror_axis``).
+   back (``mirror_axis``); a slice whose rows run toward the head (a coronal slice of a volume stored head-first:
+   its rows are the volume's slices, which usually climb) is turned upright the same way, so "upper" and "lower"
+   mean the patient's (``feet_axis``). Both together: ``frame_flips``.
 2. A prompt that names one side keeps its segment on that side of the body, decided in physical space from the
    volume's geometry rather than learnt from the words (``side_regions``): LPS x grows toward the patient's left
    (``io.geometry``). The midline is the middle of the body's left-right extent (the largest bright region after an
@@ -44,6 +46,16 @@ def patient_sides_of(spec: dict | None) -> float | None:
     return float(margin)
 
 
+def asks_mirrors_sides(spec: dict | None) -> bool:
+    """Whether a model reading the patient's sides asks mirrored slices their side-swapped lines: its
+    ``inference.flip_average``, or a finding's rule that flip averages (``presence.per_finding[*].flip_average``)."""
+    if patient_sides_of(spec) is None:
+        return False
+    rules = (((spec or {}).get("presence") or {}).get("per_finding") or {}).values()
+    return bool(((spec or {}).get("inference") or {}).get("flip_average")) or \
+        any(bool(r.get("flip_average")) for r in rules)
+
+
 def mirror_axis(geometry: Geometry, slice_axis: int) -> int | None:
     """The ``[K,J,I]`` array axis to mirror so that slices along ``slice_axis`` (voxel axis, 0 = I) have their
     columns toward the patient's left, or None when they already do. Columns: voxel axis I, or J for slices along
@@ -54,13 +66,38 @@ def mirror_axis(geometry: Geometry, slice_axis: int) -> int | None:
     return 2 - column if x[column] < 0 and abs(x[column]) >= abs(x[row]) else None
 
 
+def feet_axis(geometry: Geometry, slice_axis: int) -> int | None:
+    """The ``[K,J,I]`` array axis to reverse so that the rows of slices along ``slice_axis`` run toward the patient's
+    feet, as a chest radiograph is displayed (the frame of TGC-Net's zone cue: "upper" is the top rows), or None:
+    they already do, or the rows do not run mostly head-feet (an axial slice: its upper and lower zones are other
+    slices, not rows; a 2D image stored without a real direction, whose rows are read in display order). Rows: voxel
+    axis J, or K for slices along I or J; LPS z grows toward the head."""
+    row = 1 if slice_axis == 2 else 2
+    d = np.asarray(geometry.direction_matrix, dtype=float)[:, row]
+    return 2 - row if d[2] > 0 and abs(d[2]) >= max(abs(d[0]), abs(d[1])) else None
+
+
+def frame_flips(geometry: Geometry, slice_axis: int) -> tuple[int, ...]:
+    """The ``[K,J,I]`` array axes to reverse so that slices along ``slice_axis`` reach a model that reads the
+    patient's sides in its frame (``mirror_axis``: columns toward the patient's left; ``feet_axis``: rows toward the
+    feet); () when they already are."""
+    return tuple(a for a in (mirror_axis(geometry, slice_axis), feet_axis(geometry, slice_axis)) if a is not None)
+
+
+def mirrored_along(geometry: Geometry, array_axis: int, n: int) -> Geometry:
+    """The geometry of a ``[K,J,I]`` grid stored with its array axis ``array_axis`` (0 = K) of ``n`` voxels reversed
+    (``np.flip(array, array_axis)``): the same voxels in physical space."""
+    axis = 2 - array_axis  # voxel axis: 0 = I
+    d = np.array(geometry.direction_matrix, dtype=float)
+    origin = np.asarray(geometry.origin) + d[:, axis] * geometry.spacing[axis] * (n - 1)
+    d[:, axis] *= -1
+    return Geometry(geometry.spacing, tuple(float(v) for v in origin), tuple(map(tuple, d)))
+
+
 def mirrored_along_i(geometry: Geometry, n_i: int) -> Geometry:
     """The geometry of a ``[K,J,I]`` grid of ``n_i`` columns stored with its I axis reversed (``array[..., ::-1]``):
     the same voxels in physical space."""
-    d = geometry.direction_matrix.copy()
-    origin = np.asarray(geometry.origin) + d[:, 0] * geometry.spacing[0] * (n_i - 1)
-    d[:, 0] *= -1
-    return Geometry(geometry.spacing, tuple(float(v) for v in origin), tuple(map(tuple, d)))
+    return mirrored_along(geometry, 2, n_i)
 
 
 def _plane_and_step(shape_kji, geometry: Geometry, stride: int = 1):
@@ -123,5 +160,6 @@ def side_regions(volume: np.ndarray, geometry: Geometry, sides, margin_mm: float
     return [regions[s] if s else None for s in sides], midline
 
 
-__all__ = ["SIDE_MARGIN_MM", "SIDE_NAMES", "body_midline_mm", "lps_x_mm", "mirror_axis", "mirrored_along_i",
-           "patient_sides_of", "side_region", "side_regions"]
+__all__ = ["SIDE_MARGIN_MM", "SIDE_NAMES", "asks_mirrors_sides", "body_midline_mm", "feet_axis", "frame_flips",
+           "lps_x_mm", "mirror_axis", "mirrored_along", "mirrored_along_i", "patient_sides_of", "side_region",
+           "side_regions"]

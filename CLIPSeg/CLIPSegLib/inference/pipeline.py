@@ -15,6 +15,7 @@ It knows engines only through the contract (``engines.contract``): ``encode_prom
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 from ..checks import check_prompts
 from .domain import check_domain, comparable_domain, domain_message, slice_features
-from .laterality import SIDE_NAMES, mirror_axis, patient_sides_of, side_regions
+from .laterality import SIDE_NAMES, frame_flips, patient_sides_of, side_regions
 from ..errors import DeviceError
 from ..io.geometry import Geometry, array_axis_of, check_volume
 from ..options import check_axis, check_batch_size, check_device
@@ -86,7 +87,7 @@ class FindingResult:
     (``engines.contract.PromptReading``): ``tokens``, ``truncated``, ``unseen_words``, ``interpreted_as`` and
     ``prompt_warning`` (None, or what the user should know about the prompt); ``kept_to_side`` when the model's
     ``inference.patient_sides`` kept the map to the side the prompt names (``laterality``): side, midline (LPS x,
-    mm), margin."""
+    mm), margin; ``flip_average``: whether its maps were averaged with the mirrored slice's (``flip_averages_of``)."""
 
     prompt: str
     mask: np.ndarray
@@ -117,6 +118,8 @@ class FindingResult:
         if side:
             text += (f"; kept to the patient's {side['side']} (up to {side['margin_mm']:g} mm past the body's midline "
                      f"at LPS x = {side['midline_lps_x_mm']:g} mm)")
+        if self.info.get("flip_average"):
+            text += "; each slice averaged with its mirror"
         return text
 
     def message(self) -> str:
@@ -151,7 +154,7 @@ class FindingResult:
         keys = ("status", "found", "score", "mean", "components", "voxels", "dropped_components", "rejected",
                 "closest_miss", "required", "evidence", "rule", "rule_cosine", "competes_with", "tokens", "truncated",
                 "unseen_words", "prompt_warning", "out_of_domain", "presence_peak", "min_slice_presence",
-                "kept_to_side")
+                "kept_to_side", "flip_average")
         return {"prompt": self.prompt, **{k: self.info.get(k) for k in keys}, "interpretation": self.reading()}
 
 
@@ -171,6 +174,26 @@ class SegmentationResult:
 def flip_average_of(engine) -> bool:
     """Whether the engine's model asks for left-right flip averaging (spec ``inference.flip_average``)."""
     return bool(((engine.spec or {}).get("inference") or {}).get("flip_average", False))
+
+
+def _flipped_rows(engine, flip_average, n: int) -> list[int]:
+    """The prompts (of ``n``) to average with the mirror: ``flip_average`` None (the model's setting), one bool for
+    all, or one per prompt."""
+    if flip_average is None or isinstance(flip_average, (bool, np.bool_)):
+        use = flip_average_of(engine) if flip_average is None else bool(flip_average)
+        return list(range(n)) if use else []
+    flags = [bool(f) for f in flip_average]
+    if len(flags) != n:
+        raise ValueError(f"flip_average has {len(flags)} flags for {n} prompts")
+    return [i for i, f in enumerate(flags) if f]
+
+
+def flip_averages_of(engine, rules) -> list[bool]:
+    """Per rule (a prompt's found / not-found rule, ``presence_rules``) whether its maps are flip averaged: the rule's
+    own ``flip_average`` (report calibration chooses it per finding: ``calibration.calibrate_rules(flip_choice=)``),
+    else the model's (``flip_average_of``)."""
+    default = flip_average_of(engine)
+    return [bool(r.get("flip_average", default)) for r in rules]
 
 
 def slice_vote_of(engine) -> int:
@@ -197,18 +220,19 @@ def side_regions_of(engine, volume: np.ndarray, geometry: Geometry, state):
 def predict_patient_frame(engine, volume: np.ndarray, geometry: Geometry, prompts, slice_axis: int,
                           **kwargs) -> tuple[np.ndarray, np.ndarray | None]:
     """``predict_maps`` with the slices in the patient's frame when the model reads the patient's sides
-    (``laterality.mirror_axis``: mirrored before the network, maps mirrored back); as ``predict_maps`` otherwise."""
-    axis = mirror_axis(geometry, slice_axis) if patient_sides_of(engine.spec) is not None else None
-    if axis is None:
+    (``laterality.frame_flips``: columns toward the patient's left, rows toward the feet; reversed before the
+    network, the maps reversed back); as ``predict_maps`` otherwise."""
+    axes = frame_flips(geometry, slice_axis) if patient_sides_of(engine.spec) is not None else ()
+    if not axes:
         return predict_maps(engine, volume, prompts, slice_axis, **kwargs)
-    volume = np.ascontiguousarray(np.flip(volume, axis))  # an in-plane axis: the slices and `only` are unchanged
+    volume = np.ascontiguousarray(np.flip(volume, axes))  # in-plane axes: the slices and `only` are unchanged
     masks, presence = predict_maps(engine, volume, prompts, slice_axis, **kwargs)
-    return np.ascontiguousarray(np.flip(masks, 1 + axis)), presence
+    return np.ascontiguousarray(np.flip(masks, tuple(1 + a for a in axes))), presence
 
 
 def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_size: int | None = None,
                  progress: Progress | None = None, cancel=None,
-                 flip_average: bool | None = None, on_slices=None,
+                 flip_average: bool | Sequence[bool] | None = None, on_slices=None,
                  only=None) -> tuple[np.ndarray, np.ndarray | None]:
     """volume ``[K,J,I]`` (raw intensities) -> (mask probabilities ``[P,K,J,I]``, slice presence probabilities
     ``[P,N]`` or None if the engine has no presence estimate), float32; N = slices along ``slice_axis``.
@@ -221,14 +245,16 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     setting) also predicts each slice mirrored left-right and averages the two, mirrored back: twice the compute,
     fewer stray responses to speckle. The mirrored slice is asked ``engine.mirror_prompts`` (for a model reading the
     patient's sides, "left" and "right" swapped: a line the mirror does not confirm loses probability and presence).
+    ``flip_average`` may also be one bool per prompt (a report model's rule says it per finding,
+    ``flip_averages_of``): only those prompts are asked of the mirror.
     ``on_slices(x)`` is called with each batch of network input ``[B,1,S,S]`` (e.g. to measure what the network
     sees, ``domain.slice_features``). ``only``: the indices of the slices to predict (along ``slice_axis``; the
     volume is still normalised as a whole), the others get probability 0 (e.g. the labelled slices a calibration
     judges)."""
     progress = progress or Progress("none")
-    flip_average = flip_average_of(engine) if flip_average is None else flip_average
     batch_size = check_batch_size(batch_size) or engine.default_batch_size
     state = engine.encode_prompts(list(prompts)) if isinstance(prompts, (list, tuple)) else prompts
+    flipped = _flipped_rows(engine, flip_average, len(state))
     prep = engine.preprocessing
     array_axis = array_axis_of(slice_axis)
     slices = INTENSITIES[prep.intensity](volume).movedim(array_axis, 0)  # [N, a, b]
@@ -240,7 +266,7 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     if only is not None:
         active &= torch.isin(torch.arange(n), torch.as_tensor(list(only), dtype=torch.long))
     todo = active.nonzero().flatten()
-    mirrored = engine.mirror_prompts(state) if flip_average and len(todo) else None
+    mirrored = engine.mirror_prompts(state.rows(flipped)) if flipped and len(todo) else None
     with torch.inference_mode():
         for start in range(0, len(todo), batch_size):
             if cancel is not None and cancel():
@@ -252,9 +278,12 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
             if on_slices is not None:
                 on_slices(x)
             p, s = engine.predict(x, state)  # [B,P,S,S], [B,P] or None
-            if flip_average:
+            if mirrored is not None:
                 pf, sf = engine.predict(x.flip(-1), mirrored)
-                p, s = (p + pf.flip(-1)) / 2, None if s is None else (s + sf) / 2
+                p, s = p.clone(), None if s is None else s.clone()
+                p[:, flipped] = (p[:, flipped] + pf.flip(-1)) / 2
+                if s is not None:
+                    s[:, flipped] = (s[:, flipped] + sf) / 2
             probs[:, idx] = unfit_slices(p.float().cpu(), (a, b), prep.fit).clamp_(0, 1).transpose(0, 1)
             if s is not None:
                 has_presence = True
@@ -363,21 +392,23 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     phrases = finding_phrases(model_presence)
     state = engine.encode_prompts(prompts + phrases)  # the only encoding of the run: the rivals are phrasings
     asked = state.take(prompts)
-    rules = []
+    rules, used = [], []
     for rule, rule_name, cosine in presence_rules(engine, asked, state.take(phrases) if phrases else None,
                                                   model_presence):
         cfg = {k: v for k, v in {**rule, **(presence or {})}.items()
                if k in DEFAULT_PRESENCE or k in ("uncertain_margin", "min_slice_presence")}
         rules.append((cfg, rule_name, cosine))
+        used.append(rule)
     matched = [name if name != "global" else None for _, name, _ in rules]
     canonical = {f: r["phrases"][0] for f, r in per.items() if r.get("phrases")}
     all_prompts, all_findings, judges = with_rivals(prompts, matched, canonical, exclusive)
     gates = [cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for cfg, _, _ in rules]
     gates += [per[g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for g in all_findings[len(prompts):]]
+    flips = flip_averages_of(engine, used + [per[g] for g in all_findings[len(prompts):]])
     seen = []
     run = state.take(all_prompts)
     masks, slice_presence = predict_patient_frame(engine, volume, geometry, run, slice_axis, batch_size=batch_size,
-                                                  progress=progress, cancel=cancel,
+                                                  progress=progress, cancel=cancel, flip_average=flips,
                                                   on_slices=lambda x: seen.append(slice_features(x)))
     domain = comparable_domain(spec.get("domain"), engine.preprocessing)
     features = {k: float(np.median(np.concatenate([f[k] for f in seen]))) for k in seen[0]} if seen else {}
@@ -394,6 +425,7 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
         info["rule"] = rule_name
         info["rule_cosine"] = None if cosine is None else round(cosine, 4)
         info["out_of_domain"] = bool(domain_warnings)
+        info["flip_average"] = flips[i]
         if regions[i] is not None:
             info["kept_to_side"] = {"side": SIDE_NAMES[run.readings[i].side], "midline_lps_x_mm": round(midline, 2),
                                     "margin_mm": patient_sides_of(spec)}

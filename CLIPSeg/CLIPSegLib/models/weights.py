@@ -137,8 +137,9 @@ def check_weight_kind(path: Path, name: str) -> None:
                              f"{type(data).__name__}; the file was not kept")
 
 
-def write_spec(spec: dict, weights: dict, out_dir: Path, half: bool = True) -> Path:
-    """Write ``<id>.safetensors`` (fp16 unless ``half=False``) and ``<id>.json`` with size and SHA-256.
+def write_spec(spec: dict, weights: dict, out_dir: Path, half: bool = True, extra_files=()) -> Path:
+    """Write ``<id>.safetensors`` (fp16 unless ``half=False``) and ``<id>.json`` with size and SHA-256;
+    ``extra_files``: entries (name, sha256, size) of other files in ``out_dir`` the model also loads, listed after.
 
     Files are written under temporary names and renamed, so a crash never leaves a spec pointing at a half file."""
     from safetensors.torch import save_file
@@ -158,6 +159,7 @@ def write_spec(spec: dict, weights: dict, out_dir: Path, half: bool = True) -> P
     os.replace(tmp, wpath)
     spec = {k: v for k, v in spec.items() if not k.startswith("_")}
     spec["files"] = [{"name": wpath.name, "sha256": sha256_file(wpath), "size": wpath.stat().st_size}]
+    spec["files"] += [f for f in extra_files if f["name"] != wpath.name]
     spath = out_dir / f"{mid}.json"
     tmp = out_dir / f".{mid}.partial.json"
     tmp.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")

@@ -20,7 +20,8 @@ from .mrml_bridge import masks_to_segmentation, volume_to_array
 from ..options import SegmentOptions
 
 # The decision's inputs and outcome stored on each segment (tag CLIPSeg.Decision, JSON), from the run's findings
-DECISION_KEYS = ("status", "rule", "required", "evidence", "rejected", "closest_miss", "kept_to_side")
+DECISION_KEYS = ("status", "rule", "required", "evidence", "rejected", "closest_miss", "kept_to_side",
+                 "flip_average")
 
 
 class SceneRun(BackgroundJob):

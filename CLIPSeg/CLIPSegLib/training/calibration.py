@@ -25,7 +25,8 @@ from ..engines.contract import MATCH_MIN_COSINE
 from ..io.geometry import Geometry, array_axis_of
 from ..synthetic.families import random_volume_phantom
 from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
-from ..inference.pipeline import combine_maps, predict_maps, predict_patient_frame, side_regions_of, slice_vote_of
+from ..inference.pipeline import (combine_maps, flip_average_of, predict_maps, predict_patient_frame,
+                                  side_regions_of, slice_vote_of)
 from ..inference.postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
 from ..progress import Progress
 
@@ -119,8 +120,20 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
     ``inference.slice_vote`` says, in the patient's frame and each map kept to the side its prompt names when the
     model reads the patient's sides (``pipeline.predict_patient_frame``, ``side_regions_of``); ``flip_average`` as
     in ``pipeline.predict_maps`` (default: the engine's model setting)."""
+    flip = flip_average_of(engine) if flip_average is None else bool(flip_average)
+    return collect_flip_variants(engine, cases, phrasings, (flip,), progress, gates, exclusive, total,
+                                 thresholds)[flip]
+
+
+def collect_flip_variants(engine, cases, phrasings: dict, variants=(False, True), progress: Progress | None = None,
+                          gates=SLICE_GATES, exclusive=(), total: int | None = None,
+                          thresholds=(DEFAULT_PRESENCE["threshold"],)) -> dict:
+    """``collect_cases`` for each flip-averaging setting of ``variants`` -> {flip: {threshold: {gate: entries}}}: the
+    slice's own maps (False) and their average with the mirror's (True) from one prediction per case (the prompts
+    asked twice, once of the mirror too), so a rule can choose per finding (``calibrate_rules(flip_choice=True)``)."""
     progress = progress or Progress("none")
-    out: dict[float, dict[float, list]] = {}
+    variants = tuple(dict.fromkeys(bool(v) for v in variants))
+    out: dict[bool, dict[float, dict[float, list]]] = {v: {} for v in variants}
     array_axis = array_axis_of(SLICE_AXIS)
     vote = slice_vote_of(engine)
     for v, case in enumerate(cases):
@@ -128,17 +141,21 @@ def collect_cases(engine, cases, phrasings: dict, progress: Progress | None = No
         prompts, findings, judges = with_rivals([case.prompts[f] for f in asked], asked,
                                                 {f: p[0] for f, p in phrasings.items()}, exclusive)
         state = engine.encode_prompts(prompts)
+        n = len(prompts)
         geometry = case.geometry or Geometry.axis_aligned(tuple(case.spacing)[::-1])
-        masks, presence = predict_patient_frame(engine, case.image, geometry, state, SLICE_AXIS,
-                                                flip_average=flip_average)
+        run, flips = ((state, variants[0]) if len(variants) == 1 else
+                      (state.rows(list(range(n)) * len(variants)), [f for f in variants for _ in range(n)]))
+        masks, presence = predict_patient_frame(engine, case.image, geometry, run, SLICE_AXIS, flip_average=flips)
         regions, _ = side_regions_of(engine, case.image, geometry, state)
-        for gate in (gates if presence is not None else (1.0,)):
-            gated = combine_maps(masks.copy(), presence, SLICE_AXIS, [gate] * len(prompts), findings, exclusive,
-                                 judges, vote=vote, regions=regions)
-            for i, f in enumerate(asked):
-                for t in thresholds:
-                    out.setdefault(t, {}).setdefault(gate, []).append(
-                        _entry(f, gated[i], case.truths[f], case.spacing, array_axis, t, image=case.image))
+        for b, flip in enumerate(variants):
+            rows = slice(b * n, (b + 1) * n)
+            for gate in (gates if presence is not None else (1.0,)):
+                gated = combine_maps(masks[rows].copy(), None if presence is None else presence[rows], SLICE_AXIS,
+                                     [gate] * n, findings, exclusive, judges, vote=vote, regions=regions)
+                for i, f in enumerate(asked):
+                    for t in thresholds:
+                        out[flip].setdefault(t, {}).setdefault(gate, []).append(
+                            _entry(f, gated[i], case.truths[f], case.spacing, array_axis, t, image=case.image))
         progress.update("calibration volumes", v + 1, total or v + 1)
     return out
 
@@ -318,20 +335,25 @@ def search_threshold_gate_and_rule(by_threshold: dict, finding: str | None = Non
 
 def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Progress | None = None,
                     flip_average: bool | None = None, total: int | None = None, finding_of=None,
-                    thresholds=(DEFAULT_PRESENCE["threshold"],)) -> dict:
+                    thresholds=(DEFAULT_PRESENCE["threshold"],), flip_choice: bool = False) -> dict:
     """The calibrated presence rule of ``engine`` on labelled ``cases`` (any source: ``phantom_cases``,
     ``data_cases``): a global rule plus one per finding with its ``phrasings`` (a prompt takes the rule of the finding
     whose phrasings its text is closest to, or whose knowledge entry it names: ``pipeline.presence_rules``), each with
     the figures it reached. ``finding_of``: case key -> the finding whose rule that entry calibrates (cases whose
     prompts are keyed per line, e.g. report lines ``"consolidation|3|0"``); None: the keys are the findings.
     ``thresholds``: the probability thresholds a finding's rule may take (``search_threshold_gate_and_rule``; the
-    global rule keeps the first). The rule's ``calibration`` records the slice vote its maps were combined with."""
-    by_threshold = collect_cases(engine, cases, phrasings, progress, exclusive=exclusive, flip_average=flip_average,
-                                 total=total, thresholds=thresholds)
+    global rule keeps the first). ``flip_choice``: each finding's rule is also searched on the maps with the other
+    flip-averaging setting than ``flip_average`` (default: the model's) and takes it (its ``flip_average`` entry,
+    which the pipeline follows: ``pipeline.flip_averages_of``) when its score beats the default's by
+    ``THRESHOLD_MARGIN``: a mirror's second opinion may keep a one-sided finding off the other side and blur a hazy
+    one. The rule's ``calibration`` records the slice vote its maps were combined with."""
+    flip = flip_average_of(engine) if flip_average is None else bool(flip_average)
+    variants = collect_flip_variants(engine, cases, phrasings, (flip, not flip) if flip_choice else (flip,),
+                                     progress, exclusive=exclusive, total=total, thresholds=thresholds)
     if finding_of is not None:
-        by_threshold = {t: {g: [(finding_of(c[0]), *c[1:]) for c in entries] for g, entries in by_gate.items()}
-                        for t, by_gate in by_threshold.items()}
-    by_gate = by_threshold[thresholds[0]]
+        variants = {v: {t: {g: [(finding_of(c[0]), *c[1:]) for c in entries] for g, entries in by_gate.items()}
+                        for t, by_gate in by_threshold.items()} for v, by_threshold in variants.items()}
+    by_gate = variants[flip][thresholds[0]]
     rule = {**search_gate_and_rule(by_gate), "threshold": float(thresholds[0])}
     rule["calibration"]["slice_vote"] = slice_vote_of(engine)  # the maps judged: a run checks it (check_calibrated_with)
     # One rule per finding (a nodule and a few foci need different size and persistence tests, and the presence head
@@ -340,9 +362,20 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
     for f in phrasings:
         if not any(c[0] == f for cases_ in by_gate.values() for c in cases_):
             continue
-        sub = search_threshold_gate_and_rule(by_threshold, f)
+        sub = search_threshold_gate_and_rule(variants[flip], f)
+        tried = {}
+        if flip_choice:
+            other = search_threshold_gate_and_rule(variants[not flip], f)
+            tried = {("with_mirror" if v else "without_mirror"): {
+                "score": round(r["calibration"]["score"], 4),
+                "absent_empty_rate": r["calibration"]["absent_empty_rate"],
+                "mean_dice": r["calibration"]["mean_dice"][f]} for v, r in ((flip, sub), (not flip, other))}
+            sub["flip_average"] = flip
+            if other["calibration"]["score"] >= sub["calibration"]["score"] + THRESHOLD_MARGIN:
+                sub = {**other, "flip_average": not flip}
         sub["calibration"] = {"absent_empty_rate": sub["calibration"]["absent_empty_rate"],
-                              "mean_dice": sub["calibration"]["mean_dice"][f]}
+                              "mean_dice": sub["calibration"]["mean_dice"][f],
+                              **({"flip_choice": tried} if tried else {})}
         rule["per_finding"][f] = {**sub, "phrases": list(phrasings[f])}
     rule["match_min_cosine"] = MATCH_MIN_COSINE
     rule["exclusive"] = [list(p) for p in exclusive]
@@ -372,16 +405,19 @@ def calibrate_presence(net, n_volumes: int = 24, progress: Progress | None = Non
 
 
 def calibrate_phantom_rules(engine, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE, family: str = "A",
-                            exclusive=EXCLUSIVE, progress: Progress | None = None, thresholds=None) -> dict:
+                            exclusive=EXCLUSIVE, progress: Progress | None = None, thresholds=None,
+                            flip_choice: bool = False) -> dict:
     """``calibrate_rules`` on ``n_volumes`` phantom volumes of ``family`` from ``seed_base``, every phantom finding
     with its phrasings, at the probability ``thresholds`` (the first is the default the others must beat; None: the
-    engine's, ``PHANTOM_THRESHOLDS``, default 0.5 only); flip averaging and the slice vote as the engine's spec
-    says. The rule's ``calibration`` records the volumes, seeds, family and thresholds searched."""
+    engine's, ``PHANTOM_THRESHOLDS``, default 0.5 only); flip averaging (each finding may take the other setting
+    with ``flip_choice``) and the slice vote as the engine's spec says. The rule's ``calibration`` records the
+    volumes, seeds, family, thresholds searched and the flip choice."""
     thresholds = tuple(thresholds or PHANTOM_THRESHOLDS.get(engine.name, THRESHOLDS[:1]))
     rule = calibrate_rules(engine, phantom_cases(n_volumes, seed_base, family), {f: list(PHRASES[f]) for f in FINDINGS},
-                           [tuple(p) for p in exclusive], progress, total=n_volumes, thresholds=thresholds)
+                           [tuple(p) for p in exclusive], progress, total=n_volumes, thresholds=thresholds,
+                           flip_choice=flip_choice)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
-                                "family": family, "thresholds": list(thresholds)})
+                                "family": family, "thresholds": list(thresholds), "flip_choice": flip_choice})
     return rule
 
 

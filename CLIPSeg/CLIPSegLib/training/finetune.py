@@ -501,11 +501,11 @@ class TGCNetTuning(Tuning):
         if data == "report":
             from .report_data import ReportBank
 
-            # a model that averages each slice with its mirror asked the side-swapped line replays mirrors so
-            from ..inference.laterality import patient_sides_of
+            # a model that asks mirrored slices the side-swapped line keeps answering them: replayed phantoms are
+            # mirrored half the time with their lines' sides swapped, as it was trained (--report-mirror)
+            from ..inference.laterality import asks_mirrors_sides
 
-            mirror = bool((self.spec.get("inference") or {}).get("flip_average")) and \
-                patient_sides_of(self.spec) is not None
+            mirror = asks_mirrors_sides(self.spec)
             return ReportBank(n, self.size, progress=report, mirror=mirror)
         if data == "thyroid":
             from .datasets import PhantomBank

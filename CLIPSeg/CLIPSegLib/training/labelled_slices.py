@@ -137,19 +137,23 @@ def read_data(data, prompt_map: dict | None = None) -> list[LabelledVolume]:
 
 def in_patient_frame(volumes: list[LabelledVolume]) -> list[LabelledVolume]:
     """The volumes as a model that reads the patient's sides sees them (``inference.laterality``; slices along K): a
-    volume whose columns (I) point to the patient's right is reversed along I, its labels and geometry with it (the
-    same voxels in physical space), so a fine-tuned model learns "left" where its pipeline will ask it; the others
-    are returned as they are."""
-    from ..inference.laterality import mirror_axis, mirrored_along_i
+    volume whose columns (I) point to the patient's right is reversed along I, one whose rows (J) point to the head
+    along J (``frame_flips``), its labels and geometry with it (the same voxels in physical space), so a fine-tuned
+    model learns "left" and "upper" where its pipeline will ask them; the others are returned as they are."""
+    from ..inference.laterality import frame_flips, mirrored_along
 
     out = []
     for v in volumes:
-        if mirror_axis(v.geometry, 2) is None:
+        axes = frame_flips(v.geometry, 2)
+        if not axes:
             out.append(v)
             continue
-        flip = lambda a: np.ascontiguousarray(a[..., ::-1])  # noqa: E731
-        out.append(LabelledVolume(flip(v.image), mirrored_along_i(v.geometry, v.image.shape[2]),
-                                  {p: flip(m) for p, m in v.truth.items()}, v.slices, {**v.source, "mirrored": "I"}))
+        flip = lambda a: np.ascontiguousarray(np.flip(a, axes))  # noqa: E731
+        geometry = v.geometry
+        for a in axes:
+            geometry = mirrored_along(geometry, a, v.image.shape[a])
+        out.append(LabelledVolume(flip(v.image), geometry, {p: flip(m) for p, m in v.truth.items()}, v.slices,
+                                  {**v.source, "mirrored": ",".join("KJI"[a] for a in axes)}))
     return out
 
 

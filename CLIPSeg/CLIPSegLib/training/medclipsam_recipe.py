@@ -13,7 +13,6 @@ trained. The SAM sees only phantom masks; the text side (CLIP, saliency) never s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -223,11 +222,7 @@ def write_with_clip(spec: dict, weights: dict, clip_spec: dict, out_dir: Path) -
         prefixes = (clip_spec["clip"].get("weights_prefix", "clip."), "presence_clip.")
         return write_spec(spec, {**{k: v for k, v in load_weights(clip_spec).items() if k.startswith(prefixes)},
                                  **weights}, out_dir)
-    path = write_spec(spec, weights, out_dir)
-    own = json.loads(path.read_text(encoding="utf-8"))
-    own["files"] += [f for f in clip_spec["files"] if f["name"] not in {g["name"] for g in own["files"]}]
-    path.write_text(json.dumps(own, indent=2) + "\n", encoding="utf-8")
-    return path
+    return write_spec(spec, weights, out_dir, extra_files=clip_spec["files"])
 
 
 def _engine(spec: dict, clip_spec: dict, sam_weights: dict, device):

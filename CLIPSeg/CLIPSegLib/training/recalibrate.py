@@ -15,7 +15,8 @@ from .medclipsam_calibration import calibrate_medclipsam
 
 def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE,
                       family: str = "A+B", device: str = "cpu", force: bool = False,
-                      progress: Progress | None = None, command: str = "", thresholds=None):
+                      progress: Progress | None = None, command: str = "", thresholds=None,
+                      flip_choice: bool = False):
     """Re-calibrate the presence rule of an existing model (id or spec path; None: the embedded model) on
     ``n_volumes`` phantom volumes of ``family`` ("A", "B" or the mixture "A+B") from ``seed_base``, its weights
     unchanged (the rules of phrases a fine-tuned model learnt from a user's slices are kept); write the spec with the
@@ -23,7 +24,8 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     it when it is in another folder). The rule's ``calibration`` entry says how (family, seeds, volumes,
     ``command``). ``thresholds``: the probability thresholds a phantom rule is searched at (``clipseg calibrate
     --thresholds``; None: the engine's); refused for report and medclipsam models, which search their own.
-    -> the written path."""
+    ``flip_choice``: each finding's rule may take the other flip-averaging setting (``calibrate_rules``; refused for
+    medclipsam models). -> the written path."""
     import json
     import shutil
     from pathlib import Path
@@ -47,6 +49,9 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     if thresholds and own_search:
         raise InputError(f"--thresholds applies to the phantom rules of cliptnseg and thyroid tgcnet models; "
                          f"{spec['id']!r} searches its own (drop --thresholds)")
+    if flip_choice and spec["engine"] == "medclipsam":
+        raise InputError(f"--flip-choice applies to cliptnseg and tgcnet models; {spec['id']!r} is a MedCLIP-SAM "
+                         f"model, whose saliency is not flip averaged (drop --flip-choice)")
     engine = load_engine(model, device=device)
     if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
         rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
@@ -55,10 +60,11 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
 
         seed_base = REPORT_CALIBRATION_SEED_BASE if seed_base == CALIBRATION_SEED_BASE else seed_base
         family = "report"
-        rule = calibrate_report_rules(engine, n_volumes, progress, seed_base)
+        rule = calibrate_report_rules(engine, n_volumes, progress, seed_base, flip_choice)
     else:
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
-        rule = calibrate_phantom_rules(engine, n_volumes, seed_base, family, exclusive, progress, thresholds)
+        rule = calibrate_phantom_rules(engine, n_volumes, seed_base, family, exclusive, progress, thresholds,
+                                       flip_choice)
     rule["calibration"].update({"volumes": n_volumes, "seeds": [seed_base, seed_base + n_volumes - 1],
                                 "family": family, "command": command})
     source_dir = Path(spec["_dir"])

@@ -132,24 +132,26 @@ def report_kind(key: str) -> str:
     return key.split("|")[0]
 
 
-def calibrate_report_rules(engine, n: int, progress=None, seed_base: int = REPORT_CALIBRATION_SEED_BASE) -> dict:
+def calibrate_report_rules(engine, n: int, progress=None, seed_base: int = REPORT_CALIBRATION_SEED_BASE,
+                           flip_choice: bool = False) -> dict:
     """The presence rule of any engine for report lines, calibrated on ``n`` held-out report phantoms (seeds from
     ``seed_base``): a global rule plus one per opacity kind (a hazy ground-glass map and a dense
     effusion need other tests), picked at inference by the kind the line names (TGC-Net: DATE's knowledge entry;
     else the kind name closest to the line, ``pipeline.presence_rules``). The maps are the model's own: flip
-    averaged when its spec says so (the mirror asked the line with its sides swapped). A kind's rule may take another
-    probability threshold than 0.5 (``calibration.THRESHOLDS``): a hazy ground-glass map is hazy at its edges too. The
-    rule records the engine's ``location_support`` (TGC-Net's, off for other engines), side margin
-    (``laterality.patient_sides_of``) and flip averaging: the maps it was fitted to."""
+    averaged when its spec says so (the mirror asked the line with its sides swapped); with ``flip_choice`` a kind's
+    rule takes the other setting when that scores clearly better on its lines (``calibrate_rules``). A kind's rule may
+    take another probability threshold than 0.5 (``calibration.THRESHOLDS``): a hazy ground-glass map is hazy at
+    its edges too. The rule records the engine's ``location_support`` (TGC-Net's, off for other engines), side
+    margin (``laterality.patient_sides_of``) and flip averaging: the maps it was fitted to."""
     from ..inference.laterality import patient_sides_of
     from ..inference.pipeline import flip_average_of
     from ..synthetic.report_phantoms import KINDS
     from .calibration import THRESHOLDS, calibrate_rules
 
     rule = calibrate_rules(engine, report_calibration_cases(n, seed_base), {k: [k] for k in KINDS}, (), progress,
-                           None, n, finding_of=report_kind, thresholds=THRESHOLDS)
+                           None, n, finding_of=report_kind, thresholds=THRESHOLDS, flip_choice=flip_choice)
     rule["calibration"].update({"volumes": n, "seeds": [seed_base, seed_base + n - 1],
-                                "flip_average": flip_average_of(engine),
+                                "flip_average": flip_average_of(engine), "flip_choice": flip_choice,
                                 "location_support": bool(getattr(engine, "location_support", False)),
                                 "patient_sides": patient_sides_of(engine.spec)})
     return rule

@@ -258,14 +258,17 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                  max_grad_norm=max_grad_norm)
     if not {"calibrate", "export"} & set(stages):  # e.g. --stages clip: nothing reads the segmenter here
         return None
-    if "segmenter" not in stages and data == "report" and (seg_ckpt.is_file() or parent is not None) \
-            and _trained_on_mirrors(seg_ckpt, parent) != mirror:
+    saved = None  # a segmenter trained by an earlier run, read once for its fingerprint and its weights
+    if "segmenter" not in stages and seg_ckpt.is_file():
+        saved = torch.load(seg_ckpt, map_location="cpu", weights_only=True)
+    if "segmenter" not in stages and data == "report" and (saved is not None or parent is not None) \
+            and _trained_on_mirrors(saved, parent) != mirror:
         raise InputError(f"the segmenter this run exports was trained {'with' if not mirror else 'without'} "
                          f"--report-mirror, this run asks {'with' if mirror else 'without'} it: its flip averaging "
                          f"would not be what it learnt; give the same setting, or train it again (--stages "
                          f"segmenter,calibrate,export)")
     if parent is None or seg_ckpt.is_file():
-        recipe.load(_checkpoint(seg_ckpt, "segmenter"))
+        recipe.load(saved["model"] if saved is not None else _checkpoint(seg_ckpt, "segmenter"))
     adapters.merge()
     net.eval()
     engine = TGCNetEngine(net, torch.device(device), spec)
@@ -311,14 +314,14 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     return write_spec(spec, net.state_dict(), out_dir)
 
 
-def _trained_on_mirrors(seg_ckpt: Path, parent: dict | None) -> bool:
+def _trained_on_mirrors(saved: dict | None, parent: dict | None) -> bool:
     """Whether the segmenter a run without the segmenter stage calibrates learnt on mirrors (``--report-mirror``):
-    its checkpoint's fingerprint says, else (no checkpoint: the parent's weights) the parent's training record."""
+    its checkpoint's fingerprint says (``saved``: the checkpoint as loaded), else (no checkpoint: the parent's
+    weights) the parent's training record."""
     import json
 
-    if seg_ckpt.is_file():
-        fingerprint = torch.load(seg_ckpt, map_location="cpu", weights_only=True).get("fingerprint") or "{}"
-        return bool(json.loads(fingerprint).get("mirror"))
+    if saved is not None:
+        return bool(json.loads(saved.get("fingerprint") or "{}").get("mirror"))
     return bool(((parent or {}).get("training") or {}).get("mirror"))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ...errors import ModelError
@@ -48,23 +49,30 @@ class Locations:
             out.append(signs[next(iter(named))] if len(named) == 1 and "both" not in named else 0)
         return out[0], out[1]
 
-    def mirrored(self, text: str) -> str:
-        """``text`` with each side word swapped for its counterpart ("left" <-> "right", "left-sided" <->
-        "right-sided"; the i-th term of one side for the i-th of the other, else its first): what the line says of
-        the slice mirrored left-right. Whole words, any case (a capital first letter or all capitals kept), hyphen or
-        space between words, plural or not; zone and "both" words and the rest of the line kept as written."""
+    @cached_property
+    def _side_swap(self):
+        """(side term -> its counterpart, the pattern that finds any of them), built once; None without side
+        terms."""
         sides = {d: self.terms["side"][d] for d in AXES["side"]}
         swap = {}
         for d, terms in sides.items():
             other = next(o for o in sides if o != d)
             for i, t in enumerate(terms):
-                counterpart = sides[other][i] if i < len(sides[other]) else sides[other][0]
-                swap.setdefault(t, counterpart)
+                swap.setdefault(t, sides[other][i] if i < len(sides[other]) else sides[other][0])
         if not swap:
-            return text
+            return None
         words = sorted(swap, key=len, reverse=True)
-        pattern = re.compile(r"(?<![a-z0-9])(" + "|".join(r"[\s-]+".join(map(re.escape, w.split())) for w in words)
-                             + r")(s?)(?![a-z0-9])", re.IGNORECASE)
+        return swap, re.compile(r"(?<![a-z0-9])(" + "|".join(r"[\s-]+".join(map(re.escape, w.split())) for w in words)
+                                + r")(s?)(?![a-z0-9])", re.IGNORECASE)
+
+    def mirrored(self, text: str) -> str:
+        """``text`` with each side word swapped for its counterpart ("left" <-> "right", "left-sided" <->
+        "right-sided"; the i-th term of one side for the i-th of the other, else its first): what the line says of
+        the slice mirrored left-right. Whole words, any case (a capital first letter or all capitals kept), hyphen or
+        space between words, plural or not; zone and "both" words and the rest of the line kept as written."""
+        if self._side_swap is None:
+            return text
+        swap, pattern = self._side_swap
 
         def repl(m):
             said, plural = m.group(1), m.group(2)
