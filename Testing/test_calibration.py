@@ -359,7 +359,7 @@ def test_flip_choice_gives_each_finding_the_flip_setting_that_scores_better(monk
     engine = SimpleNamespace(spec={}, encode_prompts=lambda p: PromptState(list(p), None,
                                                                           [PromptReading(t) for t in p]))
     cases = []
-    for present in [True] * 4 + [False] * 4:
+    for present in [True] * 5 + [False] * 4:  # 5: enough present cases to choose (searches_thresholds)
         truth = np.zeros((2, 10, 10), bool)
         truth[:, 2:8, 2:8] = present
         image = np.full((2, 10, 10), 5.0 if present else 0.5, np.float32)
@@ -380,6 +380,14 @@ def test_flip_choice_gives_each_finding_the_flip_setting_that_scores_better(monk
     assert asked[0] == (["stray", "sharp"], [False, False]) and "flip_average" not in plain["per_finding"]["stray"]
     # its own maps alone: no rule tells the stray blob from the finding, so the best one reports nothing
     assert plain["per_finding"]["stray"]["calibration"] == {"absent_empty_rate": 1.0, "mean_dice": 0.0}
+    # findings that compete voxel-wise keep the model's setting (their rivals are judged with theirs), and so does
+    # a finding held by too few cases to tell
+    paired = calibration.calibrate_rules(engine, cases, {"stray": ["stray"], "sharp": ["sharp"]},
+                                         exclusive=[("stray", "sharp")], flip_choice=True)
+    assert paired["per_finding"]["stray"]["flip_average"] is False
+    assert "flip_choice" not in paired["per_finding"]["stray"]["calibration"]
+    few = calibration.calibrate_rules(engine, cases[1:], {"stray": ["stray"], "sharp": ["sharp"]}, flip_choice=True)
+    assert few["per_finding"]["stray"]["flip_average"] is False
 
 
 def test_flip_choice_is_refused_for_a_medclipsam_model_and_recorded_for_others(tiny_medclipsam, tiny_model,
@@ -392,9 +400,22 @@ def test_flip_choice_is_refused_for_a_medclipsam_model_and_recorded_for_others(t
     assert main(["calibrate", "--model", str(tiny_medclipsam), "--output", str(out), "--phantoms", "1",
                  "--flip-choice", "--progress", "none"]) == 2
     assert "--flip-choice applies to cliptnseg and tgcnet models" in capsys.readouterr().err and not out.exists()
+    import shutil
+
+    sided = tmp_path / "src" / "sided.json"  # a cliptnseg model that reads the patient's sides
+    sided.parent.mkdir()
+    spec = json.loads(tiny_model.read_text())
+    spec["inference"] = {**spec.get("inference", {}), "patient_sides": {"margin_mm": 10.0}}
+    for f in spec["files"]:
+        shutil.copy2(tiny_model.parent / f["name"], sided.parent / f["name"])
+    sided.write_text(json.dumps(spec), encoding="utf-8")
+    assert main(["calibrate", "--model", str(sided), "--output", str(out), "--phantoms", "1", "--flip-choice",
+                 "--progress", "none"]) == 2
+    assert "only the tgcnet engine asks a mirrored slice" in capsys.readouterr().err and not out.exists()
     assert main(["calibrate", "--model", str(tiny_model), "--output", str(out), "--phantoms", "1", "--family", "A",
                  "--flip-choice", "--progress", "none"]) == 0
     presence = json.loads(out.read_text())["presence"]
     assert presence["calibration"]["flip_choice"] is True and "--flip-choice --force" in presence["calibration"][
         "command"]
-    assert all(isinstance(r["flip_average"], bool) for r in presence["per_finding"].values())
+    assert presence["per_finding"] and all(isinstance(r["flip_average"], bool)
+                                           for r in presence["per_finding"].values())

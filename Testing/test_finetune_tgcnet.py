@@ -175,19 +175,19 @@ def test_a_side_reading_parent_is_fine_tuned_in_the_patients_frame_and_never_mir
     assert framed == [1] and all(flips[len(flips) - 1:])
 
 
-def test_a_parent_that_flip_averages_its_sides_replays_mirrored_phantoms(tiny_tgcnet, tmp_path):
-    """A report parent trained on mirrors (flip averaging with the patient's sides) replays its phantoms mirrored
-    with their lines' sides swapped, as it was trained; one without flip averaging replays them as drawn."""
+def test_a_parent_trained_on_mirrors_replays_mirrored_phantoms(tiny_tgcnet, tmp_path):
+    """A report parent trained on mirrors (``--report-mirror``: training.mirror) replays its phantoms mirrored with
+    their lines' sides swapped, as it was trained; one trained without replays them as drawn, even when it (or one
+    finding's rule) averages slices with their mirror at inference."""
     from CLIPSegLib.models import load_spec
     from CLIPSegLib.progress import Progress
 
-    parent = load_spec(str(_with_training(tiny_tgcnet, tmp_path, {"dataset": "report"})))
     sides = {"patient_sides": {"margin_mm": 10.0}}
-    for flip, mirrored in ((True, True), (False, False)):
-        tuning = ft.TGCNetTuning({**parent, "inference": {"flip_average": flip, **sides}}, None, Progress("none"))
-        assert (tuning.replay_bank(2, Progress("none")).mirror is not None) == mirrored
-    # a finding's rule that flip averages (report calibration chooses it per kind) asks mirrors too
-    rules = {**parent["presence"], "per_finding": {"effusion": {"flip_average": True, "phrases": ["effusion"]}}}
-    tuning = ft.TGCNetTuning({**parent, "inference": {"flip_average": False, **sides}, "presence": rules}, None,
-                             Progress("none"))
-    assert tuning.replay_bank(2, Progress("none")).mirror is not None
+    rules = {"per_finding": {"effusion": {"flip_average": True, "phrases": ["effusion"]}}}
+    for trained, mirrored in ((True, True), (False, False)):
+        parent = load_spec(str(_with_training(tiny_tgcnet, tmp_path / str(trained),
+                                              {"dataset": "report", "mirror": trained})))
+        for inference in ({"flip_average": trained, **sides}, {"flip_average": not trained, **sides}):
+            tuning = ft.TGCNetTuning({**parent, "inference": inference,
+                                      "presence": {**parent["presence"], **rules}}, None, Progress("none"))
+            assert (tuning.replay_bank(2, Progress("none")).mirror is not None) == mirrored

@@ -255,7 +255,8 @@ def test_a_findings_rule_that_says_flip_average_is_followed_and_reported():
                          Geometry.axis_aligned((1.0, 1.0, 1.0)), ["nodule canonical", "cyst canonical"], axis=2)
     nodule, cyst = res.findings
     assert nodule.info["flip_average"] is True and cyst.info["flip_average"] is False
-    assert "each slice averaged with its mirror" in nodule.message() and "mirror" not in cyst.message()
+    assert "this finding's rule averages each slice with its mirror" in nodule.message()
+    assert "mirror" not in cyst.message() and cyst.info["flip_by_rule"] is False
     assert nodule.event()["flip_average"] is True
     assert nodule.info["status"] == "not found" and not nodule.mask.any()  # 0.45 after averaging, under 0.5
     assert cyst.info["status"] == "found" and cyst.mask.sum() == 16
@@ -349,8 +350,11 @@ def test_a_model_that_reads_the_patients_sides_keeps_a_one_sided_segment_there_i
     rows_seen = seen[0]
     seen.clear()
     again = segment_volume(engine, np.ascontiguousarray(vol[:, ::-1]), feet_down, prompts, axis=2).findings
-    del engine.predict
     assert torch.equal(rows_seen, seen[0])  # the same slices reached the network
+    seen.clear()
+    segment_volume(engine, vol, stored, prompts, axis=2)  # rows posterior (not head-feet): read as stored
+    del engine.predict
+    assert not torch.equal(rows_seen, seen[0])  # so the head-up storage was the one turned over
     for a, b in zip(upright, again):
         assert np.array_equal(a.mask, b.mask[:, ::-1]) and a.mask.any()
     # without the entry: no mirroring, no restriction

@@ -72,7 +72,9 @@ def dice_by_visibility(report_path: Path) -> dict:
         for r in (r for r in rows if r["seed"] == seed):
             q = queries[int(r["line"].split()[-1]) - 1]
             c = contrast(image, q.mask, lungs)
-            b = len(BINS) - 2 if c is None else int(np.searchsorted(BINS, c[0], side="right") - 1)
+            if c is None:  # no lung ring to measure against: left out
+                continue
+            b = int(np.searchsorted(BINS, c[0], side="right") - 1)
             out.setdefault(r["kind"], {}).setdefault(b, []).append(r["dice"] or 0.0)
     return out
 

@@ -46,16 +46,6 @@ def patient_sides_of(spec: dict | None) -> float | None:
     return float(margin)
 
 
-def asks_mirrors_sides(spec: dict | None) -> bool:
-    """Whether a model reading the patient's sides asks mirrored slices their side-swapped lines: its
-    ``inference.flip_average``, or a finding's rule that flip averages (``presence.per_finding[*].flip_average``)."""
-    if patient_sides_of(spec) is None:
-        return False
-    rules = (((spec or {}).get("presence") or {}).get("per_finding") or {}).values()
-    return bool(((spec or {}).get("inference") or {}).get("flip_average")) or \
-        any(bool(r.get("flip_average")) for r in rules)
-
-
 def mirror_axis(geometry: Geometry, slice_axis: int) -> int | None:
     """The ``[K,J,I]`` array axis to mirror so that slices along ``slice_axis`` (voxel axis, 0 = I) have their
     columns toward the patient's left, or None when they already do. Columns: voxel axis I, or J for slices along
@@ -160,6 +150,6 @@ def side_regions(volume: np.ndarray, geometry: Geometry, sides, margin_mm: float
     return [regions[s] if s else None for s in sides], midline
 
 
-__all__ = ["SIDE_MARGIN_MM", "SIDE_NAMES", "asks_mirrors_sides", "body_midline_mm", "feet_axis", "frame_flips",
+__all__ = ["SIDE_MARGIN_MM", "SIDE_NAMES", "body_midline_mm", "feet_axis", "frame_flips",
            "lps_x_mm", "mirror_axis", "mirrored_along", "mirrored_along_i", "patient_sides_of", "side_region",
            "side_regions"]

@@ -87,7 +87,8 @@ class FindingResult:
     (``engines.contract.PromptReading``): ``tokens``, ``truncated``, ``unseen_words``, ``interpreted_as`` and
     ``prompt_warning`` (None, or what the user should know about the prompt); ``kept_to_side`` when the model's
     ``inference.patient_sides`` kept the map to the side the prompt names (``laterality``): side, midline (LPS x,
-    mm), margin; ``flip_average``: whether its maps were averaged with the mirrored slice's (``flip_averages_of``)."""
+    mm), margin; ``flip_average``: whether its maps were averaged with the mirrored slice's (``flip_averages_of``),
+    ``flip_by_rule``: its finding's rule chose that against the model's setting (the reading says so)."""
 
     prompt: str
     mask: np.ndarray
@@ -118,8 +119,9 @@ class FindingResult:
         if side:
             text += (f"; kept to the patient's {side['side']} (up to {side['margin_mm']:g} mm past the body's midline "
                      f"at LPS x = {side['midline_lps_x_mm']:g} mm)")
-        if self.info.get("flip_average"):
-            text += "; each slice averaged with its mirror"
+        if self.info.get("flip_by_rule"):  # the finding's rule set it against the model's setting
+            text += ("; this finding's rule averages each slice with its mirror" if self.info.get("flip_average")
+                     else "; this finding's rule does not average slices with their mirror")
         return text
 
     def message(self) -> str:
@@ -335,7 +337,8 @@ def predict_probabilities(engine, volume: np.ndarray, prompts, slice_axis: int,
                           batch_size: int | None = None, progress: Progress | None = None, cancel=None) -> np.ndarray:
     """volume ``[K,J,I]`` -> probabilities ``[P,K,J,I]`` float32: ``predict_maps`` combined by ``apply_presence``
     at gate 1 (mask x slice presence), no competition between prompts; in the array's own frame, without the
-    patient's sides a model may read (``segment_volume`` applies them: ``predict_patient_frame``)."""
+    patient's sides a model may read (``segment_volume`` applies them: ``predict_patient_frame``), flip averaged as
+    the model says for all prompts (not per finding: ``flip_averages_of``)."""
     probs, presence = predict_maps(engine, volume, prompts, slice_axis, batch_size, progress, cancel)
     return combine_maps(probs, presence, slice_axis, [1.0] * len(probs), [None] * len(probs), ())
 
@@ -426,6 +429,7 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
         info["rule_cosine"] = None if cosine is None else round(cosine, 4)
         info["out_of_domain"] = bool(domain_warnings)
         info["flip_average"] = flips[i]
+        info["flip_by_rule"] = flips[i] != flip_average_of(engine)
         if regions[i] is not None:
             info["kept_to_side"] = {"side": SIDE_NAMES[run.readings[i].side], "midline_lps_x_mm": round(midline, 2),
                                     "margin_mm": patient_sides_of(spec)}

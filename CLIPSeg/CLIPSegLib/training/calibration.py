@@ -346,7 +346,9 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
     flip-averaging setting than ``flip_average`` (default: the model's) and takes it (its ``flip_average`` entry,
     which the pipeline follows: ``pipeline.flip_averages_of``) when its score beats the default's by
     ``THRESHOLD_MARGIN``: a mirror's second opinion may keep a one-sided finding off the other side and blur a hazy
-    one. The rule's ``calibration`` records the slice vote its maps were combined with."""
+    one. Only a finding held by enough cases (``searches_thresholds``) and in no ``exclusive`` pair (its rivals' maps
+    are judged with their own setting) may choose; the others keep the default. The rule's ``calibration`` records
+    the slice vote its maps were combined with."""
     flip = flip_average_of(engine) if flip_average is None else bool(flip_average)
     variants = collect_flip_variants(engine, cases, phrasings, (flip, not flip) if flip_choice else (flip,),
                                      progress, exclusive=exclusive, total=total, thresholds=thresholds)
@@ -364,15 +366,18 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
             continue
         sub = search_threshold_gate_and_rule(variants[flip], f)
         tried = {}
-        if flip_choice:
+        present = sum(1 for c in next(iter(by_gate.values())) if c[0] == f and c[1] > 0)
+        # a finding that competes voxel-wise keeps the model's setting: its rivals' maps are judged with theirs
+        if flip_choice and searches_thresholds(present) and not any(f in p for p in exclusive):
             other = search_threshold_gate_and_rule(variants[not flip], f)
             tried = {("with_mirror" if v else "without_mirror"): {
                 "score": round(r["calibration"]["score"], 4),
                 "absent_empty_rate": r["calibration"]["absent_empty_rate"],
                 "mean_dice": r["calibration"]["mean_dice"][f]} for v, r in ((flip, sub), (not flip, other))}
-            sub["flip_average"] = flip
             if other["calibration"]["score"] >= sub["calibration"]["score"] + THRESHOLD_MARGIN:
                 sub = {**other, "flip_average": not flip}
+        if flip_choice:
+            sub.setdefault("flip_average", flip)
         sub["calibration"] = {"absent_empty_rate": sub["calibration"]["absent_empty_rate"],
                               "mean_dice": sub["calibration"]["mean_dice"][f],
                               **({"flip_choice": tried} if tried else {})}

@@ -501,11 +501,10 @@ class TGCNetTuning(Tuning):
         if data == "report":
             from .report_data import ReportBank
 
-            # a model that asks mirrored slices the side-swapped line keeps answering them: replayed phantoms are
-            # mirrored half the time with their lines' sides swapped, as it was trained (--report-mirror)
-            from ..inference.laterality import asks_mirrors_sides
-
-            mirror = asks_mirrors_sides(self.spec)
+            # replayed as the model was trained: a model trained on mirrors (--report-mirror) sees its phantoms
+            # mirrored half the time with their lines' sides swapped; one that only averages some findings with the
+            # mirror at inference (clipseg calibrate --flip-choice) learnt no mirrors and replays none
+            mirror = bool(_root_training(self.spec).get("mirror"))
             return ReportBank(n, self.size, progress=report, mirror=mirror)
         if data == "thyroid":
             from .datasets import PhantomBank

@@ -52,6 +52,11 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     if flip_choice and spec["engine"] == "medclipsam":
         raise InputError(f"--flip-choice applies to cliptnseg and tgcnet models; {spec['id']!r} is a MedCLIP-SAM "
                          f"model, whose saliency is not flip averaged (drop --flip-choice)")
+    from ..inference.laterality import patient_sides_of
+
+    if flip_choice and spec["engine"] != "tgcnet" and patient_sides_of(spec) is not None:
+        raise InputError(f"--flip-choice: {spec['id']!r} reads the patient's sides, and only the tgcnet engine asks "
+                         f"a mirrored slice the line with its sides swapped (drop --flip-choice)")
     engine = load_engine(model, device=device)
     if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
         rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
