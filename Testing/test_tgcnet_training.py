@@ -323,6 +323,35 @@ def test_a_mirrored_run_trains_on_mirrors_with_swapped_sides_and_flip_averages(t
         run_tgcnet_training(tmp_path, tmp_path / "w", "x", "thyroid", clip_cfg=TINY_CLIP, mirror=True)
 
 
+def test_a_focused_run_draws_the_phantoms_of_one_kind_twice_and_records_it(trained, tmp_path):
+    """--report-focus KIND: every phantom holding that kind is listed twice in the bank (the others once), the run's
+    checkpoint and spec say so; an unknown kind or thyroid data is refused before any work."""
+    from CLIPSegLib.models import load_spec
+    from CLIPSegLib.training.report_data import ReportBank
+    from CLIPSegLib.training.tgcnet_recipe import run_tgcnet_training
+
+    kind = "ground-glass opacity"
+    plain, focused = ReportBank(12, 32, augment=False), ReportBank(12, 32, augment=False, focus=kind)
+    holding = [i for i, ph in enumerate(plain.phantoms) if any(o.kind == kind for o in ph.opacities)]
+    assert 0 < len(holding) < 12 and len(focused) == 12 + len(holding)
+    assert sorted(focused.order) == sorted(list(range(12)) + holding)
+    torch.manual_seed(0)
+    image, _, _ = focused[12]  # the first repeat: the first phantom holding the kind
+    torch.manual_seed(0)
+    assert torch.equal(image, plain[holding[0]][0])
+    args = dict(n_images=12, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
+                network=load_spec(str(trained[0]))["network"], init_from=str(trained[0]))
+    path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-focus", "report", steps=1,
+                               stages=("segmenter", "calibrate", "export"), focus=kind, **args)
+    assert load_spec(str(path))["training"]["focus"] == kind
+    assert json.loads(torch.load(tmp_path / "work" / "segmenter.pt", weights_only=True)["fingerprint"])["focus"] == kind
+    for bad, message in (({"focus": "nodule"}, "--report-focus 'nodule' is not an opacity kind"),
+                         ({"focus": kind, "data": "thyroid"}, "--report-focus needs --dataset report")):
+        with pytest.raises(InputError, match=message):
+            run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, **bad)
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("init_from, message", [
     ("cliptnseg-phantom-small", "is a cliptnseg model; --engine tgcnet continues tgcnet models only"),
     ("tgcnet-report-small", "its clip .* is not the recipe's"),

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tgcnet --dataset report: a line naming a side or zone is held to the map of its kind alone "
                         "(voxel-wise minimum, spec inference.location_support; calibrated so): a line asked on the "
                         "wrong side is painted only where that kind is seen")
+    t.add_argument("--report-focus", default=None, metavar="KIND",
+                   help="tgcnet --dataset report: draw the training phantoms holding this opacity kind twice as "
+                        "often (e.g. \"ground-glass opacity\", the kind the embedded model misses most)")
     t.add_argument("--report-mirror", action="store_true",
                    help="tgcnet --dataset report: half the training images mirrored left-right with their lines' "
                         "side words swapped; the model then averages each slice with its mirror asked the swapped line "
@@ -194,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--flip-choice", action="store_true",
                    help="also fit each finding's rule on the maps with the other flip-averaging setting (each slice "
                         "averaged with its mirror, or not) and keep that setting for the finding when it scores "
-                        "clearly better; each prompt is predicted twice and once of the mirror, up to 3x the prediction "
-                        "time (MedCLIP-SAM models refuse it)")
+                        "clearly better; each prompt is predicted twice and once of the mirror, up to 3x the "
+                        "prediction time (MedCLIP-SAM models refuse it)")
     k.add_argument("--force", action="store_true", help="replace --output if it exists")
     _add_common(k)
 
@@ -426,7 +429,7 @@ VOLUME_ONLY = ("--slice-vote",)
 #: options of the segmenter recipes (cliptnseg, tgcnet) only
 SEGMENTER_ONLY = ("--max-grad-norm",)
 #: options of ``clipseg train --engine tgcnet --dataset report`` only
-REPORT_ONLY = ("--report-wording", "--location-support", "--report-mirror")
+REPORT_ONLY = ("--report-wording", "--location-support", "--report-mirror", "--report-focus")
 
 
 def _check_grad_norm(a, stages) -> None:
@@ -508,6 +511,7 @@ def _cmd_train_tgcnet(a, progress):
            + (f" --report-wording {a.report_wording}" if a.report_wording != "train" else "")
            + (" --location-support" if a.location_support else "")
            + (" --report-mirror" if a.report_mirror else "")
+           + (f" --report-focus {shlex.quote(a.report_focus)}" if a.report_focus else "")
            + (f" --clip-from {a.clip_from}" if a.dataset == "thyroid" else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (f" --stages {','.join(stages)}" if a.init_from and "clip" not in stages else "")
@@ -517,7 +521,8 @@ def _cmd_train_tgcnet(a, progress):
                                a.steps, a.seed, stages, not a.no_resume, a.calibration_volumes, progress, device,
                                cmd, a.force, a.clip_from, ablate, a.lora_rank, init_from=a.init_from,
                                wording=a.report_wording, location_support=a.location_support, mirror=a.report_mirror,
-                               precision=a.precision, max_grad_norm=a.max_grad_norm, slice_vote=a.slice_vote)
+                               precision=a.precision, max_grad_norm=a.max_grad_norm, slice_vote=a.slice_vote,
+                               focus=a.report_focus)
     if path:
         print(f"wrote {path}")
 

@@ -74,15 +74,22 @@ class ReportBank(torch.utils.data.Dataset):
     contrastive CLIP stage; every line is its own concept there. ``mirror``: each access mirrors the image and masks
     left-right with probability 1/2 and swaps the side words of its lines (``Locations.mirrored``: the mirrored
     chest's left opacity is the line's right one), so the network learns the side from the slice's frame, not the
-    heart's side, and a flip-averaged prediction (``inference.flip_average``) asks it what it was trained on."""
+    heart's side, and a flip-averaged prediction (``inference.flip_average``) asks it what it was trained on.
+    ``focus``: an opacity kind (``KINDS``) whose phantoms are drawn twice as often (each phantom holding one is listed
+    twice: an epoch is longer), so the network sees more of a kind it misses."""
 
     concepts: dict = {}
     normal_phrases = NORMAL_REPORTS
 
     def __init__(self, n: int, size: int, seed_base: int = REPORT_TRAIN_SEED_BASE, augment: bool = True,
-                 n_prompts: int = QUERIES_PER_CASE, progress=None, wording: str = "train", mirror: bool = False):
+                 n_prompts: int = QUERIES_PER_CASE, progress=None, wording: str = "train", mirror: bool = False,
+                 focus: str | None = None):
+        from ..synthetic.report_phantoms import KINDS
+
         if wording not in TRAINING_WORDINGS:
             raise ValueError(f"wording must be one of {', '.join(TRAINING_WORDINGS)}, got {wording!r}")
+        if focus is not None and focus not in KINDS:
+            raise ValueError(f"focus must be one of {', '.join(KINDS)}, got {focus!r}")
         self.size, self.n_prompts, self.wording = size, n_prompts, wording
         self.mirror = None
         if mirror:
@@ -95,19 +102,22 @@ class ReportBank(torch.utils.data.Dataset):
             if progress:
                 progress(i + 1, n)
         self.transform = make_report_augmentation() if augment else None
+        self.order = list(range(n)) + [i for i, ph in enumerate(self.phantoms)
+                                       if focus is not None and any(o.kind == focus for o in ph.opacities)]
 
     def __len__(self):
-        return len(self.phantoms)
+        return len(self.order)
 
     def queries(self, i: int) -> list[Query]:
-        """Fresh lines for phantom ``i``, drawn from torch's generator (seeded by the training loop)."""
+        """Fresh lines for item ``i`` (its phantom ``order[i]``), drawn from torch's generator (seeded by the training
+        loop)."""
         rng = np.random.default_rng(int(torch.randint(2 ** 31, ())))
-        return sample_queries(self.phantoms[i], rng, self.n_prompts, self.wording)
+        return sample_queries(self.phantoms[self.order[i]], rng, self.n_prompts, self.wording)
 
     def __getitem__(self, i):
         queries = self.queries(i)
         masks = np.stack([q.mask for q in queries])
-        image, texts = self.phantoms[i].image, [q.text for q in queries]
+        image, texts = self.phantoms[self.order[i]].image, [q.text for q in queries]
         if self.mirror is not None and bool(torch.rand(()) < 0.5):  # torch's generator, seeded by the loop
             image, masks = image[:, ::-1].copy(), masks[..., ::-1].copy()
             texts = [self.mirror.mirrored(t) for t in texts]

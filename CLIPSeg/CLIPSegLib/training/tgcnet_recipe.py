@@ -105,11 +105,13 @@ def trained_state(net) -> dict:
 
 
 def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: float = ALIGN_WEIGHT,
-                     start: dict | None = None, wording: str = "train", mirror: bool = False) -> Recipe:
+                     start: dict | None = None, wording: str = "train", mirror: bool = False,
+                     focus: str | None = None) -> Recipe:
     """``run_loop``'s recipe: ``tgcnet_loss`` on each batch, every phrase through the adapted text tower
     (``encode_pairs``). Two parameter groups: the modules and the LoRA adapters (``LEARNING_RATES``). ``start``: the
     lineage of the model the weights started from (``warm_start``; None: random), in the checkpoint's fingerprint, as
-    is a report ``wording`` other than "train" and report mirroring (``mirror``)."""
+    is a report ``wording`` other than "train", report mirroring (``mirror``) and the kind drawn twice as often
+    (``focus``)."""
     pair_loss = tgcnet_loss(device, align_weight)
 
     def loss(batch):
@@ -123,7 +125,8 @@ def segmenter_recipe(net, adapters: TextAdapters, device="cpu", align_weight: fl
                                                   "lr": LEARNING_RATES, "lora": len(adapters.params),
                                                   **({"start": start} if start else {}),
                                                   **({"wording": wording} if wording != "train" else {}),
-                                                  **({"mirror": True} if mirror else {})})
+                                                  **({"mirror": True} if mirror else {}),
+                                                  **({"focus": focus} if focus else {})})
 
 
 def _clip_of(model: str) -> tuple[dict, dict]:
@@ -160,7 +163,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                         network: dict | None = None, init_from: str | None = None,
                         wording: str = "train", location_support: bool = False,
                         precision: str = "fp32", max_grad_norm: float | None = None, mirror: bool = False,
-                        slice_vote: int = 1) -> Path | None:
+                        slice_vote: int = 1, focus: str | None = None) -> Path | None:
     """The whole recipe (module docstring); stages read and write checkpoints in ``work_dir``. Returns the spec
     path when exported. ``clip_cfg`` (the report CLIP, default ``REPORT_CLIP``) and ``network`` (entries over
     ``NETWORK``) change the architecture (tests make it tiny).
@@ -177,7 +180,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     ``slice_vote`` (thyroid data only): the spec's ``inference.slice_vote`` (odd; 1: off), set before calibration.
     ``mirror`` (report data only): train on mirrored images with their lines' sides swapped (``ReportBank``) and set
     the spec's ``inference.flip_average`` before calibration (each slice averaged with its mirror asked the swapped
-    line).
+    line). ``focus`` (report data only): an opacity kind whose phantoms the training draws twice as often
+    (``ReportBank``), recorded in the spec's training entry.
     """
     from ..engines.clip_backbone import build_clip
     from ..engines.tgcnet.engine import TGCNetEngine
@@ -198,6 +202,14 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
     if mirror and data != "report":
         raise InputError("--report-mirror needs --dataset report: thyroid models always flip (no side to swap); "
                          "drop it")
+    if focus is not None:
+        from ..synthetic.report_phantoms import KINDS
+
+        if data != "report":
+            raise InputError("--report-focus needs --dataset report (it names an opacity kind); drop it")
+        if focus not in KINDS:
+            raise InputError(f"--report-focus {focus!r} is not an opacity kind of the report phantoms; give one of "
+                             f"{', '.join(repr(k) for k in KINDS)}")
     check_train_shape(None, slice_vote)
     if slice_vote != 1 and data == "report":
         raise InputError("--slice-vote needs volumes: --dataset report is single radiographs; drop it")
@@ -228,7 +240,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
             from .report_data import ReportBank
 
             bank = ReportBank(n_images, size, progress=lambda d, t: progress.update("report phantoms", d, t),
-                              wording=wording, mirror=mirror)
+                              wording=wording, mirror=mirror, focus=focus)
         else:
             from .datasets import PhantomBank
 
@@ -252,7 +264,7 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                      f"({100 * counts['trainable'] / counts['total']:.1f}%; the CLIP frozen, LoRA rank {lora_rank} "
                      f"on its text tower)")
     seg_ckpt = work_dir / "segmenter.pt"
-    recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording, mirror=mirror)
+    recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording, mirror=mirror, focus=focus)
     if "segmenter" in stages:
         run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress, precision=precision,
                  max_grad_norm=max_grad_norm)
@@ -306,6 +318,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         spec["training"]["wording"] = wording
         if mirror:
             spec["training"]["mirror"] = True
+        if focus:
+            spec["training"]["focus"] = focus
     if max_grad_norm is not None:
         spec["training"]["max_grad_norm"] = max_grad_norm
     if parent is not None:
