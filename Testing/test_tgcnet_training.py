@@ -336,9 +336,12 @@ def test_a_focused_run_draws_the_phantoms_of_one_kind_twice_and_records_it(train
     assert 0 < len(holding) < 12 and len(focused) == 12 + len(holding)
     assert sorted(focused.order) == sorted(list(range(12)) + holding)
     torch.manual_seed(0)
-    image, _, _ = focused[12]  # the first repeat: the first phantom holding the kind
+    image, lines, masks = focused[12]  # the first repeat: the first phantom holding the kind
     torch.manual_seed(0)
-    assert torch.equal(image, plain[holding[0]][0])
+    p_image, p_lines, p_masks = plain[holding[0]]
+    assert torch.equal(image, p_image) and lines == p_lines and torch.equal(masks, p_masks)
+    once = focused.drawn_once()  # the CLIP stage's view: each phantom once
+    assert len(once) == 12 and once.focus is None and len(focused) == 12 + len(holding)
     args = dict(n_images=12, calibration_volumes=2, batch_size=4, clip_cfg=TINY_CLIP, lora_rank=2,
                 network=load_spec(str(trained[0]))["network"], init_from=str(trained[0]))
     path = run_tgcnet_training(tmp_path / "models", tmp_path / "work", "tgcnet-focus", "report", steps=1,
@@ -346,7 +349,8 @@ def test_a_focused_run_draws_the_phantoms_of_one_kind_twice_and_records_it(train
     assert load_spec(str(path))["training"]["focus"] == kind
     assert json.loads(torch.load(tmp_path / "work" / "segmenter.pt", weights_only=True)["fingerprint"])["focus"] == kind
     for bad, message in (({"focus": "nodule"}, "--report-focus 'nodule' is not an opacity kind"),
-                         ({"focus": kind, "data": "thyroid"}, "--report-focus needs --dataset report")):
+                         ({"focus": kind, "data": "thyroid"}, "--report-focus needs --dataset report"),
+                         ({"focus": kind, "stages": ("calibrate", "export")}, "trains no segmenter")):
         with pytest.raises(InputError, match=message):
             run_tgcnet_training(tmp_path, tmp_path / "w", "x", clip_cfg=TINY_CLIP, **bad)
     assert not (tmp_path / "w").exists()

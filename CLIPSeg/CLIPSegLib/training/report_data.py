@@ -102,8 +102,18 @@ class ReportBank(torch.utils.data.Dataset):
             if progress:
                 progress(i + 1, n)
         self.transform = make_report_augmentation() if augment else None
+        self.focus = focus
         self.order = list(range(n)) + [i for i, ph in enumerate(self.phantoms)
                                        if focus is not None and any(o.kind == focus for o in ph.opacities)]
+
+    def drawn_once(self) -> "ReportBank":
+        """The same bank with every phantom listed once (no ``focus``): the contrastive CLIP stage's, where two
+        copies of one phantom in a batch would be each other's false negatives."""
+        import copy
+
+        once = copy.copy(self)
+        once.focus, once.order = None, list(range(len(self.phantoms)))
+        return once
 
     def __len__(self):
         return len(self.order)

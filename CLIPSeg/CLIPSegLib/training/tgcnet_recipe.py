@@ -210,6 +210,9 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         if focus not in KINDS:
             raise InputError(f"--report-focus {focus!r} is not an opacity kind of the report phantoms; give one of "
                              f"{', '.join(repr(k) for k in KINDS)}")
+        if "segmenter" not in stages:
+            raise InputError(f"--report-focus changes what the segmenter stage draws; --stages {','.join(stages)} "
+                             f"trains no segmenter (the spec would record a focus its weights never had): drop it")
     check_train_shape(None, slice_vote)
     if slice_vote != 1 and data == "report":
         raise InputError("--slice-vote needs volumes: --dataset report is single radiographs; drop it")
@@ -251,7 +254,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
         clip.load_state_dict(clip_state)
     if data == "report":
         if "clip" in stages:
-            train_clip(clip, bank, clip_steps, clip_ckpt, batch_size=min(32, len(bank)), seed=seed, resume=resume,
+            once = bank.drawn_once()  # --report-focus is the segmenter's: the CLIP sees each phantom once an epoch
+            train_clip(clip, once, clip_steps, clip_ckpt, batch_size=min(32, len(once)), seed=seed, resume=resume,
                        progress=progress, device=device, start=start, precision=precision)
         if parent is None or clip_ckpt.is_file():
             clip.load_state_dict(_checkpoint(clip_ckpt, "clip"))
@@ -264,7 +268,8 @@ def run_tgcnet_training(out_dir: Path, work_dir: Path, model_id: str, data: str 
                      f"({100 * counts['trainable'] / counts['total']:.1f}%; the CLIP frozen, LoRA rank {lora_rank} "
                      f"on its text tower)")
     seg_ckpt = work_dir / "segmenter.pt"
-    recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording, mirror=mirror, focus=focus)
+    recipe = segmenter_recipe(net, adapters, device, start=start, wording=wording, mirror=mirror,
+                              focus=getattr(bank, "focus", None))  # what the bank draws (None without the stage)
     if "segmenter" in stages:
         run_loop(recipe, bank, steps, seg_ckpt, batch_size, seed, resume, progress=progress, precision=precision,
                  max_grad_norm=max_grad_norm)
