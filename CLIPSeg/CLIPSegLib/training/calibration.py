@@ -311,6 +311,11 @@ def search_gate_and_rule(cases_by_gate: dict, finding: str | None = None) -> dic
     return max(rules, key=lambda r: r["calibration"]["score"])
 
 
+def present_cases(by_gate: dict, finding: str | None = None) -> int:
+    """How many cases of ``by_gate`` ({gate: cases}, every gate the same cases) hold ``finding`` (any when None)."""
+    return sum(1 for c in next(iter(by_gate.values())) if (finding is None or c[0] == finding) and c[1] > 0)
+
+
 def searches_thresholds(present: int) -> bool:
     """Whether a finding held by ``present`` calibration cases may take another probability threshold than the
     first (at least ``THRESHOLD_MIN_PRESENT``: fewer cannot tell a better threshold from luck)."""
@@ -322,9 +327,7 @@ def search_threshold_gate_and_rule(by_threshold: dict, finding: str | None = Non
     first threshold the default): another threshold's rule is kept only if its score beats the first's by
     ``THRESHOLD_MARGIN`` and enough cases hold the finding (``searches_thresholds``; else only the first is
     searched); the rule carries its ``threshold``."""
-    first = next(iter(by_threshold.values()))
-    present = sum(1 for c in next(iter(first.values())) if (finding is None or c[0] == finding) and c[1] > 0)
-    if not searches_thresholds(present):
+    if not searches_thresholds(present_cases(next(iter(by_threshold.values())), finding)):
         by_threshold = dict([next(iter(by_threshold.items()))])
     candidates = [dict(search_gate_and_rule(by_gate, finding), threshold=float(t))
                   for t, by_gate in by_threshold.items()]
@@ -366,9 +369,8 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
             continue
         sub = search_threshold_gate_and_rule(variants[flip], f)
         tried = {}
-        present = sum(1 for c in next(iter(by_gate.values())) if c[0] == f and c[1] > 0)
         # a finding that competes voxel-wise keeps the model's setting: its rivals' maps are judged with theirs
-        if flip_choice and searches_thresholds(present) and not any(f in p for p in exclusive):
+        if flip_choice and searches_thresholds(present_cases(by_gate, f)) and not any(f in p for p in exclusive):
             other = search_threshold_gate_and_rule(variants[not flip], f)
             tried = {("with_mirror" if v else "without_mirror"): {
                 "score": round(r["calibration"]["score"], 4),
