@@ -39,12 +39,15 @@ MIN_AREA_FRACTION = 60 / (256 * 256)  # smallest opacity mask, as a fraction of 
 
 @dataclass
 class Opacity:
-    """One opacity. mask: ``[J, I]`` bool, inside ``lungs[side]``; kind in KINDS, side in SIDES, zone in ZONES."""
+    """One opacity. mask: ``[J, I]`` bool, inside ``lungs[side]``; kind in KINDS, side in SIDES, zone in ZONES.
+    ``contrast / clutter`` says how well it stands out of what lies under it (measured at the generated size)."""
 
     kind: str
     side: str
     zone: str
     mask: np.ndarray
+    contrast: float = float("nan")  # mean brightening of its mask by this opacity alone, fraction of the display window
+    clutter: float = float("nan")  # SD of the image without it over the mask and 3 px around, same unit
 
 
 @dataclass
@@ -266,6 +269,7 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
     min_px = max(6, int(np.ceil(MIN_AREA_FRACTION * J * I)))
     rows_of = {s: np.nonzero(lungs[s].any(axis=1))[0] for s in SIDES}
     opacities: list[Opacity] = []
+    owns: list[np.ndarray] = []  # each opacity's own added density
     added = np.zeros(shape, np.float32)
     hidden = np.zeros(shape, np.float32)  # how much an effusion hides vessels
     taken = np.zeros(shape, bool)
@@ -289,26 +293,42 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
                 continue
             soft_lung = ndimage.gaussian_filter(lungs[side].astype(np.float32), 1.0)
             fill = lung_depth if kind == "pleural effusion" else soft_lung
-            added += air * field * fill - extra
+            own = air * field * fill - extra
+            added += own
             if kind == "pleural effusion":
                 hidden = np.maximum(hidden, field)
             opacities.append(Opacity(kind, side, zone, mask))
+            owns.append(own)
             taken |= mask
             break
     density = density + vessels * (1 - hidden) + texture + added
 
     # Detector: projection brightness, gamma, blur, vignetting / bias field, noise, gain and offset.
-    img = 1 - np.exp(-rng_det.uniform(1.0, 1.6) * np.clip(density, 0, None))
-    img = img ** rng_det.uniform(0.75, 1.4)
-    img = ndimage.gaussian_filter(img, rng_det.uniform(0.4, 1.4) / px_mm * 1.5)
+    mu, gamma, blur = rng_det.uniform(1.0, 1.6), rng_det.uniform(0.75, 1.4), rng_det.uniform(0.4, 1.4) / px_mm * 1.5
     rad2 = ((rr - (J - 1) / 2) / J) ** 2 + ((cc - (I - 1) / 2) / I) ** 2
-    img = img * (1 - rng_det.uniform(0, 0.6) * rad2)
-    img = img * (1 + rng_det.uniform(0.03, 0.12) * _noise(rng_det, shape, max(J, I) / 4))
-    img = np.clip(img, 0, None) + rng_det.uniform(0, 0.05)
+    vignette = 1 - rng_det.uniform(0, 0.6) * rad2
+    bias = 1 + rng_det.uniform(0.03, 0.12) * _noise(rng_det, shape, max(J, I) / 4)
+    offset = rng_det.uniform(0, 0.05)
+
+    def expose(d):  # density -> noiseless brightness before the gain
+        img = (1 - np.exp(-mu * np.clip(d, 0, None))) ** gamma
+        return np.clip(ndimage.gaussian_filter(img, blur) * vignette * bias, 0, None) + offset
+
+    clean = expose(density)
     photons = rng_det.uniform(300, 3000)
-    img = img + np.sqrt(img / photons) * rng_det.standard_normal(shape, dtype=np.float32)
+    img = clean + np.sqrt(clean / photons) * rng_det.standard_normal(shape, dtype=np.float32)
     img = img + rng_det.uniform(0.002, 0.012) * rng_det.standard_normal(shape, dtype=np.float32)
-    img = np.clip(img, 0, None) * rng_det.uniform(200, 4000)
+    img = np.clip(img, 0, None)
+    # How visible each opacity is: its own brightening of its mask (the image with it minus without it, noiseless) and
+    # the spread of the image without it over the mask and 3 pixels around (ribs, vessels, a border's slope), both in
+    # the display window (0.5-99.5 percentiles of the noisy image).
+    lo, hi = np.percentile(img, [0.5, 99.5])
+    window = max(float(hi - lo), 1e-6)
+    for o, own in zip(opacities, owns):
+        without = expose(density - own)
+        o.contrast = float(np.mean((clean - without)[o.mask])) / window
+        o.clutter = float(np.std(without[ndimage.binary_dilation(o.mask, iterations=3)])) / window
+    img = img * rng_det.uniform(200, 4000)
     return ReportPhantom(img.astype(np.float32), spacing, lungs, opacities)
 
 

@@ -26,15 +26,22 @@ TRAINING_WORDINGS = ("train", "varied")  # report_text styles a model may train 
 
 def report_case(seed: int, style: str = "train", n: int = QUERIES_PER_CASE):
     """One evaluation or calibration case -> (image ``[J,I]`` raw intensities, spacing (row, column) in mm, up to
-    ``n`` ``Query`` s in ``style``). A line drawn twice (the same kind, sides and zone) is asked once: a run takes
-    each prompt once, and the content, not the wording, decides, so both wordings keep the same lines."""
+    ``n`` ``Query`` s in ``style``): ``report_lines`` without the phantom's other fields."""
+    ph, queries = report_lines(seed, style, n)
+    return ph.image, tuple(ph.spacing), queries
+
+
+def report_lines(seed: int, style: str = "train", n: int = QUERIES_PER_CASE) -> tuple[ReportPhantom, list[Query]]:
+    """The phantom of ``seed`` and up to ``n`` of its report lines in ``style``. A line drawn twice (the same kind,
+    sides and zone) is asked once: a run takes each prompt once, and the content, not the wording, decides, so both
+    wordings keep the same lines."""
     ph = make_report_phantom(seed=seed)
     queries, seen = [], set()
     for q in sample_queries(ph, np.random.default_rng([seed, 7]), n, style):
         if (q.kind, q.sides, q.zone) not in seen:
             seen.add((q.kind, q.sides, q.zone))
             queries.append(q)
-    return ph.image, tuple(ph.spacing), queries
+    return ph, queries
 
 
 def _resized(ph: ReportPhantom, size: int) -> ReportPhantom:
