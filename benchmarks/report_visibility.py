@@ -11,9 +11,12 @@ edge read as the most visible.) No model is involved: it says how much a segment
 Printed per kind over ``--phantoms`` phantoms of the training bank's seeds: contrast and CNR percentiles, the share
 with CNR under 1, and the median area. With ``--evaluation REPORT.json`` (written by ``clipseg evaluate --family
 report --report REPORT.json``) it also splits that run's Dice of the lines that describe opacities, and the share
-of them found at all, by the CNR of what each line describes (area-weighted over its opacities).
+of them found at all, by the CNR of what each line describes (area-weighted over its opacities). With ``--model M``
+it asks M each kind's name on ``--maps`` calibration phantoms (seeds from ``REPORT_CALIBRATION_SEED_BASE``; the
+network's own maps, before any presence rule) and prints where each map's pixels over 0.5 fall: on that kind's
+opacities, on another kind's, or on none; and the share of each kind's mask the map covers.
 
-Run:  .venv/bin/python benchmarks/report_visibility.py --phantoms 200 [--evaluation REPORT.json]
+Run:  .venv/bin/python benchmarks/report_visibility.py --phantoms 200 [--evaluation REPORT.json] [--model M --maps 120]
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "CLIPSeg"))
 
-from CLIPSegLib.synthetic.report_phantoms import make_report_phantom  # noqa: E402
-from CLIPSegLib.training.report_data import REPORT_TRAIN_SEED_BASE, report_lines  # noqa: E402
+from CLIPSegLib.synthetic.report_phantoms import KINDS, make_report_phantom  # noqa: E402
+from CLIPSegLib.training.report_data import (  # noqa: E402
+    REPORT_CALIBRATION_SEED_BASE, REPORT_TRAIN_SEED_BASE, report_lines,
+)
 
 CNR_BINS = (0.0, 0.5, 1.0, 1.5, np.inf)  # contrast / clutter bins for the evaluation split
 
@@ -64,6 +69,30 @@ def dice_by_visibility(report_path: Path) -> dict:
     return out
 
 
+def where_maps_fall(model: str, n: int) -> dict:
+    """-> kind asked -> {"on <kind>" / "on none": pixels of its map over 0.5, "covered": mean share of that kind's
+    mask (per phantom holding it) over 0.5}, on ``n`` calibration phantoms."""
+    from CLIPSegLib.inference.pipeline import predict_maps
+    from CLIPSegLib.inference.segment_file import load_engine
+
+    engine = load_engine(model)
+    out = {k: {**{f"on {j}": 0 for j in (*KINDS, "none")}, "covered": []} for k in KINDS}
+    for seed in range(REPORT_CALIBRATION_SEED_BASE, REPORT_CALIBRATION_SEED_BASE + n):
+        ph = make_report_phantom(seed=seed)
+        maps, _ = predict_maps(engine, ph.image[None], list(KINDS), 2)
+        none = np.zeros(ph.image.shape, bool)
+        truth = {k: np.logical_or.reduce([none] + [o.mask for o in ph.opacities if o.kind == k]) for k in KINDS}
+        anything = np.logical_or.reduce(list(truth.values()))
+        for p, k in enumerate(KINDS):
+            painted = maps[p, 0] > 0.5
+            for j in KINDS:
+                out[k][f"on {j}"] += int((painted & truth[j]).sum())
+            out[k]["on none"] += int((painted & ~anything).sum())
+            if truth[k].any():
+                out[k]["covered"].append(float((painted & truth[k]).sum() / truth[k].sum()))
+    return out
+
+
 def pct(v, q=(10, 50, 90), fmt="{:.3f}") -> str:
     return " / ".join(fmt.format(t) for t in np.percentile(v, q))
 
@@ -73,9 +102,11 @@ def main() -> int:
     ap.add_argument("--phantoms", type=int, default=200)
     ap.add_argument("--evaluation", type=Path, default=None, metavar="REPORT.json",
                     help="a `clipseg evaluate --family report --report` file: its Dice split by visibility")
+    ap.add_argument("--model", default=None, help="also: where this model's maps fall (id or spec path)")
+    ap.add_argument("--maps", type=int, default=120, help="calibration phantoms for --model")
     a = ap.parse_args()
-    print(f"{a.phantoms} training-bank report phantoms (seeds from {REPORT_TRAIN_SEED_BASE}), at 256 px, in each image's "
-          f"display window")
+    print(f"{a.phantoms} training-bank report phantoms (seeds from {REPORT_TRAIN_SEED_BASE}), at 256 px, in each "
+          f"image's display window")
     print("| kind | opacities | contrast p10 / p50 / p90 | contrast / clutter p10 / p50 / p90 | under 1 | "
           "median area px |")
     print("|---|---|---|---|---|---|")
@@ -94,6 +125,15 @@ def main() -> int:
             cells = [f"{len(by_bin[b])}, {np.mean([f for _, f in by_bin[b]]):.0%}, "
                      f"{np.mean([d for d, _ in by_bin[b]]):.3f}" if b in by_bin else "-" for b in range(len(names))]
             print(f"| {kind} | " + " | ".join(cells) + " |")
+    if a.model is not None:
+        print(f"\n{a.model} asked each kind's name on {a.maps} calibration phantoms: its map's pixels over 0.5")
+        print("| asked | " + " | ".join(f"on {j}" for j in (*KINDS, "none")) + " | share of the kind's mask covered |")
+        print("|---|" + "---|" * (len(KINDS) + 2))
+        for k, row in where_maps_fall(a.model, a.maps).items():
+            total = max(sum(row[f"on {j}"] for j in (*KINDS, "none")), 1)
+            cells = [f"{row[f'on {j}']} ({row[f'on {j}'] / total:.0%})" for j in (*KINDS, "none")]
+            covered = f"{np.mean(row['covered']):.2f} ({len(row['covered'])})" if row["covered"] else "- (0)"
+            print(f"| {k} | " + " | ".join(cells) + f" | {covered} |")
     return 0
 
 
