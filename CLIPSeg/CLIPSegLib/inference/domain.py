@@ -96,17 +96,18 @@ def pipeline_slices(volume: np.ndarray, array_axis: int, size: int, fit: str = "
 
 
 def phantom_reference(n_volumes: int = 30, n_images: int = 60, size: int = 128, margin: float = MARGIN,
-                      fit: str = "squash") -> dict:
+                      fit: str = "squash", family: str = "A") -> dict:
     """The ``features`` of a spec's ``domain`` for the phantom-trained models: ranges over the volume features of
     ``n_volumes`` training-seed 3D phantoms (``datasets.TRAIN_VOLUME_SEED_BASE``) and ``n_images`` training-seed 2D
-    phantoms (``datasets.TRAIN_SEED_BASE``), prepared as the pipeline prepares a run (no augmentation: the ranges
-    say what in-domain input looks like, not what augmentation can reach)."""
+    phantoms (``datasets.TRAIN_SEED_BASE``) of ``family`` (``synthetic.families``: "A+B" picks one per seed, as the
+    training bank does), prepared as the pipeline prepares a run (no augmentation: the ranges say what in-domain
+    input looks like, not what augmentation can reach)."""
+    from ..synthetic.families import random_volume_phantom
     from ..training.datasets import TRAIN_SEED_BASE, TRAIN_VOLUME_SEED_BASE, raw_phantom_slice
-    from ..synthetic.phantoms import random_volume_phantom
 
-    runs = [pipeline_slices(random_volume_phantom(TRAIN_VOLUME_SEED_BASE + v).image, 0, size, fit)
+    runs = [pipeline_slices(random_volume_phantom(TRAIN_VOLUME_SEED_BASE + v, family).image, 0, size, fit)
             for v in range(n_volumes)]
-    runs += [pipeline_slices(raw_phantom_slice(TRAIN_SEED_BASE + i, size)[0][None], 0, size, fit)
+    runs += [pipeline_slices(raw_phantom_slice(TRAIN_SEED_BASE + i, size, family)[0][None], 0, size, fit)
              for i in range(n_images)]
     values = [volume_features(r) for r in runs]
     return reference_ranges({k: np.array([v[k] for v in values]) for k in FEATURES}, margin)
@@ -115,10 +116,13 @@ def phantom_reference(n_volumes: int = 30, n_images: int = 60, size: int = 128, 
 PHANTOM_MODALITY = "B-mode ultrasound-like phantoms (CLIPSeg's generator)"
 
 
-def phantom_domain(size: int = 128, fit: str = "squash") -> dict:
-    """The ``domain`` entry of a model trained on CLIPSeg's phantoms (``phantom_reference`` at input size ``size``,
-    slices fitted by ``fit``); ``measured_with`` says so, and a run prepared otherwise is not checked against it."""
-    return {"modality": PHANTOM_MODALITY, "features": phantom_reference(size=size, fit=fit),
+def phantom_domain(size: int = 128, fit: str = "squash", family: str = "A") -> dict:
+    """The ``domain`` entry of a model trained on CLIPSeg's phantoms of ``family`` (``phantom_reference`` at input
+    size ``size``, slices fitted by ``fit``); ``measured_with`` says so, and a run prepared otherwise is not checked
+    against it."""
+    return {"modality": PHANTOM_MODALITY if family == "A" else f"{PHANTOM_MODALITY}, family {family}",
+            "features": phantom_reference(size=size, fit=fit, family=family),
             "measured_with": {"input_size": size, "fit": fit},
-            "source": "domain.phantom_reference: 30 training-seed volume phantoms and 60 training-seed 2D phantoms, "
-                      "min..max of each feature widened by a factor 1.5"}
+            "source": f"domain.phantom_reference: 30 training-seed volume phantoms and 60 training-seed 2D phantoms"
+                      f"{'' if family == 'A' else f' of family {family}'}, min..max of each feature widened by a "
+                      f"factor 1.5"}

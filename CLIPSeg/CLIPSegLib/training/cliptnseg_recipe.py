@@ -395,7 +395,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     if data_csv is None:  # a model trained on phantoms only says so; with a user's data its domain is not known here
         from ..inference.domain import phantom_domain
 
-        spec["domain"] = phantom_domain(size)
+        spec["domain"] = phantom_domain(size, family=family)
     clip_kept = parent is not None and not clip_ckpt.is_file()  # the parent's CLIP, not trained here
     spec["training"] = {"command": command, "family": family, "n_phantoms": n_phantoms, "n_volumes": n_volumes,
                         "clip_steps": 0 if clip_kept else clip_steps,
