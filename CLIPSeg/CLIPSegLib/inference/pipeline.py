@@ -395,19 +395,16 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     phrases = finding_phrases(model_presence)
     state = engine.encode_prompts(prompts + phrases)  # the only encoding of the run: the rivals are phrasings
     asked = state.take(prompts)
-    rules, used = [], []
-    for rule, rule_name, cosine in presence_rules(engine, asked, state.take(phrases) if phrases else None,
-                                                  model_presence):
-        cfg = {k: v for k, v in {**rule, **(presence or {})}.items()
-               if k in DEFAULT_PRESENCE or k in ("uncertain_margin", "min_slice_presence")}
-        rules.append((cfg, rule_name, cosine))
-        used.append(rule)
+    found_rules = presence_rules(engine, asked, state.take(phrases) if phrases else None, model_presence)
+    rules = [({k: v for k, v in {**rule, **(presence or {})}.items()
+               if k in DEFAULT_PRESENCE or k in ("uncertain_margin", "min_slice_presence")}, rule_name, cosine)
+             for rule, rule_name, cosine in found_rules]
     matched = [name if name != "global" else None for _, name, _ in rules]
     canonical = {f: r["phrases"][0] for f, r in per.items() if r.get("phrases")}
     all_prompts, all_findings, judges = with_rivals(prompts, matched, canonical, exclusive)
     gates = [cfg.get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for cfg, _, _ in rules]
     gates += [per[g].get("slice_gate", DEFAULT_PRESENCE["slice_gate"]) for g in all_findings[len(prompts):]]
-    flips = flip_averages_of(engine, used + [per[g] for g in all_findings[len(prompts):]])
+    flips = flip_averages_of(engine, [r for r, _, _ in found_rules] + [per[g] for g in all_findings[len(prompts):]])
     seen = []
     run = state.take(all_prompts)
     masks, slice_presence = predict_patient_frame(engine, volume, geometry, run, slice_axis, batch_size=batch_size,
