@@ -21,7 +21,8 @@ def main(path: str) -> None:
     spec_path = Path(path)
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     spec["domain"] = phantom_domain(spec["clip"]["vision_cfg"]["image_size"],
-                                    (spec.get("preprocessing") or {}).get("fit", "squash"))
+                                    (spec.get("preprocessing") or {}).get("fit", "squash"),
+                                    (spec.get("training") or {}).get("family", "A"))
     spec.setdefault("training", {})["phrases"] = training_phrases(spec["training"].get("data_csv"))
     tmp = spec_path.with_name(f".{spec_path.name}.partial")
     tmp.write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")

@@ -40,14 +40,18 @@ MIN_AREA_FRACTION = 60 / (256 * 256)  # smallest opacity mask, as a fraction of 
 @dataclass
 class Opacity:
     """One opacity. mask: ``[J, I]`` bool, inside ``lungs[side]``; kind in KINDS, side in SIDES, zone in ZONES.
-    ``contrast / clutter`` says how well it stands out of what lies under it (measured at the generated size)."""
+    ``cnr`` (contrast / clutter) says how well it stands out of what lies under it (measured at the generated size)."""
 
     kind: str
     side: str
     zone: str
     mask: np.ndarray
-    contrast: float = float("nan")  # mean brightening of its mask by this opacity alone, fraction of the display window
-    clutter: float = float("nan")  # SD of the image without it over the mask and 3 px around, same unit
+    contrast: float = float("nan")  # mean brightening of its mask by its added density, fraction of the display window
+    clutter: float = float("nan")  # SD of the image without it over the mask and 3 px around in its lung, same unit
+
+    @property
+    def cnr(self) -> float:
+        return self.contrast / max(self.clutter, 1e-6)
 
 
 @dataclass
@@ -319,15 +323,16 @@ def make_report_phantom(shape=(256, 256), spacing=None, seed: int = 0, n_opaciti
     img = clean + np.sqrt(clean / photons) * rng_det.standard_normal(shape, dtype=np.float32)
     img = img + rng_det.uniform(0.002, 0.012) * rng_det.standard_normal(shape, dtype=np.float32)
     img = np.clip(img, 0, None)
-    # How visible each opacity is: its own brightening of its mask (the image with it minus without it, noiseless) and
-    # the spread of the image without it over the mask and 3 pixels around (ribs, vessels, a border's slope), both in
-    # the display window (0.5-99.5 percentiles of the noisy image).
+    # How visible each opacity is: its own brightening of its mask (the image with it minus without its added density,
+    # noiseless; an effusion's hiding of the vessels stays in both) and the spread of the image without it over the
+    # mask and 3 pixels around inside its lung (ribs, vessels, the lung's depth), both in the display window (0.5-99.5
+    # percentiles of the noisy image).
     lo, hi = np.percentile(img, [0.5, 99.5])
     window = max(float(hi - lo), 1e-6)
     for o, own in zip(opacities, owns):
         without = expose(density - own)
         o.contrast = float(np.mean((clean - without)[o.mask])) / window
-        o.clutter = float(np.std(without[ndimage.binary_dilation(o.mask, iterations=3)])) / window
+        o.clutter = float(np.std(without[ndimage.binary_dilation(o.mask, iterations=3) & lungs[o.side]])) / window
     img = img * rng_det.uniform(200, 4000)
     return ReportPhantom(img.astype(np.float32), spacing, lungs, opacities)
 
