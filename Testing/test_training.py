@@ -77,8 +77,8 @@ TINY_RUN = ["--phantoms", "32", "--clip-steps", "1", "--steps", "1", "--calibrat
 
 
 def _readme_train_args() -> list[str]:
-    """The arguments of the one `clipseg train` example of the default engine (no --engine) in README.md's bash
-    blocks (line continuations joined)."""
+    """The arguments of the one `clipseg train` example that makes the default engine's model from scratch (no
+    --engine, no --init-from) in README.md's bash blocks (line continuations joined)."""
     import re
     import shlex
 
@@ -86,7 +86,7 @@ def _readme_train_args() -> list[str]:
     lines = [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
              for line in block.replace("\\\n", " ").splitlines()]
     commands = [shlex.split(line, comments=True) for line in lines if re.match(r"\S*clipseg train\b", line)]
-    commands = [c for c in commands if "--engine" not in c]
+    commands = [c for c in commands if "--engine" not in c and "--init-from" not in c]
     assert len(commands) == 1, commands
     return commands[0][1:]
 
