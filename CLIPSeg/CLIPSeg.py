@@ -49,7 +49,7 @@ Needs 3D Slicer 5.10 or later (Python 3.12). The first Apply installs PyTorch (t
 is installed), MONAI and open_clip once, after asking.<br><br>
 Engines, chosen by the model: CLIP-TNseg (Sun et al., IEEE Signal Processing Letters 2025), TGC-Net (Lin et al.,
 2025) and MedCLIP-SAM (Koleilat et al., MICCAI 2024; Medical Image Analysis 2025).<br>
-The embedded models (default: cliptnseg-phantom-small) are trained on phantoms only: for demos and teaching, not for
+The embedded models (default: cliptnseg-phantom-ab-small) are trained on phantoms only: for demos and teaching, not for
 clinical use. See <a href="https://github.com/clipseg/SlicerCLIPSeg">the project page</a>.
 """)
         self.parent.acknowledgementText = _("""
@@ -201,7 +201,7 @@ class CLIPSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.prompts = text
 
     def populateModels(self, select: str = "") -> None:
-        """One entry per segmentation model, with its engine: "cliptnseg-phantom-small (CLIP-TNseg, embedded)".
+        """One entry per segmentation model, with its engine: "cliptnseg-phantom-ab-small (CLIP-TNseg, embedded)".
         Then the model ``select`` is chosen, else the parameter node's, else the default model."""
         from CLIPSegLib.models import DEFAULT_MODEL
 
@@ -394,7 +394,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
     """Usable without the GUI, e.g. from the Python console::
 
         logic = slicer.util.getModuleLogic("CLIPSeg")
-        seg = logic.segment(volumeNode, ["thyroid nodule", "cyst"], model="cliptnseg-phantom-small", wait=True)
+        seg = logic.segment(volumeNode, ["thyroid nodule", "cyst"], model="cliptnseg-phantom-ab-small", wait=True)
 
     ``model`` is a model id of the catalogue (``availableModels``) or the path to a model .json; it determines the
     engine. The ``engine=`` keyword of scripts written when the panel had an engine choice still works: it must name
@@ -558,7 +558,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
         ``options`` (a CLIPSegLib.options.SegmentOptions; default: all defaults) with ``keywords`` changed: any of
         its options by name, ``engine``, ``model``, ``device``, ``precision``, ``axis``, ``threshold``,
         ``batchSize``, ``keepProbabilities``, ``spacing`` (snake_case works too); checked first (InputError).
-        ``model``: a catalogue id or a spec path (default: the embedded model); a registry model not on this computer
+        ``model``: a catalogue id or a spec path (default: the default model); a registry model not on this computer
         is downloaded after asking when ``ask``, else the error names `clipseg models fetch`. ``engine``: optional,
         must be the model's engine. ``threshold`` None keeps the model's calibrated probability threshold. Missing
         packages are installed next (asking when ``ask``), else DependencyError names them."""
@@ -593,7 +593,7 @@ class CLIPSegLogic(ScriptedLoadableModuleLogic):
 
         ``pairs``: [(volume node, segmentation node)] (or one pair). Segment names are the phrases; the slices that
         hold any segment of a segmentation are its labelled slices (a segment empty there is learnt as absent there);
-        other slices are not used. ``fromModel``: a catalogue id or spec path (default: the embedded model), downloaded
+        other slices are not used. ``fromModel``: a catalogue id or spec path (default: the default model), downloaded
         after asking when ``ask``. ``modelId``: the new model's name (default: finetuned-<segment names>); it joins
         ``availableModels()``. Options: ``device``, ``precision`` (fp32, bf16), ``steps``, ``inputSize`` (pixels, e.g.
         256; None: the model's own), ``force`` (of `clipseg finetune`) and ``replace`` (take the name of a model trained
@@ -638,7 +638,7 @@ def shutilWhich(name):
 
 class CLIPSegTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer (ctest, or Reload and Test): installs what is missing, then segments a small phantom volume
-    with the embedded model through the background process and checks the segments against the phantom's truth."""
+    with the default model through the background process and checks the segments against the phantom's truth."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()

@@ -12,6 +12,7 @@ import pytest
 import slicerio
 
 from CLIPSegLib.cli import main
+from CLIPSegLib.models import DEFAULT_MODEL
 
 from conftest import assert_no_partial_files
 
@@ -183,8 +184,10 @@ def test_models_list_shows_embedded_present_and_public_not_downloaded(tmp_path, 
     monkeypatch.setenv("CLIPSEG_HOME", str(tmp_path))
     code, io = run(["models", "list"], capsys)
     assert code == 0
-    lines = {line.split()[0]: line for line in io.out.splitlines()[1:]}
+    rows = io.out.splitlines()[1:]
+    lines = {line.split()[0]: line for line in rows}
     assert "embedded" in lines["cliptnseg-phantom-small"] and "MB" in lines["cliptnseg-phantom-small"]
+    assert rows[0].split()[0] == DEFAULT_MODEL and f"(default model: {DEFAULT_MODEL};" in io.out
     assert "not downloaded" in lines["sam-vit-h"] and "~2.4 GB" in lines["sam-vit-h"]
     code, io = run(["models", "verify", "cliptnseg-phantom-small"], capsys)
     assert code == 0 and "present" in io.out

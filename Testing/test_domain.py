@@ -83,7 +83,7 @@ def test_a_domain_measured_with_other_preprocessing_is_not_checked():
 
 def test_a_model_trained_on_both_families_measures_its_domain_on_both(monkeypatch):
     """The reference of an A+B model spans family-B volumes too: a B volume darker than family A's range (held-out
-    seed 1008: median 0.26, under the embedded model's lower bound 0.31, its darkest A run / 1.5) is flagged by an
+    seed 1008: median 0.26, under the family-A model's lower bound 0.31, its darkest A run / 1.5) is flagged by an
     A reference and inside a B or A+B one."""
     from CLIPSegLib.inference import domain
     from CLIPSegLib.synthetic.families import family_of, random_volume_phantom

@@ -1,6 +1,6 @@
-"""The committed second phantom model, trained on both phantom families (``cliptnseg-phantom-ab-small``), on
-held-out volumes of family B, the physical model the default model was not trained on (seeds it was neither trained
-nor calibrated on). The README's figures for both families come from ``clipseg evaluate`` on more volumes."""
+"""The committed default model, trained on both phantom families (``cliptnseg-phantom-ab-small``), on held-out volumes
+of family B, the physical model its parent was not trained on (seeds it was neither trained nor calibrated on). The
+README's figures for both families come from ``clipseg evaluate`` on more volumes."""
 
 import numpy as np
 import pytest
@@ -8,11 +8,11 @@ import pytest
 from CLIPSegLib.evaluation.metrics import dice
 from CLIPSegLib.inference.pipeline import segment_volume
 from CLIPSegLib.io.geometry import Geometry
-from CLIPSegLib.models import load_spec
+from CLIPSegLib.models import DEFAULT_MODEL, catalogue, load_spec
 from CLIPSegLib.synthetic.families import make_phantom
 
 MODEL = "cliptnseg-phantom-ab-small"
-SEEDS_BOTH = (501, 502, 504, 505)  # as the default model's test; the model misses the nodule of 502 (a faint one)
+SEEDS_BOTH = (501, 502, 504, 505)  # as test_embedded_model.py; the model misses the nodule of 502 (a faint one)
 SEED_CYST_ONLY = 503
 
 
@@ -28,7 +28,8 @@ def _volume(seed, findings):
     return ph, Geometry.axis_aligned(ph.spacing)
 
 
-def test_spec_says_it_continues_the_default_model_on_both_families():
+def test_spec_says_it_is_the_default_and_continues_the_family_a_model_on_both_families():
+    assert DEFAULT_MODEL == MODEL and catalogue.resolve(None).id == MODEL
     spec = load_spec(MODEL)
     assert spec["engine"] == "cliptnseg" and spec["training"]["family"] == "A+B"
     assert spec["training"]["parent"]["id"] == "cliptnseg-phantom-small"

@@ -1,4 +1,5 @@
-"""The committed embedded default model on held-out phantom volumes (seeds it was neither trained nor calibrated on).
+"""The committed embedded default model, and the family-A model it was continued from, on held-out family-A phantom
+volumes (seeds neither was trained nor calibrated on).
 
 These assert behaviour a user relies on: the named finding is segmented, an absent finding gives an empty segment,
 and swapping prompts swaps masks. The README's figures come from `clipseg evaluate` on more volumes."""
@@ -15,11 +16,14 @@ from CLIPSegLib.inference.pipeline import segment_volume
 from CLIPSegLib.io.geometry import Geometry
 
 
-@pytest.fixture(scope="module")
-def engine():
+BASE_MODEL = "cliptnseg-phantom-small"  # trained from scratch on family A; the default continues it on A and B
+
+
+@pytest.fixture(scope="module", params=[None, BASE_MODEL], ids=["default", "base"])
+def engine(request):
     from CLIPSegLib.inference.segment_file import load_engine
 
-    return load_engine(None, device="cpu")
+    return load_engine(request.param, device="cpu")
 
 
 def _geometry(ph):

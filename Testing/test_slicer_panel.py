@@ -362,7 +362,7 @@ def test_console_engine_keyword_must_match_the_model(fakes, monkeypatch, volume)
     logic = module.CLIPSegLogic()
     run = logic.segment(volume, ["cyst"], engine="cliptnseg", wait=False)  # scripts written for the engine choice
     assert run.kwargs["options"].engine == "cliptnseg" and run.kwargs["options"].model is None
-    with pytest.raises(InputError, match="engine 'tgcnet' does not match the model 'cliptnseg-phantom-small'"):
+    with pytest.raises(InputError, match=f"engine 'tgcnet' does not match the model '{DEFAULT_MODEL}'"):
         logic.segment(volume, ["cyst"], engine="tgcnet", wait=False)
     assert len(FakeSceneRun.made) == 1
 

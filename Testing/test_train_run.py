@@ -91,7 +91,7 @@ def test_painted_slices_become_the_training_table_and_the_model_joins_the_catalo
     folder = run.tmp
     assert run.finish(timeout=60) == "my-brain"
     argv = json.loads((record / "argv.json").read_text())
-    assert argv[:3] == ["-m", "CLIPSegLib.cli", "finetune"] and "--from" not in argv  # the embedded model
+    assert argv[:3] == ["-m", "CLIPSegLib.cli", "finetune"] and "--from" not in argv  # the default model
     assert argv[argv.index("--model-id") + 1] == "my-brain" and argv[argv.index("--progress") + 1] == "json"
     assert argv[argv.index("--device") + 1] == "cpu" and argv[argv.index("--steps") + 1] == "5"
     assert argv[argv.index("--input-size") + 1] == "256"
@@ -148,7 +148,7 @@ def test_several_pairs_one_file_per_volume_and_segments_of_one_name_joined(scene
     assert len({r["image"] for r in rows}) == 1
     assert np.array_equal(_kept(record, rows[2]["mask"])[0] > 0, cyst_a | cyst_b)
     assert any("'never painted' is empty on every painted slice" in m for m in run.messages)
-    assert run.describe().startswith("Training two from the embedded model on white matter, grey matter, Cyst")
+    assert run.describe().startswith("Training two from the default model on white matter, grey matter, Cyst")
 
 
 def test_cancel_kills_the_command_and_leaves_nothing_behind(scene, tmp_path, tiny_model):

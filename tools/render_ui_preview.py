@@ -44,7 +44,7 @@ def main():
         raise SystemExit(f"could not load {UI}: {loader.errorString()}")
     fill = {"inputVolumeSelector": ["thyroid US (256x256x32)"],
             "outputSegmentationSelector": ["Create new segmentation"],
-            "modelComboBox": ["cliptnseg-phantom-small (CLIP-TNseg, embedded)"],
+            "modelComboBox": ["cliptnseg-phantom-ab-small (CLIP-TNseg, embedded)"],
             "deviceComboBox": ["auto", "cpu", "cuda"],
             "precisionComboBox": ["fp32", "bf16"],
             "axisComboBox": ["auto", "0", "1", "2"]}

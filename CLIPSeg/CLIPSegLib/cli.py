@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "file")
     _add_common(s, options=None)  # every run option
 
-    d = sub.add_parser("demo", help="segment a phantom volume with the embedded model; writes .seg.nrrd and a PNG")
+    d = sub.add_parser("demo", help="segment a phantom volume with the default model; writes .seg.nrrd and a PNG")
     d.add_argument("--output-dir", default="demo_output")
     d.add_argument("--seed", type=seed, default=7)
     _add_common(d)
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every slice), or a folder with images/ and labels/ (label maps) and --prompt-map")
     f.add_argument("--from", dest="parent", default=None, metavar="MODEL",
                    help="the model to start from: an id of `clipseg models list` or a model .json (default: the "
-                        "embedded model)")
+                        "default model)")
     f.add_argument("--output-dir", required=True, help="where <model-id>.json/.safetensors are written")
     f.add_argument("--model-id", default=None, help="the new model's id (default: <parent id>-finetuned)")
     f.add_argument("--prompt-map", default=None, help="with a folder: JSON mapping label values to phrases, or a "
@@ -680,7 +680,7 @@ def _cmd_finetune_clip(a, progress):
 
 def _cmd_models(a, progress):
     from .errors import ModelError
-    from .models import catalogue
+    from .models import DEFAULT_MODEL, catalogue
     from .models import store as ms
 
     registry = ms.load_registry()
@@ -690,9 +690,9 @@ def _cmd_models(a, progress):
         print(f"{'id':26s} {'engine':11s} {'role':9s} {'status':14s} {'size':>9s}  licence   cache: {ms.cache_dir()}")
         for r in refs:
             print(f"{r.id:26s} {r.engine:11s} {r.role:9s} {r.status:14s} {r.size:>9s}  {r.license}")
-        print("(--model and the Slicer panel take the segmenters; clip, clipseg and sam rows are parts an engine "
-              "builds on, fetched for it, not models that segment on their own; `clipseg models convert` makes a "
-              "model of a clipseg checkpoint)")
+        print(f"(default model: {DEFAULT_MODEL}; --model and the Slicer panel take the segmenters; clip, clipseg and "
+              "sam rows are parts an engine builds on, fetched for it, not models that segment on their own; "
+              "`clipseg models convert` makes a model of a clipseg checkpoint)")
     elif a.action == "fetch":
         print(f"{a.id}: present in {ms.fetch(a.id, progress, registry)}")
     elif a.action == "verify":

@@ -132,7 +132,7 @@ class SegmentOptions:
     ``from_keywords`` make a changed copy, validated again."""
 
     model: str | None = option(
-        None, "model id or path to a model .json (default: the embedded model)", "engine", _text_or_none,
+        None, "model id or path to a model .json (default: the default model)", "engine", _text_or_none,
         metavar="ID_OR_PATH")
     engine: str | None = option(
         None, f"engine id (default: the model's engine): {', '.join(ENGINES)}", "engine", _text_or_none,

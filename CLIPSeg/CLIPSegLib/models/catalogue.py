@@ -2,7 +2,7 @@
 
 A model is named by
 
-- an id of the catalogue (``store.entries``): the embedded model (``Resources/Models``), a registry entry (its files
+- an id of the catalogue (``store.entries``): the embedded models (``Resources/Models``), a registry entry (its files
   downloaded into the cache by ``clipseg models fetch`` or copied in by ``clipseg models import ID FILE...``), or a
   model imported from its spec (``clipseg models import SPEC.json``);
 - or the path to a model spec ``.json`` (e.g. one ``clipseg train`` wrote).
@@ -80,13 +80,13 @@ def entries(registry: dict | None = None) -> list[ModelRef]:
 
 
 def segmentation_models(registry: dict | None = None) -> list[ModelRef]:
-    """The models that segment, downloaded or not: what ``clipseg models list`` prints first and the Slicer panel
-    offers."""
-    return [r for r in entries(registry) if r.runnable]
+    """The models that segment, downloaded or not, the default (``DEFAULT_MODEL``) first: what ``clipseg models
+    list`` prints first and the Slicer panel offers."""
+    return sorted((r for r in entries(registry) if r.runnable), key=lambda r: r.id != DEFAULT_MODEL)
 
 
 def find(model: str | os.PathLike | None = None, registry: dict | None = None) -> ModelRef:
-    """The catalogue entry of a model id (default: the embedded model), or a ``ModelRef`` of a spec file given by
+    """The catalogue entry of a model id (default: ``DEFAULT_MODEL``), or a ``ModelRef`` of a spec file given by
     path (read and checked). An id wins over a same-named file or folder in the working directory. Raises
     ModelError for an unknown id (naming the closest), a folder, a weight file instead of its spec, a missing file."""
     model = str(model or DEFAULT_MODEL)

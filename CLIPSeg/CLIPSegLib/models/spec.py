@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import ModelError
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-DEFAULT_MODEL = "cliptnseg-phantom-small"
+DEFAULT_MODEL = "cliptnseg-phantom-ab-small"
 
 # the spec fields each engine reads (all JSON objects), with what they hold; engines not listed are checked by their
 # builder

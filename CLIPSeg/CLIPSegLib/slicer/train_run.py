@@ -178,7 +178,7 @@ def labelled_slices(masks) -> list[int]:
 
 
 class TrainRun(BackgroundJob):
-    """Fine-tune ``from_model`` (a catalogue id or spec path; default: the command's, the embedded model) on the
+    """Fine-tune ``from_model`` (a catalogue id or spec path; default: the command's, the default model) on the
     painted slices of ``pairs`` into a new model ``model_id`` (default: ``default_model_id`` of the phrases).
     ``options``: ``TRAIN_OPTIONS`` (device, precision, steps, force, replace, inputSize), checked here. ``start()``
     exports and starts; ``poll``, ``cancel``; ``finish()`` imports the model and returns its id."""
@@ -247,7 +247,7 @@ class TrainRun(BackgroundJob):
     def describe(self) -> str:
         """One line for the status: what is trained on what (after ``start``)."""
         slices = sum(len(s) for _, _, s in self.labelled)
-        return (f"Training {self.model_id} from {self.from_model or 'the embedded model'} on "
+        return (f"Training {self.model_id} from {self.from_model or 'the default model'} on "
                 f"{', '.join(self.phrases)}: {slices} painted slice(s) in {len(self.labelled)} segmentation(s)")
 
     def _result(self) -> str:

@@ -1,7 +1,7 @@
 """Fine-tune an existing model on a user's labelled slices: ``clipseg finetune`` and ``finetune``.
 
 Engines (``TUNINGS``: one small ``Tuning`` per engine holds what differs): cliptnseg (CLIP-TNseg) and tgcnet
-(TGC-Net). From a parent model (any catalogue id or model ``.json``; the embedded model by default):
+(TGC-Net). From a parent model (any catalogue id or model ``.json``; the default model by default):
 
 1. the data (``labelled_slices``): only labelled slices, a quarter of them held out to calibrate (one holding each
    phrase, the rest slices holding none where there are such), never trained on by the model calibrated there (the
@@ -666,7 +666,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
              replay: int | None = None, command: str = "", stop_after: int | None = None,
              distill: bool = True, input_size: int | None = None,
              keep_parent: bool | None = None, refit: bool = True, precision: str = "fp32") -> FinetuneResult | None:
-    """Fine-tune ``parent`` (model id or spec path of an engine of ``TUNINGS``; default: the embedded model) on DATA
+    """Fine-tune ``parent`` (model id or spec path of an engine of ``TUNINGS``; default: the default model) on DATA
     (``labelled_slices``) and write ``output_dir/<model_id>.{json,safetensors}`` (refused before any work if they
     exist, unless ``force``).
 

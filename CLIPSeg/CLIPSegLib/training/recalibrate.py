@@ -17,7 +17,7 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
                       family: str = "A+B", device: str = "cpu", force: bool = False,
                       progress: Progress | None = None, command: str = "", thresholds=None,
                       flip_choice: bool = False):
-    """Re-calibrate the presence rule of an existing model (id or spec path; None: the embedded model) on
+    """Re-calibrate the presence rule of an existing model (id or spec path; None: the default model) on
     ``n_volumes`` phantom volumes of ``family`` ("A", "B" or the mixture "A+B") from ``seed_base``, its weights
     unchanged (the rules of phrases a fine-tuned model learnt from a user's slices are kept); write the spec with the
     new ``presence`` to ``output`` (a .json; the weight files are copied beside
