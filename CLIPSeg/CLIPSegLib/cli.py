@@ -12,6 +12,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from .models.spec import DEFAULT_MODEL
 from .options import PRECISIONS, SegmentOptions, add_arguments
 
 
@@ -208,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV image,mask,phrase[,slices] (slices: labelled 0-based K indices, e.g. \"3;7;12\"; empty: "
                         "every slice), or a folder with images/ and labels/ (label maps) and --prompt-map")
     f.add_argument("--from", dest="parent", default=None, metavar="MODEL",
-                   help="the model to start from: an id of `clipseg models list` or a model .json (default: the "
-                        "default model)")
+                   help="the model to start from: an id of `clipseg models list` or a model .json (default: "
+                        f"{DEFAULT_MODEL})")
     f.add_argument("--output-dir", required=True, help="where <model-id>.json/.safetensors are written")
     f.add_argument("--model-id", default=None, help="the new model's id (default: <parent id>-finetuned)")
     f.add_argument("--prompt-map", default=None, help="with a folder: JSON mapping label values to phrases, or a "
@@ -680,7 +681,7 @@ def _cmd_finetune_clip(a, progress):
 
 def _cmd_models(a, progress):
     from .errors import ModelError
-    from .models import DEFAULT_MODEL, catalogue
+    from .models import catalogue
     from .models import store as ms
 
     registry = ms.load_registry()

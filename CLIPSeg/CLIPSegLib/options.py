@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from .engines import ENGINES as _REGISTERED_ENGINES
 from .errors import InputError
+from .models.spec import DEFAULT_MODEL
 
 ENGINES = tuple(_REGISTERED_ENGINES)  # engine ids, from the (torch-free) registry in engines/__init__.py
 DEVICES = ("auto", "cpu", "cuda")  # "cuda:N" picks one GPU
@@ -132,7 +133,7 @@ class SegmentOptions:
     ``from_keywords`` make a changed copy, validated again."""
 
     model: str | None = option(
-        None, "model id or path to a model .json (default: the default model)", "engine", _text_or_none,
+        None, f"model id or path to a model .json (default: {DEFAULT_MODEL})", "engine", _text_or_none,
         metavar="ID_OR_PATH")
     engine: str | None = option(
         None, f"engine id (default: the model's engine): {', '.join(ENGINES)}", "engine", _text_or_none,
