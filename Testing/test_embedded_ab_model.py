@@ -1,6 +1,6 @@
 """The committed default model, trained on both phantom families (``cliptnseg-phantom-ab-small``), on held-out volumes
-of family B, the physical model the family-A model it descends from was not trained on (seeds it was neither trained nor calibrated on). The
-README's figures for both families come from ``clipseg evaluate`` on more volumes."""
+of family B, the physical model the family-A model it descends from was not trained on (seeds it was neither trained
+nor calibrated on). The README's figures for both families come from ``clipseg evaluate`` on more volumes."""
 
 import numpy as np
 import pytest
