@@ -148,7 +148,8 @@ def test_several_pairs_one_file_per_volume_and_segments_of_one_name_joined(scene
     assert len({r["image"] for r in rows}) == 1
     assert np.array_equal(_kept(record, rows[2]["mask"])[0] > 0, cyst_a | cyst_b)
     assert any("'never painted' is empty on every painted slice" in m for m in run.messages)
-    assert run.describe().startswith("Training two from the default model on white matter, grey matter, Cyst")
+    assert run.describe().startswith(
+        f"Training two from the default model ({DEFAULT_MODEL}) on white matter, grey matter, Cyst")
 
 
 def test_cancel_kills_the_command_and_leaves_nothing_behind(scene, tmp_path, tiny_model):

@@ -30,6 +30,7 @@ import numpy as np
 from ..checks import check_prompts
 from ..errors import ClipSegError, InputError
 from ..io.outputs import write_volume
+from ..models.spec import DEFAULT_MODEL
 from ..options import INPUT_SIZES, check_device, check_precision
 from .background import BackgroundJob, finetune_command
 from .mrml_bridge import check_untransformed, segment_to_array, volume_to_array
@@ -247,7 +248,7 @@ class TrainRun(BackgroundJob):
     def describe(self) -> str:
         """One line for the status: what is trained on what (after ``start``)."""
         slices = sum(len(s) for _, _, s in self.labelled)
-        return (f"Training {self.model_id} from {self.from_model or 'the default model'} on "
+        return (f"Training {self.model_id} from {self.from_model or f'the default model ({DEFAULT_MODEL})'} on "
                 f"{', '.join(self.phrases)}: {slices} painted slice(s) in {len(self.labelled)} segmentation(s)")
 
     def _result(self) -> str:
