@@ -269,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dense-labels", default="caption", choices=("caption", "mask"),
                    help="what the patch term learns from: which findings each slice holds, as its caption says "
                         "(default; no mask, so the model stays zero-shot), or the findings' masks")
+    g.add_argument("--presence-weight", type=float, default=0.0,
+                   help="weight of a slice presence term (phantoms): the image-text score the engine reads as "
+                        "presence (the finding's phrase against the neutral texts) pushed toward whether the slice "
+                        "holds the finding, as its caption says (no mask); 0: off")
     g.add_argument("--presence-from", default=None, metavar="MODEL|FOLDER",
                    help="a model (id or .json) or BiomedCLIP folder whose CLIP, frozen, the new model carries to say "
                         "whether a slice holds the finding (its image-text score); the tuned CLIP then only learns "
@@ -662,6 +666,7 @@ def _cmd_finetune_clip(a, progress):
     argv += ["--from", a.source] if a.source else []
     argv += ["--sam-from", a.sam_from] if a.sam_from else []
     argv += ["--presence-from", a.presence_from] if a.presence_from else []
+    argv += ["--presence-weight", str(a.presence_weight)] if a.presence_weight else []
     argv += (["--data", a.data] if a.data else ["--phantoms", str(a.phantoms), "--volumes", str(a.volumes),
                                                  "--family", a.family] + (["--augment"] if a.augment else []))
     argv += ["--model-id", a.model_id] if a.model_id else []
@@ -674,7 +679,8 @@ def _cmd_finetune_clip(a, progress):
                          a.lora_rank, a.dense_weight, a.temperature, a.beta1, a.beta2, a.seed, not a.no_resume,
                          a.sam_from, a.saliency, progress, device,
                          shlex.join(argv) + " --no-resume --force", a.force, dense_labels=a.dense_labels,
-                         augment=a.augment, precision=a.precision, presence_from=a.presence_from)
+                         augment=a.augment, precision=a.precision, presence_from=a.presence_from,
+                         presence_weight=a.presence_weight)
     if a.progress != "json":
         print(f"wrote {path}")
 

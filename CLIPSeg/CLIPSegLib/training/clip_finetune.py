@@ -246,13 +246,18 @@ def check_dense_labels(dense_labels: str) -> None:
 
 
 def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperature: float = 0.6, beta1: float = 0.15,
-                 beta2: float = 0.15, device="cpu", dense_labels: str = "caption", absent_bag: bool = True):
+                 beta2: float = 0.15, device="cpu", dense_labels: str = "caption", absent_bag: bool = True,
+                 presence_weight: float = 0.0):
     """-> ``loss(batch)`` for ``run_loop``: DHN-NCE of the images against their captions (the first text of each
     sample) + ``dense_weight`` x the dense term (module docstring) on the other texts, labelled by ``dense_labels``:
     whether each text's finding is in the slice (``caption``; ``absent_bag``: ``mil_loss``'s) or its mask
-    (``mask``)."""
+    (``mask``) + ``presence_weight`` x the slice presence term: binary cross-entropy of the image-text presence
+    logit the engine reads (``engine.presence_logits``: the finding's phrase against the neutral texts, on the whole
+    slice's embedding) against whether the slice holds the finding (its caption's label; present and absent pairs
+    averaged separately)."""
     check_dense_labels(dense_labels)
     from ..engines.medclipsam.dhn_nce import dhn_nce_loss
+    from ..engines.medclipsam.engine import presence_logits
     from ..engines.medclipsam.saliency import PATCH_SCALE, dense_features, patch_similarity
 
     def loss(batch):
@@ -264,18 +269,26 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
             pooled, dense = dense_features(clip.model, x)  # [B,D], [B,D,h,w]
         else:
             pooled, dense = clip.model.encode_image(x), None
-        unique = list(dict.fromkeys(list(phrases) + (list(neutral) if dense is not None else [])))
+        per_finding = (dense is not None or presence_weight > 0) and not first.all()
+        unique = list(dict.fromkeys(list(phrases) + (list(neutral) if per_finding else [])))
         emb = clip.model.encode_text(clip.tokenizer(unique).to(device))
         idx = torch.tensor([unique.index(p) for p in phrases], device=device)
         total = dhn_nce_loss(pooled, emb[idx[first.to(device)]], temperature, beta1, beta2)
-        if dense is None:
+        if not per_finding:
             return total
         rest = (~first).nonzero().flatten()
-        sim = patch_similarity(dense, emb, emb[[unique.index(n) for n in neutral]])  # [B,U,h,w]
-        logits = PATCH_SCALE * sim[pair_index[rest].to(device), idx[rest.to(device)]]  # [M,h,w]
+        present = masks[rest].flatten(1).any(1).to(device)  # [M] the slice holds the text's finding
+        rows, texts = pair_index[rest].to(device), idx[rest.to(device)]
+        neutral_emb = emb[[unique.index(n) for n in neutral]]
+        if presence_weight > 0:
+            logit = presence_logits(pooled, emb, neutral_emb, clip.model.logit_scale.exp())[rows, texts]  # [M]
+            bce = F.binary_cross_entropy_with_logits(logit, present.float(), reduction="none")
+            total = total + presence_weight * sum(bce[side].mean() for side in (present, ~present) if side.any())
+        if dense is None:
+            return total
+        logits = PATCH_SCALE * patch_similarity(dense, emb, neutral_emb)[rows, texts]  # [M,h,w]
         if dense_labels == "caption":
-            return total + dense_weight * mil_loss(logits, masks[rest].flatten(1).any(1).to(device),
-                                                   absent_bag=absent_bag)
+            return total + dense_weight * mil_loss(logits, present, absent_bag=absent_bag)
         frac = F.adaptive_avg_pool2d(masks[rest][:, None].float().to(device), logits.shape[-2:])[:, 0]  # [M,h,w]
         top = frac.flatten(1).amax(1).clamp(max=0.5)[:, None, None]
         target = ((frac >= top) & (frac > 0)).float()  # mostly inside; a finding smaller than a patch: its best patch
@@ -392,11 +405,12 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                   saliency: str | None = "patch_similarity", progress: Progress | None = None, device="cpu",
                   command: str = "", force: bool = False, stop_after: int | None = None,
                   dense_labels: str = "caption", augment: bool = False, precision: str = "fp32",
-                  presence_from: str | None = None) -> Path | None:
+                  presence_from: str | None = None, presence_weight: float = 0.0) -> Path | None:
     """The whole command: checks, source CLIP, data, ``run_loop`` (checkpoint ``work_dir/clip.pt``), export.
     ``augment``: phantom captions augmented (``PhantomCaptions``); ``precision``: fp32 or bf16 autocast of the
     training steps; ``presence_from``: the model (id or spec; or a BiomedCLIP folder) whose CLIP, frozen, becomes
-    the exported model's ``presence_clip`` (module docstring). Returns the spec path (None when ``stop_after``
+    the exported model's ``presence_clip`` (module docstring); ``presence_weight``: the slice presence term
+    (``clip_loss_fn``; phantom captions only). Returns the spec path (None when ``stop_after``
     ended the call before the last step)."""
     from monai.utils import set_determinism
 
@@ -405,14 +419,17 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     if batch_size < 2:
         raise InputError(f"--batch-size {batch_size}: DHN-NCE needs at least 2 image-caption pairs per batch (the "
                          f"other pairs are each pair's negatives); give 2 or more")
-    if steps < 1 or lr <= 0 or dense_weight < 0:
-        raise InputError(f"--steps {steps}, --lr {lr}, --dense-weight {dense_weight}: steps >= 1, lr > 0 and "
-                         f"dense weight >= 0")
+    if steps < 1 or lr <= 0 or dense_weight < 0 or presence_weight < 0:
+        raise InputError(f"--steps {steps}, --lr {lr}, --dense-weight {dense_weight}, --presence-weight "
+                         f"{presence_weight}: steps >= 1, lr > 0 and weights >= 0")
     if family not in ("A", "B", "A+B"):
         raise InputError(f"--family {family!r} is not A, B or A+B")
     check_dense_labels(dense_labels)
     if data_csv is not None and augment:
         raise InputError("--augment applies to phantom captions; with --data your own images are used as they are")
+    if data_csv is not None and presence_weight:
+        raise InputError("--presence-weight needs to know which findings each slice holds, which phantom captions "
+                         "say and a caption table does not; leave it out with --data")
     progress = progress or Progress("none")
     device = torch.device(device)
     clip, clip_cfg, tspec, tstate, lineage = load_source(source, device, template)
@@ -432,10 +449,11 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     settings = {"lr": lr, "trainable": trainable, "blocks": blocks, "lora_rank": lora_rank, "dense_weight": dense_weight,
                 "dense_labels": dense_labels, "temperature": temperature, "beta1": beta1, "beta2": beta2,
                 "tensors": len(tuner.names), **({"augment": True} if augment else {}),
-                **({"presence_from": presence_from} if presence is not None else {})}
+                **({"presence_from": presence_from} if presence is not None else {}),
+                **({"presence_weight": presence_weight} if presence_weight else {})}
     recipe = Recipe("CLIP DHN-NCE", [{"params": tuner.params, "lr": lr}],
                     clip_loss_fn(clip, neutral, dense_weight, temperature, beta1, beta2, device, dense_labels,
-                                 absent_bag=presence is None),
+                                 absent_bag=presence is None, presence_weight=presence_weight),
                     tuner.state, tuner.load, tuner.train, weight_decay=0.01, fingerprint=settings)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -445,10 +463,12 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     done = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
     if done < steps:
         return None
+    terms = ["DHN-NCE"] + ([" + patch MIL from captions" if dense_labels == "caption" else " + dense patch BCE on masks"]
+                           if dense_weight and data_csv is None else []) + (
+        [" + slice presence from captions"] if presence_weight else [])
     training = {"command": command, "parent": lineage, "template": tspec["id"], "data": data, "steps": steps,
-                "batch_size": batch_size, "seed": seed, "precision": precision, "neutral": neutral, "loss": "DHN-NCE" + (
-                    (" + patch MIL from captions" if dense_labels == "caption" else " + dense patch BCE on masks")
-                    if dense_weight and data_csv is None else ""),
+                "batch_size": batch_size, "seed": seed, "precision": precision, "neutral": neutral,
+                "loss": "".join(terms),
                 "last_loss": round(losses[-1], 4) if losses else None, **settings,
                 # the phrases the source CLIP's model was trained on, else its template's (the medclipsam recipe and
                 # the unseen-word check read them)

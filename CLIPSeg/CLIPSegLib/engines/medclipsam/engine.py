@@ -244,10 +244,16 @@ class MedCLIPSAMEngine(Engine):
 def _presence(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor, neutral: torch.Tensor) -> torch.Tensor:
     """Unit image embeddings ``[B,D]``, prompt ``[P,D]`` and neutral ``[N,D]`` embeddings of one CLIP -> ``[B,P]``
     = exp(own) / (exp(own) + sum exp(neutral)) at the CLIP's logit scale."""
-    scale = float(clip.model.logit_scale.exp())
+    return torch.sigmoid(presence_logits(image, text, neutral, float(clip.model.logit_scale.exp())))
+
+
+def presence_logits(image: torch.Tensor, text: torch.Tensor, neutral: torch.Tensor, scale) -> torch.Tensor:
+    """Image embeddings ``[B,D]``, prompt ``[P,D]`` and neutral ``[N,D]`` embeddings (each made unit here) at logit
+    scale ``scale`` -> ``[B,P]`` logits whose sigmoid is the slice presence: scale x cos(image, prompt) minus the
+    log-sum-exp of scale x cos(image, neutral). ``clipseg finetune-clip --presence-weight`` trains this same logit."""
+    image, neutral = F.normalize(image.float(), dim=-1), F.normalize(neutral.float(), dim=-1)
     own = scale * image @ F.normalize(text.float(), dim=-1).T  # [B,P]
-    rival = torch.logsumexp(scale * image @ neutral.T, dim=1, keepdim=True)  # [B,1]
-    return torch.sigmoid(own - rival)
+    return own - torch.logsumexp(scale * image @ neutral.T, dim=1, keepdim=True)  # [B,P] - [B,1]
 
 
-__all__ = ["MedCLIPSAMEngine", "NEUTRAL", "SALIENCY", "BOXES", "load_sam_of", "lowest_floor"]
+__all__ = ["MedCLIPSAMEngine", "NEUTRAL", "SALIENCY", "BOXES", "load_sam_of", "lowest_floor", "presence_logits"]
