@@ -5,7 +5,8 @@ truth (IoU; 0 when no box). Also the mean map inside the truth minus outside, se
 model's slice presence (CLIP's image-text score, the patch score with ``saliency.slice_presence`` "patches", or the
 presence CLIP's image-text score with "presence_clip")
 tells the slices holding the finding from those without it, over every slice of the volumes (ROC AUC, MONAI's
-``compute_roc_auc``; mean presence on slices with / without).
+``compute_roc_auc``; mean presence on slices with / without), and the volumes holding it from the others by their
+highest slice presence (volume AUC).
 
 Run:  .venv/bin/python benchmarks/medclipsam_saliency.py [--models medclipsam-phantom-small,OTHER.json]
       [--methods gradcam,patch_similarity] [--volumes 4] [--family A]
@@ -63,12 +64,18 @@ def slice_presence_auc(engine, volumes) -> dict:
                                       else torch.zeros(len(images), dtype=bool) for f in FINDINGS], 1))
     finally:
         engine.skip_below = floor
+    peak = torch.stack([s.amax(0) for s in scores])  # [V,F] each volume's highest slice presence
+    held = torch.stack([t.any(0) for t in truth])  # [V,F] the volume holds the finding
     scores, truth = torch.cat(scores), torch.cat(truth)
+
+    def roc(s, y):
+        return compute_roc_auc(s, y.float()) if 0 < int(y.sum()) < len(y) else float("nan")
+
     out = {}
     for i, f in enumerate(FINDINGS):
         y, s = truth[:, i], scores[:, i]
-        auc = compute_roc_auc(s, y.float()) if 0 < int(y.sum()) < len(y) else float("nan")
-        out[f] = f"{auc:.3f}, {float(s[y].mean()) if y.any() else np.nan:.2f} / {float(s[~y].mean()):.2f}"
+        out[f] = (f"{roc(s, y):.3f}, {float(s[y].mean()) if y.any() else np.nan:.2f} / {float(s[~y].mean()):.2f}; "
+                  f"volumes {roc(peak[:, i], held[:, i]):.3f} ({int(held[:, i].sum())} of {len(held)} hold it)")
     return out
 
 
@@ -95,7 +102,7 @@ def main():
     print(f"{a.volumes} calibration volumes (seeds {seeds[0]}..{seeds[-1]}, family {a.family}); box IoU with the truth "
           f"box on slices where the finding is present (0 when no box); contrast = mean map inside - outside")
     print(f"{'model':34s} {'method':17s} {'finding':14s} {'slices':>6s} {'box IoU':>8s} {'IoU>0.5':>8s} "
-          f"{'contrast':>9s} {'s/slice':>8s}   slice presence: AUC, mean with / without")
+          f"{'contrast':>9s} {'s/slice':>8s}   slice presence: AUC, mean with / without; volume AUC")
     for model in a.models.split(","):
         engine = create_engine(load_spec(model), torch.device("cpu"))
         clip, size = engine.clip, engine.clip.image_size
