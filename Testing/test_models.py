@@ -105,3 +105,18 @@ def test_weights_file_given_as_model_points_to_its_json(tiny_model, tmp_path, ph
     assert f"give the model's .json beside it: {tiny_model}" in err and "Traceback" not in err
     assert _segment(phantom_file, tmp_path, tiny_model.parent) == 3
     assert f"is a folder; give a model's .json file (e.g. {tiny_model})" in capsys.readouterr().err
+
+
+def test_a_models_own_tensors_win_over_those_of_a_file_it_lists_after(tmp_path):
+    import torch
+
+    from CLIPSegLib.models import write_spec
+
+    base = {"engine": "medclipsam", "clip": {}, "sam": {}}
+    other = load_spec(write_spec({**base, "id": "where", "files": []},
+                                 {"clip.w": torch.ones(2), "sam.w": torch.zeros(2)}, tmp_path, half=False))
+    own = load_spec(write_spec({**base, "id": "new", "files": []}, {"sam.w": torch.full((2,), 7.0)}, tmp_path,
+                               half=False, extra_files=other["files"]))
+    assert [f["name"] for f in own["files"]] == ["new.safetensors", "where.safetensors"]
+    state = load_weights(own)
+    assert state["sam.w"].tolist() == [7.0, 7.0] and state["clip.w"].tolist() == [1.0, 1.0]

@@ -38,7 +38,9 @@ def verify_file(path: Path, sha256: str, size: int | None = None) -> None:
 
 
 def load_weights(spec: dict) -> dict:
-    """Verified state dict (name -> tensor, float32) from the spec's safetensors files."""
+    """Verified state dict (name -> tensor, float32) from the spec's safetensors files. A tensor name in more than one
+    file is read from the first that has it: a model's own file (listed first by ``write_spec``) wins over the files
+    of another model it lists after (e.g. a MedCLIP-SAM model's new SAM over the SAM its CLIP's file also carries)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -54,7 +56,7 @@ def load_weights(spec: dict) -> dict:
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"weight file {path} cannot be read as safetensors ({e}); "
                              "restore the original file") from e
-        state.update({k: v.float() for k, v in part.items()})
+        state.update({k: v.float() for k, v in part.items() if k not in state})
     return state
 
 
@@ -139,7 +141,8 @@ def check_weight_kind(path: Path, name: str) -> None:
 
 def write_spec(spec: dict, weights: dict, out_dir: Path, half: bool = True, extra_files=()) -> Path:
     """Write ``<id>.safetensors`` (fp16 unless ``half=False``) and ``<id>.json`` with size and SHA-256;
-    ``extra_files``: entries (name, sha256, size) of other files in ``out_dir`` the model also loads, listed after.
+    ``extra_files``: entries (name, sha256, size) of other files in ``out_dir`` the model also loads, listed after
+    (``load_weights`` reads a tensor these share with ``weights`` from ``weights``' file).
 
     Files are written under temporary names and renamed, so a crash never leaves a spec pointing at a half file."""
     from safetensors.torch import save_file
