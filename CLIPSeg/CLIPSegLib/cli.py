@@ -270,9 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the patch term learns from: which findings each slice holds, as its caption says "
                         "(default; no mask, so the model stays zero-shot), or the findings' masks")
     g.add_argument("--presence-weight", type=float, default=0.0,
-                   help="weight of a slice presence term (phantoms): the image-text score the engine reads as "
-                        "presence (the finding's phrase against the neutral texts) pushed toward whether the slice "
-                        "holds the finding, as its caption says (no mask); 0: off")
+                   help="weight of a slice presence term (phantoms): the image-text score (the finding's phrase "
+                        "against the neutral texts on the whole slice) pushed toward whether the slice holds the "
+                        "finding, as its caption says (no mask): what the engine reads as presence when this CLIP is "
+                        "a model's presence CLIP (--presence-from it) or the model reads 'image' presence "
+                        "(--dense-weight 0); 0: off")
     g.add_argument("--presence-from", default=None, metavar="MODEL|FOLDER",
                    help="a model (id or .json) or BiomedCLIP folder whose CLIP, frozen, the new model carries to say "
                         "whether a slice holds the finding (its image-text score); the tuned CLIP then only learns "
