@@ -59,8 +59,10 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_in_fp32_and_says_so(tiny_model, 
     from CLIPSegLib.inference.segment_file import load_engine
 
     (tmp_path / "old").write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")
-    (tmp_path / "new").write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n")
-    assert base.native_bf16(str(tmp_path / "old")) is False and base.native_bf16(str(tmp_path / "new")) is True
+    (tmp_path / "avx512").write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16\n")  # no AMX: slower
+    (tmp_path / "amx").write_text("processor : 0\nflags : fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    (tmp_path / "arm").write_text("processor : 0\nFeatures : fp asimd sve bf16 i8mm\n")
+    assert [base.native_bf16(str(tmp_path / n)) for n in ("old", "avx512", "amx", "arm")] == [False, False, True, True]
     assert base.native_bf16(str(tmp_path / "none")) is None
     notes = []
     monkeypatch.setattr(base, "native_bf16", lambda: False)

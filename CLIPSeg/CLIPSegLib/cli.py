@@ -39,8 +39,8 @@ def _add_training(p):
     """A training command's run options: ``--device``, ``--precision`` (of the training steps) and ``--progress``."""
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 (default) or bf16: each training step's forward pass and loss under bf16 autocast "
-                        "(weights stay float32); ~1.4x faster fine-tuning on a CPU with AVX-512 BF16 / AMX, the "
-                        "same Dice on the MNI benchmark; on a CPU without native bf16 the run says so and uses fp32")
+                        "(weights stay float32); ~1.4x faster fine-tuning on a CPU with AMX, the same Dice on the "
+                        "MNI benchmark; on a CPU without AMX (slower there) the run says so and uses fp32")
     _add_common(p, ("device",))
 
 
@@ -386,7 +386,7 @@ def _train_setup(a, stages, progress) -> tuple[Path, object]:
 
 def _run_precision(a, progress):
     """The device of a training command (``--device``); sets ``a.precision`` to what runs there (bf16 on a CPU
-    without native bf16: fp32, said through ``progress``)."""
+    without AMX: fp32, said through ``progress``)."""
     from .engines.contract import effective_precision
     from .inference.pipeline import resolve_device
 

@@ -57,7 +57,7 @@ def check_device(device) -> str:
 def check_precision(precision) -> str:
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}; use fp32 (exact) or bf16 "
-                         f"(faster on CPUs with AVX-512 BF16 and on GPUs)")
+                         f"(faster on CPUs with AMX and on GPUs)")
     return precision
 
 
@@ -140,7 +140,7 @@ class SegmentOptions:
         choices=ENGINES, metavar="ENGINE")
     device: str = option("auto", "auto (CUDA if present), cpu or cuda", "engine", check_device, choices=DEVICES)
     precision: str = option(
-        "fp32", "fp32 (exact) or bf16 autocast: ~1.8x faster for the paper-size network on CPUs with AVX-512 BF16 "
+        "fp32", "fp32 (exact) or bf16 autocast: ~1.8x faster for the paper-size network on CPUs with AMX "
         "and on GPUs; masks within Dice ~0.99 of fp32", "engine", check_precision, choices=PRECISIONS)
     axis: str = option("auto", "slice axis as voxel axis 0=I, 1=J, 2=K (auto: the thickest-spaced axis, else K)",
                        "pipeline", check_axis, choices=AXES)

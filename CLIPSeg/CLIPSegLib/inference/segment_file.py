@@ -22,7 +22,7 @@ from ..progress import Progress
 def load_engine(model: str | None = None, engine: str | None = None, device: str = "auto", precision: str = "fp32",
                 notify=None):
     """Model id or spec path + engine name + device name + precision (fp32|bf16) -> a ready engine (weights
-    verified). bf16 on a CPU without native bf16 arithmetic runs in fp32 instead, said through ``notify(text)``."""
+    verified). bf16 on a CPU where it does not pay (no AMX) runs in fp32 instead, said through ``notify(text)``."""
     from ..engines import check_engine, create_engine
     from ..engines.contract import effective_precision
     from ..models import load_spec
