@@ -130,6 +130,26 @@ def test_a_caption_trained_patch_term_makes_a_model_read_presence_from_the_patch
     assert read == {"caption": "patches", "mask": "image", "csv": "image"}
 
 
+def test_balanced_bce_averages_each_side_apart_and_skips_an_empty_side():
+    logits, target = torch.tensor([2.0, -1.0, 0.5, 3.0]), torch.tensor([True, False, False, False])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+    assert torch.isclose(cf.balanced_bce(logits, target), bce[0] + bce[1:].mean())
+    assert torch.isclose(cf.balanced_bce(logits, target, (True,)), bce[0])
+    assert torch.isclose(cf.balanced_bce(logits, torch.ones(4, dtype=torch.bool)),
+                         torch.nn.functional.softplus(-logits).mean())  # no negatives: the positives' mean alone
+    assert float(cf.balanced_bce(logits[:0], target[:0])) == 0.0
+
+
+def test_the_mask_term_stays_finite_when_a_finding_fills_every_patch(tiny_open):
+    """A finding covering the whole slice leaves the patch term no negatives: that side adds nothing (it was NaN)."""
+    clip = _clip(tiny_open)
+    loss = cf.clip_loss_fn(clip, ["normal tissue"], 1.0, dense_labels="mask")(
+        collate(squares(4, torch.Generator().manual_seed(0), side=S)))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in clip.model.parameters() if p.grad is not None)
+
+
 def test_without_the_absent_bag_the_slices_without_the_finding_lose_only_their_slice_score():
     present = torch.tensor([True, False])
     x = torch.full((2, 8, 8), -6.0)

@@ -282,8 +282,7 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
         neutral_emb = emb[[unique.index(n) for n in neutral]]
         if presence_weight > 0:
             logit = presence_logits(pooled, emb, neutral_emb, clip.model.logit_scale.exp())[rows, texts]  # [M]
-            bce = F.binary_cross_entropy_with_logits(logit, present.float(), reduction="none")
-            total = total + presence_weight * sum(bce[side].mean() for side in (present, ~present) if side.any())
+            total = total + presence_weight * balanced_bce(logit, present)
         if dense is None:
             return total
         logits = PATCH_SCALE * patch_similarity(dense, emb, neutral_emb)[rows, texts]  # [M,h,w]
@@ -291,11 +290,8 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
             return total + dense_weight * mil_loss(logits, present, absent_bag=absent_bag)
         frac = F.adaptive_avg_pool2d(masks[rest][:, None].float().to(device), logits.shape[-2:])[:, 0]  # [M,h,w]
         top = frac.flatten(1).amax(1).clamp(max=0.5)[:, None, None]
-        target = ((frac >= top) & (frac > 0)).float()  # mostly inside; a finding smaller than a patch: its best patch
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        pos, neg = target > 0, target == 0
-        dense_loss = bce[neg].mean() + (bce[pos].mean() if pos.any() else 0.0)
-        return total + dense_weight * dense_loss
+        target = (frac >= top) & (frac > 0)  # mostly inside; a finding smaller than a patch: its best patch
+        return total + dense_weight * balanced_bce(logits, target)
 
     return loss
 
@@ -315,11 +311,16 @@ def mil_loss(logits: torch.Tensor, present: torch.Tensor, top: int | None = None
     ranked = flat.sort(dim=1).values  # [M, h*w] ascending
     bag = ranked[:, -min(top, flat.shape[1]):].mean(1)
     negatives = torch.cat([flat[~present].flatten(), ranked[present, :int(background * flat.shape[1])].flatten()])
-    loss = F.binary_cross_entropy_with_logits(negatives, torch.zeros_like(negatives)) if negatives.numel() else 0.0
-    for side in (present, ~present) if absent_bag else (present,):
-        if side.any():
-            loss = loss + F.binary_cross_entropy_with_logits(bag[side], present[side].float())
-    return loss
+    loss = balanced_bce(negatives, torch.zeros_like(negatives, dtype=torch.bool))
+    return loss + balanced_bce(bag, present, (True, False) if absent_bag else (True,))
+
+
+def balanced_bce(logits: torch.Tensor, target: torch.Tensor, sides: tuple = (True, False)) -> torch.Tensor:
+    """Binary cross-entropy of ``logits`` against the bool ``target`` (same shape), the positives' mean plus the
+    negatives' mean, so the rarer side weighs as much as the other; a side with no element adds nothing (0 when
+    neither has any). ``sides``: which sides count (``(True,)``: the positives only)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+    return sum((bce[target == side].mean() for side in sides if (target == side).any()), logits.new_zeros(()))
 
 
 # ---------------------------------------------------------------------------------------------------------- source
@@ -513,6 +514,6 @@ def _neutral():
     return NEUTRAL
 
 
-__all__ = ["TRAINABLE", "PhantomCaptions", "CaptionTable", "Tuner", "check_dense_labels", "clip_loss_fn",
-           "finetune_clip", "load_source", "presence_source", "lora_targets", "phantom_caption", "trainable_names",
-           "export"]
+__all__ = ["TRAINABLE", "PhantomCaptions", "CaptionTable", "Tuner", "balanced_bce", "check_dense_labels",
+           "clip_loss_fn", "finetune_clip", "load_source", "presence_source", "lora_targets", "phantom_caption",
+           "trainable_names", "export"]
