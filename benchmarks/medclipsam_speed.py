@@ -18,7 +18,7 @@ findings each. Every variant runs in its own process (so its peak resident memor
 Every slice gets a box in every variant here (presence floor 0), so the figures are per slice with work to do; on a
 volume the engine also skips SAM on slices without a box and everything on slices below the presence rule.
 Prints seconds per slice, the ratio to the reference, and peak resident memory (MB). bf16 pays only on a CPU with
-native bf16 arithmetic (AVX-512 BF16 / AMX flags, printed); elsewhere the engine runs those variants in fp32.
+AMX (``contract.native_bf16``, printed); elsewhere the engine runs those variants in fp32.
 
 Run:  .venv/bin/python benchmarks/medclipsam_speed.py [--slices 2] [--prompts 3] [--threads 2] [--topk 300]
       [--variants reference,engine-gscorecam,...]

@@ -320,8 +320,8 @@ def effective_precision(precision: str, device: torch.device, notify=None) -> st
     check_precision(precision)
     if precision == "bf16" and torch.device(device).type == "cpu" and native_bf16() is False:
         if notify is not None:
-            notify("--precision bf16 ignored: this CPU has no AMX bf16 units, where bf16 measured 1.2-2x slower than "
-                   "fp32 (AVX-512 BF16 alone does not make it pay); running in fp32")
+            notify("--precision bf16 ignored: this CPU has no bf16 matrix units (x86 AMX, Arm bf16), where bf16 "
+                   "measured 1.2-2x slower than fp32 (AVX-512 BF16 alone does not make it pay); running in fp32")
         return "fp32"
     return precision
 

@@ -312,7 +312,9 @@ def mil_loss(logits: torch.Tensor, present: torch.Tensor, top: int | None = None
     bag = ranked[:, -min(top, flat.shape[1]):].mean(1)
     negatives = torch.cat([flat[~present].flatten(), ranked[present, :int(background * flat.shape[1])].flatten()])
     loss = balanced_bce(negatives, torch.zeros_like(negatives, dtype=torch.bool))
-    return loss + balanced_bce(bag, present, (True, False) if absent_bag else (True,))
+    for side in (True, False) if absent_bag else (True,):  # each side its own mean, added in this order
+        loss = loss + balanced_bce(bag, present, (side,))
+    return loss
 
 
 def balanced_bce(logits: torch.Tensor, target: torch.Tensor, sides: tuple = (True, False)) -> torch.Tensor:
