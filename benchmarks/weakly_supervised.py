@@ -104,10 +104,13 @@ def main():
     phantoms = write_volumes(work / "unlabelled", a.volumes, a.seed, a.family)
     model = work / "models" / "weak-unet.json"
     start = time.perf_counter()
-    subprocess.run([clipseg, "train", "--engine", "medclipsam", "--pseudo-labels", str(work / "unlabelled"),
-                    "--zero-shot", a.zero_shot, "--output-dir", str(work / "models"), "--model-id", "weak-unet",
-                    "--work-dir", str(work / "train"), "--steps", str(a.steps), "--force", "--progress", "none"],
-                   check=True)
+    # --no-resume: a measurement starts over (a work folder left by another zero-shot model would be refused)
+    code = subprocess.run([clipseg, "train", "--engine", "medclipsam", "--pseudo-labels", str(work / "unlabelled"),
+                           "--zero-shot", a.zero_shot, "--output-dir", str(work / "models"), "--model-id",
+                           "weak-unet", "--work-dir", str(work / "train"), "--steps", str(a.steps), "--force",
+                           "--no-resume", "--progress", "none"]).returncode
+    if code:
+        sys.exit(code)  # clipseg said why
     train_s = time.perf_counter() - start
     spec = load_spec(str(model))
     findings = list(spec["findings"])
