@@ -385,3 +385,27 @@ def test_presence_weight_with_a_caption_table_is_refused(tiny_open, tmp_path, ca
                  "--work-dir", str(tmp_path / "w"), "--progress", "none"])
     assert code == 2 and "--presence-weight needs to know which findings each slice holds" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_mil_top_sets_how_many_patches_make_a_slices_caption_score(tiny_open, monkeypatch):
+    """``mil_top`` reaches the patch term (default: the engine's ``PATCH_TOP``), and more top patches give a
+    different loss on the same batch."""
+    seen, real = [], cf.mil_loss
+    monkeypatch.setattr(cf, "mil_loss", lambda logits, present, top=None, **kw: seen.append(top) or real(
+        logits, present, top, **kw))
+    batch = collate(squares(8, torch.Generator().manual_seed(5), absent_every=2))
+    neutral = ["normal tissue", "a medical image"]
+    clip = _clip(tiny_open)
+    with torch.no_grad():
+        default, wide = (float(cf.clip_loss_fn(clip, neutral, dense_weight=1.0, mil_top=k)(batch)) for k in (None, 9))
+    assert seen == [None, 9] and default != wide
+
+
+@pytest.mark.parametrize("extra", [["--mil-top", "0"], ["--mil-top", "8", "--dense-labels", "mask"],
+                                   ["--mil-top", "8", "--dense-weight", "0"]])
+def test_mil_top_where_it_means_nothing_is_refused(tiny_open, tmp_path, capsys, extra):
+    code = main(["finetune-clip", "--from", str(tiny_open), "--phantoms", "4", "--output-dir", str(tmp_path / "o"),
+                 "--steps", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "w"), "--progress", "none", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and "--mil-top" in err and "patch term learnt from phantom captions" in err
+    assert not (tmp_path / "o").exists()

@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "finding, as its caption says (no mask): what the engine reads as presence when this CLIP is "
                         "a model's presence CLIP (--presence-from it) or the model reads 'image' presence "
                         "(--dense-weight 0); 0: off")
+    g.add_argument("--mil-top", type=int, default=None, metavar="K",
+                   help="with --dense-labels caption: how many of a slice's highest patch logits make its score for "
+                        "a finding (default 4, what the engine's patch presence reads); more spreads the map over "
+                        "more of the finding")
     g.add_argument("--presence-from", default=None, metavar="MODEL|FOLDER",
                    help="a model (id or .json) or BiomedCLIP folder whose CLIP, frozen, the new model carries to say "
                         "whether a slice holds the finding (its image-text score); the tuned CLIP then only learns "
@@ -669,6 +673,7 @@ def _cmd_finetune_clip(a, progress):
     argv += ["--sam-from", a.sam_from] if a.sam_from else []
     argv += ["--presence-from", a.presence_from] if a.presence_from else []
     argv += ["--presence-weight", str(a.presence_weight)] if a.presence_weight else []
+    argv += ["--mil-top", str(a.mil_top)] if a.mil_top is not None else []
     argv += (["--data", a.data] if a.data else ["--phantoms", str(a.phantoms), "--volumes", str(a.volumes),
                                                  "--family", a.family] + (["--augment"] if a.augment else []))
     argv += ["--model-id", a.model_id] if a.model_id else []
@@ -682,7 +687,7 @@ def _cmd_finetune_clip(a, progress):
                          a.sam_from, a.saliency, progress, device,
                          shlex.join(argv) + " --no-resume --force", a.force, dense_labels=a.dense_labels,
                          augment=a.augment, precision=a.precision, presence_from=a.presence_from,
-                         presence_weight=a.presence_weight)
+                         presence_weight=a.presence_weight, mil_top=a.mil_top)
     if a.progress != "json":
         print(f"wrote {path}")
 

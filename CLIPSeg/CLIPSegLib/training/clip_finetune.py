@@ -247,10 +247,10 @@ def check_dense_labels(dense_labels: str) -> None:
 
 def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperature: float = 0.6, beta1: float = 0.15,
                  beta2: float = 0.15, device="cpu", dense_labels: str = "caption", absent_bag: bool = True,
-                 presence_weight: float = 0.0):
+                 presence_weight: float = 0.0, mil_top: int | None = None):
     """-> ``loss(batch)`` for ``run_loop``: DHN-NCE of the images against their captions (the first text of each
     sample) + ``dense_weight`` x the dense term (module docstring) on the other texts, labelled by ``dense_labels``:
-    whether each text's finding is in the slice (``caption``; ``absent_bag``: ``mil_loss``'s) or its mask
+    whether each text's finding is in the slice (``caption``; ``absent_bag``, ``mil_top``: ``mil_loss``'s) or its mask
     (``mask``) + ``presence_weight`` x the slice presence term: binary cross-entropy of the image-text presence
     logit the engine reads (``engine.presence_logits``: the finding's phrase against the neutral texts, on the whole
     slice's embedding) against whether the slice holds the finding (its caption's label; present and absent pairs
@@ -287,7 +287,7 @@ def clip_loss_fn(clip, neutral: list[str], dense_weight: float = 1.0, temperatur
             return total
         logits = PATCH_SCALE * patch_similarity(dense, emb, neutral_emb)[rows, texts]  # [M,h,w]
         if dense_labels == "caption":
-            return total + dense_weight * mil_loss(logits, present, absent_bag=absent_bag)
+            return total + dense_weight * mil_loss(logits, present, mil_top, absent_bag=absent_bag)
         frac = F.adaptive_avg_pool2d(masks[rest][:, None].float().to(device), logits.shape[-2:])[:, 0]  # [M,h,w]
         top = frac.flatten(1).amax(1).clamp(max=0.5)[:, None, None]
         target = (frac >= top) & (frac > 0)  # mostly inside; a finding smaller than a patch: its best patch
@@ -408,12 +408,14 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                   saliency: str | None = "patch_similarity", progress: Progress | None = None, device="cpu",
                   command: str = "", force: bool = False, stop_after: int | None = None,
                   dense_labels: str = "caption", augment: bool = False, precision: str = "fp32",
-                  presence_from: str | None = None, presence_weight: float = 0.0) -> Path | None:
+                  presence_from: str | None = None, presence_weight: float = 0.0,
+                  mil_top: int | None = None) -> Path | None:
     """The whole command: checks, source CLIP, data, ``run_loop`` (checkpoint ``work_dir/clip.pt``), export.
     ``augment``: phantom captions augmented (``PhantomCaptions``); ``precision``: fp32 or bf16 autocast of the
     training steps; ``presence_from``: the model (id or spec; or a BiomedCLIP folder) whose CLIP, frozen, becomes
     the exported model's ``presence_clip`` (module docstring); ``presence_weight``: the slice presence term
-    (``clip_loss_fn``; phantom captions only). Returns the spec path (None when ``stop_after``
+    (``clip_loss_fn``; phantom captions only); ``mil_top``: patches in a slice's caption-label score (``mil_loss``'s
+    ``top``; None: ``saliency.PATCH_TOP``). Returns the spec path (None when ``stop_after``
     ended the call before the last step)."""
     from monai.utils import set_determinism
 
@@ -425,6 +427,10 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     if steps < 1 or lr <= 0 or dense_weight < 0 or presence_weight < 0:
         raise InputError(f"--steps {steps}, --lr {lr}, --dense-weight {dense_weight}, --presence-weight "
                          f"{presence_weight}: steps >= 1, lr > 0 and weights >= 0")
+    if mil_top is not None and (mil_top < 1 or dense_labels != "caption" or not dense_weight or data_csv is not None):
+        raise InputError(f"--mil-top {mil_top}: the number of top patches in the patch term learnt from phantom "
+                         f"captions, so at least 1, with --dense-labels caption, a --dense-weight above 0 and no "
+                         f"--data (a caption table turns the patch term off)")
     if family not in ("A", "B", "A+B"):
         raise InputError(f"--family {family!r} is not A, B or A+B")
     check_dense_labels(dense_labels)
@@ -453,10 +459,11 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
                 "dense_labels": dense_labels, "temperature": temperature, "beta1": beta1, "beta2": beta2,
                 "tensors": len(tuner.names), **({"augment": True} if augment else {}),
                 **({"presence_from": presence_from} if presence is not None else {}),
-                **({"presence_weight": presence_weight} if presence_weight else {})}
+                **({"presence_weight": presence_weight} if presence_weight else {}),
+                **({"mil_top": mil_top} if mil_top is not None else {})}
     recipe = Recipe("CLIP DHN-NCE", [{"params": tuner.params, "lr": lr}],
                     clip_loss_fn(clip, neutral, dense_weight, temperature, beta1, beta2, device, dense_labels,
-                                 absent_bag=presence is None, presence_weight=presence_weight),
+                                 absent_bag=presence is None, presence_weight=presence_weight, mil_top=mil_top),
                     tuner.state, tuner.load, tuner.train, weight_decay=0.01, fingerprint=settings)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
