@@ -401,11 +401,28 @@ def test_mil_top_sets_how_many_patches_make_a_slices_caption_score(tiny_open, mo
     assert seen == [None, 9] and default != wide
 
 
+def test_mil_top_reaches_the_loss_and_the_model_record_from_the_command_line(tiny_open, tmp_path, monkeypatch):
+    seen, real = [], cf.mil_loss
+    monkeypatch.setattr(cf, "mil_loss", lambda logits, present, top=None, **kw: seen.append(top) or real(
+        logits, present, top, **kw))
+    code = main(["finetune-clip", "--from", str(tiny_open), "--presence-from", str(tiny_open), "--phantoms", "8",
+                 "--dense-weight", "1", "--mil-top", "9", "--output-dir", str(tmp_path / "o"), "--model-id", "m",
+                 "--steps", "1", "--batch-size", "4", "--work-dir", str(tmp_path / "w"), "--progress", "none"])
+    assert code == 0
+    training = load_spec(tmp_path / "o" / "m.json")["training"]
+    assert set(seen) == {9} and training["mil_top"] == 9 and "--mil-top 9" in training["command"]
+
+
 @pytest.mark.parametrize("extra", [["--mil-top", "0"], ["--mil-top", "8", "--dense-labels", "mask"],
-                                   ["--mil-top", "8", "--dense-weight", "0"]])
+                                   ["--mil-top", "8", "--dense-weight", "0"], ["--mil-top", "8", "--no-presence"],
+                                   ["--mil-top", "8", "--data"]])
 def test_mil_top_where_it_means_nothing_is_refused(tiny_open, tmp_path, capsys, extra):
-    code = main(["finetune-clip", "--from", str(tiny_open), "--phantoms", "4", "--output-dir", str(tmp_path / "o"),
-                 "--steps", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "w"), "--progress", "none", *extra])
+    presence = [] if "--no-presence" in extra else ["--presence-from", str(tiny_open)]
+    extra = [x for x in extra if x != "--no-presence"]
+    source = [str(caption_csv(tmp_path / "d"))] if extra[-1] == "--data" else []
+    code = main(["finetune-clip", "--from", str(tiny_open), *presence, "--output-dir", str(tmp_path / "o"),
+                 "--steps", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "w"), "--progress", "none",
+                 *extra, *source])
     err = capsys.readouterr().err
     assert code == 2 and "--mil-top" in err and "patch term learnt from phantom captions" in err
     assert not (tmp_path / "o").exists()

@@ -276,9 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a model's presence CLIP (--presence-from it) or the model reads 'image' presence "
                         "(--dense-weight 0); 0: off")
     g.add_argument("--mil-top", type=int, default=None, metavar="K",
-                   help="with --dense-labels caption: how many of a slice's highest patch logits make its score for "
-                        "a finding (default 4, what the engine's patch presence reads); more spreads the map over "
-                        "more of the finding")
+                   help="with --dense-labels caption and --presence-from: how many of a slice's highest patch "
+                        "logits make its score for a finding (default 4, what the engine's patch presence reads)")
     g.add_argument("--presence-from", default=None, metavar="MODEL|FOLDER",
                    help="a model (id or .json) or BiomedCLIP folder whose CLIP, frozen, the new model carries to say "
                         "whether a slice holds the finding (its image-text score); the tuned CLIP then only learns "

@@ -427,10 +427,14 @@ def finetune_clip(out_dir: Path, work_dir: Path, source: str | None = None, mode
     if steps < 1 or lr <= 0 or dense_weight < 0 or presence_weight < 0:
         raise InputError(f"--steps {steps}, --lr {lr}, --dense-weight {dense_weight}, --presence-weight "
                          f"{presence_weight}: steps >= 1, lr > 0 and weights >= 0")
-    if mil_top is not None and (mil_top < 1 or dense_labels != "caption" or not dense_weight or data_csv is not None):
+    if mil_top is not None and (mil_top < 1 or dense_labels != "caption" or not dense_weight or data_csv is not None
+                                or presence_from is None):
+        from ..engines.medclipsam.saliency import PATCH_TOP
+
         raise InputError(f"--mil-top {mil_top}: the number of top patches in the patch term learnt from phantom "
-                         f"captions, so at least 1, with --dense-labels caption, a --dense-weight above 0 and no "
-                         f"--data (a caption table turns the patch term off)")
+                         f"captions, so at least 1, with --dense-labels caption, a --dense-weight above 0, no --data "
+                         f"(a caption table turns the patch term off) and --presence-from (a model without a presence "
+                         f"CLIP reads slice presence from its {PATCH_TOP} highest patches)")
     if family not in ("A", "B", "A+B"):
         raise InputError(f"--family {family!r} is not A, B or A+B")
     check_dense_labels(dense_labels)
