@@ -387,42 +387,47 @@ def test_presence_weight_with_a_caption_table_is_refused(tiny_open, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
-def test_mil_top_sets_how_many_patches_make_a_slices_caption_score(tiny_open, monkeypatch):
-    """``mil_top`` reaches the patch term (default: the engine's ``PATCH_TOP``), and more top patches give a
-    different loss on the same batch."""
+@pytest.fixture
+def mil_tops(monkeypatch):
+    """The ``top`` of every ``mil_loss`` call, in order (the real loss still computed)."""
     seen, real = [], cf.mil_loss
     monkeypatch.setattr(cf, "mil_loss", lambda logits, present, top=None, **kw: seen.append(top) or real(
         logits, present, top, **kw))
+    return seen
+
+
+def test_mil_top_sets_how_many_patches_make_a_slices_caption_score(tiny_open, mil_tops):
+    """``mil_top`` reaches the patch term (default: the engine's ``PATCH_TOP``), and more top patches give a
+    different loss on the same batch."""
     batch = collate(squares(8, torch.Generator().manual_seed(5), absent_every=2))
     neutral = ["normal tissue", "a medical image"]
     clip = _clip(tiny_open)
     with torch.no_grad():
         default, wide = (float(cf.clip_loss_fn(clip, neutral, dense_weight=1.0, mil_top=k)(batch)) for k in (None, 9))
-    assert seen == [None, 9] and default != wide
+    assert mil_tops == [None, 9] and default != wide
 
 
-def test_mil_top_reaches_the_loss_and_the_model_record_from_the_command_line(tiny_open, tmp_path, monkeypatch):
-    seen, real = [], cf.mil_loss
-    monkeypatch.setattr(cf, "mil_loss", lambda logits, present, top=None, **kw: seen.append(top) or real(
-        logits, present, top, **kw))
+def test_mil_top_reaches_the_loss_and_the_model_record_from_the_command_line(tiny_open, tmp_path, mil_tops):
     code = main(["finetune-clip", "--from", str(tiny_open), "--presence-from", str(tiny_open), "--phantoms", "8",
                  "--dense-weight", "1", "--mil-top", "9", "--output-dir", str(tmp_path / "o"), "--model-id", "m",
                  "--steps", "1", "--batch-size", "4", "--work-dir", str(tmp_path / "w"), "--progress", "none"])
     assert code == 0
     training = load_spec(tmp_path / "o" / "m.json")["training"]
-    assert set(seen) == {9} and training["mil_top"] == 9 and "--mil-top 9" in training["command"]
+    assert set(mil_tops) == {9} and training["mil_top"] == 9 and "--mil-top 9" in training["command"]
 
 
-@pytest.mark.parametrize("extra", [["--mil-top", "0"], ["--mil-top", "8", "--dense-labels", "mask"],
-                                   ["--mil-top", "8", "--dense-weight", "0"], ["--mil-top", "8", "--no-presence"],
-                                   ["--mil-top", "8", "--data"]])
-def test_mil_top_where_it_means_nothing_is_refused(tiny_open, tmp_path, capsys, extra):
-    presence = [] if "--no-presence" in extra else ["--presence-from", str(tiny_open)]
-    extra = [x for x in extra if x != "--no-presence"]
-    source = [str(caption_csv(tmp_path / "d"))] if extra[-1] == "--data" else []
-    code = main(["finetune-clip", "--from", str(tiny_open), *presence, "--output-dir", str(tmp_path / "o"),
-                 "--steps", "2", "--batch-size", "4", "--work-dir", str(tmp_path / "w"), "--progress", "none",
-                 *extra, *source])
+@pytest.mark.parametrize("extra, presence, data", [
+    (["--mil-top", "0"], True, False),
+    (["--mil-top", "8", "--dense-labels", "mask"], True, False),
+    (["--mil-top", "8", "--dense-weight", "0"], True, False),
+    (["--mil-top", "8"], False, False),  # no presence CLIP: the model reads presence from PATCH_TOP patches
+    (["--mil-top", "8"], True, True),  # a caption table: no patch term
+])
+def test_mil_top_where_it_means_nothing_is_refused(tiny_open, tmp_path, capsys, extra, presence, data):
+    extra = extra + (["--presence-from", str(tiny_open)] if presence else []) + (
+        ["--data", str(caption_csv(tmp_path / "d"))] if data else [])
+    code = main(["finetune-clip", "--from", str(tiny_open), "--output-dir", str(tmp_path / "o"), "--steps", "2",
+                 "--batch-size", "4", "--work-dir", str(tmp_path / "w"), "--progress", "none", *extra])
     err = capsys.readouterr().err
     assert code == 2 and "--mil-top" in err and "patch term learnt from phantom captions" in err
     assert not (tmp_path / "o").exists()
