@@ -216,6 +216,9 @@ def test_training_stops_early_when_validation_stops_improving(tmp_path):
     (["--seed", "-1"], None),  # argparse refuses it (exit 2)
     (["--input-size", "200"], "--input-size 200: give a multiple of 32 pixels"),
     (["--slice-vote", "2"], "--slice-vote 2: give an odd number of slices"),
+    (["--context-slices", "5"], "--context-slices 5: give 0 (the slice alone) to 3 neighbouring slices"),
+    (["--engine", "tgcnet", "--context-slices", "1"], "--context-slices does not apply"),
+    (["--engine", "medclipsam", "--context-slices", "1"], "--context-slices does not apply"),
     (["--engine", "tgcnet", "--slice-vote", "3"], "single radiographs, with no neighbouring slices to vote: "
                                                    "--slice-vote does not apply"),
     (["--engine", "tgcnet", "--dataset", "thyroid", "--slice-vote", "4"], "--slice-vote 4: give an odd number"),

@@ -72,7 +72,7 @@ def slice_flops(engine):
     s = engine.preprocessing.input_size
     text = engine.encode_prompts(PROMPTS).embeddings
     with torch.inference_mode():
-        return count_flops(lambda: engine.net(torch.rand(1, 1, s, s), text))
+        return count_flops(lambda: engine.net(torch.rand(1, engine.preprocessing.channels, s, s), text))
 
 
 def per_slice(engine, batch, reps=3):
@@ -81,7 +81,7 @@ def per_slice(engine, batch, reps=3):
     import torch
 
     s = engine.preprocessing.input_size
-    x = torch.rand(batch, 1, s, s)
+    x = torch.rand(batch, engine.preprocessing.channels, s, s)
     state = engine.encode_prompts(PROMPTS)
     engine.predict(x, state)
     times = []

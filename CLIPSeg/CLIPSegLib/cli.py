@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cliptnseg: the slice size the fine branch and head work at, and the training bank's "
                         "(default: the CLIP's own, 128; a multiple of 32 from 32 to 1024); the CLIP sees slices "
                         "resized to its own size. 256 keeps small foci of 256-pixel slices")
+    t.add_argument("--context-slices", type=int, default=0, metavar="SLICES",
+                   help="cliptnseg: neighbouring slices on each side the fine branch also reads as input channels "
+                        "(0-3; default 0, the slice alone). With --init-from a model that reads none, the new "
+                        "channels start at zero, so training starts from that model's own output")
     t.add_argument("--slice-vote", type=int, default=1, metavar="SLICES",
                    help="cliptnseg and tgcnet --dataset thyroid: the model's inference.slice_vote (odd; each "
                         "voxel's probability the median over this many neighbouring slices; default 1, off), set "
@@ -433,7 +437,7 @@ def _cmd_train_medclipsam(a, progress):
 #: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
 #: (``--init-from``, which the tgcnet recipe reads too, is refused by the medclipsam branches)
 CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head",
-                  "--input-size")
+                  "--input-size", "--context-slices")
 #: options of the recipes that segment phantom volumes slice by slice (cliptnseg, tgcnet --dataset thyroid) only
 VOLUME_ONLY = ("--slice-vote",)
 #: options of the segmenter recipes (cliptnseg, tgcnet) only
@@ -561,7 +565,7 @@ def _cmd_train(a, progress):
                                "--foreground-weight": (a.foreground_weight, 0)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
     _check_grad_norm(a, stages)
-    check_train_shape(a.input_size, a.slice_vote)
+    check_train_shape(a.input_size, a.slice_vote, a.context_slices)
     work_dir, device = _train_setup(a, stages, progress)
     # the command that re-creates this model where it is written: --force, as the model will be there by then
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
@@ -572,6 +576,7 @@ def _cmd_train(a, progress):
            + (f" --foreground-weight {a.foreground_weight!r}" if a.foreground_weight else "")
            + (f" --input-size {a.input_size}" if a.input_size else "")
            + (f" --slice-vote {a.slice_vote}" if a.slice_vote != 1 else "")
+           + (f" --context-slices {a.context_slices}" if a.context_slices else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (" --stages segmenter,calibrate,export" if a.init_from and "clip" not in stages else "")
            + (f" --data {a.data}" if a.data else "")
@@ -584,7 +589,8 @@ def _cmd_train(a, progress):
                         calibration_csv=Path(a.calibration_data) if a.calibration_data else None, family=a.family,
                         rival_weight=a.rival_weight, init_from=a.init_from,
                         foreground_weight=a.foreground_weight, precision=a.precision,
-                        max_grad_norm=a.max_grad_norm, input_size=a.input_size, slice_vote=a.slice_vote)
+                        max_grad_norm=a.max_grad_norm, input_size=a.input_size, slice_vote=a.slice_vote,
+                        context_slices=a.context_slices)
     if path:
         print(f"wrote {path}")
 

@@ -12,9 +12,10 @@ An engine is built from a model spec by ``engines.create_engine`` and offers:
 - ``preprocessing``: ``Preprocessing``, how the pipeline turns a volume's slices into the engine's input.
 - ``encode_prompts(texts) -> PromptState``: each text embedded once per engine (cached) and read back: tokens kept,
   truncation, words no training phrase holds, domain knowledge added, which network answers it.
-- ``predict(slices [B,1,S,S] float32 in [0,1], state) -> (probabilities [B,P,S,S], presence [B,P] or None)``, float32
-  on ``device``; P = the state's prompts, S = ``preprocessing.input_size``. Presence is the probability that the
-  finding is in the slice at all; None when the engine has no such estimate.
+- ``predict(slices [B,C,S,S] float32 in [0,1], state) -> (probabilities [B,P,S,S], presence [B,P] or None)``, float32
+  on ``device``; P = the state's prompts, S = ``preprocessing.input_size``, C = ``preprocessing.channels`` (1, or
+  the slice between its neighbours for an engine that reads them: ``Preprocessing.context``). Presence is the
+  probability that the finding is in the slice at all; None when the engine has no such estimate.
 - ``similarity(a, b) -> [Pa,Pb]``: cosine of two states' prompts (a prompt is matched to a trained finding by it).
 - ``mirror_prompts(state) -> PromptState``: the prompts as they read on the slices mirrored left-right (flip
   averaging asks the mirror these; the same prompts unless the model reads the patient's sides).
@@ -57,11 +58,19 @@ MATCH_MIN_COSINE = 0.95
 class Preprocessing:
     """How the pipeline prepares an engine's input: ``intensity`` (``preprocessing.INTENSITIES``, applied to the
     whole volume), then each H x W slice made ``input_size`` x ``input_size`` pixels by ``fit``
-    (``preprocessing.FITS``: "pad" keeps the aspect ratio, "squash" does not; the maps come back the same way)."""
+    (``preprocessing.FITS``: "pad" keeps the aspect ratio, "squash" does not; the maps come back the same way).
+    ``context``: neighbouring slices on each side the engine also takes, as input channels (``channels`` = 1 + 2 x
+    context, the slice itself in the middle; at the volume's ends the nearest slice repeats); 0: the slice alone."""
 
     input_size: int
     fit: str = "pad"
     intensity: str = "percentile"
+    context: int = 0
+
+    @property
+    def channels(self) -> int:
+        """Input channels per slice: the slice and ``context`` neighbours on each side."""
+        return 1 + 2 * self.context
 
     def __post_init__(self):
         fix = "set the model spec's preprocessing entry to one of them"
@@ -72,17 +81,21 @@ class Preprocessing:
                              f"{fix}")
         if not isinstance(self.input_size, int) or self.input_size < 1:
             raise ModelError(f"input size {self.input_size!r} must be a positive number of pixels")
+        if not isinstance(self.context, int) or self.context < 0:
+            raise ModelError(f"context {self.context!r} must be a number of neighbouring slices, 0 or more")
 
     @classmethod
-    def from_spec(cls, spec: dict, input_size: int, fit: str = "pad", intensity: str = "percentile"):
-        """The engine's defaults, overridden by the spec's ``preprocessing`` entry (``fit``, ``intensity``)."""
+    def from_spec(cls, spec: dict, input_size: int, fit: str = "pad", intensity: str = "percentile",
+                  context: int = 0):
+        """The engine's defaults, overridden by the spec's ``preprocessing`` entry (``fit``, ``intensity``);
+        ``context`` is the network's own (not a spec choice: the weights fix it)."""
         given = (spec or {}).get("preprocessing") or {}
         unknown = sorted(set(given) - {"fit", "intensity"}) if isinstance(given, dict) else [given]
         if unknown:
             raise ModelError(f"model {(spec or {}).get('id')!r}: preprocessing {unknown!r} is not understood; the "
                              f"entry is an object that may hold fit ({' or '.join(FITS)}) and intensity "
                              f"({', '.join(INTENSITIES)})")
-        return cls(int(input_size), given.get("fit", fit), given.get("intensity", intensity))
+        return cls(int(input_size), given.get("fit", fit), given.get("intensity", intensity), int(context))
 
 
 def prompt_words(text: str) -> list[str]:
@@ -257,15 +270,17 @@ class Engine(ABC):
         ``unseen_words`` left empty). Called by ``encode_prompts``; call that instead."""
 
     def predict(self, slices: torch.Tensor, state: PromptState) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """slices ``[B,1,S,S]`` float in [0,1] (any device), ``state`` from ``encode_prompts`` -> (probabilities
-        ``[B,P,S,S]``, presence ``[B,P]`` or None), float32 on ``device``, without gradients."""
+        """slices ``[B,C,S,S]`` float in [0,1] (any device; C = ``preprocessing.channels``, the slice in the middle
+        channel), ``state`` from ``encode_prompts`` -> (probabilities ``[B,P,S,S]``, presence ``[B,P]`` or None),
+        float32 on ``device``, without gradients."""
         if not isinstance(state, PromptState):
             raise InputError(f"predict takes the PromptState that encode_prompts returns, not a "
                              f"{type(state).__name__}; call engine.encode_prompts(texts) once and pass its result")
-        s = self.preprocessing.input_size
-        if slices.ndim != 4 or slices.shape[1] != 1 or tuple(slices.shape[-2:]) != (s, s):
-            raise InputError(f"{self.name} takes slices [B,1,{s},{s}], got {list(slices.shape)}; fit them with "
-                             f"preprocessing.fit_slices (the pipeline does)")
+        s, c = self.preprocessing.input_size, self.preprocessing.channels
+        if slices.ndim != 4 or slices.shape[1] != c or tuple(slices.shape[-2:]) != (s, s):
+            raise InputError(f"{self.name} takes slices [B,{c},{s},{s}], got {list(slices.shape)}; fit them with "
+                             f"preprocessing.fit_slices{' and stack each with its neighbours' if c > 1 else ''} (the "
+                             f"pipeline does)")
         with torch.inference_mode():
             return self.infer(slices, state)
 

@@ -28,7 +28,7 @@ from ..errors import DeviceError
 from ..io.geometry import Geometry, array_axis_of, check_volume
 from ..options import check_axis, check_batch_size, check_device
 from .postprocess import CRITERIA, DEFAULT_PRESENCE, decide, slice_vote, suppress_exclusive, with_rivals
-from .preprocessing import INTENSITIES, fit_slices, unfit_slices
+from .preprocessing import INTENSITIES, fit_slices, unfit_slices, with_neighbours
 from ..progress import Progress
 
 
@@ -243,15 +243,16 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     normalised as the engine's ``preprocessing.intensity`` says; slices along ``slice_axis`` (voxel axis 0=I, 1=J,
     2=K) are fitted to its input size (``preprocessing.fit_slices``: padded or squashed) and predicted in batches
     (``batch_size`` slices, default: the engine's for its device), the maps fitted back; constant slices (no signal)
-    are skipped and get probability 0. ``cancel()`` returning True stops. ``flip_average`` (default: the model's
-    setting) also predicts each slice mirrored left-right and averages the two, mirrored back: twice the compute,
-    fewer stray responses to speckle. The mirrored slice is asked ``engine.mirror_prompts`` (for a model reading the
-    patient's sides, "left" and "right" swapped: a line the mirror does not confirm loses probability and presence).
-    ``flip_average`` may also be one bool per prompt (a report model's rule says it per finding,
-    ``flip_averages_of``): only those prompts are asked of the mirror.
-    ``on_slices(x)`` is called with each batch of network input ``[B,1,S,S]`` (e.g. to measure what the network
-    sees, ``domain.slice_features``). ``only``: the indices of the slices to predict (along ``slice_axis``; the
-    volume is still normalised as a whole), the others get probability 0 (e.g. the labelled slices a calibration
+    are skipped and get probability 0; an engine that reads neighbouring slices (``preprocessing.context``) gets each
+    slice between them as input channels (``with_neighbours``). ``cancel()`` returning True stops. ``flip_average``
+    (default: the model's setting) also predicts each slice mirrored left-right and averages the two, mirrored back:
+    twice the compute, fewer stray responses to speckle. The mirrored slice is asked ``engine.mirror_prompts`` (for a
+    model reading the patient's sides, "left" and "right" swapped: a line the mirror does not confirm loses
+    probability and presence). ``flip_average`` may also be one bool per prompt (a report model's rule says it per
+    finding, ``flip_averages_of``): only those prompts are asked of the mirror. ``on_slices(x)`` is called with each
+    batch of network input ``[B,1,S,S]`` (the slices, not their neighbours; e.g. to measure what the network sees,
+    ``domain.slice_features``). ``only``: the indices of the slices to predict (along ``slice_axis``; the volume is
+    still normalised as a whole), the others get probability 0 (e.g. the labelled slices a calibration
     judges)."""
     progress = progress or Progress("none")
     batch_size = check_batch_size(batch_size) or engine.default_batch_size
@@ -276,9 +277,9 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
 
                 raise Cancelled("cancelled by the user; nothing was written")
             idx = todo[start:start + batch_size]
-            x = fit_slices(slices[idx][:, None], prep.input_size, prep.fit)
+            x = fit_slices(slices[with_neighbours(idx, n, prep.context)], prep.input_size, prep.fit)
             if on_slices is not None:
-                on_slices(x)
+                on_slices(x[:, prep.context:prep.context + 1])
             p, s = engine.predict(x, state)  # [B,P,S,S], [B,P] or None
             if mirrored is not None:
                 pf, sf = engine.predict(x.flip(-1), mirrored)

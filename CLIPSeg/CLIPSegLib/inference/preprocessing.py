@@ -58,6 +58,13 @@ def fit_slices(slices: torch.Tensor, size: int, fit: str) -> torch.Tensor:
     return resize_slices(slices, size)
 
 
+def with_neighbours(idx: torch.Tensor, n: int, context: int) -> torch.Tensor:
+    """Slice indices ``[B]`` (of ``n``) -> ``[B, 1 + 2 x context]``: each slice between its ``context`` neighbours on
+    either side, the nearest slice repeated past the volume's ends (``engines.contract.Preprocessing.context``)."""
+    offsets = torch.arange(-context, context + 1)
+    return (idx[:, None] + offsets).clamp_(0, n - 1)
+
+
 def unfit_slices(maps: torch.Tensor, shape: tuple[int, int], fit: str) -> torch.Tensor:
     """The inverse of ``fit_slices``: ``[B,C,S,S]`` -> ``[B,C,H,W]`` for a slice of ``shape`` (H, W) voxels."""
     if fit != "pad":

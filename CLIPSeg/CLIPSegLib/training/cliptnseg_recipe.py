@@ -257,9 +257,12 @@ def check_train_args(stages, counts: dict, tables: dict) -> tuple:
     return stages
 
 
-def check_train_shape(input_size: int | None, slice_vote: int) -> None:
-    """Refuse (InputError) before any work an ``--input-size`` the fine branch cannot take or an even or
-    non-positive ``--slice-vote``."""
+def check_train_shape(input_size: int | None, slice_vote: int, context_slices: int = 0) -> None:
+    """Refuse (InputError) before any work an ``--input-size`` the fine branch cannot take, an even or
+    non-positive ``--slice-vote`` or a ``--context-slices`` outside 0-3."""
+    if not 0 <= context_slices <= 3:
+        raise InputError(f"--context-slices {context_slices}: give 0 (the slice alone) to 3 neighbouring slices on "
+                         f"each side; 1 reads each slice with the one before and the one after")
     if input_size is not None and input_size not in INPUT_SIZES:
         raise InputError(f"--input-size {input_size}: give a multiple of 32 pixels from 32 to 1024 (e.g. 256), or "
                          f"leave it out for the CLIP's own 128")
@@ -282,7 +285,7 @@ def warm_start(init_from: str, spec: dict) -> tuple[dict, dict]:
     (``spec``'s clip and network) without fine-tuned extras (learned phrases, a kept parent network); else
     InputError naming what differs."""
     from ..engines.cliptnseg.engine import PARENT_KEY
-    from ..engines.cliptnseg.network import CLIPTNSegNet
+    from ..engines.cliptnseg.network import CLIPTNSegNet, widen_to_context
     from ..models import load_parent, load_weights
 
     parent = load_parent(init_from, spec, ("clip",), "the embedded cliptnseg-phantom-small")
@@ -291,11 +294,15 @@ def warm_start(init_from: str, spec: dict) -> tuple[dict, dict]:
                          f"start from the model it was fine-tuned from, or fine-tune it further with 'clipseg "
                          f"finetune'")
     state = load_weights(parent)
-    own = CLIPTNSegNet(build_clip(spec["clip"]), spec["network"]).state_dict()
+    net = CLIPTNSegNet(build_clip(spec["clip"]), spec["network"])
+    own = net.state_dict()
+    if net.context and not (parent.get("network") or {}).get("context_slices", 0):  # new channels start at zero
+        state = widen_to_context(state, net)
     differ = sorted(set(own) ^ set(state)) or [k for k, v in state.items() if v.shape != own[k].shape]
     if differ:  # e.g. a presence head on one side only, or other channel counts
         raise InputError(f"--init-from {init_from}: its network is not the recipe's {spec['network']} (first "
-                         f"difference: {differ[0]}); give --presence-head exactly when it has one")
+                         f"difference: {differ[0]}); give --presence-head exactly when it has one, and "
+                         f"--context-slices as it has (or more when it reads none)")
     return parent, state
 
 
@@ -308,7 +315,7 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  rival_weight: float = 0.0, init_from: str | None = None,
                  foreground_weight: float = 0.0, precision: str = "fp32",
                  max_grad_norm: float | None = None, input_size: int | None = None,
-                 slice_vote: int = 1) -> Path | None:
+                 slice_vote: int = 1, context_slices: int = 0) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     ``init_from`` (a model id or spec path, ``warm_start``): continue that model instead of starting from random
@@ -322,7 +329,9 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     gradient-norm limit (``loop.run_loop``; None: none). ``input_size``: the slice size in pixels the fine branch and
     head work at (network ``input_size``; None: the CLIP's own, 128), the training bank drawn at it; the CLIP sees
     the slices resized to its own size. ``slice_vote``: the spec's ``inference.slice_vote`` (odd; 1: off), set
-    before the calibration so the rule judges the voted maps.
+    before the calibration so the rule judges the voted maps. ``context_slices``: the network's (neighbouring
+    slices on each side the fine branch reads; from a parent that reads none, its weights widened at zero:
+    ``network.widen_to_context``); the CLIP stage still sees single slices.
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
@@ -332,12 +341,14 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     from ..engines.cliptnseg.network import CLIPTNSegNet
     from ..models import clip_part, lineage
 
-    check_train_shape(input_size, slice_vote)
+    check_train_shape(input_size, slice_vote, context_slices)
     spec = embedded_spec(model_id, presence_head)
     if input_size is not None and input_size != spec["clip"]["vision_cfg"]["image_size"]:
         spec["network"]["input_size"] = int(input_size)
     if slice_vote != 1:
         spec["inference"]["slice_vote"] = int(slice_vote)
+    if context_slices:
+        spec["network"]["context_slices"] = int(context_slices)
     parent, parent_state = warm_start(init_from, spec) if init_from else (None, None)
     start = lineage(parent) if parent is not None else None  # in the checkpoints' fingerprint and the spec
     work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
@@ -363,11 +374,14 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     seg_ckpt = work_dir / "segmenter.pt"
     if "segmenter" in stages:
         bank.n_prompts = 2  # two of the three findings per image: 3 would cost ~1.9x per step on CPU
+        bank.context = context_slices  # the CLIP stage read single slices; the fine branch reads neighbours too
         parts = [bank]
         if n_volumes:  # the 2D bank is reused; only the volume slices are generated here
             parts.append(PhantomBank(0, size, n_prompts=2, volumes=n_volumes, family=family,
-                                     progress=lambda d, t: progress.update("volume phantoms", d, t)))
+                                     progress=lambda d, t: progress.update("volume phantoms", d, t),
+                                     context=context_slices))
         if user is not None:
+            user.context = context_slices
             parts.append(user)
         data = _mixed(parts)
         train_segmenter(net, data, seg_steps, seg_ckpt, seed=seed, resume=resume, progress=progress, device=device,

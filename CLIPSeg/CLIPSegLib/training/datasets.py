@@ -59,20 +59,27 @@ class PhantomBank(torch.utils.data.Dataset):
 
     Each access returns ``n_prompts`` of the findings (a random subset, in FINDINGS order), each with a random
     phrasing and its mask (empty if absent). ``concepts`` (phrasing -> finding) and ``normal_phrases`` tell the
-    contrastive CLIP stage which texts name the same thing and what to call an image with no finding."""
+    contrastive CLIP stage which texts name the same thing and what to call an image with no finding.
+
+    ``context`` (settable): neighbouring slices on each side returned with each image as channels (a network's
+    ``context_slices``): a volume slice gets its own volume's neighbours (the nearest slice repeated past its ends),
+    a 2D phantom itself repeated (it has none)."""
 
     concepts = {p: f for f in FINDINGS for p in PHRASES[f]}
     normal_phrases = NORMAL_PHRASES
 
     def __init__(self, n: int, size: int, seed_base: int = TRAIN_SEED_BASE, augment: bool = True, progress=None,
-                 n_prompts: int = len(FINDINGS), volumes: int = 0, family: str = "A"):
-        self.size, self.augment, self.n_prompts = size, augment, n_prompts
-        samples = []
+                 n_prompts: int = len(FINDINGS), volumes: int = 0, family: str = "A", context: int = 0):
+        self.size, self.augment, self.n_prompts, self.context = size, augment, n_prompts, context
+        samples, spans = [], []
         for i in range(n + volumes):
             if i < n:
                 samples.append(raw_phantom_slice(seed_base + i, size, family))
+                spans.append((len(samples) - 1, len(samples) - 1))
             else:
-                samples.extend(volume_phantom_slices(TRAIN_VOLUME_SEED_BASE + i - n, size, family))
+                cut = volume_phantom_slices(TRAIN_VOLUME_SEED_BASE + i - n, size, family)
+                spans.extend([(len(samples), len(samples) + len(cut) - 1)] * len(cut))
+                samples.extend(cut)
             if progress:
                 progress(i + 1, n + volumes)
         self.images = np.zeros((len(samples), size, size), np.float32)
@@ -82,44 +89,54 @@ class PhantomBank(torch.utils.data.Dataset):
             for j, f in enumerate(FINDINGS):
                 if f in masks:
                     self.masks[i, j] = masks[f]
+        self.spans = np.asarray(spans, np.int64).reshape(-1, 2)  # [N, 2]: first and last slice of each one's volume
         self.transform = make_augmentation() if augment else None
 
     def __len__(self):
         return len(self.images)
 
+    def image_stack(self, i: int) -> np.ndarray:
+        """Sample ``i``'s image ``[S,S]``, or ``[1 + 2 x context, S, S]`` between its neighbours (class docstring)."""
+        if not self.context:
+            return self.images[i]
+        first, last = self.spans[i]
+        return self.images[np.clip(np.arange(i - self.context, i + self.context + 1), first, last)]
+
     def __getitem__(self, i):
         which = torch.randperm(len(FINDINGS))[: self.n_prompts].sort().values.tolist()
-        image, masks = apply_augmentation(self.transform, self.images[i], self.masks[i][which])
+        image, masks = apply_augmentation(self.transform, self.image_stack(i), self.masks[i][which])
         phrases = [PHRASES[FINDINGS[j]][int(torch.randint(len(PHRASES[FINDINGS[j]]), ()))] for j in which]
         return image, phrases, masks
 
 
 class FolderTriples(torch.utils.data.Dataset):
-    """Slices of labelled images listed in a CSV (``image,mask,phrase``), resized to ``size`` and augmented."""
+    """Slices of labelled images listed in a CSV (``image,mask,phrase``), resized to ``size`` and augmented; with
+    ``context``, each slice between its neighbours along K as channels (``PhantomBank``)."""
 
-    def __init__(self, csv_path: Path, size: int, augment: bool = True):
+    def __init__(self, csv_path: Path, size: int, augment: bool = True, context: int = 0):
         from ..io.geometry import check_same_grid
         from ..io.read import read_image
 
         from ..io.tables import read_table
 
-        self.items = []
+        self.items, self.context = [], context
         for r in read_table(csv_path, files=("image", "mask"), name=f"training table {csv_path}"):
             image, image_geometry = read_image(r.path("image"))
             mask, mask_geometry = read_image(r.path("mask"))
             check_same_grid(mask, mask_geometry, image, image_geometry, r["mask"], r["image"])
-            norm = normalize_intensity(image)
+            norm = resize_slices(normalize_intensity(image)[:, None], size)[:, 0].numpy()  # [K,S,S]
             for k in range(image.shape[0]):
-                img = resize_slices(norm[k][None, None], size)[0, 0].numpy()
                 m = resize_slices(torch.from_numpy((mask[k] > 0).astype(np.float32))[None, None], size)[0, 0] > 0.5
-                self.items.append((img, m.numpy()[None], r["phrase"]))
+                self.items.append((norm, k, m.numpy()[None], r["phrase"]))
         self.transform = make_augmentation() if augment else None
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        img, m, phrase = self.items[i]
+        norm, k, m, phrase = self.items[i]
+        img = norm[k] if not self.context else norm[np.clip(np.arange(k - self.context, k + self.context + 1), 0,
+                                                               len(norm) - 1)]
         image, masks = apply_augmentation(self.transform, img, m)
         return image, [phrase], masks
 
@@ -159,8 +176,10 @@ def make_augmentation(mild: bool = False, flip: bool = True):
 
 
 def apply_augmentation(transform, image: np.ndarray, masks: np.ndarray):
-    """image ``[S,S]`` raw intensities, masks ``[P,S,S]`` -> (``[1,S,S]`` in [0,1], ``[P,S,S]`` float)."""
-    img = torch.from_numpy(np.asarray(image, np.float32))[None]
+    """image ``[S,S]`` (or ``[C,S,S]``: a slice between its neighbours, transformed alike) raw intensities, masks
+    ``[P,S,S]`` -> (``[1,S,S]`` (``[C,S,S]``) in [0,1], ``[P,S,S]`` float)."""
+    img = torch.from_numpy(np.asarray(image, np.float32))
+    img = img[None] if img.ndim == 2 else img
     img = img / (img.max() + 1e-6)
     lab = torch.from_numpy(np.asarray(masks, np.float32))
     if transform is not None:

@@ -228,7 +228,7 @@ def _used_images(images, pair_index):
 
 class Teacher:
     """A frozen copy of the parent model, answering as the parent's engine does (its text embeddings: CLIP's or its
-    learned ones; a prompt of a kept parent's findings by that kept network): ``loss(images [B,1,S,S], phrases (N),
+    learned ones; a prompt of a kept parent's findings by that kept network): ``loss(images [B,C,S,S], phrases (N),
     pair_index [N], logits [N,S,S], presence [N] or None)`` is the BCE of the student's logits against the teacher's
     probabilities for the same pairs (and of its slice presence). This one is cliptnseg's; ``TGCNetTeacher`` is
     TGC-Net's."""
@@ -370,7 +370,8 @@ class CLIPTNSegTuning(Tuning):
     def replay_bank(self, n: int, progress: Progress):
         from .datasets import PhantomBank
 
-        return PhantomBank(n, self.size, n_prompts=2, progress=lambda d, t: progress.update("replay phantoms", d, t))
+        return PhantomBank(n, self.size, n_prompts=2, progress=lambda d, t: progress.update("replay phantoms", d, t),
+                           context=self.prep.context)
 
     def teacher(self, device) -> Teacher:
         return Teacher(self.engine, device)  # the parent's own net and size
@@ -752,7 +753,7 @@ def finetune(data, output_dir, parent=None, model_id: str | None = None, prompt_
         call; -> the losses, or None when the budget ran out first (the checkpoint resumes it)."""
         augmentation = make_augmentation(mild=True, flip=not reads_sides)
         augmentation.set_random_state(seed)
-        user = ls.SliceSamples(volumes, units, size, prep.fit, prep.intensity, augmentation)
+        user = ls.SliceSamples(volumes, units, size, prep.fit, prep.intensity, augmentation, prep.context)
         done = run_loop(_recipe(tuning, dev, phrases, teacher, name), ls.Mixed(user, bank, share), steps, ckpt,
                         loader_batch, seed, resume, 50, progress, budget, precision=precision)
         finished = torch.load(ckpt, map_location="cpu", weights_only=True)["step"] >= steps  # run_loop wrote it

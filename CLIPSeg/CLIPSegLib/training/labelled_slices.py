@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..inference.preprocessing import INTENSITIES, fit_slices
+from ..inference.preprocessing import INTENSITIES, fit_slices, with_neighbours
 
 
 @dataclass
@@ -259,11 +259,14 @@ def fingerprint(volumes: list[LabelledVolume]) -> str:
 class SliceSamples(torch.utils.data.Dataset):
     """Samples of the labelled slices ``units`` as the pipeline prepares them: each volume normalised as a whole
     (``intensity``), each K slice fitted to ``size`` x ``size`` (``fit``); a sample holds only the phrases labelled
-    on that slice: (image ``[1,S,S]`` in [0,1], phrases (P), masks ``[P,S,S]`` float {0,1}), augmented on access
-    (``transform``: MONAI dict transforms on ``image``/``label``, or None)."""
+    on that slice: (image ``[C,S,S]`` in [0,1], phrases (P), masks ``[P,S,S]`` float {0,1}), augmented on access
+    (``transform``: MONAI dict transforms on ``image``/``label``, or None). C = 1 + 2 x ``context``: the slice
+    between its ``context`` neighbours along K on each side (labelled or not; the nearest slice repeated past the
+    volume's ends), as the pipeline gives them to a network that reads them (``preprocessing.with_neighbours``)."""
 
     def __init__(self, volumes: list[LabelledVolume], units: list[Unit], size: int, fit: str = "squash",
-                 intensity: str = "percentile", transform=None):
+                 intensity: str = "percentile", transform=None, context: int = 0):
+
         self.transform = transform
         self.items = []
         normalised = {}
@@ -272,7 +275,8 @@ class SliceSamples(torch.utils.data.Dataset):
             if v not in normalised:
                 normalised = {v: INTENSITIES[intensity](vol.image)}  # one volume at a time: units are sorted
             phrases = [p for p, ks in vol.slices.items() if k in ks]
-            image = fit_slices(normalised[v][k][None, None], size, fit)[0]
+            near = with_neighbours(torch.tensor([k]), len(normalised[v]), context)
+            image = fit_slices(normalised[v][near], size, fit)[0]
             masks = torch.from_numpy(np.stack([vol.truth[p][k] for p in phrases]).astype(np.float32))
             masks = fit_slices(masks[None], size, fit)[0] > 0.5
             self.items.append((image, phrases, masks))

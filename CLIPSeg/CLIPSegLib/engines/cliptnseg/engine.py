@@ -71,7 +71,8 @@ class CLIPTNSegEngine(Engine):
         self._route_table = None
         # The models were trained on slices resized to S x S whatever their aspect (datasets.raw_phantom_slice,
         # FolderTriples): they are run the same way unless their spec says otherwise.
-        super().__init__(spec, device, precision, Preprocessing.from_spec(spec, net.input_size, fit="squash"))
+        super().__init__(spec, device, precision, Preprocessing.from_spec(spec, net.input_size, fit="squash",
+                                                                          context=net.context))
         self.net = net.to(self.device).eval()
 
     @classmethod
@@ -192,7 +193,12 @@ class CLIPTNSegEngine(Engine):
         if theirs:
             size = self.preprocessing.input_size
             kept = self.parent.encode_prompts([state.prompts[i] for i in theirs])  # the parent's own embeddings
-            probs, presence = self.parent.infer(resize_slices(slices, self.parent.preprocessing.input_size), kept)
+            c, theirs_c = self.preprocessing.context, self.parent.preprocessing.context
+            if theirs_c > c:
+                raise ModelError(f"model {self.spec.get('id')!r} reads {c} neighbouring slice(s) on each side but "
+                                 f"its kept parent reads {theirs_c}; the spec and weights come from different exports")
+            own = slices[:, c - theirs_c:c + theirs_c + 1]  # the parent's neighbours: the middle channels
+            probs, presence = self.parent.infer(resize_slices(own, self.parent.preprocessing.input_size), kept)
             parts.append((theirs, resize_slices(probs.to(self.device), size),
                           None if presence is None else presence.to(self.device)))
         if len(parts) == 1:

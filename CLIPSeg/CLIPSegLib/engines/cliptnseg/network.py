@@ -57,6 +57,10 @@ DEFAULT_NETWORK = {
     # slice size (pixels) of the fine branch and head; None: the CLIP tower's. Larger: CLIP sees the slice resized
     # to its own size, its coarse map is upsampled, and the fine branch resolves the finer detail
     "input_size": None,
+    # neighbouring slices on each side the fine branch also reads, as input channels (our addition, not in the
+    # paper): speckle that changes from slice to slice averages out where a faint finding persists. The CLIP coarse
+    # branch reads the middle slice only. 0: the slice alone (the paper's network)
+    "context_slices": 0,
 }
 COARSE_STYLES = ("cliptnseg", "clipseg")
 TRANSPOSED_CONVS = ("complex", "simple")
@@ -157,6 +161,10 @@ def check_network(cfg: dict) -> None:
     if cfg["coarse_only"] and cfg["presence_head"]:
         raise ModelError(f"the presence head reads the head's features, which coarse_only does not compute; turn "
                          f"one of them off; {fix}")
+    context = cfg["context_slices"]
+    if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context <= 3:
+        raise ModelError(f"network context_slices {context!r} must be 0 (the slice alone) to 3 neighbouring slices "
+                         f"on each side; {fix}")
     stride = 2 ** (len(cfg["fine_channels"]) - 1)
     size = cfg["input_size"]
     if size is not None and (not isinstance(size, int) or size < stride or size % stride):
@@ -185,6 +193,7 @@ class CLIPTNSegNet(FrozenCLIPNet):
         self.patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.clip_size = clip_image_size(clip)
         self.input_size = cfg["input_size"] or self.clip_size
+        self.context = cfg["context_slices"]
         width = visual.transformer.width
         text_dim = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) else \
             clip.text_projection.out_features
@@ -194,7 +203,7 @@ class CLIPTNSegNet(FrozenCLIPNet):
         from monai.networks.nets import UNet
 
         fc = list(cfg["fine_channels"])
-        self.fine = UNet(spatial_dims=2, in_channels=1, out_channels=fc[0], channels=fc,
+        self.fine = UNet(spatial_dims=2, in_channels=1 + 2 * self.context, out_channels=fc[0], channels=fc,
                          strides=[2] * (len(fc) - 1), num_res_units=1)
         hc = cfg["head_channels"]
         self.fuse = nn.Conv2d(cfg["coarse_channels"] + fc[0], hc, 3, padding=1)
@@ -248,15 +257,17 @@ class CLIPTNSegNet(FrozenCLIPNet):
         return (xc.view(-1, prompts, c, h, ww) + xf[:, None]).view(n, c, h, ww)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, pair_index: torch.Tensor | None = None):
-        """images ``[B,1,S,S]`` in [0,1] (S = input size); text embeddings ``[P,D]``.
+        """images ``[B,C,S,S]`` in [0,1] (S = input size; C = 1 + 2 x ``context_slices``, the slice in the middle
+        channel between its neighbours); text embeddings ``[P,D]``.
         -> (mask logits, presence logits or None when the network has no presence head).
 
         Without ``pair_index`` every image is paired with every prompt -> mask ``[B,P,S,S]``, presence ``[B,P]``.
         With ``pair_index`` ``[P]`` (long, values in 0..B-1), prompt n is paired with image ``pair_index[n]``
         -> mask ``[P,S,S]``, presence ``[P]``. CLIP and the fine branch run once per image either way."""
         b, p = images.shape[0], text.shape[0]
-        if images.ndim != 4 or images.shape[1] != 1 or images.shape[-2:] != (self.input_size, self.input_size):
-            raise ValueError(f"images must be [B,1,{self.input_size},{self.input_size}], got {tuple(images.shape)}")
+        c = 1 + 2 * self.context
+        if images.ndim != 4 or images.shape[1] != c or images.shape[-2:] != (self.input_size, self.input_size):
+            raise ValueError(f"images must be [B,{c},{self.input_size},{self.input_size}], got {tuple(images.shape)}")
         per_image = p if pair_index is None else None  # every image with every prompt, image-major
         if pair_index is None:
             pair_index = torch.arange(b, device=images.device).repeat_interleave(p)
@@ -266,7 +277,8 @@ class CLIPTNSegNet(FrozenCLIPNet):
             t = text
             out_shape = (p, self.input_size, self.input_size)
         grid = (self.clip_size // self.patch, self.clip_size // self.patch)
-        acts = [a[pair_index] for a in self.clip_activations(images)]
+        middle = images[:, self.context:self.context + 1]
+        acts = [a[pair_index] for a in self.clip_activations(middle)]
         coarse, tokens = self.coarse(acts, t, grid)
         if self.input_size != self.clip_size:  # the coarse map at the fine branch's size
             coarse = nn.functional.interpolate(coarse, size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -294,3 +306,21 @@ def network_at_input_size(net: CLIPTNSegNet, size: int) -> CLIPTNSegNet:
     new = CLIPTNSegNet(copy.deepcopy(net.clip), {**net.cfg, "input_size": None if size == net.clip_size else int(size)})
     new.load_state_dict(net.state_dict())
     return new
+
+
+def widen_to_context(state: dict, net: CLIPTNSegNet) -> dict:
+    """A state dict of a network that reads the slice alone, made to fit ``net`` (``context_slices`` c > 0): every
+    fine-branch weight that reads the input image (``[out, 1, ...]`` where ``net`` has ``[out, 1 + 2c, ...]``) gets
+    the old kernel on the middle channel and zeros on the neighbours', so ``net`` starts as exactly the old network
+    and training decides what the neighbours add. Other entries are returned as they are."""
+    own = net.state_dict()
+    out = dict(state)
+    for key, value in state.items():
+        target = own.get(key)
+        if (key.startswith("fine.") and target is not None and value.ndim >= 2 and value.shape[1] == 1
+                and target.shape[1] == 1 + 2 * net.context and target.shape[0] == value.shape[0]
+                and target.shape[2:] == value.shape[2:]):
+            wide = torch.zeros(target.shape, dtype=value.dtype)
+            wide[:, net.context] = value[:, 0]
+            out[key] = wide
+    return out
