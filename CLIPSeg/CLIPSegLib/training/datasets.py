@@ -17,7 +17,7 @@ import torch
 
 from ..synthetic.families import make_phantom, random_volume_phantom
 from ..synthetic.phantoms import FINDINGS, PHRASES
-from ..inference.preprocessing import normalize_intensity, resize_slices
+from ..inference.preprocessing import normalize_intensity, resize_slices, with_neighbours
 
 TRAIN_SEED_BASE = 10_000_000  # phantom seeds used for training; calibration and evaluation use other ranges
 CALIBRATION_SEED_BASE = 20_000_000
@@ -100,7 +100,7 @@ class PhantomBank(torch.utils.data.Dataset):
         if not self.context:
             return self.images[i]
         first, last = self.spans[i]
-        return self.images[np.clip(np.arange(i - self.context, i + self.context + 1), first, last)]
+        return self.images[first + with_neighbours(torch.tensor([i - first]), last - first + 1, self.context)[0].numpy()]
 
     def __getitem__(self, i):
         which = torch.randperm(len(FINDINGS))[: self.n_prompts].sort().values.tolist()
@@ -135,8 +135,7 @@ class FolderTriples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         norm, k, m, phrase = self.items[i]
-        img = norm[k] if not self.context else norm[np.clip(np.arange(k - self.context, k + self.context + 1), 0,
-                                                               len(norm) - 1)]
+        img = norm[k] if not self.context else norm[with_neighbours(torch.tensor([k]), len(norm), self.context)[0].numpy()]
         image, masks = apply_augmentation(self.transform, img, m)
         return image, [phrase], masks
 
