@@ -106,7 +106,7 @@ def test_widened_network_starts_as_the_network_it_was_widened_from():
     assert (changed - ref_mask).abs().max() > 1e-3
 
 
-def test_context_model_segments_a_volume_and_its_kept_parent_reads_the_middle_slice(tmp_path):
+def test_an_exported_context_model_segments_a_volume_as_the_model_it_was_widened_from(tmp_path):
     """An exported model with context 1 runs end to end through the CLI's engine loader, and equals the model it
     was widened from (zero neighbour weights) on the same volume."""
     from CLIPSegLib.engines.cliptnseg.network import build_network, widen_to_context

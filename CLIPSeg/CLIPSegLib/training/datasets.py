@@ -100,7 +100,8 @@ class PhantomBank(torch.utils.data.Dataset):
         if not self.context:
             return self.images[i]
         first, last = self.spans[i]
-        return self.images[first + with_neighbours(torch.tensor([i - first]), last - first + 1, self.context)[0].numpy()]
+        near = with_neighbours(torch.tensor([i - first]), last - first + 1, self.context)[0].numpy()
+        return self.images[first + near]
 
     def __getitem__(self, i):
         which = torch.randperm(len(FINDINGS))[: self.n_prompts].sort().values.tolist()
@@ -135,7 +136,7 @@ class FolderTriples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         norm, k, m, phrase = self.items[i]
-        img = norm[k] if not self.context else norm[with_neighbours(torch.tensor([k]), len(norm), self.context)[0].numpy()]
+        img = norm[with_neighbours(torch.tensor([k]), len(norm), self.context)[0].numpy()] if self.context else norm[k]
         image, masks = apply_augmentation(self.transform, img, m)
         return image, [phrase], masks
 
