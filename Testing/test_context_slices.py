@@ -62,7 +62,9 @@ def test_neighbours_follow_the_slice_axis_asked():
     vol = np.transpose(_numbered_volume(k=4, j=10, i=10), (1, 2, 0)).copy()  # numbered along I (voxel axis 0)
     engine = _Recorder(context=2)
     predict_maps(engine, vol, ["x"], slice_axis=0)
-    level = torch.cat(engine.seen).mean(dim=(-2, -1))  # [4, 5]
+    level = torch.cat(engine.seen).mean(dim=(-2, -1))
+    assert level.shape == (4, 5)  # the four slices along I, each with two neighbours on either side
+    assert (level[1:, 2] > level[:-1, 2]).all()  # in order along I: slices cut along another axis would be equal
     for k in range(4):
         expected = [level[min(max(k + d, 0), 3), 2] for d in (-2, -1, 0, 1, 2)]
         assert torch.allclose(level[k], torch.stack(expected))
@@ -146,11 +148,28 @@ def test_phantom_bank_gives_volume_slices_their_own_neighbours():
     assert bank[4][0].shape == (1, 32, 32)
 
 
-def test_context_slices_outside_the_range_is_refused_before_any_work(tmp_path):
-    from CLIPSegLib.training.cliptnseg_recipe import check_train_shape
+def test_flip_averaging_mirrors_every_channel():
+    from CLIPSegLib.inference.pipeline import predict_maps
 
-    with pytest.raises(InputError, match="--context-slices 4: give 0 .* to 3 neighbouring slices"):
-        check_train_shape(None, 1, 4)
+    vol = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    engine = _Recorder(context=1)
+    predict_maps(engine, vol, ["x"], slice_axis=2, batch_size=3, flip_average=True)
+    plain, mirrored = engine.seen  # one batch of the slices as they are, one of their mirrors
+    torch.testing.assert_close(mirrored, plain.flip(-1))
+    assert not torch.equal(plain[:, 0], plain[:, 1])  # the neighbours are other slices, not copies
+
+
+def test_a_kept_parent_reading_other_neighbours_is_refused(tmp_path):
+    from CLIPSegLib.engines.cliptnseg.engine import CLIPTNSegEngine
+    from CLIPSegLib.engines.cliptnseg.network import build_network
+
+    parent = CLIPTNSegEngine(build_network(TINY_SPEC), torch.device("cpu"), {"id": "alone"})
+    spec = {**TINY_SPEC, "id": "wide", "network": {**TINY_SPEC["network"], "context_slices": 1}}
+    child = CLIPTNSegEngine(build_network(spec), torch.device("cpu"), spec, parent=parent)
+    child._to_parent["x"] = True
+    state = child.encode_prompts(["x"])
+    with pytest.raises(ModelError, match="reads 1 neighbouring slice.*kept parent reads 0"):
+        child.predict(torch.rand(1, 3, 32, 32), state)
 
 
 def _context_parent(tmp_path):

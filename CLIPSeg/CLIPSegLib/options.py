@@ -38,6 +38,8 @@ PRECISIONS = ("fp32", "bf16")
 TRAIN_INPUT_SIZES = {"the model's own (fastest)": None, "256 px (large slices, ~4x slower)": 256}
 # every slice size a cliptnseg fine branch may be trained at (`clipseg train` / `finetune --input-size`), in pixels
 INPUT_SIZES = range(32, 1025, 32)
+# neighbouring slices on each side a cliptnseg fine branch may read (network context_slices, --context-slices)
+CONTEXT_SLICES = range(0, 4)
 USES = ("engine", "pipeline", "presence", "reader")
 
 

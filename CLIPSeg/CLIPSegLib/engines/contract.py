@@ -81,7 +81,7 @@ class Preprocessing:
                              f"{fix}")
         if not isinstance(self.input_size, int) or self.input_size < 1:
             raise ModelError(f"input size {self.input_size!r} must be a positive number of pixels")
-        if not isinstance(self.context, int) or self.context < 0:
+        if not isinstance(self.context, int) or isinstance(self.context, bool) or self.context < 0:
             raise ModelError(f"context {self.context!r} must be a number of neighbouring slices, 0 or more")
 
     @classmethod
@@ -306,7 +306,8 @@ class Engine(ABC):
                                 f"points and boxes")
 
     def embed(self, slices: torch.Tensor):
-        """Optional: slices ``[B,1,S,S]`` -> an image embedding reused across prompts and by ``refine``."""
+        """Optional: slices ``[B,C,S,S]`` (as ``predict``) -> an image embedding reused across prompts and by
+        ``refine``."""
         raise self._unsupported("image-embedding")
 
     def refine(self, embedding, points=None, boxes=None):

@@ -12,7 +12,7 @@ import torch
 from ..engines.clip_backbone import build_clip, to_clip_input, tokenize
 from .datasets import NORMAL_PHRASES
 from ..errors import InputError
-from ..options import INPUT_SIZES
+from ..options import CONTEXT_SLICES, INPUT_SIZES
 from ..synthetic.phantoms import PHRASES
 from ..progress import Progress
 from .losses import foreground_loss, rival_negative_loss
@@ -259,10 +259,11 @@ def check_train_args(stages, counts: dict, tables: dict) -> tuple:
 
 def check_train_shape(input_size: int | None, slice_vote: int, context_slices: int = 0) -> None:
     """Refuse (InputError) before any work an ``--input-size`` the fine branch cannot take, an even or
-    non-positive ``--slice-vote`` or a ``--context-slices`` outside 0-3."""
-    if not 0 <= context_slices <= 3:
-        raise InputError(f"--context-slices {context_slices}: give 0 (the slice alone) to 3 neighbouring slices on "
-                         f"each side; 1 reads each slice with the one before and the one after")
+    non-positive ``--slice-vote`` or a ``--context-slices`` outside ``options.CONTEXT_SLICES``."""
+    if context_slices not in CONTEXT_SLICES:
+        raise InputError(f"--context-slices {context_slices}: give 0 (the slice alone) to {CONTEXT_SLICES[-1]} "
+                         f"neighbouring slices on each side; 1 reads each slice with the one before and the one "
+                         f"after")
     if input_size is not None and input_size not in INPUT_SIZES:
         raise InputError(f"--input-size {input_size}: give a multiple of 32 pixels from 32 to 1024 (e.g. 256), or "
                          f"leave it out for the CLIP's own 128")

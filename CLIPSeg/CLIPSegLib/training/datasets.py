@@ -1,8 +1,9 @@
 """Training data: (image, phrases, masks) samples from phantoms or from a folder of labelled images.
 
-A sample is ``(image [1,S,S] float in [0,1], phrases list[str] (P items), masks [P,S,S] float {0,1})``; S is the
-model's input size. Phantom samples carry one phrase per finding (a random phrasing), with an empty mask when the
-finding is absent, so the model learns both selectivity (prompt swap) and absence.
+A sample is ``(image [C,S,S] float in [0,1], phrases list[str] (P items), masks [P,S,S] float {0,1})``; S is the
+model's input size, C is 1, or 1 + 2 x context for a network that reads neighbouring slices (the slice in the
+middle). Phantom samples carry one phrase per finding (a random phrasing), with an empty mask when the finding is
+absent, so the model learns both selectivity (prompt swap) and absence.
 
 Folder layout for your own data: a CSV with columns ``image,mask,phrase`` (paths relative to the CSV). Each row is a
 binary mask for one phrase; 3D images contribute every slice along K.
@@ -50,6 +51,11 @@ def volume_phantom_slices(seed: int, size: int, family: str = "A") -> list[tuple
     masks = {f: resize_slices(torch.from_numpy(m.astype(np.float32))[:, None], size)[:, 0].numpy() > 0.5
              for f, m in p.masks.items()}
     return [(images[k], {f: m[k] for f, m in masks.items() if m[k].any()}) for k in range(len(images))]
+
+
+def _near(k: int, n: int, context: int) -> np.ndarray:
+    """Indices ``[1 + 2 x context]`` of slice ``k`` of ``n`` between its neighbours (``with_neighbours``)."""
+    return with_neighbours(torch.tensor([k]), n, context)[0].numpy()
 
 
 class PhantomBank(torch.utils.data.Dataset):
@@ -100,8 +106,7 @@ class PhantomBank(torch.utils.data.Dataset):
         if not self.context:
             return self.images[i]
         first, last = self.spans[i]
-        near = with_neighbours(torch.tensor([i - first]), last - first + 1, self.context)[0].numpy()
-        return self.images[first + near]
+        return self.images[first + _near(i - first, last - first + 1, self.context)]
 
     def __getitem__(self, i):
         which = torch.randperm(len(FINDINGS))[: self.n_prompts].sort().values.tolist()
@@ -136,14 +141,14 @@ class FolderTriples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         norm, k, m, phrase = self.items[i]
-        img = norm[with_neighbours(torch.tensor([k]), len(norm), self.context)[0].numpy()] if self.context else norm[k]
+        img = norm[_near(k, len(norm), self.context)] if self.context else norm[k]
         image, masks = apply_augmentation(self.transform, img, m)
         return image, [phrase], masks
 
 
 def make_augmentation(mild: bool = False, flip: bool = True):
     """MONAI dict transforms: intensity (gamma, gain, noise, speckle-like Rician noise, blur, bias field) on the raw
-    image, then geometry (rotation, scale, shear, translation, flips), on keys ``image`` ``[1,S,S]`` and ``label``
+    image, then geometry (rotation, scale, shear, translation, flips), on keys ``image`` ``[C,S,S]`` and ``label``
     ``[P,S,S]``. ``mild``: for a user's real images, whose intensities carry the meaning (grey vs white matter):
     a narrower gamma and gain, light noise and bias field, smaller rotations and scalings, no Rician speckle.
     ``flip`` False (with ``mild``): no left-right flip, for a model that reads the patient's sides
@@ -189,7 +194,7 @@ def apply_augmentation(transform, image: np.ndarray, masks: np.ndarray):
 
 
 def collate(batch):
-    """-> images ``[B,1,S,S]``, phrases list (N), masks ``[N,S,S]``, pair_index ``[N]`` (image of each phrase)."""
+    """-> images ``[B,C,S,S]``, phrases list (N), masks ``[N,S,S]``, pair_index ``[N]`` (image of each phrase)."""
     images = torch.stack([torch.as_tensor(b[0]) for b in batch])
     phrases = [p for b in batch for p in b[1]]
     masks = torch.cat([torch.as_tensor(b[2]) for b in batch])

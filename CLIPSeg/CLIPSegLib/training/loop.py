@@ -61,7 +61,7 @@ class Recipe:
     """What an engine plugs into the one training loop (``run_loop``).
 
     ``param_groups``: the optimiser's groups (AdamW; each may set its own ``lr``); ``loss(batch) -> scalar tensor``
-    for one batch of ``datasets.collate`` (images ``[B,1,S,S]``, phrases (N), masks ``[N,S,S]``, pair_index
+    for one batch of ``datasets.collate`` (images ``[B,C,S,S]``, phrases (N), masks ``[N,S,S]``, pair_index
     ``[N]``); ``state()`` / ``load(state)``: the trained weights a checkpoint holds; ``train(mode)``: switch the
     modules between training and evaluation; ``name``: the progress stage."""
 

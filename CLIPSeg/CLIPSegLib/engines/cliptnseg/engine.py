@@ -193,12 +193,12 @@ class CLIPTNSegEngine(Engine):
         if theirs:
             size = self.preprocessing.input_size
             kept = self.parent.encode_prompts([state.prompts[i] for i in theirs])  # the parent's own embeddings
-            c, theirs_c = self.preprocessing.context, self.parent.preprocessing.context
-            if theirs_c > c:
-                raise ModelError(f"model {self.spec.get('id')!r} reads {c} neighbouring slice(s) on each side but "
-                                 f"its kept parent reads {theirs_c}; the spec and weights come from different exports")
-            own = slices[:, c - theirs_c:c + theirs_c + 1]  # the parent's neighbours: the middle channels
-            probs, presence = self.parent.infer(resize_slices(own, self.parent.preprocessing.input_size), kept)
+            if self.parent.preprocessing.context != self.preprocessing.context:  # fine-tuning keeps the parent's
+                raise ModelError(f"model {self.spec.get('id')!r} reads {self.preprocessing.context} neighbouring "
+                                 f"slice(s) on each side but its kept parent reads "
+                                 f"{self.parent.preprocessing.context}; the spec and weights come from different "
+                                 f"exports")
+            probs, presence = self.parent.infer(resize_slices(slices, self.parent.preprocessing.input_size), kept)
             parts.append((theirs, resize_slices(probs.to(self.device), size),
                           None if presence is None else presence.to(self.device)))
         if len(parts) == 1:

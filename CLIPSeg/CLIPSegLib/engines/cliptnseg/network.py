@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ...errors import ModelError
+from ...options import CONTEXT_SLICES
 from ..clip_backbone import CLIP_MEAN, CLIP_STD, FrozenCLIPNet, build_clip, clip_image_size, to_clip_input
 
 DEFAULT_NETWORK = {
@@ -162,9 +163,9 @@ def check_network(cfg: dict) -> None:
         raise ModelError(f"the presence head reads the head's features, which coarse_only does not compute; turn "
                          f"one of them off; {fix}")
     context = cfg["context_slices"]
-    if not isinstance(context, int) or isinstance(context, bool) or not 0 <= context <= 3:
-        raise ModelError(f"network context_slices {context!r} must be 0 (the slice alone) to 3 neighbouring slices "
-                         f"on each side; {fix}")
+    if not isinstance(context, int) or isinstance(context, bool) or context not in CONTEXT_SLICES:
+        raise ModelError(f"network context_slices {context!r} must be 0 (the slice alone) to {CONTEXT_SLICES[-1]} "
+                         f"neighbouring slices on each side; {fix}")
     stride = 2 ** (len(cfg["fine_channels"]) - 1)
     size = cfg["input_size"]
     if size is not None and (not isinstance(size, int) or size < stride or size % stride):
@@ -194,6 +195,7 @@ class CLIPTNSegNet(FrozenCLIPNet):
         self.clip_size = clip_image_size(clip)
         self.input_size = cfg["input_size"] or self.clip_size
         self.context = cfg["context_slices"]
+        self.channels = 1 + 2 * self.context  # input channels: the slice between its neighbours
         width = visual.transformer.width
         text_dim = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) else \
             clip.text_projection.out_features
@@ -203,7 +205,7 @@ class CLIPTNSegNet(FrozenCLIPNet):
         from monai.networks.nets import UNet
 
         fc = list(cfg["fine_channels"])
-        self.fine = UNet(spatial_dims=2, in_channels=1 + 2 * self.context, out_channels=fc[0], channels=fc,
+        self.fine = UNet(spatial_dims=2, in_channels=self.channels, out_channels=fc[0], channels=fc,
                          strides=[2] * (len(fc) - 1), num_res_units=1)
         hc = cfg["head_channels"]
         self.fuse = nn.Conv2d(cfg["coarse_channels"] + fc[0], hc, 3, padding=1)
@@ -265,7 +267,7 @@ class CLIPTNSegNet(FrozenCLIPNet):
         With ``pair_index`` ``[P]`` (long, values in 0..B-1), prompt n is paired with image ``pair_index[n]``
         -> mask ``[P,S,S]``, presence ``[P]``. CLIP and the fine branch run once per image either way."""
         b, p = images.shape[0], text.shape[0]
-        c = 1 + 2 * self.context
+        c = self.channels
         if images.ndim != 4 or images.shape[1] != c or images.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(f"images must be [B,{c},{self.input_size},{self.input_size}], got {tuple(images.shape)}")
         per_image = p if pair_index is None else None  # every image with every prompt, image-major
@@ -318,7 +320,7 @@ def widen_to_context(state: dict, net: CLIPTNSegNet) -> dict:
     for key, value in state.items():
         target = own.get(key)
         if (key.startswith("fine.") and target is not None and value.ndim >= 2 and value.shape[1] == 1
-                and target.shape[1] == 1 + 2 * net.context and target.shape[0] == value.shape[0]
+                and target.shape[1] == net.channels and target.shape[0] == value.shape[0]
                 and target.shape[2:] == value.shape[2:]):
             wide = torch.zeros(target.shape, dtype=value.dtype)
             wide[:, net.context] = value[:, 0]
