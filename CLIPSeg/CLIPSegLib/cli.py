@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .models.spec import DEFAULT_MODEL
-from .options import PRECISIONS, SegmentOptions, add_arguments
+from .options import CONTEXT_SLICES, PRECISIONS, SegmentOptions, add_arguments
 
 
 def seed(text: str) -> int:
@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "resized to its own size. 256 keeps small foci of 256-pixel slices")
     t.add_argument("--context-slices", type=int, default=0, metavar="SLICES",
                    help="cliptnseg: neighbouring slices on each side the fine branch also reads as input channels "
-                        "(0-3; default 0, the slice alone). With --init-from a model that reads none, the new "
-                        "channels start at zero, so training starts from that model's own output")
+                        f"(0-{CONTEXT_SLICES[-1]}; default 0, the slice alone). With --init-from a model that reads "
+                        "none, the new channels start at zero, so training starts from that model's own output")
     t.add_argument("--slice-vote", type=int, default=1, metavar="SLICES",
                    help="cliptnseg and tgcnet --dataset thyroid: the model's inference.slice_vote (odd; each "
                         "voxel's probability the median over this many neighbouring slices; default 1, off), set "

@@ -266,7 +266,6 @@ class SliceSamples(torch.utils.data.Dataset):
 
     def __init__(self, volumes: list[LabelledVolume], units: list[Unit], size: int, fit: str = "squash",
                  intensity: str = "percentile", transform=None, context: int = 0):
-
         self.transform = transform
         self.items = []
         normalised = {}
