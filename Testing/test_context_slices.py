@@ -86,12 +86,12 @@ def test_a_bad_context_is_refused():
 
 
 def test_widened_network_starts_as_the_network_it_was_widened_from():
-    from CLIPSegLib.engines.cliptnseg.network import build_network, widen_to_context
+    from CLIPSegLib.engines.cliptnseg.network import build_network, widen_from
 
     torch.manual_seed(0)
     alone = build_network(TINY_SPEC).eval()
     wide = build_network({**TINY_SPEC, "network": {**TINY_SPEC["network"], "context_slices": 1}}).eval()
-    wide.load_state_dict(widen_to_context(alone.state_dict(), wide))
+    wide.load_state_dict(widen_from(alone.state_dict(), wide, alone.cfg))
     x = torch.rand(3, 3, 32, 32)
     text = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_widened_network_starts_as_the_network_it_was_widened_from():
 def test_an_exported_context_model_segments_a_volume_as_the_model_it_was_widened_from(tmp_path):
     """An exported model with context 1 runs end to end through the CLI's engine loader, and equals the model it
     was widened from (zero neighbour weights) on the same volume."""
-    from CLIPSegLib.engines.cliptnseg.network import build_network, widen_to_context
+    from CLIPSegLib.engines.cliptnseg.network import build_network, widen_from
     from CLIPSegLib.inference.pipeline import predict_probabilities
     from CLIPSegLib.inference.segment_file import load_engine
     from CLIPSegLib.models import write_spec
@@ -121,7 +121,7 @@ def test_an_exported_context_model_segments_a_volume_as_the_model_it_was_widened
     alone = build_network(TINY_SPEC)
     spec = {**TINY_SPEC, "id": "tiny-context", "network": {**TINY_SPEC["network"], "context_slices": 1}}
     wide = build_network(spec)
-    wide.load_state_dict(widen_to_context(alone.state_dict(), wide))
+    wide.load_state_dict(widen_from(alone.state_dict(), wide, alone.cfg))
     a = load_engine(str(write_spec(dict(TINY_SPEC), alone.state_dict(), tmp_path / "a")), device="cpu")
     b = load_engine(str(write_spec(spec, wide.state_dict(), tmp_path / "b")), device="cpu")
     assert (a.preprocessing.channels, b.preprocessing.channels) == (1, 3)

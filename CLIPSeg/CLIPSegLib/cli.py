@@ -27,6 +27,16 @@ def seed(text: str) -> int:
     return value
 
 
+def _channel_list(text: str) -> list[int]:
+    """argparse type of ``--fine-channels``: whole numbers separated by commas (their range is checked with the other
+    training shapes, ``cliptnseg_recipe.check_train_shape``)."""
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of whole numbers; give channels per level "
+                                         f"separated by commas, such as 16,32,64,128") from None
+
+
 def _add_common(p, options=("model", "device")):
     """The run options ``options`` (``options.SegmentOptions`` field names; their flags are declared there) and
     ``--progress``."""
@@ -177,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cliptnseg: neighbouring slices on each side the fine branch also reads as input channels "
                         f"(0-{CONTEXT_SLICES[-1]}; default 0, the slice alone). With --init-from a model that reads "
                         "none, the new channels start at zero, so training starts from that model's own output")
+    t.add_argument("--fine-channels", type=_channel_list, default=None, metavar="C1,C2,...",
+                   help="cliptnseg: the fine branch's channels per level (default 8,16,32,64). With --init-from a "
+                        "narrower model of as many levels, the new channels start at zero, so training starts from "
+                        "that model's own output")
     t.add_argument("--slice-vote", type=int, default=1, metavar="SLICES",
                    help="cliptnseg and tgcnet --dataset thyroid: the model's inference.slice_vote (odd; each "
                         "voxel's probability the median over this many neighbouring slices; default 1, off), set "
@@ -437,7 +451,7 @@ def _cmd_train_medclipsam(a, progress):
 #: ``clipseg train`` options only the cliptnseg recipe reads; the other training branches refuse them when given
 #: (``--init-from``, which the tgcnet recipe reads too, is refused by the medclipsam branches)
 CLIPTNSEG_ONLY = ("--data", "--calibration-data", "--rival-weight", "--foreground-weight", "--presence-head",
-                  "--input-size", "--context-slices")
+                  "--input-size", "--context-slices", "--fine-channels")
 #: options of the recipes that segment phantom volumes slice by slice (cliptnseg, tgcnet --dataset thyroid) only
 VOLUME_ONLY = ("--slice-vote",)
 #: options of the segmenter recipes (cliptnseg, tgcnet) only
@@ -565,7 +579,7 @@ def _cmd_train(a, progress):
                                "--foreground-weight": (a.foreground_weight, 0)},
                               {"--data": a.data, "--calibration-data": a.calibration_data})
     _check_grad_norm(a, stages)
-    check_train_shape(a.input_size, a.slice_vote, a.context_slices)
+    check_train_shape(a.input_size, a.slice_vote, a.context_slices, a.fine_channels)
     work_dir, device = _train_setup(a, stages, progress)
     # the command that re-creates this model where it is written: --force, as the model will be there by then
     cmd = (f"clipseg train --output-dir {a.output_dir} --model-id {a.model_id} --phantoms {a.phantoms} "
@@ -577,6 +591,7 @@ def _cmd_train(a, progress):
            + (f" --input-size {a.input_size}" if a.input_size else "")
            + (f" --slice-vote {a.slice_vote}" if a.slice_vote != 1 else "")
            + (f" --context-slices {a.context_slices}" if a.context_slices else "")
+           + (f" --fine-channels {','.join(map(str, a.fine_channels))}" if a.fine_channels else "")
            + (f" --init-from {a.init_from}" if a.init_from else "")
            + (" --stages segmenter,calibrate,export" if a.init_from and "clip" not in stages else "")
            + (f" --data {a.data}" if a.data else "")
@@ -590,7 +605,7 @@ def _cmd_train(a, progress):
                         rival_weight=a.rival_weight, init_from=a.init_from,
                         foreground_weight=a.foreground_weight, precision=a.precision,
                         max_grad_norm=a.max_grad_norm, input_size=a.input_size, slice_vote=a.slice_vote,
-                        context_slices=a.context_slices)
+                        context_slices=a.context_slices, fine_channels=a.fine_channels)
     if path:
         print(f"wrote {path}")
 

@@ -257,9 +257,20 @@ def check_train_args(stages, counts: dict, tables: dict) -> tuple:
     return stages
 
 
-def check_train_shape(input_size: int | None, slice_vote: int, context_slices: int = 0) -> None:
+FINE_LEVELS = range(2, 7)  # levels of the fine branch's U-Net --fine-channels may give
+FINE_MAX_CHANNELS = 512
+
+
+def check_train_shape(input_size: int | None, slice_vote: int, context_slices: int = 0,
+                      fine_channels: list | None = None) -> None:
     """Refuse (InputError) before any work an ``--input-size`` the fine branch cannot take, an even or
-    non-positive ``--slice-vote`` or a ``--context-slices`` outside ``options.CONTEXT_SLICES``."""
+    non-positive ``--slice-vote``, a ``--context-slices`` outside ``options.CONTEXT_SLICES`` or ``--fine-channels``
+    outside ``FINE_LEVELS`` levels of 1 to ``FINE_MAX_CHANNELS`` channels."""
+    if fine_channels is not None and not (FINE_LEVELS[0] <= len(fine_channels) <= FINE_LEVELS[-1]
+                                          and all(1 <= c <= FINE_MAX_CHANNELS for c in fine_channels)):
+        raise InputError(f"--fine-channels {','.join(map(str, fine_channels))}: give {FINE_LEVELS[0]} to "
+                         f"{FINE_LEVELS[-1]} channel counts of 1 to {FINE_MAX_CHANNELS}, separated by commas, one per "
+                         f"level of the fine branch (the embedded models': 8,16,32,64)")
     if context_slices not in CONTEXT_SLICES:
         raise InputError(f"--context-slices {context_slices}: give 0 (the slice alone) to {CONTEXT_SLICES[-1]} "
                          f"neighbouring slices on each side; 1 reads each slice with the one before and the one "
@@ -286,7 +297,7 @@ def warm_start(init_from: str, spec: dict) -> tuple[dict, dict]:
     (``spec``'s clip and network) without fine-tuned extras (learned phrases, a kept parent network); else
     InputError naming what differs."""
     from ..engines.cliptnseg.engine import PARENT_KEY
-    from ..engines.cliptnseg.network import CLIPTNSegNet, widen_to_context
+    from ..engines.cliptnseg.network import DEFAULT_NETWORK, CLIPTNSegNet, widen_from
     from ..models import load_parent, load_weights
 
     parent = load_parent(init_from, spec, ("clip",), "the embedded cliptnseg-phantom-small")
@@ -297,8 +308,17 @@ def warm_start(init_from: str, spec: dict) -> tuple[dict, dict]:
     state = load_weights(parent)
     net = CLIPTNSegNet(build_clip(spec["clip"]), spec["network"])
     own = net.state_dict()
-    if net.context and not (parent.get("network") or {}).get("context_slices", 0):  # new channels start at zero
-        state = widen_to_context(state, net)
+    parent_network = parent.get("network") or {}
+    old_fc = list(parent_network.get("fine_channels", DEFAULT_NETWORK["fine_channels"]))
+    new_fc = list(net.cfg["fine_channels"])
+    if parent_network.get("context_slices", 0) not in (0, net.context):
+        raise InputError(f"--init-from {init_from} reads {parent_network['context_slices']} neighbouring slices on "
+                         f"each side; give --context-slices {parent_network['context_slices']} (a model that reads "
+                         f"none can be widened to read neighbours, not the other way)")
+    if len(old_fc) != len(new_fc) or any(n < o for o, n in zip(old_fc, new_fc)):
+        raise InputError(f"--fine-channels {','.join(map(str, new_fc))}: --init-from {init_from} has fine channels "
+                         f"{','.join(map(str, old_fc))}; give as many levels, none narrower (or leave it out)")
+    state = widen_from(state, net, parent_network)  # new inputs and channels start at zero
     differ = sorted(set(own) ^ set(state)) or [k for k, v in state.items() if v.shape != own[k].shape]
     if differ:  # e.g. a presence head on one side only, or other channel counts
         raise InputError(f"--init-from {init_from}: its network is not the recipe's {spec['network']} (first "
@@ -316,7 +336,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
                  rival_weight: float = 0.0, init_from: str | None = None,
                  foreground_weight: float = 0.0, precision: str = "fp32",
                  max_grad_norm: float | None = None, input_size: int | None = None,
-                 slice_vote: int = 1, context_slices: int = 0) -> Path | None:
+                 slice_vote: int = 1, context_slices: int = 0,
+                 fine_channels: list | None = None) -> Path | None:
     """The whole recipe of a model: phantom bank -> CLIP contrastive -> segmenter -> presence calibration -> export.
 
     ``init_from`` (a model id or spec path, ``warm_start``): continue that model instead of starting from random
@@ -332,7 +353,9 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     the slices resized to its own size. ``slice_vote``: the spec's ``inference.slice_vote`` (odd; 1: off), set
     before the calibration so the rule judges the voted maps. ``context_slices``: the network's (neighbouring
     slices on each side the fine branch reads; from a parent that reads none, its weights widened at zero:
-    ``network.widen_to_context``); the CLIP stage still sees single slices.
+    ``network.widen_from``); the CLIP stage still sees single slices. ``fine_channels``: the fine branch's channels
+    per level (None: the embedded model's); from a narrower parent of the same depth, its weights widened at zero
+    (``network.widen_from``).
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
     phantoms. Stages read and write checkpoints in ``work_dir`` so each can be re-run alone. Returns the spec path
@@ -342,8 +365,10 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     from ..engines.cliptnseg.network import CLIPTNSegNet
     from ..models import clip_part, lineage
 
-    check_train_shape(input_size, slice_vote, context_slices)
+    check_train_shape(input_size, slice_vote, context_slices, fine_channels)
     spec = embedded_spec(model_id, presence_head)
+    if fine_channels is not None:
+        spec["network"]["fine_channels"] = [int(c) for c in fine_channels]
     if input_size is not None and input_size != spec["clip"]["vision_cfg"]["image_size"]:
         spec["network"]["input_size"] = int(input_size)
     if slice_vote != 1:

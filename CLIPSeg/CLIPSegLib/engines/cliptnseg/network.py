@@ -166,7 +166,12 @@ def check_network(cfg: dict) -> None:
     if not isinstance(context, int) or isinstance(context, bool) or context not in CONTEXT_SLICES:
         raise ModelError(f"network context_slices {context!r} must be 0 (the slice alone) to {CONTEXT_SLICES[-1]} "
                          f"neighbouring slices on each side; {fix}")
-    stride = 2 ** (len(cfg["fine_channels"]) - 1)
+    fc = cfg["fine_channels"]
+    if (not isinstance(fc, (list, tuple)) or len(fc) < 2
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in fc)):
+        raise ModelError(f"network fine_channels {fc!r} must list the fine branch's channels per level, at least two "
+                         f"positive whole numbers (e.g. [8, 16, 32, 64]); {fix}")
+    stride = 2 ** (len(fc) - 1)
     size = cfg["input_size"]
     if size is not None and (not isinstance(size, int) or size < stride or size % stride):
         raise ModelError(f"network input_size {size!r} must be a multiple of {stride} pixels (the fine branch's "
@@ -310,19 +315,53 @@ def network_at_input_size(net: CLIPTNSegNet, size: int) -> CLIPTNSegNet:
     return new
 
 
-def widen_to_context(state: dict, net: CLIPTNSegNet) -> dict:
-    """A state dict of a network that reads the slice alone, made to fit ``net`` (``context_slices`` c > 0): every
-    fine-branch weight that reads the input image (``[out, 1, ...]`` where ``net`` has ``[out, 1 + 2c, ...]``) gets
-    the old kernel on the middle channel and zeros on the neighbours', so ``net`` starts as exactly the old network
-    and training decides what the neighbours add. Other entries are returned as they are."""
+def widen_from(state: dict, net: CLIPTNSegNet, parent_network: dict) -> dict:
+    """A state dict of a narrower network (``parent_network``: its spec ``network`` entry) made to fit ``net``, so
+    that ``net`` starts as exactly that network and training decides what the new inputs and channels add:
+
+    - a fine branch that read the slice alone, where ``net`` reads ``context_slices`` c > 0 neighbours: each weight
+      reading the input image gets the old kernel on the middle channel and zeros on the neighbours';
+    - a wider fine branch (``fine_channels``, the same depth, no level narrower): each old output channel keeps its
+      old kernel on the old inputs and reads the new channels with zeros; the new channels keep ``net``'s own random
+      initialisation. Inputs joined at a skip connection (a transposed convolution reads [skip, deeper]) are mapped
+      part by part; the head's fuse convolution reads the new fine channels with zeros.
+
+    Entries whose shapes already fit are returned as they are. Norms (instance, no weights) and PReLU (one shared
+    weight) work per channel, so an old channel's value is unchanged. Weight layouts: ``[out, in, k, k]``,
+    transposed convolutions ``[in, out, k, k]``."""
+    old_fc = list(parent_network.get("fine_channels", DEFAULT_NETWORK["fine_channels"]))
+    new_fc = list(net.cfg["fine_channels"])
     own = net.state_dict()
     out = dict(state)
     for key, value in state.items():
         target = own.get(key)
-        if (key.startswith("fine.") and target is not None and value.ndim >= 2 and value.shape[1] == 1
-                and target.shape[1] == net.channels and target.shape[0] == value.shape[0]
-                and target.shape[2:] == value.shape[2:]):
-            wide = torch.zeros(target.shape, dtype=value.dtype)
-            wide[:, net.context] = value[:, 0]
-            out[key] = wide
+        if target is None or target.shape == value.shape or not (key.startswith("fine.") or key == "fuse.weight"):
+            continue
+        transposed = isinstance(net.get_submodule(key.rsplit(".", 1)[0]), nn.ConvTranspose2d)
+        wide = target.detach().clone().to(value.dtype)
+        if value.ndim == 1:  # a bias: the new output channels follow the old ones
+            wide[:value.shape[0]] = value
+        else:
+            new_w, old_w = (wide.transpose(0, 1), value.transpose(0, 1)) if transposed else (wide, value)
+            rows = old_w.shape[0]
+            new_w[:rows] = 0
+            new_w[:rows, _old_inputs(key, old_w.shape[1], new_w.shape[1], transposed, old_fc, new_fc,
+                                     net.context)] = old_w
+        out[key] = wide
     return out
+
+
+def _old_inputs(key: str, old_in: int, new_in: int, transposed: bool, old_fc: list, new_fc: list,
+                context: int) -> torch.Tensor:
+    """Where a narrower layer's input channels sit among the widened layer's (``widen_from``): the input image's one
+    channel in the middle of its neighbours; a transposed convolution's [skip, deeper] halves, the skip part being
+    ``fine_channels`` of its level (the number of nested ``submodule`` s in MONAI's UNet key); else a prefix."""
+    if old_in == new_in:
+        return torch.arange(old_in)
+    if key.startswith("fine.") and old_in == 1 and new_in == 1 + 2 * context:
+        return torch.tensor([context])
+    if transposed:
+        level = key.count("submodule")
+        skip_old, skip_new = old_fc[level], new_fc[level]
+        return torch.cat([torch.arange(skip_old), skip_new + torch.arange(old_in - skip_old)])
+    return torch.arange(old_in)
