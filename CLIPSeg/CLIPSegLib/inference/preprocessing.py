@@ -65,6 +65,11 @@ def with_neighbours(idx: torch.Tensor, n: int, context: int) -> torch.Tensor:
     return (idx[:, None] + offsets).clamp_(0, n - 1)
 
 
+def neighbours_of(k: int, n: int, context: int) -> torch.Tensor:
+    """Indices ``[1 + 2 x context]`` of slice ``k`` of ``n`` between its neighbours (``with_neighbours``)."""
+    return with_neighbours(torch.tensor([k]), n, context)[0]
+
+
 def unfit_slices(maps: torch.Tensor, shape: tuple[int, int], fit: str) -> torch.Tensor:
     """The inverse of ``fit_slices``: ``[B,C,S,S]`` -> ``[B,C,H,W]`` for a slice of ``shape`` (H, W) voxels."""
     if fit != "pad":

@@ -18,7 +18,7 @@ import torch
 
 from ..synthetic.families import make_phantom, random_volume_phantom
 from ..synthetic.phantoms import FINDINGS, PHRASES
-from ..inference.preprocessing import normalize_intensity, resize_slices, with_neighbours
+from ..inference.preprocessing import neighbours_of, normalize_intensity, resize_slices
 
 TRAIN_SEED_BASE = 10_000_000  # phantom seeds used for training; calibration and evaluation use other ranges
 CALIBRATION_SEED_BASE = 20_000_000
@@ -51,11 +51,6 @@ def volume_phantom_slices(seed: int, size: int, family: str = "A") -> list[tuple
     masks = {f: resize_slices(torch.from_numpy(m.astype(np.float32))[:, None], size)[:, 0].numpy() > 0.5
              for f, m in p.masks.items()}
     return [(images[k], {f: m[k] for f, m in masks.items() if m[k].any()}) for k in range(len(images))]
-
-
-def _near(k: int, n: int, context: int) -> np.ndarray:
-    """Indices ``[1 + 2 x context]`` of slice ``k`` of ``n`` between its neighbours (``with_neighbours``)."""
-    return with_neighbours(torch.tensor([k]), n, context)[0].numpy()
 
 
 class PhantomBank(torch.utils.data.Dataset):
@@ -106,7 +101,7 @@ class PhantomBank(torch.utils.data.Dataset):
         if not self.context:
             return self.images[i]
         first, last = self.spans[i]
-        return self.images[first + _near(i - first, last - first + 1, self.context)]
+        return self.images[first + neighbours_of(i - first, last - first + 1, self.context).numpy()]
 
     def __getitem__(self, i):
         which = torch.randperm(len(FINDINGS))[: self.n_prompts].sort().values.tolist()
@@ -141,7 +136,7 @@ class FolderTriples(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         norm, k, m, phrase = self.items[i]
-        img = norm[_near(k, len(norm), self.context)] if self.context else norm[k]
+        img = norm[neighbours_of(k, len(norm), self.context).numpy()] if self.context else norm[k]
         image, masks = apply_augmentation(self.transform, img, m)
         return image, [phrase], masks
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..inference.preprocessing import INTENSITIES, fit_slices, with_neighbours
+from ..inference.preprocessing import INTENSITIES, fit_slices, neighbours_of
 
 
 @dataclass
@@ -274,7 +274,7 @@ class SliceSamples(torch.utils.data.Dataset):
             if v not in normalised:
                 normalised = {v: INTENSITIES[intensity](vol.image)}  # one volume at a time: units are sorted
             phrases = [p for p, ks in vol.slices.items() if k in ks]
-            near = with_neighbours(torch.tensor([k]), len(normalised[v]), context)
+            near = neighbours_of(k, len(normalised[v]), context)[None]
             image = fit_slices(normalised[v][near], size, fit)[0]
             masks = torch.from_numpy(np.stack([vol.truth[p][k] for p in phrases]).astype(np.float32))
             masks = fit_slices(masks[None], size, fit)[0] > 0.5
