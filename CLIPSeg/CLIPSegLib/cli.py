@@ -188,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(0-{CONTEXT_SLICES[-1]}; default 0, the slice alone). With --init-from a model that reads "
                         "none, the new channels start at zero, so training starts from that model's own output")
     t.add_argument("--fine-channels", type=_channel_list, default=None, metavar="C1,C2,...",
-                   help="cliptnseg: the fine branch's channels per level (default 8,16,32,64). With --init-from a "
-                        "narrower model of as many levels, the new channels start at zero, so training starts from "
-                        "that model's own output")
+                   help="cliptnseg: the fine branch's channels per level (default 8,16,32,64; with --init-from, "
+                        "that model's). From a narrower model of as many levels, its channels keep their weights and "
+                        "read the new ones with zeros, and the head reads the new ones with zeros, so training "
+                        "starts from that model's own output")
     t.add_argument("--slice-vote", type=int, default=1, metavar="SLICES",
                    help="cliptnseg and tgcnet --dataset thyroid: the model's inference.slice_vote (odd; each "
                         "voxel's probability the median over this many neighbouring slices; default 1, off), set "

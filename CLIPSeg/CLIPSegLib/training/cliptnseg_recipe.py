@@ -271,6 +271,11 @@ def check_train_shape(input_size: int | None, slice_vote: int, context_slices: i
         raise InputError(f"--fine-channels {','.join(map(str, fine_channels))}: give {FINE_LEVELS[0]} to "
                          f"{FINE_LEVELS[-1]} channel counts of 1 to {FINE_MAX_CHANNELS}, separated by commas, one per "
                          f"level of the fine branch (the embedded models': 8,16,32,64)")
+    size = input_size or embedded_spec()["clip"]["vision_cfg"]["image_size"]
+    if fine_channels is not None and size < 2 ** len(fine_channels):
+        raise InputError(f"--fine-channels {','.join(map(str, fine_channels))}: {len(fine_channels)} levels halve a "
+                         f"{size}-pixel slice {len(fine_channels) - 1} times, to less than 2 pixels at the deepest; "
+                         f"give fewer levels or a larger --input-size")
     if context_slices not in CONTEXT_SLICES:
         raise InputError(f"--context-slices {context_slices}: give 0 (the slice alone) to {CONTEXT_SLICES[-1]} "
                          f"neighbouring slices on each side; 1 reads each slice with the one before and the one "
@@ -291,11 +296,13 @@ def _checkpoint(path: Path, stage: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def warm_start(init_from: str, spec: dict) -> tuple[dict, dict]:
+def warm_start(init_from: str, spec: dict, fine_channels: list | None = None, seed: int = 0) -> tuple[dict, dict]:
     """The model a run starts from (``--init-from``): -> (its verified spec, its weights as a state dict of
     ``CLIPTNSegNet``: ``clip.*`` and the segmenter's). It must be a cliptnseg model of the recipe's architecture
     (``spec``'s clip and network) without fine-tuned extras (learned phrases, a kept parent network); else
-    InputError naming what differs."""
+    InputError naming what differs. A network that reads more (``context_slices`` from 0) or is wider
+    (``fine_channels``, as many levels) starts as the parent (``network.widen_from``; the new channels drawn with
+    ``seed``). ``fine_channels`` None: the parent's, written into ``spec``."""
     from ..engines.cliptnseg.engine import PARENT_KEY
     from ..engines.cliptnseg.network import DEFAULT_NETWORK, CLIPTNSegNet, widen_from
     from ..models import load_parent, load_weights
@@ -305,25 +312,34 @@ def warm_start(init_from: str, spec: dict) -> tuple[dict, dict]:
         raise InputError(f"--init-from {init_from} is a fine-tuned model (learned phrases or a kept parent network); "
                          f"start from the model it was fine-tuned from, or fine-tune it further with 'clipseg "
                          f"finetune'")
-    state = load_weights(parent)
-    net = CLIPTNSegNet(build_clip(spec["clip"]), spec["network"])
-    own = net.state_dict()
     parent_network = parent.get("network") or {}
     old_fc = list(parent_network.get("fine_channels", DEFAULT_NETWORK["fine_channels"]))
-    new_fc = list(net.cfg["fine_channels"])
-    if parent_network.get("context_slices", 0) not in (0, net.context):
-        raise InputError(f"--init-from {init_from} reads {parent_network['context_slices']} neighbouring slices on "
-                         f"each side; give --context-slices {parent_network['context_slices']} (a model that reads "
-                         f"none can be widened to read neighbours, not the other way)")
-    if len(old_fc) != len(new_fc) or any(n < o for o, n in zip(old_fc, new_fc)):
+    new_fc = spec["network"]["fine_channels"] = list(old_fc if fine_channels is None else fine_channels)
+    context = spec["network"].get("context_slices", 0)
+    if parent_network.get("context_slices", 0) not in (0, context):
+        n = parent_network["context_slices"]
+        raise InputError(f"--init-from {init_from} reads {n} neighbouring slice{'s' if n > 1 else ''} on each side; "
+                         f"give --context-slices {n} (a model that reads none can be widened to read neighbours, "
+                         f"not the other way)")
+    # as many levels, none narrower; MONAI's U-Net has a residual convolution at the bottom only where its two
+    # deepest widths differ, so both networks must have one or neither
+    if (len(old_fc) != len(new_fc) or any(n < o for o, n in zip(old_fc, new_fc))
+            or (old_fc[-2] == old_fc[-1]) != (new_fc[-2] == new_fc[-1])):
         raise InputError(f"--fine-channels {','.join(map(str, new_fc))}: --init-from {init_from} has fine channels "
-                         f"{','.join(map(str, old_fc))}; give as many levels, none narrower (or leave it out)")
-    state = widen_from(state, net, parent_network)  # new inputs and channels start at zero
-    differ = sorted(set(own) ^ set(state)) or [k for k, v in state.items() if v.shape != own[k].shape]
-    if differ:  # e.g. a presence head on one side only, or other channel counts
+                         f"{','.join(map(str, old_fc))}; give as many levels, none narrower, the deepest two equal "
+                         f"only where they are equal in it (or leave --fine-channels out to keep its own)")
+    state = load_weights(parent)
+    torch.manual_seed(seed)  # the new channels' first weights
+    net = CLIPTNSegNet(build_clip(spec["clip"]), spec["network"])
+    own = net.state_dict()
+    differ = sorted(set(own) ^ set(state)) or [k for k, v in state.items() if v.shape != own[k].shape and not (
+        (k.startswith("fine.") or k == "fuse.weight") and v.ndim == own[k].ndim and v.shape[2:] == own[k].shape[2:]
+        and all(a <= b for a, b in zip(v.shape, own[k].shape)))]
+    if differ:  # e.g. a presence head on one side only, or other head or coarse channel counts
         raise InputError(f"--init-from {init_from}: its network is not the recipe's {spec['network']} (first "
                          f"difference: {differ[0]}); give --presence-head exactly when it has one, and "
                          f"--context-slices as it has (or more when it reads none)")
+    state = widen_from(state, net, parent_network)  # new inputs and channels start at zero
     return parent, state
 
 
@@ -368,14 +384,14 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     check_train_shape(input_size, slice_vote, context_slices, fine_channels)
     spec = embedded_spec(model_id, presence_head)
     if fine_channels is not None:
-        spec["network"]["fine_channels"] = [int(c) for c in fine_channels]
+        spec["network"]["fine_channels"] = [int(c) for c in fine_channels]  # with init_from: warm_start checks them
     if input_size is not None and input_size != spec["clip"]["vision_cfg"]["image_size"]:
         spec["network"]["input_size"] = int(input_size)
     if slice_vote != 1:
         spec["inference"]["slice_vote"] = int(slice_vote)
     if context_slices:
         spec["network"]["context_slices"] = int(context_slices)
-    parent, parent_state = warm_start(init_from, spec) if init_from else (None, None)
+    parent, parent_state = warm_start(init_from, spec, fine_channels, seed) if init_from else (None, None)
     start = lineage(parent) if parent is not None else None  # in the checkpoints' fingerprint and the spec
     work_dir, progress = start_staged_run(stages, out_dir, model_id, force, work_dir, seed, progress)
     size = spec["network"].get("input_size") or spec["clip"]["vision_cfg"]["image_size"]

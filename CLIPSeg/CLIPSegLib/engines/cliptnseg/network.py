@@ -335,8 +335,10 @@ def widen_from(state: dict, net: CLIPTNSegNet, parent_network: dict) -> dict:
     out = dict(state)
     for key, value in state.items():
         target = own.get(key)
-        if target is None or target.shape == value.shape or not (key.startswith("fine.") or key == "fuse.weight"):
-            continue
+        if (target is None or target.shape == value.shape or not (key.startswith("fine.") or key == "fuse.weight")
+                or value.ndim != target.ndim or any(a > b for a, b in zip(value.shape, target.shape))
+                or value.shape[2:] != target.shape[2:]):
+            continue  # fits already, or is not a narrower version of the entry (the caller compares shapes)
         transposed = isinstance(net.get_submodule(key.rsplit(".", 1)[0]), nn.ConvTranspose2d)
         wide = target.detach().clone().to(value.dtype)
         if value.ndim == 1:  # a bias: the new output channels follow the old ones
@@ -351,14 +353,18 @@ def widen_from(state: dict, net: CLIPTNSegNet, parent_network: dict) -> dict:
     return out
 
 
+INPUT_LAYER = "fine.model.0."  # the fine branch's first residual unit (convolution and residual): reads the image
+
+
 def _old_inputs(key: str, old_in: int, new_in: int, transposed: bool, old_fc: list, new_fc: list,
                 context: int) -> torch.Tensor:
-    """Where a narrower layer's input channels sit among the widened layer's (``widen_from``): the input image's one
-    channel in the middle of its neighbours; a transposed convolution's [skip, deeper] halves, the skip part being
-    ``fine_channels`` of its level (the number of nested ``submodule`` s in MONAI's UNet key); else a prefix."""
+    """Where a narrower layer's input channels sit among the widened layer's (``widen_from``): in the layer reading
+    the image (``INPUT_LAYER``), its one channel in the middle of its neighbours; in a transposed convolution, the
+    [skip, deeper] halves apart, the skip part being ``fine_channels`` of its level (the number of nested
+    ``submodule`` s in MONAI's UNet key); else a prefix."""
     if old_in == new_in:
         return torch.arange(old_in)
-    if key.startswith("fine.") and old_in == 1 and new_in == 1 + 2 * context:
+    if key.startswith(INPUT_LAYER) and old_in == 1 and new_in == 1 + 2 * context:
         return torch.tensor([context])
     if transposed:
         level = key.count("submodule")
