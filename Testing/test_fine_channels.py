@@ -90,9 +90,7 @@ def test_train_refuses_bad_fine_channels_before_any_work(args, expected, tmp_pat
 
 def _parent(tmp_path, fine=NARROW, context=1):
     from CLIPSegLib.engines.cliptnseg.network import build_network
-    from CLIPSegLib.models import write_spec
-
-    from CLIPSegLib.models import load_spec, load_weights
+    from CLIPSegLib.models import load_spec, load_weights, write_spec
 
     torch.manual_seed(3)
     parent = {**_spec(fine, context), "id": "parent"}
@@ -125,7 +123,7 @@ def test_init_from_a_parent_with_another_head_is_refused_by_name_not_by_a_crash(
 
     path, _ = _parent(tmp_path)
     spec = _spec(WIDE, 1)
-    spec["network"]["head_channels"] = 8  # the parent's: 4
+    spec["network"]["head_channels"] = 2  # the parent's: 4 (a narrower fuse once crashed the widening)
     with pytest.raises(InputError, match="its network is not the recipe.s .*first difference: fuse"):
         warm_start(path, spec, WIDE)
 
@@ -151,3 +149,14 @@ def test_init_from_widens_the_parent_or_keeps_its_channels_when_none_are_given(t
     kept = _spec([8, 8, 8], 1)
     warm_start(path, kept, None)
     assert kept["network"]["fine_channels"] == NARROW
+
+
+def test_init_from_refuses_inherited_levels_too_deep_for_the_slice(tmp_path):
+    from CLIPSegLib.errors import InputError
+    from CLIPSegLib.training.cliptnseg_recipe import warm_start
+
+    path, _ = _parent(tmp_path, fine=[4, 8, 12, 16, 20], context=0)
+    spec = _spec([8, 8], 0)
+    spec["network"]["input_size"] = 16
+    with pytest.raises(InputError, match="5 levels halve a 16-pixel slice 4 times"):
+        warm_start(path, spec, None)

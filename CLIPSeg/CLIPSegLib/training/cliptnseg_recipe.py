@@ -261,21 +261,29 @@ FINE_LEVELS = range(2, 7)  # levels of the fine branch's U-Net --fine-channels m
 FINE_MAX_CHANNELS = 512
 
 
+def check_levels(fine_channels: list, input_size: int | None) -> None:
+    """InputError when the fine branch's levels (``fine_channels``, given or a parent's) halve an ``input_size``
+    slice (None: the recipe's CLIP size) below 2 pixels at the deepest (instance norm needs more than one)."""
+    size = input_size or embedded_spec()["clip"]["vision_cfg"]["image_size"]
+    if size < 2 ** len(fine_channels):
+        raise InputError(f"--fine-channels {','.join(map(str, fine_channels))}: {len(fine_channels)} levels halve a "
+                         f"{size}-pixel slice {len(fine_channels) - 1} times, to less than 2 pixels at the deepest; "
+                         f"give fewer levels or a larger --input-size")
+
+
 def check_train_shape(input_size: int | None, slice_vote: int, context_slices: int = 0,
                       fine_channels: list | None = None) -> None:
     """Refuse (InputError) before any work an ``--input-size`` the fine branch cannot take, an even or
     non-positive ``--slice-vote``, a ``--context-slices`` outside ``options.CONTEXT_SLICES`` or ``--fine-channels``
-    outside ``FINE_LEVELS`` levels of 1 to ``FINE_MAX_CHANNELS`` channels."""
+    outside ``FINE_LEVELS`` levels of 1 to ``FINE_MAX_CHANNELS`` channels or with more levels than the slice size
+    allows (``check_levels``)."""
     if fine_channels is not None and not (FINE_LEVELS[0] <= len(fine_channels) <= FINE_LEVELS[-1]
                                           and all(1 <= c <= FINE_MAX_CHANNELS for c in fine_channels)):
         raise InputError(f"--fine-channels {','.join(map(str, fine_channels))}: give {FINE_LEVELS[0]} to "
                          f"{FINE_LEVELS[-1]} channel counts of 1 to {FINE_MAX_CHANNELS}, separated by commas, one per "
                          f"level of the fine branch (the embedded models': 8,16,32,64)")
-    size = input_size or embedded_spec()["clip"]["vision_cfg"]["image_size"]
-    if fine_channels is not None and size < 2 ** len(fine_channels):
-        raise InputError(f"--fine-channels {','.join(map(str, fine_channels))}: {len(fine_channels)} levels halve a "
-                         f"{size}-pixel slice {len(fine_channels) - 1} times, to less than 2 pixels at the deepest; "
-                         f"give fewer levels or a larger --input-size")
+    if fine_channels is not None:
+        check_levels(fine_channels, input_size)
     if context_slices not in CONTEXT_SLICES:
         raise InputError(f"--context-slices {context_slices}: give 0 (the slice alone) to {CONTEXT_SLICES[-1]} "
                          f"neighbouring slices on each side; 1 reads each slice with the one before and the one "
@@ -315,6 +323,7 @@ def warm_start(init_from: str, spec: dict, fine_channels: list | None = None, se
     parent_network = parent.get("network") or {}
     old_fc = list(parent_network.get("fine_channels", DEFAULT_NETWORK["fine_channels"]))
     new_fc = spec["network"]["fine_channels"] = list(old_fc if fine_channels is None else fine_channels)
+    check_levels(new_fc, spec["network"].get("input_size"))
     context = spec["network"].get("context_slices", 0)
     if parent_network.get("context_slices", 0) not in (0, context):
         n = parent_network["context_slices"]
@@ -370,7 +379,8 @@ def run_training(out_dir: Path, work_dir: Path, model_id: str = "cliptnseg-phant
     before the calibration so the rule judges the voted maps. ``context_slices``: the network's (neighbouring
     slices on each side the fine branch reads; from a parent that reads none, its weights widened at zero:
     ``network.widen_from``); the CLIP stage still sees single slices. ``fine_channels``: the fine branch's channels
-    per level (None: the embedded model's); from a narrower parent of the same depth, its weights widened at zero
+    per level (None: the parent's with ``init_from``, else the embedded model's); from a narrower parent of the same
+    depth, its channels keep their weights and read the new ones (drawn with ``seed``) through zeros
     (``network.widen_from``).
 
     CLIP is trained on the ``n_phantoms`` 2D phantoms; the segmenter on those plus the slices of ``n_volumes`` 3D
