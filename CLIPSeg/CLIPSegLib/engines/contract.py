@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..checks import PRECISIONS, check_precision  # noqa: F401  (one list, torch-free)
 from ..errors import InputError, ModelError, UnsupportedError
-from ..inference.preprocessing import FITS, INTENSITIES
+from ..inference.preprocessing import FITS, INTENSITIES, slice_channels
 
 # Slices per forward pass when the caller gives none. On CPU small batches are faster per slice (the full-resolution
 # head is memory-bound; see benchmarks/latency.py's batch sweep: 4 is best at 128 px, 1 at 352 px), so the CPU batch
@@ -70,7 +70,7 @@ class Preprocessing:
     @property
     def channels(self) -> int:
         """Input channels per slice: the slice and ``context`` neighbours on each side."""
-        return 1 + 2 * self.context
+        return slice_channels(self.context)
 
     def __post_init__(self):
         fix = "set the model spec's preprocessing entry to one of them"

@@ -58,10 +58,15 @@ def fit_slices(slices: torch.Tensor, size: int, fit: str) -> torch.Tensor:
     return resize_slices(slices, size)
 
 
+def slice_channels(context: int) -> int:
+    """Input channels of one slice read with ``context`` neighbours on each side: the slice in the middle."""
+    return 1 + 2 * context
+
+
 def with_neighbours(idx: torch.Tensor, n: int, context: int) -> torch.Tensor:
     """Slice indices ``[B]`` (of ``n``) -> ``[B, 1 + 2 x context]``: each slice between its ``context`` neighbours on
     either side, the nearest slice repeated past the volume's ends (``engines.contract.Preprocessing.context``)."""
-    offsets = torch.arange(-context, context + 1)
+    offsets = torch.arange(slice_channels(context)) - context
     return (idx[:, None] + offsets).clamp_(0, n - 1)
 
 

@@ -312,7 +312,7 @@ def warm_start(init_from: str, spec: dict, fine_channels: list | None = None, se
     (``fine_channels``, as many levels) starts as the parent (``network.widen_from``; the new channels drawn with
     ``seed``). ``fine_channels`` None: the parent's, written into ``spec``."""
     from ..engines.cliptnseg.engine import PARENT_KEY
-    from ..engines.cliptnseg.network import DEFAULT_NETWORK, CLIPTNSegNet, widen_from
+    from ..engines.cliptnseg.network import DEFAULT_NETWORK, CLIPTNSegNet, narrower, widen_from
     from ..models import load_parent, load_weights
 
     parent = load_parent(init_from, spec, ("clip",), "the embedded cliptnseg-phantom-small")
@@ -341,9 +341,8 @@ def warm_start(init_from: str, spec: dict, fine_channels: list | None = None, se
     torch.manual_seed(seed)  # the new channels' first weights
     net = CLIPTNSegNet(build_clip(spec["clip"]), spec["network"])
     own = net.state_dict()
-    differ = sorted(set(own) ^ set(state)) or [k for k, v in state.items() if v.shape != own[k].shape and not (
-        (k.startswith("fine.") or k == "fuse.weight") and v.ndim == own[k].ndim and v.shape[2:] == own[k].shape[2:]
-        and all(a <= b for a, b in zip(v.shape, own[k].shape)))]
+    differ = sorted(set(own) ^ set(state)) or [k for k, v in state.items()
+                                               if v.shape != own[k].shape and not narrower(k, v, own[k])]
     if differ:  # e.g. a presence head on one side only, or other head or coarse channel counts
         raise InputError(f"--init-from {init_from}: its network is not the recipe's {spec['network']} (first "
                          f"difference: {differ[0]}); give --presence-head exactly when it has one, and "

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ...errors import ModelError
+from ...inference.preprocessing import slice_channels
 from ...options import CONTEXT_SLICES
 from ..clip_backbone import CLIP_MEAN, CLIP_STD, FrozenCLIPNet, build_clip, clip_image_size, to_clip_input
 
@@ -200,7 +201,7 @@ class CLIPTNSegNet(FrozenCLIPNet):
         self.clip_size = clip_image_size(clip)
         self.input_size = cfg["input_size"] or self.clip_size
         self.context = cfg["context_slices"]
-        self.channels = 1 + 2 * self.context  # input channels: the slice between its neighbours
+        self.channels = slice_channels(self.context)  # input channels: the slice between its neighbours
         width = visual.transformer.width
         text_dim = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) else \
             clip.text_projection.out_features
@@ -335,9 +336,7 @@ def widen_from(state: dict, net: CLIPTNSegNet, parent_network: dict) -> dict:
     out = dict(state)
     for key, value in state.items():
         target = own.get(key)
-        if (target is None or target.shape == value.shape or not (key.startswith("fine.") or key == "fuse.weight")
-                or value.ndim != target.ndim or any(a > b for a, b in zip(value.shape, target.shape))
-                or value.shape[2:] != target.shape[2:]):
+        if target is None or target.shape == value.shape or not narrower(key, value, target):
             continue  # fits already, or is not a narrower version of the entry (the caller compares shapes)
         transposed = isinstance(net.get_submodule(key.rsplit(".", 1)[0]), nn.ConvTranspose2d)
         wide = target.detach().clone().to(value.dtype)
@@ -348,24 +347,32 @@ def widen_from(state: dict, net: CLIPTNSegNet, parent_network: dict) -> dict:
             rows = old_w.shape[0]
             new_w[:rows] = 0
             new_w[:rows, _old_inputs(key, old_w.shape[1], new_w.shape[1], transposed, old_fc, new_fc,
-                                     net.context)] = old_w
+                                     net.channels)] = old_w
         out[key] = wide
     return out
+
+
+def narrower(key: str, old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether state entry ``key`` of shape ``old`` is a narrower version of the same entry of shape ``new`` that
+    ``widen_from`` can widen: a fine-branch weight or bias, or the head's fuse weight, of the same rank and kernel,
+    no dimension larger."""
+    return ((key.startswith("fine.") or key == "fuse.weight") and old.ndim == new.ndim
+            and old.shape[2:] == new.shape[2:] and all(a <= b for a, b in zip(old.shape, new.shape)))
 
 
 INPUT_LAYER = "fine.model.0."  # the fine branch's first residual unit (convolution and residual): reads the image
 
 
 def _old_inputs(key: str, old_in: int, new_in: int, transposed: bool, old_fc: list, new_fc: list,
-                context: int) -> torch.Tensor:
+                channels: int) -> torch.Tensor:
     """Where a narrower layer's input channels sit among the widened layer's (``widen_from``): in the layer reading
     the image (``INPUT_LAYER``), its one channel in the middle of its neighbours; in a transposed convolution, the
     [skip, deeper] halves apart, the skip part being ``fine_channels`` of its level (the number of nested
     ``submodule`` s in MONAI's UNet key); else a prefix."""
     if old_in == new_in:
         return torch.arange(old_in)
-    if key.startswith(INPUT_LAYER) and old_in == 1 and new_in == 1 + 2 * context:
-        return torch.tensor([context])
+    if key.startswith(INPUT_LAYER) and old_in == 1 and new_in == channels:  # ``channels``: the net's input
+        return torch.tensor([channels // 2])
     if transposed:
         level = key.count("submodule")
         skip_old, skip_new = old_fc[level], new_fc[level]
