@@ -293,7 +293,7 @@ def test_the_calibration_judges_the_maps_after_the_models_slice_vote(monkeypatch
     case = calibration.CalibrationCase(np.random.default_rng(0).normal(size=prob.shape[1:]).astype(np.float32),
                                        (1.0, 1.0, 2.0), {"nodule": truth}, {"nodule": "nodule"})
     out = calibration.collect_cases(engine, [case], {"nodule": ["nodule"]})
-    (finding, truth_voxels, comps, extent_mm), = out[0.5][1.0]
+    (finding, truth_voxels, comps, extent_mm, _), = out[0.5][1.0]
     assert finding == "nodule" and truth_voxels == 108 and extent_mm == 20.0
     assert sorted(c.n_slices for c, _ in comps) == sorted(len(s) for s in slices)
     assert [overlap for c, overlap in comps if c.n_slices == 3] == [108]
@@ -322,10 +322,10 @@ def test_the_calibration_keeps_a_one_sided_prompt_to_its_side_as_the_pipeline_do
     truth = np.zeros(prob.shape[1:], bool)
     truth[:, 4:10, 11:15] = True
     case = calibration.CalibrationCase(image, (1.0, 1.0, 1.0), {"mass": truth}, {"mass": "mass in the left lung"})
-    (_, _, comps, _), = calibration.collect_cases(engine, [case], {"mass": ["mass"]})[0.5][1.0]
+    (_, _, comps, _, _), = calibration.collect_cases(engine, [case], {"mass": ["mass"]})[0.5][1.0]
     assert [(c.voxels, overlap) for c, overlap in comps] == [(96, 96)]  # the right-side blob is gone
     engine.spec = {"inference": {}}
-    (_, _, comps, _), = calibration.collect_cases(engine, [case], {"mass": ["mass"]})[0.5][1.0]
+    (_, _, comps, _, _), = calibration.collect_cases(engine, [case], {"mass": ["mass"]})[0.5][1.0]
     assert sorted(c.voxels for c, _ in comps) == [72, 96]
 
 
@@ -379,7 +379,8 @@ def test_flip_choice_gives_each_finding_the_flip_setting_that_scores_better(monk
     plain = calibration.calibrate_rules(engine, cases, {"stray": ["stray"], "sharp": ["sharp"]})
     assert asked[0] == (["stray", "sharp"], [False, False]) and "flip_average" not in plain["per_finding"]["stray"]
     # its own maps alone: no rule tells the stray blob from the finding, so the best one reports nothing
-    assert plain["per_finding"]["stray"]["calibration"] == {"absent_empty_rate": 1.0, "mean_dice": 0.0}
+    assert {k: plain["per_finding"]["stray"]["calibration"][k] for k in ("absent_empty_rate", "mean_dice")} == {
+        "absent_empty_rate": 1.0, "mean_dice": 0.0}
     # findings that compete voxel-wise keep the model's setting (their rivals are judged with theirs), and so does
     # a finding held by too few cases to tell
     paired = calibration.calibrate_rules(engine, cases, {"stray": ["stray"], "sharp": ["sharp"]},

@@ -128,8 +128,10 @@ class FindingResult:
         i = self.info
         if self.status == "found":
             mean = f", mean {i['mean']:.2f}" if i.get("mean") is not None else ""
-            head = (f"found ({i['components']} region(s), {i['voxels']} voxels, peak probability {i['score']:.2f}"
-                    f"{mean})")
+            grown = (f", {i['grown_voxels']} of them joined at probability > {i['grow_threshold']:.2f}"
+                     if i.get("grown_voxels") else "")
+            head = (f"found ({i['components']} region(s), {i['voxels']} voxels{grown}, peak probability "
+                    f"{i['score']:.2f}{mean})")
         elif self.status == "uncertain":
             head = (f"UNCERTAIN: kept {i['components']} region(s), {i['voxels']} voxels, that narrowly miss the "
                     f"model's rule ({_miss(i.get('closest_miss', []))}); check the segment")
@@ -156,7 +158,7 @@ class FindingResult:
         keys = ("status", "found", "score", "mean", "components", "voxels", "dropped_components", "rejected",
                 "closest_miss", "required", "evidence", "rule", "rule_cosine", "competes_with", "tokens", "truncated",
                 "unseen_words", "prompt_warning", "out_of_domain", "presence_peak", "min_slice_presence",
-                "kept_to_side", "flip_average")
+                "kept_to_side", "flip_average", "grow_threshold", "grown_voxels")
         return {"prompt": self.prompt, **{k: self.info.get(k) for k in keys}, "interpretation": self.reading()}
 
 

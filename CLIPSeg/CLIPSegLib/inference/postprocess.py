@@ -11,6 +11,9 @@ A finding is reported only through connected components (3D, face-connected) of 
   - stand out of their surrounding tissue by at least ``min_contrast`` speckle spreads (``region_contrast``), and
   - cast a posterior acoustic shadow of at least ``min_shadow`` spreads (``acoustic_shadow``; the calcification sign).
 Components failing any test are dropped; if none is left the segment is empty and the finding "not found".
+A rule may also give a ``grow_threshold`` below ``threshold``: the kept components then grow to the voxels above it
+that connect to them (hysteresis, ``grow``), so a soft edge the model is less sure of joins a finding already
+decided; the decision and its evidence stay those of the components at ``threshold``.
 Before that, findings the model knows to be mutually exclusive (a solid nodule and a cyst never share a voxel) compete
 voxel by voxel: a prompt keeps a voxel only where no exclusive finding is more probable (``suppress_exclusive``), as
 in multi-class segmentation. A dark solid nodule asked as "cyst" is then left to the nodule if the model finds the
@@ -30,7 +33,7 @@ from .acoustic_shadow import REACH_MM, posterior_shadow
 
 # slice_gate: how the slice presence probability scales each slice (pipeline.apply_presence), calibrated with the rest.
 DEFAULT_PRESENCE = {"threshold": 0.5, "min_peak": 0.8, "min_mean": 0.0, "min_extent_mm": 1.0, "min_area_mm2": 1.0,
-                    "min_contrast": 0.0, "min_shadow": 0.0, "slice_gate": 1.0}
+                    "min_contrast": 0.0, "min_shadow": 0.0, "slice_gate": 1.0, "grow_threshold": None}
 
 
 @dataclass
@@ -276,6 +279,14 @@ def evidence(c: Component) -> dict:
 MAX_EVIDENCE = 5  # components reported per finding (largest first)
 
 
+def grow(mask: np.ndarray, prob: np.ndarray, low: float) -> np.ndarray:
+    """Hysteresis: bool ``mask`` ``[K,J,I]`` and the connected components of ``prob > low`` (3D, face-connected)
+    that touch it, as a new bool array. ``mask`` is expected to lie within ``prob > low``."""
+    labels, n = ndimage.label(prob > low)
+    touched = np.unique(labels[mask])
+    return mask | np.isin(labels, touched[touched > 0]) if n else mask.copy()
+
+
 def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
            image: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Probability ``[K,J,I]``, ``spacing`` mm along (I, J, K), slices along ``array_axis`` (0=K, 1=J, 2=I) ->
@@ -288,8 +299,9 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     ``mean`` (mean probability of the kept voxels), ``components``, ``voxels``, ``dropped_components``,
     ``rejected``: {rule key: number of dropped components failing it}, ``closest_miss``: for the dropped component
     nearest to passing, [(rule key, value, required)], ``threshold``, ``required`` (what the rule asked: rule key ->
-    value) and ``evidence``: the inputs of the kept components, or of the nearest miss, (``evidence``, at most
-    ``MAX_EVIDENCE``, largest first)."""
+    value), ``evidence``: the inputs of the kept components, or of the nearest miss, (``evidence``, at most
+    ``MAX_EVIDENCE``, largest first) and, when the rule grows the mask (``grow_threshold``), ``grow_threshold`` and
+    ``grown_voxels`` (voxels the growth added; ``voxels`` counts them, ``mean`` and ``evidence`` do not)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     if image is None:
         cfg["min_contrast"] = cfg["min_shadow"] = 0.0
@@ -304,8 +316,14 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
         kept = [c for c in comps if narrowly_failed(failures[c.label], margin, slice_mm)]
         status = "uncertain" if kept else status
     mask = np.isin(labels, [c.label for c in kept]) if kept else np.zeros(prob.shape, bool)
+    decided = mask
+    low = cfg.get("grow_threshold")
+    if kept and low is not None and low < cfg["threshold"]:
+        mask = grow(mask, prob, float(low))
     if kept:
         fill_holes(mask)
+        if decided is not mask:  # grown: the decision's own mask, filled as it would be without growth
+            fill_holes(decided)
     dropped = [c for c in comps if c not in kept]
     rejected: dict[str, int] = {}
     for c in dropped:
@@ -317,7 +335,7 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
         "status": status,
         "found": bool(kept),
         "score": max((c.peak for c in kept), default=float(prob.max(initial=0.0))),
-        "mean": float(prob[mask].mean()) if kept else None,
+        "mean": float(prob[decided].mean()) if kept else None,
         "components": len(kept),
         "dropped_components": len(dropped),
         "voxels": int(mask.sum()),
@@ -326,6 +344,9 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
         "closest_miss": ([[k, round(v, 4), round(n, 4)] for k, v, n in failures[closest.label]]
                          if closest is not None else []) if status != "found" else [],
     }
+    if decided is not mask:
+        info["grow_threshold"] = float(low)
+        info["grown_voxels"] = int(mask.sum() - decided.sum())
     need = required(cfg, extent)
     info["required"] = {k: round(float(v), 4) if np.isfinite(v) else None for k, v in need.items()}  # None: not asked
     shown = sorted(kept, key=lambda c: -c.voxels) if kept else ([closest] if closest is not None else [])

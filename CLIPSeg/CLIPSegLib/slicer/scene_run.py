@@ -21,7 +21,7 @@ from ..options import SegmentOptions
 
 # The decision's inputs and outcome stored on each segment (tag CLIPSeg.Decision, JSON), from the run's findings
 DECISION_KEYS = ("status", "rule", "required", "evidence", "rejected", "closest_miss", "kept_to_side",
-                 "flip_average")
+                 "flip_average", "grow_threshold", "grown_voxels")
 
 
 class SceneRun(BackgroundJob):

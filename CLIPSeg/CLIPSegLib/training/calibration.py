@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
+from scipy import ndimage
 
 from .datasets import CALIBRATION_SEED_BASE
 from ..engines.contract import MATCH_MIN_COSINE
@@ -53,6 +54,11 @@ THRESHOLD_MARGIN = 0.02
 # the 3D structure (the MNI fourth ventricle: 0.3 won on its one held-out slice with 4 of 5 seeds, then let the map
 # run on along the midline CSF, Dice 0.47-0.84; the same seeds at 0.5: 0.58-0.87, benchmarks/RESULTS.md)
 THRESHOLD_MIN_PRESENT = 5
+# probability thresholds a finding's found mask may grow to (``postprocess.grow``, the rule's ``grow_threshold``):
+# the map's soft edge the decision left out. Taken only if it raises the finding's mean Dice over its present
+# calibration cases by ``GROW_MARGIN`` (growth never changes which findings are found, so absence is unaffected)
+GROW_THRESHOLDS = (0.2, 0.3, 0.4)
+GROW_MARGIN = 0.005
 
 
 @dataclass
@@ -155,20 +161,31 @@ def collect_flip_variants(engine, cases, phrasings: dict, variants=(False, True)
                 for i, f in enumerate(asked):
                     for t in thresholds:
                         out[flip].setdefault(t, {}).setdefault(gate, []).append(
-                            _entry(f, gated[i], case.truths[f], case.spacing, array_axis, t, image=case.image))
+                            _entry(f, gated[i], case.truths[f], case.spacing, array_axis, t, image=case.image,
+                                   grow=GROW_THRESHOLDS))
         progress.update("calibration volumes", v + 1, total or v + 1)
     return out
 
 
 def _entry(finding: str, prob: np.ndarray, truth: np.ndarray, spacing, array_axis: int,
-           threshold: float = DEFAULT_PRESENCE["threshold"], image: np.ndarray | None = None) -> tuple:
+           threshold: float = DEFAULT_PRESENCE["threshold"], image: np.ndarray | None = None, grow=()) -> tuple:
     """One calibration entry: (finding, truth voxel count, [(Component, overlap voxels)], extent of the array along
-    the slice axis in mm) from a probability map and its truth (``[K,J,I]``), components of ``prob > threshold``
-    (with their contrast to the surrounding tissue when ``image``, the ``[K,J,I]`` intensities, is given)."""
+    the slice axis in mm, growth) from a probability map and its truth (``[K,J,I]``), components of ``prob >
+    threshold`` (with their contrast to the surrounding tissue when ``image``, the ``[K,J,I]`` intensities, is
+    given). growth: {low: (the component of ``prob > low`` holding each component, in order; voxels and truth
+    overlap of every component of ``prob > low`` by its label)} for each ``grow`` threshold below ``threshold``."""
     labels, comps = components(prob, spacing, array_axis, threshold, image)
     overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
+    growth = {}
+    for low in (g for g in grow if g < threshold):
+        wide, n = ndimage.label(prob > low)
+        holder = np.zeros(len(comps) + 1, int)
+        inside = labels > 0
+        holder[labels[inside]] = wide[inside]
+        growth[float(low)] = (holder[1:], np.bincount(wide.ravel(), minlength=n + 1),
+                              np.bincount(wide[truth], minlength=n + 1))
     return (finding, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
-            volume_extent_mm(prob.shape, spacing, array_axis))
+            volume_extent_mm(prob.shape, spacing, array_axis), growth)
 
 
 def collect_slices(engine, volumes, held, progress: Progress | None = None, gates=SLICE_GATES,
@@ -214,7 +231,7 @@ def collect_slices(engine, volumes, held, progress: Progress | None = None, gate
 
 def case_table(cases) -> SimpleNamespace:
     """The cases' components as arrays (Component fields + overlap, case index, volume extent) for ``keep``."""
-    rows = [(i, c, o, ext) for i, (_, _, comps, ext) in enumerate(cases) for c, o in comps]
+    rows = [(i, c, o, ext) for i, (_, _, comps, ext, *_) in enumerate(cases) for c, o in comps]
     col = lambda get: np.array([get(r) for r in rows], float)  # noqa: E731
     return SimpleNamespace(
         peak=col(lambda r: r[1].peak), mean=col(lambda r: r[1].mean), extent_mm=col(lambda r: r[1].extent_mm),
@@ -252,6 +269,45 @@ def _evaluate(table: SimpleNamespace, cfg: dict):
 def evaluate_rule(cases, cfg: dict):
     """-> (fraction of absent findings left empty, {finding: mean Dice over present cases})."""
     return _evaluate(case_table(cases), cfg)
+
+
+def grown_dice(cases, cfg: dict, low: float) -> np.ndarray:
+    """Dice per present case of ``cases`` (entries with growth at ``low``) when the components rule ``cfg`` keeps
+    grow to ``prob > low`` (``postprocess.grow``; holes not filled)."""
+    table = case_table(cases)
+    kept = keep(table, cfg, table.volume_extent_mm)
+    out = []
+    for i, (_, truth, _, _, growth) in enumerate(cases):
+        if truth == 0:
+            continue
+        holder, voxels, overlap = growth[low]
+        held = np.unique(holder[kept[table.case == i]])
+        out.append(2 * overlap[held].sum() / max(voxels[held].sum() + truth, 1) if len(held) else 0.0)
+    return np.array(out, float)
+
+
+def with_growth(rule: dict, cases, finding: str) -> dict:
+    """``rule`` (a finding's, fitted on ``cases``: its entries at the rule's threshold and gate) with the
+    ``grow_threshold`` of ``GROW_THRESHOLDS`` that most raises its mean Dice over the finding's present cases, if by
+    ``GROW_MARGIN`` and at least ``THRESHOLD_MIN_PRESENT`` cases hold it; else None. Its calibration records the mean
+    Dice at each (``grow``) and ``mean_dice`` becomes the chosen one's."""
+    cases = [c for c in cases if c[0] == finding]
+    lows = [g for g in GROW_THRESHOLDS if all(g in c[4] for c in cases)] if cases and len(cases[0]) > 4 else []
+    present = sum(1 for c in cases if c[1] > 0)
+    if not lows or not searches_thresholds(present):
+        return {**rule, "grow_threshold": None}
+    _, dice = case_outcomes(case_table(cases), rule)
+    base = float(dice[np.array([c[1] > 0 for c in cases])].mean())
+    tried = {"none": round(base, 4), **{str(g): round(float(grown_dice(cases, rule, g).mean()), 4) for g in lows}}
+    best = max(lows, key=lambda g: (tried[str(g)], g))  # on a tie the least growth
+    chosen = best if tried[str(best)] >= base + GROW_MARGIN else None
+    mean = tried[str(chosen)] if chosen is not None else base
+    calibration = {**rule["calibration"], "grow": tried}
+    if isinstance(calibration.get("mean_dice"), dict):
+        calibration["mean_dice"] = {**calibration["mean_dice"], finding: round(mean, 4)}
+    else:
+        calibration["mean_dice"] = round(mean, 4)
+    return {**rule, "grow_threshold": chosen, "calibration": calibration}
 
 
 PEAK_GRID = tuple(np.round(np.linspace(0.5, 0.99, 50), 3))
@@ -383,6 +439,7 @@ def calibrate_rules(engine, cases, phrasings: dict, exclusive=(), progress: Prog
         sub["calibration"] = {"absent_empty_rate": sub["calibration"]["absent_empty_rate"],
                               "mean_dice": sub["calibration"]["mean_dice"][f],
                               **({"flip_choice": tried} if tried else {})}
+        sub = with_growth(sub, variants[sub.get("flip_average", flip)][sub["threshold"]][sub["slice_gate"]], f)
         rule["per_finding"][f] = {**sub, "phrases": list(phrasings[f])}
     rule["match_min_cosine"] = MATCH_MIN_COSINE
     rule["exclusive"] = [list(p) for p in exclusive]
