@@ -38,6 +38,20 @@ def test_the_found_mask_grows_to_the_soft_edge_it_touches_and_nothing_else():
         np.testing.assert_array_equal(decide(prob, SPACING, 0, {**RULE, "grow_threshold": low})[0], plain)
 
 
+def test_a_region_the_rule_dropped_stays_out_of_the_grown_mask_and_an_uncertain_finding_does_not_grow():
+    prob = _finding_with_rim(stray=0.0)
+    prob[1:5, 4:6, 14:20] = 0.35  # a bridge of soft edge from the rim ...
+    prob[1:5, 4:8, 20:24] = 0.6  # ... to a weak region the rule drops (peak 0.6 < 0.9)
+    mask, info = decide(prob, SPACING, 0, {**RULE, "grow_threshold": 0.3})
+    assert info["status"] == "found" and info["dropped_components"] == 1 and info["components"] == 1
+    assert mask[1:5, 4:14, 4:14].all() and mask[1:5, 4:6, 14:20].all()  # the rim and the bridge join ...
+    assert not mask[1:5, 4:8, 20:24].any()  # ... the dropped region does not
+    # a finding that only narrowly misses its rule is kept UNCERTAIN at its own size
+    unsure = {**RULE, "min_peak": 0.96, "grow_threshold": 0.3}
+    mask, info = decide(prob, SPACING, 0, unsure)
+    assert info["status"] == "uncertain" and mask.sum() == 4 * 36 and "grown_voxels" not in info
+
+
 def test_growth_never_makes_an_absent_finding_found():
     prob = _finding_with_rim()
     prob[prob > 0.9] = 0.45  # nothing above the decision threshold: the 0.35 rim must not become a finding
@@ -63,6 +77,14 @@ def _cases(n_present: int, rim_in_truth: bool, n_absent: int = 3):
 
 def test_the_calibrations_grown_dice_is_the_dice_of_the_pipelines_grown_mask():
     cases = _cases(4, rim_in_truth=True)
+    prob, truth, _ = cases[1]  # one more with a dropped region inside the grown one (it must stay out of both)
+    prob = prob.copy()
+    prob[1:5, 4:6, 14:20] = 0.35
+    prob[1:5, 4:8, 20:24] = 0.6
+    truth = truth.copy()
+    truth[1:5, 4:8, 20:24] = True
+    cases.append((prob, truth, calibration._entry("nodule", prob, truth, SPACING, 0,
+                                                  grow=calibration.GROW_THRESHOLDS)))
     for low in calibration.GROW_THRESHOLDS:
         expected = [dice(decide(prob, SPACING, 0, {**RULE, "grow_threshold": low})[0], truth)
                     for prob, truth, _ in cases if truth.any()]
@@ -83,3 +105,53 @@ def test_the_calibration_grows_a_finding_only_where_its_truth_holds_the_soft_edg
     # too few present cases to tell: no growth, nothing searched
     few = calibration.with_growth(rule, [e for *_, e in _cases(4, rim_in_truth=True)], "nodule")
     assert few["grow_threshold"] is None and "grow" not in few["calibration"]
+
+
+def test_the_pipeline_follows_a_findings_growth_and_a_users_threshold_turns_it_off():
+    import torch
+
+    from CLIPSegLib.inference.pipeline import segment_volume
+    from CLIPSegLib.io.geometry import Geometry
+    from test_pipeline import _MapEngine
+
+    cyst = torch.zeros(16, 16)
+    cyst[4:12, 4:12] = 0.35
+    cyst[6:10, 6:10] = 0.95
+    engine = _MapEngine({"nodule": torch.zeros(16, 16), "cyst": cyst, "calcification": torch.zeros(16, 16)})
+    engine.spec["presence"]["per_finding"]["cyst"]["grow_threshold"] = 0.3
+    vol = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    run = lambda **kw: segment_volume(engine, vol, Geometry.axis_aligned((1.0, 1.0, 1.0)), ["cyst"], axis=2,  # noqa
+                                      **kw).findings[0]
+    grown = run()
+    assert grown.mask.sum() == 3 * 64 and grown.info["grown_voxels"] == 3 * 48
+    assert grown.event()["grow_threshold"] == 0.3
+    plain = run(presence={"threshold": 0.5})  # --threshold: the mask the user's threshold draws
+    assert plain.mask.sum() == 3 * 16 and "grown_voxels" not in plain.info
+
+
+def test_calibrate_rules_writes_each_findings_growth(monkeypatch):
+    from types import SimpleNamespace
+
+    from CLIPSegLib.engines.contract import PromptReading, PromptState
+
+    def predict(engine, image, geometry, state, axis, flip_average=None, **kw):
+        maps = np.zeros((len(state), *image.shape), np.float32)
+        if image.max() > 1:  # present: a sure core in a soft rim, both in the truth
+            maps[:, :, 2:8, 2:8] = 0.35
+            maps[:, :, 3:7, 3:7] = 0.95
+        return maps, None
+
+    monkeypatch.setattr(calibration, "predict_patient_frame", predict)
+    engine = SimpleNamespace(spec={}, encode_prompts=lambda p: PromptState(list(p), None,
+                                                                          [PromptReading(t) for t in p]))
+    cases = []
+    for present in [True] * 5 + [False] * 3:
+        truth = np.zeros((2, 10, 10), bool)
+        truth[:, 2:8, 2:8] = present
+        cases.append(calibration.CalibrationCase(np.full((2, 10, 10), 5.0 if present else 0.5, np.float32),
+                                                 (1.0, 1.0, 1.0), {"mass": truth}, {"mass": "mass"}))
+    rule = calibration.calibrate_rules(engine, cases, {"mass": ["mass"]})
+    mass = rule["per_finding"]["mass"]
+    assert mass["grow_threshold"] == 0.3 and mass["calibration"]["mean_dice"] == 1.0  # 0.2 and 0.3 take the rim: the least growth
+    assert mass["calibration"]["grow"]["none"] == pytest.approx(2 * 16 / (16 + 36), abs=1e-4)
+    assert rule["grow_threshold"] is None  # the global rule, for prompts matching no finding, does not grow

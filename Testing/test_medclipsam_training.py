@@ -83,11 +83,11 @@ def test_the_calibration_floors_empty_the_slices_they_should():
     presence = np.array([[0.1, 0.9, 0.9, 0.2]], np.float32)
     iou = np.array([[0.0, 0.8, 0.8, 0.9]], np.float32)
     case = CalibrationCase(np.zeros((4, 8, 8)), (1.0, 1.0, 1.0), {"nodule": truth}, {"nodule": "nodule"})
-    (_, _, comps, _), = entries_for([(case, masks, presence, iou)], floor=0.0, min_iou=0.0, vote=1)
+    (_, _, comps, *_), = entries_for([(case, masks, presence, iou)], floor=0.0, min_iou=0.0, vote=1)
     assert sum(c.voxels for c, _ in comps) == 48
-    (_, _, comps, _), = entries_for([(case, masks, presence, iou)], floor=0.5, min_iou=0.0, vote=1)
+    (_, _, comps, *_), = entries_for([(case, masks, presence, iou)], floor=0.5, min_iou=0.0, vote=1)
     assert sum(c.voxels for c, _ in comps) == 32  # slice 3 under the presence floor
-    (_, _, comps, _), = entries_for([(case, masks, presence, iou)], floor=0.0, min_iou=0.85, vote=1)
+    (_, _, comps, *_), = entries_for([(case, masks, presence, iou)], floor=0.0, min_iou=0.85, vote=1)
     assert sum(c.voxels for c, _ in comps) == 16  # only slice 3's box passes SAM's IoU floor
 
 

@@ -399,7 +399,9 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     state = engine.encode_prompts(prompts + phrases)  # the only encoding of the run: the rivals are phrasings
     asked = state.take(prompts)
     found_rules = presence_rules(engine, asked, state.take(phrases) if phrases else None, model_presence)
-    rules = [({k: v for k, v in {**rule, **(presence or {})}.items()
+    # a threshold the user sets bounds the mask: the rule's growth below its own threshold goes with it
+    override = {**({"grow_threshold": None} if "threshold" in (presence or {}) else {}), **(presence or {})}
+    rules = [({k: v for k, v in {**rule, **override}.items()
                if k in DEFAULT_PRESENCE or k in ("uncertain_margin", "min_slice_presence")}, rule_name, cosine)
              for rule, rule_name, cosine in found_rules]
     matched = [name if name != "global" else None for _, name, _ in rules]

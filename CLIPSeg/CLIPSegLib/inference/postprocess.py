@@ -11,9 +11,10 @@ A finding is reported only through connected components (3D, face-connected) of 
   - stand out of their surrounding tissue by at least ``min_contrast`` speckle spreads (``region_contrast``), and
   - cast a posterior acoustic shadow of at least ``min_shadow`` spreads (``acoustic_shadow``; the calcification sign).
 Components failing any test are dropped; if none is left the segment is empty and the finding "not found".
-A rule may also give a ``grow_threshold`` below ``threshold``: the kept components then grow to the voxels above it
-that connect to them (hysteresis, ``grow``), so a soft edge the model is less sure of joins a finding already
-decided; the decision and its evidence stay those of the components at ``threshold``.
+A rule may also give a ``grow_threshold`` below ``threshold``: the components of a found finding then grow to the
+voxels above it that connect to them (hysteresis, ``grow``), so a soft edge the model is less sure of joins a finding
+already decided; components the rule dropped stay out, an UNCERTAIN finding does not grow, and the decision and its
+evidence stay those of the components at ``threshold``.
 Before that, findings the model knows to be mutually exclusive (a solid nodule and a cyst never share a voxel) compete
 voxel by voxel: a prompt keeps a voxel only where no exclusive finding is more probable (``suppress_exclusive``), as
 in multi-class segmentation. A dark solid nodule asked as "cyst" is then left to the nodule if the model finds the
@@ -279,12 +280,16 @@ def evidence(c: Component) -> dict:
 MAX_EVIDENCE = 5  # components reported per finding (largest first)
 
 
-def grow(mask: np.ndarray, prob: np.ndarray, low: float) -> np.ndarray:
+def grow(mask: np.ndarray, prob: np.ndarray, low: float, exclude: np.ndarray | None = None) -> np.ndarray:
     """Hysteresis: bool ``mask`` ``[K,J,I]`` and the connected components of ``prob > low`` (3D, face-connected)
-    that touch it, as a new bool array. ``mask`` is expected to lie within ``prob > low``."""
+    that touch it, less the bool ``exclude`` voxels (e.g. the regions a rule dropped), as a new bool array. ``mask``
+    is expected to lie within ``prob > low``."""
     labels, n = ndimage.label(prob > low)
     touched = np.unique(labels[mask])
-    return mask | np.isin(labels, touched[touched > 0]) if n else mask.copy()
+    joined = np.isin(labels, touched[touched > 0]) if n else np.zeros(mask.shape, bool)
+    if exclude is not None:
+        joined &= ~exclude
+    return mask | joined
 
 
 def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
@@ -300,8 +305,9 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     ``rejected``: {rule key: number of dropped components failing it}, ``closest_miss``: for the dropped component
     nearest to passing, [(rule key, value, required)], ``threshold``, ``required`` (what the rule asked: rule key ->
     value), ``evidence``: the inputs of the kept components, or of the nearest miss, (``evidence``, at most
-    ``MAX_EVIDENCE``, largest first) and, when the rule grows the mask (``grow_threshold``), ``grow_threshold`` and
-    ``grown_voxels`` (voxels the growth added; ``voxels`` counts them, ``mean`` and ``evidence`` do not)."""
+    ``MAX_EVIDENCE``, largest first) and, when the rule grows a found mask (``grow_threshold``, ``grow``; the dropped
+    components stay out), ``grow_threshold`` and ``grown_voxels`` (voxels the growth added; ``voxels`` counts them,
+    ``components``, ``mean`` and ``evidence`` are those of the decision)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     if image is None:
         cfg["min_contrast"] = cfg["min_shadow"] = 0.0
@@ -318,8 +324,9 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     mask = np.isin(labels, [c.label for c in kept]) if kept else np.zeros(prob.shape, bool)
     decided = mask
     low = cfg.get("grow_threshold")
-    if kept and low is not None and low < cfg["threshold"]:
-        mask = grow(mask, prob, float(low))
+    if status == "found" and low is not None and low < cfg["threshold"]:
+        dropped_labels = [c.label for c in comps if c not in kept]
+        mask = grow(mask, prob, float(low), np.isin(labels, dropped_labels) if dropped_labels else None)
     if kept:
         fill_holes(mask)
         if decided is not mask:  # grown: the decision's own mask, filled as it would be without growth

@@ -172,8 +172,9 @@ def _entry(finding: str, prob: np.ndarray, truth: np.ndarray, spacing, array_axi
     """One calibration entry: (finding, truth voxel count, [(Component, overlap voxels)], extent of the array along
     the slice axis in mm, growth) from a probability map and its truth (``[K,J,I]``), components of ``prob >
     threshold`` (with their contrast to the surrounding tissue when ``image``, the ``[K,J,I]`` intensities, is
-    given). growth: {low: (the component of ``prob > low`` holding each component, in order; voxels and truth
-    overlap of every component of ``prob > low`` by its label)} for each ``grow`` threshold below ``threshold``."""
+    given). growth: {low: (holder ``[n components]``: the label of the component of ``prob > low`` holding each
+    component, in order; voxels ``[n labels + 1]`` and truth overlap ``[n labels + 1]`` of every component of ``prob
+    > low`` by its label)} for each ``grow`` threshold below ``threshold``."""
     labels, comps = components(prob, spacing, array_axis, threshold, image)
     overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
     growth = {}
@@ -273,16 +274,22 @@ def evaluate_rule(cases, cfg: dict):
 
 def grown_dice(cases, cfg: dict, low: float) -> np.ndarray:
     """Dice per present case of ``cases`` (entries with growth at ``low``) when the components rule ``cfg`` keeps
-    grow to ``prob > low`` (``postprocess.grow``; holes not filled)."""
+    grow to ``prob > low`` less the components it drops, as ``postprocess.decide`` grows a found mask (holes not
+    filled, as in the rule's own Dice, ``kept_outcomes``)."""
     table = case_table(cases)
     kept = keep(table, cfg, table.volume_extent_mm)
     out = []
-    for i, (_, truth, _, _, growth) in enumerate(cases):
+    for i, (_, truth, comps, _, growth) in enumerate(cases):
         if truth == 0:
             continue
         holder, voxels, overlap = growth[low]
-        held = np.unique(holder[kept[table.case == i]])
-        out.append(2 * overlap[held].sum() / max(voxels[held].sum() + truth, 1) if len(held) else 0.0)
+        mine = kept[table.case == i]
+        held = np.unique(holder[mine])
+        # the dropped components inside the grown regions stay out of the mask
+        out_ = [(c.voxels, o) for (c, o), k, h in zip(comps, mine, holder) if not k and h in held]
+        grown = voxels[held].sum() - sum(v for v, _ in out_)
+        hit = overlap[held].sum() - sum(o for _, o in out_)
+        out.append(2 * hit / max(grown + truth, 1) if len(held) else 0.0)
     return np.array(out, float)
 
 
@@ -292,7 +299,8 @@ def with_growth(rule: dict, cases, finding: str) -> dict:
     ``GROW_MARGIN`` and at least ``THRESHOLD_MIN_PRESENT`` cases hold it; else None. Its calibration records the mean
     Dice at each (``grow``) and ``mean_dice`` becomes the chosen one's."""
     cases = [c for c in cases if c[0] == finding]
-    lows = [g for g in GROW_THRESHOLDS if all(g in c[4] for c in cases)] if cases and len(cases[0]) > 4 else []
+    lows = ([g for g in GROW_THRESHOLDS if all(g in c[4] for c in cases)]
+            if cases and all(len(c) > 4 for c in cases) else [])
     present = sum(1 for c in cases if c[1] > 0)
     if not lows or not searches_thresholds(present):
         return {**rule, "grow_threshold": None}

@@ -353,7 +353,7 @@ def widen_from(state: dict, net: CLIPTNSegNet, parent_network: dict) -> dict:
 
 
 def narrower(key: str, old: torch.Tensor, new: torch.Tensor) -> bool:
-    """Whether state entry ``key`` of shape ``old`` is a narrower version of the same entry of shape ``new`` that
+    """Whether state entry ``key``'s tensor ``old`` is a narrower version of the same entry's tensor ``new`` that
     ``widen_from`` can widen: a fine-branch weight or bias, or the head's fuse weight, of the same rank and kernel,
     no dimension larger."""
     return ((key.startswith("fine.") or key == "fuse.weight") and old.ndim == new.ndim
