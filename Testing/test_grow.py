@@ -46,6 +46,13 @@ def test_a_region_the_rule_dropped_stays_out_of_the_grown_mask_and_an_uncertain_
     assert info["status"] == "found" and info["dropped_components"] == 1 and info["components"] == 1
     assert mask[1:5, 4:14, 4:14].all() and mask[1:5, 4:6, 14:20].all()  # the rim and the bridge join ...
     assert not mask[1:5, 4:8, 20:24].any()  # ... the dropped region does not
+    # ... also where the growth encloses it: its own soft edge touches the rim, the dropped core becomes a hole
+    enclosed = _finding_with_rim(stray=0.0)
+    enclosed[0:6, 14:22, 4:12] = 0.35
+    enclosed[2:4, 16:20, 6:10] = 0.6
+    mask, info = decide(enclosed, SPACING, 0, {**RULE, "grow_threshold": 0.3})
+    assert info["dropped_components"] == 1 and mask[0:6, 14:22, 4:12].sum() == 6 * 64 - 2 * 16
+    assert not mask[2:4, 16:20, 6:10].any()
     # a finding that only narrowly misses its rule is kept UNCERTAIN at its own size
     unsure = {**RULE, "min_peak": 0.96, "grow_threshold": 0.3}
     mask, info = decide(prob, SPACING, 0, unsure)
@@ -83,6 +90,12 @@ def test_the_calibrations_grown_dice_is_the_dice_of_the_pipelines_grown_mask():
     prob[1:5, 4:8, 20:24] = 0.6
     truth = truth.copy()
     truth[1:5, 4:8, 20:24] = True
+    cases.append((prob, truth, calibration._entry("nodule", prob, truth, SPACING, 0,
+                                                  grow=calibration.GROW_THRESHOLDS)))
+    prob, truth = prob.copy(), truth.copy()  # and one where that dropped region is enclosed by the growth
+    prob[0:6, 14:22, 4:12] = 0.35
+    prob[2:4, 16:20, 6:10] = 0.6
+    truth[0:6, 14:22, 4:12] = True
     cases.append((prob, truth, calibration._entry("nodule", prob, truth, SPACING, 0,
                                                   grow=calibration.GROW_THRESHOLDS)))
     for low in calibration.GROW_THRESHOLDS:
@@ -152,6 +165,7 @@ def test_calibrate_rules_writes_each_findings_growth(monkeypatch):
                                                  (1.0, 1.0, 1.0), {"mass": truth}, {"mass": "mass"}))
     rule = calibration.calibrate_rules(engine, cases, {"mass": ["mass"]})
     mass = rule["per_finding"]["mass"]
-    assert mass["grow_threshold"] == 0.3 and mass["calibration"]["mean_dice"] == 1.0  # 0.2 and 0.3 take the rim: the least growth
-    assert mass["calibration"]["grow"]["none"] == pytest.approx(2 * 16 / (16 + 36), abs=1e-4)
+    # 0.2 and 0.3 both take the whole rim: the least growth is kept
+    assert mass["grow_threshold"] == 0.3 and mass["calibration"]["mean_dice"] == 1.0
+    assert mass["calibration"]["grow"]["none"] == pytest.approx(32 / 52, abs=1e-4)  # the core's 16 of 36 voxels
     assert rule["grow_threshold"] is None  # the global rule, for prompts matching no finding, does not grow

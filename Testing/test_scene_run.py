@@ -63,6 +63,7 @@ def test_run_loads_one_segment_per_prompt_and_keeps_the_users_segments(scene_vol
         assert decision["status"] == str(status) and "min_contrast" in decision["required"]
         assert decision["kept_to_side"] is None  # an ultrasound model reads no side
         assert isinstance(decision["flip_average"], bool)  # whether the mirror's maps were averaged in
+        assert decision["grown_voxels"] is None  # the run's --threshold turns the rules' growth off
         assert all("contrast" in e and "peak" in e for e in decision["evidence"])
     assert not tmp.exists()  # temporary files removed
     assert [n.GetName() for n in run.probability_nodes] == ["thyroid US p(cyst)", "thyroid US p(thyroid nodule)"]

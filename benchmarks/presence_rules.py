@@ -27,7 +27,7 @@ Strategies (per finding, over one candidate grid: gates x peak x extent x area x
 Run:  .venv/bin/python benchmarks/presence_rules.py --model build/models/X.json [--calibration 120] [--heldout 40]
 The emulation judges every map at one gate, rivals included, as calibration does (the pipeline gates a rival at its
 own gate), and it scores every rule without growth (a rule's ``grow_threshold`` changes Dice, never what is left
-empty): the ``model`` row can differ from ``clipseg evaluate``, by the growth's Dice gain for the findings it grows.
+empty): the ``model`` row can differ from ``clipseg evaluate``, by the growth's change of Dice for the findings it grows.
 """
 
 from __future__ import annotations

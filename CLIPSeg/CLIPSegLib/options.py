@@ -147,8 +147,8 @@ class SegmentOptions:
     axis: str = option("auto", "slice axis as voxel axis 0=I, 1=J, 2=K (auto: the thickest-spaced axis, else K)",
                        "pipeline", check_axis, choices=AXES)
     threshold: float | None = option(
-        None, "probability threshold of the masks (default: the model's calibrated value; a threshold given also turns off "
-        "the rule's growth of a found mask to a lower probability)", "presence",
+        None, "probability threshold of the masks (default: the model's calibrated value; a threshold given also "
+        "turns off the rule's growth of a found mask to a lower probability)", "presence",
         check_threshold, type=float)
     batch_size: int | None = option(
         None, "slices per forward pass (default on CPU: about 4 x 128^2 input pixels, e.g. 4 slices at 128 px and 1 "

@@ -324,13 +324,17 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     mask = np.isin(labels, [c.label for c in kept]) if kept else np.zeros(prob.shape, bool)
     decided = mask
     low = cfg.get("grow_threshold")
+    excluded = None
     if status == "found" and low is not None and low < cfg["threshold"]:
         dropped_labels = [c.label for c in comps if c not in kept]
-        mask = grow(mask, prob, float(low), np.isin(labels, dropped_labels) if dropped_labels else None)
+        excluded = np.isin(labels, dropped_labels) if dropped_labels else None
+        mask = grow(mask, prob, float(low), excluded)
     if kept:
         fill_holes(mask)
         if decided is not mask:  # grown: the decision's own mask, filled as it would be without growth
             fill_holes(decided)
+            if excluded is not None:  # a dropped region the growth enclosed is a hole the filling must not close
+                mask &= ~excluded
     dropped = [c for c in comps if c not in kept]
     rejected: dict[str, int] = {}
     for c in dropped:
