@@ -189,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "none, the new channels start at zero, so training starts from that model's own output")
     t.add_argument("--fine-channels", type=_channel_list, default=None, metavar="C1,C2,...",
                    help="cliptnseg: the fine branch's channels per level (default 8,16,32,64; with --init-from, "
-                        "that model's, where --context-slices must be given again). From a narrower model of as many levels, its channels keep their weights and "
-                        "read the new ones with zeros, and the head reads the new ones with zeros, so training "
-                        "starts from that model's own output")
+                        "that model's, where --context-slices must be given again). From a narrower model of as "
+                        "many levels, its channels keep their weights and read the new ones with zeros, and the head "
+                        "reads the new ones with zeros, so training starts from that model's own output")
     t.add_argument("--slice-vote", type=int, default=1, metavar="SLICES",
                    help="cliptnseg and tgcnet --dataset thyroid: the model's inference.slice_vote (odd; each "
                         "voxel's probability the median over this many neighbouring slices; default 1, off), set "

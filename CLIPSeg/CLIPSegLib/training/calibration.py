@@ -178,10 +178,10 @@ def _entry(finding: str, prob: np.ndarray, truth: np.ndarray, spacing, array_axi
     labels, comps = components(prob, spacing, array_axis, threshold, image)
     overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
     growth = {}
+    inside = labels > 0
     for low in (g for g in grow if g < threshold):
         wide, n = ndimage.label(prob > low)
         holder = np.zeros(len(comps) + 1, int)
-        inside = labels > 0
         holder[labels[inside]] = wide[inside]
         growth[float(low)] = (holder[1:], np.bincount(wide.ravel(), minlength=n + 1),
                               np.bincount(wide[truth], minlength=n + 1))
@@ -297,7 +297,7 @@ def with_growth(rule: dict, cases, finding: str) -> dict:
     """``rule`` (a finding's, fitted on ``cases``: its entries at the rule's threshold and gate) with the
     ``grow_threshold`` of ``GROW_THRESHOLDS`` that most raises its mean Dice over the finding's present cases, if by
     ``GROW_MARGIN`` and at least ``THRESHOLD_MIN_PRESENT`` cases hold it; else None. Its calibration records the mean
-    Dice at each (``grow``) and ``mean_dice`` becomes the chosen one's."""
+    Dice at each (``grow``) and its ``mean_dice`` (the finding's, a number) becomes the chosen one's."""
     cases = [c for c in cases if c[0] == finding]
     lows = ([g for g in GROW_THRESHOLDS if all(g in c[4] for c in cases)]
             if cases and all(len(c) > 4 for c in cases) else [])
@@ -310,11 +310,7 @@ def with_growth(rule: dict, cases, finding: str) -> dict:
     best = max(lows, key=lambda g: (tried[str(g)], g))  # on a tie the least growth
     chosen = best if tried[str(best)] >= base + GROW_MARGIN else None
     mean = tried[str(chosen)] if chosen is not None else base
-    calibration = {**rule["calibration"], "grow": tried}
-    if isinstance(calibration.get("mean_dice"), dict):
-        calibration["mean_dice"] = {**calibration["mean_dice"], finding: round(mean, 4)}
-    else:
-        calibration["mean_dice"] = round(mean, 4)
+    calibration = {**rule["calibration"], "grow": tried, "mean_dice": round(mean, 4)}
     return {**rule, "grow_threshold": chosen, "calibration": calibration}
 
 
