@@ -38,21 +38,25 @@ def test_the_found_mask_grows_to_the_soft_edge_it_touches_and_nothing_else():
         np.testing.assert_array_equal(decide(prob, SPACING, 0, {**RULE, "grow_threshold": low})[0], plain)
 
 
-def test_a_region_the_rule_dropped_stays_out_of_the_grown_mask_and_an_uncertain_finding_does_not_grow():
+def test_a_region_the_rule_dropped_and_the_soft_edge_nearer_to_it_stay_out_of_the_grown_mask():
     prob = _finding_with_rim(stray=0.0)
     prob[1:5, 4:6, 14:20] = 0.35  # a bridge of soft edge from the rim ...
     prob[1:5, 4:8, 20:24] = 0.6  # ... to a weak region the rule drops (peak 0.6 < 0.9)
     mask, info = decide(prob, SPACING, 0, {**RULE, "grow_threshold": 0.3})
     assert info["status"] == "found" and info["dropped_components"] == 1 and info["components"] == 1
-    assert mask[1:5, 4:14, 4:14].all() and mask[1:5, 4:6, 14:20].all()  # the rim and the bridge join ...
-    assert not mask[1:5, 4:8, 20:24].any()  # ... the dropped region does not
-    # ... also where the growth encloses it: its own soft edge touches the rim, the dropped core becomes a hole
+    assert mask[1:5, 4:14, 4:14].all()  # the rim joins ...
+    assert not mask[1:5, 4:8, 20:24].any()  # ... the dropped region does not ...
+    # ... and the bridge is split where it is as far from the core (columns 6-11) as from the dropped region (20-23)
+    assert mask[1:5, 4:6, 14:16].all() and not mask[1:5, 4:6, 17:20].any()
+    # where the growth encloses a dropped region: its own soft edge stays out with it, no ring around a gap
     enclosed = _finding_with_rim(stray=0.0)
     enclosed[0:6, 14:22, 4:12] = 0.35
     enclosed[2:4, 16:20, 6:10] = 0.6
     mask, info = decide(enclosed, SPACING, 0, {**RULE, "grow_threshold": 0.3})
-    assert info["dropped_components"] == 1 and mask[0:6, 14:22, 4:12].sum() == 6 * 64 - 2 * 16
-    assert not mask[2:4, 16:20, 6:10].any()
+    assert info["dropped_components"] == 1 and mask[1:5, 4:14, 4:14].all()
+    # that soft edge is nearer the dropped region but for the corner (row 14, column 11) as near the core's (11, 11)
+    assert not mask[0:6, 15:22, 4:12].any() and mask[0:6, 14, 4:12].sum() == 2
+    np.testing.assert_array_equal(decide(enclosed, SPACING, 0, RULE)[0], prob > 0.9)  # without growth: the core
     # a finding that only narrowly misses its rule is kept UNCERTAIN at its own size
     unsure = {**RULE, "min_peak": 0.96, "grow_threshold": 0.3}
     mask, info = decide(prob, SPACING, 0, unsure)

@@ -12,9 +12,10 @@ A finding is reported only through connected components (3D, face-connected) of 
   - cast a posterior acoustic shadow of at least ``min_shadow`` spreads (``acoustic_shadow``; the calcification sign).
 Components failing any test are dropped; if none is left the segment is empty and the finding "not found".
 A rule may also give a ``grow_threshold`` below ``threshold``: the components of a found finding then grow to the
-voxels above it that connect to them (hysteresis, ``grow``), so a soft edge the model is less sure of joins a finding
-already decided; components the rule dropped stay out, an UNCERTAIN finding does not grow, and the decision and its
-evidence stay those of the components at ``threshold``.
+voxels above it that connect to them (hysteresis; each soft voxel goes to its nearest component, ``growth_cells``), so
+a soft edge the model is less sure of joins a finding already decided; components the rule dropped, and the soft edge
+nearer to them, stay out, an UNCERTAIN finding does not grow, and the decision and its evidence stay those of the
+components at ``threshold``.
 Before that, findings the model knows to be mutually exclusive (a solid nodule and a cyst never share a voxel) compete
 voxel by voxel: a prompt keeps a voxel only where no exclusive finding is more probable (``suppress_exclusive``), as
 in multi-class segmentation. A dark solid nodule asked as "cyst" is then left to the nodule if the model finds the
@@ -280,16 +281,27 @@ def evidence(c: Component) -> dict:
 MAX_EVIDENCE = 5  # components reported per finding (largest first)
 
 
-def grow(mask: np.ndarray, prob: np.ndarray, low: float, exclude: np.ndarray | None = None) -> np.ndarray:
-    """Hysteresis: bool ``mask`` ``[K,J,I]`` and the connected components of ``prob > low`` (3D, face-connected)
-    that touch it, less the bool ``exclude`` voxels (e.g. the regions a rule dropped), as a new bool array. ``mask``
-    is expected to lie within ``prob > low``."""
-    labels, n = ndimage.label(prob > low)
-    touched = np.unique(labels[mask])
-    joined = np.isin(labels, touched[touched > 0]) if n else np.zeros(mask.shape, bool)
-    if exclude is not None:
-        joined &= ~exclude
-    return mask | joined
+def growth_cells(labels: np.ndarray, prob: np.ndarray, low: float, spacing) -> np.ndarray:
+    """Where each decided region may grow (hysteresis with a border between neighbours): ``labels`` ``[K,J,I]`` (the
+    components of ``prob > threshold``, as ``components`` labels them), ``spacing`` mm along (I, J, K) -> int
+    ``[K,J,I]``: each voxel of ``prob > low`` in a connected region (3D, face-connected) holding a component carries the
+    label of the component nearest to it in mm (its cell), 0 elsewhere; a component's own voxels keep its label. A
+    voxel whose nearest component lies in another region of ``prob > low`` joins none. So a soft edge shared by a
+    region a rule keeps and one it drops is split between them, and the dropped region's own edge stays out."""
+    cells = np.zeros(labels.shape, labels.dtype)
+    wide, _ = ndimage.label(prob > low)
+    held = np.unique(wide[labels > 0])
+    region = np.isin(wide, held[held > 0])
+    if not region.any():
+        return cells
+    box = ndimage.find_objects(region.astype(np.int8))[0]  # work in the bounding box of the regions that may grow
+    sub = labels[box]
+    _, nearest = ndimage.distance_transform_edt(sub == 0, sampling=np.asarray(spacing, float)[::-1],
+                                                return_indices=True)
+    owner = sub[tuple(nearest)]
+    same = wide[box] == wide[box][tuple(nearest)]
+    cells[box] = np.where(region[box] & same, owner, 0)
+    return cells
 
 
 def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
@@ -305,8 +317,8 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     ``rejected``: {rule key: number of dropped components failing it}, ``closest_miss``: for the dropped component
     nearest to passing, [(rule key, value, required)], ``threshold``, ``required`` (what the rule asked: rule key ->
     value), ``evidence``: the inputs of the kept components, or of the nearest miss, (``evidence``, at most
-    ``MAX_EVIDENCE``, largest first) and, when the rule grows a found mask (``grow_threshold``, ``grow``; the dropped
-    components stay out), ``grow_threshold`` and ``grown_voxels`` (voxels the growth added; ``voxels`` counts them,
+    ``MAX_EVIDENCE``, largest first) and, when the rule grows a found mask (``grow_threshold``, ``growth_cells``; the
+    dropped components' cells stay out), ``grow_threshold`` and ``grown_voxels`` (voxels the growth added; ``voxels`` counts them,
     ``components``, ``mean`` and ``evidence`` are those of the decision)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     if image is None:
@@ -324,17 +336,15 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     mask = np.isin(labels, [c.label for c in kept]) if kept else np.zeros(prob.shape, bool)
     decided = mask
     low = cfg.get("grow_threshold")
-    excluded = None
     if status == "found" and low is not None and low < cfg["threshold"]:
-        dropped_labels = [c.label for c in comps if c not in kept]
-        excluded = np.isin(labels, dropped_labels) if dropped_labels else None
-        mask = grow(mask, prob, float(low), excluded)
+        cells = growth_cells(labels, prob, float(low), spacing)
+        mask = np.isin(cells, [c.label for c in kept])
+        excluded = (cells > 0) & ~mask  # the cells of the regions the rule dropped
     if kept:
         fill_holes(mask)
         if decided is not mask:  # grown: the decision's own mask, filled as it would be without growth
             fill_holes(decided)
-            if excluded is not None:  # a dropped region the growth enclosed is a hole the filling must not close
-                mask &= ~excluded
+            mask &= ~excluded  # a dropped region's cell the growth enclosed is a hole the filling must not close
     dropped = [c for c in comps if c not in kept]
     rejected: dict[str, int] = {}
     for c in dropped:

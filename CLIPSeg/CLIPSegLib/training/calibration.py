@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
-from scipy import ndimage
 
 from .datasets import CALIBRATION_SEED_BASE
 from ..engines.contract import MATCH_MIN_COSINE
@@ -28,7 +27,8 @@ from ..synthetic.families import random_volume_phantom
 from ..synthetic.phantoms import EXCLUSIVE, FINDINGS, PHRASES
 from ..inference.pipeline import (combine_maps, flip_average_of, predict_maps, predict_patient_frame,
                                   side_regions_of, slice_vote_of)
-from ..inference.postprocess import DEFAULT_PRESENCE, components, keep, volume_extent_mm, with_rivals
+from ..inference.postprocess import (DEFAULT_PRESENCE, components, growth_cells, keep, volume_extent_mm,
+                                    with_rivals)
 from ..progress import Progress
 
 SLICE_GATES = (1.0, 0.7, 0.5, 0.3)  # candidate pipeline.apply_presence gates
@@ -172,19 +172,15 @@ def _entry(finding: str, prob: np.ndarray, truth: np.ndarray, spacing, array_axi
     """One calibration entry: (finding, truth voxel count, [(Component, overlap voxels)], extent of the array along
     the slice axis in mm, growth) from a probability map and its truth (``[K,J,I]``), components of ``prob >
     threshold`` (with their contrast to the surrounding tissue when ``image``, the ``[K,J,I]`` intensities, is
-    given). growth: {low: (holder ``[n components]``: the label of the component of ``prob > low`` holding each
-    component, in order; voxels ``[n labels + 1]`` and truth overlap ``[n labels + 1]`` of every component of ``prob
-    > low`` by its label)} for each ``grow`` threshold below ``threshold``."""
+    given). growth: {low: (voxels ``[n components]`` and truth overlap ``[n components]`` of each component's cell
+    of ``prob > low``, ``postprocess.growth_cells``, in order)} for each ``grow`` threshold below ``threshold``."""
     labels, comps = components(prob, spacing, array_axis, threshold, image)
     overlaps = np.bincount(labels[truth], minlength=len(comps) + 1)
     growth = {}
-    inside = labels > 0
     for low in (g for g in grow if g < threshold):
-        wide, n = ndimage.label(prob > low)
-        holder = np.zeros(len(comps) + 1, int)
-        holder[labels[inside]] = wide[inside]
-        growth[float(low)] = (holder[1:], np.bincount(wide.ravel(), minlength=n + 1),
-                              np.bincount(wide[truth], minlength=n + 1))
+        cells = growth_cells(labels, prob, float(low), spacing)
+        growth[float(low)] = (np.bincount(cells.ravel(), minlength=len(comps) + 1)[1:],
+                              np.bincount(cells[truth], minlength=len(comps) + 1)[1:])
     return (finding, int(truth.sum()), [(c, int(overlaps[c.label])) for c in comps],
             volume_extent_mm(prob.shape, spacing, array_axis), growth)
 
@@ -272,24 +268,19 @@ def evaluate_rule(cases, cfg: dict):
     return _evaluate(case_table(cases), cfg)
 
 
-def grown_dice(cases, cfg: dict, low: float) -> np.ndarray:
+def grown_dice(cases, cfg: dict, low: float, table: SimpleNamespace | None = None) -> np.ndarray:
     """Dice per present case of ``cases`` (entries with growth at ``low``) when the components rule ``cfg`` keeps
-    grow to ``prob > low`` less the components it drops, as ``postprocess.decide`` grows a found mask (holes not
-    filled, as in the rule's own Dice, ``kept_outcomes``)."""
-    table = case_table(cases)
+    grow to their cells of ``prob > low``, as ``postprocess.decide`` grows a found mask (holes not filled, as in the
+    rule's own Dice, ``kept_outcomes``). ``table``: ``case_table(cases)`` if already built."""
+    table = case_table(cases) if table is None else table
     kept = keep(table, cfg, table.volume_extent_mm)
     out = []
-    for i, (_, truth, comps, _, growth) in enumerate(cases):
+    for i, (_, truth, _, _, growth) in enumerate(cases):
         if truth == 0:
             continue
-        holder, voxels, overlap = growth[low]
+        voxels, overlap = growth[low]
         mine = kept[table.case == i]
-        held = np.unique(holder[mine])
-        # the dropped components inside the grown regions stay out of the mask
-        out_ = [(c.voxels, o) for (c, o), k, h in zip(comps, mine, holder) if not k and h in held]
-        grown = voxels[held].sum() - sum(v for v, _ in out_)
-        hit = overlap[held].sum() - sum(o for _, o in out_)
-        out.append(2 * hit / max(grown + truth, 1) if len(held) else 0.0)
+        out.append(2 * overlap[mine].sum() / max(voxels[mine].sum() + truth, 1) if mine.any() else 0.0)
     return np.array(out, float)
 
 
@@ -304,9 +295,11 @@ def with_growth(rule: dict, cases, finding: str) -> dict:
     present = sum(1 for c in cases if c[1] > 0)
     if not lows or not searches_thresholds(present):
         return {**rule, "grow_threshold": None}
-    _, dice = case_outcomes(case_table(cases), rule)
+    table = case_table(cases)
+    _, dice = case_outcomes(table, rule)
     base = float(dice[np.array([c[1] > 0 for c in cases])].mean())
-    tried = {"none": round(base, 4), **{str(g): round(float(grown_dice(cases, rule, g).mean()), 4) for g in lows}}
+    tried = {"none": round(base, 4),
+             **{str(g): round(float(grown_dice(cases, rule, g, table).mean()), 4) for g in lows}}
     best = max(lows, key=lambda g: (tried[str(g)], g))  # on a tie the least growth
     chosen = best if tried[str(best)] >= base + GROW_MARGIN else None
     mean = tried[str(chosen)] if chosen is not None else base
