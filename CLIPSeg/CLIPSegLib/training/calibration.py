@@ -54,9 +54,10 @@ THRESHOLD_MARGIN = 0.02
 # the 3D structure (the MNI fourth ventricle: 0.3 won on its one held-out slice with 4 of 5 seeds, then let the map
 # run on along the midline CSF, Dice 0.47-0.84; the same seeds at 0.5: 0.58-0.87, benchmarks/RESULTS.md)
 THRESHOLD_MIN_PRESENT = 5
-# probability thresholds a finding's found mask may grow to (``postprocess.grow``, the rule's ``grow_threshold``):
-# the map's soft edge the decision left out. Taken only if it raises the finding's mean Dice over its present
-# calibration cases by ``GROW_MARGIN`` (growth never changes which findings are found, so absence is unaffected)
+# probability thresholds a finding's found mask may grow to (the rule's ``grow_threshold``,
+# ``postprocess.growth_cells``): the map's soft edge the decision left out. Taken only if it raises the finding's
+# mean Dice over its present calibration cases by ``GROW_MARGIN`` (growth never changes which findings are found, so
+# absence is unaffected)
 GROW_THRESHOLDS = (0.2, 0.3, 0.4)
 GROW_MARGIN = 0.005
 
