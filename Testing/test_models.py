@@ -120,3 +120,34 @@ def test_a_models_own_tensors_win_over_those_of_a_file_it_lists_after(tmp_path):
     assert [f["name"] for f in own["files"]] == ["new.safetensors", "where.safetensors"]
     state = load_weights(own)
     assert state["sam.w"].tolist() == [7.0, 7.0] and state["clip.w"].tolist() == [1.0, 1.0]
+
+
+def test_a_hand_edited_presence_rule_out_of_range_is_refused_when_the_model_is_read(tiny_model, tmp_path, phantom_file,
+                                                                                    capsys):
+    spec_path = _copy_model(tiny_model, tmp_path)
+    good = json.loads(spec_path.read_text(encoding="utf-8"))
+    finding, rule = "cyst", {k: v for k, v in good["presence"].items() if k != "per_finding"}
+    good["presence"] = {**good["presence"], "per_finding": {finding: rule}}
+    spec_path.write_text(json.dumps(good))
+    load_spec(spec_path)  # a valid per-finding rule
+    for change, message in ((("grow_threshold", "0.2"), f"'grow_threshold' of the rule of {finding!r} in 'presence' "
+                                                        "must be a probability between 0 and 1 or null"),
+                            (("min_peak", 1.5), "must be a probability between 0 and 1, not 1.5"),
+                            (("min_extent_mm", -2), "'min_extent_mm' of the rule of .* must be a number of at least 0"),
+                            (("threshold", True), "'threshold' .* not True")):
+        bad = {**good, "presence": {**good["presence"], "per_finding": {**good["presence"]["per_finding"],
+                                                                         finding: {**rule, change[0]: change[1]}}}}
+        spec_path.write_text(json.dumps(bad))
+        with pytest.raises(ModelError, match=message):
+            load_spec(spec_path)
+    spec_path.write_text(json.dumps({**good, "presence": {**good["presence"], "min_mean": "high"}}))
+    with pytest.raises(ModelError, match="'min_mean' of the global rule in 'presence'"):
+        load_spec(spec_path)
+    # a rule without growth (null) is valid, and the command line reports a bad one as a model error, no traceback
+    spec_path.write_text(json.dumps({**good, "presence": {**good["presence"], "grow_threshold": None}}))
+    load_spec(spec_path)
+    spec_path.write_text(json.dumps({**good, "presence": {**good["presence"], "slice_gate": 7}}))
+    assert _segment(phantom_file, tmp_path, spec_path) == 3
+    err = capsys.readouterr().err
+    assert "'slice_gate' of the global rule" in err and "clipseg calibrate" in err and "Traceback" not in err
+    assert not (tmp_path / "out.seg.nrrd").exists()

@@ -13,6 +13,7 @@ only: the Slicer panel lists models with it before torch is installed.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from ..errors import ModelError
@@ -41,6 +42,11 @@ ENGINE_SPEC_KEYS = {
         "findings": "each finding's phrasings, in output channel order",
     },
 }
+# a presence rule's values (``inference.postprocess``; the global rule and each of ``per_finding``): probabilities,
+# and limits that are at least 0 (mm, mm², speckle spreads); a ``grow_threshold`` of null means no growth
+RULE_PROBABILITIES = ("threshold", "min_peak", "min_mean", "slice_gate", "grow_threshold", "min_slice_presence",
+                      "min_sam_iou")
+RULE_LIMITS = ("min_extent_mm", "min_area_mm2", "min_contrast", "min_shadow")
 # engines whose spec may list no files of its own (every weight comes from registry parts or named checkpoints)
 PARTS_ONLY = {"medclipsam"}
 
@@ -108,3 +114,30 @@ def check_spec(spec, path) -> None:
             if key not in clip:
                 raise ModelError(f"model spec {path}: 'clip' lacks {key!r} (give embed_dim, vision_cfg and text_cfg, "
                                  f"or open_clip_name for a published open_clip architecture); {fix}")
+    if "presence" in spec:
+        check_presence(spec["presence"], path)
+
+
+def check_presence(presence, path) -> None:
+    """Raise ModelError naming the first rule value of a spec's ``presence`` that is not a number in its range
+    (``RULE_PROBABILITIES``: 0 to 1; ``RULE_LIMITS``: at least 0), so a hand-edited rule fails when the model is
+    read, not in the middle of a segmentation."""
+    fix = "restore the rule from the spec it was exported with, or re-fit it with `clipseg calibrate`"
+    if not isinstance(presence, dict) or not isinstance(presence.get("per_finding", {}), dict):
+        raise ModelError(f"model spec {path}: 'presence' must be a JSON object whose 'per_finding' maps each finding "
+                         f"to its rule; {fix}")
+    rules = [("the global rule", presence)] + [(f"the rule of {name!r}", rule)
+                                               for name, rule in presence.get("per_finding", {}).items()]
+    for where, rule in rules:
+        if not isinstance(rule, dict):
+            raise ModelError(f"model spec {path}: {where} in 'presence' must be a JSON object, not {rule!r}; {fix}")
+        for key in RULE_PROBABILITIES + RULE_LIMITS:
+            value = rule.get(key)
+            if key not in rule or (value is None and key == "grow_threshold"):
+                continue
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (key in RULE_PROBABILITIES and value > 1):
+                want = ("a probability between 0 and 1" + (" or null (no growth)" if key == "grow_threshold" else "")
+                        if key in RULE_PROBABILITIES else "a number of at least 0")
+                raise ModelError(f"model spec {path}: {key!r} of {where} in 'presence' must be {want}, not {value!r}; "
+                                 f"{fix}")
