@@ -1,7 +1,8 @@
-"""A found mask grown to the map's soft edge (``postprocess.grow``, a rule's ``grow_threshold``) and how the
+"""A found mask grown to the map's soft edge (``postprocess.growth_cells``, a rule's ``grow_threshold``) and how the
 calibration chooses it (``calibration.with_growth``)."""
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from CLIPSegLib.evaluation.metrics import dice
 from CLIPSegLib.inference.pipeline import FindingResult
@@ -54,9 +55,9 @@ def test_a_region_the_rule_dropped_and_the_soft_edge_nearer_to_it_stay_out_of_th
     enclosed[2:4, 16:20, 6:10] = 0.6
     mask, info = decide(enclosed, SPACING, 0, {**RULE, "grow_threshold": 0.3})
     assert info["dropped_components"] == 1 and mask[1:5, 4:14, 4:14].all()
-    # that soft edge is nearer the dropped region but for the corner (row 14, column 11) as near the core's (11, 11)
-    assert not mask[0:6, 15:22, 4:12].any() and mask[0:6, 14, 4:12].sum() == 2
-    np.testing.assert_array_equal(decide(enclosed, SPACING, 0, RULE)[0], prob > 0.9)  # without growth: the core
+    assert not mask[0:6, 15:22, 4:12].any()  # that soft edge is nearer the dropped region ...
+    assert ndimage.label(mask)[1] == 1  # ... and what joins the core is connected to it
+    np.testing.assert_array_equal(decide(enclosed, SPACING, 0, RULE)[0], enclosed > 0.9)  # without growth: the core
     # a finding that only narrowly misses its rule is kept UNCERTAIN at its own size
     unsure = {**RULE, "min_peak": 0.96, "grow_threshold": 0.3}
     mask, info = decide(prob, SPACING, 0, unsure)
@@ -173,3 +174,29 @@ def test_calibrate_rules_writes_each_findings_growth(monkeypatch):
     assert mass["grow_threshold"] == 0.3 and mass["calibration"]["mean_dice"] == 1.0
     assert mass["calibration"]["grow"]["none"] == pytest.approx(32 / 52, abs=1e-4)  # the core's 16 of 36 voxels
     assert rule["grow_threshold"] is None  # the global rule, for prompts matching no finding, does not grow
+
+
+def test_cells_are_drawn_within_each_soft_region_in_mm_and_growth_never_takes_away():
+    from CLIPSegLib.inference.postprocess import components, growth_cells
+
+    # a row: core A (kept), its soft edge, a gap under the grow threshold, B's soft edge, core B (dropped: weak peak)
+    prob = np.zeros((1, 1, 16), np.float32)
+    prob[0, 0, 0:2], prob[0, 0, 2:10], prob[0, 0, 11], prob[0, 0, 12:14] = 0.95, 0.35, 0.35, 0.6
+    mask, _ = decide(prob, SPACING, 0, {**RULE, "grow_threshold": 0.3})
+    assert mask[0, 0].tolist() == [True] * 10 + [False] * 6  # A's soft edge is A's, however near B lies past the gap
+    # spacing along (I, J, K): 1 mm columns, 3 mm slices. The voxel at slice 2, column 3 is 6 mm from core A
+    # (slice 0, column 3) and 3 mm from core B (slice 2, column 0): it is B's
+    prob = np.zeros((3, 1, 4), np.float32)
+    prob[:, 0, 1:] = 0.35
+    prob[0, 0, 3], prob[2, 0, 0] = 0.95, 0.95
+    labels, _ = components(prob, (1.0, 1.0, 3.0), 0, 0.5)
+    cells = growth_cells(labels, prob, 0.3, (1.0, 1.0, 3.0))
+    assert cells[2, 0, 3] == labels[2, 0, 0] and cells[1, 0, 3] == labels[0, 0, 3]
+    # a dropped region in a hole of a kept one: the growth may leave it out, never more than the decision filled
+    prob = np.zeros((5, 12, 12), np.float32)
+    prob[:, 2:10, 2:10] = 0.95
+    prob[1:4, 4:8, 4:8] = 0.35
+    prob[2, 5:7, 5:7] = 0.6
+    plain, _ = decide(prob, SPACING, 0, RULE)
+    grown, info = decide(prob, SPACING, 0, {**RULE, "grow_threshold": 0.3})
+    assert plain[1:4, 4:8, 4:8].all() and (grown == plain).all() and info["grown_voxels"] == 0

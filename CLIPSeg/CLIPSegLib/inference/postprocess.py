@@ -12,8 +12,8 @@ A finding is reported only through connected components (3D, face-connected) of 
   - cast a posterior acoustic shadow of at least ``min_shadow`` spreads (``acoustic_shadow``; the calcification sign).
 Components failing any test are dropped; if none is left the segment is empty and the finding "not found".
 A rule may also give a ``grow_threshold`` below ``threshold``: the components of a found finding then grow to the
-voxels above it that connect to them (hysteresis; each soft voxel goes to its nearest component, ``growth_cells``), so
-a soft edge the model is less sure of joins a finding already decided; components the rule dropped, and the soft edge
+voxels above it that connect to them (hysteresis; each soft voxel goes to the component nearest to it in its own
+connected soft region, ``growth_cells``), so a soft edge the model is less sure of joins a finding already decided; components the rule dropped, and the soft edge
 nearer to them, stay out, an UNCERTAIN finding does not grow, and the decision and its evidence stay those of the
 components at ``threshold``.
 Before that, findings the model knows to be mutually exclusive (a solid nodule and a cyst never share a voxel) compete
@@ -284,23 +284,31 @@ MAX_EVIDENCE = 5  # components reported per finding (largest first)
 def growth_cells(labels: np.ndarray, prob: np.ndarray, low: float, spacing) -> np.ndarray:
     """Where each decided region may grow (hysteresis with a border between neighbours): ``labels`` ``[K,J,I]`` (the
     components of ``prob > threshold``, as ``components`` labels them), ``spacing`` mm along (I, J, K) -> int
-    ``[K,J,I]``: each voxel of ``prob > low`` in a connected region (3D, face-connected) holding a component carries the
-    label of the component nearest to it in mm (its cell), 0 elsewhere; a component's own voxels keep its label. A
-    voxel whose nearest component lies in another region of ``prob > low`` joins none. So a soft edge shared by a
-    region a rule keeps and one it drops is split between them, and the dropped region's own edge stays out."""
+    ``[K,J,I]``: each voxel of a connected region (3D, face-connected) of ``prob > low`` that holds components
+    carries the label of the one of them nearest to it in mm, 0 elsewhere; of that cell, only the part connected to
+    its component is kept (a component's own voxels keep its label). So a soft edge shared by a region a rule keeps
+    and one it drops is split between them, the dropped region's own edge stays out, and a grown mask stays connected
+    to what was decided."""
     cells = np.zeros(labels.shape, labels.dtype)
     wide, _ = ndimage.label(prob > low)
     held = np.unique(wide[labels > 0])
-    region = np.isin(wide, held[held > 0])
-    if not region.any():
-        return cells
-    box = ndimage.find_objects(region.astype(np.int8))[0]  # work in the bounding box of the regions that may grow
-    sub = labels[box]
-    _, nearest = ndimage.distance_transform_edt(sub == 0, sampling=np.asarray(spacing, float)[::-1],
-                                                return_indices=True)
-    owner = sub[tuple(nearest)]
-    same = wide[box] == wide[box][tuple(nearest)]
-    cells[box] = np.where(region[box] & same, owner, 0)
+    boxes = ndimage.find_objects(wide)
+    sampling = np.asarray(spacing, float)[::-1]
+    for r in held[held > 0]:  # each soft region in its own bounding box, its own components the only sites
+        box = boxes[r - 1]
+        inside = wide[box] == r
+        sites = np.where(inside, labels[box], 0)
+        nearest = ndimage.distance_transform_edt(sites == 0, sampling=sampling, return_distances=False,
+                                                 return_indices=True)
+        cells[box] = np.where(inside, sites[tuple(nearest)], cells[box])
+    for lab, box in enumerate(ndimage.find_objects(cells), start=1):
+        if box is None:
+            continue
+        cell = cells[box] == lab
+        parts, n = ndimage.label(cell)
+        if n > 1:  # a straight line to its component may cross another's cell: keep the part joined to it
+            joined = np.unique(parts[labels[box] == lab])
+            cells[box][cell & ~np.isin(parts, joined[joined > 0])] = 0
     return cells
 
 
@@ -318,8 +326,8 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     nearest to passing, [(rule key, value, required)], ``threshold``, ``required`` (what the rule asked: rule key ->
     value), ``evidence``: the inputs of the kept components, or of the nearest miss, (``evidence``, at most
     ``MAX_EVIDENCE``, largest first) and, when the rule grows a found mask (``grow_threshold``, ``growth_cells``; the
-    dropped components' cells stay out), ``grow_threshold`` and ``grown_voxels`` (voxels the growth added; ``voxels`` counts them,
-    ``components``, ``mean`` and ``evidence`` are those of the decision)."""
+    dropped components' cells stay out), ``grow_threshold`` and ``grown_voxels`` (voxels the growth added; ``voxels``
+    counts them, ``components``, ``mean`` and ``evidence`` are those of the decision)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     if image is None:
         cfg["min_contrast"] = cfg["min_shadow"] = 0.0
@@ -344,7 +352,9 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
         fill_holes(mask)
         if decided is not mask:  # grown: the decision's own mask, filled as it would be without growth
             fill_holes(decided)
-            mask &= ~excluded  # a dropped region's cell the growth enclosed is a hole the filling must not close
+            # a dropped region's cell the growth enclosed is a hole the filling must not close, unless the
+            # decision's own filled mask holds it (never less than without growth)
+            mask &= ~excluded | decided
     dropped = [c for c in comps if c not in kept]
     rejected: dict[str, int] = {}
     for c in dropped:
