@@ -134,7 +134,8 @@ def test_a_hand_edited_presence_rule_out_of_range_is_refused_when_the_model_is_r
                                                         "must be a probability between 0 and 1 or null"),
                             (("min_peak", 1.5), "must be a probability between 0 and 1, not 1.5"),
                             (("min_extent_mm", -2), "'min_extent_mm' of the rule of .* must be a number of at least 0"),
-                            (("threshold", True), "'threshold' .* not True")):
+                            (("threshold", True), "'threshold' .* not True"),
+                            (("min_shadow", float("nan")), "'min_shadow' .* must be a finite number, not nan")):
         bad = {**good, "presence": {**good["presence"], "per_finding": {**good["presence"]["per_finding"],
                                                                          finding: {**rule, change[0]: change[1]}}}}
         spec_path.write_text(json.dumps(bad))
@@ -144,10 +145,11 @@ def test_a_hand_edited_presence_rule_out_of_range_is_refused_when_the_model_is_r
     with pytest.raises(ModelError, match="'min_mean' of the global rule in 'presence'"):
         load_spec(spec_path)
     # a rule without growth (null) is valid, and the command line reports a bad one as a model error, no traceback
-    spec_path.write_text(json.dumps({**good, "presence": {**good["presence"], "grow_threshold": None}}))
+    spec_path.write_text(json.dumps({**good, "presence": {**good["presence"], "grow_threshold": None,
+                                                           "min_shadow": -0.5}}))  # a shadow may be negative
     load_spec(spec_path)
     spec_path.write_text(json.dumps({**good, "presence": {**good["presence"], "slice_gate": 7}}))
     assert _segment(phantom_file, tmp_path, spec_path) == 3
     err = capsys.readouterr().err
-    assert "'slice_gate' of the global rule" in err and "clipseg calibrate" in err and "Traceback" not in err
+    assert "'slice_gate' of the global rule" in err and "remove it" in err and "Traceback" not in err
     assert not (tmp_path / "out.seg.nrrd").exists()

@@ -13,9 +13,9 @@ A finding is reported only through connected components (3D, face-connected) of 
 Components failing any test are dropped; if none is left the segment is empty and the finding "not found".
 A rule may also give a ``grow_threshold`` below ``threshold``: the components of a found finding then grow to the
 voxels above it that connect to them (hysteresis; each soft voxel goes to the component nearest to it in its own
-connected soft region, ``growth_cells``), so a soft edge the model is less sure of joins a finding already decided; components the rule dropped, and the soft edge
-nearer to them, stay out, an UNCERTAIN finding does not grow, and the decision and its evidence stay those of the
-components at ``threshold``.
+connected soft region, ``growth_cells``), so a soft edge the model is less sure of joins a finding already decided;
+components the rule dropped, and the soft edge nearer to them, stay out, an UNCERTAIN finding does not grow, and the
+decision and its evidence stay those of the components at ``threshold``.
 Before that, findings the model knows to be mutually exclusive (a solid nodule and a cyst never share a voxel) compete
 voxel by voxel: a prompt keeps a voxel only where no exclusive finding is more probable (``suppress_exclusive``), as
 in multi-class segmentation. A dark solid nodule asked as "cyst" is then left to the nodule if the model finds the
@@ -326,8 +326,9 @@ def decide(prob: np.ndarray, spacing, array_axis: int, cfg: dict | None = None,
     nearest to passing, [(rule key, value, required)], ``threshold``, ``required`` (what the rule asked: rule key ->
     value), ``evidence``: the inputs of the kept components, or of the nearest miss, (``evidence``, at most
     ``MAX_EVIDENCE``, largest first) and, when the rule grows a found mask (``grow_threshold``, ``growth_cells``; the
-    dropped components' cells stay out), ``grow_threshold`` and ``grown_voxels`` (voxels the growth added; ``voxels``
-    counts them, ``components``, ``mean`` and ``evidence`` are those of the decision)."""
+    dropped components' cells stay out, but for what the decision's own filled mask holds), ``grow_threshold`` and
+    ``grown_voxels`` (voxels the growth added; ``voxels`` counts them, ``components``, ``mean`` and ``evidence`` are
+    those of the decision)."""
     cfg = {**DEFAULT_PRESENCE, **(cfg or {})}
     if image is None:
         cfg["min_contrast"] = cfg["min_shadow"] = 0.0

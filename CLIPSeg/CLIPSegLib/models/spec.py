@@ -43,10 +43,12 @@ ENGINE_SPEC_KEYS = {
     },
 }
 # a presence rule's values (``inference.postprocess``; the global rule and each of ``per_finding``): probabilities,
-# and limits that are at least 0 (mm, mm², speckle spreads); a ``grow_threshold`` of null means no growth
+# limits that are at least 0 (mm, mm², speckle spreads) and numbers of any sign (a shadow may be negative: the
+# enhancement behind a cyst); a ``grow_threshold`` of null means no growth
 RULE_PROBABILITIES = ("threshold", "min_peak", "min_mean", "slice_gate", "grow_threshold", "min_slice_presence",
                       "min_sam_iou")
-RULE_LIMITS = ("min_extent_mm", "min_area_mm2", "min_contrast", "min_shadow")
+RULE_LIMITS = ("min_extent_mm", "min_area_mm2", "min_contrast")
+RULE_NUMBERS = ("min_shadow",)
 # engines whose spec may list no files of its own (every weight comes from registry parts or named checkpoints)
 PARTS_ONLY = {"medclipsam"}
 
@@ -120,9 +122,10 @@ def check_spec(spec, path) -> None:
 
 def check_presence(presence, path) -> None:
     """Raise ModelError naming the first rule value of a spec's ``presence`` that is not a number in its range
-    (``RULE_PROBABILITIES``: 0 to 1; ``RULE_LIMITS``: at least 0), so a hand-edited rule fails when the model is
-    read, not in the middle of a segmentation."""
-    fix = "restore the rule from the spec it was exported with, or re-fit it with `clipseg calibrate`"
+    (``RULE_PROBABILITIES``: 0 to 1; ``RULE_LIMITS``: at least 0; ``RULE_NUMBERS``: finite), so a hand-edited rule
+    fails when the model is read, not in the middle of a segmentation."""
+    fix = ("correct the value or remove it (the rule's default applies), or restore the spec it was exported with "
+           "and re-fit its rules with `clipseg calibrate`")
     if not isinstance(presence, dict) or not isinstance(presence.get("per_finding", {}), dict):
         raise ModelError(f"model spec {path}: 'presence' must be a JSON object whose 'per_finding' maps each finding "
                          f"to its rule; {fix}")
@@ -131,13 +134,14 @@ def check_presence(presence, path) -> None:
     for where, rule in rules:
         if not isinstance(rule, dict):
             raise ModelError(f"model spec {path}: {where} in 'presence' must be a JSON object, not {rule!r}; {fix}")
-        for key in RULE_PROBABILITIES + RULE_LIMITS:
+        for key in RULE_PROBABILITIES + RULE_LIMITS + RULE_NUMBERS:
             value = rule.get(key)
             if key not in rule or (value is None and key == "grow_threshold"):
                 continue
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not number or value < 0 or (key in RULE_PROBABILITIES and value > 1):
+            if not number or (key not in RULE_NUMBERS and value < 0) or (key in RULE_PROBABILITIES and value > 1):
                 want = ("a probability between 0 and 1" + (" or null (no growth)" if key == "grow_threshold" else "")
-                        if key in RULE_PROBABILITIES else "a number of at least 0")
+                        if key in RULE_PROBABILITIES else "a number of at least 0" if key in RULE_LIMITS
+                        else "a finite number")
                 raise ModelError(f"model spec {path}: {key!r} of {where} in 'presence' must be {want}, not {value!r}; "
                                  f"{fix}")
