@@ -259,9 +259,14 @@ def test_location_support_is_recorded_before_the_rules_are_calibrated(trained, t
     from CLIPSegLib.training.recalibrate import recalibrate_model
     from CLIPSegLib.training.report_data import REPORT_CALIBRATION_SEED_BASE
 
-    again = load_spec(str(recalibrate_model(str(path), tmp_path / "again" / "re.json", 2)))
+    command = "clipseg calibrate --output re.json --phantoms 2 --seed 20000000 --family A+B --model m --force"
+    again = load_spec(str(recalibrate_model(str(path), tmp_path / "again" / "re.json", 2, command=command)))
     calibration = again["presence"]["calibration"]
     assert calibration["family"] == "report" and calibration["location_support"] is True
+    assert calibration["command"] == (f"clipseg calibrate --output re.json --phantoms 2 --seed "
+                                      f"{REPORT_CALIBRATION_SEED_BASE} --model m --force")
+    with pytest.raises(InputError, match="--family B: .* is a report model, calibrated on report phantoms"):
+        recalibrate_model(str(path), tmp_path / "again" / "re2.json", 2, family="B")
     assert calibration["seeds"] == [REPORT_CALIBRATION_SEED_BASE, REPORT_CALIBRATION_SEED_BASE + 1]
     assert set(again["presence"]["per_finding"]) <= set(KINDS)
     for bad in ({"data": "thyroid"}, {"ablate": ("date",)}):

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first calibration seed (default 20,000,000: disjoint from training, evaluation 1000.. and "
                         "validation 40,000,000..)")
     k.add_argument("--family", default="A+B", choices=("A", "B", "A+B"),
-                   help="phantom family of the calibration volumes (default A+B: each seed draws A or B)")
+                   help="phantom family of the calibration volumes (default A+B: each seed draws A or B; a report "
+                        "model calibrates on report phantoms and takes none)")
     k.add_argument("--thresholds", default=None, metavar="P,P,...",
                    help="probability thresholds each finding's rule is searched at, comma-separated, the first the "
                         "default the others must clearly beat (e.g. 0.5,0.6,0.7; default: the engine's: 0.5 for "

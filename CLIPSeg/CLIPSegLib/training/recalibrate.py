@@ -46,6 +46,9 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     thresholds = check_thresholds(thresholds) if thresholds is not None else None
     spec = load_spec(model)
     own_search = spec["engine"] == "medclipsam" or (spec.get("training") or {}).get("dataset") == "report"
+    if family != "A+B" and (spec.get("training") or {}).get("dataset") == "report":
+        raise InputError(f"--family {family}: {spec['id']!r} is a report model, calibrated on report phantoms "
+                         f"(drop --family)")
     if thresholds and own_search:
         raise InputError(f"--thresholds applies to the phantom rules of cliptnseg and thyroid tgcnet models; "
                          f"{spec['id']!r} searches its own (drop --thresholds)")
@@ -65,6 +68,9 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
 
         seed_base = REPORT_CALIBRATION_SEED_BASE if seed_base == CALIBRATION_SEED_BASE else seed_base
         family = "report"
+        # the command as it reads for a report model: the seeds it used, no thyroid family
+        command = command.replace(f" --seed {CALIBRATION_SEED_BASE} ", f" --seed {seed_base} ").replace(
+            " --family A+B", "")
         rule = calibrate_report_rules(engine, n_volumes, progress, seed_base, flip_choice)
     else:
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
