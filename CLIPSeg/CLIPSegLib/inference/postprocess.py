@@ -298,6 +298,10 @@ def growth_cells(labels: np.ndarray, prob: np.ndarray, low: float, spacing) -> n
         box = boxes[r - 1]
         inside = wide[box] == r
         sites = np.where(inside, labels[box], 0)
+        owners = np.unique(sites[sites > 0])
+        if len(owners) == 1:  # one component: the whole region is its (no distance map, the usual case)
+            cells[box][inside] = owners[0]
+            continue
         nearest = ndimage.distance_transform_edt(sites == 0, sampling=sampling, return_distances=False,
                                                  return_indices=True)
         cells[box] = np.where(inside, sites[tuple(nearest)], cells[box])
