@@ -294,6 +294,7 @@ def growth_cells(labels: np.ndarray, prob: np.ndarray, low: float, spacing) -> n
     held = np.unique(wide[labels > 0])
     boxes = ndimage.find_objects(wide)
     sampling = np.asarray(spacing, float)[::-1]
+    shared = []  # components that share their soft region: only their cells can be cut off from them
     for r in held[held > 0]:  # each soft region in its own bounding box, its own components the only sites
         box = boxes[r - 1]
         inside = wide[box] == r
@@ -302,12 +303,13 @@ def growth_cells(labels: np.ndarray, prob: np.ndarray, low: float, spacing) -> n
         if len(owners) == 1:  # one component: the whole region is its (no distance map, the usual case)
             cells[box][inside] = owners[0]
             continue
+        shared.extend(owners.tolist())
         nearest = ndimage.distance_transform_edt(sites == 0, sampling=sampling, return_distances=False,
                                                  return_indices=True)
         cells[box] = np.where(inside, sites[tuple(nearest)], cells[box])
-    for lab, box in enumerate(ndimage.find_objects(cells), start=1):
-        if box is None:
-            continue
+    cell_boxes = ndimage.find_objects(cells)
+    for lab in shared:
+        box = cell_boxes[lab - 1]
         cell = cells[box] == lab
         parts, n = ndimage.label(cell)
         if n > 1:  # a straight line to its component may cross another's cell: keep the part joined to it

@@ -45,8 +45,9 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
         raise InputError(f"--family: {e}") from e
     thresholds = check_thresholds(thresholds) if thresholds is not None else None
     spec = load_spec(model)
-    own_search = spec["engine"] == "medclipsam" or (spec.get("training") or {}).get("dataset") == "report"
-    if family != "A+B" and (spec.get("training") or {}).get("dataset") == "report":
+    report = (spec.get("training") or {}).get("dataset") == "report"  # a tgcnet model of report lines
+    own_search = spec["engine"] == "medclipsam" or report
+    if family != "A+B" and report:
         raise InputError(f"--family {family}: {spec['id']!r} is a report model, calibrated on report phantoms "
                          f"(drop --family)")
     if thresholds and own_search:
@@ -63,7 +64,7 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     engine = load_engine(model, device=device)
     if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
         rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
-    elif (spec.get("training") or {}).get("dataset") == "report":  # report lines, on report phantoms
+    elif report:  # report lines, on report phantoms
         from .report_data import REPORT_CALIBRATION_SEED_BASE, calibrate_report_rules
 
         seed_base = REPORT_CALIBRATION_SEED_BASE if seed_base == CALIBRATION_SEED_BASE else seed_base
