@@ -135,7 +135,12 @@ def test_a_hand_edited_presence_rule_out_of_range_is_refused_when_the_model_is_r
                             (("min_peak", 1.5), "must be a probability between 0 and 1, not 1.5"),
                             (("min_extent_mm", -2), "'min_extent_mm' of the rule of .* must be a number of at least 0"),
                             (("threshold", True), "'threshold' .* not True"),
-                            (("min_shadow", float("nan")), "'min_shadow' .* must be a finite number, not nan")):
+                            (("min_shadow", float("nan")), "'min_shadow' .* must be a finite number, not nan"),
+                            (("match_min_cosine", 1.7), "'match_min_cosine' .* a cosine between -1 and 1, not 1.7"),
+                            (("uncertain_margin", 0.1), "'uncertain_margin' .* must be a JSON object"),
+                            (("uncertain_margin", {"mean": -0.01}), "'uncertain_margin' .* 'mean' must be a number of "
+                                                                    "at least 0, not -0.01"),
+                            (("uncertain_margin", {"peek": 0.02}), "'uncertain_margin' .* has no margin 'peek'")):
         bad = {**good, "presence": {**good["presence"], "per_finding": {**good["presence"]["per_finding"],
                                                                          finding: {**rule, change[0]: change[1]}}}}
         spec_path.write_text(json.dumps(bad))
@@ -146,10 +151,18 @@ def test_a_hand_edited_presence_rule_out_of_range_is_refused_when_the_model_is_r
         load_spec(spec_path)
     # a rule without growth (null) is valid, and the command line reports a bad one as a model error, no traceback
     spec_path.write_text(json.dumps({**good, "presence": {**good["presence"], "grow_threshold": None,
-                                                           "min_shadow": -0.5}}))  # a shadow may be negative
+                                                           "min_shadow": -0.5,  # a shadow may be negative
+                                                           "uncertain_margin": {"peak": 0.05, "extent_slices": 1}}}))
     load_spec(spec_path)
     spec_path.write_text(json.dumps({**good, "presence": {**good["presence"], "slice_gate": 7}}))
     assert _segment(phantom_file, tmp_path, spec_path) == 3
     err = capsys.readouterr().err
     assert "'slice_gate' of the global rule" in err and "remove it" in err and "Traceback" not in err
     assert not (tmp_path / "out.seg.nrrd").exists()
+
+
+def test_the_spec_check_knows_every_uncertain_margin_the_rule_reads():
+    from CLIPSegLib.inference.postprocess import UNCERTAIN_MARGIN
+    from CLIPSegLib.models.spec import MARGIN_KEYS
+
+    assert set(MARGIN_KEYS) == set(UNCERTAIN_MARGIN)

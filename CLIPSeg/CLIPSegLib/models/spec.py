@@ -49,6 +49,9 @@ RULE_PROBABILITIES = ("threshold", "min_peak", "min_mean", "slice_gate", "grow_t
                       "min_sam_iou")
 RULE_LIMITS = ("min_extent_mm", "min_area_mm2", "min_contrast")
 RULE_NUMBERS = ("min_shadow",)
+# a rule's ``uncertain_margin`` (``postprocess.UNCERTAIN_MARGIN``): how narrowly a component may miss each criterion
+# and still be kept as "uncertain"; each at least 0
+MARGIN_KEYS = ("peak", "mean", "area", "extent_slices", "contrast", "shadow")
 # engines whose spec may list no files of its own (every weight comes from registry parts or named checkpoints)
 PARTS_ONLY = {"medclipsam"}
 
@@ -120,9 +123,14 @@ def check_spec(spec, path) -> None:
         check_presence(spec["presence"], path)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_presence(presence, path) -> None:
     """Raise ModelError naming the first rule value of a spec's ``presence`` that is not a number in its range
-    (``RULE_PROBABILITIES``: 0 to 1; ``RULE_LIMITS``: at least 0; ``RULE_NUMBERS``: finite), so a hand-edited rule
+    (``RULE_PROBABILITIES``: 0 to 1; ``RULE_LIMITS``: at least 0; ``RULE_NUMBERS``: finite; ``match_min_cosine``: a
+    cosine, -1 to 1; ``uncertain_margin``: an object of ``MARGIN_KEYS``, each at least 0), so a hand-edited rule
     fails when the model is read, not in the middle of a segmentation."""
     fix = ("correct the value or remove it (the rule's default applies), or restore the spec it was exported with "
            "and re-fit its rules with `clipseg calibrate`")
@@ -138,10 +146,23 @@ def check_presence(presence, path) -> None:
             value = rule.get(key)
             if key not in rule or (value is None and key == "grow_threshold"):
                 continue
-            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            number = _is_number(value)
             if not number or (key not in RULE_NUMBERS and value < 0) or (key in RULE_PROBABILITIES and value > 1):
                 want = ("a probability between 0 and 1" + (" or null (no growth)" if key == "grow_threshold" else "")
                         if key in RULE_PROBABILITIES else "a number of at least 0" if key in RULE_LIMITS
                         else "a finite number")
                 raise ModelError(f"model spec {path}: {key!r} of {where} in 'presence' must be {want}, not {value!r}; "
                                  f"{fix}")
+        cosine = rule.get("match_min_cosine", 0.0)
+        if not _is_number(cosine) or not -1 <= cosine <= 1:
+            raise ModelError(f"model spec {path}: 'match_min_cosine' of {where} in 'presence' must be a cosine "
+                             f"between -1 and 1, not {cosine!r}; {fix}")
+        margin = rule.get("uncertain_margin") or {}
+        if not isinstance(margin, dict):
+            raise ModelError(f"model spec {path}: 'uncertain_margin' of {where} in 'presence' must be a JSON object "
+                             f"of {', '.join(MARGIN_KEYS)}, not {margin!r}; {fix}")
+        for key, value in margin.items():
+            if key not in MARGIN_KEYS or not _is_number(value) or value < 0:
+                what = (f"has no margin {key!r} (it knows {', '.join(MARGIN_KEYS)})" if key not in MARGIN_KEYS
+                        else f"{key!r} must be a number of at least 0, not {value!r}")
+                raise ModelError(f"model spec {path}: 'uncertain_margin' of {where} in 'presence' {what}; {fix}")
