@@ -223,7 +223,8 @@ def test_calibrate_thresholds_are_searched_and_recorded_with_the_command(tiny_mo
                  "--thresholds", "0.5, 0.65", "--progress", "none"]) == 0
     calibration = json.loads(out.read_text())["presence"]["calibration"]
     assert calibration["thresholds"] == [0.5, 0.65] and calibration["slice_vote"] == 1
-    assert "--thresholds 0.5,0.65 --force" in calibration["command"]
+    assert calibration["command"] == (f"clipseg calibrate --output {out} --phantoms 1 --seed 20000000 --family A "
+                                      f"--model {tiny_model} --thresholds 0.5,0.65 --force")
 
 
 def test_thresholds_are_refused_for_a_model_that_searches_its_own(tiny_medclipsam, tiny_tgcnet, tmp_path):

@@ -2,6 +2,7 @@
 (``evaluation.report_cases``): a tiny run end to end, the exported model, and what the report data never does."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -259,14 +260,16 @@ def test_location_support_is_recorded_before_the_rules_are_calibrated(trained, t
     from CLIPSegLib.training.recalibrate import recalibrate_model
     from CLIPSegLib.training.report_data import REPORT_CALIBRATION_SEED_BASE
 
-    command = "clipseg calibrate --output re.json --phantoms 2 --seed 20000000 --family A+B --model m --force"
-    again = load_spec(str(recalibrate_model(str(path), tmp_path / "again" / "re.json", 2, command=command)))
+    out = tmp_path / "again" / "re.json"
+    again = load_spec(str(recalibrate_model(str(path), out, 2)))
     calibration = again["presence"]["calibration"]
     assert calibration["family"] == "report" and calibration["location_support"] is True
-    assert calibration["command"] == (f"clipseg calibrate --output re.json --phantoms 2 --seed "
-                                      f"{REPORT_CALIBRATION_SEED_BASE} --model m --force")
-    with pytest.raises(InputError, match="--family B: .* is a report model, calibrated on report phantoms"):
-        recalibrate_model(str(path), tmp_path / "again" / "re2.json", 2, family="B")
+    # the command it records re-runs it: the report seeds it used, no thyroid family
+    assert calibration["command"] == (f"clipseg calibrate --output {out} --phantoms 2 --seed "
+                                      f"{REPORT_CALIBRATION_SEED_BASE} --model {path} --force")
+    for family in ("B", "A+B"):  # an explicit family, even the thyroid default, is refused
+        with pytest.raises(InputError, match=re.escape(f"--family {family}: ") + ".* is a report model, calibrated"):
+            recalibrate_model(str(path), tmp_path / "again" / "re2.json", 2, family=family)
     assert calibration["seeds"] == [REPORT_CALIBRATION_SEED_BASE, REPORT_CALIBRATION_SEED_BASE + 1]
     assert set(again["presence"]["per_finding"]) <= set(KINDS)
     for bad in ({"data": "thyroid"}, {"ablate": ("date",)}):

@@ -204,10 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--output", required=True, help="the new model spec (.json); the weights are copied beside it "
                                                     "when it is in another folder")
     k.add_argument("--phantoms", type=int, default=60, help="calibration phantom volumes")
-    k.add_argument("--seed", type=seed, default=20_000_000,
+    k.add_argument("--seed", type=seed, default=None,
                    help="first calibration seed (default 20,000,000: disjoint from training, evaluation 1000.. and "
-                        "validation 40,000,000..)")
-    k.add_argument("--family", default="A+B", choices=("A", "B", "A+B"),
+                        "validation 40,000,000..; a report model's: 50,000,000)")
+    k.add_argument("--family", default=None, choices=("A", "B", "A+B"),
                    help="phantom family of the calibration volumes (default A+B: each seed draws A or B; a report "
                         "model calibrates on report phantoms and takes none)")
     k.add_argument("--thresholds", default=None, metavar="P,P,...",
@@ -613,19 +613,13 @@ def _cmd_train(a, progress):
 
 
 def _cmd_calibrate(a, progress):
-    import shlex
-
     from .evaluation.evaluator import check_evaluate_args
     from .training.recalibrate import parse_thresholds, recalibrate_model
 
     check_evaluate_args(a.phantoms)
     thresholds = parse_thresholds(a.thresholds) if a.thresholds is not None else None
-    argv = ["clipseg", "calibrate", "--output", a.output, "--phantoms", str(a.phantoms), "--seed", str(a.seed),
-            "--family", a.family] + (["--model", a.model] if a.model else [])
-    argv += ["--thresholds", ",".join(repr(t) for t in thresholds)] if thresholds else []
-    argv += ["--flip-choice"] if a.flip_choice else []
     path = recalibrate_model(a.model, Path(a.output), a.phantoms, a.seed, a.family, a.device, a.force, progress,
-                             command=shlex.join(argv) + " --force", thresholds=thresholds, flip_choice=a.flip_choice)
+                             thresholds=thresholds, flip_choice=a.flip_choice)
     if a.progress != "json":
         print(f"wrote {path}")
 

@@ -11,19 +11,35 @@ from ..synthetic.phantoms import EXCLUSIVE, FINDINGS
 from .calibration import calibrate_phantom_rules, merged_presence
 from .datasets import CALIBRATION_SEED_BASE
 from .medclipsam_calibration import calibrate_medclipsam
+from .report_data import REPORT_CALIBRATION_SEED_BASE
 
 
-def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int = CALIBRATION_SEED_BASE,
-                      family: str = "A+B", device: str = "cpu", force: bool = False,
-                      progress: Progress | None = None, command: str = "", thresholds=None,
+def calibrate_command(model: str | None, output, n_volumes: int, seed_base: int, family: str | None,
+                      thresholds=None, flip_choice: bool = False) -> str:
+    """The ``clipseg calibrate`` command line that re-runs a calibration (``family`` None: a report model's, which
+    takes none)."""
+    import shlex
+
+    argv = ["clipseg", "calibrate", "--output", str(output), "--phantoms", str(n_volumes), "--seed", str(seed_base)]
+    argv += (["--family", family] if family is not None else []) + (["--model", str(model)] if model else [])
+    argv += ["--thresholds", ",".join(repr(t) for t in thresholds)] if thresholds else []
+    argv += ["--flip-choice"] if flip_choice else []
+    return shlex.join(argv + ["--force"])
+
+
+def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int | None = None,
+                      family: str | None = None, device: str = "cpu", force: bool = False,
+                      progress: Progress | None = None, command: str | None = None, thresholds=None,
                       flip_choice: bool = False):
     """Re-calibrate the presence rule of an existing model (id or spec path; None: the default model) on
-    ``n_volumes`` phantom volumes of ``family`` ("A", "B" or the mixture "A+B") from ``seed_base``, its weights
-    unchanged (the rules of phrases a fine-tuned model learnt from a user's slices are kept); write the spec with the
-    new ``presence`` to ``output`` (a .json; the weight files are copied beside
-    it when it is in another folder). The rule's ``calibration`` entry says how (family, seeds, volumes,
-    ``command``). ``thresholds``: the probability thresholds a phantom rule is searched at (``clipseg calibrate
-    --thresholds``; None: the engine's); refused for report and medclipsam models, which search their own.
+    ``n_volumes`` phantom volumes of ``family`` ("A", "B" or the mixture "A+B"; None: "A+B") from ``seed_base``
+    (None: ``CALIBRATION_SEED_BASE``), its weights unchanged (the rules of phrases a fine-tuned model learnt from a
+    user's slices are kept); a report model calibrates on report phantoms from ``REPORT_CALIBRATION_SEED_BASE``
+    (``seed_base`` None) and refuses a ``family``. Write the spec with the new ``presence`` to ``output`` (a .json;
+    the weight files are copied beside it when it is in another folder). The rule's ``calibration`` entry says how
+    (family, seeds, volumes, ``command``: given, else the ``clipseg calibrate`` line of the settings used,
+    ``calibrate_command``). ``thresholds``: the probability thresholds a phantom rule is searched at (``clipseg
+    calibrate --thresholds``; None: the engine's); refused for report and medclipsam models, which search their own.
     ``flip_choice``: each finding's rule may take the other flip-averaging setting (``calibrate_rules``; refused for
     medclipsam models). -> the written path."""
     import json
@@ -40,16 +56,22 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     if output.exists() and not force:
         raise InputError(f"{output} exists; pass --force to replace it, or choose another --output")
     try:
-        check_family(family)
+        check_family(family or "A+B")
     except ValueError as e:
         raise InputError(f"--family: {e}") from e
     thresholds = check_thresholds(thresholds) if thresholds is not None else None
     spec = load_spec(model)
     report = (spec.get("training") or {}).get("dataset") == "report"  # a tgcnet model of report lines
     own_search = spec["engine"] == "medclipsam" or report
-    if family != "A+B" and report:
+    if family is not None and report:
         raise InputError(f"--family {family}: {spec['id']!r} is a report model, calibrated on report phantoms "
                          f"(drop --family)")
+    if seed_base is None:
+        seed_base = REPORT_CALIBRATION_SEED_BASE if report else CALIBRATION_SEED_BASE
+    if command is None:
+        command = calibrate_command(model, output, n_volumes, seed_base, None if report else family or "A+B",
+                                    thresholds, flip_choice)
+    family = "report" if report else family or "A+B"
     if thresholds and own_search:
         raise InputError(f"--thresholds applies to the phantom rules of cliptnseg and thyroid tgcnet models; "
                          f"{spec['id']!r} searches its own (drop --thresholds)")
@@ -65,13 +87,8 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
         rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
     elif report:  # report lines, on report phantoms
-        from .report_data import REPORT_CALIBRATION_SEED_BASE, calibrate_report_rules
+        from .report_data import calibrate_report_rules
 
-        seed_base = REPORT_CALIBRATION_SEED_BASE if seed_base == CALIBRATION_SEED_BASE else seed_base
-        family = "report"
-        # the command as it reads for a report model: the seeds it used, no thyroid family
-        command = command.replace(f" --seed {CALIBRATION_SEED_BASE} ", f" --seed {seed_base} ").replace(
-            " --family A+B", "")
         rule = calibrate_report_rules(engine, n_volumes, progress, seed_base, flip_choice)
     else:
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])
@@ -97,7 +114,7 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     return output
 
 
-__all__ = ["recalibrate_model", "parse_thresholds", "check_thresholds"]
+__all__ = ["recalibrate_model", "calibrate_command", "parse_thresholds", "check_thresholds"]
 
 
 def parse_thresholds(text: str) -> tuple[float, ...]:
