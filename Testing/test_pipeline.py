@@ -237,6 +237,15 @@ def test_flip_average_per_prompt_asks_the_mirror_only_the_flagged_prompts():
     np.testing.assert_allclose(presence[[0, 2]], 0.2)  # the own call's presence only
     np.testing.assert_allclose(presence[1], (0.2 + 0.4) / 2)
     assert engine.asked == [["cyst", "nodule", "fluid"], ["nodule"]]
+    # a prompt given twice, once of the mirror too (as the calibration's flip choice asks): its own maps once
+    engine = Ramp()
+    twice, presence = predict_maps(engine, vol, ["cyst", "nodule", "cyst", "nodule"], slice_axis=2,
+                                   flip_average=[False, False, True, True], batch_size=2)
+    np.testing.assert_allclose(twice[:2], np.broadcast_to(np.linspace(0, 1, 8), twice[:2].shape), atol=1e-6)
+    np.testing.assert_allclose(twice[2:], 0.5, atol=1e-6)
+    np.testing.assert_allclose(presence[:2], 0.2)
+    np.testing.assert_allclose(presence[2:], (0.2 + 0.4) / 2)
+    assert engine.asked == [["cyst", "nodule"], ["cyst", "nodule"]]
     with pytest.raises(ValueError, match="2 flags for 3 prompts"):
         predict_maps(engine, vol, ["cyst", "nodule", "fluid"], slice_axis=2, flip_average=[True, False])
 

@@ -251,7 +251,9 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
     twice the compute, fewer stray responses to speckle. The mirrored slice is asked ``engine.mirror_prompts`` (for a
     model reading the patient's sides, "left" and "right" swapped: a line the mirror does not confirm loses
     probability and presence). ``flip_average`` may also be one bool per prompt (a report model's rule says it per
-    finding, ``flip_averages_of``): only those prompts are asked of the mirror. ``on_slices(x)`` is called with each
+    finding, ``flip_averages_of``): only those prompts are asked of the mirror; a prompt given twice (e.g. once
+    with and once without the mirror, ``calibration.collect_flip_variants``) is predicted once. ``on_slices(x)`` is
+    called with each
     batch of network input ``[B,1,S,S]`` (the slices, not their neighbours; e.g. to measure what the network sees,
     ``domain.slice_features``). ``only``: the indices of the slices to predict (along ``slice_axis``; the volume is
     still normalised as a whole), the others get probability 0 (e.g. the labelled slices a calibration
@@ -272,6 +274,9 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
         active &= torch.isin(torch.arange(n), torch.as_tensor(list(only), dtype=torch.long))
     todo = active.nonzero().flatten()
     mirrored = engine.mirror_prompts(state.rows(flipped)) if flipped and len(todo) else None
+    unique = list(dict.fromkeys(state.prompts))  # each text predicted once, then spread to its rows
+    own = state if len(unique) == len(state) else state.rows([state.prompts.index(t) for t in unique])
+    spread = None if own is state else [unique.index(t) for t in state.prompts]
     with torch.inference_mode():
         for start in range(0, len(todo), batch_size):
             if cancel is not None and cancel():
@@ -282,7 +287,9 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
             x = fit_slices(slices[with_neighbours(idx, n, prep.context)], prep.input_size, prep.fit)
             if on_slices is not None:
                 on_slices(x[:, prep.context:prep.context + 1])
-            p, s = engine.predict(x, state)  # [B,P,S,S], [B,P] or None
+            p, s = engine.predict(x, own)  # [B,P,S,S], [B,P] or None
+            if spread is not None:
+                p, s = p[:, spread], None if s is None else s[:, spread]
             if mirrored is not None:
                 pf, sf = engine.predict(x.flip(-1), mirrored)
                 p, s = p.clone(), None if s is None else s.clone()

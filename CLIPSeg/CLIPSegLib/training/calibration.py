@@ -136,8 +136,9 @@ def collect_flip_variants(engine, cases, phrasings: dict, variants=(False, True)
                           gates=SLICE_GATES, exclusive=(), total: int | None = None,
                           thresholds=(DEFAULT_PRESENCE["threshold"],)) -> dict:
     """``collect_cases`` for each flip-averaging setting of ``variants`` -> {flip: {threshold: {gate: entries}}}: the
-    slice's own maps (False) and their average with the mirror's (True) from one prediction per case (the prompts
-    asked twice, once of the mirror too), so a rule can choose per finding (``calibrate_rules(flip_choice=True)``)."""
+    slice's own maps (False) and their average with the mirror's (True) from one prediction per case (each prompt
+    given twice, once of the mirror too; ``predict_maps`` computes its own maps once), so a rule can choose per
+    finding (``calibrate_rules(flip_choice=True)``)."""
     progress = progress or Progress("none")
     variants = tuple(dict.fromkeys(bool(v) for v in variants))
     out: dict[bool, dict[float, dict[float, list]]] = {v: {} for v in variants}
