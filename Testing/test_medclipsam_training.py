@@ -117,11 +117,13 @@ def test_the_sam_recipe_keeps_a_medclipsam_clip_sources_saliency(tiny_medclipsam
     spec["saliency"] = {"method": "patch_similarity", "slice_presence": "patches"}
     tuned = tmp_path / "tuned-saliency.json"
     tuned.write_text(json.dumps(spec))
-    assert embedded_spec("x", str(tuned))["saliency"] == {"method": "patch_similarity", "slice_presence": "patches"}
+    made = embedded_spec("x", str(tuned))
+    assert made["saliency"] == {"method": "patch_similarity", "slice_presence": "patches", "occlusion": True}
+    assert made["boxes"]["max_boxes"] == 3  # the occlusion choice keeps one of a prompt's three boxes
     spec.pop("saliency")
     tuned.write_text(json.dumps(spec))
-    assert embedded_spec("x", str(tuned))["saliency"] == {"method": "gradcam"}
-    assert embedded_spec("x", str(tiny_model))["saliency"] == {"method": "gradcam"}
+    assert embedded_spec("x", str(tuned))["saliency"] == {"method": "gradcam", "occlusion": True}
+    assert embedded_spec("x", str(tiny_model))["saliency"] == {"method": "gradcam", "occlusion": True}
 
 
 def test_the_sam_recipe_lists_a_clip_beside_it_and_copies_one_from_another_folder(tiny_model, tmp_path):

@@ -32,6 +32,7 @@ STAGES = ("sam", "calibrate", "export")
 # 4 images a step, phantoms not augmented (box jitter and the phantoms' own variety only): MONAI's augmentation cost
 # ~0.1 s a sample, more than the SAM step itself, on the 2 CPU cores the embedded model is trained on
 BATCH, AUGMENT = 4, False
+BOXES = 3  # boxes per slice and prompt the occlusion choice picks from
 
 
 def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = CLIP_FROM) -> dict:
@@ -39,12 +40,15 @@ def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = C
     config (and its presence_clip, if any), the small SAM, the ``clip_from`` model's saliency settings if it is a
     medclipsam model (e.g. one made by ``clipseg finetune-clip``: patch_similarity, slice presence from the patches
     or the presence CLIP) over gradcam (gScoreCAM costs ~300 image passes per slice and prompt and localised no better
-    on phantoms: README), one box per slice, a 3-slice vote."""
+    on phantoms: README), up to ``BOXES`` boxes per slice and prompt of which the occlusion choice keeps one
+    (``saliency.occlusion``: the one whose region holds the slice's presence; README, fiftieth session), a 3-slice
+    vote."""
     from ..models import load_spec
 
     source = load_spec(clip_from)
     clip = source["clip"]
-    saliency = {"method": "gradcam", **((source.get("saliency") or {}) if source["engine"] == "medclipsam" else {})}
+    saliency = {"method": "gradcam", "occlusion": True,
+                **((source.get("saliency") or {}) if source["engine"] == "medclipsam" else {})}
     return {
         "id": model_id,
         "engine": "medclipsam",
@@ -59,7 +63,7 @@ def embedded_spec(model_id: str = "medclipsam-phantom-small", clip_from: str = C
         **({"presence_clip": dict(source["presence_clip"])} if source.get("presence_clip") else {}),
         "sam": {"type": dict(SAM_SMALL), "normalize": "sam"},
         "saliency": saliency,
-        "boxes": {"split": "otsu", "min_area": 16, "max_boxes": 1},
+        "boxes": {"split": "otsu", "min_area": 16, "max_boxes": BOXES},
         "inference": {"slice_vote": 3},
     }
 

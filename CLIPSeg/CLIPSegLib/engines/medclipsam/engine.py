@@ -9,8 +9,8 @@ A model spec of engine ``medclipsam`` holds
   ``"checkpoint": PATH`` (relative to the spec), ``"part": ID`` (registry: sam-vit-b, medsam-vit-b, ...) or else
   the spec files' ``sam.*`` tensors;
 - ``saliency`` (``SALIENCY``: method gscorecam | gradcam | patch_similarity, topk, batch_size, block, fill black |
-  mean, slice_presence image | patches | presence_clip (below); patch_similarity reads the neutral texts below and
-  needs only the one image pass presence makes) and ``boxes`` (``BOXES``: ``prompts.saliency_to_prompts``
+  mean, slice_presence image | patches | presence_clip (below), occlusion true | false (below); patch_similarity reads
+  the neutral texts below and needs only the one image pass presence makes) and ``boxes`` (``BOXES``: ``prompts.saliency_to_prompts``
   arguments);
 - ``presence``: the pipeline's found / not-found rule (its ``min_slice_presence`` empties slices whose presence is
   below it) plus this engine's ``neutral`` texts and ``min_sam_iou`` (a box whose mask SAM scores lower is dropped);
@@ -26,6 +26,11 @@ image-text probability from the spec's second CLIP (``clip_model.load_presence_c
 that presence reaches the lowest ``min_slice_presence`` of the spec's rules (below it the pipeline empties the slice
 anyway; a run-time ``presence`` override with a lower floor does not bring those slices back); SAM embeds each slice
 with a box once, whatever the number of prompts, and never a slice without one.
+
+With ``saliency.occlusion`` true, a prompt with several boxes on a slice (``boxes.max_boxes``) keeps one mask: the
+one whose region, filled with the tissue around it, leaves the prompt's presence lowest (``occlusion.
+choose_by_occlusion``; one more presence pass per candidate), so a box on another object than the one the presence
+score saw gives way to the box on it. The slice's presence is unchanged.
 """
 
 from __future__ import annotations
@@ -38,13 +43,14 @@ from ...errors import ModelError
 from ...models import load_weights
 from ..contract import Engine, Preprocessing, PromptReading, PromptState
 from .clip_model import CLIPModel, _local, _part_folder, load_clip, load_presence_clip
+from .occlusion import choose_by_occlusion
 from .prompts import SPLITS, saliency_to_prompts
 from .saliency import METHODS, dense_features, patch_maps, patch_presence, patch_similarity, saliency
 from .sam import SamSegmenter, load_sam, sam_from_state
 
 NEUTRAL = ("a medical image", "normal tissue")  # what a slice without the finding is scored against by default
 SALIENCY = {"method": "gscorecam", "topk": 300, "batch_size": 32, "block": -1, "fill": "black",
-            "slice_presence": "image"}
+            "slice_presence": "image", "occlusion": False}
 SLICE_PRESENCE = ("image", "patches", "presence_clip")
 BOXES = {"split": "otsu", "threshold": 0.5, "min_area": 16, "max_boxes": 1, "margin": 0}
 
@@ -101,6 +107,9 @@ class MedCLIPSAMEngine(Engine):
             raise ModelError(f"model {spec.get('id')!r}: saliency slice_presence "
                              f"{self.saliency['slice_presence']!r} is image, or patches with the patch_similarity "
                              f"method")
+        if not isinstance(self.saliency["occlusion"], bool):
+            raise ModelError(f"model {spec.get('id')!r}: saliency occlusion {self.saliency['occlusion']!r} is true "
+                             f"or false (whether a mask's slice is scored again with the mask filled)")
         if (self.saliency["slice_presence"] == "presence_clip") != (presence_clip is not None):
             raise ModelError(f"model {spec.get('id')!r}: saliency slice_presence {self.saliency['slice_presence']!r} "
                              f"{'has no presence_clip' if presence_clip is None else 'beside a presence_clip'}: a "
@@ -230,15 +239,32 @@ class MedCLIPSAMEngine(Engine):
         probs = torch.zeros(b, p, size, size, device=self.device)
         boxes = [torch.from_numpy(np.asarray([box for _, box in f], dtype=np.float32).reshape(-1, 4)) for f in found]
         outs = self.sam.segment(x, boxes, precision=self.precision)
+        chosen = None
+        if self.saliency["occlusion"]:
+            candidates = [(i, prompt, k, mask) for i, (f, out) in enumerate(zip(found, outs))
+                          for k, ((prompt, _), mask) in enumerate(zip(f, out.probabilities))]
+            chosen = choose_by_occlusion(x, candidates, lambda filled: self._rescore(filled, state.prompts, text))
         best = torch.zeros(b, p)
         for i, (f, out) in enumerate(zip(found, outs)):
-            for (prompt, _), mask, iou in zip(f, out.probabilities, out.iou):
+            for k, ((prompt, _), mask, iou) in enumerate(zip(f, out.probabilities, out.iou)):
+                if chosen is not None and chosen[i, prompt] != k:
+                    continue  # another of this prompt's boxes holds what the presence saw
                 best[i, prompt] = max(float(best[i, prompt]), float(iou))
                 if float(iou) >= self.min_sam_iou:
                     probs[i, prompt] = torch.maximum(probs[i, prompt], mask.to(self.device))
         if self.on_iou is not None:
             self.on_iou(best)
         return probs, presence
+
+    def _rescore(self, x: torch.Tensor, prompts: list[str], text: torch.Tensor) -> torch.Tensor:
+        """Slices ``[N,1,S,S]`` in [0,1] -> their slice presence ``[N,P]`` as ``saliency.slice_presence`` says,
+        computed afresh (the occlusion check's filled slices)."""
+        images = self.clip.normalize(x)
+        if self.saliency["slice_presence"] == "patches":
+            with self.autocast():
+                _, dense = dense_features(self.fast_clip, images)
+            return patch_presence(patch_similarity(dense.float(), text, self.neutral_embeddings()))
+        return self._presence_by_setting(x, prompts, images, text)
 
 
 def _presence(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor, neutral: torch.Tensor) -> torch.Tensor:
