@@ -50,7 +50,14 @@ def test_of_a_prompts_boxes_the_one_whose_region_holds_the_presence_is_chosen():
 
     chosen = choose_by_occlusion(x, [(0, 0, 0, on_grey), (0, 0, 1, on_bright), (0, 1, 2, on_grey)], score)
     assert chosen == {(0, 0): 1, (0, 1): 2} and scored == [2]  # prompt 1's lone box is not scored
-    assert choose_by_occlusion(x, [(0, 0, 0, on_grey)], score) == {(0, 0): 0} and scored == [2]
+    scored.clear()
+    assert choose_by_occlusion(x, [(0, 0, 0, on_grey), (0, 0, 1, on_bright)], score, chunk=1) == {(0, 0): 1}
+    assert scored == [1, 1]  # in chunks of one image
+    empty = torch.zeros(32, 32)  # removes nothing: beats a mask whose filling leaves the presence as high
+    assert choose_by_occlusion(x, [(0, 0, 0, on_grey), (0, 0, 1, empty)], score) == {(0, 0): 0}  # tie: the first
+    assert choose_by_occlusion(x, [(0, 0, 0, on_bright), (0, 0, 1, empty)], score) == {(0, 0): 0}
+    scored.clear()
+    assert choose_by_occlusion(x, [(0, 0, 0, on_grey)], score) == {(0, 0): 0} and scored == []
     assert choose_by_occlusion(x, [], score) == {}
 
 

@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--flip-choice", action="store_true",
                    help="also fit each finding's rule on the maps with the other flip-averaging setting (each slice "
                         "averaged with its mirror, or not) and keep that setting for the finding when it scores "
-                        "clearly better; each prompt is predicted twice and once of the mirror, up to 3x the "
-                        "prediction time (MedCLIP-SAM models refuse it)")
+                        "clearly better; each prompt is predicted once and once more of the mirror, up to 2x "
+                        "the prediction time (MedCLIP-SAM models refuse it)")
     k.add_argument("--force", action="store_true", help="replace --output if it exists")
     _add_common(k)
 

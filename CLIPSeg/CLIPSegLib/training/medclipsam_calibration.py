@@ -8,7 +8,9 @@ once with both off (the engine's ``on_iou`` hook records the best SAM IoU of eve
 pair then empties the slices it would, the maps go through ``pipeline.combine_maps`` (slice gate 0: SAM's masks are
 used as they are, with the floor and the model's slice vote, as the pipeline will), and the component rule is
 searched on them. The pair and rule maximising 2 x (absent findings left empty) + mean Dice win, as for cliptnseg.
-Dropping a slice by SAM IoU is exact for one box per slice (the embedded model's ``boxes.max_boxes``).
+Dropping a slice by SAM IoU is exact for one mask per slice and prompt: one box (``boxes.max_boxes`` 1), or the
+occlusion choice of one of several (``saliency.occlusion``: the hook records the chosen box's IoU, the embedded
+model's setting); several boxes without it are merged and judged by the best IoU, an approximation.
 """
 
 from __future__ import annotations

@@ -8,7 +8,11 @@ is kept. No mask supervision: only the presence score of the engine's own CLIP (
 
 The fill: the mask grown by ``INNER`` pixels, each of its pixels drawn (with replacement) from the ring between
 ``INNER`` and ``OUTER`` pixels around the mask (the tissue's own grey levels and speckle spread, not its texture),
-from a generator seeded per slice, so a slice is filled the same way whatever batch it is in.
+with a fixed seed for each slice, so a slice is filled the same way whatever batch it is in.
+
+Limits: the choice is made before SAM's IoU floor (``presence.min_sam_iou``; a chosen box under it leaves the slice
+empty for that prompt, as the calibration, which records the chosen box's IoU, assumes); a mask spilling over most of
+the slice removes most of any evidence and so tends to win, as a box the saliency drew that large would anyway.
 """
 
 from __future__ import annotations
@@ -45,23 +49,26 @@ def fill_with_surround(image: torch.Tensor, mask: torch.Tensor, seed: int = 0) -
     return out
 
 
-def choose_by_occlusion(x: torch.Tensor, candidates, score) -> dict:
+def choose_by_occlusion(x: torch.Tensor, candidates, score, chunk: int = 32) -> dict:
     """Slices ``x`` ``[B,1,H,W]`` in [0,1]; ``candidates``: (slice, prompt, k, SAM probabilities ``[H,W]``) of every
-    box; ``score(images [N,1,H,W]) -> [N,P]`` (the engine's slice presence of every prompt) -> {(slice, prompt): k}
-    the candidate whose region, filled with the tissue around it, leaves that prompt's presence lowest: the region
-    that holds what the presence score saw (module docstring). A (slice, prompt) with one candidate takes it unscored;
-    ties go to the first (the largest saliency component)."""
+    box; ``score(images [N,1,H,W]) -> [N,P]`` (the engine's slice presence of every prompt), called on at most
+    ``chunk`` images at a time -> {(slice, prompt): k} the candidate whose region, filled with the tissue around it,
+    leaves that prompt's presence lowest: the region that holds what the presence score saw (module docstring). A
+    (slice, prompt) with one candidate takes it unscored; an empty mask (no pixel at ``MASK_AT``) removes nothing, so
+    it wins when filling each of the others raises the presence (none of them holds it); ties go to the first (the
+    largest saliency component)."""
     groups: dict = {}
     for i, j, k, mask in candidates:
-        groups.setdefault((i, j), []).append((k, mask))
+        groups.setdefault((i, j), []).append((k, mask >= MASK_AT))
     chosen = {key: group[0][0] for key, group in groups.items()}
     rivals = [(key, k, mask) for key, group in groups.items() if len(group) > 1 for k, mask in group]
-    if not rivals:
-        return chosen
-    filled = torch.stack([fill_with_surround(x[i, 0], mask >= MASK_AT) for (i, _), _, mask in rivals])[:, None]
-    left = score(filled).float()[torch.arange(len(rivals)), torch.tensor([j for (_, j), _, _ in rivals])]
+    left = []
+    for start in range(0, len(rivals), chunk):
+        part = rivals[start:start + chunk]
+        filled = torch.stack([fill_with_surround(x[i, 0], mask) for (i, _), _, mask in part])[:, None]
+        left += score(filled).float()[torch.arange(len(part)), torch.tensor([j for (_, j), _, _ in part])].tolist()
     lowest: dict = {}
-    for (key, k, _), value in zip(rivals, left.tolist()):
+    for (key, k, _), value in zip(rivals, left):
         if key not in lowest or value < lowest[key][0]:
             lowest[key] = (value, k)
     chosen.update({key: k for key, (_, k) in lowest.items()})
