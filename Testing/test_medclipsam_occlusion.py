@@ -88,3 +88,23 @@ def test_the_engine_with_occlusion_keeps_the_box_the_presence_rests_on(build, mo
         masks[boxes, occlusion] = finding.mask
     assert masks[1, False][:, 6:18, 6:18].all() and not masks[1, False][:, 30:38, 30:38].any()
     assert masks[2, True][:, 31:37, 31:37].all() and not masks[2, True][:, 4:20, 4:20].any()
+
+
+def test_occlusion_rescoring_reads_the_patch_maps_presence_when_the_model_does(build, monkeypatch):  # noqa: F811
+    """slice_presence 'patches': the filled slices' presence comes from their own patch maps (one more image pass)."""
+    from types import SimpleNamespace
+
+    from CLIPSegLib.engines.medclipsam import engine as engine_module
+
+    engine = build(saliency={"method": "patch_similarity", "slice_presence": "patches", "occlusion": True},
+                   boxes={"max_boxes": 2})
+    engine.skip_below = 0.0
+    two = np.array([[2, 2, 20, 20], [26, 26, 44, 44]], dtype=np.float32)  # every map gives two boxes
+    monkeypatch.setattr(engine_module, "saliency_to_prompts", lambda m, **kw: SimpleNamespace(boxes=two))
+    read = []
+    original = engine_module.patch_presence
+    monkeypatch.setattr(engine_module, "patch_presence", lambda sim: read.append(sim.shape[0]) or original(sim))
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    probs, presence = engine.predict(x, engine.encode_prompts(["thyroid nodule"]))
+    assert probs.shape == (2, 1, 48, 48) and presence.shape == (2, 1) and torch.isfinite(presence).all()
+    assert read == [2, 4]  # the two slices, then their two candidates each, filled

@@ -11,7 +11,7 @@ from ..synthetic.phantoms import EXCLUSIVE, FINDINGS
 from .calibration import calibrate_phantom_rules, merged_presence
 from .datasets import CALIBRATION_SEED_BASE
 from .medclipsam_calibration import calibrate_medclipsam
-from .report_data import REPORT_CALIBRATION_SEED_BASE
+from .report_data import REPORT_CALIBRATION_SEED_BASE, calibrate_report_rules
 
 
 def calibrate_command(model: str | None, output, n_volumes: int, seed_base: int, family: str | None,
@@ -68,10 +68,10 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
                          f"(drop --family)")
     if seed_base is None:
         seed_base = REPORT_CALIBRATION_SEED_BASE if report else CALIBRATION_SEED_BASE
-    if command is None:
-        command = calibrate_command(model, output, n_volumes, seed_base, None if report else family or "A+B",
-                                    thresholds, flip_choice)
     family = "report" if report else family or "A+B"
+    if command is None:
+        command = calibrate_command(model, output, n_volumes, seed_base, None if report else family, thresholds,
+                                    flip_choice)
     if thresholds and own_search:
         raise InputError(f"--thresholds applies to the phantom rules of cliptnseg and thyroid tgcnet models; "
                          f"{spec['id']!r} searches its own (drop --thresholds)")
@@ -87,8 +87,6 @@ def recalibrate_model(model: str | None, output, n_volumes: int, seed_base: int 
     if spec["engine"] == "medclipsam":  # its slice floors and SAM IoU floor are searched with the component rule
         rule = calibrate_medclipsam(engine, n_volumes, seed_base, progress, family)
     elif report:  # report lines, on report phantoms
-        from .report_data import calibrate_report_rules
-
         rule = calibrate_report_rules(engine, n_volumes, progress, seed_base, flip_choice)
     else:
         exclusive = (spec.get("presence") or {}).get("exclusive", [list(p) for p in EXCLUSIVE])

@@ -184,9 +184,14 @@ class MedCLIPSAMEngine(Engine):
 
     def _presence_by_setting(self, x, prompts, images, text, image=None, sim=None) -> torch.Tensor:
         """Slice presence ``[B,P]`` as ``saliency.slice_presence`` says: the patch map's (``sim``: patch_similarity's
-        ``[B,P,h,w]``), the presence CLIP's (slices ``x`` ``[B,1,S,S]``), or this CLIP's (``images``, ``image``)."""
+        ``[B,P,h,w]``, computed from ``images`` if None), the presence CLIP's (slices ``x`` ``[B,1,S,S]``), or this
+        CLIP's (``images``, ``image``: their embeddings ``[B,D]``, computed if None)."""
         how = self.saliency["slice_presence"]
         if how == "patches":
+            if sim is None:
+                with self.autocast():
+                    _, dense = dense_features(self.fast_clip, images)
+                sim = patch_similarity(dense.float(), text, self.neutral_embeddings())
             return patch_presence(sim)
         if how == "presence_clip":
             return self.presence_of(x, prompts)
@@ -243,7 +248,8 @@ class MedCLIPSAMEngine(Engine):
         if self.saliency["occlusion"]:
             candidates = [(i, prompt, k, mask) for i, (f, out) in enumerate(zip(found, outs))
                           for k, ((prompt, _), mask) in enumerate(zip(f, out.probabilities))]
-            chosen = choose_by_occlusion(x, candidates, lambda filled: self._rescore(filled, state.prompts, text))
+            chosen = choose_by_occlusion(x, candidates, lambda filled: self._presence_by_setting(
+                filled, state.prompts, self.clip.normalize(filled), text))
         best = torch.zeros(b, p)
         for i, (f, out) in enumerate(zip(found, outs)):
             for k, ((prompt, _), mask, iou) in enumerate(zip(f, out.probabilities, out.iou)):
@@ -255,16 +261,6 @@ class MedCLIPSAMEngine(Engine):
         if self.on_iou is not None:
             self.on_iou(best)
         return probs, presence
-
-    def _rescore(self, x: torch.Tensor, prompts: list[str], text: torch.Tensor) -> torch.Tensor:
-        """Slices ``[N,1,S,S]`` in [0,1] -> their slice presence ``[N,P]`` as ``saliency.slice_presence`` says,
-        computed afresh (the occlusion check's filled slices)."""
-        images = self.clip.normalize(x)
-        if self.saliency["slice_presence"] == "patches":
-            with self.autocast():
-                _, dense = dense_features(self.fast_clip, images)
-            return patch_presence(patch_similarity(dense.float(), text, self.neutral_embeddings()))
-        return self._presence_by_setting(x, prompts, images, text)
 
 
 def _presence(clip: CLIPModel, image: torch.Tensor, text: torch.Tensor, neutral: torch.Tensor) -> torch.Tensor:
