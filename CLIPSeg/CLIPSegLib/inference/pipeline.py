@@ -292,7 +292,8 @@ def predict_maps(engine, volume: np.ndarray, prompts, slice_axis: int, batch_siz
                 p, s = p[:, spread], None if s is None else s[:, spread]
             if mirrored is not None:
                 pf, sf = engine.predict(x.flip(-1), mirrored)
-                p, s = p.clone(), None if s is None else s.clone()
+                if spread is None:  # p[:, spread] above is already a copy
+                    p, s = p.clone(), None if s is None else s.clone()
                 p[:, flipped] = (p[:, flipped] + pf.flip(-1)) / 2
                 if s is not None:
                     s[:, flipped] = (s[:, flipped] + sf) / 2
