@@ -91,37 +91,6 @@ def test_the_calibration_floors_empty_the_slices_they_should():
     assert sum(c.voxels for c, _ in comps) == 16  # only slice 3's box passes SAM's IoU floor
 
 
-def test_the_calibration_judges_the_carried_masks_at_the_floors_it_chose():
-    """With the engine's volume step, the entries are made from what it carries (run with the candidate SAM IoU
-    floor, after the presence floor); ``carried`` keeps the rule's floors and searches its components again."""
-    from CLIPSegLib.training.calibration import CalibrationCase
-    from CLIPSegLib.training.medclipsam_calibration import carried, entries_for
-
-    truth = np.zeros((4, 8, 8), bool)
-    truth[0:3, 2:6, 2:6] = True
-    masks = np.zeros((1, 4, 8, 8), np.float32)
-    masks[0, 1:3, 2:6, 2:6] = 0.9
-    presence = np.array([[0.9, 0.9, 0.9, 0.9]], np.float32)
-    iou = np.full((1, 4), 0.9, np.float32)
-    case = CalibrationCase(np.zeros((4, 8, 8)), (1.0, 1.0, 1.0), {"nodule": truth}, {"nodule": "nodule"})
-
-    class Step:
-        min_iou = None
-
-        def __call__(self, m):
-            self.seen = self.min_iou
-            m[0, 0] = m[0, 1]  # carried into slice 0
-            return m
-
-    step = Step()
-    (_, _, comps, *_), = entries_for([(case, masks, presence, iou)], floor=0.5, min_iou=0.7, vote=1,
-                                     propagators=[step])
-    assert sum(c.voxels for c, _ in comps) == 48 and step.seen == 0.7
-    rule = carried([(case, masks, presence, iou)], {"min_slice_presence": 0.5, "min_sam_iou": 0.7}, 1, [Step()])
-    assert rule["min_slice_presence"] == 0.5 and rule["min_sam_iou"] == 0.7
-    assert rule["calibration"]["mean_dice"]["nodule"] == 1.0  # the three carried slices are the truth
-
-
 def test_train_medclipsam_refuses_cliptnseg_options_and_unknown_stages(tmp_path, capsys):
     from CLIPSegLib.cli import main
 

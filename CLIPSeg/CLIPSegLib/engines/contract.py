@@ -298,12 +298,6 @@ class Engine(ABC):
         eb = F.normalize(b.embeddings.float(), dim=-1)
         return (ea @ eb.T).cpu()
 
-    def propagator(self, volume, slice_axis: int):
-        """Optional volume step: ``volume`` ``[K,J,I]`` (raw intensities), the slice axis -> None (this default), or
-        a callable that takes the maps the rule will judge (``[P,K,J,I]`` probabilities, after the presence floor)
-        and returns them completed across slices (``pipeline.combine_maps`` calls it before the slice vote)."""
-        return None
-
     def _unsupported(self, step: str) -> UnsupportedError:
         why = ("declares supports_refine but does not implement it" if self.supports_refine
                else "segments from text only; supports_refine is False")

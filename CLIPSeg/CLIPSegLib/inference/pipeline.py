@@ -323,15 +323,14 @@ def apply_presence(mask: np.ndarray, presence: np.ndarray | None, slice_axis: in
 
 
 def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int, gates, findings,
-                 exclusive, judges=None, floors=None, vote: int = 1, regions=None, propagate=None) -> np.ndarray:
+                 exclusive, judges=None, floors=None, vote: int = 1, regions=None) -> np.ndarray:
     """``predict_maps``' outputs -> the probabilities the found / not-found rule judges, ``[P,K,J,I]``, in place.
 
     Prompt i's mask is scaled by its slice presence through ``gates[i]`` (``apply_presence``) and set to 0 outside
     ``regions[i]`` (bool ``[K,J,I]``, or None: everywhere; ``side_regions_of``), then the prompts
     compete as their matched ``findings`` (None: no match) and the ``exclusive`` pairs say, against the ``judges``
-    maps (``postprocess.suppress_exclusive``); ``floors[i]``: prompt i's ``min_slice_presence`` (None: 0); then the
-    engine's volume step (``propagate``: ``Engine.propagator``'s callable, or None). Last, ``vote`` neighbouring
-    slices vote (``postprocess.slice_vote``; 1: off). The pipeline and the calibration both
+    maps (``postprocess.suppress_exclusive``); ``floors[i]``: prompt i's ``min_slice_presence`` (None: 0). Last,
+    ``vote`` neighbouring slices vote (``postprocess.slice_vote``; 1: off). The pipeline and the calibration both
     call this, so a rule is calibrated on the maps it will judge."""
     floors = [0.0] * len(gates) if floors is None else floors
     for i, (gate, floor) in enumerate(zip(gates, floors)):
@@ -339,8 +338,6 @@ def combine_maps(masks: np.ndarray, presence: np.ndarray | None, slice_axis: int
         if regions is not None and regions[i] is not None:
             masks[i] = np.where(regions[i], masks[i], np.float32(0.0))
     masks = suppress_exclusive(masks, findings, exclusive, judges)
-    if propagate is not None:
-        masks = propagate(masks)
     if vote > 1:
         for i in range(len(masks)):
             masks[i] = slice_vote(masks[i], array_axis_of(slice_axis), vote)
@@ -433,7 +430,7 @@ def segment_volume(engine, volume: np.ndarray, geometry: Geometry, prompts: list
     floors += [float(per[g].get("min_slice_presence", 0.0)) for g in all_findings[len(prompts):]]
     regions, midline = side_regions_of(engine, volume, geometry, run)
     combine_maps(masks, slice_presence, slice_axis, gates, all_findings, exclusive, judges, floors,
-                 slice_vote_of(engine), regions, engine.propagator(volume, slice_axis))
+                 slice_vote_of(engine), regions)
     masks = masks[:len(prompts)]
     findings = []
     for i, (prompt, (cfg, rule_name, cosine)) in enumerate(zip(prompts, rules)):

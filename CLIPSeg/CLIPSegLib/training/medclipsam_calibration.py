@@ -55,22 +55,17 @@ def predict_cases(engine, cases, progress: Progress | None = None, total: int | 
     return out
 
 
-def entries_for(predicted: list, floor: float, min_iou: float, vote: int, propagators=None) -> list:
+def entries_for(predicted: list, floor: float, min_iou: float, vote: int) -> list:
     """The calibration entries (``calibration._entry``: one per case x finding) of the maps a rule with this slice
-    floor and SAM IoU floor would judge; ``propagators``: per case the engine's volume step
-    (``Engine.propagator``, run with this IoU floor), or None."""
+    floor and SAM IoU floor would judge."""
     entries = []
     array_axis = array_axis_of(SLICE_AXIS)
-    for v, (case, masks, presence, iou) in enumerate(predicted):
-        propagate = None if propagators is None else propagators[v]
-        if propagate is not None:
-            propagate.min_iou = min_iou
+    for case, masks, presence, iou in predicted:
         shape = [len(masks), 1, 1, 1]
         shape[1 + array_axis] = -1
         kept = masks * (iou >= min_iou).astype(np.float32).reshape(shape)
         n = len(case.prompts)
-        kept = combine_maps(kept, presence, SLICE_AXIS, [0.0] * n, [None] * n, (), None, [floor] * n, vote,
-                            propagate=propagate)
+        kept = combine_maps(kept, presence, SLICE_AXIS, [0.0] * n, [None] * n, (), None, [floor] * n, vote)
         for i, f in enumerate(case.prompts):
             entries.append(_entry(f, kept[i], case.truths[f], case.spacing, array_axis))
     return entries
@@ -90,17 +85,6 @@ def search(predicted: list, vote: int, finding: str | None = None, floors=FLOORS
     return best
 
 
-def carried(predicted: list, rule: dict, vote: int, propagators: list, finding: str | None = None) -> dict:
-    """``rule`` (of ``search``) with its component rule searched again on the maps with the engine's volume step
-    (``inference.propagate``) at the rule's own slice and SAM IoU floors: the floors are chosen without it (running
-    it for every candidate pair would cost a SAM pass per pair and volume), the component rule on what it makes."""
-    floor, min_iou = rule["min_slice_presence"], rule.get("min_sam_iou", 0.0)
-    cases = [e for e in entries_for(predicted, floor, min_iou, vote, propagators)
-             if finding is None or e[0] == finding]
-    return {**search_rule(cases, gate=0.0), "min_slice_presence": float(floor),
-            **({"min_sam_iou": float(min_iou)} if "min_sam_iou" in rule else {})}
-
-
 def calibrate_medclipsam(engine, n_volumes: int = 24, seed_base: int = CALIBRATION_SEED_BASE,
                          progress: Progress | None = None, family: str = "A", floors=FLOORS, ious=IOUS) -> dict:
     """The presence rule of a MedCLIP-SAM ``engine`` on ``n_volumes`` phantom volumes of ``family``: a global rule
@@ -108,16 +92,10 @@ def calibrate_medclipsam(engine, n_volumes: int = 24, seed_base: int = CALIBRATI
     floor is the engine's, one for all), each with the figures it reached, plus the engine's ``neutral`` texts."""
     vote = slice_vote_of(engine)
     predicted = predict_cases(engine, phantom_cases(n_volumes, seed_base, family), progress, n_volumes)
-    propagators = ([engine.propagator(case.image, SLICE_AXIS) for case, *_ in predicted]
-                   if engine.propagate is not None else None)
     rule = search(predicted, vote, None, floors, ious)
-    if propagators is not None:
-        rule = carried(predicted, rule, vote, propagators)
     rule["per_finding"] = {}
     for f in FINDINGS:
         sub = search(predicted, vote, f, floors, (rule["min_sam_iou"],))
-        if propagators is not None:
-            sub = carried(predicted, sub, vote, propagators, f)
         sub.pop("min_sam_iou")
         sub["calibration"] = {"absent_empty_rate": sub["calibration"]["absent_empty_rate"],
                               "mean_dice": sub["calibration"]["mean_dice"][f]}
@@ -130,4 +108,4 @@ def calibrate_medclipsam(engine, n_volumes: int = 24, seed_base: int = CALIBRATI
     return rule
 
 
-__all__ = ["FLOORS", "IOUS", "predict_cases", "entries_for", "search", "carried", "calibrate_medclipsam"]
+__all__ = ["FLOORS", "IOUS", "predict_cases", "entries_for", "search", "calibrate_medclipsam"]

@@ -14,9 +14,8 @@ A model spec of engine ``medclipsam`` holds
   arguments);
 - ``presence``: the pipeline's found / not-found rule (its ``min_slice_presence`` empties slices whose presence is
   below it) plus this engine's ``neutral`` texts and ``min_sam_iou`` (a box whose mask SAM scores lower is dropped);
-- ``inference.slice_vote`` (odd, slices; the pipeline's vote along the slice axis), ``inference.propagate`` (false,
-  true or ``propagation.PROPAGATE`` values: found masks carried by SAM into the empty slices next to them, before the
-  vote), ``input_size`` (pixels; default the CLIP's image size).
+- ``inference.slice_vote`` (odd, slices; the pipeline's vote along the slice axis), ``input_size`` (pixels; default
+  the CLIP's image size).
 
 Slice presence ``[B,P]`` is CLIP's softmax probability of the prompt against the neutral texts on the whole slice
 (grad-cam rescales every map to [0,1], so the map alone cannot say "absent"), or, with ``saliency.slice_presence``
@@ -46,7 +45,6 @@ from ..contract import Engine, Preprocessing, PromptReading, PromptState
 from .clip_model import CLIPModel, _local, _part_folder, load_clip, load_presence_clip
 from .occlusion import choose_by_occlusion
 from .prompts import SPLITS, saliency_to_prompts
-from .propagation import SlicePropagation, propagation_settings
 from .saliency import METHODS, dense_features, patch_maps, patch_presence, patch_similarity, saliency
 from .sam import SamSegmenter, load_sam, sam_from_state
 
@@ -123,7 +121,6 @@ class MedCLIPSAMEngine(Engine):
         self.neutral = list(presence.get("neutral") or NEUTRAL)
         self.min_sam_iou = float(presence.get("min_sam_iou", 0.0))
         self.skip_below = lowest_floor(presence)
-        self.propagate = propagation_settings(spec)
         self._neutral_emb = None
         self._presence_text: dict = {}  # prompt or neutral text -> its presence-CLIP embedding [D] (computed once)
         # calibration hook (``training.medclipsam_calibration``): called with each batch's best SAM IoU [B,P] (0 where
@@ -224,11 +221,6 @@ class MedCLIPSAMEngine(Engine):
             for b, m in zip(idx.tolist(), maps.cpu().numpy()):
                 found[b] += [(p, box) for box in saliency_to_prompts(m, **self.boxes).boxes]
         return found
-
-    def propagator(self, volume, slice_axis: int):
-        """With ``inference.propagate`` on, a ``propagation.SlicePropagation`` of ``volume``: found masks carried
-        into the empty neighbouring slices they continue; else None."""
-        return None if self.propagate is None else SlicePropagation(self, volume, slice_axis, self.propagate)
 
     def infer(self, slices: torch.Tensor, state: PromptState):
         """Slices ``[B,1,S,S]`` -> (SAM mask probabilities ``[B,P,S,S]``, 0 where no box; presence ``[B,P]``). With

@@ -24,7 +24,7 @@ INNER, OUTER = 2, 8  # pixels: the filled hole grows the mask by INNER; the ring
 MASK_AT = 0.5  # SAM probability from which a pixel belongs to the mask
 
 
-def grow_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+def _grow(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     """Bool ``[H,W]`` -> bool ``[H,W]`` grown by ``pixels`` (a square structuring element)."""
     k = 2 * pixels + 1
     return F.max_pool2d(mask[None, None].float(), k, stride=1, padding=pixels)[0, 0] > 0
@@ -34,8 +34,8 @@ def fill_with_surround(image: torch.Tensor, mask: torch.Tensor, seed: int = 0) -
     """A slice ``[H,W]`` with the region ``mask`` (bool ``[H,W]``) grown by ``INNER`` pixels replaced by pixels drawn
     from the ring around it (module docstring); a ring with no pixel (the mask covers the slice): the slice's
     mean. -> a new ``[H,W]`` tensor."""
-    hole = grow_mask(mask, INNER)
-    ring = grow_mask(mask, OUTER) & ~hole
+    hole = _grow(mask, INNER)
+    ring = _grow(mask, OUTER) & ~hole
     out = image.clone()
     n = int(hole.sum())
     if n == 0:
@@ -75,4 +75,4 @@ def choose_by_occlusion(x: torch.Tensor, candidates, score, chunk: int = 32) -> 
     return chosen
 
 
-__all__ = ["INNER", "OUTER", "MASK_AT", "grow_mask", "fill_with_surround", "choose_by_occlusion"]
+__all__ = ["INNER", "OUTER", "MASK_AT", "fill_with_surround", "choose_by_occlusion"]
