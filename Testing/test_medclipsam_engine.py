@@ -120,6 +120,34 @@ def test_each_slice_is_embedded_once_per_call_whatever_the_number_of_prompts(bui
     assert calls == []
 
 
+def test_gscorecam_runs_once_per_set_of_wanted_prompts_with_the_maps_it_gave_prompt_by_prompt(build, monkeypatch):
+    """A slice's wanted prompts go to the saliency together (gScoreCAM then scores a channel in several prompts'
+    top-k once, ``test_medclipsam_saliency``); the boxes are those of one call per prompt."""
+    from CLIPSegLib.engines.medclipsam import engine as engine_module
+
+    engine = build(saliency={"method": "gscorecam", "topk": 8, "batch_size": 8})
+    state = engine.encode_prompts(["thyroid nodule", "cyst", "bright lesion"])
+    images = engine.clip.normalize(torch.rand(3, 1, 48, 48, generator=torch.Generator().manual_seed(0)))
+    wanted = torch.tensor([[True, True, False], [True, True, False], [False, True, True]])
+    together = engine.boxes_of(images, state.embeddings, wanted, 48)
+    calls = []
+    original = engine_module.saliency
+    monkeypatch.setattr(engine_module, "saliency", lambda clip, im, text, *a, **k: calls.append(
+        (im.shape[0], text.shape[0])) or original(clip, im, text, *a, **k))
+    def rounded(found):
+        return [sorted((p, tuple(np.round(np.asarray(b, float), 3))) for p, b in f) for f in found]
+
+    assert rounded(engine.boxes_of(images, state.embeddings, wanted, 48)) == rounded(together)
+    assert calls == [(2, 2), (1, 2)]  # slices 0-1 with prompts 0 and 1; slice 2 with prompts 1 and 2
+    one = [[] for _ in range(3)]
+    for p in range(3):  # prompt by prompt, as before
+        only = torch.zeros_like(wanted)
+        only[:, p] = wanted[:, p]
+        for b, boxes in enumerate(engine.boxes_of(images, state.embeddings, only, 48)):
+            one[b] += boxes
+    assert rounded(one) == rounded(together) and sum(map(len, together)) >= 3  # not vacuous: boxes were cut
+
+
 def test_patch_similarity_makes_one_clip_image_pass_per_batch_for_presence_and_every_prompt(build):
     engine = build(saliency={"method": "patch_similarity"})
     calls = []

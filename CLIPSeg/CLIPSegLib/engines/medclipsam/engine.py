@@ -209,17 +209,21 @@ class MedCLIPSAMEngine(Engine):
                 found[b] += [(p, box) for box in saliency_to_prompts(maps[b, p].cpu().numpy(), **self.boxes).boxes]
             return found
         fill = self.clip.black() if s["fill"] == "black" else None
+        groups: dict[tuple, list] = {}  # the prompts wanted on a slice -> the slices that want exactly those
+        for b in range(images.shape[0]):
+            prompts = tuple(wanted[b].nonzero().flatten().tolist())
+            if prompts:
+                groups.setdefault(prompts, []).append(b)
         found = [[] for _ in range(images.shape[0])]
-        for p in range(text.shape[0]):
-            idx = wanted[:, p].nonzero().flatten()
-            if not len(idx):
-                continue
-            maps = saliency(self.clip.model, images[idx], text[p:p + 1], s["method"], s["topk"], s["batch_size"],
-                            s["block"], fill, precision=self.precision, fast=self.fast_clip)[:, 0]  # [n,C,C]
-            if maps.shape[-1] != size:
-                maps = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-            for b, m in zip(idx.tolist(), maps.cpu().numpy()):
-                found[b] += [(p, box) for box in saliency_to_prompts(m, **self.boxes).boxes]
+        for prompts, idx in groups.items():
+            # one call for all of a slice's prompts: gScoreCAM scores a channel in several prompts' top-k once
+            maps = saliency(self.clip.model, images[idx], text[list(prompts)], s["method"], s["topk"],
+                            s["batch_size"], s["block"], fill, precision=self.precision, fast=self.fast_clip)
+            if maps.shape[-1] != size:  # [n,p,C,C]
+                maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)
+            for b, row in zip(idx, maps.cpu().numpy()):
+                for p, m in zip(prompts, row):
+                    found[b] += [(p, box) for box in saliency_to_prompts(m, **self.boxes).boxes]
         return found
 
     def infer(self, slices: torch.Tensor, state: PromptState):
