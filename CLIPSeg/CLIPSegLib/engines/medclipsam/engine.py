@@ -199,9 +199,12 @@ class MedCLIPSAMEngine(Engine):
 
     def boxes_of(self, images: torch.Tensor, text: torch.Tensor, wanted: torch.Tensor, size: int,
                  maps: torch.Tensor | None = None) -> list[list]:
-        """Per slice, the (prompt index, box XYXY in ``size`` px) pairs: saliency of prompt p on the slices where
-        ``wanted[:, p]`` ([B,P] bool), its map resized to ``size`` and cut into boxes (``prompts``). ``maps``: every
-        slice's saliency ``[B,P,size,size]`` if already computed (patch_similarity)."""
+        """Per slice, the (prompt index, box XYXY in ``size`` px) pairs, prompt by prompt in index order: saliency of
+        prompt p on the slices where ``wanted[:, p]`` ([B,P] bool), its map resized to ``size`` and cut into boxes
+        (``prompts``). The saliency is asked once per set of wanted prompts, for the slices that want exactly that
+        set (gScoreCAM scores a channel in several prompts' top-k once; the maps are those of one call per prompt,
+        up to rounding). ``maps``: every slice's saliency ``[B,P,size,size]`` if already computed
+        (patch_similarity)."""
         s = self.saliency
         if maps is not None:
             found = [[] for _ in range(images.shape[0])]
