@@ -132,6 +132,7 @@ def test_gscorecam_runs_once_per_set_of_wanted_prompts_with_the_maps_it_gave_pro
     original = engine_module.saliency
     monkeypatch.setattr(engine_module, "saliency", lambda clip, im, text, *a, **k: calls.append(
         (im.shape[0], text.shape[0])) or original(clip, im, text, *a, **k))
+
     def rounded(found):
         return [[(p, tuple(np.round(np.asarray(b, float), 3))) for p, b in f] for f in found]  # order kept
 
